@@ -1,0 +1,613 @@
+"""The embedded broker: amqtt 0.12.1 for the wire protocol, our own connection lifecycle on top.
+
+amqtt's ``Broker`` gets session handling wrong in ways a fleet hits daily (see docs/sessions.md):
+takeovers that leave the old socket open, session lookups before authentication, no keep-alive
+enforcement, retained messages of other clients' subscriptions sent on connect, and per-message
+work proportional to every subscription. This subclass keeps amqtt's listeners, packet codecs and
+per-connection QoS machinery and replaces everything above them:
+
+- authentication runs before anything else, and a refused CONNECT touches no existing session;
+- the pure :class:`~henge_mqtt.sessions.SessionTable` decides takeovers and fences stale events;
+- every connection gets a fresh amqtt ``Session`` (we never resume one), keyed by connection, so
+  nothing of an old connection can reach a new one;
+- subscriptions live in an index (exact topics in a dict, wildcard filters apart), and retained
+  messages are looked up only for the filter just subscribed, for the subscriber only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import ssl
+import time
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import websockets.asyncio.server
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import ListenerType
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.protocol.handler import ProtocolHandler
+from amqtt.session import Session
+
+from .sessions import Action, Close, PublishWill, SessionSettings, SessionTable
+from .topics import Topics, filter_matches, valid_filter, valid_topic_name
+
+log = logging.getLogger(__name__)
+
+SUBACK_FAILURE = 0x80
+CLOSE_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a connection authenticated as."""
+
+    kind: Literal["device", "admin"]
+    name: str
+
+
+class BrokerHooks(Protocol):
+    """What the broker needs from the service; the broker never imports the service."""
+
+    def authenticate(self, username: str | None, password: str | None, client_id: str) -> Principal | None: ...
+
+    def session_actions(self, actions: Sequence[Action]) -> None: ...
+
+    def message(self, principal: Principal, topic: str, payload: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerLimits:
+    max_keepalive: float = 300.0
+    connect_timeout: float = 10.0
+    max_device_publish: int = 64 * 1024
+
+
+class _TrackedReader(ReaderAdapter):
+    """Remembers when the peer last sent anything: the evidence that a connection is alive."""
+
+    def __init__(self, inner: ReaderAdapter) -> None:
+        self.inner = inner
+        self.last_read = time.time()
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self.inner.read(n)
+        self.last_read = time.time()
+        return data
+
+    def feed_eof(self) -> None:
+        self.inner.feed_eof()
+
+
+class _BoundedWriter(StreamWriterAdapter):
+    """A close that cannot hang on a peer that stopped reading."""
+
+    async def close(self) -> None:
+        if self.is_closed:
+            return
+        self.is_closed = True
+        writer = self._writer
+        try:
+            await asyncio.wait_for(writer.drain(), CLOSE_TIMEOUT)
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+        except (TimeoutError, OSError, ConnectionError):
+            writer.transport.abort()
+
+    def abort(self) -> None:
+        self.is_closed = True
+        self._writer.transport.abort()
+
+
+class HengeHandler(BrokerProtocolHandler):
+    """amqtt's per-connection protocol handler with its disconnect race and keep-alive fixed.
+
+    Upstream creates the disconnect waiter after the reader task starts (an early EOF is lost and
+    the session stays "connected") and ignores read timeouts. Here the waiter exists from birth and
+    a read timeout ends the connection.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._disconnect_waiter = asyncio.get_running_loop().create_future()
+        self.timed_out = False
+        self.protocol_error = False
+
+    async def start(self) -> None:
+        await ProtocolHandler.start(self)
+
+    async def stop(self) -> None:
+        await ProtocolHandler.stop(self)
+        self._resolve(None)
+
+    def _resolve(self, result: DisconnectPacket | None) -> None:
+        waiter = self._disconnect_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+
+    async def wait_disconnect(self) -> DisconnectPacket | None:
+        assert self._disconnect_waiter is not None
+        return await self._disconnect_waiter
+
+    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
+        self._resolve(disconnect)
+
+    async def handle_connection_closed(self) -> None:
+        self._resolve(None)
+
+    def handle_read_timeout(self) -> None:
+        self.timed_out = True
+        self._resolve(None)
+
+    async def handle_connect(self, connect: ConnectPacket) -> None:
+        # [MQTT-3.1.0-2] a second CONNECT is a protocol violation: close the connection.
+        self.protocol_error = True
+        self._resolve(None)
+
+
+@dataclass(eq=False, slots=True)
+class Connection:
+    """One accepted MQTT connection and everything that belongs to it alone."""
+
+    key: str
+    principal: Principal
+    epoch: int
+    remote: str
+    keepalive: float
+    handler: HengeHandler
+    session: Session
+    reader: _TrackedReader
+    writer: _BoundedWriter | WriterAdapter
+    subscriptions: dict[str, int] = field(default_factory=dict)
+    close_reason: str | None = None
+    will_allowed: bool = False
+    started: bool = False
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def device(self) -> str | None:
+        return self.principal.name if self.principal.kind == "device" else None
+
+    @property
+    def last_heard(self) -> float:
+        return self.reader.last_read
+
+
+class SubscriptionIndex:
+    """Exact filters in a dict (O(1) per publish); wildcard filters, which only admins use, apart."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, dict[Connection, int]] = {}
+        self._wild: dict[str, dict[Connection, int]] = {}
+
+    def add(self, conn: Connection, topic_filter: str, qos: int) -> None:
+        table = self._wild if ("+" in topic_filter or "#" in topic_filter) else self._exact
+        table.setdefault(topic_filter, {})[conn] = qos
+        conn.subscriptions[topic_filter] = qos
+
+    def remove(self, conn: Connection, topic_filter: str) -> None:
+        conn.subscriptions.pop(topic_filter, None)
+        for table in (self._exact, self._wild):
+            subs = table.get(topic_filter)
+            if subs is not None:
+                subs.pop(conn, None)
+                if not subs:
+                    del table[topic_filter]
+
+    def remove_all(self, conn: Connection) -> None:
+        for topic_filter in list(conn.subscriptions):
+            self.remove(conn, topic_filter)
+
+    def match(self, topic: str) -> Iterator[tuple[Connection, int]]:
+        best: dict[Connection, int] = dict(self._exact.get(topic, {}))
+        for topic_filter, subs in self._wild.items():
+            if filter_matches(topic_filter, topic):
+                for conn, qos in subs.items():
+                    best[conn] = max(qos, best.get(conn, 0))
+        return iter(best.items())
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._exact.values()) + sum(len(s) for s in self._wild.values())
+
+
+class HengeBroker(Broker):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        hooks: BrokerHooks,
+        topics: Topics,
+        sessions: SessionSettings | None = None,
+        limits: BrokerLimits | None = None,
+    ) -> None:
+        config = dict(config)
+        config["plugins"] = {}  # we authenticate and authorize ourselves; see module docstring
+        super().__init__(config)
+        self.hooks = hooks
+        self.topics = topics
+        self.limits = limits or BrokerLimits()
+        self.table = SessionTable(sessions)
+        self.index = SubscriptionIndex()
+        self.retained: dict[str, tuple[bytes, int]] = {}
+        self._conns: dict[str, Connection] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # ---- listeners -----------------------------------------------------------------------------
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> asyncio.Server | websockets.asyncio.server.Server:
+        if listener_type == ListenerType.TCP:
+            # A larger backlog than asyncio's 100: a fleet reconnects all at once after a restart.
+            return await asyncio.start_server(
+                self._on_stream,
+                address,
+                port,
+                reuse_address=True,
+                ssl=ssl_context,
+                backlog=4096,
+            )
+        return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+
+    async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._client_connected("default", StreamReaderAdapter(reader), _BoundedWriter(writer))
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (host, port) each TCP listener is bound to, with port 0 resolved."""
+        found: list[tuple[str, int]] = []
+        for server in self._servers.values():
+            instance = server.instance
+            if isinstance(instance, asyncio.Server):
+                for sock in instance.sockets:
+                    host, port = sock.getsockname()[:2]
+                    found.append((host, port))
+        return found
+
+    # ---- connection lifecycle --------------------------------------------------------------------
+
+    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        if self._closing:
+            await writer.close()
+            return
+        tracked = _TrackedReader(reader)
+        try:
+            await self._serve(tracked, writer)
+        except (AMQTTError, MQTTError, NoDataError, ConnectionError, OSError) as exc:
+            log.debug("broker.connection_error error=%r", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await writer.close()
+
+    async def _serve(self, reader: _TrackedReader, writer: WriterAdapter) -> None:
+        peer = writer.get_peer_info()
+        remote = f"{peer[0]}:{peer[1]}" if peer else "unknown"
+        try:
+            handler, session = await asyncio.wait_for(
+                HengeHandler.init_from_connect(reader, writer, self.plugins_manager),
+                self.limits.connect_timeout,
+            )
+        except TimeoutError:
+            log.info("broker.connect_timeout remote=%s", remote)
+            return
+        except (AMQTTError, MQTTError, NoDataError, ValueError, IndexError, UnicodeDecodeError) as exc:
+            log.info("broker.bad_connect remote=%s error=%s", remote, exc)
+            return
+        assert isinstance(handler, HengeHandler)
+        client_id = session.client_id or ""
+
+        principal = self.hooks.authenticate(session.username, session.password, client_id)
+        if principal is None:
+            log.info("broker.auth_failed client_id=%s remote=%s", client_id, remote)
+            await self._refuse(writer, BAD_USERNAME_PASSWORD if session.username else NOT_AUTHORIZED)
+            return
+
+        requested = float(session.keep_alive or 0)
+        keepalive = self.limits.max_keepalive if requested <= 0 else min(requested, self.limits.max_keepalive)
+        now = time.time()
+
+        if principal.kind == "device":
+            device = principal.name
+            old = self._conns.get(device)
+            if old is not None:
+                self.table.heard(device, old.epoch, old.last_heard)
+            result = self.table.connect(device, now, remote, keepalive)
+            closes = self._apply(result.actions)
+            if not result.accepted:
+                log.info("broker.refused device=%s reason=%s remote=%s", device, result.refusal, remote)
+                await self._refuse(writer, NOT_AUTHORIZED)
+                await self._await_closes(closes)
+                return
+            key, epoch = device, result.epoch
+        else:
+            key, epoch = f"admin:{client_id}", 0
+            old = self._conns.get(key)
+            closes = [old] if old is not None else []
+            for conn in closes:
+                conn.close_reason = "takeover"
+
+        # Upstream caps read timeouts at the client's keep-alive; we allow the spec's 1.5x.
+        session.keep_alive = math.ceil(keepalive * 1.5 * 1000) / 1000  # type: ignore[assignment]
+        session.parent = 0  # never resume: a device gets its state from retained messages
+        session.client_id = client_id
+        handler.attach(session, reader, writer)
+        conn = Connection(key, principal, epoch, remote, keepalive, handler, session, reader, writer)
+        self._conns[key] = conn  # before any await: a racing CONNECT must see this one to replace it
+
+        await self._await_closes(closes)
+        if conn.close_reason is not None:  # replaced while we waited
+            return
+        await handler.mqtt_connack_authorize(True)
+        await handler.start()
+        conn.started = True
+        log.debug("broker.connected key=%s epoch=%d remote=%s", key, epoch, remote)
+        try:
+            await self._message_loop(conn)
+        finally:
+            await self._finish(conn)
+
+    async def _refuse(self, writer: WriterAdapter, code: int) -> None:
+        with contextlib.suppress(Exception):
+            await ConnackPacket.build(0, code).to_stream(writer)
+        with contextlib.suppress(Exception):
+            await writer.close()
+
+    def _apply(self, actions: Iterable[Action]) -> list[Connection]:
+        """Carry out the table's I/O actions; hand the rest to the service. Returns connections to await."""
+        to_close: list[Connection] = []
+        forward: list[Action] = []
+        for action in actions:
+            if isinstance(action, Close):
+                conn = self._conns.get(action.device)
+                if conn is not None and conn.epoch == action.epoch:
+                    conn.close_reason = action.reason
+                    if action.publish_will:
+                        self._publish_will(conn)
+                    to_close.append(conn)
+            elif isinstance(action, PublishWill):
+                conn = self._conns.get(action.device)
+                if conn is not None and conn.epoch == action.epoch:
+                    self._publish_will(conn)
+            else:
+                forward.append(action)
+            if isinstance(action, Close | PublishWill):
+                forward.append(action)
+        if forward:
+            self.hooks.session_actions(forward)
+        return to_close
+
+    async def _await_closes(self, conns: list[Connection]) -> None:
+        if conns:
+            await asyncio.gather(*(self._close(conn) for conn in conns))
+
+    async def _close(self, conn: Connection) -> None:
+        """Close a connection and wait (bounded) until its own task has cleaned up."""
+        if conn.started:
+            conn.handler._resolve(None)
+        writer = conn.writer
+        if isinstance(writer, _BoundedWriter):
+            writer.abort() if conn.close_reason in ("server_shutdown",) else await writer.close()
+        else:
+            with contextlib.suppress(Exception):
+                await writer.close()
+        if conn.started:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn.finished.wait(), CLOSE_TIMEOUT)
+
+    def _publish_will(self, conn: Connection) -> None:
+        session = conn.session
+        if not session.will_flag or not session.will_topic:
+            return
+        topic = session.will_topic
+        if not self._may_publish(conn, topic):
+            log.info("broker.will_denied key=%s topic=%s", conn.key, topic)
+            return
+        data = bytes(session.will_message or b"")
+        qos = session.will_qos or 0
+        log.debug("broker.will key=%s topic=%s", conn.key, topic)
+        self._route(conn, topic, data, qos, bool(session.will_retain))
+
+    async def _message_loop(self, conn: Connection) -> None:
+        handler = conn.handler
+        disconnect = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    (disconnect, subscribe, unsubscribe, deliver), return_when=asyncio.FIRST_COMPLETED
+                )
+                if subscribe in done:
+                    await self._on_subscribe(conn, subscribe.result())
+                    subscribe = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe in done:
+                    request = unsubscribe.result()
+                    for topic_filter in request.topics:
+                        self.index.remove(conn, topic_filter)
+                    await handler.mqtt_acknowledge_unsubscription(request.packet_id)
+                    unsubscribe = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if deliver in done:
+                    message = deliver.result()
+                    if message is not None and not self._on_publish(conn, message):
+                        handler.protocol_error = True
+                        break
+                    deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                if disconnect in done:
+                    packet = disconnect.result()
+                    if conn.close_reason is None:
+                        if isinstance(packet, DisconnectPacket):
+                            conn.close_reason = "client_disconnect"
+                        elif handler.timed_out:
+                            conn.close_reason = "keepalive_timeout"
+                        elif handler.protocol_error:
+                            conn.close_reason = "protocol_error"
+                        else:
+                            conn.close_reason = "connection_lost"
+                    break
+        finally:
+            if conn.close_reason is None:
+                conn.close_reason = "protocol_error" if handler.protocol_error else "connection_lost"
+            waiters = (disconnect, subscribe, unsubscribe, deliver)
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def _finish(self, conn: Connection) -> None:
+        self.index.remove_all(conn)
+        if self._conns.get(conn.key) is conn:
+            del self._conns[conn.key]
+        reason = conn.close_reason or "connection_lost"
+        if conn.device is not None:
+            self._apply(self.table.disconnect(conn.device, conn.epoch, time.time(), reason))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.handler.stop(), CLOSE_TIMEOUT)
+        conn.finished.set()
+        log.debug("broker.disconnected key=%s epoch=%d reason=%s", conn.key, conn.epoch, reason)
+
+    # ---- subscribe / publish -------------------------------------------------------------------
+
+    def _is_current(self, conn: Connection) -> bool:
+        return self._conns.get(conn.key) is conn and conn.close_reason is None
+
+    def _may_subscribe(self, conn: Connection, topic_filter: str) -> bool:
+        if conn.principal.kind == "admin":
+            return True
+        return self.topics.device_may_subscribe(conn.principal.name, topic_filter)
+
+    def _may_publish(self, conn: Connection, topic: str) -> bool:
+        if conn.principal.kind == "admin":
+            return True
+        return self.topics.device_may_publish(conn.principal.name, topic)
+
+    async def _on_subscribe(self, conn: Connection, request: Any) -> None:
+        codes: list[int] = []
+        granted: list[tuple[str, int]] = []
+        for topic_filter, qos in request.topics:
+            if not self._is_current(conn) or not valid_filter(topic_filter) or not self._may_subscribe(conn, topic_filter):
+                log.info("broker.subscribe_denied key=%s filter=%s", conn.key, topic_filter)
+                codes.append(SUBACK_FAILURE)
+                continue
+            qos = min(int(qos), 2)
+            self.index.add(conn, topic_filter, qos)
+            codes.append(qos)
+            granted.append((topic_filter, qos))
+        await conn.handler.mqtt_acknowledge_subscription(request.packet_id, codes)
+        for topic_filter, qos in granted:
+            for topic, (data, rqos) in self._retained_for(topic_filter):
+                self._spawn(conn.handler.mqtt_publish(topic, data, min(qos, rqos), retain=True))
+
+    def _retained_for(self, topic_filter: str) -> list[tuple[str, tuple[bytes, int]]]:
+        if "+" not in topic_filter and "#" not in topic_filter:
+            found = self.retained.get(topic_filter)
+            return [(topic_filter, found)] if found else []
+        return [(t, m) for t, m in self.retained.items() if filter_matches(topic_filter, t)]
+
+    def _on_publish(self, conn: Connection, message: Any) -> bool:
+        """Route one PUBLISH from a client. False means: protocol violation, close the connection."""
+        topic = message.topic
+        if not valid_topic_name(topic) or topic.startswith("$"):
+            log.info("broker.bad_topic key=%s topic=%r", conn.key, topic)
+            return False
+        if not self._is_current(conn):
+            log.info("broker.stale_publish key=%s epoch=%d topic=%s", conn.key, conn.epoch, topic)
+            return True
+        if not self._may_publish(conn, topic):
+            log.info("broker.publish_denied key=%s topic=%s", conn.key, topic)
+            return True
+        data = bytes(message.data or b"")
+        if conn.principal.kind == "device" and len(data) > self.limits.max_device_publish:
+            log.warning("broker.publish_too_large key=%s topic=%s size=%d", conn.key, topic, len(data))
+            return True
+        retain = bool(message.publish_packet is not None and message.publish_packet.retain_flag)
+        self._route(conn, topic, data, message.qos or 0, retain)
+        return True
+
+    def _route(self, conn: Connection | None, topic: str, data: bytes, qos: int, retain: bool) -> None:
+        if conn is not None:
+            self.hooks.message(conn.principal, topic, data)
+        self.publish(topic, data, qos=qos, retain=retain)
+
+    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        """Publish as the broker itself; returns how many subscribers it went to."""
+        if retain:
+            if data:
+                self.retained[topic] = (data, qos)
+            else:
+                self.retained.pop(topic, None)
+        sent = 0
+        for conn, sub_qos in self.index.match(topic):
+            if conn.started and conn.close_reason is None:
+                self._spawn(conn.handler.mqtt_publish(topic, data, min(qos, sub_qos), retain=False))
+                sent += 1
+        return sent
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("broker.delivery_failed error=%r", task.exception())
+
+    # ---- operator actions ------------------------------------------------------------------------
+
+    async def kick(self, device: str) -> bool:
+        closes = self._apply(self.table.kick(device, time.time()))
+        await self._await_closes(closes)
+        return bool(closes)
+
+    def connection(self, device: str) -> Connection | None:
+        return self._conns.get(device)
+
+    def connections(self) -> list[Connection]:
+        return list(self._conns.values())
+
+    async def run_housekeeping(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._apply(self.table.tick(time.time()))
+
+    async def shutdown(self) -> None:
+        """Stop accepting, tell every device why it goes offline, close everyone (bounded)."""
+        self._closing = True
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+        closes = self._apply(self.table.shutdown(time.time()))
+        closing = [c for c in self._conns.values() if c not in closes]
+        for conn in closing:
+            conn.close_reason = "server_shutdown"
+        await self._await_closes(closes + closing)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=CLOSE_TIMEOUT)
+        for server in self._servers.values():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.close_instance(), CLOSE_TIMEOUT)
+        self.transitions.shutdown()
+        await self._shutdown_broadcast_loop()
+        if self._session_monitor_task:
+            self._session_monitor_task.cancel()
+            await asyncio.gather(self._session_monitor_task, return_exceptions=True)
+        await self.plugins_manager.close()
+        self.transitions.stopping_success()
+        log.info("broker.stopped")
+

@@ -1,0 +1,341 @@
+"""The ``henge`` command: ``serve`` runs the service; every other command is an admin client call."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from .client import AdminClient, Endpoint
+from .errors import HengeError, InvalidConfig, ValidationFailed
+from .models import parse_labels
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="henge-mqtt: versioned JSON configs for fleets of MQTT devices.",
+    pretty_exceptions_enable=False,
+)
+device_app = typer.Typer(no_args_is_help=True, help="Register and manage devices.")
+app.add_typer(device_app, name="device")
+
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", envvar="HENGE_DATA", help="Data dir of a local service (default ./henge-data)."),
+]
+BrokerOpt = Annotated[
+    str | None,
+    typer.Option("--broker", help="mqtt://host:port of the service; credentials from HENGE_ADMIN_USER/SECRET."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the service.")]
+
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _endpoint(data: Path | None, broker: str | None) -> Endpoint:
+    if broker:
+        return Endpoint.from_url(broker)
+    return Endpoint.from_data_dir(data or Path("henge-data"))
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except HengeError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def _call(data: Path | None, broker: str | None, timeout: float, op: str, **args: Any) -> Any:
+    async def go() -> Any:
+        async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
+            return await client.call(op, **args)
+
+    return _run(go())
+
+
+def _emit(value: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=True) if as_json else human(value))
+
+
+def _labels(pairs: list[str] | None) -> dict[str, str]:
+    try:
+        return parse_labels(pairs or [])
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _read_config(source: str) -> dict[str, Any]:
+    """Read a config from a file or ``-`` (stdin); refuse anything but a JSON object."""
+    where = "stdin" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot read {where}: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        fail(f"{where} is not UTF-8 text")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidConfig(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    if not isinstance(value, dict):
+        raise InvalidConfig(f"{where}: a config must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def user_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """One line on stderr and a non-zero exit for every error of ours: never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except HengeError as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+# ---- serve -------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def serve(
+    data: DataOpt = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Broker YAML file (see broker_config/).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Listener address (overrides the config).")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="Listener port; 0 picks one.")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Run the service with its embedded broker until SIGINT/SIGTERM."""
+    from .service import HengeService
+    from .settings import Settings
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = Settings.load(config, data_dir=data, host=host, port=port)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with HengeService(settings) as service:
+            bound_host, bound_port = service.address
+            typer.echo(f"henge: serving on mqtt://{bound_host}:{bound_port} (data: {settings.data_dir})", err=True)
+            await stop.wait()
+            typer.echo("henge: shutting down", err=True)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        fail(f"cannot start the broker: {exc.strerror or exc}")
+    except Exception as exc:  # amqtt wraps bind errors in its own BrokerError
+        cause = exc.__cause__ or exc
+        if type(exc).__name__ == "BrokerError":
+            fail(f"cannot start the broker: {cause}")
+        raise
+
+
+# ---- devices -----------------------------------------------------------------------------------
+
+
+@device_app.command("add")
+def device_add(
+    device: str,
+    label: Annotated[list[str] | None, typer.Option("--label", help="k=v, repeatable.")] = None,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Register a device and print its secret (shown only this once)."""
+    result = _call(data, broker, timeout, "device.add", device=device, labels=_labels(label))
+    _emit(result, as_json, lambda r: f"device {r['device']} added\nsecret: {r['secret']}\n"
+          "(store it now: it is not shown again)")
+
+
+@device_app.command("list")
+def device_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                timeout: TimeoutOpt = 10.0) -> None:
+    """List devices with their labels and current version."""
+    rows = _call(data, broker, timeout, "device.list")
+    for row in rows:
+        row["labels_text"] = ",".join(f"{k}={v}" for k, v in sorted(row["labels"].items())) or None
+    _emit(rows, as_json, lambda r: _table(r, ["id", "desired_version", "labels_text", "created_at"]))
+
+
+@device_app.command("show")
+def device_show(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                timeout: TimeoutOpt = 10.0) -> None:
+    """Show one device."""
+    result = _call(data, broker, timeout, "device.show", device=device)
+    _emit(result, as_json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items() if k != "status")
+          + "\n" + "\n".join(f"{k}: {v}" for k, v in r["status"].items() if k not in r))
+
+
+@device_app.command("remove")
+def device_remove(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                  timeout: TimeoutOpt = 10.0) -> None:
+    """Remove a device, its history and its retained topics; its connection is closed."""
+    result = _call(data, broker, timeout, "device.remove", device=device)
+    _emit(result, as_json, lambda r: f"device {r['device']} removed")
+
+
+@device_app.command("rotate-secret")
+def device_rotate(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                  timeout: TimeoutOpt = 10.0) -> None:
+    """Give a device a new secret (the old one stops working for new connections)."""
+    result = _call(data, broker, timeout, "device.rotate_secret", device=device)
+    _emit(result, as_json, lambda r: f"new secret for {r['device']}: {r['secret']}")
+
+
+# ---- configs -----------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def push(
+    device: str,
+    source: Annotated[str, typer.Argument(metavar="FILE|-", help="JSON file, or - for stdin.")],
+    if_version: Annotated[int | None, typer.Option("--if-version", min=0,
+                                                   help="Fail unless the current version is N.")] = None,
+    message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Store a new config version for a device and publish it."""
+    config = _read_config(source)
+    args: dict[str, Any] = {"device": device, "config": config, "message": message}
+    if if_version is not None:
+        args["if_version"] = if_version
+    result = _call(data, broker, timeout, "push", **args)
+    _emit(result, as_json, lambda r: f"{r['device']}: version {r['version']} ({r['sha256'][:12]})")
+
+
+@app.command()
+def get(
+    device: str,
+    version: Annotated[int | None, typer.Option("--version", min=1, help="Default: the current one.")] = None,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Print a config version (the config itself; --json for the whole record)."""
+    args: dict[str, Any] = {"device": device}
+    if version is not None:
+        args["version"] = version
+    result = _call(data, broker, timeout, "get", **args)
+    _emit(result, as_json, lambda r: json.dumps(r["config"], indent=2, sort_keys=True))
+
+
+@app.command()
+def history(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+            timeout: TimeoutOpt = 10.0) -> None:
+    """List every version of a device's config."""
+    rows = _call(data, broker, timeout, "history", device=device)
+    for row in rows:
+        row["sha"] = row["sha256"][:12]
+    _emit(rows, as_json, lambda r: _table(r, ["version", "created_at", "actor", "sha", "message"]))
+
+
+@app.command()
+def diff(device: str, a: int, b: int, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+         timeout: TimeoutOpt = 10.0) -> None:
+    """Show what changed between two versions."""
+    result = _call(data, broker, timeout, "diff", device=device, a=a, b=b)
+    _emit(result, as_json, lambda r: r["diff"] or "(no differences)")
+
+
+@app.command()
+def rollback(
+    device: str, version: int,
+    message: Annotated[str, typer.Option("-m", "--message")] = "",
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Publish an old version's content again, as a new version (history is never rewritten)."""
+    result = _call(data, broker, timeout, "rollback", device=device, version=version, message=message)
+    _emit(result, as_json, lambda r: f"{r['device']}: version {r['version']} (content of version {version})")
+
+
+# ---- sessions ----------------------------------------------------------------------------------
+
+
+@app.command()
+def status(device: Annotated[str | None, typer.Argument()] = None, data: DataOpt = None, broker: BrokerOpt = None,
+           as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0) -> None:
+    """Devices with their connection state and desired version."""
+    args = {"device": device} if device else {}
+    rows = _call(data, broker, timeout, "status", **args)
+    for row in rows:
+        row["state"] = "online" if row["online"] else "offline"
+        row["conflict_text"] = ",".join(row["conflict_remotes"]) or "yes" if row["conflict"] else None
+    _emit(rows, as_json, lambda r: _table(r, ["device", "state", "epoch", "since", "remote", "reason",
+                                               "takeovers", "conflict_text", "desired_version"]))
+
+
+@app.command()
+def kick(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+         timeout: TimeoutOpt = 10.0) -> None:
+    """Close a device's current connection."""
+    result = _call(data, broker, timeout, "kick", device=device)
+    _emit(result, as_json, lambda r: f"{r['device']}: {'kicked' if r['kicked'] else 'was not connected'}")
+
+
+@app.command("clear-conflict")
+def clear_conflict(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                   timeout: TimeoutOpt = 10.0) -> None:
+    """Clear a device's identity-conflict flag and any quarantine."""
+    result = _call(data, broker, timeout, "clear_conflict", device=device)
+    _emit(result, as_json, lambda r: f"{r['device']}: {'cleared' if r['cleared'] else 'no conflict'}")
+
+
+@app.command()
+def events(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming (the only mode).")] = True,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Stream service events as they happen (config published, device connected, ...)."""
+
+    async def go() -> None:
+        async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
+            async for event in client.events():
+                if as_json:
+                    typer.echo(event.model_dump_json())
+                else:
+                    extra = " ".join(f"{k}={v}" for k, v in event.data.items())
+                    typer.echo(f"{event.at} {event.type} {event.device or '-'} {extra}".rstrip())
+
+    try:
+        _run(go())
+    except ValidationFailed as exc:
+        fail(str(exc))
+
+
+def main() -> None:
+    try:
+        app()
+    except HengeError as exc:
+        fail(str(exc))

@@ -1,0 +1,171 @@
+"""The admin client: how the CLI (or any script) talks to a running service over MQTT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+
+from .errors import AuthenticationFailed, RemoteError, ServiceUnavailable
+from .models import AdminReply, AdminRequest, Event
+from .topics import Topics
+
+from .paths import ADMIN_FILE, SERVICE_FILE
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    username: str
+    secret: str
+    topic_prefix: str = "henge"
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path) -> Endpoint:
+        """Find a local service through the files ``henge serve`` writes into its data dir."""
+        try:
+            service = json.loads((data_dir / SERVICE_FILE).read_text())
+        except FileNotFoundError as exc:
+            raise ServiceUnavailable(
+                f"no running service found in {data_dir} (no {SERVICE_FILE}): start it with "
+                f"`henge serve --data {data_dir}` or pass --broker"
+            ) from exc
+        except (OSError, ValueError) as exc:
+            raise ServiceUnavailable(f"cannot read {data_dir / SERVICE_FILE}: {exc}") from exc
+        try:
+            admin = json.loads((data_dir / ADMIN_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise AuthenticationFailed(f"cannot read admin credentials in {data_dir}: {exc}") from exc
+        host = str(service["host"])
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return cls(host, int(service["port"]), str(admin["name"]), str(admin["secret"]),
+                   str(service.get("topic_prefix", "henge")))
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint:
+        """``mqtt://host:port`` plus HENGE_ADMIN_USER / HENGE_ADMIN_SECRET (/ HENGE_TOPIC_PREFIX)."""
+        parts = urlsplit(url)
+        if parts.scheme != "mqtt" or not parts.hostname:
+            raise ServiceUnavailable(f"invalid broker URL {url!r}: expected mqtt://host:port")
+        username = os.environ.get("HENGE_ADMIN_USER", "henge-admin")
+        secret = os.environ.get("HENGE_ADMIN_SECRET")
+        if not secret:
+            raise AuthenticationFailed("set HENGE_ADMIN_SECRET (and HENGE_ADMIN_USER) to use --broker")
+        return cls(parts.hostname, parts.port or 1883, username, secret,
+                   os.environ.get("HENGE_TOPIC_PREFIX", "henge"))
+
+
+class AdminClient:
+    def __init__(self, endpoint: Endpoint, *, timeout: float = 10.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.topics = Topics(endpoint.topic_prefix)
+        self.client_id = f"henge-cli-{secrets.token_hex(6)}"
+        self._reply_topic = self.topics.admin_reply(self.client_id)
+        self._client = aiomqtt.Client(
+            endpoint.host,
+            endpoint.port,
+            username=endpoint.username,
+            password=endpoint.secret,
+            identifier=self.client_id,
+            keepalive=30,
+            timeout=timeout,
+        )
+        self._replies: dict[str, asyncio.Future[AdminReply]] = {}
+        self._events: asyncio.Queue[Event] | None = None
+        self._pump: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AdminClient:
+        e = self.endpoint
+        try:
+            await asyncio.wait_for(self._client.__aenter__(), self.timeout)
+        except aiomqtt.MqttCodeError as exc:
+            if exc.rc in (4, 5, 134, 135):
+                raise AuthenticationFailed(
+                    f"the service at {e.host}:{e.port} refused the admin credentials for {e.username!r}"
+                ) from exc
+            raise ServiceUnavailable(f"cannot connect to the service at {e.host}:{e.port}: {exc}") from exc
+        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            raise ServiceUnavailable(
+                f"cannot reach the service at {e.host}:{e.port} (is `henge serve` running?): {exc}"
+            ) from exc
+        await self._client.subscribe(self._reply_topic, qos=1)
+        self._pump = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._client.__aexit__(exc_type, exc, tb), self.timeout)
+        except (aiomqtt.MqttError, TimeoutError):
+            pass
+
+    async def _read(self) -> None:
+        try:
+            async for message in self._client.messages:
+                topic = str(message.topic)
+                payload = message.payload if isinstance(message.payload, bytes) else b""
+                if topic == self._reply_topic:
+                    try:
+                        reply = AdminReply.model_validate_json(payload)
+                    except ValueError:
+                        continue
+                    waiter = self._replies.pop(reply.id, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(reply)
+                elif topic == self.topics.events and self._events is not None:
+                    try:
+                        self._events.put_nowait(Event.model_validate_json(payload))
+                    except ValueError:
+                        continue
+        except aiomqtt.MqttError as exc:
+            failure = ServiceUnavailable(f"lost the connection to the service: {exc}")
+            for waiter in self._replies.values():
+                if not waiter.done():
+                    waiter.set_exception(failure)
+            if self._events is not None:
+                self._events.put_nowait(Event(type="_closed", at=""))
+
+    async def call(self, op: str, **args: Any) -> Any:
+        """Run one admin operation; raises :class:`RemoteError` with the service's code and message."""
+        request = AdminRequest(id=secrets.token_hex(8), op=op, args=args, reply_to=self._reply_topic)
+        waiter: asyncio.Future[AdminReply] = asyncio.get_running_loop().create_future()
+        self._replies[request.id] = waiter
+        try:
+            await self._client.publish(self.topics.admin_requests, request.model_dump_json(), qos=1)
+            reply = await asyncio.wait_for(waiter, self.timeout)
+        except TimeoutError as exc:
+            raise ServiceUnavailable(f"the service did not answer {op!r} within {self.timeout:g} s") from exc
+        except aiomqtt.MqttError as exc:
+            raise ServiceUnavailable(f"lost the connection to the service: {exc}") from exc
+        finally:
+            self._replies.pop(request.id, None)
+        if not reply.ok:
+            error = reply.error
+            raise RemoteError(error.code if error else "error", error.message if error else "request failed")
+        return reply.result
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every service event from now on, until the connection ends."""
+        self._events = asyncio.Queue()
+        await self._client.subscribe(self.topics.events, qos=0)
+        while True:
+            event = await self._events.get()
+            if event.type == "_closed":
+                raise ServiceUnavailable("lost the connection to the service")
+            yield event

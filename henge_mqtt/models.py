@@ -1,0 +1,219 @@
+"""Values that cross a boundary (wire, store, CLI): validated once, immutable afterwards.
+
+This module imports nothing else of henge's, so every other layer can depend on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
+_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def is_valid_device_id(value: str) -> bool:
+    return bool(_DEVICE_ID_RE.fullmatch(value))
+
+
+def device_id_problem(value: str) -> str | None:
+    """Why ``value`` is not a device id, in words a person can act on (None when it is one)."""
+    if is_valid_device_id(value):
+        return None
+    return (
+        f"invalid device id {value!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+        "starting with a letter or digit"
+    )
+
+
+def _check_device_id(value: str) -> str:
+    problem = device_id_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+DeviceId = Annotated[str, AfterValidator(_check_device_id)]
+
+
+def canonical_json(config: dict[str, Any]) -> bytes:
+    """The byte string the snapshot's sha256 covers; part of the wire contract."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(config)).hexdigest()
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_labels(pairs: list[str]) -> dict[str, str]:
+    """``["k=v", ...]`` to a dict; raises ValueError naming the bad pair."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not _LABEL_KEY_RE.fullmatch(key):
+            raise ValueError(f"invalid label {pair!r}: expected key=value with a simple key")
+        labels[key] = value
+    return labels
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Snapshot(Frozen):
+    """What a device receives, retained, on its config topic."""
+
+    device: DeviceId
+    version: int = Field(ge=1)
+    sha256: str
+    issued_at: str
+    config: dict[str, Any]
+
+    def to_payload(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class ConfigVersion(Frozen):
+    """One immutable row of a device's history."""
+
+    device: DeviceId
+    version: int = Field(ge=1)
+    config: dict[str, Any]
+    sha256: str
+    message: str = ""
+    created_at: datetime
+    actor: str
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            device=self.device,
+            version=self.version,
+            sha256=self.sha256,
+            issued_at=rfc3339(self.created_at),
+            config=self.config,
+        )
+
+
+class Device(Frozen):
+    id: DeviceId
+    labels: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime
+    desired_version: int = 0
+
+
+class Report(Frozen):
+    """What a device tells us about a version it was asked to run."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    version: int = Field(ge=1)
+    status: Literal["applied", "rejected"]
+    error: str | None = Field(default=None, max_length=4096)
+
+
+PresenceState = Literal["online", "offline"]
+
+
+class Presence(Frozen):
+    """The server-owned, retained presence record of one device."""
+
+    device: DeviceId
+    state: PresenceState
+    epoch: int
+    since: str
+    reason: str
+    remote: str | None = None
+
+    def to_payload(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class AdminRequest(Frozen):
+    """An admin request: ``op`` names the operation, ``args`` is checked against that op's model."""
+
+    id: str = Field(min_length=1, max_length=128)
+    op: str = Field(min_length=1, max_length=64)
+    args: dict[str, Any] = Field(default_factory=dict)
+    reply_to: str = Field(min_length=1, max_length=256)
+
+
+class AdminError(Frozen):
+    code: str
+    message: str
+
+
+class AdminReply(Frozen):
+    id: str
+    ok: bool
+    result: Any = None
+    error: AdminError | None = None
+
+
+class Event(Frozen):
+    """A service event, as streamed by ``henge events --follow``."""
+
+    type: str
+    at: str
+    device: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---- per-operation arguments of the admin protocol -------------------------------------------
+
+
+class DeviceAddArgs(Frozen):
+    device: DeviceId
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class DeviceRefArgs(Frozen):
+    device: DeviceId
+
+
+class PushArgs(Frozen):
+    device: DeviceId
+    config: dict[str, Any]
+    if_version: int | None = Field(default=None, ge=0)
+    message: str = Field(default="", max_length=1024)
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _object_only(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("config must be a JSON object")
+        return value
+
+
+class GetArgs(Frozen):
+    device: DeviceId
+    version: int | None = Field(default=None, ge=1)
+
+
+class DiffArgs(Frozen):
+    device: DeviceId
+    a: int = Field(ge=1)
+    b: int = Field(ge=1)
+
+
+class RollbackArgs(Frozen):
+    device: DeviceId
+    version: int = Field(ge=1)
+    message: str = Field(default="", max_length=1024)
+
+
+class StatusArgs(Frozen):
+    device: DeviceId | None = None

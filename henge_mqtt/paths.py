@@ -1,0 +1,6 @@
+"""Files ``henge serve`` keeps in its data dir, shared by the service and the admin client."""
+
+from __future__ import annotations
+
+ADMIN_FILE = "admin.json"  # admin credentials, mode 0600
+SERVICE_FILE = "service.json"  # address of the running service, removed on clean shutdown

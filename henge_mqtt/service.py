@@ -1,0 +1,478 @@
+"""The service: the store, the embedded broker and the admin protocol, wired together.
+
+A gateway application embeds it as ``async with HengeService(settings) as service: ...`` and may
+call the same operations the CLI reaches over MQTT (``service.push(...)`` and friends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from . import models
+from .broker import BrokerLimits, HengeBroker, Principal
+from .errors import (
+    ConfigTooLarge,
+    DuplicateDevice,
+    HengeError,
+    InvalidDeviceId,
+    ServiceUnavailable,
+    UnknownDevice,
+)
+from .models import AdminReply, AdminRequest, ConfigVersion, Event, Presence, canonical_json, rfc3339
+from .sessions import Action, Close, Emit, PresenceChange, PublishWill, SaveEpoch
+from .settings import Settings
+from .store import Store
+from .topics import Topics
+
+log = logging.getLogger(__name__)
+
+from .paths import ADMIN_FILE, SERVICE_FILE
+
+EventListener = Callable[[Event], None]
+
+
+def _iso(ts: float) -> str:
+    return rfc3339(datetime.fromtimestamp(ts, UTC))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only, atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+class HengeService:
+    """One running henge: store + embedded broker + admin protocol + presence."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self._store: Store | None = None
+        self._broker: HengeBroker | None = None
+        self._listeners: list[EventListener] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._housekeeping: asyncio.Task[None] | None = None
+        self.admin_secret = ""
+        self.counters: dict[str, int] = {}
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> HengeService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise ServiceUnavailable("the service is not running")
+        return self._store
+
+    @property
+    def broker(self) -> HengeBroker:
+        if self._broker is None:
+            raise ServiceUnavailable("the service is not running")
+        return self._broker
+
+    async def start(self) -> None:
+        data_dir = self.settings.data_dir
+        self._store = Store(data_dir)
+        try:
+            self._ensure_admin(data_dir)
+            broker = HengeBroker(
+                self.settings.broker_config(),
+                hooks=self,
+                topics=self.topics,
+                sessions=self.settings.sessions.to_table_settings(),
+                limits=BrokerLimits(max_keepalive=self.settings.max_keepalive),
+            )
+            self._broker = broker
+            for device, epoch in self.store.epochs().items():
+                broker.table.seed(device, epoch)
+            self._republish_all()
+            await broker.start()
+        except BaseException:
+            self._store.close()
+            self._store = None
+            self._broker = None
+            raise
+        self._housekeeping = asyncio.create_task(broker.run_housekeeping())
+        host, port = self.address
+        write_private(
+            data_dir / SERVICE_FILE,
+            json.dumps({"host": host, "port": port, "topic_prefix": self.settings.topic_prefix,
+                        "admin_name": self.settings.admin_name, "pid": os.getpid()}),
+        )
+        log.info("service.started host=%s port=%d data=%s", host, port, data_dir)
+
+    async def stop(self) -> None:
+        if self._broker is None or self._store is None:
+            return
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            await asyncio.gather(self._housekeeping, return_exceptions=True)
+        await self._broker.shutdown()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._store.close()
+        with contextlib.suppress(OSError):
+            (self.settings.data_dir / SERVICE_FILE).unlink()
+        self._broker = None
+        self._store = None
+        log.info("service.stopped")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        addresses = self.broker.addresses()
+        if not addresses:
+            raise ServiceUnavailable("the broker has no TCP listener")
+        return addresses[0]
+
+    def _ensure_admin(self, data_dir: Path) -> None:
+        path = data_dir / ADMIN_FILE
+        name = self.settings.admin_name
+        secret = ""
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("name") == name:
+                    secret = str(saved["secret"])
+            except (OSError, ValueError, KeyError) as exc:
+                raise HengeError(f"cannot read admin credentials {path}: {exc}") from exc
+        if not secret:
+            secret = secrets.token_urlsafe(24)
+            write_private(path, json.dumps({"name": name, "secret": secret}))
+        self.store.ensure_admin(name, secret)
+        self.admin_secret = secret
+
+    def _republish_all(self) -> None:
+        """amqtt keeps retained messages in memory only: the store is the truth, replay it."""
+        count = 0
+        for row in self.store.current_versions():
+            self._publish_snapshot(row)
+            count += 1
+        now = time.time()
+        for device in self.store.epochs():
+            view = self.broker.table.view(device, now)
+            self._publish_presence(Presence(device=device, state="offline", epoch=view.epoch,
+                                            since=_iso(now), reason="server_start", remote=None))
+        log.info("service.republished snapshots=%d", count)
+
+    # ---- events --------------------------------------------------------------------------------
+
+    def add_event_listener(self, listener: EventListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def emit(self, type_: str, device: str | None = None, **data: Any) -> None:
+        event = Event(type=type_, at=rfc3339(models.utc_now()), device=device, data=data)
+        log.info("event.%s device=%s %s", type_, device, json.dumps(data, default=str, sort_keys=True))
+        if self._broker is not None:
+            self._broker.publish(self.topics.events, event.model_dump_json().encode(), qos=0)
+        for listener in list(self._listeners):
+            listener(event)
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    # ---- broker hooks --------------------------------------------------------------------------
+
+    def authenticate(self, username: str | None, password: str | None, client_id: str) -> Principal | None:
+        if not username or password is None:
+            return None
+        if username == self.settings.admin_name:
+            return Principal("admin", username) if self.store.verify_admin(username, password) else None
+        if client_id != username:
+            return None
+        return Principal("device", username) if self.store.verify_device(username, password) else None
+
+    def session_actions(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, PresenceChange):
+                self._on_presence(action)
+            elif isinstance(action, SaveEpoch):
+                if self.store.has_device(action.device):
+                    self.store.save_epoch(action.device, action.epoch)
+            elif isinstance(action, Emit):
+                self._count(action.type)
+                self.emit(action.type, action.device, **dict(action.data))
+            elif isinstance(action, Close) and action.reason == "keepalive_timeout":
+                self._count("keepalive_timeout")
+            elif isinstance(action, PublishWill):
+                pass
+
+    def _on_presence(self, change: PresenceChange) -> None:
+        if not self.store.has_device(change.device):
+            return
+        presence = Presence(
+            device=change.device,
+            state="online" if change.online else "offline",
+            epoch=change.epoch,
+            since=_iso(change.since),
+            reason=change.reason,
+            remote=change.remote,
+        )
+        self._publish_presence(presence)
+        if change.online:
+            self._count("connects")
+        if change.reason == "keepalive_timeout":
+            self._count("keepalive_timeouts")
+        self.emit("connected" if change.online else "disconnected", change.device,
+                  epoch=change.epoch, reason=change.reason, remote=change.remote)
+
+    def _publish_presence(self, presence: Presence) -> None:
+        self.broker.publish(self.topics.presence(presence.device), presence.to_payload(), qos=1, retain=True)
+
+    def message(self, principal: Principal, topic: str, payload: bytes) -> None:
+        if principal.kind == "admin" and topic == self.topics.admin_requests:
+            self._spawn(self._handle_admin(payload))
+        elif principal.kind == "device" and topic == self.topics.report(principal.name):
+            self.handle_report(principal.name, payload)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- reports (the device side) -------------------------------------------------------------
+
+    def handle_report(self, device: str, payload: bytes) -> None:
+        """Overridden by the reports feature; the core only counts them."""
+        self._count("reports")
+
+    # ---- admin protocol ------------------------------------------------------------------------
+
+    async def _handle_admin(self, payload: bytes) -> None:
+        try:
+            request = AdminRequest.model_validate_json(payload)
+        except ValidationError as exc:
+            log.warning("admin.bad_request error=%s", exc.errors()[0]["msg"])
+            return
+        if not request.reply_to.startswith(self.topics.admin_reply("")):
+            log.warning("admin.bad_reply_to reply_to=%s", request.reply_to)
+            return
+        reply = await self.dispatch(request)
+        self.broker.publish(request.reply_to, reply.model_dump_json().encode(), qos=1)
+
+    async def dispatch(self, request: AdminRequest) -> AdminReply:
+        handler = _OPS.get(request.op)
+        if handler is None:
+            return _error_reply(request.id, "unknown_op", f"unknown operation {request.op!r}")
+        args_model, method = handler
+        try:
+            args = args_model.model_validate(request.args)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "args"
+            code = "invalid_device_id" if where == "device" else "invalid"
+            return _error_reply(request.id, code, f"{where}: {first['msg'].removeprefix('Value error, ')}")
+        try:
+            result = await method(self, args)
+        except HengeError as exc:
+            return _error_reply(request.id, exc.code, str(exc))
+        return AdminReply(id=request.id, ok=True, result=result)
+
+    # ---- operations (the library API; the CLI reaches them over the admin protocol) -----------
+
+    def add_device(self, device: str, labels: dict[str, str] | None = None) -> str:
+        problem = models.device_id_problem(device)
+        if problem:
+            raise InvalidDeviceId(problem)
+        if device == self.settings.admin_name:
+            raise DuplicateDevice(f"{device!r} is the admin identity's name; choose another id")
+        secret = self.store.add_device(device, labels)
+        self.emit("device_added", device)
+        return secret
+
+    async def remove_device(self, device: str) -> None:
+        self.store.remove_device(device)
+        await self.broker.kick(device)
+        self.broker.table.forget(device)
+        for topic in (self.topics.config(device), self.topics.presence(device)):
+            self.broker.publish(topic, b"", qos=1, retain=True)
+        self.emit("device_removed", device)
+
+    def rotate_secret(self, device: str) -> str:
+        secret = self.store.rotate_secret(device)
+        self.emit("secret_rotated", device)
+        return secret
+
+    def push(
+        self, device: str, config: dict[str, Any], *, message: str = "", if_version: int | None = None,
+        actor: str = "library",
+    ) -> ConfigVersion:
+        self._check_size(config)
+        row = self.store.push(device, config, actor=actor, message=message, if_version=if_version)
+        self._publish_snapshot(row)
+        self._count("pushes")
+        self.emit("config_published", device, version=row.version, sha256=row.sha256)
+        return row
+
+    def rollback(self, device: str, version: int, *, message: str = "", actor: str = "library") -> ConfigVersion:
+        row = self.store.rollback(device, version, actor=actor, message=message)
+        self._publish_snapshot(row)
+        self._count("pushes")
+        self.emit("config_published", device, version=row.version, sha256=row.sha256, rollback_of=version)
+        return row
+
+    def _check_size(self, config: dict[str, Any]) -> None:
+        size = len(canonical_json(config))
+        if size > self.settings.max_config_bytes:
+            raise ConfigTooLarge(
+                f"config is {size} bytes, over the limit of {self.settings.max_config_bytes} bytes; "
+                "nothing was stored"
+            )
+
+    def _publish_snapshot(self, row: ConfigVersion) -> None:
+        self.broker.publish(self.topics.config(row.device), row.snapshot().to_payload(), qos=1, retain=True)
+
+    async def kick(self, device: str) -> bool:
+        if not self.store.has_device(device):
+            raise UnknownDevice(f"unknown device {device!r}")
+        kicked = await self.broker.kick(device)
+        if kicked:
+            self._count("kicks")
+        return kicked
+
+    def clear_conflict(self, device: str) -> bool:
+        if not self.store.has_device(device):
+            raise UnknownDevice(f"unknown device {device!r}")
+        actions = self.broker.table.clear_conflict(device)
+        self.session_actions(actions)
+        return bool(actions)
+
+    def status(self, device: str | None = None, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        devices = [self.store.get_device(device)] if device else self.store.list_devices(labels)
+        now = time.time()
+        rows = []
+        for d in devices:
+            view = self.broker.table.view(d.id, now)
+            rows.append({
+                "device": d.id,
+                "labels": d.labels,
+                "online": view.online,
+                "epoch": view.epoch,
+                "since": _iso(view.since) if view.since else None,
+                "remote": view.remote,
+                "reason": view.reason,
+                "desired_version": d.desired_version,
+                "takeovers": view.takeovers_last_hour,
+                "conflict": view.conflict,
+                "conflict_remotes": list(view.conflict_remotes),
+                "quarantined_until": _iso(view.quarantined_until) if view.quarantined_until else None,
+            })
+        return rows
+
+
+def _error_reply(request_id: str, code: str, message: str) -> AdminReply:
+    return AdminReply(id=request_id, ok=False, error=models.AdminError(code=code, message=message))
+
+
+def _version_dict(row: ConfigVersion, *, with_config: bool = True) -> dict[str, Any]:
+    data = row.model_dump(mode="json")
+    if not with_config:
+        data.pop("config")
+    return data
+
+
+# ---- admin operations: argument model + coroutine, one per op name ---------------------------
+
+
+async def _op_device_add(svc: HengeService, a: models.DeviceAddArgs) -> Any:
+    return {"device": a.device, "secret": svc.add_device(a.device, a.labels)}
+
+
+async def _op_device_list(svc: HengeService, a: models.StatusArgs) -> Any:
+    return [d.model_dump(mode="json") for d in svc.store.list_devices()]
+
+
+async def _op_device_show(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+    return svc.store.get_device(a.device).model_dump(mode="json") | {"status": svc.status(a.device)[0]}
+
+
+async def _op_device_remove(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+    await svc.remove_device(a.device)
+    return {"device": a.device, "removed": True}
+
+
+async def _op_device_rotate(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+    return {"device": a.device, "secret": svc.rotate_secret(a.device)}
+
+
+async def _op_push(svc: HengeService, a: models.PushArgs) -> Any:
+    row = svc.push(a.device, a.config, message=a.message, if_version=a.if_version, actor="admin")
+    return _version_dict(row, with_config=False)
+
+
+async def _op_get(svc: HengeService, a: models.GetArgs) -> Any:
+    return _version_dict(svc.store.get_version(a.device, a.version))
+
+
+async def _op_history(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+    return [_version_dict(r, with_config=False) for r in svc.store.history(a.device)]
+
+
+async def _op_diff(svc: HengeService, a: models.DiffArgs) -> Any:
+    old = svc.store.get_version(a.device, a.a)
+    new = svc.store.get_version(a.device, a.b)
+    lines = difflib.unified_diff(
+        json.dumps(old.config, indent=2, sort_keys=True).splitlines(),
+        json.dumps(new.config, indent=2, sort_keys=True).splitlines(),
+        fromfile=f"{a.device}@{a.a}",
+        tofile=f"{a.device}@{a.b}",
+        lineterm="",
+    )
+    return {"diff": "\n".join(lines), "same": old.sha256 == new.sha256}
+
+
+async def _op_rollback(svc: HengeService, a: models.RollbackArgs) -> Any:
+    return _version_dict(svc.rollback(a.device, a.version, message=a.message, actor="admin"), with_config=False)
+
+
+async def _op_status(svc: HengeService, a: models.StatusArgs) -> Any:
+    return svc.status(a.device)
+
+
+async def _op_kick(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+    return {"device": a.device, "kicked": await svc.kick(a.device)}
+
+
+async def _op_clear_conflict(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+    return {"device": a.device, "cleared": svc.clear_conflict(a.device)}
+
+
+_OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any], Any]]] = {
+    "device.add": (models.DeviceAddArgs, _op_device_add),
+    "device.list": (models.StatusArgs, _op_device_list),
+    "device.show": (models.DeviceRefArgs, _op_device_show),
+    "device.remove": (models.DeviceRefArgs, _op_device_remove),
+    "device.rotate_secret": (models.DeviceRefArgs, _op_device_rotate),
+    "push": (models.PushArgs, _op_push),
+    "get": (models.GetArgs, _op_get),
+    "history": (models.DeviceRefArgs, _op_history),
+    "diff": (models.DiffArgs, _op_diff),
+    "rollback": (models.RollbackArgs, _op_rollback),
+    "status": (models.StatusArgs, _op_status),
+    "kick": (models.DeviceRefArgs, _op_kick),
+    "clear_conflict": (models.DeviceRefArgs, _op_clear_conflict),
+}

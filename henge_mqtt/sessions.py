@@ -1,0 +1,350 @@
+"""The session table: which connection is *the* connection of each device.
+
+Pure logic: no I/O, no asyncio, no clock. The broker layer feeds it events with the time they
+happened and carries out the actions it returns. Keeping it pure lets a hypothesis state machine
+drive it through interleavings no end-to-end test would find.
+
+Rules (docs/sessions.md explains them at length):
+- every accepted connection gets an epoch, one higher than any the device had before;
+- an accepted connection replaces the current one (takeover), whatever either's flags;
+- an event that carries an epoch other than the current one changes nothing (fencing);
+- takeovers of a connection that was still alive are counted; too many in a window is an
+  identity conflict, which is flagged and, by policy, quarantined;
+- a per-device token bucket bounds how fast a device may (re)connect.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+ConflictPolicy = Literal["flag", "quarantine"]
+TakeoverWill = Literal["suppress", "publish"]
+
+# Reasons that mean the connection ended without the client saying goodbye: its will goes out.
+ABNORMAL_REASONS = frozenset({"connection_lost", "keepalive_timeout", "protocol_error"})
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    takeover_will: TakeoverWill = "suppress"
+    conflict_policy: ConflictPolicy = "flag"
+    conflict_takeovers: int = 4
+    conflict_window: float = 60.0
+    conflict_clear_after: float = 600.0
+    quarantine_initial: float = 30.0
+    quarantine_max: float = 3600.0
+    connect_burst: float = 20.0
+    connect_rate: float = 2.0
+
+
+# ---- actions the broker layer carries out ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close this connection now; publish its will only if ``publish_will``."""
+
+    device: str
+    epoch: int
+    reason: str
+    publish_will: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PublishWill:
+    device: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChange:
+    device: str
+    online: bool
+    epoch: int
+    since: float
+    reason: str
+    remote: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SaveEpoch:
+    device: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """A service event: ``takeover``, ``conflict``, ``quarantine``, ``conflict_cleared``, ..."""
+
+    type: str
+    device: str
+    data: tuple[tuple[str, object], ...] = ()
+
+
+Action = Close | PublishWill | PresenceChange | SaveEpoch | Emit
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectResult:
+    accepted: bool
+    epoch: int
+    actions: tuple[Action, ...]
+    refusal: str | None = None
+
+
+# ---- per-device state ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Conn:
+    epoch: int
+    remote: str | None
+    keepalive: float
+    connected_at: float
+    last_heard: float
+
+
+@dataclass(slots=True)
+class DeviceSession:
+    device: str
+    epoch_hwm: int = 0
+    current: _Conn | None = None
+    since: float = 0.0
+    reason: str = "never_connected"
+    remote: str | None = None
+    takeovers: deque[tuple[float, str | None, str | None]] = field(default_factory=deque)
+    all_takeovers: deque[float] = field(default_factory=deque)
+    conflict_since: float | None = None
+    conflict_remotes: tuple[str, ...] = ()
+    quarantine_until: float = 0.0
+    quarantine_count: int = 0
+    tokens: float = -1.0
+    tokens_at: float = 0.0
+
+    @property
+    def online(self) -> bool:
+        return self.current is not None
+
+    @property
+    def epoch(self) -> int:
+        return self.current.epoch if self.current else self.epoch_hwm
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """A read-only copy of one device's session, for status and tests."""
+
+    device: str
+    online: bool
+    epoch: int
+    since: float
+    reason: str
+    remote: str | None
+    takeovers_last_hour: int
+    conflict: bool
+    conflict_remotes: tuple[str, ...]
+    quarantined_until: float | None
+
+
+class SessionTable:
+    def __init__(self, settings: SessionSettings | None = None) -> None:
+        self.settings = settings or SessionSettings()
+        self._devices: dict[str, DeviceSession] = {}
+
+    # ---- set-up and queries --------------------------------------------------------------------
+
+    def seed(self, device: str, epoch_hwm: int) -> None:
+        """Restore a persisted epoch high-water mark; never lowers one already known."""
+        entry = self._entry(device)
+        entry.epoch_hwm = max(entry.epoch_hwm, epoch_hwm)
+
+    def forget(self, device: str) -> None:
+        self._devices.pop(device, None)
+
+    def _entry(self, device: str) -> DeviceSession:
+        entry = self._devices.get(device)
+        if entry is None:
+            entry = self._devices[device] = DeviceSession(device)
+        return entry
+
+    def is_current(self, device: str, epoch: int) -> bool:
+        entry = self._devices.get(device)
+        return entry is not None and entry.current is not None and entry.current.epoch == epoch
+
+    def current_epoch(self, device: str) -> int | None:
+        entry = self._devices.get(device)
+        return entry.current.epoch if entry and entry.current else None
+
+    def online_devices(self) -> list[str]:
+        return [d for d, e in self._devices.items() if e.current is not None]
+
+    def view(self, device: str, now: float) -> SessionView:
+        entry = self._devices.get(device) or DeviceSession(device)
+        self._expire_takeovers(entry, now)
+        hour = sum(1 for t in entry.all_takeovers if now - t <= 3600.0)
+        return SessionView(
+            device=device,
+            online=entry.online,
+            epoch=entry.epoch,
+            since=entry.since,
+            reason=entry.reason,
+            remote=entry.remote,
+            takeovers_last_hour=hour,
+            conflict=entry.conflict_since is not None,
+            conflict_remotes=entry.conflict_remotes,
+            quarantined_until=entry.quarantine_until if entry.quarantine_until > now else None,
+        )
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def heard(self, device: str, epoch: int, now: float) -> None:
+        """The connection of ``epoch`` sent something at ``now`` (it is alive)."""
+        entry = self._devices.get(device)
+        if entry and entry.current and entry.current.epoch == epoch:
+            entry.current.last_heard = max(entry.current.last_heard, now)
+
+    def connect(self, device: str, now: float, remote: str | None, keepalive: float) -> ConnectResult:
+        """An authenticated CONNECT for ``device`` arrived; decide and say what to do."""
+        entry = self._entry(device)
+        s = self.settings
+        if entry.quarantine_until > now:
+            return ConnectResult(False, entry.epoch, (), refusal="quarantined")
+        if not self._take_token(entry, now):
+            return ConnectResult(False, entry.epoch, (Emit("rate_limited", device),), refusal="rate_limited")
+
+        actions: list[Action] = []
+        old = entry.current
+        if old is not None:
+            alive = now - old.last_heard <= old.keepalive
+            actions.append(Close(device, old.epoch, "takeover", publish_will=s.takeover_will == "publish"))
+            actions.append(
+                Emit(
+                    "takeover",
+                    device,
+                    (("old_epoch", old.epoch), ("old_remote", old.remote), ("new_remote", remote),
+                     ("old_alive", alive)),
+                )
+            )
+            entry.all_takeovers.append(now)
+            if alive:
+                entry.takeovers.append((now, old.remote, remote))
+
+        entry.epoch_hwm += 1
+        epoch = entry.epoch_hwm
+        entry.current = _Conn(epoch, remote, keepalive, now, now)
+        actions.append(SaveEpoch(device, epoch))
+        self._set_presence(entry, actions, online=True, now=now, reason="takeover" if old else "connected",
+                           remote=remote)
+
+        self._expire_takeovers(entry, now)
+        if len(entry.takeovers) >= s.conflict_takeovers:
+            remotes = sorted({r for _, a, b in entry.takeovers for r in (a, b) if r})
+            if entry.conflict_since is None:
+                entry.conflict_since = now
+                entry.conflict_remotes = tuple(remotes)
+                actions.append(Emit("conflict", device, (("remotes", tuple(remotes)),
+                                                         ("takeovers", len(entry.takeovers)))))
+            else:
+                entry.conflict_remotes = tuple(sorted(set(entry.conflict_remotes) | set(remotes)))
+            if s.conflict_policy == "quarantine":
+                cooldown = min(s.quarantine_initial * (2 ** entry.quarantine_count), s.quarantine_max)
+                entry.quarantine_count += 1
+                entry.quarantine_until = now + cooldown
+                entry.takeovers.clear()
+                actions.append(Close(device, epoch, "quarantined", publish_will=False))
+                entry.current = None
+                self._set_presence(entry, actions, online=False, now=now, reason="quarantined", remote=remote)
+                actions.append(Emit("quarantine", device, (("until", entry.quarantine_until),
+                                                           ("cooldown", cooldown))))
+                return ConnectResult(False, epoch, tuple(actions), refusal="quarantined")
+        return ConnectResult(True, epoch, tuple(actions))
+
+    def disconnect(self, device: str, epoch: int, now: float, reason: str) -> tuple[Action, ...]:
+        """The connection of ``epoch`` ended for ``reason``; stale epochs change nothing."""
+        entry = self._devices.get(device)
+        if entry is None or entry.current is None or entry.current.epoch != epoch:
+            return ()
+        actions: list[Action] = []
+        if reason in ABNORMAL_REASONS:
+            actions.append(PublishWill(device, epoch))
+        entry.current = None
+        self._set_presence(entry, actions, online=False, now=now, reason=reason, remote=entry.remote)
+        return tuple(actions)
+
+    def kick(self, device: str, now: float) -> tuple[Action, ...]:
+        entry = self._devices.get(device)
+        if entry is None or entry.current is None:
+            return ()
+        epoch = entry.current.epoch
+        entry.current = None
+        actions: list[Action] = [Close(device, epoch, "kicked", publish_will=False)]
+        self._set_presence(entry, actions, online=False, now=now, reason="kicked", remote=entry.remote)
+        return tuple(actions)
+
+    def clear_conflict(self, device: str) -> tuple[Action, ...]:
+        entry = self._devices.get(device)
+        if entry is None or (entry.conflict_since is None and entry.quarantine_until == 0.0):
+            return ()
+        entry.conflict_since = None
+        entry.conflict_remotes = ()
+        entry.takeovers.clear()
+        entry.quarantine_until = 0.0
+        entry.quarantine_count = 0
+        return (Emit("conflict_cleared", device, (("by", "operator"),)),)
+
+    def tick(self, now: float) -> tuple[Action, ...]:
+        """Housekeeping: clear conflict flags after a quiet period."""
+        actions: list[Action] = []
+        quiet = self.settings.conflict_clear_after
+        for entry in self._devices.values():
+            if entry.conflict_since is None:
+                continue
+            last = entry.takeovers[-1][0] if entry.takeovers else entry.conflict_since
+            if now - last >= quiet and entry.quarantine_until <= now:
+                entry.conflict_since = None
+                entry.conflict_remotes = ()
+                entry.takeovers.clear()
+                actions.append(Emit("conflict_cleared", entry.device, (("by", "quiet_period"),)))
+        return tuple(actions)
+
+    def shutdown(self, now: float) -> tuple[Action, ...]:
+        actions: list[Action] = []
+        for entry in self._devices.values():
+            if entry.current is not None:
+                actions.append(Close(entry.device, entry.current.epoch, "server_shutdown", publish_will=False))
+                entry.current = None
+                self._set_presence(entry, actions, online=False, now=now, reason="server_shutdown",
+                                   remote=entry.remote)
+        return tuple(actions)
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _set_presence(
+        self, entry: DeviceSession, actions: list[Action], *, online: bool, now: float, reason: str,
+        remote: str | None,
+    ) -> None:
+        entry.since = now
+        entry.reason = reason
+        entry.remote = remote
+        actions.append(PresenceChange(entry.device, online, entry.epoch, now, reason, remote))
+
+    def _take_token(self, entry: DeviceSession, now: float) -> bool:
+        s = self.settings
+        if entry.tokens < 0:
+            entry.tokens, entry.tokens_at = s.connect_burst, now
+        elapsed = max(0.0, now - entry.tokens_at)
+        entry.tokens = min(s.connect_burst, entry.tokens + elapsed * s.connect_rate)
+        entry.tokens_at = max(entry.tokens_at, now)
+        if entry.tokens < 1.0:
+            return False
+        entry.tokens -= 1.0
+        return True
+
+    def _expire_takeovers(self, entry: DeviceSession, now: float) -> None:
+        window = self.settings.conflict_window
+        while entry.takeovers and now - entry.takeovers[0][0] > window:
+            entry.takeovers.popleft()
+        while entry.all_takeovers and now - entry.all_takeovers[0] > 3600.0:
+            entry.all_takeovers.popleft()

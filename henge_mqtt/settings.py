@@ -1,0 +1,105 @@
+"""Service settings: the broker YAML file (amqtt's listeners plus our ``henge:`` section) and flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import SettingsError
+from .sessions import SessionSettings
+
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "broker_config"
+DEFAULT_CONFIG_NAME = "default.yaml"
+
+
+class SessionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    takeover_will: Literal["suppress", "publish"] = "suppress"
+    conflict_policy: Literal["flag", "quarantine"] = "flag"
+    conflict_takeovers: int = Field(default=4, ge=2)
+    conflict_window: float = Field(default=60.0, gt=0)
+    conflict_clear_after: float = Field(default=600.0, gt=0)
+    quarantine_initial: float = Field(default=30.0, gt=0)
+    quarantine_max: float = Field(default=3600.0, gt=0)
+    connect_burst: float = Field(default=20.0, ge=1)
+    connect_rate: float = Field(default=2.0, gt=0)
+
+    def to_table_settings(self) -> SessionSettings:
+        return SessionSettings(**self.model_dump())
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: Path = Path("henge-data")
+    listeners: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"default": {"type": "tcp", "bind": "127.0.0.1:1883"}}
+    )
+    topic_prefix: str = Field(default="henge", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    max_config_bytes: int = Field(default=256 * 1024, ge=2)
+    max_report_bytes: int = Field(default=16 * 1024, ge=64)
+    max_keepalive: float = Field(default=300.0, gt=0)
+    admin_name: str = Field(default="henge-admin", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    sessions: SessionConfig = Field(default_factory=SessionConfig)
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | None = None,
+        *,
+        data_dir: Path | None = None,
+        host: str | None = None,
+        port: int | None = None,
+    ) -> Settings:
+        """Read the YAML file, if any, and apply flag overrides.
+
+        Without a file the built-in defaults apply; ``broker_config/default.yaml`` spells out
+        exactly those defaults (a test keeps the two equal).
+        """
+        values: dict[str, Any] = {}
+        origin = "built-in defaults"
+        if config_file is not None:
+            origin = f"config file {config_file}"
+            try:
+                raw = yaml.safe_load(config_file.read_text()) or {}
+            except OSError as exc:
+                raise SettingsError(f"cannot read {origin}: {exc.strerror or exc}") from exc
+            except yaml.YAMLError as exc:
+                raise SettingsError(f"{origin} is not valid YAML: {exc}") from exc
+            if not isinstance(raw, dict):
+                raise SettingsError(f"{origin} must hold a mapping")
+            values = dict(raw.get("henge") or {})
+            if "listeners" in raw:
+                values["listeners"] = raw["listeners"]
+        if data_dir is not None:
+            values["data_dir"] = data_dir
+        elif "data_dir" not in values:
+            values["data_dir"] = Path(os.environ.get("HENGE_DATA", "henge-data"))
+        try:
+            settings = cls(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise SettingsError(f"{origin}: henge.{where}: {first['msg']}") from exc
+        return settings.with_listener(host, port)
+
+    def with_listener(self, host: str | None, port: int | None) -> Settings:
+        if host is None and port is None:
+            return self
+        listeners = {k: dict(v) for k, v in self.listeners.items()}
+        default = listeners.setdefault("default", {"type": "tcp", "bind": "127.0.0.1:1883"})
+        old_host, _, old_port = str(default.get("bind", "127.0.0.1:1883")).rpartition(":")
+        new_host = host if host is not None else (old_host or "127.0.0.1")
+        new_port = port if port is not None else int(old_port or 1883)
+        if ":" in new_host and not new_host.startswith("["):
+            new_host = f"[{new_host}]"
+        default["bind"] = f"{new_host}:{new_port}"
+        return self.model_copy(update={"listeners": listeners})
+
+    def broker_config(self) -> dict[str, Any]:
+        return {"listeners": self.listeners}

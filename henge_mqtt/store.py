@@ -1,0 +1,357 @@
+"""The durable store: SQLite in the data dir, the single source of truth for devices and configs.
+
+Calls are synchronous and short (WAL, one transaction per operation); the service runs them on
+the event loop thread, which keeps every admin operation atomic with respect to the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import DuplicateDevice, StoreError, UnknownDevice, UnknownVersion, VersionConflict
+from .models import ConfigVersion, Device, config_sha256, utc_now
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "henge.db"
+
+# Each entry moves the schema from version i to i+1; never edit a shipped entry, append one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        epoch INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE config_versions (
+        device TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        config TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        message TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        PRIMARY KEY (device, version)
+    );
+    CREATE TABLE admins (
+        name TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TRIGGER config_versions_immutable BEFORE UPDATE ON config_versions
+    BEGIN SELECT RAISE(ABORT, 'config versions are immutable'); END;
+    """,
+    """
+    CREATE TABLE device_reports (
+        device TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        applied_version INTEGER,
+        applied_at TEXT,
+        rejected_version INTEGER,
+        rejected_error TEXT,
+        rejected_at TEXT
+    );
+    """,
+]
+
+
+def hash_secret(secret: str) -> str:
+    """Secrets are >= 128-bit random tokens, so a fast hash is enough and keeps connect storms cheap."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _ts(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat()
+
+
+def _parse_ts(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+class Store:
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / DB_FILE
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA foreign_keys=ON")
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot use the data dir {data_dir}: {exc}") from exc
+        if mode.lower() != "wal":
+            log.warning("store.not_wal mode=%s", mode)
+        self._hashes: dict[str, str] = dict(self._db.execute("SELECT id, secret_hash FROM devices"))
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ---- schema ------------------------------------------------------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        current = self.schema_version
+        if current > len(MIGRATIONS):
+            raise StoreError(
+                f"the store at {self.path} has schema {current}, newer than this henge "
+                f"({len(MIGRATIONS)}); upgrade henge"
+            )
+        for target in range(current, len(MIGRATIONS)):
+            script = f"BEGIN IMMEDIATE;{MIGRATIONS[target]};PRAGMA user_version={target + 1};COMMIT;"
+            try:
+                self._db.executescript(script)
+            except sqlite3.Error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            log.info("store.migrated to=%d", target + 1)
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    # ---- devices -----------------------------------------------------------------------------
+
+    def add_device(self, device: str, labels: dict[str, str] | None = None) -> str:
+        secret = new_secret()
+        digest = hash_secret(secret)
+        try:
+            with self._tx():
+                self._db.execute(
+                    "INSERT INTO devices (id, secret_hash, labels, created_at) VALUES (?, ?, ?, ?)",
+                    (device, digest, json.dumps(labels or {}, sort_keys=True), _ts(utc_now())),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise DuplicateDevice(f"device {device!r} already exists") from exc
+        self._hashes[device] = digest
+        return secret
+
+    def remove_device(self, device: str) -> None:
+        with self._tx():
+            cur = self._db.execute("DELETE FROM devices WHERE id = ?", (device,))
+            if cur.rowcount == 0:
+                raise UnknownDevice(f"unknown device {device!r}")
+        self._hashes.pop(device, None)
+
+    def rotate_secret(self, device: str) -> str:
+        secret = new_secret()
+        digest = hash_secret(secret)
+        with self._tx():
+            cur = self._db.execute("UPDATE devices SET secret_hash = ? WHERE id = ?", (digest, device))
+            if cur.rowcount == 0:
+                raise UnknownDevice(f"unknown device {device!r}")
+        self._hashes[device] = digest
+        return secret
+
+    def verify_device(self, device: str, secret: str) -> bool:
+        expected = self._hashes.get(device)
+        if expected is None:
+            # Compare anyway so an unknown id costs the same as a wrong secret.
+            hmac.compare_digest(hash_secret(secret), "0" * 64)
+            return False
+        return hmac.compare_digest(hash_secret(secret), expected)
+
+    def has_device(self, device: str) -> bool:
+        return device in self._hashes
+
+    def get_device(self, device: str) -> Device:
+        row = self._db.execute(
+            "SELECT d.id, d.labels, d.created_at, COALESCE(MAX(v.version), 0) FROM devices d "
+            "LEFT JOIN config_versions v ON v.device = d.id WHERE d.id = ? GROUP BY d.id",
+            (device,),
+        ).fetchone()
+        if row is None:
+            raise UnknownDevice(f"unknown device {device!r}")
+        return self._device(row)
+
+    def list_devices(self, labels: dict[str, str] | None = None) -> list[Device]:
+        rows = self._db.execute(
+            "SELECT d.id, d.labels, d.created_at, COALESCE(MAX(v.version), 0) FROM devices d "
+            "LEFT JOIN config_versions v ON v.device = d.id GROUP BY d.id ORDER BY d.id"
+        )
+        devices = [self._device(row) for row in rows]
+        if labels:
+            devices = [d for d in devices if all(d.labels.get(k) == v for k, v in labels.items())]
+        return devices
+
+    @staticmethod
+    def _device(row: tuple[Any, ...]) -> Device:
+        return Device(
+            id=row[0], labels=json.loads(row[1]), created_at=_parse_ts(row[2]), desired_version=row[3]
+        )
+
+    # ---- configs -----------------------------------------------------------------------------
+
+    def push(
+        self,
+        device: str,
+        config: dict[str, Any],
+        *,
+        actor: str,
+        message: str = "",
+        if_version: int | None = None,
+    ) -> ConfigVersion:
+        with self._tx():
+            return self._insert_version(device, config, actor=actor, message=message, if_version=if_version)
+
+    def _insert_version(
+        self,
+        device: str,
+        config: dict[str, Any],
+        *,
+        actor: str,
+        message: str,
+        if_version: int | None,
+    ) -> ConfigVersion:
+        if device not in self._hashes:
+            raise UnknownDevice(f"unknown device {device!r}")
+        current = self._current_version(device)
+        if if_version is not None and if_version != current:
+            raise VersionConflict(
+                f"version conflict on {device!r}: expected current version {if_version}, "
+                f"it is {current}; nothing was stored"
+            )
+        row = ConfigVersion(
+            device=device,
+            version=current + 1,
+            config=config,
+            sha256=config_sha256(config),
+            message=message,
+            created_at=utc_now(),
+            actor=actor,
+        )
+        self._db.execute(
+            "INSERT INTO config_versions (device, version, config, sha256, message, created_at, actor) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.device,
+                row.version,
+                json.dumps(config, ensure_ascii=False),
+                row.sha256,
+                message,
+                _ts(row.created_at),
+                actor,
+            ),
+        )
+        return row
+
+    def _current_version(self, device: str) -> int:
+        row = self._db.execute(
+            "SELECT COALESCE(MAX(version), 0) FROM config_versions WHERE device = ?", (device,)
+        ).fetchone()
+        return int(row[0])
+
+    def get_version(self, device: str, version: int | None = None) -> ConfigVersion:
+        if device not in self._hashes:
+            raise UnknownDevice(f"unknown device {device!r}")
+        if version is None:
+            version = self._current_version(device)
+            if version == 0:
+                raise UnknownVersion(f"device {device!r} has no config yet")
+        row = self._db.execute(
+            "SELECT device, version, config, sha256, message, created_at, actor FROM config_versions "
+            "WHERE device = ? AND version = ?",
+            (device, version),
+        ).fetchone()
+        if row is None:
+            raise UnknownVersion(f"device {device!r} has no version {version}")
+        return self._version(row)
+
+    def history(self, device: str) -> list[ConfigVersion]:
+        if device not in self._hashes:
+            raise UnknownDevice(f"unknown device {device!r}")
+        rows = self._db.execute(
+            "SELECT device, version, config, sha256, message, created_at, actor FROM config_versions "
+            "WHERE device = ? ORDER BY version",
+            (device,),
+        )
+        return [self._version(row) for row in rows]
+
+    def rollback(self, device: str, version: int, *, actor: str, message: str = "") -> ConfigVersion:
+        with self._tx():
+            old = self.get_version(device, version)
+            note = message or f"rollback to version {version}"
+            return self._insert_version(device, old.config, actor=actor, message=note, if_version=None)
+
+    def current_versions(self) -> Iterator[ConfigVersion]:
+        rows = self._db.execute(
+            "SELECT v.device, v.version, v.config, v.sha256, v.message, v.created_at, v.actor "
+            "FROM config_versions v JOIN (SELECT device, MAX(version) AS version FROM config_versions "
+            "GROUP BY device) m ON m.device = v.device AND m.version = v.version ORDER BY v.device"
+        )
+        for row in rows.fetchall():
+            yield self._version(row)
+
+    @staticmethod
+    def _version(row: tuple[Any, ...]) -> ConfigVersion:
+        return ConfigVersion(
+            device=row[0],
+            version=row[1],
+            config=json.loads(row[2]),
+            sha256=row[3],
+            message=row[4],
+            created_at=_parse_ts(row[5]),
+            actor=row[6],
+        )
+
+    # ---- session epochs ----------------------------------------------------------------------
+
+    def epochs(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT id, epoch FROM devices"))
+
+    def save_epoch(self, device: str, epoch: int) -> None:
+        """Persist the epoch high-water mark; it only goes up, even if called out of order."""
+        self._db.execute("UPDATE devices SET epoch = MAX(epoch, ?) WHERE id = ?", (epoch, device))
+
+    # ---- admins ------------------------------------------------------------------------------
+
+    def ensure_admin(self, name: str, secret: str) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO admins (name, secret_hash, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET secret_hash = excluded.secret_hash",
+                (name, hash_secret(secret), _ts(utc_now())),
+            )
+
+    def verify_admin(self, name: str, secret: str) -> bool:
+        row = self._db.execute("SELECT secret_hash FROM admins WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return False
+        return hmac.compare_digest(hash_secret(secret), row[0])
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
