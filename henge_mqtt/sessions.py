@@ -253,8 +253,7 @@ class SessionTable:
                 entry.quarantine_count += 1
                 entry.quarantine_until = now + cooldown
                 entry.takeovers.clear()
-                actions.append(Close(device, epoch, "quarantined", publish_will=False))
-                entry.current = None
+                entry.current = None  # the new connection is refused: it never becomes current
                 self._set_presence(entry, actions, online=False, now=now, reason="quarantined", remote=remote)
                 actions.append(Emit("quarantine", device, (("until", entry.quarantine_until),
                                                            ("cooldown", cooldown))))

@@ -1,0 +1,102 @@
+"""Fixtures that start the real service (embedded amqtt broker on port 0, SQLite in tmp_path)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from henge_mqtt.service import HengeService
+from henge_mqtt.settings import SessionConfig, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    sessions = overrides.pop("sessions", None)
+    settings = Settings(data_dir=data_dir, **overrides).with_listener("127.0.0.1", 0)
+    if sessions is not None:
+        settings = settings.model_copy(update={"sessions": SessionConfig(**sessions)})
+    return settings
+
+
+@dataclass
+class Running:
+    service: HengeService
+    data_dir: Path
+
+    @property
+    def port(self) -> int:
+        return self.service.address[1]
+
+    def add(self, device: str, config: dict[str, Any] | None = None) -> str:
+        secret = self.service.add_device(device)
+        if config is not None:
+            self.service.push(device, config)
+        return secret
+
+    def device_client(self, device: str, secret: str, **kwargs: Any) -> aiomqtt.Client:
+        kwargs.setdefault("timeout", 5)
+        return aiomqtt.Client("127.0.0.1", self.port, identifier=device, username=device, password=secret, **kwargs)
+
+    def admin_client(self, **kwargs: Any) -> aiomqtt.Client:
+        return aiomqtt.Client("127.0.0.1", self.port, identifier=f"henge-admin-test-{id(kwargs)}",
+                              username=self.service.settings.admin_name, password=self.service.admin_secret,
+                              timeout=5, **kwargs)
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[Running]:
+    async with HengeService(make_settings(tmp_path / "data")) as service:
+        yield Running(service, tmp_path / "data")
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager[Running]]:
+    """Start a service with custom settings: ``async with start_service(sessions={...}) as r``."""
+
+    @contextlib.asynccontextmanager
+    async def start(**overrides: Any) -> AsyncIterator[Running]:
+        data_dir = overrides.pop("data_dir", tmp_path / "data")
+        async with HengeService(make_settings(data_dir, **overrides)) as service:
+            yield Running(service, data_dir)
+
+    return start
+
+
+async def next_message(client: aiomqtt.Client, timeout: float = 5.0) -> aiomqtt.Message:
+    async with asyncio.timeout(timeout):
+        async for message in client.messages:
+            return message
+    raise AssertionError("message stream ended")
+
+
+async def no_message(client: aiomqtt.Client, wait: float = 0.5) -> None:
+    with contextlib.suppress(TimeoutError):
+        message = await next_message(client, wait)
+        raise AssertionError(f"unexpected message on {message.topic}: {message.payload!r}")
+
+
+def payload_json(message: aiomqtt.Message) -> Any:
+    assert isinstance(message.payload, bytes | bytearray)
+    return json.loads(message.payload)
+
+
+def henge_cli(*args: str, input: str | None = None, timeout: float = 30, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[str]:
+    """Run the real ``henge`` command as a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "henge_mqtt", *args],
+        input=input, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})}, cwd=ROOT,
+    )
