@@ -469,11 +469,11 @@ class HengeBroker(Broker):
 
     async def _finish(self, conn: Connection) -> None:
         self.index.remove_all(conn)
+        reason = conn.close_reason or "connection_lost"
+        if conn.device is not None:  # while still registered, so its will can be found
+            self._apply(self.table.disconnect(conn.device, conn.epoch, time.time(), reason))
         if self._conns.get(conn.key) is conn:
             del self._conns[conn.key]
-        reason = conn.close_reason or "connection_lost"
-        if conn.device is not None:
-            self._apply(self.table.disconnect(conn.device, conn.epoch, time.time(), reason))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(conn.handler.stop(), CLOSE_TIMEOUT)
         conn.finished.set()
