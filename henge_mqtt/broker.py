@@ -91,6 +91,8 @@ class _TrackedReader(ReaderAdapter):
 class _BoundedWriter(StreamWriterAdapter):
     """A close that cannot hang on a peer that stopped reading."""
 
+    is_closed: bool
+
     async def close(self) -> None:
         if self.is_closed:
             return
@@ -341,7 +343,7 @@ class HengeBroker(Broker):
                 conn.close_reason = "takeover"
 
         # Upstream caps read timeouts at the client's keep-alive; we allow the spec's 1.5x.
-        session.keep_alive = math.ceil(keepalive * 1.5 * 1000) / 1000  # type: ignore[assignment]
+        session.keep_alive = math.ceil(keepalive * 1.5 * 1000) / 1000
         session.parent = 0  # never resume: a device gets its state from retained messages
         session.client_id = client_id
         handler.attach(session, reader, writer)
@@ -498,7 +500,8 @@ class HengeBroker(Broker):
         codes: list[int] = []
         granted: list[tuple[str, int]] = []
         for topic_filter, qos in request.topics:
-            if not self._is_current(conn) or not valid_filter(topic_filter) or not self._may_subscribe(conn, topic_filter):
+            allowed = valid_filter(topic_filter) and self._may_subscribe(conn, topic_filter)
+            if not allowed or not self._is_current(conn):
                 log.info("broker.subscribe_denied key=%s filter=%s", conn.key, topic_filter)
                 codes.append(SUBACK_FAILURE)
                 continue

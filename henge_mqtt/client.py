@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -17,9 +18,8 @@ import aiomqtt
 
 from .errors import AuthenticationFailed, RemoteError, ServiceUnavailable
 from .models import AdminReply, AdminRequest, Event
-from .topics import Topics
-
 from .paths import ADMIN_FILE, SERVICE_FILE
+from .topics import Topics
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +110,8 @@ class AdminClient:
         if self._pump is not None:
             self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
-        try:
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             await asyncio.wait_for(self._client.__aexit__(exc_type, exc, tb), self.timeout)
-        except (aiomqtt.MqttError, TimeoutError):
-            pass
 
     async def _read(self) -> None:
         try:

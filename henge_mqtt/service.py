@@ -32,14 +32,13 @@ from .errors import (
     UnknownDevice,
 )
 from .models import AdminReply, AdminRequest, ConfigVersion, Event, Presence, canonical_json, rfc3339
+from .paths import ADMIN_FILE, SERVICE_FILE
 from .sessions import Action, Close, Emit, PresenceChange, PublishWill, SaveEpoch
 from .settings import Settings
 from .store import Store
 from .topics import Topics
 
 log = logging.getLogger(__name__)
-
-from .paths import ADMIN_FILE, SERVICE_FILE
 
 EventListener = Callable[[Event], None]
 

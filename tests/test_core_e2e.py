@@ -28,7 +28,8 @@ async def test_device_connecting_after_push_gets_snapshot_at_once(running: Runni
     assert snap["device"] == "dev1" and snap["version"] == 1
     assert snap["config"] == {"interval": 5, "name": "ünï"}
     expected = json.dumps(snap["config"], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    assert snap["sha256"] == hashlib.sha256(expected).hexdigest() == hashlib.sha256(canonical_json(snap["config"])).hexdigest()
+    assert snap["sha256"] == hashlib.sha256(expected).hexdigest()
+    assert canonical_json(snap["config"]) == expected
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", snap["issued_at"])
 
 

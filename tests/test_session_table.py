@@ -65,7 +65,7 @@ def test_epochs_survive_restart_through_seed() -> None:
 def test_ping_pong_is_a_conflict_but_silent_drops_are_not() -> None:
     t = SessionTable()
     now = 1000.0
-    for i in range(3):  # reconnect after the old connection went silent past its keep-alive
+    for _ in range(3):  # reconnect after the old connection went silent past its keep-alive
         t.connect("quiet", now, "10.0.0.1:1", 5)
         now += 30
     assert not t.view("quiet", now).conflict

@@ -177,7 +177,7 @@ async def test_flapping_device_is_rate_limited_without_losing_its_connection(sta
 
 async def _ping_pong(running: Running, secret: str, rounds: int) -> list[int]:
     codes = []
-    for i in range(rounds):
+    for _i in range(rounds):
         client = await raw.RawClient.open(running.port)
         await client.send(raw.connect("twin", "twin", secret))
         codes.append(await client.connack())
@@ -254,9 +254,8 @@ async def test_epochs_survive_restart(start_service) -> None:  # type: ignore[no
             async with first.device_client("dev1", secret):
                 pass
         assert first.service.status("dev1")[0]["epoch"] == 3
-    async with start_service() as second:
-        async with second.device_client("dev1", secret):
-            assert second.service.status("dev1")[0]["epoch"] == 4
+    async with start_service() as second, second.device_client("dev1", secret):
+        assert second.service.status("dev1")[0]["epoch"] == 4
 
 
 async def test_shutdown_marks_devices_offline_quickly(start_service) -> None:  # type: ignore[no-untyped-def]
