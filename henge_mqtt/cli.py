@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo("error: " + " ".join(message.split()), err=True)
     raise typer.Exit(code)
 
 
@@ -139,8 +139,10 @@ def serve(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    for noisy in ("amqtt", "transitions"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if log_level.lower() != "debug":
+        # amqtt logs our handled failures (a busy port, a dropped client) as errors with tracebacks.
+        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+        logging.getLogger("transitions").setLevel(logging.WARNING)
     settings = Settings.load(config, data_dir=data, host=host, port=port)
 
     async def main() -> None:

@@ -70,7 +70,10 @@ class Settings(BaseModel):
             except OSError as exc:
                 raise SettingsError(f"cannot read {origin}: {exc.strerror or exc}") from exc
             except yaml.YAMLError as exc:
-                raise SettingsError(f"{origin} is not valid YAML: {exc}") from exc
+                mark = getattr(exc, "problem_mark", None)
+                where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+                problem = getattr(exc, "problem", None) or "parse error"
+                raise SettingsError(f"{origin} is not valid YAML: {problem}{where}") from exc
             if not isinstance(raw, dict):
                 raise SettingsError(f"{origin} must hold a mapping")
             values = dict(raw.get("henge") or {})

@@ -1,0 +1,217 @@
+"""The ``henge`` CLI against a real running service: as a subprocess and in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from henge_mqtt.cli import app
+
+from .conftest import ROOT, Running, henge_cli, next_message, payload_json
+
+
+async def cli(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(henge_cli, *args, input=input, env=env)
+
+
+def serve_error(result: subprocess.CompletedProcess[str]) -> str:
+    """``serve`` logs before it fails; its error is still one line, the last, and no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    return last
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+async def test_device_add_push_get_history_diff_rollback(running: Running, tmp_path: Path) -> None:
+    data = str(running.data_dir)
+    added = await cli("device", "add", "dev1", "--label", "site=berlin", "--data", data, "--json")
+    assert added.returncode == 0, added.stderr
+    secret = json.loads(added.stdout)["secret"]
+    assert len(secret) >= 22 and json.loads(added.stdout)["device"] == "dev1"
+    assert secret not in (running.data_dir / "henge.db").read_bytes().decode("latin-1")
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"rate": 1}))
+    pushed = await cli("push", "dev1", str(cfg), "-m", "first", "--data", data)
+    assert pushed.returncode == 0 and "version 1" in pushed.stdout
+    pushed = await cli("push", "dev1", "-", "--if-version", "1", "--data", data, "--json", input='{"rate": 2}')
+    assert json.loads(pushed.stdout)["version"] == 2
+
+    got = await cli("get", "dev1", "--version", "1", "--data", data)
+    assert json.loads(got.stdout) == {"rate": 1}
+    hist = await cli("history", "dev1", "--data", data, "--json")
+    assert [(r["version"], r["message"]) for r in json.loads(hist.stdout)] == [(1, "first"), (2, "")]
+    diff = await cli("diff", "dev1", "1", "2", "--data", data)
+    assert '-  "rate": 1' in diff.stdout and '+  "rate": 2' in diff.stdout
+    rolled = await cli("rollback", "dev1", "1", "--data", data, "--json")
+    assert json.loads(rolled.stdout)["version"] == 3
+    assert running.service.store.get_version("dev1").config == {"rate": 1}
+
+    async with running.device_client("dev1", secret) as device:
+        await device.subscribe("henge/devices/dev1/config", qos=1)
+        assert payload_json(await next_message(device))["version"] == 3
+        status = await cli("status", "--data", data, "--json")
+        row = json.loads(status.stdout)[0]
+        for key in ("device", "online", "epoch", "since", "remote", "reason", "desired_version", "takeovers",
+                    "conflict"):
+            assert key in row
+        assert (row["device"], row["online"], row["desired_version"]) == ("dev1", True, 3)
+        table = await cli("status", "--data", data)
+        assert "dev1" in table.stdout and "online" in table.stdout
+        kicked = await cli("kick", "dev1", "--data", data)
+        assert kicked.returncode == 0 and "kicked" in kicked.stdout
+
+    listed = await cli("device", "list", "--data", data, "--json")
+    assert json.loads(listed.stdout)[0]["labels"] == {"site": "berlin"}
+    rotated = await cli("device", "rotate-secret", "dev1", "--data", data, "--json")
+    assert json.loads(rotated.stdout)["secret"] != secret
+    removed = await cli("device", "remove", "dev1", "--data", data)
+    assert removed.returncode == 0
+    assert not running.service.store.has_device("dev1")
+
+
+async def test_bad_input_gets_one_clear_line_and_stores_nothing(running: Running, tmp_path: Path) -> None:
+    data = str(running.data_dir)
+    running.add("dev1", {"a": 1})
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"blob": "x" * (300 * 1024)}))
+    cases = [
+        (("push", "dev1", "-", "--data", data), "{not json", "not valid JSON"),
+        (("push", "dev1", "-", "--data", data), "[1, 2]", "must be a JSON object"),
+        (("push", "dev1", str(big), "--data", data), None, "over the limit"),
+        (("push", "ghost", "-", "--data", data), "{}", "unknown device"),
+        (("push", "dev1", "-", "--if-version", "7", "--data", data), "{}", "version conflict"),
+        (("push", "dev1", str(tmp_path / "missing.json"), "--data", data), None, "cannot read"),
+        (("device", "add", "dev1", "--data", data), None, "already exists"),
+        (("device", "add", "bad/id", "--data", data), None, "invalid device id"),
+        (("device", "add", "-x", "--data", data), None, None),
+        (("get", "dev1", "--version", "9", "--data", data), None, "no version 9"),
+        (("device", "add", "ok", "--label", "nokey", "--data", data), None, "invalid label"),
+    ]
+    for args, stdin, expected in cases:
+        result = await cli(*args, input=stdin)
+        assert result.returncode != 0, args
+        assert "Traceback" not in result.stderr, args
+        if expected is not None:
+            assert expected in one_line_error(result), (args, result.stderr)
+    assert [r.version for r in running.service.store.history("dev1")] == [1]
+    assert [d.id for d in running.service.store.list_devices()] == ["dev1"]
+
+
+async def test_wrong_admin_credentials_and_no_service(running: Running, tmp_path: Path) -> None:
+    env = {"HENGE_ADMIN_SECRET": "wrong"}
+    result = await cli("status", "--broker", f"mqtt://127.0.0.1:{running.port}", env=env)
+    assert "refused the admin credentials" in one_line_error(result)
+    env = {"HENGE_ADMIN_SECRET": running.service.admin_secret}
+    ok = await cli("status", "--broker", f"mqtt://127.0.0.1:{running.port}", "--json", env=env)
+    assert ok.returncode == 0 and json.loads(ok.stdout) == []
+    missing = await cli("status", "--data", str(tmp_path / "nowhere"))
+    assert "no running service" in one_line_error(missing)
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / "service.json").write_text(json.dumps({"host": "127.0.0.1", "port": 1}))
+    (tmp_path / "stale" / "admin.json").write_text(json.dumps({"name": "henge-admin", "secret": "x"}))
+    dead = await cli("status", "--data", str(tmp_path / "stale"))
+    assert "cannot reach the service" in one_line_error(dead)
+
+
+async def test_events_follow_streams_service_events(running: Running) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "henge_mqtt", "events", "--follow", "--json", "--data", str(running.data_dir),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )
+    try:
+        await asyncio.sleep(1.5)  # let it subscribe
+        secret = running.add("dev1", {"v": 1})
+        async with running.device_client("dev1", secret):
+            pass
+        seen: list[str] = []
+        async with asyncio.timeout(10):
+            while "disconnected" not in seen:
+                line = await proc.stdout.readline()  # type: ignore[union-attr]
+                assert line, (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+                seen.append(json.loads(line)["type"])
+        assert seen[:4] == ["device_added", "config_published", "connected", "disconnected"]
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_in_process_cli(running: Running) -> None:
+    runner = CliRunner()
+    result = await asyncio.to_thread(
+        runner.invoke, app, ["device", "add", "inproc", "--data", str(running.data_dir), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert running.service.store.has_device("inproc")
+    bad = await asyncio.to_thread(runner.invoke, app, ["push", "ghost", "-", "--data", str(running.data_dir)],
+                                  input="{}")
+    assert bad.exit_code == 1
+
+
+def test_serve_subprocess_port_zero_and_graceful_sigterm(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ},
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not (data / "service.json").exists():
+            assert proc.poll() is None, proc.stderr.read()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        service = json.loads((data / "service.json").read_text())
+        assert service["port"] > 0
+        assert oct((data / "admin.json").stat().st_mode & 0o777) == "0o600"
+        added = henge_cli("device", "add", "d1", "--data", str(data))
+        assert added.returncode == 0, added.stderr
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        assert time.monotonic() - started < 2.0
+        _, stderr = proc.communicate()
+        assert f"mqtt://127.0.0.1:{service['port']}" in stderr
+        assert "Traceback" not in stderr
+        assert not (data / "service.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_reports_busy_port_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = henge_cli("serve", "--data", str(tmp_path / "d"), "--port", str(port), timeout=20)
+    assert "cannot start the broker" in serve_error(result)
+
+
+@pytest.mark.parametrize("bad", ["not: [valid", "henge: {sessions: {conflict_policy: maybe}}"])
+def test_serve_reports_bad_config_file(tmp_path: Path, bad: str) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(bad)
+    result = henge_cli("serve", "--data", str(tmp_path / "d"), "--config", str(cfg), timeout=20)
+    assert "config file" in serve_error(result)
