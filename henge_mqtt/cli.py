@@ -36,7 +36,11 @@ BrokerOpt = Annotated[
     typer.Option("--broker", help="mqtt://host:port of the service; credentials from HENGE_ADMIN_USER/SECRET."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the service.")]
+TimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", min=0.1, help="Seconds to wait for the service (with --wait: for the device).")]
+WaitOpt = Annotated[bool, typer.Option(
+    "--wait", help="Wait until the device reports the version applied (exit 0) or rejected (exit 3); "
+    "exit 4 on timeout.")]
 
 T = TypeVar("T")
 
@@ -56,17 +60,47 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except HengeError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_TIMEOUT if exc.code == "timeout" else 1)
     except KeyboardInterrupt:
         fail("interrupted", 130)
 
 
 def _call(data: Path | None, broker: str | None, timeout: float, op: str, **args: Any) -> Any:
-    async def go() -> Any:
-        async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
-            return await client.call(op, **args)
+    return _call_then_wait(data, broker, timeout, op, None, **args)[0]
+
+
+def _call_then_wait(
+    data: Path | None, broker: str | None, timeout: float, op: str, wait: float | None, **args: Any
+) -> tuple[Any, Any]:
+    """Run ``op``; with ``wait``, then wait (that long) for the device to report the new version."""
+
+    async def go() -> tuple[Any, Any]:
+        async with AdminClient(_endpoint(data, broker), timeout=10.0 if wait else timeout) as client:
+            result = await client.call(op, **args)
+            if wait is None:
+                return result, None
+            outcome = await client.call("wait", wait=wait, device=result["device"], version=result["version"],
+                                        timeout=wait)
+            return result, outcome
 
     return _run(go())
+
+
+EXIT_REJECTED = 3
+EXIT_TIMEOUT = 4
+
+
+def _report_outcome(result: dict[str, Any], outcome: dict[str, Any] | None, as_json: bool, line: str) -> None:
+    if outcome is None:
+        _emit(result, as_json, lambda _: line)
+        return
+    if as_json:
+        typer.echo(json.dumps(result | {"report": outcome}, indent=2, sort_keys=True))
+    if outcome["status"] == "rejected":
+        fail(f"{result['device']} rejected version {result['version']}: {outcome['error'] or 'no reason given'}",
+             EXIT_REJECTED)
+    if not as_json:
+        typer.echo(f"{line}; applied by the device")
 
 
 def _emit(value: Any, as_json: bool, human: Callable[[Any], str]) -> None:
@@ -228,6 +262,7 @@ def push(
     if_version: Annotated[int | None, typer.Option("--if-version", min=0,
                                                    help="Fail unless the current version is N.")] = None,
     message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
+    wait: WaitOpt = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
     """Store a new config version for a device and publish it."""
@@ -235,8 +270,9 @@ def push(
     args: dict[str, Any] = {"device": device, "config": config, "message": message}
     if if_version is not None:
         args["if_version"] = if_version
-    result = _call(data, broker, timeout, "push", **args)
-    _emit(result, as_json, lambda r: f"{r['device']}: version {r['version']} ({r['sha256'][:12]})")
+    result, outcome = _call_then_wait(data, broker, timeout, "push", timeout if wait else None, **args)
+    _report_outcome(result, outcome, as_json, f"{result['device']}: version {result['version']} "
+                    f"({result['sha256'][:12]})")
 
 
 @app.command()
@@ -275,11 +311,14 @@ def diff(device: str, a: int, b: int, data: DataOpt = None, broker: BrokerOpt = 
 def rollback(
     device: str, version: int,
     message: Annotated[str, typer.Option("-m", "--message")] = "",
+    wait: WaitOpt = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
     """Publish an old version's content again, as a new version (history is never rewritten)."""
-    result = _call(data, broker, timeout, "rollback", device=device, version=version, message=message)
-    _emit(result, as_json, lambda r: f"{r['device']}: version {r['version']} (content of version {version})")
+    result, outcome = _call_then_wait(data, broker, timeout, "rollback", timeout if wait else None,
+                                      device=device, version=version, message=message)
+    _report_outcome(result, outcome, as_json,
+                    f"{result['device']}: version {result['version']} (content of version {version})")
 
 
 # ---- sessions ----------------------------------------------------------------------------------
@@ -295,7 +334,8 @@ def status(device: Annotated[str | None, typer.Argument()] = None, data: DataOpt
         row["state"] = "online" if row["online"] else "offline"
         row["conflict_text"] = ",".join(row["conflict_remotes"]) or "yes" if row["conflict"] else None
     _emit(rows, as_json, lambda r: _table(r, ["device", "state", "epoch", "since", "remote", "reason",
-                                               "takeovers", "conflict_text", "desired_version"]))
+                                               "takeovers", "conflict_text", "desired_version",
+                                               "applied_version", "sync", "error"]))
 
 
 @app.command()
@@ -334,6 +374,59 @@ def events(
         _run(go())
     except ValidationFailed as exc:
         fail(str(exc))
+
+
+# ---- the device agent ----------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def agent(
+    broker: Annotated[str, typer.Option("--broker", help="mqtt://host:port of the gateway.")],
+    device: Annotated[str, typer.Option("--device", help="This device's id.")],
+    secret_file: Annotated[Path, typer.Option("--secret-file", help="File holding the device secret.")],
+    write: Annotated[Path | None, typer.Option("--write", help="Write each config (JSON) to FILE atomically.")] = None,
+    exec_: Annotated[str | None, typer.Option("--exec", help="Run CMD with the config on stdin; non-zero exit "
+                                              "rejects it with CMD's stderr as the error.")] = None,
+    state: Annotated[Path | None, typer.Option("--state", help="State file (default ./ID.henge-state.json).")] = None,
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "henge",
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Run on a device: apply each new config, report the outcome, reconnect forever."""
+    from urllib.parse import urlsplit
+
+    from .device import Agent, exec_applier, parse_exec, write_file_applier
+    from .models import device_id_problem
+
+    if (write is None) == (exec_ is None):
+        fail("give exactly one of --write FILE or --exec CMD", 2)
+    problem = device_id_problem(device)
+    if problem:
+        fail(problem, 2)
+    parts = urlsplit(broker)
+    if parts.scheme != "mqtt" or not parts.hostname:
+        fail(f"invalid broker URL {broker!r}: expected mqtt://host:port", 2)
+    try:
+        secret = secret_file.read_text().strip()
+    except OSError as exc:
+        fail(f"cannot read the secret file {secret_file}: {exc.strerror or exc}")
+    try:
+        applier = write_file_applier(write) if write is not None else exec_applier(parse_exec(exec_ or ""))
+    except ValueError as exc:
+        fail(str(exc), 2)
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    worker = Agent(parts.hostname, parts.port or 1883, device, secret, applier,
+                   state or Path(f"{device}.henge-state.json"), topic_prefix=topic_prefix)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await worker.run(stop)
+
+    asyncio.run(main())
 
 
 def main() -> None:

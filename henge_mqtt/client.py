@@ -139,16 +139,20 @@ class AdminClient:
             if self._events is not None:
                 self._events.put_nowait(Event(type="_closed", at=""))
 
-    async def call(self, op: str, **args: Any) -> Any:
-        """Run one admin operation; raises :class:`RemoteError` with the service's code and message."""
+    async def call(self, op: str, *, wait: float | None = None, **args: Any) -> Any:
+        """Run one admin operation; raises :class:`RemoteError` with the service's code and message.
+
+        ``wait`` is how long the reply may take when the operation itself waits (``wait`` op).
+        """
         request = AdminRequest(id=secrets.token_hex(8), op=op, args=args, reply_to=self._reply_topic)
         waiter: asyncio.Future[AdminReply] = asyncio.get_running_loop().create_future()
         self._replies[request.id] = waiter
         try:
             await self._client.publish(self.topics.admin_requests, request.model_dump_json(), qos=1)
-            reply = await asyncio.wait_for(waiter, self.timeout)
+            limit = self.timeout + (wait or 0.0)
+            reply = await asyncio.wait_for(waiter, limit)
         except TimeoutError as exc:
-            raise ServiceUnavailable(f"the service did not answer {op!r} within {self.timeout:g} s") from exc
+            raise ServiceUnavailable(f"the service did not answer {op!r} within {limit:g} s") from exc
         except aiomqtt.MqttError as exc:
             raise ServiceUnavailable(f"lost the connection to the service: {exc}") from exc
         finally:

@@ -41,6 +41,10 @@ class VersionConflict(HengeError):
     code = "version_conflict"
 
 
+class WaitTimeout(HengeError):
+    code = "timeout"
+
+
 class StoreError(HengeError):
     code = "store_error"
 
@@ -64,22 +68,3 @@ class RemoteError(HengeError):
         super().__init__(message)
         self.code = code
 
-
-ERRORS_BY_CODE: dict[str, type[HengeError]] = {
-    cls.code: cls
-    for cls in (
-        HengeError,
-        ValidationFailed,
-        InvalidDeviceId,
-        InvalidConfig,
-        ConfigTooLarge,
-        UnknownDevice,
-        DuplicateDevice,
-        UnknownVersion,
-        VersionConflict,
-        StoreError,
-        ServiceUnavailable,
-        AuthenticationFailed,
-        SettingsError,
-    )
-}

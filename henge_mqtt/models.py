@@ -217,3 +217,9 @@ class RollbackArgs(Frozen):
 
 class StatusArgs(Frozen):
     device: DeviceId | None = None
+
+
+class WaitArgs(Frozen):
+    device: DeviceId
+    version: int = Field(ge=1)
+    timeout: float = Field(default=30.0, gt=0, le=86400)

@@ -30,12 +30,14 @@ from .errors import (
     InvalidDeviceId,
     ServiceUnavailable,
     UnknownDevice,
+    UnknownVersion,
+    WaitTimeout,
 )
-from .models import AdminReply, AdminRequest, ConfigVersion, Event, Presence, canonical_json, rfc3339
+from .models import AdminReply, AdminRequest, ConfigVersion, Event, Presence, Report, canonical_json, rfc3339
 from .paths import ADMIN_FILE, SERVICE_FILE
 from .sessions import Action, Close, Emit, PresenceChange, PublishWill, SaveEpoch
 from .settings import Settings
-from .store import Store
+from .store import DeviceReports, Store
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class HengeService:
         self._housekeeping: asyncio.Task[None] | None = None
         self.admin_secret = ""
         self.counters: dict[str, int] = {}
+        self._waiters: dict[str, set[_ReportWaiter]] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -256,8 +259,57 @@ class HengeService:
     # ---- reports (the device side) -------------------------------------------------------------
 
     def handle_report(self, device: str, payload: bytes) -> None:
-        """Overridden by the reports feature; the core only counts them."""
-        self._count("reports")
+        """Validate and record a device's report; anything wrong is logged, counted and dropped."""
+        if len(payload) > self.settings.max_report_bytes:
+            self._bad_report(device, f"{len(payload)} bytes, over max_report_bytes")
+            return
+        try:
+            report = Report.model_validate_json(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            self._bad_report(device, f"{'.'.join(map(str, first['loc'])) or 'payload'}: {first['msg']}")
+            return
+        desired = self.store.get_device(device).desired_version
+        if report.version > desired:
+            self._bad_report(device, f"version {report.version} is newer than the desired version {desired}")
+            return
+        self.store.record_report(device, report.version, report.status, report.error)
+        self._count(f"reports_{report.status}")
+        self.emit("report", device, version=report.version, status=report.status, error=report.error)
+        for waiter in list(self._waiters.get(device, ())):
+            waiter.offer(report)
+
+    def _bad_report(self, device: str, why: str) -> None:
+        self._count("reports_invalid")
+        log.warning("report.invalid device=%s problem=%s", device, why)
+
+    async def wait_for_report(self, device: str, version: int, timeout: float) -> dict[str, Any]:
+        """Until ``device`` reports ``version`` applied or rejected; raise WaitTimeout otherwise."""
+        if version < 1:
+            raise UnknownVersion(f"device {device!r} has no version {version}")
+        desired = self.store.get_device(device).desired_version
+        if version > desired:
+            raise UnknownVersion(f"device {device!r} has no version {version} (current is {desired})")
+        known = self.store.device_reports(device)
+        if known.applied_version is not None and known.applied_version >= version:
+            return {"device": device, "version": version, "status": "applied", "error": None}
+        if known.rejected_version == version:
+            return {"device": device, "version": version, "status": "rejected", "error": known.rejected_error}
+        waiter = _ReportWaiter(version)
+        self._waiters.setdefault(device, set()).add(waiter)
+        try:
+            report = await asyncio.wait_for(waiter.future, timeout)
+        except TimeoutError:
+            online = self.broker.table.current_epoch(device) is not None
+            state = "online but did not report it" if online else "offline"
+            raise WaitTimeout(
+                f"{device} did not report version {version} within {timeout:g} s: the device is {state}"
+            ) from None
+        finally:
+            self._waiters[device].discard(waiter)
+            if not self._waiters[device]:
+                del self._waiters[device]
+        return {"device": device, "version": version, "status": report.status, "error": report.error}
 
     # ---- admin protocol ------------------------------------------------------------------------
 
@@ -362,10 +414,13 @@ class HengeService:
 
     def status(self, device: str | None = None, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
         devices = [self.store.get_device(device)] if device else self.store.list_devices(labels)
+        reports = self.store.reports()
         now = time.time()
         rows = []
         for d in devices:
             view = self.broker.table.view(d.id, now)
+            rep = reports.get(d.id, DeviceReports())
+            sync = rep.sync(d.desired_version)
             rows.append({
                 "device": d.id,
                 "labels": d.labels,
@@ -379,8 +434,29 @@ class HengeService:
                 "conflict": view.conflict,
                 "conflict_remotes": list(view.conflict_remotes),
                 "quarantined_until": _iso(view.quarantined_until) if view.quarantined_until else None,
+                "applied_version": rep.applied_version,
+                "applied_at": rep.applied_at,
+                "sync": sync,
+                "error": rep.rejected_error if sync == "rejected" else None,
+                "rejected_version": rep.rejected_version,
             })
         return rows
+
+
+class _ReportWaiter:
+    """Resolved by the first report that settles ``version``: applied at or past it, or rejected."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.future: asyncio.Future[Report] = asyncio.get_running_loop().create_future()
+
+    def offer(self, report: Report) -> None:
+        if self.future.done():
+            return
+        if (report.status == "applied" and report.version >= self.version) or (
+            report.status == "rejected" and report.version == self.version
+        ):
+            self.future.set_result(report)
 
 
 def _error_reply(request_id: str, code: str, message: str) -> AdminReply:
@@ -452,6 +528,10 @@ async def _op_status(svc: HengeService, a: models.StatusArgs) -> Any:
     return svc.status(a.device)
 
 
+async def _op_wait(svc: HengeService, a: models.WaitArgs) -> Any:
+    return await svc.wait_for_report(a.device, a.version, a.timeout)
+
+
 async def _op_kick(svc: HengeService, a: models.DeviceRefArgs) -> Any:
     return {"device": a.device, "kicked": await svc.kick(a.device)}
 
@@ -473,5 +553,6 @@ _OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any], Any]]] = {
     "rollback": (models.RollbackArgs, _op_rollback),
     "status": (models.StatusArgs, _op_status),
     "kick": (models.DeviceRefArgs, _op_kick),
+    "wait": (models.WaitArgs, _op_wait),
     "clear_conflict": (models.DeviceRefArgs, _op_clear_conflict),
 }

@@ -13,6 +13,7 @@ import logging
 import secrets
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,41 @@ class Store:
         """Persist the epoch high-water mark; it only goes up, even if called out of order."""
         self._db.execute("UPDATE devices SET epoch = MAX(epoch, ?) WHERE id = ?", (epoch, device))
 
+    # ---- device reports ----------------------------------------------------------------------
+
+    def record_report(self, device: str, version: int, status: str, error: str | None) -> None:
+        """Record an applied/rejected report; an older applied version never lowers a newer one."""
+        now = _ts(utc_now())
+        with self._tx():
+            self._db.execute("INSERT OR IGNORE INTO device_reports (device) VALUES (?)", (device,))
+            if status == "applied":
+                self._db.execute(
+                    "UPDATE device_reports SET applied_version = ?, applied_at = ? "
+                    "WHERE device = ? AND (applied_version IS NULL OR applied_version <= ?)",
+                    (version, now, device, version),
+                )
+            else:
+                self._db.execute(
+                    "UPDATE device_reports SET rejected_version = ?, rejected_error = ?, rejected_at = ? "
+                    "WHERE device = ?",
+                    (version, error or "", now, device),
+                )
+
+    def reports(self) -> dict[str, DeviceReports]:
+        rows = self._db.execute(
+            "SELECT device, applied_version, applied_at, rejected_version, rejected_error, rejected_at "
+            "FROM device_reports"
+        )
+        return {row[0]: DeviceReports(*row[1:]) for row in rows}
+
+    def device_reports(self, device: str) -> DeviceReports:
+        row = self._db.execute(
+            "SELECT applied_version, applied_at, rejected_version, rejected_error, rejected_at "
+            "FROM device_reports WHERE device = ?",
+            (device,),
+        ).fetchone()
+        return DeviceReports(*row) if row else DeviceReports()
+
     # ---- admins ------------------------------------------------------------------------------
 
     def ensure_admin(self, name: str, secret: str) -> None:
@@ -339,6 +375,25 @@ class Store:
         if row is None:
             return False
         return hmac.compare_digest(hash_secret(secret), row[0])
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReports:
+    applied_version: int | None = None
+    applied_at: str | None = None
+    rejected_version: int | None = None
+    rejected_error: str | None = None
+    rejected_at: str | None = None
+
+    def sync(self, desired: int) -> str:
+        """in_sync / pending / rejected / unknown, as documented in docs/protocol.md."""
+        if self.applied_version is None and self.rejected_version is None:
+            return "unknown"
+        if self.applied_version is not None and self.applied_version >= desired:
+            return "in_sync"
+        if self.rejected_version == desired:
+            return "rejected"
+        return "pending"
 
 
 class _Transaction:
