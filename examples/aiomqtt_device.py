@@ -1,8 +1,9 @@
-"""A minimal device in Python with aiomqtt: print each config version this device is sent.
+"""A minimal device in Python with aiomqtt: apply each new config version and report it.
 
     python examples/aiomqtt_device.py --port 1883 --device sensor-1 --secret-file sensor-1.secret
 
-Checks each snapshot's sha256 before trusting it. ``--once`` exits after the first snapshot.
+Checks each snapshot's device and sha256 before trusting it, ignores versions it has already
+seen, prints what it applies and reports ``applied``. ``--once`` exits after the first one.
 """
 
 from __future__ import annotations
@@ -22,16 +23,22 @@ def canonical(config: dict) -> bytes:  # type: ignore[type-arg]
 
 async def run(args: argparse.Namespace) -> None:
     secret = Path(args.secret_file).read_text().strip()
-    topic = f"{args.prefix}/devices/{args.device}/config"
+    base = f"{args.prefix}/devices/{args.device}"
+    last = 0
     async with aiomqtt.Client(args.host, args.port, identifier=args.device, username=args.device,
                               password=secret) as client:
-        await client.subscribe(topic, qos=1)
+        await client.subscribe(f"{base}/config", qos=1)
         async for message in client.messages:
             if not message.payload:
                 continue  # the device was removed: its retained config was cleared
             snap = json.loads(message.payload)  # type: ignore[arg-type]
-            ok = snap["device"] == args.device and snap["sha256"] == hashlib.sha256(canonical(snap["config"])).hexdigest()
-            print(json.dumps({"version": snap["version"], "verified": ok, "config": snap["config"]}), flush=True)
+            verified = (snap["device"] == args.device
+                        and snap["sha256"] == hashlib.sha256(canonical(snap["config"])).hexdigest())
+            if not verified or snap["version"] <= last:
+                continue
+            last = snap["version"]
+            print(json.dumps({"version": last, "config": snap["config"]}), flush=True)
+            await client.publish(f"{base}/report", json.dumps({"version": last, "status": "applied"}), qos=1)
             if args.once:
                 return
 

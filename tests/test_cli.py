@@ -19,7 +19,9 @@ from henge_mqtt.cli import app
 from .conftest import ROOT, Running, henge_cli, next_message, payload_json
 
 
-async def cli(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+async def cli(
+    *args: str, input: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(henge_cli, *args, input=input, env=env)
 
 
