@@ -545,24 +545,24 @@ class HengeBroker(Broker):
             self.hooks.message(conn.principal, topic, data)
         self.publish(topic, data, qos=qos, retain=retain)
 
-    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False) -> int:
-        """Publish as the broker itself; returns how many subscribers it went to."""
+    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False) -> list[asyncio.Task[Any]]:
+        """Publish as the broker itself; returns one delivery task per subscriber (done when acked)."""
         if retain:
             if data:
                 self.retained[topic] = (data, qos)
             else:
                 self.retained.pop(topic, None)
-        sent = 0
+        deliveries = []
         for conn, sub_qos in self.index.match(topic):
             if conn.started and conn.close_reason is None:
-                self._spawn(conn.handler.mqtt_publish(topic, data, min(qos, sub_qos), retain=False))
-                sent += 1
-        return sent
+                deliveries.append(self._spawn(conn.handler.mqtt_publish(topic, data, min(qos, sub_qos), retain=False)))
+        return deliveries
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

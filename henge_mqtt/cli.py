@@ -251,21 +251,67 @@ def device_rotate(device: str, data: DataOpt = None, broker: BrokerOpt = None, a
     _emit(result, as_json, lambda r: f"new secret for {r['device']}: {r['secret']}")
 
 
+@device_app.command("import")
+def device_import(
+    source: Annotated[Path, typer.Argument(metavar="FILE", help="CSV (id column + one column per label) "
+                                           "or JSON lines ({\"id\", \"labels\"}).")],
+    secrets_out: Annotated[Path, typer.Option("--secrets-out", help="Where to write id,secret (mode 0600).")]
+    = Path("henge-secrets.csv"),
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
+) -> None:
+    """Create many devices in one transaction; their secrets go to a 0600 file, never to the screen."""
+    from .bulk import read_devices, write_secrets
+
+    devices = read_devices(source)
+    if secrets_out.exists():
+        fail(f"{secrets_out} already exists: choose another --secrets-out (secrets are never overwritten)")
+    result = _call(data, broker, timeout, "device.import", devices=[{"id": d, "labels": lb} for d, lb in devices])
+    write_secrets(secrets_out, result["secrets"])
+    summary = {"imported": len(result["secrets"]), "secrets_file": str(secrets_out)}
+    _emit(summary, as_json, lambda r: f"imported {r['imported']} devices; secrets in {r['secrets_file']} (mode 0600)")
+
+
+@device_app.command("export")
+def device_export(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                  timeout: TimeoutOpt = 60.0) -> None:
+    """Print every device with its labels (CSV, or JSON lines with --json), ready for import."""
+    from .bulk import devices_csv
+
+    rows = _call(data, broker, timeout, "device.export")
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row, sort_keys=True))
+    else:
+        typer.echo(devices_csv(rows), nl=False)
+
+
 # ---- configs -----------------------------------------------------------------------------------
 
 
 @app.command()
 @user_errors
 def push(
-    device: str,
-    source: Annotated[str, typer.Argument(metavar="FILE|-", help="JSON file, or - for stdin.")],
+    target: Annotated[str, typer.Argument(metavar="ID", help="The device (omit with --all/--label).")],
+    source: Annotated[str | None, typer.Argument(metavar="FILE|-", help="JSON file, or - for stdin.")] = None,
+    all_devices: Annotated[bool, typer.Option("--all", help="Push to every device.")] = False,
+    label: Annotated[list[str] | None, typer.Option("--label", help="Push to devices with label k=v.")] = None,
     if_version: Annotated[int | None, typer.Option("--if-version", min=0,
                                                    help="Fail unless the current version is N.")] = None,
     message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
     wait: WaitOpt = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
-    """Store a new config version for a device and publish it."""
+    """Store a new config version for a device (or many) and publish it."""
+    if all_devices or label:
+        if source is not None:
+            fail("with --all or --label give only the FILE, no device id", 2)
+        if if_version is not None or wait:
+            fail("--if-version and --wait apply to a single device", 2)
+        _push_many(_read_config(target), all_devices, _labels(label), message, data, broker, as_json, timeout)
+        return
+    if source is None:
+        fail("missing FILE: henge push ID FILE|-", 2)
+    device = target
     config = _read_config(source)
     args: dict[str, Any] = {"device": device, "config": config, "message": message}
     if if_version is not None:
@@ -273,6 +319,32 @@ def push(
     result, outcome = _call_then_wait(data, broker, timeout, "push", timeout if wait else None, **args)
     _report_outcome(result, outcome, as_json, f"{result['device']}: version {result['version']} "
                     f"({result['sha256'][:12]})")
+
+
+def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str], message: str,
+               data: Path | None, broker: str | None, as_json: bool, timeout: float) -> None:
+    show = sys.stderr.isatty() and not as_json
+
+    def progress(state: dict[str, Any]) -> None:
+        if show:
+            done, total = state["acknowledged"], state["online"]
+            width = 30
+            filled = width * done // total if total else width
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} online devices acknowledged")
+            sys.stderr.flush()
+
+    async def go() -> Any:
+        async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
+            return await client.call("push_many", wait=timeout, progress=progress, all=all_devices, labels=labels,
+                                     config=config, message=message, delivery_timeout=timeout)
+
+    result = _run(go())
+    if show:
+        sys.stderr.write("\n")
+    if not as_json:
+        result.pop("versions")
+    _emit(result, as_json, lambda r: f"stored a new version for {r['devices']} devices; "
+          f"{r['acknowledged']} of {r['online']} online devices acknowledged it")
 
 
 @app.command()
@@ -325,17 +397,38 @@ def rollback(
 
 
 @app.command()
-def status(device: Annotated[str | None, typer.Argument()] = None, data: DataOpt = None, broker: BrokerOpt = None,
-           as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0) -> None:
-    """Devices with their connection state and desired version."""
-    args = {"device": device} if device else {}
+def status(
+    device: Annotated[str | None, typer.Argument()] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", help="Only devices with label k=v.")] = None,
+    summary: Annotated[bool, typer.Option("--summary", help="Only the fleet summary.")] = False,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Devices with their connection state, versions and sync; a fleet summary line at the end."""
+    args: dict[str, Any] = {"labels": _labels(label)}
+    if device:
+        args["device"] = device
     rows = _call(data, broker, timeout, "status", **args)
+    counts = fleet_summary(rows)
+    if summary:
+        _emit(counts, as_json, lambda c: " ".join(f"{k}={v}" for k, v in c.items()))
+        return
     for row in rows:
         row["state"] = "online" if row["online"] else "offline"
         row["conflict_text"] = ",".join(row["conflict_remotes"]) or "yes" if row["conflict"] else None
     _emit(rows, as_json, lambda r: _table(r, ["device", "state", "epoch", "since", "remote", "reason",
                                                "takeovers", "conflict_text", "desired_version",
-                                               "applied_version", "sync", "error"]))
+                                               "applied_version", "sync", "error"])
+          + "\n" + " ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+def fleet_summary(rows: list[dict[str, Any]]) -> dict[str, int]:
+    counts = {"devices": len(rows), "online": 0, "offline": 0, "in_sync": 0, "pending": 0, "rejected": 0,
+              "unknown": 0, "conflict": 0}
+    for row in rows:
+        counts["online" if row["online"] else "offline"] += 1
+        counts[row["sync"]] += 1
+        counts["conflict"] += bool(row["conflict"])
+    return counts
 
 
 @app.command()

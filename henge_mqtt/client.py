@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -83,6 +83,7 @@ class AdminClient:
             timeout=timeout,
         )
         self._replies: dict[str, asyncio.Future[AdminReply]] = {}
+        self._progress: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._events: asyncio.Queue[Event] | None = None
         self._pump: asyncio.Task[None] | None = None
 
@@ -120,7 +121,13 @@ class AdminClient:
                 payload = message.payload if isinstance(message.payload, bytes) else b""
                 if topic == self._reply_topic:
                     try:
-                        reply = AdminReply.model_validate_json(payload)
+                        body = json.loads(payload)
+                        if isinstance(body, dict) and "progress" in body:
+                            listener = self._progress.get(str(body.get("id")))
+                            if listener is not None:
+                                listener(body["progress"])
+                            continue
+                        reply = AdminReply.model_validate(body)
                     except ValueError:
                         continue
                     waiter = self._replies.pop(reply.id, None)
@@ -139,7 +146,10 @@ class AdminClient:
             if self._events is not None:
                 self._events.put_nowait(Event(type="_closed", at=""))
 
-    async def call(self, op: str, *, wait: float | None = None, **args: Any) -> Any:
+    async def call(
+        self, op: str, *, wait: float | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
+        **args: Any,
+    ) -> Any:
         """Run one admin operation; raises :class:`RemoteError` with the service's code and message.
 
         ``wait`` is how long the reply may take when the operation itself waits (``wait`` op).
@@ -147,6 +157,8 @@ class AdminClient:
         request = AdminRequest(id=secrets.token_hex(8), op=op, args=args, reply_to=self._reply_topic)
         waiter: asyncio.Future[AdminReply] = asyncio.get_running_loop().create_future()
         self._replies[request.id] = waiter
+        if progress is not None:
+            self._progress[request.id] = progress
         try:
             await self._client.publish(self.topics.admin_requests, request.model_dump_json(), qos=1)
             limit = self.timeout + (wait or 0.0)
@@ -157,6 +169,7 @@ class AdminClient:
             raise ServiceUnavailable(f"lost the connection to the service: {exc}") from exc
         finally:
             self._replies.pop(request.id, None)
+            self._progress.pop(request.id, None)
         if not reply.ok:
             error = reply.error
             raise RemoteError(error.code if error else "error", error.message if error else "request failed")

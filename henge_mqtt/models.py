@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
@@ -40,6 +40,15 @@ def _check_device_id(value: str) -> str:
 
 
 DeviceId = Annotated[str, AfterValidator(_check_device_id)]
+
+
+def _object_only(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError("config must be a JSON object")
+    return value
+
+
+ConfigObject = Annotated[dict[str, Any], BeforeValidator(_object_only)]
 
 
 def canonical_json(config: dict[str, Any]) -> bytes:
@@ -186,16 +195,9 @@ class DeviceRefArgs(Frozen):
 
 class PushArgs(Frozen):
     device: DeviceId
-    config: dict[str, Any]
+    config: ConfigObject
     if_version: int | None = Field(default=None, ge=0)
     message: str = Field(default="", max_length=1024)
-
-    @field_validator("config", mode="before")
-    @classmethod
-    def _object_only(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            raise ValueError("config must be a JSON object")
-        return value
 
 
 class GetArgs(Frozen):
@@ -217,9 +219,27 @@ class RollbackArgs(Frozen):
 
 class StatusArgs(Frozen):
     device: DeviceId | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class WaitArgs(Frozen):
     device: DeviceId
     version: int = Field(ge=1)
     timeout: float = Field(default=30.0, gt=0, le=86400)
+
+
+class ImportedDevice(Frozen):
+    id: DeviceId
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class ImportArgs(Frozen):
+    devices: list[ImportedDevice] = Field(min_length=1, max_length=100_000)
+
+
+class PushManyArgs(Frozen):
+    all: bool = False
+    labels: dict[str, str] = Field(default_factory=dict)
+    config: ConfigObject
+    message: str = Field(default="", max_length=1024)
+    delivery_timeout: float = Field(default=30.0, ge=0, le=3600)

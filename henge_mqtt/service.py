@@ -31,6 +31,7 @@ from .errors import (
     ServiceUnavailable,
     UnknownDevice,
     UnknownVersion,
+    ValidationFailed,
     WaitTimeout,
 )
 from .models import AdminReply, AdminRequest, ConfigVersion, Event, Presence, Report, canonical_json, rfc3339
@@ -43,6 +44,11 @@ from .topics import Topics
 log = logging.getLogger(__name__)
 
 EventListener = Callable[[Event], None]
+Progress = Callable[[dict[str, Any]], None]
+
+
+def _no_progress(_: dict[str, Any]) -> None:
+    return None
 
 
 def _iso(ts: float) -> str:
@@ -322,10 +328,15 @@ class HengeService:
         if not request.reply_to.startswith(self.topics.admin_reply("")):
             log.warning("admin.bad_reply_to reply_to=%s", request.reply_to)
             return
-        reply = await self.dispatch(request)
+
+        def progress(state: dict[str, Any]) -> None:
+            body = {"id": request.id, "progress": state}
+            self.broker.publish(request.reply_to, json.dumps(body).encode(), qos=0)
+
+        reply = await self.dispatch(request, progress)
         self.broker.publish(request.reply_to, reply.model_dump_json().encode(), qos=1)
 
-    async def dispatch(self, request: AdminRequest) -> AdminReply:
+    async def dispatch(self, request: AdminRequest, progress: Progress = _no_progress) -> AdminReply:
         handler = _OPS.get(request.op)
         if handler is None:
             return _error_reply(request.id, "unknown_op", f"unknown operation {request.op!r}")
@@ -338,7 +349,7 @@ class HengeService:
             code = "invalid_device_id" if where == "device" else "invalid"
             return _error_reply(request.id, code, f"{where}: {first['msg'].removeprefix('Value error, ')}")
         try:
-            result = await method(self, args)
+            result = await method(self, args, progress)
         except HengeError as exc:
             return _error_reply(request.id, exc.code, str(exc))
         return AdminReply(id=request.id, ok=True, result=result)
@@ -362,6 +373,40 @@ class HengeService:
         for topic in (self.topics.config(device), self.topics.presence(device)):
             self.broker.publish(topic, b"", qos=1, retain=True)
         self.emit("device_removed", device)
+
+    def import_devices(self, devices: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
+        """Create many devices at once (all or nothing); returns ``{id: secret}``."""
+        for device, _ in devices:
+            problem = models.device_id_problem(device)
+            if problem:
+                raise InvalidDeviceId(problem + "; nothing was imported")
+            if device == self.settings.admin_name:
+                raise DuplicateDevice(f"{device!r} is the admin identity's name; nothing was imported")
+        secrets_by_id = self.store.add_devices(devices)
+        self.emit("devices_imported", None, count=len(devices))
+        return secrets_by_id
+
+    def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None) -> list[str]:
+        if not all_devices and not labels:
+            raise ValidationFailed("select devices with all or with at least one label")
+        return [d.id for d in self.store.list_devices(labels if not all_devices else None)]
+
+    def push_many(
+        self, devices: list[str], config: dict[str, Any], *, message: str = "", actor: str = "library"
+    ) -> tuple[list[ConfigVersion], list[asyncio.Task[Any]]]:
+        """One new version per device in one transaction, then published without waiting.
+
+        Returns the stored rows and the delivery tasks (one per connected subscriber, done when
+        the device acknowledged it at QoS 1).
+        """
+        self._check_size(config)
+        rows = self.store.push_many(devices, config, actor=actor, message=message)
+        deliveries: list[asyncio.Task[Any]] = []
+        for row in rows:
+            deliveries += self._publish_snapshot(row)
+        self.counters["pushes"] = self.counters.get("pushes", 0) + len(rows)
+        self.emit("fleet_push", None, devices=len(rows), sha256=rows[0].sha256 if rows else None)
+        return rows, deliveries
 
     def rotate_secret(self, device: str) -> str:
         secret = self.store.rotate_secret(device)
@@ -394,8 +439,8 @@ class HengeService:
                 "nothing was stored"
             )
 
-    def _publish_snapshot(self, row: ConfigVersion) -> None:
-        self.broker.publish(self.topics.config(row.device), row.snapshot().to_payload(), qos=1, retain=True)
+    def _publish_snapshot(self, row: ConfigVersion) -> list[asyncio.Task[Any]]:
+        return self.broker.publish(self.topics.config(row.device), row.snapshot().to_payload(), qos=1, retain=True)
 
     async def kick(self, device: str) -> bool:
         if not self.store.has_device(device):
@@ -473,41 +518,41 @@ def _version_dict(row: ConfigVersion, *, with_config: bool = True) -> dict[str, 
 # ---- admin operations: argument model + coroutine, one per op name ---------------------------
 
 
-async def _op_device_add(svc: HengeService, a: models.DeviceAddArgs) -> Any:
+async def _op_device_add(svc: HengeService, a: models.DeviceAddArgs, progress: Progress) -> Any:
     return {"device": a.device, "secret": svc.add_device(a.device, a.labels)}
 
 
-async def _op_device_list(svc: HengeService, a: models.StatusArgs) -> Any:
+async def _op_device_list(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
     return [d.model_dump(mode="json") for d in svc.store.list_devices()]
 
 
-async def _op_device_show(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+async def _op_device_show(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
     return svc.store.get_device(a.device).model_dump(mode="json") | {"status": svc.status(a.device)[0]}
 
 
-async def _op_device_remove(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+async def _op_device_remove(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
     await svc.remove_device(a.device)
     return {"device": a.device, "removed": True}
 
 
-async def _op_device_rotate(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+async def _op_device_rotate(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
     return {"device": a.device, "secret": svc.rotate_secret(a.device)}
 
 
-async def _op_push(svc: HengeService, a: models.PushArgs) -> Any:
+async def _op_push(svc: HengeService, a: models.PushArgs, progress: Progress) -> Any:
     row = svc.push(a.device, a.config, message=a.message, if_version=a.if_version, actor="admin")
     return _version_dict(row, with_config=False)
 
 
-async def _op_get(svc: HengeService, a: models.GetArgs) -> Any:
+async def _op_get(svc: HengeService, a: models.GetArgs, progress: Progress) -> Any:
     return _version_dict(svc.store.get_version(a.device, a.version))
 
 
-async def _op_history(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+async def _op_history(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
     return [_version_dict(r, with_config=False) for r in svc.store.history(a.device)]
 
 
-async def _op_diff(svc: HengeService, a: models.DiffArgs) -> Any:
+async def _op_diff(svc: HengeService, a: models.DiffArgs, progress: Progress) -> Any:
     old = svc.store.get_version(a.device, a.a)
     new = svc.store.get_version(a.device, a.b)
     lines = difflib.unified_diff(
@@ -520,27 +565,53 @@ async def _op_diff(svc: HengeService, a: models.DiffArgs) -> Any:
     return {"diff": "\n".join(lines), "same": old.sha256 == new.sha256}
 
 
-async def _op_rollback(svc: HengeService, a: models.RollbackArgs) -> Any:
+async def _op_rollback(svc: HengeService, a: models.RollbackArgs, progress: Progress) -> Any:
     return _version_dict(svc.rollback(a.device, a.version, message=a.message, actor="admin"), with_config=False)
 
 
-async def _op_status(svc: HengeService, a: models.StatusArgs) -> Any:
-    return svc.status(a.device)
+async def _op_status(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
+    return svc.status(a.device, a.labels)
 
 
-async def _op_wait(svc: HengeService, a: models.WaitArgs) -> Any:
+async def _op_wait(svc: HengeService, a: models.WaitArgs, progress: Progress) -> Any:
     return await svc.wait_for_report(a.device, a.version, a.timeout)
 
 
-async def _op_kick(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+async def _op_device_import(svc: HengeService, a: models.ImportArgs, progress: Progress) -> Any:
+    return {"secrets": svc.import_devices([(d.id, d.labels) for d in a.devices])}
+
+
+async def _op_device_export(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
+    return [{"id": d.id, "labels": d.labels} for d in svc.store.list_devices()]
+
+
+async def _op_push_many(svc: HengeService, a: models.PushManyArgs, progress: Progress) -> Any:
+    devices = svc.select(all_devices=a.all, labels=a.labels)
+    rows, deliveries = svc.push_many(devices, a.config, message=a.message, actor="admin")
+    total = len(deliveries)
+    pending: set[asyncio.Task[Any]] = set(deliveries)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + a.delivery_timeout
+    while pending and loop.time() < deadline:
+        _, pending = await asyncio.wait(pending, timeout=min(0.25, max(0.0, deadline - loop.time())))
+        progress({"stored": len(rows), "online": total, "acknowledged": _acked(deliveries)})
+    return {"devices": len(rows), "online": total, "acknowledged": _acked(deliveries),
+            "versions": {r.device: r.version for r in rows}}
+
+
+def _acked(tasks: list[asyncio.Task[Any]]) -> int:
+    return sum(1 for t in tasks if t.done() and not t.cancelled() and t.exception() is None)
+
+
+async def _op_kick(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
     return {"device": a.device, "kicked": await svc.kick(a.device)}
 
 
-async def _op_clear_conflict(svc: HengeService, a: models.DeviceRefArgs) -> Any:
+async def _op_clear_conflict(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
     return {"device": a.device, "cleared": svc.clear_conflict(a.device)}
 
 
-_OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any], Any]]] = {
+_OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any, Progress], Any]]] = {
     "device.add": (models.DeviceAddArgs, _op_device_add),
     "device.list": (models.StatusArgs, _op_device_list),
     "device.show": (models.DeviceRefArgs, _op_device_show),
@@ -554,5 +625,8 @@ _OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any], Any]]] = {
     "status": (models.StatusArgs, _op_status),
     "kick": (models.DeviceRefArgs, _op_kick),
     "wait": (models.WaitArgs, _op_wait),
+    "device.import": (models.ImportArgs, _op_device_import),
+    "device.export": (models.StatusArgs, _op_device_export),
+    "push_many": (models.PushManyArgs, _op_push_many),
     "clear_conflict": (models.DeviceRefArgs, _op_clear_conflict),
 }

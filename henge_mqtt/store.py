@@ -148,6 +148,24 @@ class Store:
         self._hashes[device] = digest
         return secret
 
+    def add_devices(self, devices: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
+        """Create many devices in one transaction: all or nothing. Returns their secrets."""
+        seen: set[str] = set()
+        for device, _ in devices:
+            if device in self._hashes or device in seen:
+                raise DuplicateDevice(f"device {device!r} already exists; nothing was imported")
+            seen.add(device)
+        secrets_by_id = {device: new_secret() for device, _ in devices}
+        digests = {device: hash_secret(secret) for device, secret in secrets_by_id.items()}
+        now = _ts(utc_now())
+        with self._tx():
+            self._db.executemany(
+                "INSERT INTO devices (id, secret_hash, labels, created_at) VALUES (?, ?, ?, ?)",
+                [(d, digests[d], json.dumps(labels, sort_keys=True), now) for d, labels in devices],
+            )
+        self._hashes.update(digests)
+        return secrets_by_id
+
     def remove_device(self, device: str) -> None:
         with self._tx():
             cur = self._db.execute("DELETE FROM devices WHERE id = ?", (device,))
@@ -215,6 +233,32 @@ class Store:
     ) -> ConfigVersion:
         with self._tx():
             return self._insert_version(device, config, actor=actor, message=message, if_version=if_version)
+
+    def push_many(
+        self, devices: list[str], config: dict[str, Any], *, actor: str, message: str = ""
+    ) -> list[ConfigVersion]:
+        """One new version for each device, stored in one transaction."""
+        for device in devices:
+            if device not in self._hashes:
+                raise UnknownDevice(f"unknown device {device!r}")
+        sha = config_sha256(config)
+        text = json.dumps(config, ensure_ascii=False)
+        created = utc_now()
+        with self._tx():
+            current = dict(self._db.execute("SELECT device, MAX(version) FROM config_versions GROUP BY device"))
+            rows = [
+                ConfigVersion.model_construct(
+                    device=d, version=current.get(d, 0) + 1, config=config, sha256=sha, message=message,
+                    created_at=created, actor=actor,
+                )
+                for d in devices
+            ]
+            self._db.executemany(
+                "INSERT INTO config_versions (device, version, config, sha256, message, created_at, actor) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(r.device, r.version, text, sha, message, _ts(created), actor) for r in rows],
+            )
+        return rows
 
     def _insert_version(
         self,
