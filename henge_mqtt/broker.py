@@ -22,29 +22,33 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import websockets.asyncio.server
-from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, ConnackPacket
-from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.disconnect import DisconnectPacket
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.protocol.handler import ProtocolHandler
 from amqtt.session import Session
 
+from .connection import (
+    CLOSE_TIMEOUT,
+    BoundedWriter,
+    ConnectRefused,
+    HengeHandler,
+    TrackedReader,
+    read_connect,
+)
 from .sessions import Action, Close, PublishWill, SessionSettings, SessionTable
 from .topics import Topics, filter_matches, valid_filter, valid_topic_name
 
 log = logging.getLogger(__name__)
 
 SUBACK_FAILURE = 0x80
-CLOSE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,96 +68,17 @@ class BrokerHooks(Protocol):
 
     def message(self, principal: Principal, topic: str, payload: bytes) -> None: ...
 
+    def epochs_durable(self) -> Awaitable[None]:
+        """Resolves once every epoch handed out so far is on disk (group commit)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class BrokerLimits:
     max_keepalive: float = 300.0
     connect_timeout: float = 10.0
     max_device_publish: int = 64 * 1024
-
-
-class _TrackedReader(ReaderAdapter):
-    """Remembers when the peer last sent anything: the evidence that a connection is alive."""
-
-    def __init__(self, inner: ReaderAdapter) -> None:
-        self.inner = inner
-        self.last_read = time.time()
-
-    async def read(self, n: int = -1) -> bytes:
-        data = await self.inner.read(n)
-        self.last_read = time.time()
-        return data
-
-    def feed_eof(self) -> None:
-        self.inner.feed_eof()
-
-
-class _BoundedWriter(StreamWriterAdapter):
-    """A close that cannot hang on a peer that stopped reading."""
-
-    is_closed: bool
-
-    async def close(self) -> None:
-        if self.is_closed:
-            return
-        self.is_closed = True
-        writer = self._writer
-        try:
-            await asyncio.wait_for(writer.drain(), CLOSE_TIMEOUT)
-            writer.close()
-            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
-        except (TimeoutError, OSError, ConnectionError):
-            writer.transport.abort()
-
-    def abort(self) -> None:
-        self.is_closed = True
-        self._writer.transport.abort()
-
-
-class HengeHandler(BrokerProtocolHandler):
-    """amqtt's per-connection protocol handler with its disconnect race and keep-alive fixed.
-
-    Upstream creates the disconnect waiter after the reader task starts (an early EOF is lost and
-    the session stays "connected") and ignores read timeouts. Here the waiter exists from birth and
-    a read timeout ends the connection.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._disconnect_waiter = asyncio.get_running_loop().create_future()
-        self.timed_out = False
-        self.protocol_error = False
-
-    async def start(self) -> None:
-        await ProtocolHandler.start(self)
-
-    async def stop(self) -> None:
-        await ProtocolHandler.stop(self)
-        self._resolve(None)
-
-    def _resolve(self, result: DisconnectPacket | None) -> None:
-        waiter = self._disconnect_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(result)
-
-    async def wait_disconnect(self) -> DisconnectPacket | None:
-        assert self._disconnect_waiter is not None
-        return await self._disconnect_waiter
-
-    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
-        self._resolve(disconnect)
-
-    async def handle_connection_closed(self) -> None:
-        self._resolve(None)
-
-    def handle_read_timeout(self) -> None:
-        self.timed_out = True
-        self._resolve(None)
-
-    async def handle_connect(self, connect: ConnectPacket) -> None:
-        # [MQTT-3.1.0-2] a second CONNECT is a protocol violation: close the connection.
-        self.protocol_error = True
-        self._resolve(None)
+    max_packet: int = 1024 * 1024
 
 
 @dataclass(eq=False, slots=True)
@@ -167,8 +92,8 @@ class Connection:
     keepalive: float
     handler: HengeHandler
     session: Session
-    reader: _TrackedReader
-    writer: _BoundedWriter | WriterAdapter
+    reader: TrackedReader
+    writer: BoundedWriter | WriterAdapter
     subscriptions: dict[str, int] = field(default_factory=dict)
     close_reason: str | None = None
     will_allowed: bool = False
@@ -267,7 +192,7 @@ class HengeBroker(Broker):
         return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
 
     async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._client_connected("default", StreamReaderAdapter(reader), _BoundedWriter(writer))
+        await self._client_connected("default", StreamReaderAdapter(reader), BoundedWriter(writer))
 
     def addresses(self) -> list[tuple[str, int]]:
         """The (host, port) each TCP listener is bound to, with port 0 resolved."""
@@ -286,7 +211,7 @@ class HengeBroker(Broker):
         if self._closing:
             await writer.close()
             return
-        tracked = _TrackedReader(reader)
+        tracked = TrackedReader(reader)
         try:
             await self._serve(tracked, writer)
         except (AMQTTError, MQTTError, NoDataError, ConnectionError, OSError) as exc:
@@ -295,21 +220,17 @@ class HengeBroker(Broker):
             with contextlib.suppress(Exception):
                 await writer.close()
 
-    async def _serve(self, reader: _TrackedReader, writer: WriterAdapter) -> None:
+    async def _serve(self, reader: TrackedReader, writer: WriterAdapter) -> None:
         peer = writer.get_peer_info()
         remote = f"{peer[0]}:{peer[1]}" if peer else "unknown"
         try:
-            handler, session = await asyncio.wait_for(
-                HengeHandler.init_from_connect(reader, writer, self.plugins_manager),
-                self.limits.connect_timeout,
-            )
+            session = await asyncio.wait_for(read_connect(reader, writer), self.limits.connect_timeout)
         except TimeoutError:
             log.info("broker.connect_timeout remote=%s", remote)
             return
-        except (AMQTTError, MQTTError, NoDataError, ValueError, IndexError, UnicodeDecodeError) as exc:
+        except (ConnectRefused, AMQTTError, MQTTError, NoDataError, ValueError, IndexError, UnicodeDecodeError) as exc:
             log.info("broker.bad_connect remote=%s error=%s", remote, exc)
             return
-        assert isinstance(handler, HengeHandler)
         client_id = session.client_id or ""
 
         principal = self.hooks.authenticate(session.username, session.password, client_id)
@@ -342,24 +263,48 @@ class HengeBroker(Broker):
             for conn in closes:
                 conn.close_reason = "takeover"
 
-        # Upstream caps read timeouts at the client's keep-alive; we allow the spec's 1.5x.
+        # The spec's 1.5 x keep-alive; upstream amqtt enforces none.
         session.keep_alive = math.ceil(keepalive * 1.5 * 1000) / 1000
         session.parent = 0  # never resume: a device gets its state from retained messages
-        session.client_id = client_id
+        conn = Connection(key, principal, epoch, remote, keepalive, None, session, reader, writer)  # type: ignore[arg-type]
+        handler = HengeHandler(
+            self.plugins_manager,
+            on_message=lambda topic, data, qos, retain: self._on_publish(conn, topic, data, qos, retain),
+            on_subscribe=lambda packet_id, topics: self._on_subscribe(conn, packet_id, topics),
+            on_unsubscribe=lambda packet_id, topics: self._on_unsubscribe(conn, packet_id, topics),
+            max_packet=self.limits.max_packet,
+        )
         handler.attach(session, reader, writer)
-        conn = Connection(key, principal, epoch, remote, keepalive, handler, session, reader, writer)
+        conn.handler = handler
         self._conns[key] = conn  # before any await: a racing CONNECT must see this one to replace it
 
         await self._await_closes(closes)
+        if principal.kind == "device":
+            try:  # never acknowledge a connection whose epoch could be handed out again
+                await self.hooks.epochs_durable()
+            except Exception as exc:
+                log.error("broker.epoch_not_saved device=%s error=%s", key, exc)
+                conn.close_reason = "server_error"
         if conn.close_reason is not None:  # replaced while we waited
+            await self._finish(conn)
             return
         await handler.mqtt_connack_authorize(True)
         await handler.start()
         conn.started = True
-        log.debug("broker.connected key=%s epoch=%d remote=%s", key, epoch, remote)
         try:
-            await self._message_loop(conn)
+            packet = await handler.wait_disconnect()
+            if conn.close_reason is None:
+                if isinstance(packet, DisconnectPacket):
+                    conn.close_reason = "client_disconnect"
+                elif handler.timed_out:
+                    conn.close_reason = "keepalive_timeout"
+                elif handler.protocol_error:
+                    conn.close_reason = "protocol_error"
+                else:
+                    conn.close_reason = "connection_lost"
         finally:
+            if conn.close_reason is None:
+                conn.close_reason = "connection_lost"
             await self._finish(conn)
 
     async def _refuse(self, writer: WriterAdapter, code: int) -> None:
@@ -401,7 +346,7 @@ class HengeBroker(Broker):
         if conn.started:
             conn.handler._resolve(None)
         writer = conn.writer
-        if isinstance(writer, _BoundedWriter):
+        if isinstance(writer, BoundedWriter):
             writer.abort() if conn.close_reason in ("server_shutdown",) else await writer.close()
         else:
             with contextlib.suppress(Exception):
@@ -422,52 +367,6 @@ class HengeBroker(Broker):
         qos = session.will_qos or 0
         log.debug("broker.will key=%s topic=%s", conn.key, topic)
         self._route(conn, topic, data, qos, bool(session.will_retain))
-
-    async def _message_loop(self, conn: Connection) -> None:
-        handler = conn.handler
-        disconnect = asyncio.ensure_future(handler.wait_disconnect())
-        subscribe = asyncio.ensure_future(handler.get_next_pending_subscription())
-        unsubscribe = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-        deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-        try:
-            while True:
-                done, _ = await asyncio.wait(
-                    (disconnect, subscribe, unsubscribe, deliver), return_when=asyncio.FIRST_COMPLETED
-                )
-                if subscribe in done:
-                    await self._on_subscribe(conn, subscribe.result())
-                    subscribe = asyncio.ensure_future(handler.get_next_pending_subscription())
-                if unsubscribe in done:
-                    request = unsubscribe.result()
-                    for topic_filter in request.topics:
-                        self.index.remove(conn, topic_filter)
-                    await handler.mqtt_acknowledge_unsubscription(request.packet_id)
-                    unsubscribe = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-                if deliver in done:
-                    message = deliver.result()
-                    if message is not None and not self._on_publish(conn, message):
-                        handler.protocol_error = True
-                        break
-                    deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-                if disconnect in done:
-                    packet = disconnect.result()
-                    if conn.close_reason is None:
-                        if isinstance(packet, DisconnectPacket):
-                            conn.close_reason = "client_disconnect"
-                        elif handler.timed_out:
-                            conn.close_reason = "keepalive_timeout"
-                        elif handler.protocol_error:
-                            conn.close_reason = "protocol_error"
-                        else:
-                            conn.close_reason = "connection_lost"
-                    break
-        finally:
-            if conn.close_reason is None:
-                conn.close_reason = "protocol_error" if handler.protocol_error else "connection_lost"
-            waiters = (disconnect, subscribe, unsubscribe, deliver)
-            for waiter in waiters:
-                waiter.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
 
     async def _finish(self, conn: Connection) -> None:
         self.index.remove_all(conn)
@@ -496,10 +395,10 @@ class HengeBroker(Broker):
             return True
         return self.topics.device_may_publish(conn.principal.name, topic)
 
-    async def _on_subscribe(self, conn: Connection, request: Any) -> None:
+    async def _on_subscribe(self, conn: Connection, packet_id: int, topics: list[tuple[str, int]]) -> None:
         codes: list[int] = []
         granted: list[tuple[str, int]] = []
-        for topic_filter, qos in request.topics:
+        for topic_filter, qos in topics:
             allowed = valid_filter(topic_filter) and self._may_subscribe(conn, topic_filter)
             if not allowed or not self._is_current(conn):
                 log.info("broker.subscribe_denied key=%s filter=%s", conn.key, topic_filter)
@@ -509,7 +408,7 @@ class HengeBroker(Broker):
             self.index.add(conn, topic_filter, qos)
             codes.append(qos)
             granted.append((topic_filter, qos))
-        await conn.handler.mqtt_acknowledge_subscription(request.packet_id, codes)
+        await conn.handler.mqtt_acknowledge_subscription(packet_id, codes)
         for topic_filter, qos in granted:
             for topic, (data, rqos) in self._retained_for(topic_filter):
                 self._spawn(conn.handler.mqtt_publish(topic, data, min(qos, rqos), retain=True))
@@ -520,9 +419,13 @@ class HengeBroker(Broker):
             return [(topic_filter, found)] if found else []
         return [(t, m) for t, m in self.retained.items() if filter_matches(topic_filter, t)]
 
-    def _on_publish(self, conn: Connection, message: Any) -> bool:
+    async def _on_unsubscribe(self, conn: Connection, packet_id: int, topics: list[str]) -> None:
+        for topic_filter in topics:
+            self.index.remove(conn, topic_filter)
+        await conn.handler.mqtt_acknowledge_unsubscription(packet_id)
+
+    def _on_publish(self, conn: Connection, topic: str, data: bytes, qos: int, retain: bool) -> bool:
         """Route one PUBLISH from a client. False means: protocol violation, close the connection."""
-        topic = message.topic
         if not valid_topic_name(topic) or topic.startswith("$"):
             log.info("broker.bad_topic key=%s topic=%r", conn.key, topic)
             return False
@@ -532,12 +435,10 @@ class HengeBroker(Broker):
         if not self._may_publish(conn, topic):
             log.info("broker.publish_denied key=%s topic=%s", conn.key, topic)
             return True
-        data = bytes(message.data or b"")
         if conn.principal.kind == "device" and len(data) > self.limits.max_device_publish:
             log.warning("broker.publish_too_large key=%s topic=%s size=%d", conn.key, topic, len(data))
             return True
-        retain = bool(message.publish_packet is not None and message.publish_packet.retain_flag)
-        self._route(conn, topic, data, message.qos or 0, retain)
+        self._route(conn, topic, data, qos, retain)
         return True
 
     def _route(self, conn: Connection | None, topic: str, data: bytes, qos: int, retain: bool) -> None:

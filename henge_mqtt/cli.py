@@ -178,6 +178,7 @@ def serve(
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)
         logging.getLogger("transitions").setLevel(logging.WARNING)
     settings = Settings.load(config, data_dir=data, host=host, port=port)
+    _raise_file_limit()
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -199,6 +200,16 @@ def serve(
         if type(exc).__name__ == "BrokerError":
             fail(f"cannot start the broker: {cause}")
         raise
+
+
+def _raise_file_limit() -> None:
+    """Every device is a socket: lift the soft open-file limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    logging.getLogger(__name__).info("serve.file_limit soft=%d hard=%d", hard, hard)
 
 
 # ---- devices -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,8 @@ class HengeService:
         self.admin_secret = ""
         self.counters: dict[str, int] = {}
         self._waiters: dict[str, set[_ReportWaiter]] = {}
+        self._pending_epochs: dict[str, int] = {}
+        self._epochs_saved: asyncio.Future[None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -138,6 +140,8 @@ class HengeService:
             self._housekeeping.cancel()
             await asyncio.gather(self._housekeeping, return_exceptions=True)
         await self._broker.shutdown()
+        if self._epochs_saved is not None:
+            self._flush_epochs()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -219,8 +223,7 @@ class HengeService:
             if isinstance(action, PresenceChange):
                 self._on_presence(action)
             elif isinstance(action, SaveEpoch):
-                if self.store.has_device(action.device):
-                    self.store.save_epoch(action.device, action.epoch)
+                self._queue_epoch(action.device, action.epoch)
             elif isinstance(action, Emit):
                 self._count(action.type)
                 self.emit(action.type, action.device, **dict(action.data))
@@ -228,6 +231,34 @@ class HengeService:
                 self._count("keepalive_timeout")
             elif isinstance(action, PublishWill):
                 pass
+
+    def _queue_epoch(self, device: str, epoch: int) -> None:
+        self._pending_epochs[device] = max(epoch, self._pending_epochs.get(device, 0))
+        if self._epochs_saved is None:
+            loop = asyncio.get_running_loop()
+            self._epochs_saved = loop.create_future()
+            loop.call_soon(self._flush_epochs)
+
+    def _flush_epochs(self) -> None:
+        pending, self._pending_epochs = self._pending_epochs, {}
+        saved, self._epochs_saved = self._epochs_saved, None
+        try:
+            if self._store is not None:
+                self._store.save_epochs(pending)
+        except Exception as exc:  # the waiting connects fail; nothing is acknowledged
+            log.error("store.epochs_failed error=%s", exc)
+            if saved is not None and not saved.done():
+                saved.set_exception(exc)
+            return
+        if saved is not None and not saved.done():
+            saved.set_result(None)
+
+    def epochs_durable(self) -> Awaitable[None]:
+        if self._epochs_saved is not None:
+            return asyncio.shield(self._epochs_saved)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     def _on_presence(self, change: PresenceChange) -> None:
         if not self.store.has_device(change.device):

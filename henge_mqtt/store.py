@@ -367,7 +367,14 @@ class Store:
 
     def save_epoch(self, device: str, epoch: int) -> None:
         """Persist the epoch high-water mark; it only goes up, even if called out of order."""
-        self._db.execute("UPDATE devices SET epoch = MAX(epoch, ?) WHERE id = ?", (epoch, device))
+        self.save_epochs({device: epoch})
+
+    def save_epochs(self, epochs: dict[str, int]) -> None:
+        """Many high-water marks in one transaction (the group commit of a reconnect storm)."""
+        with self._tx():
+            self._db.executemany(
+                "UPDATE devices SET epoch = MAX(epoch, ?) WHERE id = ?", [(e, d) for d, e in epochs.items()]
+            )
 
     # ---- device reports ----------------------------------------------------------------------
 

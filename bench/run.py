@@ -1,0 +1,267 @@
+"""Benchmark harness: the same scenarios against henge, stock amqtt 0.12.1 and Mosquitto.
+
+    python bench/run.py --sizes 1000,3000,10000 [--targets henge,amqtt,mosquitto] [--workers 2]
+
+Scenarios per fleet size N: connect + subscribe all N; broker memory after connect; a fleet-wide
+push delivered to all N (QoS 1, acknowledged); a takeover storm (min(N, 1000) devices reconnect
+at once with their own ids while their old sockets stay open); clean shutdown with N connected.
+Prints one table with ratios and writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "henge/devices/{device}/config"
+PHASE_TIMEOUT = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Target:
+    name = ""
+
+    def __init__(self, n: int, tmp: Path) -> None:
+        self.n = n
+        self.tmp = tmp
+        self.port = free_port()
+        self.devices: list[tuple[str, str | None]] = [(f"dev{i:05}", None) for i in range(n)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def push(self, marker: str) -> None:
+        topics = [(TOPIC.format(device=d), json.dumps({"device": d, "version": 1, "config": {"m": marker}}).encode())
+                  for d, _ in self.devices]
+        asyncio.run(loadgen.publish_all("127.0.0.1", self.port, topics, None, None))
+
+    def stop(self) -> float | None:
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+        return time.monotonic() - started
+
+
+class Henge(Target):
+    name = "henge"
+
+    def start(self) -> None:
+        from henge_mqtt.store import Store
+
+        data = self.tmp / "data"
+        store = Store(data)
+        secrets = store.add_devices([(d, {}) for d, _ in self.devices])
+        store.close()
+        self.devices = [(d, secrets[d]) for d, _ in self.devices]
+        self.data = data
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", str(self.port),
+             "--log-level", "warning"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    def push(self, marker: str) -> None:
+        cfg = self.tmp / "fleet.json"
+        cfg.write_text(json.dumps({"m": marker}))
+        subprocess.run([sys.executable, "-m", "henge_mqtt", "push", "--all", str(cfg), "--data", str(self.data),
+                        "--timeout", str(PHASE_TIMEOUT)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+class StockAmqtt(Target):
+    name = "amqtt"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "stock_amqtt.py"), str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+
+class Mosquitto(Target):
+    name = "mosquitto"
+
+    def start(self) -> None:
+        conf = self.tmp / "mosquitto.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+                        "max_inflight_messages 0\npersistence false\n")
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+
+TARGETS = {"henge": Henge, "amqtt": StockAmqtt, "mosquitto": Mosquitto}
+
+
+def run_one(target_cls: type[Target], n: int, workers: int, storm: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{target_cls.name}-"))
+    target = target_cls(n, tmp)
+    result: dict[str, Any] = {"target": target.name, "n": n}
+    ctx = mp.get_context("spawn")
+    procs, commands, results = [], [], ctx.Queue()
+    try:
+        target.start()
+        assert target.proc is not None
+        shares = [target.devices[i::workers] for i in range(workers)]
+        for share in shares:
+            q = ctx.Queue()
+            spec = {"host": "127.0.0.1", "port": target.port, "devices": share, "topic": TOPIC}
+            p = ctx.Process(target=loadgen.worker_main, args=(spec, q, results))
+            p.start()
+            procs.append(p)
+            commands.append(q)
+
+        def broadcast(command: dict[str, Any]) -> list[dict[str, Any]]:
+            for q in commands:
+                q.put(command)
+            return [results.get(timeout=PHASE_TIMEOUT + 30) for _ in commands]
+
+        wall_started = time.monotonic()
+        start_at = time.time() + 1.0
+        replies = broadcast({"cmd": "connect", "start_at": start_at})
+        result["connect_s"] = max(r["done_at"] for r in replies) - start_at
+        result["connect_failed"] = sum(r["failed"] for r in replies)
+        time.sleep(0.5)
+        result["rss_mb"] = rss_mb(target.proc.pid)
+
+        marker = uuid.uuid4().hex
+        for q in commands:
+            q.put({"cmd": "await_push", "marker": marker, "timeout": PHASE_TIMEOUT})
+        t0 = time.time()
+        target.push(marker)
+        replies = [results.get(timeout=PHASE_TIMEOUT + 30) for _ in commands]
+        result["push_s"] = max(r["last"] for r in replies) - t0
+        result["push_missing"] = sum(r["missing"] for r in replies)
+        result["wrong_deliveries"] = sum(r["wrong"] for r in replies)
+
+        k = min(storm, n)
+        start_at = time.time() + 0.5
+        per = [len(s) for s in shares]
+        counts = [k // workers + (1 if i < k % workers else 0) for i in range(workers)]
+        for q, c, size in zip(commands, counts, per, strict=True):
+            q.put({"cmd": "storm", "count": min(c, size), "start_at": start_at, "timeout": PHASE_TIMEOUT})
+        replies = [results.get(timeout=PHASE_TIMEOUT + 30) for _ in commands]
+        result["storm_n"] = k
+        result["storm_s"] = max(r["current_at"] for r in replies) - start_at
+        result["storm_failed"] = sum(r["failed"] for r in replies)
+        result["storm_without_config"] = sum(r["without_config"] for r in replies)
+        result["storm_old_still_open"] = sum(r["old_still_open"] for r in replies)
+        result["wrong_deliveries"] += sum(r["wrong"] for r in replies)
+        result["rss_after_mb"] = rss_mb(target.proc.pid)
+
+        result["shutdown_s"] = target.stop()
+        wall = time.monotonic() - wall_started
+        for q in commands:
+            q.put({"cmd": "stop"})
+        replies = [results.get(timeout=30) for _ in range(2 * len(commands))]
+        cpu = [r["cpu"] for r in replies if r["cmd"] == "cpu"]
+        result["loadgen_cpu_share"] = max(cpu) / wall if wall else 0.0
+    except Exception as exc:  # a broker that falls over is a result too
+        result["error"] = repr(exc)
+    finally:
+        if target.proc is not None and target.proc.poll() is None:
+            target.proc.kill()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+METRICS = [
+    ("connect_s", "connect + subscribe all (s)"),
+    ("rss_mb", "broker RSS after connect (MB)"),
+    ("push_s", "fleet push, all acked (s)"),
+    ("storm_s", "takeover storm, all current (s)"),
+    ("shutdown_s", "clean shutdown (s)"),
+]
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    by = {(r["target"], r["n"]): r for r in results}
+    sizes = sorted({r["n"] for r in results})
+    lines = ["| N | metric | henge | amqtt 0.12.1 | mosquitto | henge/mosquitto | henge/amqtt |",
+             "|---|---|---|---|---|---|---|"]
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+    for n in sizes:
+        for key, label in METRICS:
+            h, a, m = (by.get((t, n), {}).get(key) for t in ("henge", "amqtt", "mosquitto"))
+            ratio_m = f"{h / m:.1f}x" if h is not None and m else "-"
+            ratio_a = f"{h / a:.2f}x" if h is not None and a else "-"
+            lines.append(f"| {n} | {label} | {fmt(h)} | {fmt(a)} | {fmt(m)} | {ratio_m} | {ratio_a} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,3000,10000")
+    parser.add_argument("--targets", default="henge,amqtt,mosquitto")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--storm", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    results = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        for name in args.targets.split(","):
+            print(f"bench: {name} N={n} ...", file=sys.stderr, flush=True)
+            r = run_one(TARGETS[name], n, args.workers, args.storm)
+            print(f"bench: {json.dumps(r)}", file=sys.stderr, flush=True)
+            results.append(r)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=2))
+    print(table(results))
+    print(f"\nresults: {path}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,288 @@
+"""One MQTT connection on the wire: amqtt's packet codecs and QoS flows, our reading and timing.
+
+amqtt's ``ProtocolHandler`` wraps every read in ``asyncio.wait_for`` (a task and a timer per
+packet), spawns a task per incoming packet, hands SUBSCRIBE/PUBLISH to the broker through queues,
+never enforces keep-alive, and creates its disconnect waiter after the reader starts (an early EOF
+is lost). Its ``Session`` builds a ``transitions`` state machine per connection, which dominates
+both connect CPU and memory. This module keeps amqtt's codecs and outgoing QoS machinery and
+replaces the rest: one reader coroutine that dispatches packets inline, one keep-alive timer that
+is re-armed lazily, a light session, and direct callbacks into the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.connack import (
+    BAD_USERNAME_PASSWORD,
+    IDENTIFIER_REJECTED,
+    UNACCEPTABLE_PROTOCOL_VERSION,
+    ConnackPacket,
+)
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.packet import (
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.protocol.handler import ProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import IncomingApplicationMessage, Session
+
+CLOSE_TIMEOUT = 1.0
+DEFAULT_MAX_PACKET = 1024 * 1024
+
+# on_message(topic, payload, qos, retain) -> False means: protocol violation, close.
+MessageCallback = Callable[[str, bytes, int, bool], bool]
+SubscribeCallback = Callable[[int, list[tuple[str, int]]], Awaitable[None]]
+UnsubscribeCallback = Callable[[int, list[str]], Awaitable[None]]
+
+
+class ConnectRefused(Exception):
+    """The CONNECT was malformed or unacceptable; a CONNACK code was already sent if it has one."""
+
+
+class LightSession(Session):
+    """amqtt's Session without its per-connection ``transitions`` state machine.
+
+    We never resume sessions and track connection state in our own session table, so the state
+    machine (the largest cost of a connect in CPU and memory) has nothing to do.
+    """
+
+    def _init_states(self) -> None:
+        return None
+
+
+class TrackedReader(ReaderAdapter):
+    """Remembers when the peer last sent anything: the evidence that a connection is alive."""
+
+    def __init__(self, inner: ReaderAdapter) -> None:
+        self.inner = inner
+        self.last_read = time.time()
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self.inner.read(n)
+        self.last_read = time.time()
+        return data
+
+    def feed_eof(self) -> None:
+        self.inner.feed_eof()
+
+
+class BoundedWriter(StreamWriterAdapter):
+    """A close that cannot hang on a peer that stopped reading."""
+
+    is_closed: bool
+
+    async def close(self) -> None:
+        if self.is_closed:
+            return
+        self.is_closed = True
+        writer = self._writer
+        try:
+            await asyncio.wait_for(writer.drain(), CLOSE_TIMEOUT)
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+        except (TimeoutError, OSError, ConnectionError):
+            writer.transport.abort()
+
+    def abort(self) -> None:
+        self.is_closed = True
+        self._writer.transport.abort()
+
+
+async def read_connect(reader: ReaderAdapter, writer: WriterAdapter) -> LightSession:
+    """Read and check the first packet; the session it describes is not trusted yet."""
+    connect = await ConnectPacket.from_stream(reader)
+    if connect.variable_header is None or connect.payload is None:
+        raise ConnectRefused("CONNECT without header or payload")
+    code: int | None = None
+    if connect.proto_name != "MQTT" or connect.variable_header.reserved_flag:
+        raise ConnectRefused("not an MQTT 3.1.1 CONNECT")
+    if connect.proto_level != 4:
+        code = UNACCEPTABLE_PROTOCOL_VERSION
+    elif (connect.password_flag and not connect.username_flag) or (
+        connect.username_flag and connect.username is None
+    ) or (connect.password_flag and connect.password is None):
+        code = BAD_USERNAME_PASSWORD
+    elif not connect.client_id or connect.payload.client_id_is_random:
+        code = IDENTIFIER_REJECTED  # every henge identity names itself
+    elif connect.will_flag and (connect.will_topic is None or connect.will_message is None):
+        raise ConnectRefused("will flag set without will topic/message")
+    if code is not None:
+        await ConnackPacket.build(0, code).to_stream(writer)
+        raise ConnectRefused(f"CONNACK {code}")
+    session = LightSession()
+    session.client_id = connect.client_id
+    session.clean_session = connect.clean_session_flag
+    session.will_flag = bool(connect.will_flag)
+    session.will_retain = connect.will_retain_flag
+    session.will_qos = connect.will_qos
+    session.will_topic = connect.will_topic
+    session.will_message = connect.will_message
+    session.username = connect.username
+    session.password = connect.password
+    session.keep_alive = max(connect.keep_alive, 0)
+    return session
+
+
+class HengeHandler(BrokerProtocolHandler):
+    def __init__(
+        self,
+        plugins_manager: Any,
+        *,
+        on_message: MessageCallback,
+        on_subscribe: SubscribeCallback,
+        on_unsubscribe: UnsubscribeCallback,
+        max_packet: int = DEFAULT_MAX_PACKET,
+    ) -> None:
+        super().__init__(plugins_manager)
+        self._loop = asyncio.get_running_loop()
+        self._disconnect_waiter = self._loop.create_future()
+        self.on_message = on_message
+        self.on_subscribe = on_subscribe
+        self.on_unsubscribe = on_unsubscribe
+        self.max_packet = max_packet
+        self.timed_out = False
+        self.protocol_error = False
+        self.read_timeout: float | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._qos2: set[asyncio.Task[None]] = set()
+
+    def attach(self, session: Session, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        super().attach(session, reader, writer)
+        self.read_timeout = float(session.keep_alive) or None
+        self.keepalive_timeout = None  # no write-side timer per packet sent; the broker never pings
+
+    async def start(self) -> None:
+        await ProtocolHandler.start(self)
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for task in self._qos2:
+            task.cancel()
+        await ProtocolHandler.stop(self)
+        self._resolve(None)
+
+    def _resolve(self, result: DisconnectPacket | None) -> None:
+        waiter = self._disconnect_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+
+    async def wait_disconnect(self) -> DisconnectPacket | None:
+        assert self._disconnect_waiter is not None
+        return await self._disconnect_waiter
+
+    # ---- keep-alive: one timer, re-armed only when it fires ---------------------------------------
+
+    def _arm(self, delay: float) -> None:
+        self._watchdog = self._loop.call_later(delay, self._check_alive)
+
+    def _check_alive(self) -> None:
+        assert self.read_timeout is not None and isinstance(self.reader, TrackedReader)
+        idle = time.time() - self.reader.last_read
+        if idle >= self.read_timeout:
+            self.timed_out = True
+            self._resolve(None)
+        else:
+            self._arm(self.read_timeout - idle)
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    async def _reader_loop(self) -> None:
+        assert self._reader_ready is not None and self.reader is not None
+        self._reader_ready.set()
+        if self.read_timeout is not None:
+            self._arm(self.read_timeout)
+        try:
+            while not self._disconnect_waiter.done():
+                header = await MQTTFixedHeader.from_stream(self.reader)
+                if header is None:
+                    break
+                if header.remaining_length > self.max_packet:
+                    self.protocol_error = True
+                    break
+                kind = header.packet_type
+                if kind not in _CLIENT_PACKETS:
+                    self.protocol_error = True  # reserved, or a packet only a broker may send
+                    break
+                packet = await packet_class(header).from_stream(self.reader, fixed_header=header)
+                if kind == PUBLISH:
+                    await self._on_publish(packet)
+                elif kind == PUBACK:
+                    await self.handle_puback(packet)
+                elif kind == PINGREQ:
+                    await self.handle_pingreq(packet)
+                elif kind == SUBSCRIBE:
+                    await self.on_subscribe(packet.variable_header.packet_id, list(packet.payload.topics))
+                elif kind == UNSUBSCRIBE:
+                    await self.on_unsubscribe(packet.variable_header.packet_id, list(packet.payload.topics))
+                elif kind == DISCONNECT:
+                    self._resolve(packet)
+                elif kind == CONNECT:
+                    self.protocol_error = True  # [MQTT-3.1.0-2]
+                    break
+                elif kind == PUBREC:
+                    await self.handle_pubrec(packet)
+                elif kind == PUBREL:
+                    await self.handle_pubrel(packet)
+                elif kind == PUBCOMP:
+                    await self.handle_pubcomp(packet)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, NoDataError):
+            pass
+        except (MQTTError, AMQTTError, ValueError, IndexError, UnicodeDecodeError, AttributeError, TypeError):
+            self.protocol_error = True  # a malformed packet from a broken or hostile client
+        finally:
+            self._resolve(None)
+            self._reader_stopped.set()
+
+    async def _on_publish(self, packet: PublishPacket) -> None:
+        topic, data, qos = packet.topic_name, bytes(packet.data or b""), packet.qos or 0
+        if topic is None:
+            self.protocol_error = True
+            self._resolve(None)
+            return
+        if qos == 2:
+            # QoS 2 waits for the client's PUBREL: run amqtt's flow aside so reading continues.
+            task = asyncio.ensure_future(self._qos2_flow(packet))
+            self._qos2.add(task)
+            task.add_done_callback(self._qos2.discard)
+            return
+        if not self.on_message(topic, data, qos, bool(packet.retain_flag)):
+            self.protocol_error = True
+            self._resolve(None)
+            return
+        if qos == 1:
+            await self._send_packet(PubackPacket.build(packet.packet_id))
+
+    async def _qos2_flow(self, packet: PublishPacket) -> None:
+        assert self.session is not None
+        message = IncomingApplicationMessage(packet.packet_id, packet.topic_name, 2, packet.data, packet.retain_flag)
+        message.publish_packet = packet
+        await self._handle_message_flow(message)
+        delivered = self.session.delivered_message_queue.get_nowait()
+        if not self.on_message(delivered.topic, bytes(delivered.data), 2, bool(packet.retain_flag)):
+            self.protocol_error = True
+            self._resolve(None)
+
+
+_CLIENT_PACKETS = frozenset({CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ,
+                             DISCONNECT})
