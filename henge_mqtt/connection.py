@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -60,14 +61,43 @@ class ConnectRefused(Exception):
 
 
 class LightSession(Session):
-    """amqtt's Session without its per-connection ``transitions`` state machine.
+    """amqtt's Session without its ``transitions`` state machine and its four eager queues.
 
     We never resume sessions and track connection state in our own session table, so the state
-    machine (the largest cost of a connect in CPU and memory) has nothing to do.
+    machine (the largest cost of a connect in CPU) has nothing to do, and the queues (the largest
+    cost in memory) are needed only by a QoS 2 publish, so they are made on first use.
     """
 
-    def _init_states(self) -> None:
-        return None
+    def __init__(self) -> None:  # deliberately not Session.__init__: see the class docstring
+        self.remote_address: str | None = None
+        self.remote_port: int | None = None
+        self.client_id: str | None = None
+        self.clean_session: bool | None = None
+        self.will_flag = False
+        self.will_message: bytes | bytearray | None = None
+        self.will_qos: int | None = None
+        self.will_retain: bool | None = None
+        self.will_topic: str | None = None
+        self.keep_alive: float = 0
+        self.username: str | None = None
+        self.password: str | None = None
+        self.parent = 0
+        self.is_anonymous = False
+        self.ssl_object = None
+        self.attributes: dict[str, Any] = {}
+        self._packet_id = 0
+        self.inflight_out: OrderedDict[int, Any] = OrderedDict()
+        self.inflight_in: OrderedDict[int, Any] = OrderedDict()
+        self._delivered: asyncio.Queue[Any] | None = None
+
+    @property
+    def delivered_message_queue(self) -> asyncio.Queue[Any]:
+        if self._delivered is None:
+            self._delivered = asyncio.Queue()
+        return self._delivered
+
+    def __repr__(self) -> str:
+        return f"LightSession(client_id={self.client_id!r})"
 
 
 class TrackedReader(ReaderAdapter):
@@ -153,7 +183,8 @@ class HengeHandler(BrokerProtocolHandler):
         on_unsubscribe: UnsubscribeCallback,
         max_packet: int = DEFAULT_MAX_PACKET,
     ) -> None:
-        super().__init__(plugins_manager)
+        # Not BrokerProtocolHandler.__init__: its two subscription queues are replaced by callbacks.
+        ProtocolHandler.__init__(self, plugins_manager)
         self._loop = asyncio.get_running_loop()
         self._disconnect_waiter = self._loop.create_future()
         self.on_message = on_message
@@ -172,7 +203,8 @@ class HengeHandler(BrokerProtocolHandler):
         self.keepalive_timeout = None  # no write-side timer per packet sent; the broker never pings
 
     async def start(self) -> None:
-        await ProtocolHandler.start(self)
+        # Not ProtocolHandler.start: no ready-event handshake, and a fresh session has nothing to retry.
+        self._reader_task = asyncio.create_task(self._reader_loop())
 
     async def stop(self) -> None:
         if self._watchdog is not None:
@@ -208,8 +240,7 @@ class HengeHandler(BrokerProtocolHandler):
     # ---- reading ----------------------------------------------------------------------------
 
     async def _reader_loop(self) -> None:
-        assert self._reader_ready is not None and self.reader is not None
-        self._reader_ready.set()
+        assert self.reader is not None
         if self.read_timeout is not None:
             self._arm(self.read_timeout)
         try:
