@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.adapters import BufferReader, ReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import (
@@ -41,19 +41,25 @@ from amqtt.mqtt.packet import (
     UNSUBSCRIBE,
     MQTTFixedHeader,
 )
+from amqtt.mqtt.pingresp import PingRespPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
-from amqtt.session import IncomingApplicationMessage, Session
+from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 CLOSE_TIMEOUT = 1.0
+PUBACK_TIMEOUT = 10.0
 DEFAULT_MAX_PACKET = 1024 * 1024
 
 # on_message(topic, payload, qos, retain) -> False means: protocol violation, close.
 MessageCallback = Callable[[str, bytes, int, bool], bool]
 SubscribeCallback = Callable[[int, list[tuple[str, int]]], Awaitable[None]]
 UnsubscribeCallback = Callable[[int, list[str]], Awaitable[None]]
+
+
+class PacketTooLarge(Exception):
+    """A packet announced more bytes than ``max_packet``: the connection is closed unread."""
 
 
 class ConnectRefused(Exception):
@@ -106,6 +112,8 @@ class TrackedReader(ReaderAdapter):
     def __init__(self, inner: ReaderAdapter) -> None:
         self.inner = inner
         self.last_read = time.time()
+        raw = getattr(inner, "_reader", None)
+        self.stream: asyncio.StreamReader | None = raw if isinstance(raw, asyncio.StreamReader) else None
 
     async def read(self, n: int = -1) -> bytes:
         data = await self.inner.read(n)
@@ -194,7 +202,7 @@ class HengeHandler(BrokerProtocolHandler):
         self.timed_out = False
         self.protocol_error = False
         self.read_timeout: float | None = None
-        self._watchdog: asyncio.TimerHandle | None = None
+        self.oversized = False
         self._qos2: set[asyncio.Task[None]] = set()
 
     def attach(self, session: Session, reader: ReaderAdapter, writer: WriterAdapter) -> None:
@@ -207,8 +215,6 @@ class HengeHandler(BrokerProtocolHandler):
         self._reader_task = asyncio.create_task(self._reader_loop())
 
     async def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
         for task in self._qos2:
             task.cancel()
         await ProtocolHandler.stop(self)
@@ -223,45 +229,60 @@ class HengeHandler(BrokerProtocolHandler):
         assert self._disconnect_waiter is not None
         return await self._disconnect_waiter
 
-    # ---- keep-alive: one timer, re-armed only when it fires ---------------------------------------
-
-    def _arm(self, delay: float) -> None:
-        self._watchdog = self._loop.call_later(delay, self._check_alive)
-
-    def _check_alive(self) -> None:
-        assert self.read_timeout is not None and isinstance(self.reader, TrackedReader)
-        idle = time.time() - self.reader.last_read
-        if idle >= self.read_timeout:
-            self.timed_out = True
-            self._resolve(None)
-        else:
-            self._arm(self.read_timeout - idle)
+    def idle_too_long(self, now: float) -> bool:
+        """Keep-alive check, called by the broker's periodic sweep (one sweep, not a timer each)."""
+        if self.read_timeout is None or not isinstance(self.reader, TrackedReader):
+            return False
+        if now - self.reader.last_read < self.read_timeout:
+            return False
+        self.timed_out = True
+        self._resolve(None)
+        return True
 
     # ---- reading ----------------------------------------------------------------------------
 
+    async def _read_packet(self) -> tuple[MQTTFixedHeader, bytes]:
+        """One whole packet: two reads for almost every packet instead of one per byte."""
+        assert isinstance(self.reader, TrackedReader)
+        stream = self.reader.stream
+        if stream is None:  # not a TCP stream (websockets): amqtt's byte-wise path
+            header = await MQTTFixedHeader.from_stream(self.reader)
+            if header is None:
+                raise NoDataError("connection closed")
+            if header.remaining_length > self.max_packet:
+                raise PacketTooLarge(header.remaining_length)
+            body = await self.reader.read(header.remaining_length) if header.remaining_length else b""
+            return header, body
+        head = await stream.readexactly(2)
+        byte1, encoded = head[0], head[1]
+        length, multiplier = encoded & 0x7F, 128
+        while encoded & 0x80:
+            if multiplier > 128**3:
+                raise MQTTError("malformed remaining length")
+            encoded = (await stream.readexactly(1))[0]
+            length += (encoded & 0x7F) * multiplier
+            multiplier *= 128
+        if length > self.max_packet:
+            raise PacketTooLarge(length)
+        body = await stream.readexactly(length) if length else b""
+        self.reader.last_read = time.time()
+        return MQTTFixedHeader(byte1 >> 4, byte1 & 0x0F, length), body
+
     async def _reader_loop(self) -> None:
-        assert self.reader is not None
-        if self.read_timeout is not None:
-            self._arm(self.read_timeout)
         try:
             while not self._disconnect_waiter.done():
-                header = await MQTTFixedHeader.from_stream(self.reader)
-                if header is None:
-                    break
-                if header.remaining_length > self.max_packet:
-                    self.protocol_error = True
-                    break
+                header, body = await self._read_packet()
                 kind = header.packet_type
                 if kind not in _CLIENT_PACKETS:
                     self.protocol_error = True  # reserved, or a packet only a broker may send
                     break
-                packet = await packet_class(header).from_stream(self.reader, fixed_header=header)
+                packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
                 if kind == PUBLISH:
                     await self._on_publish(packet)
                 elif kind == PUBACK:
                     await self.handle_puback(packet)
                 elif kind == PINGREQ:
-                    await self.handle_pingreq(packet)
+                    await self._send_packet(_PINGRESP)
                 elif kind == SUBSCRIBE:
                     await self.on_subscribe(packet.variable_header.packet_id, list(packet.payload.topics))
                 elif kind == UNSUBSCRIBE:
@@ -279,11 +300,49 @@ class HengeHandler(BrokerProtocolHandler):
                     await self.handle_pubcomp(packet)
         except (asyncio.IncompleteReadError, ConnectionError, OSError, NoDataError):
             pass
+        except PacketTooLarge:
+            self.oversized = True
+            self.protocol_error = True
         except (MQTTError, AMQTTError, ValueError, IndexError, UnicodeDecodeError, AttributeError, TypeError):
             self.protocol_error = True  # a malformed packet from a broken or hostile client
         finally:
             self._resolve(None)
             self._reader_stopped.set()
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    async def _send_packet(self, packet: Any) -> None:
+        """One ``write`` per packet keeps packets whole without amqtt's lock, timer and plugin event."""
+        writer = self.writer
+        if writer is None or getattr(writer, "is_closed", False):
+            return
+        try:
+            writer.write(packet.to_bytes())
+            await writer.drain()
+        except (ConnectionError, OSError):
+            self._resolve(None)
+
+    async def mqtt_publish(
+        self, topic: str, data: bytes | bytearray, qos: int | None, retain: bool, ack_timeout: int | None = None
+    ) -> OutgoingApplicationMessage:
+        if qos != 1:
+            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        # QoS 1 without amqtt's wait_for (a task per delivery): one future, one deadline.
+        assert self.session is not None
+        packet_id = self.session.next_packet_id
+        message = OutgoingApplicationMessage(packet_id, topic, 1, data, retain)
+        waiter: asyncio.Future[PubackPacket] = self._loop.create_future()
+        self.session.inflight_out[packet_id] = message
+        self._puback_waiters[packet_id] = waiter
+        try:
+            message.publish_packet = message.build_publish_packet()
+            await self._send_packet(message.publish_packet)
+            async with asyncio.timeout(ack_timeout or PUBACK_TIMEOUT):
+                message.puback_packet = await waiter
+        finally:
+            self._puback_waiters.pop(packet_id, None)
+            self.session.inflight_out.pop(packet_id, None)
+        return message
 
     async def _on_publish(self, packet: PublishPacket) -> None:
         topic, data, qos = packet.topic_name, bytes(packet.data or b""), packet.qos or 0
@@ -315,5 +374,6 @@ class HengeHandler(BrokerProtocolHandler):
             self._resolve(None)
 
 
+_PINGRESP = PingRespPacket.build()
 _CLIENT_PACKETS = frozenset({CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ,
                              DISCONNECT})

@@ -44,6 +44,7 @@ from .topics import Topics
 log = logging.getLogger(__name__)
 
 EventListener = Callable[[Event], None]
+_ROUTINE_EVENTS = frozenset({"connected", "disconnected", "report"})
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -74,7 +75,6 @@ class HengeService:
         self._broker: HengeBroker | None = None
         self._listeners: list[EventListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._housekeeping: asyncio.Task[None] | None = None
         self.admin_secret = ""
         self.counters: dict[str, int] = {}
         self._waiters: dict[str, set[_ReportWaiter]] = {}
@@ -124,7 +124,6 @@ class HengeService:
             self._store = None
             self._broker = None
             raise
-        self._housekeeping = asyncio.create_task(broker.run_housekeeping())
         host, port = self.address
         write_private(
             data_dir / SERVICE_FILE,
@@ -136,9 +135,6 @@ class HengeService:
     async def stop(self) -> None:
         if self._broker is None or self._store is None:
             return
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            await asyncio.gather(self._housekeeping, return_exceptions=True)
         await self._broker.shutdown()
         if self._epochs_saved is not None:
             self._flush_epochs()
@@ -197,10 +193,21 @@ class HengeService:
         return lambda: self._listeners.remove(listener)
 
     def emit(self, type_: str, device: str | None = None, **data: Any) -> None:
+        """Log, publish on the events topic, and call in-process listeners: only what is wanted.
+
+        Connects and disconnects are the bulk of events in a fleet; they are built only if
+        someone subscribes or listens, and logged at debug level.
+        """
+        level = logging.DEBUG if type_ in _ROUTINE_EVENTS else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "event.%s device=%s %s", type_, device, json.dumps(data, default=str, sort_keys=True))
+        broker = self._broker
+        wanted = broker is not None and broker.has_subscribers(self.topics.events)
+        if not wanted and not self._listeners:
+            return
         event = Event(type=type_, at=rfc3339(models.utc_now()), device=device, data=data)
-        log.info("event.%s device=%s %s", type_, device, json.dumps(data, default=str, sort_keys=True))
-        if self._broker is not None:
-            self._broker.publish(self.topics.events, event.model_dump_json().encode(), qos=0)
+        if wanted and broker is not None:
+            broker.publish(self.topics.events, event.model_dump_json().encode(), qos=0)
         for listener in list(self._listeners):
             listener(event)
 
@@ -263,15 +270,13 @@ class HengeService:
     def _on_presence(self, change: PresenceChange) -> None:
         if not self.store.has_device(change.device):
             return
-        presence = Presence(
-            device=change.device,
-            state="online" if change.online else "offline",
-            epoch=change.epoch,
-            since=_iso(change.since),
-            reason=change.reason,
-            remote=change.remote,
-        )
-        self._publish_presence(presence)
+        # The Presence model's JSON, written out by hand: this runs for every connect of a fleet.
+        payload = json.dumps(
+            {"device": change.device, "state": "online" if change.online else "offline", "epoch": change.epoch,
+             "since": _iso(change.since), "reason": change.reason, "remote": change.remote},
+            separators=(",", ":"), ensure_ascii=False,
+        ).encode()
+        self.broker.publish(self.topics.presence(change.device), payload, qos=1, retain=True)
         if change.online:
             self._count("connects")
         if change.reason == "keepalive_timeout":
