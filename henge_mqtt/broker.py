@@ -99,7 +99,7 @@ class Connection:
     close_reason: str | None = None
     will_allowed: bool = False
     started: bool = False
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[Any] | None = None  # the task serving it: closing waits for it to finish
 
     @property
     def device(self) -> str | None:
@@ -287,6 +287,7 @@ class HengeBroker(Broker):
         )
         handler.attach(session, reader, writer)
         conn.handler = handler
+        conn.task = asyncio.current_task()
         self._conns[key] = conn  # before any await: a racing CONNECT must see this one to replace it
 
         await self._await_closes(closes)
@@ -362,9 +363,9 @@ class HengeBroker(Broker):
         else:
             with contextlib.suppress(Exception):
                 await writer.close()
-        if conn.started:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conn.finished.wait(), CLOSE_TIMEOUT)
+        task = conn.task
+        if conn.started and task is not None and task is not asyncio.current_task() and not task.done():
+            await asyncio.wait({task}, timeout=CLOSE_TIMEOUT)
 
     def _publish_will(self, conn: Connection) -> None:
         session = conn.session
@@ -387,8 +388,7 @@ class HengeBroker(Broker):
         if self._conns.get(conn.key) is conn:
             del self._conns[conn.key]
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.handler.stop(), CLOSE_TIMEOUT)
-        conn.finished.set()
+            await conn.handler.stop()  # bounded inside
         log.debug("broker.disconnected key=%s epoch=%d reason=%s", conn.key, conn.epoch, reason)
 
     # ---- subscribe / publish -------------------------------------------------------------------
@@ -533,11 +533,22 @@ class HengeBroker(Broker):
         for server in self._servers.values():
             if server.instance is not None:
                 server.instance.close()
-        closes = self._apply(self.table.shutdown(time.time()))
-        closing = [c for c in self._conns.values() if c not in closes]
-        for conn in closing:
-            conn.close_reason = "server_shutdown"
-        await self._await_closes(closes + closing)
+        # Every device goes offline with one reason; then every socket is aborted at once and the
+        # connection tasks, which have nothing left to wait for, finish together.
+        self._apply(self.table.shutdown(time.time()))
+        conns = list(self._conns.values())
+        for conn in conns:
+            conn.close_reason = conn.close_reason or "server_shutdown"
+            writer = conn.writer
+            if isinstance(writer, BoundedWriter):
+                writer.abort()
+            conn.handler._resolve(None)
+        for writer in list(self._handshakes):
+            if isinstance(writer, BoundedWriter):
+                writer.abort()
+        tasks = {c.task for c in conns if c.task is not None and not c.task.done()}
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

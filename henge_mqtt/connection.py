@@ -193,6 +193,8 @@ class HengeHandler(BrokerProtocolHandler):
     ) -> None:
         # Not BrokerProtocolHandler.__init__: its two subscription queues are replaced by callbacks.
         ProtocolHandler.__init__(self, plugins_manager)
+        # Used only by ProtocolHandler methods we replace; a fleet of idle connections need not carry them.
+        del self._reader_stopped, self._write_lock
         self._loop = asyncio.get_running_loop()
         self._disconnect_waiter = self._loop.create_future()
         self.on_message = on_message
@@ -215,9 +217,18 @@ class HengeHandler(BrokerProtocolHandler):
         self._reader_task = asyncio.create_task(self._reader_loop())
 
     async def stop(self) -> None:
+        """Stop reading, fail pending acknowledgements, close the socket: each step bounded."""
         for task in self._qos2:
             task.cancel()
-        await ProtocolHandler.stop(self)
+        for waiters in (self._puback_waiters, self._pubrec_waiters, self._pubrel_waiters, self._pubcomp_waiters):
+            for waiter in waiters.values():
+                waiter.cancel()
+        reader = self._reader_task
+        if reader is not None and reader is not asyncio.current_task() and not reader.done():
+            reader.cancel()
+            await asyncio.wait({reader}, timeout=CLOSE_TIMEOUT)
+        if self.writer is not None:
+            await self.writer.close()
         self._resolve(None)
 
     def _resolve(self, result: DisconnectPacket | None) -> None:
@@ -307,7 +318,6 @@ class HengeHandler(BrokerProtocolHandler):
             self.protocol_error = True  # a malformed packet from a broken or hostile client
         finally:
             self._resolve(None)
-            self._reader_stopped.set()
 
     # ---- writing ----------------------------------------------------------------------------
 

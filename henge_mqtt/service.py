@@ -270,13 +270,16 @@ class HengeService:
     def _on_presence(self, change: PresenceChange) -> None:
         if not self.store.has_device(change.device):
             return
+        topic = self.topics.presence(change.device)
+        if change.reason == "server_shutdown" and not self.broker.has_subscribers(topic):
+            return  # retained messages die with the broker: only live subscribers need to hear it
         # The Presence model's JSON, written out by hand: this runs for every connect of a fleet.
         payload = json.dumps(
             {"device": change.device, "state": "online" if change.online else "offline", "epoch": change.epoch,
              "since": _iso(change.since), "reason": change.reason, "remote": change.remote},
             separators=(",", ":"), ensure_ascii=False,
         ).encode()
-        self.broker.publish(self.topics.presence(change.device), payload, qos=1, retain=True)
+        self.broker.publish(topic, payload, qos=1, retain=True)
         if change.online:
             self._count("connects")
         if change.reason == "keepalive_timeout":

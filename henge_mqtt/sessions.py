@@ -16,7 +16,7 @@ Rules (docs/sessions.md explains them at length):
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 ConflictPolicy = Literal["flag", "quarantine"]
@@ -114,8 +114,9 @@ class DeviceSession:
     since: float = 0.0
     reason: str = "never_connected"
     remote: str | None = None
-    takeovers: deque[tuple[float, str | None, str | None]] = field(default_factory=deque)
-    all_takeovers: deque[float] = field(default_factory=deque)
+    # Created on the first takeover: most devices never have one, and a fleet has many devices.
+    takeovers: deque[tuple[float, str | None, str | None]] | None = None
+    all_takeovers: deque[float] | None = None
     conflict_since: float | None = None
     conflict_remotes: tuple[str, ...] = ()
     quarantine_until: float = 0.0
@@ -183,7 +184,7 @@ class SessionTable:
     def view(self, device: str, now: float) -> SessionView:
         entry = self._devices.get(device) or DeviceSession(device)
         self._expire_takeovers(entry, now)
-        hour = sum(1 for t in entry.all_takeovers if now - t <= 3600.0)
+        hour = sum(1 for t in entry.all_takeovers or () if now - t <= 3600.0)
         return SessionView(
             device=device,
             online=entry.online,
@@ -227,8 +228,11 @@ class SessionTable:
                      ("old_alive", alive)),
                 )
             )
+            if entry.all_takeovers is None:
+                entry.all_takeovers, entry.takeovers = deque(), deque()
             entry.all_takeovers.append(now)
             if alive:
+                assert entry.takeovers is not None
                 entry.takeovers.append((now, old.remote, remote))
 
         entry.epoch_hwm += 1
@@ -239,7 +243,7 @@ class SessionTable:
                            remote=remote)
 
         self._expire_takeovers(entry, now)
-        if len(entry.takeovers) >= s.conflict_takeovers:
+        if entry.takeovers is not None and len(entry.takeovers) >= s.conflict_takeovers:
             remotes = sorted({r for _, a, b in entry.takeovers for r in (a, b) if r})
             if entry.conflict_since is None:
                 entry.conflict_since = now
@@ -288,7 +292,8 @@ class SessionTable:
             return ()
         entry.conflict_since = None
         entry.conflict_remotes = ()
-        entry.takeovers.clear()
+        if entry.takeovers is not None:
+            entry.takeovers.clear()
         entry.quarantine_until = 0.0
         entry.quarantine_count = 0
         return (Emit("conflict_cleared", device, (("by", "operator"),)),)
@@ -304,7 +309,8 @@ class SessionTable:
             if now - last >= quiet and entry.quarantine_until <= now:
                 entry.conflict_since = None
                 entry.conflict_remotes = ()
-                entry.takeovers.clear()
+                if entry.takeovers is not None:
+                    entry.takeovers.clear()
                 actions.append(Emit("conflict_cleared", entry.device, (("by", "quiet_period"),)))
         return tuple(actions)
 
@@ -343,6 +349,8 @@ class SessionTable:
 
     def _expire_takeovers(self, entry: DeviceSession, now: float) -> None:
         window = self.settings.conflict_window
+        if entry.takeovers is None or entry.all_takeovers is None:
+            return
         while entry.takeovers and now - entry.takeovers[0][0] > window:
             entry.takeovers.popleft()
         while entry.all_takeovers and now - entry.all_takeovers[0] > 3600.0:
