@@ -30,7 +30,10 @@ def main() -> None:
     for q in qs:
         q.put({"cmd": "connect", "start_at": start})
     replies = [results.get() for _ in qs]
-    print("connect_s", max(r["done_at"] for r in replies) - start, "failed", sum(r["failed"] for r in replies))
+    print("connect_s", max(r["done_at"] for r in replies) - start, "failed", sum(r["failed"] for r in replies),
+          flush=True)
+    if len(sys.argv) > 4:  # hold the connections for this many seconds
+        time.sleep(float(sys.argv[4]))
     for q in qs:
         q.put({"cmd": "stop"})
     for p in procs:
