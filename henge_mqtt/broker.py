@@ -86,6 +86,7 @@ class BrokerLimits:
 class Connection:
     """One accepted MQTT connection and everything that belongs to it alone."""
 
+    broker: HengeBroker
     key: str
     principal: Principal
     epoch: int
@@ -108,6 +109,16 @@ class Connection:
     @property
     def last_heard(self) -> float:
         return self.reader.last_read
+
+    # The connection's PacketSink: packets go to the broker with the connection they came on.
+    def on_message(self, topic: str, data: bytes, qos: int, retain: bool) -> bool:
+        return self.broker._on_publish(self, topic, data, qos, retain)
+
+    async def on_subscribe(self, packet_id: int, topics: list[tuple[str, int]]) -> None:
+        await self.broker._on_subscribe(self, packet_id, topics)
+
+    async def on_unsubscribe(self, packet_id: int, topics: list[str]) -> None:
+        await self.broker._on_unsubscribe(self, packet_id, topics)
 
 
 class SubscriptionIndex:
@@ -199,7 +210,19 @@ class HengeBroker(Broker):
         return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
 
     async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._client_connected("default", StreamReaderAdapter(reader), BoundedWriter(writer))
+        # The same as _client_connected, one coroutine frame shallower: every idle device keeps
+        # this chain of frames alive, so its depth is memory times the fleet size.
+        adapter = BoundedWriter(writer)
+        if self._closing:
+            adapter.abort()
+            return
+        try:
+            await self._serve(TrackedReader(StreamReaderAdapter(reader)), adapter)
+        except (AMQTTError, MQTTError, NoDataError, ConnectionError, OSError) as exc:
+            log.debug("broker.connection_error error=%r", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await adapter.close()
 
     def addresses(self) -> list[tuple[str, int]]:
         """The (host, port) each TCP listener is bound to, with port 0 resolved."""
@@ -277,12 +300,10 @@ class HengeBroker(Broker):
         # The spec's 1.5 x keep-alive; upstream amqtt enforces none.
         session.keep_alive = math.ceil(keepalive * 1.5 * 1000) / 1000
         session.parent = 0  # never resume: a device gets its state from retained messages
-        conn = Connection(key, principal, epoch, remote, keepalive, None, session, reader, writer)  # type: ignore[arg-type]
+        conn = Connection(self, key, principal, epoch, remote, keepalive, None, session, reader, writer)  # type: ignore[arg-type]
         handler = HengeHandler(
             self.plugins_manager,
-            on_message=lambda topic, data, qos, retain: self._on_publish(conn, topic, data, qos, retain),
-            on_subscribe=lambda packet_id, topics: self._on_subscribe(conn, packet_id, topics),
-            on_unsubscribe=lambda packet_id, topics: self._on_unsubscribe(conn, packet_id, topics),
+            sink=conn,
             max_packet=self.limits.max_packet,
         )
         handler.attach(session, reader, writer)
@@ -301,10 +322,10 @@ class HengeBroker(Broker):
             await self._finish(conn)
             return
         await handler.mqtt_connack_authorize(True)
-        await handler.start()
         conn.started = True
         try:
-            packet = await handler.wait_disconnect()
+            await handler._reader_loop()  # in this task: see HengeHandler.run
+            packet = handler.disconnect_packet()
             if conn.close_reason is None:
                 if isinstance(packet, DisconnectPacket):
                     conn.close_reason = "client_disconnect"
