@@ -81,7 +81,12 @@ class Client:
     closed_at: float = 0.0
     got: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def open(self, host: str, port: int) -> None:
+    async def open(self, host: str, port: int, timeout: float = 30.0) -> None:
+        """CONNECT and SUBSCRIBE, bounded: a broker that never answers is a failure, not a hang."""
+        async with asyncio.timeout(timeout):
+            await self._open(host, port)
+
+    async def _open(self, host: str, port: int) -> None:
         self.reader, self.writer = await asyncio.open_connection(host, port)
         self.writer.write(connect_packet(self.device, self.device if self.secret else None, self.secret))
         kind, _, body = await read_packet(self.reader)
@@ -210,8 +215,17 @@ def worker_main(spec: dict[str, Any], commands: Any, results: Any) -> None:
 
 
 async def publish_all(host: str, port: int, topics: list[tuple[str, bytes]], username: str | None,
-                      password: str | None) -> None:
+                      password: str | None, timeout: float = 120.0) -> None:
     """The fleet push for brokers without henge: one client publishes every retained QoS 1 message."""
+    try:
+        async with asyncio.timeout(timeout):
+            await _publish_all(host, port, topics, username, password)
+    except TimeoutError:
+        pass  # the subscribers' missing counts tell the story
+
+
+async def _publish_all(host: str, port: int, topics: list[tuple[str, bytes]], username: str | None,
+                       password: str | None) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(connect_packet("bench-publisher", username, password))
     kind, _, body = await read_packet(reader)

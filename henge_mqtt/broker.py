@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import ssl
@@ -49,6 +50,7 @@ from .topics import Topics, filter_matches, valid_filter, valid_topic_name
 log = logging.getLogger(__name__)
 
 SUBACK_FAILURE = 0x80
+ADMIN_MAX_PACKET = 64 * 1024 * 1024
 SWEEP_INTERVAL = 0.25
 
 
@@ -63,7 +65,11 @@ class Principal:
 class BrokerHooks(Protocol):
     """What the broker needs from the service; the broker never imports the service."""
 
-    def authenticate(self, username: str | None, password: str | None, client_id: str) -> Principal | None: ...
+    def authenticate(
+        self, username: str | None, password: str | None, client_id: str, cert_cn: str | None
+    ) -> Principal | None:
+        """``cert_cn``: the CN of a verified TLS client certificate, if the connection presented one."""
+        ...
 
     def session_actions(self, actions: Sequence[Action]) -> None: ...
 
@@ -79,7 +85,26 @@ class BrokerLimits:
     max_keepalive: float = 300.0
     connect_timeout: float = 10.0
     max_device_publish: int = 64 * 1024
-    max_packet: int = 1024 * 1024
+    max_packet: int = 1024 * 1024  # devices; admins (bulk imports, big configs) get ADMIN_MAX_PACKET
+    max_inflight: int = 50
+    publish_rate: float = 10.0
+    publish_burst: float = 50.0
+    tls_client_auth: Literal["off", "optional", "required"] = "off"
+
+
+def _client_cert_cn(writer: WriterAdapter) -> str | None:
+    """The common name of the peer's verified certificate (TLS listeners only)."""
+    ssl_object = writer.get_ssl_info() if hasattr(writer, "get_ssl_info") else None
+    if ssl_object is None:
+        return None
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
 
 
 @dataclass(eq=False, slots=True)
@@ -99,6 +124,8 @@ class Connection:
     subscriptions: dict[str, int] = field(default_factory=dict)
     close_reason: str | None = None
     will_allowed: bool = False
+    tokens: float = -1.0
+    tokens_at: float = 0.0
     started: bool = False
     task: asyncio.Task[Any] | None = None  # the task serving it: closing waits for it to finish
 
@@ -109,6 +136,16 @@ class Connection:
     @property
     def last_heard(self) -> float:
         return self.reader.last_read
+
+    def take_publish_token(self, now: float, rate: float, burst: float) -> bool:
+        if self.tokens < 0:
+            self.tokens, self.tokens_at = burst, now
+        self.tokens = min(burst, self.tokens + (now - self.tokens_at) * rate)
+        self.tokens_at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
     # The connection's PacketSink: packets go to the broker with the connection they came on.
     def on_message(self, topic: str, data: bytes, qos: int, retain: bool) -> bool:
@@ -198,9 +235,11 @@ class HengeBroker(Broker):
         ssl_context: ssl.SSLContext | None,
     ) -> asyncio.Server | websockets.asyncio.server.Server:
         if listener_type == ListenerType.TCP:
+            if ssl_context is not None and self.limits.tls_client_auth == "required":
+                ssl_context.verify_mode = ssl.CERT_REQUIRED
             # A larger backlog than asyncio's 100: a fleet reconnects all at once after a restart.
             return await asyncio.start_server(
-                self._on_stream,
+                functools.partial(self._on_stream, tls=ssl_context is not None),
                 address,
                 port,
                 reuse_address=True,
@@ -209,7 +248,7 @@ class HengeBroker(Broker):
             )
         return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
 
-    async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: bool = False) -> None:
         # The same as _client_connected, one coroutine frame shallower: every idle device keeps
         # this chain of frames alive, so its depth is memory times the fleet size.
         adapter = BoundedWriter(writer)
@@ -267,7 +306,8 @@ class HengeBroker(Broker):
             self._handshakes.pop(writer, None)
         client_id = session.client_id or ""
 
-        principal = self.hooks.authenticate(session.username, session.password, client_id)
+        cert_cn = _client_cert_cn(writer) if self.limits.tls_client_auth != "off" else None
+        principal = self.hooks.authenticate(session.username, session.password, client_id, cert_cn)
         if principal is None:
             log.info("broker.auth_failed client_id=%s remote=%s", client_id, remote)
             await self._refuse(writer, BAD_USERNAME_PASSWORD if session.username else NOT_AUTHORIZED)
@@ -304,7 +344,8 @@ class HengeBroker(Broker):
         handler = HengeHandler(
             self.plugins_manager,
             sink=conn,
-            max_packet=self.limits.max_packet,
+            max_packet=self.limits.max_packet if principal.kind == "device" else ADMIN_MAX_PACKET,
+            max_inflight=self.limits.max_inflight if principal.kind == "device" else 65_000,
         )
         handler.attach(session, reader, writer)
         conn.handler = handler
@@ -331,6 +372,12 @@ class HengeBroker(Broker):
                     conn.close_reason = "client_disconnect"
                 elif handler.timed_out:
                     conn.close_reason = "keepalive_timeout"
+                elif handler.slow_consumer:
+                    conn.close_reason = "slow_consumer"
+                    log.warning("broker.slow_consumer key=%s: too many unacknowledged deliveries", key)
+                elif handler.oversized:
+                    conn.close_reason = "packet_too_large"
+                    log.warning("broker.packet_too_large key=%s", key)
                 elif handler.protocol_error:
                     conn.close_reason = "protocol_error"
                 else:
@@ -467,9 +514,14 @@ class HengeBroker(Broker):
         if not self._may_publish(conn, topic):
             log.info("broker.publish_denied key=%s topic=%s", conn.key, topic)
             return True
-        if conn.principal.kind == "device" and len(data) > self.limits.max_device_publish:
-            log.warning("broker.publish_too_large key=%s topic=%s size=%d", conn.key, topic, len(data))
-            return True
+        if conn.principal.kind == "device":
+            if len(data) > self.limits.max_device_publish:
+                log.warning("broker.publish_too_large key=%s topic=%s size=%d", conn.key, topic, len(data))
+                return True
+            if not conn.take_publish_token(time.monotonic(), self.limits.publish_rate, self.limits.publish_burst):
+                log.warning("broker.publish_rate_exceeded key=%s: closing the connection", conn.key)
+                conn.close_reason = "publish_rate_exceeded"
+                return False
         self._route(conn, topic, data, qos, retain)
         return True
 

@@ -166,6 +166,9 @@ def serve(
     host: Annotated[str | None, typer.Option("--host", help="Listener address (overrides the config).")] = None,
     port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="Listener port; 0 picks one.")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")] = "info",
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=0, max=65535, help="Serve Prometheus metrics on this port (off by default).")] = None,
+    metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address for --metrics-port.")] = "127.0.0.1",
 ) -> None:
     """Run the service with its embedded broker until SIGINT/SIGTERM."""
     from .service import HengeService
@@ -189,6 +192,12 @@ def serve(
             loop.add_signal_handler(sig, stop.set)
         async with HengeService(settings) as service:
             bound_host, bound_port = service.address
+            metrics = None
+            if metrics_port is not None:
+                from .metrics import MetricsServer
+
+                metrics = MetricsServer(service, metrics_host, metrics_port)
+                typer.echo(f"henge: metrics on http://{metrics_host}:{metrics.port}/metrics", err=True)
             # Start-up objects live as long as the process: keep the collector from rescanning them,
             # and collect less often (a fleet of connections is many long-lived objects).
             gc.freeze()
@@ -197,6 +206,8 @@ def serve(
             await stop.wait()
             typer.echo("henge: shutting down", err=True)
             gc.disable()  # tearing down 10,000 connections makes garbage a collection would only rescan
+            if metrics is not None:
+                metrics.close()
 
     try:
         asyncio.run(main())
@@ -490,6 +501,47 @@ def events(
         _run(go())
     except ValidationFailed as exc:
         fail(str(exc))
+
+
+@app.command()
+def audit(
+    device: Annotated[str | None, typer.Option("--device", help="Only this device's entries.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="The newest N entries.")] = 100,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Who did what, when: every admin action, oldest first (secrets never appear)."""
+    args: dict[str, Any] = {"limit": limit}
+    if device:
+        args["device"] = device
+    rows = _call(data, broker, timeout, "audit", **args)
+    for row in rows:
+        row["details"] = " ".join(f"{k}={v}" for k, v in sorted(row["summary"].items()))
+    _emit(rows, as_json, lambda r: _table(r, ["at", "actor", "action", "device", "details"]))
+
+
+certs_app = typer.Typer(no_args_is_help=True, help="Certificates for TLS listeners.")
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("dev")
+@user_errors
+def certs_dev(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write into.")],
+    host: Annotated[list[str] | None, typer.Option("--host", help="Server name or IP (repeatable).")] = None,
+    device: Annotated[list[str] | None, typer.Option("--device", help="A device certificate (CN = id).")] = None,
+    days: Annotated[int, typer.Option("--days", min=1)] = 30,
+) -> None:
+    """A throwaway CA, server and device certificates for tests and demos (not for production)."""
+    from .certs import make_dev_certs
+    from .models import device_id_problem
+
+    for d in device or []:
+        problem = device_id_problem(d)
+        if problem:
+            fail(problem, 2)
+    written = make_dev_certs(out, host or ["localhost", "127.0.0.1"], device or [], days)
+    typer.echo(f"wrote {', '.join(p.name for p in written.values())} and their keys (mode 0600) to {out}")
+    typer.echo("these are for testing: production certificates come from your own PKI", err=True)
 
 
 # ---- the device agent ----------------------------------------------------------------------------

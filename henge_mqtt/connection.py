@@ -63,6 +63,10 @@ class PacketSink(Protocol):
     async def on_unsubscribe(self, packet_id: int, topics: list[str]) -> None: ...
 
 
+class SlowConsumer(Exception):
+    """A client left too many deliveries unacknowledged; its connection is being closed."""
+
+
 class PacketTooLarge(Exception):
     """A packet announced more bytes than ``max_packet``: the connection is closed unread."""
 
@@ -188,6 +192,7 @@ class HengeHandler(BrokerProtocolHandler):
         *,
         sink: PacketSink,
         max_packet: int = DEFAULT_MAX_PACKET,
+        max_inflight: int = 50,
     ) -> None:
         # Not BrokerProtocolHandler.__init__: its two subscription queues are replaced by callbacks.
         ProtocolHandler.__init__(self, plugins_manager)
@@ -197,6 +202,8 @@ class HengeHandler(BrokerProtocolHandler):
         self._disconnect_waiter = self._loop.create_future()
         self.sink = sink  # one reference, not three closures: this object exists per device
         self.max_packet = max_packet
+        self.max_inflight = max_inflight
+        self.slow_consumer = False
         self.timed_out = False
         self.protocol_error = False
         self.read_timeout: float | None = None
@@ -294,10 +301,15 @@ class HengeHandler(BrokerProtocolHandler):
                     await self.handle_puback(packet)
                 elif kind == PINGREQ:
                     await self._send_packet(_PINGRESP)
-                elif kind == SUBSCRIBE:
-                    await self.sink.on_subscribe(packet.variable_header.packet_id, list(packet.payload.topics))
-                elif kind == UNSUBSCRIBE:
-                    await self.sink.on_unsubscribe(packet.variable_header.packet_id, list(packet.payload.topics))
+                elif kind in (SUBSCRIBE, UNSUBSCRIBE):
+                    topics = list(packet.payload.topics)
+                    if not topics or header.flags != 0x02:
+                        self.protocol_error = True  # [MQTT-3.8.3-3] [MQTT-3.8.1-1] and their UNSUBSCRIBE twins
+                        break
+                    if kind == SUBSCRIBE:
+                        await self.sink.on_subscribe(packet.variable_header.packet_id, topics)
+                    else:
+                        await self.sink.on_unsubscribe(packet.variable_header.packet_id, topics)
                 elif kind == DISCONNECT:
                     self._resolve(packet)
                 elif kind == CONNECT:
@@ -339,6 +351,13 @@ class HengeHandler(BrokerProtocolHandler):
             return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
         # QoS 1 without amqtt's wait_for (a task per delivery): one future, one deadline.
         assert self.session is not None
+        if len(self.session.inflight_out) >= self.max_inflight:
+            # A client that does not acknowledge cannot make the broker hold unbounded messages.
+            self.slow_consumer = True
+            self._resolve(None)
+            if isinstance(self.writer, BoundedWriter):
+                self.writer.abort()
+            raise SlowConsumer(f"{self.session.client_id}: {self.max_inflight} messages unacknowledged")
         packet_id = self.session.next_packet_id
         message = OutgoingApplicationMessage(packet_id, topic, 1, data, retain)
         waiter: asyncio.Future[PubackPacket] = self._loop.create_future()

@@ -243,3 +243,8 @@ class PushManyArgs(Frozen):
     config: ConfigObject
     message: str = Field(default="", max_length=1024)
     delivery_timeout: float = Field(default=30.0, ge=0, le=3600)
+
+
+class AuditArgs(Frozen):
+    device: DeviceId | None = None
+    limit: int = Field(default=100, ge=1, le=100_000)

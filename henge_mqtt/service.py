@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import difflib
 import json
 import logging
@@ -44,6 +45,8 @@ from .topics import Topics
 log = logging.getLogger(__name__)
 
 EventListener = Callable[[Event], None]
+# Who is acting: the admin identity of the request being served, else the embedding application.
+current_actor: contextvars.ContextVar[str] = contextvars.ContextVar("henge_actor", default="library")
 _ROUTINE_EVENTS = frozenset({"connected", "disconnected", "report"})
 Progress = Callable[[dict[str, Any]], None]
 
@@ -78,6 +81,7 @@ class HengeService:
         self.admin_secret = ""
         self.counters: dict[str, int] = {}
         self._waiters: dict[str, set[_ReportWaiter]] = {}
+        self.on_delivery_started: Callable[[asyncio.Task[Any]], None] | None = None
         self._pending_epochs: dict[str, int] = {}
         self._epochs_saved: asyncio.Future[None] | None = None
 
@@ -112,7 +116,14 @@ class HengeService:
                 hooks=self,
                 topics=self.topics,
                 sessions=self.settings.sessions.to_table_settings(),
-                limits=BrokerLimits(max_keepalive=self.settings.max_keepalive),
+                limits=BrokerLimits(
+                    max_keepalive=self.settings.max_keepalive,
+                    max_packet=self.settings.max_packet_bytes,
+                    max_inflight=self.settings.max_inflight,
+                    publish_rate=self.settings.device_publish_rate,
+                    publish_burst=self.settings.device_publish_burst,
+                    tls_client_auth=self.settings.tls_client_auth,
+                ),
             )
             self._broker = broker
             for device, epoch in self.store.epochs().items():
@@ -216,14 +227,26 @@ class HengeService:
 
     # ---- broker hooks --------------------------------------------------------------------------
 
-    def authenticate(self, username: str | None, password: str | None, client_id: str) -> Principal | None:
-        if not username or password is None:
+    def authenticate(
+        self, username: str | None, password: str | None, client_id: str, cert_cn: str | None = None
+    ) -> Principal | None:
+        tls = self.settings.tls_client_auth
+        if username and username == self.settings.admin_name:
+            ok = password is not None and self.store.verify_admin(username, password)
+            return Principal("admin", username) if ok else None
+        device = username or client_id
+        if client_id != device or not self.store.has_device(device):
             return None
-        if username == self.settings.admin_name:
-            return Principal("admin", username) if self.store.verify_admin(username, password) else None
-        if client_id != username:
+        if cert_cn is not None and cert_cn != device:
+            log.info("auth.cert_mismatch device=%s cn=%s", device, cert_cn)
+            return None  # a device certificate is good for its own identity only
+        if tls == "required" and cert_cn is None:
             return None
-        return Principal("device", username) if self.store.verify_device(username, password) else None
+        if cert_cn is not None and self.settings.tls_cert_replaces_password and password is None:
+            return Principal("device", device)
+        if username is None or password is None:
+            return None
+        return Principal("device", device) if self.store.verify_device(device, password) else None
 
     def session_actions(self, actions: Sequence[Action]) -> None:
         for action in actions:
@@ -292,7 +315,7 @@ class HengeService:
 
     def message(self, principal: Principal, topic: str, payload: bytes) -> None:
         if principal.kind == "admin" and topic == self.topics.admin_requests:
-            self._spawn(self._handle_admin(payload))
+            self._spawn(self._handle_admin(payload, principal.name))
         elif principal.kind == "device" and topic == self.topics.report(principal.name):
             self.handle_report(principal.name, payload)
 
@@ -358,7 +381,8 @@ class HengeService:
 
     # ---- admin protocol ------------------------------------------------------------------------
 
-    async def _handle_admin(self, payload: bytes) -> None:
+    async def _handle_admin(self, payload: bytes, actor: str) -> None:
+        current_actor.set(actor)  # this task's context only
         try:
             request = AdminRequest.model_validate_json(payload)
         except ValidationError as exc:
@@ -401,12 +425,12 @@ class HengeService:
             raise InvalidDeviceId(problem)
         if device == self.settings.admin_name:
             raise DuplicateDevice(f"{device!r} is the admin identity's name; choose another id")
-        secret = self.store.add_device(device, labels)
+        secret = self.store.add_device(device, labels, actor=current_actor.get())
         self.emit("device_added", device)
         return secret
 
     async def remove_device(self, device: str) -> None:
-        self.store.remove_device(device)
+        self.store.remove_device(device, actor=current_actor.get())
         await self.broker.kick(device)
         self.broker.table.forget(device)
         for topic in (self.topics.config(device), self.topics.presence(device)):
@@ -421,7 +445,7 @@ class HengeService:
                 raise InvalidDeviceId(problem + "; nothing was imported")
             if device == self.settings.admin_name:
                 raise DuplicateDevice(f"{device!r} is the admin identity's name; nothing was imported")
-        secrets_by_id = self.store.add_devices(devices)
+        secrets_by_id = self.store.add_devices(devices, actor=current_actor.get())
         self.emit("devices_imported", None, count=len(devices))
         return secrets_by_id
 
@@ -431,7 +455,7 @@ class HengeService:
         return [d.id for d in self.store.list_devices(labels if not all_devices else None)]
 
     def push_many(
-        self, devices: list[str], config: dict[str, Any], *, message: str = "", actor: str = "library"
+        self, devices: list[str], config: dict[str, Any], *, message: str = ""
     ) -> tuple[list[ConfigVersion], list[asyncio.Task[Any]]]:
         """One new version per device in one transaction, then published without waiting.
 
@@ -439,7 +463,7 @@ class HengeService:
         the device acknowledged it at QoS 1).
         """
         self._check_size(config)
-        rows = self.store.push_many(devices, config, actor=actor, message=message)
+        rows = self.store.push_many(devices, config, actor=current_actor.get(), message=message)
         deliveries: list[asyncio.Task[Any]] = []
         for row in rows:
             deliveries += self._publish_snapshot(row)
@@ -448,23 +472,22 @@ class HengeService:
         return rows, deliveries
 
     def rotate_secret(self, device: str) -> str:
-        secret = self.store.rotate_secret(device)
+        secret = self.store.rotate_secret(device, actor=current_actor.get())
         self.emit("secret_rotated", device)
         return secret
 
     def push(
-        self, device: str, config: dict[str, Any], *, message: str = "", if_version: int | None = None,
-        actor: str = "library",
+        self, device: str, config: dict[str, Any], *, message: str = "", if_version: int | None = None
     ) -> ConfigVersion:
         self._check_size(config)
-        row = self.store.push(device, config, actor=actor, message=message, if_version=if_version)
+        row = self.store.push(device, config, actor=current_actor.get(), message=message, if_version=if_version)
         self._publish_snapshot(row)
         self._count("pushes")
         self.emit("config_published", device, version=row.version, sha256=row.sha256)
         return row
 
-    def rollback(self, device: str, version: int, *, message: str = "", actor: str = "library") -> ConfigVersion:
-        row = self.store.rollback(device, version, actor=actor, message=message)
+    def rollback(self, device: str, version: int, *, message: str = "") -> ConfigVersion:
+        row = self.store.rollback(device, version, actor=current_actor.get(), message=message)
         self._publish_snapshot(row)
         self._count("pushes")
         self.emit("config_published", device, version=row.version, sha256=row.sha256, rollback_of=version)
@@ -479,12 +502,21 @@ class HengeService:
             )
 
     def _publish_snapshot(self, row: ConfigVersion) -> list[asyncio.Task[Any]]:
-        return self.broker.publish(self.topics.config(row.device), row.snapshot().to_payload(), qos=1, retain=True)
+        deliveries = self.broker.publish(self.topics.config(row.device), row.snapshot().to_payload(), qos=1,
+                                         retain=True)
+        if self.on_delivery_started is not None:
+            for task in deliveries:
+                self.on_delivery_started(task)
+        return deliveries
+
+    def online_count(self) -> int:
+        return sum(1 for c in self.broker.connections() if c.device is not None and c.close_reason is None)
 
     async def kick(self, device: str) -> bool:
         if not self.store.has_device(device):
             raise UnknownDevice(f"unknown device {device!r}")
         kicked = await self.broker.kick(device)
+        self.store.record_audit(current_actor.get(), "kick", device, {"was_connected": kicked})
         if kicked:
             self._count("kicks")
         return kicked
@@ -493,6 +525,7 @@ class HengeService:
         if not self.store.has_device(device):
             raise UnknownDevice(f"unknown device {device!r}")
         actions = self.broker.table.clear_conflict(device)
+        self.store.record_audit(current_actor.get(), "clear_conflict", device, {"had_conflict": bool(actions)})
         self.session_actions(actions)
         return bool(actions)
 
@@ -579,7 +612,7 @@ async def _op_device_rotate(svc: HengeService, a: models.DeviceRefArgs, progress
 
 
 async def _op_push(svc: HengeService, a: models.PushArgs, progress: Progress) -> Any:
-    row = svc.push(a.device, a.config, message=a.message, if_version=a.if_version, actor="admin")
+    row = svc.push(a.device, a.config, message=a.message, if_version=a.if_version)
     return _version_dict(row, with_config=False)
 
 
@@ -605,7 +638,7 @@ async def _op_diff(svc: HengeService, a: models.DiffArgs, progress: Progress) ->
 
 
 async def _op_rollback(svc: HengeService, a: models.RollbackArgs, progress: Progress) -> Any:
-    return _version_dict(svc.rollback(a.device, a.version, message=a.message, actor="admin"), with_config=False)
+    return _version_dict(svc.rollback(a.device, a.version, message=a.message), with_config=False)
 
 
 async def _op_status(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
@@ -626,7 +659,7 @@ async def _op_device_export(svc: HengeService, a: models.StatusArgs, progress: P
 
 async def _op_push_many(svc: HengeService, a: models.PushManyArgs, progress: Progress) -> Any:
     devices = svc.select(all_devices=a.all, labels=a.labels)
-    rows, deliveries = svc.push_many(devices, a.config, message=a.message, actor="admin")
+    rows, deliveries = svc.push_many(devices, a.config, message=a.message)
     total = len(deliveries)
     pending: set[asyncio.Task[Any]] = set(deliveries)
     loop = asyncio.get_running_loop()
@@ -640,6 +673,13 @@ async def _op_push_many(svc: HengeService, a: models.PushManyArgs, progress: Pro
 
 def _acked(tasks: list[asyncio.Task[Any]]) -> int:
     return sum(1 for t in tasks if t.done() and not t.cancelled() and t.exception() is None)
+
+
+async def _op_audit(svc: HengeService, a: models.AuditArgs, progress: Progress) -> Any:
+    # A removed device's trail is still there; only an id never seen is unknown.
+    if a.device is not None and not svc.store.has_device(a.device) and not svc.store.audit(a.device, limit=1):
+        raise UnknownDevice(f"unknown device {a.device!r}")
+    return svc.store.audit(a.device, a.limit)
 
 
 async def _op_kick(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
@@ -664,6 +704,7 @@ _OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any, Progress], A
     "status": (models.StatusArgs, _op_status),
     "kick": (models.DeviceRefArgs, _op_kick),
     "wait": (models.WaitArgs, _op_wait),
+    "audit": (models.AuditArgs, _op_audit),
     "device.import": (models.ImportArgs, _op_device_import),
     "device.export": (models.StatusArgs, _op_device_export),
     "push_many": (models.PushManyArgs, _op_push_many),

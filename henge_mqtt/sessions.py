@@ -23,7 +23,10 @@ ConflictPolicy = Literal["flag", "quarantine"]
 TakeoverWill = Literal["suppress", "publish"]
 
 # Reasons that mean the connection ended without the client saying goodbye: its will goes out.
-ABNORMAL_REASONS = frozenset({"connection_lost", "keepalive_timeout", "protocol_error"})
+ABNORMAL_REASONS = frozenset({
+    "connection_lost", "keepalive_timeout", "protocol_error", "packet_too_large", "slow_consumer",
+    "publish_rate_exceeded", "server_error",
+})
 
 
 @dataclass(frozen=True, slots=True)

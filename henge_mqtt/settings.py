@@ -44,6 +44,12 @@ class Settings(BaseModel):
     max_config_bytes: int = Field(default=256 * 1024, ge=2)
     max_report_bytes: int = Field(default=16 * 1024, ge=64)
     max_keepalive: float = Field(default=300.0, gt=0)
+    max_packet_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_inflight: int = Field(default=50, ge=1, le=65000)
+    device_publish_rate: float = Field(default=10.0, gt=0)
+    device_publish_burst: float = Field(default=50.0, ge=1)
+    tls_client_auth: Literal["off", "optional", "required"] = "off"
+    tls_cert_replaces_password: bool = False
     admin_name: str = Field(default="henge-admin", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     sessions: SessionConfig = Field(default_factory=SessionConfig)
 

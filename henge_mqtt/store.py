@@ -64,6 +64,19 @@ MIGRATIONS: list[str] = [
         rejected_at TEXT
     );
     """,
+    """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        device TEXT,
+        summary TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_device ON audit (device, id);
+    CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+    """,
 ]
 
 
@@ -134,7 +147,7 @@ class Store:
 
     # ---- devices -----------------------------------------------------------------------------
 
-    def add_device(self, device: str, labels: dict[str, str] | None = None) -> str:
+    def add_device(self, device: str, labels: dict[str, str] | None = None, *, actor: str = "library") -> str:
         secret = new_secret()
         digest = hash_secret(secret)
         try:
@@ -143,12 +156,13 @@ class Store:
                     "INSERT INTO devices (id, secret_hash, labels, created_at) VALUES (?, ?, ?, ?)",
                     (device, digest, json.dumps(labels or {}, sort_keys=True), _ts(utc_now())),
                 )
+                self._audit(actor, "device.add", device, {"labels": labels or {}})
         except sqlite3.IntegrityError as exc:
             raise DuplicateDevice(f"device {device!r} already exists") from exc
         self._hashes[device] = digest
         return secret
 
-    def add_devices(self, devices: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
+    def add_devices(self, devices: list[tuple[str, dict[str, str]]], *, actor: str = "library") -> dict[str, str]:
         """Create many devices in one transaction: all or nothing. Returns their secrets."""
         seen: set[str] = set()
         for device, _ in devices:
@@ -163,23 +177,26 @@ class Store:
                 "INSERT INTO devices (id, secret_hash, labels, created_at) VALUES (?, ?, ?, ?)",
                 [(d, digests[d], json.dumps(labels, sort_keys=True), now) for d, labels in devices],
             )
+            self._audit(actor, "device.import", None, {"devices": len(devices)})
         self._hashes.update(digests)
         return secrets_by_id
 
-    def remove_device(self, device: str) -> None:
+    def remove_device(self, device: str, *, actor: str = "library") -> None:
         with self._tx():
             cur = self._db.execute("DELETE FROM devices WHERE id = ?", (device,))
             if cur.rowcount == 0:
                 raise UnknownDevice(f"unknown device {device!r}")
+            self._audit(actor, "device.remove", device, {})
         self._hashes.pop(device, None)
 
-    def rotate_secret(self, device: str) -> str:
+    def rotate_secret(self, device: str, *, actor: str = "library") -> str:
         secret = new_secret()
         digest = hash_secret(secret)
         with self._tx():
             cur = self._db.execute("UPDATE devices SET secret_hash = ? WHERE id = ?", (digest, device))
             if cur.rowcount == 0:
                 raise UnknownDevice(f"unknown device {device!r}")
+            self._audit(actor, "device.rotate_secret", device, {})
         self._hashes[device] = digest
         return secret
 
@@ -232,7 +249,9 @@ class Store:
         if_version: int | None = None,
     ) -> ConfigVersion:
         with self._tx():
-            return self._insert_version(device, config, actor=actor, message=message, if_version=if_version)
+            row = self._insert_version(device, config, actor=actor, message=message, if_version=if_version)
+            self._audit(actor, "push", device, {"version": row.version, "sha256": row.sha256, "message": message})
+            return row
 
     def push_many(
         self, devices: list[str], config: dict[str, Any], *, actor: str, message: str = ""
@@ -258,6 +277,7 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(r.device, r.version, text, sha, message, _ts(created), actor) for r in rows],
             )
+            self._audit(actor, "push_many", None, {"devices": len(rows), "sha256": sha, "message": message})
         return rows
 
     def _insert_version(
@@ -337,7 +357,9 @@ class Store:
         with self._tx():
             old = self.get_version(device, version)
             note = message or f"rollback to version {version}"
-            return self._insert_version(device, old.config, actor=actor, message=note, if_version=None)
+            row = self._insert_version(device, old.config, actor=actor, message=note, if_version=None)
+            self._audit(actor, "rollback", device, {"to_content_of": version, "version": row.version})
+            return row
 
     def current_versions(self) -> Iterator[ConfigVersion]:
         rows = self._db.execute(
@@ -410,6 +432,37 @@ class Store:
             (device,),
         ).fetchone()
         return DeviceReports(*row) if row else DeviceReports()
+
+    # ---- audit trail ---------------------------------------------------------------------------
+
+    def _audit(self, actor: str, action: str, device: str | None, summary: dict[str, Any]) -> None:
+        """Inside the caller's transaction: an action and its audit row land together or not at all."""
+        self._db.execute(
+            "INSERT INTO audit (at, actor, action, device, summary) VALUES (?, ?, ?, ?, ?)",
+            (_ts(utc_now()), actor, action, device, json.dumps(summary, sort_keys=True)),
+        )
+
+    def record_audit(self, actor: str, action: str, device: str | None, summary: dict[str, Any]) -> None:
+        with self._tx():
+            self._audit(actor, action, device, summary)
+
+    def audit(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries, oldest first; bulk actions carry no device."""
+        if device is None:
+            rows = self._db.execute(
+                "SELECT id, at, actor, action, device, summary FROM audit ORDER BY id DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = self._db.execute(
+                "SELECT id, at, actor, action, device, summary FROM audit WHERE device = ? ORDER BY id DESC "
+                "LIMIT ?",
+                (device, limit),
+            )
+        entries = [
+            {"id": r[0], "at": r[1], "actor": r[2], "action": r[3], "device": r[4], "summary": json.loads(r[5])}
+            for r in rows
+        ]
+        return entries[::-1]
 
     # ---- admins ------------------------------------------------------------------------------
 

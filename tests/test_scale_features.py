@@ -1,0 +1,113 @@
+"""Bulk operations, metrics and the benchmark harness (a tiny-N smoke run: timings never asserted)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from henge_mqtt.metrics import MetricsServer
+
+from .conftest import ROOT, Running, henge_cli, next_message, payload_json
+
+
+async def cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(henge_cli, *args, input=input, timeout=60)
+
+
+async def test_import_export_push_all_and_label(running: Running, tmp_path: Path) -> None:
+    data = str(running.data_dir)
+    csv_file = tmp_path / "fleet.csv"
+    csv_file.write_text("id,site,tier\n" + "".join(f"d{i:03},s{i % 2},{'gold' if i < 3 else ''}\n" for i in range(10)))
+    secrets_file = tmp_path / "secrets.csv"
+    result = await cli("device", "import", str(csv_file), "--secrets-out", str(secrets_file), "--data", data)
+    assert result.returncode == 0, result.stderr
+    assert oct(secrets_file.stat().st_mode & 0o777) == "0o600"
+    rows = secrets_file.read_text().splitlines()
+    assert rows[0] == "id,secret" and len(rows) == 11
+    secret = dict(r.split(",") for r in rows[1:])["d001"]
+    assert running.service.store.get_device("d001").labels == {"site": "s1", "tier": "gold"}
+    assert running.service.store.get_device("d005").labels == {"site": "s1"}
+
+    again = await cli("device", "import", str(csv_file), "--secrets-out", str(tmp_path / "s2.csv"), "--data", data)
+    assert again.returncode == 1 and "already exists; nothing was imported" in again.stderr
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text('{"id": "j1", "labels": {"site": "s9"}}\n{"id": "bad/id"}\n')
+    bad = await cli("device", "import", str(jsonl), "--secrets-out", str(tmp_path / "s3.csv"), "--data", data)
+    assert bad.returncode == 1 and "invalid device id" in bad.stderr
+    assert not running.service.store.has_device("j1") and not (tmp_path / "s3.csv").exists()
+
+    exported = await cli("device", "export", "--data", data)
+    assert exported.stdout.splitlines()[0] == "id,site,tier"
+    assert "d000,s0,gold" in exported.stdout.splitlines()
+
+    async with running.device_client("d001", secret) as device:
+        await device.subscribe("henge/devices/d001/config", qos=1)
+        cfg = tmp_path / "cfg.json"
+        cfg.write_text('{"fleet": 1}')
+        pushed = await cli("push", "--all", str(cfg), "--data", data, "--json")
+        assert pushed.returncode == 0, pushed.stderr
+        summary = json.loads(pushed.stdout)
+        assert (summary["devices"], summary["online"], summary["acknowledged"]) == (10, 1, 1)
+        assert payload_json(await next_message(device))["config"] == {"fleet": 1}
+        cfg.write_text('{"fleet": 2}')
+        by_label = await cli("push", "--label", "tier=gold", str(cfg), "--data", data, "--json")
+        assert json.loads(by_label.stdout)["devices"] == 3
+        assert payload_json(await next_message(device))["version"] == 2
+    assert running.service.store.get_version("d005").version == 1
+    assert running.service.store.get_version("d002").version == 2
+
+    status = await cli("status", "--label", "site=s1", "--summary", "--data", data, "--json")
+    counts = json.loads(status.stdout)
+    assert counts["devices"] == 5 and counts["offline"] == 5 and counts["pending"] + counts["unknown"] == 5
+    table = await cli("status", "--data", data)
+    assert table.stdout.strip().splitlines()[-1].startswith("devices=10 online=0 offline=10")
+    usage = await cli("push", "--all", "d001", str(cfg), "--data", data)
+    assert usage.returncode == 2 and "only the FILE" in usage.stderr
+
+
+async def test_metrics_endpoint(running: Running) -> None:
+    metrics = MetricsServer(running.service, "127.0.0.1", 0)
+    try:
+        secret = running.add("m1", {"a": 1})
+        async with running.device_client("m1", secret) as device:
+            await device.subscribe("henge/devices/m1/config", qos=1)
+            await next_message(device)
+            running.service.push("m1", {"a": 2})
+            await next_message(device)
+            await device.publish("henge/devices/m1/report", b'{"version": 2, "status": "applied"}', qos=1)
+            await device.publish("henge/devices/m1/report", b"garbage", qos=1)
+            await asyncio.sleep(0.2)
+            url = f"http://127.0.0.1:{metrics.port}/metrics"
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    finally:
+        metrics.close()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values["henge_connected_devices"] == 1
+    assert values["henge_connects_total"] == 1
+    assert values["henge_pushes_total"] == 2
+    assert values['henge_reports_total{status="applied"}'] == 1
+    assert values['henge_reports_total{status="invalid"}'] == 1
+    assert values["henge_publish_latency_seconds_count"] == 1  # the live push; the first was retained
+
+
+def test_bench_harness_smoke(tmp_path: Path) -> None:
+    """The harness against all three brokers at a tiny N, so it does not rot. No timing is asserted."""
+    result = subprocess.run(
+        [sys.executable, "bench/run.py", "--sizes", "20", "--storm", "10", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| 20 | connect + subscribe all (s) |" in result.stdout
+    data = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    by_target = {r["target"]: r for r in data["results"]}
+    assert set(by_target) == {"henge", "amqtt", "mosquitto"}
+    for name in ("henge", "mosquitto"):
+        r = by_target[name]
+        assert (r["connect_failed"], r["push_missing"], r["wrong_deliveries"]) == (0, 0, 0), r
+        assert (r["storm_failed"], r["storm_without_config"], r["storm_old_still_open"]) == (0, 0, 0), r
+    assert by_target["henge"]["shutdown_s"] is not None

@@ -1,0 +1,117 @@
+"""TLS listener with real TLS clients: server certificate, mutual TLS with CN = device id."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from henge_mqtt.certs import make_dev_certs
+from henge_mqtt.service import HengeService
+from henge_mqtt.settings import Settings
+
+from . import mqtt_raw as raw
+from .conftest import next_message, payload_json
+
+
+@contextlib.asynccontextmanager
+async def tls_service(tmp_path: Path, **henge: Any) -> AsyncIterator[tuple[HengeService, int, Path]]:
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["dev1", "dev2"])
+    listeners = {
+        "default": {"type": "tcp", "bind": "127.0.0.1:0"},
+        "tls": {"type": "tcp", "bind": "127.0.0.1:0", "ssl": True, "certfile": str(certs / "server.pem"),
+                "keyfile": str(certs / "server.key"), "cafile": str(certs / "ca.pem")},
+    }
+    settings = Settings(data_dir=tmp_path / "data", listeners=listeners, **henge)
+    async with HengeService(settings) as service:
+        tls_port = service.broker.addresses()[1][1]
+        yield service, tls_port, certs
+
+
+def context(certs: Path, device: str | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    if device:
+        ctx.load_cert_chain(str(certs / f"{device}.pem"), str(certs / f"{device}.key"))
+    return ctx
+
+
+async def test_tls_with_password_aiomqtt_and_mosquitto_sub(tmp_path: Path) -> None:
+    async with tls_service(tmp_path) as (service, port, certs):
+        secret = service.add_device("dev1")
+        service.push("dev1", {"tls": True})
+        async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", username="dev1", password=secret,
+                                  tls_context=context(certs), timeout=5) as client:
+            await client.subscribe("henge/devices/dev1/config", qos=1)
+            assert payload_json(await next_message(client))["config"] == {"tls": True}
+        result = await asyncio.to_thread(subprocess.run, [
+            "mosquitto_sub", "-h", "localhost", "-p", str(port), "--cafile", str(certs / "ca.pem"),
+            "-i", "dev1", "-u", "dev1", "-P", secret, "-t", "henge/devices/dev1/config", "-C", "1", "-W", "10",
+        ], capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0, result.stderr
+        assert '"tls":true' in result.stdout
+
+
+async def test_plaintext_to_tls_port_fails(tmp_path: Path) -> None:
+    async with tls_service(tmp_path) as (service, port, _):
+        secret = service.add_device("dev1")
+        client = await raw.RawClient.open(port)
+        await client.send(raw.connect("dev1", "dev1", secret))
+        with pytest.raises((EOFError, TimeoutError, ConnectionError)):
+            await client.connack(timeout=3)
+        client.close()
+
+
+async def test_mutual_tls_cn_must_equal_device_id(tmp_path: Path) -> None:
+    async with tls_service(tmp_path, tls_client_auth="optional", tls_cert_replaces_password=True) as (
+        service, port, certs,
+    ):
+        service.add_device("dev1", {"v": "1"})
+        service.add_device("dev2")
+        service.push("dev1", {"mtls": 1})
+        # its own certificate, no password: accepted
+        async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", tls_context=context(certs, "dev1"),
+                                  timeout=5) as client:
+            await client.subscribe("henge/devices/dev1/config", qos=1)
+            assert payload_json(await next_message(client))["config"] == {"mtls": 1}
+        # dev2's certificate claiming to be dev1: refused, whatever the password
+        with pytest.raises(aiomqtt.MqttCodeError):
+            async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", tls_context=context(certs, "dev2"),
+                                      timeout=5):
+                pass
+        # no certificate and no password: refused
+        with pytest.raises(aiomqtt.MqttCodeError):
+            async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", tls_context=context(certs), timeout=5):
+                pass
+
+
+async def test_required_client_certificates(tmp_path: Path) -> None:
+    async with tls_service(tmp_path, tls_client_auth="required") as (service, port, certs):
+        secret = service.add_device("dev1")
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", username="dev1", password=secret,
+                                      tls_context=context(certs), timeout=5):
+                pass
+        async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", username="dev1", password=secret,
+                                  tls_context=context(certs, "dev1"), timeout=5):
+            assert service.status("dev1")[0]["online"]
+
+
+def test_certs_dev_command(tmp_path: Path) -> None:
+    from .conftest import henge_cli
+
+    result = henge_cli("certs", "dev", "--out", str(tmp_path / "c"), "--device", "d1")
+    assert result.returncode == 0, result.stderr
+    assert "production certificates come from your own PKI" in result.stderr
+    for name in ("ca.pem", "server.pem", "server.key", "d1.pem", "d1.key"):
+        assert (tmp_path / "c" / name).exists()
+    assert oct((tmp_path / "c" / "d1.key").stat().st_mode & 0o777) == "0o600"
+    bad = henge_cli("certs", "dev", "--out", str(tmp_path / "c2"), "--device", "a/b")
+    assert bad.returncode == 2 and "invalid device id" in bad.stderr
