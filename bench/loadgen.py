@@ -207,7 +207,7 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
 def worker_main(spec: dict[str, Any], commands: Any, results: Any) -> None:
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     asyncio.run(run_worker(spec, commands, results))
     usage = resource.getrusage(resource.RUSAGE_SELF)

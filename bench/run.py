@@ -15,6 +15,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import loadgen  # noqa: E402
+import loadgen
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "henge/devices/{device}/config"
@@ -186,7 +187,10 @@ def run_one(target_cls: type[Target], n: int, workers: int, storm: int) -> dict[
             q.put({"cmd": "storm", "count": min(c, size), "start_at": start_at, "timeout": PHASE_TIMEOUT})
         replies = [results.get(timeout=PHASE_TIMEOUT + 30) for _ in commands]
         result["storm_n"] = k
-        result["storm_s"] = max(r["current_at"] for r in replies) - start_at
+        current = [r["current_at"] for r in replies]
+        # Not all current again (some never got their config): the storm has no finishing time.
+        result["storm_s"] = (max(current) - start_at) if all(current) and not any(
+            r["without_config"] for r in replies) else None
         result["storm_failed"] = sum(r["failed"] for r in replies)
         result["storm_without_config"] = sum(r["without_config"] for r in replies)
         result["storm_old_still_open"] = sum(r["old_still_open"] for r in replies)
@@ -200,6 +204,8 @@ def run_one(target_cls: type[Target], n: int, workers: int, storm: int) -> dict[
         replies = [results.get(timeout=30) for _ in range(2 * len(commands))]
         cpu = [r["cpu"] for r in replies if r["cmd"] == "cpu"]
         result["loadgen_cpu_share"] = max(cpu) / wall if wall else 0.0
+    except queue.Empty:
+        result["error"] = f"a phase did not finish within {PHASE_TIMEOUT + 30:.0f} s"
     except Exception as exc:  # a broker that falls over is a result too
         result["error"] = repr(exc)
     finally:

@@ -24,10 +24,11 @@ def test_store_schema_wal_and_migrations(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "henge.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.execute("PRAGMA user_version=1")
-    db.execute("DROP TABLE device_reports")
+    db.execute("DROP TABLE device_reports")  # undo migrations 2 and 3
+    db.execute("DROP TABLE audit")
     db.commit()
     db.close()
-    reopened = Store(tmp_path)  # migrates 1 -> 2
+    reopened = Store(tmp_path)  # migrates 1 -> latest
     assert reopened.schema_version == len(MIGRATIONS)
     reopened.close()
 
