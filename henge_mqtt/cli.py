@@ -169,8 +169,14 @@ def serve(
     metrics_port: Annotated[int | None, typer.Option(
         "--metrics-port", min=0, max=65535, help="Serve Prometheus metrics on this port (off by default).")] = None,
     metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address for --metrics-port.")] = "127.0.0.1",
+    external: Annotated[str | None, typer.Option(
+        "--broker", help="mqtt[s]://host:port of an existing broker's admin listener: run without the embedded "
+        "broker (see docs/scaling.md).")] = None,
+    broker_ca: Annotated[Path | None, typer.Option("--broker-ca", help="CA file for mqtts://.")] = None,
+    broker_cert: Annotated[Path | None, typer.Option("--broker-cert", help="Client certificate for mqtts://.")] = None,
+    broker_key: Annotated[Path | None, typer.Option("--broker-key", help="Client key for mqtts://.")] = None,
 ) -> None:
-    """Run the service with its embedded broker until SIGINT/SIGTERM."""
+    """Run the service (with its embedded broker, or against --broker) until SIGINT/SIGTERM."""
     from .service import HengeService
     from .settings import Settings
 
@@ -183,6 +189,14 @@ def serve(
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)
         logging.getLogger("transitions").setLevel(logging.WARNING)
     settings = Settings.load(config, data_dir=data, host=host, port=port)
+    if external:
+        if host is not None or port is not None:
+            fail("--host/--port configure the embedded broker; with --broker there is none", 2)
+        from .external import parse_broker_url
+
+        parse_broker_url(external)
+        settings = settings.model_copy(update={"external_broker": external, "external_ca": broker_ca,
+                                               "external_cert": broker_cert, "external_key": broker_key})
     _raise_file_limit()
 
     async def main() -> None:
@@ -542,6 +556,42 @@ def certs_dev(
     written = make_dev_certs(out, host or ["localhost", "127.0.0.1"], device or [], days)
     typer.echo(f"wrote {', '.join(p.name for p in written.values())} and their keys (mode 0600) to {out}")
     typer.echo("these are for testing: production certificates come from your own PKI", err=True)
+
+
+broker_config_app = typer.Typer(no_args_is_help=True, help="Configuration for an external broker.")
+app.add_typer(broker_config_app, name="broker-config")
+
+
+@broker_config_app.command("mosquitto")
+@user_errors
+def broker_config_mosquitto(
+    out: Annotated[Path, typer.Option("--out", help="Directory for mosquitto.conf, acl and passwd.")],
+    data: DataOpt = None,
+    device_listener: Annotated[str, typer.Option("--device-listener", help="HOST:PORT devices use.")]
+    = "0.0.0.0:1883",
+    admin_listener: Annotated[str, typer.Option("--admin-listener", help="HOST:PORT for henge and the CLI.")]
+    = "127.0.0.1:1884",
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "henge",
+    run_as: Annotated[str, typer.Option("--user", help="The user mosquitto runs as (must read passwd).")]
+    = "mosquitto",
+) -> None:
+    """Write a Mosquitto configuration (listeners, ACL, password file for every device) from the store."""
+    from .mosquitto import write_mosquitto_config
+    from .settings import Settings
+    from .store import Store
+
+    settings = Settings.load(data_dir=data)
+    store = Store(settings.data_dir)
+    try:
+        hashes, missing = store.broker_hashes()
+    finally:
+        store.close()
+    written = write_mosquitto_config(out, hashes, device_listener=device_listener, admin_listener=admin_listener,
+                                     topic_prefix=topic_prefix, admin_name=settings.admin_name, run_as=run_as)
+    typer.echo(f"wrote {', '.join(p.name for p in written)} to {out} ({len(hashes)} identities)")
+    if missing:
+        typer.echo(f"warning: {len(missing)} devices have no broker password yet (created before this feature): "
+                   f"rotate their secrets, e.g. henge device rotate-secret {missing[0]}", err=True)
 
 
 # ---- the device agent ----------------------------------------------------------------------------

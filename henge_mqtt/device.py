@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import os
-import random
+import secrets
 import shlex
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +24,7 @@ from typing import Any
 import aiomqtt
 from pydantic import ValidationError
 
+from .backoff import Backoff
 from .models import Snapshot, config_sha256
 from .topics import Topics
 
@@ -31,37 +32,6 @@ log = logging.getLogger(__name__)
 
 # A connection that ends sooner than this after CONNACK looks like a takeover or a quarantine.
 SHORT_LIVED = 5.0
-
-
-@dataclass(slots=True)
-class Backoff:
-    """Exponential backoff with full jitter, bounded by ``cap``.
-
-    ``attempt`` counts failures in a row; a connection that lasted is a success and resets it.
-    A connection that is closed right after it was accepted (another client with our identity, or
-    quarantine) counts as ``penalty`` failures so the two devices stop fighting quickly.
-    """
-
-    base: float = 1.0
-    cap: float = 60.0
-    penalty: int = 3
-    rand: Callable[[], float] = random.random
-    attempt: int = 0
-
-    def ceiling(self) -> float:
-        return min(self.cap, self.base * 2.0 ** min(self.attempt, 30))
-
-    def next_delay(self) -> float:
-        delay = self.rand() * self.ceiling()
-        self.attempt += 1
-        return delay
-
-    def failed_hard(self) -> float:
-        self.attempt += self.penalty - 1
-        return self.next_delay()
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 @dataclass(slots=True)
@@ -152,6 +122,7 @@ class Agent:
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.topic_prefix)
+        self.session = ""
         self.state = AgentState.load(self.state_path)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -160,10 +131,14 @@ class Agent:
             started = time.monotonic()
             accepted = False
             try:
+                session = secrets.token_hex(8)  # names this connection in the presence protocol
+                will = aiomqtt.Will(self.topics.device_presence(self.device),
+                                    json.dumps({"state": "offline", "session": session}), qos=1)
                 async with aiomqtt.Client(
                     self.host, self.port, identifier=self.device, username=self.device, password=self.secret,
-                    keepalive=self.keepalive, timeout=self.connect_timeout, clean_session=True,
+                    keepalive=self.keepalive, timeout=self.connect_timeout, clean_session=True, will=will,
                 ) as client:
+                    self.session = session
                     accepted = True
                     started = time.monotonic()
                     log.info("agent.connected device=%s broker=%s:%d", self.device, self.host, self.port)
@@ -199,6 +174,8 @@ class Agent:
             await asyncio.wait_for(stop.wait(), delay)
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        presence = self.topics.device_presence(self.device)
+        await client.publish(presence, json.dumps({"state": "online", "session": self.session}), qos=1)
         await client.subscribe(self.topics.config(self.device), qos=1)
         if self.state.applied_version:
             # Heal a report lost with the previous connection; the server keeps the highest.
@@ -211,6 +188,9 @@ class Agent:
             if stopped in done:
                 next_message.cancel()
                 await asyncio.gather(next_message, return_exceptions=True)
+                body = {"state": "offline", "session": self.session, "reason": "client_disconnect"}
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.publish(presence, json.dumps(body), qos=1, timeout=2)
                 return
             stopped.cancel()
             message = next_message.result()

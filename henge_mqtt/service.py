@@ -35,6 +35,7 @@ from .errors import (
     ValidationFailed,
     WaitTimeout,
 )
+from .external import ExternalBroker
 from .models import AdminReply, AdminRequest, ConfigVersion, Event, Presence, Report, canonical_json, rfc3339
 from .paths import ADMIN_FILE, SERVICE_FILE
 from .sessions import Action, Close, Emit, PresenceChange, PublishWill, SaveEpoch
@@ -75,7 +76,7 @@ class HengeService:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self._store: Store | None = None
-        self._broker: HengeBroker | None = None
+        self._broker: HengeBroker | ExternalBroker | None = None
         self._listeners: list[EventListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self.admin_secret = ""
@@ -101,7 +102,7 @@ class HengeService:
         return self._store
 
     @property
-    def broker(self) -> HengeBroker:
+    def broker(self) -> HengeBroker | ExternalBroker:
         if self._broker is None:
             raise ServiceUnavailable("the service is not running")
         return self._broker
@@ -111,20 +112,32 @@ class HengeService:
         self._store = Store(data_dir)
         try:
             self._ensure_admin(data_dir)
-            broker = HengeBroker(
-                self.settings.broker_config(),
-                hooks=self,
-                topics=self.topics,
-                sessions=self.settings.sessions.to_table_settings(),
-                limits=BrokerLimits(
-                    max_keepalive=self.settings.max_keepalive,
-                    max_packet=self.settings.max_packet_bytes,
-                    max_inflight=self.settings.max_inflight,
-                    publish_rate=self.settings.device_publish_rate,
-                    publish_burst=self.settings.device_publish_burst,
-                    tls_client_auth=self.settings.tls_client_auth,
-                ),
-            )
+            broker: HengeBroker | ExternalBroker
+            if self.settings.external_broker:
+                broker = ExternalBroker(
+                    self.settings.external_broker,
+                    hooks=self,
+                    topics=self.topics,
+                    sessions=self.settings.sessions.to_table_settings(),
+                    username=self.settings.admin_name,
+                    password=self.admin_secret,
+                    tls_context=self.settings.external_tls_context(),
+                )
+            else:
+                broker = HengeBroker(
+                    self.settings.broker_config(),
+                    hooks=self,
+                    topics=self.topics,
+                    sessions=self.settings.sessions.to_table_settings(),
+                    limits=BrokerLimits(
+                        max_keepalive=self.settings.max_keepalive,
+                        max_packet=self.settings.max_packet_bytes,
+                        max_inflight=self.settings.max_inflight,
+                        publish_rate=self.settings.device_publish_rate,
+                        publish_burst=self.settings.device_publish_burst,
+                        tls_client_auth=self.settings.tls_client_auth,
+                    ),
+                )
             self._broker = broker
             for device, epoch in self.store.epochs().items():
                 broker.table.seed(device, epoch)
@@ -510,7 +523,7 @@ class HengeService:
         return deliveries
 
     def online_count(self) -> int:
-        return sum(1 for c in self.broker.connections() if c.device is not None and c.close_reason is None)
+        return len(self.broker.table.online_devices())
 
     async def kick(self, device: str) -> bool:
         if not self.store.has_device(device):

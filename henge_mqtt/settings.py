@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +51,10 @@ class Settings(BaseModel):
     device_publish_burst: float = Field(default=50.0, ge=1)
     tls_client_auth: Literal["off", "optional", "required"] = "off"
     tls_cert_replaces_password: bool = False
+    external_broker: str | None = None  # mqtt[s]://host:port: run against it instead of the embedded broker
+    external_ca: Path | None = None
+    external_cert: Path | None = None
+    external_key: Path | None = None
     admin_name: str = Field(default="henge-admin", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     sessions: SessionConfig = Field(default_factory=SessionConfig)
 
@@ -109,6 +114,17 @@ class Settings(BaseModel):
             new_host = f"[{new_host}]"
         default["bind"] = f"{new_host}:{new_port}"
         return self.model_copy(update={"listeners": listeners})
+
+    def external_tls_context(self) -> ssl.SSLContext | None:
+        if self.external_ca is None and self.external_cert is None:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=str(self.external_ca) if self.external_ca else None)
+            if self.external_cert is not None:
+                context.load_cert_chain(str(self.external_cert), str(self.external_key) if self.external_key else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(f"cannot load the TLS files for the external broker: {exc}") from exc
+        return context
 
     def broker_config(self) -> dict[str, Any]:
         return {"listeners": self.listeners}

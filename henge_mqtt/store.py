@@ -6,6 +6,7 @@ the event loop thread, which keeps every admin operation atomic with respect to 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -77,12 +78,27 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
     """,
+    """
+    ALTER TABLE devices ADD COLUMN broker_hash TEXT;
+    ALTER TABLE admins ADD COLUMN broker_hash TEXT;
+    """,
 ]
 
 
 def hash_secret(secret: str) -> str:
     """Secrets are >= 128-bit random tokens, so a fast hash is enough and keeps connect storms cheap."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def mosquitto_hash(secret: str, iterations: int = 101) -> str:
+    """Mosquitto's ``$7$`` password hash (PBKDF2-HMAC-SHA512), for an external broker's password file.
+
+    Kept beside our own hash because we never keep the secret itself, and an external broker
+    (issue: beyond one gateway) must be able to check the same secret.
+    """
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def new_secret() -> str:
@@ -153,8 +169,8 @@ class Store:
         try:
             with self._tx():
                 self._db.execute(
-                    "INSERT INTO devices (id, secret_hash, labels, created_at) VALUES (?, ?, ?, ?)",
-                    (device, digest, json.dumps(labels or {}, sort_keys=True), _ts(utc_now())),
+                    "INSERT INTO devices (id, secret_hash, labels, created_at, broker_hash) VALUES (?, ?, ?, ?, ?)",
+                    (device, digest, json.dumps(labels or {}, sort_keys=True), _ts(utc_now()), mosquitto_hash(secret)),
                 )
                 self._audit(actor, "device.add", device, {"labels": labels or {}})
         except sqlite3.IntegrityError as exc:
@@ -174,8 +190,9 @@ class Store:
         now = _ts(utc_now())
         with self._tx():
             self._db.executemany(
-                "INSERT INTO devices (id, secret_hash, labels, created_at) VALUES (?, ?, ?, ?)",
-                [(d, digests[d], json.dumps(labels, sort_keys=True), now) for d, labels in devices],
+                "INSERT INTO devices (id, secret_hash, labels, created_at, broker_hash) VALUES (?, ?, ?, ?, ?)",
+                [(d, digests[d], json.dumps(labels, sort_keys=True), now, mosquitto_hash(secrets_by_id[d]))
+                 for d, labels in devices],
             )
             self._audit(actor, "device.import", None, {"devices": len(devices)})
         self._hashes.update(digests)
@@ -193,7 +210,10 @@ class Store:
         secret = new_secret()
         digest = hash_secret(secret)
         with self._tx():
-            cur = self._db.execute("UPDATE devices SET secret_hash = ? WHERE id = ?", (digest, device))
+            cur = self._db.execute(
+                "UPDATE devices SET secret_hash = ?, broker_hash = ? WHERE id = ?",
+                (digest, mosquitto_hash(secret), device),
+            )
             if cur.rowcount == 0:
                 raise UnknownDevice(f"unknown device {device!r}")
             self._audit(actor, "device.rotate_secret", device, {})
@@ -468,11 +488,28 @@ class Store:
 
     def ensure_admin(self, name: str, secret: str) -> None:
         with self._tx():
+            row = self._db.execute("SELECT secret_hash, broker_hash FROM admins WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] == hash_secret(secret) and row[1]:
+                return  # unchanged: keep the broker hash (its salt) stable across restarts
             self._db.execute(
-                "INSERT INTO admins (name, secret_hash, created_at) VALUES (?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET secret_hash = excluded.secret_hash",
-                (name, hash_secret(secret), _ts(utc_now())),
+                "INSERT INTO admins (name, secret_hash, created_at, broker_hash) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET secret_hash = excluded.secret_hash, "
+                "broker_hash = excluded.broker_hash",
+                (name, hash_secret(secret), _ts(utc_now()), mosquitto_hash(secret)),
             )
+
+    def broker_hashes(self) -> tuple[dict[str, str], list[str]]:
+        """``{username: mosquitto hash}`` for admins and devices, and devices that have none yet."""
+        found: dict[str, str] = dict(
+            self._db.execute("SELECT name, broker_hash FROM admins WHERE broker_hash IS NOT NULL")
+        )
+        missing: list[str] = []
+        for device, digest in self._db.execute("SELECT id, broker_hash FROM devices ORDER BY id"):
+            if digest:
+                found[device] = digest
+            else:
+                missing.append(device)
+        return found, missing
 
     def verify_admin(self, name: str, secret: str) -> bool:
         row = self._db.execute("SELECT secret_hash FROM admins WHERE name = ?", (name,)).fetchone()

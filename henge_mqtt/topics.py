@@ -57,6 +57,10 @@ class Topics:
     def presence(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}/presence"
 
+    def device_presence(self, device: str) -> str:
+        """Where a device announces its own sessions (external-broker mode; see docs/scaling.md)."""
+        return f"{self.prefix}/devices/{device}/presence/device"
+
     def device_root(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}"
 
@@ -93,4 +97,4 @@ class Topics:
         return topic_filter == root or topic_filter.startswith(root + "/")
 
     def device_may_publish(self, device: str, topic: str) -> bool:
-        return topic == self.report(device)
+        return topic == self.report(device) or topic == self.device_presence(device)

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from henge_mqtt.device import Agent, Backoff, exec_applier
+from henge_mqtt.backoff import Backoff
+from henge_mqtt.device import Agent, exec_applier
 from henge_mqtt.models import Snapshot, config_sha256, rfc3339, utc_now
 
 from . import mqtt_raw as raw

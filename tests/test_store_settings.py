@@ -23,14 +23,21 @@ def test_store_schema_wal_and_migrations(tmp_path: Path) -> None:
     store.close()
     db = sqlite3.connect(tmp_path / "henge.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    # a store made by the first release (schema 1), with a device in it, migrates forward intact
+    old = tmp_path / "old"
+    old.mkdir()
+    db = sqlite3.connect(old / "henge.db")
+    db.executescript(MIGRATIONS[0])
+    db.execute("INSERT INTO devices (id, secret_hash, created_at) VALUES ('legacy', 'x', '2026-01-01T00:00:00+00:00')")
     db.execute("PRAGMA user_version=1")
-    db.execute("DROP TABLE device_reports")  # undo migrations 2 and 3
-    db.execute("DROP TABLE audit")
     db.commit()
     db.close()
-    reopened = Store(tmp_path)  # migrates 1 -> latest
-    assert reopened.schema_version == len(MIGRATIONS)
-    reopened.close()
+    migrated = Store(old)
+    assert migrated.schema_version == len(MIGRATIONS)
+    assert migrated.get_device("legacy").id == "legacy"
+    assert migrated.broker_hashes()[1] == ["legacy"]  # made before broker hashes existed
+    migrated.close()
 
 
 def test_store_refuses_a_newer_schema_and_garbage(tmp_path: Path) -> None:

@@ -1,0 +1,221 @@
+"""henge in front of an existing broker (Mosquitto, EMQX, HiveMQ): the service as a privileged client.
+
+The external broker does the MQTT work, takeovers included (each of them closes the old
+connection of a client id). What it does not tell us is who is connected, so devices announce
+their own sessions on ``henge/devices/{id}/presence/device``:
+
+- a will ``{"state": "offline", "session": S}`` set at CONNECT, with a fresh ``S`` per connection;
+- ``{"state": "online", "session": S}`` right after connecting;
+- ``{"state": "offline", "session": S, "reason": "client_disconnect"}`` before a clean disconnect.
+
+Each new session is a connect in the same :class:`SessionTable` the embedded broker uses, so an
+offline message of an older session (a displaced connection's late will) is fenced exactly like a
+stale disconnect there. The broker's ACL (``henge broker-config mosquitto``) guarantees that only
+a device can write its own topics and only the admin identity the admin topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import ssl
+import time
+from collections.abc import Coroutine
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+
+from .backoff import Backoff
+from .broker import BrokerHooks, Principal
+from .errors import SettingsError
+from .models import is_valid_device_id
+from .sessions import Close, PublishWill, SessionSettings, SessionTable
+from .topics import Topics
+
+log = logging.getLogger(__name__)
+
+SESSION_REASONS = frozenset({"client_disconnect"})
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise SettingsError(f"invalid broker URL {url!r}: expected mqtt://host:port or mqtts://host:port")
+    tls = parts.scheme == "mqtts"
+    return parts.hostname, parts.port or (8883 if tls else 1883), tls
+
+
+class ExternalBroker:
+    """The same surface the service uses of :class:`HengeBroker`, over an MQTT client connection."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        hooks: BrokerHooks,
+        topics: Topics,
+        sessions: SessionSettings | None,
+        username: str,
+        password: str,
+        tls_context: ssl.SSLContext | None = None,
+        client_id: str = "henge-service",
+    ) -> None:
+        self.host, self.port, tls = parse_broker_url(url)
+        if tls and tls_context is None:
+            tls_context = ssl.create_default_context()
+        self.tls_context = tls_context
+        self.hooks = hooks
+        self.topics = topics
+        # The broker owns takeover, so there is nothing to refuse: no rate limit, no quarantine.
+        base = sessions or SessionSettings()
+        self.table = SessionTable(replace(base, conflict_policy="flag", connect_burst=math.inf,
+                                          connect_rate=math.inf))
+        self.username, self.password, self.client_id = username, password, client_id
+        self.retained: dict[str, tuple[bytes, int]] = {}
+        self.sessions: dict[str, dict[str, int]] = {}  # device -> {session id: epoch}
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.backoff = Backoff(base=0.5, cap=15.0)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._runner = asyncio.create_task(self._run())
+
+    async def shutdown(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return [(self.host, self.port)]
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.host, self.port, username=self.username, password=self.password,
+                    identifier=self.client_id, clean_session=False, keepalive=30, timeout=10,
+                    tls_context=self.tls_context,
+                ) as client:
+                    self._client = client
+                    started = time.monotonic()
+                    await client.subscribe([
+                        (self.topics.admin_requests, 1),
+                        (f"{self.topics.prefix}/devices/+/report", 1),
+                        (f"{self.topics.prefix}/devices/+/presence/device", 1),
+                    ])
+                    # The broker may have restarted without persistence: the store's truth again.
+                    for topic, (data, qos) in list(self.retained.items()):
+                        await client.publish(topic, data, qos=qos, retain=True)
+                    self.connected.set()
+                    log.info("external.connected broker=%s:%d republished=%d", self.host, self.port,
+                             len(self.retained))
+                    async for message in client.messages:
+                        self._route(str(message.topic), message.payload if isinstance(message.payload, bytes)
+                                    else b"")
+                    if time.monotonic() - started > 10:
+                        self.backoff.reset()
+            except aiomqtt.MqttError as exc:
+                log.warning("external.disconnected broker=%s:%d error=%s", self.host, self.port, exc)
+            finally:
+                self._client = None
+                self.connected.clear()
+            await asyncio.sleep(self.backoff.next_delay())
+
+    # ---- what the service asks of a broker ---------------------------------------------------------
+
+    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False) -> list[asyncio.Task[Any]]:
+        if retain:
+            if data:
+                self.retained[topic] = (data, qos)
+            else:
+                self.retained.pop(topic, None)
+        client = self._client
+        if client is None:
+            return []  # retained state goes out on the next connect; the rest had no one to reach
+        return [self._spawn(client.publish(topic, data, qos=qos, retain=retain))]
+
+    def has_subscribers(self, topic: str) -> bool:
+        return self._client is not None  # the broker knows, we do not: assume someone listens
+
+    def connections(self) -> list[Any]:
+        return []
+
+    async def kick(self, device: str) -> bool:
+        from .errors import HengeError
+
+        raise HengeError("kick needs the embedded broker; with an external broker use its own admin tools")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("external.publish_failed error=%r", task.exception())
+
+    # ---- incoming ----------------------------------------------------------------------------------
+
+    def _route(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.admin_requests:
+            # Only the admin identity may write here (the broker's ACL).
+            self.hooks.message(Principal("admin", self.username), topic, payload)
+            return
+        found = self.topics.device_of(topic)
+        if found is None or not is_valid_device_id(found[0]):
+            return
+        device, leaf = found
+        if leaf == "report":
+            self.hooks.message(Principal("device", device), topic, payload)
+        elif leaf == "presence/device":
+            self._on_device_presence(device, payload)
+
+    def _on_device_presence(self, device: str, payload: bytes) -> None:
+        try:
+            body = json.loads(payload)
+            state, session = body["state"], str(body["session"])
+        except (ValueError, KeyError, TypeError):
+            log.info("external.bad_presence device=%s", device)
+            return
+        known = self.sessions.setdefault(device, {})
+        now = time.time()
+        if state == "online":
+            if session in known:
+                return  # a duplicate (QoS 1 redelivery)
+            result = self.table.connect(device, now, None, math.inf)
+            known[session] = result.epoch
+            if len(known) > 16:  # forget the oldest sessions; their late wills are stale anyway
+                for old in list(known)[:-16]:
+                    del known[old]
+            self._forward(result.actions)
+        elif state == "offline":
+            epoch = known.get(session)
+            if epoch is None:
+                return  # an unknown or forgotten session: stale
+            reason = body.get("reason") if body.get("reason") in SESSION_REASONS else "connection_lost"
+            self._forward(self.table.disconnect(device, epoch, now, reason))
+
+    def _forward(self, actions: Any) -> None:
+        # Takeover and wills are the external broker's job; the rest (presence, events) is ours.
+        kept = [a for a in actions if not isinstance(a, Close | PublishWill)]
+        if kept:
+            self.hooks.session_actions(kept)
+
+    async def wait_connected(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.connected.wait(), timeout)

@@ -1,0 +1,286 @@
+"""henge in front of a real Mosquitto (Debian's package, started here on loopback ports)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from henge_mqtt.mosquitto import write_mosquitto_config
+from henge_mqtt.service import HengeService
+from henge_mqtt.settings import Settings
+from henge_mqtt.store import Store
+
+from .conftest import henge_cli, make_settings, next_message, payload_json
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Fleet:
+    """One way of running henge, as devices and tests see it: the same contract in both modes."""
+
+    mode: str
+    service: HengeService
+    device_port: int
+    data_dir: Path
+    reload_broker: Any = None
+
+    def add(self, device: str, config: dict[str, Any] | None = None) -> str:
+        secret = self.service.add_device(device)
+        if self.reload_broker is not None:
+            self.reload_broker()  # as an operator would: broker-config again, then SIGHUP
+        if config is not None:
+            self.service.push(device, config)
+        return secret
+
+    def device_client(self, device: str, secret: str, **kwargs: Any) -> aiomqtt.Client:
+        kwargs.setdefault("timeout", 5)
+        return aiomqtt.Client("127.0.0.1", self.device_port, identifier=device, username=device,
+                              password=secret, **kwargs)
+
+
+class Mosquitto:
+    def __init__(self, conf_dir: Path) -> None:
+        self.conf_dir = conf_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int) -> None:
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf_dir / "mosquitto.conf")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            assert self.proc.poll() is None and time.monotonic() < deadline, "mosquitto did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]]) -> AsyncIterator[
+        tuple[Fleet, Mosquitto, dict[str, str]]]:
+    data = tmp_path / "data"
+    store = Store(data)
+    secrets = store.add_devices([(d, {}) for d in devices])
+    admin_secret = "admin-secret-for-tests-0123456789"
+    store.ensure_admin("henge-admin", admin_secret)
+    hashes, _ = store.broker_hashes()
+    store.close()
+    (data / "admin.json").write_text(json.dumps({"name": "henge-admin", "secret": admin_secret}))
+    device_port, admin_port = free_port(), free_port()
+    conf = tmp_path / "mosquitto"
+
+    def configure(hashes: dict[str, str]) -> None:
+        write_mosquitto_config(conf, hashes, device_listener=f"127.0.0.1:{device_port}",
+                               admin_listener=f"127.0.0.1:{admin_port}", topic_prefix="henge",
+                               admin_name="henge-admin", run_as="root")  # the tests run as root
+
+    configure(hashes)
+    broker = Mosquitto(conf)
+    broker.start(device_port)
+    settings = Settings(data_dir=data, external_broker=f"mqtt://127.0.0.1:{admin_port}")
+    try:
+        async with HengeService(settings) as service:
+            await service.broker.wait_connected(10)  # type: ignore[union-attr]
+            for device, config in devices.items():
+                if config:
+                    service.push(device, config)
+            def reload() -> None:
+                configure(service.store.broker_hashes()[0])
+                assert broker.proc is not None
+                broker.proc.send_signal(signal.SIGHUP)
+                time.sleep(0.3)
+
+            yield Fleet("mosquitto", service, device_port, data, reload), broker, secrets
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+async def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fleet]:
+    if request.param == "embedded":
+        async with HengeService(make_settings(tmp_path / "data")) as service:
+            yield Fleet("embedded", service, service.address[1], tmp_path / "data")
+    else:
+        async with external_fleet(tmp_path, {}) as (f, _, _):
+            yield f
+
+
+# ---- the same contract, both modes ----------------------------------------------------------------
+
+
+async def test_contract_snapshot_on_connect_and_live_updates(fleet: Fleet) -> None:
+    secret = fleet.add("dev1", {"v": 1})
+    await asyncio.sleep(0.2)
+    async with fleet.device_client("dev1", secret) as client:
+        await client.subscribe("henge/devices/dev1/config", qos=1)
+        first = await next_message(client)
+        assert first.retain and payload_json(first)["config"] == {"v": 1}
+        fleet.service.push("dev1", {"v": 2})
+        assert payload_json(await next_message(client))["version"] == 2
+
+
+async def test_contract_acl_no_cross_device_reads(fleet: Fleet) -> None:
+    s1 = fleet.add("dev1", {"mine": 1})
+    fleet.add("dev2", {"theirs": 1})
+    await asyncio.sleep(0.2)
+    async with fleet.device_client("dev1", s1) as client:
+        await client.subscribe("henge/devices/dev2/config", qos=1)
+        await client.subscribe("henge/devices/+/config", qos=1)
+        got = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                got.append(payload_json(await next_message(client, 1.0))["device"])
+        assert "dev2" not in got
+
+
+async def test_contract_reports_and_presence(fleet: Fleet, tmp_path: Path) -> None:
+    from henge_mqtt.device import Agent
+
+    secret = fleet.add("dev1", {"v": 1})
+    await asyncio.sleep(0.2)
+    applied: list[dict[str, Any]] = []
+
+    async def record(config: dict[str, Any]) -> None:
+        applied.append(config)
+
+    agent = Agent("127.0.0.1", fleet.device_port, "dev1", secret, record, tmp_path / "state.json")
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        deadline = time.monotonic() + 10
+        while not (fleet.service.status("dev1")[0]["sync"] == "in_sync" and fleet.service.status("dev1")[0]["online"]):
+            assert time.monotonic() < deadline, fleet.service.status("dev1")
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    deadline = time.monotonic() + 5
+    while fleet.service.status("dev1")[0]["online"]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert fleet.service.status("dev1")[0]["reason"] == "client_disconnect"
+
+
+# ---- external mode only ---------------------------------------------------------------------------
+
+
+async def _announce(client: aiomqtt.Client, device: str, state: str, session: str) -> None:
+    await client.publish(f"henge/devices/{device}/presence/device", json.dumps({"state": state, "session": session}),
+                         qos=1)
+
+
+async def test_broker_takeover_with_a_late_will_keeps_the_device_online(tmp_path: Path) -> None:
+    async with external_fleet(tmp_path, {"dev1": {"v": 1}}) as (fleet, _, secrets):
+        def client(session: str) -> aiomqtt.Client:
+            will = aiomqtt.Will("henge/devices/dev1/presence/device",
+                                json.dumps({"state": "offline", "session": session}), qos=1)
+            return fleet.device_client("dev1", secrets["dev1"], will=will)
+
+        first = client("S1")
+        await first.__aenter__()
+        await _announce(first, "dev1", "online", "S1")
+        async with client("S2") as second:  # Mosquitto closes the first and publishes its will
+            await _announce(second, "dev1", "online", "S2")
+            await asyncio.sleep(0.5)
+            status = fleet.service.status("dev1")[0]
+            assert status["online"] and status["epoch"] == 2
+            # Mosquitto publishes the displaced will at takeover, usually before S2 announces itself;
+            # a will delayed past S2 (another broker, a slow bridge) must change nothing either.
+            await _announce(second, "dev1", "offline", "S1")
+            await asyncio.sleep(0.5)
+            status = fleet.service.status("dev1")[0]
+            assert status["online"] and status["epoch"] == 2
+            presence = json.loads(fleet.service.broker.retained["henge/devices/dev1/presence"][0])
+            assert (presence["state"], presence["epoch"]) == ("online", 2)
+        with contextlib.suppress(Exception):
+            await first.__aexit__(None, None, None)
+
+
+async def test_broker_restart_without_persistence_gets_everything_republished(tmp_path: Path) -> None:
+    async with external_fleet(tmp_path, {"dev1": {"v": 7}}) as (fleet, broker, secrets):
+        broker.stop()
+        broker.start(fleet.device_port)
+        deadline = time.monotonic() + 20
+        got = None
+        while got is None:
+            assert time.monotonic() < deadline, "snapshot not republished after the broker restarted"
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                async with fleet.device_client("dev1", secrets["dev1"]) as client:
+                    await client.subscribe("henge/devices/dev1/config", qos=1)
+                    got = payload_json(await next_message(client, 1.0))
+            await asyncio.sleep(0.2)
+        assert got["config"] == {"v": 7}
+
+
+async def test_service_restart_loses_nothing_and_cli_works(tmp_path: Path) -> None:
+    async with external_fleet(tmp_path, {"dev1": {"v": 1}}) as (fleet, _, secrets):
+        result = await asyncio.to_thread(henge_cli, "push", "dev1", "-", "--data", str(fleet.data_dir),
+                                         input='{"v": 2}')
+        assert result.returncode == 0, result.stderr
+        settings = fleet.service.settings
+        await fleet.service.stop()
+        async with HengeService(settings) as again:
+            await again.broker.wait_connected(10)  # type: ignore[union-attr]
+            assert [r.version for r in again.store.history("dev1")] == [1, 2]
+            async with fleet.device_client("dev1", secrets["dev1"]) as client:
+                await client.subscribe("henge/devices/dev1/config", qos=1)
+                assert payload_json(await next_message(client))["version"] == 2
+
+
+def test_broker_config_command_matches_mosquitto_passwd(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = Store(data)
+    secret = store.add_device("dev1")
+    store.close()
+    result = henge_cli("broker-config", "mosquitto", "--out", str(tmp_path / "mq"), "--data", str(data),
+                       "--user", "root")
+    assert result.returncode == 0, result.stderr
+    passwd = (tmp_path / "mq" / "passwd").read_text()
+    assert passwd.startswith("dev1:$7$101$")
+    assert oct((tmp_path / "mq" / "passwd").stat().st_mode & 0o777) == "0o600"
+    conf = (tmp_path / "mq" / "mosquitto.conf").read_text()
+    assert "use_username_as_clientid true" in conf and "per_listener_settings true" in conf
+    acl = (tmp_path / "mq" / "acl").read_text()
+    assert "pattern read henge/devices/%u/config" in acl and "pattern write henge/devices/%u/report" in acl
+    # Mosquitto itself accepts the generated hash for the real secret, and refuses a wrong one.
+    port = free_port()
+    conf_file = tmp_path / "mq" / "mosquitto.conf"
+    conf_file.write_text(conf.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1"))
+    broker = Mosquitto(tmp_path / "mq")
+    broker.start(port)
+    try:
+        ok = subprocess.run(["mosquitto_pub", "-p", str(port), "-u", "dev1", "-P", secret, "-t",
+                             "henge/devices/dev1/report", "-m", "{}"], capture_output=True, text=True, timeout=10)
+        bad = subprocess.run(["mosquitto_pub", "-p", str(port), "-u", "dev1", "-P", "wrong", "-t",
+                              "henge/devices/dev1/report", "-m", "{}"], capture_output=True, text=True, timeout=10)
+    finally:
+        broker.stop()
+    assert ok.returncode == 0, ok.stderr
+    assert bad.returncode != 0
+
+
