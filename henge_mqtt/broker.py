@@ -23,7 +23,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Awaitable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -45,6 +45,7 @@ from .connection import (
     read_connect,
 )
 from .sessions import Action, Close, PublishWill, SessionSettings, SessionTable
+from .tasks import TaskSet
 from .topics import Topics, filter_matches, valid_filter, valid_topic_name
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ class HengeBroker(Broker):
         self.index = SubscriptionIndex()
         self.retained: dict[str, tuple[bytes, int]] = {}
         self._conns: dict[str, Connection] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log, "broker.delivery_failed")
         self._handshakes: dict[WriterAdapter, float] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
@@ -490,7 +491,7 @@ class HengeBroker(Broker):
         await conn.handler.mqtt_acknowledge_subscription(packet_id, codes)
         for topic_filter, qos in granted:
             for topic, (data, rqos) in self._retained_for(topic_filter):
-                self._spawn(conn.handler.mqtt_publish(topic, data, min(qos, rqos), retain=True))
+                self._tasks.spawn(conn.handler.mqtt_publish(topic, data, min(qos, rqos), retain=True))
 
     def _retained_for(self, topic_filter: str) -> list[tuple[str, tuple[bytes, int]]]:
         if "+" not in topic_filter and "#" not in topic_filter:
@@ -540,22 +541,12 @@ class HengeBroker(Broker):
         deliveries = []
         for conn, sub_qos in self.index.match(topic):
             if conn.started and conn.close_reason is None:
-                deliveries.append(self._spawn(conn.handler.mqtt_publish(topic, data, min(qos, sub_qos), retain=False)))
+                delivery = conn.handler.mqtt_publish(topic, data, min(qos, sub_qos), retain=False)
+                deliveries.append(self._tasks.spawn(delivery))
         return deliveries
 
     def has_subscribers(self, topic: str) -> bool:
         return next(self.index.match(topic), None) is not None
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("broker.delivery_failed error=%r", task.exception())
 
     # ---- operator actions ------------------------------------------------------------------------
 
@@ -622,10 +613,7 @@ class HengeBroker(Broker):
         tasks = {c.task for c in conns if c.task is not None and not c.task.done()}
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=CLOSE_TIMEOUT)
+        await self._tasks.cancel_all(CLOSE_TIMEOUT)
         for server in self._servers.values():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.close_instance(), CLOSE_TIMEOUT)

@@ -23,7 +23,6 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +34,7 @@ from .broker import BrokerHooks, Principal
 from .errors import SettingsError
 from .models import is_valid_device_id
 from .sessions import Close, PublishWill, SessionSettings, SessionTable
+from .tasks import TaskSet
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class ExternalBroker:
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._runner: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log, "external.publish_failed")
         self.backoff = Backoff(base=0.5, cap=15.0)
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -93,10 +93,7 @@ class ExternalBroker:
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=1.0)
+        await self._tasks.cancel_all(1.0)
 
     def addresses(self) -> list[tuple[str, int]]:
         return [(self.host, self.port)]
@@ -145,7 +142,7 @@ class ExternalBroker:
         client = self._client
         if client is None:
             return []  # retained state goes out on the next connect; the rest had no one to reach
-        return [self._spawn(client.publish(topic, data, qos=qos, retain=retain))]
+        return [self._tasks.spawn(client.publish(topic, data, qos=qos, retain=retain))]
 
     def has_subscribers(self, topic: str) -> bool:
         return self._client is not None  # the broker knows, we do not: assume someone listens
@@ -157,17 +154,6 @@ class ExternalBroker:
         from .errors import HengeError
 
         raise HengeError("kick needs the embedded broker; with an external broker use its own admin tools")
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("external.publish_failed error=%r", task.exception())
 
     # ---- incoming ----------------------------------------------------------------------------------
 

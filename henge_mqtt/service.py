@@ -41,6 +41,7 @@ from .paths import ADMIN_FILE, SERVICE_FILE
 from .sessions import Action, Close, Emit, PresenceChange, PublishWill, SaveEpoch
 from .settings import Settings
 from .store import DeviceReports, Store
+from .tasks import TaskSet
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class HengeService:
         self._store: Store | None = None
         self._broker: HengeBroker | ExternalBroker | None = None
         self._listeners: list[EventListener] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log, "admin.request_failed")
         self.admin_secret = ""
         self.counters: dict[str, int] = {}
         self._waiters: dict[str, set[_ReportWaiter]] = {}
@@ -162,10 +163,7 @@ class HengeService:
         await self._broker.shutdown()
         if self._epochs_saved is not None:
             self._flush_epochs()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all(1.0)
         self._store.close()
         with contextlib.suppress(OSError):
             (self.settings.data_dir / SERVICE_FILE).unlink()
@@ -328,14 +326,9 @@ class HengeService:
 
     def message(self, principal: Principal, topic: str, payload: bytes) -> None:
         if principal.kind == "admin" and topic == self.topics.admin_requests:
-            self._spawn(self._handle_admin(payload, principal.name))
+            self._tasks.spawn(self._handle_admin(payload, principal.name))
         elif principal.kind == "device" and topic == self.topics.report(principal.name):
             self.handle_report(principal.name, payload)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # ---- reports (the device side) -------------------------------------------------------------
 
