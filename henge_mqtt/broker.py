@@ -36,6 +36,7 @@ from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, ConnackPac
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.session import Session
 
+from . import wire
 from .connection import (
     CLOSE_TIMEOUT,
     BoundedWriter,
@@ -44,7 +45,7 @@ from .connection import (
     TrackedReader,
     read_connect,
 )
-from .sessions import Action, Close, PublishWill, SessionSettings, SessionTable
+from .sessions import Action, Close, ConnectResult, PublishWill, SessionSettings, SessionTable
 from .tasks import TaskSet
 from .topics import Topics, filter_matches, valid_filter, valid_topic_name
 
@@ -318,6 +319,7 @@ class HengeBroker(Broker):
         keepalive = self.limits.max_keepalive if requested <= 0 else min(requested, self.limits.max_keepalive)
         now = time.time()
 
+        result: ConnectResult | None = None
         if principal.kind == "device":
             device = principal.name
             old = self._conns.get(device)
@@ -363,8 +365,11 @@ class HengeBroker(Broker):
         if conn.close_reason is not None:  # replaced while we waited
             await self._finish(conn)
             return
-        await handler.mqtt_connack_authorize(True)
+        await handler.send_raw(wire.connack(0))
         conn.started = True
+        # This frame lives as long as the connection: drop what only the handshake needed
+        # (the displaced connections, the table's actions).
+        closes, old, result = [], None, None
         try:
             await handler._reader_loop()  # in this task: see HengeHandler.run
             packet = handler.disconnect_packet()
@@ -488,7 +493,7 @@ class HengeBroker(Broker):
             self.index.add(conn, topic_filter, qos)
             codes.append(qos)
             granted.append((topic_filter, qos))
-        await conn.handler.mqtt_acknowledge_subscription(packet_id, codes)
+        await conn.handler.send_raw(wire.suback(packet_id, codes))
         for topic_filter, qos in granted:
             for topic, (data, rqos) in self._retained_for(topic_filter):
                 self._tasks.spawn(conn.handler.mqtt_publish(topic, data, min(qos, rqos), retain=True))
@@ -502,7 +507,7 @@ class HengeBroker(Broker):
     async def _on_unsubscribe(self, conn: Connection, packet_id: int, topics: list[str]) -> None:
         for topic_filter in topics:
             self.index.remove(conn, topic_filter)
-        await conn.handler.mqtt_acknowledge_unsubscription(packet_id)
+        await conn.handler.send_raw(wire.unsuback(packet_id))
 
     def _on_publish(self, conn: Connection, topic: str, data: bytes, qos: int, retain: bool) -> bool:
         """Route one PUBLISH from a client. False means: protocol violation, close the connection."""

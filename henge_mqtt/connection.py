@@ -28,7 +28,6 @@ from amqtt.mqtt.connack import (
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import (
-    CONNECT,
     DISCONNECT,
     PINGREQ,
     PUBACK,
@@ -40,14 +39,16 @@ from amqtt.mqtt.packet import (
     UNSUBSCRIBE,
     MQTTFixedHeader,
 )
-from amqtt.mqtt.pingresp import PingRespPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
+from . import wire
+
 CLOSE_TIMEOUT = 1.0
+MAX_CONNECT_PACKET = 256 * 1024  # client id, will (<= 64 KiB), username, password
 PUBACK_TIMEOUT = 10.0
 DEFAULT_MAX_PACKET = 1024 * 1024
 
@@ -150,8 +151,27 @@ class BoundedWriter(StreamWriterAdapter):
         self._writer.transport.abort()
 
 
+async def read_packet_from(stream: asyncio.StreamReader, max_packet: int) -> tuple[int, bytes]:
+    """``(first byte, body)`` of one whole packet: two reads for almost every packet."""
+    head = await stream.readexactly(2)
+    encoded = head[1]
+    length, multiplier = encoded & 0x7F, 128
+    while encoded & 0x80:
+        if multiplier > 128**3:
+            raise MQTTError("malformed remaining length")
+        encoded = (await stream.readexactly(1))[0]
+        length += (encoded & 0x7F) * multiplier
+        multiplier *= 128
+    if length > max_packet:
+        raise PacketTooLarge(length)
+    return head[0], (await stream.readexactly(length) if length else b"")
+
+
 async def read_connect(reader: ReaderAdapter, writer: WriterAdapter) -> LightSession:
     """Read and check the first packet; the session it describes is not trusted yet."""
+    stream = reader.stream if isinstance(reader, TrackedReader) else None
+    if stream is not None:
+        return await _read_connect_fast(stream, writer)
     connect = await ConnectPacket.from_stream(reader)
     if connect.variable_header is None or connect.payload is None:
         raise ConnectRefused("CONNECT without header or payload")
@@ -182,6 +202,41 @@ async def read_connect(reader: ReaderAdapter, writer: WriterAdapter) -> LightSes
     session.username = connect.username
     session.password = connect.password
     session.keep_alive = max(connect.keep_alive, 0)
+    return session
+
+
+async def _read_connect_fast(stream: asyncio.StreamReader, writer: WriterAdapter) -> LightSession:
+    try:
+        first, body = await read_packet_from(stream, MAX_CONNECT_PACKET)
+        if first != 0x10:
+            raise ConnectRefused(f"first packet is not a CONNECT (0x{first:02x})")  # [MQTT-3.1.0-1]
+        connect = wire.parse_connect(body)
+    except (wire.Malformed, PacketTooLarge, MQTTError) as exc:
+        raise ConnectRefused(f"malformed CONNECT: {exc}") from exc
+    if connect.protocol != "MQTT" or connect.reserved_flag:
+        raise ConnectRefused("not an MQTT 3.1.1 CONNECT")
+    code: int | None = None
+    if connect.level != 4:
+        code = UNACCEPTABLE_PROTOCOL_VERSION
+    elif connect.password_without_username:
+        code = BAD_USERNAME_PASSWORD
+    elif not connect.client_id:
+        code = IDENTIFIER_REJECTED  # every henge identity names itself
+    if code is not None:
+        writer.write(wire.connack(code))
+        await writer.drain()
+        raise ConnectRefused(f"CONNACK {code}")
+    session = LightSession()
+    session.client_id = connect.client_id
+    session.clean_session = connect.clean_session
+    session.will_flag = connect.will_topic is not None
+    session.will_retain = connect.will_retain
+    session.will_qos = connect.will_qos
+    session.will_topic = connect.will_topic
+    session.will_message = connect.will_message
+    session.username = connect.username
+    session.password = connect.password
+    session.keep_alive = connect.keepalive
     return session
 
 
@@ -290,43 +345,51 @@ class HengeHandler(BrokerProtocolHandler):
                     body = await stream.readexactly(length) if length else b""
                     tracked.last_read = time.time()
                     header = MQTTFixedHeader(head[0] >> 4, head[0] & 0x0F, length)
-                kind = header.packet_type
-                if kind not in _CLIENT_PACKETS:
-                    self.protocol_error = True  # reserved, or a packet only a broker may send
-                    break
-                packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
-                if kind == PUBLISH:
-                    await self._on_publish(packet)
+                kind, flags = header.packet_type, header.flags
+                if kind == PUBLISH:  # the hot packets are parsed here, synchronously (see wire.py)
+                    topic, packet_id, data, qos, retain = wire.parse_publish(flags, body)
+                    await self._on_publish(topic, packet_id, data, qos, retain, header, body)
                 elif kind == PUBACK:
-                    await self.handle_puback(packet)
+                    waiter = self._puback_waiters.get(wire.parse_packet_id(body))
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
                 elif kind == PINGREQ:
-                    await self._send_packet(_PINGRESP)
+                    await self.send_raw(wire.PINGRESP)
                 elif kind in (SUBSCRIBE, UNSUBSCRIBE):
-                    topics = list(packet.payload.topics)
-                    if not topics or header.flags != 0x02:
-                        self.protocol_error = True  # [MQTT-3.8.3-3] [MQTT-3.8.1-1] and their UNSUBSCRIBE twins
+                    if flags != 0x02:
+                        self.protocol_error = True  # [MQTT-3.8.1-1] and its UNSUBSCRIBE twin
                         break
                     if kind == SUBSCRIBE:
-                        await self.sink.on_subscribe(packet.variable_header.packet_id, topics)
+                        packet_id, filters = wire.parse_subscribe(body)
+                        if not filters:
+                            self.protocol_error = True  # [MQTT-3.8.3-3]
+                            break
+                        await self.sink.on_subscribe(packet_id, filters)
                     else:
-                        await self.sink.on_unsubscribe(packet.variable_header.packet_id, topics)
+                        packet_id, names = wire.parse_unsubscribe(body)
+                        if not names:
+                            self.protocol_error = True  # [MQTT-3.10.3-2]
+                            break
+                        await self.sink.on_unsubscribe(packet_id, names)
                 elif kind == DISCONNECT:
-                    self._resolve(packet)
-                elif kind == CONNECT:
-                    self.protocol_error = True  # [MQTT-3.1.0-2]
+                    self._resolve(DisconnectPacket())
+                elif kind in (PUBREC, PUBREL, PUBCOMP):  # QoS 2, rare: amqtt's codecs and flows
+                    packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
+                    handle = {PUBREC: self.handle_pubrec, PUBREL: self.handle_pubrel, PUBCOMP: self.handle_pubcomp}
+                    await handle[kind](packet)
+                else:
+                    self.protocol_error = True  # CONNECT again [MQTT-3.1.0-2], reserved, or broker-only
                     break
-                elif kind == PUBREC:
-                    await self.handle_pubrec(packet)
-                elif kind == PUBREL:
-                    await self.handle_pubrel(packet)
-                elif kind == PUBCOMP:
-                    await self.handle_pubcomp(packet)
+                # This frame lives as long as the connection; do not let it pin the last packet.
+                packet = header = None
+                body = head = b""
         except (asyncio.IncompleteReadError, ConnectionError, OSError, NoDataError):
             pass
         except PacketTooLarge:
             self.oversized = True
             self.protocol_error = True
-        except (MQTTError, AMQTTError, ValueError, IndexError, UnicodeDecodeError, AttributeError, TypeError):
+        except (wire.Malformed, MQTTError, AMQTTError, ValueError, IndexError, UnicodeDecodeError, AttributeError,
+                TypeError):
             self.protocol_error = True  # a malformed packet from a broken or hostile client
         finally:
             self._resolve(None)
@@ -335,11 +398,14 @@ class HengeHandler(BrokerProtocolHandler):
 
     async def _send_packet(self, packet: Any) -> None:
         """One ``write`` per packet keeps packets whole without amqtt's lock, timer and plugin event."""
+        await self.send_raw(packet.to_bytes())
+
+    async def send_raw(self, data: bytes) -> None:
         writer = self.writer
         if writer is None or getattr(writer, "is_closed", False):
             return
         try:
-            writer.write(packet.to_bytes())
+            writer.write(data)
             await writer.drain()
         except (ConnectionError, OSError):
             self._resolve(None)
@@ -373,26 +439,25 @@ class HengeHandler(BrokerProtocolHandler):
             self.session.inflight_out.pop(packet_id, None)
         return message
 
-    async def _on_publish(self, packet: PublishPacket) -> None:
-        topic, data, qos = packet.topic_name, bytes(packet.data or b""), packet.qos or 0
-        if topic is None:
-            self.protocol_error = True
-            self._resolve(None)
-            return
+    async def _on_publish(
+        self, topic: str, packet_id: int | None, data: bytes, qos: int, retain: bool, header: MQTTFixedHeader,
+        body: bytes,
+    ) -> None:
         if qos == 2:
             # QoS 2 waits for the client's PUBREL: run amqtt's flow aside so reading continues.
+            packet = await PublishPacket.from_stream(BufferReader(body), fixed_header=header)
             task = asyncio.ensure_future(self._qos2_flow(packet))
             if self._qos2 is None:
                 self._qos2 = set()
             self._qos2.add(task)
             task.add_done_callback(self._qos2.discard)
             return
-        if not self.sink.on_message(topic, data, qos, bool(packet.retain_flag)):
+        if not self.sink.on_message(topic, data, qos, retain):
             self.protocol_error = True
             self._resolve(None)
             return
-        if qos == 1:
-            await self._send_packet(PubackPacket.build(packet.packet_id))
+        if qos == 1 and packet_id is not None:
+            await self.send_raw(wire.puback(packet_id))
 
     async def _qos2_flow(self, packet: PublishPacket) -> None:
         assert self.session is not None
@@ -405,6 +470,4 @@ class HengeHandler(BrokerProtocolHandler):
             self._resolve(None)
 
 
-_PINGRESP = PingRespPacket.build()
-_CLIENT_PACKETS = frozenset({CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ,
-                             DISCONNECT})
+
