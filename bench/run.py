@@ -255,6 +255,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     results = []
+    started = time.perf_counter()
+    total = 0
+    for i in range(5_000_000):  # a CPU calibration: shared machines vary; compare runs by this too
+        total += i
+    calibration = time.perf_counter() - started
+    print(f"bench: cpu calibration (5M-iteration loop) {calibration:.2f} s", file=sys.stderr, flush=True)
     for n in [int(s) for s in args.sizes.split(",")]:
         for name in args.targets.split(","):
             print(f"bench: {name} N={n} ...", file=sys.stderr, flush=True)
@@ -263,7 +269,8 @@ def main() -> int:
             results.append(r)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=2))
+    path.write_text(json.dumps({"cpus": os.cpu_count(), "cpu_calibration_s": calibration, "results": results},
+                               indent=2))
     print(table(results))
     print(f"\nresults: {path}")
     return 1 if any("error" in r for r in results) else 0
