@@ -63,6 +63,28 @@ async def test_stock_clean_session_takeover_leaves_old_connection_open() -> None
         new.close()
 
 
+async def test_stock_persistent_takeover_publishes_the_new_connections_will() -> None:
+    """clean_session=0 on both: the old one is closed, but the *new* one's will goes out, as if it were gone."""
+    async with stock_broker() as port:
+        watcher = await connected(port, "watcher", username="watcher", password="x")
+        await watcher.send(raw.subscribe(1, "wills/#", qos=0))
+        await watcher.read_packet()  # SUBACK
+        old = await connected(port, "dev1", username="dev1", password="x", clean=False, will=("wills/old", b"OLD"))
+        new = await raw.RawClient.open(port)
+        await new.send(raw.connect("dev1", "dev1", "x", clean=False, will=("wills/new", b"NEW")))
+        assert await new.connack() == 0
+        assert await old.closed_within(2.0)
+        wills = []
+        with contextlib.suppress(TimeoutError, EOFError):
+            while True:
+                kind, body = await watcher.read_packet(1.5)
+                if kind == 3:
+                    wills.append(body)
+        assert any(b.endswith(b"NEW") for b in wills), "stock amqtt no longer publishes the new connection's will"
+        for c in (watcher, new):
+            c.close()
+
+
 async def test_stock_sends_other_clients_retained_messages_on_connect() -> None:
     async with stock_broker() as port:
         owner = await connected(port, "owner", username="owner", password="x")
