@@ -330,7 +330,7 @@ class HengeHandler(BrokerProtocolHandler):
             while not self._disconnect_waiter.done():
                 if stream is None:
                     header, body = await self._read_packet()
-                else:  # _read_packet's fast path, inline: one frame less under every idle connection
+                else:  # read_packet_from, inline: one coroutine frame less under every idle connection
                     head = await stream.readexactly(2)
                     encoded = head[1]
                     length, multiplier = encoded & 0x7F, 128
