@@ -47,7 +47,7 @@ from .connection import (
 )
 from .sessions import Action, Close, ConnectResult, PublishWill, SessionSettings, SessionTable
 from .tasks import TaskSet
-from .topics import Topics, filter_matches, valid_filter, valid_topic_name
+from .topics import Retained, Topics, filter_matches, keep_retained, valid_filter, valid_topic_name
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class HengeBroker(Broker):
         self.limits = limits or BrokerLimits()
         self.table = SessionTable(sessions)
         self.index = SubscriptionIndex()
-        self.retained: dict[str, tuple[bytes, int]] = {}
+        self.retained: Retained = {}
         self._conns: dict[str, Connection] = {}
         self._tasks = TaskSet(log, "broker.delivery_failed")
         self._handshakes: dict[WriterAdapter, float] = {}
@@ -539,10 +539,7 @@ class HengeBroker(Broker):
     def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False) -> list[asyncio.Task[Any]]:
         """Publish as the broker itself; returns one delivery task per subscriber (done when acked)."""
         if retain:
-            if data:
-                self.retained[topic] = (data, qos)
-            else:
-                self.retained.pop(topic, None)
+            keep_retained(self.retained, topic, data, qos)
         deliveries = []
         for conn, sub_qos in self.index.match(topic):
             if conn.started and conn.close_reason is None:

@@ -35,7 +35,7 @@ from .errors import SettingsError
 from .models import is_valid_device_id
 from .sessions import Close, PublishWill, SessionSettings, SessionTable
 from .tasks import TaskSet
-from .topics import Topics
+from .topics import Retained, Topics, keep_retained
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class ExternalBroker:
         self.table = SessionTable(replace(base, conflict_policy="flag", connect_burst=math.inf,
                                           connect_rate=math.inf))
         self.username, self.password, self.client_id = username, password, client_id
-        self.retained: dict[str, tuple[bytes, int]] = {}
+        self.retained: Retained = {}
         self.sessions: dict[str, dict[str, int]] = {}  # device -> {session id: epoch}
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -135,10 +135,7 @@ class ExternalBroker:
 
     def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False) -> list[asyncio.Task[Any]]:
         if retain:
-            if data:
-                self.retained[topic] = (data, qos)
-            else:
-                self.retained.pop(topic, None)
+            keep_retained(self.retained, topic, data, qos)
         client = self._client
         if client is None:
             return []  # retained state goes out on the next connect; the rest had no one to reach

@@ -28,6 +28,17 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
     return len(f_levels) == len(t_levels)
 
 
+Retained = dict[str, tuple[bytes, int]]
+
+
+def keep_retained(retained: Retained, topic: str, data: bytes, qos: int) -> None:
+    """Store a retained message; an empty payload clears the topic [MQTT-3.3.1-10, -11]."""
+    if data:
+        retained[topic] = (data, qos)
+    else:
+        retained.pop(topic, None)
+
+
 def valid_filter(topic_filter: str) -> bool:
     if not topic_filter or "\x00" in topic_filter:
         return False
