@@ -11,6 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 
+TOPIC = "henge/devices/{device}/config"
+
 
 def main() -> None:
     port, secrets_file, workers = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
@@ -21,7 +23,7 @@ def main() -> None:
     qs, procs = [], []
     for i in range(workers):
         q = ctx.Queue()
-        spec = {"host": "127.0.0.1", "port": port, "devices": devices[i::workers], "topic": loadgen_topic()}
+        spec = {"host": "127.0.0.1", "port": port, "devices": devices[i::workers], "topic": TOPIC}
         p = ctx.Process(target=loadgen.worker_main, args=(spec, q, results))
         p.start()
         qs.append(q)
@@ -38,10 +40,6 @@ def main() -> None:
         q.put({"cmd": "stop"})
     for p in procs:
         p.join()
-
-
-def loadgen_topic() -> str:
-    return "henge/devices/{device}/config"
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from .connection import (
     TrackedReader,
     read_connect,
 )
-from .sessions import Action, Close, ConnectResult, PublishWill, SessionSettings, SessionTable
+from .sessions import Action, Close, ConnectResult, PublishWill, SessionSettings, SessionTable, TokenBucket
 from .tasks import TaskSet
 from .topics import Retained, Topics, filter_matches, keep_retained, valid_filter, valid_topic_name
 
@@ -125,9 +125,7 @@ class Connection:
     writer: BoundedWriter | WriterAdapter
     subscriptions: dict[str, int] = field(default_factory=dict)
     close_reason: str | None = None
-    will_allowed: bool = False
-    tokens: float = -1.0
-    tokens_at: float = 0.0
+    publishes: TokenBucket = field(default_factory=TokenBucket)
     started: bool = False
     task: asyncio.Task[Any] | None = None  # the task serving it: closing waits for it to finish
 
@@ -138,16 +136,6 @@ class Connection:
     @property
     def last_heard(self) -> float:
         return self.reader.last_read
-
-    def take_publish_token(self, now: float, rate: float, burst: float) -> bool:
-        if self.tokens < 0:
-            self.tokens, self.tokens_at = burst, now
-        self.tokens = min(burst, self.tokens + (now - self.tokens_at) * rate)
-        self.tokens_at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
 
     # The connection's PacketSink: packets go to the broker with the connection they came on.
     def on_message(self, topic: str, data: bytes, qos: int, retain: bool) -> bool:
@@ -371,7 +359,7 @@ class HengeBroker(Broker):
         # (the displaced connections, the table's actions).
         closes, old, result = [], None, None
         try:
-            await handler._reader_loop()  # in this task: see HengeHandler.run
+            await handler.read_until_closed()
             packet = handler.disconnect_packet()
             if conn.close_reason is None:
                 if isinstance(packet, DisconnectPacket):
@@ -416,8 +404,6 @@ class HengeBroker(Broker):
                 if conn is not None and conn.epoch == action.epoch:
                     self._publish_will(conn)
             else:
-                forward.append(action)
-            if isinstance(action, Close | PublishWill):
                 forward.append(action)
         if forward:
             self.hooks.session_actions(forward)
@@ -524,7 +510,7 @@ class HengeBroker(Broker):
             if len(data) > self.limits.max_device_publish:
                 log.warning("broker.publish_too_large key=%s topic=%s size=%d", conn.key, topic, len(data))
                 return True
-            if not conn.take_publish_token(time.monotonic(), self.limits.publish_rate, self.limits.publish_burst):
+            if not conn.publishes.take(time.monotonic(), self.limits.publish_rate, self.limits.publish_burst):
                 log.warning("broker.publish_rate_exceeded key=%s: closing the connection", conn.key)
                 conn.close_reason = "publish_rate_exceeded"
                 return False
@@ -556,9 +542,6 @@ class HengeBroker(Broker):
         closes = self._apply(self.table.kick(device, time.time()))
         await self._await_closes(closes)
         return bool(closes)
-
-    def connection(self, device: str) -> Connection | None:
-        return self._conns.get(device)
 
     def connections(self) -> list[Connection]:
         return list(self._conns.values())

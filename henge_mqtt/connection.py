@@ -275,16 +275,6 @@ class HengeHandler(BrokerProtocolHandler):
         self.read_timeout = float(session.keep_alive) or None
         self.keepalive_timeout = None  # no write-side timer per packet sent; the broker never pings
 
-    async def run(self) -> DisconnectPacket | None:
-        """Read and dispatch packets in the calling task until the connection ends.
-
-        Upstream runs a separate reader task per connection; reading in the connection's own task
-        saves that task and its frames for every idle device. Whoever ends the connection from
-        outside closes the socket, which ends the read.
-        """
-        await self._reader_loop()
-        return self.disconnect_packet()
-
     def disconnect_packet(self) -> DisconnectPacket | None:
         waiter = self._disconnect_waiter
         return waiter.result() if waiter is not None and waiter.done() else None
@@ -293,10 +283,6 @@ class HengeHandler(BrokerProtocolHandler):
         waiter = self._disconnect_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(result)
-
-    async def wait_disconnect(self) -> DisconnectPacket | None:
-        assert self._disconnect_waiter is not None
-        return await self._disconnect_waiter
 
     def idle_too_long(self, now: float) -> bool:
         """Keep-alive check, called by the broker's periodic sweep (one sweep, not a timer each)."""
@@ -323,7 +309,13 @@ class HengeHandler(BrokerProtocolHandler):
         body = await self.reader.read(header.remaining_length) if header.remaining_length else b""
         return header, body
 
-    async def _reader_loop(self) -> None:
+    async def read_until_closed(self) -> None:
+        """Read and dispatch packets in the calling task until the connection ends.
+
+        Upstream runs a separate reader task per connection; reading in the connection's own task
+        saves that task and its frames for every idle device. Whoever ends the connection from
+        outside closes the socket, which ends the read.
+        """
         assert isinstance(self.reader, TrackedReader)
         tracked, stream = self.reader, self.reader.stream
         try:

@@ -38,7 +38,7 @@ from .errors import (
 from .external import ExternalBroker
 from .models import AdminReply, AdminRequest, ConfigVersion, Event, Presence, Report, canonical_json, rfc3339
 from .paths import ADMIN_FILE, SERVICE_FILE
-from .sessions import Action, Close, Emit, PresenceChange, PublishWill, SaveEpoch
+from .sessions import Action, Emit, PresenceChange, SaveEpoch
 from .settings import Settings
 from .store import DeviceReports, Store
 from .tasks import TaskSet
@@ -268,10 +268,6 @@ class HengeService:
             elif isinstance(action, Emit):
                 self._count(action.type)
                 self.emit(action.type, action.device, **dict(action.data))
-            elif isinstance(action, Close) and action.reason == "keepalive_timeout":
-                self._count("keepalive_timeout")
-            elif isinstance(action, PublishWill):
-                pass
 
     def _queue_epoch(self, device: str, epoch: int) -> None:
         self._pending_epochs[device] = max(epoch, self._pending_epochs.get(device, 0))

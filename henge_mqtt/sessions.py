@@ -16,7 +16,7 @@ Rules (docs/sessions.md explains them at length):
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 ConflictPolicy = Literal["flag", "quarantine"]
@@ -97,6 +97,24 @@ class ConnectResult:
     refusal: str | None = None
 
 
+@dataclass(slots=True)
+class TokenBucket:
+    """Starts full; refills at ``rate`` per second up to ``burst``; time never runs backwards."""
+
+    tokens: float = -1.0
+    at: float = 0.0
+
+    def take(self, now: float, rate: float, burst: float) -> bool:
+        if self.tokens < 0:
+            self.tokens, self.at = burst, now
+        self.tokens = min(burst, self.tokens + max(0.0, now - self.at) * rate)
+        self.at = max(self.at, now)
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 # ---- per-device state ---------------------------------------------------------------------------
 
 
@@ -124,8 +142,7 @@ class DeviceSession:
     conflict_remotes: tuple[str, ...] = ()
     quarantine_until: float = 0.0
     quarantine_count: int = 0
-    tokens: float = -1.0
-    tokens_at: float = 0.0
+    connects: TokenBucket = field(default_factory=TokenBucket)
 
     @property
     def online(self) -> bool:
@@ -339,16 +356,7 @@ class SessionTable:
         actions.append(PresenceChange(entry.device, online, entry.epoch, now, reason, remote))
 
     def _take_token(self, entry: DeviceSession, now: float) -> bool:
-        s = self.settings
-        if entry.tokens < 0:
-            entry.tokens, entry.tokens_at = s.connect_burst, now
-        elapsed = max(0.0, now - entry.tokens_at)
-        entry.tokens = min(s.connect_burst, entry.tokens + elapsed * s.connect_rate)
-        entry.tokens_at = max(entry.tokens_at, now)
-        if entry.tokens < 1.0:
-            return False
-        entry.tokens -= 1.0
-        return True
+        return entry.connects.take(now, self.settings.connect_rate, self.settings.connect_burst)
 
     def _expire_takeovers(self, entry: DeviceSession, now: float) -> None:
         window = self.settings.conflict_window

@@ -407,12 +407,11 @@ class Store:
     def epochs(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT id, epoch FROM devices"))
 
-    def save_epoch(self, device: str, epoch: int) -> None:
-        """Persist the epoch high-water mark; it only goes up, even if called out of order."""
-        self.save_epochs({device: epoch})
-
     def save_epochs(self, epochs: dict[str, int]) -> None:
-        """Many high-water marks in one transaction (the group commit of a reconnect storm)."""
+        """Epoch high-water marks in one transaction (the group commit of a reconnect storm).
+
+        A mark only goes up, even if saved out of order.
+        """
         with self._tx():
             self._db.executemany(
                 "UPDATE devices SET epoch = MAX(epoch, ?) WHERE id = ?", [(e, d) for d, e in epochs.items()]
