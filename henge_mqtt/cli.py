@@ -184,10 +184,6 @@ def serve(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    if log_level.lower() != "debug":
-        # amqtt logs our handled failures (a busy port, a dropped client) as errors with tracebacks.
-        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
-        logging.getLogger("transitions").setLevel(logging.WARNING)
     settings = Settings.load(config, data_dir=data, host=host, port=port)
     if external:
         if host is not None or port is not None:
@@ -204,6 +200,7 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.set_exception_handler(_quiet_loop_errors())
         async with HengeService(settings) as service:
             bound_host, bound_port = service.address
             metrics = None
@@ -227,11 +224,6 @@ def serve(
         asyncio.run(main())
     except OSError as exc:
         fail(f"cannot start the broker: {exc.strerror or exc}")
-    except Exception as exc:  # amqtt wraps bind errors in its own BrokerError
-        cause = exc.__cause__ or exc
-        if type(exc).__name__ == "BrokerError":
-            fail(f"cannot start the broker: {cause}")
-        raise
     # Everything is flushed and closed; skip the interpreter's object-by-object teardown.
     logging.shutdown()
     sys.stdout.flush()
@@ -240,13 +232,30 @@ def serve(
 
 
 def _raise_file_limit() -> None:
-    """Every device is a socket: lift the soft open-file limit to the hard one."""
+    """Every device is a socket: lift the soft open-file limit to the hard one, and say so."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    logging.getLogger(__name__).info("serve.file_limit soft=%d hard=%d", hard, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logging.getLogger(__name__).warning("serve.file_limit_unchanged error=%s", exc)
+    now_soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    logging.getLogger(__name__).info("serve.file_limit soft=%d (was %d) hard=%d", now_soft, soft, hard)
+
+
+def _quiet_loop_errors() -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """asyncio logs a traceback per failed accept() (e.g. out of file descriptors): at most a line a second."""
+    from .server.limits import LogLimiter
+
+    limiter = LogLimiter(logging.getLogger("henge_mqtt.loop"), rate=1.0)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        limiter.log(logging.ERROR, "loop.error", "%s %s", context.get("message", ""), repr(exc) if exc else "")
+
+    return handler
 
 
 # ---- devices -----------------------------------------------------------------------------------
@@ -576,16 +585,11 @@ def broker_config_mosquitto(
     = "mosquitto",
 ) -> None:
     """Write a Mosquitto configuration (listeners, ACL, password file for every device) from the store."""
-    from .mosquitto import write_mosquitto_config
+    from .mosquitto import identities, write_mosquitto_config
     from .settings import Settings
-    from .store import Store
 
     settings = Settings.load(data_dir=data)
-    store = Store(settings.data_dir)
-    try:
-        hashes, missing = store.broker_hashes()
-    finally:
-        store.close()
+    hashes, missing = identities(settings.data_dir, settings.admin_name)
     written = write_mosquitto_config(out, hashes, device_listener=device_listener, admin_listener=admin_listener,
                                      topic_prefix=topic_prefix, admin_name=settings.admin_name, run_as=run_as)
     typer.echo(f"wrote {', '.join(p.name for p in written)} to {out} ({len(hashes)} identities)")

@@ -29,6 +29,11 @@ class Endpoint:
     username: str
     secret: str
     topic_prefix: str = "henge"
+    socket: str | None = None  # the service's admin Unix socket: used instead of host:port when set
+
+    @property
+    def where(self) -> str:
+        return self.socket if self.socket else f"{self.host}:{self.port}"
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> Endpoint:
@@ -49,8 +54,11 @@ class Endpoint:
         host = str(service["host"])
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
+        socket = service.get("admin_socket")
+        # The admin socket is never crowded out by devices; a path too long for AF_UNIX cannot be used.
+        usable = isinstance(socket, str) and os.path.exists(socket) and len(socket.encode()) < 104
         return cls(host, int(service["port"]), str(admin["name"]), str(admin["secret"]),
-                   str(service.get("topic_prefix", "henge")))
+                   str(service.get("topic_prefix", "henge")), socket if usable else None)
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint:
@@ -74,8 +82,9 @@ class AdminClient:
         self.client_id = f"henge-cli-{secrets.token_hex(6)}"
         self._reply_topic = self.topics.admin_reply(self.client_id)
         self._client = aiomqtt.Client(
-            endpoint.host,
+            endpoint.socket or endpoint.host,
             endpoint.port,
+            transport="unix" if endpoint.socket else "tcp",
             username=endpoint.username,
             password=endpoint.secret,
             identifier=self.client_id,
@@ -94,12 +103,12 @@ class AdminClient:
         except aiomqtt.MqttCodeError as exc:
             if exc.rc in (4, 5, 134, 135):
                 raise AuthenticationFailed(
-                    f"the service at {e.host}:{e.port} refused the admin credentials for {e.username!r}"
+                    f"the service at {e.where} refused the admin credentials for {e.username!r}"
                 ) from exc
-            raise ServiceUnavailable(f"cannot connect to the service at {e.host}:{e.port}: {exc}") from exc
+            raise ServiceUnavailable(f"cannot connect to the service at {e.where}: {exc}") from exc
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(
-                f"cannot reach the service at {e.host}:{e.port} (is `henge serve` running?): {exc}"
+                f"cannot reach the service at {e.where} (is `henge serve` running?): {exc}"
             ) from exc
         await self._client.subscribe(self._reply_topic, qos=1)
         self._pump = asyncio.create_task(self._read())

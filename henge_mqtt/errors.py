@@ -1,4 +1,24 @@
-"""Our own exception types: each message is meant to be read by a person and acted on."""
+"""Our own exception types: each message is meant to be read by a person and acted on.
+
+The tree (``code`` in parentheses is what the admin protocol and the CLI's ``--json`` report)::
+
+    HengeError (error)
+    ├── ValidationFailed (invalid)
+    │   ├── InvalidDeviceId (invalid_device_id)
+    │   ├── InvalidConfig (invalid_config)
+    │   └── ConfigTooLarge (config_too_large)
+    ├── UnknownDevice (unknown_device)
+    ├── DuplicateDevice (duplicate_device)
+    ├── UnknownVersion (unknown_version)
+    ├── VersionConflict (version_conflict): .device, .expected, .current
+    ├── WaitTimeout (timeout)
+    ├── StoreError (store_error)
+    ├── ServiceUnavailable (service_unavailable)
+    ├── AuthenticationFailed (authentication_failed)
+    ├── SettingsError (settings_error)
+    ├── NotSupported (not_supported): an operation the running broker cannot do
+    └── RemoteError (any code): an error the service reported over the admin protocol
+"""
 
 from __future__ import annotations
 
@@ -40,6 +60,15 @@ class UnknownVersion(HengeError):
 class VersionConflict(HengeError):
     code = "version_conflict"
 
+    def __init__(self, device: str, *, expected: int, current: int) -> None:
+        super().__init__(
+            f"version conflict on {device!r}: expected current version {expected}, it is {current}; "
+            "nothing was stored"
+        )
+        self.device = device
+        self.expected = expected
+        self.current = current
+
 
 class WaitTimeout(HengeError):
     code = "timeout"
@@ -59,6 +88,10 @@ class AuthenticationFailed(HengeError):
 
 class SettingsError(HengeError):
     code = "settings_error"
+
+
+class NotSupported(HengeError):
+    code = "not_supported"
 
 
 class RemoteError(HengeError):

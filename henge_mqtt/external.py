@@ -30,12 +30,12 @@ from urllib.parse import urlsplit
 import aiomqtt
 
 from .backoff import Backoff
-from .broker import BrokerHooks, Principal
 from .errors import SettingsError
 from .models import is_valid_device_id
-from .sessions import Close, PublishWill, SessionSettings, SessionTable
+from .ports import BrokerHooks, KickResult, Principal
+from .sessions import Close, PublishWill, SessionSettings, SessionTable, SessionView
 from .tasks import TaskSet
-from .topics import Retained, Topics, keep_retained
+from .topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
 
 
 class ExternalBroker:
-    """The same surface the service uses of :class:`HengeBroker`, over an MQTT client connection."""
+    """:class:`~henge_mqtt.ports.BrokerPort` over an MQTT client connection to an existing broker."""
 
     def __init__(
         self,
@@ -76,7 +76,7 @@ class ExternalBroker:
         self.table = SessionTable(replace(base, conflict_policy="flag", connect_burst=math.inf,
                                           connect_rate=math.inf))
         self.username, self.password, self.client_id = username, password, client_id
-        self.retained: Retained = {}
+        self.retained: dict[str, tuple[bytes, int]] = {}
         self.sessions: dict[str, dict[str, int]] = {}  # device -> {session id: epoch}
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -89,7 +89,7 @@ class ExternalBroker:
     async def start(self) -> None:
         self._runner = asyncio.create_task(self._run())
 
-    async def shutdown(self) -> None:
+    async def stop(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
@@ -97,6 +97,10 @@ class ExternalBroker:
 
     def addresses(self) -> list[tuple[str, int]]:
         return [(self.host, self.port)]
+
+    @property
+    def admin_socket(self) -> str | None:
+        return None
 
     async def _run(self) -> None:
         while True:
@@ -133,24 +137,51 @@ class ExternalBroker:
 
     # ---- what the service asks of a broker ---------------------------------------------------------
 
-    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False) -> list[asyncio.Task[Any]]:
+    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False,
+                track: bool = False) -> list[asyncio.Future[None]]:
+        """Tracked futures say the broker took the message, not that a device has it: we cannot see that."""
         if retain:
-            keep_retained(self.retained, topic, data, qos)
+            if data:
+                self.retained[topic] = (data, qos)
+            else:
+                self.retained.pop(topic, None)
         client = self._client
         if client is None:
             return []  # retained state goes out on the next connect; the rest had no one to reach
-        return [self._tasks.spawn(client.publish(topic, data, qos=qos, retain=retain))]
+        task: asyncio.Future[Any] = self._tasks.spawn(client.publish(topic, data, qos=qos, retain=retain))
+        return [task] if track else []
+
+    def clear_retained(self, topic: str) -> None:
+        self.publish(topic, b"", qos=1, retain=True)
 
     def has_subscribers(self, topic: str) -> bool:
         return self._client is not None  # the broker knows, we do not: assume someone listens
 
-    def connections(self) -> list[Any]:
-        return []
+    async def kick(self, device: str) -> KickResult:
+        return KickResult(kicked=False, supported=False,
+                          detail="kick needs the embedded broker; with an external broker use its own admin tools")
 
-    async def kick(self, device: str) -> bool:
-        from .errors import HengeError
+    def seed_epochs(self, epochs: dict[str, int]) -> None:
+        for device, epoch in epochs.items():
+            self.table.seed(device, epoch)
 
-        raise HengeError("kick needs the embedded broker; with an external broker use its own admin tools")
+    def forget(self, device: str) -> None:
+        self.table.forget(device)
+        self.sessions.pop(device, None)
+
+    def session(self, device: str, now: float) -> SessionView:
+        return self.table.view(device, now)
+
+    def online_devices(self) -> list[str]:
+        return self.table.online_devices()
+
+    def clear_conflict(self, device: str) -> bool:
+        actions = self.table.clear_conflict(device)
+        self._forward(actions)
+        return bool(actions)
+
+    def stats(self) -> dict[str, int]:
+        return {"connected_to_broker": int(self._client is not None), "retained": len(self.retained)}
 
     # ---- incoming ----------------------------------------------------------------------------------
 

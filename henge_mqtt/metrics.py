@@ -37,25 +37,25 @@ class MetricsServer:
         except ImportError as exc:
             raise SettingsError("--metrics-port needs prometheus-client: pip install 'henge-mqtt[metrics]'") from exc
         self.registry = CollectorRegistry()
-        self.registry.register(_ServiceCollector(service))
+        self.registry.register(_ServiceCollector(service, asyncio.get_running_loop()))
         self.latency = Histogram(
             "henge_publish_latency_seconds",
             "From publishing a config snapshot to the device's QoS 1 acknowledgement.",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        service.on_delivery_started = self._track
+        service.configs.on_delivery_started = self._track
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         self.port = int(self._server.server_port)
 
-    def _track(self, task: asyncio.Task[Any]) -> None:
+    def _track(self, delivery: asyncio.Future[None]) -> None:
         started = time.monotonic()
 
-        def done(finished: asyncio.Task[Any]) -> None:
+        def done(finished: asyncio.Future[None]) -> None:
             if not finished.cancelled() and finished.exception() is None:
                 self.latency.observe(time.monotonic() - started)
 
-        task.add_done_callback(done)
+        delivery.add_done_callback(done)
 
     def close(self) -> None:
         self._server.shutdown()
@@ -64,15 +64,21 @@ class MetricsServer:
 
 
 class _ServiceCollector:
-    def __init__(self, service: HengeService) -> None:
+    """Runs on the HTTP server's thread; every value comes from a snapshot taken on the event loop."""
+
+    def __init__(self, service: HengeService, loop: asyncio.AbstractEventLoop) -> None:
         self.service = service
+        self.loop = loop
+
+    async def _snapshot(self) -> dict[str, Any]:
+        return self.service.metrics_snapshot()
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        svc = self.service
-        counters = dict(svc.counters)  # a copy: scraped from another thread
-        online = svc.online_count()
+        snapshot = asyncio.run_coroutine_threadsafe(self._snapshot(), self.loop).result(timeout=5)
+        counters: dict[str, int] = snapshot["counters"]
+        online: int = snapshot["online"]
         yield GaugeMetricFamily("henge_connected_devices", "Devices with a live connection now.", value=online)
         for name, help_text in COUNTERS.items():
             yield CounterMetricFamily(f"henge_{name}", help_text, value=counters.get(name, 0))
@@ -80,3 +86,6 @@ class _ServiceCollector:
         for status in REPORT_STATUSES:
             reports.add_metric([status], counters.get(f"reports_{status}", 0))
         yield reports
+        for name in ("sockets", "subscriptions", "retained", "refused_at_limit"):
+            if name in snapshot:
+                yield GaugeMetricFamily(f"henge_{name}", f"Broker {name.replace('_', ' ')} now.", value=snapshot[name])

@@ -8,6 +8,22 @@ from pathlib import Path
 from .errors import SettingsError
 
 
+def identities(data_dir: Path, admin_name: str) -> tuple[dict[str, str], list[str]]:
+    """``{username: mosquitto hash}`` from the store, with the admin identity made first if need be.
+
+    Works before the first ``henge serve``: the admin credentials are created here the same way.
+    """
+    from .service.auth import admin_secret
+    from .store import Store
+
+    store = Store(data_dir)
+    try:
+        store.ensure_admin(admin_name, admin_secret(data_dir, admin_name))
+        return store.broker_hashes()
+    finally:
+        store.close()
+
+
 def _listener(spec: str) -> tuple[str, int]:
     host, sep, port = spec.rpartition(":")
     if not sep or not port.isdigit():

@@ -1,9 +1,13 @@
-"""Service settings: the broker YAML file (amqtt's listeners plus our ``henge:`` section) and flags."""
+"""Service settings: the YAML file (``listeners:`` plus the ``henge:`` section) and flags.
+
+Settings own their values: they import nothing of henge but its errors, and the composer turns
+them into the session table's and the server's own types.
+"""
 
 from __future__ import annotations
 
 import os
-import ssl
+import ssl as _ssl
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,7 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import SettingsError
-from .sessions import SessionSettings
 
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "broker_config"
 DEFAULT_CONFIG_NAME = "default.yaml"
@@ -30,23 +33,63 @@ class SessionConfig(BaseModel):
     connect_burst: float = Field(default=20.0, ge=1)
     connect_rate: float = Field(default=2.0, gt=0)
 
-    def to_table_settings(self) -> SessionSettings:
-        return SessionSettings(**self.model_dump())
+
+class ListenerConfig(BaseModel):
+    """One device listener: TCP, with TLS when ``ssl`` is true (the keys amqtt's configuration used)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["tcp"] = "tcp"
+    bind: str = "127.0.0.1:1883"
+    ssl: bool = False
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    cafile: Path | None = None
+
+    def host_port(self) -> tuple[str, int]:
+        host, sep, port = self.bind.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise SettingsError(f"listener bind {self.bind!r}: expected HOST:PORT")
+        return host.strip("[]"), int(port)
+
+    def ssl_context(self, client_auth: str) -> _ssl.SSLContext | None:
+        if not self.ssl:
+            return None
+        if self.certfile is None or self.keyfile is None:
+            raise SettingsError(f"TLS listener {self.bind}: certfile and keyfile are required")
+        try:
+            context = _ssl.create_default_context(_ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(self.certfile), str(self.keyfile))
+            if self.cafile is not None:
+                context.load_verify_locations(cafile=str(self.cafile))
+                if client_auth != "off":
+                    context.verify_mode = _ssl.CERT_REQUIRED if client_auth == "required" else _ssl.CERT_OPTIONAL
+        except (OSError, _ssl.SSLError) as exc:
+            raise SettingsError(f"TLS listener {self.bind}: cannot load certificates: {exc}") from exc
+        return context
 
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data_dir: Path = Path("henge-data")
-    listeners: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"default": {"type": "tcp", "bind": "127.0.0.1:1883"}}
-    )
+    listeners: dict[str, ListenerConfig] = Field(default_factory=lambda: {"default": ListenerConfig()})
     topic_prefix: str = Field(default="henge", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     max_config_bytes: int = Field(default=256 * 1024, ge=2)
     max_report_bytes: int = Field(default=16 * 1024, ge=64)
     max_keepalive: float = Field(default=300.0, gt=0)
     max_packet_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_inflight: int = Field(default=50, ge=1, le=65000)
+    max_publish_bytes: int = Field(default=64 * 1024, ge=64)
+    receive_maximum: int = Field(default=16, ge=1, le=65535)
+    pubrel_timeout: float = Field(default=10.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    max_filters_per_subscribe: int = Field(default=16, ge=1)
+    max_subscriptions: int = Field(default=64, ge=1)
+    max_wildcard_subscriptions: int = Field(default=8, ge=0)
+    max_connections: int | None = Field(default=None, ge=1)  # None: the open-file limit minus a reserve
+    admin_socket: bool = True  # a Unix socket in the data dir for the CLI, never crowded out by devices
+    store_synchronous: Literal["full", "normal"] = "full"
     device_publish_rate: float = Field(default=10.0, gt=0)
     device_publish_burst: float = Field(default=50.0, ge=1)
     tls_client_auth: Literal["off", "optional", "required"] = "off"
@@ -105,26 +148,23 @@ class Settings(BaseModel):
     def with_listener(self, host: str | None, port: int | None) -> Settings:
         if host is None and port is None:
             return self
-        listeners = {k: dict(v) for k, v in self.listeners.items()}
-        default = listeners.setdefault("default", {"type": "tcp", "bind": "127.0.0.1:1883"})
-        old_host, _, old_port = str(default.get("bind", "127.0.0.1:1883")).rpartition(":")
+        listeners = dict(self.listeners)
+        default = listeners.get("default", ListenerConfig())
+        old_host, _, old_port = default.bind.rpartition(":")
         new_host = host if host is not None else (old_host or "127.0.0.1")
         new_port = port if port is not None else int(old_port or 1883)
         if ":" in new_host and not new_host.startswith("["):
             new_host = f"[{new_host}]"
-        default["bind"] = f"{new_host}:{new_port}"
+        listeners["default"] = default.model_copy(update={"bind": f"{new_host}:{new_port}"})
         return self.model_copy(update={"listeners": listeners})
 
-    def external_tls_context(self) -> ssl.SSLContext | None:
+    def external_tls_context(self) -> _ssl.SSLContext | None:
         if self.external_ca is None and self.external_cert is None:
             return None
         try:
-            context = ssl.create_default_context(cafile=str(self.external_ca) if self.external_ca else None)
+            context = _ssl.create_default_context(cafile=str(self.external_ca) if self.external_ca else None)
             if self.external_cert is not None:
                 context.load_cert_chain(str(self.external_cert), str(self.external_key) if self.external_key else None)
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, _ssl.SSLError) as exc:
             raise SettingsError(f"cannot load the TLS files for the external broker: {exc}") from exc
         return context
-
-    def broker_config(self) -> dict[str, Any]:
-        return {"listeners": self.listeners}

@@ -1,23 +1,33 @@
 """The durable store: SQLite in the data dir, the single source of truth for devices and configs.
 
-Calls are synchronous and short (WAL, one transaction per operation); the service runs them on
-the event loop thread, which keeps every admin operation atomic with respect to the others.
+:class:`Store` is synchronous (WAL, ``BEGIN IMMEDIATE``, one transaction per operation).
+:class:`StoreWorker` gives it one thread of its own, datasette's habit: every call runs there in
+order, so admin operations stay atomic with respect to each other while the event loop, which
+serves every device, only awaits them. The credential hashes are also kept in memory so that
+authenticating a CONNECT never waits for the thread.
+
+Durability: ``synchronous=FULL`` by default (every commit survives a power cut);
+``store_synchronous: normal`` trades the last commits before a power cut for cheaper commits
+(docs/security.md; the measured cost is in bench/README.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from .errors import DuplicateDevice, StoreError, UnknownDevice, UnknownVersion, VersionConflict
 from .models import ConfigVersion, Device, config_sha256, utc_now
@@ -113,15 +123,19 @@ def _parse_ts(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
 class Store:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, synchronous: Literal["full", "normal"] = "full") -> None:
         self.path = data_dir / DB_FILE
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA foreign_keys=ON")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._migrate()
         except sqlite3.DatabaseError as exc:
@@ -130,7 +144,13 @@ class Store:
             raise StoreError(f"cannot use the data dir {data_dir}: {exc}") from exc
         if mode.lower() != "wal":
             log.warning("store.not_wal mode=%s", mode)
-        self._hashes: dict[str, str] = dict(self._db.execute("SELECT id, secret_hash FROM devices"))
+        # Digests as bytes (33 bytes less per stored device than hex text).
+        self._hashes: dict[str, bytes] = {
+            d: bytes.fromhex(h) for d, h in self._db.execute("SELECT id, secret_hash FROM devices")
+        }
+        self._admin_hashes: dict[str, bytes] = {
+            n: bytes.fromhex(h) for n, h in self._db.execute("SELECT name, secret_hash FROM admins")
+        }
 
     def close(self) -> None:
         self._db.close()
@@ -175,7 +195,7 @@ class Store:
                 self._audit(actor, "device.add", device, {"labels": labels or {}})
         except sqlite3.IntegrityError as exc:
             raise DuplicateDevice(f"device {device!r} already exists") from exc
-        self._hashes[device] = digest
+        self._hashes[device] = bytes.fromhex(digest)
         return secret
 
     def add_devices(self, devices: list[tuple[str, dict[str, str]]], *, actor: str = "library") -> dict[str, str]:
@@ -195,7 +215,7 @@ class Store:
                  for d, labels in devices],
             )
             self._audit(actor, "device.import", None, {"devices": len(devices)})
-        self._hashes.update(digests)
+        self._hashes.update({d: bytes.fromhex(h) for d, h in digests.items()})
         return secrets_by_id
 
     def remove_device(self, device: str, *, actor: str = "library") -> None:
@@ -217,16 +237,16 @@ class Store:
             if cur.rowcount == 0:
                 raise UnknownDevice(f"unknown device {device!r}")
             self._audit(actor, "device.rotate_secret", device, {})
-        self._hashes[device] = digest
+        self._hashes[device] = bytes.fromhex(digest)
         return secret
 
     def verify_device(self, device: str, secret: str) -> bool:
         expected = self._hashes.get(device)
         if expected is None:
             # Compare anyway so an unknown id costs the same as a wrong secret.
-            hmac.compare_digest(hash_secret(secret), "0" * 64)
+            hmac.compare_digest(hashlib.sha256(secret.encode()).digest(), bytes(32))
             return False
-        return hmac.compare_digest(hash_secret(secret), expected)
+        return hmac.compare_digest(hashlib.sha256(secret.encode()).digest(), expected)
 
     def has_device(self, device: str) -> bool:
         return device in self._hashes
@@ -276,7 +296,7 @@ class Store:
     def push_many(
         self, devices: list[str], config: dict[str, Any], *, actor: str, message: str = ""
     ) -> list[ConfigVersion]:
-        """One new version for each device, stored in one transaction."""
+        """One new version for each device, stored in one transaction (the service calls it per chunk)."""
         for device in devices:
             if device not in self._hashes:
                 raise UnknownDevice(f"unknown device {device!r}")
@@ -284,7 +304,12 @@ class Store:
         text = json.dumps(config, ensure_ascii=False)
         created = utc_now()
         with self._tx():
-            current = dict(self._db.execute("SELECT device, MAX(version) FROM config_versions GROUP BY device"))
+            current: dict[str, int] = {}
+            for start in range(0, len(devices), 500):
+                part = devices[start:start + 500]
+                current.update(self._db.execute(
+                    "SELECT device, MAX(version) FROM config_versions WHERE device IN "
+                    f"({','.join('?' * len(part))}) GROUP BY device", part))
             rows = [
                 ConfigVersion.model_construct(
                     device=d, version=current.get(d, 0) + 1, config=config, sha256=sha, message=message,
@@ -313,10 +338,7 @@ class Store:
             raise UnknownDevice(f"unknown device {device!r}")
         current = self._current_version(device)
         if if_version is not None and if_version != current:
-            raise VersionConflict(
-                f"version conflict on {device!r}: expected current version {if_version}, "
-                f"it is {current}; nothing was stored"
-            )
+            raise VersionConflict(device, expected=if_version, current=current)
         row = ConfigVersion(
             device=device,
             version=current + 1,
@@ -496,6 +518,7 @@ class Store:
                 "broker_hash = excluded.broker_hash",
                 (name, hash_secret(secret), _ts(utc_now()), mosquitto_hash(secret)),
             )
+        self._admin_hashes[name] = bytes.fromhex(hash_secret(secret))
 
     def broker_hashes(self) -> tuple[dict[str, str], list[str]]:
         """``{username: mosquitto hash}`` for admins and devices, and devices that have none yet."""
@@ -511,10 +534,31 @@ class Store:
         return found, missing
 
     def verify_admin(self, name: str, secret: str) -> bool:
-        row = self._db.execute("SELECT secret_hash FROM admins WHERE name = ?", (name,)).fetchone()
-        if row is None:
+        """From memory, like devices: safe to call on the event loop."""
+        expected = self._admin_hashes.get(name)
+        if expected is None:
             return False
-        return hmac.compare_digest(hash_secret(secret), row[0])
+        return hmac.compare_digest(hashlib.sha256(secret.encode()).digest(), expected)
+
+
+class StoreWorker:
+    """The store's one thread: calls run there in the order they were made; the loop only awaits.
+
+    ``has_device``/``verify_device``/``verify_admin`` read in-memory dicts and may be called from
+    the loop directly; everything else goes through :meth:`run`.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="henge-store")
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.store.close()
 
 
 @dataclass(frozen=True, slots=True)

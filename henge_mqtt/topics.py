@@ -1,58 +1,12 @@
 """Topic names and the topic ACL, derived from one configurable prefix.
 
-Pure functions only: the broker layer asks these questions on every SUBSCRIBE and PUBLISH.
+Pure functions only: the service asks these questions on every SUBSCRIBE and PUBLISH (through the
+broker's hooks); topic syntax and matching are the server's (``henge_mqtt.server.router``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-
-def filter_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT 3.1.1 topic matching, including the rule that wildcards never match ``$`` topics."""
-    if topic_filter == topic:
-        return True
-    if "+" not in topic_filter and "#" not in topic_filter:
-        return False
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    f_levels = topic_filter.split("/")
-    t_levels = topic.split("/")
-    for i, level in enumerate(f_levels):
-        if level == "#":
-            return True
-        if i >= len(t_levels):
-            return False
-        if level != "+" and level != t_levels[i]:
-            return False
-    return len(f_levels) == len(t_levels)
-
-
-Retained = dict[str, tuple[bytes, int]]
-
-
-def keep_retained(retained: Retained, topic: str, data: bytes, qos: int) -> None:
-    """Store a retained message; an empty payload clears the topic [MQTT-3.3.1-10, -11]."""
-    if data:
-        retained[topic] = (data, qos)
-    else:
-        retained.pop(topic, None)
-
-
-def valid_filter(topic_filter: str) -> bool:
-    if not topic_filter or "\x00" in topic_filter:
-        return False
-    levels = topic_filter.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    return True
-
-
-def valid_topic_name(topic: str) -> bool:
-    return bool(topic) and "+" not in topic and "#" not in topic and "\x00" not in topic
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,102 @@
+"""The one seam between the service and an MQTT broker, whichever broker it is.
+
+The service talks to :class:`BrokerPort` only; the embedded server (``henge_mqtt.server``) and the
+client of an external broker (``henge_mqtt.external``) both implement it, the way httpx's
+transports implement one interface. In the other direction a broker calls :class:`BrokerHooks`,
+which the service implements: the broker never imports the service, and the service never
+reaches into a broker's session table or connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from .sessions import Action, SessionView
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a connection authenticated as."""
+
+    kind: Literal["device", "admin"]
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class KickResult:
+    """What a kick did, as data: external brokers cannot kick, and say so here instead of raising."""
+
+    kicked: bool
+    supported: bool = True
+    detail: str | None = None
+
+
+class BrokerHooks(Protocol):
+    """What a broker needs from the service."""
+
+    def authenticate(
+        self, username: str | None, password: str | None, client_id: str, cert_cn: str | None
+    ) -> Principal | None:
+        """``cert_cn``: the CN of a verified TLS client certificate, if the connection presented one."""
+        ...
+
+    def may_subscribe(self, principal: Principal, topic_filter: str) -> bool: ...
+
+    def may_publish(self, principal: Principal, topic: str) -> bool: ...
+
+    def message(self, principal: Principal, topic: str, payload: bytes) -> None:
+        """An authorized PUBLISH from a client (the admin protocol and reports listen here)."""
+        ...
+
+    def session_actions(self, actions: Sequence[Action]) -> None:
+        """Presence changes, epochs to save and events, in the order the session table made them."""
+        ...
+
+    def epochs_durable(self) -> Awaitable[None]:
+        """Resolves once every epoch handed out so far is on disk (group commit)."""
+        ...
+
+
+class BrokerPort(Protocol):
+    """What the service needs from a broker."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of each TCP listener devices use, port 0 resolved."""
+        ...
+
+    @property
+    def admin_socket(self) -> str | None:
+        """Path of the admin Unix socket, if this broker has one."""
+        ...
+
+    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False,
+                track: bool = False) -> list[asyncio.Future[None]]:
+        """Publish as the broker. With ``track``, one future per subscriber, done when it acknowledged."""
+        ...
+
+    def clear_retained(self, topic: str) -> None: ...
+
+    def has_subscribers(self, topic: str) -> bool: ...
+
+    async def kick(self, device: str) -> KickResult: ...
+
+    def seed_epochs(self, epochs: dict[str, int]) -> None: ...
+
+    def forget(self, device: str) -> None: ...
+
+    def session(self, device: str, now: float) -> SessionView: ...
+
+    def online_devices(self) -> list[str]: ...
+
+    def clear_conflict(self, device: str) -> bool: ...
+
+    def stats(self) -> dict[str, int]:
+        """Counts for metrics and status (connections, subscriptions, retained), read on the loop."""
+        ...

@@ -1,0 +1,69 @@
+"""Every bound a peer can push against, in one place, and a limiter for the log lines they cause.
+
+A client that misbehaves is cut off, never the others slowed: each resource a connection can make
+the server hold (bytes buffered, packets in flight, filters, sockets, log lines) has a number
+here, set from ``henge:`` settings (docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_keepalive: float = 300.0
+    connect_timeout: float = 10.0
+    max_packet: int = 1024 * 1024  # devices; admins get admin_max_packet
+    admin_max_packet: int = 64 * 1024 * 1024
+    max_device_publish: int = 64 * 1024
+    max_inflight: int = 50  # unacknowledged QoS 1 deliveries to one device
+    receive_maximum: int = 16  # QoS 2 PUBLISHes from one device awaiting PUBREL
+    pubrel_timeout: float = 10.0
+    puback_timeout: float = 10.0
+    publish_rate: float = 10.0  # PUBLISH/SUBSCRIBE/UNSUBSCRIBE per second per device ...
+    publish_burst: float = 50.0  # ... with this burst
+    max_filters_per_subscribe: int = 16
+    max_subscriptions: int = 64  # filters one device may hold
+    max_wildcard_subscriptions: int = 8  # of those, with + or #
+    max_connections: int = 10_000
+    max_admin_connections: int = 64
+    max_write_buffer: int = 4 * 1024 * 1024  # bytes queued to a device that does not read
+    tls_client_auth: Literal["off", "optional", "required"] = "off"
+    log_lines_per_second: float = 5.0
+
+
+class LogLimiter:
+    """At most ``rate`` lines per second per event name; the rest are counted and summarized.
+
+    A hostile client can cause a log line per packet; this keeps the log to a few lines a second
+    whatever it sends, and says how many were dropped.
+    """
+
+    def __init__(self, logger: logging.Logger, rate: float = 5.0) -> None:
+        self.logger = logger
+        self.rate = rate
+        self._state: dict[str, list[float]] = {}  # event -> [tokens, last time, suppressed]
+
+    def log(self, level: int, event: str, fmt: str, *args: object) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        state = self._state.get(event)
+        if state is None:
+            state = self._state[event] = [self.rate, now, 0.0]
+        state[0] = min(self.rate, state[0] + (now - state[1]) * self.rate)
+        state[1] = now
+        if state[0] < 1.0:
+            state[2] += 1
+            return
+        state[0] -= 1.0
+        suppressed = int(state[2])
+        state[2] = 0
+        if suppressed:
+            self.logger.log(level, "%s (%d similar lines suppressed) " + fmt, event, suppressed, *args)
+        else:
+            self.logger.log(level, "%s " + fmt, event, *args)

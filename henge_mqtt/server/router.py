@@ -1,0 +1,217 @@
+"""Who receives a PUBLISH, and which retained messages a new subscription gets.
+
+Exact filters (almost every device subscribes to its own config topic) live in one dict: a
+publish finds them with one lookup. Wildcard filters live in a topic tree, so a publish walks
+only the branches its own levels name, plus the ``+`` and ``#`` branches on the way: its cost is
+the filters that could match it, not the number of filters in the fleet. Retained messages are
+kept in a dict plus a sorted list of their topics, so a wildcard subscription reads only the
+topics under its literal prefix (``henge/devices/d1/#`` reads d1's topics, not the fleet's).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+S = TypeVar("S", bound=Hashable)
+
+
+def is_wildcard(topic_filter: str) -> bool:
+    return "+" in topic_filter or "#" in topic_filter
+
+
+def valid_filter(topic_filter: str) -> bool:
+    if not topic_filter or "\x00" in topic_filter:
+        return False
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def valid_topic_name(topic: str) -> bool:
+    return bool(topic) and "+" not in topic and "#" not in topic and "\x00" not in topic
+
+
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT 3.1.1 topic matching, including the rule that wildcards never match ``$`` topics."""
+    if topic_filter == topic:
+        return True
+    if not is_wildcard(topic_filter):
+        return False
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    f_levels = topic_filter.split("/")
+    t_levels = topic.split("/")
+    for i, level in enumerate(f_levels):
+        if level == "#":
+            return True
+        if i >= len(t_levels):
+            return False
+        if level != "+" and level != t_levels[i]:
+            return False
+    return len(f_levels) == len(t_levels)
+
+
+class _Node(Generic[S]):
+    __slots__ = ("children", "subs")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[S]] | None = None
+        self.subs: dict[S, int] | None = None
+
+
+class SubscriptionIndex(Generic[S]):
+    """Subscribers (any hashable: a connection) per filter, with their granted QoS."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, dict[S, int]] = {}
+        self._root: _Node[S] = _Node()
+        self._count = 0
+
+    def add(self, sub: S, topic_filter: str, qos: int) -> None:
+        if is_wildcard(topic_filter):
+            node = self._root
+            for level in topic_filter.split("/"):
+                if node.children is None:
+                    node.children = {}
+                child = node.children.get(level)
+                if child is None:
+                    child = node.children[level] = _Node()
+                node = child
+            if node.subs is None:
+                node.subs = {}
+            subs = node.subs
+        else:
+            subs = self._exact.setdefault(topic_filter, {})
+        if sub not in subs:
+            self._count += 1
+        subs[sub] = qos
+
+    def remove(self, sub: S, topic_filter: str) -> None:
+        if not is_wildcard(topic_filter):
+            subs = self._exact.get(topic_filter)
+            if subs is not None and subs.pop(sub, None) is not None:
+                self._count -= 1
+                if not subs:
+                    del self._exact[topic_filter]
+            return
+        path: list[tuple[_Node[S], str]] = []
+        node = self._root
+        for level in topic_filter.split("/"):
+            child = node.children.get(level) if node.children else None
+            if child is None:
+                return
+            path.append((node, level))
+            node = child
+        if node.subs is None or node.subs.pop(sub, None) is None:
+            return
+        self._count -= 1
+        if not node.subs:
+            node.subs = None
+        for parent, level in reversed(path):  # prune branches nobody subscribes under any more
+            child = parent.children[level] if parent.children else None
+            if child is None or child.subs or child.children:
+                break
+            assert parent.children is not None
+            del parent.children[level]
+            if not parent.children:
+                parent.children = None
+
+    def match(self, topic: str) -> dict[S, int]:
+        """Each subscriber of ``topic`` once, with the highest QoS any of its filters granted."""
+        exact = self._exact.get(topic)
+        root = self._root
+        if root.children is None:
+            return dict(exact) if exact else {}
+        found: dict[S, int] = dict(exact) if exact else {}
+        levels = topic.split("/")
+        dollar = topic.startswith("$")
+        self._walk(root, levels, 0, found, dollar)
+        return found
+
+    def _walk(self, node: _Node[S], levels: list[str], i: int, found: dict[S, int], dollar: bool) -> None:
+        children = node.children
+        if children is None:
+            return
+        hash_node = children.get("#")
+        if hash_node is not None and hash_node.subs and not (dollar and i == 0):
+            _merge(found, hash_node.subs)  # '#' also matches the parent level [MQTT-4.7.1-2]
+        if i == len(levels):
+            return
+        level = levels[i]
+        last = i + 1 == len(levels)
+        for child in (children.get(level), None if dollar and i == 0 else children.get("+")):
+            if child is None:
+                continue
+            if last and child.subs:
+                _merge(found, child.subs)
+            if child.children is not None:
+                self._walk(child, levels, i + 1, found, dollar)
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def _merge(found: dict[S, int], subs: dict[S, int]) -> None:
+    for sub, qos in subs.items():
+        if found.get(sub, -1) < qos:
+            found[sub] = qos
+
+
+class RetainedStore:
+    """The last retained message of each topic; an empty payload clears it [MQTT-3.3.1-10, -11]."""
+
+    def __init__(self) -> None:
+        self._messages: dict[str, tuple[bytes, int]] = {}
+        self._sorted: list[str] = []
+
+    def set(self, topic: str, data: bytes, qos: int) -> None:
+        if not data:
+            self.clear(topic)
+            return
+        if topic not in self._messages:
+            bisect.insort(self._sorted, topic)
+        self._messages[topic] = (data, qos)
+
+    def clear(self, topic: str) -> None:
+        if self._messages.pop(topic, None) is not None:
+            i = bisect.bisect_left(self._sorted, topic)
+            del self._sorted[i]
+
+    def get(self, topic: str) -> tuple[bytes, int] | None:
+        return self._messages.get(topic)
+
+    def items(self) -> list[tuple[str, tuple[bytes, int]]]:
+        return list(self._messages.items())
+
+    def matching(self, topic_filter: str) -> Iterator[tuple[str, bytes, int]]:
+        if not is_wildcard(topic_filter):
+            found = self._messages.get(topic_filter)
+            if found is not None:
+                yield topic_filter, found[0], found[1]
+            return
+        cut = min(i for i in (topic_filter.find("+"), topic_filter.find("#")) if i >= 0)
+        prefix = topic_filter[:cut]
+        parent = prefix[:-1] if topic_filter.endswith("/#") and cut == len(topic_filter) - 1 else None
+        if parent is not None and parent in self._messages:  # 'a/#' matches 'a' itself
+            data, qos = self._messages[parent]
+            yield parent, data, qos
+        i = bisect.bisect_left(self._sorted, prefix)
+        topics = self._sorted
+        while i < len(topics) and topics[i].startswith(prefix):
+            topic = topics[i]
+            i += 1
+            if filter_matches(topic_filter, topic):
+                data, qos = self._messages[topic]
+                yield topic, data, qos
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __contains__(self, topic: str) -> bool:
+        return topic in self._messages

@@ -1,0 +1,205 @@
+"""The admin protocol: requests on ``{prefix}/admin/request``, replies on the requester's topic.
+
+One handler per operation, each an argument model plus a coroutine over the service's library
+API: the CLI and an embedding application reach exactly the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import json
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from .. import models
+from ..errors import HengeError, UnknownDevice
+from ..models import AdminReply, AdminRequest, ConfigVersion
+
+if TYPE_CHECKING:
+    from .composer import HengeService
+
+log = logging.getLogger("henge_mqtt.service")
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def no_progress(_: dict[str, Any]) -> None:
+    return None
+
+
+def error_reply(request_id: str, code: str, message: str) -> AdminReply:
+    return AdminReply(id=request_id, ok=False, error=models.AdminError(code=code, message=message))
+
+
+async def handle(svc: HengeService, payload: bytes) -> None:
+    """One request from the admin topic; the reply goes to the topic the request names."""
+    try:
+        request = AdminRequest.model_validate_json(payload)
+    except ValidationError as exc:
+        log.warning("admin.bad_request error=%s", exc.errors()[0]["msg"])
+        return
+    broker = svc.broker
+    if not request.reply_to.startswith(svc.topics.admin_reply("")):
+        log.warning("admin.bad_reply_to reply_to=%s", request.reply_to)
+        return
+
+    def progress(state: dict[str, Any]) -> None:
+        broker.publish(request.reply_to, json.dumps({"id": request.id, "progress": state}).encode(), qos=0)
+
+    reply = await dispatch(svc, request, progress)
+    broker.publish(request.reply_to, reply.model_dump_json().encode(), qos=1)
+
+
+async def dispatch(svc: HengeService, request: AdminRequest, progress: Progress = no_progress) -> AdminReply:
+    handler = OPS.get(request.op)
+    if handler is None:
+        return error_reply(request.id, "unknown_op", f"unknown operation {request.op!r}")
+    args_model, method = handler
+    try:
+        args = args_model.model_validate(request.args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "args"
+        code = "invalid_device_id" if where == "device" else "invalid"
+        return error_reply(request.id, code, f"{where}: {first['msg'].removeprefix('Value error, ')}")
+    try:
+        result = await method(svc, args, progress)
+    except HengeError as exc:
+        return error_reply(request.id, exc.code, str(exc))
+    return AdminReply(id=request.id, ok=True, result=result)
+
+
+def _version_dict(row: ConfigVersion, *, with_config: bool = True) -> dict[str, Any]:
+    data = row.model_dump(mode="json")
+    if not with_config:
+        data.pop("config")
+    return data
+
+
+def _acked(futures: list[asyncio.Future[None]]) -> int:
+    return sum(1 for f in futures if f.done() and not f.cancelled() and f.exception() is None)
+
+
+async def _device_add(svc: HengeService, a: models.DeviceAddArgs, progress: Progress) -> Any:
+    return {"device": a.device, "secret": await svc.add_device(a.device, a.labels)}
+
+
+async def _device_list(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
+    return [d.model_dump(mode="json") for d in await svc.list_devices()]
+
+
+async def _device_show(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
+    device = await svc.get_device(a.device)
+    return device.model_dump(mode="json") | {"status": (await svc.status(a.device))[0]}
+
+
+async def _device_remove(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
+    await svc.remove_device(a.device)
+    return {"device": a.device, "removed": True}
+
+
+async def _device_rotate(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
+    return {"device": a.device, "secret": await svc.rotate_secret(a.device)}
+
+
+async def _push(svc: HengeService, a: models.PushArgs, progress: Progress) -> Any:
+    row = await svc.push(a.device, a.config, message=a.message, if_version=a.if_version)
+    return _version_dict(row, with_config=False)
+
+
+async def _get(svc: HengeService, a: models.GetArgs, progress: Progress) -> Any:
+    return _version_dict(await svc.get_version(a.device, a.version))
+
+
+async def _history(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
+    return [_version_dict(r, with_config=False) for r in await svc.history(a.device)]
+
+
+async def _diff(svc: HengeService, a: models.DiffArgs, progress: Progress) -> Any:
+    old = await svc.get_version(a.device, a.a)
+    new = await svc.get_version(a.device, a.b)
+    lines = difflib.unified_diff(
+        json.dumps(old.config, indent=2, sort_keys=True).splitlines(),
+        json.dumps(new.config, indent=2, sort_keys=True).splitlines(),
+        fromfile=f"{a.device}@{a.a}", tofile=f"{a.device}@{a.b}", lineterm="",
+    )
+    return {"diff": "\n".join(lines), "same": old.sha256 == new.sha256}
+
+
+async def _rollback(svc: HengeService, a: models.RollbackArgs, progress: Progress) -> Any:
+    return _version_dict(await svc.rollback(a.device, a.version, message=a.message), with_config=False)
+
+
+async def _status(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
+    return await svc.status(a.device, a.labels)
+
+
+async def _wait(svc: HengeService, a: models.WaitArgs, progress: Progress) -> Any:
+    return await svc.wait_for_report(a.device, a.version, a.timeout)
+
+
+async def _device_import(svc: HengeService, a: models.ImportArgs, progress: Progress) -> Any:
+    return {"secrets": await svc.import_devices([(d.id, d.labels) for d in a.devices])}
+
+
+async def _device_export(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
+    return [{"id": d.id, "labels": d.labels} for d in await svc.list_devices()]
+
+
+async def _push_many(svc: HengeService, a: models.PushManyArgs, progress: Progress) -> Any:
+    devices = await svc.select(all_devices=a.all, labels=a.labels)
+    rows, deliveries = await svc.push_many(devices, a.config, message=a.message)
+    total = len(deliveries)
+    pending: set[asyncio.Future[None]] = set(deliveries)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + a.delivery_timeout
+    while pending and loop.time() < deadline:
+        _, pending = await asyncio.wait(pending, timeout=min(0.25, max(0.0, deadline - loop.time())))
+        progress({"stored": len(rows), "online": total, "acknowledged": _acked(deliveries)})
+    for future in pending:  # nobody will look at these again
+        future.cancel()
+    return {"devices": len(rows), "online": total, "acknowledged": _acked(deliveries),
+            "versions": {r.device: r.version for r in rows}}
+
+
+async def _audit(svc: HengeService, a: models.AuditArgs, progress: Progress) -> Any:
+    return await svc.audit(a.device, a.limit)
+
+
+async def _kick(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
+    result = await svc.kick(a.device)
+    return {"device": a.device, "kicked": result.kicked, "supported": result.supported, "detail": result.detail}
+
+
+async def _clear_conflict(svc: HengeService, a: models.DeviceRefArgs, progress: Progress) -> Any:
+    return {"device": a.device, "cleared": await svc.clear_conflict(a.device)}
+
+
+def _unknown(device: str) -> UnknownDevice:
+    return UnknownDevice(f"unknown device {device!r}")
+
+
+OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any, Progress], Any]]] = {
+    "device.add": (models.DeviceAddArgs, _device_add),
+    "device.list": (models.StatusArgs, _device_list),
+    "device.show": (models.DeviceRefArgs, _device_show),
+    "device.remove": (models.DeviceRefArgs, _device_remove),
+    "device.rotate_secret": (models.DeviceRefArgs, _device_rotate),
+    "push": (models.PushArgs, _push),
+    "get": (models.GetArgs, _get),
+    "history": (models.DeviceRefArgs, _history),
+    "diff": (models.DiffArgs, _diff),
+    "rollback": (models.RollbackArgs, _rollback),
+    "status": (models.StatusArgs, _status),
+    "kick": (models.DeviceRefArgs, _kick),
+    "wait": (models.WaitArgs, _wait),
+    "audit": (models.AuditArgs, _audit),
+    "device.import": (models.ImportArgs, _device_import),
+    "device.export": (models.StatusArgs, _device_export),
+    "push_many": (models.PushManyArgs, _push_many),
+    "clear_conflict": (models.DeviceRefArgs, _clear_conflict),
+}

@@ -1,0 +1,84 @@
+"""Who may connect, subscribe and publish: credentials from the store, the topic ACL from Topics.
+
+Runs on the event loop for every CONNECT, SUBSCRIBE and PUBLISH, so it reads only memory: the
+store keeps every credential digest in a dict (no thread hop, no query per connect).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from ..errors import HengeError
+from ..paths import ADMIN_FILE
+from ..ports import Principal
+from ..settings import Settings
+from ..store import Store
+from ..topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only, atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def admin_secret(data_dir: Path, name: str) -> str:
+    """The admin identity's secret from DATA/admin.json (0600), made on first start."""
+    path = data_dir / ADMIN_FILE
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("name") == name:
+                return str(saved["secret"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise HengeError(f"cannot read admin credentials {path}: {exc}") from exc
+    secret = secrets.token_urlsafe(24)
+    write_private(path, json.dumps({"name": name, "secret": secret}))
+    return secret
+
+
+class Auth:
+    def __init__(self, settings: Settings, topics: Topics, store: Store) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.store = store
+
+    def authenticate(
+        self, username: str | None, password: str | None, client_id: str, cert_cn: str | None
+    ) -> Principal | None:
+        settings = self.settings
+        if username and username == settings.admin_name:
+            ok = password is not None and self.store.verify_admin(username, password)
+            return Principal("admin", username) if ok else None
+        device = username or client_id
+        if client_id != device or not self.store.has_device(device):
+            return None
+        if cert_cn is not None and cert_cn != device:
+            log.info("auth.cert_mismatch device=%s cn=%s", device, cert_cn)
+            return None  # a device certificate is good for its own identity only
+        if settings.tls_client_auth == "required" and cert_cn is None:
+            return None
+        if cert_cn is not None and settings.tls_cert_replaces_password and password is None:
+            return Principal("device", device)
+        if username is None or password is None:
+            return None
+        return Principal("device", device) if self.store.verify_device(device, password) else None
+
+    def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
+        if principal.kind == "admin":
+            return True
+        return self.topics.device_may_subscribe(principal.name, topic_filter)
+
+    def may_publish(self, principal: Principal, topic: str) -> bool:
+        if principal.kind == "admin":
+            return True
+        return self.topics.device_may_publish(principal.name, topic)

@@ -1,0 +1,380 @@
+"""The composer: wires the store, a broker (behind :class:`~henge_mqtt.ports.BrokerPort`) and the
+service's parts, and is the library API (``async with HengeService(settings) as service``).
+
+It holds no logic of its own beyond ordering: who is called when a device connects, publishes or
+is removed. Auth, presence, events, reports, configs and the admin protocol each have a module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from .. import models
+from ..errors import DuplicateDevice, InvalidDeviceId, ServiceUnavailable, UnknownDevice, ValidationFailed
+from ..models import ConfigVersion, Device, Event
+from ..paths import ADMIN_SOCKET, SERVICE_FILE
+from ..ports import BrokerPort, KickResult, Principal
+from ..sessions import Action, Emit, PresenceChange, SaveEpoch, SessionSettings
+from ..settings import Settings
+from ..store import DeviceReports, Store, StoreWorker
+from ..tasks import TaskSet
+from ..topics import Topics
+from . import admin
+from .auth import Auth, admin_secret, write_private
+from .configs import Configs, Progress
+from .events import EventListener, Events
+from .presence import PresencePublisher, iso
+from .reports import Reports
+
+log = logging.getLogger("henge_mqtt.service")
+
+# Who is acting: the admin identity of the request being served, else the embedding application.
+current_actor: contextvars.ContextVar[str] = contextvars.ContextVar("henge_actor", default="library")
+FD_RESERVE = 64  # descriptors kept for the store, logs, the admin socket and the CLI
+
+
+def default_max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft - max(FD_RESERVE, soft // 20))
+
+
+class HengeService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.events = Events(self.topics)
+        self.admin_secret = ""
+        self._worker: StoreWorker | None = None
+        self._broker: BrokerPort | None = None
+        self._auth: Auth | None = None
+        self._tasks = TaskSet(log, "service.task_failed")
+        self._pending_epochs: dict[str, int] = {}
+        self._epochs_saved: asyncio.Future[None] | None = None
+        self._flushing = False
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> HengeService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def worker(self) -> StoreWorker:
+        if self._worker is None:
+            raise ServiceUnavailable("the service is not running")
+        return self._worker
+
+    @property
+    def store(self) -> Store:
+        return self.worker.store
+
+    @property
+    def broker(self) -> BrokerPort:
+        if self._broker is None:
+            raise ServiceUnavailable("the service is not running")
+        return self._broker
+
+    async def start(self) -> None:
+        s = self.settings
+        store = Store(s.data_dir, synchronous=s.store_synchronous)
+        self._worker = StoreWorker(store)
+        try:
+            self.admin_secret = admin_secret(s.data_dir, s.admin_name)
+            await self.worker.run(store.ensure_admin, s.admin_name, self.admin_secret)
+            self._auth = Auth(s, self.topics, store)
+            self._broker = broker = self._make_broker()
+            self.events.broker = broker
+            self.presence = PresencePublisher(self.topics, broker, self.events, store.has_device)
+            self.reports = Reports(self.worker, self.events, s.max_report_bytes,
+                                   lambda d: broker.session(d, time.time()).online)
+            self.configs = Configs(self.worker, broker, self.topics, self.events, s.max_config_bytes)
+            epochs = await self.worker.run(store.epochs)
+            broker.seed_epochs(epochs)
+            count = await self.configs.republish_all()
+            self.presence.server_start(epochs.items())
+            log.info("service.republished snapshots=%d", count)
+            await broker.start()
+        except BaseException:
+            self.worker.close()
+            self._worker = self._broker = None
+            raise
+        host, port = self.address
+        write_private(s.data_dir / SERVICE_FILE, json.dumps({
+            "host": host, "port": port, "topic_prefix": s.topic_prefix, "admin_name": s.admin_name,
+            "pid": os.getpid(), "admin_socket": self.broker.admin_socket,
+        }))
+        log.info("service.started host=%s port=%d data=%s", host, port, s.data_dir)
+
+    def _make_broker(self) -> BrokerPort:
+        s = self.settings
+        sessions = SessionSettings(**s.sessions.model_dump())
+        if s.external_broker:
+            from ..external import ExternalBroker
+
+            return ExternalBroker(s.external_broker, hooks=self, topics=self.topics, sessions=sessions,
+                                  username=s.admin_name, password=self.admin_secret,
+                                  tls_context=s.external_tls_context())
+        from ..server import EmbeddedBroker, Limits, Listener
+
+        listeners = []
+        for name, spec in s.listeners.items():
+            host, port = spec.host_port()
+            listeners.append(Listener(name, host, port, spec.ssl_context(s.tls_client_auth)))
+        limits = Limits(
+            max_keepalive=s.max_keepalive, connect_timeout=s.connect_timeout, max_packet=s.max_packet_bytes,
+            max_device_publish=s.max_publish_bytes, max_inflight=s.max_inflight,
+            receive_maximum=s.receive_maximum, pubrel_timeout=s.pubrel_timeout,
+            publish_rate=s.device_publish_rate, publish_burst=s.device_publish_burst,
+            max_filters_per_subscribe=s.max_filters_per_subscribe, max_subscriptions=s.max_subscriptions,
+            max_wildcard_subscriptions=s.max_wildcard_subscriptions,
+            max_connections=s.max_connections or default_max_connections(), tls_client_auth=s.tls_client_auth,
+        )
+        socket_path = s.data_dir / ADMIN_SOCKET if s.admin_socket else None
+        if socket_path is not None and len(str(socket_path.resolve())) > 100:
+            log.warning("service.admin_socket_path_too_long path=%s: no admin socket", socket_path)
+            socket_path = None
+        log.info("service.limits max_connections=%d", limits.max_connections)
+        return EmbeddedBroker(listeners, hooks=self, sessions=sessions, limits=limits,
+                              admin_socket=socket_path.resolve() if socket_path else None)
+
+    async def stop(self) -> None:
+        if self._broker is None or self._worker is None:
+            return
+        await self._broker.stop()
+        await self._tasks.cancel_all(1.0)
+        if self._pending_epochs:
+            await self.worker.run(self.store.save_epochs, self._pending_epochs)
+        self._worker.close()
+        with contextlib.suppress(OSError):
+            (self.settings.data_dir / SERVICE_FILE).unlink()
+        self._broker = self._worker = None
+        log.info("service.stopped")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        addresses = self.broker.addresses()
+        if not addresses:
+            raise ServiceUnavailable("the broker has no TCP listener")
+        return addresses[0]
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.events.counters
+
+    def add_event_listener(self, listener: EventListener) -> Callable[[], None]:
+        return self.events.add_listener(listener)
+
+    def emit(self, type_: str, device: str | None = None, **data: Any) -> None:
+        self.events.emit(type_, device, **data)
+
+    # ---- BrokerHooks ---------------------------------------------------------------------------
+
+    def authenticate(self, username: str | None, password: str | None, client_id: str,
+                     cert_cn: str | None = None) -> Principal | None:
+        assert self._auth is not None
+        return self._auth.authenticate(username, password, client_id, cert_cn)
+
+    def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
+        assert self._auth is not None
+        return self._auth.may_subscribe(principal, topic_filter)
+
+    def may_publish(self, principal: Principal, topic: str) -> bool:
+        assert self._auth is not None
+        return self._auth.may_publish(principal, topic)
+
+    def message(self, principal: Principal, topic: str, payload: bytes) -> None:
+        if principal.kind == "admin" and topic == self.topics.admin_requests:
+            self._tasks.spawn(self._admin(payload, principal.name))
+        elif principal.kind == "device" and topic == self.topics.report(principal.name):
+            self._tasks.spawn(self.reports.handle(principal.name, payload))
+
+    async def _admin(self, payload: bytes, actor: str) -> None:
+        current_actor.set(actor)  # this task's context only
+        await admin.handle(self, payload)
+
+    def session_actions(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, PresenceChange):
+                self.presence.on_change(action)
+            elif isinstance(action, SaveEpoch):
+                self._pending_epochs[action.device] = max(action.epoch, self._pending_epochs.get(action.device, 0))
+                if self._epochs_saved is None:
+                    self._epochs_saved = asyncio.get_running_loop().create_future()
+                    if not self._flushing:
+                        asyncio.get_running_loop().call_soon(self._flush_epochs)
+            elif isinstance(action, Emit):
+                self.events.count(action.type)
+                self.events.emit(action.type, action.device, **dict(action.data))
+
+    def _flush_epochs(self) -> None:
+        """Group commit: every epoch handed out since the last flush, in one transaction."""
+        if self._flushing or self._epochs_saved is None or self._worker is None:
+            return
+        pending, self._pending_epochs = self._pending_epochs, {}
+        saved, self._epochs_saved = self._epochs_saved, None
+        self._flushing = True
+        self._tasks.spawn(self._save_epochs(pending, saved))
+
+    async def _save_epochs(self, pending: dict[str, int], saved: asyncio.Future[None]) -> None:
+        try:
+            await self.worker.run(self.store.save_epochs, pending)
+        except Exception as exc:  # the waiting connects are refused; nothing is acknowledged
+            log.error("store.epochs_failed error=%s", exc)
+            if not saved.done():
+                saved.set_exception(exc)
+        else:
+            if not saved.done():
+                saved.set_result(None)
+        finally:
+            self._flushing = False
+            if self._epochs_saved is not None:
+                self._flush_epochs()
+
+    def epochs_durable(self) -> Awaitable[None]:
+        if self._epochs_saved is not None:
+            return self._epochs_saved
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    # ---- the library API: what the CLI reaches over the admin protocol -------------------------
+
+    async def add_device(self, device: str, labels: dict[str, str] | None = None) -> str:
+        problem = models.device_id_problem(device)
+        if problem:
+            raise InvalidDeviceId(problem)
+        if device == self.settings.admin_name:
+            raise DuplicateDevice(f"{device!r} is the admin identity's name; choose another id")
+        secret = await self.worker.run(self.store.add_device, device, labels, actor=current_actor.get())
+        self.emit("device_added", device)
+        return secret
+
+    async def import_devices(self, devices: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
+        """Create many devices at once (all or nothing); returns ``{id: secret}``."""
+        for device, _ in devices:
+            problem = models.device_id_problem(device)
+            if problem:
+                raise InvalidDeviceId(problem + "; nothing was imported")
+            if device == self.settings.admin_name:
+                raise DuplicateDevice(f"{device!r} is the admin identity's name; nothing was imported")
+        secrets_by_id = await self.worker.run(self.store.add_devices, devices, actor=current_actor.get())
+        self.emit("devices_imported", None, count=len(devices))
+        return secrets_by_id
+
+    async def remove_device(self, device: str) -> None:
+        """Store first, then the broker: the connection closed, the session and retained topics gone."""
+        await self.worker.run(self.store.remove_device, device, actor=current_actor.get())
+        await self.broker.kick(device)
+        self.broker.forget(device)
+        for topic in (self.topics.config(device), self.topics.presence(device)):
+            self.broker.publish(topic, b"", qos=1, retain=True)
+        self.emit("device_removed", device)
+
+    async def rotate_secret(self, device: str) -> str:
+        secret = await self.worker.run(self.store.rotate_secret, device, actor=current_actor.get())
+        self.emit("secret_rotated", device)
+        return secret
+
+    async def get_device(self, device: str) -> Device:
+        return await self.worker.run(self.store.get_device, device)
+
+    async def list_devices(self, labels: dict[str, str] | None = None) -> list[Device]:
+        return await self.worker.run(self.store.list_devices, labels)
+
+    async def get_version(self, device: str, version: int | None = None) -> ConfigVersion:
+        return await self.worker.run(self.store.get_version, device, version)
+
+    async def history(self, device: str) -> list[ConfigVersion]:
+        return await self.worker.run(self.store.history, device)
+
+    async def audit(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        store = self.store
+        entries = await self.worker.run(store.audit, device, limit)
+        # A removed device's trail is still there; only an id never seen is unknown.
+        if device is not None and not entries and not store.has_device(device):
+            raise UnknownDevice(f"unknown device {device!r}")
+        return entries
+
+    async def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None) -> list[str]:
+        if not all_devices and not labels:
+            raise ValidationFailed("select devices with all or with at least one label")
+        return [d.id for d in await self.list_devices(labels if not all_devices else None)]
+
+    async def push(self, device: str, config: dict[str, Any], *, message: str = "",
+                   if_version: int | None = None) -> ConfigVersion:
+        return await self.configs.push(device, config, actor=current_actor.get(), message=message,
+                                       if_version=if_version)
+
+    async def push_many(self, devices: list[str], config: dict[str, Any], *, message: str = "",
+                        progress: Progress | None = None) -> tuple[list[ConfigVersion], list[asyncio.Future[None]]]:
+        """Returns the stored rows and one future per connected subscriber, done when it acknowledged."""
+        return await self.configs.push_many(devices, config, actor=current_actor.get(), message=message,
+                                            progress=progress)
+
+    async def rollback(self, device: str, version: int, *, message: str = "") -> ConfigVersion:
+        return await self.configs.rollback(device, version, actor=current_actor.get(), message=message)
+
+    async def wait_for_report(self, device: str, version: int, timeout: float) -> dict[str, Any]:
+        return await self.reports.wait_for(device, version, timeout)
+
+    def online_count(self) -> int:
+        return len(self.broker.online_devices())
+
+    async def kick(self, device: str) -> KickResult:
+        if not self.store.has_device(device):
+            raise UnknownDevice(f"unknown device {device!r}")
+        result = await self.broker.kick(device)
+        await self.worker.run(self.store.record_audit, current_actor.get(), "kick", device,
+                              {"was_connected": result.kicked, "supported": result.supported})
+        if result.kicked:
+            self.events.count("kicks")
+        return result
+
+    async def clear_conflict(self, device: str) -> bool:
+        if not self.store.has_device(device):
+            raise UnknownDevice(f"unknown device {device!r}")
+        cleared = self.broker.clear_conflict(device)
+        await self.worker.run(self.store.record_audit, current_actor.get(), "clear_conflict", device,
+                              {"had_conflict": cleared})
+        return cleared
+
+    async def status(self, device: str | None = None, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        store = self.store
+        devices, reports = await self.worker.run(
+            lambda: ([store.get_device(device)] if device else store.list_devices(labels), store.reports()))
+        now = time.time()
+        rows = []
+        for d in devices:
+            view = self.broker.session(d.id, now)
+            rep = reports.get(d.id, DeviceReports())
+            sync = rep.sync(d.desired_version)
+            rows.append({
+                "device": d.id, "labels": d.labels, "online": view.online, "epoch": view.epoch,
+                "since": iso(view.since) if view.since else None, "remote": view.remote, "reason": view.reason,
+                "desired_version": d.desired_version, "takeovers": view.takeovers_last_hour,
+                "conflict": view.conflict, "conflict_remotes": list(view.conflict_remotes),
+                "quarantined_until": iso(view.quarantined_until) if view.quarantined_until else None,
+                "applied_version": rep.applied_version, "applied_at": rep.applied_at, "sync": sync,
+                "error": rep.rejected_error if sync == "rejected" else None,
+                "rejected_version": rep.rejected_version,
+            })
+        return rows
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Counters and gauges copied on the loop, for a scrape from another thread."""
+        return {"counters": dict(self.events.counters), "online": self.online_count(), **self.broker.stats()}
+
+
+__all__ = ["Event", "HengeService", "current_actor"]

@@ -1,0 +1,111 @@
+"""Config versions: store them, then publish them retained, in that order, always.
+
+A version is published only after its transaction committed, so a device never holds a config
+the store could lose. A fleet push goes in chunks, each durable before it is published, so the
+first device has its config within milliseconds however large the fleet (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ConfigTooLarge, UnknownDevice
+from ..models import ConfigVersion, canonical_json
+from ..ports import BrokerPort
+from ..store import StoreWorker
+from ..topics import Topics
+from .events import Events
+
+FIRST_CHUNK = 100
+MAX_CHUNK = 2000
+Progress = Callable[[dict[str, Any]], None]
+
+
+def _payloads(rows: list[ConfigVersion]) -> list[tuple[ConfigVersion, bytes]]:
+    """Runs on the store's thread: serializing 10,000 snapshots is work the loop need not do."""
+    return [(row, row.snapshot().to_payload()) for row in rows]
+
+
+class Configs:
+    def __init__(self, worker: StoreWorker, broker: BrokerPort, topics: Topics, events: Events,
+                 max_config_bytes: int) -> None:
+        self.worker = worker
+        self.broker = broker
+        self.topics = topics
+        self.events = events
+        self.max_config_bytes = max_config_bytes
+        self.on_delivery_started: Callable[[asyncio.Future[None]], None] | None = None
+
+    def check_size(self, config: dict[str, Any]) -> None:
+        size = len(canonical_json(config))
+        if size > self.max_config_bytes:
+            raise ConfigTooLarge(
+                f"config is {size} bytes, over the limit of {self.max_config_bytes} bytes; nothing was stored"
+            )
+
+    def publish(self, row: ConfigVersion, payload: bytes | None = None) -> list[asyncio.Future[None]]:
+        data = payload if payload is not None else row.snapshot().to_payload()
+        futures = self.broker.publish(self.topics.config(row.device), data, qos=1, retain=True, track=True)
+        if self.on_delivery_started is not None:
+            for future in futures:
+                self.on_delivery_started(future)
+        return futures
+
+    async def push(self, device: str, config: dict[str, Any], *, actor: str, message: str = "",
+                   if_version: int | None = None) -> ConfigVersion:
+        self.check_size(config)
+        store = self.worker.store
+        row = await self.worker.run(store.push, device, config, actor=actor, message=message, if_version=if_version)
+        self.publish(row)
+        self.events.count("pushes")
+        self.events.emit("config_published", device, version=row.version, sha256=row.sha256)
+        return row
+
+    async def rollback(self, device: str, version: int, *, actor: str, message: str = "") -> ConfigVersion:
+        store = self.worker.store
+        row = await self.worker.run(store.rollback, device, version, actor=actor, message=message)
+        self.publish(row)
+        self.events.count("pushes")
+        self.events.emit("config_published", device, version=row.version, sha256=row.sha256, rollback_of=version)
+        return row
+
+    async def push_many(self, devices: list[str], config: dict[str, Any], *, actor: str, message: str = "",
+                        progress: Progress | None = None) -> tuple[list[ConfigVersion], list[asyncio.Future[None]]]:
+        """One new version per device, stored and published chunk by chunk.
+
+        Every id is checked before the first chunk, so a bad selection stores nothing; each chunk
+        is one transaction, published as soon as it commits.
+        """
+        self.check_size(config)
+        store = self.worker.store
+        for device in devices:
+            if not store.has_device(device):
+                raise UnknownDevice(f"unknown device {device!r}; nothing was stored")
+        rows: list[ConfigVersion] = []
+        futures: list[asyncio.Future[None]] = []
+        size, start = FIRST_CHUNK, 0
+        while start < len(devices):
+            chunk = devices[start:start + size]
+            start += len(chunk)
+            stored = await self.worker.run(
+                lambda c=chunk: _payloads(store.push_many(c, config, actor=actor, message=message))  # type: ignore[misc]
+            )
+            for row, payload in stored:
+                rows.append(row)
+                futures += self.publish(row, payload)
+            size = min(size * 4, MAX_CHUNK)
+            if progress is not None:
+                progress({"stored": len(rows), "of": len(devices)})
+        self.events.count("pushes", len(rows))
+        self.events.emit("fleet_push", None, devices=len(rows), sha256=rows[0].sha256 if rows else None)
+        return rows, futures
+
+    async def republish_all(self) -> int:
+        """The store is the truth: every current version goes out retained again on start."""
+        store = self.worker.store
+        current = await self.worker.run(lambda: _payloads(list(store.current_versions())))
+        for row, payload in current:
+            self.broker.publish(self.topics.config(row.device), payload, qos=1, retain=True)
+        return len(current)

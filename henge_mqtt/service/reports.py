@@ -1,0 +1,106 @@
+"""What devices tell us about the versions they were sent, and waiting for it (``push --wait``).
+
+Reports come in on the event loop; validating them is cheap and stays there, recording them
+goes to the store's thread in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import UnknownDevice, UnknownVersion, WaitTimeout
+from ..models import Report
+from ..store import StoreWorker
+from .events import Events
+
+log = logging.getLogger("henge_mqtt.service")
+
+
+class _Waiter:
+    """Resolved by the first report that settles ``version``: applied at or past it, or rejected."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.future: asyncio.Future[Report] = asyncio.get_running_loop().create_future()
+
+    def offer(self, report: Report) -> None:
+        if self.future.done():
+            return
+        if (report.status == "applied" and report.version >= self.version) or (
+            report.status == "rejected" and report.version == self.version
+        ):
+            self.future.set_result(report)
+
+
+class Reports:
+    def __init__(self, worker: StoreWorker, events: Events, max_bytes: int,
+                 is_online: Callable[[str], bool]) -> None:
+        self.worker = worker
+        self.events = events
+        self.max_bytes = max_bytes
+        self.is_online = is_online
+        self._waiters: dict[str, set[_Waiter]] = {}
+
+    async def handle(self, device: str, payload: bytes) -> None:
+        """Validate and record a device's report; anything wrong is logged, counted and dropped."""
+        if len(payload) > self.max_bytes:
+            self._bad(device, f"{len(payload)} bytes, over max_report_bytes")
+            return
+        try:
+            report = Report.model_validate_json(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            self._bad(device, f"{'.'.join(map(str, first['loc'])) or 'payload'}: {first['msg']}")
+            return
+        store = self.worker.store
+        try:
+            desired = (await self.worker.run(store.get_device, device)).desired_version
+            if report.version > desired:
+                self._bad(device, f"version {report.version} is newer than the desired version {desired}")
+                return
+            await self.worker.run(store.record_report, device, report.version, report.status, report.error)
+        except UnknownDevice:
+            log.info("report.unknown_device device=%s", device)  # removed while its report was in flight
+            return
+        self.events.count(f"reports_{report.status}")
+        self.events.emit("report", device, version=report.version, status=report.status, error=report.error)
+        for waiter in list(self._waiters.get(device, ())):
+            waiter.offer(report)
+
+    def _bad(self, device: str, why: str) -> None:
+        self.events.count("reports_invalid")
+        log.warning("report.invalid device=%s problem=%s", device, why)
+
+    async def wait_for(self, device: str, version: int, timeout: float) -> dict[str, Any]:
+        """Until ``device`` reports ``version`` applied or rejected; raise WaitTimeout otherwise."""
+        if version < 1:
+            raise UnknownVersion(f"device {device!r} has no version {version}")
+        store = self.worker.store
+        desired = (await self.worker.run(store.get_device, device)).desired_version
+        if version > desired:
+            raise UnknownVersion(f"device {device!r} has no version {version} (current is {desired})")
+        waiter = _Waiter(version)  # registered before the check below: a report in between is not lost
+        self._waiters.setdefault(device, set()).add(waiter)
+        try:
+            known = await self.worker.run(store.device_reports, device)
+            if known.applied_version is not None and known.applied_version >= version:
+                return {"device": device, "version": version, "status": "applied", "error": None}
+            if known.rejected_version == version:
+                return {"device": device, "version": version, "status": "rejected", "error": known.rejected_error}
+            try:
+                report = await asyncio.wait_for(waiter.future, timeout)
+            except TimeoutError:
+                state = "online but did not report it" if self.is_online(device) else "offline"
+                raise WaitTimeout(
+                    f"{device} did not report version {version} within {timeout:g} s: the device is {state}"
+                ) from None
+        finally:
+            self._waiters[device].discard(waiter)
+            if not self._waiters[device]:
+                del self._waiters[device]
+        return {"device": device, "version": version, "status": report.status, "error": report.error}
