@@ -26,8 +26,8 @@ async def main(data_dir: Path) -> None:
         events: list[str] = []
         service.add_event_listener(lambda event: events.append(f"{event.type}:{event.device}"))
 
-        secret = service.add_device("pump-7", {"site": "plant-2"})
-        row = service.push("pump-7", {"rpm_max": 1800}, message="initial limits")
+        secret = await service.add_device("pump-7", {"site": "plant-2"})
+        row = await service.push("pump-7", {"rpm_max": 1800}, message="initial limits")
 
         async with aiomqtt.Client(host, port, identifier="pump-7", username="pump-7", password=secret) as device:
             await device.subscribe("henge/devices/pump-7/config", qos=1)
@@ -35,7 +35,7 @@ async def main(data_dir: Path) -> None:
                 message = await anext(aiter(device.messages))
         snapshot = json.loads(message.payload)  # type: ignore[arg-type]
         print(f"pushed version {row.version}; the device received version {snapshot['version']}: {snapshot['config']}")
-        print("status:", service.status("pump-7")[0]["reason"])
+        print("status:", (await service.status("pump-7"))[0]["reason"])
         print("events:", ", ".join(events))
 
 

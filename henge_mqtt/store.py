@@ -111,6 +111,15 @@ def mosquitto_hash(secret: str, iterations: int = 101) -> str:
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
+def _digest(text: str) -> bytes:
+    """A stored hex digest as bytes; anything else (a corrupt row) matches no secret."""
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        digest = b""
+    return digest if len(digest) == 32 else b"\xff" * 33
+
+
 def new_secret() -> str:
     return secrets.token_urlsafe(24)
 
@@ -146,10 +155,10 @@ class Store:
             log.warning("store.not_wal mode=%s", mode)
         # Digests as bytes (33 bytes less per stored device than hex text).
         self._hashes: dict[str, bytes] = {
-            d: bytes.fromhex(h) for d, h in self._db.execute("SELECT id, secret_hash FROM devices")
+            d: _digest(h) for d, h in self._db.execute("SELECT id, secret_hash FROM devices")
         }
         self._admin_hashes: dict[str, bytes] = {
-            n: bytes.fromhex(h) for n, h in self._db.execute("SELECT name, secret_hash FROM admins")
+            n: _digest(h) for n, h in self._db.execute("SELECT name, secret_hash FROM admins")
         }
 
     def close(self) -> None:

@@ -1,9 +1,10 @@
-"""Fixtures that start the real service (embedded amqtt broker on port 0, SQLite in tmp_path)."""
+"""Fixtures that start the real service (embedded broker on port 0, SQLite in tmp_path), and waits."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from henge_mqtt.server import EmbeddedBroker
 from henge_mqtt.service import HengeService
 from henge_mqtt.settings import SessionConfig, Settings
 
@@ -39,11 +41,21 @@ class Running:
     def port(self) -> int:
         return self.service.address[1]
 
-    def add(self, device: str, config: dict[str, Any] | None = None) -> str:
-        secret = self.service.add_device(device)
+    async def add(self, device: str, config: dict[str, Any] | None = None) -> str:
+        secret = await self.service.add_device(device)
         if config is not None:
-            self.service.push(device, config)
+            await self.service.push(device, config)
         return secret
+
+    @property
+    def broker(self) -> EmbeddedBroker:
+        broker = self.service.broker
+        assert isinstance(broker, EmbeddedBroker)
+        return broker
+
+    def retained(self, topic: str) -> bytes | None:
+        found = self.broker.retained.get(topic)
+        return found[0] if found else None
 
     def device_client(self, device: str, secret: str, **kwargs: Any) -> aiomqtt.Client:
         kwargs.setdefault("timeout", 5)
@@ -100,3 +112,32 @@ def henge_cli(*args: str, input: str | None = None, timeout: float = 30, env: di
         input=input, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})}, cwd=ROOT,
     )
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` (sync, or returning an awaitable) until true; fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+async def wait_status(running: Any, device: str, check: Callable[[dict[str, Any]], Any], timeout: float = 10.0
+                      ) -> dict[str, Any]:
+    """Wait until ``check`` holds for the device's status row; return that row."""
+    found: dict[str, Any] = {}
+
+    async def holds() -> bool:
+        row = (await running.service.status(device))[0]
+        found.update(row)
+        return bool(check(row))
+
+    await wait_until(holds, timeout, f"status of {device}")
+    return found

@@ -93,7 +93,7 @@ async def test_device_add_push_get_history_diff_rollback(running: Running, tmp_p
 
 async def test_bad_input_gets_one_clear_line_and_stores_nothing(running: Running, tmp_path: Path) -> None:
     data = str(running.data_dir)
-    running.add("dev1", {"a": 1})
+    await running.add("dev1", {"a": 1})
     big = tmp_path / "big.json"
     big.write_text(json.dumps({"blob": "x" * (300 * 1024)}))
     cases = [
@@ -142,7 +142,7 @@ async def test_events_follow_streams_service_events(running: Running) -> None:
     )
     try:
         await asyncio.sleep(1.5)  # let it subscribe
-        secret = running.add("dev1", {"v": 1})
+        secret = await running.add("dev1", {"v": 1})
         async with running.device_client("dev1", secret):
             pass
         seen: list[str] = []

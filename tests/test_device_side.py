@@ -20,7 +20,7 @@ from henge_mqtt.device import Agent, exec_applier
 from henge_mqtt.models import Snapshot, config_sha256, rfc3339, utc_now
 
 from . import mqtt_raw as raw
-from .conftest import ROOT, Running, henge_cli, next_message
+from .conftest import wait_status, wait_until, ROOT, Running, henge_cli, next_message
 
 APPLY = str(ROOT / "examples" / "agent" / "apply.sh")
 
@@ -28,12 +28,6 @@ APPLY = str(ROOT / "examples" / "agent" / "apply.sh")
 async def cli(*args: str, input: str | None = None) -> Any:
     return await asyncio.to_thread(henge_cli, *args, input=input, timeout=60)
 
-
-async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -68,15 +62,15 @@ def applied_count(tmp: Path, device: str) -> int:
 
 
 async def test_push_wait_applied_then_rejected_never_resent(running: Running, tmp_path: Path) -> None:
-    secret = running.add("dev1")
+    secret = await running.add("dev1")
     data = str(running.data_dir)
     async with agent_process(running, "dev1", secret, tmp_path) as proc:
-        await wait_until(lambda: running.service.status("dev1")[0]["online"])
+        await wait_status(running, "dev1", lambda r: r["online"])
         ok = await cli("push", "dev1", "-", "--wait", "--timeout", "20", "--data", data, input='{"interval": 5}')
         assert ok.returncode == 0, ok.stderr
         assert "applied by the device" in ok.stdout
         assert json.loads((tmp_path / "dev1.applied.json").read_text()) == {"interval": 5}
-        row = running.service.status("dev1")[0]
+        row = (await running.service.status("dev1"))[0]
         assert (row["applied_version"], row["sync"], row["error"]) == (1, "in_sync", None)
 
         async with running.admin_client() as watcher:
@@ -87,7 +81,7 @@ async def test_push_wait_applied_then_rejected_never_resent(running: Running, tm
             assert bad.returncode == 3
             assert bad.stderr.strip() == "error: dev1 rejected version 2: interval must be a number"
             assert json.loads((await next_message(watcher)).payload)["version"] == 2  # published once
-            row = running.service.status("dev1")[0]
+            row = (await running.service.status("dev1"))[0]
             assert (row["applied_version"], row["sync"], row["error"]) == (1, "rejected", "interval must be a number")
             # No retry loop: the rejected version is not sent again, and the agent does not retry it.
             with pytest.raises(TimeoutError):
@@ -97,13 +91,13 @@ async def test_push_wait_applied_then_rejected_never_resent(running: Running, tm
         # a rollback is a new version the device may apply
         rolled = await cli("rollback", "dev1", "1", "--wait", "--timeout", "20", "--data", data)
         assert rolled.returncode == 0, rolled.stderr
-        assert running.service.status("dev1")[0]["sync"] == "in_sync"
+        assert (await running.service.status("dev1"))[0]["sync"] == "in_sync"
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 5) == 0
 
 
 async def test_push_wait_times_out_for_offline_device(running: Running) -> None:
-    running.add("dev1")
+    await running.add("dev1")
     result = await cli("push", "dev1", "-", "--wait", "--timeout", "1", "--data", str(running.data_dir), input="{}")
     assert result.returncode == 4
     assert "did not report version 1 within 1 s: the device is offline" in result.stderr
@@ -111,16 +105,16 @@ async def test_push_wait_times_out_for_offline_device(running: Running) -> None:
 
 
 async def test_restarted_agent_does_not_reapply(running: Running, tmp_path: Path) -> None:
-    secret = running.add("dev1", {"interval": 1})
+    secret = await running.add("dev1", {"interval": 1})
     async with agent_process(running, "dev1", secret, tmp_path):
-        await wait_until(lambda: running.service.status("dev1")[0]["sync"] == "in_sync")
+        await wait_status(running, "dev1", lambda r: r["sync"] == "in_sync")
     assert applied_count(tmp_path, "dev1") == 1
     async with agent_process(running, "dev1", secret, tmp_path):
-        await wait_until(lambda: running.service.status("dev1")[0]["online"])
+        await wait_status(running, "dev1", lambda r: r["online"])
         await asyncio.sleep(1.0)
         assert applied_count(tmp_path, "dev1") == 1
-        running.service.push("dev1", {"interval": 2})
-        await wait_until(lambda: running.service.status("dev1")[0]["applied_version"] == 2)
+        await running.service.push("dev1", {"interval": 2})
+        await wait_status(running, "dev1", lambda r: r["applied_version"] == 2)
     assert applied_count(tmp_path, "dev1") == 2
     assert json.loads((tmp_path / "dev1.state.json").read_text()) == {"applied_version": 2, "rejected_version": 0}
 
@@ -131,9 +125,9 @@ def snapshot(device: str, version: int, config: dict[str, Any], sha: str | None 
 
 
 async def test_out_of_order_duplicate_and_forged_snapshots_are_ignored(running: Running, tmp_path: Path) -> None:
-    secret = running.add("dev1", {"n": 1})
-    running.service.push("dev1", {"n": 2})
-    running.service.push("dev1", {"n": 3})
+    secret = await running.add("dev1", {"n": 1})
+    await running.service.push("dev1", {"n": 2})
+    await running.service.push("dev1", {"n": 3})
     applied: list[dict[str, Any]] = []
 
     async def record(config: dict[str, Any]) -> None:
@@ -153,16 +147,16 @@ async def test_out_of_order_duplicate_and_forged_snapshots_are_ignored(running: 
             await admin.publish(topic, b"{not json", qos=1)
             await asyncio.sleep(0.5)
             assert applied == [{"n": 3}]
-            running.service.push("dev1", {"n": 4})
+            await running.service.push("dev1", {"n": 4})
             await wait_until(lambda: applied == [{"n": 3}, {"n": 4}])
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
-    assert running.service.status("dev1")[0]["applied_version"] == 4
+    assert (await running.service.status("dev1"))[0]["applied_version"] == 4
 
 
 async def test_malformed_reports_change_nothing(running: Running) -> None:
-    secret = running.add("dev1", {"a": 1})
+    secret = await running.add("dev1", {"a": 1})
     client = await raw.RawClient.open(running.port)
     await client.send(raw.connect("dev1", "dev1", secret))
     assert await client.connack() == 0
@@ -173,23 +167,23 @@ async def test_malformed_reports_change_nothing(running: Running) -> None:
     for payload in bad:
         await client.send(raw.publish(topic, payload))
     await wait_until(lambda: running.service.counters.get("reports_invalid", 0) == len(bad))
-    row = running.service.status("dev1")[0]
+    row = (await running.service.status("dev1"))[0]
     assert (row["applied_version"], row["sync"]) == (None, "unknown")
     await client.send(raw.publish(topic, b'{"version": 1, "status": "applied"}'))
-    await wait_until(lambda: running.service.status("dev1")[0]["sync"] == "in_sync")
+    await wait_status(running, "dev1", lambda r: r["sync"] == "in_sync")
     # an older applied report never lowers the applied version
-    running.service.push("dev1", {"a": 2})
+    await running.service.push("dev1", {"a": 2})
     await client.send(raw.publish(topic, b'{"version": 2, "status": "applied"}'))
     await client.send(raw.publish(topic, b'{"version": 1, "status": "applied"}'))
     await asyncio.sleep(0.3)
-    assert running.service.status("dev1")[0]["applied_version"] == 2
+    assert (await running.service.status("dev1"))[0]["applied_version"] == 2
     client.close()
 
 
 async def test_agent_backs_off_harder_when_its_identity_is_taken(
     running: Running, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    secret = running.add("dev1", {"a": 1})
+    secret = await running.add("dev1", {"a": 1})
 
     async def noop(config: dict[str, Any]) -> None:
         return None
@@ -200,7 +194,8 @@ async def test_agent_backs_off_harder_when_its_identity_is_taken(
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
-        await wait_until(lambda: running.service.status("dev1")[0]["online"])
+        # Applied and reported: nothing of the agent's is in flight when its connection is taken.
+        await wait_status(running, "dev1", lambda r: r["online"] and r["sync"] == "in_sync")
         twin = await raw.RawClient.open(running.port)  # a second device with the same identity
         await twin.send(raw.connect("dev1", "dev1", secret))
         assert await twin.connack() == 0
@@ -208,7 +203,7 @@ async def test_agent_backs_off_harder_when_its_identity_is_taken(
         assert "another client may be using the identity dev1" in caplog.text
         assert agent.backoff.attempt >= 3
         twin.close()
-        await wait_until(lambda: running.service.status("dev1")[0]["online"], timeout=15)
+        await wait_status(running, "dev1", lambda r: r["online"], timeout=15)
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)

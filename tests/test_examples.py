@@ -22,18 +22,18 @@ async def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 async def test_aiomqtt_device_example_applies_and_reports(running: Running, tmp_path: Path) -> None:
     secret_file = tmp_path / "s"
-    secret_file.write_text(running.add("sensor-1", {"interval": 5}))
+    secret_file.write_text(await running.add("sensor-1", {"interval": 5}))
     result = await run(sys.executable, "examples/aiomqtt_device.py", "--port", str(running.port),
                        "--device", "sensor-1", "--secret-file", str(secret_file), "--once")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"version": 1, "config": {"interval": 5}}
     await asyncio.sleep(0.2)
-    assert running.service.status("sensor-1")[0]["sync"] == "in_sync"
+    assert (await running.service.status("sensor-1"))[0]["sync"] == "in_sync"
 
 
 async def test_mosquitto_sub_shell_device_applies_and_reports(running: Running, tmp_path: Path) -> None:
     secret_file = tmp_path / "s"
-    secret_file.write_text(running.add("sensor-2", {"mode": "eco"}))
+    secret_file.write_text(await running.add("sensor-2", {"mode": "eco"}))
     out = tmp_path / "config.json"
     proc = await asyncio.create_subprocess_exec(
         "bash", "examples/mosquitto_sub_device.sh", "127.0.0.1", str(running.port), "sensor-2", str(secret_file),
@@ -41,17 +41,17 @@ async def test_mosquitto_sub_shell_device_applies_and_reports(running: Running, 
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     deadline = time.monotonic() + 15
-    while running.service.status("sensor-2")[0]["applied_version"] != 1:
+    while (await running.service.status("sensor-2"))[0]["applied_version"] != 1:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
     await asyncio.sleep(0.5)  # let it settle into waiting for a live update
-    running.service.push("sensor-2", {"mode": "boost"})
+    await running.service.push("sensor-2", {"mode": "boost"})
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, stderr.decode()
     lines = [json.loads(line) for line in stdout.decode().splitlines()]
     assert lines == [{"version": 1, "config": {"mode": "eco"}}, {"version": 2, "config": {"mode": "boost"}}]
     assert json.loads(out.read_text()) == {"mode": "boost"}
-    status = running.service.status("sensor-2")[0]
+    status = (await running.service.status("sensor-2"))[0]
     assert (status["applied_version"], status["sync"], status["conflict"]) == (2, "in_sync", False)
 
 

@@ -44,13 +44,18 @@ class Fleet:
     data_dir: Path
     reload_broker: Any = None
 
-    def add(self, device: str, config: dict[str, Any] | None = None) -> str:
-        secret = self.service.add_device(device)
+    async def add(self, device: str, config: dict[str, Any] | None = None) -> str:
+        secret = await self.service.add_device(device)
         if self.reload_broker is not None:
             self.reload_broker()  # as an operator would: broker-config again, then SIGHUP
         if config is not None:
-            self.service.push(device, config)
+            await self.service.push(device, config)
         return secret
+
+    def retained(self, topic: str) -> bytes | None:
+        retained: Any = self.service.broker.retained  # type: ignore[attr-defined]
+        found = retained.get(topic)
+        return found[0] if found else None
 
     def device_client(self, device: str, secret: str, **kwargs: Any) -> aiomqtt.Client:
         kwargs.setdefault("timeout", 5)
@@ -108,7 +113,7 @@ async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]]) -> 
             await service.broker.wait_connected(10)  # type: ignore[union-attr]
             for device, config in devices.items():
                 if config:
-                    service.push(device, config)
+                    await service.push(device, config)
             def reload() -> None:
                 configure(service.store.broker_hashes()[0])
                 assert broker.proc is not None
@@ -134,19 +139,19 @@ async def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 async def test_contract_snapshot_on_connect_and_live_updates(fleet: Fleet) -> None:
-    secret = fleet.add("dev1", {"v": 1})
+    secret = await fleet.add("dev1", {"v": 1})
     await asyncio.sleep(0.2)
     async with fleet.device_client("dev1", secret) as client:
         await client.subscribe("henge/devices/dev1/config", qos=1)
         first = await next_message(client)
         assert first.retain and payload_json(first)["config"] == {"v": 1}
-        fleet.service.push("dev1", {"v": 2})
+        await fleet.service.push("dev1", {"v": 2})
         assert payload_json(await next_message(client))["version"] == 2
 
 
 async def test_contract_acl_no_cross_device_reads(fleet: Fleet) -> None:
-    s1 = fleet.add("dev1", {"mine": 1})
-    fleet.add("dev2", {"theirs": 1})
+    s1 = await fleet.add("dev1", {"mine": 1})
+    await fleet.add("dev2", {"theirs": 1})
     await asyncio.sleep(0.2)
     async with fleet.device_client("dev1", s1) as client:
         await client.subscribe("henge/devices/dev2/config", qos=1)
@@ -161,7 +166,7 @@ async def test_contract_acl_no_cross_device_reads(fleet: Fleet) -> None:
 async def test_contract_reports_and_presence(fleet: Fleet, tmp_path: Path) -> None:
     from henge_mqtt.device import Agent
 
-    secret = fleet.add("dev1", {"v": 1})
+    secret = await fleet.add("dev1", {"v": 1})
     await asyncio.sleep(0.2)
     applied: list[dict[str, Any]] = []
 
@@ -173,17 +178,17 @@ async def test_contract_reports_and_presence(fleet: Fleet, tmp_path: Path) -> No
     task = asyncio.create_task(agent.run(stop))
     try:
         deadline = time.monotonic() + 10
-        while not (fleet.service.status("dev1")[0]["sync"] == "in_sync" and fleet.service.status("dev1")[0]["online"]):
-            assert time.monotonic() < deadline, fleet.service.status("dev1")
+        while not ((await fleet.service.status("dev1"))[0]["sync"] == "in_sync" and (await fleet.service.status("dev1"))[0]["online"]):
+            assert time.monotonic() < deadline, await fleet.service.status("dev1")
             await asyncio.sleep(0.05)
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
     deadline = time.monotonic() + 5
-    while fleet.service.status("dev1")[0]["online"]:
+    while (await fleet.service.status("dev1"))[0]["online"]:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
-    assert fleet.service.status("dev1")[0]["reason"] == "client_disconnect"
+    assert (await fleet.service.status("dev1"))[0]["reason"] == "client_disconnect"
 
 
 # ---- external mode only ---------------------------------------------------------------------------
@@ -207,15 +212,15 @@ async def test_broker_takeover_with_a_late_will_keeps_the_device_online(tmp_path
         async with client("S2") as second:  # Mosquitto closes the first and publishes its will
             await _announce(second, "dev1", "online", "S2")
             await asyncio.sleep(0.5)
-            status = fleet.service.status("dev1")[0]
+            status = (await fleet.service.status("dev1"))[0]
             assert status["online"] and status["epoch"] == 2
             # Mosquitto publishes the displaced will at takeover, usually before S2 announces itself;
             # a will delayed past S2 (another broker, a slow bridge) must change nothing either.
             await _announce(second, "dev1", "offline", "S1")
             await asyncio.sleep(0.5)
-            status = fleet.service.status("dev1")[0]
+            status = (await fleet.service.status("dev1"))[0]
             assert status["online"] and status["epoch"] == 2
-            presence = json.loads(fleet.service.broker.retained["henge/devices/dev1/presence"][0])
+            presence = json.loads(fleet.retained("henge/devices/dev1/presence"))
             assert (presence["state"], presence["epoch"]) == ("online", 2)
         with contextlib.suppress(Exception):
             await first.__aexit__(None, None, None)

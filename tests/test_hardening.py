@@ -48,7 +48,7 @@ def bad_packets() -> st.SearchStrategy[bytes]:
 @given(data=bad_packets())
 async def test_malformed_packets_hurt_nobody(running: Running, data: bytes) -> None:
     if not running.service.store.has_device("good"):
-        running.add("good", {"v": 1})
+        await running.add("good", {"v": 1})
     client = await raw.RawClient.open(running.port)
     await client.send(data)
     client.writer.write_eof() if data else None
@@ -58,8 +58,8 @@ async def test_malformed_packets_hurt_nobody(running: Running, data: bytes) -> N
 
 
 async def test_hostile_packets_after_connect(running: Running) -> None:
-    secret = running.add("good", {"v": 1})
-    evil_secret = running.add("evil", {"v": 1})
+    secret = await running.add("good", {"v": 1})
+    evil_secret = await running.add("evil", {"v": 1})
     cases = [
         b"\x30\xff\xff\xff\x7f",  # PUBLISH announcing 256 MiB: closed unread
         b"\x82\x03\x00\x01\x00",  # SUBSCRIBE with a truncated topic
@@ -80,8 +80,8 @@ async def test_hostile_packets_after_connect(running: Running) -> None:
 
 async def test_oversized_packet_closes_only_that_client(start_service) -> None:  # type: ignore[no-untyped-def]
     async with start_service(max_packet_bytes=4096) as running:
-        secret = running.add("good", {"v": 1})
-        big_secret = running.add("big", {"v": 1})
+        secret = await running.add("good", {"v": 1})
+        big_secret = await running.add("big", {"v": 1})
         async with running.device_client("good", secret) as good:
             await good.subscribe("henge/devices/good/config", qos=1)
             await next_message(good)
@@ -90,29 +90,29 @@ async def test_oversized_packet_closes_only_that_client(start_service) -> None: 
             assert await client.connack() == 0
             await client.send(raw.publish("henge/devices/big/report", b"x" * 8000))
             assert await client.closed_within(2.0)
-            presence = json.loads(running.service.broker.retained["henge/devices/big/presence"][0])
+            presence = json.loads(running.retained("henge/devices/big/presence"))
             assert presence["reason"] == "packet_too_large"
-            running.service.push("good", {"v": 2})
+            await running.service.push("good", {"v": 2})
             assert payload_json(await next_message(good))["version"] == 2
 
 
 async def test_publish_flood_closes_only_that_client(start_service) -> None:  # type: ignore[no-untyped-def]
     async with start_service(device_publish_rate=5, device_publish_burst=10) as running:
-        secret = running.add("flood", {"v": 1})
+        secret = await running.add("flood", {"v": 1})
         client = await raw.RawClient.open(running.port)
         await client.send(raw.connect("flood", "flood", secret))
         assert await client.connack() == 0
         for _ in range(30):
             await client.send(raw.publish("henge/devices/flood/report", b'{"version": 1, "status": "applied"}'))
         assert await client.closed_within(2.0)
-        presence = json.loads(running.service.broker.retained["henge/devices/flood/presence"][0])
+        presence = json.loads(running.retained("henge/devices/flood/presence"))
         assert presence["reason"] == "publish_rate_exceeded"
 
 
 async def test_slow_client_does_not_stall_others(start_service) -> None:  # type: ignore[no-untyped-def]
     async with start_service(max_inflight=20) as running:
-        slow_secret = running.add("slow", {"v": 0})
-        fast_secret = running.add("fast", {"v": 0})
+        slow_secret = await running.add("slow", {"v": 0})
+        fast_secret = await running.add("fast", {"v": 0})
         slow = await raw.RawClient.open(running.port)
         await slow.send(raw.connect("slow", "slow", slow_secret))
         assert await slow.connack() == 0
@@ -124,11 +124,11 @@ async def test_slow_client_does_not_stall_others(start_service) -> None:  # type
             blob = {"pad": "x" * 100_000}
             started = time.monotonic()
             for n in range(1, 41):
-                running.service.push("slow", blob | {"n": n})
-                running.service.push("fast", {"n": n})
+                await running.service.push("slow", blob | {"n": n})
+                await running.service.push("fast", {"n": n})
                 assert payload_json(await next_message(fast, 5))["config"] == {"n": n}
             assert time.monotonic() - started < 20
-        status = running.service.status("slow")[0]
+        status = (await running.service.status("slow"))[0]
         assert not status["online"] and status["reason"] == "slow_consumer"
         slow.close()
 
@@ -149,7 +149,7 @@ async def test_audit_trail_records_admin_actions_without_secrets(running: Runnin
     cfg = tmp_path / "c.json"
     cfg.write_text("{}")
     await cli("push", "--all", str(cfg), "--data", data)
-    running.service.push("a1", {"from": "library"})
+    await running.service.push("a1", {"from": "library"})
     await cli("device", "remove", "a1", "--data", data)
 
     result = await cli("audit", "--device", "a1", "--data", data, "--json")
@@ -295,7 +295,7 @@ async def test_admin_request_with_bad_fields_names_the_field(running: Running) -
     from henge_mqtt.client import AdminClient, Endpoint
     from henge_mqtt.errors import RemoteError
 
-    running.add("dev1", {"a": 1})
+    await running.add("dev1", {"a": 1})
     endpoint = Endpoint("127.0.0.1", running.port, running.service.settings.admin_name, running.service.admin_secret)
     async with AdminClient(endpoint, timeout=5) as client:
         cases = [
@@ -317,8 +317,8 @@ async def test_secrets_never_reach_the_logs(running: Running, caplog: pytest.Log
     import logging
 
     caplog.set_level(logging.DEBUG)
-    secret = running.add("dev1", {"a": 1})
-    rotated = running.service.rotate_secret("dev1")
+    secret = await running.add("dev1", {"a": 1})
+    rotated = await running.service.rotate_secret("dev1")
     async with running.device_client("dev1", rotated):
         pass
     with pytest.raises(Exception):  # noqa: B017 - the old secret is refused; how is not the point here
@@ -326,7 +326,7 @@ async def test_secrets_never_reach_the_logs(running: Running, caplog: pytest.Log
             pass
     events: list[str] = []
     running.service.add_event_listener(lambda e: events.append(e.model_dump_json()))
-    running.service.push("dev1", {"b": 2})
+    await running.service.push("dev1", {"b": 2})
     text = caplog.text + "".join(events)
     assert secret not in text and rotated not in text
     assert running.service.admin_secret not in text
@@ -334,7 +334,7 @@ async def test_secrets_never_reach_the_logs(running: Running, caplog: pytest.Log
 
 async def test_custom_topic_prefix(start_service) -> None:  # type: ignore[no-untyped-def]
     async with start_service(topic_prefix="acme") as running:
-        secret = running.add("dev1", {"a": 1})
+        secret = await running.add("dev1", {"a": 1})
         async with running.device_client("dev1", secret) as client:
             await client.subscribe("acme/devices/dev1/config", qos=1)
             assert payload_json(await next_message(client))["config"] == {"a": 1}

@@ -73,11 +73,11 @@ async def test_import_export_push_all_and_label(running: Running, tmp_path: Path
 async def test_metrics_endpoint(running: Running) -> None:
     metrics = MetricsServer(running.service, "127.0.0.1", 0)
     try:
-        secret = running.add("m1", {"a": 1})
+        secret = await running.add("m1", {"a": 1})
         async with running.device_client("m1", secret) as device:
             await device.subscribe("henge/devices/m1/config", qos=1)
             await next_message(device)
-            running.service.push("m1", {"a": 2})
+            await running.service.push("m1", {"a": 2})
             await next_message(device)
             await device.publish("henge/devices/m1/report", b'{"version": 2, "status": "applied"}', qos=1)
             await device.publish("henge/devices/m1/report", b"garbage", qos=1)

@@ -89,14 +89,14 @@ def test_default_yaml_spells_out_the_built_in_defaults(tmp_path: Path) -> None:
     from_file = Settings.load(ROOT / "broker_config" / "default.yaml", data_dir=tmp_path)
     assert from_file == built_in
     gateway = Settings.load(ROOT / "broker_config" / "gateway.yaml", data_dir=tmp_path)
-    assert gateway.listeners["default"]["bind"] == "0.0.0.0:1883"
+    assert gateway.listeners["default"].bind == "0.0.0.0:1883"
     assert gateway.model_copy(update={"listeners": built_in.listeners}) == built_in
 
 
 def test_settings_overrides_and_errors(tmp_path: Path) -> None:
     s = Settings.load(data_dir=tmp_path, port=0)
-    assert s.listeners["default"]["bind"] == "127.0.0.1:0"
-    assert Settings.load(data_dir=tmp_path, host="::1", port=5).listeners["default"]["bind"] == "[::1]:5"
+    assert s.listeners["default"].bind == "127.0.0.1:0"
+    assert Settings.load(data_dir=tmp_path, host="::1", port=5).listeners["default"].bind == "[::1]:5"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"henge": {"max_keepalive": -1}}))
     with pytest.raises(SettingsError, match="max_keepalive"):

@@ -45,8 +45,8 @@ def context(certs: Path, device: str | None = None) -> ssl.SSLContext:
 
 async def test_tls_with_password_aiomqtt_and_mosquitto_sub(tmp_path: Path) -> None:
     async with tls_service(tmp_path) as (service, port, certs):
-        secret = service.add_device("dev1")
-        service.push("dev1", {"tls": True})
+        secret = await service.add_device("dev1")
+        await service.push("dev1", {"tls": True})
         async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", username="dev1", password=secret,
                                   tls_context=context(certs), timeout=5) as client:
             await client.subscribe("henge/devices/dev1/config", qos=1)
@@ -61,7 +61,7 @@ async def test_tls_with_password_aiomqtt_and_mosquitto_sub(tmp_path: Path) -> No
 
 async def test_plaintext_to_tls_port_fails(tmp_path: Path) -> None:
     async with tls_service(tmp_path) as (service, port, _):
-        secret = service.add_device("dev1")
+        secret = await service.add_device("dev1")
         client = await raw.RawClient.open(port)
         await client.send(raw.connect("dev1", "dev1", secret))
         with pytest.raises((EOFError, TimeoutError, ConnectionError)):
@@ -73,9 +73,9 @@ async def test_mutual_tls_cn_must_equal_device_id(tmp_path: Path) -> None:
     async with tls_service(tmp_path, tls_client_auth="optional", tls_cert_replaces_password=True) as (
         service, port, certs,
     ):
-        service.add_device("dev1", {"v": "1"})
-        service.add_device("dev2")
-        service.push("dev1", {"mtls": 1})
+        await service.add_device("dev1", {"v": "1"})
+        await service.add_device("dev2")
+        await service.push("dev1", {"mtls": 1})
         # its own certificate, no password: accepted
         async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", tls_context=context(certs, "dev1"),
                                   timeout=5) as client:
@@ -94,14 +94,14 @@ async def test_mutual_tls_cn_must_equal_device_id(tmp_path: Path) -> None:
 
 async def test_required_client_certificates(tmp_path: Path) -> None:
     async with tls_service(tmp_path, tls_client_auth="required") as (service, port, certs):
-        secret = service.add_device("dev1")
+        secret = await service.add_device("dev1")
         with pytest.raises(aiomqtt.MqttError):
             async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", username="dev1", password=secret,
                                       tls_context=context(certs), timeout=5):
                 pass
         async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", username="dev1", password=secret,
                                   tls_context=context(certs, "dev1"), timeout=5):
-            assert service.status("dev1")[0]["online"]
+            assert (await service.status("dev1"))[0]["online"]
 
 
 def test_certs_dev_command(tmp_path: Path) -> None:
