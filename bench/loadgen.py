@@ -73,6 +73,7 @@ class Client:
     device: str
     secret: str | None
     topic: str
+    filter: str = ""  # what it subscribes to: its config topic, or a wildcard over its own subtree
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     subscribed_at: float = 0.0
@@ -80,6 +81,8 @@ class Client:
     wrong: int = 0
     closed_at: float = 0.0
     got: asyncio.Event = field(default_factory=asyncio.Event)
+    ping_sent: float = 0.0
+    rtts: list[float] = field(default_factory=list)
 
     async def open(self, host: str, port: int, timeout: float = 30.0) -> None:
         """CONNECT and SUBSCRIBE, bounded: a broker that never answers is a failure, not a hang."""
@@ -92,7 +95,7 @@ class Client:
         kind, _, body = await read_packet(self.reader)
         if kind != 2 or body[1] != 0:
             raise ConnectionError(f"{self.device}: CONNACK {body[1] if len(body) > 1 else '?'}")
-        self.writer.write(subscribe_packet(1, self.topic))
+        self.writer.write(subscribe_packet(1, self.filter or self.topic))
         while True:
             kind, flags, body = await read_packet(self.reader)
             if kind == 9:
@@ -101,6 +104,9 @@ class Client:
         self.subscribed_at = time.time()
 
     def _on_packet(self, kind: int, flags: int, body: bytes) -> None:
+        if kind == 13 and self.ping_sent:
+            self.rtts.append(time.time() - self.ping_sent)
+            self.ping_sent = 0.0
         if kind != 3:
             return
         topic_len = struct.unpack("!H", body[:2])[0]
@@ -114,7 +120,10 @@ class Client:
             self.writer.write(puback(packet_id))
         payload = body[offset:]
         if topic != self.topic:
-            self.wrong += 1
+            own = self.filter and topic.startswith(self.topic.rsplit("/", 1)[0] + "/")
+            if not own:  # another device's topic: a leak
+                self.wrong += 1
+            return
         elif payload:
             try:
                 if json.loads(payload).get("device", self.device) != self.device:
@@ -151,7 +160,9 @@ async def _bounded(coros: list[Any], limit: int) -> list[Any]:
 async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
     """Follow the orchestrator's commands: connect, await_push, storm, hold, stop."""
     host, port = spec["host"], spec["port"]
-    clients = [Client(d, s, spec["topic"].format(device=d)) for d, s in spec["devices"]]
+    sub_filter = spec.get("filter", "")
+    clients = [Client(d, s, spec["topic"].format(device=d), sub_filter.format(device=d) if sub_filter else "")
+               for d, s in spec["devices"]]
     pumps: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
     while True:
@@ -167,17 +178,23 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
         elif name == "await_push":
             marker = command["marker"].encode()
             deadline = time.time() + command["timeout"]
+            probe = clients[0] if command.get("ping") and clients else None
             while time.time() < deadline and not all(any(marker in m for _, m in c.messages) for c in clients):
+                if probe is not None and not probe.ping_sent and probe.writer is not None:
+                    probe.ping_sent = time.time()  # one ping in flight at a time: its RTT is the stall
+                    probe.writer.write(b"\xc0\x00")
                 await asyncio.sleep(0.01)
             arrivals = [next((t for t, m in c.messages if marker in m), None) for c in clients]
             results.put({"cmd": name, "last": max((a for a in arrivals if a), default=0.0),
+                         "first": min((a for a in arrivals if a), default=0.0),
+                         "ping_max": max(probe.rtts, default=0.0) if probe else None,
                          "missing": sum(1 for a in arrivals if a is None), "wrong": sum(c.wrong for c in clients)})
         elif name == "storm":
             # Reconnect the first k clients with the same ids while the old sockets stay open.
             k = command["count"]
             await asyncio.sleep(max(0.0, command["start_at"] - time.time()))
             olds = clients[:k]
-            news = [Client(c.device, c.secret, c.topic) for c in olds]
+            news = [Client(c.device, c.secret, c.topic, c.filter) for c in olds]
             outcome = await _bounded([n.open(host, port) for n in news], spec.get("concurrency", 500))
             errors = [repr(o) for o in outcome if isinstance(o, BaseException)]
             new_pumps = [asyncio.create_task(n.pump()) for n in news if n.reader is not None]

@@ -1,11 +1,15 @@
-"""Benchmark harness: the same scenarios against henge, stock amqtt 0.12.1 and Mosquitto.
+"""Benchmark harness: the same scenarios against henge, Mosquitto (with and without auth) and amqtt.
 
-    python bench/run.py --sizes 1000,3000,10000 [--targets henge,amqtt,mosquitto] [--workers 2]
+    python bench/run.py --sizes 1000,3000,10000 [--targets henge,mosquitto-auth,mosquitto,amqtt]
+                        [--workers 2] [--filter exact|wildcard]
 
-Scenarios per fleet size N: connect + subscribe all N; broker memory after connect; a fleet-wide
-push delivered to all N (QoS 1, acknowledged); a takeover storm (min(N, 1000) devices reconnect
-at once with their own ids while their old sockets stay open); clean shutdown with N connected.
-Prints one table with ratios and writes JSON to bench/results/.
+Scenarios per fleet size N: connect + subscribe all N; broker memory after connect (and per
+device, against the idle process); a fleet-wide push delivered to all N (QoS 1, acknowledged),
+with the first delivery and the worst PINGRESP of one device during it; a takeover storm
+(min(N, 1000) devices reconnect at once with their own ids while their old sockets stay open);
+clean shutdown with N connected. ``--filter wildcard`` subscribes every device to its own
+``henge/devices/<id>/#`` instead of its config topic. Prints one table with ratios against
+Mosquitto with a password file and an ACL (as a user deploys it) and writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import loadgen
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "henge/devices/{device}/config"
+FILTERS = {"exact": "", "wildcard": "henge/devices/{device}/#"}
 PHASE_TIMEOUT = 120.0
 
 
@@ -135,22 +140,59 @@ class Mosquitto(Target):
         wait_port(self.port)
 
 
-TARGETS = {"henge": Henge, "amqtt": StockAmqtt, "mosquitto": Mosquitto}
+class MosquittoAuth(Target):
+    """Mosquitto as a user would deploy it for this job: a password file and an ACL, no anonymous."""
+
+    name = "mosquitto-auth"
+    publisher = "bench-publisher"
+
+    def start(self) -> None:
+        import secrets as random_secrets
+
+        from henge_mqtt.store import mosquitto_hash  # the same $7$ PBKDF2 hash mosquitto_passwd writes
+
+        self.devices = [(d, random_secrets.token_urlsafe(24)) for d, _ in self.devices]
+        self.publisher_secret = random_secrets.token_urlsafe(24)
+        passwd = self.tmp / "passwd"
+        passwd.write_text("".join(f"{u}:{mosquitto_hash(p)}\n" for u, p in
+                                  [*self.devices, (self.publisher, self.publisher_secret)]))
+        acl = self.tmp / "acl"
+        acl.write_text(f"user {self.publisher}\ntopic readwrite henge/#\n\npattern readwrite henge/devices/%u/#\n")
+        conf = self.tmp / "mosquitto.conf"
+        # As root, Mosquitto drops to the `mosquitto` user, which cannot read our private temp dir.
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
+                        f"acl_file {acl}\nmax_queued_messages 0\nmax_inflight_messages 0\npersistence false\n{user}")
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def push(self, marker: str) -> None:
+        topics = [(TOPIC.format(device=d), json.dumps({"device": d, "version": 1, "config": {"m": marker}}).encode())
+                  for d, _ in self.devices]
+        asyncio.run(loadgen.publish_all("127.0.0.1", self.port, topics, self.publisher, self.publisher_secret))
 
 
-def run_one(target_cls: type[Target], n: int, workers: int, storm: int) -> dict[str, Any]:
+TARGETS = {"henge": Henge, "mosquitto-auth": MosquittoAuth, "mosquitto": Mosquitto, "amqtt": StockAmqtt}
+
+
+def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filter: str = "exact"
+            ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{target_cls.name}-"))
     target = target_cls(n, tmp)
-    result: dict[str, Any] = {"target": target.name, "n": n}
+    result: dict[str, Any] = {"target": target.name, "n": n, "filter": sub_filter}
     ctx = mp.get_context("spawn")
     procs, commands, results = [], [], ctx.Queue()
     try:
         target.start()
         assert target.proc is not None
+        time.sleep(0.5)
+        result["rss_idle_mb"] = rss_mb(target.proc.pid)
         shares = [target.devices[i::workers] for i in range(workers)]
         for share in shares:
             q = ctx.Queue()
-            spec = {"host": "127.0.0.1", "port": target.port, "devices": share, "topic": TOPIC}
+            spec = {"host": "127.0.0.1", "port": target.port, "devices": share, "topic": TOPIC,
+                    "filter": FILTERS[sub_filter]}
             p = ctx.Process(target=loadgen.worker_main, args=(spec, q, results))
             p.start()
             procs.append(p)
@@ -168,14 +210,17 @@ def run_one(target_cls: type[Target], n: int, workers: int, storm: int) -> dict[
         result["connect_failed"] = sum(r["failed"] for r in replies)
         time.sleep(0.5)
         result["rss_mb"] = rss_mb(target.proc.pid)
+        result["kb_per_device"] = (result["rss_mb"] - result["rss_idle_mb"]) * 1024 / n
 
         marker = uuid.uuid4().hex
-        for q in commands:
-            q.put({"cmd": "await_push", "marker": marker, "timeout": PHASE_TIMEOUT})
+        for i, q in enumerate(commands):
+            q.put({"cmd": "await_push", "marker": marker, "timeout": PHASE_TIMEOUT, "ping": i == 0})
         t0 = time.time()
         target.push(marker)
         replies = [results.get(timeout=PHASE_TIMEOUT + 30) for _ in commands]
         result["push_s"] = max(r["last"] for r in replies) - t0
+        result["push_first_s"] = min(r["first"] for r in replies if r["first"]) - t0
+        result["ping_max_ms"] = max(r["ping_max"] for r in replies if r["ping_max"] is not None) * 1000
         result["push_missing"] = sum(r["missing"] for r in replies)
         result["wrong_deliveries"] = sum(r["wrong"] for r in replies)
 
@@ -222,34 +267,40 @@ def run_one(target_cls: type[Target], n: int, workers: int, storm: int) -> dict[
 METRICS = [
     ("connect_s", "connect + subscribe all (s)"),
     ("rss_mb", "broker RSS after connect (MB)"),
+    ("kb_per_device", "RSS per connected device (KB)"),
     ("push_s", "fleet push, all acked (s)"),
+    ("push_first_s", "fleet push, first delivery (s)"),
+    ("ping_max_ms", "worst PINGRESP during the push (ms)"),
     ("storm_s", "takeover storm, all current (s)"),
     ("shutdown_s", "clean shutdown (s)"),
 ]
+COLUMNS = ("henge", "mosquitto-auth", "mosquitto", "amqtt")
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    by = {(r["target"], r["n"]): r for r in results}
-    sizes = sorted({r["n"] for r in results})
-    lines = ["| N | metric | henge | amqtt 0.12.1 | mosquitto | henge/mosquitto | henge/amqtt |",
-             "|---|---|---|---|---|---|---|"]
+    by = {(r["target"], r["n"], r.get("filter", "exact")): r for r in results}
+    keys = sorted({(r["n"], r.get("filter", "exact")) for r in results})
+    lines = ["| N | subscription | metric | henge | mosquitto + auth/ACL | mosquitto anonymous | amqtt 0.12.1 "
+             "| henge / mosquitto+auth |", "|---|---|---|---|---|---|---|---|"]
 
     def fmt(v: Any) -> str:
         return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
-    for n in sizes:
+    for n, sub in keys:
         for key, label in METRICS:
-            h, a, m = (by.get((t, n), {}).get(key) for t in ("henge", "amqtt", "mosquitto"))
-            ratio_m = f"{h / m:.1f}x" if h is not None and m else "-"
-            ratio_a = f"{h / a:.2f}x" if h is not None and a else "-"
-            lines.append(f"| {n} | {label} | {fmt(h)} | {fmt(a)} | {fmt(m)} | {ratio_m} | {ratio_a} |")
+            values = [by.get((t, n, sub), {}).get(key) for t in COLUMNS]
+            h, ref = values[0], values[1]
+            ratio = f"{h / ref:.2f}x" if h is not None and ref else "-"
+            lines.append(f"| {n} | {sub} | {label} | " + " | ".join(fmt(v) for v in values) + f" | {ratio} |")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,3000,10000")
-    parser.add_argument("--targets", default="henge,amqtt,mosquitto")
+    parser.add_argument("--targets", default="henge,mosquitto-auth,mosquitto,amqtt")
+    parser.add_argument("--filter", default="exact", help="exact, wildcard, or both (comma-separated)")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved runs of every target")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--storm", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -262,11 +313,15 @@ def main() -> int:
     calibration = time.perf_counter() - started
     print(f"bench: cpu calibration (5M-iteration loop) {calibration:.2f} s", file=sys.stderr, flush=True)
     for n in [int(s) for s in args.sizes.split(",")]:
-        for name in args.targets.split(","):
-            print(f"bench: {name} N={n} ...", file=sys.stderr, flush=True)
-            r = run_one(TARGETS[name], n, args.workers, args.storm)
-            print(f"bench: {json.dumps(r)}", file=sys.stderr, flush=True)
-            results.append(r)
+        for sub in args.filter.split(","):
+            for _ in range(args.repeat):
+                for name in args.targets.split(","):
+                    if name == "amqtt" and sub != "exact":
+                        continue
+                    print(f"bench: {name} N={n} filter={sub} ...", file=sys.stderr, flush=True)
+                    r = run_one(TARGETS[name], n, args.workers, args.storm, sub)
+                    print(f"bench: {json.dumps(r)}", file=sys.stderr, flush=True)
+                    results.append(r)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps({"cpus": os.cpu_count(), "cpu_calibration_s": calibration, "results": results},

@@ -87,7 +87,7 @@ class RawClient:
                     if not byte & 0x80:
                         break
                 body = await self.reader.readexactly(length)
-            except asyncio.IncompleteReadError as exc:
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 raise EOFError("connection closed by the broker") from exc
         return first[0] >> 4, body
 

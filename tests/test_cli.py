@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from henge_mqtt.cli import app
 
-from .conftest import ROOT, Running, henge_cli, next_message, payload_json
+from .conftest import ROOT, Running, henge_cli, next_message, payload_json, wait_until
 
 
 async def cli(
@@ -141,7 +141,7 @@ async def test_events_follow_streams_service_events(running: Running) -> None:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
     )
     try:
-        await asyncio.sleep(1.5)  # let it subscribe
+        await wait_until(lambda: running.broker.has_subscribers("henge/admin/events"), what="events subscriber")
         secret = await running.add("dev1", {"v": 1})
         async with running.device_client("dev1", secret):
             pass

@@ -14,7 +14,7 @@ import pytest
 from henge_mqtt.errors import ConfigTooLarge, UnknownDevice, VersionConflict
 from henge_mqtt.models import canonical_json
 
-from .conftest import Running, next_message, no_message, payload_json
+from .conftest import Running, next_message, no_message, payload_json, wait_status
 
 
 async def test_device_connecting_after_push_gets_snapshot_at_once(running: Running) -> None:
@@ -96,8 +96,13 @@ async def test_acl_denies_other_devices_topics(running: Running) -> None:
         # publishing anywhere but its own report topic is dropped
         await client.publish("henge/devices/dev2/config", b'{"evil":1}', qos=1, retain=True)
         await client.publish("henge/devices/dev2/report", b'{"version":1,"status":"applied"}', qos=1)
+        # dev1's own report, sent after the forged one, is recorded: the forged one had its chance.
+        await client.publish("henge/devices/dev1/report", b'{"version":1,"status":"applied"}', qos=1)
+        await wait_status(running, "dev1", lambda r: r["applied_version"] == 1)
     assert running.retained("henge/devices/dev2/config") is not None
     assert b"evil" not in running.retained("henge/devices/dev2/config")
+    dev2 = (await running.service.status("dev2"))[0]
+    assert dev2["applied_version"] is None and dev2["sync"] == "unknown"  # the forged report was dropped
 
 
 async def test_no_cross_device_delivery_on_connect(running: Running) -> None:

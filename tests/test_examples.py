@@ -9,10 +9,9 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from .conftest import ROOT, Running, henge_cli
+from .conftest import ROOT, Running, henge_cli, wait_status, wait_until
 
 
 async def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -27,8 +26,7 @@ async def test_aiomqtt_device_example_applies_and_reports(running: Running, tmp_
                        "--device", "sensor-1", "--secret-file", str(secret_file), "--once")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"version": 1, "config": {"interval": 5}}
-    await asyncio.sleep(0.2)
-    assert (await running.service.status("sensor-1"))[0]["sync"] == "in_sync"
+    await wait_status(running, "sensor-1", lambda r: r["sync"] == "in_sync")
 
 
 async def test_mosquitto_sub_shell_device_applies_and_reports(running: Running, tmp_path: Path) -> None:
@@ -40,11 +38,14 @@ async def test_mosquitto_sub_shell_device_applies_and_reports(running: Running, 
         env={**os.environ, "MAX_VERSIONS": "2", "CONFIG_OUT": str(out)}, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    deadline = time.monotonic() + 15
-    while (await running.service.status("sensor-2"))[0]["applied_version"] != 1:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(0.5)  # let it settle into waiting for a live update
+    await wait_status(running, "sensor-2", lambda r: r["applied_version"] == 1, timeout=15)
+    # The script's connections: read v1, report it, read v1 again, then (the 4th) wait for a live
+    # update. Push once that one has subscribed, or the update falls between two connections.
+    def waiting_for_live_update() -> bool:
+        conn = running.broker.conns.get("sensor-2")
+        return conn is not None and conn.epoch >= 4 and bool(conn.subs)
+
+    await wait_until(waiting_for_live_update, 15, "the script's live-update subscription")
     await running.service.push("sensor-2", {"mode": "boost"})
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, stderr.decode()

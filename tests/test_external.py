@@ -23,7 +23,7 @@ from henge_mqtt.service import HengeService
 from henge_mqtt.settings import Settings
 from henge_mqtt.store import Store
 
-from .conftest import henge_cli, make_settings, next_message, payload_json
+from .conftest import henge_cli, make_settings, next_message, payload_json, wait_status
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -49,8 +49,23 @@ class Fleet:
         if self.reload_broker is not None:
             self.reload_broker()  # as an operator would: broker-config again, then SIGHUP
         if config is not None:
-            await self.service.push(device, config)
+            row = await self.service.push(device, config)
+            if self.mode != "embedded":
+                await self.broker_has(device, secret, row.version)
         return secret
+
+    async def broker_has(self, device: str, secret: str, version: int) -> None:
+        """Until the external broker accepts the device's new credentials and retains this version."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                async with self.device_client(device, secret, timeout=2) as probe:
+                    await probe.subscribe(f"henge/devices/{device}/config", qos=1)
+                    if payload_json(await next_message(probe, 1.0))["version"] == version:
+                        return
+            assert loop.time() < deadline, f"the broker never served {device} version {version}"
+            await asyncio.sleep(0.05)
 
     def retained(self, topic: str) -> bytes | None:
         retained: Any = self.service.broker.retained  # type: ignore[attr-defined]
@@ -117,8 +132,7 @@ async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]]) -> 
             def reload() -> None:
                 configure(service.store.broker_hashes()[0])
                 assert broker.proc is not None
-                broker.proc.send_signal(signal.SIGHUP)
-                time.sleep(0.3)
+                broker.proc.send_signal(signal.SIGHUP)  # Fleet.add then waits until it took effect
 
             yield Fleet("mosquitto", service, device_port, data, reload), broker, secrets
     finally:
@@ -140,7 +154,6 @@ async def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 async def test_contract_snapshot_on_connect_and_live_updates(fleet: Fleet) -> None:
     secret = await fleet.add("dev1", {"v": 1})
-    await asyncio.sleep(0.2)
     async with fleet.device_client("dev1", secret) as client:
         await client.subscribe("henge/devices/dev1/config", qos=1)
         first = await next_message(client)
@@ -152,7 +165,6 @@ async def test_contract_snapshot_on_connect_and_live_updates(fleet: Fleet) -> No
 async def test_contract_acl_no_cross_device_reads(fleet: Fleet) -> None:
     s1 = await fleet.add("dev1", {"mine": 1})
     await fleet.add("dev2", {"theirs": 1})
-    await asyncio.sleep(0.2)
     async with fleet.device_client("dev1", s1) as client:
         await client.subscribe("henge/devices/dev2/config", qos=1)
         await client.subscribe("henge/devices/+/config", qos=1)
@@ -167,7 +179,6 @@ async def test_contract_reports_and_presence(fleet: Fleet, tmp_path: Path) -> No
     from henge_mqtt.device import Agent
 
     secret = await fleet.add("dev1", {"v": 1})
-    await asyncio.sleep(0.2)
     applied: list[dict[str, Any]] = []
 
     async def record(config: dict[str, Any]) -> None:
@@ -177,18 +188,12 @@ async def test_contract_reports_and_presence(fleet: Fleet, tmp_path: Path) -> No
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
-        deadline = time.monotonic() + 10
-        while not ((await fleet.service.status("dev1"))[0]["sync"] == "in_sync" and (await fleet.service.status("dev1"))[0]["online"]):
-            assert time.monotonic() < deadline, await fleet.service.status("dev1")
-            await asyncio.sleep(0.05)
+        await wait_status(fleet, "dev1", lambda r: r["sync"] == "in_sync" and r["online"])
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
-    deadline = time.monotonic() + 5
-    while (await fleet.service.status("dev1"))[0]["online"]:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
-    assert (await fleet.service.status("dev1"))[0]["reason"] == "client_disconnect"
+    row = await wait_status(fleet, "dev1", lambda r: not r["online"])
+    assert row["reason"] == "client_disconnect"
 
 
 # ---- external mode only ---------------------------------------------------------------------------
@@ -211,14 +216,13 @@ async def test_broker_takeover_with_a_late_will_keeps_the_device_online(tmp_path
         await _announce(first, "dev1", "online", "S1")
         async with client("S2") as second:  # Mosquitto closes the first and publishes its will
             await _announce(second, "dev1", "online", "S2")
-            await asyncio.sleep(0.5)
-            status = (await fleet.service.status("dev1"))[0]
-            assert status["online"] and status["epoch"] == 2
+            await wait_status(fleet, "dev1", lambda r: r["online"] and r["epoch"] == 2)
             # Mosquitto publishes the displaced will at takeover, usually before S2 announces itself;
             # a will delayed past S2 (another broker, a slow bridge) must change nothing either.
             await _announce(second, "dev1", "offline", "S1")
-            await asyncio.sleep(0.5)
-            status = (await fleet.service.status("dev1"))[0]
+            # A report behind the stale will, from the same client: once recorded, the will was handled.
+            await second.publish("henge/devices/dev1/report", b'{"version":1,"status":"applied"}', qos=1)
+            status = await wait_status(fleet, "dev1", lambda r: r["applied_version"] == 1)
             assert status["online"] and status["epoch"] == 2
             presence = json.loads(fleet.retained("henge/devices/dev1/presence"))
             assert (presence["state"], presence["epoch"]) == ("online", 2)

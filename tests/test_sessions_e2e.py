@@ -9,7 +9,7 @@ import aiomqtt
 import pytest
 
 from . import mqtt_raw as raw
-from .conftest import wait_status, wait_until, Running, next_message, payload_json
+from .conftest import Running, next_message, payload_json, wait_status, wait_until
 
 REPORT = "henge/devices/{}/report"
 
@@ -256,10 +256,20 @@ async def test_shutdown_marks_devices_offline_quickly(start_service) -> None:  #
     async with start_service() as running:
         secret = await running.add("dev1")
         client = await raw_device(running, "dev1", secret)
+        admin = "henge-admin"
+        watcher = await raw.RawClient.open(running.port)
+        await watcher.send(raw.connect("watcher", admin, running.service.admin_secret))
+        assert await watcher.connack() == 0
+        await watcher.send(raw.subscribe(1, "henge/devices/dev1/presence"))
+        assert (await watcher.read_packet())[0] == 9
+        kind, body = await watcher.read_packet()
+        assert kind == 3 and b'"state":"online"' in body  # retained: dev1 is online
         started = time.monotonic()
         await running.service.stop()
         assert time.monotonic() - started < 2.0
         assert await client.closed_within(1.0)
+        kind, body = await watcher.read_packet()  # the watcher heard why, before its own socket closed
+        assert kind == 3 and b'"state":"offline"' in body and b'"reason":"server_shutdown"' in body
 
 
 async def test_second_connect_packet_closes_connection(running: Running) -> None:

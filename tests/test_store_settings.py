@@ -10,9 +10,9 @@ import yaml
 
 from henge_mqtt.errors import DuplicateDevice, SettingsError, StoreError, UnknownDevice, UnknownVersion
 from henge_mqtt.models import device_id_problem
+from henge_mqtt.server.router import filter_matches, valid_filter
 from henge_mqtt.settings import Settings
 from henge_mqtt.store import MIGRATIONS, Store
-from henge_mqtt.server.router import filter_matches, valid_filter
 from henge_mqtt.topics import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
