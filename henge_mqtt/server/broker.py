@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import os
 import ssl
 import time
 from collections.abc import Iterable
@@ -29,6 +29,7 @@ from ..sessions import Action, Close, PublishWill, SessionSettings, SessionTable
 from . import codec
 from .connection import CLOSED, OPEN, PENDING, Connection
 from .limits import Limits, LogLimiter
+from .listener import Acceptor, tcp_sockets, unix_socket
 from .router import RetainedStore, SubscriptionIndex, is_wildcard, valid_filter, valid_topic_name
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class EmbeddedBroker:
         self._closing: dict[Connection, float] = {}  # closed politely; aborted if not gone in time
         self._sockets = 0  # TCP connections open (the file-descriptor budget)
         self._admin_sockets = 0
-        self._servers: list[asyncio.Server] = []
+        self._acceptors: list[Acceptor] = []
         self._admin_socket_path = admin_socket
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
@@ -88,50 +89,36 @@ class EmbeddedBroker:
     # ---- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        acceptors: list[Acceptor] = []
         try:
             for spec in self.listeners:
                 tls = spec.ssl is not None
-                if tls and self.limits.tls_client_auth == "required":
-                    assert spec.ssl is not None
+                if spec.ssl is not None and self.limits.tls_client_auth == "required":
                     spec.ssl.verify_mode = ssl.CERT_REQUIRED
-                server = await loop.create_server(
-                    lambda tls=tls: Connection(self, tls=tls),
-                    spec.host or None, spec.port, ssl=spec.ssl, reuse_address=True, backlog=4096,
+                for sock in tcp_sockets(spec.host, spec.port):
                     # A socket that never finishes its TLS handshake is bound by the CONNECT deadline.
-                    ssl_handshake_timeout=self.limits.connect_timeout if tls else None,
-                )
-                self._servers.append(server)
+                    acceptors.append(Acceptor(sock, functools.partial(Connection, self, tls=tls), self,
+                                              ssl_context=spec.ssl, handshake_timeout=self.limits.connect_timeout))
             if self._admin_socket_path is not None:
-                path = self._admin_socket_path
-                if path.exists() or path.is_symlink():
-                    path.unlink()
-                old_umask = os.umask(0o177)
-                try:
-                    server = await loop.create_unix_server(lambda: Connection(self, admin_only=True), str(path))
-                finally:
-                    os.umask(old_umask)
-                os.chmod(path, 0o600)
-                self._servers.append(server)
+                sock = unix_socket(self._admin_socket_path)
+                acceptors.append(Acceptor(sock, lambda: Connection(self, admin_only=True), self, admin_only=True))
         except BaseException:
-            for server in self._servers:
-                server.close()
-            self._servers.clear()
+            for acceptor in acceptors:
+                acceptor.sock.close()
             raise
+        self._acceptors = acceptors
+        for acceptor in acceptors:
+            acceptor.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="henge-sweep")
 
     def addresses(self) -> list[tuple[str, int]]:
-        found: list[tuple[str, int]] = []
-        for server in self._servers:
-            for sock in server.sockets:
-                name = sock.getsockname()
-                if isinstance(name, tuple):
-                    found.append((str(name[0]), int(name[1])))
-        return found
+        return [address for acceptor in self._acceptors for address in acceptor.addresses()]
 
     @property
     def admin_socket(self) -> str | None:
-        return str(self._admin_socket_path) if self._admin_socket_path is not None and self._servers else None
+        if self._admin_socket_path is None or not any(a.admin_only for a in self._acceptors):
+            return None
+        return str(self._admin_socket_path)
 
     async def stop(self) -> None:
         """Stop accepting, tell every device why it goes offline, close everyone (bounded)."""
@@ -140,17 +127,15 @@ class EmbeddedBroker:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
-        for server in self._servers:
-            server.close()
+        for acceptor in self._acceptors:
+            await acceptor.close()
+        self._acceptors.clear()
         self._apply(self.table.shutdown(time.time()))
         for conn in list(self.conns.values()) + list(self._handshakes) + list(self._closing):
             conn.close("server_shutdown", abort=True)
-        for server in self._servers:
-            try:
-                await asyncio.wait_for(server.wait_closed(), CLOSE_TIMEOUT)
-            except TimeoutError:
-                log.warning("broker.listener_close_timeout")
-        self._servers.clear()
+        for conn in list(self._closing):
+            if conn.transport is not None:
+                conn.transport.abort()
         if self._admin_socket_path is not None:
             with contextlib.suppress(OSError):
                 self._admin_socket_path.unlink()
@@ -158,41 +143,47 @@ class EmbeddedBroker:
 
     # ---- connection lifecycle (called by Connection) ------------------------------------------
 
-    def on_made(self, conn: Connection) -> None:
+    # ---- admission (called by the Acceptors): sockets are counted from accept to connection_lost --
+
+    def admit(self, admin_only: bool) -> bool:
         if self._stopping:
-            conn.close("server_shutdown", abort=True)
-            return
-        if conn.admin_only:
+            return False
+        if admin_only:
             if self._admin_sockets >= self.limits.max_admin_connections:
-                self._refuse_at_limit(conn)
-                return
+                return False
             self._admin_sockets += 1
         else:
             if self._sockets >= self.limits.max_connections:
-                self._refuse_at_limit(conn)
-                return
+                return False
             self._sockets += 1
-        conn.deadline = time.monotonic() + self.limits.connect_timeout
-        self._handshakes.add(conn)
+        return True
 
-    def _refuse_at_limit(self, conn: Connection) -> None:
+    def refused(self, admin_only: bool, reason: str) -> None:
         self.refused_at_limit += 1
-        self.warn("broker.max_connections", "limit=%d refused=%d: closing new connections at once",
-                  self.limits.max_connections if not conn.admin_only else self.limits.max_admin_connections,
-                  self.refused_at_limit)
-        conn.state = CLOSED
-        conn.close_reason = "max_connections"
-        if conn.transport is not None:
-            conn.transport.abort()
+        limit = self.limits.max_admin_connections if admin_only else self.limits.max_connections
+        self.warn("broker.max_connections", "limit=%d open=%d refused=%d (%s): closing new connections at once",
+                  limit, self._admin_sockets if admin_only else self._sockets, self.refused_at_limit, reason)
 
-    def on_lost(self, conn: Connection) -> None:
-        self._closing.pop(conn, None)
-        if conn.close_reason == "max_connections":
-            return
-        if conn.admin_only:
+    def adopt_failed(self, admin_only: bool, error: BaseException) -> None:
+        """An admitted socket that never became a connection (a TLS handshake that failed or timed out)."""
+        self._uncount(admin_only)
+        self.info("broker.handshake_failed", "error=%r", error)
+
+    def _uncount(self, admin_only: bool) -> None:
+        if admin_only:
             self._admin_sockets -= 1
         else:
             self._sockets -= 1
+
+    def on_made(self, conn: Connection) -> None:
+        conn.deadline = time.monotonic() + self.limits.connect_timeout
+        self._handshakes.add(conn)
+        if self._stopping:
+            conn.close("server_shutdown", abort=True)
+
+    def on_lost(self, conn: Connection) -> None:
+        self._closing.pop(conn, None)
+        self._uncount(conn.admin_only)
 
     def closing(self, conn: Connection) -> None:
         self._closing[conn] = time.monotonic() + CLOSE_TIMEOUT

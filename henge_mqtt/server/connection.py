@@ -23,6 +23,11 @@ HANDSHAKE, PENDING, OPEN, CLOSED = 0, 1, 2, 3
 MAX_PENDING_FRAMES = 32  # packets a client may pipeline behind its CONNECT before the CONNACK
 
 
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class Connection(asyncio.Protocol):
     __slots__ = (
         "admin_only",
@@ -237,7 +242,10 @@ class Connection(asyncio.Protocol):
             if packet_id not in out:
                 break
         self.next_id = packet_id
-        future = asyncio.get_running_loop().create_future() if track else None
+        future = None
+        if track:
+            future = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_retrieved)  # a delivery nobody waits for fails silently
         out[packet_id] = (time.monotonic(), future)
         self.send(codec.publish_bytes(topic, data, 1, retain, packet_id))
         return future

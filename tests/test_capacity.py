@@ -1,0 +1,88 @@
+"""At the open-file limit: new connections are refused at once, never a busy loop; the admin
+socket keeps the CLI working; devices already connected keep their pushes (docs/operations.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from henge_mqtt.store import Store
+
+from . import mqtt_raw as raw
+from .conftest import ROOT, henge_cli
+
+FD_LIMIT = 200
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _limit_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+async def test_file_limit_is_a_bound_not_a_cliff(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = Store(data)
+    secret = store.add_devices([("dev1", {})])["dev1"]
+    store.close()
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", "0"],
+                            cwd=ROOT, stdout=log, stderr=log, preexec_fn=_limit_files)
+    sockets: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 20
+        while not (data / "service.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+            await asyncio.sleep(0.05)
+        info = json.loads((data / "service.json").read_text())
+        port = int(info["port"])
+        admin_socket = Path(info["admin_socket"])
+        assert stat.S_IMODE(admin_socket.stat().st_mode) == 0o600
+
+        device = await raw.RawClient.open(port)
+        await device.send(raw.connect("dev1", "dev1", secret))
+        assert await device.connack() == 0
+        await device.send(raw.subscribe(1, "henge/devices/dev1/config"))
+        assert (await device.read_packet())[0] == 9
+
+        for _ in range(400):  # twice the process's file limit
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            sockets.append(s)
+        await asyncio.sleep(0.5)  # the burst is accepted (or refused) by now; from here on, measure idleness
+        before = _cpu_seconds(proc.pid)
+        await asyncio.sleep(1.0)
+        assert _cpu_seconds(proc.pid) - before < 0.3, "the server spins after the burst"
+
+        # The CLI reaches the service over its admin socket although the device listener is full.
+        pushed = await asyncio.to_thread(henge_cli, "push", "dev1", "-", "--data", str(data), input='{"v": 1}')
+        assert pushed.returncode == 0, pushed.stderr
+        kind, body = await device.read_packet()  # and the device connected before still gets it
+        assert kind == 3 and b'"version":1' in body
+        status = await asyncio.to_thread(henge_cli, "status", "--data", str(data), "--json")
+        assert status.returncode == 0 and json.loads(status.stdout)[0]["online"] is True
+    finally:
+        for s in sockets:
+            s.close()
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert len(text) < 8_000, text[-2000:]
+    assert "broker.max_connections" in text and "Traceback" not in text
+    assert "serve.file_limit soft=200" in text
