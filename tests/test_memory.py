@@ -1,0 +1,84 @@
+"""Memory per connected device, measured with tracemalloc: a bound on bytes, not a timing.
+
+The service runs in this process (traced); 1,000 devices connect and subscribe from another
+process, so only the server's side of each connection is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+from henge_mqtt.service import HengeService
+
+from .conftest import make_settings, wait_until
+
+DEVICES = 1000
+BYTES_PER_DEVICE = 4096  # issue "Lean and bounded": <= 4 KB per connected device
+
+_CLIENTS = r"""
+import asyncio, json, struct, sys
+def s(v): b = v.encode(); return struct.pack("!H", len(b)) + b
+def pkt(first, body):
+    n, out = len(body), bytearray()
+    while True:
+        b, n = n % 128, n // 128
+        out.append(b | (0x80 if n else 0))
+        if not n: break
+    return bytes([first]) + bytes(out) + body
+async def one(port, device, secret, held):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(pkt(0x10, s("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 300) + s(device) + s(device) + s(secret)))
+    await r.readexactly(4)
+    topic = f"henge/devices/{device}/config"
+    w.write(pkt(0x82, struct.pack("!H", 1) + s(topic) + b"\x01"))
+    await r.readexactly(5)
+    held.append(w)
+async def main():
+    port, devices = int(sys.argv[1]), json.loads(sys.stdin.readline())
+    held = []
+    sem = asyncio.Semaphore(200)
+    async def bounded(d, sec):
+        async with sem:
+            await one(port, d, sec, held)
+    await asyncio.gather(*(bounded(d, sec) for d, sec in devices.items()))
+    print("connected", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+asyncio.run(main())
+"""
+
+
+async def test_memory_per_connected_device_is_bounded(tmp_path: Path) -> None:
+    async with HengeService(make_settings(tmp_path / "data")) as service:
+        secrets = await service.import_devices([(f"m{i:04}", {}) for i in range(DEVICES)])
+        port = service.address[1]
+        clients = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CLIENTS, str(port), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert clients.stdin is not None and clients.stdout is not None
+        try:
+            # Warm up the paths a connection takes (first-use caches are not per-connection cost).
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.take_snapshot()
+            clients.stdin.write((json.dumps(secrets) + "\n").encode())
+            await clients.stdin.drain()
+            assert (await asyncio.wait_for(clients.stdout.readline(), 60)).strip() == b"connected"
+            await wait_until(lambda: len(service.broker.online_devices()) == DEVICES, 30, "all connected")
+            await asyncio.sleep(0)  # the connection tasks have finished
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+            clients.stdin.write(b"\n")
+            await clients.stdin.drain()
+            await asyncio.wait_for(clients.wait(), 30)
+    stats = after.compare_to(before, "lineno")
+    grown = sum(stat.size_diff for stat in stats)
+    per_device = grown / DEVICES
+    top = "\n".join(str(stat) for stat in stats[:8])
+    assert per_device <= BYTES_PER_DEVICE, f"{per_device:.0f} bytes per device:\n{top}"
