@@ -18,6 +18,8 @@ import aiomqtt
 import pytest
 
 from henge_mqtt.server import EmbeddedBroker
+
+from . import mqtt_raw
 from henge_mqtt.service import HengeService
 from henge_mqtt.settings import SessionConfig, Settings
 
@@ -65,6 +67,15 @@ class Running:
         return aiomqtt.Client("127.0.0.1", self.port, identifier=f"henge-admin-test-{id(kwargs)}",
                               username=self.service.settings.admin_name, password=self.service.admin_secret,
                               timeout=5, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+async def close_raw_clients() -> AsyncIterator[None]:
+    """Every raw peer a test opened is closed before its event loop goes."""
+    yield
+    while mqtt_raw.OPEN:
+        mqtt_raw.OPEN.pop().close()
+    await asyncio.sleep(0)  # let the transports finish closing
 
 
 @pytest.fixture

@@ -60,10 +60,14 @@ PINGREQ = bytes([0xC0, 0x00])
 DISCONNECT = bytes([0xE0, 0x00])
 
 
+OPEN: list[RawClient] = []  # closed after every test by the ``close_raw_clients`` fixture
+
+
 class RawClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        OPEN.append(self)
 
     @classmethod
     async def open(cls, port: int, host: str = "127.0.0.1") -> RawClient:

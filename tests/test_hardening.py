@@ -235,7 +235,7 @@ def test_kill_minus_nine_during_fleet_push_and_reports(tmp_path: Path) -> None:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cfg.write_text(json.dumps({"round": round_}))
         pusher = subprocess.Popen([sys.executable, "-m", "henge_mqtt", "push", "--all", str(cfg), "--data",
-                                   str(data)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                   str(data)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if round_ == 0:
             assert pusher.wait(timeout=30) == 0  # one round is killed only after its push finished
         else:

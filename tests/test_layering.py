@@ -1,0 +1,84 @@
+"""The house rules, checked on the source: who may import whom, and no amqtt internals anywhere.
+
+An import that runs the wrong way is a bug (see the module docstrings): models know nothing of
+ours, the session table is pure, the server core knows the port and the session table but not the
+service or the store, external mode does not load the embedded server, the CLI never opens the store.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "henge_mqtt"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, resolved to absolute names (also imports inside functions)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join([*base, node.module] if node.module else base)
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _ours(module: str) -> set[str]:
+    return {m for m in _imports(MODULES[module]) if m.startswith("henge_mqtt.") and m in MODULES}
+
+
+def test_no_henge_module_uses_amqtt() -> None:
+    """The server core is ours: no subclass of amqtt's Broker/ProtocolHandler/Session, no private name."""
+    for module, path in MODULES.items():
+        text = path.read_text()
+        tree = ast.parse(text)
+        imported = {m for m in _imports(path) if m == "amqtt" or m.startswith("amqtt.")}
+        assert not imported, f"{module} imports {sorted(imported)}"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = ast.unparse(node.value)
+                assert "amqtt" not in owner, f"{module} touches {owner}.{node.attr}"
+
+
+def test_layers_import_only_downwards() -> None:
+    rules = {
+        "henge_mqtt.models": set(),
+        "henge_mqtt.sessions": set(),
+        "henge_mqtt.topics": set(),
+        "henge_mqtt.errors": set(),
+        "henge_mqtt.settings": {"henge_mqtt.errors"},
+        "henge_mqtt.store": {"henge_mqtt.errors", "henge_mqtt.models"},
+        "henge_mqtt.ports": {"henge_mqtt.sessions"},
+    }
+    for module, allowed in rules.items():
+        assert _ours(module) <= allowed, f"{module} imports {sorted(_ours(module) - allowed)}"
+    for module in MODULES:
+        deps = _ours(module)
+        if module.startswith("henge_mqtt.server"):
+            bad = {d for d in deps if not d.startswith(("henge_mqtt.server", "henge_mqtt.ports", "henge_mqtt.sessions"))}
+            assert not bad, f"{module} (server core) imports {sorted(bad)}"
+    assert not any(d.startswith("henge_mqtt.server") for d in _ours("henge_mqtt.external"))
+    cli = _ours("henge_mqtt.cli")
+    assert "henge_mqtt.store" not in cli, "the CLI talks to the service, never to the store"
+    for module in MODULES:
+        if module.startswith("henge_mqtt.service"):
+            reach = {d for d in _ours(module) if d.startswith("henge_mqtt.server") and d != "henge_mqtt.server"}
+            assert not reach, f"{module} reaches into the server's modules {sorted(reach)}; use the port"
