@@ -18,10 +18,10 @@ import aiomqtt
 import pytest
 
 from henge_mqtt.server import EmbeddedBroker
-
-from . import mqtt_raw
 from henge_mqtt.service import HengeService
 from henge_mqtt.settings import SessionConfig, Settings
+
+from . import mqtt_raw
 
 ROOT = Path(__file__).resolve().parent.parent
 

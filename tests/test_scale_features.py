@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 from henge_mqtt.metrics import MetricsServer
 
+from . import mqtt_raw as raw
 from .conftest import ROOT, Running, henge_cli, next_message, payload_json, wait_until
 
 
@@ -116,3 +118,33 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
         assert (r["storm_failed"], r["storm_without_config"], r["storm_old_still_open"]) == (0, 0, 0), r
         assert r["ping_max_ms"] is not None and r["push_first_s"] is not None
     assert runs[("henge", "exact")]["shutdown_s"] is not None
+
+
+async def test_big_import_and_fleet_push_do_not_stall_connected_devices(running: Running) -> None:
+    """The store runs on its own thread: a connected device's PINGRESP stays prompt meanwhile."""
+    secret = await running.add("probe")
+    probe = await raw.RawClient.open(running.port)
+    await probe.send(raw.connect("probe", "probe", secret))
+    assert await probe.connack() == 0
+    rtts: list[float] = []
+    done = asyncio.Event()
+
+    async def ping() -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            await probe.send(raw.PINGREQ)
+            assert (await probe.read_packet(5))[0] == 13
+            rtts.append(time.monotonic() - started)
+            await asyncio.sleep(0.01)
+
+    pinger = asyncio.create_task(ping())
+    started = time.monotonic()
+    secrets_by_id = await running.service.import_devices([(f"bulk{i:05}", {}) for i in range(10_000)])
+    devices = await running.service.select(all_devices=True)
+    await running.service.push_many(devices, {"fleet": 1})
+    busy = time.monotonic() - started
+    done.set()
+    await pinger
+    assert len(secrets_by_id) == 10_000
+    assert len(rtts) > 10 and max(rtts) < 0.1, (busy, max(rtts))
+    assert busy > 3 * max(rtts)  # the work took far longer than the worst stall it caused

@@ -126,3 +126,18 @@ def test_topic_acl() -> None:
     assert not t.device_may_publish("d1", "henge/devices/d1/config")
     assert filter_matches("a/+/c", "a/b/c") and filter_matches("a/#", "a") and not filter_matches("+/x", "$SYS/x")
     assert not valid_filter("a/#/b") and not valid_filter("a+/b")
+
+
+def test_store_durability_is_full_unless_configured(tmp_path: Path) -> None:
+    full = Store(tmp_path / "a")
+    normal = Store(tmp_path / "b", synchronous="normal")
+    try:
+        assert full._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit survives a power cut
+        assert normal._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL (docs/security.md)
+    finally:
+        full.close()
+        normal.close()
+    config = tmp_path / "c.yaml"
+    config.write_text("henge:\n  store_synchronous: off\n")
+    with pytest.raises(SettingsError, match="store_synchronous"):
+        Settings.load(config, data_dir=tmp_path)

@@ -4,10 +4,9 @@
 import json
 import time
 
+import config as settings
 import network
 from umqtt.simple import MQTTClient
-
-import config as settings
 
 CONFIG_TOPIC = b"henge/devices/%s/config" % settings.DEVICE_ID.encode()
 REPORT_TOPIC = b"henge/devices/%s/report" % settings.DEVICE_ID.encode()
