@@ -12,13 +12,15 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from .client import AdminClient, Endpoint
 from .errors import HengeError, InvalidConfig, ValidationFailed
 from .models import parse_labels
+
+if TYPE_CHECKING:  # the admin client (aiomqtt) is loaded by the commands that use it, not by `serve`
+    from .client import Endpoint
 
 app = typer.Typer(
     add_completion=False,
@@ -53,6 +55,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _endpoint(data: Path | None, broker: str | None) -> Endpoint:
+    from .client import Endpoint
+
     if broker:
         return Endpoint.from_url(broker)
     return Endpoint.from_data_dir(data or Path("henge-data"))
@@ -77,6 +81,8 @@ def _call_then_wait(
     """Run ``op``; with ``wait``, then wait (that long) for the device to report the new version."""
 
     async def go() -> tuple[Any, Any]:
+        from .client import AdminClient
+
         async with AdminClient(_endpoint(data, broker), timeout=10.0 if wait else timeout) as client:
             result = await client.call(op, **args)
             if wait is None:
@@ -212,6 +218,9 @@ def serve(
             # Start-up objects live as long as the process: keep the collector from rescanning them,
             # and collect less often (a fleet of connections is many long-lived objects).
             gc.freeze()
+            # The store's thread and the loop share the GIL: a loop thread that gives it up for every
+            # send() must not wait the default 5 ms each time to get it back (the convoy effect).
+            sys.setswitchinterval(0.0005)
             gc.set_threshold(50_000, 20, 100)
             typer.echo(f"henge: serving on mqtt://{bound_host}:{bound_port} (data: {settings.data_dir})", err=True)
             await stop.wait()
@@ -383,14 +392,20 @@ def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str]
     show = sys.stderr.isatty() and not as_json
 
     def progress(state: dict[str, Any]) -> None:
-        if show:
-            done, total = state["acknowledged"], state["online"]
-            width = 30
-            filled = width * done // total if total else width
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} online devices acknowledged")
-            sys.stderr.flush()
+        if not show:
+            return
+        if "acknowledged" in state:
+            done, total, what = state["acknowledged"], state["online"], "online devices acknowledged"
+        else:  # still storing and publishing, chunk by chunk
+            done, total, what = state.get("stored", 0), state.get("of", 0), "devices stored and published"
+        width = 30
+        filled = width * done // total if total else width
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what}   ")
+        sys.stderr.flush()
 
     async def go() -> Any:
+        from .client import AdminClient
+
         async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
             return await client.call("push_many", wait=timeout, progress=progress, all=all_devices, labels=labels,
                                      config=config, message=message, delivery_timeout=timeout)
@@ -512,6 +527,8 @@ def events(
     """Stream service events as they happen (config published, device connected, ...)."""
 
     async def go() -> None:
+        from .client import AdminClient
+
         async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
             async for event in client.events():
                 if as_json:

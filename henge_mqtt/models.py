@@ -95,6 +95,13 @@ class Snapshot(Frozen):
     def to_payload(self) -> bytes:
         return self.model_dump_json().encode()
 
+    @staticmethod
+    def fast_payload(device: str, version: int, sha256: str, issued_at: str, config_json: str) -> bytes:
+        """The same document as :meth:`to_payload`, for a fleet push: the config is serialized once
+        (``config_json``), not validated and dumped again for each of 10,000 devices."""
+        return (f'{{"device":{json.dumps(device)},"version":{version},"sha256":"{sha256}",'
+                f'"issued_at":"{issued_at}","config":{config_json}}}').encode()
+
 
 class ConfigVersion(Frozen):
     """One immutable row of a device's history."""

@@ -16,7 +16,7 @@ Rules (docs/sessions.md explains them at length):
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 ConflictPolicy = Literal["flag", "quarantine"]
@@ -142,7 +142,7 @@ class DeviceSession:
     conflict_remotes: tuple[str, ...] = ()
     quarantine_until: float = 0.0
     quarantine_count: int = 0
-    connects: TokenBucket = field(default_factory=TokenBucket)
+    connects: TokenBucket | None = None  # made on the first connect: most stored devices are idle
 
     @property
     def online(self) -> bool:
@@ -356,6 +356,8 @@ class SessionTable:
         actions.append(PresenceChange(entry.device, online, entry.epoch, now, reason, remote))
 
     def _take_token(self, entry: DeviceSession, now: float) -> bool:
+        if entry.connects is None:
+            entry.connects = TokenBucket()
         return entry.connects.take(now, self.settings.connect_rate, self.settings.connect_burst)
 
     def _expire_takeovers(self, entry: DeviceSession, now: float) -> None:

@@ -168,3 +168,15 @@ async def test_rollback_is_a_new_version(running: Running) -> None:
     row = await running.service.rollback("dev1", 1)
     assert (row.version, row.config) == (3, {"a": 1})
     assert [r.config for r in running.service.store.history("dev1")] == [{"a": 1}, {"a": 2}, {"a": 1}]
+
+
+def test_fleet_snapshot_payload_is_the_snapshot_document() -> None:
+    from henge_mqtt.models import Snapshot, config_sha256
+
+    config = {"ünï": [1, 2.5, None, True], "nested": {"a": "\"quoted\"", "b": {}}, "big": 10**20}
+    sha = config_sha256(config)
+    slow = Snapshot(device="d-1", version=7, sha256=sha, issued_at="2026-01-01T00:00:00.000000Z", config=config)
+    fast = Snapshot.fast_payload("d-1", 7, sha, "2026-01-01T00:00:00.000000Z",
+                                 json.dumps(config, ensure_ascii=False, separators=(",", ":")))
+    assert json.loads(fast) == json.loads(slow.to_payload())
+    assert Snapshot.model_validate_json(fast) == slow

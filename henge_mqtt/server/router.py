@@ -66,10 +66,14 @@ class _Node(Generic[S]):
 
 
 class SubscriptionIndex(Generic[S]):
-    """Subscribers (any hashable: a connection) per filter, with their granted QoS."""
+    """Subscribers (any hashable: a connection) per filter, with their granted QoS.
+
+    An exact filter with one subscriber (a device and its config topic: nearly all of them) is kept
+    as a ``(subscriber, qos)`` pair, not a dict: about 170 bytes less per connected device.
+    """
 
     def __init__(self) -> None:
-        self._exact: dict[str, dict[S, int]] = {}
+        self._exact: dict[str, tuple[S, int] | dict[S, int]] = {}
         self._root: _Node[S] = _Node()
         self._count = 0
 
@@ -87,17 +91,34 @@ class SubscriptionIndex(Generic[S]):
                 node.subs = {}
             subs = node.subs
         else:
-            subs = self._exact.setdefault(topic_filter, {})
+            found = self._exact.get(topic_filter)
+            if found is None:
+                self._exact[topic_filter] = (sub, qos)
+                self._count += 1
+                return
+            if isinstance(found, tuple):
+                if found[0] == sub:
+                    self._exact[topic_filter] = (sub, qos)
+                    return
+                found = self._exact[topic_filter] = {found[0]: found[1]}
+            subs = found
         if sub not in subs:
             self._count += 1
         subs[sub] = qos
 
     def remove(self, sub: S, topic_filter: str) -> None:
         if not is_wildcard(topic_filter):
-            subs = self._exact.get(topic_filter)
-            if subs is not None and subs.pop(sub, None) is not None:
+            found = self._exact.get(topic_filter)
+            if isinstance(found, tuple):
+                if found[0] == sub:
+                    del self._exact[topic_filter]
+                    self._count -= 1
+            elif found is not None and found.pop(sub, None) is not None:
                 self._count -= 1
-                if not subs:
+                if len(found) == 1:
+                    ((other, qos),) = found.items()
+                    self._exact[topic_filter] = (other, qos)
+                elif not found:
                     del self._exact[topic_filter]
             return
         path: list[tuple[_Node[S], str]] = []
@@ -125,10 +146,16 @@ class SubscriptionIndex(Generic[S]):
     def match(self, topic: str) -> dict[S, int]:
         """Each subscriber of ``topic`` once, with the highest QoS any of its filters granted."""
         exact = self._exact.get(topic)
+        found: dict[S, int]
+        if exact is None:
+            found = {}
+        elif isinstance(exact, tuple):
+            found = {exact[0]: exact[1]}
+        else:
+            found = dict(exact)
         root = self._root
         if root.children is None:
-            return dict(exact) if exact else {}
-        found: dict[S, int] = dict(exact) if exact else {}
+            return found
         levels = topic.split("/")
         dollar = topic.startswith("$")
         self._walk(root, levels, 0, found, dollar)

@@ -151,11 +151,20 @@ async def _device_export(svc: HengeService, a: models.StatusArgs, progress: Prog
 
 
 async def _push_many(svc: HengeService, a: models.PushManyArgs, progress: Progress) -> Any:
+    loop = asyncio.get_running_loop()
+    received = loop.time()
+    first_published: list[float] = []
+
+    def stored(state: dict[str, Any]) -> None:  # after each chunk is durable and published
+        if not first_published:
+            first_published.append(loop.time() - received)
+        progress(state)
+
     devices = await svc.select(all_devices=a.all, labels=a.labels)
-    rows, deliveries = await svc.push_many(devices, a.config, message=a.message)
+    rows, deliveries = await svc.push_many(devices, a.config, message=a.message, progress=stored)
+    published = loop.time() - received
     total = len(deliveries)
     pending: set[asyncio.Future[None]] = set(deliveries)
-    loop = asyncio.get_running_loop()
     deadline = loop.time() + a.delivery_timeout
     while pending and loop.time() < deadline:
         _, pending = await asyncio.wait(pending, timeout=min(0.25, max(0.0, deadline - loop.time())))
@@ -163,7 +172,9 @@ async def _push_many(svc: HengeService, a: models.PushManyArgs, progress: Progre
     for future in pending:  # nobody will look at these again
         future.cancel()
     return {"devices": len(rows), "online": total, "acknowledged": _acked(deliveries),
-            "versions": {r.device: r.version for r in rows}}
+            "versions": {r.device: r.version for r in rows},
+            "timings_ms": {"first_published": round((first_published or [published])[0] * 1000, 1),
+                           "all_published": round(published * 1000, 1)}}
 
 
 async def _audit(svc: HengeService, a: models.AuditArgs, progress: Progress) -> Any:

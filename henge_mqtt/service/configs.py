@@ -8,11 +8,12 @@ first device has its config within milliseconds however large the fleet (docs/op
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigTooLarge, UnknownDevice
-from ..models import ConfigVersion, canonical_json
+from ..models import ConfigVersion, Snapshot, canonical_json, rfc3339
 from ..ports import BrokerPort
 from ..store import StoreWorker
 from ..topics import Topics
@@ -20,12 +21,22 @@ from .events import Events
 
 FIRST_CHUNK = 100
 MAX_CHUNK = 2000
+PUBLISH_SLICE = 250
 Progress = Callable[[dict[str, Any]], None]
 
 
 def _payloads(rows: list[ConfigVersion]) -> list[tuple[ConfigVersion, bytes]]:
     """Runs on the store's thread: serializing 10,000 snapshots is work the loop need not do."""
     return [(row, row.snapshot().to_payload()) for row in rows]
+
+
+def _fleet_payloads(rows: list[ConfigVersion], config: dict[str, Any]) -> list[tuple[ConfigVersion, bytes]]:
+    """One config for many devices: serialized once, and the snapshot wrapped around it per device."""
+    if not rows:
+        return []
+    config_json = json.dumps(config, ensure_ascii=False, separators=(",", ":"))
+    issued = rfc3339(rows[0].created_at)
+    return [(row, Snapshot.fast_payload(row.device, row.version, row.sha256, issued, config_json)) for row in rows]
 
 
 class Configs:
@@ -90,11 +101,14 @@ class Configs:
             chunk = devices[start:start + size]
             start += len(chunk)
             stored = await self.worker.run(
-                lambda c=chunk: _payloads(store.push_many(c, config, actor=actor, message=message))  # type: ignore[misc]
+                lambda c=chunk: _fleet_payloads(store.push_many(c, config, actor=actor, message=message),  # type: ignore[misc]
+                                                config)
             )
-            for row, payload in stored:
+            for i, (row, payload) in enumerate(stored, 1):
                 rows.append(row)
                 futures += self.publish(row, payload)
+                if i % PUBLISH_SLICE == 0:
+                    await asyncio.sleep(0)  # let other connections' packets in between slices
             size = min(size * 4, MAX_CHUNK)
             if progress is not None:
                 progress({"stored": len(rows), "of": len(devices)})
