@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 
 from .errors import HengeError, InvalidConfig, ValidationFailed
-from .models import parse_labels
+from .ids import parse_labels
 
 if TYPE_CHECKING:  # the admin client (aiomqtt) is loaded by the commands that use it, not by `serve`
     from .client import Endpoint
@@ -573,7 +573,7 @@ def certs_dev(
 ) -> None:
     """A throwaway CA, server and device certificates for tests and demos (not for production)."""
     from .certs import make_dev_certs
-    from .models import device_id_problem
+    from .ids import device_id_problem
 
     for d in device or []:
         problem = device_id_problem(d)
@@ -635,7 +635,7 @@ def agent(
     from urllib.parse import urlsplit
 
     from .device import Agent, exec_applier, parse_exec, write_file_applier
-    from .models import device_id_problem
+    from .ids import device_id_problem
 
     if (write is None) == (exec_ is None):
         fail("give exactly one of --write FILE or --exec CMD", 2)

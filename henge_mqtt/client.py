@@ -11,15 +11,19 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiomqtt
 
 from .errors import AuthenticationFailed, RemoteError, ServiceUnavailable
-from .models import AdminReply, AdminRequest, Event
 from .paths import ADMIN_FILE, SERVICE_FILE
 from .topics import Topics
+
+if TYPE_CHECKING:
+    from .models import Event
+
+# Requests and replies are plain JSON here (docs/protocol.md): the CLI starts without loading pydantic.
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +95,9 @@ class AdminClient:
             keepalive=30,
             timeout=timeout,
         )
-        self._replies: dict[str, asyncio.Future[AdminReply]] = {}
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._progress: dict[str, Callable[[dict[str, Any]], None]] = {}
-        self._events: asyncio.Queue[Event] | None = None
+        self._events: asyncio.Queue[Event | None] | None = None
         self._pump: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AdminClient:
@@ -136,14 +140,17 @@ class AdminClient:
                             if listener is not None:
                                 listener(body["progress"])
                             continue
-                        reply = AdminReply.model_validate(body)
                     except ValueError:
                         continue
-                    waiter = self._replies.pop(reply.id, None)
+                    if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+                        continue
+                    waiter = self._replies.pop(body["id"], None)
                     if waiter is not None and not waiter.done():
-                        waiter.set_result(reply)
+                        waiter.set_result(body)
                 elif topic == self.topics.events and self._events is not None:
                     try:
+                        from .models import Event
+
                         self._events.put_nowait(Event.model_validate_json(payload))
                     except ValueError:
                         continue
@@ -153,7 +160,7 @@ class AdminClient:
                 if not waiter.done():
                     waiter.set_exception(failure)
             if self._events is not None:
-                self._events.put_nowait(Event(type="_closed", at=""))
+                self._events.put_nowait(None)
 
     async def call(
         self, op: str, *, wait: float | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
@@ -163,13 +170,14 @@ class AdminClient:
 
         ``wait`` is how long the reply may take when the operation itself waits (``wait`` op).
         """
-        request = AdminRequest(id=secrets.token_hex(8), op=op, args=args, reply_to=self._reply_topic)
-        waiter: asyncio.Future[AdminReply] = asyncio.get_running_loop().create_future()
-        self._replies[request.id] = waiter
+        request_id = secrets.token_hex(8)
+        request = {"id": request_id, "op": op, "args": args, "reply_to": self._reply_topic}
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[request_id] = waiter
         if progress is not None:
-            self._progress[request.id] = progress
+            self._progress[request_id] = progress
         try:
-            await self._client.publish(self.topics.admin_requests, request.model_dump_json(), qos=1)
+            await self._client.publish(self.topics.admin_requests, json.dumps(request), qos=1)
             limit = self.timeout + (wait or 0.0)
             reply = await asyncio.wait_for(waiter, limit)
         except TimeoutError as exc:
@@ -177,12 +185,12 @@ class AdminClient:
         except aiomqtt.MqttError as exc:
             raise ServiceUnavailable(f"lost the connection to the service: {exc}") from exc
         finally:
-            self._replies.pop(request.id, None)
-            self._progress.pop(request.id, None)
-        if not reply.ok:
-            error = reply.error
-            raise RemoteError(error.code if error else "error", error.message if error else "request failed")
-        return reply.result
+            self._replies.pop(request_id, None)
+            self._progress.pop(request_id, None)
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            raise RemoteError(str(error.get("code", "error")), str(error.get("message", "request failed")))
+        return reply.get("result")
 
     async def events(self) -> AsyncIterator[Event]:
         """Every service event from now on, until the connection ends."""
@@ -190,6 +198,6 @@ class AdminClient:
         await self._client.subscribe(self.topics.events, qos=0)
         while True:
             event = await self._events.get()
-            if event.type == "_closed":
+            if event is None:
                 raise ServiceUnavailable("lost the connection to the service")
             yield event

@@ -1,35 +1,18 @@
 """Values that cross a boundary (wire, store, CLI): validated once, immutable afterwards.
 
-This module imports nothing else of henge's, so every other layer can depend on it.
+This module imports nothing else of henge's but the pure ``ids``, so every other layer can depend on it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-_DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
-_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def is_valid_device_id(value: str) -> bool:
-    return bool(_DEVICE_ID_RE.fullmatch(value))
-
-
-def device_id_problem(value: str) -> str | None:
-    """Why ``value`` is not a device id, in words a person can act on (None when it is one)."""
-    if is_valid_device_id(value):
-        return None
-    return (
-        f"invalid device id {value!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
-        "starting with a letter or digit"
-    )
+from .ids import DEVICE_ID_PATTERN, device_id_problem, is_valid_device_id, parse_labels
 
 
 def _check_device_id(value: str) -> str:
@@ -66,17 +49,6 @@ def utc_now() -> datetime:
 
 def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def parse_labels(pairs: list[str]) -> dict[str, str]:
-    """``["k=v", ...]`` to a dict; raises ValueError naming the bad pair."""
-    labels: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not _LABEL_KEY_RE.fullmatch(key):
-            raise ValueError(f"invalid label {pair!r}: expected key=value with a simple key")
-        labels[key] = value
-    return labels
 
 
 class Frozen(BaseModel):
@@ -255,3 +227,6 @@ class PushManyArgs(Frozen):
 class AuditArgs(Frozen):
     device: DeviceId | None = None
     limit: int = Field(default=100, ge=1, le=100_000)
+
+
+__all__ = ["DEVICE_ID_PATTERN", "device_id_problem", "is_valid_device_id", "parse_labels"]

@@ -60,7 +60,8 @@ def test_no_henge_module_uses_amqtt() -> None:
 
 def test_layers_import_only_downwards() -> None:
     rules = {
-        "henge_mqtt.models": set(),
+        "henge_mqtt.models": {"henge_mqtt.ids"},
+        "henge_mqtt.ids": set(),
         "henge_mqtt.sessions": set(),
         "henge_mqtt.topics": set(),
         "henge_mqtt.errors": set(),
