@@ -141,3 +141,16 @@ def test_store_durability_is_full_unless_configured(tmp_path: Path) -> None:
     config.write_text("henge:\n  store_synchronous: off\n")
     with pytest.raises(SettingsError, match="store_synchronous"):
         Settings.load(config, data_dir=tmp_path)
+
+
+def test_every_setting_is_documented() -> None:
+    from henge_mqtt.settings import SessionConfig
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    internal = {"data_dir", "listeners", "sessions", "external_ca", "external_cert", "external_key"}
+    names = [n for n in Settings.model_fields if n not in internal]
+    names += [f"sessions.{n}" for n in SessionConfig.model_fields]
+    missing = [n for n in names if f"| `{n}` |" not in doc]
+    assert not missing, f"settings missing from docs/configuration.md: {missing}"
+    default_yaml = (ROOT / "broker_config" / "default.yaml").read_text()
+    assert not [n for n in Settings.model_fields if n not in internal and f"  {n}:" not in default_yaml]
