@@ -508,6 +508,10 @@ def kick(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: J
          timeout: TimeoutOpt = 10.0) -> None:
     """Close a device's current connection."""
     result = _call(data, broker, timeout, "kick", device=device)
+    if result.get("supported") is False:
+        if as_json:
+            _emit(result, as_json, str)
+        fail(f"{device}: not kicked: {result.get('detail') or 'not supported by this broker'}")
     _emit(result, as_json, lambda r: f"{r['device']}: {'kicked' if r['kicked'] else 'was not connected'}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
@@ -236,4 +237,19 @@ async def test_slow_reader_is_cut_off_at_max_inflight(start_service) -> None:  #
         assert await client.closed_within(3)
         await wait_until(lambda: running.broker.conns.get("sloth") is None)
         assert (await running.service.status("sloth"))[0]["reason"] == "slow_consumer"
+        await good.still_served()
+
+
+async def test_a_reader_that_stops_reading_is_cut_off_at_the_write_buffer_bound(start_service) -> None:  # type: ignore[no-untyped-def]
+    async with start_service(max_config_bytes=900_000) as running, bystander(running) as good:
+        running.broker.limits = dataclasses.replace(running.broker.limits, max_write_buffer=256 * 1024)
+        client = await device(running, "deaf")
+        await client.send(raw.subscribe(1, "henge/devices/deaf/#", qos=0))  # QoS 0: no inflight bound applies
+        client.writer.transport.pause_reading()  # and never reads again
+        for n in range(40):  # 40 x 120 KB retained config snapshots, none of them read
+            if running.broker.conns.get("deaf") is None:
+                break
+            await running.service.push("deaf", {"n": n, "pad": "x" * 120_000})
+        await wait_until(lambda: running.broker.conns.get("deaf") is None, 5, "the deaf client cut off")
+        assert (await running.service.status("deaf"))[0]["reason"] == "slow_consumer"
         await good.still_served()

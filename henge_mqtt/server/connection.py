@@ -45,6 +45,7 @@ class Connection(asyncio.Protocol):
         "max_write",
         "next_id",
         "out",
+        "paused",
         "pending",
         "principal",
         "remote",
@@ -81,6 +82,7 @@ class Connection(asyncio.Protocol):
         self.tls = tls
         self.max_inflight = broker.limits.max_inflight
         self.max_write = broker.limits.max_write_buffer
+        self.paused = False  # the socket's send buffer is past asyncio's high-water mark
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -130,12 +132,10 @@ class Connection(asyncio.Protocol):
         self.transport = None
 
     def pause_writing(self) -> None:
-        transport = self.transport
-        if transport is not None and transport.get_write_buffer_size() > self.max_write:
-            self.close("slow_consumer", abort=True)
+        self.paused = True
 
     def resume_writing(self) -> None:
-        return None
+        self.paused = False
 
     # ---- the first packet ----------------------------------------------------------------------
 
@@ -220,6 +220,11 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         transport.write(data)
+        if self.paused and transport.get_write_buffer_size() > self.max_write:
+            # A peer that does not read cannot make us hold more than max_write bytes for it.
+            self.broker.warn("broker.slow_consumer", "key=%s: %d bytes unsent", self.key,
+                             transport.get_write_buffer_size())
+            self.close("slow_consumer", abort=True)
 
     def deliver(self, topic: str, data: bytes, qos: int, retain: bool, track: bool) -> asyncio.Future[None] | None:
         """Send one message; with QoS 1 and ``track``, a future done when the client acknowledges it."""
