@@ -18,7 +18,7 @@ from pathlib import Path
 from henge_mqtt.store import Store
 
 from . import mqtt_raw as raw
-from .conftest import ROOT, henge_cli
+from .conftest import ROOT, Running, henge_cli
 
 FD_LIMIT = 200
 
@@ -85,3 +85,20 @@ async def test_file_limit_is_a_bound_not_a_cliff(tmp_path: Path) -> None:
     assert len(text) < 8_000, text[-2000:]
     assert "broker.max_connections" in text and "Traceback" not in text
     assert "serve.file_limit soft=200" in text
+
+
+async def test_admin_socket_serves_admins_only(running: Running) -> None:
+    secret = await running.add("dev1", {"v": 1})
+    path = running.service.broker.admin_socket
+    assert path is not None and stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+    admin = running.service.settings.admin_name
+    got = await asyncio.to_thread(subprocess.run, [
+        "mosquitto_sub", "--unix", path, "-i", "ops-1", "-u", admin, "-P", running.service.admin_secret,
+        "-t", "henge/devices/dev1/config", "-C", "1", "-W", "5"], capture_output=True, text=True, timeout=15)
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["config"] == {"v": 1}
+    denied = await asyncio.to_thread(subprocess.run, [
+        "mosquitto_sub", "--unix", path, "-i", "dev1", "-u", "dev1", "-P", secret,
+        "-t", "henge/devices/dev1/config", "-C", "1", "-W", "5"], capture_output=True, text=True, timeout=15)
+    assert denied.returncode != 0 and "not authorised" in denied.stderr.lower()
+    assert not (await running.service.status("dev1"))[0]["online"]  # a device never gets in this way

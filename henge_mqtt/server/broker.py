@@ -206,9 +206,13 @@ class EmbeddedBroker:
             password = None
         cert_cn = conn.peer_cert_cn() if self.limits.tls_client_auth != "off" else None
         principal = self.hooks.authenticate(connect.username, password, connect.client_id, cert_cn)
-        if principal is None or (conn.admin_only and principal.kind != "admin"):
+        if principal is None:
             self.info("broker.auth_failed", "client_id=%s remote=%s", connect.client_id, conn.remote)
             conn.refuse(codec.BAD_USERNAME_PASSWORD if connect.username else codec.NOT_AUTHORIZED)
+            return
+        if conn.admin_only and principal.kind != "admin":
+            self.info("broker.not_admin", "client_id=%s: the admin socket is for admins only", connect.client_id)
+            conn.refuse(codec.NOT_AUTHORIZED)
             return
         requested = float(connect.keepalive)
         keepalive = self.limits.max_keepalive if requested <= 0 else min(requested, self.limits.max_keepalive)
