@@ -137,8 +137,8 @@ class ExternalBroker:
 
     # ---- what the service asks of a broker ---------------------------------------------------------
 
-    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False,
-                track: bool = False) -> list[asyncio.Future[None]]:
+    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False, track: bool = False,
+                props: dict[int, object] | None = None) -> list[asyncio.Future[None]]:
         """Tracked futures say the broker took the message, not that a device has it: we cannot see that."""
         if retain:
             if data:

@@ -47,8 +47,12 @@ class BrokerHooks(Protocol):
 
     def may_publish(self, principal: Principal, topic: str) -> bool: ...
 
-    def message(self, principal: Principal, topic: str, payload: bytes) -> None:
-        """An authorized PUBLISH from a client (the admin protocol and reports listen here)."""
+    def message(self, principal: Principal, topic: str, payload: bytes) -> int:
+        """An authorized PUBLISH from a client (the admin protocol and reports listen here).
+
+        Returns a 5.0 reason code: 0 to route it on, 0x99 (payload format invalid) or another
+        refusal to drop it and say so in the PUBACK of a 5.0 client.
+        """
         ...
 
     def session_actions(self, actions: Sequence[Action]) -> None:
@@ -76,9 +80,12 @@ class BrokerPort(Protocol):
         """Path of the admin Unix socket, if this broker has one."""
         ...
 
-    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False,
-                track: bool = False) -> list[asyncio.Future[None]]:
-        """Publish as the broker. With ``track``, one future per subscriber, done when it acknowledged."""
+    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False, track: bool = False,
+                props: dict[int, object] | None = None) -> list[asyncio.Future[None]]:
+        """Publish as the broker. With ``track``, one future per subscriber, done when it acknowledged.
+
+        ``props``: MQTT 5.0 properties for 5.0 subscribers (e.g. a snapshot's content type).
+        """
         ...
 
     def clear_retained(self, topic: str) -> None: ...

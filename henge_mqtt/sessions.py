@@ -25,7 +25,7 @@ TakeoverWill = Literal["suppress", "publish"]
 # Reasons that mean the connection ended without the client saying goodbye: its will goes out.
 ABNORMAL_REASONS = frozenset({
     "connection_lost", "keepalive_timeout", "protocol_error", "packet_too_large", "slow_consumer",
-    "publish_rate_exceeded", "server_error",
+    "publish_rate_exceeded", "server_error", "quota_exceeded", "disconnect_with_will",
 })
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextlib
 
 from amqtt.adapters import BufferReader
 from amqtt.mqtt.connect import ConnectPacket
@@ -139,3 +140,98 @@ def test_subscribe_and_connect_decode_in_amqtt() -> None:
     packet = _amqtt_decode(ConnectPacket, con)
     assert (packet.client_id, packet.username, packet.password, packet.will_topic) == (  # type: ignore[attr-defined]
         "d1", "d1", "s3cret", "w")
+
+
+# ---- MQTT 5.0 ---------------------------------------------------------------------------------
+
+user_props = st.lists(st.tuples(text, text), min_size=1, max_size=3)
+
+
+def _props(where: str) -> st.SearchStrategy[dict[int, object]]:
+    values = {
+        codec.BYTE: st.integers(0, 1), codec.U16: st.integers(1, 65535), codec.U32: st.integers(1, 2**32 - 1),
+        codec.VARINT: st.integers(1, 268_435_455), codec.UTF8: text, codec.BINARY: st.binary(max_size=20),
+    }
+    allowed = sorted(codec.ALLOWED[where])
+    entries = {}
+    for ident in allowed:
+        kind = codec.PROPERTIES[ident][1]
+        entries[ident] = user_props if kind == codec.PAIR else values[kind]
+        if ident == codec.SUBSCRIPTION_IDENTIFIER and where == "publish":
+            entries[ident] = st.lists(values[codec.VARINT], min_size=1, max_size=2)
+    return st.fixed_dictionaries({}, optional=entries)  # type: ignore[arg-type]
+
+
+packets5 = st.one_of(
+    st.builds(codec.Connect, client_id=text, keepalive=st.integers(0, 65535), clean_session=st.booleans(),
+              username=st.none() | text, password=st.none() | st.binary(max_size=40),
+              will=st.none() | st.builds(codec.Will, topic=text, message=st.binary(max_size=60), qos=qos,
+                                         retain=st.booleans(), props=_props("will")),
+              protocol=st.just("MQTT"), level=st.just(5), props=_props("connect")),
+    st.builds(codec.Connack, code=st.integers(0, 255), session_present=st.booleans(), props=_props("connack")),
+    st.builds(lambda t, p, q, r, i, d, pr: codec.Publish(t, p, q, r, i if q else None, d and q > 0, pr),
+              text.filter(bool), st.binary(max_size=300), qos, st.booleans(), packet_id, st.booleans(),
+              _props("publish")),
+    *(st.builds(cls, packet_id, st.integers(1, 255), _props("ack"))
+      for cls in (codec.Puback, codec.Pubrec, codec.Pubrel, codec.Pubcomp)),
+    st.builds(codec.Subscribe, packet_id,
+              st.lists(st.tuples(text, st.sampled_from([0, 1, 2, 4, 9, 0x16, 0x2A])), min_size=1, max_size=5)
+              .map(tuple), _props("subscribe")),
+    st.builds(codec.Suback, packet_id, st.lists(st.integers(0, 255), min_size=1, max_size=5).map(tuple),
+              _props("ack")),
+    st.builds(codec.Unsubscribe, packet_id, st.lists(text, min_size=1, max_size=5).map(tuple), _props("unsubscribe")),
+    st.builds(codec.Unsuback, packet_id, st.lists(st.integers(0, 255), max_size=5).map(tuple), _props("ack")),
+    st.builds(codec.Disconnect, st.integers(1, 255), _props("disconnect")),
+    st.builds(codec.Auth, st.integers(0, 255), _props("auth")),
+)
+
+
+def _normalize(packet: codec.Packet) -> codec.Packet:
+    """Empty property sections decode as {} (or None where the field may be left out)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(packet):
+        return packet
+    changes = {f.name: None for f in dataclasses.fields(packet) if f.name == "props" and not getattr(packet, f.name)}
+    if isinstance(packet, codec.Connect) and packet.will is not None and not packet.will.props:
+        changes["will"] = dataclasses.replace(packet.will, props=None)  # type: ignore[assignment]
+    return dataclasses.replace(packet, **changes)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300)
+@given(packets5)
+def test_every_v5_packet_type_round_trips(packet: codec.Packet) -> None:
+    first, body = _one_frame(codec.encode(packet, version=5))
+    assert _normalize(codec.decode(first, body, version=5)) == _normalize(packet)
+
+
+@settings(max_examples=500)
+@given(st.integers(0, 255), st.binary(max_size=120))
+def test_any_v5_body_raises_only_the_codecs_error(first: int, body: bytes) -> None:
+    with contextlib.suppress(codec.CodecError):
+        codec.decode(first, body, version=5)
+    with contextlib.suppress(codec.CodecError):
+        codec.decode_connect(b"\x00\x04MQTT\x05" + body)
+
+
+def test_v5_protocol_violations_carry_their_reason_code() -> None:
+    def props(*pairs: bytes) -> bytes:
+        raw = b"".join(pairs)
+        return codec.encode_length(len(raw)) + raw
+
+    cases = [
+        (0x30, b"\x00\x01a" + props(b"\x11\x00\x00\x00\x01"), codec.PROTOCOL_ERROR),  # session expiry on PUBLISH
+        (0x30, b"\x00\x01a" + props(b"\x01\x01", b"\x01\x01"), codec.PROTOCOL_ERROR),  # duplicate property
+        (0x30, b"\x00\x01a" + props(b"\x01\x02"), codec.PROTOCOL_ERROR),  # payload format indicator 2
+        (0x30, b"\x00\x01a" + props(b"\x7f\x00"), codec.MALFORMED_PACKET),  # unknown property
+        (0x30, b"\x00\x01a" + b"\x05\x01", codec.MALFORMED_PACKET),  # properties longer than the packet
+        (0x82, b"\x00\x01\x00\x00\x01a\xc1", codec.MALFORMED_PACKET),  # reserved option bits
+        (0x82, b"\x00\x01\x00\x00\x01a\x31", codec.MALFORMED_PACKET),  # retain handling 3
+    ]
+    for first, body, reason in cases:
+        try:
+            codec.decode(first, body, version=5)
+        except codec.CodecError as exc:
+            assert exc.reason == reason, (first, body, exc)
+            continue
+        raise AssertionError(f"accepted {first:#x} {body!r}")

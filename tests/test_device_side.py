@@ -148,10 +148,11 @@ async def test_out_of_order_duplicate_and_forged_snapshots_are_ignored(running: 
             # has been seen and (the list below proves) ignored.
             await running.service.push("dev1", {"n": 4})
             await wait_until(lambda: applied == [{"n": 3}, {"n": 4}])
+            await wait_status(running, "dev1", lambda r: r["applied_version"] == 4)  # and reported
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
-    assert (await running.service.status("dev1"))[0]["applied_version"] == 4
+    assert applied == [{"n": 3}, {"n": 4}]
 
 
 async def test_malformed_reports_change_nothing(running: Running) -> None:

@@ -55,6 +55,6 @@ def test_retained_matching_is_exact(writes: list[tuple[str, bytes]], topic_filte
             model[topic] = data
         else:
             model.pop(topic, None)
-    found = {t: d for t, d, _ in store.matching(topic_filter)}
+    found = {t: d for t, d, _, _ in store.matching(topic_filter)}
     assert found == {t: d for t, d in model.items() if filter_matches(topic_filter, t)}
     assert len(store) == len(model)

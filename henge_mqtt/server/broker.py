@@ -24,10 +24,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..ports import BrokerHooks, KickResult
-from ..sessions import Action, Close, PublishWill, SessionSettings, SessionTable, SessionView, TokenBucket
+from ..ports import BrokerHooks, KickResult, Principal
+from ..sessions import Action, Close, Emit, PublishWill, SessionSettings, SessionTable, SessionView, TokenBucket
 from . import codec
-from .connection import CLOSED, OPEN, PENDING, Connection
+from .connection import CLOSED, OPEN, PENDING, V5, Connection
 from .limits import Limits, LogLimiter
 from .listener import Acceptor, tcp_sockets, unix_socket
 from .router import RetainedStore, SubscriptionIndex, is_wildcard, valid_filter, valid_topic_name
@@ -36,6 +36,62 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 0.25
 CLOSE_TIMEOUT = 1.0
+NO_LOCAL, RETAIN_AS_PUBLISHED = 0x04, 0x08
+# The 5.0 properties a forwarded message keeps [MQTT-3.3.2-*]; the rest are per hop.
+FORWARDED = (codec.PAYLOAD_FORMAT_INDICATOR, codec.CONTENT_TYPE, codec.RESPONSE_TOPIC, codec.CORRELATION_DATA,
+             codec.USER_PROPERTY)
+
+
+REASON_STRINGS = {
+    codec.NOT_AUTHORIZED_5: "not authorized for this topic",
+    codec.QUOTA_EXCEEDED: "payload larger than this server accepts",
+    codec.PAYLOAD_FORMAT_INVALID: "the payload is not a valid report",
+}
+
+
+class Meta:
+    """A message's 5.0 side: properties to forward and when it expires (None: never)."""
+
+    __slots__ = ("expires", "props")
+
+    def __init__(self, props: codec.Props | None, expires: float | None) -> None:
+        self.props = props
+        self.expires = expires
+
+    def encoded(self, now: float) -> bytes | None:
+        """The property section for a 5.0 subscriber now; None once the message expired."""
+        props = dict(self.props or {})
+        if self.expires is not None:
+            left = int(self.expires - now + 0.999)
+            if left <= 0:
+                return None
+            props[codec.MESSAGE_EXPIRY_INTERVAL] = left
+        return codec.encode_props(props)
+
+
+_SHARED_PROPS: dict[tuple[tuple[int, object], ...], bytes] = {}
+
+
+def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
+    """What a message keeps of its 5.0 properties: encoded bytes when it never expires (the common
+    case: a snapshot's content type and version), a :class:`Meta` when its expiry must count down."""
+    if not props:
+        return None
+    kept = {k: v for k, v in props.items() if k in FORWARDED}
+    expiry = props.get(codec.MESSAGE_EXPIRY_INTERVAL)
+    if isinstance(expiry, int):  # a stored message stops at 0 [MQTT-3.3.2-5]
+        return Meta(kept or None, now + expiry)
+    if not kept:
+        return None
+    if codec.USER_PROPERTY in kept:
+        return codec.encode_props(kept)
+    key = tuple(sorted(kept.items()))
+    shared = _SHARED_PROPS.get(key)  # e.g. every presence record's: one bytes object for the fleet
+    if shared is None:
+        shared = codec.encode_props(kept)
+        if len(_SHARED_PROPS) < 64:
+            _SHARED_PROPS[key] = shared
+    return shared
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +133,8 @@ class EmbeddedBroker:
         self._stopping = False
         self._logs = LogLimiter(log, self.limits.log_lines_per_second)
         self.refused_at_limit = 0
+        # 5.0 wills with a Will Delay Interval: device -> (due, principal, will); a reconnect cancels.
+        self._delayed_wills: dict[str, tuple[float, Principal, codec.Will]] = {}
 
     # ---- logging, rate-limited: a peer can cause a line per packet ------------------------------
 
@@ -189,16 +247,25 @@ class EmbeddedBroker:
         self._closing[conn] = time.monotonic() + CLOSE_TIMEOUT
 
     def on_connect(self, conn: Connection, connect: codec.Connect) -> None:
-        if connect.protocol != "MQTT" or connect.level != 4:
+        if connect.protocol != "MQTT" or connect.level not in (4, 5):
             if connect.protocol in ("MQTT", "MQIsdp"):
+                # A level we do not speak: answered in 3.1.1 terms, which every client reads [MQTT-3.1.2-2].
                 conn.refuse(codec.UNACCEPTABLE_PROTOCOL_VERSION)
             else:
                 conn.close("protocol_error", abort=True)
             self.info("broker.bad_connect", "remote=%s error=protocol %s level %d", conn.remote, connect.protocol,
                       connect.level)
             return
+        if connect.level == 5:
+            conn.v5 = V5(connect.props)
+            if connect.props and codec.AUTHENTICATION_METHOD in connect.props:
+                conn.refuse(codec.NOT_AUTHORIZED, codec.BAD_AUTHENTICATION_METHOD,
+                            "enhanced authentication is not supported: use a user name and password")
+                return
         if not connect.client_id:
-            conn.refuse(codec.IDENTIFIER_REJECTED)  # every henge identity names itself
+            # Every henge identity names itself; henge never assigns a client identifier.
+            conn.refuse(codec.IDENTIFIER_REJECTED, codec.CLIENT_IDENTIFIER_NOT_VALID,
+                        "the client identifier must be the device id")
             return
         try:
             password = connect.password.decode("utf-8") if connect.password is not None else None
@@ -208,15 +275,22 @@ class EmbeddedBroker:
         principal = self.hooks.authenticate(connect.username, password, connect.client_id, cert_cn)
         if principal is None:
             self.info("broker.auth_failed", "client_id=%s remote=%s", connect.client_id, conn.remote)
-            conn.refuse(codec.BAD_USERNAME_PASSWORD if connect.username else codec.NOT_AUTHORIZED)
+            if connect.username:
+                conn.refuse(codec.BAD_USERNAME_PASSWORD, codec.BAD_USER_NAME_OR_PASSWORD,
+                            "bad user name or password")
+            else:
+                conn.refuse(codec.NOT_AUTHORIZED, codec.NOT_AUTHORIZED_5,
+                            "not authorized: the user name must be the device id")
             return
         if conn.admin_only and principal.kind != "admin":
             self.info("broker.not_admin", "client_id=%s: the admin socket is for admins only", connect.client_id)
-            conn.refuse(codec.NOT_AUTHORIZED)
+            conn.refuse(codec.NOT_AUTHORIZED, codec.NOT_AUTHORIZED_5, "the admin socket is for the admin identity")
             return
         requested = float(connect.keepalive)
         keepalive = self.limits.max_keepalive if requested <= 0 else min(requested, self.limits.max_keepalive)
         conn.principal, conn.keepalive, conn.will = principal, keepalive, connect.will
+        if conn.v5 is not None:
+            conn.v5.keepalive_capped = requested != keepalive  # told in CONNACK (Server Keep Alive)
         if principal.kind == "admin":
             conn.key, conn.epoch = f"admin:{connect.client_id}", 0
             conn.framer.limit = self.limits.admin_max_packet
@@ -238,8 +312,14 @@ class EmbeddedBroker:
         if not result.accepted:
             self.info("broker.refused", "device=%s reason=%s remote=%s", device, result.refusal, conn.remote)
             # A throttle is transient (3, server unavailable); a quarantine is a policy refusal (5).
-            conn.refuse(codec.SERVER_UNAVAILABLE if result.refusal == "rate_limited" else codec.NOT_AUTHORIZED)
+            if result.refusal == "rate_limited":
+                conn.refuse(codec.SERVER_UNAVAILABLE, codec.CONNECTION_RATE_EXCEEDED,
+                            "connecting too often: retry later")
+            else:
+                conn.refuse(codec.NOT_AUTHORIZED, codec.NOT_AUTHORIZED_5,
+                            "identity conflict: this device id is quarantined for a while")
             return
+        self._delayed_wills.pop(device, None)  # reconnected within its will delay: the will is cancelled
         conn.key, conn.epoch = device, result.epoch
         self._register(conn)
         durable = self.hooks.epochs_durable()  # never acknowledge an epoch that could be handed out again
@@ -259,13 +339,28 @@ class EmbeddedBroker:
         if future.cancelled() or future.exception() is not None:
             log.error("broker.epoch_not_saved device=%s error=%r", conn.key,
                       None if future.cancelled() else future.exception())
-            conn.refuse(codec.SERVER_UNAVAILABLE)
+            conn.refuse(codec.SERVER_UNAVAILABLE, codec.SERVER_UNAVAILABLE_5, "server error: retry later")
             return
         self._open(conn)
 
     def _open(self, conn: Connection) -> None:
         self._handshakes.discard(conn)
-        conn.accept()
+        props: codec.Props | None = None
+        if conn.v5 is not None:
+            limits = self.limits
+            props = {
+                codec.SESSION_EXPIRY_INTERVAL: 0,  # henge keeps no offline session: configs are retained
+                codec.RECEIVE_MAXIMUM: limits.receive_maximum,
+                codec.MAXIMUM_PACKET_SIZE: conn.framer.limit + 5,
+                codec.RETAIN_AVAILABLE: 1,
+                codec.WILDCARD_SUBSCRIPTION_AVAILABLE: 1,
+                codec.SUBSCRIPTION_IDENTIFIER_AVAILABLE: 0,
+                codec.SHARED_SUBSCRIPTION_AVAILABLE: 0,
+                codec.TOPIC_ALIAS_MAXIMUM: 0,
+            }
+            if conn.v5.keepalive_capped:
+                props[codec.SERVER_KEEP_ALIVE] = int(conn.keepalive)
+        conn.accept(props)
 
     def finish(self, conn: Connection) -> None:
         """A connection ended (closed by either side): forget it everywhere, exactly once."""
@@ -312,8 +407,18 @@ class EmbeddedBroker:
         if not valid_topic_name(will.topic) or not self.hooks.may_publish(conn.principal, will.topic):
             self.info("broker.will_denied", "key=%s topic=%s", conn.key, will.topic)
             return
-        self.hooks.message(conn.principal, will.topic, will.message)
-        self.publish(will.topic, will.message, qos=will.qos, retain=will.retain)
+        delay = will.props.get(codec.WILL_DELAY_INTERVAL) if will.props else None
+        if isinstance(delay, int) and delay > 0 and conn.principal.kind == "device":
+            # 5.0 Will Delay Interval: published later unless the device connects again first.
+            self._delayed_wills[conn.key] = (time.monotonic() + delay, conn.principal, will)
+            return
+        self._send_will(conn.principal, will)
+
+    def _send_will(self, principal: Principal, will: codec.Will) -> None:
+        self.hooks.message(principal, will.topic, will.message)
+        self.publish(will.topic, will.message, qos=will.qos, retain=will.retain,
+                     props={k: v for k, v in will.props.items() if k != codec.WILL_DELAY_INTERVAL}
+                     if will.props else None)
 
     # ---- packets (called by Connection) ----------------------------------------------------------
 
@@ -332,47 +437,70 @@ class EmbeddedBroker:
 
     def on_publish(self, conn: Connection, packet: codec.Publish) -> None:
         assert conn.principal is not None
-        topic, qos = packet.topic, packet.qos
+        topic, qos, props = packet.topic, packet.qos, packet.props
+        if props:
+            if codec.TOPIC_ALIAS in props:  # we announce Topic Alias Maximum 0 [MQTT-3.2.2-17]
+                conn.close("protocol_error", abort=True, code=codec.TOPIC_ALIAS_INVALID)
+                return
+            if codec.SUBSCRIPTION_IDENTIFIER in props:  # only a server sends it [MQTT-3.3.4-6]
+                conn.close("protocol_error", abort=True)
+                return
+            response = props.get(codec.RESPONSE_TOPIC)
+            if isinstance(response, str) and not valid_topic_name(response):
+                conn.close("protocol_error", abort=True)  # [MQTT-3.3.2-14]
+                return
         if not valid_topic_name(topic) or topic.startswith("$"):
             self.info("broker.bad_topic", "key=%s topic=%r", conn.key, topic)
-            conn.close("protocol_error", abort=True)
+            conn.close("protocol_error", abort=True, code=codec.TOPIC_NAME_INVALID)
             return
         if not self._charge(conn):
             return
         device = conn.principal.kind == "device"
+        version = conn.version
         if qos == 2:
             in_qos2 = conn.in_qos2
             if in_qos2 is None:
                 in_qos2 = conn.in_qos2 = {}
             assert packet.packet_id is not None
             if packet.packet_id in in_qos2:  # a retransmission: acknowledged, not delivered twice
-                conn.send(codec.pubrec(packet.packet_id))
+                conn.send(codec.pubrec(packet.packet_id, version=version))
                 return
             if device and len(in_qos2) >= self.limits.receive_maximum:
                 self.warn("broker.receive_maximum", "key=%s: %d QoS 2 publishes without PUBREL", conn.key,
                           len(in_qos2))
-                conn.close("quota_exceeded", abort=True)
+                # 5.0 names this one exactly: we announced the Receive Maximum [MQTT-3.3.4-8].
+                conn.close("quota_exceeded", abort=True, code=codec.RECEIVE_MAXIMUM_EXCEEDED)
                 return
-        allowed = self.hooks.may_publish(conn.principal, topic)
-        if not allowed:
+        reason = codec.SUCCESS
+        if not self.hooks.may_publish(conn.principal, topic):
+            reason = codec.NOT_AUTHORIZED_5
             self.info("broker.publish_denied", "key=%s topic=%s", conn.key, topic)
         elif device and len(packet.payload) > self.limits.max_device_publish:
-            allowed = False
+            reason = codec.QUOTA_EXCEEDED
             self.warn("broker.publish_too_large", "key=%s topic=%s size=%d", conn.key, topic, len(packet.payload))
         elif self.conns.get(conn.key) is not conn:
-            allowed = False
+            reason = codec.NOT_AUTHORIZED_5
             self.info("broker.stale_publish", "key=%s epoch=%d topic=%s", conn.key, conn.epoch, topic)
-        if allowed:
-            self.hooks.message(conn.principal, topic, packet.payload)
-            self.publish(topic, packet.payload, qos=min(qos, 1), retain=packet.retain)
-        # Acknowledged after every check, denied or not: 3.1.1 has no negative PUBACK.
+        if reason == codec.SUCCESS:
+            reason = self.hooks.message(conn.principal, topic, packet.payload)
+        if reason == codec.SUCCESS:
+            self.publish(topic, packet.payload, qos=min(qos, 1), retain=packet.retain, props=props, origin=conn)
+        # Acknowledged after every check; 3.1.1 has no negative acknowledgement, 5.0 says why.
         if qos == 1:
             assert packet.packet_id is not None
-            conn.send(codec.puback(packet.packet_id))
+            conn.send(codec.puback(packet.packet_id, reason, self._why(conn, reason), version))
         elif qos == 2 and conn.state == OPEN:
             assert packet.packet_id is not None and conn.in_qos2 is not None
-            conn.in_qos2[packet.packet_id] = time.monotonic()  # delivered now; PUBREL only releases the id
-            conn.send(codec.pubrec(packet.packet_id))
+            if reason < 0x80 or version == 4:  # a 5.0 refusal in PUBREC ends the flow [MQTT-4.3.3-*]
+                conn.in_qos2[packet.packet_id] = time.monotonic()  # delivered now; PUBREL only releases the id
+            conn.send(codec.pubrec(packet.packet_id, reason, self._why(conn, reason), version))
+
+    @staticmethod
+    def _why(conn: Connection, reason: int) -> codec.Props | None:
+        """A short Reason String for a 5.0 client that did not ask us to keep problems to ourselves."""
+        if reason < 0x80 or conn.v5 is None or not conn.v5.problem_info:
+            return None
+        return {codec.REASON_STRING: REASON_STRINGS.get(reason, "refused")}
 
     def on_subscribe(self, conn: Connection, packet: codec.Subscribe) -> None:
         assert conn.principal is not None
@@ -381,60 +509,99 @@ class EmbeddedBroker:
             self.warn("broker.too_many_filters", "key=%s filters=%d", conn.key, len(packet.filters))
             conn.close("quota_exceeded", abort=True)
             return
+        if packet.props and codec.SUBSCRIPTION_IDENTIFIER in packet.props:
+            # We announce Subscription Identifiers Available 0 [MQTT-3.8.2-* / 0xA1].
+            conn.close("protocol_error", abort=True, code=0xA1)
+            return
         if not self._charge(conn):
             return
         subs = conn.subs
         if subs is None:
             subs = conn.subs = {}
+        v5 = conn.v5 is not None
         codes: list[int] = []
-        granted: list[tuple[str, int]] = []
-        for topic_filter, requested in packet.filters:
+        granted: list[tuple[str, int, bool]] = []
+        for topic_filter, options in packet.filters:
             wild = is_wildcard(topic_filter)
-            ok = valid_filter(topic_filter) and self.hooks.may_subscribe(conn.principal, topic_filter)
-            if ok and device and topic_filter not in subs:
+            code = -1
+            if v5 and topic_filter.startswith("$share/"):
+                code = codec.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+            elif not valid_filter(topic_filter):
+                code = codec.TOPIC_FILTER_INVALID
+            elif not self.hooks.may_subscribe(conn.principal, topic_filter):
+                code = codec.NOT_AUTHORIZED_5
+            elif device and topic_filter not in subs:
                 if len(subs) >= self.limits.max_subscriptions:
-                    ok = False
+                    code = codec.QUOTA_EXCEEDED
                     self.warn("broker.max_subscriptions", "key=%s limit=%d", conn.key, self.limits.max_subscriptions)
                 elif wild and conn.wild >= self.limits.max_wildcard_subscriptions:
-                    ok = False
+                    code = codec.QUOTA_EXCEEDED
                     self.warn("broker.max_wildcard_subscriptions", "key=%s limit=%d", conn.key,
                               self.limits.max_wildcard_subscriptions)
-            if not ok:
+            if code >= 0:
                 self.info("broker.subscribe_denied", "key=%s filter=%s", conn.key, topic_filter)
-                codes.append(codec.SUBACK_FAILURE)
+                codes.append(code if v5 else codec.SUBACK_FAILURE)
                 continue
-            qos = min(requested, 1)  # henge delivers at most QoS 1
-            if topic_filter not in subs and wild:
+            qos = min(options & 3, 1)  # henge delivers at most QoS 1
+            is_new = topic_filter not in subs
+            if is_new and wild:
                 conn.wild += 1
-            subs[topic_filter] = qos
-            self.index.add(conn, topic_filter, qos)
+            stored = qos | (options & (NO_LOCAL | RETAIN_AS_PUBLISHED) if v5 else 0)
+            subs[topic_filter] = stored
+            self.index.add(conn, topic_filter, stored)
             codes.append(qos)
-            granted.append((topic_filter, qos))
-        conn.send(codec.suback(packet.packet_id, codes))
-        for topic_filter, qos in granted:  # retained messages of this filter, to this subscriber only
-            for topic, data, rqos in list(self.retained.matching(topic_filter)):
-                conn.deliver(topic, data, min(qos, rqos), True, False)
+            handling = (options >> 4) & 3 if v5 else 0  # Retain Handling: 0 always, 1 if new, 2 never
+            if handling == 0 or (handling == 1 and is_new):
+                granted.append((topic_filter, qos, True))
+        conn.send(codec.suback(packet.packet_id, codes, version=conn.version))
+        now = time.monotonic()
+        for topic_filter, qos, _ in granted:  # retained messages of this filter, to this subscriber only
+            for topic, data, rqos, extra in list(self.retained.matching(topic_filter)):
+                props = extra if isinstance(extra, bytes) else None
+                if isinstance(extra, Meta):
+                    props = extra.encoded(now)
+                    if props is None:  # expired: gone for everyone
+                        self.retained.clear(topic)
+                        continue
+                conn.deliver(topic, data, min(qos, rqos), True, False, props)
 
     def on_unsubscribe(self, conn: Connection, packet: codec.Unsubscribe) -> None:
         if not self._charge(conn):
             return
         subs = conn.subs
+        codes: list[int] = []
         for topic_filter in packet.filters:
             if subs is not None and subs.pop(topic_filter, None) is not None:
                 self.index.remove(conn, topic_filter)
                 if is_wildcard(topic_filter):
                     conn.wild -= 1
-        conn.send(codec.unsuback(packet.packet_id))
+                codes.append(codec.SUCCESS)
+            else:
+                codes.append(codec.NO_SUBSCRIPTION_EXISTED)
+        conn.send(codec.unsuback(packet.packet_id, codes, version=conn.version))
+
+    def too_large_for_client(self, conn: Connection, topic: str, size: int) -> None:
+        """A message over the client's own Maximum Packet Size was not sent to it: say so."""
+        self.warn("broker.too_large_for_client", "key=%s topic=%s size=%d", conn.key, topic, size)
+        if conn.principal is not None and conn.principal.kind == "device":
+            self.hooks.session_actions([Emit("delivery_too_large", conn.key, (("topic", topic), ("size", size)))])
 
     # ---- the port: what the service asks --------------------------------------------------------
 
-    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False,
-                track: bool = False) -> list[asyncio.Future[None]]:
+    def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False, track: bool = False,
+                props: codec.Props | None = None, origin: Connection | None = None) -> list[asyncio.Future[None]]:
+        """Route a message to its subscribers (and keep it, if retained). ``props``: its 5.0 properties
+        (for 5.0 subscribers only); ``origin``: the connection it came from (for No Local)."""
+        meta = meta_of(props, time.monotonic()) if props else None
         if retain:
-            self.retained.set(topic, data, qos)
+            self.retained.set(topic, data, qos, meta)
+        encoded = meta.encoded(time.monotonic()) if isinstance(meta, Meta) else meta
         futures: list[asyncio.Future[None]] = []
-        for conn, sub_qos in self.index.match(topic).items():
-            future = conn.deliver(topic, data, min(qos, sub_qos), False, track)
+        for conn, options in self.index.match(topic).items():
+            if options & NO_LOCAL and conn is origin:
+                continue  # [MQTT-3.8.3-3]
+            keep_retain = retain and bool(options & RETAIN_AS_PUBLISHED)
+            future = conn.deliver(topic, data, min(qos, options & 3), keep_retain, track, encoded)
             if future is not None:
                 futures.append(future)
         return futures
@@ -497,6 +664,10 @@ class EmbeddedBroker:
             for conn in list(self.conns.values()):
                 if conn.state == OPEN:
                     conn.expire(mono, now, limits.puback_timeout, limits.pubrel_timeout)
+            for device, (due, principal, will) in list(self._delayed_wills.items()):
+                if due <= mono:
+                    del self._delayed_wills[device]
+                    self._send_will(principal, will)
             for conn, deadline in list(self._closing.items()):
                 if deadline <= mono:
                     self._closing.pop(conn, None)

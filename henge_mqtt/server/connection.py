@@ -1,4 +1,4 @@
-"""One MQTT connection: an ``asyncio.Protocol`` that parses in ``data_received``.
+"""One MQTT connection (3.1.1 or 5.0): an ``asyncio.Protocol`` that parses in ``data_received``.
 
 Like uvicorn's protocol classes: no task, no reader and no coroutine frame per connection, state
 in ``__slots__``, deadlines (CONNECT, keep-alive, PUBREL, PUBACK) checked by the server's one
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..ports import Principal
@@ -21,6 +22,35 @@ if TYPE_CHECKING:
 
 HANDSHAKE, PENDING, OPEN, CLOSED = 0, 1, 2, 3
 MAX_PENDING_FRAMES = 32  # packets a client may pipeline behind its CONNECT before the CONNACK
+
+# Why a connection was closed (its presence reason) -> the 5.0 DISCONNECT reason code it is told.
+DISCONNECT_REASONS = {
+    "takeover": (codec.SESSION_TAKEN_OVER, "another connection took over this client identifier"),
+    "keepalive_timeout": (codec.KEEP_ALIVE_TIMEOUT, "nothing received for 1.5 x keep-alive"),
+    "kicked": (codec.ADMINISTRATIVE_ACTION, "disconnected by an operator"),
+    "publish_rate_exceeded": (codec.MESSAGE_RATE_TOO_HIGH, "too many packets per second"),
+    "packet_too_large": (codec.PACKET_TOO_LARGE, "packet larger than the maximum packet size"),
+    "quota_exceeded": (codec.QUOTA_EXCEEDED, "a limit of this server was exceeded"),
+    "slow_consumer": (codec.QUOTA_EXCEEDED, "too many messages left unacknowledged or unread"),
+    "server_shutdown": (codec.SERVER_SHUTTING_DOWN, "the server is shutting down"),
+    "protocol_error": (codec.PROTOCOL_ERROR, "protocol error"),
+    "server_error": (codec.UNSPECIFIED_ERROR, "server error"),
+}
+
+
+class V5:
+    """What a 5.0 connection adds (made only for 5.0 clients: a 3.1.1 connection carries none of it)."""
+
+    __slots__ = ("keepalive_capped", "max_packet", "problem_info", "queue", "receive_max")
+
+    def __init__(self, props: codec.Props | None) -> None:
+        props = props or {}
+        self.max_packet = int(props.get(codec.MAXIMUM_PACKET_SIZE, 0)) or None  # type: ignore[call-overload]
+        self.receive_max = int(props.get(codec.RECEIVE_MAXIMUM, 65535))  # type: ignore[call-overload]
+        self.problem_info = props.get(codec.REQUEST_PROBLEM_INFORMATION, 1) != 0
+        self.keepalive_capped = False
+        # QoS 1 deliveries waiting for the client's receive maximum to allow them.
+        self.queue: deque[tuple[str, bytes, bytes, bool, asyncio.Future[None] | None]] | None = None
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:
@@ -53,6 +83,7 @@ class Connection(asyncio.Protocol):
         "subs",
         "tls",
         "transport",
+        "v5",
         "wild",
         "will",
     )
@@ -83,6 +114,7 @@ class Connection(asyncio.Protocol):
         self.max_inflight = broker.limits.max_inflight
         self.max_write = broker.limits.max_write_buffer
         self.paused = False  # the socket's send buffer is past asyncio's high-water mark
+        self.v5: V5 | None = None  # set by the CONNECT of a 5.0 client
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -96,6 +128,10 @@ class Connection(asyncio.Protocol):
             self.remote = "unix"
         self.broker.on_made(self)
 
+    @property
+    def version(self) -> int:
+        return 4 if self.v5 is None else 5
+
     def data_received(self, data: bytes) -> None:
         if self.state == CLOSED:
             return
@@ -104,11 +140,14 @@ class Connection(asyncio.Protocol):
             frames = self.framer.feed(data)
         except codec.PacketTooLarge as exc:
             self.broker.warn("broker.packet_too_large", "key=%s remote=%s size=%d", self.key, self.remote, exc.size)
-            self.close("packet_too_large", abort=True)
+            if self.state == HANDSHAKE and _announces_v5(data):
+                self.send(codec.connack(codec.PACKET_TOO_LARGE, props={codec.REASON_STRING: "CONNECT too large"},
+                                        version=5))
+            self.close("packet_too_large", abort=self.state != HANDSHAKE, code=exc.reason)
             return
         except codec.CodecError as exc:
             self.broker.info("broker.malformed", "key=%s remote=%s error=%s", self.key, self.remote, exc)
-            self.close("protocol_error", abort=True)
+            self.close("protocol_error", abort=True, code=exc.reason)
             return
         for first, body in frames:
             if self.state == CLOSED:
@@ -154,64 +193,75 @@ class Connection(asyncio.Protocol):
             return
         self.broker.on_connect(self, connect)
 
-    def accept(self) -> None:
+    def accept(self, props: codec.Props | None = None) -> None:
         """The server accepted the CONNECT and its epoch is durable: CONNACK, then the queued packets."""
         self.state = OPEN
-        self.send(codec.connack(codec.ACCEPTED))
+        self.send(codec.connack(codec.ACCEPTED, props=props, version=self.version))
         pending, self.pending = self.pending, None
         for first, body in pending or ():
             if self.state != OPEN:
                 return
             self.dispatch(first, body)
 
-    def refuse(self, code: int) -> None:
-        self.send(codec.connack(code))
+    def refuse(self, code: int, code5: int | None = None, why: str | None = None) -> None:
+        """CONNACK with a refusal (``code5`` and a reason string for a 5.0 client), then close."""
+        if self.v5 is not None and code5 is not None:
+            self.send(codec.connack(code5, props={codec.REASON_STRING: why} if why else None, version=5))
+        else:
+            self.send(codec.connack(code))
         self.close("refused")
 
     # ---- packets after CONNECT -----------------------------------------------------------------
 
     def dispatch(self, first: int, body: bytes) -> None:
         kind = first >> 4
+        version = self.version
         try:
             if kind == codec.PUBLISH:
-                self.broker.on_publish(self, codec.decode_publish(first, body))
+                self.broker.on_publish(self, codec.decode_publish(first, body, version))
             elif kind == codec.PUBACK:
-                ack = codec.decode(first, body)
+                ack = codec.decode(first, body, version)
                 assert isinstance(ack, codec.Puback)
-                packet_id = ack.packet_id
                 out = self.out
-                entry = out.pop(packet_id, None) if out else None
+                entry = out.pop(ack.packet_id, None) if out else None
                 if entry is not None and entry[1] is not None and not entry[1].done():
                     entry[1].set_result(None)
+                if self.v5 is not None and self.v5.queue:
+                    self._release_queued()
             elif kind == codec.PINGREQ:
                 codec.decode(first, body)
                 self.send(codec.PINGRESP_BYTES)
             elif kind == codec.SUBSCRIBE:
-                packet = codec.decode(first, body)
+                packet = codec.decode(first, body, version)
                 assert isinstance(packet, codec.Subscribe)
                 self.broker.on_subscribe(self, packet)
             elif kind == codec.UNSUBSCRIBE:
-                packet = codec.decode(first, body)
+                packet = codec.decode(first, body, version)
                 assert isinstance(packet, codec.Unsubscribe)
                 self.broker.on_unsubscribe(self, packet)
             elif kind == codec.PUBREL:
-                rel = codec.decode(first, body)
+                rel = codec.decode(first, body, version)
                 assert isinstance(rel, codec.Pubrel)
-                packet_id = rel.packet_id
-                if self.in_qos2:
-                    self.in_qos2.pop(packet_id, None)
-                self.send(codec.pubcomp(packet_id))  # also for an unknown id [MQTT-4.3.3-2]
+                known = self.in_qos2 is not None and self.in_qos2.pop(rel.packet_id, None) is not None
+                # Also for an unknown id [MQTT-4.3.3-2]; 5.0 says which (0x92 packet identifier not found).
+                self.send(codec.pubcomp(rel.packet_id, 0 if known else 0x92, version=version))
             elif kind == codec.DISCONNECT:
-                codec.decode(first, body)
-                self.will = None  # [MQTT-3.14.4-3]
-                self.close("client_disconnect")
+                packet = codec.decode(first, body, version)
+                assert isinstance(packet, codec.Disconnect)
+                if packet.reason == 0:
+                    self.will = None  # [MQTT-3.14.4-3]
+                    self.close("client_disconnect")
+                else:  # 5.0: 0x04 asks for the will; any error reason publishes it too [MQTT-3.1.2-10]
+                    self.close("disconnect_with_will")
             elif kind in (codec.PUBREC, codec.PUBCOMP):
-                codec.decode(first, body)  # we never send QoS 2; tolerated and ignored
+                codec.decode(first, body, version)  # we never send QoS 2; tolerated and ignored
+            elif kind == codec.AUTH and version == 5:
+                raise codec.ProtocolViolation("AUTH without an authentication method")
             else:
-                raise codec.CodecError(f"packet type {kind} is not for a server here")  # CONNECT again [3.1.0-2]
+                raise codec.ProtocolViolation(f"packet type {kind} is not for a server here")  # [MQTT-3.1.0-2]
         except codec.CodecError as exc:
             self.broker.info("broker.malformed", "key=%s remote=%s error=%s", self.key, self.remote, exc)
-            self.close("protocol_error", abort=True)
+            self.close("protocol_error", abort=True, code=exc.reason)
 
     # ---- sending ------------------------------------------------------------------------------
 
@@ -226,16 +276,32 @@ class Connection(asyncio.Protocol):
                              transport.get_write_buffer_size())
             self.close("slow_consumer", abort=True)
 
-    def deliver(self, topic: str, data: bytes, qos: int, retain: bool, track: bool) -> asyncio.Future[None] | None:
-        """Send one message; with QoS 1 and ``track``, a future done when the client acknowledges it."""
+    def deliver(self, topic: str, data: bytes, qos: int, retain: bool, track: bool,
+                props: bytes | None = None) -> asyncio.Future[None] | None:
+        """Send one message; with QoS 1 and ``track``, a future done when the client acknowledges it.
+
+        ``props``: the message's encoded 5.0 properties (ignored for a 3.1.1 client).
+        """
         if self.state != OPEN:
             return None
+        v5 = self.v5
+        if v5 is not None:
+            if props is None:
+                props = b"\x00"
+            if v5.max_packet is not None and 7 + len(topic) + len(props) + len(data) > v5.max_packet:
+                # Too large for this client (its Maximum Packet Size): not sent [MQTT-3.1.2-24].
+                self.broker.too_large_for_client(self, topic, len(data))
+                return None
+        else:
+            props = None
         if not qos:
-            self.send(codec.publish_bytes(topic, data, 0, retain))
+            self.send(codec.publish_bytes(topic, data, 0, retain, props=props))
             return None
         out = self.out
         if out is None:
             out = self.out = {}
+        if v5 is not None and (len(out) >= v5.receive_max or v5.queue):
+            return self._enqueue(topic, data, retain, track, props or b"\x00")
         if len(out) >= self.max_inflight:
             # A client that does not acknowledge cannot make the server hold unbounded messages.
             self.broker.warn("broker.slow_consumer", "key=%s: %d deliveries unacknowledged", self.key, len(out))
@@ -252,21 +318,81 @@ class Connection(asyncio.Protocol):
             future = asyncio.get_running_loop().create_future()
             future.add_done_callback(_retrieved)  # a delivery nobody waits for fails silently
         out[packet_id] = (time.monotonic(), future)
-        self.send(codec.publish_bytes(topic, data, 1, retain, packet_id))
+        self.send(codec.publish_bytes(topic, data, 1, retain, packet_id, props=props))
         return future
+
+    def _enqueue(self, topic: str, data: bytes, retain: bool, track: bool,
+                 props: bytes) -> asyncio.Future[None] | None:
+        """The client's Receive Maximum is reached: hold the delivery (bounded by ``max_inflight``)."""
+        assert self.v5 is not None and self.out is not None
+        queue = self.v5.queue
+        if queue is None:
+            queue = self.v5.queue = deque()
+        if len(self.out) + len(queue) >= self.max_inflight:
+            self.broker.warn("broker.slow_consumer", "key=%s: %d deliveries unacknowledged", self.key,
+                             len(self.out) + len(queue))
+            self.close("slow_consumer", abort=True)
+            return None
+        future = None
+        if track:
+            future = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_retrieved)
+        queue.append((topic, data, props, retain, future))
+        return future
+
+    def _release_queued(self) -> None:
+        assert self.v5 is not None and self.v5.queue is not None
+        queue, out = self.v5.queue, self.out
+        while queue and (out is None or len(out) < self.v5.receive_max) and self.state == OPEN:
+            topic, data, props, retain, future = queue.popleft()
+            sent = self._send_qos1(topic, data, retain, props, future)
+            out = self.out
+            if not sent:
+                return
+
+    def _send_qos1(self, topic: str, data: bytes, retain: bool, props: bytes,
+                   future: asyncio.Future[None] | None) -> bool:
+        out = self.out
+        if out is None:
+            out = self.out = {}
+        packet_id = self.next_id
+        while True:
+            packet_id = packet_id % 65535 + 1
+            if packet_id not in out:
+                break
+        self.next_id = packet_id
+        out[packet_id] = (time.monotonic(), future)
+        self.send(codec.publish_bytes(topic, data, 1, retain, packet_id, props=props))
+        return self.state == OPEN
 
     # ---- ending -------------------------------------------------------------------------------
 
-    def close(self, reason: str, *, abort: bool = False) -> None:
-        """End the connection now: the server forgets it at once; the socket follows (bounded)."""
+    def close(self, reason: str, *, abort: bool = False, code: int | None = None) -> None:
+        """End the connection now: the server forgets it at once; the socket follows (bounded).
+
+        A 5.0 client that got its CONNACK is told why first (a DISCONNECT with a reason code and a
+        reason string); ``code`` overrides the reason code the close reason maps to.
+        """
         if self.state == CLOSED:
             return
+        told = self.state == OPEN and self.v5 is not None
         self.state = CLOSED
         if self.close_reason is None:
             self.close_reason = reason
         self.pending = None
+        if told:
+            known = DISCONNECT_REASONS.get(self.close_reason)
+            if known is not None or code is not None:
+                reason_code, why = known or (code or codec.UNSPECIFIED_ERROR, "protocol error")
+                if code is not None and self.close_reason == "protocol_error":
+                    reason_code = code
+                transport = self.transport
+                if transport is not None and not transport.is_closing():
+                    transport.write(codec.disconnect(reason_code, {codec.REASON_STRING: why}, version=5))
         out, self.out = self.out, None
-        for _, future in (out or {}).values():
+        queued = self.v5.queue if self.v5 is not None else None
+        failed = [f for _, f in (out or {}).values()] + [item[4] for item in queued or ()]
+        for future in failed:
             if future is not None and not future.done():
                 future.set_exception(ConnectionError(f"connection closed: {self.close_reason}"))
         self.broker.finish(self)
@@ -318,3 +444,14 @@ class Connection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"Connection(key={self.key!r}, epoch={self.epoch}, state={self.state})"
+
+
+def _announces_v5(data: bytes) -> bool:
+    """Whether the first bytes of a connection are a 5.0 CONNECT (to refuse an oversize one in 5.0 terms)."""
+    if not data or data[0] != 0x10:
+        return False
+    i = 1
+    while i < len(data) and i < 5 and data[i] & 0x80:
+        i += 1
+    i += 1
+    return data[i:i + 7] == b"\x00\x04MQTT\x05"

@@ -185,57 +185,62 @@ class SubscriptionIndex(Generic[S]):
 
 
 def _merge(found: dict[S, int], subs: dict[S, int]) -> None:
-    for sub, qos in subs.items():
-        if found.get(sub, -1) < qos:
-            found[sub] = qos
+    """One subscriber matched by several filters: the highest QoS (bits 0-1), any option flag set."""
+    for sub, options in subs.items():
+        old = found.get(sub)
+        found[sub] = options if old is None else max(old & 3, options & 3) | ((old | options) & ~3)
 
 
 class RetainedStore:
-    """The last retained message of each topic; an empty payload clears it [MQTT-3.3.1-10, -11]."""
+    """The last retained message of each topic; an empty payload clears it [MQTT-3.3.1-10, -11].
+
+    Each message is ``(payload, qos, extra)``; ``extra`` is the broker's (5.0 properties, expiry),
+    None for nearly all of them.
+    """
 
     def __init__(self) -> None:
-        self._messages: dict[str, tuple[bytes, int]] = {}
+        self._messages: dict[str, tuple[bytes, int, object]] = {}
         self._sorted: list[str] = []
 
-    def set(self, topic: str, data: bytes, qos: int) -> None:
+    def set(self, topic: str, data: bytes, qos: int, extra: object = None) -> None:
         if not data:
             self.clear(topic)
             return
         if topic not in self._messages:
             bisect.insort(self._sorted, topic)
-        self._messages[topic] = (data, qos)
+        self._messages[topic] = (data, qos, extra)
 
     def clear(self, topic: str) -> None:
         if self._messages.pop(topic, None) is not None:
             i = bisect.bisect_left(self._sorted, topic)
             del self._sorted[i]
 
-    def get(self, topic: str) -> tuple[bytes, int] | None:
+    def get(self, topic: str) -> tuple[bytes, int, object] | None:
         return self._messages.get(topic)
 
-    def items(self) -> list[tuple[str, tuple[bytes, int]]]:
+    def items(self) -> list[tuple[str, tuple[bytes, int, object]]]:
         return list(self._messages.items())
 
-    def matching(self, topic_filter: str) -> Iterator[tuple[str, bytes, int]]:
+    def matching(self, topic_filter: str) -> Iterator[tuple[str, bytes, int, object]]:
         if not is_wildcard(topic_filter):
             found = self._messages.get(topic_filter)
             if found is not None:
-                yield topic_filter, found[0], found[1]
+                yield topic_filter, found[0], found[1], found[2]
             return
         cut = min(i for i in (topic_filter.find("+"), topic_filter.find("#")) if i >= 0)
         prefix = topic_filter[:cut]
         parent = prefix[:-1] if topic_filter.endswith("/#") and cut == len(topic_filter) - 1 else None
         if parent is not None and parent in self._messages:  # 'a/#' matches 'a' itself
-            data, qos = self._messages[parent]
-            yield parent, data, qos
+            data, qos, extra = self._messages[parent]
+            yield parent, data, qos, extra
         i = bisect.bisect_left(self._sorted, prefix)
         topics = self._sorted
         while i < len(topics) and topics[i].startswith(prefix):
             topic = topics[i]
             i += 1
             if filter_matches(topic_filter, topic):
-                data, qos = self._messages[topic]
-                yield topic, data, qos
+                data, qos, extra = self._messages[topic]
+                yield topic, data, qos, extra
 
     def __len__(self) -> int:
         return len(self._messages)

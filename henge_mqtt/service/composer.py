@@ -194,11 +194,15 @@ class HengeService:
         assert self._auth is not None
         return self._auth.may_publish(principal, topic)
 
-    def message(self, principal: Principal, topic: str, payload: bytes) -> None:
+    def message(self, principal: Principal, topic: str, payload: bytes) -> int:
         if principal.kind == "admin" and topic == self.topics.admin_requests:
             self._tasks.spawn(self._admin(payload, principal.name))
         elif principal.kind == "device" and topic == self.topics.report(principal.name):
-            self._tasks.spawn(self.reports.handle(principal.name, payload))
+            report = self.reports.parse(principal.name, payload)
+            if isinstance(report, int):
+                return report  # refused: a 5.0 device hears why in its PUBACK
+            self._tasks.spawn(self.reports.record(principal.name, report))
+        return 0
 
     async def _admin(self, payload: bytes, actor: str) -> None:
         current_actor.set(actor)  # this task's context only

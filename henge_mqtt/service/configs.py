@@ -25,6 +25,14 @@ PUBLISH_SLICE = 250
 Progress = Callable[[dict[str, Any]], None]
 
 
+JSON_PROPS: dict[int, object] = {0x01: 1, 0x03: "application/json"}  # Payload Format Indicator, Content Type
+
+
+def snapshot_props(row: ConfigVersion) -> dict[int, object]:
+    """What a 5.0 subscriber learns of a snapshot without parsing it; the envelope stays the truth."""
+    return {**JSON_PROPS, 0x26: [("version", str(row.version)), ("sha256", row.sha256)]}  # User Properties
+
+
 def _payloads(rows: list[ConfigVersion]) -> list[tuple[ConfigVersion, bytes]]:
     """Runs on the store's thread: serializing 10,000 snapshots is work the loop need not do."""
     return [(row, row.snapshot().to_payload()) for row in rows]
@@ -58,7 +66,8 @@ class Configs:
 
     def publish(self, row: ConfigVersion, payload: bytes | None = None) -> list[asyncio.Future[None]]:
         data = payload if payload is not None else row.snapshot().to_payload()
-        futures = self.broker.publish(self.topics.config(row.device), data, qos=1, retain=True, track=True)
+        futures = self.broker.publish(self.topics.config(row.device), data, qos=1, retain=True, track=True,
+                                      props=snapshot_props(row))
         if self.on_delivery_started is not None:
             for future in futures:
                 self.on_delivery_started(future)
@@ -121,5 +130,6 @@ class Configs:
         store = self.worker.store
         current = await self.worker.run(lambda: _payloads(list(store.current_versions())))
         for row, payload in current:
-            self.broker.publish(self.topics.config(row.device), payload, qos=1, retain=True)
+            self.broker.publish(self.topics.config(row.device), payload, qos=1, retain=True,
+                                props=snapshot_props(row))
         return len(current)

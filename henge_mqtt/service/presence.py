@@ -14,6 +14,7 @@ from ..models import Presence, rfc3339
 from ..ports import BrokerPort
 from ..sessions import PresenceChange
 from ..topics import Topics
+from .configs import JSON_PROPS
 from .events import Events
 
 
@@ -38,7 +39,7 @@ class PresencePublisher:
             device=change.device, state="online" if change.online else "offline", epoch=change.epoch,
             since=iso(change.since), reason=change.reason, remote=change.remote,
         )
-        self.broker.publish(topic, presence.to_payload(), qos=1, retain=True)
+        self.broker.publish(topic, presence.to_payload(), qos=1, retain=True, props=JSON_PROPS)
         if change.online:
             self.events.count("connects")
         if change.reason == "keepalive_timeout":
@@ -52,4 +53,5 @@ class PresencePublisher:
         for device, epoch in epochs:
             presence = Presence.model_construct(device=device, state="offline", epoch=epoch, since=since,
                                                 reason="server_start", remote=None)
-            self.broker.publish(self.topics.presence(device), presence.to_payload(), qos=1, retain=True)
+            self.broker.publish(self.topics.presence(device), presence.to_payload(), qos=1, retain=True,
+                                props=JSON_PROPS)

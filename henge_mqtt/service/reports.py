@@ -20,6 +20,10 @@ from .events import Events
 
 log = logging.getLogger("henge_mqtt.service")
 
+# MQTT 5.0 reason codes for a refused report (the broker puts them in the PUBACK).
+PAYLOAD_FORMAT_INVALID = 0x99
+QUOTA_EXCEEDED = 0x97
+
 
 class _Waiter:
     """Resolved by the first report that settles ``version``: applied at or past it, or rejected."""
@@ -46,17 +50,26 @@ class Reports:
         self.is_online = is_online
         self._waiters: dict[str, set[_Waiter]] = {}
 
-    async def handle(self, device: str, payload: bytes) -> None:
-        """Validate and record a device's report; anything wrong is logged, counted and dropped."""
+    def parse(self, device: str, payload: bytes) -> Report | int:
+        """The report, or the 5.0 reason code to refuse it with (logged and counted): on the loop,
+        so a 5.0 device learns from its PUBACK that its report was not accepted."""
         if len(payload) > self.max_bytes:
             self._bad(device, f"{len(payload)} bytes, over max_report_bytes")
-            return
+            return QUOTA_EXCEEDED
         try:
-            report = Report.model_validate_json(payload)
+            return Report.model_validate_json(payload)
         except ValidationError as exc:
             first = exc.errors()[0]
             self._bad(device, f"{'.'.join(map(str, first['loc'])) or 'payload'}: {first['msg']}")
-            return
+            return PAYLOAD_FORMAT_INVALID
+
+    async def handle(self, device: str, payload: bytes) -> None:
+        """Validate and record a device's report; anything wrong is logged, counted and dropped."""
+        report = self.parse(device, payload)
+        if isinstance(report, Report):
+            await self.record(device, report)
+
+    async def record(self, device: str, report: Report) -> None:
         store = self.worker.store
         try:
             desired = (await self.worker.run(store.get_device, device)).desired_version
