@@ -26,6 +26,14 @@ class Principal:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a CONNECT was refused: ``bad_credentials`` (a wrong or missing secret) or
+    ``not_authorized`` (an unknown device, client id != user name, a certificate for another id)."""
+
+    why: Literal["bad_credentials", "not_authorized"]
+
+
+@dataclass(frozen=True, slots=True)
 class KickResult:
     """What a kick did, as data: external brokers cannot kick, and say so here instead of raising."""
 
@@ -39,7 +47,7 @@ class BrokerHooks(Protocol):
 
     def authenticate(
         self, username: str | None, password: str | None, client_id: str, cert_cn: str | None
-    ) -> Principal | None:
+    ) -> Principal | Refusal:
         """``cert_cn``: the CN of a verified TLS client certificate, if the connection presented one."""
         ...
 

@@ -80,6 +80,11 @@ class RawClient:
 
     async def read_packet(self, timeout: float = 5.0) -> tuple[int, bytes]:
         """(packet type, body); raises EOFError when the broker closed the connection."""
+        first, body = await self.read_frame(timeout)
+        return first >> 4, body
+
+    async def read_frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
+        """(first byte, body); raises EOFError when the broker closed the connection."""
         async with asyncio.timeout(timeout):
             try:
                 first = await self.reader.readexactly(1)
@@ -93,7 +98,7 @@ class RawClient:
                 body = await self.reader.readexactly(length)
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 raise EOFError("connection closed by the broker") from exc
-        return first[0] >> 4, body
+        return first[0], body
 
     async def connack(self, timeout: float = 5.0) -> int:
         kind, body = await self.read_packet(timeout)

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..ports import BrokerHooks, KickResult, Principal
+from ..ports import BrokerHooks, KickResult, Principal, Refusal
 from ..sessions import Action, Close, Emit, PublishWill, SessionSettings, SessionTable, SessionView, TokenBucket
 from . import codec
 from .connection import CLOSED, OPEN, PENDING, V5, Connection
@@ -273,14 +273,16 @@ class EmbeddedBroker:
             password = None
         cert_cn = conn.peer_cert_cn() if self.limits.tls_client_auth != "off" else None
         principal = self.hooks.authenticate(connect.username, password, connect.client_id, cert_cn)
-        if principal is None:
-            self.info("broker.auth_failed", "client_id=%s remote=%s", connect.client_id, conn.remote)
-            if connect.username:
-                conn.refuse(codec.BAD_USERNAME_PASSWORD, codec.BAD_USER_NAME_OR_PASSWORD,
-                            "bad user name or password")
+        if isinstance(principal, Refusal):
+            self.info("broker.auth_failed", "client_id=%s remote=%s why=%s", connect.client_id, conn.remote,
+                      principal.why)
+            # 3.1.1 as always: 4 when a user name was given, else 5. 5.0 tells the two cases apart.
+            code = codec.BAD_USERNAME_PASSWORD if connect.username else codec.NOT_AUTHORIZED
+            if principal.why == "bad_credentials":
+                conn.refuse(code, codec.BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
             else:
-                conn.refuse(codec.NOT_AUTHORIZED, codec.NOT_AUTHORIZED_5,
-                            "not authorized: the user name must be the device id")
+                conn.refuse(code, codec.NOT_AUTHORIZED_5,
+                            "not authorized: an unknown device, or a client id other than the user name")
             return
         if conn.admin_only and principal.kind != "admin":
             self.info("broker.not_admin", "client_id=%s: the admin socket is for admins only", connect.client_id)

@@ -14,12 +14,15 @@ from pathlib import Path
 
 from ..errors import HengeError
 from ..paths import ADMIN_FILE
-from ..ports import Principal
+from ..ports import Principal, Refusal
 from ..settings import Settings
 from ..store import Store
 from ..topics import Topics
 
 log = logging.getLogger(__name__)
+
+BAD_CREDENTIALS = Refusal("bad_credentials")
+NOT_AUTHORIZED = Refusal("not_authorized")
 
 
 def write_private(path: Path, text: str) -> None:
@@ -54,24 +57,26 @@ class Auth:
 
     def authenticate(
         self, username: str | None, password: str | None, client_id: str, cert_cn: str | None
-    ) -> Principal | None:
+    ) -> Principal | Refusal:
         settings = self.settings
         if username and username == settings.admin_name:
             ok = password is not None and self.store.verify_admin(username, password)
-            return Principal("admin", username) if ok else None
+            return Principal("admin", username) if ok else BAD_CREDENTIALS
         device = username or client_id
         if client_id != device or not self.store.has_device(device):
-            return None
+            # Still hash the secret: an unknown id costs the same as a wrong secret.
+            self.store.verify_device(device, password or "")
+            return NOT_AUTHORIZED
         if cert_cn is not None and cert_cn != device:
             log.info("auth.cert_mismatch device=%s cn=%s", device, cert_cn)
-            return None  # a device certificate is good for its own identity only
+            return NOT_AUTHORIZED  # a device certificate is good for its own identity only
         if settings.tls_client_auth == "required" and cert_cn is None:
-            return None
+            return NOT_AUTHORIZED
         if cert_cn is not None and settings.tls_cert_replaces_password and password is None:
             return Principal("device", device)
         if username is None or password is None:
-            return None
-        return Principal("device", device) if self.store.verify_device(device, password) else None
+            return BAD_CREDENTIALS
+        return Principal("device", device) if self.store.verify_device(device, password) else BAD_CREDENTIALS
 
     def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
         if principal.kind == "admin":

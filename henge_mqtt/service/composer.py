@@ -22,7 +22,7 @@ from .. import models
 from ..errors import DuplicateDevice, InvalidDeviceId, ServiceUnavailable, UnknownDevice, ValidationFailed
 from ..models import ConfigVersion, Device, Event
 from ..paths import ADMIN_SOCKET, SERVICE_FILE
-from ..ports import BrokerPort, KickResult, Principal
+from ..ports import BrokerPort, KickResult, Principal, Refusal
 from ..sessions import Action, Emit, PresenceChange, SaveEpoch, SessionSettings
 from ..settings import Settings
 from ..store import DeviceReports, Store, StoreWorker
@@ -182,7 +182,7 @@ class HengeService:
     # ---- BrokerHooks ---------------------------------------------------------------------------
 
     def authenticate(self, username: str | None, password: str | None, client_id: str,
-                     cert_cn: str | None = None) -> Principal | None:
+                     cert_cn: str | None = None) -> Principal | Refusal:
         assert self._auth is not None
         return self._auth.authenticate(username, password, client_id, cert_cn)
 

@@ -1,0 +1,335 @@
+"""MQTT 5.0 on the device listener: reason codes, properties, subscription options, with exact
+bytes (our codec on a raw socket) and with real clients (paho, aiomqtt, mosquitto_sub/pub)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+
+from henge_mqtt.server import codec
+
+from . import mqtt_raw as raw
+from .conftest import Running, wait_status, wait_until
+
+V5 = 5
+
+
+class Client5:
+    """A raw 5.0 peer: our codec's bytes on a socket, packets decoded back into values."""
+
+    def __init__(self, raw_client: raw.RawClient) -> None:
+        self.raw = raw_client
+
+    @classmethod
+    async def connect(cls, port: int, client_id: str, username: str | None, password: str | None, *,
+                      keepalive: int = 60, props: codec.Props | None = None, will: codec.Will | None = None,
+                      ) -> tuple[Client5, codec.Connack]:
+        client = cls(await raw.RawClient.open(port))
+        packet = codec.Connect(client_id, keepalive, True, username, password.encode() if password else None,
+                               will, "MQTT", 5, props)
+        await client.raw.send(codec.encode(packet))
+        connack = await client.read()
+        assert isinstance(connack, codec.Connack)
+        return client, connack
+
+    async def send(self, packet: codec.Packet) -> None:
+        await self.raw.send(codec.encode(packet, version=V5))
+
+    async def read(self, timeout: float = 5.0) -> codec.Packet:
+        first, body = await self.raw.read_frame(timeout)
+        return codec.decode(first, body, version=V5)
+
+    async def read_until(self, kind: type, timeout: float = 5.0) -> Any:
+        while True:
+            packet = await self.read(timeout)
+            if isinstance(packet, kind):
+                return packet
+
+
+async def device5(running: Running, name: str, config: dict[str, Any] | None = None, **kw: Any
+                  ) -> tuple[Client5, codec.Connack, str]:
+    secret = await running.add(name, config)
+    client, connack = await Client5.connect(running.port, name, name, secret, **kw)
+    assert connack.code == 0, connack
+    return client, connack, secret
+
+
+async def test_connack_properties(running: Running) -> None:
+    client, connack, _ = await device5(running, "d1", keepalive=0)
+    props = connack.props or {}
+    assert props[codec.SESSION_EXPIRY_INTERVAL] == 0
+    assert props[codec.RECEIVE_MAXIMUM] == running.service.settings.receive_maximum
+    assert props[codec.MAXIMUM_PACKET_SIZE] == running.service.settings.max_packet_bytes + 5
+    assert props[codec.RETAIN_AVAILABLE] == 1 and props[codec.WILDCARD_SUBSCRIPTION_AVAILABLE] == 1
+    assert props[codec.SHARED_SUBSCRIPTION_AVAILABLE] == 0 and props[codec.SUBSCRIPTION_IDENTIFIER_AVAILABLE] == 0
+    assert props[codec.TOPIC_ALIAS_MAXIMUM] == 0
+    assert props[codec.SERVER_KEEP_ALIVE] == 300  # keep-alive 0 asked for: henge caps it
+    assert codec.SERVER_KEEP_ALIVE not in ((await device5(running, "d2", keepalive=30))[1].props or {})
+    assert connack.session_present is False
+
+
+async def test_refusals_carry_5_0_reason_codes(start_service) -> None:  # type: ignore[no-untyped-def]
+    async with start_service(sessions={"connect_burst": 1, "connect_rate": 0.01}) as running:
+        secret = await running.add("d1")
+        cases = [
+            (("d1", "d1", "wrong"), codec.BAD_USER_NAME_OR_PASSWORD),
+            (("ghost", "ghost", "x"), codec.NOT_AUTHORIZED_5),  # unknown device
+            (("d2", "d1", secret), codec.NOT_AUTHORIZED_5),  # client id != user name
+            (("", "d1", secret), codec.CLIENT_IDENTIFIER_NOT_VALID),
+        ]
+        for (client_id, user, password), expected in cases:
+            client, connack = await Client5.connect(running.port, client_id, user, password)
+            assert connack.code == expected, (client_id, connack)
+            assert (connack.props or {}).get(codec.REASON_STRING), "a refusal says why"
+            assert password not in str(connack.props)  # no secrets in reason strings
+            assert await client.raw.closed_within(2)
+        first, connack = await Client5.connect(running.port, "d1", "d1", secret)
+        assert connack.code == 0
+        _, throttled = await Client5.connect(running.port, "d1", "d1", secret)  # the bucket is empty
+        assert throttled.code == codec.CONNECTION_RATE_EXCEEDED
+        assert (await running.service.status("d1"))[0]["online"]  # the current connection is untouched
+        _, auth = await Client5.connect(running.port, "d1", "d1", secret, props={codec.AUTHENTICATION_METHOD: "SCRAM"})
+        assert auth.code == codec.BAD_AUTHENTICATION_METHOD
+
+
+async def test_takeover_tells_the_displaced_client_0x8e(running: Running) -> None:
+    old, _, secret = await device5(running, "twin")
+    new, connack = await Client5.connect(running.port, "twin", "twin", secret)
+    assert connack.code == 0
+    told = await old.read_until(codec.Disconnect)
+    assert told.reason == codec.SESSION_TAKEN_OVER
+    assert "took over" in str((told.props or {})[codec.REASON_STRING])
+    assert await old.raw.closed_within(2)
+
+
+async def test_server_disconnect_reasons(start_service) -> None:  # type: ignore[no-untyped-def]
+    async with start_service(device_publish_rate=1, device_publish_burst=2) as running:
+        kicked, _, _ = await device5(running, "k1")
+        await running.service.kick("k1")
+        assert (await kicked.read_until(codec.Disconnect)).reason == codec.ADMINISTRATIVE_ACTION
+
+        flood, _, _ = await device5(running, "f1")
+        for _ in range(5):
+            await flood.send(codec.Publish("henge/devices/f1/report", b"{}", 0))
+        assert (await flood.read_until(codec.Disconnect)).reason == codec.MESSAGE_RATE_TOO_HIGH
+
+        alias, _, _ = await device5(running, "a1")
+        await alias.send(codec.Publish("henge/devices/a1/report", b"{}", 0, props={codec.TOPIC_ALIAS: 1}))
+        assert (await alias.read_until(codec.Disconnect)).reason == codec.TOPIC_ALIAS_INVALID
+
+        bad, _, _ = await device5(running, "p1")
+        await bad.raw.send(b"\x30\x07\x00\x01a\x03\x7f\x00\x00")  # an unknown property
+        assert (await bad.read_until(codec.Disconnect)).reason == codec.MALFORMED_PACKET
+
+        dup, _, _ = await device5(running, "p2")
+        await dup.raw.send(b"\x30\x08\x00\x01a\x04\x01\x01\x01\x01")  # a property given twice
+        assert (await dup.read_until(codec.Disconnect)).reason == codec.PROTOCOL_ERROR
+
+        filters, _, _ = await device5(running, "q1")
+        await filters.send(codec.Subscribe(1, tuple((f"henge/devices/q1/{i}", 1) for i in range(20))))
+        assert (await filters.read_until(codec.Disconnect)).reason == codec.QUOTA_EXCEEDED
+
+        stay, _, _ = await device5(running, "s1")
+        await running.service.stop()
+        assert (await stay.read_until(codec.Disconnect)).reason == codec.SERVER_SHUTTING_DOWN
+
+
+async def test_keepalive_timeout_and_packet_too_large(start_service) -> None:  # type: ignore[no-untyped-def]
+    async with start_service(max_packet_bytes=2048) as running:
+        silent, _, _ = await device5(running, "z1", keepalive=1)
+        told = await silent.read_until(codec.Disconnect, timeout=5)
+        assert told.reason == codec.KEEP_ALIVE_TIMEOUT
+        big, _, _ = await device5(running, "b1")
+        await big.raw.send(b"\x30" + codec.encode_length(10_000))
+        assert (await big.read_until(codec.Disconnect)).reason == codec.PACKET_TOO_LARGE
+
+
+async def test_acks_say_why(running: Running) -> None:
+    client, _, _ = await device5(running, "d1", {"v": 1})
+    await running.add("other", {"v": 1})
+    await client.send(codec.Subscribe(1, (("henge/devices/d1/config", 1), ("henge/devices/other/config", 1),
+                                          ("a/#/b", 0), ("$share/g/henge/devices/d1/config", 1))))
+    suback = await client.read_until(codec.Suback)
+    assert suback.codes == (1, codec.NOT_AUTHORIZED_5, codec.TOPIC_FILTER_INVALID,
+                            codec.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED)
+    await client.send(codec.Publish("henge/devices/other/config", b"{}", 1, packet_id=5))
+    assert (await client.read_until(codec.Puback)).reason == codec.NOT_AUTHORIZED_5
+    await client.send(codec.Publish("henge/devices/d1/report", b"not json", 1, packet_id=6))
+    ack = await client.read_until(codec.Puback)
+    assert ack.reason == codec.PAYLOAD_FORMAT_INVALID and (ack.props or {}).get(codec.REASON_STRING)
+    await client.send(codec.Publish("henge/devices/d1/report", b'{"version": 1, "status": "applied"}', 1,
+                                    packet_id=7))
+    assert (await client.read_until(codec.Puback)).reason == codec.SUCCESS
+    await wait_status(running, "d1", lambda r: r["sync"] == "in_sync")
+    await client.send(codec.Unsubscribe(8, ("henge/devices/d1/config", "henge/devices/d1/nothing")))
+    assert (await client.read_until(codec.Unsuback)).codes == (0, codec.NO_SUBSCRIPTION_EXISTED)
+
+
+async def test_snapshots_carry_properties_and_retain_handling(running: Running) -> None:
+    client, _, _ = await device5(running, "d1", {"v": 1})
+    await client.send(codec.Subscribe(1, (("henge/devices/d1/config", 1),)))
+    await client.read_until(codec.Suback)
+    snap = await client.read_until(codec.Publish)
+    props = snap.props or {}
+    assert props[codec.PAYLOAD_FORMAT_INDICATOR] == 1 and props[codec.CONTENT_TYPE] == "application/json"
+    body = json.loads(snap.payload)
+    assert dict(props[codec.USER_PROPERTY]) == {"version": "1", "sha256": body["sha256"]}
+    assert snap.retain
+    await client.send(codec.Puback(snap.packet_id or 0))
+    # Retain Handling 1: retained messages only for a new subscription; 2: never.
+    await client.send(codec.Subscribe(2, (("henge/devices/d1/config", 1 | 0x10), ("henge/devices/d1/#", 1 | 0x20))))
+    await client.read_until(codec.Suback)
+    await client.send(codec.Pingreq())
+    assert isinstance(await client.read(), codec.Pingresp)  # nothing was sent before the PINGRESP
+
+
+async def test_no_local_and_retain_as_published(running: Running) -> None:
+    admin = running.service.settings.admin_name
+    client, connack = await Client5.connect(running.port, "ops", admin, running.service.admin_secret)
+    assert connack.code == 0
+    await client.send(codec.Subscribe(1, (("ops/echo", 1 | 0x04), ("ops/rap", 1 | 0x08), ("ops/plain", 1))))
+    await client.read_until(codec.Suback)
+    await client.send(codec.Publish("ops/echo", b"mine", 0))
+    await client.send(codec.Publish("ops/rap", b"kept", 0, retain=True))
+    await client.send(codec.Publish("ops/plain", b"cleared", 0, retain=True))
+    got = [await client.read_until(codec.Publish), await client.read_until(codec.Publish)]
+    assert [(p.topic, p.retain) for p in got] == [("ops/rap", True), ("ops/plain", False)]  # not its own echo
+
+
+async def test_will_delay_is_cancelled_by_a_reconnect(running: Running) -> None:
+    watcher, _ = await Client5.connect(running.port, "watch", running.service.settings.admin_name,
+                                       running.service.admin_secret)
+    await watcher.send(codec.Subscribe(1, (("henge/devices/+/report", 0),)))
+    await watcher.read_until(codec.Suback)
+    will = codec.Will("henge/devices/w1/report", b'{"version": 1, "status": "rejected", "error": "gone"}', 0,
+                      False, {codec.WILL_DELAY_INTERVAL: 1})
+    first, _, secret = await device5(running, "w1", {"v": 1}, will=will)
+    first.raw.close()  # abnormal: the will is due in 1 s
+    again, connack = await Client5.connect(running.port, "w1", "w1", secret)
+    assert connack.code == 0
+    started = time.monotonic()
+    again.raw.close()  # abnormal again, with no will this time: the first one stays cancelled
+    await wait_status(running, "w1", lambda r: not r["online"])
+    await client_silent(watcher, 1.5)
+    assert time.monotonic() - started >= 1.2
+    second, _ = await Client5.connect(running.port, "w1", "w1", secret, will=will)
+    second.raw.close()
+    message = await watcher.read_until(codec.Publish, timeout=4)  # this one is not cancelled
+    assert message.topic == "henge/devices/w1/report" and b"gone" in message.payload
+
+
+async def client_silent(client: Client5, seconds: float) -> None:
+    await client.send(codec.Pingreq())
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            packet = await client.read(timeout=max(0.05, deadline - time.monotonic()))
+        except TimeoutError:
+            return
+        assert isinstance(packet, codec.Pingresp), f"unexpected {packet!r}"
+        await asyncio.sleep(0.2)
+        await client.send(codec.Pingreq())
+
+
+async def test_message_expiry_is_honoured(running: Running) -> None:
+    admin = running.service.settings.admin_name
+    pub, _ = await Client5.connect(running.port, "ops", admin, running.service.admin_secret)
+    await pub.send(codec.Publish("ops/short", b"soon gone", 1, retain=True, packet_id=1,
+                                 props={codec.MESSAGE_EXPIRY_INTERVAL: 1}))
+    await pub.send(codec.Publish("ops/long", b"stays", 1, retain=True, packet_id=2,
+                                 props={codec.MESSAGE_EXPIRY_INTERVAL: 100}))
+    await pub.read_until(codec.Puback)
+    await pub.read_until(codec.Puback)
+    await asyncio.sleep(1.2)  # the time that passes is what is tested
+    sub, _ = await Client5.connect(running.port, "ops2", admin, running.service.admin_secret)
+    await sub.send(codec.Subscribe(1, (("ops/+", 1),)))
+    await sub.read_until(codec.Suback)
+    got = await sub.read_until(codec.Publish)
+    assert got.topic == "ops/long" and 95 <= (got.props or {})[codec.MESSAGE_EXPIRY_INTERVAL] <= 100
+    await sub.send(codec.Puback(got.packet_id or 0))
+    await sub.send(codec.Pingreq())
+    assert isinstance(await sub.read(), codec.Pingresp)  # the expired one never came
+
+
+async def test_client_limits_are_respected(running: Running) -> None:
+    small, _, _ = await device5(running, "tiny", {"v": 1}, props={codec.MAXIMUM_PACKET_SIZE: 400,
+                                                                  codec.RECEIVE_MAXIMUM: 1})
+    events: list[str] = []
+    running.service.add_event_listener(lambda e: events.append(e.type))
+    await small.send(codec.Subscribe(1, (("henge/devices/tiny/config", 1),)))
+    await small.read_until(codec.Suback)
+    first = await small.read_until(codec.Publish)
+    await running.service.push("tiny", {"pad": "x" * 1000})  # over the client's Maximum Packet Size
+    await wait_until(lambda: "delivery_too_large" in events)
+    await running.service.push("tiny", {"v": 3})
+    await running.service.push("tiny", {"v": 4})
+    await small.send(codec.Pingreq())
+    assert isinstance(await small.read(), codec.Pingresp)  # Receive Maximum 1: v3 waits for the PUBACK of v1
+    await small.send(codec.Puback(first.packet_id or 0))
+    third = await small.read_until(codec.Publish)
+    assert json.loads(third.payload)["version"] == 3
+    await small.send(codec.Puback(third.packet_id or 0))
+    assert json.loads((await small.read_until(codec.Publish)).payload)["version"] == 4
+
+
+# ---- real clients ---------------------------------------------------------------------------------
+
+
+async def test_paho_v5_hears_the_takeover_reason(running: Running) -> None:
+    secret = await running.add("pdev", {"v": 1})
+    reasons: list[tuple[int, str]] = []
+    connected = threading.Event()
+    gone = threading.Event()
+
+    def on_connect(c: paho.Client, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        connected.set()
+
+    def on_disconnect(c: paho.Client, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        reasons.append((rc.value, getattr(props, "ReasonString", "")))
+        gone.set()
+
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="pdev", protocol=paho.MQTTv5)
+    client.username_pw_set("pdev", secret)
+    client.on_connect, client.on_disconnect = on_connect, on_disconnect
+    client.connect("127.0.0.1", running.port)
+    client.loop_start()
+    try:
+        assert await asyncio.to_thread(connected.wait, 5)
+        async with aiomqtt.Client("127.0.0.1", running.port, identifier="pdev", username="pdev", password=secret,
+                                  protocol=aiomqtt.ProtocolVersion.V5, timeout=5) as taker:
+            await taker.subscribe("henge/devices/pdev/config", qos=1)
+            assert await asyncio.to_thread(gone.wait, 5)
+            message = await anext(aiter(taker.messages))
+            assert message.properties is not None and message.properties.ContentType == "application/json"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert reasons[0][0] == codec.SESSION_TAKEN_OVER and "took over" in reasons[0][1]
+
+
+async def test_mosquitto_clients_speak_v5(running: Running) -> None:
+    secret = await running.add("ms5", {"mode": "eco"})
+    auth = ["-h", "127.0.0.1", "-p", str(running.port), "-i", "ms5", "-u", "ms5", "-P", secret, "-V", "mqttv5"]
+    got = await asyncio.to_thread(subprocess.run, ["mosquitto_sub", *auth, "-t", "henge/devices/ms5/config",
+                                                   "-C", "1", "-W", "5", "-F", "%p|%P"],
+                                  capture_output=True, text=True, timeout=15)
+    assert got.returncode == 0, got.stderr
+    payload, props = got.stdout.strip().split("|", 1)
+    assert json.loads(payload)["config"] == {"mode": "eco"} and "version" in props
+    pub = await asyncio.to_thread(subprocess.run, ["mosquitto_pub", *auth, "-t", "henge/devices/ms5/report",
+                                                   "-q", "1", "-m", '{"version": 1, "status": "applied"}'],
+                                  capture_output=True, text=True, timeout=15)
+    assert pub.returncode == 0, pub.stderr
+    await wait_status(running, "ms5", lambda r: r["sync"] == "in_sync")
+    denied = await asyncio.to_thread(subprocess.run, ["mosquitto_pub", *auth, "-t", "henge/devices/ms5/report",
+                                                      "-q", "1", "-m", "not json"],
+                                     capture_output=True, text=True, timeout=15)
+    assert "Payload format invalid" in denied.stderr and "not a valid report" in denied.stderr
+
