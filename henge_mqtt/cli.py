@@ -633,6 +633,8 @@ def agent(
                                               "rejects it with CMD's stderr as the error.")] = None,
     state: Annotated[Path | None, typer.Option("--state", help="State file (default ./ID.henge-state.json).")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "henge",
+    mqtt: Annotated[str, typer.Option("--mqtt", help="Protocol: 5 (default; the server says why it closes a "
+                                       "connection) or 3.1.1.")] = "5",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run on a device: apply each new config, report the outcome, reconnect forever."""
@@ -643,6 +645,8 @@ def agent(
 
     if (write is None) == (exec_ is None):
         fail("give exactly one of --write FILE or --exec CMD", 2)
+    if mqtt not in ("5", "5.0", "3.1.1"):
+        fail(f"--mqtt must be 5 or 3.1.1, not {mqtt!r}", 2)
     problem = device_id_problem(device)
     if problem:
         fail(problem, 2)
@@ -660,7 +664,7 @@ def agent(
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     worker = Agent(parts.hostname, parts.port or 1883, device, secret, applier,
-                   state or Path(f"{device}.henge-state.json"), topic_prefix=topic_prefix)
+                   state or Path(f"{device}.henge-state.json"), topic_prefix=topic_prefix, mqtt5=mqtt != "3.1.1")
 
     async def main() -> None:
         stop = asyncio.Event()

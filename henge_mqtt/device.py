@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 from pydantic import ValidationError
 
 from .backoff import Backoff
@@ -107,6 +108,46 @@ def exec_applier(command: list[str], timeout: float = 120.0) -> Applier:
     return apply
 
 
+# MQTT 5.0 reason codes the agent acts on (the server's DISCONNECT or CONNACK).
+SESSION_TAKEN_OVER = 0x8E
+BAD_CREDENTIALS = (4, 0x86)  # 3.1.1 CONNACK 4, 5.0 CONNACK 0x86
+STOP_GRACE = 1.0  # seconds the agent spends saying goodbye on SIGTERM
+
+
+class Disconnected(Exception):
+    """The server ended the session; ``reason`` is its 5.0 reason code (None: no DISCONNECT)."""
+
+    def __init__(self, reason: int | None, text: str | None) -> None:
+        super().__init__(text or (f"reason 0x{reason:02x}" if reason is not None else "connection lost"))
+        self.reason = reason
+        self.text = text
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt keeps the properties of CONNACK and DISCONNECT to itself; their 5.0 Reason String is
+    what tells a device why it was refused or displaced, so this keeps it (and nothing else)."""
+
+    server_reason: str | None = None
+    server_code: int | None = None  # the reason code of the server's DISCONNECT, if it sent one
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
+        self.server_reason = getattr(properties, "ReasonString", None)
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any = None) -> None:
+        self.server_reason = getattr(properties, "ReasonString", None) or self.server_reason
+        value = getattr(reason_code, "value", None)
+        self.server_code = value if isinstance(value, int) and value >= 0x80 else None
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+
+def _code(exc: aiomqtt.MqttCodeError) -> int | None:
+    rc = exc.rc
+    value = getattr(rc, "value", rc)
+    return int(value) if isinstance(value, int) else None
+
+
 @dataclass
 class Agent:
     host: str
@@ -119,46 +160,61 @@ class Agent:
     keepalive: int = 30
     backoff: Backoff = field(default_factory=Backoff)
     connect_timeout: float = 10.0
+    mqtt5: bool = True  # MQTT 5.0 by default: the server then says why it closed a connection
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.topic_prefix)
         self.session = ""
         self.state = AgentState.load(self.state_path)
+        self.last_disconnect: Disconnected | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until ``stop`` is set; never gives up on the network."""
         while not stop.is_set():
             started = time.monotonic()
             accepted = False
+            displaced = False
+            client: _Client | None = None
             try:
                 session = secrets.token_hex(8)  # names this connection in the presence protocol
                 will = aiomqtt.Will(self.topics.device_presence(self.device),
                                     json.dumps({"state": "offline", "session": session}), qos=1)
-                async with aiomqtt.Client(
+                client = _Client(
                     self.host, self.port, identifier=self.device, username=self.device, password=self.secret,
-                    keepalive=self.keepalive, timeout=self.connect_timeout, clean_session=True, will=will,
-                ) as client:
+                    keepalive=self.keepalive, timeout=self.connect_timeout, clean_session=None if self.mqtt5 else True,
+                    will=will, protocol=aiomqtt.ProtocolVersion.V5 if self.mqtt5 else aiomqtt.ProtocolVersion.V311,
+                )
+                async with client:
                     self.session = session
                     accepted = True
                     started = time.monotonic()
-                    log.info("agent.connected device=%s broker=%s:%d", self.device, self.host, self.port)
+                    log.info("agent.connected device=%s broker=%s:%d mqtt=%s", self.device, self.host, self.port,
+                             "5.0" if self.mqtt5 else "3.1.1")
                     await self._session(client, stop)
                     if stop.is_set():
                         return
-            except aiomqtt.MqttCodeError as exc:
-                log.warning("agent.refused device=%s rc=%s", self.device, exc.rc)
-                if exc.rc in (4, 134):
+            except MqttConnectError as exc:  # the CONNACK refused us
+                code = _code(exc)
+                why = client.server_reason if client is not None else None
+                log.warning("agent.refused device=%s code=%s reason=%s", self.device, code, why or exc)
+                if code in BAD_CREDENTIALS:
                     log.error("agent.bad_credentials device=%s: check the secret file", self.device)
-                delay = self.backoff.failed_hard()
-                await self._sleep(stop, delay)
+                await self._sleep(stop, self.backoff.failed_hard())
                 continue
+            except Disconnected as exc:
+                self.last_disconnect = exc
+                displaced = exc.reason == SESSION_TAKEN_OVER
+                log.info("agent.disconnected device=%s reason=%s", self.device, exc)
             except (aiomqtt.MqttError, OSError) as exc:
                 log.info("agent.disconnected device=%s error=%s", self.device, exc)
+            if stop.is_set():
+                return
             lasted = time.monotonic() - started
-            if accepted and lasted < SHORT_LIVED:
+            if displaced or (accepted and lasted < SHORT_LIVED and not self.mqtt5):
+                # 5.0: the server said so (0x8E); 3.1.1 can only guess from a short-lived connection.
                 log.warning(
-                    "agent.closed_early device=%s lasted=%.1fs: another client may be using the identity %s",
-                    self.device, lasted, self.device,
+                    "agent.closed_early device=%s lasted=%.1fs: another client may be using the identity %s%s",
+                    self.device, lasted, self.device, " (the server: session taken over)" if displaced else "",
                 )
                 delay = self.backoff.failed_hard()
             else:
@@ -173,28 +229,55 @@ class Agent:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
 
-    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        presence = self.topics.device_presence(self.device)
-        await client.publish(presence, json.dumps({"state": "online", "session": self.session}), qos=1)
-        await client.subscribe(self.topics.config(self.device), qos=1)
-        if self.state.applied_version:
-            # Heal a report lost with the previous connection; the server keeps the highest.
-            await self._report(client, self.state.applied_version, "applied", None)
-        messages = aiter(client.messages)
-        while True:
-            next_message = asyncio.ensure_future(anext(messages))
-            stopped = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait((next_message, stopped), return_when=asyncio.FIRST_COMPLETED)
-            if stopped in done:
-                next_message.cancel()
-                await asyncio.gather(next_message, return_exceptions=True)
-                body = {"state": "offline", "session": self.session, "reason": "client_disconnect"}
-                with contextlib.suppress(aiomqtt.MqttError):
-                    await client.publish(presence, json.dumps(body), qos=1, timeout=2)
-                return
-            stopped.cancel()
-            message = next_message.result()
-            await self.handle(client, message.payload if isinstance(message.payload, bytes) else b"")
+    async def _session(self, client: _Client, stop: asyncio.Event) -> None:
+        """One connection's life. Every wait races the connection itself: when the server closes
+        it (a takeover, say), no publish or subscribe hangs on until its own timeout."""
+        inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+
+        async def pump() -> None:
+            async for message in client.messages:
+                inbox.put_nowait(message)
+
+        reader = asyncio.create_task(pump())
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            async def guarded(coro: Awaitable[Any]) -> Any:
+                op = asyncio.ensure_future(coro)
+                done, _ = await asyncio.wait({op, reader, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if op in done:
+                    return op.result()
+                op.cancel()
+                await asyncio.gather(op, return_exceptions=True)
+                if reader in done:
+                    self._raise_disconnected(client, reader)
+                return None
+
+            presence = self.topics.device_presence(self.device)
+            await guarded(client.publish(presence, json.dumps({"state": "online", "session": self.session}), qos=1))
+            await guarded(client.subscribe(self.topics.config(self.device), qos=1))
+            if self.state.applied_version and not stop.is_set():
+                # Heal a report lost with the previous connection; the server keeps the highest.
+                await guarded(self._report(client, self.state.applied_version, "applied", None))
+            while not stop.is_set():
+                message = await guarded(inbox.get())
+                if message is not None:
+                    payload = message.payload if isinstance(message.payload, bytes) else b""
+                    await guarded(self.handle(client, payload))
+            body = {"state": "offline", "session": self.session, "reason": "client_disconnect"}
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                async with asyncio.timeout(STOP_GRACE / 2):  # a goodbye, bounded: SIGTERM is prompt
+                    await client.publish(presence, json.dumps(body), qos=1, timeout=STOP_GRACE / 2)
+        finally:
+            for task in (reader, stopped):
+                task.cancel()
+            await asyncio.gather(reader, stopped, return_exceptions=True)
+
+    @staticmethod
+    def _raise_disconnected(client: _Client, reader: asyncio.Task[None]) -> None:
+        exc = reader.exception() if not reader.cancelled() else None
+        if exc is not None and not isinstance(exc, aiomqtt.MqttError):
+            raise exc
+        raise Disconnected(client.server_code, client.server_reason) from exc
 
     async def handle(self, client: aiomqtt.Client, payload: bytes) -> None:
         if not payload:

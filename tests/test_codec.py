@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextlib
 
 from amqtt.adapters import BufferReader
 from amqtt.mqtt.connect import ConnectPacket

@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,76 @@ def test_agent_command_usage_errors(tmp_path: Path) -> None:
     for args, expected in cases:
         result = henge_cli("agent", *args)
         assert result.returncode != 0 and expected in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mqtt5", [True, False], ids=["5.0", "3.1.1"])
+async def test_agent_under_a_twin_that_takes_every_connection_back(
+    running: Running, tmp_path: Path, caplog: pytest.LogCaptureFixture, mqtt5: bool
+) -> None:
+    """A twin takes the identity back right after each connect: the agent never hangs on a dead
+    connection, never blames its secret, and backs off harder each time (5.0: because the server
+    said 0x8E; 3.1.1: because its connections are short-lived)."""
+    secret = await running.add("dev1", {"a": 1})
+
+    async def noop(config: dict[str, Any]) -> None:
+        return None
+
+    caplog.set_level(logging.INFO, logger="henge_mqtt.device")
+    agent = Agent("127.0.0.1", running.port, "dev1", secret, noop, tmp_path / "s.json", mqtt5=mqtt5,
+                  backoff=Backoff(base=0.1, cap=1.0, penalty=3, rand=lambda: 1.0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    twins: list[raw.RawClient] = []
+    try:
+        seen = 0
+        for _ in range(3):  # each time the agent gets the identity, the twin takes it back at once
+            await wait_until(lambda: caplog.text.count("agent.connected") > seen, 10, "the agent reconnecting")
+            seen = caplog.text.count("agent.connected")
+            twin = await raw.RawClient.open(running.port)
+            await twin.send(raw.connect("dev1", "dev1", secret))
+            assert await twin.connack() == 0
+            twins.append(twin)
+        await wait_until(lambda: caplog.text.count("agent.closed_early") >= 3, 10, "three early closes")
+        assert agent.backoff.attempt >= 3
+        assert "bad_credentials" not in caplog.text
+        if mqtt5:
+            assert "session taken over" in caplog.text
+            assert agent.last_disconnect is not None and agent.last_disconnect.reason == 0x8E
+            assert "took over" in str(agent.last_disconnect.text)
+    finally:
+        started = time.monotonic()
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        assert time.monotonic() - started < 1.5  # a stop is prompt, whatever the agent was waiting for
+
+
+async def test_agent_blames_its_secret_only_for_a_refusal(running: Running, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    await running.add("dev1", {"a": 1})
+
+    async def noop(config: dict[str, Any]) -> None:
+        return None
+
+    caplog.set_level(logging.INFO, logger="henge_mqtt.device")
+    agent = Agent("127.0.0.1", running.port, "dev1", "wrong-secret", noop, tmp_path / "s.json",
+                  backoff=Backoff(base=0.1, cap=0.2, rand=lambda: 1.0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await wait_until(lambda: "agent.bad_credentials" in caplog.text, 10, "the refusal")
+        assert "bad user name or password" in caplog.text  # the server's reason string
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_agent_process_stops_promptly_on_sigterm(running: Running, tmp_path: Path) -> None:
+    secret = await running.add("dev1", {"interval": 1})
+    async with agent_process(running, "dev1", secret, tmp_path) as proc:
+        await wait_status(running, "dev1", lambda r: r["sync"] == "in_sync" and r["online"])
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 5) == 0
+        assert time.monotonic() - started < 1.5
+    row = await wait_status(running, "dev1", lambda r: not r["online"])
+    assert row["reason"] == "client_disconnect"

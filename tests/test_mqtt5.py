@@ -62,7 +62,7 @@ async def device5(running: Running, name: str, config: dict[str, Any] | None = N
 
 
 async def test_connack_properties(running: Running) -> None:
-    client, connack, _ = await device5(running, "d1", keepalive=0)
+    _client, connack, _ = await device5(running, "d1", keepalive=0)
     props = connack.props or {}
     assert props[codec.SESSION_EXPIRY_INTERVAL] == 0
     assert props[codec.RECEIVE_MAXIMUM] == running.service.settings.receive_maximum
@@ -90,7 +90,7 @@ async def test_refusals_carry_5_0_reason_codes(start_service) -> None:  # type: 
             assert (connack.props or {}).get(codec.REASON_STRING), "a refusal says why"
             assert password not in str(connack.props)  # no secrets in reason strings
             assert await client.raw.closed_within(2)
-        first, connack = await Client5.connect(running.port, "d1", "d1", secret)
+        _first, connack = await Client5.connect(running.port, "d1", "d1", secret)
         assert connack.code == 0
         _, throttled = await Client5.connect(running.port, "d1", "d1", secret)  # the bucket is empty
         assert throttled.code == codec.CONNECTION_RATE_EXCEEDED
@@ -101,7 +101,7 @@ async def test_refusals_carry_5_0_reason_codes(start_service) -> None:  # type: 
 
 async def test_takeover_tells_the_displaced_client_0x8e(running: Running) -> None:
     old, _, secret = await device5(running, "twin")
-    new, connack = await Client5.connect(running.port, "twin", "twin", secret)
+    _new, connack = await Client5.connect(running.port, "twin", "twin", secret)
     assert connack.code == 0
     told = await old.read_until(codec.Disconnect)
     assert told.reason == codec.SESSION_TAKEN_OVER
