@@ -275,7 +275,7 @@ async def test_agent_under_a_twin_that_takes_every_connection_back(
     try:
         seen = 0
         for _ in range(3):  # each time the agent gets the identity, the twin takes it back at once
-            await wait_until(lambda: caplog.text.count("agent.connected") > seen, 10, "the agent reconnecting")
+            await wait_until(lambda n=seen: caplog.text.count("agent.connected") > n, 10, "the agent reconnecting")
             seen = caplog.text.count("agent.connected")
             twin = await raw.RawClient.open(running.port)
             await twin.send(raw.connect("dev1", "dev1", secret))
