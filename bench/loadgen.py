@@ -29,7 +29,8 @@ def _remaining(n: int) -> bytes:
             return bytes(out)
 
 
-def connect_packet(client_id: str, username: str | None, password: str | None, keepalive: int = 120) -> bytes:
+def connect_packet(client_id: str, username: str | None, password: str | None, keepalive: int = 120,
+                   mqtt5: bool = False) -> bytes:
     flags = 0x02
     payload = _str(client_id)
     if username is not None:
@@ -38,13 +39,25 @@ def connect_packet(client_id: str, username: str | None, password: str | None, k
     if password is not None:
         flags |= 0x40
         payload += _str(password)
-    body = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload
+    body = _str("MQTT") + bytes([5 if mqtt5 else 4, flags]) + struct.pack("!H", keepalive)
+    body += (b"\x00" if mqtt5 else b"") + payload  # 5.0: an empty property section
     return bytes([0x10]) + _remaining(len(body)) + body
 
 
-def subscribe_packet(packet_id: int, topic: str, qos: int = 1) -> bytes:
-    body = struct.pack("!H", packet_id) + _str(topic) + bytes([qos])
+def subscribe_packet(packet_id: int, topic: str, qos: int = 1, mqtt5: bool = False) -> bytes:
+    body = struct.pack("!H", packet_id) + (b"\x00" if mqtt5 else b"") + _str(topic) + bytes([qos])
     return bytes([0x82]) + _remaining(len(body)) + body
+
+
+def _skip_properties(body: bytes, offset: int) -> int:
+    length, shift = 0, 0
+    while True:
+        byte = body[offset]
+        offset += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return offset + length
+        shift += 7
 
 
 def publish_packet(topic: str, data: bytes, packet_id: int, qos: int = 1, retain: bool = True) -> bytes:
@@ -74,6 +87,7 @@ class Client:
     secret: str | None
     topic: str
     filter: str = ""  # what it subscribes to: its config topic, or a wildcard over its own subtree
+    mqtt5: bool = False
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     subscribed_at: float = 0.0
@@ -91,11 +105,12 @@ class Client:
 
     async def _open(self, host: str, port: int) -> None:
         self.reader, self.writer = await asyncio.open_connection(host, port)
-        self.writer.write(connect_packet(self.device, self.device if self.secret else None, self.secret))
+        self.writer.write(connect_packet(self.device, self.device if self.secret else None, self.secret,
+                                         mqtt5=self.mqtt5))
         kind, _, body = await read_packet(self.reader)
         if kind != 2 or body[1] != 0:
             raise ConnectionError(f"{self.device}: CONNACK {body[1] if len(body) > 1 else '?'}")
-        self.writer.write(subscribe_packet(1, self.filter or self.topic))
+        self.writer.write(subscribe_packet(1, self.filter or self.topic, mqtt5=self.mqtt5))
         while True:
             kind, flags, body = await read_packet(self.reader)
             if kind == 9:
@@ -118,6 +133,8 @@ class Client:
             offset += 2
             assert self.writer is not None
             self.writer.write(puback(packet_id))
+        if self.mqtt5:
+            offset = _skip_properties(body, offset)
         payload = body[offset:]
         if topic != self.topic:
             own = self.filter and topic.startswith(self.topic.rsplit("/", 1)[0] + "/")
@@ -161,8 +178,9 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
     """Follow the orchestrator's commands: connect, await_push, storm, hold, stop."""
     host, port = spec["host"], spec["port"]
     sub_filter = spec.get("filter", "")
-    clients = [Client(d, s, spec["topic"].format(device=d), sub_filter.format(device=d) if sub_filter else "")
-               for d, s in spec["devices"]]
+    mqtt5 = bool(spec.get("mqtt5"))
+    clients = [Client(d, s, spec["topic"].format(device=d), sub_filter.format(device=d) if sub_filter else "",
+                      mqtt5) for d, s in spec["devices"]]
     pumps: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
     while True:
@@ -194,7 +212,7 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
             k = command["count"]
             await asyncio.sleep(max(0.0, command["start_at"] - time.time()))
             olds = clients[:k]
-            news = [Client(c.device, c.secret, c.topic, c.filter) for c in olds]
+            news = [Client(c.device, c.secret, c.topic, c.filter, c.mqtt5) for c in olds]
             outcome = await _bounded([n.open(host, port) for n in news], spec.get("concurrency", 500))
             errors = [repr(o) for o in outcome if isinstance(o, BaseException)]
             new_pumps = [asyncio.create_task(n.pump()) for n in news if n.reader is not None]

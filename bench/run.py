@@ -1,7 +1,7 @@
 """Benchmark harness: the same scenarios against henge, Mosquitto (with and without auth) and amqtt.
 
     python bench/run.py --sizes 1000,3000,10000 [--targets henge,mosquitto-auth,mosquitto,amqtt]
-                        [--workers 2] [--filter exact|wildcard]
+                        [--workers 2] [--filter exact|wildcard] [--mqtt 3.1.1|5]
 
 Scenarios per fleet size N: connect + subscribe all N; broker memory after connect (and per
 device, against the idle process); a fleet-wide push delivered to all N (QoS 1, acknowledged),
@@ -176,11 +176,11 @@ class MosquittoAuth(Target):
 TARGETS = {"henge": Henge, "mosquitto-auth": MosquittoAuth, "mosquitto": Mosquitto, "amqtt": StockAmqtt}
 
 
-def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filter: str = "exact"
-            ) -> dict[str, Any]:
+def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filter: str = "exact",
+            mqtt: str = "3.1.1") -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{target_cls.name}-"))
     target = target_cls(n, tmp)
-    result: dict[str, Any] = {"target": target.name, "n": n, "filter": sub_filter}
+    result: dict[str, Any] = {"target": target.name, "n": n, "filter": sub_filter, "mqtt": mqtt}
     ctx = mp.get_context("spawn")
     procs, commands, results = [], [], ctx.Queue()
     try:
@@ -192,7 +192,7 @@ def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filt
         for share in shares:
             q = ctx.Queue()
             spec = {"host": "127.0.0.1", "port": target.port, "devices": share, "topic": TOPIC,
-                    "filter": FILTERS[sub_filter]}
+                    "filter": FILTERS[sub_filter], "mqtt5": mqtt == "5"}
             p = ctx.Process(target=loadgen.worker_main, args=(spec, q, results))
             p.start()
             procs.append(p)
@@ -278,20 +278,25 @@ COLUMNS = ("henge", "mosquitto-auth", "mosquitto", "amqtt")
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    by = {(r["target"], r["n"], r.get("filter", "exact")): r for r in results}
-    keys = sorted({(r["n"], r.get("filter", "exact")) for r in results})
+    def sub(r: dict[str, Any]) -> str:
+        mqtt = r.get("mqtt", "3.1.1")
+        return r.get("filter", "exact") + ("" if mqtt == "3.1.1" else f", MQTT {mqtt}")
+
+    by = {(r["target"], r["n"], sub(r)): r for r in results}
+    keys = sorted({(r["n"], sub(r)) for r in results})
     lines = ["| N | subscription | metric | henge | mosquitto + auth/ACL | mosquitto anonymous | amqtt 0.12.1 "
              "| henge / mosquitto+auth |", "|---|---|---|---|---|---|---|---|"]
 
     def fmt(v: Any) -> str:
         return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
-    for n, sub in keys:
+    for n, subscription in keys:
         for key, label in METRICS:
-            values = [by.get((t, n, sub), {}).get(key) for t in COLUMNS]
+            values = [by.get((t, n, subscription), {}).get(key) for t in COLUMNS]
             h, ref = values[0], values[1]
             ratio = f"{h / ref:.2f}x" if h is not None and ref else "-"
-            lines.append(f"| {n} | {sub} | {label} | " + " | ".join(fmt(v) for v in values) + f" | {ratio} |")
+            lines.append(f"| {n} | {subscription} | {label} | " + " | ".join(fmt(v) for v in values)
+                         + f" | {ratio} |")
     return "\n".join(lines)
 
 
@@ -301,6 +306,7 @@ def main() -> int:
     parser.add_argument("--targets", default="henge,mosquitto-auth,mosquitto,amqtt")
     parser.add_argument("--filter", default="exact", help="exact, wildcard, or both (comma-separated)")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved runs of every target")
+    parser.add_argument("--mqtt", default="3.1.1", help="the devices' protocol: 3.1.1, 5, or both (comma-separated)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--storm", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -313,15 +319,16 @@ def main() -> int:
     calibration = time.perf_counter() - started
     print(f"bench: cpu calibration (5M-iteration loop) {calibration:.2f} s", file=sys.stderr, flush=True)
     for n in [int(s) for s in args.sizes.split(",")]:
-        for sub in args.filter.split(","):
-            for _ in range(args.repeat):
-                for name in args.targets.split(","):
-                    if name == "amqtt" and sub != "exact":
-                        continue
-                    print(f"bench: {name} N={n} filter={sub} ...", file=sys.stderr, flush=True)
-                    r = run_one(TARGETS[name], n, args.workers, args.storm, sub)
-                    print(f"bench: {json.dumps(r)}", file=sys.stderr, flush=True)
-                    results.append(r)
+        for mqtt in args.mqtt.split(","):
+            for sub in args.filter.split(","):
+                for _ in range(args.repeat):
+                    for name in args.targets.split(","):
+                        if name == "amqtt" and (sub != "exact" or mqtt != "3.1.1"):
+                            continue  # amqtt 0.12.1 has no MQTT 5.0
+                        print(f"bench: {name} N={n} filter={sub} mqtt={mqtt} ...", file=sys.stderr, flush=True)
+                        r = run_one(TARGETS[name], n, args.workers, args.storm, sub, mqtt)
+                        print(f"bench: {json.dumps(r)}", file=sys.stderr, flush=True)
+                        results.append(r)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps({"cpus": os.cpu_count(), "cpu_calibration_s": calibration, "results": results},

@@ -333,3 +333,54 @@ async def test_mosquitto_clients_speak_v5(running: Running) -> None:
                                      capture_output=True, text=True, timeout=15)
     assert "Payload format invalid" in denied.stderr and "not a valid report" in denied.stderr
 
+
+
+def _hostile5() -> Any:
+    from hypothesis import strategies as st
+
+    return st.one_of(
+        st.binary(min_size=1, max_size=64),
+        st.builds(lambda props: b"\x30" + codec.encode_length(3 + len(props)) + b"\x00\x01a" + props,
+                  st.binary(max_size=20)),  # PUBLISH with arbitrary property bytes
+        st.builds(lambda props: b"\x82" + codec.encode_length(6 + len(props)) + b"\x00\x01" + props + b"\x00\x01a\x01",
+                  st.binary(max_size=12)),  # SUBSCRIBE with arbitrary property bytes
+        st.builds(lambda body: b"\xe0" + codec.encode_length(len(body)) + body, st.binary(max_size=12)),  # DISCONNECT
+        st.builds(lambda body: b"\xf0" + codec.encode_length(len(body)) + body, st.binary(max_size=12)),  # AUTH
+    )
+
+
+async def test_hostile_v5_packets_hurt_nobody(start_service) -> None:  # type: ignore[no-untyped-def]
+    from hypothesis import HealthCheck, given, settings
+
+    async with start_service(sessions={"connect_burst": 1000, "connect_rate": 1000}) as running:
+        await _hostile_rounds(running, given, settings, HealthCheck)
+
+
+async def _hostile_rounds(running: Running, given: Any, settings: Any, HealthCheck: Any) -> None:  # noqa: N803
+    good, _, _ = await device5(running, "good", {"v": 1})
+    secret = await running.add("evil", {"v": 1})
+    examples: list[bytes] = []
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(data=_hostile5())
+    def collect(data: bytes) -> None:
+        examples.append(data)
+
+    collect()
+    for data in examples:
+        evil, connack = await Client5.connect(running.port, "evil", "evil", secret)
+        assert connack.code == 0
+        await evil.raw.send(data)
+        with_reply = False
+        try:
+            while True:  # whatever it sends back, it must be a valid 5.0 packet (or the socket closes)
+                packet = await evil.read(timeout=0.3)
+                with_reply = True
+                if isinstance(packet, codec.Disconnect):
+                    assert packet.reason >= 0x80
+        except (EOFError, TimeoutError):
+            pass
+        evil.raw.close()
+        await good.send(codec.Pingreq())  # the connected device is served, promptly
+        assert isinstance(await good.read(timeout=1.0), codec.Pingresp), with_reply
+    assert (await running.service.status("good"))[0]["online"]
