@@ -22,7 +22,7 @@ async def main() -> None:
     settings = Settings(data_dir=Path(tempfile.mkdtemp())).with_listener("127.0.0.1", 0)
     no_limits = settings.sessions.model_copy(update={"connect_burst": 1000.0, "conflict_takeovers": 1000})
     async with HengeService(settings.model_copy(update={"sessions": no_limits})) as service:
-        secret = service.add_device("dev1")
+        secret = await service.add_device("dev1")
         port = service.address[1]
         latencies = []
         for _ in range(ROUNDS):

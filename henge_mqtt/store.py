@@ -280,6 +280,17 @@ class Store:
             devices = [d for d in devices if all(d.labels.get(k) == v for k, v in labels.items())]
         return devices
 
+    def device_ids(self, labels: dict[str, str] | None = None) -> list[str]:
+        """Ids only (a fleet push's selection): no version join and no model per device."""
+        if not labels:
+            return [row[0] for row in self._db.execute("SELECT id FROM devices ORDER BY id")]
+        ids = []
+        for device, text in self._db.execute("SELECT id, labels FROM devices ORDER BY id"):
+            have = json.loads(text)
+            if all(have.get(k) == v for k, v in labels.items()):
+                ids.append(device)
+        return ids
+
     @staticmethod
     def _device(row: tuple[Any, ...]) -> Device:
         return Device(

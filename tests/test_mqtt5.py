@@ -384,3 +384,24 @@ async def _hostile_rounds(running: Running, given: Any, settings: Any, HealthChe
         await good.send(codec.Pingreq())  # the connected device is served, promptly
         assert isinstance(await good.read(timeout=1.0), codec.Pingresp), with_reply
     assert (await running.service.status("good"))[0]["online"]
+
+
+async def test_problem_information_packet_ids_and_oversize_connect(start_service) -> None:  # type: ignore[no-untyped-def]
+    async with start_service(max_packet_bytes=1024) as running:
+        quiet, _, _ = await device5(running, "quiet", props={codec.REQUEST_PROBLEM_INFORMATION: 0})
+        await quiet.send(codec.Subscribe(1, (("henge/devices/other/config", 1),)))
+        suback = await quiet.read_until(codec.Suback)
+        assert suback.codes == (codec.NOT_AUTHORIZED_5,) and not suback.props  # no reason string: it asked
+        loud, _, _ = await device5(running, "loud")
+        await loud.send(codec.Subscribe(1, (("henge/devices/other/config", 1),)))
+        assert (await loud.read_until(codec.Suback)).props
+        await loud.send(codec.Pubrel(77))
+        assert (await loud.read_until(codec.Pubcomp)).reason == 0x92  # packet identifier not found
+        secret = await running.add("huge")
+        big = codec.encode(codec.Connect("huge", 60, True, "huge", secret.encode(), None, "MQTT", 5,
+                                         {codec.USER_PROPERTY: [("pad", "x" * 2000)]}))
+        client = Client5(await raw.RawClient.open(running.port))
+        await client.raw.send(big)
+        connack = await client.read()
+        assert isinstance(connack, codec.Connack) and connack.code == codec.PACKET_TOO_LARGE
+        assert await client.raw.closed_within(2)

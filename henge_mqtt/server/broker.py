@@ -44,6 +44,8 @@ FORWARDED = (codec.PAYLOAD_FORMAT_INDICATOR, codec.CONTENT_TYPE, codec.RESPONSE_
 
 REASON_STRINGS = {
     codec.NOT_AUTHORIZED_5: "not authorized for this topic",
+    codec.TOPIC_FILTER_INVALID: "invalid topic filter",
+    codec.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: "shared subscriptions are not supported",
     codec.QUOTA_EXCEEDED: "payload larger than this server accepts",
     codec.PAYLOAD_FORMAT_INVALID: "the payload is not a valid report",
 }
@@ -555,7 +557,9 @@ class EmbeddedBroker:
             handling = (options >> 4) & 3 if v5 else 0  # Retain Handling: 0 always, 1 if new, 2 never
             if handling == 0 or (handling == 1 and is_new):
                 granted.append((topic_filter, qos, True))
-        conn.send(codec.suback(packet.packet_id, codes, version=conn.version))
+        refused = [c for c in codes if c >= 0x80]
+        why = self._why(conn, refused[0]) if refused and v5 else None
+        conn.send(codec.suback(packet.packet_id, codes, why, version=conn.version))
         now = time.monotonic()
         for topic_filter, qos, _ in granted:  # retained messages of this filter, to this subscriber only
             for topic, data, rqos, extra in list(self.retained.matching(topic_filter)):

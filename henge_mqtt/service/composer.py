@@ -314,7 +314,7 @@ class HengeService:
     async def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None) -> list[str]:
         if not all_devices and not labels:
             raise ValidationFailed("select devices with all or with at least one label")
-        return [d.id for d in await self.list_devices(labels if not all_devices else None)]
+        return await self.worker.run(self.store.device_ids, labels if not all_devices else None)
 
     async def push(self, device: str, config: dict[str, Any], *, message: str = "",
                    if_version: int | None = None) -> ConfigVersion:
