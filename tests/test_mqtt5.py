@@ -356,7 +356,7 @@ async def test_hostile_v5_packets_hurt_nobody(start_service) -> None:  # type: i
         await _hostile_rounds(running, given, settings, HealthCheck)
 
 
-async def _hostile_rounds(running: Running, given: Any, settings: Any, HealthCheck: Any) -> None:  # noqa: N803
+async def _hostile_rounds(running: Running, given: Any, settings: Any, HealthCheck: Any) -> None:
     good, _, _ = await device5(running, "good", {"v": 1})
     secret = await running.add("evil", {"v": 1})
     examples: list[bytes] = []
