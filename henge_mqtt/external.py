@@ -33,7 +33,7 @@ from .backoff import Backoff
 from .errors import SettingsError
 from .models import is_valid_device_id
 from .ports import BrokerHooks, KickResult, Principal
-from .sessions import Close, PublishWill, SessionSettings, SessionTable, SessionView
+from .sessions import Close, PublishWill, SessionSettings, SessionTable, TableViews
 from .tasks import TaskSet
 from .topics import Topics
 
@@ -50,7 +50,7 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     return parts.hostname, parts.port or (8883 if tls else 1883), tls
 
 
-class ExternalBroker:
+class ExternalBroker(TableViews):
     """:class:`~henge_mqtt.ports.BrokerPort` over an MQTT client connection to an existing broker."""
 
     def __init__(
@@ -161,19 +161,9 @@ class ExternalBroker:
         return KickResult(kicked=False, supported=False,
                           detail="kick needs the embedded broker; with an external broker use its own admin tools")
 
-    def seed_epochs(self, epochs: dict[str, int]) -> None:
-        for device, epoch in epochs.items():
-            self.table.seed(device, epoch)
-
     def forget(self, device: str) -> None:
         self.table.forget(device)
         self.sessions.pop(device, None)
-
-    def session(self, device: str, now: float) -> SessionView:
-        return self.table.view(device, now)
-
-    def online_devices(self) -> list[str]:
-        return self.table.online_devices()
 
     def clear_conflict(self, device: str) -> bool:
         actions = self.table.clear_conflict(device)

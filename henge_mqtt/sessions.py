@@ -368,3 +368,19 @@ class SessionTable:
             entry.takeovers.popleft()
         while entry.all_takeovers and now - entry.all_takeovers[0] > 3600.0:
             entry.all_takeovers.popleft()
+
+
+class TableViews:
+    """The read side of the broker port that both brokers answer from their session table."""
+
+    table: SessionTable
+
+    def seed_epochs(self, epochs: dict[str, int]) -> None:
+        for device, epoch in epochs.items():
+            self.table.seed(device, epoch)
+
+    def session(self, device: str, now: float) -> SessionView:
+        return self.table.view(device, now)
+
+    def online_devices(self) -> list[str]:
+        return self.table.online_devices()

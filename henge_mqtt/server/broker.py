@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..ports import BrokerHooks, KickResult, Principal, Refusal
-from ..sessions import Action, Close, Emit, PublishWill, SessionSettings, SessionTable, SessionView, TokenBucket
+from ..sessions import Action, Close, Emit, PublishWill, SessionSettings, SessionTable, TableViews, TokenBucket
 from . import codec
 from .connection import CLOSED, OPEN, PENDING, V5, Connection
 from .limits import Limits, LogLimiter
@@ -106,7 +106,7 @@ class Listener:
     ssl: ssl.SSLContext | None = None
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(TableViews):
     """Implements :class:`~henge_mqtt.ports.BrokerPort` with henge's own MQTT 3.1.1 server."""
 
     def __init__(
@@ -623,18 +623,8 @@ class EmbeddedBroker:
         self._apply(actions)
         return KickResult(kicked=any(isinstance(a, Close) for a in actions))
 
-    def seed_epochs(self, epochs: dict[str, int]) -> None:
-        for device, epoch in epochs.items():
-            self.table.seed(device, epoch)
-
     def forget(self, device: str) -> None:
         self.table.forget(device)
-
-    def session(self, device: str, now: float) -> SessionView:
-        return self.table.view(device, now)
-
-    def online_devices(self) -> list[str]:
-        return self.table.online_devices()
 
     def clear_conflict(self, device: str) -> bool:
         actions = self.table.clear_conflict(device)

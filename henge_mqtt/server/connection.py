@@ -58,6 +58,13 @@ def _retrieved(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
+def _delivery() -> asyncio.Future[None]:
+    """A future done when the client acknowledges; one nobody waits for fails silently."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.add_done_callback(_retrieved)
+    return future
+
+
 class Connection(asyncio.Protocol):
     __slots__ = (
         "admin_only",
@@ -307,18 +314,8 @@ class Connection(asyncio.Protocol):
             self.broker.warn("broker.slow_consumer", "key=%s: %d deliveries unacknowledged", self.key, len(out))
             self.close("slow_consumer", abort=True)
             return None
-        packet_id = self.next_id
-        while True:
-            packet_id = packet_id % 65535 + 1
-            if packet_id not in out:
-                break
-        self.next_id = packet_id
-        future = None
-        if track:
-            future = asyncio.get_running_loop().create_future()
-            future.add_done_callback(_retrieved)  # a delivery nobody waits for fails silently
-        out[packet_id] = (time.monotonic(), future)
-        self.send(codec.publish_bytes(topic, data, 1, retain, packet_id, props=props))
+        future = _delivery() if track else None
+        self._send_qos1(topic, data, retain, props, future)
         return future
 
     def _enqueue(self, topic: str, data: bytes, retain: bool, track: bool,
@@ -333,10 +330,7 @@ class Connection(asyncio.Protocol):
                              len(self.out) + len(queue))
             self.close("slow_consumer", abort=True)
             return None
-        future = None
-        if track:
-            future = asyncio.get_running_loop().create_future()
-            future.add_done_callback(_retrieved)
+        future = _delivery() if track else None
         queue.append((topic, data, props, retain, future))
         return future
 
@@ -350,7 +344,7 @@ class Connection(asyncio.Protocol):
             if not sent:
                 return
 
-    def _send_qos1(self, topic: str, data: bytes, retain: bool, props: bytes,
+    def _send_qos1(self, topic: str, data: bytes, retain: bool, props: bytes | None,
                    future: asyncio.Future[None] | None) -> bool:
         out = self.out
         if out is None:

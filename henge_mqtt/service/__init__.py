@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .auth import write_private
-from .composer import HengeService, current_actor
+from .api import current_actor
+from .composer import HengeService
 
 __all__ = ["HengeService", "current_actor", "write_private"]

@@ -1,0 +1,179 @@
+"""The library API: every operation of the service, as coroutines (the CLI reaches the same ones
+over the admin protocol). Store work runs on the store's thread; the broker is reached through
+its port only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from typing import Any
+
+from .. import models
+from ..errors import DuplicateDevice, InvalidDeviceId, ServiceUnavailable, UnknownDevice, ValidationFailed
+from ..models import ConfigVersion, Device
+from ..ports import BrokerPort, KickResult
+from ..settings import Settings
+from ..store import DeviceReports, Store, StoreWorker
+from ..topics import Topics
+from .configs import Configs, Progress
+from .events import Events
+from .presence import iso
+from .reports import Reports
+
+# Who is acting: the admin identity of the request being served, else the embedding application.
+current_actor: contextvars.ContextVar[str] = contextvars.ContextVar("henge_actor", default="library")
+
+
+class ServiceAPI:
+    settings: Settings
+    topics: Topics
+    events: Events
+    configs: Configs
+    reports: Reports
+    _worker: StoreWorker | None
+    _broker: BrokerPort | None
+
+    @property
+    def worker(self) -> StoreWorker:
+        if self._worker is None:
+            raise ServiceUnavailable("the service is not running")
+        return self._worker
+
+    @property
+    def store(self) -> Store:
+        return self.worker.store
+
+    @property
+    def broker(self) -> BrokerPort:
+        if self._broker is None:
+            raise ServiceUnavailable("the service is not running")
+        return self._broker
+
+    async def add_device(self, device: str, labels: dict[str, str] | None = None) -> str:
+        problem = models.device_id_problem(device)
+        if problem:
+            raise InvalidDeviceId(problem)
+        if device == self.settings.admin_name:
+            raise DuplicateDevice(f"{device!r} is the admin identity's name; choose another id")
+        secret = await self.worker.run(self.store.add_device, device, labels, actor=current_actor.get())
+        self.events.emit("device_added", device)
+        return secret
+
+    async def import_devices(self, devices: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
+        """Create many devices at once (all or nothing); returns ``{id: secret}``."""
+        for device, _ in devices:
+            problem = models.device_id_problem(device)
+            if problem:
+                raise InvalidDeviceId(problem + "; nothing was imported")
+            if device == self.settings.admin_name:
+                raise DuplicateDevice(f"{device!r} is the admin identity's name; nothing was imported")
+        secrets_by_id = await self.worker.run(self.store.add_devices, devices, actor=current_actor.get())
+        self.events.emit("devices_imported", None, count=len(devices))
+        return secrets_by_id
+
+    async def remove_device(self, device: str) -> None:
+        """Store first, then the broker: the connection closed, the session and retained topics gone."""
+        await self.worker.run(self.store.remove_device, device, actor=current_actor.get())
+        await self.broker.kick(device)
+        self.broker.forget(device)
+        for topic in (self.topics.config(device), self.topics.presence(device)):
+            self.broker.publish(topic, b"", qos=1, retain=True)
+        self.events.emit("device_removed", device)
+
+    async def rotate_secret(self, device: str) -> str:
+        secret = await self.worker.run(self.store.rotate_secret, device, actor=current_actor.get())
+        self.events.emit("secret_rotated", device)
+        return secret
+
+    async def get_device(self, device: str) -> Device:
+        return await self.worker.run(self.store.get_device, device)
+
+    async def list_devices(self, labels: dict[str, str] | None = None) -> list[Device]:
+        return await self.worker.run(self.store.list_devices, labels)
+
+    async def get_version(self, device: str, version: int | None = None) -> ConfigVersion:
+        return await self.worker.run(self.store.get_version, device, version)
+
+    async def history(self, device: str) -> list[ConfigVersion]:
+        return await self.worker.run(self.store.history, device)
+
+    async def audit(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        store = self.store
+        entries = await self.worker.run(store.audit, device, limit)
+        # A removed device's trail is still there; only an id never seen is unknown.
+        if device is not None and not entries and not store.has_device(device):
+            raise UnknownDevice(f"unknown device {device!r}")
+        return entries
+
+    async def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None) -> list[str]:
+        if not all_devices and not labels:
+            raise ValidationFailed("select devices with all or with at least one label")
+        return await self.worker.run(self.store.device_ids, labels if not all_devices else None)
+
+    async def push(self, device: str, config: dict[str, Any], *, message: str = "",
+                   if_version: int | None = None) -> ConfigVersion:
+        return await self.configs.push(device, config, actor=current_actor.get(), message=message,
+                                       if_version=if_version)
+
+    async def push_many(self, devices: list[str], config: dict[str, Any], *, message: str = "",
+                        progress: Progress | None = None) -> tuple[list[ConfigVersion], list[asyncio.Future[None]]]:
+        """Returns the stored rows and one future per connected subscriber, done when it acknowledged."""
+        return await self.configs.push_many(devices, config, actor=current_actor.get(), message=message,
+                                            progress=progress)
+
+    async def rollback(self, device: str, version: int, *, message: str = "") -> ConfigVersion:
+        return await self.configs.rollback(device, version, actor=current_actor.get(), message=message)
+
+    async def wait_for_report(self, device: str, version: int, timeout: float) -> dict[str, Any]:
+        return await self.reports.wait_for(device, version, timeout)
+
+    def online_count(self) -> int:
+        return len(self.broker.online_devices())
+
+    async def kick(self, device: str) -> KickResult:
+        if not self.store.has_device(device):
+            raise UnknownDevice(f"unknown device {device!r}")
+        result = await self.broker.kick(device)
+        await self.worker.run(self.store.record_audit, current_actor.get(), "kick", device,
+                              {"was_connected": result.kicked, "supported": result.supported})
+        if result.kicked:
+            self.events.count("kicks")
+        return result
+
+    async def clear_conflict(self, device: str) -> bool:
+        if not self.store.has_device(device):
+            raise UnknownDevice(f"unknown device {device!r}")
+        cleared = self.broker.clear_conflict(device)
+        await self.worker.run(self.store.record_audit, current_actor.get(), "clear_conflict", device,
+                              {"had_conflict": cleared})
+        return cleared
+
+    async def status(self, device: str | None = None, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        store = self.store
+        devices, reports = await self.worker.run(
+            lambda: ([store.get_device(device)] if device else store.list_devices(labels), store.reports()))
+        now = time.time()
+        rows = []
+        for d in devices:
+            view = self.broker.session(d.id, now)
+            rep = reports.get(d.id, DeviceReports())
+            sync = rep.sync(d.desired_version)
+            rows.append({
+                "device": d.id, "labels": d.labels, "online": view.online, "epoch": view.epoch,
+                "since": iso(view.since) if view.since else None, "remote": view.remote, "reason": view.reason,
+                "desired_version": d.desired_version, "takeovers": view.takeovers_last_hour,
+                "conflict": view.conflict, "conflict_remotes": list(view.conflict_remotes),
+                "quarantined_until": iso(view.quarantined_until) if view.quarantined_until else None,
+                "applied_version": rep.applied_version, "applied_at": rep.applied_at, "sync": sync,
+                "error": rep.rejected_error if sync == "rejected" else None,
+                "rejected_version": rep.rejected_version,
+            })
+        return rows
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Counters and gauges copied on the loop, for a scrape from another thread."""
+        return {"counters": dict(self.events.counters), "online": self.online_count(), **self.broker.stats()}
+
+
