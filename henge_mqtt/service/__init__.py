@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .auth import write_private
 from .api import current_actor
+from .auth import write_private
 from .composer import HengeService
 
 __all__ = ["HengeService", "current_actor", "write_private"]
