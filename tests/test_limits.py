@@ -253,3 +253,27 @@ async def test_a_reader_that_stops_reading_is_cut_off_at_the_write_buffer_bound(
         await wait_until(lambda: running.broker.conns.get("deaf") is None, 5, "the deaf client cut off")
         assert (await running.service.status("deaf"))[0]["reason"] == "slow_consumer"
         await good.still_served()
+
+
+async def test_ping_and_empty_ack_floods_are_charged_too(start_service) -> None:  # type: ignore[no-untyped-def]
+    async with start_service(device_publish_rate=5, device_publish_burst=20) as running, \
+            bystander(running) as good:
+        pinger = await device(running, "pinger")
+        with contextlib.suppress(ConnectionError):
+            await pinger.send(raw.PINGREQ * 500)
+        assert await pinger.closed_within(3)
+        acker = await device(running, "acker")
+        with contextlib.suppress(ConnectionError):
+            await acker.send(b"\x40\x02\x00\x07" * 500)  # PUBACKs for deliveries that never were
+        assert await acker.closed_within(3)
+        for name in ("pinger", "acker"):
+            assert (await running.service.status(name))[0]["reason"] == "publish_rate_exceeded"
+        await good.still_served()
+
+
+async def test_a_connect_over_the_pre_authentication_bound_is_closed_unread(running: Running) -> None:
+    async with bystander(running) as good:
+        client = await raw.RawClient.open(running.port)
+        await client.send(b"\x10" + bytes([0x80, 0x80, 0x10]))  # announces 256 KiB, sends none of it
+        assert await client.closed_within(2)
+        await good.still_served()

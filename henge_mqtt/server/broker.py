@@ -293,6 +293,7 @@ class EmbeddedBroker(TableViews):
         requested = float(connect.keepalive)
         keepalive = self.limits.max_keepalive if requested <= 0 else min(requested, self.limits.max_keepalive)
         conn.principal, conn.keepalive, conn.will = principal, keepalive, connect.will
+        conn.framer.limit = self.limits.max_packet
         if conn.v5 is not None:
             conn.v5.keepalive_capped = requested != keepalive  # told in CONNACK (Server Keep Alive)
         if principal.kind == "admin":
@@ -426,8 +427,9 @@ class EmbeddedBroker(TableViews):
 
     # ---- packets (called by Connection) ----------------------------------------------------------
 
-    def _charge(self, conn: Connection) -> bool:
-        """One packet against the device's rate; False (and the connection closed) when over it."""
+    def charge(self, conn: Connection) -> bool:
+        """One packet against the device's rate (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PINGREQ, and
+        acknowledgements of nothing); False, and the connection closed, when over it."""
         if conn.principal is None or conn.principal.kind != "device":
             return True
         bucket = conn.bucket
@@ -457,7 +459,7 @@ class EmbeddedBroker(TableViews):
             self.info("broker.bad_topic", "key=%s topic=%r", conn.key, topic)
             conn.close("protocol_error", abort=True, code=codec.TOPIC_NAME_INVALID)
             return
-        if not self._charge(conn):
+        if not self.charge(conn):
             return
         device = conn.principal.kind == "device"
         version = conn.version
@@ -517,7 +519,7 @@ class EmbeddedBroker(TableViews):
             # We announce Subscription Identifiers Available 0 [MQTT-3.8.2-* / 0xA1].
             conn.close("protocol_error", abort=True, code=0xA1)
             return
-        if not self._charge(conn):
+        if not self.charge(conn):
             return
         subs = conn.subs
         if subs is None:
@@ -572,7 +574,7 @@ class EmbeddedBroker(TableViews):
                 conn.deliver(topic, data, min(qos, rqos), True, False, props)
 
     def on_unsubscribe(self, conn: Connection, packet: codec.Unsubscribe) -> None:
-        if not self._charge(conn):
+        if not self.charge(conn):
             return
         subs = conn.subs
         codes: list[int] = []

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 HANDSHAKE, PENDING, OPEN, CLOSED = 0, 1, 2, 3
 MAX_PENDING_FRAMES = 32  # packets a client may pipeline behind its CONNECT before the CONNACK
+MAX_CONNECT_BYTES = 80 * 1024  # before authentication: a client id, a will (<= 64 KiB), credentials
 
 # Why a connection was closed (its presence reason) -> the 5.0 DISCONNECT reason code it is told.
 DISCONNECT_REASONS = {
@@ -98,7 +99,8 @@ class Connection(asyncio.Protocol):
     def __init__(self, broker: EmbeddedBroker, *, admin_only: bool = False, tls: bool = False) -> None:
         self.broker = broker
         self.transport: asyncio.Transport | None = None
-        self.framer = codec.Framer(broker.limits.max_packet)
+        # Before authentication a peer may make us buffer little; raised to max_packet once authenticated.
+        self.framer = codec.Framer(min(MAX_CONNECT_BYTES, broker.limits.max_packet))
         self.state = HANDSHAKE
         self.principal: Principal | None = None
         self.key = ""
@@ -231,13 +233,16 @@ class Connection(asyncio.Protocol):
                 assert isinstance(ack, codec.Puback)
                 out = self.out
                 entry = out.pop(ack.packet_id, None) if out else None
+                if entry is None and not self.broker.charge(self):  # unsolicited: charged
+                    return
                 if entry is not None and entry[1] is not None and not entry[1].done():
                     entry[1].set_result(None)
                 if self.v5 is not None and self.v5.queue:
                     self._release_queued()
             elif kind == codec.PINGREQ:
                 codec.decode(first, body)
-                self.send(codec.PINGRESP_BYTES)
+                if self.broker.charge(self):  # a flood of pings is a flood like any other
+                    self.send(codec.PINGRESP_BYTES)
             elif kind == codec.SUBSCRIBE:
                 packet = codec.decode(first, body, version)
                 assert isinstance(packet, codec.Subscribe)
@@ -250,6 +255,8 @@ class Connection(asyncio.Protocol):
                 rel = codec.decode(first, body, version)
                 assert isinstance(rel, codec.Pubrel)
                 known = self.in_qos2 is not None and self.in_qos2.pop(rel.packet_id, None) is not None
+                if not known and not self.broker.charge(self):
+                    return
                 # Also for an unknown id [MQTT-4.3.3-2]; 5.0 says which (0x92 packet identifier not found).
                 self.send(codec.pubcomp(rel.packet_id, 0 if known else 0x92, version=version))
             elif kind == codec.DISCONNECT:
