@@ -120,8 +120,14 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
     assert runs[("henge", "exact")]["shutdown_s"] is not None
 
 
-async def test_big_import_and_fleet_push_do_not_stall_connected_devices(running: Running) -> None:
+async def test_big_import_and_fleet_push_do_not_stall_connected_devices(start_service) -> None:  # type: ignore[no-untyped-def]
     """The store runs on its own thread: a connected device's PINGRESP stays prompt meanwhile."""
+    # The probe pings every 10 ms, far more often than a device would: its rate is raised.
+    async with start_service(device_publish_rate=1000, device_publish_burst=1000) as running:
+        await _stall_probe(running)
+
+
+async def _stall_probe(running: Running) -> None:
     secret = await running.add("probe")
     probe = await raw.RawClient.open(running.port)
     await probe.send(raw.connect("probe", "probe", secret))
