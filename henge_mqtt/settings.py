@@ -142,7 +142,8 @@ class Settings(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise SettingsError(f"{origin}: henge.{where}: {first['msg']}") from exc
+            section = "" if where.startswith("listeners") else "henge."
+            raise SettingsError(f"{origin}: {section}{where}: {first['msg']}") from exc
         return settings.with_listener(host, port)
 
     def with_listener(self, host: str | None, port: int | None) -> Settings:

@@ -102,3 +102,13 @@ async def test_admin_socket_serves_admins_only(running: Running) -> None:
         "-t", "henge/devices/dev1/config", "-C", "1", "-W", "5"], capture_output=True, text=True, timeout=15)
     assert denied.returncode != 0 and "not authorised" in denied.stderr.lower()
     assert not (await running.service.status("dev1"))[0]["online"]  # a device never gets in this way
+
+
+async def test_a_second_service_on_the_same_data_dir_is_refused(running: Running, tmp_path: Path) -> None:
+    result = await asyncio.to_thread(henge_cli, "serve", "--data", str(running.data_dir), "--port", "0",
+                                     timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "another henge service is running on this data dir" in result.stderr.strip().splitlines()[-1]
+    # The first one is untouched: its admin socket still serves the CLI.
+    status = await asyncio.to_thread(henge_cli, "status", "--data", str(running.data_dir), "--json")
+    assert status.returncode == 0, status.stderr

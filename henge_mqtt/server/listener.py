@@ -66,10 +66,27 @@ def tcp_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+class SocketInUse(OSError):
+    """Another process answers on the admin socket: a second service on the same data dir."""
+
+
 def unix_socket(path: Path) -> socket.socket:
-    """A listening Unix socket readable and writable by its owner only."""
+    """A listening Unix socket readable and writable by its owner only.
+
+    A socket file left by a crashed service is replaced; one that another process still answers on
+    is not (two services on one data dir would share a store neither owns alone).
+    """
     if path.exists() or path.is_symlink():
-        path.unlink()
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: nobody listens
+        else:
+            raise SocketInUse(f"another henge service is running on this data dir (its admin socket {path} answers)")
+        finally:
+            probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
