@@ -193,6 +193,11 @@ class EmbeddedBroker(TableViews):
         self._apply(self.table.shutdown(time.time()))
         for conn in list(self.conns.values()) + list(self._handshakes) + list(self._closing):
             conn.close("server_shutdown", abort=True)
+        # Sockets closing politely (a 5.0 DISCONNECT just written) go within a few loop turns.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 0.5
+        while self._closing and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         for conn in list(self._closing):
             if conn.transport is not None:
                 conn.transport.abort()

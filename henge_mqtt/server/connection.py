@@ -390,6 +390,8 @@ class Connection(asyncio.Protocol):
                 transport = self.transport
                 if transport is not None and not transport.is_closing():
                     transport.write(codec.disconnect(reason_code, {codec.REASON_STRING: why}, version=5))
+                    if transport.get_write_buffer_size() == 0:
+                        abort = False  # it left at once: a FIN after it, so the client reads it first
         out, self.out = self.out, None
         queued = self.v5.queue if self.v5 is not None else None
         failed = [f for _, f in (out or {}).values()] + [item[4] for item in queued or ()]
