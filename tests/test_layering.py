@@ -84,3 +84,18 @@ def test_layers_import_only_downwards() -> None:
         if module.startswith("henge_mqtt.service"):
             reach = {d for d in _ours(module) if d.startswith("henge_mqtt.server") and d != "henge_mqtt.server"}
             assert not reach, f"{module} reaches into the server's modules {sorted(reach)}; use the port"
+
+
+def test_every_package_is_installed() -> None:
+    """A non-editable `pip install .` ships every subpackage (the Quickstart's first line)."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    include = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    shipped = set(find_packages(str(PACKAGE.parent), include=include))
+    needed = {_module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert needed <= shipped, f"not installed by pip: {sorted(needed - shipped)}"
+    for path in PACKAGE.rglob("*.py"):
+        assert (path.parent / "__init__.py").exists(), f"{path.parent} has no __init__.py"
