@@ -52,7 +52,8 @@ async def test_mosquitto_sub_shell_device_applies_and_reports(running: Running, 
     lines = [json.loads(line) for line in stdout.decode().splitlines()]
     assert lines == [{"version": 1, "config": {"mode": "eco"}}, {"version": 2, "config": {"mode": "boost"}}]
     assert json.loads(out.read_text()) == {"mode": "boost"}
-    status = (await running.service.status("sensor-2"))[0]
+    # The report is acknowledged when received and recorded right after: wait for the record.
+    status = await wait_status(running, "sensor-2", lambda r: r["applied_version"] == 2)
     assert (status["applied_version"], status["sync"], status["conflict"]) == (2, "in_sync", False)
 
 
