@@ -28,6 +28,20 @@ app = typer.Typer(
     help="henge-mqtt: versioned JSON configs for fleets of MQTT devices.",
     pretty_exceptions_enable=False,
 )
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"henge {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """henge-mqtt: versioned JSON configs for fleets of MQTT devices."""
+
+
 device_app = typer.Typer(no_args_is_help=True, help="Register and manage devices.")
 app.add_typer(device_app, name="device")
 
@@ -47,6 +61,13 @@ WaitOpt = Annotated[bool, typer.Option(
     "exit 4 on timeout.")]
 
 T = TypeVar("T")
+
+
+def _log_level(name: str) -> int:
+    levels = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+    if name.lower() not in levels:
+        fail(f"--log-level must be one of {', '.join(levels)}, not {name!r}", 2)
+    return levels[name.lower()]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -187,9 +208,10 @@ def serve(
     from .settings import Settings
 
     logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
+        level=_log_level(log_level),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    os.umask(0o077)  # the store, its WAL and every file henge writes: for the service's user only
     settings = Settings.load(config, data_dir=data, host=host, port=port)
     if external:
         if host is not None or port is not None:
@@ -574,6 +596,7 @@ def certs_dev(
     host: Annotated[list[str] | None, typer.Option("--host", help="Server name or IP (repeatable).")] = None,
     device: Annotated[list[str] | None, typer.Option("--device", help="A device certificate (CN = id).")] = None,
     days: Annotated[int, typer.Option("--days", min=1)] = 30,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite certificates already in --out.")] = False,
 ) -> None:
     """A throwaway CA, server and device certificates for tests and demos (not for production)."""
     from .certs import make_dev_certs
@@ -583,6 +606,9 @@ def certs_dev(
         problem = device_id_problem(d)
         if problem:
             fail(problem, 2)
+    if (out / "ca.pem").exists() and not force:
+        fail(f"{out} already holds a CA (ca.pem): certificates signed by it would stop verifying; "
+             "pass --force to replace it", 1)
     written = make_dev_certs(out, host or ["localhost", "127.0.0.1"], device or [], days)
     typer.echo(f"wrote {', '.join(p.name for p in written.values())} and their keys (mode 0600) to {out}")
     typer.echo("these are for testing: production certificates come from your own PKI", err=True)
@@ -661,7 +687,7 @@ def agent(
         applier = write_file_applier(write) if write is not None else exec_applier(parse_exec(exec_ or ""))
     except ValueError as exc:
         fail(str(exc), 2)
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+    logging.basicConfig(level=_log_level(log_level),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     worker = Agent(parts.hostname, parts.port or 1883, device, secret, applier,
                    state or Path(f"{device}.henge-state.json"), topic_prefix=topic_prefix, mqtt5=mqtt != "3.1.1")
@@ -677,7 +703,30 @@ def agent(
 
 
 def main() -> None:
+    """The CLI's one exit: every failure is one ``error:`` line and a documented exit code, never a
+    traceback (usage errors 2, failures 1; ``HENGE_DEBUG=1`` shows the traceback of an unexpected one)."""
+    from typer.exceptions import TyperException
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _fatal("interrupted", 130)
+    except TyperException as exc:  # a usage error: one line, not a box
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _fatal(message, int(getattr(exc, "exit_code", 2)))
     except HengeError as exc:
-        fail(str(exc))
+        _fatal(str(exc), EXIT_TIMEOUT if exc.code == "timeout" else 1)
+    except KeyboardInterrupt:
+        _fatal("interrupted", 130)
+    except Exception as exc:  # the last guard: a bug must still not print a traceback at an operator
+        if os.environ.get("HENGE_DEBUG"):
+            raise
+        _fatal(f"unexpected failure: {exc!r} (run with HENGE_DEBUG=1 for the traceback)", 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fatal(message: str, code: int) -> NoReturn:
+    sys.stderr.write("error: " + " ".join(message.split()) + "\n")
+    sys.exit(code)

@@ -46,8 +46,9 @@ class Endpoint:
             service = json.loads((data_dir / SERVICE_FILE).read_text())
         except FileNotFoundError as exc:
             raise ServiceUnavailable(
-                f"no running service found in {data_dir} (no {SERVICE_FILE}): start it with "
-                f"`henge serve --data {data_dir}` or pass --broker"
+                f"no running service found in {data_dir.resolve()} (no {SERVICE_FILE}): point --data (or "
+                f"HENGE_DATA) at the data dir of a running service, start one with "
+                f"`henge serve --data {data_dir}`, or pass --broker"
             ) from exc
         except (OSError, ValueError) as exc:
             raise ServiceUnavailable(f"cannot read {data_dir / SERVICE_FILE}: {exc}") from exc

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -140,13 +141,19 @@ class Store:
     def __init__(self, data_dir: Path, *, synchronous: Literal["full", "normal"] = "full") -> None:
         self.path = data_dir / DB_FILE
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.path.exists():  # configs and secret hashes: readable by the service's user only
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA foreign_keys=ON")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._migrate()
+            for suffix in ("", "-wal", "-shm"):  # SQLite makes its side files with the process umask
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    os.chmod(side, 0o600)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
         except OSError as exc:

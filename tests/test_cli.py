@@ -217,3 +217,60 @@ def test_serve_reports_bad_config_file(tmp_path: Path, bad: str) -> None:
     cfg.write_text(bad)
     result = henge_cli("serve", "--data", str(tmp_path / "d"), "--config", str(cfg), timeout=20)
     assert "config file" in serve_error(result)
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
+
+
+async def test_bad_input_matrix_one_line_each(running: Running, tmp_path: Path) -> None:
+    data = str(running.data_dir)
+    no_id = tmp_path / "no-id.csv"
+    no_id.write_text("name,site\na,b\n")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"id": "ok-1"}\n{not json\n')
+    bad_id = tmp_path / "bad-id.csv"
+    bad_id.write_text("id\nok-2\nbad/id\n")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"a": 1}')
+    cases = [
+        (("device", "import", str(tmp_path / "missing.csv"), "--data", data), 1, "cannot read"),
+        (("device", "import", str(no_id), "--data", data), 1, '"id" column'),
+        (("device", "import", str(bad_json), "--data", data), 1, "not valid JSON"),
+        (("device", "import", str(bad_id), "--data", data), 1, "invalid device id"),
+        (("push",), 2, "Missing argument"),
+        (("status", "--timeout", "abc", "--data", data), 2, "--timeout"),
+        (("nosuch",), 2, "No such command"),
+        (("push", "--label", "site=nowhere", str(cfg), "--data", data), 1, "no device has the labels site=nowhere"),
+        (("status", "--data", str(tmp_path / "elsewhere")), 1, "HENGE_DATA"),
+        (("serve", "--log-level", "loud", "--data", str(tmp_path / "x")), 2, "--log-level"),
+    ]
+    for args, code, text in cases:
+        result = await asyncio.to_thread(henge_cli, *args)
+        _one_error_line(result, code, text)
+    assert not running.service.store.has_device("ok-1") and not running.service.store.has_device("ok-2")
+    version = await asyncio.to_thread(henge_cli, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("henge ")
+
+
+async def test_store_and_data_dir_are_private(running: Running) -> None:
+    import stat as st
+
+    assert st.S_IMODE(running.data_dir.stat().st_mode) == 0o700
+    for name in ("henge.db", "henge.db-wal", "henge.db-shm", "admin.json"):
+        path = running.data_dir / name
+        assert st.S_IMODE(path.stat().st_mode) == 0o600, name
+
+
+def test_certs_dev_refuses_to_replace_a_ca(tmp_path: Path) -> None:
+    first = henge_cli("certs", "dev", "--out", str(tmp_path / "c"))
+    assert first.returncode == 0, first.stderr
+    ca = (tmp_path / "c" / "ca.pem").read_bytes()
+    again = henge_cli("certs", "dev", "--out", str(tmp_path / "c"))
+    _one_error_line(again, 1, "--force")
+    assert (tmp_path / "c" / "ca.pem").read_bytes() == ca
+    forced = henge_cli("certs", "dev", "--out", str(tmp_path / "c"), "--force")
+    assert forced.returncode == 0 and (tmp_path / "c" / "ca.pem").read_bytes() != ca

@@ -110,7 +110,12 @@ class ServiceAPI:
     async def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None) -> list[str]:
         if not all_devices and not labels:
             raise ValidationFailed("select devices with all or with at least one label")
-        return await self.worker.run(self.store.device_ids, labels if not all_devices else None)
+        devices = await self.worker.run(self.store.device_ids, labels if not all_devices else None)
+        if not devices:
+            what = "no devices are registered" if all_devices else (
+                "no device has the labels " + ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items())))
+            raise UnknownDevice(f"{what}; nothing was stored")
+        return devices
 
     async def push(self, device: str, config: dict[str, Any], *, message: str = "",
                    if_version: int | None = None) -> ConfigVersion:
