@@ -17,6 +17,7 @@ from pathlib import Path
 import aiomqtt
 
 from henge_mqtt import HengeService, Settings
+from henge_mqtt.errors import DuplicateDevice
 
 
 async def main(data_dir: Path) -> None:
@@ -26,7 +27,10 @@ async def main(data_dir: Path) -> None:
         events: list[str] = []
         service.add_event_listener(lambda event: events.append(f"{event.type}:{event.device}"))
 
-        secret = await service.add_device("pump-7", {"site": "plant-2"})
+        try:
+            secret = await service.add_device("pump-7", {"site": "plant-2"})
+        except DuplicateDevice:  # run before on this data dir: a fresh secret for this run
+            secret = await service.rotate_secret("pump-7")
         row = await service.push("pump-7", {"rpm_max": 1800}, message="initial limits")
 
         async with aiomqtt.Client(host, port, identifier="pump-7", username="pump-7", password=secret) as device:

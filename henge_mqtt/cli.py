@@ -254,7 +254,7 @@ def serve(
     try:
         asyncio.run(main())
     except OSError as exc:
-        fail(f"cannot start the broker: {exc.strerror or exc}")
+        fail(f"cannot start the service: {exc.strerror or exc}")
     # Everything is flushed and closed; skip the interpreter's object-by-object teardown.
     logging.shutdown()
     sys.stdout.flush()

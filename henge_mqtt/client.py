@@ -115,7 +115,12 @@ class AdminClient:
             raise ServiceUnavailable(
                 f"cannot reach the service at {e.where} (is `henge serve` running?): {exc}"
             ) from exc
-        await self._client.subscribe(self._reply_topic, qos=1)
+        try:
+            await self._client.subscribe(self._reply_topic, qos=1)
+        except (aiomqtt.MqttError, TimeoutError) as exc:  # the service went away right after CONNACK
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await asyncio.wait_for(self._client.__aexit__(None, None, None), self.timeout)
+            raise ServiceUnavailable(f"lost the connection to the service at {e.where}: {exc}") from exc
         self._pump = asyncio.create_task(self._read())
         return self
 

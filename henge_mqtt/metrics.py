@@ -45,7 +45,10 @@ class MetricsServer:
             registry=self.registry,
         )
         service.configs.on_delivery_started = self._track
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise SettingsError(f"cannot start the metrics server on {host}:{port}: {exc.strerror or exc}") from exc
         self.port = int(self._server.server_port)
 
     def _track(self, delivery: asyncio.Future[None]) -> None:

@@ -208,7 +208,7 @@ def test_serve_reports_busy_port_in_one_line(tmp_path: Path) -> None:
         sock.listen()
         port = sock.getsockname()[1]
         result = henge_cli("serve", "--data", str(tmp_path / "d"), "--port", str(port), timeout=20)
-    assert "cannot start the broker" in serve_error(result)
+    assert f"cannot listen on 127.0.0.1:{port} (listener default): Address already in use" in serve_error(result)
 
 
 @pytest.mark.parametrize("bad", ["not: [valid", "henge: {sessions: {conflict_policy: maybe}}"])
@@ -274,3 +274,19 @@ def test_certs_dev_refuses_to_replace_a_ca(tmp_path: Path) -> None:
     assert (tmp_path / "c" / "ca.pem").read_bytes() == ca
     forced = henge_cli("certs", "dev", "--out", str(tmp_path / "c"), "--force")
     assert forced.returncode == 0 and (tmp_path / "c" / "ca.pem").read_bytes() != ca
+
+
+async def test_library_and_metrics_name_what_could_not_listen(running: Running, tmp_path: Path) -> None:
+    from henge_mqtt.errors import HengeError
+    from henge_mqtt.service import HengeService
+
+    from .conftest import make_settings
+
+    busy = make_settings(tmp_path / "other").with_listener("127.0.0.1", running.port)
+    with pytest.raises(HengeError, match=f"cannot listen on 127.0.0.1:{running.port}"):
+        async with HengeService(busy):
+            pass
+    result = await asyncio.to_thread(henge_cli, "serve", "--data", str(tmp_path / "m"), "--port", "0",
+                                     "--metrics-port", str(running.port), timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot start the metrics server on 127.0.0.1:{running.port}" in serve_error(result)

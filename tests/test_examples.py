@@ -60,6 +60,8 @@ async def test_mosquitto_sub_shell_device_applies_and_reports(running: Running, 
 async def test_embed_example(tmp_path: Path) -> None:
     result = await run(sys.executable, "examples/embed.py", str(tmp_path / "data"))
     assert result.returncode == 0, result.stderr
+    again = await run(sys.executable, "examples/embed.py", str(tmp_path / "data"))  # the same data dir
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
     assert "pushed version 1; the device received version 1: {'rpm_max': 1800}" in result.stdout
     assert "config_published:pump-7" in result.stdout and "connected:pump-7" in result.stdout
 

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ServiceUnavailable
 from ..ports import BrokerHooks, KickResult, Principal, Refusal
 from ..sessions import Action, Close, Emit, PublishWill, SessionSettings, SessionTable, TableViews, TokenBucket
 from . import codec
@@ -155,12 +156,21 @@ class EmbeddedBroker(TableViews):
                 tls = spec.ssl is not None
                 if spec.ssl is not None and self.limits.tls_client_auth == "required":
                     spec.ssl.verify_mode = ssl.CERT_REQUIRED
-                for sock in tcp_sockets(spec.host, spec.port):
+                try:
+                    sockets = tcp_sockets(spec.host, spec.port)
+                except OSError as exc:
+                    raise ServiceUnavailable(
+                        f"cannot listen on {spec.host or '*'}:{spec.port} (listener {spec.name}): "
+                        f"{exc.strerror or exc}") from exc
+                for sock in sockets:
                     # A socket that never finishes its TLS handshake is bound by the CONNECT deadline.
                     acceptors.append(Acceptor(sock, functools.partial(Connection, self, tls=tls), self,
                                               ssl_context=spec.ssl, handshake_timeout=self.limits.connect_timeout))
             if self._admin_socket_path is not None:
-                sock = unix_socket(self._admin_socket_path)
+                try:
+                    sock = unix_socket(self._admin_socket_path)
+                except OSError as exc:
+                    raise ServiceUnavailable(f"cannot open the admin socket: {exc.strerror or exc}") from exc
                 acceptors.append(Acceptor(sock, lambda: Connection(self, admin_only=True), self, admin_only=True))
         except BaseException:
             for acceptor in acceptors:

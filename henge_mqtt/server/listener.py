@@ -84,7 +84,8 @@ def unix_socket(path: Path) -> socket.socket:
         except OSError:
             path.unlink()  # stale: nobody listens
         else:
-            raise SocketInUse(f"another henge service is running on this data dir (its admin socket {path} answers)")
+            raise SocketInUse(errno.EADDRINUSE, f"another henge service is running on this data dir (its admin "
+                                                f"socket {path} answers)")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
