@@ -176,10 +176,13 @@ class SessionTable:
 
     # ---- set-up and queries --------------------------------------------------------------------
 
-    def seed(self, device: str, epoch_hwm: int) -> None:
-        """Restore a persisted epoch high-water mark; never lowers one already known."""
+    def seed(self, device: str, epoch_hwm: int, last_seen: float | None = None, remote: str | None = None) -> None:
+        """Restore a persisted epoch high-water mark (never lowers one already known) and, for a
+        device seen before a restart, when and from where: it is offline since then (``server_start``)."""
         entry = self._entry(device)
         entry.epoch_hwm = max(entry.epoch_hwm, epoch_hwm)
+        if last_seen and entry.current is None and entry.since <= last_seen:
+            entry.since, entry.reason, entry.remote = last_seen, "server_start", remote
 
     def forget(self, device: str) -> None:
         self._devices.pop(device, None)
@@ -375,9 +378,9 @@ class TableViews:
 
     table: SessionTable
 
-    def seed_epochs(self, epochs: dict[str, int]) -> None:
-        for device, epoch in epochs.items():
-            self.table.seed(device, epoch)
+    def seed_sessions(self, sessions: list[tuple[str, int, float | None, str | None]]) -> None:
+        for device, epoch, last_seen, remote in sessions:
+            self.table.seed(device, epoch, last_seen, remote)
 
     def session(self, device: str, now: float) -> SessionView:
         return self.table.view(device, now)

@@ -93,6 +93,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE devices ADD COLUMN broker_hash TEXT;
     ALTER TABLE admins ADD COLUMN broker_hash TEXT;
     """,
+    """
+    ALTER TABLE devices ADD COLUMN last_seen REAL;
+    ALTER TABLE devices ADD COLUMN last_remote TEXT;
+    ALTER TABLE devices ADD COLUMN last_reason TEXT;
+    """,
 ]
 
 
@@ -455,6 +460,21 @@ class Store:
 
     def epochs(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT id, epoch FROM devices"))
+
+    def sessions(self) -> list[tuple[str, int, float | None, str | None]]:
+        """``(device, epoch high-water mark, last seen, last remote)`` for every device."""
+        return list(self._db.execute("SELECT id, epoch, last_seen, last_remote FROM devices"))
+
+    def save_sessions(self, epochs: dict[str, int], seen: dict[str, tuple[float, str | None, str]]) -> None:
+        """Epochs (the group commit of a reconnect storm) and last-seen records in one transaction."""
+        with self._tx():
+            self._db.executemany(
+                "UPDATE devices SET epoch = MAX(epoch, ?) WHERE id = ?", [(e, d) for d, e in epochs.items()]
+            )
+            self._db.executemany(
+                "UPDATE devices SET last_seen = ?, last_remote = ?, last_reason = ? WHERE id = ?",
+                [(at, remote, reason, d) for d, (at, remote, reason) in seen.items()],
+            )
 
     def save_epochs(self, epochs: dict[str, int]) -> None:
         """Epoch high-water marks in one transaction (the group commit of a reconnect storm).

@@ -289,3 +289,22 @@ async def test_admin_identity_never_touches_device_sessions(running: Running) ->
                               password=running.service.admin_secret, timeout=5):
         assert not await device.closed_within(0.3)
     device.close()
+
+
+async def test_last_seen_survives_a_restart(start_service, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "kept"
+    async with start_service(data_dir=data) as first:
+        secret = await first.add("dev1", {"v": 1})
+        await first.add("never")
+        client = await raw_device(first, "dev1", secret)
+        await client.send(raw.DISCONNECT)
+        row = await wait_status(first, "dev1", lambda r: not r["online"])
+        left_at, remote = row["since"], row["remote"]
+    async with start_service(data_dir=data) as second:
+        row = (await second.service.status("dev1"))[0]
+        assert (row["online"], row["reason"], row["since"], row["remote"]) == (False, "server_start", left_at, remote)
+        assert row["epoch"] == 1
+        presence = await presence_of(second, "dev1")
+        assert (presence["reason"], presence["since"], presence["remote"]) == ("server_start", left_at, remote)
+        never = (await second.service.status("never"))[0]
+        assert (never["reason"], never["since"]) == ("never_connected", None)

@@ -57,6 +57,7 @@ class HengeService(ServiceAPI):
         self._auth: Auth | None = None
         self._tasks = TaskSet(log, "service.task_failed")
         self._pending_epochs: dict[str, int] = {}
+        self._pending_seen: dict[str, tuple[float, str | None, str]] = {}  # last seen, for after a restart
         self._epochs_saved: asyncio.Future[None] | None = None
         self._flushing = False
 
@@ -83,10 +84,10 @@ class HengeService(ServiceAPI):
             self.reports = Reports(self.worker, self.events, s.max_report_bytes,
                                    lambda d: broker.session(d, time.time()).online)
             self.configs = Configs(self.worker, broker, self.topics, self.events, s.max_config_bytes)
-            epochs = await self.worker.run(store.epochs)
-            broker.seed_epochs(epochs)
+            sessions = await self.worker.run(store.sessions)
+            broker.seed_sessions(sessions)
             count = await self.configs.republish_all()
-            self.presence.server_start(epochs.items())
+            self.presence.server_start(sessions)
             log.info("service.republished snapshots=%d", count)
             await broker.start()
         except BaseException:
@@ -137,8 +138,8 @@ class HengeService(ServiceAPI):
             return
         await self._broker.stop()
         await self._tasks.cancel_all(1.0)
-        if self._pending_epochs:
-            await self.worker.run(self.store.save_epochs, self._pending_epochs)
+        if self._pending_epochs or self._pending_seen:
+            await self.worker.run(self.store.save_sessions, self._pending_epochs, self._pending_seen)
         self._worker.close()
         with contextlib.suppress(OSError):
             (self.settings.data_dir / SERVICE_FILE).unlink()
@@ -195,28 +196,36 @@ class HengeService(ServiceAPI):
         for action in actions:
             if isinstance(action, PresenceChange):
                 self.presence.on_change(action)
+                self._pending_seen[action.device] = (action.since, action.remote, action.reason)
+                self._schedule_flush()
             elif isinstance(action, SaveEpoch):
                 self._pending_epochs[action.device] = max(action.epoch, self._pending_epochs.get(action.device, 0))
-                if self._epochs_saved is None:
-                    self._epochs_saved = asyncio.get_running_loop().create_future()
-                    if not self._flushing:
-                        asyncio.get_running_loop().call_soon(self._flush_epochs)
+                self._schedule_flush()
             elif isinstance(action, Emit):
                 self.events.count(action.type)
                 self.events.emit(action.type, action.device, **dict(action.data))
 
+    def _schedule_flush(self) -> None:
+        if self._epochs_saved is None:
+            self._epochs_saved = asyncio.get_running_loop().create_future()
+            if not self._flushing:
+                asyncio.get_running_loop().call_soon(self._flush_epochs)
+
     def _flush_epochs(self) -> None:
-        """Group commit: every epoch handed out since the last flush, in one transaction."""
+        """Group commit: every epoch handed out (and every last-seen record) since the last flush,
+        in one transaction."""
         if self._flushing or self._epochs_saved is None or self._worker is None:
             return
         pending, self._pending_epochs = self._pending_epochs, {}
+        seen, self._pending_seen = self._pending_seen, {}
         saved, self._epochs_saved = self._epochs_saved, None
         self._flushing = True
-        self._tasks.spawn(self._save_epochs(pending, saved))
+        self._tasks.spawn(self._save_epochs(pending, seen, saved))
 
-    async def _save_epochs(self, pending: dict[str, int], saved: asyncio.Future[None]) -> None:
+    async def _save_epochs(self, pending: dict[str, int], seen: dict[str, tuple[float, str | None, str]],
+                           saved: asyncio.Future[None]) -> None:
         try:
-            await self.worker.run(self.store.save_epochs, pending)
+            await self.worker.run(self.store.save_sessions, pending, seen)
         except Exception as exc:  # the waiting connects are refused; nothing is acknowledged
             log.error("store.epochs_failed error=%s", exc)
             if not saved.done():

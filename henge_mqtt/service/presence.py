@@ -47,11 +47,13 @@ class PresencePublisher:
         self.events.emit("connected" if change.online else "disconnected", change.device,
                          epoch=change.epoch, reason=change.reason, remote=change.remote)
 
-    def server_start(self, epochs: Iterable[tuple[str, int]]) -> None:
-        """Every known device starts offline: nothing is connected to a broker that just started."""
-        since = iso(time.time())
-        for device, epoch in epochs:
-            presence = Presence.model_construct(device=device, state="offline", epoch=epoch, since=since,
-                                                reason="server_start", remote=None)
+    def server_start(self, sessions: Iterable[tuple[str, int, float | None, str | None]]) -> None:
+        """Every known device starts offline: nothing is connected to a broker that just started.
+        A device seen before is offline since it was last seen, from where it was last seen."""
+        now = time.time()
+        for device, epoch, last_seen, remote in sessions:
+            presence = Presence.model_construct(device=device, state="offline", epoch=epoch,
+                                                since=iso(last_seen or now), reason="server_start",
+                                                remote=remote if last_seen else None)
             self.broker.publish(self.topics.presence(device), presence.to_payload(), qos=1, retain=True,
                                 props=JSON_PROPS)
