@@ -345,6 +345,8 @@ def device_import(
                                            "or JSON lines ({\"id\", \"labels\"}).")],
     secrets_out: Annotated[Path, typer.Option("--secrets-out", help="Where to write id,secret (mode 0600).")]
     = Path("henge-secrets.csv"),
+    update: Annotated[bool, typer.Option("--update", help="Existing devices get the labels in FILE (secrets "
+                                         "kept) instead of refusing the import.")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Create many devices in one transaction; their secrets go to a 0600 file, never to the screen."""
@@ -353,10 +355,35 @@ def device_import(
     devices = read_devices(source)
     if secrets_out.exists():
         fail(f"{secrets_out} already exists: choose another --secrets-out (secrets are never overwritten)")
-    result = _call(data, broker, timeout, "device.import", devices=[{"id": d, "labels": lb} for d, lb in devices])
-    write_secrets(secrets_out, result["secrets"])
-    summary = {"imported": len(result["secrets"]), "secrets_file": str(secrets_out)}
-    _emit(summary, as_json, lambda r: f"imported {r['imported']} devices; secrets in {r['secrets_file']} (mode 0600)")
+    result = _call(data, broker, timeout, "device.import", devices=[{"id": d, "labels": lb} for d, lb in devices],
+                   update=update)
+    if result["secrets"]:
+        write_secrets(secrets_out, result["secrets"])
+    summary = {"imported": len(result["secrets"]), "updated": result.get("updated", 0),
+               "secrets_file": str(secrets_out) if result["secrets"] else None}
+    _emit(summary, as_json, lambda r: f"imported {r['imported']} devices, updated {r['updated']}"
+          + (f"; secrets in {r['secrets_file']} (mode 0600)" if r["secrets_file"] else ""))
+
+
+@device_app.command("label")
+def device_label(
+    device: str,
+    changes: Annotated[list[str], typer.Argument(metavar="k=v|k-", help="Set k=v, or remove k with k-.")],
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Set and remove a device's labels (kubectl style: site=berlin tier-)."""
+    to_set: dict[str, str] = {}
+    to_remove: list[str] = []
+    for change in changes:
+        if "=" in change:
+            to_set.update(_labels([change]))
+        elif change.endswith("-") and len(change) > 1:
+            to_remove.append(change[:-1])
+        else:
+            fail(f"invalid label change {change!r}: use key=value to set or key- to remove", 2)
+    result = _call(data, broker, timeout, "device.label", device=device, set=to_set, remove=to_remove)
+    _emit(result, as_json, lambda r: f"{r['device']}: " + (",".join(f"{k}={v}" for k, v in
+                                                                   sorted(r["labels"].items())) or "no labels"))
 
 
 @device_app.command("export")

@@ -214,6 +214,13 @@ class ImportedDevice(Frozen):
 
 class ImportArgs(Frozen):
     devices: list[ImportedDevice] = Field(min_length=1, max_length=100_000)
+    update: bool = False
+
+
+class LabelArgs(Frozen):
+    device: DeviceId
+    set: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")], str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
 
 
 class PushManyArgs(Frozen):

@@ -219,25 +219,50 @@ class Store:
         self._hashes[device] = bytes.fromhex(digest)
         return secret
 
-    def add_devices(self, devices: list[tuple[str, dict[str, str]]], *, actor: str = "library") -> dict[str, str]:
-        """Create many devices in one transaction: all or nothing. Returns their secrets."""
+    def add_devices(self, devices: list[tuple[str, dict[str, str]]], *, actor: str = "library",
+                    update: bool = False) -> dict[str, str]:
+        """Create many devices in one transaction: all or nothing. Returns the new devices' secrets.
+
+        With ``update``, devices that exist get the labels given (their secrets are kept); without
+        it, one existing id refuses the whole import.
+        """
         seen: set[str] = set()
         for device, _ in devices:
-            if device in self._hashes or device in seen:
-                raise DuplicateDevice(f"device {device!r} already exists; nothing was imported")
+            if device in seen:
+                raise DuplicateDevice(f"device {device!r} appears twice; nothing was imported")
+            if device in self._hashes and not update:
+                raise DuplicateDevice(f"device {device!r} already exists; nothing was imported "
+                                      "(--update changes the labels of existing devices)")
             seen.add(device)
-        secrets_by_id = {device: new_secret() for device, _ in devices}
+        new = [(d, labels) for d, labels in devices if d not in self._hashes]
+        existing = [(d, labels) for d, labels in devices if d in self._hashes]
+        secrets_by_id = {device: new_secret() for device, _ in new}
         digests = {device: hash_secret(secret) for device, secret in secrets_by_id.items()}
         now = _ts(utc_now())
         with self._tx():
             self._db.executemany(
                 "INSERT INTO devices (id, secret_hash, labels, created_at, broker_hash) VALUES (?, ?, ?, ?, ?)",
                 [(d, digests[d], json.dumps(labels, sort_keys=True), now, mosquitto_hash(secrets_by_id[d]))
-                 for d, labels in devices],
+                 for d, labels in new],
             )
-            self._audit(actor, "device.import", None, {"devices": len(devices)})
+            self._db.executemany("UPDATE devices SET labels = ? WHERE id = ?",
+                                 [(json.dumps(labels, sort_keys=True), d) for d, labels in existing])
+            self._audit(actor, "device.import", None, {"devices": len(new), "updated": len(existing)})
         self._hashes.update({d: bytes.fromhex(h) for d, h in digests.items()})
         return secrets_by_id
+
+    def set_labels(self, device: str, set_: dict[str, str], remove: list[str], *, actor: str) -> dict[str, str]:
+        """Set and remove labels of one device; returns its labels afterwards."""
+        with self._tx():
+            row = self._db.execute("SELECT labels FROM devices WHERE id = ?", (device,)).fetchone()
+            if row is None:
+                raise UnknownDevice(f"unknown device {device!r}")
+            labels = {k: v for k, v in json.loads(row[0]).items() if k not in remove}
+            labels.update(set_)
+            self._db.execute("UPDATE devices SET labels = ? WHERE id = ?", (json.dumps(labels, sort_keys=True),
+                                                                            device))
+            self._audit(actor, "device.label", device, {"set": set_, "removed": remove})
+        return labels
 
     def remove_device(self, device: str, *, actor: str = "library") -> None:
         with self._tx():

@@ -154,3 +154,35 @@ async def _stall_probe(running: Running) -> None:
     assert len(secrets_by_id) == 10_000
     assert len(rtts) > 10 and max(rtts) < 0.1, (busy, max(rtts))
     assert busy > 3 * max(rtts)  # the work took far longer than the worst stall it caused
+
+
+async def test_labels_can_change_and_import_can_update(running: Running, tmp_path: Path) -> None:
+    data = str(running.data_dir)
+    await running.service.add_device("l1", {"site": "berlin", "tier": "gold"})
+    events: list[str] = []
+    running.service.add_event_listener(lambda e: events.append(e.type))
+    changed = await asyncio.to_thread(henge_cli, "device", "label", "l1", "site=paris", "tier-", "rack=7",
+                                      "--data", data, "--json")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["labels"] == {"site": "paris", "rack": "7"}
+    assert (await running.service.get_device("l1")).labels == {"site": "paris", "rack": "7"}
+    assert "labels_changed" in events
+    audit = await running.service.audit("l1")
+    assert audit[-1]["action"] == "device.label" and audit[-1]["summary"]["removed"] == ["tier"]
+    bad = await asyncio.to_thread(henge_cli, "device", "label", "l1", "oops", "--data", data)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: invalid label change")
+    unknown = await asyncio.to_thread(henge_cli, "device", "label", "ghost", "a=b", "--data", data)
+    assert unknown.returncode == 1 and "unknown device 'ghost'" in unknown.stderr
+
+    csv = tmp_path / "fleet.csv"
+    csv.write_text("id,site\nl1,rome\nl2,oslo\n")
+    refused = await asyncio.to_thread(henge_cli, "device", "import", str(csv), "--data", data,
+                                      "--secrets-out", str(tmp_path / "s1.csv"))
+    assert refused.returncode == 1 and "--update" in refused.stderr
+    assert not running.service.store.has_device("l2")  # all or nothing
+    upserted = await asyncio.to_thread(henge_cli, "device", "import", str(csv), "--update", "--data", data,
+                                       "--secrets-out", str(tmp_path / "s2.csv"), "--json")
+    assert upserted.returncode == 0, upserted.stderr
+    assert json.loads(upserted.stdout)["imported"] == 1 and json.loads(upserted.stdout)["updated"] == 1
+    assert (await running.service.get_device("l1")).labels == {"site": "rome"}
+    assert (tmp_path / "s2.csv").read_text().count("\n") == 2  # header + the one new device's secret

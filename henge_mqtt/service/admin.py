@@ -143,7 +143,12 @@ async def _wait(svc: HengeService, a: models.WaitArgs, progress: Progress) -> An
 
 
 async def _device_import(svc: HengeService, a: models.ImportArgs, progress: Progress) -> Any:
-    return {"secrets": await svc.import_devices([(d.id, d.labels) for d in a.devices])}
+    secrets = await svc.import_devices([(d.id, d.labels) for d in a.devices], update=a.update)
+    return {"secrets": secrets, "updated": len(a.devices) - len(secrets)}
+
+
+async def _device_label(svc: HengeService, a: models.LabelArgs, progress: Progress) -> Any:
+    return {"device": a.device, "labels": await svc.set_labels(a.device, dict(a.set), a.remove)}
 
 
 async def _device_export(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
@@ -210,6 +215,7 @@ OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any, Progress], An
     "wait": (models.WaitArgs, _wait),
     "audit": (models.AuditArgs, _audit),
     "device.import": (models.ImportArgs, _device_import),
+    "device.label": (models.LabelArgs, _device_label),
     "device.export": (models.StatusArgs, _device_export),
     "push_many": (models.PushManyArgs, _push_many),
     "clear_conflict": (models.DeviceRefArgs, _clear_conflict),

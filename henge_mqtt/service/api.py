@@ -61,16 +61,25 @@ class ServiceAPI:
         self.events.emit("device_added", device)
         return secret
 
-    async def import_devices(self, devices: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
-        """Create many devices at once (all or nothing); returns ``{id: secret}``."""
+    async def set_labels(self, device: str, set_: dict[str, str], remove: list[str]) -> dict[str, str]:
+        """Set (``k=v``) and remove (``k``) labels of a device; returns its labels afterwards."""
+        labels = await self.worker.run(self.store.set_labels, device, set_, remove, actor=current_actor.get())
+        self.events.emit("labels_changed", device, labels=labels)
+        return labels
+
+    async def import_devices(self, devices: list[tuple[str, dict[str, str]]], *,
+                             update: bool = False) -> dict[str, str]:
+        """Create many devices at once (all or nothing); returns ``{id: secret}`` of the new ones.
+        With ``update``, existing devices get the labels given instead of refusing the import."""
         for device, _ in devices:
             problem = models.device_id_problem(device)
             if problem:
                 raise InvalidDeviceId(problem + "; nothing was imported")
             if device == self.settings.admin_name:
                 raise DuplicateDevice(f"{device!r} is the admin identity's name; nothing was imported")
-        secrets_by_id = await self.worker.run(self.store.add_devices, devices, actor=current_actor.get())
-        self.events.emit("devices_imported", None, count=len(devices))
+        secrets_by_id = await self.worker.run(self.store.add_devices, devices, actor=current_actor.get(),
+                                              update=update)
+        self.events.emit("devices_imported", None, count=len(secrets_by_id), updated=len(devices) - len(secrets_by_id))
         return secrets_by_id
 
     async def remove_device(self, device: str) -> None:
