@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -309,9 +311,10 @@ def device_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt
                 timeout: TimeoutOpt = 10.0) -> None:
     """List devices with their labels and current version."""
     rows = _call(data, broker, timeout, "device.list")
-    for row in rows:
-        row["labels_text"] = ",".join(f"{k}={v}" for k, v in sorted(row["labels"].items())) or None
-    _emit(rows, as_json, lambda r: _table(r, ["id", "desired_version", "labels_text", "created_at"]))
+    now = datetime.now(UTC)
+    people = [{"id": r["id"], "version": r["desired_version"], "created": age(r["created_at"], now) + " ago",
+               "labels": ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or None} for r in rows]
+    _emit(rows, as_json, lambda _: _table(people, ["id", "version", "created", "labels"]))
 
 
 @device_app.command("show")
@@ -319,8 +322,36 @@ def device_show(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_
                 timeout: TimeoutOpt = 10.0) -> None:
     """Show one device."""
     result = _call(data, broker, timeout, "device.show", device=device)
-    _emit(result, as_json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items() if k != "status")
-          + "\n" + "\n".join(f"{k}: {v}" for k, v in r["status"].items() if k not in r))
+    _emit(result, as_json, _device_block)
+
+
+def _device_block(r: dict[str, Any]) -> str:
+    st = r["status"]
+
+    def show(value: Any) -> str:
+        if value is None or value == [] or value == {}:
+            return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, dict):
+            return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+        if isinstance(value, list):
+            return ", ".join(str(v) for v in value)
+        return str(value)
+
+    applied = st["applied_version"]
+    lines = [
+        ("device", r["id"]), ("labels", show(r["labels"])),
+        ("created", f"{r['created_at']} ({age(r['created_at'])} ago)"),
+        ("state", f"{st['state']} since {st['since']} ({age(st['since'])} ago)" if st["since"] else st["state"]),
+        ("reason", st["reason"]), ("remote", show(st["remote"])), ("epoch", str(st["epoch"])),
+        ("version", f"desired {r['desired_version']}, applied {show(applied)}"), ("sync", st["sync"]),
+        ("error", show(st["error"])), ("takeovers (1 h)", str(st["takeovers"])),
+        ("conflict", show(st["conflict_remotes"]) if st["conflict"] else "no"),
+        ("quarantined until", show(st["quarantined_until"])),
+    ]
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
 
 
 @device_app.command("remove")
@@ -517,29 +548,146 @@ def rollback(
 # ---- sessions ----------------------------------------------------------------------------------
 
 
+class Output(StrEnum):
+    table = "table"
+    wide = "wide"
+    json = "json"
+    yaml = "yaml"
+
+
 @app.command()
 def status(
-    device: Annotated[str | None, typer.Argument()] = None,
-    label: Annotated[list[str] | None, typer.Option("--label", help="Only devices with label k=v.")] = None,
+    device: Annotated[str | None, typer.Argument(metavar="[ID]")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", help="Only devices with label k=v (repeatable).")]
+    = None,
+    state: Annotated[str | None, typer.Option("--state", help="Only devices online, offline or quarantined.")]
+    = None,
+    sync: Annotated[str | None, typer.Option("--sync", help="Only devices in_sync, pending, rejected or unknown.")]
+    = None,
+    conflict: Annotated[bool, typer.Option("--conflict", help="Only devices with an identity conflict.")] = False,
     summary: Annotated[bool, typer.Option("--summary", help="Only the fleet summary.")] = False,
+    output: Annotated[Output, typer.Option("-o", "--output", help="table (fits 100 columns), wide, json, yaml.")]
+    = Output.table,
+    watch: Annotated[float | None, typer.Option("--watch", min=0.5, help="Redraw every S seconds until Ctrl-C.")]
+    = None,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
     """Devices with their connection state, versions and sync; a fleet summary line at the end."""
-    args: dict[str, Any] = {"labels": _labels(label)}
+    if state not in (None, "online", "offline", "quarantined"):
+        fail(f"--state must be online, offline or quarantined, not {state!r}", 2)
+    if sync not in (None, "in_sync", "pending", "rejected", "unknown"):
+        fail(f"--sync must be in_sync, pending, rejected or unknown, not {sync!r}", 2)
+    args: dict[str, Any] = {"labels": _labels(label), "state": state, "sync": sync}
+    if conflict:
+        args["conflict"] = True
     if device:
         args["device"] = device
-    rows = _call(data, broker, timeout, "status", **args)
-    counts = fleet_summary(rows)
-    if summary:
-        _emit(counts, as_json, lambda c: " ".join(f"{k}={v}" for k, v in c.items()))
+    fmt = Output.json if as_json else output
+
+    def render(rows: list[dict[str, Any]]) -> str:
+        counts = fleet_summary(rows)
+        if summary:
+            return _dump(counts, fmt) if fmt in (Output.json, Output.yaml) else " ".join(
+                f"{k}={v}" for k, v in counts.items())
+        if fmt in (Output.json, Output.yaml):
+            return _dump(rows, fmt)
+        return (_status_table(rows, wide=fmt == Output.wide, color=_color())
+                + "\n" + " ".join(f"{k}={v}" for k, v in counts.items()))
+
+    if watch is None:
+        typer.echo(render(_call(data, broker, timeout, "status", **args)))
         return
-    for row in rows:
-        row["state"] = "online" if row["online"] else "offline"
-        row["conflict_text"] = ",".join(row["conflict_remotes"]) or "yes" if row["conflict"] else None
-    _emit(rows, as_json, lambda r: _table(r, ["device", "state", "epoch", "since", "remote", "reason",
-                                               "takeovers", "conflict_text", "desired_version",
-                                               "applied_version", "sync", "error"])
-          + "\n" + " ".join(f"{k}={v}" for k, v in counts.items()))
+
+    async def follow() -> None:
+        from .client import AdminClient
+
+        async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
+            while True:
+                text = render(await client.call("status", **args))
+                if sys.stdout.isatty():
+                    sys.stdout.write("\x1b[H\x1b[2J")  # redraw in place, like watch(1)
+                stamp = datetime.now(UTC).strftime("%H:%M:%S")
+                typer.echo(f"every {watch:g} s, {stamp} UTC (Ctrl-C to stop)\n{text}")
+                await asyncio.sleep(watch)
+
+    try:
+        _run(follow())
+    except typer.Exit as exc:
+        if exc.exit_code == 130:
+            raise typer.Exit(0) from None  # Ctrl-C ends a watch: not an error
+        raise
+
+
+def _color() -> bool:
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def _dump(value: Any, fmt: Output) -> str:
+    if fmt == Output.yaml:
+        import yaml
+
+        return str(yaml.safe_dump(value, sort_keys=False, allow_unicode=True)).rstrip()
+    return json.dumps(value, indent=2, sort_keys=True)
+
+
+def age(stamp: str | None, now: datetime | None = None) -> str:
+    """``2026-11-29T10:00:00Z`` as a person reads it next to now: ``45s``, ``12m``, ``3h``, ``2d``."""
+    if not stamp:
+        return "-"
+    seconds = max(0.0, ((now or datetime.now(UTC)) - datetime.fromisoformat(stamp.replace("Z", "+00:00")))
+                  .total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+_STATE_COLOR = {"online": "green", "offline": "bright_black", "quarantined": "red"}
+_SYNC_COLOR = {"in_sync": "green", "pending": "yellow", "rejected": "red", "unknown": "bright_black"}
+
+
+def _status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str:
+    """A table for people: 100 columns by default (labels cut to fit), every field with ``wide``."""
+    now = datetime.now(UTC)
+    table = []
+    for r in rows:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-"
+        marker = " !" if r["conflict"] else ""
+        applied = "-" if r["applied_version"] is None else str(r["applied_version"])
+        cells = {
+            "DEVICE": r["device"], "STATE": r["state"] + marker, "AGE": age(r["since"], now),
+            "VERSION": f"{applied}/{r['desired_version']}", "SYNC": r["sync"], "LABELS": labels,
+        }
+        if wide:
+            cells.update({
+                "SINCE": r["since"] or "-", "REMOTE": r["remote"] or "-", "REASON": r["reason"],
+                "EPOCH": str(r["epoch"]), "TAKEOVERS": str(r["takeovers"]),
+                "CONFLICT": ",".join(r["conflict_remotes"]) or ("yes" if r["conflict"] else "-"),
+                "ERROR": r["error"] or "-",
+            })
+        table.append(cells)
+    columns = ["DEVICE", "STATE", "AGE", "VERSION", "SYNC", "LABELS"]
+    if wide:
+        columns += ["SINCE", "REMOTE", "REASON", "EPOCH", "TAKEOVERS", "CONFLICT", "ERROR"]
+    widths = {c: max([len(c)] + [len(t[c]) for t in table]) for c in columns}
+    if not wide:  # the labels get what is left of 100 columns
+        used = sum(widths[c] + 2 for c in columns if c != "LABELS")
+        widths["LABELS"] = max(len("LABELS"), min(widths["LABELS"], 100 - used))
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip()]
+    for t in table:
+        line: list[str] = []
+        for c in columns:
+            text = t[c] if len(t[c]) <= widths[c] else t[c][: widths[c] - 1] + "~"
+            padded = text.ljust(widths[c])
+            if color and c == "STATE":
+                padded = typer.style(padded, fg=_STATE_COLOR.get(t[c].split()[0]))
+            elif color and c == "SYNC":
+                padded = typer.style(padded, fg=_SYNC_COLOR.get(t[c]))
+            line.append(padded)
+        lines.append("  ".join(line).rstrip())
+    if any(r["conflict"] for r in rows):
+        lines.append("! identity conflict: two clients share the id (henge status -o wide shows where from)")
+    return "\n".join(lines)
 
 
 def fleet_summary(rows: list[dict[str, Any]]) -> dict[str, int]:

@@ -199,6 +199,9 @@ class RollbackArgs(Frozen):
 class StatusArgs(Frozen):
     device: DeviceId | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    state: Literal["online", "offline", "quarantined"] | None = None
+    sync: Literal["in_sync", "pending", "rejected", "unknown"] | None = None
+    conflict: bool | None = None
 
 
 class WaitArgs(Frozen):

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from henge_mqtt.cli import app
 
-from .conftest import ROOT, Running, henge_cli, next_message, payload_json, wait_until
+from .conftest import ROOT, Running, henge_cli, next_message, payload_json, wait_status, wait_until
 
 
 async def cli(
@@ -290,3 +291,61 @@ async def test_library_and_metrics_name_what_could_not_listen(running: Running, 
                                      "--metrics-port", str(running.port), timeout=30)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"cannot start the metrics server on 127.0.0.1:{running.port}" in serve_error(result)
+
+
+async def test_status_for_people_filters_outputs_and_watch(running: Running) -> None:
+    import signal
+
+    import yaml
+
+    from . import mqtt_raw as raw
+
+    data = str(running.data_dir)
+    on = await running.add("on-1", {"v": 1})
+    await running.service.add_device("off-1", {"site": "x" * 80, "tier": "gold"})  # long labels
+    await running.service.push("off-1", {"v": 1})
+    client = await raw.RawClient.open(running.port)
+    await client.send(raw.connect("on-1", "on-1", on))
+    assert await client.connack() == 0
+    await client.send(raw.publish("henge/devices/on-1/report", b'{"version": 1, "status": "rejected", "error": "no"}'))
+    await wait_status(running, "on-1", lambda r: r["sync"] == "rejected")
+
+    table = await asyncio.to_thread(henge_cli, "status", "--data", data)
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["DEVICE", "STATE", "AGE", "VERSION", "SYNC", "LABELS"]
+    assert all(len(line) <= 100 for line in lines[:-1]), lines  # fits 100 columns (the summary aside)
+    assert any(line.startswith("on-1") and " 0/1 " not in line and "rejected" in line for line in lines)
+    assert "\x1b[" not in table.stdout  # no colour when not on a terminal
+
+    async def rows(*args: str) -> list[dict[str, Any]]:
+        result = await asyncio.to_thread(henge_cli, "status", "--data", data, *args)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout) if "yaml" not in args else yaml.safe_load(result.stdout)
+
+    assert [r["device"] for r in await rows("--state", "online", "--json")] == ["on-1"]
+    assert [r["device"] for r in await rows("--state", "offline", "-o", "json")] == ["off-1"]
+    assert [r["device"] for r in await rows("--sync", "rejected", "-o", "yaml")] == ["on-1"]
+    assert await rows("--conflict", "--json") == []
+    one = (await rows("on-1", "--json"))[0]
+    assert one["state"] == "online" and one["since"].endswith("Z") and "labels_text" not in one
+    assert one["applied_at"] is None or one["applied_at"].endswith("Z")
+    wide = await asyncio.to_thread(henge_cli, "status", "-o", "wide", "--data", data)
+    assert "REMOTE" in wide.stdout and "x" * 80 in wide.stdout  # wide: everything, uncut
+    bad = await asyncio.to_thread(henge_cli, "status", "--state", "sleeping", "--data", data)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --state")
+
+    show = await asyncio.to_thread(henge_cli, "device", "show", "on-1", "--data", data)
+    assert "{" not in show.stdout and "None" not in show.stdout and "False" not in show.stdout
+    assert "state" in show.stdout and "online since" in show.stdout
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "henge_mqtt", "status", "--watch", "0.5", "--data", data, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    frames = 0
+    async with asyncio.timeout(10):
+        while frames < 2:
+            line = await proc.stdout.readline()
+            frames += line.startswith(b"every 0.5 s")
+    proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(proc.wait(), 5) == 0

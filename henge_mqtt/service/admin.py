@@ -135,7 +135,7 @@ async def _rollback(svc: HengeService, a: models.RollbackArgs, progress: Progres
 
 
 async def _status(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
-    return await svc.status(a.device, a.labels)
+    return await svc.status(a.device, a.labels, state=a.state, sync=a.sync, conflict=a.conflict)
 
 
 async def _wait(svc: HengeService, a: models.WaitArgs, progress: Progress) -> Any:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
+from datetime import datetime
 from typing import Any
 
 from .. import models
 from ..errors import DuplicateDevice, InvalidDeviceId, ServiceUnavailable, UnknownDevice, ValidationFailed
-from ..models import ConfigVersion, Device
+from ..models import ConfigVersion, Device, rfc3339
 from ..ports import BrokerPort, KickResult
 from ..settings import Settings
 from ..store import DeviceReports, Store, StoreWorker
@@ -24,6 +25,11 @@ from .reports import Reports
 
 # Who is acting: the admin identity of the request being served, else the embedding application.
 current_actor: contextvars.ContextVar[str] = contextvars.ContextVar("henge_actor", default="library")
+
+
+def _utc(stamp: str | None) -> str | None:
+    """The store's ISO time as the one format of every time henge shows: RFC 3339, UTC, ``Z``."""
+    return rfc3339(datetime.fromisoformat(stamp)) if stamp else None
 
 
 class ServiceAPI:
@@ -164,7 +170,10 @@ class ServiceAPI:
                               {"had_conflict": cleared})
         return cleared
 
-    async def status(self, device: str | None = None, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    async def status(self, device: str | None = None, labels: dict[str, str] | None = None, *,
+                     state: str | None = None, sync: str | None = None,
+                     conflict: bool | None = None) -> list[dict[str, Any]]:
+        """One row per device (data only: times in RFC 3339 UTC), filtered by state, sync, conflict."""
         store = self.store
         devices, reports = await self.worker.run(
             lambda: ([store.get_device(device)] if device else store.list_devices(labels), store.reports()))
@@ -173,15 +182,19 @@ class ServiceAPI:
         for d in devices:
             view = self.broker.session(d.id, now)
             rep = reports.get(d.id, DeviceReports())
-            sync = rep.sync(d.desired_version)
+            row_sync = rep.sync(d.desired_version)
+            row_state = "online" if view.online else "quarantined" if view.quarantined_until else "offline"
+            if (state and row_state != state) or (sync and row_sync != sync) or (
+                    conflict is not None and view.conflict != conflict):
+                continue
             rows.append({
-                "device": d.id, "labels": d.labels, "online": view.online, "epoch": view.epoch,
+                "device": d.id, "labels": d.labels, "state": row_state, "online": view.online, "epoch": view.epoch,
                 "since": iso(view.since) if view.since else None, "remote": view.remote, "reason": view.reason,
                 "desired_version": d.desired_version, "takeovers": view.takeovers_last_hour,
                 "conflict": view.conflict, "conflict_remotes": list(view.conflict_remotes),
                 "quarantined_until": iso(view.quarantined_until) if view.quarantined_until else None,
-                "applied_version": rep.applied_version, "applied_at": rep.applied_at, "sync": sync,
-                "error": rep.rejected_error if sync == "rejected" else None,
+                "applied_version": rep.applied_version, "applied_at": _utc(rep.applied_at), "sync": row_sync,
+                "error": rep.rejected_error if row_sync == "rejected" else None,
                 "rejected_version": rep.rejected_version,
             })
         return rows
