@@ -712,6 +712,40 @@ def kick(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: J
     _emit(result, as_json, lambda r: f"{r['device']}: {'kicked' if r['kicked'] else 'was not connected'}")
 
 
+@app.command()
+@user_errors
+def backup(
+    target: Annotated[Path, typer.Argument(metavar="FILE", help="Where to write the copy (mode 0600).")],
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
+) -> None:
+    """A consistent copy of the store: from the running service (online), or from a stopped data dir."""
+    from .backup import backup_stopped, service_running
+
+    data_dir = data or Path("henge-data")
+    if broker or service_running(data_dir):
+        result = _call(data, broker, timeout, "backup", path=str(target.resolve()))
+    else:
+        result = {"path": str(target.resolve()), "bytes": backup_stopped(data_dir, target.resolve())}
+    _emit(result, as_json, lambda r: f"backup written to {r['path']} ({r['bytes']} bytes)")
+
+
+@app.command()
+@user_errors
+def restore(
+    source: Annotated[Path, typer.Argument(metavar="FILE", help="A file made by henge backup.")],
+    data: DataOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the data dir's store.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Put a backup in place as a (stopped) data dir's store; the next henge serve republishes it."""
+    from .backup import restore as put_back
+
+    data_dir = data or Path("henge-data")
+    devices = put_back(source, data_dir, force=force)
+    _emit({"data": str(data_dir), "devices": devices}, as_json,
+          lambda r: f"restored {r['devices']} devices into {r['data']}; start henge serve --data {r['data']}")
+
+
 @app.command("clear-conflict")
 def clear_conflict(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                    timeout: TimeoutOpt = 10.0) -> None:

@@ -220,6 +220,10 @@ class ImportArgs(Frozen):
     update: bool = False
 
 
+class BackupArgs(Frozen):
+    path: str = Field(min_length=1, max_length=4096)
+
+
 class LabelArgs(Frozen):
     device: DeviceId
     set: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")], str] = Field(default_factory=dict)

@@ -147,6 +147,10 @@ async def _device_import(svc: HengeService, a: models.ImportArgs, progress: Prog
     return {"secrets": secrets, "updated": len(a.devices) - len(secrets)}
 
 
+async def _backup(svc: HengeService, a: models.BackupArgs, progress: Progress) -> Any:
+    return await svc.backup(a.path)
+
+
 async def _device_label(svc: HengeService, a: models.LabelArgs, progress: Progress) -> Any:
     return {"device": a.device, "labels": await svc.set_labels(a.device, dict(a.set), a.remove)}
 
@@ -216,6 +220,7 @@ OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any, Progress], An
     "audit": (models.AuditArgs, _audit),
     "device.import": (models.ImportArgs, _device_import),
     "device.label": (models.LabelArgs, _device_label),
+    "backup": (models.BackupArgs, _backup),
     "device.export": (models.StatusArgs, _device_export),
     "push_many": (models.PushManyArgs, _push_many),
     "clear_conflict": (models.DeviceRefArgs, _clear_conflict),

@@ -199,6 +199,20 @@ class ServiceAPI:
             })
         return rows
 
+    async def backup(self, target: str) -> dict[str, Any]:
+        """A consistent copy of the store, written by the service (on its machine) to ``target``."""
+        from pathlib import Path
+
+        path = Path(target)
+        if not path.is_absolute():
+            raise ValidationFailed(f"the backup path must be absolute (it is on the service's machine): {target!r}")
+        try:
+            size = await self.worker.run(self.store.backup, path)
+        except OSError as exc:
+            raise ValidationFailed(f"cannot write the backup {target}: {exc.strerror or exc}") from exc
+        await self.worker.run(self.store.record_audit, current_actor.get(), "backup", None, {"path": target})
+        return {"path": target, "bytes": size}
+
     def metrics_snapshot(self) -> dict[str, Any]:
         """Counters and gauges copied on the loop, for a scrape from another thread."""
         return {"counters": dict(self.events.counters), "online": self.online_count(), **self.broker.stats()}
