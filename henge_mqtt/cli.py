@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from .errors import HengeError, InvalidConfig, ValidationFailed
+from .errors import HengeError, InvalidConfig
 from .ids import parse_labels
 
 if TYPE_CHECKING:  # the admin client (aiomqtt) is loaded by the commands that use it, not by `serve`
     from .client import Endpoint
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     help="henge-mqtt: versioned JSON configs for fleets of MQTT devices.",
     pretty_exceptions_enable=False,
@@ -526,9 +526,20 @@ def history(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json
 @app.command()
 def diff(device: str, a: int, b: int, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
          timeout: TimeoutOpt = 10.0) -> None:
-    """Show what changed between two versions."""
+    """Show what changed between two versions; exit 1 when they differ, like diff(1)."""
     result = _call(data, broker, timeout, "diff", device=device, a=a, b=b)
-    _emit(result, as_json, lambda r: r["diff"] or "(no differences)")
+    color = _color()
+
+    def paint(line: str) -> str:
+        if not color or line.startswith(("+++", "---")):
+            return line
+        fg = "green" if line.startswith("+") else "red" if line.startswith("-") else "cyan" if line.startswith(
+            "@@") else None
+        return typer.style(line, fg=fg) if fg else line
+
+    _emit(result, as_json, lambda r: "\n".join(paint(line) for line in r["diff"].splitlines()) or "(no differences)")
+    if not result["same"]:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -757,25 +768,44 @@ def clear_conflict(device: str, data: DataOpt = None, broker: BrokerOpt = None, 
 @app.command()
 def events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming (the only mode).")] = True,
+    device: Annotated[str | None, typer.Option("--device", help="Only this device's events.")] = None,
+    kind: Annotated[list[str] | None, typer.Option("--type", help="Only events of this type (repeatable).")]
+    = None,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
-    """Stream service events as they happen (config published, device connected, ...)."""
+    """Stream service events as they happen; reconnects (with backoff) when the service restarts."""
+    from .backoff import Backoff
+    from .errors import ServiceUnavailable
+
+    kinds = set(kind or [])
 
     async def go() -> None:
         from .client import AdminClient
 
-        async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
-            async for event in client.events():
-                if as_json:
-                    typer.echo(event.model_dump_json())
-                else:
-                    extra = " ".join(f"{k}={v}" for k, v in event.data.items())
-                    typer.echo(f"{event.at} {event.type} {event.device or '-'} {extra}".rstrip())
+        backoff = Backoff(base=0.5, cap=10.0)
+        while True:
+            try:
+                async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
+                    backoff.reset()
+                    async for event in client.events():
+                        if (device and event.device != device) or (kinds and event.type not in kinds):
+                            continue
+                        if as_json:
+                            typer.echo(event.model_dump_json())
+                        else:
+                            extra = " ".join(f"{k}={v}" for k, v in event.data.items() if v is not None)
+                            typer.echo(f"{event.at} {event.type} {event.device or '-'} {extra}".rstrip())
+            except ServiceUnavailable as exc:
+                delay = backoff.next_delay()
+                sys.stderr.write(f"henge: {exc}; reconnecting in {delay:.1f} s\n")
+                await asyncio.sleep(delay)
 
     try:
         _run(go())
-    except ValidationFailed as exc:
-        fail(str(exc))
+    except typer.Exit as exc:
+        if exc.exit_code == 130:
+            raise typer.Exit(0) from None  # Ctrl-C ends the stream: not an error
+        raise
 
 
 @app.command()

@@ -130,6 +130,9 @@ class Settings(BaseModel):
                 raise SettingsError(f"{origin} is not valid YAML: {problem}{where}") from exc
             if not isinstance(raw, dict):
                 raise SettingsError(f"{origin} must hold a mapping")
+            unknown = sorted(set(raw) - {"listeners", "henge"})
+            if unknown:
+                raise SettingsError(f"{origin}: unknown section {unknown[0]!r} (expected listeners: and henge:)")
             values = dict(raw.get("henge") or {})
             if "listeners" in raw:
                 values["listeners"] = raw["listeners"]

@@ -65,6 +65,9 @@ async def test_device_add_push_get_history_diff_rollback(running: Running, tmp_p
     assert [(r["version"], r["message"]) for r in json.loads(hist.stdout)] == [(1, "first"), (2, "")]
     diff = await cli("diff", "dev1", "1", "2", "--data", data)
     assert '-  "rate": 1' in diff.stdout and '+  "rate": 2' in diff.stdout
+    assert diff.returncode == 1 and "\x1b[" not in diff.stdout  # they differ, like diff(1); no colour in a pipe
+    same = await cli("diff", "dev1", "1", "1", "--data", data)
+    assert same.returncode == 0 and same.stdout.strip() == "(no differences)"
     rolled = await cli("rollback", "dev1", "1", "--data", data, "--json")
     assert json.loads(rolled.stdout)["version"] == 3
     assert running.service.store.get_version("dev1").config == {"rate": 1}
@@ -349,3 +352,35 @@ async def test_status_for_people_filters_outputs_and_watch(running: Running) -> 
             frames += line.startswith(b"every 0.5 s")
     proc.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(proc.wait(), 5) == 0
+
+
+async def test_events_filter_and_survive_a_restart(start_service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "ev"
+    async with start_service(data_dir=data) as first:
+        await first.add("e1")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "henge_mqtt", "events", "--device", "e1", "--type", "config_published",
+            "--json", "--data", str(data), cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        await wait_until(lambda: first.broker.has_subscribers("henge/admin/events"), what="events subscriber")
+        await first.service.add_device("other")
+        await first.service.push("other", {"v": 1})
+        await first.service.push("e1", {"v": 1})
+        line = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+        assert (line["type"], line["device"]) == ("config_published", "e1")  # the others were filtered out
+    try:
+        async with start_service(data_dir=data) as second:  # the same data dir: the stream reconnects
+            await wait_until(lambda: second.broker.has_subscribers("henge/admin/events"), 20, "reconnected")
+            await second.service.push("e1", {"v": 2})
+            line = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+            assert line["data"]["version"] == 2
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+def test_unknown_config_sections_are_errors(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("listners:\n  default: {bind: '127.0.0.1:0'}\n")
+    result = henge_cli("serve", "--config", str(config), "--data", str(tmp_path / "d"), timeout=20)
+    assert result.returncode == 1 and "unknown section 'listners'" in serve_error(result)
