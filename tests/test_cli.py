@@ -384,3 +384,27 @@ def test_unknown_config_sections_are_errors(tmp_path: Path) -> None:
     config.write_text("listners:\n  default: {bind: '127.0.0.1:0'}\n")
     result = henge_cli("serve", "--config", str(config), "--data", str(tmp_path / "d"), timeout=20)
     assert result.returncode == 1 and "unknown section 'listners'" in serve_error(result)
+
+
+def test_docs_cli_md_covers_every_command_and_flag() -> None:
+    """docs/cli.md cannot drift from the CLI: every command and every flag of it is documented."""
+    import typer.main
+
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    missing: list[str] = []
+
+    def walk(command: Any, path: list[str]) -> None:
+        subcommands = getattr(command, "commands", None)
+        if subcommands:
+            for name, sub in subcommands.items():
+                walk(sub, [*path, name])
+            return
+        if f"henge {' '.join(path)}" not in doc:
+            missing.append(f"command: henge {' '.join(path)}")
+        for param in command.params:
+            for flag in getattr(param, "opts", []):
+                if flag.startswith("--") and flag not in ("--help",) and flag not in doc:
+                    missing.append(f"flag {flag} of henge {' '.join(path)}")
+
+    walk(typer.main.get_command(app), [])
+    assert not missing, "\n".join(missing)
