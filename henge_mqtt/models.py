@@ -110,7 +110,8 @@ class Report(Frozen):
 
     version: int = Field(ge=1)
     status: Literal["applied", "rejected"]
-    error: str | None = Field(default=None, max_length=4096)
+    # A long error is cut to 4,096 characters and kept: dropping the report would hide the rejection.
+    error: Annotated[str | None, AfterValidator(lambda v: v if v is None or len(v) <= 4096 else v[:4095] + "…")] = None
 
 
 PresenceState = Literal["online", "offline"]

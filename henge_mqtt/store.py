@@ -514,7 +514,7 @@ class Store:
     # ---- device reports ----------------------------------------------------------------------
 
     def record_report(self, device: str, version: int, status: str, error: str | None) -> None:
-        """Record an applied/rejected report; an older applied version never lowers a newer one."""
+        """Record an applied/rejected report; an older version never lowers a newer one, of either kind."""
         now = _ts(utc_now())
         with self._tx():
             self._db.execute("INSERT OR IGNORE INTO device_reports (device) VALUES (?)", (device,))
@@ -525,10 +525,10 @@ class Store:
                     (version, now, device, version),
                 )
             else:
-                self._db.execute(
+                self._db.execute(  # never lowered either: a late rejection of an older version changes nothing
                     "UPDATE device_reports SET rejected_version = ?, rejected_error = ?, rejected_at = ? "
-                    "WHERE device = ?",
-                    (version, error or "", now, device),
+                    "WHERE device = ? AND (rejected_version IS NULL OR rejected_version <= ?)",
+                    (version, error or "", now, device, version),
                 )
 
     def reports(self) -> dict[str, DeviceReports]:

@@ -325,3 +325,20 @@ async def test_agent_process_stops_promptly_on_sigterm(running: Running, tmp_pat
         assert time.monotonic() - started < 1.5
     row = await wait_status(running, "dev1", lambda r: not r["online"])
     assert row["reason"] == "client_disconnect"
+
+
+async def test_reports_never_lower_and_long_errors_are_kept(running: Running) -> None:
+    secret = await running.add("dev1", {"n": 1})
+    await running.service.push("dev1", {"n": 2})
+    await running.service.push("dev1", {"n": 3})
+    client = await raw.RawClient.open(running.port)
+    await client.send(raw.connect("dev1", "dev1", secret))
+    assert await client.connack() == 0
+    topic = "henge/devices/dev1/report"
+    long_error = "e" * 6000
+    await client.send(raw.publish(topic, json.dumps({"version": 3, "status": "rejected", "error": long_error}).encode()))
+    await client.send(raw.publish(topic, b'{"version": 2, "status": "rejected", "error": "late and older"}'))
+    await client.send(raw.publish(topic, b'{"version": 1, "status": "applied"}'))  # a marker behind them
+    row = await wait_status(running, "dev1", lambda r: r["applied_version"] == 1)
+    assert (row["sync"], row["rejected_version"]) == ("rejected", 3)  # the late v2 did not lower it
+    assert row["error"].startswith("eeee") and len(row["error"]) == 4096
