@@ -53,7 +53,8 @@ DataOpt = Annotated[
 ]
 BrokerOpt = Annotated[
     str | None,
-    typer.Option("--broker", help="mqtt://host:port of the service; credentials from HENGE_ADMIN_USER/SECRET."),
+    typer.Option("--broker", envvar="HENGE_BROKER", help="mqtt[s]://host:port of the service; credentials from "
+                 "HENGE_ADMIN_USER/SECRET (TLS files: HENGE_CA/CERT/KEY) or the client config file."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 TimeoutOpt = Annotated[float, typer.Option(
@@ -78,10 +79,18 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _endpoint(data: Path | None, broker: str | None) -> Endpoint:
-    from .client import Endpoint
+    """Where the service is: --broker (or HENGE_BROKER), else --data (or HENGE_DATA), else the context
+    of the client config file (HENGE_CONTEXT or its current one), else ./henge-data."""
+    from .client import Endpoint, load_context
 
+    context = None if (broker or data) else load_context(os.environ.get("HENGE_CONTEXT"))
     if broker:
-        return Endpoint.from_url(broker)
+        return Endpoint.from_url(broker, load_context(os.environ.get("HENGE_CONTEXT")) if os.environ.get(
+            "HENGE_CONTEXT") else None)
+    if context is not None and context.get("broker"):
+        return Endpoint.from_url(str(context["broker"]), context)
+    if data is None and context is not None and context.get("data"):
+        data = Path(str(context["data"]))
     return Endpoint.from_data_dir(data or Path("henge-data"))
 
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import secrets
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ class Endpoint:
     secret: str
     topic_prefix: str = "henge"
     socket: str | None = None  # the service's admin Unix socket: used instead of host:port when set
+    tls: bool = False  # mqtts://
+    ca: str | None = None  # CA file for mqtts:// (else the system's)
+    cert: str | None = None  # client certificate and key, for a listener that asks for one
+    key: str | None = None
 
     @property
     def where(self) -> str:
@@ -66,17 +71,74 @@ class Endpoint:
                    str(service.get("topic_prefix", "henge")), socket if usable else None)
 
     @classmethod
-    def from_url(cls, url: str) -> Endpoint:
-        """``mqtt://host:port`` plus HENGE_ADMIN_USER / HENGE_ADMIN_SECRET (/ HENGE_TOPIC_PREFIX)."""
+    def from_url(cls, url: str, context: dict[str, Any] | None = None) -> Endpoint:
+        """``mqtt[s]://host:port``; credentials and TLS files from the environment (HENGE_ADMIN_USER,
+        HENGE_ADMIN_SECRET, HENGE_TOPIC_PREFIX, HENGE_CA, HENGE_CERT, HENGE_KEY), else the context."""
         parts = urlsplit(url)
-        if parts.scheme != "mqtt" or not parts.hostname:
-            raise ServiceUnavailable(f"invalid broker URL {url!r}: expected mqtt://host:port")
-        username = os.environ.get("HENGE_ADMIN_USER", "henge-admin")
-        secret = os.environ.get("HENGE_ADMIN_SECRET")
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ServiceUnavailable(f"invalid broker URL {url!r}: expected mqtt://host:port or mqtts://host:port")
+        ctx = context or {}
+
+        def setting(env: str, key: str, default: str | None = None) -> str | None:
+            value = os.environ.get(env) or ctx.get(key)
+            return str(value) if value is not None else default
+
+        secret = setting("HENGE_ADMIN_SECRET", "secret")
         if not secret:
-            raise AuthenticationFailed("set HENGE_ADMIN_SECRET (and HENGE_ADMIN_USER) to use --broker")
-        return cls(parts.hostname, parts.port or 1883, username, secret,
-                   os.environ.get("HENGE_TOPIC_PREFIX", "henge"))
+            raise AuthenticationFailed("set HENGE_ADMIN_SECRET (and HENGE_ADMIN_USER), or a secret in the "
+                                       "context, to use --broker")
+        tls = parts.scheme == "mqtts"
+        return cls(parts.hostname, parts.port or (8883 if tls else 1883), setting("HENGE_ADMIN_USER", "user",
+                   "henge-admin") or "henge-admin", secret, setting("HENGE_TOPIC_PREFIX", "topic_prefix", "henge")
+                   or "henge", tls=tls, ca=setting("HENGE_CA", "ca"), cert=setting("HENGE_CERT", "cert"),
+                   key=setting("HENGE_KEY", "key"))
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.ca)
+            if self.cert:
+                context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ServiceUnavailable(f"cannot load the TLS files for the service: {exc}") from exc
+        return context
+
+
+CONFIG_FILE = Path("~/.config/henge/config.yaml")
+
+
+def load_context(name: str | None) -> dict[str, Any] | None:
+    """A named context of the client config file (kubeconfig-like), or its ``current`` one.
+
+    ``~/.config/henge/config.yaml`` (or ``$HENGE_CONFIG``)::
+
+        current: gateway-1
+        contexts:
+          gateway-1: {broker: "mqtts://gw1:8883", user: henge-admin, secret: "...", ca: /etc/henge/ca.pem}
+          lab: {data: /var/lib/henge}
+    """
+    path = Path(os.environ.get("HENGE_CONFIG") or CONFIG_FILE).expanduser()
+    if not path.exists():
+        if name:
+            raise ServiceUnavailable(f"no context {name!r}: {path} does not exist")
+        return None
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ServiceUnavailable(f"cannot read {path}: {exc}") from exc
+    contexts = config.get("contexts") if isinstance(config, dict) else None
+    if not isinstance(contexts, dict):
+        raise ServiceUnavailable(f"{path}: expected a contexts: mapping")
+    chosen = name or config.get("current")
+    if chosen is None:
+        return None
+    context = contexts.get(chosen)
+    if not isinstance(context, dict):
+        raise ServiceUnavailable(f"no context {chosen!r} in {path} (it has: {', '.join(sorted(contexts)) or 'none'})")
+    return context
 
 
 class AdminClient:
@@ -90,6 +152,7 @@ class AdminClient:
             endpoint.socket or endpoint.host,
             endpoint.port,
             transport="unix" if endpoint.socket else "tcp",
+            tls_context=endpoint.tls_context(),
             username=endpoint.username,
             password=endpoint.secret,
             identifier=self.client_id,

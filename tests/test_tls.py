@@ -15,7 +15,7 @@ import pytest
 
 from henge_mqtt.certs import make_dev_certs
 from henge_mqtt.service import HengeService
-from henge_mqtt.settings import Settings
+from henge_mqtt.settings import ListenerConfig, Settings
 
 from . import mqtt_raw as raw
 from .conftest import next_message, payload_json
@@ -115,3 +115,44 @@ def test_certs_dev_command(tmp_path: Path) -> None:
     assert oct((tmp_path / "c" / "d1.key").stat().st_mode & 0o777) == "0o600"
     bad = henge_cli("certs", "dev", "--out", str(tmp_path / "c2"), "--device", "a/b")
     assert bad.returncode == 2 and "invalid device id" in bad.stderr
+
+
+async def test_remote_admin_over_mqtts_with_contexts(tmp_path: Path) -> None:
+    """The CLI from elsewhere: mqtts:// with a CA, credentials from the environment or a context."""
+    import asyncio
+    import json
+
+    import yaml
+
+    from .conftest import henge_cli
+
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], [])
+    listeners = {"default": ListenerConfig(bind="127.0.0.1:0"),
+                 "tls": ListenerConfig(bind="127.0.0.1:0", ssl=True, certfile=certs / "server.pem",
+                                       keyfile=certs / "server.key")}
+    settings = Settings(data_dir=tmp_path / "data", listeners=listeners)
+    async with HengeService(settings) as service:
+        await service.add_device("remote-1", {"site": "far"})
+        tls_port = service.broker.addresses()[1][1]
+        url = f"mqtts://127.0.0.1:{tls_port}"
+        env = {"HENGE_BROKER": url, "HENGE_ADMIN_SECRET": service.admin_secret, "HENGE_CA": str(certs / "ca.pem"),
+               "HENGE_CONFIG": str(tmp_path / "none.yaml")}
+        by_env = await asyncio.to_thread(henge_cli, "status", "--json", env=env)
+        assert by_env.returncode == 0, by_env.stderr
+        assert json.loads(by_env.stdout)[0]["device"] == "remote-1"
+        untrusted = await asyncio.to_thread(henge_cli, "status", env={**env, "HENGE_CA": ""})
+        assert untrusted.returncode == 1 and "Traceback" not in untrusted.stderr  # the dev CA is not trusted
+
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({"current": "gw", "contexts": {
+            "gw": {"broker": url, "secret": service.admin_secret, "ca": str(certs / "ca.pem")},
+            "local": {"data": str(tmp_path / "data")}}}))
+        for context_env in ({}, {"HENGE_CONTEXT": "local"}):
+            by_context = await asyncio.to_thread(henge_cli, "status", "--json",
+                                                 env={"HENGE_CONFIG": str(config), **context_env})
+            assert by_context.returncode == 0, by_context.stderr
+            assert json.loads(by_context.stdout)[0]["device"] == "remote-1"
+        missing = await asyncio.to_thread(henge_cli, "status", env={"HENGE_CONFIG": str(config),
+                                                                    "HENGE_CONTEXT": "nope"})
+        assert missing.returncode == 1 and "no context 'nope'" in missing.stderr
