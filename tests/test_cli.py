@@ -408,3 +408,33 @@ def test_docs_cli_md_covers_every_command_and_flag() -> None:
 
     walk(typer.main.get_command(app), [])
     assert not missing, "\n".join(missing)
+
+
+def test_systemd_unit_and_dockerfile_use_real_flags() -> None:
+    """examples/systemd/henge.service and the Dockerfile run `henge serve` with flags that exist."""
+    import shlex
+
+    import typer.main
+
+    serve = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    flags = {opt for param in serve.params for opt in getattr(param, "opts", [])}
+    unit = (ROOT / "examples" / "systemd" / "henge.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = shlex.split(exec_start.removeprefix("ExecStart="))
+    assert argv[0].endswith("henge") and argv[1] == "serve"
+    assert {a for a in argv[2:] if a.startswith("--")} <= flags
+    for hardening in ("DynamicUser=yes", "StateDirectory=henge", "ProtectSystem=strict", "Restart=on-failure",
+                      "LimitNOFILE=", "UMask=0077"):
+        assert hardening in unit
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    entry = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))
+                       .removeprefix("ENTRYPOINT "))
+    assert entry[:2] == ["henge", "serve"] and {a for a in entry[2:] if a.startswith("--")} <= flags
+    assert "USER henge" in dockerfile and "HEALTHCHECK" in dockerfile and "VOLUME /data" in dockerfile
+    for line in dockerfile.splitlines():  # everything the image copies exists
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), source
+    health = json.loads(next(line for line in dockerfile.splitlines() if "CMD [" in line).split("CMD ", 1)[1])
+    status = typer.main.get_command(app).commands["status"]  # type: ignore[attr-defined]
+    assert {a for a in health[2:] if a.startswith("--")} <= {o for p in status.params for o in getattr(p, "opts", [])}
