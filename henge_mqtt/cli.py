@@ -57,7 +57,8 @@ BrokerOpt = Annotated[
                  "HENGE_ADMIN_USER/SECRET (TLS files: HENGE_CA/CERT/KEY) or the client config file."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-TimeoutOpt = Annotated[float, typer.Option(
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the service.")]
+WaitTimeoutOpt = Annotated[float, typer.Option(
     "--timeout", min=0.1, help="Seconds to wait for the service (with --wait: for the device).")]
 WaitOpt = Annotated[bool, typer.Option(
     "--wait", help="Wait until the device reports the version applied (exit 0) or rejected (exit 3); "
@@ -454,7 +455,7 @@ def push(
                                                    help="Fail unless the current version is N.")] = None,
     message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
     wait: WaitOpt = False,
-    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: WaitTimeoutOpt = 10.0,
 ) -> None:
     """Store a new config version for a device (or many) and publish it."""
     if all_devices or label:
@@ -556,7 +557,7 @@ def rollback(
     device: str, version: int,
     message: Annotated[str, typer.Option("-m", "--message")] = "",
     wait: WaitOpt = False,
-    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: WaitTimeoutOpt = 10.0,
 ) -> None:
     """Publish an old version's content again, as a new version (history is never rewritten)."""
     result, outcome = _call_then_wait(data, broker, timeout, "rollback", timeout if wait else None,

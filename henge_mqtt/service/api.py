@@ -117,6 +117,8 @@ class ServiceAPI:
     async def audit(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         store = self.store
         entries = await self.worker.run(store.audit, device, limit)
+        for entry in entries:
+            entry["at"] = _utc(entry["at"])
         # A removed device's trail is still there; only an id never seen is unknown.
         if device is not None and not entries and not store.has_device(device):
             raise UnknownDevice(f"unknown device {device!r}")
