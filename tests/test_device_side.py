@@ -336,7 +336,8 @@ async def test_reports_never_lower_and_long_errors_are_kept(running: Running) ->
     assert await client.connack() == 0
     topic = "henge/devices/dev1/report"
     long_error = "e" * 6000
-    await client.send(raw.publish(topic, json.dumps({"version": 3, "status": "rejected", "error": long_error}).encode()))
+    rejected = {"version": 3, "status": "rejected", "error": long_error}
+    await client.send(raw.publish(topic, json.dumps(rejected).encode()))
     await client.send(raw.publish(topic, b'{"version": 2, "status": "rejected", "error": "late and older"}'))
     await client.send(raw.publish(topic, b'{"version": 1, "status": "applied"}'))  # a marker behind them
     row = await wait_status(running, "dev1", lambda r: r["applied_version"] == 1)
