@@ -268,6 +268,8 @@ async def test_client_limits_are_respected(running: Running) -> None:
     first = await small.read_until(codec.Publish)
     await running.service.push("tiny", {"pad": "x" * 1000})  # over the client's Maximum Packet Size
     await wait_until(lambda: "delivery_too_large" in events)
+    row = (await running.service.status("tiny"))[0]
+    assert row["undeliverable"]["size"] > 400 and row["undeliverable"]["topic"] == "henge/devices/tiny/config"
     await running.service.push("tiny", {"v": 3})
     await running.service.push("tiny", {"v": 4})
     await small.send(codec.Pingreq())
@@ -277,6 +279,7 @@ async def test_client_limits_are_respected(running: Running) -> None:
     assert json.loads(third.payload)["version"] == 3
     await small.send(codec.Puback(third.packet_id or 0))
     assert json.loads((await small.read_until(codec.Publish)).payload)["version"] == 4
+    assert (await running.service.status("tiny"))[0]["undeliverable"] is None  # later configs were sent
 
 
 # ---- real clients ---------------------------------------------------------------------------------

@@ -198,6 +198,7 @@ class ServiceAPI:
                 "applied_version": rep.applied_version, "applied_at": _utc(rep.applied_at), "sync": row_sync,
                 "error": rep.rejected_error if row_sync == "rejected" else None,
                 "rejected_version": rep.rejected_version,
+                "undeliverable": self.configs.undeliverable.get(d.id),
             })
         return rows
 

@@ -33,7 +33,7 @@ from .api import ServiceAPI, current_actor
 from .auth import Auth, admin_secret, write_private
 from .configs import Configs
 from .events import EventListener, Events
-from .presence import PresencePublisher
+from .presence import PresencePublisher, iso
 from .reports import Reports
 
 log = logging.getLogger("henge_mqtt.service")
@@ -204,6 +204,8 @@ class HengeService(ServiceAPI):
             elif isinstance(action, Emit):
                 self.events.count(action.type)
                 self.events.emit(action.type, action.device, **dict(action.data))
+                if action.type == "delivery_too_large":  # shown by status until a later config is sent
+                    self.configs.undeliverable[action.device] = dict(action.data) | {"at": iso(time.time())}
 
     def _schedule_flush(self) -> None:
         if self._epochs_saved is None:

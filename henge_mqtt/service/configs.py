@@ -56,6 +56,8 @@ class Configs:
         self.events = events
         self.max_config_bytes = max_config_bytes
         self.on_delivery_started: Callable[[asyncio.Future[None]], None] | None = None
+        # A device's last config too large for its own Maximum Packet Size (5.0): topic, size, at.
+        self.undeliverable: dict[str, dict[str, Any]] = {}
 
     def check_size(self, config: dict[str, Any]) -> None:
         size = len(canonical_json(config))
@@ -66,6 +68,7 @@ class Configs:
 
     def publish(self, row: ConfigVersion, payload: bytes | None = None) -> list[asyncio.Future[None]]:
         data = payload if payload is not None else row.snapshot().to_payload()
+        self.undeliverable.pop(row.device, None)  # set again, synchronously, if this one is too large too
         futures = self.broker.publish(self.topics.config(row.device), data, qos=1, retain=True, track=True,
                                       props=snapshot_props(row))
         if self.on_delivery_started is not None:
