@@ -104,6 +104,16 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         fail("interrupted", 130)
 
 
+def _run_until_interrupted(coro: Coroutine[Any, Any, None]) -> None:
+    """A command that runs until Ctrl-C (a watch, a stream): the interrupt is how it ends, exit 0."""
+    try:
+        _run(coro)
+    except typer.Exit as exc:
+        if exc.exit_code == 130:
+            raise typer.Exit(0) from None
+        raise
+
+
 def _call(data: Path | None, broker: str | None, timeout: float, op: str, **args: Any) -> Any:
     return _call_then_wait(data, broker, timeout, op, None, **args)[0]
 
@@ -631,12 +641,7 @@ def status(
                 typer.echo(f"every {watch:g} s, {stamp} UTC (Ctrl-C to stop)\n{text}")
                 await asyncio.sleep(watch)
 
-    try:
-        _run(follow())
-    except typer.Exit as exc:
-        if exc.exit_code == 130:
-            raise typer.Exit(0) from None  # Ctrl-C ends a watch: not an error
-        raise
+    _run_until_interrupted(follow())
 
 
 def _color() -> bool:
@@ -810,12 +815,7 @@ def events(
                 sys.stderr.write(f"henge: {exc}; reconnecting in {delay:.1f} s\n")
                 await asyncio.sleep(delay)
 
-    try:
-        _run(go())
-    except typer.Exit as exc:
-        if exc.exit_code == 130:
-            raise typer.Exit(0) from None  # Ctrl-C ends the stream: not an error
-        raise
+    _run_until_interrupted(go())
 
 
 @app.command()
