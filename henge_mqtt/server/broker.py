@@ -1,4 +1,5 @@
-"""The embedded MQTT server: listeners, the connection registry, routing, retained messages.
+"""The embedded MQTT server (3.1.1 and 5.0): listeners, the connection registry, routing, retained
+messages.
 
 It owns what amqtt's ``Broker`` got wrong for this job (docs/sessions.md, tests/test_stock_amqtt.py):
 
@@ -108,7 +109,7 @@ class Listener:
 
 
 class EmbeddedBroker(TableViews):
-    """Implements :class:`~henge_mqtt.ports.BrokerPort` with henge's own MQTT 3.1.1 server."""
+    """Implements :class:`~henge_mqtt.ports.BrokerPort` with henge's own MQTT server (3.1.1 and 5.0)."""
 
     def __init__(
         self,
@@ -517,11 +518,11 @@ class EmbeddedBroker(TableViews):
             conn.send(codec.pubrec(packet.packet_id, reason, self._why(conn, reason), version))
 
     @staticmethod
-    def _why(conn: Connection, reason: int) -> codec.Props | None:
+    def _why(conn: Connection, reason: int, text: str | None = None) -> codec.Props | None:
         """A short Reason String for a 5.0 client that did not ask us to keep problems to ourselves."""
         if reason < 0x80 or conn.v5 is None or not conn.v5.problem_info:
             return None
-        return {codec.REASON_STRING: REASON_STRINGS.get(reason, "refused")}
+        return {codec.REASON_STRING: text or REASON_STRINGS.get(reason, "refused")}
 
     def on_subscribe(self, conn: Connection, packet: codec.Subscribe) -> None:
         assert conn.principal is not None
@@ -575,7 +576,10 @@ class EmbeddedBroker(TableViews):
             if handling == 0 or (handling == 1 and is_new):
                 granted.append((topic_filter, qos, True))
         refused = [c for c in codes if c >= 0x80]
-        why = self._why(conn, refused[0]) if refused and v5 else None
+        why = None
+        if refused and v5:
+            why = self._why(conn, refused[0], "subscription limit reached"
+                            if refused[0] == codec.QUOTA_EXCEEDED else None)
         conn.send(codec.suback(packet.packet_id, codes, why, version=conn.version))
         now = time.monotonic()
         for topic_filter, qos, _ in granted:  # retained messages of this filter, to this subscriber only
