@@ -108,7 +108,9 @@ async def test_a_second_service_on_the_same_data_dir_is_refused(running: Running
     result = await asyncio.to_thread(henge_cli, "serve", "--data", str(running.data_dir), "--port", "0",
                                      timeout=30)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "another henge service is running on this data dir" in result.stderr.strip().splitlines()[-1]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "another henge service is running on this data dir" in last
+    assert f"pid {os.getpid()}" in last and f"mqtt://127.0.0.1:{running.port}" in last  # who holds it
     # The first one is untouched: its admin socket still serves the CLI.
     status = await asyncio.to_thread(henge_cli, "status", "--data", str(running.data_dir), "--json")
     assert status.returncode == 0, status.stderr

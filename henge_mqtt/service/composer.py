@@ -33,6 +33,7 @@ from .api import ServiceAPI, current_actor
 from .auth import Auth, admin_secret, write_private
 from .configs import Configs
 from .events import EventListener, Events
+from .lock import DataDirLock
 from .presence import PresencePublisher, iso
 from .reports import Reports
 
@@ -72,7 +73,13 @@ class HengeService(ServiceAPI):
 
     async def start(self) -> None:
         s = self.settings
-        store = Store(s.data_dir, synchronous=s.store_synchronous)
+        self._lock = DataDirLock(s.data_dir)
+        self._lock.acquire()  # before the store: a second service on this data dir touches nothing
+        try:
+            store = Store(s.data_dir, synchronous=s.store_synchronous)
+        except BaseException:
+            self._lock.release()
+            raise
         self._worker = StoreWorker(store)
         try:
             self.admin_secret = admin_secret(s.data_dir, s.admin_name)
@@ -93,12 +100,14 @@ class HengeService(ServiceAPI):
         except BaseException:
             self.worker.close()
             self._worker = self._broker = None
+            self._lock.release()
             raise
         host, port = self.address
         write_private(s.data_dir / SERVICE_FILE, json.dumps({
             "host": host, "port": port, "topic_prefix": s.topic_prefix, "admin_name": s.admin_name,
             "pid": os.getpid(), "admin_socket": self.broker.admin_socket,
         }))
+        self._lock.record(f"mqtt://{host}:{port}")
         log.info("service.started host=%s port=%d data=%s", host, port, s.data_dir)
 
     def _make_broker(self) -> BrokerPort:
@@ -143,6 +152,7 @@ class HengeService(ServiceAPI):
         self._worker.close()
         with contextlib.suppress(OSError):
             (self.settings.data_dir / SERVICE_FILE).unlink()
+        self._lock.release()
         self._broker = self._worker = None
         log.info("service.stopped")
 
