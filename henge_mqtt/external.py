@@ -64,6 +64,7 @@ class ExternalBroker(TableViews):
         password: str,
         tls_context: ssl.SSLContext | None = None,
         client_id: str = "henge-service",
+        will_grace: float = 2.0,
     ) -> None:
         self.host, self.port, tls = parse_broker_url(url)
         if tls and tls_context is None:
@@ -83,6 +84,9 @@ class ExternalBroker(TableViews):
         self._runner: asyncio.Task[None] | None = None
         self._tasks = TaskSet(log, "external.publish_failed")
         self.backoff = Backoff(base=0.5, cap=15.0)
+        self.will_grace = will_grace
+        self.dropped = 0  # messages whose handling failed (logged)
+        self._wills: set[asyncio.TimerHandle] = set()  # wills waiting out their grace
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -90,6 +94,9 @@ class ExternalBroker(TableViews):
         self._runner = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        for handle in self._wills:
+            handle.cancel()
+        self._wills.clear()
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
@@ -124,8 +131,12 @@ class ExternalBroker(TableViews):
                     log.info("external.connected broker=%s:%d republished=%d", self.host, self.port,
                              len(self.retained))
                     async for message in client.messages:
-                        self._route(str(message.topic), message.payload if isinstance(message.payload, bytes)
-                                    else b"")
+                        payload = message.payload if isinstance(message.payload, bytes) else b""
+                        try:
+                            self._route(str(message.topic), payload)
+                        except Exception:  # one bad message must never end the runner: log, count, go on
+                            self.dropped += 1
+                            log.exception("external.message_failed topic=%s", message.topic)
                     if time.monotonic() - started > 10:
                         self.backoff.reset()
             except aiomqtt.MqttError as exc:
@@ -171,7 +182,8 @@ class ExternalBroker(TableViews):
         return bool(actions)
 
     def stats(self) -> dict[str, int]:
-        return {"connected_to_broker": int(self._client is not None), "retained": len(self.retained)}
+        return {"connected_to_broker": int(self._client is not None), "retained": len(self.retained),
+                "dropped": self.dropped}
 
     # ---- incoming ----------------------------------------------------------------------------------
 
@@ -212,7 +224,18 @@ class ExternalBroker(TableViews):
             if epoch is None:
                 return  # an unknown or forgotten session: stale
             reason = body.get("reason") if body.get("reason") in SESSION_REASONS else "connection_lost"
-            self._forward(self.table.disconnect(device, epoch, now, reason))
+            if reason in SESSION_REASONS:  # the device said goodbye itself: believed at once
+                self._forward(self.table.disconnect(device, epoch, now, reason))
+                return
+            # A will. On a takeover the broker publishes the displaced session's will before the new
+            # session announces itself: believed only after a grace, within which a newer session
+            # makes it stale (fenced by epoch, like any late event). A real loss shows within it.
+            handle = asyncio.get_running_loop().call_later(self.will_grace, self._will_due, device, epoch, now)
+            self._wills.add(handle)
+
+    def _will_due(self, device: str, epoch: int, at: float) -> None:
+        self._wills = {h for h in self._wills if not h.cancelled() and h.when() > asyncio.get_running_loop().time()}
+        self._forward(self.table.disconnect(device, epoch, at, "connection_lost"))
 
     def _forward(self, actions: Any) -> None:
         # Takeover and wills are the external broker's job; the rest (presence, events) is ours.

@@ -23,6 +23,7 @@ from henge_mqtt.service import HengeService
 from henge_mqtt.settings import Settings
 from henge_mqtt.store import Store
 
+from . import mqtt_raw as raw
 from .conftest import henge_cli, make_settings, next_message, payload_json, wait_status
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -293,3 +294,51 @@ def test_broker_config_command_matches_mosquitto_passwd(tmp_path: Path) -> None:
     assert bad.returncode != 0
 
 
+
+
+async def test_takeovers_behind_mosquitto_never_show_offline_and_make_a_conflict(tmp_path: Path) -> None:
+    """Mosquitto publishes the displaced session's will before the new session announces itself:
+    presence must stay online through takeovers, count them, and flag ping-pong as a conflict."""
+    async with external_fleet(tmp_path, {"dev1": {"v": 1}}) as (fleet, _, secrets):
+        await _ping_pong_behind_mosquitto(fleet, secrets)
+
+
+async def _ping_pong_behind_mosquitto(fleet: Fleet, secrets: dict[str, str]) -> None:
+    async with aiomqtt.Client("127.0.0.1", fleet.service.broker.port,  # type: ignore[attr-defined]
+                              identifier="watcher", username="henge-admin",
+                              password=fleet.service.admin_secret, timeout=5) as watcher:
+        await watcher.subscribe("henge/devices/dev1/presence", qos=1)
+        assert payload_json(await next_message(watcher))["reason"] == "server_start"  # the retained one
+        clients = []
+        for i in range(6):  # two "devices" with one identity, taking it from each other
+            session = f"S{i}"
+            will = aiomqtt.Will("henge/devices/dev1/presence/device",
+                                json.dumps({"state": "offline", "session": session}), qos=1)
+            client = fleet.device_client("dev1", secrets["dev1"], will=will)
+            await client.__aenter__()
+            await _announce(client, "dev1", "online", session)
+            clients.append(client)
+            await wait_status(fleet, "dev1", lambda r, n=i: r["online"] and r["epoch"] == n + 1)
+        states = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                states.append(payload_json(await next_message(watcher, 2.5))["state"])
+        assert "offline" not in states, states  # past the grace: no will was believed
+        row = (await fleet.service.status("dev1"))[0]
+        assert row["online"] and row["takeovers"] >= 5 and row["conflict"] is True
+        # A real loss (the current connection dies without a goodbye) shows within grace + 1 s.
+        dead = await raw.RawClient.open(fleet.device_port)
+        will = json.dumps({"state": "offline", "session": "S-dead"}).encode()
+        await dead.send(raw.connect("dev1", "dev1", secrets["dev1"], will=("henge/devices/dev1/presence/device",
+                                                                         will)))
+        assert await dead.connack() == 0
+        await dead.send(raw.publish("henge/devices/dev1/presence/device",
+                                    json.dumps({"state": "online", "session": "S-dead"}).encode(), qos=1))
+        await wait_status(fleet, "dev1", lambda r: r["epoch"] == 7)
+        dead.writer.transport.abort()  # a dead link, not a DISCONNECT: Mosquitto publishes the will
+        started = time.monotonic()
+        row = await wait_status(fleet, "dev1", lambda r: not r["online"], timeout=10)
+        assert row["reason"] == "connection_lost" and time.monotonic() - started < 2.0 + 1.0 + 1.5
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
