@@ -177,8 +177,9 @@ class Agent:
             client: _Client | None = None
             try:
                 session = secrets.token_hex(8)  # names this connection in the presence protocol
+                # Retained, like every announcement: a service that restarts reads who is connected now.
                 will = aiomqtt.Will(self.topics.device_presence(self.device),
-                                    json.dumps({"state": "offline", "session": session}), qos=1)
+                                    json.dumps({"state": "offline", "session": session}), qos=1, retain=True)
                 client = _Client(
                     self.host, self.port, identifier=self.device, username=self.device, password=self.secret,
                     keepalive=self.keepalive, timeout=self.connect_timeout, clean_session=None if self.mqtt5 else True,
@@ -253,7 +254,8 @@ class Agent:
                 return None
 
             presence = self.topics.device_presence(self.device)
-            await guarded(client.publish(presence, json.dumps({"state": "online", "session": self.session}), qos=1))
+            await guarded(client.publish(presence, json.dumps({"state": "online", "session": self.session}), qos=1,
+                                         retain=True))
             await guarded(client.subscribe(self.topics.config(self.device), qos=1))
             if self.state.applied_version and not stop.is_set():
                 # Heal a report lost with the previous connection; the server keeps the highest.
@@ -266,7 +268,7 @@ class Agent:
             body = {"state": "offline", "session": self.session, "reason": "client_disconnect"}
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 async with asyncio.timeout(STOP_GRACE / 2):  # a goodbye, bounded: SIGTERM is prompt
-                    await client.publish(presence, json.dumps(body), qos=1, timeout=STOP_GRACE / 2)
+                    await client.publish(presence, json.dumps(body), qos=1, retain=True, timeout=STOP_GRACE / 2)
         finally:
             for task in (reader, stopped):
                 task.cancel()

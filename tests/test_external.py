@@ -342,3 +342,29 @@ async def _ping_pong_behind_mosquitto(fleet: Fleet, secrets: dict[str, str]) -> 
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.__aexit__(None, None, None)
+
+
+async def test_service_restart_remembers_who_is_connected(tmp_path: Path) -> None:
+    """Announcements are retained: a restarted service reads who is connected now from the broker."""
+    from henge_mqtt.device import Agent
+
+    async with external_fleet(tmp_path, {"dev1": {"v": 1}, "dev2": {"v": 1}}) as (fleet, _, secrets):
+        async def noop(config: dict[str, Any]) -> None:
+            return None
+
+        agent = Agent("127.0.0.1", fleet.device_port, "dev1", secrets["dev1"], noop, tmp_path / "a.json")
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        try:
+            before = await wait_status(fleet, "dev1", lambda r: r["online"])
+            settings = fleet.service.settings
+            await fleet.service.stop()
+            async with HengeService(settings) as again:
+                started = time.monotonic()
+                row = await wait_status(Fleet("mosquitto", again, fleet.device_port, fleet.data_dir), "dev1",
+                                        lambda r: r["online"], timeout=5)
+                assert time.monotonic() - started < 5 and row["epoch"] > before["epoch"]
+                assert not (await again.status("dev2"))[0]["online"]  # never connected: offline
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 5)

@@ -93,8 +93,8 @@ class ServiceAPI:
         await self.worker.run(self.store.remove_device, device, actor=current_actor.get())
         await self.broker.kick(device)
         self.broker.forget(device)
-        for topic in (self.topics.config(device), self.topics.presence(device)):
-            self.broker.publish(topic, b"", qos=1, retain=True)
+        for topic in (self.topics.config(device), self.topics.presence(device), self.topics.device_presence(device)):
+            self.broker.publish(topic, b"", qos=1, retain=True)  # a new device of this id inherits nothing
         self.events.emit("device_removed", device)
 
     async def rotate_secret(self, device: str) -> str:
