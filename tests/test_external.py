@@ -368,3 +368,21 @@ async def test_service_restart_remembers_who_is_connected(tmp_path: Path) -> Non
         finally:
             stop.set()
             await asyncio.wait_for(task, 5)
+
+
+async def test_bad_messages_through_mosquitto_never_stop_the_service(tmp_path: Path) -> None:
+    async with external_fleet(tmp_path, {"dev1": {"v": 1}, "gone": {"v": 1}}) as (fleet, _, secrets):
+        async with fleet.device_client("gone", secrets["gone"]) as ghost, \
+                fleet.device_client("dev1", secrets["dev1"]) as device:
+            await fleet.service.remove_device("gone")  # Mosquitto's password file still lists it
+            await ghost.publish("henge/devices/gone/report", b'{"version": 1, "status": "applied"}', qos=1)
+            for payload in (b"not json", b"[]", b'{"state": "online"}', b'{"state": 7, "session": []}', b""):
+                await device.publish("henge/devices/dev1/presence/device", payload, qos=1)
+            for payload in (b"not json", b'{"version": "x"}', b"\xff\xfe"):
+                await device.publish("henge/devices/dev1/report", payload, qos=1)
+            await device.publish("henge/devices/dev1/report", b'{"version": 1, "status": "applied"}', qos=1)
+            await wait_status(fleet, "dev1", lambda r: r["sync"] == "in_sync")  # handled in order, after them
+        result = await asyncio.to_thread(henge_cli, "status", "--data", str(fleet.data_dir), "--json")
+        assert result.returncode == 0, result.stderr  # the admin protocol still answers
+        assert [r["device"] for r in json.loads(result.stdout)] == ["dev1"]
+        assert fleet.service.broker.stats()["dropped"] == 0  # each was refused by design, none crashed a hook
