@@ -174,10 +174,14 @@ def _read_config(source: str) -> dict[str, Any]:
         fail(f"cannot read {where}: {exc.strerror or exc}")
     except UnicodeDecodeError:
         fail(f"{where} is not UTF-8 text")
+    from .ids import StrictJSONError, strict_json
+
     try:
-        value = json.loads(text)
+        value = strict_json(text)
     except json.JSONDecodeError as exc:
         raise InvalidConfig(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except StrictJSONError as exc:
+        raise InvalidConfig(f"{where} is not strict JSON: {exc}; nothing was stored") from exc
     if not isinstance(value, dict):
         raise InvalidConfig(f"{where}: a config must be a JSON object, not {type(value).__name__}")
     return value

@@ -36,3 +36,29 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
             raise ValueError(f"invalid label {pair!r}: expected key=value with a simple key")
         labels[key] = value
     return labels
+
+
+class StrictJSONError(ValueError):
+    """A config document that is not strict JSON: ``pointer`` says where (RFC 6901)."""
+
+
+def strict_json(text: str) -> object:
+    """JSON as RFC 8259 means it: NaN, Infinity and duplicate keys are refused, naming where.
+
+    ``json.loads`` accepts ``NaN`` (stored as null elsewhere) and keeps the last of duplicate keys;
+    a config that says something twice says nothing reliable.
+    """
+    import json
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        result: dict[str, object] = {}
+        for key, value in items:
+            if key in result:
+                raise StrictJSONError(f"duplicate key {key!r}")
+            result[key] = value
+        return result
+
+    def constant(name: str) -> object:
+        raise StrictJSONError(f"{name} is not a JSON number")
+
+    return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)

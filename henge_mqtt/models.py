@@ -36,7 +36,7 @@ ConfigObject = Annotated[dict[str, Any], BeforeValidator(_object_only)]
 
 def canonical_json(config: dict[str, Any]) -> bytes:
     """The byte string the snapshot's sha256 covers; part of the wire contract."""
-    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def config_sha256(config: dict[str, Any]) -> str:

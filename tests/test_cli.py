@@ -438,3 +438,25 @@ def test_systemd_unit_and_dockerfile_use_real_flags() -> None:
     health = json.loads(next(line for line in dockerfile.splitlines() if "CMD [" in line).split("CMD ", 1)[1])
     status = typer.main.get_command(app).commands["status"]  # type: ignore[attr-defined]
     assert {a for a in health[2:] if a.startswith("--")} <= {o for p in status.params for o in getattr(p, "opts", [])}
+
+
+async def test_configs_are_strict_json(running: Running, tmp_path: Path) -> None:
+    from henge_mqtt.errors import InvalidConfig
+
+    await running.add("s1", {"ok": 1})
+    data = str(running.data_dir)
+    for text, problem in (('{"a": NaN}', "NaN"), ('{"a": Infinity}', "Infinity"), ('{"a": 1, "a": 2}', "'a'"),
+                          ('{"n": {"x": 1, "x": 1}}', "'x'"), ("[1, 2]", "JSON object")):
+        result = await asyncio.to_thread(henge_cli, "push", "s1", "-", "--data", data, input=text)
+        _one_error_line(result, 1, problem)
+    with pytest.raises(InvalidConfig):
+        await running.service.push("s1", {"a": float("nan")})
+    async with running.admin_client() as admin:  # a hand-written request with a key given twice inside
+        reply_to = "henge/admin/reply/hand-written"
+        await admin.subscribe(reply_to, qos=1)
+        request = ('{"id": "r1", "op": "push", "reply_to": "' + reply_to + '", "args": '
+                   '{"device": "s1", "config": {"a": 1, "a": 2}}}')
+        await admin.publish("henge/admin/request", request, qos=1)
+        reply = payload_json(await next_message(admin))
+        assert reply["ok"] is False and reply["error"]["code"] == "invalid_config"
+    assert [r.version for r in await running.service.history("s1")] == [1]  # nothing was stored

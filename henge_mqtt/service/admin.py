@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import models
 from ..errors import HengeError, UnknownDevice
+from ..ids import StrictJSONError, strict_json
 from ..models import AdminReply, AdminRequest, ConfigVersion
 
 if TYPE_CHECKING:
@@ -50,7 +51,12 @@ async def handle(svc: HengeService, payload: bytes) -> None:
     def progress(state: dict[str, Any]) -> None:
         broker.publish(request.reply_to, json.dumps({"id": request.id, "progress": state}).encode(), qos=0)
 
-    reply = await dispatch(svc, request, progress)
+    try:
+        strict_json(payload.decode("utf-8"))  # NaN, Infinity or a key given twice: refused, not guessed
+    except (StrictJSONError, UnicodeDecodeError) as exc:
+        reply = error_reply(request.id, "invalid_config", f"the request is not strict JSON: {exc}; nothing was stored")
+    else:
+        reply = await dispatch(svc, request, progress)
     broker.publish(request.reply_to, reply.model_dump_json().encode(), qos=1)
 
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigTooLarge, UnknownDevice
+from ..errors import ConfigTooLarge, InvalidConfig, UnknownDevice
 from ..models import ConfigVersion, Snapshot, canonical_json, rfc3339
 from ..ports import BrokerPort
 from ..store import StoreWorker
@@ -60,7 +60,10 @@ class Configs:
         self.undeliverable: dict[str, dict[str, Any]] = {}
 
     def check_size(self, config: dict[str, Any]) -> None:
-        size = len(canonical_json(config))
+        try:
+            size = len(canonical_json(config))
+        except ValueError as exc:  # NaN or Infinity from a library caller: not JSON
+            raise InvalidConfig(f"config is not strict JSON: {exc}; nothing was stored") from exc
         if size > self.max_config_bytes:
             raise ConfigTooLarge(
                 f"config is {size} bytes, over the limit of {self.max_config_bytes} bytes; nothing was stored"
