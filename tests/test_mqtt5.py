@@ -4,6 +4,7 @@ bytes (our codec on a raw socket) and with real clients (paho, aiomqtt, mosquitt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import threading
@@ -410,3 +411,67 @@ async def test_problem_information_packet_ids_and_oversize_connect(start_service
         connack = await client.read()
         assert isinstance(connack, codec.Connack) and connack.code == codec.PACKET_TOO_LARGE
         assert await client.raw.closed_within(2)
+
+
+def _sequences() -> Any:
+    """Random but well-formed packet sequences a device could send after its CONNECT."""
+    from hypothesis import strategies as st
+
+    topic = st.sampled_from(["henge/devices/seq/report", "henge/devices/seq/x", "henge/devices/other/config",
+                             "henge/devices/seq/#", "a/b"])
+    pid = st.integers(1, 6)
+    props = st.fixed_dictionaries({}, optional={
+        codec.MESSAGE_EXPIRY_INTERVAL: st.integers(1, 5), codec.CONTENT_TYPE: st.sampled_from(["a", "b"]),
+        codec.USER_PROPERTY: st.lists(st.tuples(st.just("k"), st.just("v")), min_size=1, max_size=2)})
+    packet = st.one_of(
+        st.builds(lambda t, q, p, r, pr: codec.Publish(t.replace("#", "h"), b'{"version": 1, "status": "applied"}',
+                                                       q, r, p if q else None, False, pr),
+                  topic, st.integers(0, 2), pid, st.booleans(), props),
+        st.builds(lambda p, fs: codec.Subscribe(p, tuple(fs)), pid,
+                  st.lists(st.tuples(topic, st.sampled_from([0, 1, 2, 0x04, 0x08, 0x11, 0x21])), min_size=1,
+                           max_size=3)),
+        st.builds(lambda p, fs: codec.Unsubscribe(p, tuple(fs)), pid, st.lists(topic, min_size=1, max_size=3)),
+        st.builds(codec.Puback, pid), st.builds(codec.Pubrel, pid), st.builds(codec.Pubrec, pid),
+        st.just(codec.Pingreq()),
+    )
+    return st.tuples(st.sampled_from([4, 5]), st.lists(packet, min_size=1, max_size=12))
+
+
+async def test_random_packet_sequences_keep_the_server_consistent(start_service) -> None:  # type: ignore[no-untyped-def]
+    """Whatever order a client sends valid packets in, for both protocol versions: every reply is a
+    valid packet of that version, the session ends cleanly, and a bystander is never disturbed."""
+    from hypothesis import HealthCheck, given, settings
+
+    async with start_service(sessions={"connect_burst": 1000, "connect_rate": 1000}, device_publish_rate=1000,
+                             device_publish_burst=1000) as running:
+        good, _, _ = await device5(running, "good", {"v": 1})
+        secret = await running.add("seq", {"v": 1})
+        cases: list[tuple[int, list[codec.Packet]]] = []
+
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=_sequences())
+        def collect(case: tuple[int, list[codec.Packet]]) -> None:
+            cases.append(case)
+
+        collect()
+        for version, packets in cases:
+            client = Client5(await raw.RawClient.open(running.port))
+            await client.raw.send(codec.encode(codec.Connect("seq", 60, True, "seq", secret.encode(), None, "MQTT",
+                                                             version)))
+            first, body = await client.raw.read_frame()
+            ack = codec.decode(first, body, version=version)
+            assert isinstance(ack, codec.Connack) and ack.code == 0
+            for packet in packets:
+                await client.raw.send(codec.encode(packet, version=version))
+            await client.raw.send(codec.encode(codec.Pingreq()))
+            with contextlib.suppress(EOFError, TimeoutError):
+                while True:  # every reply decodes at the client's version, up to the PINGRESP
+                    first, body = await client.raw.read_frame(timeout=2)
+                    reply = codec.decode(first, body, version=version)
+                    if isinstance(reply, codec.Pingresp):
+                        break
+            client.raw.close()
+            await good.send(codec.Pingreq())
+            assert isinstance(await good.read_until(codec.Pingresp, timeout=1), codec.Pingresp)
+        await wait_until(lambda: running.broker.conns.get("seq") is None, 5, "the last sequence's close")
+        assert running.broker.conns.get("good") is not None
