@@ -468,31 +468,40 @@ def push(
     if_version: Annotated[int | None, typer.Option("--if-version", min=0,
                                                    help="Fail unless the current version is N.")] = None,
     message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
+    force: Annotated[bool, typer.Option("--force", help="A new version even if the content is unchanged.")]
+    = False,
+    patch: Annotated[bool, typer.Option("--patch", help="FILE is an RFC 7396 merge patch of the current "
+                                        "config (null removes a key).")] = False,
     wait: WaitOpt = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: WaitTimeoutOpt = 10.0,
 ) -> None:
-    """Store a new config version for a device (or many) and publish it."""
+    """Store a new config version for a device (or many) and publish it; unchanged content stores nothing."""
     if all_devices or label:
         if source is not None:
             fail("with --all or --label give only the FILE, no device id", 2)
-        if if_version is not None or wait:
-            fail("--if-version and --wait apply to a single device", 2)
-        _push_many(_read_config(target), all_devices, _labels(label), message, data, broker, as_json, timeout)
+        if if_version is not None or wait or patch:
+            fail("--if-version, --patch and --wait apply to a single device", 2)
+        _push_many(_read_config(target), all_devices, _labels(label), message, data, broker, as_json, timeout,
+                   force)
         return
     if source is None:
         fail("missing FILE: henge push ID FILE|-", 2)
     device = target
-    config = _read_config(source)
-    args: dict[str, Any] = {"device": device, "config": config, "message": message}
+    document = _read_config(source)
+    args: dict[str, Any] = {"device": device, "patch" if patch else "config": document, "message": message,
+                            "force": force}
     if if_version is not None:
         args["if_version"] = if_version
     result, outcome = _call_then_wait(data, broker, timeout, "push", timeout if wait else None, **args)
-    _report_outcome(result, outcome, as_json, f"{result['device']}: version {result['version']} "
-                    f"({result['sha256'][:12]})")
+    if result.get("unchanged"):
+        line = f"{result['device']}: unchanged, still version {result['version']} (--force stores it again)"
+    else:
+        line = f"{result['device']}: version {result['version']} ({result['sha256'][:12]})"
+    _report_outcome(result, outcome, as_json, line)
 
 
 def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str], message: str,
-               data: Path | None, broker: str | None, as_json: bool, timeout: float) -> None:
+               data: Path | None, broker: str | None, as_json: bool, timeout: float, force: bool) -> None:
     show = sys.stderr.isatty() and not as_json
 
     def progress(state: dict[str, Any]) -> None:
@@ -512,15 +521,16 @@ def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str]
 
         async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
             return await client.call("push_many", wait=timeout, progress=progress, all=all_devices, labels=labels,
-                                     config=config, message=message, delivery_timeout=timeout)
+                                     config=config, message=message, delivery_timeout=timeout, force=force)
 
     result = _run(go())
     if show:
         sys.stderr.write("\n")
     if not as_json:
         result.pop("versions")
-    _emit(result, as_json, lambda r: f"stored a new version for {r['devices']} devices; "
-          f"{r['acknowledged']} of {r['online']} online devices acknowledged it")
+    _emit(result, as_json, lambda r: f"stored a new version for {r['devices']} devices"
+          + (f" ({r['unchanged']} already had it)" if r.get("unchanged") else "")
+          + f"; {r['acknowledged']} of {r['online']} online devices acknowledged it")
 
 
 @app.command()

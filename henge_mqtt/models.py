@@ -175,9 +175,11 @@ class DeviceRefArgs(Frozen):
 
 class PushArgs(Frozen):
     device: DeviceId
-    config: ConfigObject
+    config: ConfigObject | None = None
+    patch: ConfigObject | None = None  # an RFC 7396 merge patch of the current config, instead of config
     if_version: int | None = Field(default=None, ge=0)
     message: str = Field(default="", max_length=1024)
+    force: bool = False  # store a new version even if the content is unchanged
 
 
 class GetArgs(Frozen):
@@ -237,6 +239,7 @@ class PushManyArgs(Frozen):
     config: ConfigObject
     message: str = Field(default="", max_length=1024)
     delivery_timeout: float = Field(default=30.0, ge=0, le=3600)
+    force: bool = False  # a new version also for devices already at this config
 
 
 class AuditArgs(Frozen):

@@ -30,7 +30,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from .errors import DuplicateDevice, StoreError, UnknownDevice, UnknownVersion, VersionConflict
+from .errors import (
+    DuplicateDevice,
+    StoreError,
+    UnknownDevice,
+    UnknownVersion,
+    ValidationFailed,
+    VersionConflict,
+)
 from .models import ConfigVersion, Device, config_sha256, utc_now
 
 log = logging.getLogger(__name__)
@@ -99,6 +106,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE devices ADD COLUMN last_reason TEXT;
     """,
 ]
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON Merge Patch: objects merge key by key, null removes a key, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
 
 
 def hash_secret(secret: str) -> str:
@@ -350,10 +370,45 @@ class Store:
             self._audit(actor, "push", device, {"version": row.version, "sha256": row.sha256, "message": message})
             return row
 
+    def push_if_changed(
+        self,
+        device: str,
+        config: dict[str, Any] | None,
+        *,
+        actor: str,
+        message: str = "",
+        if_version: int | None = None,
+        patch: dict[str, Any] | None = None,
+    ) -> tuple[ConfigVersion, bool]:
+        """A new version unless its content equals the current one: ``(row, stored)``.
+
+        With ``patch`` (RFC 7396 JSON Merge Patch) the new content is the current one patched, read
+        and written in one transaction, so a concurrent push cannot be lost in between.
+        """
+        with self._tx():
+            if device not in self._hashes:
+                raise UnknownDevice(f"unknown device {device!r}")
+            current = self._current_version(device)
+            if if_version is not None and if_version != current:
+                raise VersionConflict(device, expected=if_version, current=current)
+            now = self.get_version(device, current) if current else None
+            if patch is not None:
+                config = merge_patch(now.config if now else {}, patch)
+                if not isinstance(config, dict):
+                    raise ValidationFailed("the patch must leave a JSON object; nothing was stored")
+            assert config is not None
+            if now is not None and now.sha256 == config_sha256(config):
+                return now, False
+            row = self._insert_version(device, config, actor=actor, message=message, if_version=None)
+            self._audit(actor, "push", device, {"version": row.version, "sha256": row.sha256, "message": message})
+            return row, True
+
     def push_many(
-        self, devices: list[str], config: dict[str, Any], *, actor: str, message: str = ""
+        self, devices: list[str], config: dict[str, Any], *, actor: str, message: str = "",
+        skip_unchanged: bool = False,
     ) -> list[ConfigVersion]:
-        """One new version for each device, stored in one transaction (the service calls it per chunk)."""
+        """One new version for each device, stored in one transaction (the service calls it per chunk);
+        with ``skip_unchanged``, none for a device whose current content is this config already."""
         for device in devices:
             if device not in self._hashes:
                 raise UnknownDevice(f"unknown device {device!r}")
@@ -362,11 +417,18 @@ class Store:
         created = utc_now()
         with self._tx():
             current: dict[str, int] = {}
+            same: set[str] = set()
             for start in range(0, len(devices), 500):
                 part = devices[start:start + 500]
-                current.update(self._db.execute(
-                    "SELECT device, MAX(version) FROM config_versions WHERE device IN "
-                    f"({','.join('?' * len(part))}) GROUP BY device", part))
+                marks = ",".join("?" * len(part))
+                for device, version, device_sha in self._db.execute(
+                    "SELECT v.device, v.version, v.sha256 FROM config_versions v JOIN (SELECT device, "
+                    f"MAX(version) AS m FROM config_versions WHERE device IN ({marks}) GROUP BY device) x "
+                    "ON x.device = v.device AND x.m = v.version", part):
+                    current[device] = version
+                    if skip_unchanged and device_sha == sha:
+                        same.add(device)
+            devices = [d for d in devices if d not in same]
             rows = [
                 ConfigVersion.model_construct(
                     device=d, version=current.get(d, 0) + 1, config=config, sha256=sha, message=message,

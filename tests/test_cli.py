@@ -460,3 +460,26 @@ async def test_configs_are_strict_json(running: Running, tmp_path: Path) -> None
         reply = payload_json(await next_message(admin))
         assert reply["ok"] is False and reply["error"]["code"] == "invalid_config"
     assert [r.version for r in await running.service.history("s1")] == [1]  # nothing was stored
+
+
+async def test_no_empty_versions_and_merge_patches(running: Running) -> None:
+    await running.add("p1", {"a": 1, "b": {"c": 2, "d": 3}})
+    await running.add("p2", {"a": 1, "b": {"c": 2, "d": 3}})
+    data = str(running.data_dir)
+    same = await asyncio.to_thread(henge_cli, "push", "p1", "-", "--data", data, "--json",
+                                   input='{"b": {"d": 3, "c": 2}, "a": 1}')  # equal content, other key order
+    assert same.returncode == 0 and json.loads(same.stdout)["unchanged"] is True
+    assert [r.version for r in await running.service.history("p1")] == [1]
+    forced = await asyncio.to_thread(henge_cli, "push", "p1", "-", "--force", "--data", data, input='{"a": 1, '
+                                     '"b": {"c": 2, "d": 3}}')
+    assert forced.returncode == 0 and "version 2" in forced.stdout
+    patched = await asyncio.to_thread(henge_cli, "push", "p1", "-", "--patch", "--data", data,
+                                      input='{"b": {"d": null, "e": 5}, "z": true}')
+    assert patched.returncode == 0, patched.stderr
+    assert (await running.service.get_version("p1")).config == {"a": 1, "b": {"c": 2, "e": 5}, "z": True}
+    cfg = running.data_dir.parent / "fleet.json"
+    cfg.write_text('{"a": 1, "b": {"c": 2, "d": 3}}')  # p2 has it already, p1 does not
+    fleet = await asyncio.to_thread(henge_cli, "push", "--all", str(cfg), "--data", data, "--json")
+    result = json.loads(fleet.stdout)
+    assert (result["devices"], result["unchanged"]) == (1, 1) and set(result["versions"]) == {"p1"}
+    assert [r.version for r in await running.service.history("p2")] == [1]

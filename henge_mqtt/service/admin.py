@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from .. import models
-from ..errors import HengeError, UnknownDevice
+from ..errors import HengeError, UnknownDevice, ValidationFailed
 from ..ids import StrictJSONError, strict_json
 from ..models import AdminReply, AdminRequest, ConfigVersion
 
@@ -113,8 +113,11 @@ async def _device_rotate(svc: HengeService, a: models.DeviceRefArgs, progress: P
 
 
 async def _push(svc: HengeService, a: models.PushArgs, progress: Progress) -> Any:
-    row = await svc.push(a.device, a.config, message=a.message, if_version=a.if_version)
-    return _version_dict(row, with_config=False)
+    if (a.config is None) == (a.patch is None):
+        raise ValidationFailed("give exactly one of config or patch")
+    row, stored = await svc.push_checked(a.device, a.config, message=a.message, if_version=a.if_version,
+                                         force=a.force, patch=a.patch)
+    return _version_dict(row, with_config=False) | {"unchanged": not stored}
 
 
 async def _get(svc: HengeService, a: models.GetArgs, progress: Progress) -> Any:
@@ -176,7 +179,7 @@ async def _push_many(svc: HengeService, a: models.PushManyArgs, progress: Progre
         progress(state)
 
     devices = await svc.select(all_devices=a.all, labels=a.labels)
-    rows, deliveries = await svc.push_many(devices, a.config, message=a.message, progress=stored)
+    rows, deliveries = await svc.push_many(devices, a.config, message=a.message, progress=stored, force=a.force)
     published = loop.time() - received
     total = len(deliveries)
     pending: set[asyncio.Future[None]] = set(deliveries)
@@ -186,7 +189,8 @@ async def _push_many(svc: HengeService, a: models.PushManyArgs, progress: Progre
         progress({"stored": len(rows), "online": total, "acknowledged": _acked(deliveries)})
     for future in pending:  # nobody will look at these again
         future.cancel()
-    return {"devices": len(rows), "online": total, "acknowledged": _acked(deliveries),
+    return {"devices": len(rows), "unchanged": len(devices) - len(rows), "online": total,
+            "acknowledged": _acked(deliveries),
             "versions": {r.device: r.version for r in rows},
             "timings_ms": {"first_published": round((first_published or [published])[0] * 1000, 1),
                            "all_published": round(published * 1000, 1)}}

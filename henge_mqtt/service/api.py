@@ -135,15 +135,26 @@ class ServiceAPI:
         return devices
 
     async def push(self, device: str, config: dict[str, Any], *, message: str = "",
-                   if_version: int | None = None) -> ConfigVersion:
+                   if_version: int | None = None, force: bool = False) -> ConfigVersion:
+        """The new version; unless ``force``, a config equal to the current one stores nothing and
+        returns the current version (``push_checked`` says which happened)."""
+        row, _ = await self.push_checked(device, config, message=message, if_version=if_version, force=force)
+        return row
+
+    async def push_checked(self, device: str, config: dict[str, Any] | None, *, message: str = "",
+                           if_version: int | None = None, force: bool = False,
+                           patch: dict[str, Any] | None = None) -> tuple[ConfigVersion, bool]:
+        """``(row, stored)``; with ``patch``, an RFC 7396 merge patch of the current config."""
         return await self.configs.push(device, config, actor=current_actor.get(), message=message,
-                                       if_version=if_version)
+                                       if_version=if_version, force=force, patch=patch)
 
     async def push_many(self, devices: list[str], config: dict[str, Any], *, message: str = "",
-                        progress: Progress | None = None) -> tuple[list[ConfigVersion], list[asyncio.Future[None]]]:
-        """Returns the stored rows and one future per connected subscriber, done when it acknowledged."""
+                        progress: Progress | None = None,
+                        force: bool = False) -> tuple[list[ConfigVersion], list[asyncio.Future[None]]]:
+        """The stored rows (not those already at this config, unless ``force``) and one future per
+        connected subscriber, done when it acknowledged."""
         return await self.configs.push_many(devices, config, actor=current_actor.get(), message=message,
-                                            progress=progress)
+                                            progress=progress, force=force)
 
     async def rollback(self, device: str, version: int, *, message: str = "") -> ConfigVersion:
         return await self.configs.rollback(device, version, actor=current_actor.get(), message=message)

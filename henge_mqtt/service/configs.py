@@ -79,15 +79,29 @@ class Configs:
                 self.on_delivery_started(future)
         return futures
 
-    async def push(self, device: str, config: dict[str, Any], *, actor: str, message: str = "",
-                   if_version: int | None = None) -> ConfigVersion:
-        self.check_size(config)
+    async def push(self, device: str, config: dict[str, Any] | None, *, actor: str, message: str = "",
+                   if_version: int | None = None, force: bool = False,
+                   patch: dict[str, Any] | None = None) -> tuple[ConfigVersion, bool]:
+        """``(row, stored)``: unless ``force``, a config equal to the current one stores nothing."""
+        if config is not None:
+            self.check_size(config)
         store = self.worker.store
-        row = await self.worker.run(store.push, device, config, actor=actor, message=message, if_version=if_version)
+        if force and patch is None:
+            assert config is not None
+            row = await self.worker.run(store.push, device, config, actor=actor, message=message,
+                                        if_version=if_version)
+        else:
+            row, stored = await self.worker.run(store.push_if_changed, device, config, actor=actor, message=message,
+                                                if_version=if_version, patch=patch)
+            if not stored and not force:
+                return row, False
+            if not stored:  # a forced patch that changes nothing: a new version all the same
+                row = await self.worker.run(store.push, device, row.config, actor=actor, message=message)
+        self.check_size(row.config)
         self.publish(row)
         self.events.count("pushes")
         self.events.emit("config_published", device, version=row.version, sha256=row.sha256)
-        return row
+        return row, True
 
     async def rollback(self, device: str, version: int, *, actor: str, message: str = "") -> ConfigVersion:
         store = self.worker.store
@@ -98,7 +112,8 @@ class Configs:
         return row
 
     async def push_many(self, devices: list[str], config: dict[str, Any], *, actor: str, message: str = "",
-                        progress: Progress | None = None) -> tuple[list[ConfigVersion], list[asyncio.Future[None]]]:
+                        progress: Progress | None = None,
+                        force: bool = False) -> tuple[list[ConfigVersion], list[asyncio.Future[None]]]:
         """One new version per device, stored and published chunk by chunk.
 
         Every id is checked before the first chunk, so a bad selection stores nothing; each chunk
@@ -116,7 +131,8 @@ class Configs:
             chunk = devices[start:start + size]
             start += len(chunk)
             stored = await self.worker.run(
-                lambda c=chunk: _fleet_payloads(store.push_many(c, config, actor=actor, message=message),  # type: ignore[misc]
+                lambda c=chunk: _fleet_payloads(store.push_many(c, config, actor=actor, message=message,  # type: ignore[misc]
+                                                                skip_unchanged=not force),
                                                 config)
             )
             for i, (row, payload) in enumerate(stored, 1):
