@@ -41,7 +41,7 @@ def run(mode: str, pushes: int, fleet: int) -> dict[str, float]:
         fleet_s = time.perf_counter() - started
         started = time.perf_counter()
         for i in range(1000):
-            store.save_epochs({devices[i % fleet]: i + 1})
+            store.save_sessions({devices[i % fleet]: i + 1}, {})
         epochs_s = time.perf_counter() - started
         store.close()
     return {"push_median_ms": statistics.median(times) * 1000, "push_p99_ms": sorted(times)[int(len(times) * .99)]

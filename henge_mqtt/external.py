@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -86,7 +87,8 @@ class ExternalBroker(TableViews):
         self.backoff = Backoff(base=0.5, cap=15.0)
         self.will_grace = will_grace
         self.dropped = 0  # messages whose handling failed (logged)
-        self._wills: set[asyncio.TimerHandle] = set()  # wills waiting out their grace
+        self._wills: dict[int, asyncio.TimerHandle] = {}  # wills waiting out their grace
+        self._will_ids = itertools.count()
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -94,7 +96,7 @@ class ExternalBroker(TableViews):
         self._runner = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        for handle in self._wills:
+        for handle in self._wills.values():
             handle.cancel()
         self._wills.clear()
         if self._runner is not None:
@@ -230,11 +232,12 @@ class ExternalBroker(TableViews):
             # A will. On a takeover the broker publishes the displaced session's will before the new
             # session announces itself: believed only after a grace, within which a newer session
             # makes it stale (fenced by epoch, like any late event). A real loss shows within it.
-            handle = asyncio.get_running_loop().call_later(self.will_grace, self._will_due, device, epoch, now)
-            self._wills.add(handle)
+            key = next(self._will_ids)
+            self._wills[key] = asyncio.get_running_loop().call_later(self.will_grace, self._will_due, key, device,
+                                                                     epoch, now)
 
-    def _will_due(self, device: str, epoch: int, at: float) -> None:
-        self._wills = {h for h in self._wills if not h.cancelled() and h.when() > asyncio.get_running_loop().time()}
+    def _will_due(self, key: int, device: str, epoch: int, at: float) -> None:
+        self._wills.pop(key, None)
         self._forward(self.table.disconnect(device, epoch, at, "connection_lost"))
 
     def _forward(self, actions: Any) -> None:

@@ -553,7 +553,10 @@ class Store:
         return list(self._db.execute("SELECT id, epoch, last_seen, last_remote FROM devices"))
 
     def save_sessions(self, epochs: dict[str, int], seen: dict[str, tuple[float, str | None, str]]) -> None:
-        """Epochs (the group commit of a reconnect storm) and last-seen records in one transaction."""
+        """Epochs (the group commit of a reconnect storm) and last-seen records in one transaction.
+
+        An epoch high-water mark only goes up, even if saved out of order.
+        """
         with self._tx():
             self._db.executemany(
                 "UPDATE devices SET epoch = MAX(epoch, ?) WHERE id = ?", [(e, d) for d, e in epochs.items()]
@@ -561,16 +564,6 @@ class Store:
             self._db.executemany(
                 "UPDATE devices SET last_seen = ?, last_remote = ?, last_reason = ? WHERE id = ?",
                 [(at, remote, reason, d) for d, (at, remote, reason) in seen.items()],
-            )
-
-    def save_epochs(self, epochs: dict[str, int]) -> None:
-        """Epoch high-water marks in one transaction (the group commit of a reconnect storm).
-
-        A mark only goes up, even if saved out of order.
-        """
-        with self._tx():
-            self._db.executemany(
-                "UPDATE devices SET epoch = MAX(epoch, ?) WHERE id = ?", [(e, d) for d, e in epochs.items()]
             )
 
     # ---- device reports ----------------------------------------------------------------------

@@ -78,8 +78,8 @@ def test_versions_are_immutable_and_secrets_hashed(tmp_path: Path) -> None:
 def test_epoch_high_water_mark_only_rises(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.add_device("d1")
-    store.save_epochs({"d1": 5})
-    store.save_epochs({"d1": 3})
+    store.save_sessions({"d1": 5}, {})
+    store.save_sessions({"d1": 3}, {})
     assert store.epochs() == {"d1": 5}
     store.close()
 

@@ -218,9 +218,6 @@ class RetainedStore:
     def get(self, topic: str) -> tuple[bytes, int, object] | None:
         return self._messages.get(topic)
 
-    def items(self) -> list[tuple[str, tuple[bytes, int, object]]]:
-        return list(self._messages.items())
-
     def matching(self, topic_filter: str) -> Iterator[tuple[str, bytes, int, object]]:
         if not is_wildcard(topic_filter):
             found = self._messages.get(topic_filter)
@@ -244,6 +241,3 @@ class RetainedStore:
 
     def __len__(self) -> int:
         return len(self._messages)
-
-    def __contains__(self, topic: str) -> bool:
-        return topic in self._messages

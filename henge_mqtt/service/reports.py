@@ -63,12 +63,6 @@ class Reports:
             self._bad(device, f"{'.'.join(map(str, first['loc'])) or 'payload'}: {first['msg']}")
             return PAYLOAD_FORMAT_INVALID
 
-    async def handle(self, device: str, payload: bytes) -> None:
-        """Validate and record a device's report; anything wrong is logged, counted and dropped."""
-        report = self.parse(device, payload)
-        if isinstance(report, Report):
-            await self.record(device, report)
-
     async def record(self, device: str, report: Report) -> None:
         store = self.worker.store
         try:
