@@ -61,6 +61,7 @@ class HengeService(ServiceAPI):
         self._pending_seen: dict[str, tuple[float, str | None, str]] = {}  # last seen, for after a restart
         self._epochs_saved: asyncio.Future[None] | None = None
         self._flushing = False
+        self._inflight: asyncio.Future[None] | None = None  # the group commit being written
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -146,6 +147,7 @@ class HengeService(ServiceAPI):
         if self._broker is None or self._worker is None:
             return
         await self._broker.stop()
+        await self._drain_sessions()
         await self._tasks.cancel_all(1.0)
         if self._pending_epochs or self._pending_seen:
             await self.worker.run(self.store.save_sessions, self._pending_epochs, self._pending_seen)
@@ -232,6 +234,7 @@ class HengeService(ServiceAPI):
         seen, self._pending_seen = self._pending_seen, {}
         saved, self._epochs_saved = self._epochs_saved, None
         self._flushing = True
+        self._inflight = saved
         self._tasks.spawn(self._save_epochs(pending, seen, saved))
 
     async def _save_epochs(self, pending: dict[str, int], seen: dict[str, tuple[float, str | None, str]],
@@ -249,6 +252,22 @@ class HengeService(ServiceAPI):
             self._flushing = False
             if self._epochs_saved is not None:
                 self._flush_epochs()
+
+    async def _drain_sessions(self) -> None:
+        """Let every group commit in flight finish before the tasks are cancelled: cancelling one
+        would hand its successor (the last presence changes, e.g. the shutdown itself) to a task
+        that is then cancelled too, and the last-seen records a restart shows would be lost."""
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while self._flushing or self._epochs_saved is not None:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                log.error("store.epochs_drain_timeout")
+                return
+            if not self._flushing:
+                self._flush_epochs()
+            waiting = self._inflight if self._flushing else self._epochs_saved
+            if waiting is not None:
+                await asyncio.wait({waiting}, timeout=left)  # a failed save was logged where it failed
 
     def epochs_durable(self) -> Awaitable[None]:
         if self._epochs_saved is not None:
