@@ -15,6 +15,9 @@ The tree (``code`` in parentheses is what the admin protocol and the CLI's ``--j
     ├── StoreError (store_error)
     ├── ServiceUnavailable (service_unavailable)
     ├── AuthenticationFailed (authentication_failed)
+    ├── Forbidden (forbidden): an HTTP API token whose role does not allow the operation
+    ├── UnknownToken (unknown_token)
+    ├── DuplicateToken (duplicate_token)
     ├── SettingsError (settings_error)
     ├── NotSupported (not_supported): an operation the running broker cannot do
     └── RemoteError (any code): an error the service reported over the admin protocol
@@ -84,6 +87,23 @@ class ServiceUnavailable(HengeError):
 
 class AuthenticationFailed(HengeError):
     code = "authentication_failed"
+
+
+class Forbidden(HengeError):
+    code = "forbidden"
+
+    def __init__(self, message: str, *, role: str = "", needed: str = "") -> None:
+        super().__init__(message)
+        self.role = role
+        self.needed = needed
+
+
+class UnknownToken(HengeError):
+    code = "unknown_token"
+
+
+class DuplicateToken(HengeError):
+    code = "duplicate_token"
 
 
 class SettingsError(HengeError):

@@ -242,6 +242,15 @@ class PushManyArgs(Frozen):
     force: bool = False  # a new version also for devices already at this config
 
 
+class TokenCreateArgs(Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    role: Literal["viewer", "operator", "admin"]
+
+
+class TokenRefArgs(Frozen):
+    token: str = Field(min_length=1, max_length=64)
+
+
 class AuditArgs(Frozen):
     device: DeviceId | None = None
     limit: int = Field(default=100, ge=1, le=100_000)

@@ -98,6 +98,9 @@ class Settings(BaseModel):
     external_ca: Path | None = None
     external_cert: Path | None = None
     external_key: Path | None = None
+    http: str | None = "127.0.0.1:8080"  # HOST:PORT of the HTTP API and console (henge serve); None: off
+    http_certfile: Path | None = None  # with http_keyfile: serve https
+    http_keyfile: Path | None = None
     admin_name: str = Field(default="henge-admin", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     sessions: SessionConfig = Field(default_factory=SessionConfig)
 

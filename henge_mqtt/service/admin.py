@@ -209,6 +209,18 @@ async def _clear_conflict(svc: HengeService, a: models.DeviceRefArgs, progress: 
     return {"device": a.device, "cleared": await svc.clear_conflict(a.device)}
 
 
+async def _token_create(svc: HengeService, a: models.TokenCreateArgs, progress: Progress) -> Any:
+    return await svc.create_token(a.name, a.role)
+
+
+async def _token_list(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
+    return await svc.list_tokens()
+
+
+async def _token_revoke(svc: HengeService, a: models.TokenRefArgs, progress: Progress) -> Any:
+    return await svc.revoke_token(a.token)
+
+
 def _unknown(device: str) -> UnknownDevice:
     return UnknownDevice(f"unknown device {device!r}")
 
@@ -234,4 +246,7 @@ OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any, Progress], An
     "device.export": (models.StatusArgs, _device_export),
     "push_many": (models.PushManyArgs, _push_many),
     "clear_conflict": (models.DeviceRefArgs, _clear_conflict),
+    "token.create": (models.TokenCreateArgs, _token_create),
+    "token.list": (models.StatusArgs, _token_list),
+    "token.revoke": (models.TokenRefArgs, _token_revoke),
 }

@@ -227,6 +227,27 @@ class ServiceAPI:
         await self.worker.run(self.store.record_audit, current_actor.get(), "backup", None, {"path": target})
         return {"path": target, "bytes": size}
 
+    async def create_token(self, name: str, role: str) -> dict[str, Any]:
+        """A bearer token for the HTTP API; the token itself is in this answer only."""
+        token_id, token = await self.worker.run(self.store.create_token, name, role, actor=current_actor.get())
+        self.events.emit("token_created", None, name=name, role=role)
+        return {"id": token_id, "name": name, "role": role, "token": token}
+
+    async def list_tokens(self) -> list[dict[str, Any]]:
+        tokens = await self.worker.run(self.store.list_tokens)
+        for token in tokens:
+            token["created_at"] = _utc(token["created_at"])
+        return tokens
+
+    async def revoke_token(self, ref: str) -> dict[str, Any]:
+        result = await self.worker.run(self.store.revoke_token, ref, actor=current_actor.get())
+        self.events.emit("token_revoked", None, name=result["name"])
+        return result
+
+    def verify_token(self, token: str) -> tuple[str, str] | None:
+        """``(name, role)`` of a live HTTP API token, else None; from memory, on the loop."""
+        return self.store.verify_token(token)
+
     def metrics_snapshot(self) -> dict[str, Any]:
         """Counters and gauges copied on the loop, for a scrape from another thread."""
         return {"counters": dict(self.events.counters), "online": self.online_count(), **self.broker.stats()}

@@ -1,0 +1,502 @@
+"""The HTTP API (``/api/v1``) and the console, over the service's library API.
+
+A thin client, like the CLI: every route is one call of :class:`~henge_mqtt.service.api.ServiceAPI`
+(the admin protocol's operations), so the two can never disagree. Each route declares the role it
+needs (``x-henge-role`` in the OpenAPI document; ``tests/test_http.py`` walks it), bodies are
+parsed as strict JSON and bounded before they are read, and every error is an RFC 9457 problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..errors import AuthenticationFailed, Forbidden, HengeError, InvalidConfig, ValidationFailed, VersionConflict
+from ..ids import StrictJSONError, parse_labels, strict_json
+from ..models import DeviceId, TokenCreateArgs
+from ..service.api import ServiceAPI, current_actor
+from .problems import from_error, problem
+from .stream import EventHub
+
+WaitQ = Annotated[float | None, Query(gt=0, le=3600, description="wait this many seconds for the report")]
+log = logging.getLogger("henge_mqtt.http")
+RANK = {"viewer": 0, "operator": 1, "admin": 2}
+Role = Literal["viewer", "operator", "admin"]
+STATIC = resources.files("henge_mqtt.http") / "static"
+
+
+class Caller(BaseModel):
+    name: str
+    role: Role
+
+
+# ---- bodies (strict JSON, then these models) ------------------------------------------------------
+
+
+class DeviceCreate(BaseModel):
+    device: DeviceId
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class LabelsChange(BaseModel):
+    set: dict[str, str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+
+
+class RollbackBody(BaseModel):
+    version: int = Field(ge=1)
+    message: str = Field(default="", max_length=1024)
+
+
+class FleetPush(BaseModel):
+    all: bool = False
+    labels: dict[str, str] = Field(default_factory=dict)
+    config: dict[str, Any]
+    message: str = Field(default="", max_length=1024)
+    force: bool = False
+    delivery_timeout: float = Field(default=10.0, ge=0, le=3600)
+
+
+class BackupBody(BaseModel):
+    path: str = Field(min_length=1, max_length=4096)
+
+
+CONFIG_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "description": "the device's whole config"}}}}}
+PATCH_BODY = {"requestBody": {"required": True, "content": {
+    "application/merge-patch+json": {"schema": {"type": "object", "description": "an RFC 7396 merge patch"}}}}}
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+class BodyLimit:
+    """Pure ASGI: a request body over ``limit`` bytes is refused (413) before it is read whole."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await problem("body_too_large", f"request bodies are limited to {self.limit} bytes")(scope, receive, send)
+            return
+        seen = 0
+
+        async def bounded() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, bounded, send)
+        except BodyTooLarge:
+            await problem("body_too_large", f"request bodies are limited to {self.limit} bytes")(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_json(request: Request, *, media: tuple[str, ...] = ("application/json",)) -> Any:
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if kind not in media:
+        raise UnsupportedMedia(f"send the body as {' or '.join(media)}, not {kind!r}")
+    raw = await request.body()
+    try:
+        return strict_json(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidConfig("the body is not UTF-8") from exc
+    except StrictJSONError as exc:
+        raise InvalidConfig(f"the body is not strict JSON: {exc}; nothing was stored") from exc
+
+
+class UnsupportedMedia(ValidationFailed):
+    code = "unsupported_media_type"
+
+
+def parse_model(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ValidationFailed(f"{where}: {first['msg'].removeprefix('Value error, ')}") from exc
+
+
+def labels_of(pairs: list[str]) -> dict[str, str]:
+    try:
+        return parse_labels(pairs)
+    except ValueError as exc:
+        raise ValidationFailed(str(exc)) from exc
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def parse_etag(header: str) -> int | None:
+    value = header.strip()
+    value = value.removeprefix("W/").strip('"')
+    return int(value) if value.isdigit() else None
+
+
+def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
+    """The API and console for one running service."""
+    uses: dict[str, float] = {}  # token name -> last use (time.time), shown by GET /tokens
+
+    def caller(role: Role) -> Callable[[Request], Awaitable[Caller]]:
+        async def check(request: Request) -> Caller:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthenticationFailed("send an API token: Authorization: Bearer <token>")
+            found = svc.verify_token(token.strip())
+            if found is None:
+                raise AuthenticationFailed("the API token is unknown or was revoked")
+            name, has = found
+            if RANK[has] < RANK[role]:
+                raise Forbidden(f"the token {name!r} has role {has}; this needs {role}", role=has, needed=role)
+            uses[name] = time.time()
+            current_actor.set(f"token:{name}")  # the audit trail names the token
+            request.state.caller = Caller(name=name, role=has)  # type: ignore[arg-type]
+            return request.state.caller  # type: ignore[no-any-return]
+
+        return check
+
+    def r(role: Role, **extra: Any) -> dict[str, Any]:
+        return {"dependencies": [Depends(caller(role))],
+                "openapi_extra": {"x-henge-role": role, "security": [{"bearer": []}], **extra}}
+
+    app = FastAPI(title="henge-mqtt", version=__version__, openapi_url="/api/v1/openapi.json", docs_url=None,
+                  redoc_url=None, description="The HTTP API of henge-mqtt: see docs/http.md.")
+
+    @app.exception_handler(HengeError)
+    async def henge_error(request: Request, exc: HengeError) -> Response:
+        return from_error(exc, precondition=isinstance(exc, VersionConflict) and "if-match" in request.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or "request"
+        return problem("invalid", f"{where}: {first['msg'].removeprefix('Value error, ')}")
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> Response:
+        log.exception("http.unhandled path=%s", request.url.path)  # a bug of ours: the client gets no internals
+        return problem("error", "internal error; the service log has the details", status=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid")
+        return problem(code, str(exc.detail), status=exc.status_code)
+
+    api = APIRouter(prefix="/api/v1")
+
+    # ---- fleet view ------------------------------------------------------------------------------
+
+    @api.get("/me", **r("viewer"))
+    async def me(request: Request) -> dict[str, str]:
+        """The token's name and role (the console shows what the role allows)."""
+        who: Caller = request.state.caller
+        return {"name": who.name, "role": who.role}
+
+    @api.get("/summary", **r("viewer"))
+    async def summary() -> dict[str, Any]:
+        """Counts for the fleet at a glance."""
+        rows = await svc.status()
+        out: dict[str, Any] = {"devices": len(rows), "online": 0, "offline": 0, "quarantined": 0, "conflicts": 0,
+                               "sync": {"in_sync": 0, "pending": 0, "rejected": 0, "unknown": 0},
+                               "last_event_id": hub.last_id()}
+        for row in rows:
+            out[row["state"]] += 1
+            out["conflicts"] += bool(row["conflict"])
+            out["sync"][row["sync"]] = out["sync"].get(row["sync"], 0) + 1
+        return out
+
+    @api.get("/devices", **r("viewer"))
+    async def devices(
+        state: Literal["online", "offline", "quarantined"] | None = None,
+        sync: Literal["in_sync", "pending", "rejected", "unknown"] | None = None,
+        conflict: bool | None = None,
+        label: Annotated[list[str] | None, Query(description="k=v, several ANDed")] = None,
+        q: Annotated[str | None, Query(max_length=128, description="part of the device id")] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
+        cursor: Annotated[str | None, Query(max_length=128, description="next_cursor of the previous page")] = None,
+    ) -> dict[str, Any]:
+        """Status rows (as ``henge status --json``), by device id, a page at a time."""
+        labels = labels_of(label or [])
+        rows = await svc.status(None, labels or None, state=state, sync=sync, conflict=conflict)
+        rows.sort(key=lambda row: row["device"])
+        if q:
+            rows = [row for row in rows if q in row["device"]]
+        total = len(rows)
+        if cursor:
+            import bisect
+
+            rows = rows[bisect.bisect_right([row["device"] for row in rows], cursor):]
+        page = rows[:limit]
+        return {"items": page, "total": total,
+                "next_cursor": page[-1]["device"] if len(rows) > limit else None,
+                "last_event_id": hub.last_id()}
+
+    @api.get("/devices/{device}", **r("viewer"))
+    async def device(device: DeviceId) -> dict[str, Any]:
+        """The device, its labels and its status row."""
+        found = await svc.get_device(device)
+        return found.model_dump(mode="json") | {"status": (await svc.status(device))[0]}
+
+    @api.get("/devices/{device}/presence", **r("viewer"))
+    async def presence(device: DeviceId) -> dict[str, Any]:
+        """Recent connects and disconnects (epoch, reason, remote), newest first, from the service's
+        in-memory event buffer (the last 10,000 events of this run)."""
+        await svc.get_device(device)
+        return {"device": device, "changes": [e.model_dump(mode="json") for e in hub.presence(device)]}
+
+    @api.get("/devices/{device}/config", **r("viewer"))
+    async def get_config(request: Request, device: DeviceId,
+                         version: Annotated[int | None, Query(ge=1)] = None) -> Response:
+        """The current (or a given) version; ``ETag`` is the version, ``If-None-Match`` gives 304."""
+        row = await svc.get_version(device, version)
+        tag = etag(row.version)
+        if version is None and (match := request.headers.get("if-none-match")):
+            if match.strip() == "*" or any(parse_etag(t) == row.version for t in match.split(",")):
+                return Response(status_code=304, headers={"ETag": tag})
+        return JSONResponse(row.model_dump(mode="json"), headers={"ETag": tag})
+
+    async def _after_store(device: str, row: Any, stored: bool, wait: float | None) -> Response:
+        body = row.model_dump(mode="json") | {"unchanged": not stored}
+        body.pop("config", None)
+        status = 200
+        if wait:
+            try:
+                body["report"] = await svc.wait_for_report(device, row.version, wait)
+            except HengeError as exc:
+                if exc.code != "timeout":
+                    raise
+                body["report"] = None
+                body["detail"] = str(exc)
+                status = 202  # stored and published; the device has not answered yet
+        return JSONResponse(body, status_code=status, headers={"ETag": etag(row.version)})
+
+    @api.put("/devices/{device}/config", **r("operator", **CONFIG_BODY))
+    async def put_config(request: Request, device: DeviceId, message: Annotated[str, Query(max_length=1024)] = "",
+                         force: bool = False, wait: WaitQ = None) -> Response:
+        """Push a new version. ``If-Match: "N"`` stores only if N is current (else 412, nothing stored)."""
+        config = await read_json(request)
+        if not isinstance(config, dict):
+            raise InvalidConfig("a config must be a JSON object at the top level; nothing was stored")
+        if_version = _if_match(request)
+        row, stored = await svc.push_checked(device, config, message=message, if_version=if_version, force=force)
+        return await _after_store(device, row, stored, wait)
+
+    @api.patch("/devices/{device}/config", **r("operator", **PATCH_BODY))
+    async def patch_config(request: Request, device: DeviceId,
+                           message: Annotated[str, Query(max_length=1024)] = "", wait: WaitQ = None) -> Response:
+        """An RFC 7396 merge patch of the current config, stored as a new version."""
+        patch = await read_json(request, media=("application/merge-patch+json", "application/json"))
+        if not isinstance(patch, dict):
+            raise InvalidConfig("a merge patch must be a JSON object; nothing was stored")
+        row, stored = await svc.push_checked(device, None, message=message, if_version=_if_match(request),
+                                             patch=patch)
+        return await _after_store(device, row, stored, wait)
+
+    def _if_match(request: Request) -> int | None:
+        header = request.headers.get("if-match")
+        if header is None or header.strip() == "*":
+            return None
+        version = parse_etag(header)
+        if version is None:
+            raise ValidationFailed(f"If-Match must be a version in quotes, like \"3\", not {header!r}")
+        return version
+
+    @api.get("/devices/{device}/versions", **r("viewer"))
+    async def versions(device: DeviceId) -> list[dict[str, Any]]:
+        """Every version, oldest first, without the configs."""
+        return [v.model_dump(mode="json", exclude={"config"}) for v in await svc.history(device)]
+
+    @api.get("/devices/{device}/versions/{version}", **r("viewer"))
+    async def one_version(device: DeviceId, version: Annotated[int, Path(ge=1)]) -> dict[str, Any]:
+        return (await svc.get_version(device, version)).model_dump(mode="json")
+
+    @api.get("/devices/{device}/diff", **r("viewer"))
+    async def diff(device: DeviceId, a: Annotated[int, Query(ge=1)], b: Annotated[int, Query(ge=1)]) -> dict[str, Any]:
+        """A unified diff of two versions' configs (as ``henge diff``), and both configs."""
+        old, new = await svc.get_version(device, a), await svc.get_version(device, b)
+        lines = difflib.unified_diff(
+            json.dumps(old.config, indent=2, sort_keys=True).splitlines(),
+            json.dumps(new.config, indent=2, sort_keys=True).splitlines(),
+            fromfile=f"{device}@{a}", tofile=f"{device}@{b}", lineterm="")
+        return {"diff": "\n".join(lines), "same": old.sha256 == new.sha256, "a": old.config, "b": new.config}
+
+    @api.post("/devices/{device}/rollback", **r("operator", **_body_doc(RollbackBody)))
+    async def rollback(request: Request, device: DeviceId, wait: WaitQ = None) -> Response:
+        """Store an older version's config as a new version."""
+        body = parse_model(RollbackBody, await read_json(request))
+        row = await svc.rollback(device, body.version, message=body.message)
+        return await _after_store(device, row, True, wait)
+
+    @api.post("/devices/{device}/wait", **r("viewer"))
+    async def wait_report(device: DeviceId, version: Annotated[int, Query(ge=1)],
+                          timeout: Annotated[float, Query(gt=0, le=3600)] = 30.0) -> dict[str, Any]:
+        """Wait for the device's report on a version (as ``push --wait``); 504 when it does not come."""
+        return await svc.wait_for_report(device, version, timeout)
+
+    @api.post("/devices/{device}/kick", **r("operator"))
+    async def kick(device: DeviceId) -> dict[str, Any]:
+        result = await svc.kick(device)
+        return {"device": device, "kicked": result.kicked, "supported": result.supported, "detail": result.detail}
+
+    @api.post("/devices/{device}/clear-conflict", **r("operator"))
+    async def clear_conflict(device: DeviceId) -> dict[str, Any]:
+        return {"device": device, "cleared": await svc.clear_conflict(device)}
+
+    @api.post("/push", **r("operator", **_body_doc(FleetPush)))
+    async def fleet_push(request: Request) -> dict[str, Any]:
+        """One config to every device (``all``) or to those with all the ``labels``."""
+        import asyncio
+
+        body = parse_model(FleetPush, await read_json(request))
+        devices = await svc.select(all_devices=body.all, labels=body.labels or None)
+        rows, deliveries = await svc.push_many(devices, body.config, message=body.message, force=body.force)
+        if deliveries and body.delivery_timeout:
+            await asyncio.wait(deliveries, timeout=body.delivery_timeout)
+        acked = sum(1 for f in deliveries if f.done() and not f.cancelled() and f.exception() is None)
+        for future in deliveries:
+            future.cancel()
+        return {"devices": len(rows), "unchanged": len(devices) - len(rows), "online": len(deliveries),
+                "acknowledged": acked, "versions": {row.device: row.version for row in rows}}
+
+    @api.get("/audit", **r("viewer"))
+    async def audit(device: DeviceId | None = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+                    ) -> list[dict[str, Any]]:
+        """The newest entries, oldest first."""
+        return await svc.audit(device, limit)
+
+    @api.get("/devices/{device}/audit", **r("viewer"))
+    async def device_audit(device: DeviceId, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+                           ) -> list[dict[str, Any]]:
+        return await svc.audit(device, limit)
+
+    @api.get("/events", **r("viewer"), response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def events(request: Request,
+                     device: Annotated[list[str] | None, Query(description="only these devices")] = None,
+                     type: Annotated[list[str] | None, Query(description="only these event types")] = None,
+                     ) -> StreamingResponse:
+        """Server-Sent Events; ``Last-Event-ID`` resumes from the replay buffer (else ``event: reset``)."""
+        client, reset = hub.subscribe(devices=frozenset(device) if device else None,
+                                      types=frozenset(type) if type else None,
+                                      last_event_id=request.headers.get("last-event-id"))
+        return StreamingResponse(hub.stream(client, reset), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    # ---- admin: devices, tokens, backup ----------------------------------------------------------------
+
+    @api.post("/devices", status_code=201, **r("admin", **_body_doc(DeviceCreate)))
+    async def add_device(request: Request) -> JSONResponse:
+        """Register a device; the answer holds its secret, the only time it is shown."""
+        body = parse_model(DeviceCreate, await read_json(request))
+        secret = await svc.add_device(body.device, body.labels)
+        return JSONResponse({"device": body.device, "labels": body.labels, "secret": secret}, status_code=201)
+
+    @api.delete("/devices/{device}", **r("admin"))
+    async def remove_device(device: DeviceId) -> dict[str, Any]:
+        await svc.remove_device(device)
+        return {"device": device, "removed": True}
+
+    @api.post("/devices/{device}/secret", **r("admin"))
+    async def rotate(device: DeviceId) -> dict[str, Any]:
+        """A new secret (shown once); the old one stops working and its connection is closed."""
+        return {"device": device, "secret": await svc.rotate_secret(device)}
+
+    @api.patch("/devices/{device}/labels", **r("admin", **_body_doc(LabelsChange)))
+    async def labels(request: Request, device: DeviceId) -> dict[str, Any]:
+        body = parse_model(LabelsChange, await read_json(request))
+        labels_of([f"{k}={v}" for k, v in body.set.items()])  # the same rules as the CLI
+        return {"device": device, "labels": await svc.set_labels(device, body.set, body.remove)}
+
+    @api.get("/tokens", **r("admin"))
+    async def tokens() -> list[dict[str, Any]]:
+        """Every token (never the token itself), with its last use in this run."""
+        found = await svc.list_tokens()
+        for token in found:
+            used = uses.get(token["name"])
+            token["last_used_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(used)) if used else None
+        return found
+
+    @api.post("/tokens", status_code=201, **r("admin", **_body_doc(TokenCreateArgs)))
+    async def create_token(request: Request) -> JSONResponse:
+        """A new token; the answer holds it, the only time it is shown."""
+        body = parse_model(TokenCreateArgs, await read_json(request))
+        return JSONResponse(await svc.create_token(body.name, body.role), status_code=201)
+
+    @api.delete("/tokens/{token}", **r("admin"))
+    async def revoke_token(token: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+        return await svc.revoke_token(token)
+
+    @api.post("/backup", **r("admin", **_body_doc(BackupBody)))
+    async def backup(request: Request) -> dict[str, Any]:
+        """A consistent copy of the store, written on the service's machine."""
+        body = parse_model(BackupBody, await read_json(request))
+        return await svc.backup(body.path)
+
+    app.include_router(api)
+
+    # ---- the console and the API's interactive page (assets in the package: no CDN) -----------------
+
+    @app.get("/", include_in_schema=False)
+    async def console() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(), headers=SECURITY_HEADERS)
+
+    @app.get("/api/v1/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/api/v1/openapi.json", title="henge-mqtt API",
+                                   swagger_js_url="/static/vendor/swagger-ui/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/vendor/swagger-ui/swagger-ui.css",
+                                   swagger_favicon_url="/static/favicon.svg")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    original_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = original_openapi()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer", "description": "henge token create --role viewer|operator|admin"}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(BodyLimit, limit=body_limit)  # type: ignore[arg-type]
+    return app
+
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
