@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import json
@@ -228,6 +229,10 @@ def serve(
     broker_ca: Annotated[Path | None, typer.Option("--broker-ca", help="CA file for mqtts://.")] = None,
     broker_cert: Annotated[Path | None, typer.Option("--broker-cert", help="Client certificate for mqtts://.")] = None,
     broker_key: Annotated[Path | None, typer.Option("--broker-key", help="Client key for mqtts://.")] = None,
+    http: Annotated[str | None, typer.Option(
+        "--http", metavar="HOST:PORT", help="Serve the HTTP API and console here (default 127.0.0.1:8080, or "
+        "henge.http in --config).")] = None,
+    no_http: Annotated[bool, typer.Option("--no-http", help="No HTTP API or console.")] = False,
 ) -> None:
     """Run the service (with its embedded broker, or against --broker) until SIGINT/SIGTERM."""
     from .service import HengeService
@@ -247,6 +252,15 @@ def serve(
         parse_broker_url(external)
         settings = settings.model_copy(update={"external_broker": external, "external_ca": broker_ca,
                                                "external_cert": broker_cert, "external_key": broker_key})
+    if no_http and http:
+        fail("--http and --no-http contradict each other", 2)
+    if no_http or http:
+        settings = settings.model_copy(update={"http": None if no_http else http})
+    http_address = None
+    if settings.http:
+        from .http import parse_address
+
+        http_address = parse_address(settings.http)
     _raise_file_limit()
 
     async def main() -> None:
@@ -255,8 +269,17 @@ def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.set_exception_handler(_quiet_loop_errors())
-        async with HengeService(settings) as service:
+        async with HengeService(settings) as service, contextlib.AsyncExitStack() as stack:
             bound_host, bound_port = service.address
+            if http_address is not None:
+                from .http import HttpServer
+                from .http.tokens import first_run_token
+
+                web = await stack.enter_async_context(HttpServer(
+                    service, *http_address, certfile=settings.http_certfile, keyfile=settings.http_keyfile))
+                token_file = await first_run_token(service)
+                typer.echo(f"henge: console on {web.url}" + (
+                    f" (first-run admin token in {token_file})" if token_file else ""), err=True)
             metrics = None
             if metrics_port is not None:
                 from .metrics import MetricsServer
@@ -846,6 +869,47 @@ def audit(
     for row in rows:
         row["details"] = " ".join(f"{k}={v}" for k, v in sorted(row["summary"].items()))
     _emit(rows, as_json, lambda r: _table(r, ["at", "actor", "action", "device", "details"]))
+
+
+token_app = typer.Typer(no_args_is_help=True, help="Tokens for the HTTP API and the console (docs/http.md).")
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option("--role", help="viewer (read), operator (push, rollback, kick) or admin "
+                                      "(devices, secrets, tokens).")],
+    name: Annotated[str | None, typer.Option("--name", help="A name for the audit trail (default: ROLE-N).")] = None,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Create a bearer token and print it (shown only this once; only its hash is kept)."""
+    if role not in ("viewer", "operator", "admin"):
+        fail(f"--role must be viewer, operator or admin, not {role!r}", 2)
+    if name is None:
+        import secrets as _secrets
+
+        name = f"{role}-{_secrets.token_hex(2)}"
+    result = _call(data, broker, timeout, "token.create", name=name, role=role)
+    _emit(result, as_json, lambda r: f"token {r['name']} ({r['role']}) created\ntoken: {r['token']}\n"
+          "(store it now: it is not shown again)")
+
+
+@token_app.command("list")
+def token_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+               timeout: TimeoutOpt = 10.0) -> None:
+    """Tokens with their roles (never the tokens themselves)."""
+    rows = _call(data, broker, timeout, "token.list")
+    _emit(rows, as_json, lambda r: _table(r, ["id", "name", "role", "created_at", "created_by"]))
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token: Annotated[str, typer.Argument(metavar="ID_OR_NAME", help="The token's id or name.")],
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Revoke a token: it stops working at once."""
+    result = _call(data, broker, timeout, "token.revoke", token=token)
+    _emit(result, as_json, lambda r: f"token {r['name']} revoked")
 
 
 certs_app = typer.Typer(no_args_is_help=True, help="Certificates for TLS listeners.")

@@ -133,6 +133,10 @@ async def read_json(request: Request, *, media: tuple[str, ...] = ("application/
         raise InvalidConfig("the body is not UTF-8") from exc
     except StrictJSONError as exc:
         raise InvalidConfig(f"the body is not strict JSON: {exc}; nothing was stored") from exc
+    except ValueError as exc:  # json.JSONDecodeError
+        raise InvalidConfig(f"the body is not JSON: {exc}; nothing was stored") from exc
+    except RecursionError as exc:
+        raise InvalidConfig("the body nests too deeply; nothing was stored") from exc
 
 
 class UnsupportedMedia(ValidationFailed):
@@ -206,7 +210,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> Response:
-        log.exception("http.unhandled path=%s", request.url.path)  # a bug of ours: the client gets no internals
+        # A bug of ours: the client gets no internals; the server logs the traceback once.
         return problem("error", "internal error; the service log has the details", status=500)
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,0 +1,383 @@
+// henge-mqtt console: the fleet at a glance, live. No build step, no dependencies: it ships in the package.
+// State lives in one Map (device -> status row), patched from the event stream and rendered at most
+// every 300 ms, so a reconnect storm of thousands of events costs one render, not thousands.
+"use strict";
+
+const API = "/api/v1";
+const MAX_ROWS = 500; // rows in the DOM; the filters narrow the rest
+const $ = (id) => document.getElementById(id);
+const state = { token: sessionStorage.getItem("henge-token") || "", role: "", rows: new Map(), lastId: "",
+  sort: { key: "device", dir: 1 }, dirty: false, reloadTimer: 0, stream: null, device: "" };
+
+class ApiError extends Error {
+  constructor(problem) { super(problem.detail || problem.title); this.problem = problem; }
+}
+
+async function api(path, opts = {}) {
+  const headers = Object.assign({ Authorization: `Bearer ${state.token}` }, opts.headers || {});
+  const res = await fetch(API + path, Object.assign({}, opts, { headers }));
+  if (res.status === 401) { signOut("Your token is unknown or was revoked."); throw new ApiError({ detail: "unauthorized" }); }
+  const text = await res.text();
+  const body = text ? JSON.parse(text) : null;
+  if (!res.ok) throw new ApiError(body || { detail: res.statusText });
+  return body;
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v; else if (k === "text") node.textContent = v; else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+function age(iso) {
+  if (!iso) return "-";
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (s < 60) return `${Math.floor(s)}s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ago`;
+  return `${Math.floor(s / 86400)}d ago`;
+}
+
+// ---- sign in / out ---------------------------------------------------------------------------------
+
+function signOut(message) {
+  sessionStorage.removeItem("henge-token");
+  state.token = "";
+  if (state.stream) state.stream.abort();
+  show("login");
+  $("login-error").textContent = message || "";
+  $("signout").hidden = true;
+  $("who").textContent = "";
+}
+
+async function signIn(token) {
+  state.token = token;
+  try {
+    const me = await api("/me");
+    state.role = me.role;
+    sessionStorage.setItem("henge-token", token);
+    $("who").textContent = `${me.name} (${me.role})`;
+    $("signout").hidden = false;
+    await loadAll();
+    connectStream();
+    route();
+  } catch (e) {
+    if (e instanceof ApiError) signOut(e.message === "unauthorized" ? "That token is unknown or was revoked." : e.message);
+    else signOut("Cannot reach the service.");
+  }
+}
+
+function show(section) {
+  for (const id of ["login", "fleet", "device"]) $(id).hidden = id !== section;
+}
+
+// ---- fleet table --------------------------------------------------------------------------------------
+
+async function loadAll() {
+  const rows = new Map();
+  let cursor = "";
+  for (;;) {
+    const page = await api(`/devices?limit=5000${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
+    for (const row of page.items) rows.set(row.device, row);
+    if (!state.lastId) state.lastId = page.last_event_id;
+    if (!page.next_cursor) break;
+    cursor = page.next_cursor;
+  }
+  state.rows = rows;
+  markDirty();
+}
+
+function markDirty() {
+  if (state.dirty) return;
+  state.dirty = true;
+  setTimeout(() => requestAnimationFrame(render), 300);
+}
+
+function scheduleReload() {
+  clearTimeout(state.reloadTimer);
+  state.reloadTimer = setTimeout(() => loadAll().catch(() => {}), 1000);
+}
+
+function syncOf(row) {
+  if (row.desired_version === 0) return "unknown";
+  if (row.applied_version === row.desired_version) return "in_sync";
+  if (row.rejected_version === row.desired_version) return "rejected";
+  return row.applied_version == null && row.rejected_version == null ? "unknown" : "pending";
+}
+
+function filtered() {
+  const q = $("f-q").value.trim(), st = $("f-state").value, sy = $("f-sync").value;
+  const conflicts = $("f-conflict").checked;
+  const [lk, lv] = $("f-label").value.includes("=") ? $("f-label").value.split("=", 2) : [null, null];
+  const out = [];
+  for (const row of state.rows.values()) {
+    if (q && !row.device.includes(q)) continue;
+    if (st && row.state !== st) continue;
+    if (sy && row.sync !== sy) continue;
+    if (conflicts && !row.conflict) continue;
+    if (lk !== null && row.labels[lk.trim()] !== lv.trim()) continue;
+    out.push(row);
+  }
+  const { key, dir } = state.sort;
+  out.sort((a, b) => {
+    const x = a[key] ?? "", y = b[key] ?? "";
+    return (x < y ? -1 : x > y ? 1 : 0) * dir || (a.device < b.device ? -1 : 1);
+  });
+  return out;
+}
+
+function renderSummary() {
+  const c = { devices: 0, online: 0, offline: 0, quarantined: 0, in_sync: 0, pending: 0, rejected: 0, conflicts: 0 };
+  for (const row of state.rows.values()) {
+    c.devices++; c[row.state]++; if (row.sync in c) c[row.sync]++; if (row.conflict) c.conflicts++;
+  }
+  const items = [["devices", "Devices"], ["online", "Online"], ["offline", "Offline"], ["in_sync", "In sync"],
+    ["pending", "Pending"], ["rejected", "Rejected"], ["conflicts", "Conflicts"]];
+  if (c.quarantined) items.splice(3, 0, ["quarantined", "Quarantined"]);
+  $("summary").replaceChildren(...items.map(([k, label]) => el("li", { id: `sum-${k}` }, el("b", { text: String(c[k]) }), label)));
+}
+
+function render() {
+  state.dirty = false;
+  renderSummary();
+  if ($("fleet").hidden) return;
+  const rows = filtered();
+  const body = $("devices").tBodies[0];
+  const frag = document.createDocumentFragment();
+  for (const row of rows.slice(0, MAX_ROWS)) {
+    const labels = Object.entries(row.labels).map(([k, v]) => `${k}=${v}`).join(", ");
+    const version = row.desired_version ? `v${row.desired_version}` + (row.applied_version ? ` (applied v${row.applied_version})` : "") : "-";
+    const tr = el("tr", { "data-device": row.device, "data-state": row.state, "data-sync": row.sync },
+      el("td", {}, el("a", { href: `#/device/${encodeURIComponent(row.device)}`, text: row.device })),
+      el("td", { class: `state-${row.state}`, text: row.state + (row.conflict ? " ⚠ conflict" : "") }),
+      el("td", { class: `sync-${row.sync}`, text: row.sync + (row.sync === "rejected" && row.error ? `: ${row.error}` : "") }),
+      el("td", { class: "version", text: version }),
+      el("td", { class: "wide", text: age(row.since), title: row.since || "" }),
+      el("td", { class: "wide", text: row.remote || "-" }),
+      el("td", { class: "wide", text: labels || "-" }));
+    frag.append(tr);
+  }
+  body.replaceChildren(frag);
+  $("shown").textContent = rows.length > MAX_ROWS
+    ? `Showing ${MAX_ROWS} of ${rows.length} matching devices (${state.rows.size} in all): narrow the filters to see the rest.`
+    : `${rows.length} of ${state.rows.size} devices.`;
+  for (const b of document.querySelectorAll("th button[data-sort]")) {
+    if (b.dataset.sort === state.sort.key) b.setAttribute("aria-sort", state.sort.dir > 0 ? "ascending" : "descending");
+    else b.removeAttribute("aria-sort");
+  }
+}
+
+// ---- live events (fetch, not EventSource: it must send the Authorization header) ------------------------
+
+function applyEvent(ev) {
+  const row = ev.device ? state.rows.get(ev.device) : null;
+  switch (ev.type) {
+    case "connected": case "disconnected":
+      if (row) {
+        Object.assign(row, { online: ev.type === "connected", epoch: ev.data.epoch, reason: ev.data.reason,
+          remote: ev.data.remote, since: ev.at });
+        row.state = row.online ? "online" : (row.state === "quarantined" ? "quarantined" : "offline");
+      }
+      break;
+    case "config_published":
+      if (row) { row.desired_version = ev.data.version; row.sync = syncOf(row); row.error = null; }
+      break;
+    case "report":
+      if (row) {
+        if (ev.data.status === "applied") row.applied_version = Math.max(row.applied_version || 0, ev.data.version);
+        else { row.rejected_version = ev.data.version; row.error = ev.data.error; }
+        row.sync = syncOf(row);
+      }
+      break;
+    case "device_added": case "device_removed": case "labels_changed": case "devices_imported": case "fleet_push":
+    case "conflict": case "conflict_cleared": case "quarantine": case "takeover":
+      scheduleReload();
+      break;
+    default:
+      if (ev.device && !row) scheduleReload();
+  }
+  if (state.device && ev.device === state.device) scheduleDevice();
+  markDirty();
+}
+
+async function connectStream() {
+  if (state.stream) state.stream.abort();
+  const ctrl = new AbortController();
+  state.stream = ctrl;
+  const live = $("live");
+  try {
+    const headers = { Authorization: `Bearer ${state.token}` };
+    if (state.lastId) headers["Last-Event-ID"] = state.lastId;
+    const res = await fetch(`${API}/events`, { headers, signal: ctrl.signal });
+    if (!res.ok) throw new Error(String(res.status));
+    live.textContent = "live"; live.classList.add("on");
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const frame = buf.slice(0, cut); buf = buf.slice(cut + 2);
+        let id = "", type = "message", data = "";
+        for (const line of frame.split("\n")) {
+          if (line.startsWith("id: ")) id = line.slice(4);
+          else if (line.startsWith("event: ")) type = line.slice(7);
+          else if (line.startsWith("data: ")) data += line.slice(6);
+        }
+        if (id) state.lastId = id;
+        if (type === "reset" || type === "dropped") { scheduleReload(); continue; }
+        if (type === "message" && data) applyEvent(JSON.parse(data));
+      }
+    }
+  } catch (e) {
+    if (ctrl.signal.aborted) return;
+  }
+  live.textContent = "reconnecting"; live.classList.remove("on");
+  if (state.token && state.stream === ctrl) setTimeout(connectStream, 2000);
+}
+
+// ---- device page ----------------------------------------------------------------------------------------
+
+let deviceTimer = 0;
+function scheduleDevice() {
+  clearTimeout(deviceTimer);
+  deviceTimer = setTimeout(() => loadDevice(state.device).catch(() => {}), 400);
+}
+
+async function loadDevice(id) {
+  const path = `/devices/${encodeURIComponent(id)}`;
+  const [info, presence, versions] = await Promise.all([api(path), api(`${path}/presence`), api(`${path}/versions`)]);
+  if (state.device !== id) return;
+  const s = info.status;
+  state.rows.set(id, s);
+  $("d-title").textContent = id;
+  const facts = [["State", s.state + (s.conflict ? ` — identity conflict (${s.conflict_remotes.join(", ")})` : "")],
+    ["Epoch", s.epoch], ["Since", s.since ? `${s.since} (${age(s.since)})` : "-"], ["Reason", s.reason],
+    ["Remote", s.remote || "-"], ["Desired version", s.desired_version || "-"], ["Sync", s.sync],
+    ["Applied", s.applied_version ? `v${s.applied_version} at ${s.applied_at}` : "-"],
+    ["Rejected", s.rejected_version ? `v${s.rejected_version}: ${s.error || ""}` : "-"],
+    ["Labels", Object.entries(info.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "-"]];
+  $("d-status").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: String(v), "data-fact": k })]));
+  $("d-presence").replaceChildren(...(presence.changes.length ? presence.changes.map((e) =>
+    el("li", { text: `${e.at}  ${e.type === "connected" ? "online" : "offline"}  epoch ${e.data.epoch}  ${e.data.reason}  ${e.data.remote || ""}` }))
+    : [el("li", { text: "No connects or disconnects seen in this run of the service yet." })]));
+  const canWrite = state.role === "operator" || state.role === "admin";
+  const vbody = $("d-versions").tBodies[0];
+  vbody.replaceChildren(...versions.slice().reverse().map((v) => {
+    const report = v.version === s.applied_version ? "applied" : v.version === s.rejected_version ? `rejected: ${s.error || ""}` : "";
+    const btn = el("button", { type: "button", text: `Roll back to v${v.version}` });
+    btn.disabled = !canWrite || v.version === s.desired_version;
+    btn.addEventListener("click", () => rollback(id, v.version));
+    return el("tr", {}, el("td", { text: `v${v.version}` }), el("td", { text: v.created_at }), el("td", { text: v.actor }),
+      el("td", { text: v.message || "" }), el("td", { class: report.startsWith("rejected") ? "sync-rejected" : "sync-in_sync", text: report }),
+      el("td", {}, btn));
+  }));
+  for (const sel of [$("diff-a"), $("diff-b")]) {
+    const keep = sel.value;
+    sel.replaceChildren(...versions.map((v) => el("option", { value: String(v.version), text: `v${v.version}` })));
+    if (keep) sel.value = keep;
+  }
+  if (versions.length && !$("diff-b").dataset.touched) {
+    $("diff-b").value = String(versions[versions.length - 1].version);
+    $("diff-a").value = String(versions[Math.max(0, versions.length - 2)].version);
+  }
+  const config = $("push-config");
+  if (!config.dataset.touched) {
+    config.value = s.desired_version ? JSON.stringify((await api(`${path}/config`)).config, null, 2) : "{\n}";
+  }
+  $("push-button").disabled = !canWrite;
+  config.readOnly = !canWrite;
+  if (!canWrite) $("push-note").textContent = `Your role (${state.role}) can look, not push or roll back.`;
+}
+
+async function push(event) {
+  event.preventDefault();
+  const id = state.device, note = $("push-note");
+  let config;
+  try { config = JSON.parse($("push-config").value); } catch (e) { note.textContent = `Not JSON: ${e.message}`; note.className = "error"; return; }
+  note.className = "help"; note.textContent = "Pushing…";
+  try {
+    const msg = encodeURIComponent($("push-message").value);
+    const res = await api(`/devices/${encodeURIComponent(id)}/config?message=${msg}`, {
+      method: "PUT", headers: { "Content-Type": "application/json" }, body: JSON.stringify(config) });
+    note.textContent = res.unchanged ? `Unchanged: v${res.version} already holds this config.` : `Stored v${res.version}; waiting for the device's report.`;
+    $("push-config").dataset.touched = "";
+    loadDevice(id);
+  } catch (e) { note.className = "error"; note.textContent = e.message; }
+}
+
+async function rollback(id, version) {
+  const note = $("push-note");
+  try {
+    const res = await api(`/devices/${encodeURIComponent(id)}/rollback`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ version }) });
+    note.className = "help"; note.textContent = `Rolled back: v${res.version} holds v${version}'s config.`;
+    loadDevice(id);
+  } catch (e) { note.className = "error"; note.textContent = e.message; }
+}
+
+async function showDiff(event) {
+  event.preventDefault();
+  const a = $("diff-a").value, b = $("diff-b").value;
+  const res = await api(`/devices/${encodeURIComponent(state.device)}/diff?a=${a}&b=${b}`);
+  const left = [], right = [];
+  for (const line of res.diff.split("\n").slice(2)) {
+    if (line.startsWith("@@")) { left.push(["head", line]); right.push(["head", line]); }
+    else if (line.startsWith("-")) left.push(["del", line.slice(1)]);
+    else if (line.startsWith("+")) right.push(["add", line.slice(1)]);
+    else { while (left.length < right.length) left.push(["", ""]); while (right.length < left.length) right.push(["", ""]);
+      left.push(["", line.slice(1)]); right.push(["", line.slice(1)]); }
+  }
+  while (left.length < right.length) left.push(["", ""]);
+  while (right.length < left.length) right.push(["", ""]);
+  const cells = [el("pre", { class: "head", text: `v${a}` }), el("pre", { class: "head", text: `v${b}` })];
+  if (res.same) cells.push(el("pre", { text: "(the same config)" }), el("pre", { text: "" }));
+  for (let i = 0; i < left.length; i++) {
+    cells.push(el("pre", { class: left[i][0], text: left[i][1] }), el("pre", { class: right[i][0], text: right[i][1] }));
+  }
+  $("diff").replaceChildren(...cells);
+}
+
+// ---- routing and wiring ---------------------------------------------------------------------------------
+
+function route() {
+  if (!state.token) { show("login"); return; }
+  const m = location.hash.match(/^#\/device\/(.+)$/);
+  if (m) {
+    state.device = decodeURIComponent(m[1]);
+    $("push-config").dataset.touched = ""; $("diff-b").dataset.touched = ""; $("push-note").textContent = "";
+    $("diff").replaceChildren();
+    show("device");
+    loadDevice(state.device).catch((e) => { $("d-title").textContent = e.message; });
+  } else {
+    state.device = "";
+    show("fleet");
+    markDirty();
+  }
+  $("main").focus();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login-form").addEventListener("submit", (e) => { e.preventDefault(); signIn($("token").value.trim()); });
+  $("signout").addEventListener("click", () => signOut(""));
+  $("filters").addEventListener("input", markDirty);
+  $("filters").addEventListener("submit", (e) => e.preventDefault());
+  for (const b of document.querySelectorAll("th button[data-sort]")) {
+    b.addEventListener("click", () => {
+      state.sort = { key: b.dataset.sort, dir: state.sort.key === b.dataset.sort ? -state.sort.dir : 1 };
+      markDirty();
+    });
+  }
+  $("push-form").addEventListener("submit", push);
+  $("push-config").addEventListener("input", () => { $("push-config").dataset.touched = "1"; });
+  $("diff-b").addEventListener("change", () => { $("diff-b").dataset.touched = "1"; });
+  $("diff-form").addEventListener("submit", (e) => showDiff(e).catch((err) => { $("diff").textContent = err.message; }));
+  window.addEventListener("hashchange", route);
+  if (state.token) signIn(state.token); else show("login");
+});
