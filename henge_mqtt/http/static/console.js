@@ -379,5 +379,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("diff-b").addEventListener("change", () => { $("diff-b").dataset.touched = "1"; });
   $("diff-form").addEventListener("submit", (e) => showDiff(e).catch((err) => { $("diff").textContent = err.message; }));
   window.addEventListener("hashchange", route);
+  setInterval(markDirty, 15000); // ages ("3m ago") move on
   if (state.token) signIn(state.token); else show("login");
 });

@@ -1,0 +1,145 @@
+"""The web console in a real browser (Debian's Chromium, driven by Playwright) against a real
+service with real MQTT devices: what an operator sees, live, without reloading."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from henge_mqtt.http import HttpServer
+
+from .conftest import ROOT, Running, next_message, payload_json
+
+CHROMIUM = os.environ.get("HENGE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}: .ci/run installs Debian's chromium"
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def reporting_device(running: Running, device: str, secret: str, *, reject: str | None = None
+                           ) -> asyncio.Task[None]:
+    ready = asyncio.Event()
+
+    async def run() -> None:
+        async with running.device_client(device, secret) as c:
+            await c.subscribe(running.service.topics.config(device), qos=1)
+            ready.set()
+            while True:
+                snapshot = payload_json(await next_message(c, timeout=60))
+                report: dict[str, Any] = {"version": snapshot["version"], "status": "rejected" if reject else "applied"}
+                if reject:
+                    report["error"] = reject
+                await c.publish(running.service.topics.report(device), json.dumps(report), qos=1)
+
+    task = asyncio.create_task(run())
+    await asyncio.wait_for(ready.wait(), 5)
+    return task
+
+
+async def sign_in(page: Page, url: str, token: str) -> None:
+    await page.goto(url)
+    await page.get_by_label("API token").fill(token)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#live")).to_have_text("live", timeout=5000)
+
+
+async def test_console_live_presence_push_roles_and_rejections(running: Running, browser: Browser) -> None:
+    svc = running.service
+    secrets = {d: await svc.add_device(d, {"site": "berlin" if d != "edge9" else "paris"})
+               for d in ("cam1", "cam2", "edge9")}
+    await svc.push("cam1", {"port": 80})
+    await svc.push("cam2", {"port": 80})
+    tasks: list[asyncio.Task[None]] = []
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        operator = (await svc.create_token("ops", "operator"))["token"]
+        viewer = (await svc.create_token("look", "viewer"))["token"]
+        page = await browser.new_page(viewport={"width": 1280, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        try:
+            await sign_in(page, server.url, operator)
+            row = page.locator('tr[data-device="cam1"]')
+            await expect(row).to_have_attribute("data-state", "offline")
+            await expect(page.locator("#sum-devices b")).to_have_text("3")
+
+            # A device connecting turns its row online within 2 s, without a reload.
+            tasks.append(await reporting_device(running, "cam1", secrets["cam1"]))
+            await expect(row).to_have_attribute("data-state", "online", timeout=2000)
+            await expect(page.locator("#sum-online b")).to_have_text("1", timeout=2000)
+
+            # Filters: a label and a state.
+            await page.get_by_label("Label").fill("site=paris")
+            await expect(page.locator("tbody tr")).to_have_count(1)
+            await page.get_by_label("Label").fill("")
+            await page.get_by_label("State").select_option("online")
+            await expect(page.locator("tbody tr")).to_have_count(1)
+            await page.get_by_label("State").select_option("")
+
+            # A push from the page reaches the device, and its row shows the new version applied.
+            await row.get_by_role("link", name="cam1").click()
+            await expect(page.locator("#d-title")).to_have_text("cam1")
+            config = page.get_by_label("Config (JSON) for the next version")
+            await expect(config).to_have_value(json.dumps({"port": 80}, indent=2))
+            await config.fill('{"port": 8080}')
+            await page.get_by_label("Message").fill("from the console")
+            await page.get_by_role("button", name="Push").click()
+            await expect(page.locator("#push-note")).to_contain_text("Stored v2")
+            await expect(page.locator('dd[data-fact="Applied"]')).to_contain_text("v2", timeout=5000)
+            assert (await svc.get_version("cam1")).config == {"port": 8080}
+            assert (await svc.get_version("cam1")).actor == "token:ops"
+            await page.get_by_role("button", name="Compare").click()
+            await expect(page.locator("#diff .del")).to_contain_text('"port": 80')
+            await expect(page.locator("#diff .add")).to_contain_text('"port": 8080')
+            await page.get_by_role("link", name="All devices").click()
+            await expect(row.locator("td.version")).to_have_text("v2 (applied v2)", timeout=5000)
+
+            # A rejected version shows the device's error.
+            tasks.append(await reporting_device(running, "cam2", secrets["cam2"], reject="port 99999 is out of range"))
+            await svc.push("cam2", {"port": 99999})
+            cam2 = page.locator('tr[data-device="cam2"]')
+            await expect(cam2).to_have_attribute("data-sync", "rejected", timeout=5000)
+            await expect(cam2).to_contain_text("port 99999 is out of range")
+            await expect(page.locator("#sum-rejected b")).to_have_text("1")
+            if os.environ.get("HENGE_SCREENSHOT"):
+                await page.screenshot(path=str(ROOT / "docs" / "console.png"))
+
+            # A viewer can look, not push.
+            await page.get_by_role("button", name="Sign out").click()
+            await sign_in(page, server.url, viewer)
+            await page.locator('tr[data-device="cam1"]').get_by_role("link", name="cam1").click()
+            await expect(page.get_by_role("button", name="Push")).to_be_disabled()
+            await expect(page.locator("#push-note")).to_contain_text("viewer")
+            refused = await page.evaluate("""async (token) => (await fetch('/api/v1/devices/cam1/config', {
+                method: 'PUT', headers: {'Authorization': 'Bearer ' + token, 'Content-Type': 'application/json'},
+                body: '{"port": 1}'})).status""", viewer)
+            assert refused == 403
+            assert (await svc.get_version("cam1")).config == {"port": 8080}
+
+            # On a phone-sized screen the page still works (the wide columns fold away).
+            await page.set_viewport_size({"width": 390, "height": 800})
+            await page.get_by_role("link", name="All devices").click()
+            await expect(page.locator('tr[data-device="cam1"] td.wide').first).to_be_hidden()
+            assert errors == []
+        finally:
+            await page.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
