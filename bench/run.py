@@ -106,11 +106,14 @@ class Henge(Target):
         store.close()
         self.devices = [(d, secrets[d]) for d, _ in self.devices]
         self.data = data
+        self.http_port = free_port()  # as deployed: the HTTP API and console on (on a free port here)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", str(self.port),
-             "--log-level", "warning"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             "--log-level", "warning", "--http", f"127.0.0.1:{self.http_port}"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_port(self.port)
+        wait_port(self.http_port)
 
     def push(self, marker: str) -> None:
         cfg = self.tmp / "fleet.json"

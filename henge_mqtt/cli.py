@@ -275,9 +275,9 @@ def serve(
                 from .http import HttpServer
                 from .http.tokens import first_run_token
 
+                token_file = await first_run_token(service)  # before the port opens: a client finds it there
                 web = await stack.enter_async_context(HttpServer(
                     service, *http_address, certfile=settings.http_certfile, keyfile=settings.http_keyfile))
-                token_file = await first_run_token(service)
                 typer.echo(f"henge: console on {web.url}" + (
                     f" (first-run admin token in {token_file})" if token_file else ""), err=True)
             metrics = None

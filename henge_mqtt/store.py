@@ -356,6 +356,28 @@ class Store:
             devices = [d for d in devices if all(d.labels.get(k) == v for k, v in labels.items())]
         return devices
 
+    def status_source(self, *, device: str | None = None, after: str = "", labels: dict[str, str] | None = None,
+                      batch: int = -1) -> tuple[list[tuple[Any, ...]], str | None]:
+        """What a status row needs from the store, by device id: ``(id, labels, desired version,
+        applied version, applied at, rejected version, rejected error)``, ``batch`` devices after
+        ``after`` (-1: all), filtered by labels; and the last id scanned, or None when no device is
+        left. Tuples, not models: 10,000 rows in a few milliseconds (an index lookup per version)."""
+        where, args = ("d.id = ?", [device]) if device is not None else ("d.id > ?", [after])
+        rows = self._db.execute(
+            "SELECT d.id, d.labels, COALESCE((SELECT MAX(v.version) FROM config_versions v WHERE v.device = d.id), 0), "
+            "r.applied_version, r.applied_at, r.rejected_version, r.rejected_error "
+            f"FROM devices d LEFT JOIN device_reports r ON r.device = d.id WHERE {where} ORDER BY d.id LIMIT ?",
+            [*args, batch],
+        ).fetchall()
+        last = rows[-1][0] if rows and batch != -1 and len(rows) == batch else None
+        out = []
+        for row in rows:
+            have = json.loads(row[1])
+            if labels and any(have.get(k) != v for k, v in labels.items()):
+                continue
+            out.append((row[0], have, *row[2:]))
+        return out, last
+
     def device_ids(self, labels: dict[str, str] | None = None) -> list[str]:
         """Ids only (a fleet push's selection): no version join and no model per device."""
         if not labels:
@@ -715,7 +737,8 @@ class Store:
             if self._db.execute("SELECT 1 FROM api_tokens WHERE name = ?", (name,)).fetchone():
                 raise DuplicateToken(f"a token named {name!r} exists; revoke it first or pick another name")
             self._db.execute(
-                "INSERT INTO api_tokens (id, name, role, secret_hash, created_at, created_by) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO api_tokens (id, name, role, secret_hash, created_at, created_by) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (token_id, name, role, hash_secret(token), _ts(utc_now()), actor),
             )
             self._audit(actor, "token.create", None, {"token": name, "role": role})

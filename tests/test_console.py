@@ -143,3 +143,19 @@ async def test_console_live_presence_push_roles_and_rejections(running: Running,
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_the_interactive_api_page_renders_offline(running: Running, browser: Browser) -> None:
+    """Swagger UI from the package (no CDN): every route of the OpenAPI document is on the page."""
+    async with HttpServer(running.service, "127.0.0.1", 0) as server:
+        page = await browser.new_page()
+        outside: list[str] = []
+        page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server.url) else None)
+        try:
+            await page.goto(server.url + "api/v1/docs")
+            await expect(page.locator(".opblock").first).to_be_visible(timeout=10_000)
+            assert await page.locator(".opblock").count() >= 25
+            await expect(page.get_by_text("PUT", exact=True).first).to_be_visible()
+        finally:
+            await page.close()
+        assert outside == []

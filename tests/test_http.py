@@ -185,7 +185,7 @@ async def test_status_pages_filters_and_summary(running: Running) -> None:
         while True:
             params: dict[str, Any] = {"limit": 10} | ({"cursor": cursor} if cursor else {})
             page = (await c.get("/api/v1/devices", params=params)).json()
-            assert page["total"] == 25
+            assert len(page["items"]) == (10 if len(seen) < 20 else 5)
             seen += [row["device"] for row in page["items"]]
             cursor = page["next_cursor"]
             if cursor is None:
@@ -303,7 +303,7 @@ def test_a_slow_reader_is_dropped_and_its_backlog_freed() -> None:
     # Replay is bounded: an id older than the buffer asks the client to reload.
     _, reset = hub.subscribe(devices=None, types=None, last_event_id=f"{hub.run}-0")
     assert reset is None
-    for n in range(20):
+    for _ in range(20):
         hub.on_event(Event(type="report", at="2026-01-01T00:00:00Z", device="x"))
     _, reset = hub.subscribe(devices=None, types=None, last_event_id=f"{hub.run}-1")
     assert reset is not None and "no longer" in reset

@@ -81,6 +81,14 @@ def test_layers_import_only_downwards() -> None:
     cli = _ours("henge_mqtt.cli")
     assert "henge_mqtt.store" not in cli, "the CLI talks to the service, never to the store"
     for module in MODULES:
+        if module.startswith("henge_mqtt.http"):  # a thin client of the library API, like the CLI
+            allowed = ("henge_mqtt.http", "henge_mqtt.service.api", "henge_mqtt.service.auth", "henge_mqtt.models",
+                       "henge_mqtt.ids", "henge_mqtt.errors", "henge_mqtt")
+            bad = {d for d in _ours(module) if not d.startswith(allowed) or d.startswith("henge_mqtt.store")
+                   or d.startswith("henge_mqtt.server")}
+            assert not bad, f"{module} (HTTP API) imports {sorted(bad)}"
+        assert "henge_mqtt.http" not in _ours(module) or module in ("henge_mqtt.cli", "henge_mqtt.http") \
+            or module.startswith("henge_mqtt.http."), f"{module} imports the HTTP API"
         if module.startswith("henge_mqtt.service"):
             reach = {d for d in _ours(module) if d.startswith("henge_mqtt.server") and d != "henge_mqtt.server"}
             assert not reach, f"{module} reaches into the server's modules {sorted(reach)}; use the port"
@@ -99,3 +107,10 @@ def test_every_package_is_installed() -> None:
     assert needed <= shipped, f"not installed by pip: {sorted(needed - shipped)}"
     for path in PACKAGE.rglob("*.py"):
         assert (path.parent / "__init__.py").exists(), f"{path.parent} has no __init__.py"
+    # The console's files ship too (package data): a gateway has no CDN to fetch them from.
+    data = config["tool"]["setuptools"]["package-data"]["henge_mqtt.http"]
+    static = PACKAGE / "http" / "static"
+    for asset in static.rglob("*"):
+        if asset.is_file():
+            folder = asset.parent.relative_to(PACKAGE / "http").as_posix()
+            assert f"{folder}/*" in data, f"{asset} is not shipped by pip (package-data)"

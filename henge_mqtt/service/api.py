@@ -184,34 +184,50 @@ class ServiceAPI:
         return cleared
 
     async def status(self, device: str | None = None, labels: dict[str, str] | None = None, *,
-                     state: str | None = None, sync: str | None = None,
-                     conflict: bool | None = None) -> list[dict[str, Any]]:
-        """One row per device (data only: times in RFC 3339 UTC), filtered by state, sync, conflict."""
+                     state: str | None = None, sync: str | None = None, conflict: bool | None = None,
+                     contains: str | None = None, after: str = "", limit: int | None = None,
+                     ) -> list[dict[str, Any]]:
+        """One row per device, ordered by id (data only: times in RFC 3339 UTC), filtered by labels,
+        state, sync, conflict and a part of the id; ``after``/``limit`` read one page without
+        building the rest."""
         store = self.store
-        devices, reports = await self.worker.run(
-            lambda: ([store.get_device(device)] if device else store.list_devices(labels), store.reports()))
+        if device is not None:
+            source, _ = await self.worker.run(store.status_source, device=device)
+            if not source:
+                raise UnknownDevice(f"unknown device {device!r}")
+        rows: list[dict[str, Any]] = []
         now = time.time()
-        rows = []
-        for d in devices:
-            view = self.broker.session(d.id, now)
-            rep = reports.get(d.id, DeviceReports())
-            row_sync = rep.sync(d.desired_version)
-            row_state = "online" if view.online else "quarantined" if view.quarantined_until else "offline"
-            if (state and row_state != state) or (sync and row_sync != sync) or (
-                    conflict is not None and view.conflict != conflict):
-                continue
-            rows.append({
-                "device": d.id, "labels": d.labels, "state": row_state, "online": view.online, "epoch": view.epoch,
-                "since": iso(view.since) if view.since else None, "remote": view.remote, "reason": view.reason,
-                "desired_version": d.desired_version, "takeovers": view.takeovers_last_hour,
-                "conflict": view.conflict, "conflict_remotes": list(view.conflict_remotes),
-                "quarantined_until": iso(view.quarantined_until) if view.quarantined_until else None,
-                "applied_version": rep.applied_version, "applied_at": _utc(rep.applied_at), "sync": row_sync,
-                "error": rep.rejected_error if row_sync == "rejected" else None,
-                "rejected_version": rep.rejected_version,
-                "undeliverable": self.configs.undeliverable.get(d.id),
-            })
-        return rows
+        batch = -1 if limit is None else max(2 * limit, 500)
+        while True:
+            if device is None:
+                source, last = await self.worker.run(store.status_source, after=after, labels=labels, batch=batch)
+            else:
+                last = None
+            for d, have, desired, applied, applied_at, rejected, error in source:
+                if contains and contains not in d:
+                    continue
+                view = self.broker.session(d, now)
+                rep = DeviceReports(applied, applied_at, rejected, error)
+                row_sync = rep.sync(desired)
+                row_state = "online" if view.online else "quarantined" if view.quarantined_until else "offline"
+                if (state and row_state != state) or (sync and row_sync != sync) or (
+                        conflict is not None and view.conflict != conflict):
+                    continue
+                rows.append({
+                    "device": d, "labels": have, "state": row_state, "online": view.online, "epoch": view.epoch,
+                    "since": iso(view.since) if view.since else None, "remote": view.remote, "reason": view.reason,
+                    "desired_version": desired, "takeovers": view.takeovers_last_hour,
+                    "conflict": view.conflict, "conflict_remotes": list(view.conflict_remotes),
+                    "quarantined_until": iso(view.quarantined_until) if view.quarantined_until else None,
+                    "applied_version": applied, "applied_at": _utc(applied_at), "sync": row_sync,
+                    "error": error if row_sync == "rejected" else None, "rejected_version": rejected,
+                    "undeliverable": self.configs.undeliverable.get(d),
+                })
+                if limit is not None and len(rows) >= limit:
+                    return rows
+            if last is None:
+                return rows
+            after = last
 
     async def backup(self, target: str) -> dict[str, Any]:
         """A consistent copy of the store, written by the service (on its machine) to ``target``."""

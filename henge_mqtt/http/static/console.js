@@ -101,11 +101,11 @@ function scheduleReload() {
   state.reloadTimer = setTimeout(() => loadAll().catch(() => {}), 1000);
 }
 
-function syncOf(row) {
-  if (row.desired_version === 0) return "unknown";
-  if (row.applied_version === row.desired_version) return "in_sync";
+function syncOf(row) { // as the service computes it (DeviceReports.sync)
+  if (row.applied_version == null && row.rejected_version == null) return "unknown";
+  if (row.applied_version != null && row.applied_version >= row.desired_version) return "in_sync";
   if (row.rejected_version === row.desired_version) return "rejected";
-  return row.applied_version == null && row.rejected_version == null ? "unknown" : "pending";
+  return "pending";
 }
 
 function filtered() {

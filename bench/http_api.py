@@ -1,0 +1,169 @@
+"""The HTTP API and console at fleet size: status, pages, the console's first render, and what 50
+live event streams cost a fleet push.
+
+    python bench/http_api.py [--n 10000] [--workers 2] [--sse 50] [--rounds 3]
+
+A real ``henge serve`` (HTTP on, as deployed) with N devices connected by the raw-socket load
+generator (bench/loadgen.py, other processes). Measured:
+
+- ``GET /api/v1/devices?limit=N`` (every status row) and a 500-row page, from another process;
+- the console's first render in Debian's Chromium: from navigation to N rows counted on the page;
+- the fleet push (``henge push --all``, all N delivered and acknowledged) with no event stream
+  open, then with ``--sse`` clients (another process) streaming every event, interleaved
+  ``--rounds`` times; the ratio of the medians is the cost of the streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import httpx
+import loadgen
+import run
+
+
+def timed_gets(url: str, token: str, path: str, repeat: int) -> list[float]:
+    out = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        c.get(path).raise_for_status()  # warm
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            r = c.get(path)
+            out.append((time.perf_counter() - t0) * 1000)
+            r.raise_for_status()
+    return out
+
+
+def sse_clients(url: str, token: str, count: int, ready: Any, stop: Any, counts: Any) -> None:
+    async def one(i: int, started: asyncio.Event) -> None:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=None) as c, \
+                c.stream("GET", "/api/v1/events") as r:
+            started.set()
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    counts[i] += 1
+
+    async def main() -> None:
+        flags = [asyncio.Event() for _ in range(count)]
+        tasks = [asyncio.create_task(one(i, f)) for i, f in enumerate(flags)]
+        await asyncio.gather(*(f.wait() for f in flags))
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+async def first_render(url: str, token: str, n: int) -> float:
+    from playwright.async_api import async_playwright, expect
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = await browser.new_page()
+        await page.goto(url)
+        await page.evaluate("t => sessionStorage.setItem('henge-token', t)", token)
+        t0 = time.perf_counter()
+        await page.reload()
+        await expect(page.locator("#shown")).to_contain_text(f"{n} in all", timeout=30_000)
+        took = time.perf_counter() - t0
+        await browser.close()
+        return took
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sse", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    target = run.Henge(args.n, tmp)
+    ctx = mp.get_context("spawn")
+    procs, commands, results = [], [], ctx.Queue()
+    result: dict[str, Any] = {"n": args.n, "sse_clients": args.sse}
+    try:
+        target.start()
+        url = f"http://127.0.0.1:{target.http_port}"
+        token = (target.data / "http-token").read_text().strip()
+        for share in [target.devices[i::args.workers] for i in range(args.workers)]:
+            q = ctx.Queue()
+            spec = {"host": "127.0.0.1", "port": target.port, "devices": share, "topic": run.TOPIC, "filter": "",
+                    "mqtt5": False}
+            p = ctx.Process(target=loadgen.worker_main, args=(spec, q, results))
+            p.start()
+            procs.append(p)
+            commands.append(q)
+        for q in commands:
+            q.put({"cmd": "connect", "start_at": time.time() + 0.5})
+        [results.get(timeout=300) for _ in commands]
+
+        def push() -> float:
+            marker = uuid.uuid4().hex
+            for q in commands:
+                q.put({"cmd": "await_push", "marker": marker, "timeout": 120, "ping": False})
+            t0 = time.time()
+            target.push(marker)
+            replies = [results.get(timeout=300) for _ in commands]
+            assert sum(r["missing"] for r in replies) == 0
+            return max(r["last"] for r in replies) - t0
+
+        push()  # every device has a version: status rows are complete
+        full = timed_gets(url, token, f"/api/v1/devices?limit={args.n}", 7)
+        page = timed_gets(url, token, "/api/v1/devices?limit=500", 15)
+        middle = timed_gets(url, token, f"/api/v1/devices?limit=500&cursor=dev{args.n // 2:05}", 15)
+        summary = timed_gets(url, token, "/api/v1/summary", 7)
+        result.update(status_all_ms=statistics.median(full), page_500_ms=statistics.median(page),
+                      page_500_middle_ms=statistics.median(middle), summary_ms=statistics.median(summary))
+        result["console_first_render_s"] = asyncio.run(first_render(url + "/", token, args.n))
+
+        plain, streamed, delivered = [], [], []
+        for _ in range(args.rounds):
+            plain.append(push())
+            ready, stop = ctx.Event(), ctx.Event()
+            counts = ctx.Array("l", args.sse)
+            sse = ctx.Process(target=sse_clients, args=(url, token, args.sse, ready, stop, counts))
+            sse.start()
+            assert ready.wait(60), "the event streams did not open"
+            before = sum(counts)
+            streamed.append(push())
+            time.sleep(1.0)
+            delivered.append((sum(counts) - before) / args.sse)
+            stop.set()
+            sse.join(30)
+        result.update(push_s=statistics.median(plain), push_with_sse_s=statistics.median(streamed),
+                      sse_slowdown=statistics.median(streamed) / statistics.median(plain),
+                      events_per_stream=statistics.median(delivered))
+    finally:
+        for q in commands:
+            q.put({"cmd": "stop"})
+        if target.proc is not None:
+            target.stop()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    print(json.dumps(result, indent=2))
+    out = Path(__file__).resolve().parent / "results" / f"http-{int(time.time())}.json"
+    out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
