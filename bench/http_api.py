@@ -68,7 +68,10 @@ def sse_clients(url: str, token: str, count: int, ready: Any, stop: Any, counts:
     asyncio.run(main())
 
 
-async def first_render(url: str, token: str, n: int) -> float:
+async def console(url: str, token: str, n: int, storm: Any) -> dict[str, float]:
+    """First render with N devices, then the page's responsiveness while ``storm()`` (in a thread)
+    reconnects the fleet: the worst delay of a 50 ms heartbeat evaluated in the page, and how long
+    after the storm the page shows every device online again."""
     from playwright.async_api import async_playwright, expect
 
     async with async_playwright() as pw:
@@ -81,9 +84,22 @@ async def first_render(url: str, token: str, n: int) -> float:
         t0 = time.perf_counter()
         await page.reload()
         await expect(page.locator("#shown")).to_contain_text(f"{n} in all", timeout=30_000)
-        took = time.perf_counter() - t0
+        await expect(page.locator("#live")).to_have_text("live")
+        out = {"console_first_render_s": time.perf_counter() - t0}
+        worst = 0.0
+        storming = asyncio.get_running_loop().run_in_executor(None, storm)
+        while not storming.done():
+            t1 = time.perf_counter()
+            await page.evaluate("() => document.querySelectorAll('tbody tr').length")
+            worst = max(worst, time.perf_counter() - t1)
+            await asyncio.sleep(0.05)
+        storm_done = time.perf_counter()
+        await storming
+        await expect(page.locator("#sum-online b")).to_have_text(str(n), timeout=30_000)
+        out["console_storm_worst_ms"] = worst * 1000
+        out["console_online_after_storm_s"] = time.perf_counter() - storm_done
         await browser.close()
-        return took
+        return out
 
 
 def main() -> int:
@@ -131,7 +147,6 @@ def main() -> int:
         summary = timed_gets(url, token, "/api/v1/summary", 7)
         result.update(status_all_ms=statistics.median(full), page_500_ms=statistics.median(page),
                       page_500_middle_ms=statistics.median(middle), summary_ms=statistics.median(summary))
-        result["console_first_render_s"] = asyncio.run(first_render(url + "/", token, args.n))
 
         plain, streamed, delivered = [], [], []
         for _ in range(args.rounds):
@@ -147,9 +162,20 @@ def main() -> int:
             delivered.append((sum(counts) - before) / args.sse)
             stop.set()
             sse.join(30)
-        result.update(push_s=statistics.median(plain), push_with_sse_s=statistics.median(streamed),
+        result.update(push_rounds=plain, push_with_sse_rounds=streamed, push_s=statistics.median(plain),
+                      push_with_sse_s=statistics.median(streamed),
                       sse_slowdown=statistics.median(streamed) / statistics.median(plain),
                       events_per_stream=statistics.median(delivered))
+
+        def storm() -> None:
+            start_at = time.time() + 0.5
+            for q in commands:
+                q.put({"cmd": "storm", "count": args.n // args.workers, "start_at": start_at, "timeout": 120})
+            replies = [results.get(timeout=300) for _ in commands]
+            result["storm_devices"] = sum(args.n // args.workers for _ in commands)
+            result["storm_failed"] = sum(r["failed"] for r in replies)
+
+        result.update(asyncio.run(console(url + "/", token, args.n, storm)))
     finally:
         for q in commands:
             q.put({"cmd": "stop"})

@@ -378,3 +378,22 @@ def test_docs_name_every_route() -> None:
     missing = [f"{m.upper()} /api/v1{p}" for m, p in routes if f"{m.upper()} /api/v1{p}" not in text]
     assert not missing, f"docs/http.md does not document {missing}"
 
+
+
+async def test_idle_and_excess_http_connections_are_closed(running: Running, monkeypatch: Any) -> None:
+    """A peer cannot hold HTTP sockets: one that sends nothing is closed, one too many is closed at
+    once, and a real client is served all along."""
+    from henge_mqtt.http import server as http_server
+
+    monkeypatch.setattr(http_server._BoundedH11, "max_connections", 4)
+    monkeypatch.setattr(http_server._BoundedH11, "first_request_timeout", 0.5)
+    async with web(running) as (server, tokens):
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(4)]
+        extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(extra_reader.read(), 2) == b""  # closed on arrival
+        for reader, _ in idle:
+            assert await asyncio.wait_for(reader.read(), 3) == b""  # closed for saying nothing
+        async with client(server, tokens["viewer"]) as c:
+            assert (await c.get("/api/v1/summary")).status_code == 200
+        for _, writer in [*idle, (extra_reader, extra_writer)]:
+            writer.close()

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import SettingsError
 from ..service.api import ServiceAPI
@@ -22,6 +23,27 @@ from .app import create_app
 from .stream import EventHub
 
 log = logging.getLogger("henge_mqtt.http")
+
+
+class _BoundedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with two bounds it lacks: connections at once (beyond that a new
+    one is closed on arrival, before it can hold anything) and the time from accept to a first
+    request (a peer that connects and says nothing is closed). Idle keep-alive connections are
+    uvicorn's own ``timeout_keep_alive``."""
+
+    max_connections = 256
+    first_request_timeout = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            transport.abort()
+            return
+        asyncio.get_running_loop().call_later(self.first_request_timeout, self._first_request_due)
+
+    def _first_request_due(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.abort()
 
 
 class _Server(uvicorn.Server):
@@ -85,7 +107,7 @@ class HttpServer:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, limit_concurrency=1000, ws="none",
+                                timeout_graceful_shutdown=2, ws="none", http=_BoundedH11,
                                 server_header=False, timeout_keep_alive=30,
                                 ssl_certfile=str(self._tls[0]) if self._tls else None,
                                 ssl_keyfile=str(self._tls[1]) if self._tls else None)

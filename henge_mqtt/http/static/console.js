@@ -193,7 +193,7 @@ function applyEvent(ev) {
       }
       break;
     case "device_added": case "device_removed": case "labels_changed": case "devices_imported": case "fleet_push":
-    case "conflict": case "conflict_cleared": case "quarantine": case "takeover":
+    case "conflict": case "conflict_cleared": case "quarantine":
       scheduleReload();
       break;
     default:
