@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -230,6 +231,11 @@ async def test_tokens_roles_revocation_and_no_secret_in_any_answer(running: Runn
         audit = (await admin.get("/api/v1/audit")).json()
         assert {(e["actor"], e["action"]) for e in audit} >= {
             ("token:t-admin", "device.add"), ("token:t-admin", "token.create"), ("token:t-admin", "token.revoke")}
+        imported = await admin.post("/api/v1/devices/import", json={
+            "devices": [{"id": f"bulk{i}", "labels": {"batch": "1"}} for i in range(3000)]})
+        assert imported.status_code == 200 and len(imported.json()["secrets"]) == 3000
+        again = await admin.post("/api/v1/devices/import", json={"devices": [{"id": "bulk1"}]})
+        assert (again.status_code, again.json()["code"]) == (409, "duplicate_device")
         assert (await admin.delete("/api/v1/devices/cam1")).json()["removed"] is True
         assert not running.service.store.has_device("cam1")
 
@@ -397,3 +403,32 @@ async def test_idle_and_excess_http_connections_are_closed(running: Running, mon
             assert (await c.get("/api/v1/summary")).status_code == 200
         for _, writer in [*idle, (extra_reader, extra_writer)]:
             writer.close()
+
+
+async def test_https_with_the_broker_kind_of_certificate(running: Running, tmp_path: Path) -> None:
+    from henge_mqtt.certs import make_dev_certs
+    from henge_mqtt.errors import SettingsError
+
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], [])
+    async with HttpServer(running.service, "127.0.0.1", 0, certfile=certs / "server.pem",
+                          keyfile=certs / "server.key") as server:
+        assert server.url.startswith("https://")
+        token = (await running.service.create_token("tls", "viewer"))["token"]
+        trust = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        async with httpx.AsyncClient(verify=trust, headers={"Authorization": f"Bearer {token}"}) as c:
+            assert (await c.get(server.url + "api/v1/summary")).status_code == 200
+        async with httpx.AsyncClient() as plain:  # not trusted without the CA
+            try:
+                await plain.get(server.url + "api/v1/summary")
+            except httpx.ConnectError as exc:
+                assert "CERTIFICATE_VERIFY_FAILED" in str(exc)
+            else:
+                raise AssertionError("an untrusted certificate was accepted")
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    try:
+        async with HttpServer(running.service, "127.0.0.1", 0, certfile=tmp_path / "bad.pem",
+                              keyfile=certs / "server.key"):
+            raise AssertionError("a bad certificate was loaded")
+    except SettingsError as exc:
+        assert "cannot serve https" in str(exc)

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import AuthenticationFailed, Forbidden, HengeError, InvalidConfig, ValidationFailed, VersionConflict
 from ..ids import StrictJSONError, parse_labels, strict_json
-from ..models import DeviceId, TokenCreateArgs
+from ..models import DeviceId, ImportArgs, TokenCreateArgs
 from ..service.api import ServiceAPI, current_actor
 from .problems import from_error, problem
 from .stream import EventHub
@@ -86,20 +86,24 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
+IMPORT_LIMIT = 16 * 1024 * 1024  # POST /devices/import: up to 100,000 devices in one body
+
+
 class BodyLimit:
     """Pure ASGI: a request body over ``limit`` bytes is refused (413) before it is read whole."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
-        self.limit = limit
+        self.default = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = IMPORT_LIMIT if scope["path"] == "/api/v1/devices/import" else self.default
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await problem("body_too_large", f"request bodies are limited to {self.limit} bytes")(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await problem("body_too_large", f"request bodies are limited to {limit} bytes")(scope, receive, send)
             return
         seen = 0
 
@@ -108,14 +112,14 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     raise BodyTooLarge
             return message
 
         try:
             await self.app(scope, bounded, send)
         except BodyTooLarge:
-            await problem("body_too_large", f"request bodies are limited to {self.limit} bytes")(scope, receive, send)
+            await problem("body_too_large", f"request bodies are limited to {limit} bytes")(scope, receive, send)
 
 
 class BodyTooLarge(Exception):
@@ -410,6 +414,14 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         body = parse_model(DeviceCreate, await read_json(request))
         secret = await svc.add_device(body.device, body.labels)
         return JSONResponse({"device": body.device, "labels": body.labels, "secret": secret}, status_code=201)
+
+    @api.post("/devices/import", **r("admin", **_body_doc(ImportArgs)))
+    async def import_devices(request: Request) -> dict[str, Any]:
+        """Many devices in one transaction (as ``henge device import``); ``update`` changes the labels
+        of those that exist. The answer holds the new devices' secrets, shown only here."""
+        body = parse_model(ImportArgs, await read_json(request))
+        secrets = await svc.import_devices([(d.id, d.labels) for d in body.devices], update=body.update)
+        return {"secrets": secrets, "updated": len(body.devices) - len(secrets)}
 
     @api.delete("/devices/{device}", **r("admin"))
     async def remove_device(device: DeviceId) -> dict[str, Any]:
