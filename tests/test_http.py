@@ -432,3 +432,19 @@ async def test_https_with_the_broker_kind_of_certificate(running: Running, tmp_p
             raise AssertionError("a bad certificate was loaded")
     except SettingsError as exc:
         assert "cannot serve https" in str(exc)
+
+
+async def test_every_use_is_in_the_audit_trail_one_row_a_minute(running: Running) -> None:
+    await running.add("dev1", {"a": 1})
+    async with web(running) as (server, tokens), client(server, tokens["viewer"]) as viewer, client(server) as anon:
+        for _ in range(30):
+            assert (await viewer.get("/api/v1/summary")).status_code == 200
+        assert (await viewer.put("/api/v1/devices/dev1/config", json={"a": 2})).status_code == 403
+        for _ in range(20):
+            assert (await anon.get("/api/v1/summary")).status_code == 401
+    rows = [e for e in await running.service.audit() if e["action"].startswith("http.")]
+    by = {(e["actor"], e["action"]): e["summary"] for e in rows}
+    assert by[("token:t-viewer", "http.use")]["reads"] == 30
+    assert by[("token:t-viewer", "http.refused")]["forbidden"] == 1
+    assert by[("http", "http.refused")]["unauthenticated"] == 20
+    assert len(rows) == 3  # 51 requests, three rows

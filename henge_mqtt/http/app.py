@@ -32,6 +32,7 @@ from ..models import DeviceId, ImportArgs, TokenCreateArgs
 from ..service.api import ServiceAPI, current_actor
 from .problems import from_error, problem
 from .stream import EventHub
+from .usage import UseLog
 
 WaitQ = Annotated[float | None, Query(gt=0, le=3600, description="wait this many seconds for the report")]
 log = logging.getLogger("henge_mqtt.http")
@@ -175,20 +176,23 @@ def parse_etag(header: str) -> int | None:
 
 def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     """The API and console for one running service."""
-    uses: dict[str, float] = {}  # token name -> last use (time.time), shown by GET /tokens
+    uses = UseLog(svc)
 
     def caller(role: Role) -> Callable[[Request], Awaitable[Caller]]:
         async def check(request: Request) -> Caller:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
+                await uses.note("http", "http.refused", "unauthenticated")
                 raise AuthenticationFailed("send an API token: Authorization: Bearer <token>")
             found = svc.verify_token(token.strip())
             if found is None:
+                await uses.note("http", "http.refused", "unknown_token")
                 raise AuthenticationFailed("the API token is unknown or was revoked")
             name, has = found
             if RANK[has] < RANK[role]:
+                await uses.note(f"token:{name}", "http.refused", "forbidden")
                 raise Forbidden(f"the token {name!r} has role {has}; this needs {role}", role=has, needed=role)
-            uses[name] = time.time()
+            await uses.note(f"token:{name}", "http.use", "reads" if request.method == "GET" else "writes")
             current_actor.set(f"token:{name}")  # the audit trail names the token
             request.state.caller = Caller(name=name, role=has)  # type: ignore[arg-type]
             return request.state.caller  # type: ignore[no-any-return]
@@ -444,7 +448,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         """Every token (never the token itself), with its last use in this run."""
         found = await svc.list_tokens()
         for token in found:
-            used = uses.get(token["name"])
+            used = uses.last_used.get(token["name"])
             token["last_used_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(used)) if used else None
         return found
 
@@ -490,6 +494,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.state.uses = uses  # HttpServer.stop writes the last minute
     app.add_middleware(BodyLimit, limit=body_limit)
     return app
 

@@ -138,4 +138,5 @@ class HttpServer:
             log.warning("http.stop_timeout")
         if callable(self._unlisten):
             self._unlisten()
+        await self.app.state.uses.flush()  # the last minute of API use, into the audit trail
         self._server = self._task = None
