@@ -207,7 +207,13 @@ class Agent:
                 displaced = exc.reason == SESSION_TAKEN_OVER
                 log.info("agent.disconnected device=%s reason=%s", self.device, exc)
             except (aiomqtt.MqttError, OSError) as exc:
-                log.info("agent.disconnected device=%s error=%s", self.device, exc)
+                said = client.server_code if client is not None and accepted else None
+                if said is not None:  # the server's DISCONNECT raced a publish or subscribe: believe it
+                    self.last_disconnect = Disconnected(said, client.server_reason if client else None)
+                    displaced = said == SESSION_TAKEN_OVER
+                    log.info("agent.disconnected device=%s reason=%s", self.device, self.last_disconnect)
+                else:
+                    log.info("agent.disconnected device=%s error=%s", self.device, exc)
             if stop.is_set():
                 return
             lasted = time.monotonic() - started
