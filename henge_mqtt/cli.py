@@ -76,7 +76,9 @@ def _log_level(name: str) -> int:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo("error: " + " ".join(message.split()), err=True)
+    """One ``error:`` line per line of the message (a schema refusal has one per violation)."""
+    for line in [" ".join(line.split()) for line in message.splitlines() if line.strip()] or [""]:
+        typer.echo("error: " + line, err=True)
     raise typer.Exit(code)
 
 
@@ -166,7 +168,11 @@ def _labels(pairs: list[str] | None) -> dict[str, str]:
         fail(str(exc))
 
 
-def _read_config(source: str) -> dict[str, Any]:
+def _read_json_document(source: str) -> dict[str, Any]:
+    return _read_config(source, what="schema")
+
+
+def _read_config(source: str, what: str = "config") -> dict[str, Any]:
     """Read a config from a file or ``-`` (stdin); refuse anything but a JSON object."""
     where = "stdin" if source == "-" else source
     try:
@@ -184,7 +190,7 @@ def _read_config(source: str) -> dict[str, Any]:
     except StrictJSONError as exc:
         raise InvalidConfig(f"{where} is not strict JSON: {exc}; nothing was stored") from exc
     if not isinstance(value, dict):
-        raise InvalidConfig(f"{where}: a config must be a JSON object, not {type(value).__name__}")
+        raise InvalidConfig(f"{where}: a {what} must be a JSON object, not {type(value).__name__}")
     return value
 
 
@@ -271,6 +277,7 @@ def serve(
         loop.set_exception_handler(_quiet_loop_errors())
         async with HengeService(settings) as service, contextlib.AsyncExitStack() as stack:
             bound_host, bound_port = service.address
+            web = None
             if http_address is not None:
                 from .http import HttpServer
                 from .http.tokens import first_run_token
@@ -299,6 +306,9 @@ def serve(
             gc.disable()  # tearing down 10,000 connections makes garbage a collection would only rescan
             if metrics is not None:
                 metrics.close()
+            # The HTTP server's own shutdown waits on timers; it runs while the broker closes its
+            # connections, not after (the later exits then have nothing left to do).
+            await asyncio.gather(*([web.stop()] if web is not None else []), service.stop())
 
     try:
         asyncio.run(main())
@@ -630,7 +640,8 @@ def status(
     = None,
     state: Annotated[str | None, typer.Option("--state", help="Only devices online, offline or quarantined.")]
     = None,
-    sync: Annotated[str | None, typer.Option("--sync", help="Only devices in_sync, pending, rejected or unknown.")]
+    sync: Annotated[str | None, typer.Option("--sync", help="Only devices in_sync, pending, rejected, unknown or "
+                                                            "invalid.")]
     = None,
     conflict: Annotated[bool, typer.Option("--conflict", help="Only devices with an identity conflict.")] = False,
     summary: Annotated[bool, typer.Option("--summary", help="Only the fleet summary.")] = False,
@@ -643,8 +654,8 @@ def status(
     """Devices with their connection state, versions and sync; a fleet summary line at the end."""
     if state not in (None, "online", "offline", "quarantined"):
         fail(f"--state must be online, offline or quarantined, not {state!r}", 2)
-    if sync not in (None, "in_sync", "pending", "rejected", "unknown"):
-        fail(f"--sync must be in_sync, pending, rejected or unknown, not {sync!r}", 2)
+    if sync not in (None, "in_sync", "pending", "rejected", "unknown", "invalid"):
+        fail(f"--sync must be in_sync, pending, rejected, unknown or invalid, not {sync!r}", 2)
     args: dict[str, Any] = {"labels": _labels(label), "state": state, "sync": sync}
     if conflict:
         args["conflict"] = True
@@ -706,7 +717,8 @@ def age(stamp: str | None, now: datetime | None = None) -> str:
 
 
 _STATE_COLOR = {"online": "green", "offline": "bright_black", "quarantined": "red"}
-_SYNC_COLOR = {"in_sync": "green", "pending": "yellow", "rejected": "red", "unknown": "bright_black"}
+_SYNC_COLOR = {"in_sync": "green", "pending": "yellow", "rejected": "red", "unknown": "bright_black",
+               "invalid": "red"}
 
 
 def _status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str:
@@ -755,7 +767,7 @@ def _status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str
 
 def fleet_summary(rows: list[dict[str, Any]]) -> dict[str, int]:
     counts = {"devices": len(rows), "online": 0, "offline": 0, "in_sync": 0, "pending": 0, "rejected": 0,
-              "unknown": 0, "conflict": 0}
+              "unknown": 0, "invalid": 0, "conflict": 0}
     for row in rows:
         counts["online" if row["online"] else "offline"] += 1
         counts[row["sync"]] += 1
@@ -869,6 +881,68 @@ def audit(
     for row in rows:
         row["details"] = " ".join(f"{k}={v}" for k, v in sorted(row["summary"].items()))
     _emit(rows, as_json, lambda r: _table(r, ["at", "actor", "action", "device", "details"]))
+
+
+schema_app = typer.Typer(no_args_is_help=True, help="JSON Schemas every config must satisfy (docs/rollouts.md).")
+app.add_typer(schema_app, name="schema")
+SchemaLabels = Annotated[list[str] | None, typer.Option(
+    "--label", help="k=v, repeatable: the schema for devices with all these labels (none: the fleet's).")]
+
+
+@schema_app.command("set")
+def schema_set(
+    source: Annotated[str, typer.Argument(metavar="FILE", help="A JSON Schema 2020-12 document, or - for stdin.")],
+    label: SchemaLabels = None,
+    force: Annotated[bool, typer.Option("--force", help="Store it even if current configs break it (those "
+                                        "devices then show sync invalid).")] = False,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 30.0,
+) -> None:
+    """Set the schema for the fleet or for devices with --label; refused if current configs break it."""
+    document = _read_json_document(source)
+    result = _call(data, broker, timeout, "schema.set", labels=_labels(label), document=document, force=force)
+    bad = result["invalid_devices"]
+    _emit(result, as_json, lambda r: f"schema {r['schema']} is at version {r['version']}" + (
+        f"\n{len(bad)} device(s) now invalid: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}" if bad else ""))
+
+
+@schema_app.command("get")
+def schema_get(
+    label: SchemaLabels = None,
+    version: Annotated[int | None, typer.Option("--version", min=1, help="An older version.")] = None,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Print a schema document (the current version unless --version)."""
+    args: dict[str, Any] = {"labels": _labels(label)} | ({"version": version} if version else {})
+    result = _call(data, broker, timeout, "schema.get", **args)
+    if result["document"] is None:
+        fail(f"schema {result['schema']} was removed at version {result['version']}")
+    _emit(result, as_json, lambda r: json.dumps(r["document"], indent=2, sort_keys=True))
+
+
+@schema_app.command("list")
+def schema_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                timeout: TimeoutOpt = 10.0) -> None:
+    """The schemas in force."""
+    rows = _call(data, broker, timeout, "schema.list")
+    _emit(rows, as_json, lambda r: _table(r, ["schema", "version"]) if r else "no schemas")
+
+
+@schema_app.command("history")
+def schema_history(label: SchemaLabels = None, data: DataOpt = None, broker: BrokerOpt = None,
+                   as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0) -> None:
+    """Every version of a schema, removals included."""
+    rows = _call(data, broker, timeout, "schema.history", labels=_labels(label))
+    people = [{"version": r["version"], "at": r["created_at"], "by": r["actor"],
+               "change": "removed" if r["removed"] else "set"} for r in rows]
+    _emit(rows, as_json, lambda _: _table(people, ["version", "at", "by", "change"]))
+
+
+@schema_app.command("remove")
+def schema_remove(label: SchemaLabels = None, data: DataOpt = None, broker: BrokerOpt = None,
+                  as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0) -> None:
+    """Stop enforcing a schema (its history stays)."""
+    result = _call(data, broker, timeout, "schema.remove", labels=_labels(label))
+    _emit(result, as_json, lambda r: f"schema {r['schema']} removed (version {r['version']})")
 
 
 token_app = typer.Typer(no_args_is_help=True, help="Tokens for the HTTP API and the console (docs/http.md).")
@@ -1055,5 +1129,7 @@ def main() -> None:
 
 
 def _fatal(message: str, code: int) -> NoReturn:
-    sys.stderr.write("error: " + " ".join(message.split()) + "\n")
+    """One ``error:`` line per line of the message (a schema refusal has one per violation)."""
+    lines = [" ".join(line.split()) for line in message.splitlines() if line.strip()] or [""]
+    sys.stderr.write("".join(f"error: {line}\n" for line in lines))
     sys.exit(code)

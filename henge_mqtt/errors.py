@@ -6,6 +6,8 @@ The tree (``code`` in parentheses is what the admin protocol and the CLI's ``--j
     ├── ValidationFailed (invalid)
     │   ├── InvalidDeviceId (invalid_device_id)
     │   ├── InvalidConfig (invalid_config)
+    │   │   └── SchemaViolation (schema_violation): .errors, one per violation (schema, device, pointer, message)
+    │   ├── InvalidSchema (invalid_schema): not a JSON Schema 2020-12 document
     │   └── ConfigTooLarge (config_too_large)
     ├── UnknownDevice (unknown_device)
     ├── DuplicateDevice (duplicate_device)
@@ -42,6 +44,26 @@ class InvalidDeviceId(ValidationFailed):
 
 class InvalidConfig(ValidationFailed):
     code = "invalid_config"
+
+
+class SchemaViolation(InvalidConfig):
+    """A config a schema refuses: one line per error, each naming the JSON pointer of the value."""
+
+    code = "schema_violation"
+    MAX_LINES = 20
+
+    def __init__(self, errors: list[dict[str, str]], *, what: str = "nothing was stored") -> None:
+        lines = [f"{e['device'] + ': ' if e.get('device') else ''}{e['pointer'] or '/'}: {e['message']} "
+                 f"(schema {e['schema']})" for e in errors[: self.MAX_LINES]]
+        if len(errors) > self.MAX_LINES:
+            lines.append(f"... and {len(errors) - self.MAX_LINES} more errors")
+        lines.append(f"the config does not match its schemas; {what}")
+        super().__init__("\n".join(lines))
+        self.errors = errors
+
+
+class InvalidSchema(ValidationFailed):
+    code = "invalid_schema"
 
 
 class ConfigTooLarge(ValidationFailed):

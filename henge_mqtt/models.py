@@ -203,7 +203,7 @@ class StatusArgs(Frozen):
     device: DeviceId | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     state: Literal["online", "offline", "quarantined"] | None = None
-    sync: Literal["in_sync", "pending", "rejected", "unknown"] | None = None
+    sync: Literal["in_sync", "pending", "rejected", "unknown", "invalid"] | None = None
     conflict: bool | None = None
 
 
@@ -240,6 +240,17 @@ class PushManyArgs(Frozen):
     message: str = Field(default="", max_length=1024)
     delivery_timeout: float = Field(default=30.0, ge=0, le=3600)
     force: bool = False  # a new version also for devices already at this config
+
+
+class SchemaSetArgs(Frozen):
+    labels: dict[str, str] = Field(default_factory=dict)
+    document: dict[str, Any]
+    force: bool = False
+
+
+class SchemaRefArgs(Frozen):
+    labels: dict[str, str] = Field(default_factory=dict)
+    version: int | None = Field(default=None, ge=1)
 
 
 class TokenCreateArgs(Frozen):

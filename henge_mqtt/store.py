@@ -117,6 +117,16 @@ MIGRATIONS: list[str] = [
         created_by TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE schemas (
+        selector TEXT NOT NULL,          -- canonical k=v,k2=v2 (sorted); '' for the whole fleet
+        version INTEGER NOT NULL,
+        document TEXT,                   -- NULL: removed at this version
+        created_at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        PRIMARY KEY (selector, version)
+    );
+""",
 ]
 
 ROLES = ("viewer", "operator", "admin")  # each can do what the ones before it can
@@ -206,6 +216,9 @@ class Store:
         self._admin_hashes: dict[str, bytes] = {
             n: _digest(h) for n, h in self._db.execute("SELECT name, secret_hash FROM admins")
         }
+        # Called with (device, config) before any version is inserted, inside the transaction; the
+        # service sets it to the schema check, so nothing a schema refuses is ever stored.
+        self.validate: Callable[[str, dict[str, Any]], None] | None = None
         # HTTP API tokens by id: (digest, role, name), checked on the loop for every request.
         self._tokens: dict[str, tuple[bytes, str, str]] = {
             i: (_digest(h), role, name) for i, name, role, h in
@@ -499,6 +512,8 @@ class Store:
         current = self._current_version(device)
         if if_version is not None and if_version != current:
             raise VersionConflict(device, expected=if_version, current=current)
+        if self.validate is not None:
+            self.validate(device, config)
         row = ConfigVersion(
             device=device,
             version=current + 1,
@@ -724,6 +739,70 @@ class Store:
         if expected is None:
             return False
         return hmac.compare_digest(hashlib.sha256(secret.encode()).digest(), expected)
+
+    # ---- schemas -----------------------------------------------------------------------------
+
+    def labels_of(self, device: str) -> dict[str, str]:
+        row = self._db.execute("SELECT labels FROM devices WHERE id = ?", (device,)).fetchone()
+        if row is None:
+            raise UnknownDevice(f"unknown device {device!r}")
+        return dict(json.loads(row[0]))
+
+    def labels_by_device(self, devices: list[str] | None = None) -> dict[str, dict[str, str]]:
+        if devices is None:
+            return {d: json.loads(t) for d, t in self._db.execute("SELECT id, labels FROM devices")}
+        out: dict[str, dict[str, str]] = {}
+        for start in range(0, len(devices), 500):
+            part = devices[start:start + 500]
+            marks = ",".join("?" * len(part))
+            out.update({d: json.loads(t) for d, t in
+                        self._db.execute(f"SELECT id, labels FROM devices WHERE id IN ({marks})", part)})
+        return out
+
+    def current_configs(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every device's current config (devices without one are left out)."""
+        for device, text in self._db.execute(
+                "SELECT v.device, v.config FROM config_versions v JOIN (SELECT device, MAX(version) AS m "
+                "FROM config_versions GROUP BY device) x ON x.device = v.device AND x.m = v.version"):
+            yield device, json.loads(text)
+
+    def current_config(self, device: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT config FROM config_versions WHERE device = ? ORDER BY version DESC LIMIT 1",
+                               (device,)).fetchone()
+        return dict(json.loads(row[0])) if row else None
+
+    def schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """The schemas in force: ``{selector: (version, document)}``."""
+        out: dict[str, tuple[int, dict[str, Any]]] = {}
+        for selector, version, document in self._db.execute(
+                "SELECT s.selector, s.version, s.document FROM schemas s JOIN (SELECT selector, MAX(version) AS m "
+                "FROM schemas GROUP BY selector) x ON x.selector = s.selector AND x.m = s.version"):
+            if document is not None:
+                out[selector] = (version, json.loads(document))
+        return out
+
+    def schema_history(self, selector: str) -> list[dict[str, Any]]:
+        return [
+            {"selector": selector, "version": v, "removed": d is None, "created_at": at, "actor": actor,
+             "document": json.loads(d) if d is not None else None}
+            for v, d, at, actor in self._db.execute(
+                "SELECT version, document, created_at, actor FROM schemas WHERE selector = ? ORDER BY version",
+                (selector,))
+        ]
+
+    def put_schema(self, selector: str, document: dict[str, Any] | None, *, actor: str, forced: bool = False) -> int:
+        """A new version of the schema for ``selector`` (``None``: removed); audited with it."""
+        with self._tx():
+            row = self._db.execute("SELECT MAX(version) FROM schemas WHERE selector = ?", (selector,)).fetchone()
+            version = int(row[0] or 0) + 1
+            self._db.execute(
+                "INSERT INTO schemas (selector, version, document, created_at, actor) VALUES (?, ?, ?, ?, ?)",
+                (selector, version, json.dumps(document, sort_keys=True) if document is not None else None,
+                 _ts(utc_now()), actor))
+            action = "schema.remove" if document is None else "schema.set"
+            self._audit(actor, action, None, {"schema": selector or "fleet", "version": version}
+                        | ({"forced": True} if forced else {}))
+        return version
 
     # ---- HTTP API tokens ---------------------------------------------------------------------
 

@@ -30,10 +30,12 @@ from ..errors import AuthenticationFailed, Forbidden, HengeError, InvalidConfig,
 from ..ids import StrictJSONError, parse_labels, strict_json
 from ..models import DeviceId, ImportArgs, TokenCreateArgs
 from ..service.api import ServiceAPI, current_actor
+from ..service.schemas import parse_selector
 from .problems import from_error, problem
 from .stream import EventHub
 from .usage import UseLog
 
+SchemaName = Annotated[str, Path(max_length=512, description="fleet, or the selector: k=v,k2=v2")]
 WaitQ = Annotated[float | None, Query(gt=0, le=3600, description="wait this many seconds for the report")]
 log = logging.getLogger("henge_mqtt.http")
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
@@ -79,6 +81,8 @@ class BackupBody(BaseModel):
 
 CONFIG_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "description": "the device's whole config"}}}}}
+SCHEMA_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "description": "a JSON Schema 2020-12 document"}}}}}
 PATCH_BODY = {"requestBody": {"required": True, "content": {
     "application/merge-patch+json": {"schema": {"type": "object", "description": "an RFC 7396 merge patch"}}}}}
 
@@ -244,7 +248,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     @api.get("/devices", **r("viewer"))
     async def devices(
         state: Literal["online", "offline", "quarantined"] | None = None,
-        sync: Literal["in_sync", "pending", "rejected", "unknown"] | None = None,
+        sync: Literal["in_sync", "pending", "rejected", "unknown", "invalid"] | None = None,
         conflict: bool | None = None,
         label: Annotated[list[str] | None, Query(description="k=v, several ANDed")] = None,
         q: Annotated[str | None, Query(max_length=128, description="part of the device id")] = None,
@@ -409,6 +413,31 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
                                       last_event_id=request.headers.get("last-event-id"))
         return StreamingResponse(hub.stream(client, reset), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    # ---- schemas ---------------------------------------------------------------------------------------
+
+    @api.get("/schemas", **r("viewer"))
+    async def schemas() -> list[dict[str, Any]]:
+        """The schemas in force."""
+        return await svc.list_schemas()
+
+    @api.get("/schemas/{name}", **r("viewer"))
+    async def schema(name: SchemaName, version: Annotated[int | None, Query(ge=1)] = None) -> dict[str, Any]:
+        return await svc.get_schema(parse_selector(name), version)
+
+    @api.get("/schemas/{name}/history", **r("viewer"))
+    async def schema_versions(name: SchemaName) -> list[dict[str, Any]]:
+        return await svc.schema_history(parse_selector(name))
+
+    @api.put("/schemas/{name}", **r("admin", **SCHEMA_BODY))
+    async def put_schema(request: Request, name: SchemaName, force: bool = False) -> dict[str, Any]:
+        """Set a JSON Schema 2020-12 document; refused (422, one error per violation) if current configs
+        break it, unless ``force``."""
+        return await svc.set_schema(parse_selector(name), await read_json(request), force=force)
+
+    @api.delete("/schemas/{name}", **r("admin"))
+    async def remove_schema(name: SchemaName) -> dict[str, Any]:
+        return await svc.remove_schema(parse_selector(name))
 
     # ---- admin: devices, tokens, backup ----------------------------------------------------------------
 

@@ -11,12 +11,14 @@ from typing import Any
 
 from starlette.responses import Response
 
-from ..errors import Forbidden, HengeError, VersionConflict
+from ..errors import Forbidden, HengeError, SchemaViolation, VersionConflict
 
 STATUS: dict[str, int] = {
     "invalid": 422,
     "invalid_device_id": 422,
     "invalid_config": 422,
+    "schema_violation": 422,
+    "invalid_schema": 422,
     "config_too_large": 413,
     "unknown_device": 404,
     "unknown_version": 404,
@@ -58,6 +60,8 @@ def from_error(exc: HengeError, *, precondition: bool = False) -> Response:
     if isinstance(exc, VersionConflict):
         extra = {"device": exc.device, "expected": exc.expected, "current": exc.current}
         status = 412 if precondition else 409
+    elif isinstance(exc, SchemaViolation):
+        extra = {"errors": exc.errors[:100]}
     elif isinstance(exc, Forbidden):
         extra = {"role": exc.role, "needed": exc.needed}
     return problem(exc.code, str(exc), status=status, **extra)

@@ -128,15 +128,17 @@ class HttpServer:
         log.info("http.started url=%s", self.url)
 
     async def stop(self) -> None:
+        """Streams end, the last minute of API use goes to the audit trail (first: the store may
+        be stopping too), then uvicorn closes its connections."""
         if self._server is None or self._task is None:
             return
         self.hub.close()  # event streams end; uvicorn's graceful shutdown then has nothing to wait for
         self._server.should_exit = True
+        if callable(self._unlisten):
+            self._unlisten()
+        await self.app.state.uses.flush()
         try:
             await asyncio.wait_for(self._task, 5.0)
         except TimeoutError:
             log.warning("http.stop_timeout")
-        if callable(self._unlisten):
-            self._unlisten()
-        await self.app.state.uses.flush()  # the last minute of API use, into the audit trail
         self._server = self._task = None

@@ -22,17 +22,13 @@ PRESENCE_TYPES = frozenset({"connected", "disconnected"})
 
 @dataclass(slots=True)
 class Item:
-    """One event as streamed; its JSON is made once, by the first client that sends it."""
+    """One event as streamed: its JSON, made once (about 250 bytes; the model is not kept), and
+    what the filters look at."""
 
     seq: int
-    event: Event
-    _json: str | None = None
-
-    @property
-    def json(self) -> str:
-        if self._json is None:
-            self._json = self.event.model_dump_json()
-        return self._json
+    type: str
+    device: str | None
+    json: str
 
 
 @dataclass(slots=True, eq=False)
@@ -46,8 +42,7 @@ class Client:
     closed: bool = False
 
     def wants(self, item: Item) -> bool:
-        e = item.event
-        return (self.devices is None or e.device in self.devices) and (self.types is None or e.type in self.types)
+        return (self.devices is None or item.device in self.devices) and (self.types is None or item.type in self.types)
 
     def offer(self, item: Item) -> None:
         if self.dropped or not self.wants(item):
@@ -77,7 +72,7 @@ class EventHub:
     def on_event(self, event: Event) -> None:
         """The service's event listener: O(clients), no I/O."""
         self._seq += 1
-        item = Item(self._seq, event)
+        item = Item(self._seq, event.type, event.device, event.model_dump_json())
         self._buffer.append(item)
         for client in self._clients:
             client.offer(item)
@@ -89,9 +84,8 @@ class EventHub:
         """The device's recent connects and disconnects still in the replay buffer, newest first."""
         found: list[Event] = []
         for item in reversed(self._buffer):
-            e = item.event
-            if e.device == device and e.type in PRESENCE_TYPES:
-                found.append(e)
+            if item.device == device and item.type in PRESENCE_TYPES:
+                found.append(Event.model_validate_json(item.json))
                 if len(found) >= limit:
                     break
         return found

@@ -221,6 +221,26 @@ async def _token_revoke(svc: HengeService, a: models.TokenRefArgs, progress: Pro
     return await svc.revoke_token(a.token)
 
 
+async def _schema_set(svc: HengeService, a: models.SchemaSetArgs, progress: Progress) -> Any:
+    return await svc.set_schema(dict(a.labels), a.document, force=a.force)
+
+
+async def _schema_get(svc: HengeService, a: models.SchemaRefArgs, progress: Progress) -> Any:
+    return await svc.get_schema(dict(a.labels), a.version)
+
+
+async def _schema_list(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
+    return await svc.list_schemas()
+
+
+async def _schema_history(svc: HengeService, a: models.SchemaRefArgs, progress: Progress) -> Any:
+    return await svc.schema_history(dict(a.labels))
+
+
+async def _schema_remove(svc: HengeService, a: models.SchemaRefArgs, progress: Progress) -> Any:
+    return await svc.remove_schema(dict(a.labels))
+
+
 def _unknown(device: str) -> UnknownDevice:
     return UnknownDevice(f"unknown device {device!r}")
 
@@ -246,6 +266,11 @@ OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any, Progress], An
     "device.export": (models.StatusArgs, _device_export),
     "push_many": (models.PushManyArgs, _push_many),
     "clear_conflict": (models.DeviceRefArgs, _clear_conflict),
+    "schema.set": (models.SchemaSetArgs, _schema_set),
+    "schema.get": (models.SchemaRefArgs, _schema_get),
+    "schema.list": (models.StatusArgs, _schema_list),
+    "schema.history": (models.SchemaRefArgs, _schema_history),
+    "schema.remove": (models.SchemaRefArgs, _schema_remove),
     "token.create": (models.TokenCreateArgs, _token_create),
     "token.list": (models.StatusArgs, _token_list),
     "token.revoke": (models.TokenRefArgs, _token_revoke),

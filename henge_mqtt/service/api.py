@@ -22,6 +22,7 @@ from .configs import Configs, Progress
 from .events import Events
 from .presence import iso
 from .reports import Reports
+from .schemas import Schemas, display, selector_of
 
 # Who is acting: the admin identity of the request being served, else the embedding application.
 current_actor: contextvars.ContextVar[str] = contextvars.ContextVar("henge_actor", default="library")
@@ -38,6 +39,7 @@ class ServiceAPI:
     events: Events
     configs: Configs
     reports: Reports
+    schemas: Schemas
     _worker: StoreWorker | None
     _broker: BrokerPort | None
 
@@ -70,6 +72,7 @@ class ServiceAPI:
     async def set_labels(self, device: str, set_: dict[str, str], remove: list[str]) -> dict[str, str]:
         """Set (``k=v``) and remove (``k``) labels of a device; returns its labels afterwards."""
         labels = await self.worker.run(self.store.set_labels, device, set_, remove, actor=current_actor.get())
+        await self.worker.run(self.schemas.labels_changed, device)  # other labels, maybe other schemas
         self.events.emit("labels_changed", device, labels=labels)
         return labels
 
@@ -85,12 +88,15 @@ class ServiceAPI:
                 raise DuplicateDevice(f"{device!r} is the admin identity's name; nothing was imported")
         secrets_by_id = await self.worker.run(self.store.add_devices, devices, actor=current_actor.get(),
                                               update=update)
+        if update and len(secrets_by_id) < len(devices):
+            await self.worker.run(self.schemas.recheck_all)  # labels of existing devices changed
         self.events.emit("devices_imported", None, count=len(secrets_by_id), updated=len(devices) - len(secrets_by_id))
         return secrets_by_id
 
     async def remove_device(self, device: str) -> None:
         """Store first, then the broker: the connection closed, the session and retained topics gone."""
         await self.worker.run(self.store.remove_device, device, actor=current_actor.get())
+        self.schemas.invalid.pop(device, None)
         await self.broker.kick(device)
         self.broker.forget(device)
         for topic in (self.topics.config(device), self.topics.presence(device), self.topics.device_presence(device)):
@@ -209,6 +215,9 @@ class ServiceAPI:
                 view = self.broker.session(d, now)
                 rep = DeviceReports(applied, applied_at, rejected, error)
                 row_sync = rep.sync(desired)
+                schema_error = self.schemas.invalid.get(d)
+                if schema_error is not None:
+                    row_sync = "invalid"  # its config breaks a schema in force (set with --force)
                 row_state = "online" if view.online else "quarantined" if view.quarantined_until else "offline"
                 if (state and row_state != state) or (sync and row_sync != sync) or (
                         conflict is not None and view.conflict != conflict):
@@ -221,7 +230,7 @@ class ServiceAPI:
                     "quarantined_until": iso(view.quarantined_until) if view.quarantined_until else None,
                     "applied_version": applied, "applied_at": _utc(applied_at), "sync": row_sync,
                     "error": error if row_sync == "rejected" else None, "rejected_version": rejected,
-                    "undeliverable": self.configs.undeliverable.get(d),
+                    "undeliverable": self.configs.undeliverable.get(d), "schema_error": schema_error,
                 })
                 if limit is not None and len(rows) >= limit:
                     return rows
@@ -234,14 +243,48 @@ class ServiceAPI:
         source, _ = await self.worker.run(self.store.status_source)
         now = time.time()
         out: dict[str, Any] = {"devices": len(source), "online": 0, "offline": 0, "quarantined": 0, "conflicts": 0,
-                               "sync": {"in_sync": 0, "pending": 0, "rejected": 0, "unknown": 0}}
+                               "sync": {"in_sync": 0, "pending": 0, "rejected": 0, "unknown": 0, "invalid": 0}}
         sync = out["sync"]
         for d, _, desired, applied, applied_at, rejected, error in source:
             view = self.broker.session(d, now)
             out["online" if view.online else "quarantined" if view.quarantined_until else "offline"] += 1
             out["conflicts"] += view.conflict
-            sync[DeviceReports(applied, applied_at, rejected, error).sync(desired)] += 1
+            sync["invalid" if d in self.schemas.invalid else
+                 DeviceReports(applied, applied_at, rejected, error).sync(desired)] += 1
         return out
+
+    # ---- schemas ---------------------------------------------------------------------------------
+
+    async def set_schema(self, labels: dict[str, str], document: Any, *, force: bool = False) -> dict[str, Any]:
+        """The JSON Schema (2020-12) every config of the devices with ``labels`` ({}: all) must
+        satisfy; refused if current configs break it, unless ``force`` (they show ``invalid``)."""
+        async with self.configs.schema_lock:
+            result = await self.worker.run(self.schemas.put, selector_of(labels), document, actor=current_actor.get(),
+                                           force=force)
+        self.events.emit("schema_set", None, schema=result["schema"], version=result["version"],
+                         invalid_devices=len(result["invalid_devices"]))
+        return result
+
+    async def remove_schema(self, labels: dict[str, str]) -> dict[str, Any]:
+        async with self.configs.schema_lock:
+            result = await self.worker.run(self.schemas.remove, selector_of(labels), actor=current_actor.get())
+        self.events.emit("schema_removed", None, schema=result["schema"], version=result["version"])
+        return result
+
+    async def list_schemas(self) -> list[dict[str, Any]]:
+        return await self.worker.run(self.schemas.listing)
+
+    async def get_schema(self, labels: dict[str, str], version: int | None = None) -> dict[str, Any]:
+        entry = await self.worker.run(self.schemas.get, selector_of(labels), version)
+        entry["created_at"] = _utc(entry["created_at"])
+        return entry
+
+    async def schema_history(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        selector = selector_of(labels)
+        entries = await self.worker.run(self.store.schema_history, selector)
+        if not entries:
+            raise ValidationFailed(f"no schema {display(selector)!r}")
+        return [e | {"schema": display(selector), "created_at": _utc(e["created_at"])} for e in entries]
 
     async def backup(self, target: str) -> dict[str, Any]:
         """A consistent copy of the store, written by the service (on its machine) to ``target``."""

@@ -36,6 +36,7 @@ from .events import EventListener, Events
 from .lock import DataDirLock
 from .presence import PresencePublisher, iso
 from .reports import Reports
+from .schemas import Schemas
 
 log = logging.getLogger("henge_mqtt.service")
 
@@ -91,7 +92,10 @@ class HengeService(ServiceAPI):
             self.presence = PresencePublisher(self.topics, broker, self.events, store.has_device)
             self.reports = Reports(self.worker, self.events, s.max_report_bytes,
                                    lambda d: broker.session(d, time.time()).online)
-            self.configs = Configs(self.worker, broker, self.topics, self.events, s.max_config_bytes)
+            self.schemas = Schemas(store)
+            await self.worker.run(self.schemas.load)
+            store.validate = self.schemas.check  # inside every transaction that stores a version
+            self.configs = Configs(self.worker, broker, self.topics, self.events, s.max_config_bytes, self.schemas)
             sessions = await self.worker.run(store.sessions)
             broker.seed_sessions(sessions)
             count = await self.configs.republish_all()

@@ -18,6 +18,7 @@ from ..ports import BrokerPort
 from ..store import StoreWorker
 from ..topics import Topics
 from .events import Events
+from .schemas import Schemas
 
 FIRST_CHUNK = 100
 MAX_CHUNK = 2000
@@ -49,8 +50,12 @@ def _fleet_payloads(rows: list[ConfigVersion], config: dict[str, Any]) -> list[t
 
 class Configs:
     def __init__(self, worker: StoreWorker, broker: BrokerPort, topics: Topics, events: Events,
-                 max_config_bytes: int) -> None:
+                 max_config_bytes: int, schemas: Schemas) -> None:
         self.worker = worker
+        self.schemas = schemas
+        # Held by a fleet push (checked once, stored in chunks) and by every schema change: a schema
+        # cannot change between the check and the last chunk.
+        self.schema_lock = asyncio.Lock()
         self.broker = broker
         self.topics = topics
         self.events = events
@@ -124,6 +129,15 @@ class Configs:
         for device in devices:
             if not store.has_device(device):
                 raise UnknownDevice(f"unknown device {device!r}; nothing was stored")
+        async with self.schema_lock:
+            return await self._push_many(devices, config, actor=actor, message=message, progress=progress,
+                                         force=force)
+
+    async def _push_many(self, devices: list[str], config: dict[str, Any], *, actor: str, message: str,
+                         progress: Progress | None,
+                         force: bool) -> tuple[list[ConfigVersion], list[asyncio.Future[None]]]:
+        store = self.worker.store
+        await self.worker.run(self.schemas.check_many, devices, config)
         rows: list[ConfigVersion] = []
         futures: list[asyncio.Future[None]] = []
         size, start = FIRST_CHUNK, 0
@@ -135,6 +149,7 @@ class Configs:
                                                                 skip_unchanged=not force),
                                                 config)
             )
+            self.schemas.stored(chunk)
             for i, (row, payload) in enumerate(stored, 1):
                 rows.append(row)
                 futures += self.publish(row, payload)

@@ -130,13 +130,15 @@ function filtered() {
 }
 
 function renderSummary() {
-  const c = { devices: 0, online: 0, offline: 0, quarantined: 0, in_sync: 0, pending: 0, rejected: 0, conflicts: 0 };
+  const c = { devices: 0, online: 0, offline: 0, quarantined: 0, in_sync: 0, pending: 0, rejected: 0, invalid: 0,
+    conflicts: 0 };
   for (const row of state.rows.values()) {
     c.devices++; c[row.state]++; if (row.sync in c) c[row.sync]++; if (row.conflict) c.conflicts++;
   }
   const items = [["devices", "Devices"], ["online", "Online"], ["offline", "Offline"], ["in_sync", "In sync"],
     ["pending", "Pending"], ["rejected", "Rejected"], ["conflicts", "Conflicts"]];
   if (c.quarantined) items.splice(3, 0, ["quarantined", "Quarantined"]);
+  if (c.invalid) items.splice(items.length - 1, 0, ["invalid", "Invalid"]);
   $("summary").replaceChildren(...items.map(([k, label]) => el("li", { id: `sum-${k}` }, el("b", { text: String(c[k]) }), label)));
 }
 
@@ -153,7 +155,8 @@ function render() {
     const tr = el("tr", { "data-device": row.device, "data-state": row.state, "data-sync": row.sync },
       el("td", {}, el("a", { href: `#/device/${encodeURIComponent(row.device)}`, text: row.device })),
       el("td", { class: `state-${row.state}`, text: row.state + (row.conflict ? " ⚠ conflict" : "") }),
-      el("td", { class: `sync-${row.sync}`, text: row.sync + (row.sync === "rejected" && row.error ? `: ${row.error}` : "") }),
+      el("td", { class: `sync-${row.sync}`, text: row.sync + (row.sync === "rejected" && row.error ? `: ${row.error}`
+        : row.sync === "invalid" && row.schema_error ? `: ${row.schema_error}` : "") }),
       el("td", { class: "version", text: version }),
       el("td", { class: "wide", text: age(row.since), title: row.since || "" }),
       el("td", { class: "wide", text: row.remote || "-" }),
@@ -183,7 +186,7 @@ function applyEvent(ev) {
       }
       break;
     case "config_published":
-      if (row) { row.desired_version = ev.data.version; row.sync = syncOf(row); row.error = null; }
+      if (row) { row.desired_version = ev.data.version; row.schema_error = null; row.sync = syncOf(row); row.error = null; }
       break;
     case "report":
       if (row) {
@@ -193,7 +196,7 @@ function applyEvent(ev) {
       }
       break;
     case "device_added": case "device_removed": case "labels_changed": case "devices_imported": case "fleet_push":
-    case "conflict": case "conflict_cleared": case "quarantine":
+    case "conflict": case "conflict_cleared": case "quarantine": case "schema_set": case "schema_removed":
       scheduleReload();
       break;
     default:
@@ -262,6 +265,7 @@ async function loadDevice(id) {
     ["Remote", s.remote || "-"], ["Desired version", s.desired_version || "-"], ["Sync", s.sync],
     ["Applied", s.applied_version ? `v${s.applied_version} at ${s.applied_at}` : "-"],
     ["Rejected", s.rejected_version ? `v${s.rejected_version}: ${s.error || ""}` : "-"],
+    ["Schema", s.schema_error ? `invalid: ${s.schema_error}` : "valid"],
     ["Labels", Object.entries(info.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "-"]];
   $("d-status").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: String(v), "data-fact": k })]));
   $("d-presence").replaceChildren(...(presence.changes.length ? presence.changes.map((e) =>

@@ -1,0 +1,250 @@
+"""Config schemas: JSON Schema 2020-12 documents that every config must satisfy before it is stored.
+
+One schema may hold for the whole fleet (selector ``""``, shown as ``fleet``) and one per label
+selector (``site=berlin,tier=edge``: every label must match). A device's config must satisfy
+every schema whose selector its labels match.
+
+The checks run on the store's thread, inside the transaction that would store the version (the
+store calls :meth:`Schemas.check` from ``_insert_version``), and schema changes run on that thread
+too: a push and a schema change can never interleave, so nothing a schema in force refuses is
+ever stored. The validator is python-jsonschema (``Draft202012Validator``): maintained, the
+reference implementation of the 2020-12 draft in Python, with JSON-pointer paths for every error.
+``format`` is an annotation, as the draft says by default: it is not asserted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from referencing import Registry
+from referencing.exceptions import Unresolvable
+
+from ..errors import InvalidSchema, SchemaViolation, ValidationFailed
+from ..ids import parse_labels
+from ..store import Store
+
+log = logging.getLogger("henge_mqtt.service")
+MAX_ERRORS_PER_CONFIG = 10
+
+
+def selector_of(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def parse_selector(name: str) -> dict[str, str]:
+    """``fleet`` or ``k=v,k2=v2`` (also given as repeated ``--label``) to labels."""
+    if name in ("", "fleet"):
+        return {}
+    try:
+        return parse_labels(name.split(","))
+    except ValueError as exc:
+        raise ValidationFailed(f"a schema is named fleet or by its labels (k=v,k2=v2): {exc}") from exc
+
+
+def display(selector: str) -> str:
+    return selector or "fleet"
+
+
+def pointer(path: Iterable[Any]) -> str:
+    """RFC 6901: ``/a/0/b~1c``."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    selector: str
+    labels: tuple[tuple[str, str], ...]
+    version: int
+    document: dict[str, Any]
+    validator: Draft202012Validator
+
+    @property
+    def name(self) -> str:
+        return f"{display(self.selector)}@{self.version}"
+
+    def applies(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.labels)
+
+
+def compile_schema(selector: str, version: int, document: Any) -> Compiled:
+    if not isinstance(document, dict):
+        raise InvalidSchema("a schema must be a JSON object")
+    declared = document.get("$schema")
+    if declared not in (None, "https://json-schema.org/draft/2020-12/schema"):
+        raise InvalidSchema(f"henge uses JSON Schema draft 2020-12; this document declares {declared!r}")
+    try:
+        Draft202012Validator.check_schema(document)
+    except SchemaError as exc:
+        raise InvalidSchema(f"not a valid JSON Schema 2020-12 document: {pointer(exc.absolute_path) or '/'}: "
+                            f"{exc.message}") from exc
+    remote = _remote_refs(document)
+    if remote:
+        raise InvalidSchema(f"{remote[0][0] or '/'}: $ref {remote[0][1]!r} points outside the document; henge "
+                            "fetches nothing over the network, so every $ref must start with #")
+    labels = tuple(sorted(parse_selector(selector).items()))
+    # An empty registry: a reference is resolved inside the document or not at all (no retrieval).
+    return Compiled(selector, labels, version, document, Draft202012Validator(document, registry=Registry()))
+
+
+def _remote_refs(node: Any, path: str = "") -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}/{str(key).replace('~', '~0').replace('/', '~1')}"
+            if key in ("$ref", "$dynamicRef") and isinstance(value, str) and not value.startswith("#"):
+                found.append((where, value))
+            found += _remote_refs(value, where)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _remote_refs(value, f"{path}/{i}")
+    return found
+
+
+class Schemas:
+    """The schemas in force and the devices whose current config breaks one (``invalid``).
+
+    Every method but :meth:`invalid_error` runs on the store's thread.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._active: dict[str, Compiled] = {}
+        self.invalid: dict[str, str] = {}  # device -> its first error, read by status on the loop
+
+    def load(self) -> None:
+        self._active = {sel: compile_schema(sel, v, doc) for sel, (v, doc) in self.store.schemas().items()}
+        self.recheck_all()
+
+    # ---- checks ----------------------------------------------------------------------------------
+
+    def applicable(self, labels: dict[str, str]) -> list[Compiled]:
+        return [c for c in self._active.values() if c.applies(labels)]
+
+    @staticmethod
+    def _errors(schemas: list[Compiled], config: dict[str, Any], device: str | None) -> list[dict[str, str]]:
+        found: list[dict[str, str]] = []
+        for compiled in schemas:
+            try:
+                errors = sorted(compiled.validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+            except Unresolvable as exc:  # a local $ref to nothing: the config cannot be shown valid
+                found.append({"schema": compiled.name, "pointer": "", "message": f"unresolvable $ref: {exc}"[:300]}
+                             | ({"device": device} if device else {}))
+                continue
+            for error in errors[:MAX_ERRORS_PER_CONFIG]:
+                found.append({"schema": compiled.name, "pointer": pointer(error.absolute_path),
+                              "message": error.message[:300]} | ({"device": device} if device else {}))
+        return found
+
+    def check(self, device: str, config: dict[str, Any]) -> None:
+        """The store's hook: raises before the version is inserted, and keeps ``invalid`` current."""
+        if not self._active:
+            self.invalid.pop(device, None)
+            return
+        errors = self._errors(self.applicable(self.store.labels_of(device)), config, None)
+        if errors:
+            raise SchemaViolation(errors)
+        self.invalid.pop(device, None)
+
+    def check_many(self, devices: list[str], config: dict[str, Any]) -> None:
+        """One config for many devices: checked once per distinct set of schemas, before anything is
+        stored; every device that would break a schema is named."""
+        if not self._active:
+            return
+        labels = self.store.labels_by_device(devices)
+        verdicts: dict[tuple[str, ...], list[dict[str, str]]] = {}
+        errors: list[dict[str, str]] = []
+        for device in devices:
+            schemas = self.applicable(labels.get(device, {}))
+            key = tuple(c.selector for c in schemas)
+            if key not in verdicts:
+                verdicts[key] = self._errors(schemas, config, None)
+            errors += [e | {"device": device} for e in verdicts[key]]
+        if errors:
+            raise SchemaViolation(errors, what="nothing was stored for any device")
+
+    def stored(self, devices: Iterable[str]) -> None:
+        """Versions that passed :meth:`check_many` were stored: those devices are valid now."""
+        for device in devices:
+            self.invalid.pop(device, None)
+
+    def labels_changed(self, device: str) -> None:
+        """New labels may bring new schemas: is the device's current config still valid?"""
+        if not self._active:
+            return
+        config = self.store.current_config(device)
+        if config is None:
+            return
+        errors = self._errors(self.applicable(self.store.labels_of(device)), config, None)
+        if errors:
+            self.invalid[device] = f"{errors[0]['pointer'] or '/'}: {errors[0]['message']} (schema {errors[0]['schema']})"
+        else:
+            self.invalid.pop(device, None)
+
+    # ---- changes ---------------------------------------------------------------------------------
+
+    def put(self, selector: str, document: Any, *, actor: str, force: bool) -> dict[str, Any]:
+        """Set the schema for ``selector``; refused if current configs break it, unless ``force``
+        (then those devices are ``invalid`` until a valid version is stored)."""
+        current = self._active.get(selector)
+        candidate = compile_schema(selector, (current.version if current else 0) + 1, document)
+        violations = self._violations([candidate])
+        if violations and not force:
+            raise SchemaViolation(
+                violations, what="the schema was not stored (henge schema set --force stores it anyway and marks "
+                                 "those devices invalid)")
+        version = self.store.put_schema(selector, document, actor=actor, forced=bool(violations))
+        history = self.store.schema_history(selector)
+        self._active[selector] = compile_schema(selector, version, history[-1]["document"])
+        self.recheck_all()
+        return {"schema": display(selector), "version": version,
+                "invalid_devices": sorted({v["device"] for v in violations})}
+
+    def remove(self, selector: str, *, actor: str) -> dict[str, Any]:
+        if selector not in self._active:
+            raise ValidationFailed(f"no schema {display(selector)!r} is in force")
+        version = self.store.put_schema(selector, None, actor=actor)
+        del self._active[selector]
+        self.recheck_all()
+        return {"schema": display(selector), "version": version, "removed": True}
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [{"schema": display(c.selector), "labels": dict(c.labels), "version": c.version}
+                for c in sorted(self._active.values(), key=lambda c: c.selector)]
+
+    def get(self, selector: str, version: int | None = None) -> dict[str, Any]:
+        history = self.store.schema_history(selector)
+        if not history:
+            raise ValidationFailed(f"no schema {display(selector)!r}")
+        if version is None:
+            entry = history[-1]
+        else:
+            found = [h for h in history if h["version"] == version]
+            if not found:
+                raise ValidationFailed(f"schema {display(selector)!r} has no version {version}")
+            entry = found[0]
+        return entry | {"schema": display(selector)}
+
+    def _violations(self, schemas: list[Compiled]) -> list[dict[str, str]]:
+        labels = self.store.labels_by_device()
+        found: list[dict[str, str]] = []
+        for device, config in self.store.current_configs():
+            applying = [c for c in schemas if c.applies(labels.get(device, {}))]
+            if applying:
+                found += self._errors(applying, config, device)
+        return found
+
+    def recheck_all(self) -> None:
+        invalid: dict[str, str] = {}
+        if self._active:
+            labels = self.store.labels_by_device()
+            for device, config in self.store.current_configs():
+                errors = self._errors(self.applicable(labels.get(device, {})), config, None)
+                if errors:
+                    e = errors[0]
+                    invalid[device] = f"{e['pointer'] or '/'}: {e['message']} (schema {e['schema']})"
+        self.invalid = invalid
