@@ -82,9 +82,9 @@ def test_layers_import_only_downwards() -> None:
     assert "henge_mqtt.store" not in cli, "the CLI talks to the service, never to the store"
     for module in MODULES:
         if module.startswith("henge_mqtt.http"):  # a thin client of the library API, like the CLI
-            allowed = ("henge_mqtt.http", "henge_mqtt.service.api", "henge_mqtt.service.auth", "henge_mqtt.service.schemas",
-                       "henge_mqtt.models",
-                       "henge_mqtt.ids", "henge_mqtt.errors", "henge_mqtt")
+            allowed = ("henge_mqtt.http", "henge_mqtt.service.api", "henge_mqtt.service.auth",
+                       "henge_mqtt.service.schemas", "henge_mqtt.models", "henge_mqtt.ids", "henge_mqtt.errors",
+                       "henge_mqtt")
             bad = {d for d in _ours(module) if not d.startswith(allowed) or d.startswith("henge_mqtt.store")
                    or d.startswith("henge_mqtt.server")}
             assert not bad, f"{module} (HTTP API) imports {sorted(bad)}"

@@ -91,6 +91,11 @@ def compile_schema(selector: str, version: int, document: Any) -> Compiled:
     return Compiled(selector, labels, version, document, Draft202012Validator(document, registry=Registry()))
 
 
+def _first(errors: list[dict[str, str]]) -> str:
+    e = errors[0]
+    return f"{e['pointer'] or '/'}: {e['message']} (schema {e['schema']})"
+
+
 def _remote_refs(node: Any, path: str = "") -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     if isinstance(node, dict):
@@ -181,7 +186,7 @@ class Schemas:
             return
         errors = self._errors(self.applicable(self.store.labels_of(device)), config, None)
         if errors:
-            self.invalid[device] = f"{errors[0]['pointer'] or '/'}: {errors[0]['message']} (schema {errors[0]['schema']})"
+            self.invalid[device] = _first(errors)
         else:
             self.invalid.pop(device, None)
 
@@ -245,6 +250,5 @@ class Schemas:
             for device, config in self.store.current_configs():
                 errors = self._errors(self.applicable(labels.get(device, {})), config, None)
                 if errors:
-                    e = errors[0]
-                    invalid[device] = f"{e['pointer'] or '/'}: {e['message']} (schema {e['schema']})"
+                    invalid[device] = _first(errors)
         self.invalid = invalid
