@@ -62,8 +62,8 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds t
 WaitTimeoutOpt = Annotated[float, typer.Option(
     "--timeout", min=0.1, help="Seconds to wait for the service (with --wait: for the device).")]
 WaitOpt = Annotated[bool, typer.Option(
-    "--wait", help="Wait until the device reports the version applied (exit 0) or rejected (exit 3); "
-    "exit 4 on timeout.")]
+    "--wait", help="Wait until the device (with --all/--label: every device) reports the version applied "
+    "(exit 0) or rejected (exit 3); exit 4 on timeout.")]
 
 T = TypeVar("T")
 
@@ -512,10 +512,10 @@ def push(
     if all_devices or label:
         if source is not None:
             fail("with --all or --label give only the FILE, no device id", 2)
-        if if_version is not None or wait or patch:
-            fail("--if-version, --patch and --wait apply to a single device", 2)
+        if if_version is not None or patch:
+            fail("--if-version and --patch apply to a single device", 2)
         _push_many(_read_config(target), all_devices, _labels(label), message, data, broker, as_json, timeout,
-                   force)
+                   force, wait)
         return
     if source is None:
         fail("missing FILE: henge push ID FILE|-", 2)
@@ -534,14 +534,19 @@ def push(
 
 
 def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str], message: str,
-               data: Path | None, broker: str | None, as_json: bool, timeout: float, force: bool) -> None:
+               data: Path | None, broker: str | None, as_json: bool, timeout: float, force: bool,
+               wait: bool) -> None:
     show = sys.stderr.isatty() and not as_json
 
     def progress(state: dict[str, Any]) -> None:
         if not show:
             return
-        if "acknowledged" in state:
-            done, total, what = state["acknowledged"], state["online"], "online devices acknowledged"
+        if "applied" in state:
+            done, total = state["applied"] + state["rejected"], state["devices"]
+            what = (f"devices reported ({state['rejected']} rejected)" if wait else
+                    f"delivered {state['delivered']}" if state.get("delivered") is not None else "published")
+            if not wait and state.get("delivered") is not None:
+                done, total, what = state["delivered"], state["online"], "online devices acknowledged"
         else:  # still storing and publishing, chunk by chunk
             done, total, what = state.get("stored", 0), state.get("of", 0), "devices stored and published"
         width = 30
@@ -553,17 +558,43 @@ def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str]
         from .client import AdminClient
 
         async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
-            return await client.call("push_many", wait=timeout, progress=progress, all=all_devices, labels=labels,
-                                     config=config, message=message, delivery_timeout=timeout, force=force)
+            args: dict[str, Any] = {"all": all_devices, "labels": labels, "config": config, "message": message,
+                                    "delivery_timeout": min(timeout, 30.0), "force": force}
+            if wait:
+                args["report_timeout"] = timeout
+            return await client.call("push_many", wait=timeout + min(timeout, 30.0) + 10, progress=progress, **args)
 
     result = _run(go())
     if show:
         sys.stderr.write("\n")
-    if not as_json:
-        result.pop("versions")
-    _emit(result, as_json, lambda r: f"stored a new version for {r['devices']} devices"
-          + (f" ({r['unchanged']} already had it)" if r.get("unchanged") else "")
-          + f"; {r['acknowledged']} of {r['online']} online devices acknowledged it")
+    if as_json:
+        _emit(result, True, str)
+    else:
+        typer.echo(fleet_lines(result, wait))
+    if wait and result["rejected"]:
+        raise typer.Exit(EXIT_REJECTED)
+    if wait and result["pending"]:
+        raise typer.Exit(EXIT_TIMEOUT)
+
+
+def fleet_lines(r: dict[str, Any], waited: bool) -> str:
+    """A fleet push's answer for people: counts, then the devices that need a look."""
+    lines = [f"stored a new version for {r['devices']} of {r['targeted']} devices"
+             + (f" ({r['unchanged']} already had it)" if r["unchanged"] else "")]
+    delivered = "" if r["delivered"] is None else f", {r['delivered']} delivered"
+    lines.append(f"{r['online']} online, {r['offline']} offline{delivered}; "
+                 f"{r['applied']} applied, {r['rejected']} rejected, {r['pending']} not reported yet")
+    for error, count in r["errors"].items():
+        lines.append(f"rejected by {count}: {error}")
+    for state, what in (("rejected", "rejected"), ("offline", "offline (they get it when they connect)"),
+                        ("silent", "online, no report yet")):
+        names = r["listed"][state]
+        if names and (state == "rejected" or waited):
+            more = r[{"rejected": "rejected"}.get(state, "pending")] - len(names) if state == "rejected" else 0
+            lines.append(f"{what}: {', '.join(names)}" + (f" and {more} more" if more > 0 else ""))
+    if waited and r["pending"]:
+        lines.append(f"timed out after {r['waited']:g} s with {r['pending']} devices not reported")
+    return "\n".join(lines)
 
 
 @app.command()

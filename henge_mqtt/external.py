@@ -54,6 +54,8 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
 class ExternalBroker(TableViews):
     """:class:`~henge_mqtt.ports.BrokerPort` over an MQTT client connection to an existing broker."""
 
+    observes_deliveries = False  # the broker acknowledges to us, devices to the broker
+
     def __init__(
         self,
         url: str,
@@ -151,8 +153,9 @@ class ExternalBroker(TableViews):
     # ---- what the service asks of a broker ---------------------------------------------------------
 
     def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False, track: bool = False,
-                props: dict[int, object] | None = None) -> list[asyncio.Future[None]]:
-        """Tracked futures say the broker took the message, not that a device has it: we cannot see that."""
+                props: dict[int, object] | None = None, for_device: str | None = None) -> list[asyncio.Future[None]]:
+        """Tracked futures say the broker took the message, not that a device has it: we cannot see
+        that, so with ``for_device`` there is no future at all (the device's report is the answer)."""
         if retain:
             if data:
                 self.retained[topic] = (data, qos)
@@ -162,7 +165,7 @@ class ExternalBroker(TableViews):
         if client is None:
             return []  # retained state goes out on the next connect; the rest had no one to reach
         task: asyncio.Future[Any] = self._tasks.spawn(client.publish(topic, data, qos=qos, retain=retain))
-        return [task] if track else []
+        return [task] if track and for_device is None else []
 
     def clear_retained(self, topic: str) -> None:
         self.publish(topic, b"", qos=1, retain=True)

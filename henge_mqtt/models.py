@@ -240,6 +240,7 @@ class PushManyArgs(Frozen):
     message: str = Field(default="", max_length=1024)
     delivery_timeout: float = Field(default=30.0, ge=0, le=3600)
     force: bool = False  # a new version also for devices already at this config
+    report_timeout: float | None = Field(default=None, gt=0, le=86400)  # then wait this long for every report
 
 
 class SchemaSetArgs(Frozen):

@@ -89,14 +89,19 @@ class BrokerPort(Protocol):
         ...
 
     def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False, track: bool = False,
-                props: dict[int, object] | None = None) -> list[asyncio.Future[None]]:
-        """Publish as the broker. With ``track``, one future per subscriber, done when it acknowledged.
+                props: dict[int, object] | None = None, for_device: str | None = None) -> list[asyncio.Future[None]]:
+        """Publish as the broker. With ``track``, one future per subscriber, done when it acknowledged;
+        with ``for_device`` too, only the future of that device's own current connection (none if it
+        is not connected and subscribed, or if the broker cannot tell, as an external one cannot).
 
         ``props``: MQTT 5.0 properties for 5.0 subscribers (e.g. a snapshot's content type).
         """
         ...
 
     def clear_retained(self, topic: str) -> None: ...
+
+    #: whether ``publish(..., for_device=...)`` can tell a device's own acknowledgement
+    observes_deliveries: bool
 
     def has_subscribers(self, topic: str) -> bool: ...
 

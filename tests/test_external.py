@@ -197,6 +197,41 @@ async def test_contract_reports_and_presence(fleet: Fleet, tmp_path: Path) -> No
     assert row["reason"] == "client_disconnect"
 
 
+async def test_contract_fleet_push_is_answered_in_devices(fleet: Fleet, tmp_path: Path) -> None:
+    """Counted per device, from the devices' reports: not broker acknowledgements (issue: in external
+    mode 3 devices with 1 online once answered `online: 3, acknowledged: 3`)."""
+    from henge_mqtt.device import Agent, ApplyFailed
+
+    secrets = {d: await fleet.add(d, {"v": 0}) for d in ("good", "bad", "away")}
+
+    async def accept(config: dict[str, Any]) -> None:
+        return None
+
+    async def refuse(config: dict[str, Any]) -> None:
+        if config.get("v") == 1:
+            raise ApplyFailed("v=1 is not supported here")
+
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(Agent("127.0.0.1", fleet.device_port, d, secrets[d], apply,
+                                       tmp_path / f"{d}.json").run(stop))
+             for d, apply in (("good", accept), ("bad", refuse))]
+    try:
+        for device in ("good", "bad"):
+            await wait_status(fleet, device, lambda r: r["online"] and r["sync"] == "in_sync")
+        result = await fleet.service.fleet_push({"v": 1}, all_devices=True, wait=3)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    counts = {k: result[k] for k in ("targeted", "devices", "online", "offline", "applied", "rejected", "pending")}
+    assert counts == {"targeted": 3, "devices": 3, "online": 2, "offline": 1, "applied": 1, "rejected": 1,
+                      "pending": 1}
+    assert result["delivered"] == (2 if fleet.mode == "embedded" else None)
+    assert result["listed"] == {"rejected": ["bad"], "offline": ["away"], "silent": []}
+    assert result["errors"] == {"v=1 is not supported here": 1}
+    assert result["per_device"]["good"] | {} == {"version": 2, "online": True, "report": "applied", "error": None,
+                                                 "delivered": True if fleet.mode == "embedded" else None}
+
+
 # ---- external mode only ---------------------------------------------------------------------------
 
 

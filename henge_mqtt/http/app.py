@@ -73,6 +73,7 @@ class FleetPush(BaseModel):
     message: str = Field(default="", max_length=1024)
     force: bool = False
     delivery_timeout: float = Field(default=10.0, ge=0, le=3600)
+    wait: float | None = Field(default=None, gt=0, le=3600)
 
 
 class BackupBody(BaseModel):
@@ -375,20 +376,15 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         return {"device": device, "cleared": await svc.clear_conflict(device)}
 
     @api.post("/push", **r("operator", **_body_doc(FleetPush)))
-    async def fleet_push(request: Request) -> dict[str, Any]:
-        """One config to every device (``all``) or to those with all the ``labels``."""
-        import asyncio
-
+    async def fleet_push(request: Request) -> JSONResponse:
+        """One config to every device (``all``) or to those with all the ``labels``, answered per device
+        (delivered, applied, rejected, offline); ``wait`` waits that long for every report."""
         body = parse_model(FleetPush, await read_json(request))
-        devices = await svc.select(all_devices=body.all, labels=body.labels or None)
-        rows, deliveries = await svc.push_many(devices, body.config, message=body.message, force=body.force)
-        if deliveries and body.delivery_timeout:
-            await asyncio.wait(deliveries, timeout=body.delivery_timeout)
-        acked = sum(1 for f in deliveries if f.done() and not f.cancelled() and f.exception() is None)
-        for future in deliveries:
-            future.cancel()
-        return {"devices": len(rows), "unchanged": len(devices) - len(rows), "online": len(deliveries),
-                "acknowledged": acked, "versions": {row.device: row.version for row in rows}}
+        result = await svc.fleet_push(body.config, all_devices=body.all, labels=body.labels or None,
+                                      message=body.message, force=body.force,
+                                      delivery_timeout=body.delivery_timeout, wait=body.wait)
+        status = 200 if not body.wait or result["pending"] == 0 else 202
+        return JSONResponse(result, status_code=status)
 
     @api.get("/audit", **r("viewer"))
     async def audit(device: DeviceId | None = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,

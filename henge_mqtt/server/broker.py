@@ -111,6 +111,8 @@ class Listener:
 class EmbeddedBroker(TableViews):
     """Implements :class:`~henge_mqtt.ports.BrokerPort` with henge's own MQTT server (3.1.1 and 5.0)."""
 
+    observes_deliveries = True  # every device's PUBACK reaches us
+
     def __init__(
         self,
         listeners: Iterable[Listener],
@@ -616,7 +618,8 @@ class EmbeddedBroker(TableViews):
     # ---- the port: what the service asks --------------------------------------------------------
 
     def publish(self, topic: str, data: bytes, *, qos: int = 1, retain: bool = False, track: bool = False,
-                props: codec.Props | None = None, origin: Connection | None = None) -> list[asyncio.Future[None]]:
+                props: codec.Props | None = None, origin: Connection | None = None,
+                for_device: str | None = None) -> list[asyncio.Future[None]]:
         """Route a message to its subscribers (and keep it, if retained). ``props``: its 5.0 properties
         (for 5.0 subscribers only); ``origin``: the connection it came from (for No Local)."""
         meta = meta_of(props, time.monotonic()) if props else None
@@ -628,7 +631,9 @@ class EmbeddedBroker(TableViews):
             if options & NO_LOCAL and conn is origin:
                 continue  # [MQTT-3.8.3-3]
             keep_retain = retain and bool(options & RETAIN_AS_PUBLISHED)
-            future = conn.deliver(topic, data, min(qos, options & 3), keep_retain, track, encoded)
+            mine = for_device is None or (conn.key == for_device and conn.principal is not None
+                                          and conn.principal.kind == "device")
+            future = conn.deliver(topic, data, min(qos, options & 3), keep_retain, track and mine, encoded)
             if future is not None:
                 futures.append(future)
         return futures

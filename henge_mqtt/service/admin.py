@@ -6,7 +6,6 @@ API: the CLI and an embedding application reach exactly the same code.
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import json
 import logging
@@ -84,10 +83,6 @@ def _version_dict(row: ConfigVersion, *, with_config: bool = True) -> dict[str, 
     if not with_config:
         data.pop("config")
     return data
-
-
-def _acked(futures: list[asyncio.Future[None]]) -> int:
-    return sum(1 for f in futures if f.done() and not f.cancelled() and f.exception() is None)
 
 
 async def _device_add(svc: HengeService, a: models.DeviceAddArgs, progress: Progress) -> Any:
@@ -169,31 +164,8 @@ async def _device_export(svc: HengeService, a: models.StatusArgs, progress: Prog
 
 
 async def _push_many(svc: HengeService, a: models.PushManyArgs, progress: Progress) -> Any:
-    loop = asyncio.get_running_loop()
-    received = loop.time()
-    first_published: list[float] = []
-
-    def stored(state: dict[str, Any]) -> None:  # after each chunk is durable and published
-        if not first_published:
-            first_published.append(loop.time() - received)
-        progress(state)
-
-    devices = await svc.select(all_devices=a.all, labels=a.labels)
-    rows, deliveries = await svc.push_many(devices, a.config, message=a.message, progress=stored, force=a.force)
-    published = loop.time() - received
-    total = len(deliveries)
-    pending: set[asyncio.Future[None]] = set(deliveries)
-    deadline = loop.time() + a.delivery_timeout
-    while pending and loop.time() < deadline:
-        _, pending = await asyncio.wait(pending, timeout=min(0.25, max(0.0, deadline - loop.time())))
-        progress({"stored": len(rows), "online": total, "acknowledged": _acked(deliveries)})
-    for future in pending:  # nobody will look at these again
-        future.cancel()
-    return {"devices": len(rows), "unchanged": len(devices) - len(rows), "online": total,
-            "acknowledged": _acked(deliveries),
-            "versions": {r.device: r.version for r in rows},
-            "timings_ms": {"first_published": round((first_published or [published])[0] * 1000, 1),
-                           "all_published": round(published * 1000, 1)}}
+    return await svc.fleet_push(a.config, all_devices=a.all, labels=dict(a.labels), message=a.message, force=a.force,
+                                delivery_timeout=a.delivery_timeout, wait=a.report_timeout, progress=progress)
 
 
 async def _audit(svc: HengeService, a: models.AuditArgs, progress: Progress) -> Any:

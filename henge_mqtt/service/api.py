@@ -20,9 +20,13 @@ from ..store import DeviceReports, Store, StoreWorker
 from ..topics import Topics
 from .configs import Configs, Progress
 from .events import Events
+from .fleet import FleetWatch
+from .fleet import answer as fleet_answer
 from .presence import iso
 from .reports import Reports
 from .schemas import Schemas, display, selector_of
+
+PROGRESS_KEYS = ("targeted", "devices", "online", "delivered", "applied", "rejected", "pending")
 
 # Who is acting: the admin identity of the request being served, else the embedding application.
 current_actor: contextvars.ContextVar[str] = contextvars.ContextVar("henge_actor", default="library")
@@ -156,11 +160,51 @@ class ServiceAPI:
 
     async def push_many(self, devices: list[str], config: dict[str, Any], *, message: str = "",
                         progress: Progress | None = None,
-                        force: bool = False) -> tuple[list[ConfigVersion], list[asyncio.Future[None]]]:
-        """The stored rows (not those already at this config, unless ``force``) and one future per
-        connected subscriber, done when it acknowledged."""
+                        force: bool = False) -> tuple[list[ConfigVersion], dict[str, asyncio.Future[None]]]:
+        """The stored rows (not those already at this config, unless ``force``) and, per connected
+        device, a future done when it acknowledged (none with an external broker)."""
         return await self.configs.push_many(devices, config, actor=current_actor.get(), message=message,
                                             progress=progress, force=force)
+
+    async def fleet_push(self, config: dict[str, Any], *, all_devices: bool = False,
+                         labels: dict[str, str] | None = None, message: str = "", force: bool = False,
+                         delivery_timeout: float = 10.0, wait: float | None = None,
+                         progress: Progress | None = None) -> dict[str, Any]:
+        """One config to many devices, answered per device: delivered (its own PUBACK), applied,
+        rejected (with errors), offline; with ``wait``, after waiting that long for every report."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first: list[float] = []
+
+        def stored(state: dict[str, Any]) -> None:
+            if not first:
+                first.append(loop.time() - started)
+            if progress is not None:
+                progress(state)
+
+        devices = await self.select(all_devices=all_devices, labels=labels)
+        watch = FleetWatch(self.reports, devices)
+        try:
+            rows, deliveries = await self.push_many(devices, config, message=message, progress=stored, force=force)
+            published = loop.time() - started
+            watch.stored(rows)
+            now = time.time()
+            online = {row.device for row in rows if self.broker.session(row.device, now).online}
+            observable = self.broker.observes_deliveries
+
+            def current() -> dict[str, Any]:
+                return fleet_answer(watch, devices, rows, deliveries, observable=observable, online_at_publish=online)
+
+            await watch.wait(deliveries, delivery_timeout=delivery_timeout, report_timeout=wait,
+                             progress=(lambda a: progress({k: a[k] for k in PROGRESS_KEYS})) if progress else None,
+                             answer=current)
+            result = current()
+        finally:
+            watch.close()
+        result["timings_ms"] = {"first_published": round((first or [published])[0] * 1000, 1),
+                                "all_published": round(published * 1000, 1)}
+        result["waited"] = wait
+        return result
 
     async def rollback(self, device: str, version: int, *, message: str = "") -> ConfigVersion:
         return await self.configs.rollback(device, version, actor=current_actor.get(), message=message)

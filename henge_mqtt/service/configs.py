@@ -75,10 +75,11 @@ class Configs:
             )
 
     def publish(self, row: ConfigVersion, payload: bytes | None = None) -> list[asyncio.Future[None]]:
+        """Retained to the device's config topic; the future (if any) is the device's own PUBACK."""
         data = payload if payload is not None else row.snapshot().to_payload()
         self.undeliverable.pop(row.device, None)  # set again, synchronously, if this one is too large too
         futures = self.broker.publish(self.topics.config(row.device), data, qos=1, retain=True, track=True,
-                                      props=snapshot_props(row))
+                                      props=snapshot_props(row), for_device=row.device)
         if self.on_delivery_started is not None:
             for future in futures:
                 self.on_delivery_started(future)
@@ -118,8 +119,9 @@ class Configs:
 
     async def push_many(self, devices: list[str], config: dict[str, Any], *, actor: str, message: str = "",
                         progress: Progress | None = None,
-                        force: bool = False) -> tuple[list[ConfigVersion], list[asyncio.Future[None]]]:
-        """One new version per device, stored and published chunk by chunk.
+                        force: bool = False) -> tuple[list[ConfigVersion], dict[str, asyncio.Future[None]]]:
+        """One new version per device, stored and published chunk by chunk; deliveries are the
+        devices' own PUBACKs (connected devices only; none with an external broker).
 
         Every id is checked before the first chunk, so a bad selection stores nothing; each chunk
         is one transaction, published as soon as it commits.
@@ -135,11 +137,11 @@ class Configs:
 
     async def _push_many(self, devices: list[str], config: dict[str, Any], *, actor: str, message: str,
                          progress: Progress | None,
-                         force: bool) -> tuple[list[ConfigVersion], list[asyncio.Future[None]]]:
+                         force: bool) -> tuple[list[ConfigVersion], dict[str, asyncio.Future[None]]]:
         store = self.worker.store
         await self.worker.run(self.schemas.check_many, devices, config)
         rows: list[ConfigVersion] = []
-        futures: list[asyncio.Future[None]] = []
+        futures: dict[str, asyncio.Future[None]] = {}
         size, start = FIRST_CHUNK, 0
         while start < len(devices):
             chunk = devices[start:start + size]
@@ -152,7 +154,8 @@ class Configs:
             self.schemas.stored(chunk)
             for i, (row, payload) in enumerate(stored, 1):
                 rows.append(row)
-                futures += self.publish(row, payload)
+                for future in self.publish(row, payload):
+                    futures[row.device] = future
                 if i % PUBLISH_SLICE == 0:
                     await asyncio.sleep(0)  # let other connections' packets in between slices
             size = min(size * 4, MAX_CHUNK)

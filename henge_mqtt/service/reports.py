@@ -49,6 +49,12 @@ class Reports:
         self.max_bytes = max_bytes
         self.is_online = is_online
         self._waiters: dict[str, set[_Waiter]] = {}
+        self._watchers: list[Callable[[str, Report], None]] = []
+
+    def watch(self, callback: Callable[[str, Report], None]) -> Callable[[], None]:
+        """``callback(device, report)`` for every recorded report; returns a remover."""
+        self._watchers.append(callback)
+        return lambda: self._watchers.remove(callback)
 
     def parse(self, device: str, payload: bytes) -> Report | int:
         """The report, or the 5.0 reason code to refuse it with (logged and counted): on the loop,
@@ -78,6 +84,8 @@ class Reports:
         self.events.emit("report", device, version=report.version, status=report.status, error=report.error)
         for waiter in list(self._waiters.get(device, ())):
             waiter.offer(report)
+        for watcher in list(self._watchers):
+            watcher(device, report)
 
     def _bad(self, device: str, why: str) -> None:
         self.events.count("reports_invalid")

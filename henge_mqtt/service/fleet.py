@@ -1,0 +1,122 @@
+"""The answer to a fleet push, counted in devices: who has the new version, who applied it, who
+rejected it (and why), who is offline.
+
+``delivered`` is a PUBACK from the device's own current connection (the embedded broker sees it;
+an external broker does not, so there it is ``None``). ``applied``/``rejected`` come from the
+devices' reports, in both modes alike, and are watched from before the first version is stored:
+a report cannot slip in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from ..models import ConfigVersion, Report
+from .reports import Reports
+
+Progress = Callable[[dict[str, Any]], None]
+MAX_LISTED = 50  # devices named per state in the answer's lists
+
+
+class FleetWatch:
+    def __init__(self, reports: Reports, devices: list[str]) -> None:
+        self.targets = set(devices)
+        self.versions: dict[str, int] = {}
+        self.reports: dict[str, Report] = {}
+        self.settled = asyncio.Event()
+        self._remove = reports.watch(self._on_report)
+
+    def close(self) -> None:
+        self._remove()
+
+    def _on_report(self, device: str, report: Report) -> None:
+        if device in self.targets:
+            self.reports[device] = report
+            if self.versions and self._all_settled():
+                self.settled.set()
+
+    def outcome(self, device: str) -> tuple[str | None, str | None]:
+        """``("applied"|"rejected"|None, error)`` for the device's new version."""
+        version = self.versions[device]
+        report = self.reports.get(device)
+        if report is None:
+            return None, None
+        if report.status == "applied" and report.version >= version:
+            return "applied", None
+        if report.status == "rejected" and report.version == version:
+            return "rejected", report.error
+        return None, None
+
+    def _all_settled(self) -> bool:
+        return all(self.outcome(d)[0] is not None for d in self.versions)
+
+    def stored(self, rows: list[ConfigVersion]) -> None:
+        self.versions = {row.device: row.version for row in rows}
+        if not self.versions or self._all_settled():
+            self.settled.set()
+
+    async def wait(self, deliveries: dict[str, asyncio.Future[None]], *, delivery_timeout: float,
+                   report_timeout: float | None, progress: Progress | None, answer: Callable[[], dict[str, Any]],
+                   ) -> None:
+        """Until every delivery is acknowledged (at most ``delivery_timeout``), then, with
+        ``report_timeout``, until every device reported its version (or that long)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delivery_timeout
+        pending: set[asyncio.Future[None]] = set(deliveries.values())
+        while pending and loop.time() < deadline:
+            _, pending = await asyncio.wait(pending, timeout=min(0.25, max(0.0, deadline - loop.time())))
+            if progress is not None:
+                progress(answer())
+        for future in pending:  # nobody will look at these again
+            future.cancel()
+        if report_timeout is None:
+            return
+        deadline = loop.time() + report_timeout
+        while not self.settled.is_set() and loop.time() < deadline:
+            with contextlib.suppress(TimeoutError):  # a progress tick, not a failure
+                await asyncio.wait_for(self.settled.wait(), min(0.5, max(0.0, deadline - loop.time())))
+            if progress is not None:
+                progress(answer())
+
+
+def answer(watch: FleetWatch, targeted: list[str], rows: list[ConfigVersion],
+           deliveries: dict[str, asyncio.Future[None]], *, observable: bool,
+           online_at_publish: set[str]) -> dict[str, Any]:
+    """Counts and, per state, the devices (at most ``MAX_LISTED`` named; ``--json`` has them all in
+    ``per_device``)."""
+    per_device: dict[str, dict[str, Any]] = {}
+    counts: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for device, version in watch.versions.items():
+        future = deliveries.get(device)
+        delivered = (future is not None and future.done() and not future.cancelled()
+                     and future.exception() is None) if observable else None
+        report, error = watch.outcome(device)
+        online = device in online_at_publish
+        per_device[device] = {"version": version, "online": online, "delivered": delivered, "report": report,
+                              "error": error}
+        counts["online" if online else "offline"] += 1
+        counts["delivered"] += bool(delivered)
+        counts[report or "pending"] += 1
+        if error is not None:
+            errors[error] += 1
+    listed: dict[str, list[str]] = {"rejected": [], "offline": [], "silent": []}
+    for device in sorted(per_device):
+        v = per_device[device]
+        state = "rejected" if v["report"] == "rejected" else None if v["report"] else (
+            "silent" if v["online"] else "offline")
+        if state is not None and len(listed[state]) < MAX_LISTED:
+            listed[state].append(device)
+    return {
+        "targeted": len(targeted), "devices": len(rows), "unchanged": len(targeted) - len(rows),
+        "online": counts["online"], "offline": counts["offline"],
+        "delivered": counts["delivered"] if observable else None,
+        "acknowledged": counts["delivered"] if observable else None,  # the name before 'delivered'
+        "applied": counts["applied"], "rejected": counts["rejected"], "pending": counts["pending"],
+        "errors": dict(errors.most_common(20)), "listed": listed, "per_device": per_device,
+        "versions": dict(watch.versions),
+    }

@@ -1,0 +1,93 @@
+"""`henge push --all/--label [--wait]` answers in devices (docs/rollouts.md#fleet-answers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from henge_mqtt.device import Agent, ApplyFailed
+
+from .conftest import Running, henge_cli, wait_status
+
+
+@pytest.fixture
+async def agents(running: Running, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
+    """ok-1 and ok-2 apply anything; picky rejects {"mode": "fast"}; away is never connected."""
+
+    async def accept(config: dict[str, Any]) -> None:
+        return None
+
+    async def picky(config: dict[str, Any]) -> None:
+        if config.get("mode") == "fast":
+            raise ApplyFailed("mode fast needs firmware 2")
+
+    secrets = {}
+    for device, site in (("ok-1", "a"), ("ok-2", "a"), ("picky", "b"), ("away", "b")):
+        secrets[device] = await running.service.add_device(device, {"site": site})
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(Agent("127.0.0.1", running.port, d, secrets[d], apply, tmp_path / f"{d}.json")
+                                 .run(stop)) for d, apply in (("ok-1", accept), ("ok-2", accept), ("picky", picky))]
+    for device in ("ok-1", "ok-2", "picky"):
+        await wait_status(running, device, lambda r: r["online"])
+    try:
+        yield secrets
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def push(running: Running, tmp_path: Path, config: dict[str, Any], *args: str) -> tuple[int, str, str]:
+    cfg = tmp_path / "fleet.json"
+    cfg.write_text(json.dumps(config))
+    result = await asyncio.to_thread(henge_cli, "push", *args, str(cfg), "--data", str(running.data_dir))
+    return result.returncode, result.stdout, result.stderr
+
+
+async def test_wait_exits_0_when_every_device_applied(running: Running, agents: dict[str, str],
+                                                      tmp_path: Path) -> None:
+    code, out, err = await push(running, tmp_path, {"mode": "slow"}, "--label", "site=a", "--wait", "--timeout", "10")
+    assert code == 0, err
+    assert "stored a new version for 2 of 2 devices" in out
+    assert "2 online, 0 offline, 2 delivered; 2 applied, 0 rejected, 0 not reported yet" in out
+
+
+async def test_wait_exits_3_on_a_rejection_and_names_it(running: Running, agents: dict[str, str],
+                                                         tmp_path: Path) -> None:
+    code, out, _ = await push(running, tmp_path, {"mode": "fast"}, "--all", "--wait", "--timeout", "3", "--json")
+    assert code == 3
+    result = json.loads(out)
+    assert {k: result[k] for k in ("online", "offline", "delivered", "applied", "rejected", "pending")} == {
+        "online": 3, "offline": 1, "delivered": 3, "applied": 2, "rejected": 1, "pending": 1}
+    assert result["per_device"]["picky"]["error"] == "mode fast needs firmware 2"
+    assert result["listed"]["offline"] == ["away"]
+    code, out, _ = await push(running, tmp_path, {"mode": "fast", "n": 2}, "--all", "--wait", "--timeout", "3")
+    assert code == 3
+    assert "rejected by 1: mode fast needs firmware 2" in out and "rejected: picky" in out
+    assert "offline (they get it when they connect): away" in out
+
+
+async def test_wait_exits_4_when_a_device_does_not_report(running: Running, agents: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    code, out, _ = await push(running, tmp_path, {"mode": "slow"}, "--all", "--wait", "--timeout", "2")
+    assert code == 4
+    assert "3 applied, 0 rejected, 1 not reported yet" in out
+    assert "timed out after 2 s with 1 devices not reported" in out
+
+
+async def test_without_wait_the_answer_counts_devices_not_subscribers(running: Running, tmp_path: Path) -> None:
+    """A client that only listens (mosquitto_sub with the device's identity) has the version
+    delivered; it is not counted as applied."""
+    secret = await running.service.add_device("listener")
+    await running.service.add_device("gone")
+    async with running.device_client("listener", secret) as listener:
+        await listener.subscribe("henge/devices/listener/config", qos=1)
+        code, out, err = await push(running, tmp_path, {"x": 1}, "--all", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert {k: result[k] for k in ("targeted", "online", "offline", "delivered", "applied", "pending")} == {
+        "targeted": 2, "online": 1, "offline": 1, "delivered": 1, "applied": 0, "pending": 2}
