@@ -12,6 +12,7 @@ The tree (``code`` in parentheses is what the admin protocol and the CLI's ``--j
     ├── UnknownDevice (unknown_device)
     ├── DuplicateDevice (duplicate_device)
     ├── UnknownVersion (unknown_version)
+    ├── UnknownLayer (unknown_layer)
     ├── VersionConflict (version_conflict): .device, .expected, .current
     ├── WaitTimeout (timeout)
     ├── StoreError (store_error)
@@ -80,6 +81,10 @@ class DuplicateDevice(HengeError):
 
 class UnknownVersion(HengeError):
     code = "unknown_version"
+
+
+class UnknownLayer(HengeError):
+    code = "unknown_layer"
 
 
 class VersionConflict(HengeError):

@@ -58,21 +58,25 @@ class Frozen(BaseModel):
 class Snapshot(Frozen):
     """What a device receives, retained, on its config topic."""
 
+    model_config = ConfigDict(frozen=True, extra="ignore")  # a newer service may add fields
+
     device: DeviceId
     version: int = Field(ge=1)
     sha256: str
     issued_at: str
     config: dict[str, Any]
+    layers: list[str] = Field(default_factory=list)  # name@version of every layer that made the config
 
     def to_payload(self) -> bytes:
         return self.model_dump_json().encode()
 
     @staticmethod
-    def fast_payload(device: str, version: int, sha256: str, issued_at: str, config_json: str) -> bytes:
+    def fast_payload(device: str, version: int, sha256: str, issued_at: str, config_json: str,
+                     layers_json: str = "[]") -> bytes:
         """The same document as :meth:`to_payload`, for a fleet push: the config is serialized once
         (``config_json``), not validated and dumped again for each of 10,000 devices."""
         return (f'{{"device":{json.dumps(device)},"version":{version},"sha256":"{sha256}",'
-                f'"issued_at":"{issued_at}","config":{config_json}}}').encode()
+                f'"issued_at":"{issued_at}","config":{config_json},"layers":{layers_json}}}').encode()
 
 
 class ConfigVersion(Frozen):
@@ -85,6 +89,13 @@ class ConfigVersion(Frozen):
     message: str = ""
     created_at: datetime
     actor: str
+    # The device's own layer at this version, when layers made ``config`` differ from it.
+    own: dict[str, Any] | None = None
+    layers: list[str] = Field(default_factory=list)  # name@version of the layers merged into config
+
+    @property
+    def device_layer(self) -> dict[str, Any]:
+        return self.own if self.own is not None else self.config
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
@@ -93,6 +104,7 @@ class ConfigVersion(Frozen):
             sha256=self.sha256,
             issued_at=rfc3339(self.created_at),
             config=self.config,
+            layers=self.layers,
         )
 
 

@@ -35,6 +35,7 @@ from .errors import (
     DuplicateToken,
     StoreError,
     UnknownDevice,
+    UnknownLayer,
     UnknownToken,
     UnknownVersion,
     ValidationFailed,
@@ -127,7 +128,25 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (selector, version)
     );
 """,
+    """
+    ALTER TABLE config_versions ADD COLUMN own TEXT;          -- the device layer, when it differs from config
+    ALTER TABLE config_versions ADD COLUMN layers TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE layers (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        selector TEXT NOT NULL DEFAULT '{}',
+        priority INTEGER NOT NULL DEFAULT 0,
+        content TEXT,                    -- NULL: removed at this version
+        message TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    """,
 ]
+
+VERSION_COLUMNS = "device, version, config, sha256, message, created_at, actor, own, layers"
+FLEET_LAYER = "fleet"
 
 ROLES = ("viewer", "operator", "admin")  # each can do what the ones before it can
 
@@ -143,6 +162,47 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """A config layer in force: the fleet's (``name == "fleet"``) or a label layer."""
+
+    name: str
+    version: int
+    selector: dict[str, str]
+    priority: int
+    content: dict[str, Any]
+    message: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def applies(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.selector.items())
+
+
+def explain(chain: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
+    """Which layer of ``chain`` (merged in order, RFC 7396) set each leaf of the result: ``{pointer: layer}``."""
+    owner: dict[str, str] = {}
+
+    def walk(patch: dict[str, Any], base: str, layer: str) -> None:
+        for key, value in patch.items():
+            where = f"{base}/{str(key).replace('~', '~0').replace('/', '~1')}"
+            for known in [k for k in owner if k == where or k.startswith(where + "/")]:
+                if not isinstance(value, dict) or known == where:
+                    del owner[known]  # replaced or removed, with everything under it
+            if isinstance(value, dict):
+                walk(value, where, layer)
+                if not value:
+                    owner[where] = layer
+            elif value is not None:
+                owner[where] = layer
+
+    for layer, content in chain:
+        walk(content, "", layer)
+    return owner
 
 
 def hash_secret(secret: str) -> str:
@@ -219,6 +279,9 @@ class Store:
         # Called with (device, config) before any version is inserted, inside the transaction; the
         # service sets it to the schema check, so nothing a schema refuses is ever stored.
         self.validate: Callable[[str, dict[str, Any]], None] | None = None
+        # The same check for many versions at once: [(device, labels, config)], all or none.
+        self.validate_many: Callable[[list[tuple[str, dict[str, str], dict[str, Any]]]], None] | None = None
+        self._layers: dict[str, Layer] = self._load_layers()
         # HTTP API tokens by id: (digest, role, name), checked on the loop for every request.
         self._tokens: dict[str, tuple[bytes, str, str]] = {
             i: (_digest(h), role, name) for i, name, role, h in
@@ -446,12 +509,13 @@ class Store:
             if if_version is not None and if_version != current:
                 raise VersionConflict(device, expected=if_version, current=current)
             now = self.get_version(device, current) if current else None
-            if patch is not None:
-                config = merge_patch(now.config if now else {}, patch)
+            if patch is not None:  # a patch of the device's own layer
+                config = merge_patch(now.device_layer if now else {}, patch)
                 if not isinstance(config, dict):
                     raise ValidationFailed("the patch must leave a JSON object; nothing was stored")
             assert config is not None
-            if now is not None and now.sha256 == config_sha256(config):
+            effective, _ = self.effective(self.labels_of(device), config)
+            if now is not None and now.sha256 == config_sha256(effective):
                 return now, False
             row = self._insert_version(device, config, actor=actor, message=message, if_version=None)
             self._audit(actor, "push", device, {"version": row.version, "sha256": row.sha256, "message": message})
@@ -461,57 +525,53 @@ class Store:
         self, devices: list[str], config: dict[str, Any], *, actor: str, message: str = "",
         skip_unchanged: bool = False,
     ) -> list[ConfigVersion]:
-        """One new version for each device, stored in one transaction (the service calls it per chunk);
-        with ``skip_unchanged``, none for a device whose current content is this config already."""
+        """``config`` as the device layer of each device, one new version each, stored in one
+        transaction (the service calls it per chunk); with ``skip_unchanged``, none for a device
+        whose current config is what it would get."""
         for device in devices:
             if device not in self._hashes:
                 raise UnknownDevice(f"unknown device {device!r}")
-        sha = config_sha256(config)
-        text = json.dumps(config, ensure_ascii=False)
         created = utc_now()
+        plain = config_sha256(config)
+        merged: dict[tuple[str, ...], tuple[dict[str, Any], list[str], str]] = {}  # one merge per layer set
         with self._tx():
-            current: dict[str, int] = {}
-            same: set[str] = set()
-            for start in range(0, len(devices), 500):
-                part = devices[start:start + 500]
-                marks = ",".join("?" * len(part))
-                for device, version, device_sha in self._db.execute(
-                    "SELECT v.device, v.version, v.sha256 FROM config_versions v JOIN (SELECT device, "
-                    f"MAX(version) AS m FROM config_versions WHERE device IN ({marks}) GROUP BY device) x "
-                    "ON x.device = v.device AND x.m = v.version", part):
-                    current[device] = version
-                    if skip_unchanged and device_sha == sha:
-                        same.add(device)
-            devices = [d for d in devices if d not in same]
-            rows = [
-                ConfigVersion.model_construct(
-                    device=d, version=current.get(d, 0) + 1, config=config, sha256=sha, message=message,
-                    created_at=created, actor=actor,
-                )
-                for d in devices
-            ]
-            self._db.executemany(
-                "INSERT INTO config_versions (device, version, config, sha256, message, created_at, actor) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(r.device, r.version, text, sha, message, _ts(created), actor) for r in rows],
-            )
-            self._audit(actor, "push_many", None, {"devices": len(rows), "sha256": sha, "message": message})
+            current = self._current_rows(devices)
+            labels = self.labels_by_device(devices)
+            rows = []
+            for device in devices:
+                applied = self.layers_for(labels.get(device, {}))
+                key = tuple(layer.ref for layer in applied)
+                if key not in merged:
+                    effective, used = self.merge_layers(applied, config)
+                    merged[key] = (effective, used, config_sha256(effective) if used else plain)
+                effective, used, digest = merged[key]
+                version, _, _, sha = current.get(device, (0, None, None, None))
+                if skip_unchanged and sha == digest:
+                    continue
+                rows.append(ConfigVersion.model_construct(
+                    device=device, version=version + 1, config=effective, sha256=digest, message=message,
+                    created_at=created, actor=actor, own=config if used else None, layers=used))
+            self._insert_rows(rows)
+            self._audit(actor, "push_many", None, {"devices": len(rows), "sha256": plain, "message": message})
         return rows
 
     def _insert_version(
         self,
         device: str,
-        config: dict[str, Any],
+        own: dict[str, Any],
         *,
         actor: str,
         message: str,
         if_version: int | None,
     ) -> ConfigVersion:
+        """A new version whose device layer is ``own``; its config is ``own`` over the layers in
+        force for the device (checked against the schemas before it is inserted)."""
         if device not in self._hashes:
             raise UnknownDevice(f"unknown device {device!r}")
         current = self._current_version(device)
         if if_version is not None and if_version != current:
             raise VersionConflict(device, expected=if_version, current=current)
+        config, used = self.effective(self.labels_of(device), own)
         if self.validate is not None:
             self.validate(device, config)
         row = ConfigVersion(
@@ -522,21 +582,25 @@ class Store:
             message=message,
             created_at=utc_now(),
             actor=actor,
+            own=own if used else None,
+            layers=used,
         )
-        self._db.execute(
-            "INSERT INTO config_versions (device, version, config, sha256, message, created_at, actor) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                row.device,
-                row.version,
-                json.dumps(config, ensure_ascii=False),
-                row.sha256,
-                message,
-                _ts(row.created_at),
-                actor,
-            ),
-        )
+        self._insert_rows([row])
         return row
+
+    def _insert_rows(self, rows: list[ConfigVersion]) -> None:
+        texts: dict[str, str] = {}  # one serialization per distinct config (a fleet push shares one)
+        values = []
+        for r in rows:
+            text = texts.get(r.sha256)
+            if text is None:
+                text = texts[r.sha256] = json.dumps(r.config, ensure_ascii=False)
+            values.append((r.device, r.version, text, r.sha256, r.message, _ts(r.created_at), r.actor,
+                           json.dumps(r.own, ensure_ascii=False) if r.own is not None else None,
+                           json.dumps(r.layers)))
+        self._db.executemany(
+            "INSERT INTO config_versions (device, version, config, sha256, message, created_at, actor, own, layers) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
 
     def _current_version(self, device: str) -> int:
         row = self._db.execute(
@@ -552,8 +616,7 @@ class Store:
             if version == 0:
                 raise UnknownVersion(f"device {device!r} has no config yet")
         row = self._db.execute(
-            "SELECT device, version, config, sha256, message, created_at, actor FROM config_versions "
-            "WHERE device = ? AND version = ?",
+            f"SELECT {VERSION_COLUMNS} FROM config_versions WHERE device = ? AND version = ?",
             (device, version),
         ).fetchone()
         if row is None:
@@ -564,8 +627,7 @@ class Store:
         if device not in self._hashes:
             raise UnknownDevice(f"unknown device {device!r}")
         rows = self._db.execute(
-            "SELECT device, version, config, sha256, message, created_at, actor FROM config_versions "
-            "WHERE device = ? ORDER BY version",
+            f"SELECT {VERSION_COLUMNS} FROM config_versions WHERE device = ? ORDER BY version",
             (device,),
         )
         return [self._version(row) for row in rows]
@@ -574,13 +636,13 @@ class Store:
         with self._tx():
             old = self.get_version(device, version)
             note = message or f"rollback to version {version}"
-            row = self._insert_version(device, old.config, actor=actor, message=note, if_version=None)
+            row = self._insert_version(device, old.device_layer, actor=actor, message=note, if_version=None)
             self._audit(actor, "rollback", device, {"to_content_of": version, "version": row.version})
             return row
 
     def current_versions(self) -> Iterator[ConfigVersion]:
         rows = self._db.execute(
-            "SELECT v.device, v.version, v.config, v.sha256, v.message, v.created_at, v.actor "
+            "SELECT v.device, v.version, v.config, v.sha256, v.message, v.created_at, v.actor, v.own, v.layers "
             "FROM config_versions v JOIN (SELECT device, MAX(version) AS version FROM config_versions "
             "GROUP BY device) m ON m.device = v.device AND m.version = v.version ORDER BY v.device"
         )
@@ -597,6 +659,8 @@ class Store:
             message=row[4],
             created_at=_parse_ts(row[5]),
             actor=row[6],
+            own=json.loads(row[7]) if row[7] is not None else None,
+            layers=json.loads(row[8]),
         )
 
     # ---- session epochs ----------------------------------------------------------------------
@@ -739,6 +803,168 @@ class Store:
         if expected is None:
             return False
         return hmac.compare_digest(hashlib.sha256(secret.encode()).digest(), expected)
+
+    # ---- layers ------------------------------------------------------------------------------
+
+    def _load_layers(self) -> dict[str, Layer]:
+        out: dict[str, Layer] = {}
+        for name, version, selector, priority, content, message in self._db.execute(
+                "SELECT l.name, l.version, l.selector, l.priority, l.content, l.message FROM layers l JOIN "
+                "(SELECT name, MAX(version) AS m FROM layers GROUP BY name) x ON x.name = l.name AND x.m = l.version"):
+            if content is not None:
+                out[name] = Layer(name, version, json.loads(selector), priority, json.loads(content), message)
+        return out
+
+    def layers(self) -> dict[str, Layer]:
+        return dict(self._layers)
+
+    def layers_for(self, labels: dict[str, str], layers: dict[str, Layer] | None = None) -> list[Layer]:
+        """The layers that apply to a device with ``labels``, in merge order: the fleet's, then label
+        layers by priority (lowest first) and name."""
+        layers = self._layers if layers is None else layers
+        fleet = [layer for layer in layers.values() if layer.name == FLEET_LAYER]
+        rest = sorted((layer for layer in layers.values() if layer.name != FLEET_LAYER and layer.applies(labels)),
+                      key=lambda layer: (layer.priority, layer.name))
+        return fleet + rest
+
+    @staticmethod
+    def merge_layers(applied: list[Layer], own: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        if not applied:
+            return own, []  # no layer: the device layer is the config exactly as given
+        config: dict[str, Any] = {}
+        for layer in applied:
+            config = merge_patch(config, layer.content)
+        config = merge_patch(config, own)
+        return config, [layer.ref for layer in applied] + ["device"]
+
+    def effective(self, labels: dict[str, str], own: dict[str, Any],
+                  layers: dict[str, Layer] | None = None) -> tuple[dict[str, Any], list[str]]:
+        """``(config, layers used)``: the layers for ``labels`` merged in order, then ``own``."""
+        return self.merge_layers(self.layers_for(labels, layers), own)
+
+    def _current_rows(self, devices: list[str]) -> dict[str, tuple[int, str | None, str, str]]:
+        """``{device: (version, own json, config json, sha256)}`` of the current versions."""
+        out: dict[str, tuple[int, str | None, str, str]] = {}
+        for start in range(0, len(devices), 500):
+            part = devices[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for device, version, own, config, sha in self._db.execute(
+                    "SELECT v.device, v.version, v.own, v.config, v.sha256 FROM config_versions v JOIN "
+                    f"(SELECT device, MAX(version) AS m FROM config_versions WHERE device IN ({marks}) GROUP BY device) x "
+                    "ON x.device = v.device AND x.m = v.version", part):
+                out[device] = (version, own, config, sha)
+        return out
+
+    def _refresh(self, devices: list[str], layers: dict[str, Layer], *, actor: str,
+                 message: str) -> list[ConfigVersion]:
+        """Inside a transaction: a new version for each device whose config under ``layers`` differs
+        from its current one (a device without a version gets one if a layer applies to it); every
+        new config is checked against the schemas first, all or none."""
+        current = self._current_rows(devices)
+        labels = self.labels_by_device(devices)
+        created = utc_now()
+        rows: list[ConfigVersion] = []
+        for device in devices:
+            version, own_text, config_text, sha = current.get(device, (0, None, None, None))
+            text = own_text if own_text is not None else config_text
+            own = json.loads(text) if version and text is not None else {}
+            effective, used = self.effective(labels.get(device, {}), own, layers)
+            if not version and not used:
+                continue
+            digest = config_sha256(effective)
+            if digest == sha:
+                continue
+            rows.append(ConfigVersion.model_construct(
+                device=device, version=version + 1, config=effective, sha256=digest, message=message,
+                created_at=created, actor=actor, own=own if used else None, layers=used))
+        if rows and self.validate_many is not None:
+            self.validate_many([(r.device, labels.get(r.device, {}), r.config) for r in rows])
+        self._insert_rows(rows)
+        return rows
+
+    def refresh(self, devices: list[str], *, actor: str, message: str) -> list[ConfigVersion]:
+        """New versions for devices whose labels (or existence) changed what layers give them."""
+        if not self._layers:
+            return []
+        with self._tx():
+            rows = self._refresh(devices, self._layers, actor=actor, message=message)
+            if rows:
+                self._audit(actor, "layers.apply", None, {"devices": len(rows), "reason": message})
+        return rows
+
+    def set_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str = "",
+                  selector: dict[str, str] | None = None, priority: int | None = None,
+                  ) -> tuple[int, list[ConfigVersion]]:
+        """A new version of layer ``name`` (``content`` None: removed) and, in the same transaction, a
+        new device version for exactly the devices whose config it changes."""
+        if name == FLEET_LAYER and selector:
+            raise ValidationFailed("the fleet layer applies to every device: it takes no labels")
+        before = self._layers.get(name)
+        if content is None and before is None:
+            raise UnknownLayer(f"no layer {name!r} is in force")
+        if content is not None and name != FLEET_LAYER and selector is None and before is None:
+            raise ValidationFailed(f"a new layer needs its labels (--label k=v), or use the name {FLEET_LAYER!r}")
+        sel = selector if selector is not None else (before.selector if before else {})
+        prio = priority if priority is not None else (before.priority if before else 0)
+        candidate = dict(self._layers)
+        with self._tx():
+            row = self._db.execute("SELECT MAX(version) FROM layers WHERE name = ?", (name,)).fetchone()
+            version = int(row[0] or 0) + 1
+            self._db.execute(
+                "INSERT INTO layers (name, version, selector, priority, content, message, created_at, actor) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, version, json.dumps(sel, sort_keys=True), prio,
+                 json.dumps(content, sort_keys=True) if content is not None else None, message, _ts(utc_now()), actor))
+            if content is None:
+                candidate.pop(name, None)
+            else:
+                candidate[name] = Layer(name, version, sel, prio, content, message)
+            rows = self._refresh(sorted(self._hashes), candidate, actor=actor,
+                                 message=message or f"layer {name}@{version}")
+            self._audit(actor, "layer.remove" if content is None else "layer.set", None,
+                        {"layer": name, "version": version, "labels": sel, "priority": prio, "devices": len(rows)})
+        self._layers = candidate
+        return version, rows
+
+    def layer_history(self, name: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT version, selector, priority, content, message, created_at, actor FROM layers WHERE name = ? "
+            "ORDER BY version", (name,)).fetchall()
+        if not rows:
+            raise UnknownLayer(f"no layer {name!r}")
+        return [{"layer": name, "version": v, "labels": json.loads(sel), "priority": prio,
+                 "content": json.loads(c) if c is not None else None, "removed": c is None, "message": msg,
+                 "created_at": at, "actor": actor} for v, sel, prio, c, msg, at, actor in rows]
+
+    def explain(self, device: str, version: int | None = None) -> list[dict[str, Any]]:
+        """Per leaf of the device's config: its JSON pointer, value and the layer that set it."""
+        row = self.get_version(device, version)
+        chain: list[tuple[str, dict[str, Any]]] = []
+        for ref in row.layers:
+            if ref == "device":
+                continue
+            name, _, number = ref.rpartition("@")
+            found = self._db.execute("SELECT content FROM layers WHERE name = ? AND version = ?",
+                                     (name, int(number))).fetchone()
+            if found and found[0] is not None:
+                chain.append((ref, json.loads(found[0])))
+        chain.append(("device", row.device_layer))
+        owner = explain(chain) if row.layers else {}
+        leaves: list[dict[str, Any]] = []
+
+        def walk(value: Any, where: str) -> None:
+            if isinstance(value, dict) and value:
+                for key, item in value.items():
+                    walk(item, f"{where}/{str(key).replace('~', '~0').replace('/', '~1')}")
+            else:
+                layer = owner.get(where)
+                if layer is None:  # set inside an object a higher layer replaced, or no layers at all
+                    layer = next((owner[k] for k in sorted(owner, key=len, reverse=True)
+                                  if where.startswith(k + "/")), "device")
+                leaves.append({"pointer": where, "value": value, "layer": layer})
+
+        walk(row.config, "")
+        return leaves
 
     # ---- schemas -----------------------------------------------------------------------------
 

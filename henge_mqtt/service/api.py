@@ -12,7 +12,14 @@ from datetime import datetime
 from typing import Any
 
 from .. import models
-from ..errors import DuplicateDevice, InvalidDeviceId, ServiceUnavailable, UnknownDevice, ValidationFailed
+from ..errors import (
+    DuplicateDevice,
+    InvalidDeviceId,
+    ServiceUnavailable,
+    UnknownDevice,
+    UnknownVersion,
+    ValidationFailed,
+)
 from ..models import ConfigVersion, Device, rfc3339
 from ..ports import BrokerPort, KickResult
 from ..settings import Settings
@@ -71,13 +78,20 @@ class ServiceAPI:
             raise DuplicateDevice(f"{device!r} is the admin identity's name; choose another id")
         secret = await self.worker.run(self.store.add_device, device, labels, actor=current_actor.get())
         self.events.emit("device_added", device)
+        await self._apply_layers([device], "a new device gets its layers")
         return secret
+
+    async def _apply_layers(self, devices: list[str], why: str) -> None:
+        """New versions for devices whose layers changed (new devices, new labels), published."""
+        rows = await self.worker.run(self.store.refresh, devices, actor=current_actor.get(), message=why)
+        await self.configs.publish_rows(rows, event="layers_applied", reason=why)
 
     async def set_labels(self, device: str, set_: dict[str, str], remove: list[str]) -> dict[str, str]:
         """Set (``k=v``) and remove (``k``) labels of a device; returns its labels afterwards."""
         labels = await self.worker.run(self.store.set_labels, device, set_, remove, actor=current_actor.get())
         await self.worker.run(self.schemas.labels_changed, device)  # other labels, maybe other schemas
         self.events.emit("labels_changed", device, labels=labels)
+        await self._apply_layers([device], "labels changed")
         return labels
 
     async def import_devices(self, devices: list[tuple[str, dict[str, str]]], *,
@@ -94,6 +108,7 @@ class ServiceAPI:
                                               update=update)
         if update and len(secrets_by_id) < len(devices):
             await self.worker.run(self.schemas.recheck_all)  # labels of existing devices changed
+        await self._apply_layers([d for d, _ in devices], "devices imported")
         self.events.emit("devices_imported", None, count=len(secrets_by_id), updated=len(devices) - len(secrets_by_id))
         return secrets_by_id
 
@@ -296,6 +311,60 @@ class ServiceAPI:
             sync["invalid" if d in self.schemas.invalid else
                  DeviceReports(applied, applied_at, rejected, error).sync(desired)] += 1
         return out
+
+    # ---- layers ----------------------------------------------------------------------------------
+
+    async def set_layer(self, name: str, content: dict[str, Any], *, labels: dict[str, str] | None = None,
+                        priority: int | None = None, message: str = "") -> dict[str, Any]:
+        """A new version of a layer (``fleet``, or a label layer with ``labels`` and ``priority``); in
+        the same transaction a new version for exactly the devices whose config changes, then published."""
+        self.configs.check_size(content)
+        async with self.configs.schema_lock:
+            version, rows = await self.worker.run(self.store.set_layer, name, content, actor=current_actor.get(),
+                                                  message=message, selector=labels, priority=priority)
+        await self.configs.publish_rows(rows, event="layer_applied", layer=name, version=version)
+        self.events.emit("layer_set", None, layer=name, version=version, devices=len(rows))
+        return {"layer": name, "version": version, "devices": len(rows),
+                "versions": {row.device: row.version for row in rows}}
+
+    async def remove_layer(self, name: str, *, message: str = "") -> dict[str, Any]:
+        async with self.configs.schema_lock:
+            version, rows = await self.worker.run(self.store.set_layer, name, None, actor=current_actor.get(),
+                                                  message=message)
+        await self.configs.publish_rows(rows, event="layer_applied", layer=name, version=version)
+        self.events.emit("layer_removed", None, layer=name, version=version, devices=len(rows))
+        return {"layer": name, "version": version, "removed": True, "devices": len(rows)}
+
+    async def rollback_layer(self, name: str, version: int, *, message: str = "") -> dict[str, Any]:
+        """The layer's content (and labels, priority) of ``version``, as a new version."""
+        history = await self.layer_history(name)
+        old = next((h for h in history if h["version"] == version), None)
+        if old is None or old["content"] is None:
+            raise UnknownVersion(f"layer {name!r} has no version {version} with content")
+        return await self.set_layer(name, old["content"], labels=old["labels"], priority=old["priority"],
+                                    message=message or f"rollback to version {version}")
+
+    async def list_layers(self) -> list[dict[str, Any]]:
+        layers = await self.worker.run(self.store.layers)
+        ordered = self.store.layers_for({}, layers)[:1] + sorted(
+            (layer for name, layer in layers.items() if name != "fleet"), key=lambda layer: (layer.priority, layer.name))
+        return [{"layer": layer.name, "version": layer.version, "labels": layer.selector, "priority": layer.priority,
+                 "message": layer.message} for layer in ordered]
+
+    async def layer_history(self, name: str) -> list[dict[str, Any]]:
+        entries = await self.worker.run(self.store.layer_history, name)
+        return [e | {"created_at": _utc(e["created_at"])} for e in entries]
+
+    async def get_layer(self, name: str, version: int | None = None) -> dict[str, Any]:
+        history = await self.layer_history(name)
+        entry = history[-1] if version is None else next((h for h in history if h["version"] == version), None)
+        if entry is None:
+            raise UnknownVersion(f"layer {name!r} has no version {version}")
+        return entry
+
+    async def explain(self, device: str, version: int | None = None) -> list[dict[str, Any]]:
+        """Per leaf of the device's config: which layer set it."""
+        return await self.worker.run(self.store.explain, device, version)
 
     # ---- schemas ---------------------------------------------------------------------------------
 

@@ -95,6 +95,7 @@ class HengeService(ServiceAPI):
             self.schemas = Schemas(store)
             await self.worker.run(self.schemas.load)
             store.validate = self.schemas.check  # inside every transaction that stores a version
+            store.validate_many = self.schemas.check_each
             self.configs = Configs(self.worker, broker, self.topics, self.events, s.max_config_bytes, self.schemas)
             sessions = await self.worker.run(store.sessions)
             broker.seed_sessions(sessions)

@@ -39,13 +39,25 @@ def _payloads(rows: list[ConfigVersion]) -> list[tuple[ConfigVersion, bytes]]:
     return [(row, row.snapshot().to_payload()) for row in rows]
 
 
-def _fleet_payloads(rows: list[ConfigVersion], config: dict[str, Any]) -> list[tuple[ConfigVersion, bytes]]:
-    """One config for many devices: serialized once, and the snapshot wrapped around it per device."""
+def _fleet_payloads(rows: list[ConfigVersion]) -> list[tuple[ConfigVersion, bytes]]:
+    """Many versions that mostly share a config (a fleet push, a layer change): each distinct config
+    serialized once, and the snapshot wrapped around it per device."""
     if not rows:
         return []
-    config_json = json.dumps(config, ensure_ascii=False, separators=(",", ":"))
-    issued = rfc3339(rows[0].created_at)
-    return [(row, Snapshot.fast_payload(row.device, row.version, row.sha256, issued, config_json)) for row in rows]
+    texts: dict[str, str] = {}
+    layer_texts: dict[tuple[str, ...], str] = {}
+    out = []
+    for row in rows:
+        text = texts.get(row.sha256)
+        if text is None:
+            text = texts[row.sha256] = json.dumps(row.config, ensure_ascii=False, separators=(",", ":"))
+        key = tuple(row.layers)
+        layers = layer_texts.get(key)
+        if layers is None:
+            layers = layer_texts[key] = json.dumps(row.layers, separators=(",", ":"))
+        out.append((row, Snapshot.fast_payload(row.device, row.version, row.sha256, rfc3339(row.created_at), text,
+                                               layers)))
+    return out
 
 
 class Configs:
@@ -148,8 +160,7 @@ class Configs:
             start += len(chunk)
             stored = await self.worker.run(
                 lambda c=chunk: _fleet_payloads(store.push_many(c, config, actor=actor, message=message,  # type: ignore[misc]
-                                                                skip_unchanged=not force),
-                                                config)
+                                                                skip_unchanged=not force))
             )
             self.schemas.stored(chunk)
             for i, (row, payload) in enumerate(stored, 1):
@@ -164,6 +175,20 @@ class Configs:
         self.events.count("pushes", len(rows))
         self.events.emit("fleet_push", None, devices=len(rows), sha256=rows[0].sha256 if rows else None)
         return rows, futures
+
+    async def publish_rows(self, rows: list[ConfigVersion], *, event: str, **data: Any) -> None:
+        """Versions stored together (a layer change, labels that changed what layers give): each
+        published, a slice at a time so other connections' packets get in between."""
+        if not rows:
+            return
+        payloads = await self.worker.run(_fleet_payloads, rows)
+        for i, (row, payload) in enumerate(payloads, 1):
+            self.publish(row, payload)
+            if i % PUBLISH_SLICE == 0:
+                await asyncio.sleep(0)
+        self.schemas.stored(row.device for row in rows)
+        self.events.count("pushes", len(rows))
+        self.events.emit(event, None, devices=len(rows), **data)
 
     async def republish_all(self) -> int:
         """The store is the truth: every current version goes out retained again on start."""

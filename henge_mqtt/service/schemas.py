@@ -156,21 +156,36 @@ class Schemas:
         self.invalid.pop(device, None)
 
     def check_many(self, devices: list[str], config: dict[str, Any]) -> None:
-        """One config for many devices: checked once per distinct set of schemas, before anything is
-        stored; every device that would break a schema is named."""
+        """One device layer for many devices (a fleet push): each device's resulting config, checked
+        once per distinct set of layers and schemas, before anything is stored; every device that
+        would break a schema is named."""
         if not self._active:
             return
         labels = self.store.labels_by_device(devices)
-        verdicts: dict[tuple[str, ...], list[dict[str, str]]] = {}
+        verdicts: dict[tuple[tuple[str, ...], tuple[str, ...]], list[dict[str, str]]] = {}
         errors: list[dict[str, str]] = []
         for device in devices:
-            schemas = self.applicable(labels.get(device, {}))
-            key = tuple(c.selector for c in schemas)
+            have = labels.get(device, {})
+            layers = self.store.layers_for(have)
+            schemas = self.applicable(have)
+            key = (tuple(layer.ref for layer in layers), tuple(c.selector for c in schemas))
             if key not in verdicts:
-                verdicts[key] = self._errors(schemas, config, None)
+                effective, _ = self.store.merge_layers(layers, config)
+                verdicts[key] = self._errors(schemas, effective, None)
             errors += [e | {"device": device} for e in verdicts[key]]
         if errors:
             raise SchemaViolation(errors, what="nothing was stored for any device")
+
+    def check_each(self, items: list[tuple[str, dict[str, str], dict[str, Any]]]) -> None:
+        """The store's hook for many new versions at once (a layer change): all pass or none is stored."""
+        if not self._active:
+            return
+        errors: list[dict[str, str]] = []
+        for device, labels, config in items:
+            errors += self._errors(self.applicable(labels), config, device)
+        if errors:
+            raise SchemaViolation(errors, what="nothing was stored for any device")
+        self.stored(device for device, _, _ in items)
 
     def stored(self, devices: Iterable[str]) -> None:
         """Versions that passed :meth:`check_many` were stored: those devices are valid now."""
