@@ -601,12 +601,19 @@ def fleet_lines(r: dict[str, Any], waited: bool) -> str:
 def get(
     device: str,
     version: Annotated[int | None, typer.Option("--version", min=1, help="Default: the current one.")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Per key, the layer that set it.")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
     """Print a config version (the config itself; --json for the whole record)."""
     args: dict[str, Any] = {"device": device}
     if version is not None:
         args["version"] = version
+    if explain:
+        leaves = _call(data, broker, timeout, "explain", **args)
+        people = [{"key": leaf["pointer"] or "/", "value": json.dumps(leaf["value"]), "layer": leaf["layer"]}
+                  for leaf in leaves]
+        _emit(leaves, as_json, lambda _: _table(people, ["key", "value", "layer"]) if people else "(empty config)")
+        return
     result = _call(data, broker, timeout, "get", **args)
     _emit(result, as_json, lambda r: json.dumps(r["config"], indent=2, sort_keys=True))
 
@@ -912,6 +919,101 @@ def audit(
     for row in rows:
         row["details"] = " ".join(f"{k}={v}" for k, v in sorted(row["summary"].items()))
     _emit(rows, as_json, lambda r: _table(r, ["at", "actor", "action", "device", "details"]))
+
+
+layer_app = typer.Typer(no_args_is_help=True, help="Config layers: the fleet's, and per label (docs/rollouts.md).")
+app.add_typer(layer_app, name="layer")
+LayerArg = Annotated[str, typer.Argument(metavar="NAME", help="fleet, or a label layer's name.")]
+
+
+@layer_app.command("set")
+def layer_set(
+    name: LayerArg,
+    source: Annotated[str, typer.Argument(metavar="FILE|-", help="The layer: a JSON object merged (RFC 7396) "
+                                          "over the layers below it.")],
+    label: Annotated[list[str] | None, typer.Option("--label", help="k=v, repeatable: the devices it applies to "
+                                                    "(a new label layer needs at least one; default: unchanged).")]
+    = None,
+    priority: Annotated[int | None, typer.Option("--priority", min=-1000, max=1000, help="Label layers merge "
+                                                 "lowest first (then by name); default 0 or unchanged.")] = None,
+    message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
+) -> None:
+    """Set a layer; every device whose config changes gets a new version, in one transaction."""
+    args: dict[str, Any] = {"name": name, "content": _read_config(source, what="layer"), "message": message}
+    if label:
+        args["labels"] = _labels(label)
+    if priority is not None:
+        args["priority"] = priority
+    result = _call(data, broker, timeout, "layer.set", **args)
+    if not as_json:
+        result.pop("versions")
+    _emit(result, as_json, lambda r: f"layer {r['layer']} is at version {r['version']}; "
+          f"{r['devices']} device(s) got a new version")
+
+
+@layer_app.command("get")
+def layer_get(name: LayerArg, version: Annotated[int | None, typer.Option("--version", min=1)] = None,
+              data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+              timeout: TimeoutOpt = 10.0) -> None:
+    """Print a layer's content (the current version unless --version)."""
+    args: dict[str, Any] = {"name": name} | ({"version": version} if version else {})
+    result = _call(data, broker, timeout, "layer.get", **args)
+    if result["content"] is None and not as_json:
+        fail(f"layer {name} was removed at version {result['version']}")
+    _emit(result, as_json, lambda r: json.dumps(r["content"], indent=2, sort_keys=True))
+
+
+@layer_app.command("list")
+def layer_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+               timeout: TimeoutOpt = 10.0) -> None:
+    """The layers in force, in merge order (the device's own layer comes last)."""
+    rows = _call(data, broker, timeout, "layer.list")
+    people = [{"layer": r["layer"], "version": r["version"],
+               "priority": r["priority"] if r["layer"] != "fleet" else "-",
+               "labels": ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "(all)"} for r in rows]
+    _emit(rows, as_json, lambda _: _table(people, ["layer", "version", "priority", "labels"]) if rows else "no layers")
+
+
+@layer_app.command("history")
+def layer_history(name: LayerArg, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                  timeout: TimeoutOpt = 10.0) -> None:
+    """Every version of a layer, removals included."""
+    rows = _call(data, broker, timeout, "layer.history", name=name)
+    people = [{"version": r["version"], "at": r["created_at"], "by": r["actor"],
+               "change": "removed" if r["removed"] else "set", "message": r["message"]} for r in rows]
+    _emit(rows, as_json, lambda _: _table(people, ["version", "at", "by", "change", "message"]))
+
+
+@layer_app.command("diff")
+def layer_diff(name: LayerArg, a: int, b: int, data: DataOpt = None, broker: BrokerOpt = None,
+               as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0) -> None:
+    """Unified diff between two versions of a layer; exits 1 when they differ, like diff(1)."""
+    result = _call(data, broker, timeout, "layer.diff", name=name, a=a, b=b)
+    _emit(result, as_json, lambda r: r["diff"] or "(no difference)")
+    if not result["same"]:
+        raise typer.Exit(1)
+
+
+@layer_app.command("rollback")
+def layer_rollback(name: LayerArg, version: int, message: Annotated[str, typer.Option("-m", "--message")] = "",
+                   data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                   timeout: TimeoutOpt = 60.0) -> None:
+    """A layer's older version (content, labels, priority) as its new version."""
+    result = _call(data, broker, timeout, "layer.rollback", name=name, version=version, message=message)
+    if not as_json:
+        result.pop("versions")
+    _emit(result, as_json, lambda r: f"layer {r['layer']} is at version {r['version']}; "
+          f"{r['devices']} device(s) got a new version")
+
+
+@layer_app.command("remove")
+def layer_remove(name: LayerArg, message: Annotated[str, typer.Option("-m", "--message")] = "",
+                 data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                 timeout: TimeoutOpt = 60.0) -> None:
+    """Stop applying a layer (its history stays); devices whose config changes get a new version."""
+    result = _call(data, broker, timeout, "layer.remove", name=name, message=message)
+    _emit(result, as_json, lambda r: f"layer {r['layer']} removed; {r['devices']} device(s) got a new version")
 
 
 schema_app = typer.Typer(no_args_is_help=True, help="JSON Schemas every config must satisfy (docs/rollouts.md).")

@@ -266,6 +266,34 @@ class SchemaRefArgs(Frozen):
     version: int | None = Field(default=None, ge=1)
 
 
+LayerName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class LayerSetArgs(Frozen):
+    name: LayerName
+    content: ConfigObject
+    labels: dict[str, str] | None = None  # None: keep the layer's labels (a new label layer needs some)
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
+    message: str = Field(default="", max_length=1024)
+
+
+class LayerRefArgs(Frozen):
+    name: LayerName
+    version: int | None = Field(default=None, ge=1)
+    message: str = Field(default="", max_length=1024)
+
+
+class LayerDiffArgs(Frozen):
+    name: LayerName
+    a: int = Field(ge=1)
+    b: int = Field(ge=1)
+
+
+class ExplainArgs(Frozen):
+    device: DeviceId
+    version: int | None = Field(default=None, ge=1)
+
+
 class TokenCreateArgs(Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     role: Literal["viewer", "operator", "admin"]

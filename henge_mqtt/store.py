@@ -184,24 +184,34 @@ class Layer:
 
 
 def explain(chain: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
-    """Which layer of ``chain`` (merged in order, RFC 7396) set each leaf of the result: ``{pointer: layer}``."""
+    """Which layer of ``chain`` (merged in order, RFC 7396) set each value of the result:
+    ``{pointer: layer}`` (an object belongs to the layer that created it)."""
     owner: dict[str, str] = {}
 
-    def walk(patch: dict[str, Any], base: str, layer: str) -> None:
+    def drop(where: str) -> None:
+        for known in [k for k in owner if k == where or k.startswith(where + "/")]:
+            del owner[known]
+
+    def apply(target: dict[str, Any], patch: dict[str, Any], base: str, layer: str) -> None:
         for key, value in patch.items():
             where = f"{base}/{str(key).replace('~', '~0').replace('/', '~1')}"
-            for known in [k for k in owner if k == where or k.startswith(where + "/")]:
-                if not isinstance(value, dict) or known == where:
-                    del owner[known]  # replaced or removed, with everything under it
-            if isinstance(value, dict):
-                walk(value, where, layer)
-                if not value:
+            if value is None:
+                target.pop(key, None)
+                drop(where)
+            elif isinstance(value, dict):
+                if not isinstance(target.get(key), dict):
+                    drop(where)
+                    target[key] = {}
                     owner[where] = layer
-            elif value is not None:
+                apply(target[key], value, where, layer)
+            else:
+                drop(where)
+                target[key] = value
                 owner[where] = layer
 
+    result: dict[str, Any] = {}
     for layer, content in chain:
-        walk(content, "", layer)
+        apply(result, content, "", layer)
     return owner
 
 
@@ -850,7 +860,8 @@ class Store:
             marks = ",".join("?" * len(part))
             for device, version, own, config, sha in self._db.execute(
                     "SELECT v.device, v.version, v.own, v.config, v.sha256 FROM config_versions v JOIN "
-                    f"(SELECT device, MAX(version) AS m FROM config_versions WHERE device IN ({marks}) GROUP BY device) x "
+                    f"(SELECT device, MAX(version) AS m FROM config_versions WHERE device IN ({marks}) "
+                    "GROUP BY device) x "
                     "ON x.device = v.device AND x.m = v.version", part):
                 out[device] = (version, own, config, sha)
         return out

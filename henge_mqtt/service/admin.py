@@ -213,6 +213,47 @@ async def _schema_remove(svc: HengeService, a: models.SchemaRefArgs, progress: P
     return await svc.remove_schema(dict(a.labels))
 
 
+async def _layer_set(svc: HengeService, a: models.LayerSetArgs, progress: Progress) -> Any:
+    return await svc.set_layer(a.name, dict(a.content), labels=dict(a.labels) if a.labels is not None else None,
+                               priority=a.priority, message=a.message)
+
+
+async def _layer_get(svc: HengeService, a: models.LayerRefArgs, progress: Progress) -> Any:
+    return await svc.get_layer(a.name, a.version)
+
+
+async def _layer_list(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
+    return await svc.list_layers()
+
+
+async def _layer_history(svc: HengeService, a: models.LayerRefArgs, progress: Progress) -> Any:
+    return await svc.layer_history(a.name)
+
+
+async def _layer_diff(svc: HengeService, a: models.LayerDiffArgs, progress: Progress) -> Any:
+    old, new = await svc.get_layer(a.name, a.a), await svc.get_layer(a.name, a.b)
+    lines = difflib.unified_diff(
+        json.dumps(old["content"], indent=2, sort_keys=True).splitlines(),
+        json.dumps(new["content"], indent=2, sort_keys=True).splitlines(),
+        fromfile=f"{a.name}@{a.a}", tofile=f"{a.name}@{a.b}", lineterm="")
+    return {"diff": "\n".join(lines), "same": old["content"] == new["content"] and old["labels"] == new["labels"]
+            and old["priority"] == new["priority"]}
+
+
+async def _layer_rollback(svc: HengeService, a: models.LayerRefArgs, progress: Progress) -> Any:
+    if a.version is None:
+        raise ValidationFailed("give the version to roll the layer back to")
+    return await svc.rollback_layer(a.name, a.version, message=a.message)
+
+
+async def _layer_remove(svc: HengeService, a: models.LayerRefArgs, progress: Progress) -> Any:
+    return await svc.remove_layer(a.name, message=a.message)
+
+
+async def _explain(svc: HengeService, a: models.ExplainArgs, progress: Progress) -> Any:
+    return await svc.explain(a.device, a.version)
+
+
 def _unknown(device: str) -> UnknownDevice:
     return UnknownDevice(f"unknown device {device!r}")
 
@@ -238,6 +279,14 @@ OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any, Progress], An
     "device.export": (models.StatusArgs, _device_export),
     "push_many": (models.PushManyArgs, _push_many),
     "clear_conflict": (models.DeviceRefArgs, _clear_conflict),
+    "layer.set": (models.LayerSetArgs, _layer_set),
+    "layer.get": (models.LayerRefArgs, _layer_get),
+    "layer.list": (models.StatusArgs, _layer_list),
+    "layer.history": (models.LayerRefArgs, _layer_history),
+    "layer.diff": (models.LayerDiffArgs, _layer_diff),
+    "layer.rollback": (models.LayerRefArgs, _layer_rollback),
+    "layer.remove": (models.LayerRefArgs, _layer_remove),
+    "explain": (models.ExplainArgs, _explain),
     "schema.set": (models.SchemaSetArgs, _schema_set),
     "schema.get": (models.SchemaRefArgs, _schema_get),
     "schema.list": (models.StatusArgs, _schema_list),

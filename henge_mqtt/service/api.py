@@ -347,7 +347,8 @@ class ServiceAPI:
     async def list_layers(self) -> list[dict[str, Any]]:
         layers = await self.worker.run(self.store.layers)
         ordered = self.store.layers_for({}, layers)[:1] + sorted(
-            (layer for name, layer in layers.items() if name != "fleet"), key=lambda layer: (layer.priority, layer.name))
+            (layer for name, layer in layers.items() if name != "fleet"),
+            key=lambda layer: (layer.priority, layer.name))
         return [{"layer": layer.name, "version": layer.version, "labels": layer.selector, "priority": layer.priority,
                  "message": layer.message} for layer in ordered]
 

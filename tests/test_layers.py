@@ -1,0 +1,202 @@
+"""Config layers (docs/rollouts.md#layers): fleet, then label layers, then the device's own, merged
+with RFC 7396; versioned; a layer change stores exactly the devices whose config changes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from henge_mqtt.errors import SchemaViolation, UnknownLayer, ValidationFailed
+from henge_mqtt.store import explain, merge_patch
+
+from .conftest import Running, henge_cli, next_message, payload_json
+
+
+async def config_of(running: Running, device: str) -> dict[str, Any]:
+    return (await running.service.get_version(device)).config
+
+
+async def versions(running: Running, device: str) -> list[int]:
+    return [v.version for v in await running.service.history(device)]
+
+
+async def test_layers_merge_in_order_and_only_changed_devices_get_versions(running: Running) -> None:
+    svc = running.service
+    for device, labels in (("b1", {"site": "berlin"}), ("b2", {"site": "berlin", "tier": "edge"}),
+                           ("p1", {"site": "paris"})):
+        await svc.add_device(device, labels)
+    await svc.push("b1", {"port": 9000, "debug": None})  # null in the device layer removes a key below it
+    fleet = await svc.set_layer("fleet", {"port": 80, "log": {"level": "info", "file": "/var/log/x"}, "debug": True})
+    assert fleet["devices"] == 3 and fleet["version"] == 1
+    assert await config_of(running, "p1") == {"port": 80, "log": {"level": "info", "file": "/var/log/x"},
+                                              "debug": True}
+    assert await config_of(running, "b1") == {"port": 9000, "log": {"level": "info", "file": "/var/log/x"}}
+    berlin = await svc.set_layer("berlin", {"log": {"level": "debug"}}, labels={"site": "berlin"}, priority=10)
+    assert berlin["devices"] == 2 and set(berlin["versions"]) == {"b1", "b2"}
+    edge = await svc.set_layer("edge", {"log": {"level": "warn", "file": None}}, labels={"tier": "edge"}, priority=20)
+    assert edge["devices"] == 1
+    b2 = await svc.get_version("b2")
+    assert b2.config == {"port": 80, "log": {"level": "warn"}, "debug": True}
+    assert b2.layers == ["fleet@1", "berlin@1", "edge@1", "device"]
+    assert b2.snapshot().layers == b2.layers
+    # A layer change that does not change a device's config gives it no version.
+    p1_before = await versions(running, "p1")
+    again = await svc.set_layer("berlin", {"log": {"level": "debug"}, "extra": None}, message="same effect")
+    assert again["devices"] == 0 and await versions(running, "p1") == p1_before
+    # Equal priorities: ordered by name.
+    await svc.set_layer("aaa", {"x": "a"}, labels={"site": "paris"}, priority=5)
+    await svc.set_layer("bbb", {"x": "b"}, labels={"site": "paris"}, priority=5)
+    assert (await config_of(running, "p1"))["x"] == "b"
+
+
+async def test_no_layers_no_change(running: Running) -> None:
+    """Without layers a config is stored exactly as given, nulls included."""
+    await running.add("d1")
+    row = await running.service.push("d1", {"a": None, "b": {"c": None}})
+    assert row.config == {"a": None, "b": {"c": None}} and row.layers == [] and row.own is None
+
+
+async def test_a_connected_device_gets_the_layer_change_with_its_layers(running: Running) -> None:
+    secret = await running.add("cam1", {"port": 8080})
+    async with running.device_client("cam1", secret) as device:
+        await device.subscribe("henge/devices/cam1/config", qos=1)
+        assert payload_json(await next_message(device))["layers"] == []
+        await running.service.set_layer("fleet", {"ntp": "pool.ntp.org"})
+        snapshot = payload_json(await next_message(device))
+        assert snapshot["config"] == {"port": 8080, "ntp": "pool.ntp.org"}
+        assert snapshot["layers"] == ["fleet@1", "device"] and snapshot["version"] == 2
+
+
+async def test_new_devices_and_label_changes_get_their_layers(running: Running) -> None:
+    svc = running.service
+    await svc.set_layer("fleet", {"ntp": "a"})
+    await svc.add_device("new1")
+    assert (await svc.get_version("new1")).config == {"ntp": "a"}  # version 1 from the layers alone
+    await svc.set_layer("berlin", {"tz": "Europe/Berlin"}, labels={"site": "berlin"})
+    await svc.set_labels("new1", {"site": "berlin"}, [])
+    assert await config_of(running, "new1") == {"ntp": "a", "tz": "Europe/Berlin"}
+    await svc.set_labels("new1", {}, ["site"])
+    assert await config_of(running, "new1") == {"ntp": "a"}
+    await svc.import_devices([("imp1", {"site": "berlin"})])
+    assert await config_of(running, "imp1") == {"ntp": "a", "tz": "Europe/Berlin"}
+
+
+async def test_device_push_patch_and_rollback_act_on_the_device_layer(running: Running) -> None:
+    svc = running.service
+    await running.add("d1", {"port": 1})
+    await svc.set_layer("fleet", {"ntp": "a", "port": 80})
+    assert await config_of(running, "d1") == {"ntp": "a", "port": 1}
+    row, stored = await svc.push_checked("d1", None, patch={"mode": "fast"})
+    assert stored and row.config == {"ntp": "a", "port": 1, "mode": "fast"}
+    assert row.device_layer == {"port": 1, "mode": "fast"}
+    # Equal effective content stores nothing.
+    _, stored = await svc.push_checked("d1", {"port": 1, "mode": "fast", "ntp": "a"})
+    assert not stored
+    back = await svc.rollback("d1", 1)  # version 1's device layer, under today's layers
+    assert back.config == {"ntp": "a", "port": 1}
+    rows, _ = await svc.push_many(["d1"], {"fleet_push": True})
+    assert rows[0].config == {"ntp": "a", "port": 80, "fleet_push": True}
+
+
+async def test_a_layer_that_breaks_a_schema_is_refused_and_stores_nothing(running: Running) -> None:
+    svc = running.service
+    await running.add("a1", {"name": "one"})   # its own layer says nothing about port
+    await running.add("a2", {"port": 80})      # its own layer overrides any port below it
+    await svc.set_schema({}, {"properties": {"port": {"type": "integer"}}})
+    with pytest.raises(SchemaViolation) as refused:
+        await svc.set_layer("fleet", {"port": "eighty"})
+    assert [(e["device"], e["pointer"]) for e in refused.value.errors] == [("a1", "/port")]
+    assert "nothing was stored for any device" in str(refused.value)
+    assert await svc.list_layers() == []
+    assert (await versions(running, "a1"), await versions(running, "a2")) == ([1], [1])
+    assert (await svc.set_layer("fleet", {"port": 443}))["devices"] == 1  # a2 keeps its own port
+
+
+async def test_layer_history_diff_rollback_remove_and_explain(running: Running, tmp_path: Path) -> None:
+    await running.add("d1", {"port": 9000})
+    data = str(running.data_dir)
+
+    def cli(*args: str, input: str | None = None) -> Any:
+        return henge_cli(*args, "--data", data, input=input)
+
+    first = await asyncio.to_thread(cli, "layer", "set", "fleet", "-", input='{"ntp": "a", "log": {"level": "info"}}')
+    assert first.returncode == 0 and "layer fleet is at version 1; 1 device(s) got a new version" in first.stdout
+    await asyncio.to_thread(cli, "layer", "set", "fleet", "-", "-m", "faster", input='{"ntp": "b", "log": {"level": "info"}}')
+    labelled = await asyncio.to_thread(cli, "layer", "set", "ops", "-", "--label", "site=x", input='{"a": 1}')
+    assert labelled.returncode == 0 and "0 device(s)" in labelled.stdout
+    missing = await asyncio.to_thread(cli, "layer", "set", "nolabels", "-", input='{"a": 1}')
+    assert missing.returncode == 1 and "needs its labels" in missing.stderr
+    listed = await asyncio.to_thread(cli, "layer", "list")
+    assert listed.stdout.splitlines()[1].startswith("fleet") and "site=x" in listed.stdout
+    diff = await asyncio.to_thread(cli, "layer", "diff", "fleet", "1", "2")
+    assert diff.returncode == 1 and '-  "ntp": "a"' in diff.stdout
+    explained = await asyncio.to_thread(cli, "get", "d1", "--explain", "--json")
+    assert {leaf["pointer"]: leaf["layer"] for leaf in json.loads(explained.stdout)} == {
+        "/ntp": "fleet@2", "/log/level": "fleet@2", "/port": "device"}
+    table = await asyncio.to_thread(cli, "get", "d1", "--explain")
+    assert "/port" in table.stdout and "device" in table.stdout
+    back = await asyncio.to_thread(cli, "layer", "rollback", "fleet", "1")
+    assert back.returncode == 0 and "version 3" in back.stdout
+    assert (await running.service.get_version("d1")).config["ntp"] == "a"
+    history = await asyncio.to_thread(cli, "layer", "history", "fleet", "--json")
+    assert [h["message"] for h in json.loads(history.stdout)] == ["", "faster", "rollback to version 1"]
+    removed = await asyncio.to_thread(cli, "layer", "remove", "fleet")
+    assert removed.returncode == 0
+    assert (await running.service.get_version("d1")).config == {"port": 9000}
+    with pytest.raises(UnknownLayer):
+        await running.service.remove_layer("fleet")
+    with pytest.raises(ValidationFailed, match="takes no labels"):
+        await running.service.set_layer("fleet", {"a": 1}, labels={"site": "x"})
+    audit = [e["action"] for e in await running.service.audit() if e["action"].startswith("layer")]
+    assert audit == ["layer.set", "layer.set", "layer.set", "layer.set", "layer.remove"]
+
+
+async def test_layers_survive_a_restart(start_service: Any, tmp_path: Path) -> None:
+    data = tmp_path / "kept"
+    async with start_service(data_dir=data) as first:
+        await first.add("d1", {"own": 1})
+        await first.service.set_layer("fleet", {"ntp": "a"})
+    async with start_service(data_dir=data) as second:
+        assert [layer["layer"] for layer in await second.service.list_layers()] == ["fleet"]
+        await second.service.push("d1", {"own": 2})
+        assert (await second.service.get_version("d1")).config == {"ntp": "a", "own": 2}
+
+
+json_values = st.recursive(st.integers(0, 3) | st.none() | st.sampled_from(["x", "y"]),
+                           lambda children: st.dictionaries(st.sampled_from("abc"), children, max_size=3),
+                           max_leaves=8)
+layers = st.lists(st.dictionaries(st.sampled_from("abc"), json_values, max_size=3), min_size=1, max_size=4)
+
+
+def _at(document: Any, pointer: str) -> Any:
+    for part in pointer.split("/")[1:]:
+        if not isinstance(document, dict) or part not in document:
+            return KeyError
+        document = document[part]
+    return document
+
+
+@given(layers)
+@settings(max_examples=300, deadline=None)
+def test_explain_names_the_layer_whose_value_each_leaf_has(chain: list[dict[str, Any]]) -> None:
+    result: Any = {}
+    for layer in chain:
+        result = merge_patch(result, layer)
+    owners = explain([(f"L{i}", layer) for i, layer in enumerate(chain)])
+
+    def leaves(value: Any, where: str) -> list[tuple[str, Any]]:
+        if isinstance(value, dict) and value:
+            return [leaf for k, v in value.items() for leaf in leaves(v, f"{where}/{k}")]
+        return [(where, value)]
+
+    for pointer, value in leaves(result, "") if result else []:
+        owner = owners.get(pointer)
+        assert owner is not None, (pointer, owners)
+        set_there = _at(chain[int(owner[1:])], pointer)
+        assert set_there == value or (value == {} and isinstance(set_there, dict))
