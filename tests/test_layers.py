@@ -127,7 +127,8 @@ async def test_layer_history_diff_rollback_remove_and_explain(running: Running, 
 
     first = await asyncio.to_thread(cli, "layer", "set", "fleet", "-", input='{"ntp": "a", "log": {"level": "info"}}')
     assert first.returncode == 0 and "layer fleet is at version 1; 1 device(s) got a new version" in first.stdout
-    await asyncio.to_thread(cli, "layer", "set", "fleet", "-", "-m", "faster", input='{"ntp": "b", "log": {"level": "info"}}')
+    await asyncio.to_thread(cli, "layer", "set", "fleet", "-", "-m", "faster",
+                            input='{"ntp": "b", "log": {"level": "info"}}')
     labelled = await asyncio.to_thread(cli, "layer", "set", "ops", "-", "--label", "site=x", input='{"a": 1}')
     assert labelled.returncode == 0 and "0 device(s)" in labelled.stdout
     missing = await asyncio.to_thread(cli, "layer", "set", "nolabels", "-", input='{"a": 1}')
