@@ -201,3 +201,33 @@ def test_explain_names_the_layer_whose_value_each_leaf_has(chain: list[dict[str,
         assert owner is not None, (pointer, owners)
         set_there = _at(chain[int(owner[1:])], pointer)
         assert set_there == value or (value == {} and isinstance(set_there, dict))
+
+
+async def test_layers_over_http(running: Running) -> None:
+    import httpx
+
+    from henge_mqtt.http import HttpServer
+
+    await running.service.add_device("d1", {"site": "x"})
+    async with HttpServer(running.service, "127.0.0.1", 0) as server:
+        token = (await running.service.create_token("ops", "operator"))["token"]
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {token}"}) as c:
+            put = await c.put("api/v1/layers/fleet", json={"content": {"ntp": "a"}})
+            assert put.status_code == 200 and put.json()["devices"] == 1
+            site = await c.put("api/v1/layers/site-x", json={"content": {"tz": "UTC"}, "labels": {"site": "x"},
+                                                             "priority": 5})
+            assert site.json()["devices"] == 1
+            nolabels = await c.put("api/v1/layers/other", json={"content": {"a": 1}})
+            assert (nolabels.status_code, nolabels.json()["code"]) == (422, "invalid")
+            explained = (await c.get("api/v1/devices/d1/explain")).json()
+            assert {e["pointer"]: e["layer"] for e in explained} == {"/ntp": "fleet@1", "/tz": "site-x@1"}
+            assert [layer["layer"] for layer in (await c.get("api/v1/layers")).json()] == ["fleet", "site-x"]
+            await c.put("api/v1/layers/fleet", json={"content": {"ntp": "b"}})
+            assert '+  "ntp": "b"' in (await c.get("api/v1/layers/fleet/diff", params={"a": 1, "b": 2})).json()["diff"]
+            back = await c.post("api/v1/layers/fleet/rollback", json={"version": 1})
+            assert back.json()["version"] == 3
+            assert (await c.get("api/v1/layers/fleet", params={"version": 2})).json()["content"] == {"ntp": "b"}
+            assert len((await c.get("api/v1/layers/fleet/history")).json()) == 3
+            assert (await c.delete("api/v1/layers/site-x")).json()["removed"] is True
+            gone = await c.delete("api/v1/layers/site-x")
+            assert (gone.status_code, gone.json()["code"]) == (404, "unknown_layer")

@@ -35,6 +35,7 @@ from .problems import from_error, problem
 from .stream import EventHub
 from .usage import UseLog
 
+LayerName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="fleet or a layer's name")]
 SchemaName = Annotated[str, Path(max_length=512, description="fleet, or the selector: k=v,k2=v2")]
 WaitQ = Annotated[float | None, Query(gt=0, le=3600, description="wait this many seconds for the report")]
 log = logging.getLogger("henge_mqtt.http")
@@ -74,6 +75,13 @@ class FleetPush(BaseModel):
     force: bool = False
     delivery_timeout: float = Field(default=10.0, ge=0, le=3600)
     wait: float | None = Field(default=None, gt=0, le=3600)
+
+
+class LayerBody(BaseModel):
+    content: dict[str, Any]
+    labels: dict[str, str] | None = None
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
+    message: str = Field(default="", max_length=1024)
 
 
 class BackupBody(BaseModel):
@@ -409,6 +417,52 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
                                       last_event_id=request.headers.get("last-event-id"))
         return StreamingResponse(hub.stream(client, reset), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    # ---- layers ----------------------------------------------------------------------------------------
+
+    @api.get("/layers", **r("viewer"))
+    async def layers() -> list[dict[str, Any]]:
+        """The layers in force, in merge order (each device's own layer comes last)."""
+        return await svc.list_layers()
+
+    @api.get("/layers/{name}", **r("viewer"))
+    async def layer(name: LayerName, version: Annotated[int | None, Query(ge=1)] = None) -> dict[str, Any]:
+        return await svc.get_layer(name, version)
+
+    @api.get("/layers/{name}/history", **r("viewer"))
+    async def layer_versions(name: LayerName) -> list[dict[str, Any]]:
+        return await svc.layer_history(name)
+
+    @api.get("/layers/{name}/diff", **r("viewer"))
+    async def layer_diff(name: LayerName, a: Annotated[int, Query(ge=1)],
+                         b: Annotated[int, Query(ge=1)]) -> dict[str, Any]:
+        old, new = await svc.get_layer(name, a), await svc.get_layer(name, b)
+        lines = difflib.unified_diff(json.dumps(old["content"], indent=2, sort_keys=True).splitlines(),
+                                     json.dumps(new["content"], indent=2, sort_keys=True).splitlines(),
+                                     fromfile=f"{name}@{a}", tofile=f"{name}@{b}", lineterm="")
+        return {"diff": "\n".join(lines), "a": old, "b": new}
+
+    @api.put("/layers/{name}", **r("operator", **_body_doc(LayerBody)))
+    async def put_layer(request: Request, name: LayerName) -> dict[str, Any]:
+        """Set a layer (``fleet``, or a label layer with ``labels`` and ``priority``); the devices whose
+        config changes get a new version in the same transaction."""
+        body = parse_model(LayerBody, await read_json(request))
+        return await svc.set_layer(name, body.content, labels=body.labels, priority=body.priority,
+                                   message=body.message)
+
+    @api.post("/layers/{name}/rollback", **r("operator", **_body_doc(RollbackBody)))
+    async def rollback_layer(request: Request, name: LayerName) -> dict[str, Any]:
+        body = parse_model(RollbackBody, await read_json(request))
+        return await svc.rollback_layer(name, body.version, message=body.message)
+
+    @api.delete("/layers/{name}", **r("operator"))
+    async def remove_layer(name: LayerName) -> dict[str, Any]:
+        return await svc.remove_layer(name)
+
+    @api.get("/devices/{device}/explain", **r("viewer"))
+    async def explain(device: DeviceId, version: Annotated[int | None, Query(ge=1)] = None) -> list[dict[str, Any]]:
+        """Per value of the device's config: its JSON pointer and the layer that set it."""
+        return await svc.explain(device, version)
 
     # ---- schemas ---------------------------------------------------------------------------------------
 

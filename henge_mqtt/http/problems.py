@@ -23,6 +23,7 @@ STATUS: dict[str, int] = {
     "unknown_device": 404,
     "unknown_version": 404,
     "unknown_token": 404,
+    "unknown_layer": 404,
     "not_found": 404,
     "duplicate_device": 409,
     "duplicate_token": 409,

@@ -266,6 +266,7 @@ async function loadDevice(id) {
     ["Applied", s.applied_version ? `v${s.applied_version} at ${s.applied_at}` : "-"],
     ["Rejected", s.rejected_version ? `v${s.rejected_version}: ${s.error || ""}` : "-"],
     ["Schema", s.schema_error ? `invalid: ${s.schema_error}` : "valid"],
+    ["Layers", (versions.length && versions[versions.length - 1].layers.length) ? versions[versions.length - 1].layers.join(" + ") : "its own config only"],
     ["Labels", Object.entries(info.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "-"]];
   $("d-status").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: String(v), "data-fact": k })]));
   $("d-presence").replaceChildren(...(presence.changes.length ? presence.changes.map((e) =>
