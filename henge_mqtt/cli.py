@@ -921,6 +921,124 @@ def audit(
     _emit(rows, as_json, lambda r: _table(r, ["at", "actor", "action", "device", "details"]))
 
 
+rollout_app = typer.Typer(no_args_is_help=True, help="Staged rollouts that halt (and revert) on rejections "
+                          "(docs/rollouts.md).")
+app.add_typer(rollout_app, name="rollout")
+RolloutArg = Annotated[str, typer.Argument(metavar="ID", help="The rollout's id (r-xxxxxxxx).")]
+
+
+@rollout_app.command("start")
+def rollout_start(
+    source: Annotated[str, typer.Argument(metavar="FILE|-", help="The config every target gets as its own layer.")],
+    all_devices: Annotated[bool, typer.Option("--all", help="Every device.")] = False,
+    label: Annotated[list[str] | None, typer.Option("--label", help="Devices with label k=v (repeatable).")] = None,
+    waves: Annotated[str | None, typer.Option("--waves", help="Cumulative percentages, e.g. 1,10,50,100 "
+                                              "(the default).")] = None,
+    wave_size: Annotated[int | None, typer.Option("--wave-size", min=1, help="N devices per wave instead.")] = None,
+    max_rejected: Annotated[str, typer.Option("--max-rejected", help="Halt when a wave has more rejections: N "
+                                              "devices or P% of the wave.")] = "1",
+    min_applied: Annotated[float, typer.Option("--min-applied", min=0, max=100, help="Percent of the wave's "
+                                               "devices online at its start that must apply to go on.")] = 90.0,
+    wave_timeout: Annotated[float, typer.Option("--wave-timeout", min=0.1, help="Seconds a wave may take to "
+                                                "reach --min-applied; then it halts.")] = 300.0,
+    pause: Annotated[float, typer.Option("--pause", min=0, help="Seconds between waves.")] = 0.0,
+    message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
+) -> None:
+    """Start a staged rollout: wave by wave, on while devices apply, halting and reverting on rejections."""
+    if not all_devices and not label:
+        fail("select the devices with --all or --label k=v", 2)
+    if waves is not None and wave_size is not None:
+        fail("give --waves or --wave-size, not both", 2)
+    args: dict[str, Any] = {"all": all_devices, "labels": _labels(label), "config": _read_config(source),
+                            "max_rejected": max_rejected, "min_applied": min_applied,
+                            "wave_timeout": wave_timeout, "pause": pause, "message": message}
+    if wave_size is not None:
+        args["wave_size"] = wave_size
+    else:
+        try:
+            args["waves"] = [float(w) for w in (waves or "1,10,50,100").split(",")]
+        except ValueError:
+            fail(f"--waves wants percentages like 1,10,50,100, not {waves!r}", 2)
+    result = _call(data, broker, timeout, "rollout.start", **args)
+    _emit(result, as_json, lambda r: f"rollout {r['id']} started: {r['devices']} devices in "
+          f"{len(r['waves'])} waves ({', '.join(str(w['targeted']) for w in r['waves'])})\n"
+          f"follow it: henge rollout status {r['id']} --watch 2")
+
+
+def rollout_lines(r: dict[str, Any]) -> str:
+    lines = [f"rollout {r['id']}: {r['state']}" + (f" ({r['reason']})" if r["reason"] else "")
+             + (f", wave {r['wave']} of {len(r['waves'])}" if r["state"] in ("running", "paused") else "")]
+    people = [{"wave": w["wave"], "targeted": w["targeted"], "online": w["online"] if w["published"] else "-",
+               "delivered": "-" if w["delivered"] is None or not w["published"] else w["delivered"],
+               "applied": w["applied"], "rejected": w["rejected"], "offline": w["offline"], "pending": w["pending"],
+               "reverted": w["reverted"]} for w in r["waves"]]
+    lines.append(_table(people, ["wave", "targeted", "online", "delivered", "applied", "rejected", "offline",
+                                 "pending", "reverted"]))
+    for w in r["waves"]:
+        for error, count in w["errors"].items():
+            lines.append(f"wave {w['wave']}: rejected by {count}: {error}")
+    for note in r["kept"]:
+        lines.append(f"not reverted: {note}")
+    return "\n".join(lines)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    rollout: RolloutArg,
+    watch: Annotated[float | None, typer.Option("--watch", min=0.2, help="Redraw every S seconds until it "
+                                                "ends (or Ctrl-C).")] = None,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Per wave: targeted, online, delivered, applied, rejected, offline, pending, reverted; errors by message."""
+    import time as _time
+
+    while True:
+        result = _call(data, broker, timeout, "rollout.status", rollout=rollout)
+        if watch is not None and not as_json and sys.stdout.isatty():
+            typer.echo("\x1b[H\x1b[2J", nl=False)
+        _emit(result, as_json, rollout_lines)
+        if watch is None or result["state"] not in ("running", "paused", "reverting"):
+            return
+        _time.sleep(watch)
+
+
+@rollout_app.command("list")
+def rollout_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                 timeout: TimeoutOpt = 10.0) -> None:
+    """Every rollout, oldest first."""
+    rows = _call(data, broker, timeout, "rollout.list")
+    people = [{"id": r["id"], "state": r["state"], "wave": f"{r['wave']}/{r['waves']}", "started": r["created_at"],
+               "by": r["actor"], "reason": r["reason"]} for r in rows]
+    _emit(rows, as_json, lambda _: _table(people, ["id", "state", "wave", "started", "by", "reason"])
+          if rows else "no rollouts")
+
+
+@rollout_app.command("pause")
+def rollout_pause(rollout: RolloutArg, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                  timeout: TimeoutOpt = 10.0) -> None:
+    """Stop before the next step (a wave already out stays out)."""
+    _emit(_call(data, broker, timeout, "rollout.pause", rollout=rollout), as_json, rollout_lines)
+
+
+@rollout_app.command("resume")
+def rollout_resume(rollout: RolloutArg, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+                   timeout: TimeoutOpt = 10.0) -> None:
+    """Go on with a paused rollout."""
+    _emit(_call(data, broker, timeout, "rollout.resume", rollout=rollout), as_json, rollout_lines)
+
+
+@rollout_app.command("abort")
+def rollout_abort(
+    rollout: RolloutArg,
+    revert: Annotated[bool, typer.Option("--revert", help="Put every device it changed back on its previous "
+                                         "config (as a new version).")] = False,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
+) -> None:
+    """Stop a rollout for good; with --revert, undo what it changed."""
+    _emit(_call(data, broker, timeout, "rollout.abort", rollout=rollout, revert=revert), as_json, rollout_lines)
+
+
 layer_app = typer.Typer(no_args_is_help=True, help="Config layers: the fleet's, and per label (docs/rollouts.md).")
 app.add_typer(layer_app, name="layer")
 LayerArg = Annotated[str, typer.Argument(metavar="NAME", help="fleet, or a label layer's name.")]

@@ -13,6 +13,8 @@ The tree (``code`` in parentheses is what the admin protocol and the CLI's ``--j
     ├── DuplicateDevice (duplicate_device)
     ├── UnknownVersion (unknown_version)
     ├── UnknownLayer (unknown_layer)
+    ├── UnknownRollout (unknown_rollout)
+    ├── RolloutConflict (rollout_conflict): a device already in an active rollout, or a state change that does not apply
     ├── VersionConflict (version_conflict): .device, .expected, .current
     ├── WaitTimeout (timeout)
     ├── StoreError (store_error)
@@ -85,6 +87,14 @@ class UnknownVersion(HengeError):
 
 class UnknownLayer(HengeError):
     code = "unknown_layer"
+
+
+class UnknownRollout(HengeError):
+    code = "unknown_rollout"
+
+
+class RolloutConflict(HengeError):
+    code = "rollout_conflict"
 
 
 class VersionConflict(HengeError):

@@ -294,6 +294,24 @@ class ExplainArgs(Frozen):
     version: int | None = Field(default=None, ge=1)
 
 
+class RolloutStartArgs(Frozen):
+    all: bool = False
+    labels: dict[str, str] = Field(default_factory=dict)
+    config: ConfigObject
+    waves: list[float] | None = Field(default=None, min_length=1, max_length=100)
+    wave_size: int | None = Field(default=None, ge=1)
+    max_rejected: str = Field(default="1", max_length=16)
+    min_applied: float = Field(default=90.0, ge=0, le=100)
+    wave_timeout: float = Field(default=300.0, gt=0, le=7 * 86400)
+    pause: float = Field(default=0.0, ge=0, le=7 * 86400)
+    message: str = Field(default="", max_length=1024)
+
+
+class RolloutRefArgs(Frozen):
+    rollout: str = Field(min_length=1, max_length=64)
+    revert: bool = False
+
+
 class TokenCreateArgs(Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     role: Literal["viewer", "operator", "admin"]

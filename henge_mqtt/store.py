@@ -33,9 +33,11 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from .errors import (
     DuplicateDevice,
     DuplicateToken,
+    RolloutConflict,
     StoreError,
     UnknownDevice,
     UnknownLayer,
+    UnknownRollout,
     UnknownToken,
     UnknownVersion,
     ValidationFailed,
@@ -142,6 +144,38 @@ MIGRATIONS: list[str] = [
         actor TEXT NOT NULL,
         PRIMARY KEY (name, version)
     );
+    """,
+    """
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        target TEXT NOT NULL,            -- {"all": true} or {"labels": {...}}
+        config TEXT NOT NULL,            -- the device layer every target gets
+        policy TEXT NOT NULL,
+        message TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL,             -- running | paused | reverting | halted | completed | aborted
+        wave INTEGER NOT NULL DEFAULT 0, -- the current wave (0-based)
+        waves INTEGER NOT NULL,
+        wave_published INTEGER NOT NULL DEFAULT 0,
+        wave_started REAL,               -- time.time() when the current wave went out
+        next_wave_at REAL,               -- after a pause
+        reason TEXT,                     -- why it halted or was aborted
+        revert INTEGER NOT NULL DEFAULT 0,
+        finished_at TEXT
+    );
+    CREATE TABLE rollout_devices (
+        rollout TEXT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+        device TEXT NOT NULL,
+        wave INTEGER NOT NULL,
+        prev_version INTEGER NOT NULL DEFAULT 0,  -- the version before the rollout changed it
+        new_version INTEGER,                       -- the version the rollout stored (NULL: not yet)
+        online_at_start INTEGER NOT NULL DEFAULT 0,
+        reverted_version INTEGER,                  -- the version that brought the old config back
+        revert_note TEXT,
+        PRIMARY KEY (rollout, device)
+    );
+    CREATE INDEX rollout_devices_device ON rollout_devices (device);
     """,
 ]
 
@@ -538,31 +572,38 @@ class Store:
         """``config`` as the device layer of each device, one new version each, stored in one
         transaction (the service calls it per chunk); with ``skip_unchanged``, none for a device
         whose current config is what it would get."""
+        with self._tx():
+            rows = self._push_many(devices, config, actor=actor, message=message, skip_unchanged=skip_unchanged)
+            self._audit(actor, "push_many", None, {"devices": len(rows), "sha256": config_sha256(config),
+                                                   "message": message})
+        return rows
+
+    def _push_many(self, devices: list[str], config: dict[str, Any], *, actor: str, message: str,
+                   skip_unchanged: bool) -> list[ConfigVersion]:
+        """Inside the caller's transaction."""
         for device in devices:
             if device not in self._hashes:
                 raise UnknownDevice(f"unknown device {device!r}")
         created = utc_now()
         plain = config_sha256(config)
         merged: dict[tuple[str, ...], tuple[dict[str, Any], list[str], str]] = {}  # one merge per layer set
-        with self._tx():
-            current = self._current_rows(devices)
-            labels = self.labels_by_device(devices)
-            rows = []
-            for device in devices:
-                applied = self.layers_for(labels.get(device, {}))
-                key = tuple(layer.ref for layer in applied)
-                if key not in merged:
-                    effective, used = self.merge_layers(applied, config)
-                    merged[key] = (effective, used, config_sha256(effective) if used else plain)
-                effective, used, digest = merged[key]
-                version, _, _, sha = current.get(device, (0, None, None, None))
-                if skip_unchanged and sha == digest:
-                    continue
-                rows.append(ConfigVersion.model_construct(
-                    device=device, version=version + 1, config=effective, sha256=digest, message=message,
-                    created_at=created, actor=actor, own=config if used else None, layers=used))
-            self._insert_rows(rows)
-            self._audit(actor, "push_many", None, {"devices": len(rows), "sha256": plain, "message": message})
+        current = self._current_rows(devices)
+        labels = self.labels_by_device(devices)
+        rows = []
+        for device in devices:
+            applied = self.layers_for(labels.get(device, {}))
+            key = tuple(layer.ref for layer in applied)
+            if key not in merged:
+                effective, used = self.merge_layers(applied, config)
+                merged[key] = (effective, used, config_sha256(effective) if used else plain)
+            effective, used, digest = merged[key]
+            version, _, _, sha = current.get(device, (0, None, None, None))
+            if skip_unchanged and sha == digest:
+                continue
+            rows.append(ConfigVersion.model_construct(
+                device=device, version=version + 1, config=effective, sha256=digest, message=message,
+                created_at=created, actor=actor, own=config if used else None, layers=used))
+        self._insert_rows(rows)
         return rows
 
     def _insert_version(
@@ -976,6 +1017,170 @@ class Store:
 
         walk(row.config, "")
         return leaves
+
+    # ---- rollouts ----------------------------------------------------------------------------
+
+    ACTIVE_ROLLOUT = ("running", "paused", "reverting")
+
+    def create_rollout(self, rollout_id: str, waves: list[list[str]], *, actor: str, target: dict[str, Any],
+                       config: dict[str, Any], policy: dict[str, Any], message: str) -> None:
+        """The plan, stored before anything is published; refused if a target is in an active rollout."""
+        devices = [d for wave in waves for d in wave]
+        with self._tx():
+            for start in range(0, len(devices), 500):
+                part = devices[start:start + 500]
+                marks = ",".join("?" * len(part))
+                busy = self._db.execute(
+                    f"SELECT rd.device, r.id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout "
+                    f"WHERE rd.device IN ({marks}) AND r.state IN ('running', 'paused', 'reverting') LIMIT 1",
+                    part).fetchone()
+                if busy:
+                    raise RolloutConflict(f"device {busy[0]!r} is in the active rollout {busy[1]}; one rollout per "
+                                          "device at a time (finish, abort or wait for it); nothing was started")
+            self._db.execute(
+                "INSERT INTO rollouts (id, created_at, actor, target, config, policy, message, state, waves) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                (rollout_id, _ts(utc_now()), actor, json.dumps(target, sort_keys=True),
+                 json.dumps(config, ensure_ascii=False), json.dumps(policy, sort_keys=True), message, len(waves)))
+            self._db.executemany("INSERT INTO rollout_devices (rollout, device, wave) VALUES (?, ?, ?)",
+                                 [(rollout_id, d, i) for i, wave in enumerate(waves) for d in wave])
+            self._audit(actor, "rollout.start", None, {"rollout": rollout_id, "devices": len(devices),
+                                                       "waves": len(waves), "message": message})
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        row = self._db.execute(
+            "SELECT id, created_at, actor, target, config, policy, message, state, wave, waves, wave_published, "
+            "wave_started, next_wave_at, reason, revert, finished_at FROM rollouts WHERE id = ?",
+            (rollout_id,)).fetchone()
+        if row is None:
+            raise UnknownRollout(f"no rollout {rollout_id!r}")
+        keys = ("id", "created_at", "actor", "target", "config", "policy", "message", "state", "wave", "waves",
+                "wave_published", "wave_started", "next_wave_at", "reason", "revert", "finished_at")
+        out = dict(zip(keys, row, strict=True))
+        for key in ("target", "config", "policy"):
+            out[key] = json.loads(out[key])
+        out["wave_published"], out["revert"] = bool(out["wave_published"]), bool(out["revert"])
+        return out
+
+    def rollouts(self, active_only: bool = False) -> list[dict[str, Any]]:
+        where = " WHERE state IN ('running', 'paused', 'reverting')" if active_only else ""
+        return [self.rollout(r[0]) for r in self._db.execute(f"SELECT id FROM rollouts{where} ORDER BY created_at")]
+
+    def rollout_devices(self, rollout_id: str, wave: int | None = None) -> list[dict[str, Any]]:
+        """Each device of the rollout (of one wave) with what the rollout did to it and its reports."""
+        args: list[Any] = [rollout_id]
+        where = "rd.rollout = ?"
+        if wave is not None:
+            where += " AND rd.wave = ?"
+            args.append(wave)
+        rows = self._db.execute(
+            "SELECT rd.device, rd.wave, rd.prev_version, rd.new_version, rd.online_at_start, rd.reverted_version, "
+            "rd.revert_note, r.applied_version, r.rejected_version, r.rejected_error FROM rollout_devices rd "
+            f"LEFT JOIN device_reports r ON r.device = rd.device WHERE {where} ORDER BY rd.wave, rd.device", args)
+        out = []
+        for device, wv, prev, new, online, reverted, note, applied, rejected, error in rows:
+            report = None
+            if new is not None:
+                if applied is not None and applied >= new:
+                    report = "applied"
+                elif rejected == new:
+                    report = "rejected"
+            out.append({"device": device, "wave": wv, "prev_version": prev, "new_version": new,
+                        "online_at_start": bool(online), "report": report,
+                        "error": error if report == "rejected" else None, "reverted_version": reverted,
+                        "revert_note": note})
+        return out
+
+    def publish_wave(self, rollout_id: str, wave: int, online: set[str], *, now: float) -> list[ConfigVersion]:
+        """The wave's versions and the mark that it went out, in one transaction: a wave is stored
+        once, whatever crashes when (a restart republishes every current version anyway)."""
+        ro = self.rollout(rollout_id)
+        if ro["state"] != "running" or ro["wave"] != wave or ro["wave_published"]:
+            return []
+        devices = [r[0] for r in self._db.execute(
+            "SELECT device FROM rollout_devices WHERE rollout = ? AND wave = ? AND new_version IS NULL ORDER BY device",
+            (rollout_id, wave))]
+        devices = [d for d in devices if d in self._hashes]  # a device removed meanwhile is skipped
+        with self._tx():
+            current = self._current_rows(devices)
+            rows = self._push_many(devices, ro["config"], actor=ro["actor"],
+                                   message=ro["message"] or f"rollout {rollout_id} wave {wave + 1}",
+                                   skip_unchanged=False)
+            if rows and self.validate_many is not None:  # a schema set since the start: the wave halts
+                labels = self.labels_by_device(devices)
+                self.validate_many([(r.device, labels.get(r.device, {}), r.config) for r in rows])
+            self._audit(ro["actor"], "rollout.wave", None, {"rollout": rollout_id, "wave": wave + 1,
+                                                            "devices": len(rows)})
+            self._db.executemany(
+                "UPDATE rollout_devices SET prev_version = ?, new_version = ?, online_at_start = ? "
+                "WHERE rollout = ? AND device = ?",
+                [(current.get(r.device, (0,))[0], r.version, int(r.device in online), rollout_id, r.device)
+                 for r in rows])
+            self._db.execute("UPDATE rollouts SET wave_published = 1, wave_started = ? WHERE id = ?",
+                             (now, rollout_id))
+        return rows
+
+    def advance_rollout(self, rollout_id: str, *, next_wave_at: float) -> str:
+        """The current wave passed: on to the next (after the pause), or completed."""
+        with self._tx():
+            ro = self.rollout(rollout_id)
+            if ro["wave"] + 1 >= ro["waves"]:
+                self._db.execute("UPDATE rollouts SET state = 'completed', finished_at = ? WHERE id = ?",
+                                 (_ts(utc_now()), rollout_id))
+                self._audit(ro["actor"], "rollout.complete", None, {"rollout": rollout_id})
+                return "completed"
+            self._db.execute("UPDATE rollouts SET wave = wave + 1, wave_published = 0, wave_started = NULL, "
+                             "next_wave_at = ? WHERE id = ?", (next_wave_at, rollout_id))
+            return "running"
+
+    def set_rollout_state(self, rollout_id: str, state: str, *, actor: str, reason: str | None = None,
+                          revert: bool = False, expect: tuple[str, ...] = ()) -> dict[str, Any]:
+        with self._tx():
+            ro = self.rollout(rollout_id)
+            if expect and ro["state"] not in expect:
+                raise RolloutConflict(f"rollout {rollout_id} is {ro['state']}; cannot make it {state}")
+            self._db.execute("UPDATE rollouts SET state = ?, reason = COALESCE(?, reason), revert = ? WHERE id = ?",
+                             (state, reason, int(revert or ro["revert"]), rollout_id))
+            self._audit(actor, f"rollout.{state}", None, {"rollout": rollout_id} | ({"reason": reason} if reason
+                                                                                      else {}))
+        return self.rollout(rollout_id)
+
+    def revert_rollout(self, rollout_id: str, *, final: str) -> list[ConfigVersion]:
+        """Every device the rollout changed gets its previous config back as a new version, in one
+        transaction with the rollout's final state; a device changed since by someone else keeps
+        that change (noted), and one with no previous config keeps the new one (noted)."""
+        ro = self.rollout(rollout_id)
+        rows: list[ConfigVersion] = []
+        with self._tx():
+            todo = self._db.execute(
+                "SELECT device, prev_version, new_version FROM rollout_devices WHERE rollout = ? AND "
+                "new_version IS NOT NULL AND reverted_version IS NULL AND revert_note IS NULL",
+                (rollout_id,)).fetchall()
+            notes = []
+            for device, prev, new in todo:
+                if device not in self._hashes:
+                    notes.append(("device removed", device))
+                    continue
+                current = self._current_version(device)
+                if current != new:
+                    notes.append((f"left at version {current}: changed after the rollout", device))
+                    continue
+                if not prev:
+                    notes.append(("no previous config: kept the rollout's", device))
+                    continue
+                old = self.get_version(device, prev)
+                row = self._insert_version(device, old.device_layer, actor=ro["actor"],
+                                           message=f"revert rollout {rollout_id}", if_version=None)
+                rows.append(row)
+            self._db.executemany("UPDATE rollout_devices SET reverted_version = ? WHERE rollout = ? AND device = ?",
+                                 [(r.version, rollout_id, r.device) for r in rows])
+            self._db.executemany("UPDATE rollout_devices SET revert_note = ? WHERE rollout = ? AND device = ?",
+                                 [(note, rollout_id, d) for note, d in notes])
+            self._db.execute("UPDATE rollouts SET state = ?, finished_at = ? WHERE id = ?",
+                             (final, _ts(utc_now()), rollout_id))
+            self._audit(ro["actor"], "rollout.reverted", None, {"rollout": rollout_id, "devices": len(rows),
+                                                                "kept": len(notes)})
+        return rows
 
     # ---- schemas -----------------------------------------------------------------------------
 

@@ -28,13 +28,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import AuthenticationFailed, Forbidden, HengeError, InvalidConfig, ValidationFailed, VersionConflict
 from ..ids import StrictJSONError, parse_labels, strict_json
-from ..models import DeviceId, ImportArgs, TokenCreateArgs
+from ..models import DeviceId, ImportArgs, RolloutStartArgs, TokenCreateArgs
 from ..service.api import ServiceAPI, current_actor
 from ..service.schemas import parse_selector
 from .problems import from_error, problem
 from .stream import EventHub
 from .usage import UseLog
 
+RolloutId = Annotated[str, Path(max_length=64, description="r-xxxxxxxx")]
 LayerName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="fleet or a layer's name")]
 SchemaName = Annotated[str, Path(max_length=512, description="fleet, or the selector: k=v,k2=v2")]
 WaitQ = Annotated[float | None, Query(gt=0, le=3600, description="wait this many seconds for the report")]
@@ -417,6 +418,42 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
                                       last_event_id=request.headers.get("last-event-id"))
         return StreamingResponse(hub.stream(client, reset), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    # ---- rollouts --------------------------------------------------------------------------------------
+
+    @api.get("/rollouts", **r("viewer"))
+    async def rollouts() -> list[dict[str, Any]]:
+        return await svc.list_rollouts()
+
+    @api.get("/rollouts/{rollout}", **r("viewer"))
+    async def rollout(rollout: RolloutId) -> dict[str, Any]:
+        """Per wave: targeted, online, delivered, applied, rejected, offline, pending, reverted, errors."""
+        return await svc.rollout_status(rollout)
+
+    @api.post("/rollouts", status_code=201, **r("operator", **_body_doc(RolloutStartArgs)))
+    async def start_rollout(request: Request) -> JSONResponse:
+        """A staged rollout of ``config`` to ``all`` devices or those with ``labels`` (docs/rollouts.md)."""
+        a = parse_model(RolloutStartArgs, await read_json(request))
+        if not a.all and not a.labels:
+            raise ValidationFailed("select the rollout's devices with all or labels")
+        result = await svc.start_rollout(dict(a.config), all_devices=a.all, labels=dict(a.labels) or None,
+                                         waves=list(a.waves) if a.waves else None, wave_size=a.wave_size,
+                                         max_rejected=a.max_rejected, min_applied=a.min_applied,
+                                         wave_timeout=a.wave_timeout, pause=a.pause, message=a.message)
+        return JSONResponse(result, status_code=201)
+
+    @api.post("/rollouts/{rollout}/pause", **r("operator"))
+    async def pause_rollout(rollout: RolloutId) -> dict[str, Any]:
+        return await svc.pause_rollout(rollout)
+
+    @api.post("/rollouts/{rollout}/resume", **r("operator"))
+    async def resume_rollout(rollout: RolloutId) -> dict[str, Any]:
+        return await svc.resume_rollout(rollout)
+
+    @api.post("/rollouts/{rollout}/abort", **r("operator"))
+    async def abort_rollout(rollout: RolloutId, revert: bool = False) -> dict[str, Any]:
+        """Stop it for good; ``revert=true`` puts every device it changed back on its previous config."""
+        return await svc.abort_rollout(rollout, revert=revert)
 
     # ---- layers ----------------------------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ STATUS: dict[str, int] = {
     "unknown_version": 404,
     "unknown_token": 404,
     "unknown_layer": 404,
+    "unknown_rollout": 404,
+    "rollout_conflict": 409,
     "not_found": 404,
     "duplicate_device": 409,
     "duplicate_token": 409,

@@ -254,6 +254,35 @@ async def _explain(svc: HengeService, a: models.ExplainArgs, progress: Progress)
     return await svc.explain(a.device, a.version)
 
 
+async def _rollout_start(svc: HengeService, a: models.RolloutStartArgs, progress: Progress) -> Any:
+    if not a.all and not a.labels:
+        raise ValidationFailed("select the rollout's devices with --all or --label k=v")
+    return await svc.start_rollout(dict(a.config), all_devices=a.all, labels=dict(a.labels) or None,
+                                   waves=list(a.waves) if a.waves else None, wave_size=a.wave_size,
+                                   max_rejected=a.max_rejected, min_applied=a.min_applied,
+                                   wave_timeout=a.wave_timeout, pause=a.pause, message=a.message)
+
+
+async def _rollout_status(svc: HengeService, a: models.RolloutRefArgs, progress: Progress) -> Any:
+    return await svc.rollout_status(a.rollout)
+
+
+async def _rollout_list(svc: HengeService, a: models.StatusArgs, progress: Progress) -> Any:
+    return await svc.list_rollouts()
+
+
+async def _rollout_pause(svc: HengeService, a: models.RolloutRefArgs, progress: Progress) -> Any:
+    return await svc.pause_rollout(a.rollout)
+
+
+async def _rollout_resume(svc: HengeService, a: models.RolloutRefArgs, progress: Progress) -> Any:
+    return await svc.resume_rollout(a.rollout)
+
+
+async def _rollout_abort(svc: HengeService, a: models.RolloutRefArgs, progress: Progress) -> Any:
+    return await svc.abort_rollout(a.rollout, revert=a.revert)
+
+
 def _unknown(device: str) -> UnknownDevice:
     return UnknownDevice(f"unknown device {device!r}")
 
@@ -279,6 +308,12 @@ OPS: dict[str, tuple[type[BaseModel], Callable[[HengeService, Any, Progress], An
     "device.export": (models.StatusArgs, _device_export),
     "push_many": (models.PushManyArgs, _push_many),
     "clear_conflict": (models.DeviceRefArgs, _clear_conflict),
+    "rollout.start": (models.RolloutStartArgs, _rollout_start),
+    "rollout.status": (models.RolloutRefArgs, _rollout_status),
+    "rollout.list": (models.StatusArgs, _rollout_list),
+    "rollout.pause": (models.RolloutRefArgs, _rollout_pause),
+    "rollout.resume": (models.RolloutRefArgs, _rollout_resume),
+    "rollout.abort": (models.RolloutRefArgs, _rollout_abort),
     "layer.set": (models.LayerSetArgs, _layer_set),
     "layer.get": (models.LayerRefArgs, _layer_get),
     "layer.list": (models.StatusArgs, _layer_list),

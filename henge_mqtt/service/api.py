@@ -9,7 +9,7 @@ import asyncio
 import contextvars
 import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import models
 from ..errors import (
@@ -22,6 +22,7 @@ from ..errors import (
 )
 from ..models import ConfigVersion, Device, rfc3339
 from ..ports import BrokerPort, KickResult
+from ..rollouts import Policy, check_waves, parse_max_rejected
 from ..settings import Settings
 from ..store import DeviceReports, Store, StoreWorker
 from ..topics import Topics
@@ -35,11 +36,14 @@ from .schemas import Schemas, display, selector_of
 
 PROGRESS_KEYS = ("targeted", "devices", "online", "delivered", "applied", "rejected", "pending")
 
+if TYPE_CHECKING:
+    from .rollouts import Rollouts
+
 # Who is acting: the admin identity of the request being served, else the embedding application.
 current_actor: contextvars.ContextVar[str] = contextvars.ContextVar("henge_actor", default="library")
 
 
-def _utc(stamp: str | None) -> str | None:
+def utc_text(stamp: str | None) -> str | None:
     """The store's ISO time as the one format of every time henge shows: RFC 3339, UTC, ``Z``."""
     return rfc3339(datetime.fromisoformat(stamp)) if stamp else None
 
@@ -51,6 +55,7 @@ class ServiceAPI:
     configs: Configs
     reports: Reports
     schemas: Schemas
+    rollouts: Rollouts
     _worker: StoreWorker | None
     _broker: BrokerPort | None
 
@@ -143,7 +148,7 @@ class ServiceAPI:
         store = self.store
         entries = await self.worker.run(store.audit, device, limit)
         for entry in entries:
-            entry["at"] = _utc(entry["at"])
+            entry["at"] = utc_text(entry["at"])
         # A removed device's trail is still there; only an id never seen is unknown.
         if device is not None and not entries and not store.has_device(device):
             raise UnknownDevice(f"unknown device {device!r}")
@@ -287,7 +292,7 @@ class ServiceAPI:
                     "desired_version": desired, "takeovers": view.takeovers_last_hour,
                     "conflict": view.conflict, "conflict_remotes": list(view.conflict_remotes),
                     "quarantined_until": iso(view.quarantined_until) if view.quarantined_until else None,
-                    "applied_version": applied, "applied_at": _utc(applied_at), "sync": row_sync,
+                    "applied_version": applied, "applied_at": utc_text(applied_at), "sync": row_sync,
                     "error": error if row_sync == "rejected" else None, "rejected_version": rejected,
                     "undeliverable": self.configs.undeliverable.get(d), "schema_error": schema_error,
                 })
@@ -311,6 +316,47 @@ class ServiceAPI:
             sync["invalid" if d in self.schemas.invalid else
                  DeviceReports(applied, applied_at, rejected, error).sync(desired)] += 1
         return out
+
+    # ---- rollouts --------------------------------------------------------------------------------
+
+    async def start_rollout(self, config: dict[str, Any], *, all_devices: bool = False,
+                            labels: dict[str, str] | None = None, waves: list[float] | None = None,
+                            wave_size: int | None = None, max_rejected: str = "1", min_applied: float = 90.0,
+                            wave_timeout: float = 300.0, pause: float = 0.0, message: str = "") -> dict[str, Any]:
+        """A staged rollout of ``config`` (as each target's own layer); see docs/rollouts.md."""
+        if waves is not None and wave_size is not None:
+            raise ValidationFailed("give --waves or --wave-size, not both")
+        try:
+            limit, percent = parse_max_rejected(max_rejected)
+            if waves is not None:
+                check_waves(waves)
+        except ValueError as exc:
+            raise ValidationFailed(str(exc)) from exc
+        if not 0 <= min_applied <= 100:
+            raise ValidationFailed("--min-applied is a percentage (0-100)")
+        policy = Policy(max_rejected=limit, rejected_percent=percent, min_applied=min_applied,
+                        wave_timeout=wave_timeout, pause=pause)
+        return await self.rollouts.start(config, all_devices=all_devices, labels=labels,
+                                         waves=waves if wave_size is None else None, wave_size=wave_size,
+                                         policy=policy, message=message)
+
+    async def rollout_status(self, rollout_id: str) -> dict[str, Any]:
+        return await self.rollouts.status(rollout_id)
+
+    async def list_rollouts(self) -> list[dict[str, Any]]:
+        return await self.rollouts.list()
+
+    async def pause_rollout(self, rollout_id: str) -> dict[str, Any]:
+        await self.rollouts.pause(rollout_id)
+        return await self.rollouts.status(rollout_id)
+
+    async def resume_rollout(self, rollout_id: str) -> dict[str, Any]:
+        await self.rollouts.resume(rollout_id)
+        return await self.rollouts.status(rollout_id)
+
+    async def abort_rollout(self, rollout_id: str, *, revert: bool = False) -> dict[str, Any]:
+        await self.rollouts.abort(rollout_id, revert=revert)
+        return await self.rollouts.status(rollout_id)
 
     # ---- layers ----------------------------------------------------------------------------------
 
@@ -354,7 +400,7 @@ class ServiceAPI:
 
     async def layer_history(self, name: str) -> list[dict[str, Any]]:
         entries = await self.worker.run(self.store.layer_history, name)
-        return [e | {"created_at": _utc(e["created_at"])} for e in entries]
+        return [e | {"created_at": utc_text(e["created_at"])} for e in entries]
 
     async def get_layer(self, name: str, version: int | None = None) -> dict[str, Any]:
         history = await self.layer_history(name)
@@ -390,7 +436,7 @@ class ServiceAPI:
 
     async def get_schema(self, labels: dict[str, str], version: int | None = None) -> dict[str, Any]:
         entry = await self.worker.run(self.schemas.get, selector_of(labels), version)
-        entry["created_at"] = _utc(entry["created_at"])
+        entry["created_at"] = utc_text(entry["created_at"])
         return entry
 
     async def schema_history(self, labels: dict[str, str]) -> list[dict[str, Any]]:
@@ -398,7 +444,7 @@ class ServiceAPI:
         entries = await self.worker.run(self.store.schema_history, selector)
         if not entries:
             raise ValidationFailed(f"no schema {display(selector)!r}")
-        return [e | {"schema": display(selector), "created_at": _utc(e["created_at"])} for e in entries]
+        return [e | {"schema": display(selector), "created_at": utc_text(e["created_at"])} for e in entries]
 
     async def backup(self, target: str) -> dict[str, Any]:
         """A consistent copy of the store, written by the service (on its machine) to ``target``."""
@@ -423,7 +469,7 @@ class ServiceAPI:
     async def list_tokens(self) -> list[dict[str, Any]]:
         tokens = await self.worker.run(self.store.list_tokens)
         for token in tokens:
-            token["created_at"] = _utc(token["created_at"])
+            token["created_at"] = utc_text(token["created_at"])
         return tokens
 
     async def revoke_token(self, ref: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from .events import EventListener, Events
 from .lock import DataDirLock
 from .presence import PresencePublisher, iso
 from .reports import Reports
+from .rollouts import Rollouts
 from .schemas import Schemas
 
 log = logging.getLogger("henge_mqtt.service")
@@ -103,6 +104,8 @@ class HengeService(ServiceAPI):
             self.presence.server_start(sessions)
             log.info("service.republished snapshots=%d", count)
             await broker.start()
+            self.rollouts = Rollouts(self)
+            await self.rollouts.resume_all()  # a rollout goes on where it stood when the service stopped
         except BaseException:
             self.worker.close()
             self._worker = self._broker = None
@@ -151,6 +154,7 @@ class HengeService(ServiceAPI):
     async def stop(self) -> None:
         if self._broker is None or self._worker is None:
             return
+        self.rollouts.close()
         await self._broker.stop()
         await self._drain_sessions()
         await self._tasks.cancel_all(1.0)
@@ -173,6 +177,10 @@ class HengeService(ServiceAPI):
     @property
     def counters(self) -> dict[str, int]:
         return self.events.counters
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """A background task the service owns (cancelled when it stops)."""
+        return self._tasks.spawn(coro)
 
     def add_event_listener(self, listener: EventListener) -> Callable[[], None]:
         return self.events.add_listener(listener)

@@ -176,19 +176,23 @@ class Configs:
         self.events.emit("fleet_push", None, devices=len(rows), sha256=rows[0].sha256 if rows else None)
         return rows, futures
 
-    async def publish_rows(self, rows: list[ConfigVersion], *, event: str, **data: Any) -> None:
-        """Versions stored together (a layer change, labels that changed what layers give): each
-        published, a slice at a time so other connections' packets get in between."""
+    async def publish_rows(self, rows: list[ConfigVersion], *, event: str,
+                           **data: Any) -> dict[str, asyncio.Future[None]]:
+        """Versions stored together (a layer change, a rollout's wave): each published, a slice at a
+        time so other connections' packets get in between; the devices' own acknowledgements."""
         if not rows:
-            return
+            return {}
         payloads = await self.worker.run(_fleet_payloads, rows)
+        futures: dict[str, asyncio.Future[None]] = {}
         for i, (row, payload) in enumerate(payloads, 1):
-            self.publish(row, payload)
+            for future in self.publish(row, payload):
+                futures[row.device] = future
             if i % PUBLISH_SLICE == 0:
                 await asyncio.sleep(0)
         self.schemas.stored(row.device for row in rows)
         self.events.count("pushes", len(rows))
         self.events.emit(event, None, devices=len(rows), **data)
+        return futures
 
     async def republish_all(self) -> int:
         """The store is the truth: every current version goes out retained again on start."""

@@ -1,0 +1,244 @@
+"""Staged rollouts, the running part: one task per active rollout, everything it decides stored
+before it is acted on, so a ``kill -9`` at any moment resumes where it stood.
+
+What is durable, and when (``store.py``): the plan (every device's wave) before anything is
+published; a wave's versions together with the mark that it went out (a wave is never stored
+twice; a restart republishes every current version retained, so none is lost in between); the
+move to the next wave; a halt (state ``reverting``) before the revert, and the revert together
+with the final state. The runner only ever reads that state and takes the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SchemaViolation
+from ..rollouts import Policy, WaveCount, decide, plan
+from .api import current_actor, utc_text
+
+if TYPE_CHECKING:
+    from .composer import HengeService
+
+log = logging.getLogger("henge_mqtt.service")
+TICK = 1.0  # the longest a runner sleeps without looking (reports and commands wake it sooner)
+
+
+class Rollouts:
+    def __init__(self, svc: HengeService) -> None:
+        self.svc = svc
+        self._pokes: dict[str, asyncio.Event] = {}
+        self._delivered: dict[str, set[str]] = {}  # rollout -> devices that acknowledged (this run only)
+        self._unwatch = svc.reports.watch(lambda device, report: self.poke_all())
+
+    def close(self) -> None:
+        self._unwatch()
+
+    def poke_all(self) -> None:
+        for event in self._pokes.values():
+            event.set()
+
+    def poke(self, rollout_id: str) -> None:
+        event = self._pokes.get(rollout_id)
+        if event is not None:
+            event.set()
+
+    async def resume_all(self) -> None:
+        for ro in await self.svc.worker.run(self.svc.store.rollouts, True):
+            log.info("rollout.resume id=%s state=%s wave=%d", ro["id"], ro["state"], ro["wave"] + 1)
+            self._spawn(ro["id"])
+
+    def _spawn(self, rollout_id: str) -> None:
+        self._pokes[rollout_id] = asyncio.Event()
+        self.svc.spawn(self._run(rollout_id))
+
+    # ---- commands ------------------------------------------------------------------------------
+
+    async def start(self, config: dict[str, Any], *, all_devices: bool, labels: dict[str, str] | None,
+                    waves: list[float] | None, wave_size: int | None, policy: Policy,
+                    message: str = "") -> dict[str, Any]:
+        svc = self.svc
+        svc.configs.check_size(config)
+        devices = await svc.select(all_devices=all_devices, labels=labels)
+        await svc.worker.run(svc.schemas.check_many, devices, config)  # every target, before anything
+        rollout_id = "r-" + secrets.token_hex(4)
+        waved = plan(rollout_id, devices, waves=waves, wave_size=wave_size)
+        target: dict[str, Any] = {"all": True} if all_devices else {"labels": labels}
+        await svc.worker.run(svc.store.create_rollout, rollout_id, waved, actor=current_actor.get(),
+                             target=target, config=config, policy=_policy_dict(policy), message=message)
+        svc.events.emit("rollout_started", None, rollout=rollout_id, devices=len(devices),
+                        waves=[len(w) for w in waved])
+        self._spawn(rollout_id)
+        return await self.status(rollout_id)
+
+    async def pause(self, rollout_id: str) -> dict[str, Any]:
+        ro = await self.svc.worker.run(self.svc.store.set_rollout_state, rollout_id, "paused",
+                                       actor=current_actor.get(), expect=("running",))
+        self.svc.events.emit("rollout_paused", None, rollout=rollout_id)
+        self.poke(rollout_id)
+        return ro
+
+    async def resume(self, rollout_id: str) -> dict[str, Any]:
+        ro = await self.svc.worker.run(self.svc.store.set_rollout_state, rollout_id, "running",
+                                       actor=current_actor.get(), expect=("paused",))
+        self.svc.events.emit("rollout_resumed", None, rollout=rollout_id)
+        self.poke(rollout_id)
+        return ro
+
+    async def abort(self, rollout_id: str, *, revert: bool) -> dict[str, Any]:
+        actor = current_actor.get()
+        state = "reverting" if revert else "aborted"
+        ro = await self.svc.worker.run(self.svc.store.set_rollout_state, rollout_id, state, actor=actor,
+                                       reason=f"aborted by {actor}", revert=revert,
+                                       expect=("running", "paused"))
+        self.svc.events.emit("rollout_aborted", None, rollout=rollout_id, revert=revert)
+        self.poke(rollout_id)
+        if not revert:
+            return ro
+        return await self._wait_state(rollout_id, ("aborted",))
+
+    async def _wait_state(self, rollout_id: str, states: tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            ro = await self.svc.worker.run(self.svc.store.rollout, rollout_id)
+            if ro["state"] in states or time.monotonic() > deadline:
+                return ro
+            await asyncio.sleep(0.05)
+
+    async def status(self, rollout_id: str) -> dict[str, Any]:
+        store = self.svc.store
+        ro, devices = await self.svc.worker.run(
+            lambda: (store.rollout(rollout_id), store.rollout_devices(rollout_id)))
+        delivered = self._delivered.get(rollout_id)
+        waves: list[dict[str, Any]] = [
+            {"wave": i + 1, "targeted": 0, "published": 0, "online": 0,
+             "delivered": 0 if delivered is not None else None, "applied": 0, "rejected": 0, "offline": 0,
+             "pending": 0, "reverted": 0, "errors": Counter()} for i in range(ro["waves"])]
+        for d in devices:
+            w = waves[d["wave"]]
+            w["targeted"] += 1
+            if d["new_version"] is None:
+                continue
+            w["published"] += 1
+            w["online"] += d["online_at_start"]
+            if delivered is not None and d["device"] in delivered:
+                w["delivered"] += 1
+            if d["report"] is None:
+                w["offline" if not d["online_at_start"] else "pending"] += 1
+            else:
+                w[d["report"]] += 1
+            if d["error"]:
+                w["errors"][d["error"]] += 1
+            w["reverted"] += d["reverted_version"] is not None
+        for w in waves:
+            w["errors"] = dict(w["errors"].most_common(10))
+        return {**{k: ro[k] for k in ("id", "state", "reason", "message", "target", "policy", "actor")},
+                "created_at": utc_text(ro["created_at"]), "finished_at": utc_text(ro["finished_at"]),
+                "wave": ro["wave"] + 1, "waves": waves, "devices": len(devices),
+                "kept": sorted({d["revert_note"] for d in devices if d["revert_note"]})}
+
+    async def list(self) -> list[dict[str, Any]]:
+        rows = await self.svc.worker.run(self.svc.store.rollouts)
+        return [{k: ro[k] for k in ("id", "state", "reason", "actor")}
+                | {"created_at": utc_text(ro["created_at"]), "finished_at": utc_text(ro["finished_at"]),
+                   "wave": ro["wave"] + 1, "waves": ro["waves"]} for ro in rows]
+
+    # ---- the runner --------------------------------------------------------------------------------
+
+    async def _run(self, rollout_id: str) -> None:
+        poke = self._pokes[rollout_id]
+        try:
+            await self._steps(rollout_id, poke)
+        except Exception:
+            log.exception("rollout.runner_failed id=%s: it resumes when the service restarts", rollout_id)
+            raise
+        finally:
+            self._pokes.pop(rollout_id, None)
+
+    async def _steps(self, rollout_id: str, poke: asyncio.Event) -> None:
+        svc, store = self.svc, self.svc.store
+        while True:
+            ro = await svc.worker.run(store.rollout, rollout_id)
+            state, wave = ro["state"], ro["wave"]
+            if state in ("completed", "halted", "aborted"):
+                return
+            if state == "paused":
+                await self._sleep(poke, None)
+                continue
+            if state == "reverting":
+                final = "aborted" if (ro["reason"] or "").startswith("aborted") else "halted"
+                rows = await svc.worker.run(store.revert_rollout, rollout_id, final=final)
+                await svc.configs.publish_rows(rows, event="rollout_reverted", rollout=rollout_id)
+                svc.events.emit(f"rollout_{final}", None, rollout=rollout_id, reason=ro["reason"],
+                                reverted=len(rows))
+                return
+            policy = Policy(**ro["policy"])
+            now = time.time()
+            if not ro["wave_published"]:
+                if ro["next_wave_at"] and now < ro["next_wave_at"]:
+                    await self._sleep(poke, ro["next_wave_at"] - now)
+                    continue
+                members = [d["device"] for d in await svc.worker.run(store.rollout_devices, rollout_id, wave)]
+                online = {d for d in members if svc.broker.session(d, now).online}
+                try:
+                    rows = await svc.worker.run(store.publish_wave, rollout_id, wave, online, now=now)
+                except SchemaViolation as exc:
+                    await self._halt(rollout_id, f"wave {wave + 1} breaks a schema: {exc.args[0].splitlines()[0]}")
+                    continue
+                futures = await svc.configs.publish_rows(rows, event="rollout_wave", rollout=rollout_id,
+                                                          wave=wave + 1)
+                delivered = self._delivered.setdefault(rollout_id, set())
+                for device, future in futures.items():
+                    future.add_done_callback(_mark(delivered, device))
+                continue
+            devices = await svc.worker.run(store.rollout_devices, rollout_id, wave)
+            published = [d for d in devices if d["new_version"] is not None]
+            count = WaveCount(
+                targeted=len(published), online_at_start=sum(d["online_at_start"] for d in published),
+                applied=sum(d["report"] == "applied" for d in published),
+                applied_online=sum(d["report"] == "applied" and d["online_at_start"] for d in published),
+                rejected=sum(d["report"] == "rejected" for d in published))
+            decision, why = decide(count, policy, started=ro["wave_started"] or now, now=now)
+            if decision == "halt":
+                await self._halt(rollout_id, f"wave {wave + 1}: {why}")
+            elif decision == "pass":
+                svc.events.emit("rollout_wave_passed", None, rollout=rollout_id, wave=wave + 1, why=why)
+                after = await svc.worker.run(store.advance_rollout, rollout_id, next_wave_at=now + policy.pause)
+                if after == "completed":
+                    svc.events.emit("rollout_completed", None, rollout=rollout_id)
+                    return
+            else:
+                left = (ro["wave_started"] or now) + policy.wave_timeout - now
+                await self._sleep(poke, max(0.0, min(TICK, left)))
+
+
+    async def _halt(self, rollout_id: str, why: str) -> None:
+        await self.svc.worker.run(self.svc.store.set_rollout_state, rollout_id, "reverting", actor="henge",
+                                  reason=f"halted: {why}", revert=True)
+        self.svc.events.emit("rollout_halting", None, rollout=rollout_id, reason=why)
+        log.warning("rollout.halt id=%s reason=%s", rollout_id, why)
+
+    @staticmethod
+    async def _sleep(poke: asyncio.Event, timeout: float | None) -> None:
+        with contextlib.suppress(TimeoutError):  # a tick, not a failure
+            await asyncio.wait_for(poke.wait(), timeout)
+        poke.clear()
+
+
+def _mark(delivered: set[str], device: str) -> Callable[[asyncio.Future[None]], None]:
+    def done(future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            delivered.add(device)
+
+    return done
+
+
+def _policy_dict(policy: Policy) -> dict[str, Any]:
+    return {"max_rejected": policy.max_rejected, "rejected_percent": policy.rejected_percent,
+            "min_applied": policy.min_applied, "wave_timeout": policy.wave_timeout, "pause": policy.pause}
