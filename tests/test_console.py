@@ -118,6 +118,13 @@ async def test_console_live_presence_push_roles_and_rejections(running: Running,
             await expect(cam2).to_have_attribute("data-sync", "rejected", timeout=5000)
             await expect(cam2).to_contain_text("port 99999 is out of range")
             await expect(page.locator("#sum-rejected b")).to_have_text("1")
+
+            # Rollout progress, live: a rollout started elsewhere appears with its waves.
+            started = await svc.start_rollout({"port": 443}, labels={"site": "paris"}, waves=[100], min_applied=100)
+            card = page.locator(f'article[data-rollout="{started["id"]}"]')
+            await expect(card).to_have_attribute("data-state", "completed", timeout=5000)
+            await expect(card.locator('li[data-wave="1"]')).to_contain_text("1 offline")
+            await expect(page.locator('tr[data-device="edge9"] td.version')).to_have_text("v1", timeout=5000)
             if os.environ.get("HENGE_SCREENSHOT"):
                 await page.screenshot(path=str(ROOT / "docs" / "console.png"))
 

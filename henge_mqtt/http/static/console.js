@@ -62,6 +62,7 @@ async function signIn(token) {
     $("who").textContent = `${me.name} (${me.role})`;
     $("signout").hidden = false;
     await loadAll();
+    loadRollouts().catch(() => {});
     connectStream();
     route();
   } catch (e) {
@@ -173,6 +174,35 @@ function render() {
   }
 }
 
+// ---- rollouts -------------------------------------------------------------------------------------------
+
+let rolloutTimer = 0;
+function scheduleRollouts() {
+  clearTimeout(rolloutTimer);
+  rolloutTimer = setTimeout(() => loadRollouts().catch(() => {}), 300);
+}
+
+async function loadRollouts() {
+  const all = await api("/rollouts");
+  const shown = all.filter((r) => ["running", "paused", "reverting"].includes(r.state)).concat(
+    all.filter((r) => !["running", "paused", "reverting"].includes(r.state)).slice(-3));
+  const details = await Promise.all(shown.map((r) => api(`/rollouts/${encodeURIComponent(r.id)}`)));
+  $("rollouts").hidden = details.length === 0;
+  $("rollout-list").replaceChildren(...details.reverse().map((r) => {
+    const waves = r.waves.map((w) => {
+      const done = w.applied + w.rejected;
+      return el("li", { "data-wave": String(w.wave) },
+        el("span", { text: `wave ${w.wave}: ${w.targeted} devices` }), " ",
+        el("progress", { max: String(Math.max(1, w.targeted)), value: String(done), "aria-label": `wave ${w.wave} reported` }),
+        el("span", { text: w.published ? ` ${w.applied} applied, ${w.rejected} rejected, ${w.offline} offline, ${w.pending} pending` +
+          (w.reverted ? `, ${w.reverted} reverted` : "") : " not yet out" }));
+    });
+    return el("article", { class: "rollout", "data-rollout": r.id, "data-state": r.state },
+      el("h4", { text: `${r.id}: ${r.state}` + (r.reason ? ` (${r.reason})` : "") + (r.message ? ` — ${r.message}` : "") }),
+      el("ol", { class: "waves" }, ...waves));
+  }));
+}
+
 // ---- live events (fetch, not EventSource: it must send the Authorization header) ------------------------
 
 function applyEvent(ev) {
@@ -197,12 +227,14 @@ function applyEvent(ev) {
       break;
     case "device_added": case "device_removed": case "labels_changed": case "devices_imported": case "fleet_push":
     case "conflict": case "conflict_cleared": case "quarantine": case "schema_set": case "schema_removed":
+    case "rollout_wave": case "rollout_reverted": case "layer_applied": case "layers_applied":
       scheduleReload();
       break;
     default:
       if (ev.device && !row) scheduleReload();
   }
   if (state.device && ev.device === state.device) scheduleDevice();
+  if (ev.type.startsWith("rollout_") || (ev.type === "report" && !$("rollouts").hidden)) scheduleRollouts();
   markDirty();
 }
 
