@@ -97,6 +97,7 @@ class Client:
     got: asyncio.Event = field(default_factory=asyncio.Event)
     ping_sent: float = 0.0
     rtts: list[float] = field(default_factory=list)
+    report: bool = False  # answer every config with an "applied" report, as a device agent would
 
     async def open(self, host: str, port: int, timeout: float = 30.0) -> None:
         """CONNECT and SUBSCRIBE, bounded: a broker that never answers is a failure, not a hang."""
@@ -149,6 +150,11 @@ class Client:
                 pass
             self.messages.append((time.time(), payload))
             self.got.set()
+            if self.report and self.writer is not None:
+                version = json.loads(payload).get("version")
+                report = json.dumps({"version": version, "status": "applied"}).encode()
+                self.writer.write(publish_packet(self.topic.rsplit("/", 1)[0] + "/report", report, 0, qos=0,
+                                                 retain=False))
 
     async def pump(self) -> None:
         assert self.reader is not None
@@ -180,7 +186,7 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
     sub_filter = spec.get("filter", "")
     mqtt5 = bool(spec.get("mqtt5"))
     clients = [Client(d, s, spec["topic"].format(device=d), sub_filter.format(device=d) if sub_filter else "",
-                      mqtt5) for d, s in spec["devices"]]
+                      mqtt5, report=bool(spec.get("report"))) for d, s in spec["devices"]]
     pumps: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
     while True:
@@ -206,7 +212,9 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
             results.put({"cmd": name, "last": max((a for a in arrivals if a), default=0.0),
                          "first": min((a for a in arrivals if a), default=0.0),
                          "ping_max": max(probe.rtts, default=0.0) if probe else None,
-                         "missing": sum(1 for a in arrivals if a is None), "wrong": sum(c.wrong for c in clients)})
+                         "missing": sum(1 for a in arrivals if a is None), "wrong": sum(c.wrong for c in clients),
+                         **({"arrivals": {c.device: a for c, a in zip(clients, arrivals, strict=True)}}
+                            if command.get("arrivals") else {})})
         elif name == "storm":
             # Reconnect the first k clients with the same ids while the old sockets stay open.
             k = command["count"]

@@ -639,16 +639,27 @@ class Store:
         self._insert_rows([row])
         return row
 
-    def _insert_rows(self, rows: list[ConfigVersion]) -> None:
-        texts: dict[str, str] = {}  # one serialization per distinct config (a fleet push shares one)
+    def _insert_rows(self, rows: list[ConfigVersion], *, own_texts: dict[str, str] | None = None) -> None:
+        """Every distinct config, own layer and layer list serialized once (a fleet push or a layer
+        change shares them across thousands of rows)."""
+        texts: dict[str, str] = {}
+        layer_texts: dict[tuple[str, ...], str] = {}
+        own_cache: dict[int, str] = {}
         values = []
         for r in rows:
             text = texts.get(r.sha256)
             if text is None:
                 text = texts[r.sha256] = json.dumps(r.config, ensure_ascii=False)
-            values.append((r.device, r.version, text, r.sha256, r.message, _ts(r.created_at), r.actor,
-                           json.dumps(r.own, ensure_ascii=False) if r.own is not None else None,
-                           json.dumps(r.layers)))
+            key = tuple(r.layers)
+            layers = layer_texts.get(key)
+            if layers is None:
+                layers = layer_texts[key] = json.dumps(r.layers)
+            own = None
+            if r.own is not None:
+                own = (own_texts or {}).get(r.device) or own_cache.get(id(r.own))
+                if own is None:
+                    own = own_cache[id(r.own)] = json.dumps(r.own, ensure_ascii=False)
+            values.append((r.device, r.version, text, r.sha256, r.message, _ts(r.created_at), r.actor, own, layers))
         self._db.executemany(
             "INSERT INTO config_versions (device, version, config, sha256, message, created_at, actor, own, layers) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
@@ -738,6 +749,41 @@ class Store:
             )
 
     # ---- device reports ----------------------------------------------------------------------
+
+    def record_reports(self, reports: list[tuple[str, int, str, str | None]]) -> list[str]:
+        """Many reports in one transaction (a wave's devices answer together): per report ``ok``,
+        ``unknown`` (a device removed meanwhile) or ``newer`` (a version it was never sent)."""
+        outcomes: list[str] = []
+        now = _ts(utc_now())
+        with self._tx():
+            current: dict[str, int] = {}
+            for device, version, status, error in reports:
+                if device not in self._hashes:
+                    outcomes.append("unknown")
+                    continue
+                if device not in current:
+                    current[device] = self._current_version(device)
+                if version > current[device]:
+                    outcomes.append("newer")
+                    continue
+                self._store_report(device, version, status, error, now)
+                outcomes.append("ok")
+        return outcomes
+
+    def _store_report(self, device: str, version: int, status: str, error: str | None, now: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO device_reports (device) VALUES (?)", (device,))
+        if status == "applied":
+            self._db.execute(
+                "UPDATE device_reports SET applied_version = ?, applied_at = ? "
+                "WHERE device = ? AND (applied_version IS NULL OR applied_version <= ?)",
+                (version, now, device, version),
+            )
+        else:
+            self._db.execute(  # never lowered either: a late rejection of an older version changes nothing
+                "UPDATE device_reports SET rejected_version = ?, rejected_error = ?, rejected_at = ? "
+                "WHERE device = ? AND (rejected_version IS NULL OR rejected_version <= ?)",
+                (version, error or "", now, device, version),
+            )
 
     def record_report(self, device: str, version: int, status: str, error: str | None) -> None:
         """Record an applied/rejected report; an older version never lowers a newer one, of either kind."""
@@ -916,22 +962,28 @@ class Store:
         labels = self.labels_by_device(devices)
         created = utc_now()
         rows: list[ConfigVersion] = []
+        texts: dict[str, str] = {}  # device -> its own layer's JSON, reused as is
+        merged: dict[tuple[tuple[str, ...], str], tuple[dict[str, Any], list[str], str, Any]] = {}
         for device in devices:
             version, own_text, config_text, sha = current.get(device, (0, None, None, None))
-            text = own_text if own_text is not None else config_text
-            own = json.loads(text) if version and text is not None else {}
-            effective, used = self.effective(labels.get(device, {}), own, layers)
-            if not version and not used:
+            text = (own_text if own_text is not None else config_text) if version else None
+            applied = self.layers_for(labels.get(device, {}), layers)
+            key = (tuple(layer.ref for layer in applied), text or "{}")
+            if key not in merged:  # devices with the same own layer under the same layers: one merge
+                own = json.loads(text) if text is not None else {}
+                effective, used = self.merge_layers(applied, own)
+                merged[key] = (effective, used, config_sha256(effective), own)
+            effective, used, digest, own = merged[key]
+            if (not version and not used) or digest == sha:
                 continue
-            digest = config_sha256(effective)
-            if digest == sha:
-                continue
+            if used:
+                texts[device] = text or "{}"
             rows.append(ConfigVersion.model_construct(
                 device=device, version=version + 1, config=effective, sha256=digest, message=message,
                 created_at=created, actor=actor, own=own if used else None, layers=used))
         if rows and self.validate_many is not None:
             self.validate_many([(r.device, labels.get(r.device, {}), r.config) for r in rows])
-        self._insert_rows(rows)
+        self._insert_rows(rows, own_texts=texts)
         return rows
 
     def refresh(self, devices: list[str], *, actor: str, message: str) -> list[ConfigVersion]:

@@ -92,7 +92,7 @@ class HengeService(ServiceAPI):
             self.events.broker = broker
             self.presence = PresencePublisher(self.topics, broker, self.events, store.has_device)
             self.reports = Reports(self.worker, self.events, s.max_report_bytes,
-                                   lambda d: broker.session(d, time.time()).online)
+                                   lambda d: broker.session(d, time.time()).online, self._tasks.spawn)
             self.schemas = Schemas(store)
             await self.worker.run(self.schemas.load)
             store.validate = self.schemas.check  # inside every transaction that stores a version
@@ -210,7 +210,7 @@ class HengeService(ServiceAPI):
             report = self.reports.parse(principal.name, payload)
             if isinstance(report, int):
                 return report  # refused: a 5.0 device hears why in its PUBACK
-            self._tasks.spawn(self.reports.record(principal.name, report))
+            self.reports.submit(principal.name, report)
         return 0
 
     async def _admin(self, payload: bytes, actor: str) -> None:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .composer import HengeService
 
 log = logging.getLogger("henge_mqtt.service")
+COALESCE = 0.05  # after a wake-up, let the rest of a burst of reports land before counting
 TICK = 1.0  # the longest a runner sleeps without looking (reports and commands wake it sooner)
 
 
@@ -228,6 +229,8 @@ class Rollouts:
     async def _sleep(poke: asyncio.Event, timeout: float | None) -> None:
         with contextlib.suppress(TimeoutError):  # a tick, not a failure
             await asyncio.wait_for(poke.wait(), timeout)
+        if poke.is_set():
+            await asyncio.sleep(COALESCE)  # reports come in bursts: count once for the burst
         poke.clear()
 
 
