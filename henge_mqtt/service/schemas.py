@@ -220,7 +220,9 @@ class Schemas:
         version = self.store.put_schema(selector, document, actor=actor, forced=bool(violations))
         history = self.store.schema_history(selector)
         self._active[selector] = compile_schema(selector, version, history[-1]["document"])
-        self.recheck_all()
+        # Only these can have changed: the devices invalid before (the old version may have been why)
+        # and those the new version refuses; every other config was just checked and passes.
+        self.recheck(set(self.invalid) | {v["device"] for v in violations})
         return {"schema": display(selector), "version": version,
                 "invalid_devices": sorted({v["device"] for v in violations})}
 
@@ -229,7 +231,7 @@ class Schemas:
             raise ValidationFailed(f"no schema {display(selector)!r} is in force")
         version = self.store.put_schema(selector, None, actor=actor)
         del self._active[selector]
-        self.recheck_all()
+        self.recheck(set(self.invalid))  # removing a schema can only make devices valid
         return {"schema": display(selector), "version": version, "removed": True}
 
     def listing(self) -> list[dict[str, Any]]:
@@ -257,6 +259,19 @@ class Schemas:
             if applying:
                 found += self._errors(applying, config, device)
         return found
+
+    def recheck(self, devices: set[str]) -> None:
+        """``invalid`` anew for these devices only."""
+        if not devices:
+            return
+        labels = self.store.labels_by_device(sorted(devices))
+        for device in devices:
+            config = self.store.current_config(device) if device in labels else None
+            errors = self._errors(self.applicable(labels[device]), config, None) if config is not None else []
+            if errors:
+                self.invalid[device] = _first(errors)
+            else:
+                self.invalid.pop(device, None)
 
     def recheck_all(self) -> None:
         invalid: dict[str, str] = {}
