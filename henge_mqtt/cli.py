@@ -942,17 +942,33 @@ def rollout_start(
     wave_timeout: Annotated[float, typer.Option("--wave-timeout", min=0.1, help="Seconds a wave may take to "
                                                 "reach --min-applied; then it halts.")] = 300.0,
     pause: Annotated[float, typer.Option("--pause", min=0, help="Seconds between waves.")] = 0.0,
+    layer: Annotated[str | None, typer.Option("--layer", help="Stage a change of this layer instead: FILE is its "
+                                              "new content; the targets are the devices it alters.")] = None,
+    layer_label: Annotated[list[str] | None, typer.Option("--layer-label", help="With --layer: the layer's labels "
+                                                          "(k=v, repeatable; default: unchanged).")] = None,
+    priority: Annotated[int | None, typer.Option("--priority", min=-1000, max=1000, help="With --layer: its "
+                                                 "priority (default: unchanged, or 0).")] = None,
     message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Start a staged rollout: wave by wave, on while devices apply, halting and reverting on rejections."""
-    if not all_devices and not label:
-        fail("select the devices with --all or --label k=v", 2)
+    if layer is not None and (all_devices or label):
+        fail("with --layer the targets are the devices the layer change alters: no --all or --label", 2)
+    if layer is None and not all_devices and not label:
+        fail("select the devices with --all or --label k=v (or stage a --layer change)", 2)
+    if layer is None and (layer_label or priority is not None):
+        fail("--layer-label and --priority go with --layer", 2)
     if waves is not None and wave_size is not None:
         fail("give --waves or --wave-size, not both", 2)
-    args: dict[str, Any] = {"all": all_devices, "labels": _labels(label), "config": _read_config(source),
-                            "max_rejected": max_rejected, "min_applied": min_applied,
-                            "wave_timeout": wave_timeout, "pause": pause, "message": message}
+    document = _read_config(source, what="layer" if layer else "config")
+    args: dict[str, Any] = {"all": all_devices, "labels": _labels(label), "max_rejected": max_rejected,
+                            "min_applied": min_applied, "wave_timeout": wave_timeout, "pause": pause,
+                            "message": message}
+    if layer is None:
+        args["config"] = document
+    else:
+        args["layer"] = {"name": layer, "content": document, "labels": _labels(layer_label) if layer_label else None,
+                         "priority": priority}
     if wave_size is not None:
         args["wave_size"] = wave_size
     else:

@@ -294,10 +294,18 @@ class ExplainArgs(Frozen):
     version: int | None = Field(default=None, ge=1)
 
 
+class LayerChange(Frozen):
+    name: LayerName
+    content: ConfigObject | None  # None: the layer's removal, staged
+    labels: dict[str, str] | None = None
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
+
+
 class RolloutStartArgs(Frozen):
     all: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
-    config: ConfigObject
+    config: ConfigObject = Field(default_factory=dict)
+    layer: LayerChange | None = None  # a staged layer change instead of a config for every target
     waves: list[float] | None = Field(default=None, min_length=1, max_length=100)
     wave_size: int | None = Field(default=None, ge=1)
     max_rejected: str = Field(default="1", max_length=16)

@@ -162,7 +162,8 @@ MIGRATIONS: list[str] = [
         next_wave_at REAL,               -- after a pause
         reason TEXT,                     -- why it halted or was aborted
         revert INTEGER NOT NULL DEFAULT 0,
-        finished_at TEXT
+        finished_at TEXT,
+        layer TEXT                       -- a staged layer change: {name, content, labels, priority}
     );
     CREATE TABLE rollout_devices (
         rollout TEXT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
@@ -208,10 +209,11 @@ class Layer:
     priority: int
     content: dict[str, Any]
     message: str = ""
+    staged_by: str = ""  # a rollout staging this version: it is not in force yet
 
     @property
     def ref(self) -> str:
-        return f"{self.name}@{self.version}"
+        return f"{self.name}@{self.version}" + (f" (rollout {self.staged_by})" if self.staged_by else "")
 
     def applies(self, labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.selector.items())
@@ -1001,6 +1003,18 @@ class Store:
                   ) -> tuple[int, list[ConfigVersion]]:
         """A new version of layer ``name`` (``content`` None: removed) and, in the same transaction, a
         new device version for exactly the devices whose config it changes."""
+        staged = self._staging(name)
+        if staged:
+            raise RolloutConflict(f"layer {name!r} is being rolled out by {staged}; wait for it, or abort it")
+        with self._tx():
+            version, rows, candidate = self._set_layer(name, content, actor=actor, message=message,
+                                                       selector=selector, priority=priority)
+        self._layers = candidate
+        return version, rows
+
+    def candidate_layer(self, name: str, content: dict[str, Any] | None, *, selector: dict[str, str] | None,
+                        priority: int | None) -> tuple[Layer | None, dict[str, str], int]:
+        """The layer ``name`` would be after this change (None: removed), its selector and priority."""
         if name == FLEET_LAYER and selector:
             raise ValidationFailed("the fleet layer applies to every device: it takes no labels")
         before = self._layers.get(name)
@@ -1010,25 +1024,62 @@ class Store:
             raise ValidationFailed(f"a new layer needs its labels (--label k=v), or use the name {FLEET_LAYER!r}")
         sel = selector if selector is not None else (before.selector if before else {})
         prio = priority if priority is not None else (before.priority if before else 0)
+        row = self._db.execute("SELECT MAX(version) FROM layers WHERE name = ?", (name,)).fetchone()
+        version = int(row[0] or 0) + 1
+        layer = Layer(name, version, sel, prio, content) if content is not None else None
+        return layer, sel, prio
+
+    def _set_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str,
+                   selector: dict[str, str] | None, priority: int | None,
+                   ) -> tuple[int, list[ConfigVersion], dict[str, Layer]]:
+        """Inside the caller's transaction; the caller installs the returned layers once it commits."""
+        layer, sel, prio = self.candidate_layer(name, content, selector=selector, priority=priority)
+        row = self._db.execute("SELECT MAX(version) FROM layers WHERE name = ?", (name,)).fetchone()
+        version = int(row[0] or 0) + 1
+        self._db.execute(
+            "INSERT INTO layers (name, version, selector, priority, content, message, created_at, actor) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, version, json.dumps(sel, sort_keys=True), prio,
+             json.dumps(content, sort_keys=True) if content is not None else None, message, _ts(utc_now()), actor))
         candidate = dict(self._layers)
-        with self._tx():
-            row = self._db.execute("SELECT MAX(version) FROM layers WHERE name = ?", (name,)).fetchone()
-            version = int(row[0] or 0) + 1
-            self._db.execute(
-                "INSERT INTO layers (name, version, selector, priority, content, message, created_at, actor) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, version, json.dumps(sel, sort_keys=True), prio,
-                 json.dumps(content, sort_keys=True) if content is not None else None, message, _ts(utc_now()), actor))
-            if content is None:
-                candidate.pop(name, None)
-            else:
-                candidate[name] = Layer(name, version, sel, prio, content, message)
-            rows = self._refresh(sorted(self._hashes), candidate, actor=actor,
-                                 message=message or f"layer {name}@{version}")
-            self._audit(actor, "layer.remove" if content is None else "layer.set", None,
-                        {"layer": name, "version": version, "labels": sel, "priority": prio, "devices": len(rows)})
-        self._layers = candidate
-        return version, rows
+        if layer is None:
+            candidate.pop(name, None)
+        else:
+            candidate[name] = Layer(name, version, sel, prio, layer.content, message)
+        rows = self._refresh(sorted(self._hashes), candidate, actor=actor, message=message or f"layer {name}@{version}")
+        self._audit(actor, "layer.remove" if content is None else "layer.set", None,
+                    {"layer": name, "version": version, "labels": sel, "priority": prio, "devices": len(rows)})
+        return version, rows, candidate
+
+    def _staging(self, name: str) -> str | None:
+        """The active rollout staging a change of layer ``name``, if any."""
+        for rid, layer in self._db.execute("SELECT id, layer FROM rollouts WHERE layer IS NOT NULL AND state IN "
+                                           "('running', 'paused', 'reverting')"):
+            if json.loads(layer)["name"] == name:
+                return str(rid)
+        return None
+
+    def layer_change_targets(self, name: str, content: dict[str, Any] | None, *, selector: dict[str, str] | None,
+                             priority: int | None) -> list[str]:
+        """The devices whose config a layer change would alter (a staged layer change's targets)."""
+        layer, _, _ = self.candidate_layer(name, content, selector=selector, priority=priority)
+        candidate = dict(self._layers)
+        if layer is None:
+            candidate.pop(name, None)
+        else:
+            candidate[name] = layer
+        devices = sorted(self._hashes)
+        current = self._current_rows(devices)
+        labels = self.labels_by_device(devices)
+        out = []
+        for device in devices:
+            version, own_text, config_text, sha = current.get(device, (0, None, None, None))
+            text = (own_text if own_text is not None else config_text) if version else None
+            own = json.loads(text) if text is not None else {}
+            effective, used = self.effective(labels.get(device, {}), own, candidate)
+            if (version or used) and config_sha256(effective) != sha:
+                out.append(device)
+        return out
 
     def layer_history(self, name: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
@@ -1047,9 +1098,13 @@ class Store:
         for ref in row.layers:
             if ref == "device":
                 continue
-            name, _, number = ref.rpartition("@")
+            base, _, staged = ref.partition(" (rollout ")
+            name, _, number = base.rpartition("@")
             found = self._db.execute("SELECT content FROM layers WHERE name = ? AND version = ?",
                                      (name, int(number))).fetchone()
+            if (found is None or found[0] is None) and staged:  # staged by a rollout, not (yet) in force
+                spec = self._db.execute("SELECT layer FROM rollouts WHERE id = ?", (staged.rstrip(")"),)).fetchone()
+                found = (json.dumps(json.loads(spec[0])["content"]),) if spec and spec[0] else None
             if found and found[0] is not None:
                 chain.append((ref, json.loads(found[0])))
         chain.append(("device", row.device_layer))
@@ -1075,7 +1130,8 @@ class Store:
     ACTIVE_ROLLOUT = ("running", "paused", "reverting")
 
     def create_rollout(self, rollout_id: str, waves: list[list[str]], *, actor: str, target: dict[str, Any],
-                       config: dict[str, Any], policy: dict[str, Any], message: str) -> None:
+                       config: dict[str, Any], policy: dict[str, Any], message: str,
+                       layer: dict[str, Any] | None = None) -> None:
         """The plan, stored before anything is published; refused if a target is in an active rollout."""
         devices = [d for wave in waves for d in wave]
         with self._tx():
@@ -1089,11 +1145,14 @@ class Store:
                 if busy:
                     raise RolloutConflict(f"device {busy[0]!r} is in the active rollout {busy[1]}; one rollout per "
                                           "device at a time (finish, abort or wait for it); nothing was started")
+            if layer is not None and (staged := self._staging(layer["name"])):
+                raise RolloutConflict(f"layer {layer['name']!r} is being rolled out by {staged}; nothing was started")
             self._db.execute(
-                "INSERT INTO rollouts (id, created_at, actor, target, config, policy, message, state, waves) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                "INSERT INTO rollouts (id, created_at, actor, target, config, policy, message, state, waves, layer) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
                 (rollout_id, _ts(utc_now()), actor, json.dumps(target, sort_keys=True),
-                 json.dumps(config, ensure_ascii=False), json.dumps(policy, sort_keys=True), message, len(waves)))
+                 json.dumps(config, ensure_ascii=False), json.dumps(policy, sort_keys=True), message, len(waves),
+                 json.dumps(layer, sort_keys=True) if layer is not None else None))
             self._db.executemany("INSERT INTO rollout_devices (rollout, device, wave) VALUES (?, ?, ?)",
                                  [(rollout_id, d, i) for i, wave in enumerate(waves) for d in wave])
             self._audit(actor, "rollout.start", None, {"rollout": rollout_id, "devices": len(devices),
@@ -1102,15 +1161,16 @@ class Store:
     def rollout(self, rollout_id: str) -> dict[str, Any]:
         row = self._db.execute(
             "SELECT id, created_at, actor, target, config, policy, message, state, wave, waves, wave_published, "
-            "wave_started, next_wave_at, reason, revert, finished_at FROM rollouts WHERE id = ?",
+            "wave_started, next_wave_at, reason, revert, finished_at, layer FROM rollouts WHERE id = ?",
             (rollout_id,)).fetchone()
         if row is None:
             raise UnknownRollout(f"no rollout {rollout_id!r}")
         keys = ("id", "created_at", "actor", "target", "config", "policy", "message", "state", "wave", "waves",
-                "wave_published", "wave_started", "next_wave_at", "reason", "revert", "finished_at")
+                "wave_published", "wave_started", "next_wave_at", "reason", "revert", "finished_at", "layer")
         out = dict(zip(keys, row, strict=True))
         for key in ("target", "config", "policy"):
             out[key] = json.loads(out[key])
+        out["layer"] = json.loads(out["layer"]) if out["layer"] is not None else None
         out["wave_published"], out["revert"] = bool(out["wave_published"]), bool(out["revert"])
         return out
 
@@ -1153,14 +1213,25 @@ class Store:
             "SELECT device FROM rollout_devices WHERE rollout = ? AND wave = ? AND new_version IS NULL ORDER BY device",
             (rollout_id, wave))]
         devices = [d for d in devices if d in self._hashes]  # a device removed meanwhile is skipped
+        note = ro["message"] or f"rollout {rollout_id} wave {wave + 1}"
         with self._tx():
             current = self._current_rows(devices)
-            rows = self._push_many(devices, ro["config"], actor=ro["actor"],
-                                   message=ro["message"] or f"rollout {rollout_id} wave {wave + 1}",
-                                   skip_unchanged=False)
-            if rows and self.validate_many is not None:  # a schema set since the start: the wave halts
-                labels = self.labels_by_device(devices)
-                self.validate_many([(r.device, labels.get(r.device, {}), r.config) for r in rows])
+            if ro["layer"] is not None:  # a staged layer change: these devices get it now, the layer at the end
+                spec = ro["layer"]
+                layer, _, _ = self.candidate_layer(spec["name"], spec["content"], selector=spec["labels"],
+                                                   priority=spec["priority"])
+                candidate = dict(self._layers)
+                if layer is None:
+                    candidate.pop(spec["name"], None)
+                else:
+                    candidate[spec["name"]] = Layer(spec["name"], layer.version, layer.selector, layer.priority,
+                                                    layer.content, staged_by=rollout_id)
+                rows = self._refresh(devices, candidate, actor=ro["actor"], message=note)  # checks the schemas
+            else:
+                rows = self._push_many(devices, ro["config"], actor=ro["actor"], message=note, skip_unchanged=False)
+                if rows and self.validate_many is not None:  # a schema set since the start: the wave halts
+                    labels = self.labels_by_device(devices)
+                    self.validate_many([(r.device, labels.get(r.device, {}), r.config) for r in rows])
             self._audit(ro["actor"], "rollout.wave", None, {"rollout": rollout_id, "wave": wave + 1,
                                                             "devices": len(rows)})
             self._db.executemany(
@@ -1172,18 +1243,31 @@ class Store:
                              (now, rollout_id))
         return rows
 
-    def advance_rollout(self, rollout_id: str, *, next_wave_at: float) -> str:
-        """The current wave passed: on to the next (after the pause), or completed."""
+    def advance_rollout(self, rollout_id: str, *, next_wave_at: float) -> tuple[str, list[ConfigVersion]]:
+        """The current wave passed: on to the next (after the pause), or completed. A staged layer
+        change comes into force in the transaction that completes its rollout (the rows: devices
+        it changes that no wave held, e.g. added since)."""
+        rows: list[ConfigVersion] = []
+        installed: dict[str, Layer] | None = None
         with self._tx():
             ro = self.rollout(rollout_id)
             if ro["wave"] + 1 >= ro["waves"]:
+                if ro["layer"] is not None:
+                    spec = ro["layer"]
+                    _, rows, installed = self._set_layer(spec["name"], spec["content"], actor=ro["actor"],
+                                                         message=ro["message"] or f"rollout {rollout_id}",
+                                                         selector=spec["labels"], priority=spec["priority"])
                 self._db.execute("UPDATE rollouts SET state = 'completed', finished_at = ? WHERE id = ?",
                                  (_ts(utc_now()), rollout_id))
                 self._audit(ro["actor"], "rollout.complete", None, {"rollout": rollout_id})
-                return "completed"
-            self._db.execute("UPDATE rollouts SET wave = wave + 1, wave_published = 0, wave_started = NULL, "
-                             "next_wave_at = ? WHERE id = ?", (next_wave_at, rollout_id))
-            return "running"
+                state = "completed"
+            else:
+                self._db.execute("UPDATE rollouts SET wave = wave + 1, wave_published = 0, wave_started = NULL, "
+                                 "next_wave_at = ? WHERE id = ?", (next_wave_at, rollout_id))
+                state = "running"
+        if installed is not None:
+            self._layers = installed
+        return state, rows
 
     def set_rollout_state(self, rollout_id: str, state: str, *, actor: str, reason: str | None = None,
                           revert: bool = False, expect: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -1264,6 +1348,14 @@ class Store:
         row = self._db.execute("SELECT config FROM config_versions WHERE device = ? ORDER BY version DESC LIMIT 1",
                                (device,)).fetchone()
         return dict(json.loads(row[0])) if row else None
+
+    def current_config_layer(self, device: str) -> dict[str, Any]:
+        """The device's own layer at its current version ({} without one)."""
+        row = self._db.execute("SELECT own, config FROM config_versions WHERE device = ? ORDER BY version DESC "
+                               "LIMIT 1", (device,)).fetchone()
+        if row is None:
+            return {}
+        return dict(json.loads(row[0] if row[0] is not None else row[1]))
 
     def schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
         """The schemas in force: ``{selector: (version, document)}``."""

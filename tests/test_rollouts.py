@@ -369,3 +369,47 @@ def test_kill_minus_nine_at_any_moment_of_a_rollout(tmp_path: Path) -> None:
                 assert history[-1].config == {"v": 1}
     finally:
         store.close()
+
+
+async def test_a_layer_change_rolls_out_in_waves_and_comes_into_force_at_the_end(
+        running: Running, devices: Devices) -> None:
+    secrets = await add(running, 8)
+    await devices.start(secrets, dict.fromkeys(secrets, accept))
+    svc = running.service
+    await svc.set_layer("fleet", {"ntp": "a"})
+    status = await svc.start_rollout({}, layer={"name": "fleet", "content": {"ntp": "b"}, "labels": None,
+                                                "priority": None}, wave_size=3, min_applied=100)
+    assert status["target"] == {"layer": "fleet"} and status["devices"] == 8
+    with pytest.raises(RolloutConflict, match=f"being rolled out by {status['id']}"):
+        await svc.set_layer("fleet", {"ntp": "c"})
+    done = await finished(running, status["id"])
+    assert done["state"] == "completed"
+    layer = await svc.get_layer("fleet")
+    assert (layer["version"], layer["content"]) == (2, {"ntp": "b"})
+    for device in secrets:
+        row = await svc.get_version(device)
+        assert row.config == {"ntp": "b", "v": 0}
+        assert row.layers == [f"fleet@2 (rollout {status['id']})", "device"]
+        assert [leaf["layer"] for leaf in await svc.explain(device) if leaf["pointer"] == "/ntp"] == [row.layers[0]]
+    # After it, new devices simply get the layer in force.
+    await svc.add_device("late")
+    assert (await svc.get_version("late")).config == {"ntp": "b"}
+
+
+async def test_a_halted_layer_rollout_never_puts_the_layer_in_force(running: Running, devices: Devices) -> None:
+    secrets = await add(running, 6)
+
+    async def no_b(config: dict[str, Any]) -> None:
+        if config.get("ntp") == "b":
+            raise ApplyFailed("ntp b unreachable")
+
+    await devices.start(secrets, dict.fromkeys(secrets, no_b))
+    svc = running.service
+    await svc.set_layer("fleet", {"ntp": "a"})
+    status = await svc.start_rollout({}, layer={"name": "fleet", "content": {"ntp": "b"}, "labels": None,
+                                                "priority": None}, wave_size=2, max_rejected="0")
+    done = await finished(running, status["id"])
+    assert done["state"] == "halted" and done["waves"][0]["reverted"] == 2
+    assert (await svc.get_layer("fleet"))["content"] == {"ntp": "a"}  # never came into force
+    for device in secrets:
+        assert (await svc.get_version(device)).config == {"ntp": "a", "v": 0}

@@ -434,12 +434,13 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     async def start_rollout(request: Request) -> JSONResponse:
         """A staged rollout of ``config`` to ``all`` devices or those with ``labels`` (docs/rollouts.md)."""
         a = parse_model(RolloutStartArgs, await read_json(request))
-        if not a.all and not a.labels:
-            raise ValidationFailed("select the rollout's devices with all or labels")
+        if not a.all and not a.labels and a.layer is None:
+            raise ValidationFailed("select the rollout's devices with all or labels, or stage a layer change")
         result = await svc.start_rollout(dict(a.config), all_devices=a.all, labels=dict(a.labels) or None,
                                          waves=list(a.waves) if a.waves else None, wave_size=a.wave_size,
                                          max_rejected=a.max_rejected, min_applied=a.min_applied,
-                                         wave_timeout=a.wave_timeout, pause=a.pause, message=a.message)
+                                         wave_timeout=a.wave_timeout, pause=a.pause, message=a.message,
+                                         layer=a.layer.model_dump() if a.layer else None)
         return JSONResponse(result, status_code=201)
 
     @api.post("/rollouts/{rollout}/pause", **r("operator"))

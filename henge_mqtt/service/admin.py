@@ -255,12 +255,13 @@ async def _explain(svc: HengeService, a: models.ExplainArgs, progress: Progress)
 
 
 async def _rollout_start(svc: HengeService, a: models.RolloutStartArgs, progress: Progress) -> Any:
-    if not a.all and not a.labels:
-        raise ValidationFailed("select the rollout's devices with --all or --label k=v")
+    if not a.all and not a.labels and a.layer is None:
+        raise ValidationFailed("select the rollout's devices with --all or --label k=v (or stage a --layer change)")
     return await svc.start_rollout(dict(a.config), all_devices=a.all, labels=dict(a.labels) or None,
                                    waves=list(a.waves) if a.waves else None, wave_size=a.wave_size,
                                    max_rejected=a.max_rejected, min_applied=a.min_applied,
-                                   wave_timeout=a.wave_timeout, pause=a.pause, message=a.message)
+                                   wave_timeout=a.wave_timeout, pause=a.pause, message=a.message,
+                                   layer=a.layer.model_dump() if a.layer else None)
 
 
 async def _rollout_status(svc: HengeService, a: models.RolloutRefArgs, progress: Progress) -> Any:

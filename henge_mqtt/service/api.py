@@ -322,8 +322,14 @@ class ServiceAPI:
     async def start_rollout(self, config: dict[str, Any], *, all_devices: bool = False,
                             labels: dict[str, str] | None = None, waves: list[float] | None = None,
                             wave_size: int | None = None, max_rejected: str = "1", min_applied: float = 90.0,
-                            wave_timeout: float = 300.0, pause: float = 0.0, message: str = "") -> dict[str, Any]:
-        """A staged rollout of ``config`` (as each target's own layer); see docs/rollouts.md."""
+                            wave_timeout: float = 300.0, pause: float = 0.0, message: str = "",
+                            layer: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A staged rollout of ``config`` (as each target's own layer), or of a layer change
+        (``layer``: name, content, labels, priority); see docs/rollouts.md."""
+        if layer is not None and (all_devices or labels):
+            raise ValidationFailed("a layer change's targets are the devices it alters: no --all or --label with it")
+        if layer is not None:
+            self.configs.check_size(layer["content"] or {})
         if waves is not None and wave_size is not None:
             raise ValidationFailed("give --waves or --wave-size, not both")
         try:
@@ -338,7 +344,7 @@ class ServiceAPI:
                         wave_timeout=wave_timeout, pause=pause)
         return await self.rollouts.start(config, all_devices=all_devices, labels=labels,
                                          waves=waves if wave_size is None else None, wave_size=wave_size,
-                                         policy=policy, message=message)
+                                         policy=policy, message=message, layer=layer)
 
     async def rollout_status(self, rollout_id: str) -> dict[str, Any]:
         return await self.rollouts.status(rollout_id)

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SchemaViolation
+from ..errors import SchemaViolation, ValidationFailed
 from ..rollouts import Policy, WaveCount, decide, plan
 from .api import current_actor, utc_text
 
@@ -63,16 +63,29 @@ class Rollouts:
 
     async def start(self, config: dict[str, Any], *, all_devices: bool, labels: dict[str, str] | None,
                     waves: list[float] | None, wave_size: int | None, policy: Policy,
-                    message: str = "") -> dict[str, Any]:
+                    message: str = "", layer: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``config`` as every target's own layer; or, with ``layer`` ({name, content, labels,
+        priority}), a staged layer change whose targets are the devices it alters."""
         svc = self.svc
         svc.configs.check_size(config)
-        devices = await svc.select(all_devices=all_devices, labels=labels)
-        await svc.worker.run(svc.schemas.check_many, devices, config)  # every target, before anything
+        store = svc.store
+        if layer is None:
+            devices = await svc.select(all_devices=all_devices, labels=labels)
+            await svc.worker.run(svc.schemas.check_many, devices, config)  # every target, before anything
+            target: dict[str, Any] = {"all": True} if all_devices else {"labels": labels}
+        else:
+            devices = await svc.worker.run(store.layer_change_targets, layer["name"], layer["content"],
+                                           selector=layer["labels"], priority=layer["priority"])
+            if not devices:
+                raise ValidationFailed(f"this change of layer {layer['name']!r} alters no device's config; nothing "
+                                       "was started (henge layer set applies it at once)")
+            await svc.worker.run(svc.schemas.check_layer_change, layer, devices)
+            target = {"layer": layer["name"]}
         rollout_id = "r-" + secrets.token_hex(4)
         waved = plan(rollout_id, devices, waves=waves, wave_size=wave_size)
-        target: dict[str, Any] = {"all": True} if all_devices else {"labels": labels}
-        await svc.worker.run(svc.store.create_rollout, rollout_id, waved, actor=current_actor.get(),
-                             target=target, config=config, policy=_policy_dict(policy), message=message)
+        await svc.worker.run(store.create_rollout, rollout_id, waved, actor=current_actor.get(),
+                             target=target, config=config, policy=_policy_dict(policy), message=message,
+                             layer=layer)
         svc.events.emit("rollout_started", None, rollout=rollout_id, devices=len(devices),
                         waves=[len(w) for w in waved])
         self._spawn(rollout_id)
@@ -210,7 +223,8 @@ class Rollouts:
                 await self._halt(rollout_id, f"wave {wave + 1}: {why}")
             elif decision == "pass":
                 svc.events.emit("rollout_wave_passed", None, rollout=rollout_id, wave=wave + 1, why=why)
-                after = await svc.worker.run(store.advance_rollout, rollout_id, next_wave_at=now + policy.pause)
+                after, rows = await svc.worker.run(store.advance_rollout, rollout_id, next_wave_at=now + policy.pause)
+                await svc.configs.publish_rows(rows, event="layer_applied", rollout=rollout_id)
                 if after == "completed":
                     svc.events.emit("rollout_completed", None, rollout=rollout_id)
                     return

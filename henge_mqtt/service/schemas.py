@@ -176,6 +176,29 @@ class Schemas:
         if errors:
             raise SchemaViolation(errors, what="nothing was stored for any device")
 
+    def check_layer_change(self, layer: dict[str, Any], devices: list[str]) -> None:
+        """Before a staged layer change starts: every target's config under the new layer."""
+        if not self._active:
+            return
+        candidate, _, _ = self.store.candidate_layer(layer["name"], layer["content"], selector=layer["labels"],
+                                                     priority=layer["priority"])
+        layers = self.store.layers()
+        if candidate is None:
+            layers.pop(layer["name"], None)
+        else:
+            layers[layer["name"]] = candidate
+        labels = self.store.labels_by_device(devices)
+        items = []
+        for device in devices:
+            own = self.store.current_config_layer(device)
+            effective, _ = self.store.effective(labels.get(device, {}), own, layers)
+            items.append((device, labels.get(device, {}), effective))
+        errors: list[dict[str, str]] = []
+        for device, have, config in items:
+            errors += self._errors(self.applicable(have), config, device)
+        if errors:
+            raise SchemaViolation(errors, what="the rollout was not started")
+
     def check_each(self, items: list[tuple[str, dict[str, str], dict[str, Any]]]) -> None:
         """The store's hook for many new versions at once (a layer change): all pass or none is stored."""
         if not self._active:
