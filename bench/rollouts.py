@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import loadgen
 import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,21 +73,11 @@ def main() -> int:
     result: dict[str, Any] = {"n": args.n} | schema_bench(args.n)
     tmp = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     target = run.Henge(args.n, tmp)
-    ctx = mp.get_context("spawn")
-    procs, commands, results = [], [], ctx.Queue()
+    target.start()
+    fleet = run.LoadWorkers(target, args.workers, report=True)
+    commands, results = fleet.commands, fleet.results
     try:
-        target.start()
-        for share in [target.devices[i::args.workers] for i in range(args.workers)]:
-            q = ctx.Queue()
-            spec = {"host": "127.0.0.1", "port": target.port, "devices": share, "topic": run.TOPIC, "filter": "",
-                    "mqtt5": False, "report": True}
-            p = ctx.Process(target=loadgen.worker_main, args=(spec, q, results))
-            p.start()
-            procs.append(p)
-            commands.append(q)
-        for q in commands:
-            q.put({"cmd": "connect", "start_at": time.time() + 0.5})
-        [results.get(timeout=300) for _ in commands]
+        fleet.connect()
 
         def awaiting(marker: str) -> None:
             for q in commands:
@@ -131,14 +119,7 @@ def main() -> int:
                       rollout_device_time_s=device_time, rollout_overhead_s=total - device_time,
                       rollout_applied=[w["applied"] for w in status["waves"]])
     finally:
-        for q in commands:
-            q.put({"cmd": "stop"})
-        if target.proc is not None:
-            target.stop()
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+        fleet.close()
     print(json.dumps(result, indent=2))
     (Path(__file__).resolve().parent / "results" / f"rollouts-{int(time.time())}.json").write_text(
         json.dumps(result, indent=2))

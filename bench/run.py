@@ -179,6 +179,44 @@ class MosquittoAuth(Target):
 TARGETS = {"henge": Henge, "mosquitto-auth": MosquittoAuth, "mosquitto": Mosquitto, "amqtt": StockAmqtt}
 
 
+class LoadWorkers:
+    """The load generator's processes for a started target: ``commands`` (one queue each) and the
+    shared ``results`` queue; ``close()`` stops them and the target."""
+
+    def __init__(self, target: Target, workers: int, **spec: Any) -> None:
+        self.target = target
+        ctx = mp.get_context("spawn")
+        self.results: Any = ctx.Queue()
+        self.commands: list[Any] = []
+        self.procs: list[Any] = []
+        for share in [target.devices[i::workers] for i in range(workers)]:
+            q = ctx.Queue()
+            full = {"host": "127.0.0.1", "port": target.port, "devices": share, "topic": TOPIC, "filter": "",
+                    "mqtt5": False} | spec
+            p = ctx.Process(target=loadgen.worker_main, args=(full, q, self.results))
+            p.start()
+            self.procs.append(p)
+            self.commands.append(q)
+
+    def broadcast(self, command: dict[str, Any], timeout: float = 300) -> list[dict[str, Any]]:
+        for q in self.commands:
+            q.put(command)
+        return [self.results.get(timeout=timeout) for _ in self.commands]
+
+    def connect(self) -> list[dict[str, Any]]:
+        return self.broadcast({"cmd": "connect", "start_at": time.time() + 0.5})
+
+    def close(self) -> None:
+        for q in self.commands:
+            q.put({"cmd": "stop"})
+        if self.target.proc is not None:
+            self.target.stop()
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
 def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filter: str = "exact",
             mqtt: str = "3.1.1") -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{target_cls.name}-"))

@@ -789,21 +789,8 @@ class Store:
 
     def record_report(self, device: str, version: int, status: str, error: str | None) -> None:
         """Record an applied/rejected report; an older version never lowers a newer one, of either kind."""
-        now = _ts(utc_now())
         with self._tx():
-            self._db.execute("INSERT OR IGNORE INTO device_reports (device) VALUES (?)", (device,))
-            if status == "applied":
-                self._db.execute(
-                    "UPDATE device_reports SET applied_version = ?, applied_at = ? "
-                    "WHERE device = ? AND (applied_version IS NULL OR applied_version <= ?)",
-                    (version, now, device, version),
-                )
-            else:
-                self._db.execute(  # never lowered either: a late rejection of an older version changes nothing
-                    "UPDATE device_reports SET rejected_version = ?, rejected_error = ?, rejected_at = ? "
-                    "WHERE device = ? AND (rejected_version IS NULL OR rejected_version <= ?)",
-                    (version, error or "", now, device, version),
-                )
+            self._store_report(device, version, status, error, _ts(utc_now()))
 
     def reports(self) -> dict[str, DeviceReports]:
         rows = self._db.execute(
