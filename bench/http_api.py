@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import multiprocessing as mp
+import re
 import statistics
 import sys
 import tempfile

@@ -98,6 +98,7 @@ class Client:
     ping_sent: float = 0.0
     rtts: list[float] = field(default_factory=list)
     report: bool = False  # answer every config with an "applied" report, as a device agent would
+    announce: bool = False  # say "online" on presence/device, retained, as henge's agent does
 
     async def open(self, host: str, port: int, timeout: float = 30.0) -> None:
         """CONNECT and SUBSCRIBE, bounded: a broker that never answers is a failure, not a hang."""
@@ -117,6 +118,9 @@ class Client:
             if kind == 9:
                 break
             self._on_packet(kind, flags, body)
+        if self.announce:
+            state = json.dumps({"state": "online", "session": f"{self.device}-{time.time_ns()}"}).encode()
+            self.writer.write(publish_packet(self.topic.rsplit("/", 1)[0] + "/presence/device", state, 0, qos=0))
         self.subscribed_at = time.time()
 
     def _on_packet(self, kind: int, flags: int, body: bytes) -> None:
@@ -186,7 +190,8 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
     sub_filter = spec.get("filter", "")
     mqtt5 = bool(spec.get("mqtt5"))
     clients = [Client(d, s, spec["topic"].format(device=d), sub_filter.format(device=d) if sub_filter else "",
-                      mqtt5, report=bool(spec.get("report"))) for d, s in spec["devices"]]
+                      mqtt5, report=bool(spec.get("report")), announce=bool(spec.get("announce")))
+               for d, s in spec["devices"]]
     pumps: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
     while True:

@@ -1,0 +1,148 @@
+"""External mode at fleet size: henge in front of a real Mosquitto, and Mosquitto alone in the same run.
+
+    python bench/external.py [--n 10000] [--workers 2]
+
+Mosquitto is configured by ``henge broker-config mosquitto`` (a password file and an ACL for every
+device and the admin). The load generator's devices connect to Mosquitto, subscribe to their config
+and announce themselves (a retained ``henge/devices/<id>/presence/device``, as the agent does).
+
+- ``connect_s``: every device connected, subscribed and announced;
+- ``online_seen_s``: from the first connect until ``henge status`` counts all N online;
+- ``push_s``: ``henge push --all`` until every device holds the new version, against ``one_client_s``:
+  one client publishing the same N retained messages to the same Mosquitto (the target: <= 2x);
+- ``restart_online_s``: henge stopped and started again, from the start until it counts N online.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import asyncio
+
+import loadgen
+import run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class HengeExternal(run.Target):
+    name = "henge-external"
+
+    def start(self) -> None:
+        from henge_mqtt.mosquitto import identities, write_mosquitto_config
+        from henge_mqtt.service.auth import admin_secret
+        from henge_mqtt.store import Store
+
+        self.data = self.tmp / "data"
+        store = Store(self.data)
+        secrets = store.add_devices([(d, {}) for d, _ in self.devices])
+        self.admin_secret = admin_secret(self.data, "henge-admin")
+        store.ensure_admin("henge-admin", self.admin_secret)
+        store.close()
+        self.devices = [(d, secrets[d]) for d, _ in self.devices]
+        self.admin_port = run.free_port()
+        hashes, _ = identities(self.data, "henge-admin")
+        conf = self.tmp / "mosquitto"
+        write_mosquitto_config(conf, hashes, device_listener=f"127.0.0.1:{self.port}",
+                               admin_listener=f"127.0.0.1:{self.admin_port}", topic_prefix="henge",
+                               admin_name="henge-admin", run_as="root" if os.geteuid() == 0 else "mosquitto")
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.broker = subprocess.Popen([binary, "-c", str(conf / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+        run.wait_port(self.port)
+        run.wait_port(self.admin_port)
+        self.start_service()
+
+    def start_service(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(self.data), "--no-http",
+             "--broker", f"mqtt://127.0.0.1:{self.admin_port}", "--log-level", "warning"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def online(self) -> int:
+        out = subprocess.run([sys.executable, "-m", "henge_mqtt", "status", "--summary", "--json", "--data",
+                              str(self.data), "--timeout", "5"], capture_output=True, text=True, cwd=ROOT)
+        return int(json.loads(out.stdout)["online"]) if out.returncode == 0 else -1
+
+    def wait_online(self, n: int, timeout: float = 120) -> float:
+        started = time.time()
+        while self.online() < n:
+            if time.time() - started > timeout:
+                raise TimeoutError(f"henge never counted {n} online")
+            time.sleep(0.1)
+        return time.time()
+
+    def push(self, marker: str) -> None:
+        cfg = self.tmp / "fleet.json"
+        cfg.write_text(json.dumps({"m": marker}))
+        subprocess.run([sys.executable, "-m", "henge_mqtt", "push", "--all", str(cfg), "--data", str(self.data),
+                        "--timeout", "120"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+    def one_client(self, marker: str) -> None:
+        topics = [(run.TOPIC.format(device=d), json.dumps({"device": d, "version": 99, "config": {"m": marker}})
+                   .encode()) for d, _ in self.devices]
+        asyncio.run(loadgen.publish_all("127.0.0.1", self.admin_port, topics, "henge-admin", self.admin_secret))
+
+    def stop_all(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        self.broker.terminate()
+        self.broker.wait(timeout=20)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-external-"))
+    target = HengeExternal(args.n, tmp)
+    target.start()
+    fleet = run.LoadWorkers(target, args.workers, announce=True)
+    result: dict[str, Any] = {"n": args.n}
+    try:
+        started = time.time()
+        replies = fleet.connect()
+        result["connect_failed"] = sum(r["failed"] for r in replies)
+        result["connect_s"] = max(r["done_at"] for r in replies) - started - 0.5
+        result["online_seen_s"] = target.wait_online(args.n) - started - 0.5
+
+        def delivered(push: Any) -> float:
+            marker = uuid.uuid4().hex
+            for q in fleet.commands:
+                q.put({"cmd": "await_push", "marker": marker, "timeout": 120, "ping": False})
+            t0 = time.time()
+            push(marker)
+            replies = [fleet.results.get(timeout=300) for _ in fleet.commands]
+            assert sum(r["missing"] for r in replies) == 0, replies
+            return max(r["last"] for r in replies) - t0
+
+        result["push_s"] = delivered(target.push)
+        result["one_client_s"] = delivered(target.one_client)
+        result["push_ratio"] = result["push_s"] / result["one_client_s"]
+        target.stop()
+        started = time.time()
+        target.start_service()
+        result["restart_online_s"] = target.wait_online(args.n) - started
+    finally:
+        fleet.close()
+        target.stop_all()
+    print(json.dumps(result, indent=2))
+    (Path(__file__).resolve().parent / "results" / f"external-{int(time.time())}.json").write_text(
+        json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
