@@ -365,7 +365,10 @@ class Store:
 
     # ---- devices -----------------------------------------------------------------------------
 
-    def add_device(self, device: str, labels: dict[str, str] | None = None, *, actor: str = "library") -> str:
+    def add_device(self, device: str, labels: dict[str, str] | None = None, *, actor: str = "library",
+                   layered: list[ConfigVersion] | None = None) -> str:
+        """A new device and its secret; ``layered`` receives the version its layers give it (stored in
+        the same transaction: a layer config a schema refuses refuses the device too)."""
         secret = new_secret()
         digest = hash_secret(secret)
         try:
@@ -375,13 +378,17 @@ class Store:
                     (device, digest, json.dumps(labels or {}, sort_keys=True), _ts(utc_now()), mosquitto_hash(secret)),
                 )
                 self._audit(actor, "device.add", device, {"labels": labels or {}})
+                if self._layers:
+                    rows = self._refresh([device], self._layers, actor=actor, message="a new device gets its layers")
+                    if layered is not None:
+                        layered.extend(rows)
         except sqlite3.IntegrityError as exc:
             raise DuplicateDevice(f"device {device!r} already exists") from exc
         self._hashes[device] = bytes.fromhex(digest)
         return secret
 
     def add_devices(self, devices: list[tuple[str, dict[str, str]]], *, actor: str = "library",
-                    update: bool = False) -> dict[str, str]:
+                    update: bool = False, layered: list[ConfigVersion] | None = None) -> dict[str, str]:
         """Create many devices in one transaction: all or nothing. Returns the new devices' secrets.
 
         With ``update``, devices that exist get the labels given (their secrets are kept); without
@@ -409,11 +416,17 @@ class Store:
             self._db.executemany("UPDATE devices SET labels = ? WHERE id = ?",
                                  [(json.dumps(labels, sort_keys=True), d) for d, labels in existing])
             self._audit(actor, "device.import", None, {"devices": len(new), "updated": len(existing)})
+            if self._layers:
+                rows = self._refresh([d for d, _ in devices], self._layers, actor=actor, message="devices imported")
+                if layered is not None:
+                    layered.extend(rows)
         self._hashes.update({d: bytes.fromhex(h) for d, h in digests.items()})
         return secrets_by_id
 
-    def set_labels(self, device: str, set_: dict[str, str], remove: list[str], *, actor: str) -> dict[str, str]:
-        """Set and remove labels of one device; returns its labels afterwards."""
+    def set_labels(self, device: str, set_: dict[str, str], remove: list[str], *, actor: str,
+                   layered: list[ConfigVersion] | None = None) -> dict[str, str]:
+        """Set and remove labels of one device; returns its labels afterwards. Its layers are
+        re-evaluated in the same transaction (``layered`` receives the new version, if any)."""
         with self._tx():
             row = self._db.execute("SELECT labels FROM devices WHERE id = ?", (device,)).fetchone()
             if row is None:
@@ -423,6 +436,10 @@ class Store:
             self._db.execute("UPDATE devices SET labels = ? WHERE id = ?", (json.dumps(labels, sort_keys=True),
                                                                             device))
             self._audit(actor, "device.label", device, {"set": set_, "removed": remove})
+            if self._layers:
+                rows = self._refresh([device], self._layers, actor=actor, message="labels changed")
+                if layered is not None:
+                    layered.extend(rows)
         return labels
 
     def remove_device(self, device: str, *, actor: str = "library") -> None:
@@ -973,16 +990,6 @@ class Store:
         if rows and self.validate_many is not None:
             self.validate_many([(r.device, labels.get(r.device, {}), r.config) for r in rows])
         self._insert_rows(rows, own_texts=texts)
-        return rows
-
-    def refresh(self, devices: list[str], *, actor: str, message: str) -> list[ConfigVersion]:
-        """New versions for devices whose labels (or existence) changed what layers give them."""
-        if not self._layers:
-            return []
-        with self._tx():
-            rows = self._refresh(devices, self._layers, actor=actor, message=message)
-            if rows:
-                self._audit(actor, "layers.apply", None, {"devices": len(rows), "reason": message})
         return rows
 
     def set_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str = "",

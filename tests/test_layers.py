@@ -118,6 +118,20 @@ async def test_a_layer_that_breaks_a_schema_is_refused_and_stores_nothing(runnin
     assert (await svc.set_layer("fleet", {"port": 443}))["devices"] == 1  # a2 keeps its own port
 
 
+async def test_a_label_change_whose_layers_break_a_schema_changes_nothing(running: Running) -> None:
+    svc = running.service
+    await running.add("d1", {"name": "x"})
+    await svc.set_schema({}, {"properties": {"port": {"type": "integer"}}})
+    await svc.set_layer("bad", {"port": "eighty"}, labels={"site": "bad"})
+    with pytest.raises(SchemaViolation):
+        await svc.set_labels("d1", {"site": "bad"}, [])
+    assert (await svc.get_device("d1")).labels == {}  # the label change was refused whole
+    assert await versions(running, "d1") == [1]
+    with pytest.raises(SchemaViolation):
+        await svc.add_device("d2", {"site": "bad"})
+    assert not svc.store.has_device("d2")
+
+
 async def test_layer_history_diff_rollback_remove_and_explain(running: Running, tmp_path: Path) -> None:
     await running.add("d1", {"port": 9000})
     data = str(running.data_dir)

@@ -81,22 +81,21 @@ class ServiceAPI:
             raise InvalidDeviceId(problem)
         if device == self.settings.admin_name:
             raise DuplicateDevice(f"{device!r} is the admin identity's name; choose another id")
-        secret = await self.worker.run(self.store.add_device, device, labels, actor=current_actor.get())
+        layered: list[ConfigVersion] = []
+        secret = await self.worker.run(self.store.add_device, device, labels, actor=current_actor.get(),
+                                       layered=layered)
         self.events.emit("device_added", device)
-        await self._apply_layers([device], "a new device gets its layers")
+        await self.configs.publish_rows(layered, event="layers_applied", reason="a new device gets its layers")
         return secret
-
-    async def _apply_layers(self, devices: list[str], why: str) -> None:
-        """New versions for devices whose layers changed (new devices, new labels), published."""
-        rows = await self.worker.run(self.store.refresh, devices, actor=current_actor.get(), message=why)
-        await self.configs.publish_rows(rows, event="layers_applied", reason=why)
 
     async def set_labels(self, device: str, set_: dict[str, str], remove: list[str]) -> dict[str, str]:
         """Set (``k=v``) and remove (``k``) labels of a device; returns its labels afterwards."""
-        labels = await self.worker.run(self.store.set_labels, device, set_, remove, actor=current_actor.get())
+        layered: list[ConfigVersion] = []
+        labels = await self.worker.run(self.store.set_labels, device, set_, remove, actor=current_actor.get(),
+                                       layered=layered)
         await self.worker.run(self.schemas.labels_changed, device)  # other labels, maybe other schemas
         self.events.emit("labels_changed", device, labels=labels)
-        await self._apply_layers([device], "labels changed")
+        await self.configs.publish_rows(layered, event="layers_applied", reason="labels changed")
         return labels
 
     async def import_devices(self, devices: list[tuple[str, dict[str, str]]], *,
@@ -109,11 +108,12 @@ class ServiceAPI:
                 raise InvalidDeviceId(problem + "; nothing was imported")
             if device == self.settings.admin_name:
                 raise DuplicateDevice(f"{device!r} is the admin identity's name; nothing was imported")
+        layered: list[ConfigVersion] = []
         secrets_by_id = await self.worker.run(self.store.add_devices, devices, actor=current_actor.get(),
-                                              update=update)
+                                              update=update, layered=layered)
         if update and len(secrets_by_id) < len(devices):
             await self.worker.run(self.schemas.recheck_all)  # labels of existing devices changed
-        await self._apply_layers([d for d, _ in devices], "devices imported")
+        await self.configs.publish_rows(layered, event="layers_applied", reason="devices imported")
         self.events.emit("devices_imported", None, count=len(secrets_by_id), updated=len(devices) - len(secrets_by_id))
         return secrets_by_id
 
