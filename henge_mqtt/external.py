@@ -41,6 +41,7 @@ from .topics import Topics
 log = logging.getLogger(__name__)
 
 SESSION_REASONS = frozenset({"client_disconnect"})
+MAX_INFLIGHT = 2000
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
@@ -120,6 +121,9 @@ class ExternalBroker(TableViews):
                     self.host, self.port, username=self.username, password=self.password,
                     identifier=self.client_id, clean_session=False, keepalive=30, timeout=10,
                     tls_context=self.tls_context,
+                    # paho's default of 20 QoS 1 messages in flight makes a fleet push a chain of
+                    # round trips; Mosquitto takes thousands (its own limit is for what it sends).
+                    max_inflight_messages=MAX_INFLIGHT,
                 ) as client:
                     self._client = client
                     started = time.monotonic()

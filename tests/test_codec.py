@@ -13,7 +13,7 @@ from amqtt.mqtt.subscribe import SubscribePacket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from henge_mqtt.server import codec
+from henge_mqtt import codec
 
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
 packet_id = st.integers(1, 65535)

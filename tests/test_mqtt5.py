@@ -14,7 +14,7 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 
-from henge_mqtt.server import codec
+from henge_mqtt import codec
 
 from . import mqtt_raw as raw
 from .conftest import Running, wait_status, wait_until

@@ -28,7 +28,7 @@ from pathlib import Path
 from ..errors import ServiceUnavailable
 from ..ports import BrokerHooks, KickResult, Principal, Refusal
 from ..sessions import Action, Close, Emit, PublishWill, SessionSettings, SessionTable, TableViews, TokenBucket
-from . import codec
+from .. import codec
 from .connection import CLOSED, OPEN, PENDING, V5, Connection
 from .limits import Limits, LogLimiter
 from .listener import Acceptor, tcp_sockets, unix_socket

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..ports import Principal
 from ..sessions import TokenBucket
-from . import codec
+from .. import codec
 
 if TYPE_CHECKING:
     from .broker import EmbeddedBroker
