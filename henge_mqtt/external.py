@@ -28,11 +28,10 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiomqtt
-
 from .backoff import Backoff
 from .errors import SettingsError
 from .models import is_valid_device_id
+from .mqtt_client import MqttClient, MqttClientError
 from .ports import BrokerHooks, KickResult, Principal
 from .sessions import Close, PublishWill, SessionSettings, SessionTable, TableViews
 from .tasks import TaskSet
@@ -84,7 +83,7 @@ class ExternalBroker(TableViews):
         self.retained: dict[str, tuple[bytes, int]] = {}
         self.sessions: dict[str, dict[str, int]] = {}  # device -> {session id: epoch}
         self.connected = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
+        self._client: MqttClient | None = None
         self._runner: asyncio.Task[None] | None = None
         self._tasks = TaskSet(log, "external.publish_failed")
         self.backoff = Backoff(base=0.5, cap=15.0)
@@ -116,43 +115,43 @@ class ExternalBroker(TableViews):
 
     async def _run(self) -> None:
         while True:
+            client: MqttClient | None = None
             try:
-                async with aiomqtt.Client(
-                    self.host, self.port, username=self.username, password=self.password,
-                    identifier=self.client_id, clean_session=False, keepalive=30, timeout=10,
-                    tls_context=self.tls_context,
-                    # paho's default of 20 QoS 1 messages in flight makes a fleet push a chain of
-                    # round trips; Mosquitto takes thousands (its own limit is for what it sends).
-                    max_inflight_messages=MAX_INFLIGHT,
-                ) as client:
-                    self._client = client
-                    started = time.monotonic()
-                    await client.subscribe([
-                        (self.topics.admin_requests, 1),
-                        (f"{self.topics.prefix}/devices/+/report", 1),
-                        (f"{self.topics.prefix}/devices/+/presence/device", 1),
-                    ])
-                    # The broker may have restarted without persistence: the store's truth again.
-                    for topic, (data, qos) in list(self.retained.items()):
-                        await client.publish(topic, data, qos=qos, retain=True)
-                    self.connected.set()
-                    log.info("external.connected broker=%s:%d republished=%d", self.host, self.port,
-                             len(self.retained))
-                    async for message in client.messages:
-                        payload = message.payload if isinstance(message.payload, bytes) else b""
-                        try:
-                            self._route(str(message.topic), payload)
-                        except Exception:  # one bad message must never end the runner: log, count, go on
-                            self.dropped += 1
-                            log.exception("external.message_failed topic=%s", message.topic)
-                    if time.monotonic() - started > 10:
-                        self.backoff.reset()
-            except aiomqtt.MqttError as exc:
+                client = await MqttClient.connect(
+                    self.host, self.port, client_id=self.client_id, username=self.username, password=self.password,
+                    on_message=self._on_message, keepalive=30, clean_session=False, tls=self.tls_context,
+                    timeout=10, max_inflight=MAX_INFLIGHT)
+                self._client = client
+                started = time.monotonic()
+                await client.subscribe([
+                    (self.topics.admin_requests, 1),
+                    (f"{self.topics.prefix}/devices/+/report", 1),
+                    (f"{self.topics.prefix}/devices/+/presence/device", 1),
+                ])
+                # The broker may have restarted without persistence: the store's truth again.
+                for topic, (data, qos) in list(self.retained.items()):
+                    client.publish(topic, data, qos=qos, retain=True)
+                self.connected.set()
+                log.info("external.connected broker=%s:%d republished=%d", self.host, self.port, len(self.retained))
+                await client.closed
+                if time.monotonic() - started > 10:
+                    self.backoff.reset()
+                log.warning("external.disconnected broker=%s:%d", self.host, self.port)
+            except (MqttClientError, OSError, TimeoutError) as exc:
                 log.warning("external.disconnected broker=%s:%d error=%s", self.host, self.port, exc)
             finally:
                 self._client = None
                 self.connected.clear()
+                if client is not None:
+                    client.close()
             await asyncio.sleep(self.backoff.next_delay())
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            self._route(topic, payload)
+        except Exception:  # one bad message must never end the connection: log, count, go on
+            self.dropped += 1
+            log.exception("external.message_failed topic=%s", topic)
 
     # ---- what the service asks of a broker ---------------------------------------------------------
 
@@ -168,8 +167,8 @@ class ExternalBroker(TableViews):
         client = self._client
         if client is None:
             return []  # retained state goes out on the next connect; the rest had no one to reach
-        task: asyncio.Future[Any] = self._tasks.spawn(client.publish(topic, data, qos=qos, retain=retain))
-        return [task] if track and for_device is None else []
+        future = client.publish(topic, data, qos=qos, retain=retain)
+        return [future] if track and for_device is None else []
 
     def clear_retained(self, topic: str) -> None:
         self.publish(topic, b"", qos=1, retain=True)

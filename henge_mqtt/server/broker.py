@@ -25,10 +25,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import codec
 from ..errors import ServiceUnavailable
 from ..ports import BrokerHooks, KickResult, Principal, Refusal
 from ..sessions import Action, Close, Emit, PublishWill, SessionSettings, SessionTable, TableViews, TokenBucket
-from .. import codec
 from .connection import CLOSED, OPEN, PENDING, V5, Connection
 from .limits import Limits, LogLimiter
 from .listener import Acceptor, tcp_sockets, unix_socket

@@ -13,9 +13,9 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from .. import codec
 from ..ports import Principal
 from ..sessions import TokenBucket
-from .. import codec
 
 if TYPE_CHECKING:
     from .broker import EmbeddedBroker
