@@ -421,3 +421,87 @@ async def test_bad_messages_through_mosquitto_never_stop_the_service(tmp_path: P
         assert result.returncode == 0, result.stderr  # the admin protocol still answers
         assert [r["device"] for r in json.loads(result.stdout)] == ["dev1"]
         assert fleet.service.broker.stats()["dropped"] == 0  # each was refused by design, none crashed a hook
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_scaling_md_commands_work_in_order_on_a_fresh_data_dir(tmp_path: Path) -> None:
+    """docs/scaling.md's first block, run as written (only the paths moved under a temp dir and the
+    ports made free): broker-config before the first serve, Mosquitto started as root dropping to
+    its own user (which must read the password file), henge serve in front of it."""
+    import os
+    import re
+    import shlex
+    import sys
+    import tempfile
+
+    from .conftest import ROOT
+
+    block = re.search(r"```sh\n(.*?)```", (ROOT / "docs" / "scaling.md").read_text(), re.S)
+    assert block is not None
+    base = Path(tempfile.mkdtemp(prefix="henge-scaling-", dir="/tmp"))
+    os.chmod(base, 0o755)  # mosquitto, as its own user, must reach its config below here
+    device_port, admin_port = free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for line in block.group(1).strip().splitlines():
+            command = line.split("#")[0].strip()
+            command = (command.replace("/etc/mosquitto/henge", str(base / "etc"))
+                       .replace("/var/lib/henge", str(base / "data"))
+                       .replace("127.0.0.1:1884", f"127.0.0.1:{admin_port}"))
+            argv = shlex.split(command)
+            if argv[:2] == ["henge", "broker-config"]:
+                argv += ["--device-listener", f"127.0.0.1:{device_port}", "--admin-listener", f"127.0.0.1:{admin_port}"]
+            if argv[0] == "henge":
+                argv = [sys.executable, "-m", "henge_mqtt", *argv[1:]]
+            if argv[0] == "mosquitto":
+                argv[0] = MOSQUITTO
+            if "serve" in argv or argv[0] == MOSQUITTO:
+                log = base / f"{len(procs)}.log"
+                with log.open("wb") as out:
+                    procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=out))
+                deadline = time.monotonic() + 15
+                ready = (lambda: _listening(device_port)) if argv[0] == MOSQUITTO else (
+                    lambda: (base / "data" / "service.json").exists())
+                while not ready():
+                    assert procs[-1].poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.05)
+                continue
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, (command, done.stderr)
+        passwd = base / "etc" / "passwd"
+        assert passwd.stat().st_uid != 0 and (passwd.stat().st_mode & 0o777) == 0o600  # mosquitto's, nobody else's
+        added = henge_cli("device", "add", "cam1", "--data", str(base / "data"), "--json", timeout=30)
+        assert added.returncode == 0, added.stderr
+        secret = json.loads(added.stdout)["secret"]
+        pushed = henge_cli("push", "cam1", "-", "--data", str(base / "data"), input='{"v": 1}', timeout=30)
+        assert pushed.returncode == 0, pushed.stderr
+        # The new device's password reaches Mosquitto as the docs say: broker-config again, then SIGHUP.
+        again = subprocess.run([sys.executable, "-m", "henge_mqtt", "broker-config", "mosquitto", "--out",
+                                str(base / "etc"), "--data", str(base / "data"), "--device-listener",
+                                f"127.0.0.1:{device_port}", "--admin-listener", f"127.0.0.1:{admin_port}"],
+                               capture_output=True, text=True, timeout=30)
+        assert again.returncode == 0, again.stderr
+        procs[0].send_signal(signal.SIGHUP)
+
+        async def fetch() -> dict[str, Any]:
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                    async with aiomqtt.Client("127.0.0.1", device_port, identifier="cam1", username="cam1",
+                                              password=secret, timeout=3) as device:
+                        await device.subscribe("henge/devices/cam1/config", qos=1)
+                        return payload_json(await next_message(device, 3))
+                assert time.monotonic() < deadline, "the device never got its config through Mosquitto"
+                await asyncio.sleep(0.1)
+
+        assert asyncio.run(fetch())["config"] == {"v": 1}
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=20)
+        shutil.rmtree(base, ignore_errors=True)
