@@ -448,3 +448,30 @@ async def test_every_use_is_in_the_audit_trail_one_row_a_minute(running: Running
     assert by[("token:t-viewer", "http.refused")]["forbidden"] == 1
     assert by[("http", "http.refused")]["unauthenticated"] == 20
     assert len(rows) == 3  # 51 requests, three rows
+
+
+async def test_no_request_the_openapi_document_allows_is_a_server_error(tmp_path: Path) -> None:
+    """schemathesis walks every route (its coverage phase: boundary and invalid values, then fuzzing)
+    with an admin token against a real `henge serve`: not one answer is a 5xx. Streams, waits and
+    backups (files on the server) are left to the tests above."""
+    data = tmp_path / "d"
+    proc = serve(data, "--http", "127.0.0.1:0")
+    try:
+        found, _ = await read_until(proc, r"console on (http://127\.0\.0\.1:\d+/)")
+        url = found.group(1)
+        await read_until(proc, r"serving on mqtt://")
+        token = (data / "http-token").read_text().strip()
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}) as c:
+            assert (await c.post("api/v1/devices", json={"device": "dev1"})).status_code == 201
+            assert (await c.put("api/v1/devices/dev1/config", json={"a": 1})).status_code == 200
+        run = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "schemathesis.cli", "run", f"{url}api/v1/openapi.json",
+             "-H", f"Authorization: Bearer {token}", "--checks", "not_a_server_error", "--max-examples", "5",
+             "--phases", "coverage,fuzzing", "--seed", "1", "--exclude-path-regex", "events|backup|wait"],
+            capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:]
+        assert "passed" in run.stdout
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.communicate, timeout=20)

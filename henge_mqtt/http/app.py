@@ -97,8 +97,14 @@ PATCH_BODY = {"requestBody": {"required": True, "content": {
     "application/merge-patch+json": {"schema": {"type": "object", "description": "an RFC 7396 merge patch"}}}}}
 
 
+BODY_DEFS: dict[str, Any] = {}  # models the body schemas refer to, added to the OpenAPI components
+
+
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    """The OpenAPI requestBody of a body we parse ourselves (strict JSON first, then ``model``)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    BODY_DEFS.update(schema.pop("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 IMPORT_LIMIT = 16 * 1024 * 1024  # POST /devices/import: up to 100,000 devices in one body
@@ -606,7 +612,10 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         schema = original_openapi()
-        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+        components = schema.setdefault("components", {})
+        for name, definition in BODY_DEFS.items():
+            components.setdefault("schemas", {}).setdefault(name, definition)
+        components.setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer", "description": "henge token create --role viewer|operator|admin"}
         return schema
 
