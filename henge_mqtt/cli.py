@@ -937,8 +937,8 @@ def rollout_start(
     wave_size: Annotated[int | None, typer.Option("--wave-size", min=1, help="N devices per wave instead.")] = None,
     max_rejected: Annotated[str, typer.Option("--max-rejected", help="Halt when a wave has more rejections: N "
                                               "devices or P% of the wave.")] = "1",
-    min_applied: Annotated[float, typer.Option("--min-applied", min=0, max=100, help="Percent of the wave's "
-                                               "devices online at its start that must apply to go on.")] = 90.0,
+    min_applied: Annotated[str, typer.Option("--min-applied", help="Percent (90 or 90%) of the wave's devices "
+                                             "online at its start that must apply to go on.")] = "90",
     wave_timeout: Annotated[float, typer.Option("--wave-timeout", min=0.1, help="Seconds a wave may take to "
                                                 "reach --min-applied; then it halts.")] = 300.0,
     pause: Annotated[float, typer.Option("--pause", min=0, help="Seconds between waves.")] = 0.0,
@@ -960,9 +960,15 @@ def rollout_start(
         fail("--layer-label and --priority go with --layer", 2)
     if waves is not None and wave_size is not None:
         fail("give --waves or --wave-size, not both", 2)
+    try:
+        applied_percent = float(min_applied.removesuffix("%"))
+    except ValueError:
+        fail(f"--min-applied wants a percentage like 90 or 90%, not {min_applied!r}", 2)
+    if not 0 <= applied_percent <= 100:
+        fail(f"--min-applied is a percentage between 0 and 100, not {min_applied!r}", 2)
     document = _read_config(source, what="layer" if layer else "config")
     args: dict[str, Any] = {"all": all_devices, "labels": _labels(label), "max_rejected": max_rejected,
-                            "min_applied": min_applied, "wave_timeout": wave_timeout, "pause": pause,
+                            "min_applied": applied_percent, "wave_timeout": wave_timeout, "pause": pause,
                             "message": message}
     if layer is None:
         args["config"] = document

@@ -143,8 +143,9 @@ class Rollouts:
             w["online"] += d["online_at_start"]
             if delivered is not None and d["device"] in delivered:
                 w["delivered"] += 1
-            if d["report"] is None:
-                w["offline" if not d["online_at_start"] else "pending"] += 1
+            if d["report"] is None:  # pending until it reports; offline ones get it retained when they connect
+                w["pending"] += 1
+                w["offline"] += not d["online_at_start"]
             else:
                 w[d["report"]] += 1
             if d["error"]:
