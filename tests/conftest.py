@@ -152,3 +152,25 @@ async def wait_status(running: Any, device: str, check: Callable[[dict[str, Any]
 
     await wait_until(holds, timeout, f"status of {device}")
     return found
+
+
+async def reporting_device(running: Any, device: str, secret: str, *, reject: str | None = None
+                           ) -> asyncio.Task[None]:
+    """A real MQTT device (aiomqtt) that subscribes to its config and reports every version it gets:
+    applied, or rejected with ``reject`` as its error. Cancel the task to disconnect it."""
+    ready = asyncio.Event()
+
+    async def run() -> None:
+        async with running.device_client(device, secret) as c:
+            await c.subscribe(running.service.topics.config(device), qos=1)
+            ready.set()
+            while True:
+                snapshot = payload_json(await next_message(c, timeout=60))
+                report: dict[str, Any] = {"version": snapshot["version"], "status": "rejected" if reject else "applied"}
+                if reject:
+                    report["error"] = reject
+                await c.publish(running.service.topics.report(device), json.dumps(report), qos=1)
+
+    task = asyncio.create_task(run())
+    await asyncio.wait_for(ready.wait(), 5)
+    return task

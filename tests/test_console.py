@@ -9,14 +9,13 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from henge_mqtt.http import HttpServer
 
-from .conftest import ROOT, Running, next_message, payload_json
+from .conftest import ROOT, Running, reporting_device
 
 CHROMIUM = os.environ.get("HENGE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -32,26 +31,6 @@ async def browser() -> AsyncIterator[Browser]:
             yield launched
         finally:
             await launched.close()
-
-
-async def reporting_device(running: Running, device: str, secret: str, *, reject: str | None = None
-                           ) -> asyncio.Task[None]:
-    ready = asyncio.Event()
-
-    async def run() -> None:
-        async with running.device_client(device, secret) as c:
-            await c.subscribe(running.service.topics.config(device), qos=1)
-            ready.set()
-            while True:
-                snapshot = payload_json(await next_message(c, timeout=60))
-                report: dict[str, Any] = {"version": snapshot["version"], "status": "rejected" if reject else "applied"}
-                if reject:
-                    report["error"] = reject
-                await c.publish(running.service.topics.report(device), json.dumps(report), qos=1)
-
-    task = asyncio.create_task(run())
-    await asyncio.wait_for(ready.wait(), 5)
-    return task
 
 
 async def sign_in(page: Page, url: str, token: str) -> None:

@@ -20,7 +20,7 @@ from henge_mqtt.http import HttpServer
 from henge_mqtt.http.stream import EventHub
 from henge_mqtt.models import Event
 
-from .conftest import ROOT, Running, next_message, payload_json, wait_until
+from .conftest import ROOT, Running, reporting_device, wait_until
 
 
 @contextlib.asynccontextmanager
@@ -34,27 +34,6 @@ async def web(running: Running) -> AsyncIterator[tuple[HttpServer, dict[str, str
 def client(server: HttpServer, token: str | None = None) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.AsyncClient(base_url=server.url.rstrip("/"), headers=headers, timeout=10)
-
-
-async def device_that_reports(running: Running, device: str, secret: str, status: str = "applied",
-                              error: str | None = None) -> tuple[asyncio.Task[None], asyncio.Event]:
-    """A real MQTT device: subscribes to its config and reports every version it gets."""
-    ready = asyncio.Event()
-
-    async def run() -> None:
-        async with running.device_client(device, secret) as c:
-            await c.subscribe(running.service.topics.config(device), qos=1)
-            ready.set()
-            while True:
-                snapshot = payload_json(await next_message(c, timeout=30))
-                report: dict[str, Any] = {"version": snapshot["version"], "status": status}
-                if error:
-                    report["error"] = error
-                await c.publish(running.service.topics.report(device), json.dumps(report), qos=1)
-
-    task = asyncio.create_task(run())
-    await asyncio.wait_for(ready.wait(), 5)
-    return task, ready
 
 
 ROLE_OF_SAMPLE = {"viewer": 0, "operator": 1, "admin": 2}
@@ -115,8 +94,8 @@ async def test_config_etag_if_none_match_and_if_match(running: Running) -> None:
 
 async def test_push_with_wait_reports_what_a_real_device_did(running: Running) -> None:
     good, bad = await running.add("good", {"v": 0}), await running.add("bad", {"v": 0})
-    tasks = [(await device_that_reports(running, "good", good))[0],
-             (await device_that_reports(running, "bad", bad, "rejected", "port 99999 out of range"))[0]]
+    tasks = [await reporting_device(running, "good", good),
+             await reporting_device(running, "bad", bad, reject="port 99999 out of range")]
     try:
         async with web(running) as (server, tokens), client(server, tokens["operator"]) as c:
             applied = await c.put("/api/v1/devices/good/config", json={"v": 1}, params={"wait": 5})
