@@ -239,6 +239,8 @@ def serve(
         "--http", metavar="HOST:PORT", help="Serve the HTTP API and console here (default 127.0.0.1:8080, or "
         "henge.http in --config).")] = None,
     no_http: Annotated[bool, typer.Option("--no-http", help="No HTTP API or console.")] = False,
+    store: Annotated[str | None, typer.Option("--store", metavar="URL", help="postgresql://user@host/db: keep the "
+                                              "store in PostgreSQL (default: SQLite in the data dir).")] = None,
 ) -> None:
     """Run the service (with its embedded broker, or against --broker) until SIGINT/SIGTERM."""
     from .service import HengeService
@@ -258,6 +260,10 @@ def serve(
         parse_broker_url(external)
         settings = settings.model_copy(update={"external_broker": external, "external_ca": broker_ca,
                                                "external_cert": broker_cert, "external_key": broker_key})
+    if store is not None:
+        if not store.startswith(("postgresql://", "postgres://")):
+            fail(f"--store wants a postgresql:// URL, not {store.split('://')[0]!r}", 2)
+        settings = settings.model_copy(update={"store": store})
     if no_http and http:
         fail("--http and --no-http contradict each other", 2)
     if no_http or http:
@@ -823,6 +829,22 @@ def kick(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: J
             _emit(result, as_json, str)
         fail(f"{device}: not kicked: {result.get('detail') or 'not supported by this broker'}")
     _emit(result, as_json, lambda r: f"{r['device']}: {'kicked' if r['kicked'] else 'was not connected'}")
+
+
+@app.command()
+@user_errors
+def migrate(
+    source: Annotated[str, typer.Option("--from", metavar="DATA|URL", help="A stopped service's data dir (SQLite) "
+                                        "or a postgresql:// URL.")],
+    target: Annotated[str, typer.Option("--to", metavar="DATA|URL", help="An empty data dir or PostgreSQL "
+                                        "database.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Move a whole store between SQLite and PostgreSQL (stop the service first)."""
+    from .migrate import migrate_store
+
+    counts = migrate_store(source, target)
+    _emit(counts, as_json, lambda c: "moved " + ", ".join(f"{n} {table}" for table, n in c.items() if n))
 
 
 @app.command()

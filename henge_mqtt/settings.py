@@ -90,6 +90,7 @@ class Settings(BaseModel):
     max_connections: int | None = Field(default=None, ge=1)  # None: the open-file limit minus a reserve
     admin_socket: bool = True  # a Unix socket in the data dir for the CLI, never crowded out by devices
     store_synchronous: Literal["full", "normal"] = "full"
+    store: str | None = Field(default=None, pattern=r"^postgres(ql)?://")  # None: SQLite in the data dir
     device_publish_rate: float = Field(default=10.0, gt=0)
     device_publish_burst: float = Field(default=50.0, ge=1)
     tls_client_auth: Literal["off", "optional", "required"] = "off"

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -186,6 +187,11 @@ FLEET_LAYER = "fleet"
 ROLES = ("viewer", "operator", "admin")  # each can do what the ones before it can
 
 
+def _redact(url: str) -> str:
+    """A database URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7396 JSON Merge Patch: objects merge key by key, null removes a key, anything else replaces."""
     if not isinstance(patch, dict):
@@ -293,8 +299,23 @@ T = TypeVar("T")
 
 
 class Store:
-    def __init__(self, data_dir: Path, *, synchronous: Literal["full", "normal"] = "full") -> None:
+    def __init__(self, data_dir: Path, *, synchronous: Literal["full", "normal"] = "full",
+                 url: str | None = None) -> None:
+        """SQLite in ``data_dir`` (the default), or the PostgreSQL database at ``url``
+        (``postgresql://...``; henge_mqtt/pg.py)."""
         self.path = data_dir / DB_FILE
+        self.url = url
+        self._db: Any
+        if url is not None:
+            from .pg import PgConnection
+
+            try:
+                self._db = PgConnection(url)
+                self._migrate()
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"cannot open the store at {_redact(url)}: {exc}") from exc
+            self._load()
+            return
         try:
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not self.path.exists():  # configs and secret hashes: readable by the service's user only
@@ -315,6 +336,10 @@ class Store:
             raise StoreError(f"cannot use the data dir {data_dir}: {exc}") from exc
         if mode.lower() != "wal":
             log.warning("store.not_wal mode=%s", mode)
+        self._load()
+
+    def _load(self) -> None:
+        """The in-memory indexes the loop reads without waiting for the store's thread."""
         # Digests as bytes (33 bytes less per stored device than hex text).
         self._hashes: dict[str, bytes] = {
             d: _digest(h) for d, h in self._db.execute("SELECT id, secret_hash FROM devices")
@@ -502,11 +527,12 @@ class Store:
         ``after`` (-1: all), filtered by labels; and the last id scanned, or None when no device is
         left. Tuples, not models: 10,000 rows in a few milliseconds (an index lookup per version)."""
         where, args = ("d.id = ?", [device]) if device is not None else ("d.id > ?", [after])
+        limit = "" if batch == -1 else f" LIMIT {int(batch)}"
         rows = self._db.execute(
             "SELECT d.id, d.labels, COALESCE((SELECT MAX(v.version) FROM config_versions v WHERE v.device = d.id), 0), "
             "r.applied_version, r.applied_at, r.rejected_version, r.rejected_error "
-            f"FROM devices d LEFT JOIN device_reports r ON r.device = d.id WHERE {where} ORDER BY d.id LIMIT ?",
-            [*args, batch],
+            f"FROM devices d LEFT JOIN device_reports r ON r.device = d.id WHERE {where} ORDER BY d.id{limit}",
+            args,
         ).fetchall()
         last = rows[-1][0] if rows and batch != -1 and len(rows) == batch else None
         out = []
@@ -1478,7 +1504,7 @@ class DeviceReports:
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: Any) -> None:
         self._db = db
 
     def __enter__(self) -> None:

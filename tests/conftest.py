@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,3 +174,20 @@ async def reporting_device(running: Any, device: str, secret: str, *, reject: st
     task = asyncio.create_task(run())
     await asyncio.wait_for(ready.wait(), 5)
     return task
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One PostgreSQL cluster for the whole run; each test takes a fresh database from it."""
+    from .pg import Cluster
+
+    cluster = Cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    return str(postgres.new_database())

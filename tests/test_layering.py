@@ -66,7 +66,8 @@ def test_layers_import_only_downwards() -> None:
         "henge_mqtt.topics": set(),
         "henge_mqtt.errors": set(),
         "henge_mqtt.settings": {"henge_mqtt.errors"},
-        "henge_mqtt.store": {"henge_mqtt.errors", "henge_mqtt.models"},
+        "henge_mqtt.store": {"henge_mqtt.errors", "henge_mqtt.models", "henge_mqtt.pg"},
+        "henge_mqtt.pg": {"henge_mqtt.errors"},  # the store's PostgreSQL connection, nothing more
         "henge_mqtt.ports": {"henge_mqtt.sessions"},
         "henge_mqtt.codec": set(),  # MQTT bytes only: shared by the embedded server and the external client
     }

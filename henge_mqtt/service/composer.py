@@ -79,7 +79,7 @@ class HengeService(ServiceAPI):
         self._lock = DataDirLock(s.data_dir)
         self._lock.acquire()  # before the store: a second service on this data dir touches nothing
         try:
-            store = Store(s.data_dir, synchronous=s.store_synchronous)
+            store = Store(s.data_dir, synchronous=s.store_synchronous, url=s.store)
         except BaseException:
             self._lock.release()
             raise

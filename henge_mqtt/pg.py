@@ -1,0 +1,130 @@
+"""PostgreSQL under the store: the part of ``sqlite3.Connection`` the store uses, over psycopg 3.
+
+The store's SQL is written once, in the dialect both engines share; the few SQLite-only forms are
+translated here, once per statement text: ``?`` placeholders, ``INSERT OR IGNORE``, the two-argument
+``MAX`` (``GREATEST``), ``BEGIN IMMEDIATE``, and in migrations ``AUTOINCREMENT``, ``REAL`` and
+SQLite triggers (PostgreSQL's own immutability is the role's grants). psycopg's errors become
+``sqlite3``'s, so the store catches one family. Why psycopg 3 and not asyncpg: the store runs on one
+thread of its own (the event loop never waits on it), which is what a synchronous driver is for;
+psycopg is the maintained PostgreSQL adapter with both a sync and an async API.
+
+The database should use the ``C`` collation (``createdb --locale=C`` or ``LC_COLLATE 'C'``): device
+ids are ordered bytewise, as in SQLite, for status pages and cursors.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from .errors import NotSupported
+
+_TRIGGER = re.compile(r"CREATE TRIGGER.*?END;", re.S | re.I)
+
+
+@functools.lru_cache(maxsize=512)
+def translate(sql: str) -> str:
+    out = sql.replace("%", "%%").replace("?", "%s")
+    out = out.replace("BEGIN IMMEDIATE", "BEGIN").replace("MAX(epoch, %s)", "GREATEST(epoch, %s)")
+    if "INSERT OR IGNORE INTO" in out:
+        out = out.replace("INSERT OR IGNORE INTO", "INSERT INTO").rstrip().rstrip(";") + " ON CONFLICT DO NOTHING"
+    return out
+
+
+def translate_ddl(script: str) -> list[str]:
+    script = _TRIGGER.sub("", script)
+    script = script.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+    script = re.sub(r"\bREAL\b", "DOUBLE PRECISION", script)
+    script = re.sub(r"--[^\n]*", "", script)
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+class _Rows:
+    """What a PRAGMA answers: rows, like a cursor."""
+
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self._rows = rows
+        self.rowcount = len(rows)
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return list(self._rows)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self._rows)
+
+
+class PgConnection:
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise sqlite3.DatabaseError("PostgreSQL needs psycopg: pip install 'henge-mqtt[postgres]'") from exc
+
+        self._psycopg = psycopg
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:  # one line: libpq's message spans several
+            raise sqlite3.DatabaseError(f"cannot connect to PostgreSQL: {' '.join(str(exc).split())}") from exc
+        self.conn.execute("CREATE TABLE IF NOT EXISTS henge_schema (version INTEGER NOT NULL)")
+        if self.conn.execute("SELECT count(*) FROM henge_schema").fetchone()[0] == 0:  # type: ignore[index]
+            self.conn.execute("INSERT INTO henge_schema (version) VALUES (0)")
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.conn.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE)
+
+    def _call(self, sql: str, params: Any, many: bool = False) -> Any:
+        try:
+            cur = self.conn.cursor()
+            if many:
+                cur.executemany(sql, params)
+            else:
+                cur.execute(sql, params)
+            return cur
+        except self._psycopg.IntegrityError as exc:
+            raise sqlite3.IntegrityError(str(exc)) from exc
+        except self._psycopg.Error as exc:
+            raise sqlite3.OperationalError(str(exc)) from exc
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        if sql.startswith("PRAGMA"):
+            return self._pragma(sql)
+        return self._call(translate(sql), tuple(params))
+
+    def executemany(self, sql: str, seq: Iterable[Iterable[Any]]) -> Any:
+        rows = [tuple(p) for p in seq]
+        if not rows:
+            return _Rows([])
+        return self._call(translate(sql), rows, many=True)
+
+    def executescript(self, script: str) -> None:
+        for statement in translate_ddl(script):
+            if statement.upper() in ("BEGIN IMMEDIATE", "BEGIN", "COMMIT"):
+                self._call(statement.split()[0], ())
+            elif statement.startswith("PRAGMA"):
+                self._pragma(statement)
+            else:
+                self._call(statement, ())
+
+    def _pragma(self, sql: str) -> _Rows:
+        name, _, value = sql.removeprefix("PRAGMA").strip().partition("=")
+        if name == "user_version":
+            if value:
+                self._call("UPDATE henge_schema SET version = %s", (int(value),))
+                return _Rows([])
+            return _Rows([(self._call("SELECT version FROM henge_schema", ()).fetchone()[0],)])
+        if name == "journal_mode":
+            return _Rows([("wal",)])  # PostgreSQL's own write-ahead log
+        return _Rows([])  # foreign_keys (always on), synchronous, busy_timeout: PostgreSQL's own
+
+    def backup(self, target: Any) -> None:
+        raise NotSupported("with PostgreSQL, back up with pg_dump (henge backup copies SQLite stores)")
+
+    def close(self) -> None:
+        self.conn.close()
