@@ -281,7 +281,21 @@ def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.set_exception_handler(_quiet_loop_errors())
-        async with HengeService(settings) as service, contextlib.AsyncExitStack() as stack:
+        service = HengeService(settings)
+        _LAST_SERVICE[:] = [service]
+        # A standby (a PostgreSQL store another instance holds) waits in start(): a signal must end that too.
+        starting = asyncio.create_task(service.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        stopping.cancel()
+        starting.result()
+        fenced = asyncio.create_task(service.fenced.wait())
+        fenced.add_done_callback(lambda _: stop.set())
+        async with service, contextlib.AsyncExitStack() as stack:
             bound_host, bound_port = service.address
             web = None
             if http_address is not None:
@@ -316,15 +330,29 @@ def serve(
             # connections, not after (the later exits then have nothing left to do).
             await asyncio.gather(*([web.stop()] if web is not None else []), service.stop())
 
+    fenced: list[bool] = []
+
+    async def run() -> None:
+        await main()
+        if _LAST_SERVICE and _LAST_SERVICE[0].fenced.is_set():
+            fenced.append(True)
+
     try:
-        asyncio.run(main())
+        asyncio.run(run())
     except OSError as exc:
         fail(f"cannot start the service: {exc.strerror or exc}")
+    if fenced:
+        typer.echo("error: another instance took the store's lease; this one stopped (see the log)", err=True)
+        logging.shutdown()
+        os._exit(1)
     # Everything is flushed and closed; skip the interpreter's object-by-object teardown.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+_LAST_SERVICE: list[Any] = []  # the service `serve` ran, for its exit code
 
 
 def _raise_file_limit() -> None:
@@ -1326,13 +1354,15 @@ def broker_config_mosquitto(
     topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "henge",
     run_as: Annotated[str, typer.Option("--user", help="The user mosquitto runs as (must read passwd).")]
     = "mosquitto",
+    store: Annotated[str | None, typer.Option("--store", metavar="URL", help="Read the identities from this "
+                                              "PostgreSQL store (as henge serve --store).")] = None,
 ) -> None:
     """Write a Mosquitto configuration (listeners, ACL, password file for every device) from the store."""
     from .mosquitto import identities, write_mosquitto_config
     from .settings import Settings
 
     settings = Settings.load(data_dir=data)
-    hashes, missing = identities(settings.data_dir, settings.admin_name)
+    hashes, missing = identities(settings.data_dir, settings.admin_name, store)
     written = write_mosquitto_config(out, hashes, device_listener=device_listener, admin_listener=admin_listener,
                                      topic_prefix=topic_prefix, admin_name=settings.admin_name, run_as=run_as)
     typer.echo(f"wrote {', '.join(p.name for p in written)} to {out} ({len(hashes)} identities)")

@@ -18,6 +18,7 @@ The tree (``code`` in parentheses is what the admin protocol and the CLI's ``--j
     ├── VersionConflict (version_conflict): .device, .expected, .current
     ├── WaitTimeout (timeout)
     ├── StoreError (store_error)
+    │   └── Fenced (fenced): this instance lost the PostgreSQL store's lease; another one is active
     ├── ServiceUnavailable (service_unavailable)
     ├── AuthenticationFailed (authentication_failed)
     ├── Forbidden (forbidden): an HTTP API token whose role does not allow the operation
@@ -116,6 +117,10 @@ class WaitTimeout(HengeError):
 
 class StoreError(HengeError):
     code = "store_error"
+
+
+class Fenced(StoreError):
+    code = "fenced"
 
 
 class ServiceUnavailable(HengeError):

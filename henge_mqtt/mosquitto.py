@@ -8,15 +8,16 @@ from pathlib import Path
 from .errors import SettingsError
 
 
-def identities(data_dir: Path, admin_name: str) -> tuple[dict[str, str], list[str]]:
-    """``{username: mosquitto hash}`` from the store, with the admin identity made first if need be.
+def identities(data_dir: Path, admin_name: str, url: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """``{username: mosquitto hash}`` from the store (SQLite in ``data_dir``, or PostgreSQL at
+    ``url``), with the admin identity made first if need be.
 
     Works before the first ``henge serve``: the admin credentials are created here the same way.
     """
     from .service.auth import admin_secret
     from .store import Store
 
-    store = Store(data_dir)
+    store = Store(data_dir, url=url)
     try:
         store.ensure_admin(admin_name, admin_secret(data_dir, admin_name))
         return store.broker_hashes()

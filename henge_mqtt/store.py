@@ -34,6 +34,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from .errors import (
     DuplicateDevice,
     DuplicateToken,
+    Fenced,
     RolloutConflict,
     StoreError,
     UnknownDevice,
@@ -178,6 +179,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (rollout, device)
     );
     CREATE INDEX rollout_devices_device ON rollout_devices (device);
+    """,
+    """
+    CREATE TABLE lease (
+        id INTEGER PRIMARY KEY,          -- one row: who may write (PostgreSQL, several instances)
+        holder TEXT,
+        token INTEGER NOT NULL DEFAULT 0,  -- the fencing token: +1 at every takeover
+        expires REAL NOT NULL DEFAULT 0
+    );
+    INSERT INTO lease (id, token, expires) VALUES (1, 0, 0);
     """,
 ]
 
@@ -339,7 +349,16 @@ class Store:
         self._load()
 
     def _load(self) -> None:
-        """The in-memory indexes the loop reads without waiting for the store's thread."""
+        # Called with (device, config) before any version is inserted, inside the transaction; the
+        # service sets it to the schema check, so nothing a schema refuses is ever stored.
+        self.validate: Callable[[str, dict[str, Any]], None] | None = None
+        # The same check for many versions at once: [(device, labels, config)], all or none.
+        self.validate_many: Callable[[list[tuple[str, dict[str, str], dict[str, Any]]]], None] | None = None
+        self.reload()
+
+    def reload(self) -> None:
+        """The in-memory indexes the loop reads without waiting for the store's thread, read anew
+        (a standby that just took the lease of a shared store: the active one changed it meanwhile)."""
         # Digests as bytes (33 bytes less per stored device than hex text).
         self._hashes: dict[str, bytes] = {
             d: _digest(h) for d, h in self._db.execute("SELECT id, secret_hash FROM devices")
@@ -347,11 +366,6 @@ class Store:
         self._admin_hashes: dict[str, bytes] = {
             n: _digest(h) for n, h in self._db.execute("SELECT name, secret_hash FROM admins")
         }
-        # Called with (device, config) before any version is inserted, inside the transaction; the
-        # service sets it to the schema check, so nothing a schema refuses is ever stored.
-        self.validate: Callable[[str, dict[str, Any]], None] | None = None
-        # The same check for many versions at once: [(device, labels, config)], all or none.
-        self.validate_many: Callable[[list[tuple[str, dict[str, str], dict[str, Any]]]], None] | None = None
         self._layers: dict[str, Layer] = self._load_layers()
         # HTTP API tokens by id: (digest, role, name), checked on the loop for every request.
         self._tokens: dict[str, tuple[bytes, str, str]] = {
@@ -386,7 +400,43 @@ class Store:
             log.info("store.migrated to=%d", target + 1)
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._fenced_check if self.fence is not None else None)
+
+    # ---- the lease (several instances on one PostgreSQL store) ---------------------------------
+
+    fence: tuple[str, int] | None = None  # (holder, token) this instance writes under
+
+    def _fenced_check(self) -> None:
+        """Inside every write transaction: this instance still holds the lease with its token, or
+        nothing is written (a standby took over; this one is a zombie)."""
+        assert self.fence is not None
+        row = self._db.execute("SELECT 1 FROM lease WHERE id = 1 AND holder = ? AND token = ? FOR SHARE",
+                               self.fence).fetchone()
+        if row is None:
+            raise Fenced(f"this instance lost the store's lease (token {self.fence[1]}): another one is active; "
+                         "nothing was written")
+
+    def try_lease(self, holder: str, ttl: float) -> tuple[int | None, str | None]:
+        """``(token, None)`` if ``holder`` now holds the lease (taken over if it expired, with a new
+        token), else ``(None, current holder)``. The database's clock decides expiry."""
+        now = "extract(epoch from clock_timestamp())"
+        row = self._db.execute(
+            f"UPDATE lease SET holder = ?, token = CASE WHEN holder = ? THEN token ELSE token + 1 END, "
+            f"expires = {now} + ? WHERE id = 1 AND (holder IS NULL OR holder = ? OR expires < {now}) "
+            "RETURNING token", (holder, holder, ttl, holder)).fetchone()
+        if row is not None:
+            return int(row[0]), None
+        current = self._db.execute("SELECT holder FROM lease WHERE id = 1").fetchone()
+        return None, (current[0] if current else None)
+
+    def renew_lease(self, holder: str, token: int, ttl: float) -> bool:
+        row = self._db.execute(
+            "UPDATE lease SET expires = extract(epoch from clock_timestamp()) + ? WHERE id = 1 AND holder = ? "
+            "AND token = ? RETURNING token", (ttl, holder, token)).fetchone()
+        return row is not None
+
+    def release_lease(self, holder: str, token: int) -> None:
+        self._db.execute("UPDATE lease SET expires = 0 WHERE id = 1 AND holder = ? AND token = ?", (holder, token))
 
     # ---- devices -----------------------------------------------------------------------------
 
@@ -1502,13 +1552,20 @@ class DeviceReports:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception; with ``check``, run first inside."""
 
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Any, check: Callable[[], None] | None = None) -> None:
         self._db = db
+        self._check = check
 
     def __enter__(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
+        if self._check is not None:
+            try:
+                self._check()
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:

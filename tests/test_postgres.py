@@ -128,3 +128,133 @@ async def test_migrate_sqlite_to_postgres_and_back(pg_url: str, tmp_path: Path, 
 def test_a_bad_url_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=re.escape("cannot open the store at postgresql://u:***@127.0.0.1:1/x")):
         Store(tmp_path, url="postgresql://u:pw@127.0.0.1:1/x")
+
+
+def test_the_lease_fences_a_stale_writer(pg_url: str, tmp_path: Path) -> None:
+    """Store level: one holder at a time; a takeover bumps the token; the old holder writes nothing."""
+    from henge_mqtt.errors import Fenced
+
+    a, b = Store(tmp_path / "a", url=pg_url), Store(tmp_path / "b", url=pg_url)
+    try:
+        token, _ = a.try_lease("A", 3.0)
+        assert token == 1
+        assert b.try_lease("B", 3.0) == (None, "A")
+        a.fence = ("A", token)
+        a.add_device("d1")
+        b._db.execute("UPDATE lease SET expires = 0 WHERE id = 1")  # A stalled past its TTL
+        taken, _ = b.try_lease("B", 3.0)
+        assert taken == 2
+        b.fence = ("B", taken)
+        b.reload()  # as the service does on taking over
+        with pytest.raises(Fenced, match="lost the store's lease"):
+            a.push("d1", {"x": 1}, actor="zombie")
+        assert not a.renew_lease("A", token, 3.0)
+        b.push("d1", {"x": 2}, actor="active")
+        assert [v.config for v in b.history("d1")] == [{"x": 2}]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_failover_kill_minus_nine_the_active_instance_during_pushes(pg_url: str, tmp_path: Path) -> None:
+    """Two `henge serve --broker ... --store postgresql://...` on different data dirs, one Mosquitto:
+    one is active, the other waits; kill -9 the active one during a stream of pushes through the
+    broker: the standby takes over within 5 s and serves the CLI; no push that succeeded is lost or
+    stored twice."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import time
+
+    from henge_mqtt.mosquitto import write_mosquitto_config
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    secret = "admin-secret-shared-by-both-instances"
+    store = Store(tmp_path / "setup", url=pg_url)
+    store.add_device("d1")
+    store.ensure_admin("henge-admin", secret)
+    hashes, _ = store.broker_hashes()
+    store.close()
+    device_port, admin_port = free_port(), free_port()
+    write_mosquitto_config(tmp_path / "mosq", hashes, device_listener=f"127.0.0.1:{device_port}",
+                           admin_listener=f"127.0.0.1:{admin_port}", topic_prefix="henge", admin_name="henge-admin",
+                           run_as="root" if os.geteuid() == 0 else "mosquitto")
+    mosquitto = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                                  str(tmp_path / "mosq" / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    instances: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str) -> None:
+        data = tmp_path / name
+        data.mkdir(mode=0o700)
+        (data / "admin.json").write_text(json.dumps({"name": "henge-admin", "secret": secret}))
+        os.chmod(data / "admin.json", 0o600)
+        with (tmp_path / f"{name}.log").open("wb") as log:
+            instances[name] = subprocess.Popen(
+                [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--no-http", "--store", pg_url,
+                 "--broker", f"mqtt://127.0.0.1:{admin_port}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+
+    def active(name: str) -> bool:
+        return (tmp_path / name / "service.json").exists()
+
+    env = {**os.environ, "HENGE_ADMIN_USER": "henge-admin", "HENGE_ADMIN_SECRET": secret}
+
+    def push(n: int) -> bool:
+        done = subprocess.run([sys.executable, "-m", "henge_mqtt", "push", "d1", "-", "--broker",
+                               f"mqtt://127.0.0.1:{admin_port}", "--timeout", "3"], input=json.dumps({"n": n}),
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
+        return done.returncode == 0
+
+    def wait_for(check: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    succeeded: list[int] = []
+    try:
+        start("a")
+        wait_for(lambda: active("a"), 20, "the first instance never became active")
+        start("b")
+        wait_for(lambda: b"store.standby" in (tmp_path / "b.log").read_bytes(), 20, "b never said it waits")
+        assert not active("b")
+        n = 0
+        for _ in range(4):
+            n += 1
+            assert push(n)
+            succeeded.append(n)
+        instances["a"].send_signal(signal.SIGKILL)
+        instances["a"].wait()
+        killed = time.monotonic()
+        wait_for(lambda: active("b"), 10, "the standby never took over")
+        took_over = time.monotonic() - killed
+        assert took_over < 5, took_over
+        first_after = None
+        while len(succeeded) < 8:
+            n += 1
+            if push(n):
+                succeeded.append(n)
+                first_after = first_after or time.monotonic() - killed
+            assert time.monotonic() - killed < 30, "the CLI never reached the new active instance"
+        assert first_after is not None and first_after < 10
+    finally:
+        for proc in instances.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=20)
+        mosquitto.terminate()
+        mosquitto.wait(timeout=20)
+    store = Store(tmp_path / "check", url=pg_url)
+    try:
+        history = store.history("d1")
+        assert [v.version for v in history] == list(range(1, len(history) + 1))  # none lost, none twice
+        stored = [v.config["n"] for v in history]
+        assert len(stored) == len(set(stored))
+        assert set(succeeded) <= set(stored)
+    finally:
+        store.close()

@@ -15,6 +15,9 @@ import json
 import logging
 import os
 import resource
+import secrets
+import socket
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -41,6 +44,7 @@ from .schemas import Schemas
 
 log = logging.getLogger("henge_mqtt.service")
 
+LEASE_TTL = 3.0  # seconds: a standby takes over at most this long after the active one stops renewing
 FD_RESERVE = 64  # descriptors kept for the store, logs, the admin socket and the CLI
 
 
@@ -64,11 +68,14 @@ class HengeService(ServiceAPI):
         self._epochs_saved: asyncio.Future[None] | None = None
         self._flushing = False
         self._inflight: asyncio.Future[None] | None = None  # the group commit being written
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.fenced = asyncio.Event()  # set when another instance took the PostgreSQL store's lease
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> HengeService:
-        await self.start()
+        if self._broker is None:  # `henge serve` starts it first (a standby waits there)
+            await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -85,6 +92,10 @@ class HengeService(ServiceAPI):
             raise
         self._worker = StoreWorker(store)
         try:
+            if store.url is not None:  # several instances may share this store: one writes at a time
+                store.fence = (self._holder, await self._take_lease(store))
+                await self.worker.run(store.reload)  # what the last active instance wrote meanwhile
+                self._tasks.spawn(self._keep_lease(store))
             self.admin_secret = admin_secret(s.data_dir, s.admin_name)
             await self.worker.run(store.ensure_admin, s.admin_name, self.admin_secret)
             self._auth = Auth(s, self.topics, store)
@@ -118,6 +129,36 @@ class HengeService(ServiceAPI):
         }))
         self._lock.record(f"mqtt://{host}:{port}")
         log.info("service.started host=%s port=%d data=%s", host, port, s.data_dir)
+
+    async def _take_lease(self, store: Store) -> int:
+        """Wait (as a standby) until this instance holds the PostgreSQL store's lease."""
+        said = False
+        while True:
+            token, holder = await self.worker.run(store.try_lease, self._holder, LEASE_TTL)
+            if token is not None:
+                log.info("store.active holder=%s token=%d", self._holder, token)
+                return token
+            if not said:
+                log.info("store.standby active=%s: waiting for the lease", holder)
+                said = True
+            await asyncio.sleep(LEASE_TTL / 6)
+
+    async def _keep_lease(self, store: Store) -> None:
+        """Renew the lease; if another instance took it (this one stalled past its TTL), stop
+        writing at once: every transaction checks the token, and ``fenced`` tells ``serve`` to exit."""
+        assert store.fence is not None
+        holder, token = store.fence
+        while True:
+            await asyncio.sleep(LEASE_TTL / 3)
+            try:
+                kept = await self.worker.run(store.renew_lease, holder, token, LEASE_TTL)
+            except sqlite3.Error as exc:  # the database is unreachable: the lease runs out on its own
+                log.error("store.lease_renewal_failed error=%s", " ".join(str(exc).split()))
+                continue
+            if not kept:
+                log.error("store.fenced token=%d: another instance took the lease; this one stops", token)
+                self.fenced.set()
+                return
 
     def _make_broker(self) -> BrokerPort:
         s = self.settings
@@ -158,8 +199,11 @@ class HengeService(ServiceAPI):
         await self._broker.stop()
         await self._drain_sessions()
         await self._tasks.cancel_all(1.0)
-        if self._pending_epochs or self._pending_seen:
+        if (self._pending_epochs or self._pending_seen) and not self.fenced.is_set():
             await self.worker.run(self.store.save_sessions, self._pending_epochs, self._pending_seen)
+        fence = self.store.fence
+        if fence is not None and not self.fenced.is_set():  # a standby need not wait out the TTL
+            await self.worker.run(self.store.release_lease, *fence)
         self._worker.close()
         with contextlib.suppress(OSError):
             (self.settings.data_dir / SERVICE_FILE).unlink()
