@@ -78,19 +78,39 @@ async def close_raw_clients() -> AsyncIterator[None]:
     await asyncio.sleep(0)  # let the transports finish closing
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Service tests run on SQLite; a module marked ``both_stores`` runs each on PostgreSQL too."""
+    if "store_backend" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("both_stores") is not None
+        metafunc.parametrize("store_backend", ["sqlite", "postgresql"] if both else ["sqlite"], indirect=True)
+
+
 @pytest.fixture
-async def running(tmp_path: Path) -> AsyncIterator[Running]:
-    async with HengeService(make_settings(tmp_path / "data")) as service:
+def store_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store_url(store_backend: str, request: pytest.FixtureRequest) -> str | None:
+    """None (SQLite in the data dir), or a fresh PostgreSQL database."""
+    return str(request.getfixturevalue("pg_url")) if store_backend == "postgresql" else None
+
+
+@pytest.fixture
+async def running(tmp_path: Path, store_url: str | None) -> AsyncIterator[Running]:
+    async with HengeService(make_settings(tmp_path / "data", store=store_url)) as service:
         yield Running(service, tmp_path / "data")
 
 
 @pytest.fixture
-def start_service(tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager[Running]]:
+def start_service(tmp_path: Path,
+                  store_url: str | None) -> Callable[..., contextlib.AbstractAsyncContextManager[Running]]:
     """Start a service with custom settings: ``async with start_service(sessions={...}) as r``."""
 
     @contextlib.asynccontextmanager
     async def start(**overrides: Any) -> AsyncIterator[Running]:
         data_dir = overrides.pop("data_dir", tmp_path / "data")
+        overrides.setdefault("store", store_url)
         async with HengeService(make_settings(data_dir, **overrides)) as service:
             yield Running(service, data_dir)
 

@@ -16,6 +16,8 @@ from henge_mqtt.models import canonical_json
 
 from .conftest import Running, next_message, no_message, payload_json, wait_status
 
+pytestmark = pytest.mark.both_stores  # each service test runs on SQLite and on PostgreSQL
+
 
 async def test_device_connecting_after_push_gets_snapshot_at_once(running: Running) -> None:
     secret = await running.add("dev1", {"interval": 5, "name": "ünï"})

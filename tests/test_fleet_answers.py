@@ -14,6 +14,8 @@ from henge_mqtt.device import Agent, ApplyFailed
 
 from .conftest import Running, henge_cli, wait_status
 
+pytestmark = pytest.mark.both_stores  # each service test runs on SQLite and on PostgreSQL
+
 
 @pytest.fixture
 async def agents(running: Running, tmp_path: Path) -> AsyncIterator[dict[str, str]]:

@@ -17,6 +17,8 @@ from henge_mqtt.store import explain, merge_patch
 
 from .conftest import Running, henge_cli, next_message, payload_json
 
+pytestmark = pytest.mark.both_stores  # each service test runs on SQLite and on PostgreSQL
+
 
 async def config_of(running: Running, device: str) -> dict[str, Any]:
     return (await running.service.get_version(device)).config

@@ -15,6 +15,8 @@ from henge_mqtt.http import HttpServer
 
 from .conftest import Running, henge_cli
 
+pytestmark = pytest.mark.both_stores  # each service test runs on SQLite and on PostgreSQL
+
 PORTS = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
