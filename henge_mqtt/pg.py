@@ -128,3 +128,36 @@ class PgConnection:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class Lease:
+    """The lease of a shared store, on a connection of its own: renewals never queue behind the
+    store's thread (a 100,000-device import must not cost the lease). See docs/scaling.md."""
+
+    NOW = "extract(epoch from clock_timestamp())"  # the database's clock decides expiry
+
+    def __init__(self, url: str) -> None:
+        self.db = PgConnection(url)
+
+    def take(self, holder: str, ttl: float) -> tuple[int | None, str | None]:
+        """``(token, None)`` if ``holder`` now holds the lease (taken over, with the token + 1, if it
+        had expired), else ``(None, the current holder)``."""
+        row = self.db.execute(
+            f"UPDATE lease SET holder = ?, token = CASE WHEN holder = ? THEN token ELSE token + 1 END, "
+            f"expires = {self.NOW} + ? WHERE id = 1 AND (holder IS NULL OR holder = ? OR expires < {self.NOW}) "
+            "RETURNING token", (holder, holder, ttl, holder)).fetchone()
+        if row is not None:
+            return int(row[0]), None
+        current = self.db.execute("SELECT holder FROM lease WHERE id = 1").fetchone()
+        return None, (current[0] if current else None)
+
+    def renew(self, holder: str, token: int, ttl: float) -> bool:
+        row = self.db.execute(f"UPDATE lease SET expires = {self.NOW} + ? WHERE id = 1 AND holder = ? AND token = ? "
+                              "RETURNING token", (ttl, holder, token)).fetchone()
+        return row is not None
+
+    def release(self, holder: str, token: int) -> None:
+        self.db.execute("UPDATE lease SET expires = 0 WHERE id = 1 AND holder = ? AND token = ?", (holder, token))
+
+    def close(self) -> None:
+        self.db.close()

@@ -416,28 +416,6 @@ class Store:
             raise Fenced(f"this instance lost the store's lease (token {self.fence[1]}): another one is active; "
                          "nothing was written")
 
-    def try_lease(self, holder: str, ttl: float) -> tuple[int | None, str | None]:
-        """``(token, None)`` if ``holder`` now holds the lease (taken over if it expired, with a new
-        token), else ``(None, current holder)``. The database's clock decides expiry."""
-        now = "extract(epoch from clock_timestamp())"
-        row = self._db.execute(
-            f"UPDATE lease SET holder = ?, token = CASE WHEN holder = ? THEN token ELSE token + 1 END, "
-            f"expires = {now} + ? WHERE id = 1 AND (holder IS NULL OR holder = ? OR expires < {now}) "
-            "RETURNING token", (holder, holder, ttl, holder)).fetchone()
-        if row is not None:
-            return int(row[0]), None
-        current = self._db.execute("SELECT holder FROM lease WHERE id = 1").fetchone()
-        return None, (current[0] if current else None)
-
-    def renew_lease(self, holder: str, token: int, ttl: float) -> bool:
-        row = self._db.execute(
-            "UPDATE lease SET expires = extract(epoch from clock_timestamp()) + ? WHERE id = 1 AND holder = ? "
-            "AND token = ? RETURNING token", (ttl, holder, token)).fetchone()
-        return row is not None
-
-    def release_lease(self, holder: str, token: int) -> None:
-        self._db.execute("UPDATE lease SET expires = 0 WHERE id = 1 AND holder = ? AND token = ?", (holder, token))
-
     # ---- devices -----------------------------------------------------------------------------
 
     def add_device(self, device: str, labels: dict[str, str] | None = None, *, actor: str = "library",

@@ -133,27 +133,29 @@ def test_a_bad_url_is_one_clear_error(tmp_path: Path) -> None:
 def test_the_lease_fences_a_stale_writer(pg_url: str, tmp_path: Path) -> None:
     """Store level: one holder at a time; a takeover bumps the token; the old holder writes nothing."""
     from henge_mqtt.errors import Fenced
+    from henge_mqtt.pg import Lease
 
     a, b = Store(tmp_path / "a", url=pg_url), Store(tmp_path / "b", url=pg_url)
+    lease_a, lease_b = Lease(pg_url), Lease(pg_url)
     try:
-        token, _ = a.try_lease("A", 3.0)
+        token, _ = lease_a.take("A", 3.0)
         assert token == 1
-        assert b.try_lease("B", 3.0) == (None, "A")
+        assert lease_b.take("B", 3.0) == (None, "A")
         a.fence = ("A", token)
         a.add_device("d1")
         b._db.execute("UPDATE lease SET expires = 0 WHERE id = 1")  # A stalled past its TTL
-        taken, _ = b.try_lease("B", 3.0)
+        taken, _ = lease_b.take("B", 3.0)
         assert taken == 2
         b.fence = ("B", taken)
         b.reload()  # as the service does on taking over
         with pytest.raises(Fenced, match="lost the store's lease"):
             a.push("d1", {"x": 1}, actor="zombie")
-        assert not a.renew_lease("A", token, 3.0)
+        assert not lease_a.renew("A", token, 3.0)
         b.push("d1", {"x": 2}, actor="active")
         assert [v.config for v in b.history("d1")] == [{"x": 2}]
     finally:
-        a.close()
-        b.close()
+        for closable in (a, b, lease_a, lease_b):
+            closable.close()
 
 
 def test_failover_kill_minus_nine_the_active_instance_during_pushes(pg_url: str, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ServiceUnavailable
 from ..models import Event
@@ -41,6 +41,9 @@ from .presence import PresencePublisher, iso
 from .reports import Reports
 from .rollouts import Rollouts
 from .schemas import Schemas
+
+if TYPE_CHECKING:
+    from ..pg import Lease
 
 log = logging.getLogger("henge_mqtt.service")
 
@@ -70,6 +73,7 @@ class HengeService(ServiceAPI):
         self._inflight: asyncio.Future[None] | None = None  # the group commit being written
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.fenced = asyncio.Event()  # set when another instance took the PostgreSQL store's lease
+        self._lease: Lease | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -93,9 +97,12 @@ class HengeService(ServiceAPI):
         self._worker = StoreWorker(store)
         try:
             if store.url is not None:  # several instances may share this store: one writes at a time
-                store.fence = (self._holder, await self._take_lease(store))
+                from ..pg import Lease
+
+                self._lease = await asyncio.to_thread(Lease, store.url)
+                store.fence = (self._holder, await self._take_lease(self._lease))
                 await self.worker.run(store.reload)  # what the last active instance wrote meanwhile
-                self._tasks.spawn(self._keep_lease(store))
+                self._tasks.spawn(self._keep_lease(self._lease, store.fence))
             self.admin_secret = admin_secret(s.data_dir, s.admin_name)
             await self.worker.run(store.ensure_admin, s.admin_name, self.admin_secret)
             self._auth = Auth(s, self.topics, store)
@@ -118,6 +125,9 @@ class HengeService(ServiceAPI):
             self.rollouts = Rollouts(self)
             await self.rollouts.resume_all()  # a rollout goes on where it stood when the service stopped
         except BaseException:
+            if self._lease is not None:  # a standby stopped while it waited, or a start that failed
+                self._lease.close()
+                self._lease = None
             self.worker.close()
             self._worker = self._broker = None
             self._lock.release()
@@ -130,11 +140,11 @@ class HengeService(ServiceAPI):
         self._lock.record(f"mqtt://{host}:{port}")
         log.info("service.started host=%s port=%d data=%s", host, port, s.data_dir)
 
-    async def _take_lease(self, store: Store) -> int:
+    async def _take_lease(self, lease: Lease) -> int:
         """Wait (as a standby) until this instance holds the PostgreSQL store's lease."""
         said = False
         while True:
-            token, holder = await self.worker.run(store.try_lease, self._holder, LEASE_TTL)
+            token, holder = await asyncio.to_thread(lease.take, self._holder, LEASE_TTL)
             if token is not None:
                 log.info("store.active holder=%s token=%d", self._holder, token)
                 return token
@@ -143,15 +153,15 @@ class HengeService(ServiceAPI):
                 said = True
             await asyncio.sleep(LEASE_TTL / 6)
 
-    async def _keep_lease(self, store: Store) -> None:
-        """Renew the lease; if another instance took it (this one stalled past its TTL), stop
-        writing at once: every transaction checks the token, and ``fenced`` tells ``serve`` to exit."""
-        assert store.fence is not None
-        holder, token = store.fence
+    async def _keep_lease(self, lease: Lease, fence: tuple[str, int]) -> None:
+        """Renew the lease on its own connection; if another instance took it (this one stalled
+        past its TTL), stop writing at once: every transaction checks the token, and ``fenced``
+        tells ``serve`` to exit."""
+        holder, token = fence
         while True:
             await asyncio.sleep(LEASE_TTL / 3)
             try:
-                kept = await self.worker.run(store.renew_lease, holder, token, LEASE_TTL)
+                kept = await asyncio.to_thread(lease.renew, holder, token, LEASE_TTL)
             except sqlite3.Error as exc:  # the database is unreachable: the lease runs out on its own
                 log.error("store.lease_renewal_failed error=%s", " ".join(str(exc).split()))
                 continue
@@ -201,9 +211,12 @@ class HengeService(ServiceAPI):
         await self._tasks.cancel_all(1.0)
         if (self._pending_epochs or self._pending_seen) and not self.fenced.is_set():
             await self.worker.run(self.store.save_sessions, self._pending_epochs, self._pending_seen)
-        fence = self.store.fence
-        if fence is not None and not self.fenced.is_set():  # a standby need not wait out the TTL
-            await self.worker.run(self.store.release_lease, *fence)
+        fence, lease = self.store.fence, self._lease
+        if lease is not None:
+            if fence is not None and not self.fenced.is_set():  # a standby need not wait out the TTL
+                await asyncio.to_thread(lease.release, *fence)
+            await asyncio.to_thread(lease.close)
+            self._lease = None
         self._worker.close()
         with contextlib.suppress(OSError):
             (self.settings.data_dir / SERVICE_FILE).unlink()
