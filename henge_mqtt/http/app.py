@@ -8,8 +8,6 @@ parsed as strict JSON and bounded before they are read, and every error is an RF
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -361,12 +359,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     @api.get("/devices/{device}/diff", **r("viewer"))
     async def diff(device: DeviceId, a: Annotated[int, Query(ge=1)], b: Annotated[int, Query(ge=1)]) -> dict[str, Any]:
         """A unified diff of two versions' configs (as ``henge diff``), and both configs."""
-        old, new = await svc.get_version(device, a), await svc.get_version(device, b)
-        lines = difflib.unified_diff(
-            json.dumps(old.config, indent=2, sort_keys=True).splitlines(),
-            json.dumps(new.config, indent=2, sort_keys=True).splitlines(),
-            fromfile=f"{device}@{a}", tofile=f"{device}@{b}", lineterm="")
-        return {"diff": "\n".join(lines), "same": old.sha256 == new.sha256, "a": old.config, "b": new.config}
+        return await svc.diff(device, a, b)
 
     @api.post("/devices/{device}/rollback", **r("operator", **_body_doc(RollbackBody)))
     async def rollback(request: Request, device: DeviceId, wait: WaitQ = None) -> Response:
@@ -480,11 +473,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     @api.get("/layers/{name}/diff", **r("viewer"))
     async def layer_diff(name: LayerName, a: Annotated[int, Query(ge=1)],
                          b: Annotated[int, Query(ge=1)]) -> dict[str, Any]:
-        old, new = await svc.get_layer(name, a), await svc.get_layer(name, b)
-        lines = difflib.unified_diff(json.dumps(old["content"], indent=2, sort_keys=True).splitlines(),
-                                     json.dumps(new["content"], indent=2, sort_keys=True).splitlines(),
-                                     fromfile=f"{name}@{a}", tofile=f"{name}@{b}", lineterm="")
-        return {"diff": "\n".join(lines), "a": old, "b": new}
+        return await svc.layer_diff(name, a, b)
 
     @api.put("/layers/{name}", **r("operator", **_body_doc(LayerBody)))
     async def put_layer(request: Request, name: LayerName) -> dict[str, Any]:

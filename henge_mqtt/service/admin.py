@@ -6,7 +6,6 @@ API: the CLI and an embedding application reach exactly the same code.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 from collections.abc import Callable
@@ -124,14 +123,8 @@ async def _history(svc: HengeService, a: models.DeviceRefArgs, progress: Progres
 
 
 async def _diff(svc: HengeService, a: models.DiffArgs, progress: Progress) -> Any:
-    old = await svc.get_version(a.device, a.a)
-    new = await svc.get_version(a.device, a.b)
-    lines = difflib.unified_diff(
-        json.dumps(old.config, indent=2, sort_keys=True).splitlines(),
-        json.dumps(new.config, indent=2, sort_keys=True).splitlines(),
-        fromfile=f"{a.device}@{a.a}", tofile=f"{a.device}@{a.b}", lineterm="",
-    )
-    return {"diff": "\n".join(lines), "same": old.sha256 == new.sha256}
+    result = await svc.diff(a.device, a.a, a.b)
+    return {"diff": result["diff"], "same": result["same"]}
 
 
 async def _rollback(svc: HengeService, a: models.RollbackArgs, progress: Progress) -> Any:
@@ -231,13 +224,8 @@ async def _layer_history(svc: HengeService, a: models.LayerRefArgs, progress: Pr
 
 
 async def _layer_diff(svc: HengeService, a: models.LayerDiffArgs, progress: Progress) -> Any:
-    old, new = await svc.get_layer(a.name, a.a), await svc.get_layer(a.name, a.b)
-    lines = difflib.unified_diff(
-        json.dumps(old["content"], indent=2, sort_keys=True).splitlines(),
-        json.dumps(new["content"], indent=2, sort_keys=True).splitlines(),
-        fromfile=f"{a.name}@{a.a}", tofile=f"{a.name}@{a.b}", lineterm="")
-    return {"diff": "\n".join(lines), "same": old["content"] == new["content"] and old["labels"] == new["labels"]
-            and old["priority"] == new["priority"]}
+    result = await svc.layer_diff(a.name, a.a, a.b)
+    return {"diff": result["diff"], "same": result["same"]}
 
 
 async def _layer_rollback(svc: HengeService, a: models.LayerRefArgs, progress: Progress) -> Any:

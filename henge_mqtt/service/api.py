@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import difflib
+import json
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,13 @@ if TYPE_CHECKING:
 
 # Who is acting: the admin identity of the request being served, else the embedding application.
 current_actor: contextvars.ContextVar[str] = contextvars.ContextVar("henge_actor", default="library")
+
+
+def unified_diff(old: Any, new: Any, old_name: str, new_name: str) -> str:
+    """Two JSON documents as a unified diff of their indented, key-sorted text (as ``henge diff``)."""
+    return "\n".join(difflib.unified_diff(json.dumps(old, indent=2, sort_keys=True).splitlines(),
+                                          json.dumps(new, indent=2, sort_keys=True).splitlines(),
+                                          fromfile=old_name, tofile=new_name, lineterm=""))
 
 
 def utc_text(stamp: str | None) -> str | None:
@@ -414,6 +423,20 @@ class ServiceAPI:
         if entry is None:
             raise UnknownVersion(f"layer {name!r} has no version {version}")
         return entry
+
+    async def diff(self, device: str, a: int, b: int) -> dict[str, Any]:
+        """Two versions of a device's config: a unified diff, whether they are the same, and both."""
+        old, new = await self.get_version(device, a), await self.get_version(device, b)
+        return {"diff": unified_diff(old.config, new.config, f"{device}@{a}", f"{device}@{b}"),
+                "same": old.sha256 == new.sha256, "a": old.config, "b": new.config}
+
+    async def layer_diff(self, name: str, a: int, b: int) -> dict[str, Any]:
+        """Two versions of a layer: a unified diff of their content, whether they are the same
+        (content, labels and priority), and both versions."""
+        old, new = await self.get_layer(name, a), await self.get_layer(name, b)
+        same = all(old[k] == new[k] for k in ("content", "labels", "priority"))
+        return {"diff": unified_diff(old["content"], new["content"], f"{name}@{a}", f"{name}@{b}"), "same": same,
+                "a": old, "b": new}
 
     async def explain(self, device: str, version: int | None = None) -> list[dict[str, Any]]:
         """Per leaf of the device's config: which layer set it."""
