@@ -138,9 +138,7 @@ def main() -> int:
     finally:
         fleet.close()
         target.stop_all()
-    print(json.dumps(result, indent=2))
-    (Path(__file__).resolve().parent / "results" / f"external-{int(time.time())}.json").write_text(
-        json.dumps(result, indent=2))
+    run.save_result("external", result)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import re
 import statistics
@@ -170,9 +169,7 @@ def main() -> int:
         result.update(asyncio.run(console(url + "/", token, args.n, storm)))
     finally:
         fleet.close()
-    print(json.dumps(result, indent=2))
-    out = Path(__file__).resolve().parent / "results" / f"http-{int(time.time())}.json"
-    out.write_text(json.dumps(result, indent=2))
+    run.save_result("http", result)
     return 0
 
 

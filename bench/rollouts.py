@@ -120,9 +120,7 @@ def main() -> int:
                       rollout_applied=[w["applied"] for w in status["waves"]])
     finally:
         fleet.close()
-    print(json.dumps(result, indent=2))
-    (Path(__file__).resolve().parent / "results" / f"rollouts-{int(time.time())}.json").write_text(
-        json.dumps(result, indent=2))
+    run.save_result("rollouts", result)
     return 0
 
 

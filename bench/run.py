@@ -181,6 +181,13 @@ class MosquittoAuth(Target):
 TARGETS = {"henge": Henge, "mosquitto-auth": MosquittoAuth, "mosquitto": Mosquitto, "amqtt": StockAmqtt}
 
 
+def save_result(name: str, result: dict[str, Any]) -> None:
+    """Print a bench script's result and keep it in bench/results/NAME-<time>.json."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    (Path(__file__).resolve().parent / "results" / f"{name}-{int(time.time())}.json").write_text(text)
+
+
 class LoadWorkers:
     """The load generator's processes for a started target: ``commands`` (one queue each) and the
     shared ``results`` queue; ``close()`` stops them and the target."""

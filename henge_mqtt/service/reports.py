@@ -80,10 +80,6 @@ class Reports:
             self._flushing = True
             self._spawn(self._flush())
 
-    async def record(self, device: str, report: Report) -> None:
-        """Record one report now (the library's way; the broker's reports go through :meth:`submit`)."""
-        await self._record([(device, report)])
-
     async def _flush(self) -> None:
         try:
             while self._pending:
