@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import ServiceUnavailable, StoreError, ValidationFailed
 from .paths import ADMIN_SOCKET
+from .service.lock import DataDirLock
 from .store import DB_FILE, Store
 
 
@@ -31,20 +32,44 @@ def service_running(data_dir: Path) -> bool:
     return True
 
 
-def backup_stopped(data_dir: Path, target: Path) -> int:
+def backup_stopped(data_dir: Path, target: Path) -> int | None:
+    """The copy's size; None when a service holds the data dir (it then makes the copy itself,
+    online, over the admin protocol). The data dir's lock is held while copying, as ``serve`` does."""
     if not (data_dir / DB_FILE).exists():
         raise StoreError(f"no store in {data_dir} (no {DB_FILE})")
-    store = Store(data_dir)
+    lock = DataDirLock(data_dir)
     try:
-        return store.backup(target)
+        lock.acquire()
+    except ServiceUnavailable:
+        return None
+    try:
+        store = Store(data_dir)
+        try:
+            return store.backup(target)
+        finally:
+            store.close()
     finally:
-        store.close()
+        lock.release()
 
 
 def restore(source: Path, data_dir: Path, *, force: bool = False) -> int:
-    """Put a backup in place as the data dir's store; returns the number of devices it holds."""
+    """Put a backup in place as the data dir's store; returns the number of devices it holds. The
+    data dir's lock (``serve``'s) is held throughout: a running service is never replaced under it,
+    whether or not it has an admin socket."""
     if service_running(data_dir):
         raise ServiceUnavailable(f"a service is running on {data_dir}: stop it before restoring")
+    lock = DataDirLock(data_dir)
+    try:
+        lock.acquire()
+    except ServiceUnavailable:
+        raise ServiceUnavailable(f"a service is running on {data_dir}: stop it before restoring") from None
+    try:
+        return _restore(source, data_dir, force=force)
+    finally:
+        lock.release()
+
+
+def _restore(source: Path, data_dir: Path, *, force: bool) -> int:
     try:
         check = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
         try:

@@ -107,14 +107,18 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         fail("interrupted", 130)
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells expect of a command Ctrl-C ended
+
+
 def _run_until_interrupted(coro: Coroutine[Any, Any, None]) -> None:
-    """A command that runs until Ctrl-C (a watch, a stream): the interrupt is how it ends, exit 0."""
+    """A command that runs until Ctrl-C (a watch, a stream): the interrupt is how it ends, so no
+    error line, and exit 130 as shells expect (a script can tell it from a normal end)."""
     try:
-        _run(coro)
-    except typer.Exit as exc:
-        if exc.exit_code == 130:
-            raise typer.Exit(0) from None
-        raise
+        asyncio.run(coro)
+    except HengeError as exc:
+        fail(str(exc), EXIT_TIMEOUT if exc.code == "timeout" else 1)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _call(data: Path | None, broker: str | None, timeout: float, op: str, **args: Any) -> Any:
@@ -159,6 +163,13 @@ def _report_outcome(result: dict[str, Any], outcome: dict[str, Any] | None, as_j
 
 def _emit(value: Any, as_json: bool, human: Callable[[Any], str]) -> None:
     typer.echo(json.dumps(value, indent=2, sort_keys=True) if as_json else human(value))
+
+
+def _device_id(value: str, what: str = "ID") -> str:
+    """A device id given where one is optional: empty is a mistake (it would mean "every device")."""
+    if not value.strip():
+        fail(f"{what} is empty: give a device id, or leave it out for every device", 2)
+    return value
 
 
 def _labels(pairs: list[str] | None) -> dict[str, str]:
@@ -320,7 +331,12 @@ def serve(
             # send() must not wait the default 5 ms each time to get it back (the convoy effect).
             sys.setswitchinterval(0.0005)
             gc.set_threshold(50_000, 20, 100)
-            typer.echo(f"henge: serving on mqtt://{bound_host}:{bound_port} (data: {settings.data_dir})", err=True)
+            if settings.external_broker:
+                typer.echo(f"henge: serving through the broker at {settings.external_broker} (its admin listener; "
+                           f"data: {settings.data_dir}); {_device_listener(settings.data_dir)}", err=True)
+            else:
+                typer.echo(f"henge: serving on mqtt://{bound_host}:{bound_port} (devices and admin; data: "
+                           f"{settings.data_dir})", err=True)
             await stop.wait()
             typer.echo("henge: shutting down", err=True)
             gc.disable()  # tearing down 10,000 connections makes garbage a collection would only rescan
@@ -353,6 +369,17 @@ def serve(
 
 
 _LAST_SERVICE: list[Any] = []  # the service `serve` ran, for its exit code
+
+
+def _device_listener(data_dir: Path) -> str:
+    """Where devices connect in external mode: the broker's device listener, as broker-config wrote it."""
+    from .paths import BROKER_FILE
+
+    try:
+        known = json.loads((data_dir / BROKER_FILE).read_text())
+        return f"devices connect to the broker at mqtt://{known['device_listener']} (from broker-config)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "devices connect to the broker's own device listener (see its configuration)"
 
 
 def _raise_file_limit() -> None:
@@ -528,7 +555,8 @@ def device_export(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonO
 @app.command()
 @user_errors
 def push(
-    target: Annotated[str, typer.Argument(metavar="ID", help="The device (omit with --all/--label).")],
+    target: Annotated[str | None, typer.Argument(metavar="ID", help="The device (omit with --all/--label).")]
+    = None,
     source: Annotated[str | None, typer.Argument(metavar="FILE|-", help="JSON file, or - for stdin.")] = None,
     all_devices: Annotated[bool, typer.Option("--all", help="Push to every device.")] = False,
     label: Annotated[list[str] | None, typer.Option("--label", help="Push to devices with label k=v.")] = None,
@@ -543,6 +571,9 @@ def push(
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: WaitTimeoutOpt = 10.0,
 ) -> None:
     """Store a new config version for a device (or many) and publish it; unchanged content stores nothing."""
+    if target is None:
+        fail("missing FILE: henge push --all FILE or --label k=v FILE" if all_devices or label else
+             "missing ID and FILE: henge push ID FILE|- (or henge push --all FILE)", 2)
     if all_devices or label:
         if source is not None:
             fail("with --all or --label give only the FILE, no device id", 2)
@@ -606,9 +637,21 @@ def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str]
     else:
         typer.echo(fleet_lines(result, wait))
     if wait and result["rejected"]:
-        raise typer.Exit(EXIT_REJECTED)
+        fail(fleet_failure(result), EXIT_REJECTED)
     if wait and result["pending"]:
-        raise typer.Exit(EXIT_TIMEOUT)
+        fail(fleet_failure(result), EXIT_TIMEOUT)
+
+
+def fleet_failure(r: dict[str, Any]) -> str:
+    """The one ``error:`` line of a fleet ``push --wait`` that did not end applied everywhere: counts,
+    then the most common messages (as a single-device push says why its device rejected)."""
+    if r["rejected"]:
+        common = "; ".join(f"{' '.join(str(error).split()) or 'no reason given'} ({count})"
+                           for error, count in list(r["errors"].items())[:3])
+        more = f"; {r['pending']} not reported" if r["pending"] else ""
+        return f"{r['rejected']} of {r['devices']} devices rejected the new version: {common}{more}"
+    return (f"{r['pending']} of {r['devices']} devices did not report the new version within {r['waited']:g} s "
+            f"({r['offline']} offline)")
 
 
 def fleet_lines(r: dict[str, Any], waited: bool) -> str:
@@ -731,8 +774,8 @@ def status(
     args: dict[str, Any] = {"labels": _labels(label), "state": state, "sync": sync}
     if conflict:
         args["conflict"] = True
-    if device:
-        args["device"] = device
+    if device is not None:
+        args["device"] = _device_id(device)
     fmt = Output.json if as_json else output
 
     def render(rows: list[dict[str, Any]]) -> str:
@@ -882,13 +925,14 @@ def backup(
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
 ) -> None:
     """A consistent copy of the store: from the running service (online), or from a stopped data dir."""
-    from .backup import backup_stopped, service_running
+    from .backup import backup_stopped
 
     data_dir = data or Path("henge-data")
-    if broker or service_running(data_dir):
+    copied = None if broker else backup_stopped(data_dir, target.resolve())  # None: a service holds the data dir
+    if copied is None:
         result = _call(data, broker, timeout, "backup", path=str(target.resolve()))
     else:
-        result = {"path": str(target.resolve()), "bytes": backup_stopped(data_dir, target.resolve())}
+        result = {"path": str(target.resolve()), "bytes": copied}
     _emit(result, as_json, lambda r: f"backup written to {r['path']} ({r['bytes']} bytes)")
 
 
@@ -919,13 +963,15 @@ def clear_conflict(device: str, data: DataOpt = None, broker: BrokerOpt = None, 
 
 @app.command()
 def events(
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming (the only mode).")] = True,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", "-f", help="Reconnect (with backoff) when the "
+                                         "service restarts; --no-follow ends, exit 1, when the connection does.")]
+    = True,
     device: Annotated[str | None, typer.Option("--device", help="Only this device's events.")] = None,
     kind: Annotated[list[str] | None, typer.Option("--type", help="Only events of this type (repeatable).")]
     = None,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
-    """Stream service events as they happen; reconnects (with backoff) when the service restarts."""
+    """Stream service events as they happen until Ctrl-C (exit 130); reconnects when the service restarts."""
     from .backoff import Backoff
     from .errors import ServiceUnavailable
 
@@ -948,6 +994,8 @@ def events(
                             extra = " ".join(f"{k}={v}" for k, v in event.data.items() if v is not None)
                             typer.echo(f"{event.at} {event.type} {event.device or '-'} {extra}".rstrip())
             except ServiceUnavailable as exc:
+                if not follow:
+                    raise
                 delay = backoff.next_delay()
                 sys.stderr.write(f"henge: {exc}; reconnecting in {delay:.1f} s\n")
                 await asyncio.sleep(delay)
@@ -963,8 +1011,8 @@ def audit(
 ) -> None:
     """Who did what, when: every admin action, oldest first (secrets never appear)."""
     args: dict[str, Any] = {"limit": limit}
-    if device:
-        args["device"] = device
+    if device is not None:
+        args["device"] = _device_id(device, "--device")
     rows = _call(data, broker, timeout, "audit", **args)
     for row in rows:
         row["details"] = " ".join(f"{k}={v}" for k, v in sorted(row["summary"].items()))
@@ -1065,14 +1113,17 @@ def rollout_status(
     """Per wave: targeted, online, delivered, applied, rejected, offline, pending, reverted; errors by message."""
     import time as _time
 
-    while True:
-        result = _call(data, broker, timeout, "rollout.status", rollout=rollout)
-        if watch is not None and not as_json and sys.stdout.isatty():
-            typer.echo("\x1b[H\x1b[2J", nl=False)
-        _emit(result, as_json, rollout_lines)
-        if watch is None or result["state"] not in ("running", "paused", "reverting"):
-            return
-        _time.sleep(watch)
+    try:
+        while True:
+            result = _call(data, broker, timeout, "rollout.status", rollout=rollout)
+            if watch is not None and not as_json and sys.stdout.isatty():
+                typer.echo("\x1b[H\x1b[2J", nl=False)
+            _emit(result, as_json, rollout_lines)
+            if watch is None or result["state"] not in ("running", "paused", "reverting"):
+                return
+            _time.sleep(watch)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @rollout_app.command("list")
@@ -1127,10 +1178,13 @@ def layer_set(
     priority: Annotated[int | None, typer.Option("--priority", min=-1000, max=1000, help="Label layers merge "
                                                  "lowest first (then by name); default 0 or unchanged.")] = None,
     message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
+    force: Annotated[bool, typer.Option("--force", help="Store it even if a device added later (no config of "
+                                        "its own) would get a config its schemas refuse; says which.")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Set a layer; every device whose config changes gets a new version, in one transaction."""
-    args: dict[str, Any] = {"name": name, "content": _read_config(source, what="layer"), "message": message}
+    args: dict[str, Any] = {"name": name, "content": _read_config(source, what="layer"), "message": message,
+                            "force": force}
     if label:
         args["labels"] = _labels(label)
     if priority is not None:
@@ -1140,6 +1194,13 @@ def layer_set(
         result.pop("versions")
     _emit(result, as_json, lambda r: f"layer {r['layer']} is at version {r['version']}; "
           f"{r['devices']} device(s) got a new version")
+    _warn_new_devices(result, as_json)
+
+
+def _warn_new_devices(result: dict[str, Any], as_json: bool) -> None:
+    """After ``--force``: which devices added from now on would be refused, said once on stderr."""
+    for line in result.get("new_devices_invalid", []) if not as_json else []:
+        typer.echo(f"warning: {line} (stored with --force: such a device add is refused)", err=True)
 
 
 @layer_app.command("get")
@@ -1199,11 +1260,14 @@ def layer_rollback(name: LayerArg, version: int, message: Annotated[str, typer.O
 
 @layer_app.command("remove")
 def layer_remove(name: LayerArg, message: Annotated[str, typer.Option("-m", "--message")] = "",
+                 force: Annotated[bool, typer.Option("--force", help="Remove it even if a device added later "
+                                                     "would then get a config its schemas refuse.")] = False,
                  data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                  timeout: TimeoutOpt = 60.0) -> None:
     """Stop applying a layer (its history stays); devices whose config changes get a new version."""
-    result = _call(data, broker, timeout, "layer.remove", name=name, message=message)
+    result = _call(data, broker, timeout, "layer.remove", name=name, message=message, force=force)
     _emit(result, as_json, lambda r: f"layer {r['layer']} removed; {r['devices']} device(s) got a new version")
+    _warn_new_devices(result, as_json)
 
 
 schema_app = typer.Typer(no_args_is_help=True, help="JSON Schemas every config must satisfy (docs/rollouts.md).")
@@ -1356,15 +1420,23 @@ def broker_config_mosquitto(
     = "mosquitto",
     store: Annotated[str | None, typer.Option("--store", metavar="URL", help="Read the identities from this "
                                               "PostgreSQL store (as henge serve --store).")] = None,
+    init: Annotated[bool, typer.Option("--init", help="First setup: create the store and the admin identity "
+                                       "if --data holds none (otherwise that is refused).")] = False,
 ) -> None:
     """Write a Mosquitto configuration (listeners, ACL, password file for every device) from the store."""
     from .mosquitto import identities, write_mosquitto_config
     from .settings import Settings
 
     settings = Settings.load(data_dir=data)
-    hashes, missing = identities(settings.data_dir, settings.admin_name, store)
+    hashes, missing = identities(settings.data_dir, settings.admin_name, store, init=init)
     written = write_mosquitto_config(out, hashes, device_listener=device_listener, admin_listener=admin_listener,
                                      topic_prefix=topic_prefix, admin_name=settings.admin_name, run_as=run_as)
+    from .paths import BROKER_FILE
+    from .service.auth import write_private
+
+    write_private(settings.data_dir / BROKER_FILE, json.dumps(  # for serve's banner: where devices connect
+        {"broker": "mosquitto", "device_listener": device_listener, "admin_listener": admin_listener,
+         "config": str(out.resolve())}))
     typer.echo(f"wrote {', '.join(p.name for p in written)} to {out} ({len(hashes)} identities)")
     if missing:
         typer.echo(f"warning: {len(missing)} devices have no broker password yet (created before this feature): "

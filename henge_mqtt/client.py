@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import ssl
@@ -25,6 +26,12 @@ if TYPE_CHECKING:
     from .models import Event
 
 # Requests and replies are plain JSON here (docs/protocol.md): the CLI starts without loading pydantic.
+
+# paho-mqtt logs a lost socket as a warning ("failed to receive on socket"), which Python's last-resort
+# handler prints: the client turns every failure into one exception, and the CLI into one line.
+_QUIET = logging.getLogger("henge_mqtt.client.mqtt")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +165,7 @@ class AdminClient:
             identifier=self.client_id,
             keepalive=30,
             timeout=timeout,
+            logger=_QUIET,
         )
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._progress: dict[str, Callable[[dict[str, Any]], None]] = {}
@@ -175,14 +183,14 @@ class AdminClient:
                 ) from exc
             raise ServiceUnavailable(f"cannot connect to the service at {e.where}: {exc}") from exc
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            why = str(exc) or f"no answer within {self.timeout:g} s"
             raise ServiceUnavailable(
-                f"cannot reach the service at {e.where} (is `henge serve` running?): {exc}"
+                f"cannot reach the service at {e.where} (is `henge serve` running?): {why}"
             ) from exc
         try:
             await self._client.subscribe(self._reply_topic, qos=1)
         except (aiomqtt.MqttError, TimeoutError) as exc:  # the service went away right after CONNACK
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                await asyncio.wait_for(self._client.__aexit__(None, None, None), self.timeout)
+            await self._close_client()
             raise ServiceUnavailable(f"lost the connection to the service at {e.where}: {exc}") from exc
         self._pump = asyncio.create_task(self._read())
         return self
@@ -193,8 +201,17 @@ class AdminClient:
         if self._pump is not None:
             self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
+        await self._close_client()
+
+    async def _close_client(self) -> None:
+        """Disconnect (a lost connection is already closed), and take in aiomqtt's record of an
+        unexpected disconnection: left unread, asyncio prints it as "Future exception was never
+        retrieved" after the CLI's one error line."""
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            await asyncio.wait_for(self._client.__aexit__(exc_type, exc, tb), self.timeout)
+            await asyncio.wait_for(self._client.__aexit__(None, None, None), self.timeout)
+        disconnected = self._client._disconnected
+        if disconnected.done() and not disconnected.cancelled():
+            disconnected.exception()
 
     async def _read(self) -> None:
         try:
@@ -245,10 +262,17 @@ class AdminClient:
         self._replies[request_id] = waiter
         if progress is not None:
             self._progress[request_id] = progress
+        limit = self.timeout + (wait or 0.0)
+        sending: asyncio.Future[None] = asyncio.ensure_future(
+            self._client.publish(self.topics.admin_requests, json.dumps(request), qos=1))
         try:
-            await self._client.publish(self.topics.admin_requests, json.dumps(request), qos=1)
-            limit = self.timeout + (wait or 0.0)
-            reply = await asyncio.wait_for(waiter, limit)
+            async with asyncio.timeout(limit):
+                # A lost connection fails the waiter at once: do not sit out the publish's own timeout.
+                either: list[asyncio.Future[Any]] = [sending, waiter]
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if sending.done():
+                    sending.result()  # the publish failed: MqttError
+                reply = await waiter
         except TimeoutError as exc:
             raise ServiceUnavailable(f"the service did not answer {op!r} within {limit:g} s") from exc
         except aiomqtt.MqttError as exc:
@@ -256,6 +280,11 @@ class AdminClient:
         finally:
             self._replies.pop(request_id, None)
             self._progress.pop(request_id, None)
+            if not sending.done():
+                sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)  # retrieved, whatever became of it
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # a failure set by the reader and superseded by another: retrieved
         if not reply.get("ok"):
             error = reply.get("error") or {}
             raise RemoteError(str(error.get("code", "error")), str(error.get("message", "request failed")))

@@ -217,8 +217,9 @@ class Agent:
             if stop.is_set():
                 return
             lasted = time.monotonic() - started
-            if displaced or (accepted and lasted < SHORT_LIVED and not self.mqtt5):
-                # 5.0: the server said so (0x8E); 3.1.1 can only guess from a short-lived connection.
+            if displaced or (accepted and lasted < SHORT_LIVED):
+                # henge says so (0x8E); other brokers close a displaced client with another code (Mosquitto:
+                # 0x80) or none (3.1.1): any connection closed within seconds counts as displaced.
                 log.warning(
                     "agent.closed_early device=%s lasted=%.1fs: another client may be using the identity %s%s",
                     self.device, lasted, self.device, " (the server: session taken over)" if displaced else "",

@@ -24,6 +24,7 @@ import logging
 import math
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SESSION_REASONS = frozenset({"client_disconnect"})
 MAX_INFLIGHT = 2000
+SYNC_TIMEOUT = 10.0  # the longest presence waits for the broker's retained announcements
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
@@ -91,13 +93,34 @@ class ExternalBroker(TableViews):
         self.dropped = 0  # messages whose handling failed (logged)
         self._wills: dict[int, asyncio.TimerHandle] = {}  # wills waiting out their grace
         self._will_ids = itertools.count()
+        # Presence waits until the retained announcements are read: a marker we publish to ourselves
+        # after subscribing arrives after them (one ordered stream), or after SYNC_TIMEOUT at worst.
+        self._sync_topic = f"{topics.prefix}/admin/sync/{client_id}"
+        self._on_synced: list[Callable[[set[str]], None]] = []
+        self._sync_timer: asyncio.TimerHandle | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._runner = asyncio.create_task(self._run())
 
+    def when_presence_known(self, callback: Callable[[set[str]], None]) -> None:
+        self._on_synced.append(callback)
+
+    def _synced(self) -> None:
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
+        callbacks, self._on_synced = self._on_synced, []
+        if callbacks:
+            online = set(self.table.online_devices())
+            log.info("external.presence_known online=%d", len(online))
+            for callback in callbacks:
+                callback(online)
+
     async def stop(self) -> None:
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
         for handle in self._wills.values():
             handle.cancel()
         self._wills.clear()
@@ -127,7 +150,12 @@ class ExternalBroker(TableViews):
                     (self.topics.admin_requests, 1),
                     (f"{self.topics.prefix}/devices/+/report", 1),
                     (f"{self.topics.prefix}/devices/+/presence/device", 1),
+                    (self._sync_topic, 1),
                 ])
+                if self._on_synced:  # after the retained announcements the subscription brings
+                    client.publish(self._sync_topic, b"sync", qos=1)
+                    if self._sync_timer is None:
+                        self._sync_timer = asyncio.get_running_loop().call_later(SYNC_TIMEOUT, self._synced)
                 # The broker may have restarted without persistence: the store's truth again.
                 for topic, (data, qos) in list(self.retained.items()):
                     client.publish(topic, data, qos=qos, retain=True)
@@ -196,6 +224,9 @@ class ExternalBroker(TableViews):
     # ---- incoming ----------------------------------------------------------------------------------
 
     def _route(self, topic: str, payload: bytes) -> None:
+        if topic == self._sync_topic:
+            self._synced()
+            return
         if topic == self.topics.admin_requests:
             # Only the admin identity may write here (the broker's ACL).
             self.hooks.message(Principal("admin", self.username), topic, payload)

@@ -79,6 +79,15 @@ class Snapshot(Frozen):
                 f'"issued_at":"{issued_at}","config":{config_json},"layers":{layers_json}}}').encode()
 
 
+class VersionReport(Frozen):
+    """What the device said about one version: kept with the version, whatever came after it."""
+
+    status: Literal["applied", "rejected"]
+    error: str | None = None
+    at: datetime
+    epoch: int | None = None  # the connection it came in on (None: recorded before epochs were kept)
+
+
 class ConfigVersion(Frozen):
     """One immutable row of a device's history."""
 
@@ -92,6 +101,7 @@ class ConfigVersion(Frozen):
     # The device's own layer at this version, when layers made ``config`` differ from it.
     own: dict[str, Any] | None = None
     layers: list[str] = Field(default_factory=list)  # name@version of the layers merged into config
+    report: VersionReport | None = None  # the device's report of this version (history and get only)
 
     @property
     def device_layer(self) -> dict[str, Any]:
@@ -275,12 +285,14 @@ class LayerSetArgs(Frozen):
     labels: dict[str, str] | None = None  # None: keep the layer's labels (a new label layer needs some)
     priority: int | None = Field(default=None, ge=-1000, le=1000)
     message: str = Field(default="", max_length=1024)
+    force: bool = False  # store it even if a device added later would break its schemas
 
 
 class LayerRefArgs(Frozen):
     name: LayerName
     version: int | None = Field(default=None, ge=1)
     message: str = Field(default="", max_length=1024)
+    force: bool = False
 
 
 class LayerDiffArgs(Frozen):

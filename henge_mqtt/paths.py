@@ -5,3 +5,5 @@ from __future__ import annotations
 ADMIN_FILE = "admin.json"  # admin credentials, mode 0600
 SERVICE_FILE = "service.json"  # address of the running service, removed on clean shutdown
 ADMIN_SOCKET = "admin.sock"  # the admin listener (Unix domain socket, 0600): the CLI's way in
+BROKER_FILE = "broker.json"  # the external broker's listeners, as broker-config wrote them (serve says where
+                             # devices connect)

@@ -10,7 +10,7 @@ reaches into a broker's session table or connections.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -116,6 +116,11 @@ class BrokerPort(Protocol):
     def session(self, device: str, now: float) -> SessionView: ...
 
     def online_devices(self) -> list[str]: ...
+
+    def when_presence_known(self, callback: Callable[[set[str]], None]) -> None:
+        """``callback(devices online)`` once the broker knows who is connected (an external broker:
+        after it has handed over the retained announcements), before any presence is published."""
+        ...
 
     def clear_conflict(self, device: str) -> bool: ...
 

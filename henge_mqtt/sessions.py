@@ -16,6 +16,7 @@ Rules (docs/sessions.md explains them at length):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -387,3 +388,8 @@ class TableViews:
 
     def online_devices(self) -> list[str]:
         return self.table.online_devices()
+
+    def when_presence_known(self, callback: Callable[[set[str]], None]) -> None:
+        """``callback(devices online)`` once this broker knows who is connected; a broker that just
+        started knows at once: nobody."""
+        callback(set())

@@ -45,7 +45,7 @@ from .errors import (
     ValidationFailed,
     VersionConflict,
 )
-from .models import ConfigVersion, Device, config_sha256, utc_now
+from .models import ConfigVersion, Device, VersionReport, config_sha256, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,27 @@ MIGRATIONS: list[str] = [
         expires REAL NOT NULL DEFAULT 0
     );
     INSERT INTO lease (id, token, expires) VALUES (1, 0, 0);
+    """,
+    """
+    CREATE TABLE version_reports (       -- every version's own report: "why was v5 rejected?" stays answerable
+        device TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        status TEXT NOT NULL,            -- applied | rejected
+        error TEXT,
+        at TEXT NOT NULL,
+        epoch INTEGER,                   -- the connection the report came in on
+        PRIMARY KEY (device, version),
+        FOREIGN KEY (device, version) REFERENCES config_versions (device, version) ON DELETE CASCADE
+    );
+    INSERT INTO version_reports (device, version, status, error, at)
+        SELECT r.device, r.rejected_version, 'rejected', r.rejected_error, r.rejected_at FROM device_reports r
+        JOIN config_versions v ON v.device = r.device AND v.version = r.rejected_version;
+    INSERT INTO version_reports (device, version, status, error, at)
+        SELECT r.device, r.applied_version, 'applied', NULL, r.applied_at FROM device_reports r
+        JOIN config_versions v ON v.device = r.device AND v.version = r.applied_version
+        WHERE r.rejected_version IS NULL OR r.rejected_version <> r.applied_version;
+    ALTER TABLE rollout_devices ADD COLUMN outcome TEXT;        -- frozen when the wave is decided
+    ALTER TABLE rollout_devices ADD COLUMN outcome_error TEXT;
     """,
 ]
 
@@ -823,14 +844,15 @@ class Store:
 
     # ---- device reports ----------------------------------------------------------------------
 
-    def record_reports(self, reports: list[tuple[str, int, str, str | None]]) -> list[str]:
-        """Many reports in one transaction (a wave's devices answer together): per report ``ok``,
-        ``unknown`` (a device removed meanwhile) or ``newer`` (a version it was never sent)."""
+    def record_reports(self, reports: list[tuple[str, int, str, str | None, int | None]]) -> list[str]:
+        """Many reports ``(device, version, status, error, epoch)`` in one transaction (a wave's
+        devices answer together): per report ``ok``, ``unknown`` (a device removed meanwhile) or
+        ``newer`` (a version it was never sent)."""
         outcomes: list[str] = []
         now = _ts(utc_now())
         with self._tx():
             current: dict[str, int] = {}
-            for device, version, status, error in reports:
+            for device, version, status, error, epoch in reports:
                 if device not in self._hashes:
                     outcomes.append("unknown")
                     continue
@@ -839,11 +861,19 @@ class Store:
                 if version > current[device]:
                     outcomes.append("newer")
                     continue
-                self._store_report(device, version, status, error, now)
+                self._store_report(device, version, status, error, now, epoch)
                 outcomes.append("ok")
         return outcomes
 
-    def _store_report(self, device: str, version: int, status: str, error: str | None, now: str) -> None:
+    def _store_report(self, device: str, version: int, status: str, error: str | None, now: str,
+                      epoch: int | None = None) -> None:
+        # The version's own report (its latest word on that version), kept as long as the version is.
+        self._db.execute(
+            "INSERT INTO version_reports (device, version, status, error, at, epoch) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (device, version) DO UPDATE SET status = excluded.status, error = excluded.error, "
+            "at = excluded.at, epoch = excluded.epoch",
+            (device, version, status, (error or "") if status == "rejected" else None, now, epoch))
+        # The device's summary: the newest applied and the newest rejected version.
         self._db.execute("INSERT OR IGNORE INTO device_reports (device) VALUES (?)", (device,))
         if status == "applied":
             self._db.execute(
@@ -858,10 +888,16 @@ class Store:
                 (version, error or "", now, device, version),
             )
 
-    def record_report(self, device: str, version: int, status: str, error: str | None) -> None:
+    def record_report(self, device: str, version: int, status: str, error: str | None,
+                      epoch: int | None = None) -> None:
         """Record an applied/rejected report; an older version never lowers a newer one, of either kind."""
         with self._tx():
-            self._store_report(device, version, status, error, _ts(utc_now()))
+            self._store_report(device, version, status, error, _ts(utc_now()), epoch)
+
+    def version_reports(self, device: str) -> dict[int, VersionReport]:
+        """Each version's own report (versions with none are absent)."""
+        return {v: VersionReport(status=s, error=e, at=_parse_ts(at), epoch=ep) for v, s, e, at, ep in self._db.execute(
+            "SELECT version, status, error, at, epoch FROM version_reports WHERE device = ?", (device,))}
 
     def reports(self) -> dict[str, DeviceReports]:
         rows = self._db.execute(
@@ -1235,21 +1271,36 @@ class Store:
             args.append(wave)
         rows = self._db.execute(
             "SELECT rd.device, rd.wave, rd.prev_version, rd.new_version, rd.online_at_start, rd.reverted_version, "
-            "rd.revert_note, r.applied_version, r.rejected_version, r.rejected_error FROM rollout_devices rd "
-            f"LEFT JOIN device_reports r ON r.device = rd.device WHERE {where} ORDER BY rd.wave, rd.device", args)
+            "rd.revert_note, rd.outcome, rd.outcome_error, vr.status, vr.error FROM rollout_devices rd "
+            "LEFT JOIN version_reports vr ON vr.device = rd.device AND vr.version = rd.new_version "
+            f"WHERE {where} ORDER BY rd.wave, rd.device", args)
         out = []
-        for device, wv, prev, new, online, reverted, note, applied, rejected, error in rows:
-            report = None
-            if new is not None:
-                if applied is not None and applied >= new:
-                    report = "applied"
-                elif rejected == new:
-                    report = "rejected"
+        for device, wv, prev, new, online, reverted, note, frozen, frozen_error, status, error in rows:
+            # The outcome of the rollout's own version: frozen once the wave is decided; until then
+            # that version's report. A later version (a revert, another push) never counts.
+            if frozen is not None:
+                report, error = (None if frozen == "pending" else frozen), frozen_error
+            else:
+                report = status if new is not None else None
             out.append({"device": device, "wave": wv, "prev_version": prev, "new_version": new,
                         "online_at_start": bool(online), "report": report,
                         "error": error if report == "rejected" else None, "reverted_version": reverted,
                         "revert_note": note})
         return out
+
+    def _freeze_outcomes(self, rollout_id: str, wave: int | None = None) -> None:
+        """Inside the caller's transaction: each published device's report of the rollout's version
+        (or ``pending``) becomes the wave's outcome for good, whatever it reports later."""
+        args: list[Any] = [rollout_id]
+        where = ""
+        if wave is not None:
+            where, args = " AND wave = ?", [rollout_id, wave]
+        match = "vr.device = rollout_devices.device AND vr.version = rollout_devices.new_version"
+        self._db.execute(
+            f"UPDATE rollout_devices SET outcome = COALESCE((SELECT status FROM version_reports vr WHERE {match}), "
+            f"'pending'), outcome_error = (SELECT error FROM version_reports vr WHERE {match} AND "
+            f"vr.status = 'rejected') WHERE rollout = ? AND new_version IS NOT NULL AND outcome IS NULL{where}",
+            args)
 
     def publish_wave(self, rollout_id: str, wave: int, online: set[str], *, now: float) -> list[ConfigVersion]:
         """The wave's versions and the mark that it went out, in one transaction: a wave is stored
@@ -1299,6 +1350,7 @@ class Store:
         installed: dict[str, Layer] | None = None
         with self._tx():
             ro = self.rollout(rollout_id)
+            self._freeze_outcomes(rollout_id, ro["wave"])
             if ro["wave"] + 1 >= ro["waves"]:
                 if ro["layer"] is not None:
                     spec = ro["layer"]
@@ -1323,6 +1375,8 @@ class Store:
             ro = self.rollout(rollout_id)
             if expect and ro["state"] not in expect:
                 raise RolloutConflict(f"rollout {rollout_id} is {ro['state']}; cannot make it {state}")
+            if state in ("reverting", "aborted"):  # the rollout is decided: what it did stays as it was
+                self._freeze_outcomes(rollout_id)
             self._db.execute("UPDATE rollouts SET state = ?, reason = COALESCE(?, reason), revert = ? WHERE id = ?",
                              (state, reason, int(revert or ro["revert"]), rollout_id))
             self._audit(actor, f"rollout.{state}", None, {"rollout": rollout_id} | ({"reason": reason} if reason
@@ -1360,6 +1414,7 @@ class Store:
                                  [(r.version, rollout_id, r.device) for r in rows])
             self._db.executemany("UPDATE rollout_devices SET revert_note = ? WHERE rollout = ? AND device = ?",
                                  [(note, rollout_id, d) for note, d in notes])
+            self._freeze_outcomes(rollout_id)
             self._db.execute("UPDATE rollouts SET state = ?, finished_at = ? WHERE id = ?",
                              (final, _ts(utc_now()), rollout_id))
             self._audit(ro["actor"], "rollout.reverted", None, {"rollout": rollout_id, "devices": len(rows),

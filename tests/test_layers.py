@@ -113,8 +113,10 @@ async def test_a_layer_that_breaks_a_schema_is_refused_and_stores_nothing(runnin
     await svc.set_schema({}, {"properties": {"port": {"type": "integer"}}})
     with pytest.raises(SchemaViolation) as refused:
         await svc.set_layer("fleet", {"port": "eighty"})
-    assert [(e["device"], e["pointer"]) for e in refused.value.errors] == [("a1", "/port")]
-    assert "nothing was stored for any device" in str(refused.value)
+    # a1 now, and any device added later with no config of its own (issue 19)
+    assert [(e["device"], e["pointer"]) for e in refused.value.errors] == [
+        ("a1", "/port"), ("a new device (no config of its own)", "/port")]
+    assert "the layer was not stored" in str(refused.value)
     assert await svc.list_layers() == []
     assert (await versions(running, "a1"), await versions(running, "a2")) == ([1], [1])
     assert (await svc.set_layer("fleet", {"port": 443}))["devices"] == 1  # a2 keeps its own port
@@ -124,7 +126,7 @@ async def test_a_label_change_whose_layers_break_a_schema_changes_nothing(runnin
     svc = running.service
     await running.add("d1", {"name": "x"})
     await svc.set_schema({}, {"properties": {"port": {"type": "integer"}}})
-    await svc.set_layer("bad", {"port": "eighty"}, labels={"site": "bad"})
+    await svc.set_layer("bad", {"port": "eighty"}, labels={"site": "bad"}, force=True)
     with pytest.raises(SchemaViolation):
         await svc.set_labels("d1", {"site": "bad"}, [])
     assert (await svc.get_device("d1")).labels == {}  # the label change was refused whole
@@ -247,3 +249,51 @@ async def test_layers_over_http(running: Running) -> None:
             assert (await c.delete("api/v1/layers/site-x")).json()["removed"] is True
             gone = await c.delete("api/v1/layers/site-x")
             assert (gone.status_code, gone.json()["code"]) == (404, "unknown_layer")
+
+
+async def test_a_layer_that_would_refuse_every_new_device_is_refused_unless_forced(running: Running) -> None:
+    """Issue 19: every current device overrides `interval`, so none breaks; a device added next, with no
+    config of its own, would get "often" and be refused. The layer change is refused for that case too."""
+    svc = running.service
+    await svc.set_schema({}, {"type": "object", "properties": {"interval": {"type": "integer"}}})
+    for d in ("p1", "p2"):
+        await running.add(d, {"interval": 5})
+    with pytest.raises(SchemaViolation) as refused:
+        await svc.set_layer("fleet", {"interval": "often"})
+    assert [(e["device"], e["pointer"]) for e in refused.value.errors] == [
+        ("a new device (no config of its own)", "/interval")]
+    assert "--force" in str(refused.value)
+    assert await svc.list_layers() == []
+    await svc.add_device("p3")  # nothing changed: a new device is still welcome
+    await svc.remove_device("p3")
+    # A label layer is checked for a device with exactly its labels (the least it takes to get it).
+    with pytest.raises(SchemaViolation) as labelled:
+        await svc.set_layer("berlin", {"interval": "often"}, labels={"site": "berlin"})
+    assert labelled.value.errors[0]["device"] == "a new device with site=berlin (no config of its own)"
+    # --force stores it and says which case breaks; that case is then refused, as the answer said.
+    forced = await svc.set_layer("fleet", {"interval": "often"}, force=True)
+    assert forced["version"] == 1 and len(forced["new_devices_invalid"]) == 1
+    assert "a new device" in forced["new_devices_invalid"][0] and "/interval" in forced["new_devices_invalid"][0]
+    with pytest.raises(SchemaViolation):
+        await svc.add_device("p4")
+    # Removing it is checked the same way: with no layer left a new device gets no config, nothing to refuse.
+    assert "new_devices_invalid" not in await svc.remove_layer("fleet")
+    await svc.add_device("p4")
+
+
+async def test_layer_set_cli_refuses_a_layer_new_devices_would_break(running: Running) -> None:
+    data = str(running.data_dir)
+
+    def cli(*args: str, input: str | None = None) -> Any:
+        return asyncio.to_thread(henge_cli, *args, "--data", data, input=input)
+
+    assert (await cli("schema", "set", "-", input='{"properties": {"interval": {"type": "integer"}}}')).returncode == 0
+    refused = await cli("layer", "set", "fleet", "-", input='{"interval": "often"}')
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.splitlines()[0] == ("error: a new device (no config of its own): /interval: 'often' is "
+                                              "not of type 'integer' (schema fleet@1)")
+    forced = await cli("layer", "set", "fleet", "-", "--force", input='{"interval": "often"}')
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stderr.startswith("warning: a new device (no config of its own): /interval")
+    added = await cli("device", "add", "late")
+    assert added.returncode == 1 and "/interval" in added.stderr

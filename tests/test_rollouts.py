@@ -190,7 +190,9 @@ async def test_an_offline_device_gets_its_version_when_it_connects(running: Runn
     await late.start(secrets, {"d02": accept})  # it connects later, gets the retained version, applies it
     await wait_status(running, "d02", lambda r: r["applied_version"] == 2)
     await late.close()
-    assert (await running.service.rollout_status(status["id"]))["waves"][0]["applied"] == 3
+    # The rollout's record is what it was when it ended (issue 19): the late apply is the device's, not the wave's.
+    wave = (await running.service.rollout_status(status["id"]))["waves"][0]
+    assert (wave["applied"], wave["pending"], wave["offline"]) == (2, 1, 1)
 
 
 async def test_a_rollout_that_breaks_a_schema_never_starts(running: Running) -> None:
@@ -335,11 +337,16 @@ def test_kill_minus_nine_at_any_moment_of_a_rollout(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert ro["state"] == "completed", ro
         # A wave that went out while the devices were reconnecting to a restarted service passed with
-        # none online; they get their versions retained when they connect, and report them.
-        while [w["applied"] for w in ro["waves"]] != [4] * 6:
-            assert time.monotonic() < deadline, ro["waves"]
+        # none online; they get their versions retained when they connect, and report them. The
+        # rollout's record keeps what each wave was when it was decided (issue 19).
+        frozen = [(w["applied"], w["pending"]) for w in ro["waves"]]
+        assert all(applied + pending == 4 for applied, pending in frozen), ro["waves"]
+        while not all(r["sync"] == "in_sync" for r in json.loads(henge_cli(
+                "status", "--data", str(data), "--json").stdout)):
+            assert time.monotonic() < deadline, "the devices did not all apply the rollout's version"
             time.sleep(0.2)
-            ro = json.loads(henge_cli("rollout", "status", rollout, "--data", str(data), "--json").stdout)
+        ro = json.loads(henge_cli("rollout", "status", rollout, "--data", str(data), "--json").stdout)
+        assert [(w["applied"], w["pending"]) for w in ro["waves"]] == frozen
 
         # A rollout that halts: killed while it reverts (or before), it still reverts each device once.
         reporters.kill()

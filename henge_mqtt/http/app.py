@@ -81,6 +81,7 @@ class LayerBody(BaseModel):
     labels: dict[str, str] | None = None
     priority: int | None = Field(default=None, ge=-1000, le=1000)
     message: str = Field(default="", max_length=1024)
+    force: bool = False  # store it even if a device added later would break its schemas
 
 
 class BackupBody(BaseModel):
@@ -481,7 +482,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         config changes get a new version in the same transaction."""
         body = parse_model(LayerBody, await read_json(request))
         return await svc.set_layer(name, body.content, labels=body.labels, priority=body.priority,
-                                   message=body.message)
+                                   message=body.message, force=body.force)
 
     @api.post("/layers/{name}/rollback", **r("operator", **_body_doc(RollbackBody)))
     async def rollback_layer(request: Request, name: LayerName) -> dict[str, Any]:
@@ -489,8 +490,8 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         return await svc.rollback_layer(name, body.version, message=body.message)
 
     @api.delete("/layers/{name}", **r("operator"))
-    async def remove_layer(name: LayerName) -> dict[str, Any]:
-        return await svc.remove_layer(name)
+    async def remove_layer(name: LayerName, force: bool = False) -> dict[str, Any]:
+        return await svc.remove_layer(name, force=force)
 
     @api.get("/devices/{device}/explain", **r("viewer"))
     async def explain(device: DeviceId, version: Annotated[int | None, Query(ge=1)] = None) -> list[dict[str, Any]]:

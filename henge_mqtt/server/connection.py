@@ -37,6 +37,10 @@ DISCONNECT_REASONS = {
     "protocol_error": (codec.PROTOCOL_ERROR, "protocol error"),
     "server_error": (codec.UNSPECIFIED_ERROR, "server error"),
 }
+# A reason code given to ``close`` names the problem more exactly than its close reason: its text.
+CODE_TEXT = {
+    codec.RECEIVE_MAXIMUM_EXCEEDED: "more QoS 2 publishes unacknowledged than the Receive Maximum (§3.3.4)",
+}
 
 
 class V5:
@@ -385,8 +389,8 @@ class Connection(asyncio.Protocol):
             known = DISCONNECT_REASONS.get(self.close_reason)
             if known is not None or code is not None:
                 reason_code, why = known or (code or codec.UNSPECIFIED_ERROR, "protocol error")
-                if code is not None and self.close_reason == "protocol_error":
-                    reason_code = code
+                if code is not None:  # the exact code the caller named (e.g. 0x93, not quota's 0x97)
+                    reason_code, why = code, CODE_TEXT.get(code, why)
                 transport = self.transport
                 if transport is not None and not transport.is_closing():
                     transport.write(codec.disconnect(reason_code, {codec.REASON_STRING: why}, version=5))

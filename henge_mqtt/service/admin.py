@@ -208,7 +208,7 @@ async def _schema_remove(svc: HengeService, a: models.SchemaRefArgs, progress: P
 
 async def _layer_set(svc: HengeService, a: models.LayerSetArgs, progress: Progress) -> Any:
     return await svc.set_layer(a.name, dict(a.content), labels=dict(a.labels) if a.labels is not None else None,
-                               priority=a.priority, message=a.message)
+                               priority=a.priority, message=a.message, force=a.force)
 
 
 async def _layer_get(svc: HengeService, a: models.LayerRefArgs, progress: Progress) -> Any:
@@ -235,7 +235,7 @@ async def _layer_rollback(svc: HengeService, a: models.LayerRefArgs, progress: P
 
 
 async def _layer_remove(svc: HengeService, a: models.LayerRefArgs, progress: Progress) -> Any:
-    return await svc.remove_layer(a.name, message=a.message)
+    return await svc.remove_layer(a.name, message=a.message, force=a.force)
 
 
 async def _explain(svc: HengeService, a: models.ExplainArgs, progress: Progress) -> Any:

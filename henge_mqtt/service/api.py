@@ -17,6 +17,7 @@ from .. import models
 from ..errors import (
     DuplicateDevice,
     InvalidDeviceId,
+    SchemaViolation,
     ServiceUnavailable,
     UnknownDevice,
     UnknownVersion,
@@ -148,10 +149,18 @@ class ServiceAPI:
         return await self.worker.run(self.store.list_devices, labels)
 
     async def get_version(self, device: str, version: int | None = None) -> ConfigVersion:
-        return await self.worker.run(self.store.get_version, device, version)
+        """A version with the device's own report of it (``report``: applied or rejected, why, when,
+        on which connection epoch), kept for as long as the version is."""
+        store = self.store
+        row, reports = await self.worker.run(lambda: (store.get_version(device, version),
+                                                      store.version_reports(device)))
+        return row.model_copy(update={"report": reports.get(row.version)})
 
     async def history(self, device: str) -> list[ConfigVersion]:
-        return await self.worker.run(self.store.history, device)
+        """Every version, each with its own report (a rejection keeps its reason after later versions)."""
+        store = self.store
+        rows, reports = await self.worker.run(lambda: (store.history(device), store.version_reports(device)))
+        return [row.model_copy(update={"report": reports.get(row.version)}) for row in rows]
 
     async def audit(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         store = self.store
@@ -376,25 +385,40 @@ class ServiceAPI:
     # ---- layers ----------------------------------------------------------------------------------
 
     async def set_layer(self, name: str, content: dict[str, Any], *, labels: dict[str, str] | None = None,
-                        priority: int | None = None, message: str = "") -> dict[str, Any]:
+                        priority: int | None = None, message: str = "", force: bool = False) -> dict[str, Any]:
         """A new version of a layer (``fleet``, or a label layer with ``labels`` and ``priority``); in
-        the same transaction a new version for exactly the devices whose config changes, then published."""
+        the same transaction a new version for exactly the devices whose config changes, then published.
+        Refused if a device added afterwards would get a config its schemas refuse, unless ``force``
+        (the answer's ``new_devices_invalid`` then says which case breaks)."""
         self.configs.check_size(content)
+        return await self._change_layer(name, content, labels=labels, priority=priority, message=message, force=force)
+
+    async def remove_layer(self, name: str, *, message: str = "", force: bool = False) -> dict[str, Any]:
+        return await self._change_layer(name, None, labels=None, priority=None, message=message, force=force)
+
+    async def _change_layer(self, name: str, content: dict[str, Any] | None, *, labels: dict[str, str] | None,
+                            priority: int | None, message: str, force: bool) -> dict[str, Any]:
         async with self.configs.schema_lock:
+            future = await self.worker.run(self.schemas.new_device_errors, name, content, labels=labels,
+                                           priority=priority)
+            if future and not force:  # said with the current devices it breaks too, if any (those --force keeps)
+                layer = {"name": name, "content": content, "labels": labels, "priority": priority}
+                store = self.store
+                now = await self.worker.run(lambda: self.schemas.layer_change_errors(layer, store.layer_change_targets(
+                    name, content, selector=labels, priority=priority)))
+                raise SchemaViolation(now + future, what="the layer was not stored" + (
+                    "" if now else " (henge layer set --force stores it anyway; every such device add is then "
+                                   "refused)"))
             version, rows = await self.worker.run(self.store.set_layer, name, content, actor=current_actor.get(),
                                                   message=message, selector=labels, priority=priority)
         await self.configs.publish_rows(rows, event="layer_applied", layer=name, version=version)
-        self.events.emit("layer_set", None, layer=name, version=version, devices=len(rows))
-        return {"layer": name, "version": version, "devices": len(rows),
-                "versions": {row.device: row.version for row in rows}}
-
-    async def remove_layer(self, name: str, *, message: str = "") -> dict[str, Any]:
-        async with self.configs.schema_lock:
-            version, rows = await self.worker.run(self.store.set_layer, name, None, actor=current_actor.get(),
-                                                  message=message)
-        await self.configs.publish_rows(rows, event="layer_applied", layer=name, version=version)
-        self.events.emit("layer_removed", None, layer=name, version=version, devices=len(rows))
-        return {"layer": name, "version": version, "removed": True, "devices": len(rows)}
+        removed = content is None
+        self.events.emit("layer_removed" if removed else "layer_set", None, layer=name, version=version,
+                         devices=len(rows))
+        warnings = [SchemaViolation([e]).args[0].splitlines()[0] for e in future]
+        return {"layer": name, "version": version, "devices": len(rows)} | (
+            {"removed": True} if removed else {"versions": {row.device: row.version for row in rows}}) | (
+            {"new_devices_invalid": warnings} if warnings else {})
 
     async def rollback_layer(self, name: str, version: int, *, message: str = "") -> dict[str, Any]:
         """The layer's content (and labels, priority) of ``version``, as a new version."""

@@ -100,6 +100,7 @@ class HengeService(ServiceAPI):
                 from ..pg import Lease
 
                 self._lease = await asyncio.to_thread(Lease, store.url)
+                self._write_standby_file()
                 store.fence = (self._holder, await self._take_lease(self._lease))
                 await self.worker.run(store.reload)  # what the last active instance wrote meanwhile
                 self._tasks.spawn(self._keep_lease(self._lease, store.fence))
@@ -119,7 +120,10 @@ class HengeService(ServiceAPI):
             sessions = await self.worker.run(store.sessions)
             broker.seed_sessions(sessions)
             count = await self.configs.republish_all()
-            self.presence.server_start(sessions)
+            # Every device not connected now is offline since it was last seen; behind an external broker
+            # that is known only once its retained announcements are read (a failover flips nobody).
+            broker.when_presence_known(
+                lambda online: self.presence.server_start(s for s in sessions if s[0] not in online))
             log.info("service.republished snapshots=%d", count)
             await broker.start()
             self.rollouts = Rollouts(self)
@@ -128,6 +132,8 @@ class HengeService(ServiceAPI):
             if self._lease is not None:  # a standby stopped while it waited, or a start that failed
                 self._lease.close()
                 self._lease = None
+                with contextlib.suppress(OSError):
+                    (s.data_dir / SERVICE_FILE).unlink()
             self.worker.close()
             self._worker = self._broker = None
             self._lock.release()
@@ -139,6 +145,21 @@ class HengeService(ServiceAPI):
         }))
         self._lock.record(f"mqtt://{host}:{port}")
         log.info("service.started host=%s port=%d data=%s", host, port, s.data_dir)
+
+    def _write_standby_file(self) -> None:
+        """A standby's data dir still leads the CLI to the service: behind an external broker the
+        active instance answers admin requests on the broker's admin listener, whichever instance's
+        data dir (and admin.json, shared) the CLI was pointed at. ``standby`` says this one waits."""
+        s = self.settings
+        if not s.external_broker:
+            return
+        from ..external import parse_broker_url
+
+        host, port, _ = parse_broker_url(s.external_broker)
+        write_private(s.data_dir / SERVICE_FILE, json.dumps({
+            "host": host, "port": port, "topic_prefix": s.topic_prefix, "admin_name": s.admin_name,
+            "pid": os.getpid(), "admin_socket": None, "standby": True,
+        }))
 
     async def _take_lease(self, lease: Lease) -> int:
         """Wait (as a standby) until this instance holds the PostgreSQL store's lease."""
@@ -267,7 +288,8 @@ class HengeService(ServiceAPI):
             report = self.reports.parse(principal.name, payload)
             if isinstance(report, int):
                 return report  # refused: a 5.0 device hears why in its PUBACK
-            self.reports.submit(principal.name, report)
+            epoch = self.broker.session(principal.name, time.time()).epoch  # the connection it came in on
+            self.reports.submit(principal.name, report, epoch or None)
         return 0
 
     async def _admin(self, payload: bytes, actor: str) -> None:

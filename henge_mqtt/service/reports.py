@@ -50,7 +50,7 @@ class Reports:
         self.is_online = is_online
         self._waiters: dict[str, set[_Waiter]] = {}
         self._watchers: list[Callable[[str, Report], None]] = []
-        self._pending: list[tuple[str, Report]] = []
+        self._pending: list[tuple[str, Report, int | None]] = []
         self._flushing = False
         self._spawn = spawn
 
@@ -72,10 +72,11 @@ class Reports:
             self._bad(device, f"{'.'.join(map(str, first['loc'])) or 'payload'}: {first['msg']}")
             return PAYLOAD_FORMAT_INVALID
 
-    def submit(self, device: str, report: Report) -> None:
-        """Queue a parsed report; recorded with every other report that arrived meanwhile, in one
-        transaction (a wave of 10,000 devices answers within a second), in arrival order."""
-        self._pending.append((device, report))
+    def submit(self, device: str, report: Report, epoch: int | None = None) -> None:
+        """Queue a parsed report (``epoch``: of the connection it came in on); recorded with every
+        other report that arrived meanwhile, in one transaction (a wave of 10,000 devices answers
+        within a second), in arrival order."""
+        self._pending.append((device, report, epoch))
         if not self._flushing:
             self._flushing = True
             self._spawn(self._flush())
@@ -88,10 +89,10 @@ class Reports:
         finally:
             self._flushing = False
 
-    async def _record(self, batch: list[tuple[str, Report]]) -> None:
+    async def _record(self, batch: list[tuple[str, Report, int | None]]) -> None:
         outcomes = await self.worker.run(self.worker.store.record_reports,
-                                         [(d, r.version, r.status, r.error) for d, r in batch])
-        for (device, report), outcome in zip(batch, outcomes, strict=True):
+                                         [(d, r.version, r.status, r.error, e) for d, r, e in batch])
+        for (device, report, _), outcome in zip(batch, outcomes, strict=True):
             if outcome == "unknown":
                 log.info("report.unknown_device device=%s", device)  # removed while its report was in flight
                 continue

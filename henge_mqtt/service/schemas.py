@@ -183,9 +183,18 @@ class Schemas:
             raise SchemaViolation(errors, what="nothing was stored for any device")
 
     def check_layer_change(self, layer: dict[str, Any], devices: list[str]) -> None:
-        """Before a staged layer change starts: every target's config under the new layer."""
+        """Before a staged layer change starts: every target's config under the new layer, and what
+        a device added afterwards would get."""
+        errors = self.layer_change_errors(layer, devices) + self.new_device_errors(
+            layer["name"], layer["content"], labels=layer["labels"], priority=layer["priority"])
+        if errors:
+            raise SchemaViolation(errors, what="the rollout was not started")
+
+    def layer_change_errors(self, layer: dict[str, Any], devices: list[str]) -> list[dict[str, str]]:
+        """Each of ``devices``' config under the changed layer ({name, content, labels, priority}),
+        checked against its schemas."""
         if not self._active:
-            return
+            return []
         candidate, _, _ = self.store.candidate_layer(layer["name"], layer["content"], selector=layer["labels"],
                                                      priority=layer["priority"])
         layers = self.store.layers()
@@ -202,8 +211,30 @@ class Schemas:
         errors: list[dict[str, str]] = []
         for device, have, config in items:
             errors += self._errors(self.applicable(have), config, device)
-        if errors:
-            raise SchemaViolation(errors, what="the rollout was not started")
+        return errors
+
+    def new_device_errors(self, name: str, content: dict[str, Any] | None, *, labels: dict[str, str] | None,
+                          priority: int | None) -> list[dict[str, str]]:
+        """What a device added after this layer change, with no config of its own, would get: the
+        errors of that config (checked for a device with exactly the layer's labels, the least a
+        device needs to get it; the fleet layer: no labels). A layer no current device exposes can
+        still refuse every ``device add`` that follows; this finds it before it is stored."""
+        if not self._active:
+            return []
+        before = self.store.layers().get(name)
+        candidate, selector, _ = self.store.candidate_layer(name, content, selector=labels, priority=priority)
+        layers = self.store.layers()
+        if candidate is None:
+            layers.pop(name, None)
+        else:
+            layers[name] = candidate
+        probe = dict(selector if candidate is not None else (before.selector if before else {}))
+        effective, used = self.store.effective(probe, {}, layers)
+        if not used:
+            return []  # no layer applies: such a device gets no config, so nothing to refuse
+        who = "a new device" + (" with " + ",".join(f"{k}={v}" for k, v in sorted(probe.items())) if probe else "")
+        return [e | {"device": f"{who} (no config of its own)"} for e in self._errors(self.applicable(probe),
+                                                                                     effective, None)]
 
     def check_each(self, items: list[tuple[str, dict[str, str], dict[str, Any]]]) -> None:
         """The store's hook for many new versions at once (a layer change): all pass or none is stored."""

@@ -41,6 +41,16 @@ function age(iso) {
   return `${Math.floor(s / 86400)}d ago`;
 }
 
+// A time as people read it (relative), the exact time on hover.
+function when(iso) {
+  if (!iso) return el("span", { text: "-" });
+  return el("time", { datetime: iso, title: new Date(iso).toISOString().replace(/\.\d+Z$/, "Z"), text: age(iso) });
+}
+
+function syncText(s) {
+  return !s.desired_version ? "no config" : s.sync;
+}
+
 // ---- sign in / out ---------------------------------------------------------------------------------
 
 function signOut(message) {
@@ -156,7 +166,7 @@ function render() {
     const tr = el("tr", { "data-device": row.device, "data-state": row.state, "data-sync": row.sync },
       el("td", {}, el("a", { href: `#/device/${encodeURIComponent(row.device)}`, text: row.device })),
       el("td", { class: `state-${row.state}`, text: row.state + (row.conflict ? " ⚠ conflict" : "") }),
-      el("td", { class: `sync-${row.sync}`, text: row.sync + (row.sync === "rejected" && row.error ? `: ${row.error}`
+      el("td", { class: `wrap sync-${row.sync}`, text: syncText(row) + (row.sync === "rejected" && row.error ? `: ${row.error}`
         : row.sync === "invalid" && row.schema_error ? `: ${row.schema_error}` : "") }),
       el("td", { class: "version", text: version }),
       el("td", { class: "wide", text: age(row.since), title: row.since || "" }),
@@ -292,29 +302,49 @@ async function loadDevice(id) {
   const s = info.status;
   state.rows.set(id, s);
   $("d-title").textContent = id;
+  const byVersion = new Map(versions.map((v) => [v.version, v]));
+  const rejectedReport = s.rejected_version && byVersion.get(s.rejected_version) ? byVersion.get(s.rejected_version).report : null;
   const facts = [["State", s.state + (s.conflict ? ` — identity conflict (${s.conflict_remotes.join(", ")})` : "")],
-    ["Epoch", s.epoch], ["Since", s.since ? `${s.since} (${age(s.since)})` : "-"], ["Reason", s.reason],
-    ["Remote", s.remote || "-"], ["Desired version", s.desired_version || "-"], ["Sync", s.sync],
-    ["Applied", s.applied_version ? `v${s.applied_version} at ${s.applied_at}` : "-"],
-    ["Rejected", s.rejected_version ? `v${s.rejected_version}: ${s.error || ""}` : "-"],
+    ["Epoch", s.epoch], ["Since", s.since ? when(s.since) : "-"], ["Reason", s.reason],
+    ["Remote", s.remote || "-"], ["Desired version", s.desired_version || "-"], ["Sync", syncText(s)],
+    ["Applied", s.applied_version ? [`v${s.applied_version} `, when(s.applied_at)] : "-"],
+    ["Rejected", s.rejected_version ? `v${s.rejected_version}: ${(rejectedReport && rejectedReport.error) || s.error || "no reason given"}` : "-"],
     ["Schema", s.schema_error ? `invalid: ${s.schema_error}` : "valid"],
     ["Layers", (versions.length && versions[versions.length - 1].layers.length) ? versions[versions.length - 1].layers.join(" + ") : "its own config only"],
     ["Labels", Object.entries(info.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "-"]];
-  $("d-status").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: String(v), "data-fact": k })]));
+  const fact = (k, v) => {
+    const dd = el("dd", { "data-fact": k });
+    if (v instanceof Node) dd.append(v); else if (Array.isArray(v)) dd.append(...v); else dd.textContent = String(v);
+    return dd;
+  };
+  $("d-status").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", { text: k }), fact(k, v)]));
   $("d-presence").replaceChildren(...(presence.changes.length ? presence.changes.map((e) =>
-    el("li", { text: `${e.at}  ${e.type === "connected" ? "online" : "offline"}  epoch ${e.data.epoch}  ${e.data.reason}  ${e.data.remote || ""}` }))
+    el("li", {}, when(e.at), ` ${e.type === "connected" ? "online" : "offline"}  epoch ${e.data.epoch}  ${e.data.reason}  ${e.data.remote || ""}`))
     : [el("li", { text: "No connects or disconnects seen in this run of the service yet." })]));
   const canWrite = state.role === "operator" || state.role === "admin";
   const vbody = $("d-versions").tBodies[0];
   vbody.replaceChildren(...versions.slice().reverse().map((v) => {
-    const report = v.version === s.applied_version ? "applied" : v.version === s.rejected_version ? `rejected: ${s.error || ""}` : "";
+    // Each version's own report, kept with it: a rejection keeps its reason after later versions.
+    const r = v.report;
+    const report = !r ? "" : r.status === "applied" ? "applied" : `rejected: ${r.error || "no reason given"}`;
     const btn = el("button", { type: "button", text: `Roll back to v${v.version}` });
     btn.disabled = !canWrite || v.version === s.desired_version;
     btn.addEventListener("click", () => rollback(id, v.version));
-    return el("tr", {}, el("td", { text: `v${v.version}` }), el("td", { text: v.created_at }), el("td", { text: v.actor }),
-      el("td", { text: v.message || "" }), el("td", { class: report.startsWith("rejected") ? "sync-rejected" : "sync-in_sync", text: report }),
-      el("td", {}, btn));
+    const cell = el("td", { class: "wrap " + (!r ? "" : r.status === "rejected" ? "sync-rejected" : "sync-in_sync"), text: report });
+    if (r) cell.title = `${r.status} ${new Date(r.at).toISOString()}${r.epoch ? `, connection epoch ${r.epoch}` : ""}`;
+    return el("tr", {}, el("td", { text: `v${v.version}` }), el("td", {}, when(v.created_at)), el("td", { text: v.actor }),
+      el("td", { class: "wrap", text: v.message || "" }), cell, el("td", {}, btn));
   }));
+  // The note under the push form follows the version it announced until the device answers.
+  const pending = state.pushed && state.pushed.device === id ? byVersion.get(state.pushed.version) : null;
+  if (pending && pending.report) {
+    const note = $("push-note");
+    note.className = pending.report.status === "rejected" ? "error" : "help";
+    note.textContent = pending.report.status === "rejected"
+      ? `The device rejected v${pending.version}: ${pending.report.error || "no reason given"}`
+      : `The device applied v${pending.version}.`;
+    state.pushed = null;
+  }
   for (const sel of [$("diff-a"), $("diff-b")]) {
     const keep = sel.value;
     sel.replaceChildren(...versions.map((v) => el("option", { value: String(v.version), text: `v${v.version}` })));
@@ -327,6 +357,7 @@ async function loadDevice(id) {
   const config = $("push-config");
   if (!config.dataset.touched) {
     config.value = s.desired_version ? JSON.stringify((await api(`${path}/config`)).config, null, 2) : "{\n}";
+    state.baseVersion = s.desired_version || 0; // the version this edit starts from: sent as If-Match
   }
   $("push-button").disabled = !canWrite;
   config.readOnly = !canWrite;
@@ -339,14 +370,36 @@ async function push(event) {
   let config;
   try { config = JSON.parse($("push-config").value); } catch (e) { note.textContent = `Not JSON: ${e.message}`; note.className = "error"; return; }
   note.className = "help"; note.textContent = "Pushing…";
+  $("push-conflict").replaceChildren();
+  const base = state.baseVersion || 0;
   try {
     const msg = encodeURIComponent($("push-message").value);
+    const headers = { "Content-Type": "application/json" };
+    if (base) headers["If-Match"] = `"${base}"`; // a concurrent edit is refused (412), never overwritten
     const res = await api(`/devices/${encodeURIComponent(id)}/config?message=${msg}`, {
-      method: "PUT", headers: { "Content-Type": "application/json" }, body: JSON.stringify(config) });
-    note.textContent = res.unchanged ? `Unchanged: v${res.version} already holds this config.` : `Stored v${res.version}; waiting for the device's report.`;
+      method: "PUT", headers, body: JSON.stringify(config) });
+    if (res.unchanged) note.textContent = `Unchanged: v${res.version} already holds this config.`;
+    else { note.textContent = `Stored v${res.version}; waiting for the device's report.`; state.pushed = { device: id, version: res.version }; }
     $("push-config").dataset.touched = "";
     loadDevice(id);
-  } catch (e) { note.className = "error"; note.textContent = e.message; }
+  } catch (e) {
+    note.className = "error";
+    if (e.problem && e.problem.status === 412) await showConflict(id, base);
+    else note.textContent = e.message;
+  }
+}
+
+// Someone stored a version since this edit began: say who and what, and let the operator rebase.
+async function showConflict(id, base) {
+  const path = `/devices/${encodeURIComponent(id)}`;
+  const current = await api(`${path}/config`);
+  const diff = base ? (await api(`${path}/diff?a=${base}&b=${current.version}`)).diff : "(the device had no config when you opened it)";
+  $("push-note").textContent = `Not stored: the config changed since you opened it (v${base} → v${current.version} by ${current.actor}` +
+    `${current.message ? `: "${current.message}"` : ""}). Your edit is kept below; rebase it onto v${current.version} and push again.`;
+  const rebase = el("button", { type: "button", text: `Rebase my edit onto v${current.version}` });
+  rebase.addEventListener("click", () => { state.baseVersion = current.version; $("push-conflict").replaceChildren();
+    $("push-note").className = "help"; $("push-note").textContent = `Your edit now applies to v${current.version}: push when ready.`; });
+  $("push-conflict").replaceChildren(el("pre", { class: "diff-note", text: diff }), rebase);
 }
 
 async function rollback(id, version) {
