@@ -698,11 +698,15 @@ def get(
 @app.command()
 def history(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
             timeout: TimeoutOpt = 10.0) -> None:
-    """List every version of a device's config."""
+    """List every version of a device's config, each with the device's report of it."""
     rows = _call(data, broker, timeout, "history", device=device)
+    people = []
     for row in rows:
-        row["sha"] = row["sha256"][:12]
-    _emit(rows, as_json, lambda r: _table(r, ["version", "created_at", "actor", "sha", "message"]))
+        report = row.get("report")
+        said = None if not report else "applied" if report["status"] == "applied" else (
+            "rejected: " + (" ".join((report["error"] or "").split()) or "no reason given"))
+        people.append(row | {"sha": row["sha256"][:12], "report": said})
+    _emit(rows, as_json, lambda _: _table(people, ["version", "created_at", "actor", "sha", "report", "message"]))
 
 
 @app.command()
@@ -1500,13 +1504,36 @@ def agent(
     asyncio.run(main())
 
 
+def command() -> Any:
+    """The click command tree of ``henge``, with usage lines in the plain form people read in man
+    pages (``henge push [OPTIONS] [ID] [FILE|-]``, ``henge diff [OPTIONS] DEVICE A B``): typer marks a
+    required argument ``{ID}`` (and lower-cases one without a metavar), which reads like a
+    placeholder to fill in braces and all."""
+    import click
+
+    root = typer.main.get_command(app)
+
+    def plain(cmd: click.Command) -> None:
+        typed = cmd.collect_usage_pieces
+
+        def pieces(ctx: click.Context) -> list[str]:
+            return [(p[1:-1] if p.startswith("{") and p.endswith("}") else p).upper() for p in typed(ctx)]
+
+        cmd.collect_usage_pieces = pieces  # type: ignore[method-assign]
+        for sub in getattr(cmd, "commands", {}).values():
+            plain(sub)
+
+    plain(root)
+    return root
+
+
 def main() -> None:
     """The CLI's one exit: every failure is one ``error:`` line and a documented exit code, never a
     traceback (usage errors 2, failures 1; ``HENGE_DEBUG=1`` shows the traceback of an unexpected one)."""
     from typer.exceptions import TyperException
 
     try:
-        code = app(standalone_mode=False)
+        code = command()(standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

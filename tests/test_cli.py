@@ -483,3 +483,149 @@ async def test_no_empty_versions_and_merge_patches(running: Running) -> None:
     result = json.loads(fleet.stdout)
     assert (result["devices"], result["unchanged"]) == (1, 1) and set(result["versions"]) == {"p1"}
     assert [r.version for r in await running.service.history("p2")] == [1]
+
+
+# ---- issue 19: one error line, said once; usage that reads right; offline commands and the lock ----
+
+
+def _serve(data: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A real ``henge serve`` (free ports, no HTTP) once it wrote service.json."""
+    log = data.parent / f"{data.name}-serve.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", "0",
+                                 "--no-http", "--log-level", "warning", *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=out)
+    deadline = time.monotonic() + 20
+    while not (data / "service.json").exists():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "serve did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def _cli_proc(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "henge_mqtt", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_output(proc: subprocess.Popen[str], what: str, timeout: float = 15) -> None:
+    """Until ``proc`` printed a line containing ``what`` on stdout."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if what in line:
+            return
+        assert line or proc.poll() is None, "the command ended"
+    raise AssertionError(f"no {what!r} from the command")
+
+
+def test_the_service_vanishing_mid_call_is_one_error_line(tmp_path: Path) -> None:
+    """kill -9 of the service while the CLI waits for an answer: one ``error:`` line, at once, and none
+    of asyncio's noise ("Future exception was never retrieved", aiomqtt's MqttCodeError)."""
+    data = tmp_path / "d"
+    server = _serve(data)
+    try:
+        assert henge_cli("device", "add", "d1", "--data", str(data)).returncode == 0
+        for command in (["status", "--watch", "0.5"], ["events", "--no-follow"]):
+            watcher = _cli_proc(*command, "--data", str(data))
+            if command[0] == "status":
+                _wait_for_output(watcher, "every 0.5 s")
+            else:
+                time.sleep(0.5)  # connected and subscribed: nothing to read from a quiet stream
+            server.send_signal(signal.SIGSTOP)  # the next call waits for an answer...
+            time.sleep(1.0)
+            killed = time.monotonic()
+            server.kill()  # ...that never comes
+            server.wait()
+            _, err = watcher.communicate(timeout=15)
+            assert time.monotonic() - killed < 5, "the CLI sat out a timeout instead of seeing the lost connection"
+            assert watcher.returncode == 1, err
+            assert err.splitlines() == [err.splitlines()[0]] and err.startswith(
+                "error: lost the connection to the service"), err
+            assert "Future exception" not in err and "Traceback" not in err and "MqttCodeError" not in err
+            (data / "service.json").unlink(missing_ok=True)
+            server = _serve(data)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_ctrl_c_ends_watch_and_follow_with_130_and_no_error_line(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    server = _serve(data)
+    try:
+        assert henge_cli("device", "add", "d1", "--data", str(data)).returncode == 0
+        for command, ready in ((["status", "--watch", "0.5"], "every 0.5 s"), (["events"], None)):
+            proc = _cli_proc(*command, "--data", str(data))
+            if ready:
+                _wait_for_output(proc, ready)
+            else:
+                time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=10)
+            assert (proc.returncode, err) == (130, ""), (command, err)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+async def test_usage_as_the_docs_write_it(running: Running, tmp_path: Path) -> None:
+    data = str(running.data_dir)
+    await running.add("u1")
+    cfg = tmp_path / "fleet.json"
+    cfg.write_text('{"interval": 5}')
+    pushed = await cli("push", "--all", str(cfg), "--data", data)  # as docs/cli.md writes it
+    assert pushed.returncode == 0 and "stored a new version for 1 of 1 devices" in pushed.stdout, pushed.stderr
+    for args, message in ((["push", "--all"], "missing FILE"), (["push"], "missing ID and FILE"),
+                          (["status", ""], "ID is empty"), (["audit", "--device", ""], "--device is empty")):
+        refused = await cli(*args, "--data", data)
+        assert refused.returncode == 2 and one_line_error(refused).startswith(f"error: {message}"), refused.stderr
+    for command in (["push"], ["diff"], ["device", "label"], ["status"]):
+        shown = await cli(*command, "--help")
+        assert shown.returncode == 0
+        assert "<bool>" not in shown.stdout and "{" not in shown.stdout.splitlines()[1], shown.stdout
+    assert "diff [OPTIONS] DEVICE A B" in (await cli("diff", "--help")).stdout
+
+
+def test_broker_config_refuses_a_data_dir_without_a_store(tmp_path: Path) -> None:
+    """A typo in --data must not write a config with the admin alone (every device locked out at the
+    broker's next reload): refused, nothing written; --init is the explicit first setup."""
+    out, typo = tmp_path / "etc", tmp_path / "henge-dta"
+    refused = henge_cli("broker-config", "mosquitto", "--out", str(out), "--data", str(typo), "--user", "root")
+    assert refused.returncode == 1 and one_line_error(refused).startswith(f"error: no henge store in {typo}")
+    assert not out.exists() and not (typo / "henge.db").exists() and not (typo / "admin.json").exists()
+    first = henge_cli("broker-config", "mosquitto", "--out", str(out), "--data", str(typo), "--user", "root",
+                      "--init")
+    assert first.returncode == 0, first.stderr
+    assert (typo / "henge.db").exists() and ((out / "acl").stat().st_mode & 0o777) == 0o600
+
+
+def test_offline_commands_take_the_data_dir_lock(tmp_path: Path) -> None:
+    """With no admin socket, a running service is still found: restore refuses to replace its store,
+    backup asks the service for an online copy, migrate refuses; the store is untouched."""
+    data = tmp_path / "d"
+    config = tmp_path / "nosock.yaml"
+    config.write_text("henge:\n  admin_socket: false\n")
+    backup = tmp_path / "b.db"
+    seeded = _serve(data)
+    assert henge_cli("device", "add", "keep", "--data", str(data)).returncode == 0
+    seeded.terminate()
+    seeded.wait()
+    assert henge_cli("backup", str(backup), "--data", str(data)).returncode == 0  # stopped: a plain copy
+    assert henge_cli("device", "add", "x", "--data", str(data)).returncode == 1  # (nothing runs now)
+    server = _serve(data, "--config", str(config))
+    try:
+        assert json.loads((data / "service.json").read_text())["admin_socket"] is None
+        assert henge_cli("device", "add", "later", "--data", str(data)).returncode == 0
+        restored = henge_cli("restore", str(backup), "--data", str(data), "--force")
+        assert restored.returncode == 1 and "a service is running on" in one_line_error(restored)
+        online = henge_cli("backup", str(tmp_path / "online.db"), "--data", str(data), "--json")
+        assert online.returncode == 0, online.stderr
+        moved = henge_cli("migrate", "--from", str(data), "--to", str(tmp_path / "elsewhere"))
+        assert moved.returncode == 1 and "another henge service is running" in one_line_error(moved)
+        listed = json.loads(henge_cli("device", "list", "--data", str(data), "--json").stdout)
+        assert sorted(d["id"] for d in listed) == ["keep", "later"]  # the store was not replaced
+    finally:
+        server.terminate()
+        server.wait()

@@ -67,16 +67,19 @@ async def test_wait_exits_3_on_a_rejection_and_names_it(running: Running, agents
         "online": 3, "offline": 1, "delivered": 3, "applied": 2, "rejected": 1, "pending": 1}
     assert result["per_device"]["picky"]["error"] == "mode fast needs firmware 2"
     assert result["listed"]["offline"] == ["away"]
-    code, out, _ = await push(running, tmp_path, {"mode": "fast", "n": 2}, "--all", "--wait", "--timeout", "3")
+    code, out, err = await push(running, tmp_path, {"mode": "fast", "n": 2}, "--all", "--wait", "--timeout", "3")
     assert code == 3
     assert "rejected by 1: mode fast needs firmware 2" in out and "rejected: picky" in out
+    # Said once on stderr, as a single-device push says it (issue 19): counts and the common messages.
+    assert err == "error: 1 of 4 devices rejected the new version: mode fast needs firmware 2 (1); 1 not reported\n"
     assert "offline (they get it when they connect): away" in out
 
 
 async def test_wait_exits_4_when_a_device_does_not_report(running: Running, agents: dict[str, str],
                                                           tmp_path: Path) -> None:
-    code, out, _ = await push(running, tmp_path, {"mode": "slow"}, "--all", "--wait", "--timeout", "2")
+    code, out, err = await push(running, tmp_path, {"mode": "slow"}, "--all", "--wait", "--timeout", "2")
     assert code == 4
+    assert err == "error: 1 of 4 devices did not report the new version within 2 s (1 offline)\n"
     assert "3 applied, 0 rejected, 1 not reported yet" in out
     assert "timed out after 2 s with 1 devices not reported" in out
 

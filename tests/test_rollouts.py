@@ -140,6 +140,71 @@ async def test_rejections_halt_and_revert_what_the_rollout_changed(running: Runn
             await wait_status(running, row["device"], lambda r: r["applied_version"] == 3)
 
 
+async def test_a_finished_wave_keeps_its_numbers(running: Running, devices: Devices) -> None:
+    """Issue 19: once the devices apply the revert (and later versions), the halted wave still says what
+    the rollout's own version got: 2 rejected with the devices' reason, in the library, CLI and API."""
+    secrets = await add(running, 20)
+    await devices.start(secrets, {d: rejecting(1, "v1 needs firmware 2") for d in secrets})
+    svc = running.service
+    status = await svc.start_rollout({"v": 1}, all_devices=True, waves=[10, 50, 100], max_rejected="1")
+    done = await finished(running, status["id"])
+    assert done["state"] == "halted" and "2 rejected" in done["reason"]
+    first = done["waves"][0]
+    expected = (2, 0, 2, {"v1 needs firmware 2": 2}, 2)
+    assert (first["targeted"], first["applied"], first["rejected"], first["errors"], first["reverted"]) == expected
+    reverted = [r["device"] for r in await svc.worker.run(svc.store.rollout_devices, status["id"])
+                if r["reverted_version"] is not None]
+    for device in reverted:  # the revert (version 3) is applied by the devices: not the wave's outcome
+        await wait_status(running, device, lambda r: r["applied_version"] == 3 and r["sync"] == "in_sync")
+        await svc.push(device, {"v": 7})  # and a later version too
+        await wait_status(running, device, lambda r: r["applied_version"] == 4)
+
+    def numbers(ro: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [(w["targeted"], w["applied"], w["rejected"], w["errors"], w["reverted"]) for w in ro["waves"]]
+
+    later = await svc.rollout_status(status["id"])
+    assert numbers(later) == numbers(done) and numbers(later)[0] == expected
+    cli = json.loads((await asyncio.to_thread(henge_cli, "rollout", "status", status["id"], "--data",
+                                              str(running.data_dir), "--json")).stdout)
+    assert numbers(cli) == numbers(done)
+    async with HttpServer(svc, "127.0.0.1", 0) as web:
+        token = (await svc.create_token("t", "viewer"))["token"]
+        async with httpx.AsyncClient(base_url=web.url, headers={"Authorization": f"Bearer {token}"}) as http:
+            api = (await http.get(f"/api/v1/rollouts/{status['id']}")).json()
+    assert numbers(api) == numbers(done)
+
+
+async def test_a_rejection_keeps_its_reason_after_later_versions(running: Running, devices: Devices) -> None:
+    """Issue 19: "why was v2 rejected?" stays answerable once v3 is applied: every version keeps its own
+    report (state, error, when, on which connection epoch) in the library, the CLI and the API."""
+    secrets = await add(running, 1)
+    await devices.start(secrets, {"d00": rejecting(1, "v1 needs firmware 2")})
+    svc = running.service
+    rejected = await svc.push("d00", {"v": 1})
+    await wait_status(running, "d00", lambda r: r["sync"] == "rejected")
+    applied = await svc.push("d00", {"v": 2})
+    row = await wait_status(running, "d00", lambda r: r["sync"] == "in_sync" and r["applied_version"] == applied.version)
+    history = {v.version: v.report for v in await svc.history("d00")}
+    bad = history[rejected.version]
+    assert bad is not None and (bad.status, bad.error, bad.epoch) == ("rejected", "v1 needs firmware 2", row["epoch"])
+    good = history[applied.version]
+    assert good is not None and (good.status, good.error) == ("applied", None)
+    assert (await svc.get_version("d00", rejected.version)).report == bad
+    cli = json.loads((await asyncio.to_thread(henge_cli, "history", "d00", "--data", str(running.data_dir),
+                                              "--json")).stdout)
+    assert {v["version"]: v["report"]["error"] if v["report"] else None for v in cli} == {
+        1: None, rejected.version: "v1 needs firmware 2", applied.version: None}
+    people = (await asyncio.to_thread(henge_cli, "history", "d00", "--data", str(running.data_dir))).stdout
+    assert "rejected: v1 needs firmware 2" in people
+    async with HttpServer(svc, "127.0.0.1", 0) as web:
+        token = (await svc.create_token("t", "viewer"))["token"]
+        async with httpx.AsyncClient(base_url=web.url, headers={"Authorization": f"Bearer {token}"}) as http:
+            versions = (await http.get("/api/v1/devices/d00/versions")).json()
+            one = (await http.get(f"/api/v1/devices/d00/config?version={rejected.version}")).json()
+    assert versions[rejected.version - 1]["report"]["error"] == "v1 needs firmware 2"
+    assert one["report"]["status"] == "rejected" and one["report"]["epoch"] == row["epoch"]
+
+
 async def test_a_wave_that_does_not_apply_in_time_halts(running: Running, devices: Devices) -> None:
     secrets = await add(running, 4)
     await devices.start(secrets, dict.fromkeys(secrets, accept))
