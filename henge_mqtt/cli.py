@@ -247,8 +247,8 @@ def serve(
     broker_cert: Annotated[Path | None, typer.Option("--broker-cert", help="Client certificate for mqtts://.")] = None,
     broker_key: Annotated[Path | None, typer.Option("--broker-key", help="Client key for mqtts://.")] = None,
     http: Annotated[str | None, typer.Option(
-        "--http", metavar="HOST:PORT", help="Serve the HTTP API and console here (default 127.0.0.1:8080, or "
-        "henge.http in --config).")] = None,
+        "--http", metavar="HOST:PORT", envvar="HENGE_HTTP", help="Serve the HTTP API and console here (default "
+        "127.0.0.1:8080, or henge.http in --config; port 0 picks a free one).")] = None,
     no_http: Annotated[bool, typer.Option("--no-http", help="No HTTP API or console.")] = False,
     store: Annotated[str | None, typer.Option("--store", metavar="URL", help="postgresql://user@host/db: keep the "
                                               "store in PostgreSQL (default: SQLite in the data dir).")] = None,
@@ -275,7 +275,7 @@ def serve(
         if not store.startswith(("postgresql://", "postgres://")):
             fail(f"--store wants a postgresql:// URL, not {store.split('://')[0]!r}", 2)
         settings = settings.model_copy(update={"store": store})
-    if no_http and http:
+    if no_http and http and http != os.environ.get("HENGE_HTTP"):  # (HENGE_HTTP is a default --no-http overrides)
         fail("--http and --no-http contradict each other", 2)
     if no_http or http:
         settings = settings.model_copy(update={"http": None if no_http else http})

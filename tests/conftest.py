@@ -25,6 +25,10 @@ from . import mqtt_raw
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every `henge serve` a test starts binds only ports it chose: the HTTP API on a free port unless the test
+# says otherwise (`.ci/run` holds 1883 and 8080 with another process while the suite runs).
+os.environ["HENGE_HTTP"] = "127.0.0.1:0"
+
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     sessions = overrides.pop("sessions", None)

@@ -17,7 +17,7 @@ import paho.mqtt.client as paho
 from henge_mqtt import codec
 
 from . import mqtt_raw as raw
-from .conftest import Running, wait_status, wait_until
+from .conftest import ROOT, Running, wait_status, wait_until
 
 V5 = 5
 
@@ -140,6 +140,23 @@ async def test_server_disconnect_reasons(start_service) -> None:  # type: ignore
         stay, _, _ = await device5(running, "s1")
         await running.service.stop()
         assert (await stay.read_until(codec.Disconnect)).reason == codec.SERVER_SHUTTING_DOWN
+
+
+async def test_receive_maximum_exceeded_is_0x93_not_quota(start_service) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19: the QoS 2 PUBLISH past the Receive Maximum henge announced is DISCONNECT 0x93 Receive
+    Maximum exceeded (§3.3.4, §4.13), not 0x97 quota exceeded; docs/protocol.md says the same."""
+    async with start_service(receive_maximum=3, device_publish_burst=100, device_publish_rate=100) as running:
+        hoarder, connack, _ = await device5(running, "h1", {"v": 1})
+        assert connack.props is not None and connack.props[codec.RECEIVE_MAXIMUM] == 3
+        report = b'{"version": 1, "status": "applied"}'
+        for packet_id in range(1, 4):  # never a PUBREL: each stays unacknowledged
+            await hoarder.send(codec.Publish("henge/devices/h1/report", report, 2, packet_id=packet_id))
+            assert (await hoarder.read_until(codec.Pubrec)).packet_id == packet_id
+        await hoarder.send(codec.Publish("henge/devices/h1/report", report, 2, packet_id=4))
+        told = await hoarder.read_until(codec.Disconnect)
+        assert told.reason == codec.RECEIVE_MAXIMUM_EXCEEDED == 0x93
+        assert told.props is not None and "Receive Maximum" in str(told.props[codec.REASON_STRING])
+    assert "| DISCONNECT | 0x93 receive maximum exceeded |" in (ROOT / "docs" / "protocol.md").read_text()
 
 
 async def test_keepalive_timeout_and_packet_too_large(start_service) -> None:  # type: ignore[no-untyped-def]

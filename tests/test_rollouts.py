@@ -183,7 +183,8 @@ async def test_a_rejection_keeps_its_reason_after_later_versions(running: Runnin
     rejected = await svc.push("d00", {"v": 1})
     await wait_status(running, "d00", lambda r: r["sync"] == "rejected")
     applied = await svc.push("d00", {"v": 2})
-    row = await wait_status(running, "d00", lambda r: r["sync"] == "in_sync" and r["applied_version"] == applied.version)
+    row = await wait_status(running, "d00",
+                            lambda r: r["sync"] == "in_sync" and r["applied_version"] == applied.version)
     history = {v.version: v.report for v in await svc.history("d00")}
     bad = history[rejected.version]
     assert bad is not None and (bad.status, bad.error, bad.epoch) == ("rejected", "v1 needs firmware 2", row["epoch"])
