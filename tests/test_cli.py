@@ -245,7 +245,7 @@ async def test_bad_input_matrix_one_line_each(running: Running, tmp_path: Path) 
         (("device", "import", str(no_id), "--data", data), 1, '"id" column'),
         (("device", "import", str(bad_json), "--data", data), 1, "not valid JSON"),
         (("device", "import", str(bad_id), "--data", data), 1, "invalid device id"),
-        (("push",), 2, "Missing argument"),
+        (("push",), 2, "missing ID and FILE"),
         (("status", "--timeout", "abc", "--data", data), 2, "--timeout"),
         (("nosuch",), 2, "No such command"),
         (("push", "--label", "site=nowhere", str(cfg), "--data", data), 1, "no device has the labels site=nowhere"),

@@ -202,7 +202,7 @@ def test_failover_kill_minus_nine_the_active_instance_during_pushes(pg_url: str,
                  "--broker", f"mqtt://127.0.0.1:{admin_port}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
 
     def active(name: str) -> bool:
-        return (tmp_path / name / "service.json").exists()
+        return _active(tmp_path / name)
 
     env = {**os.environ, "HENGE_ADMIN_USER": "henge-admin", "HENGE_ADMIN_SECRET": secret}
 
@@ -261,3 +261,183 @@ def test_failover_kill_minus_nine_the_active_instance_during_pushes(pg_url: str,
         assert set(succeeded) <= set(stored)
     finally:
         store.close()
+
+
+def _active(data: Path) -> bool:
+    """An instance that is active (a standby writes service.json too, marked ``standby``)."""
+    try:
+        return not json.loads((data / "service.json").read_text()).get("standby")
+    except (OSError, ValueError):
+        return False
+
+
+async def test_failover_keeps_presence_and_a_standby_dir_leads_the_cli_to_the_active_one(
+        pg_url: str, tmp_path: Path) -> None:
+    """Issue 19: kill -9 of the active instance with 12 devices connected behind Mosquitto: the new
+    active one reads the retained announcements before it publishes any presence, so no connected
+    device is ever shown offline; and `henge ... --data STANDBY_DIR` reaches the active instance."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import time
+
+    import aiomqtt
+
+    from henge_mqtt.backoff import Backoff
+    from henge_mqtt.mosquitto import write_mosquitto_config
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    secret = "admin-secret-shared-by-both-instances"
+    store = Store(tmp_path / "setup", url=pg_url)
+    devices = {f"p{i:02d}": store.add_device(f"p{i:02d}") for i in range(12)}
+    store.ensure_admin("henge-admin", secret)
+    hashes, _ = store.broker_hashes()
+    store.close()
+    device_port, admin_port = free_port(), free_port()
+    write_mosquitto_config(tmp_path / "mosq", hashes, device_listener=f"127.0.0.1:{device_port}",
+                           admin_listener=f"127.0.0.1:{admin_port}", topic_prefix="henge", admin_name="henge-admin",
+                           run_as="root" if os.geteuid() == 0 else "mosquitto")
+    mosquitto = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                                  str(tmp_path / "mosq" / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    instances: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str) -> None:
+        data = tmp_path / name
+        data.mkdir(mode=0o700)
+        (data / "admin.json").write_text(json.dumps({"name": "henge-admin", "secret": secret}))
+        os.chmod(data / "admin.json", 0o600)
+        with (tmp_path / f"{name}.log").open("wb") as log:
+            instances[name] = subprocess.Popen(
+                [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--no-http", "--store", pg_url,
+                 "--broker", f"mqtt://127.0.0.1:{admin_port}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+
+    seen: list[tuple[float, str, str]] = []  # (when, device, state) of every retained presence record
+
+    async def watch_presence(ready: asyncio.Event) -> None:
+        async with aiomqtt.Client("127.0.0.1", admin_port, username="henge-admin", password=secret,
+                                  identifier="presence-watcher") as client:
+            await client.subscribe("henge/devices/+/presence", qos=1)
+            ready.set()
+            async for message in client.messages:
+                if isinstance(message.payload, bytes) and message.payload:
+                    body = json.loads(message.payload)
+                    seen.append((time.monotonic(), body["device"], body["state"]))
+
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        start("a")
+        await wait_until(lambda: _active(tmp_path / "a"), 20, "the first instance to become active")
+        start("b")
+        await wait_until(lambda: b"store.standby" in (tmp_path / "b.log").read_bytes(), 20, "b to wait")
+        standby = json.loads((tmp_path / "b" / "service.json").read_text())
+        assert standby["standby"] is True and standby["port"] == admin_port
+        # The CLI on the standby's data dir: answered by the active instance, through the broker.
+        added = await asyncio.to_thread(henge_cli, "status", "--data", str(tmp_path / "b"), "--json")
+        assert added.returncode == 0, added.stderr
+        assert sorted(r["device"] for r in json.loads(added.stdout)) == sorted(devices)
+        for device, device_secret in devices.items():
+            tasks.append(asyncio.create_task(Agent(
+                "127.0.0.1", device_port, device, device_secret, accept, tmp_path / f"{device}.json",
+                backoff=Backoff(base=0.05, cap=0.5), mqtt5=False).run(stop)))
+        ready = asyncio.Event()
+        tasks.append(asyncio.create_task(watch_presence(ready)))
+        await asyncio.wait_for(ready.wait(), 10)
+
+        def online_now() -> set[str]:
+            state: dict[str, str] = {}
+            for _, device, what in seen:
+                state[device] = what
+            return {d for d, what in state.items() if what == "online"}
+
+        await wait_until(lambda: online_now() == set(devices), 20, "every device online")
+        instances["a"].send_signal(signal.SIGKILL)
+        instances["a"].wait()
+        killed = time.monotonic()
+        await wait_until(lambda: _active(tmp_path / "b"), 10, "the standby to take over")
+        await wait_until(lambda: any(t > killed and what == "online" for t, _, what in seen), 20,
+                         "the new active instance to publish presence")
+        await wait_until(lambda: b"external.presence_known online=12" in (tmp_path / "b.log").read_bytes(), 20,
+                         "the new active instance to read the announcements")
+        await asyncio.sleep(0.5)  # let any presence it published at that moment arrive (none may be offline)
+        flipped = [(device, round(t - killed, 2)) for t, device, what in seen if t > killed and what == "offline"]
+        assert flipped == [], f"connected devices shown offline after the failover: {flipped}"
+        assert online_now() == set(devices)
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for proc in instances.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=20)
+        mosquitto.terminate()
+        mosquitto.wait(timeout=20)
+
+
+def test_scaling_md_high_availability_block_runs_on_a_fresh_data_dir(pg_url: str, tmp_path: Path) -> None:
+    """docs/scaling.md's high-availability block as written (paths, URL and ports substituted): its
+    broker-config on a data dir that does not exist yet creates it (issue 19: it failed with
+    FileNotFoundError), Mosquitto takes the result, and `henge serve` in front of it answers the CLI."""
+    import os
+    import shlex
+    import shutil
+    import socket
+    import tempfile
+    import time
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    block = text[text.index("## High availability"):]
+    lines = [line.split("  #")[0].strip() for line in
+             re.search(r"```sh\n(.*?)```", block, re.S).group(1).splitlines()]  # type: ignore[union-attr]
+    commands = [line for line in lines if line and not line.startswith("#")]
+    assert [c.split()[:2] for c in commands] == [["henge", "broker-config"], ["henge", "serve"]]
+    base = Path(tempfile.mkdtemp(prefix="henge-ha-", dir="/tmp"))
+    os.chmod(base, 0o755)  # mosquitto, as its own user, must reach its config below here
+    device_port, admin_port = free_port(), free_port()
+
+    def argv(command: str) -> list[str]:
+        command = (command.replace("/etc/mosquitto/henge", str(base / "etc"))
+                   .replace("/var/lib/henge", str(base / "data")).replace("postgresql://henge@db/henge", pg_url)
+                   .replace("mqtt://broker:1884", f"mqtt://127.0.0.1:{admin_port}"))
+        return [sys.executable, "-m", "henge_mqtt", *shlex.split(command)[1:]]
+
+    assert not (base / "data").exists()
+    configured = subprocess.run(argv(commands[0]) + ["--device-listener", f"127.0.0.1:{device_port}",
+                                                     "--admin-listener", f"127.0.0.1:{admin_port}"],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert configured.returncode == 0, configured.stderr
+    assert (base / "data" / "admin.json").exists() and (base / "etc" / "mosquitto.conf").exists()
+    mosquitto = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                                  str(base / "etc" / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    log = base / "serve.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen(argv(commands[1]) + ["--no-http"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        deadline = time.monotonic() + 30
+        while not _active(base / "data"):
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        banner = log.read_text()
+        assert f"devices connect to the broker at mqtt://127.0.0.1:{device_port} (from broker-config)" in banner
+        added = henge_cli("device", "add", "ha1", "--data", str(base / "data"), timeout=30)
+        assert added.returncode == 0, added.stderr
+    finally:
+        serve.terminate()
+        serve.wait(timeout=20)
+        mosquitto.terminate()
+        mosquitto.wait(timeout=20)
+        shutil.rmtree(base, ignore_errors=True)
