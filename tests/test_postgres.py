@@ -415,8 +415,8 @@ def test_scaling_md_high_availability_block_runs_on_a_fresh_data_dir(pg_url: str
         return [sys.executable, "-m", "henge_mqtt", *shlex.split(command)[1:]]
 
     assert not (base / "data").exists()
-    configured = subprocess.run(argv(commands[0]) + ["--device-listener", f"127.0.0.1:{device_port}",
-                                                     "--admin-listener", f"127.0.0.1:{admin_port}"],
+    configured = subprocess.run([*argv(commands[0]), "--device-listener", f"127.0.0.1:{device_port}",
+                                 "--admin-listener", f"127.0.0.1:{admin_port}"],
                                 capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert configured.returncode == 0, configured.stderr
     assert (base / "data" / "admin.json").exists() and (base / "etc" / "mosquitto.conf").exists()
@@ -425,7 +425,7 @@ def test_scaling_md_high_availability_block_runs_on_a_fresh_data_dir(pg_url: str
                                  stderr=subprocess.DEVNULL)
     log = base / "serve.log"
     with log.open("wb") as out:
-        serve = subprocess.Popen(argv(commands[1]) + ["--no-http"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out)
+        serve = subprocess.Popen([*argv(commands[1]), "--no-http"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out)
     try:
         deadline = time.monotonic() + 30
         while not _active(base / "data"):
