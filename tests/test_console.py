@@ -145,3 +145,79 @@ async def test_the_interactive_api_page_renders_offline(running: Running, browse
         finally:
             await page.close()
         assert outside == []
+
+
+async def test_the_console_tells_the_truth(running: Running, browser: Browser) -> None:
+    """Issue 19: a concurrent edit is refused (If-Match) and shown with its diff, then rebased; the
+    note under the push form follows the device's answer; a rejection keeps its reason in the versions
+    table after a later version; long errors wrap (the buttons stay on screen); times are relative with
+    the exact time on hover; a device without a config says so."""
+    import re
+
+    svc = running.service
+    secret = await svc.add_device("cam1")
+    await svc.add_device("blank")
+    await svc.push("cam1", {"port": 80})
+    long_error = "port out of range: " + "the firmware only accepts ports below 1024; " * 12
+
+    async def picky_device() -> None:  # rejects any port above 1023, applies the rest
+        async with running.device_client("cam1", secret) as c:
+            await c.subscribe(svc.topics.config("cam1"), qos=1)
+            async for message in c.messages:
+                snapshot = json.loads(message.payload)  # type: ignore[arg-type]
+                bad = snapshot["config"].get("port", 0) > 1023
+                report = {"version": snapshot["version"], "status": "rejected" if bad else "applied"} | (
+                    {"error": long_error} if bad else {})
+                await c.publish(svc.topics.report("cam1"), json.dumps(report), qos=1)
+
+    device = asyncio.create_task(picky_device())
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        operator = (await svc.create_token("ops", "operator"))["token"]
+        page = await browser.new_page(viewport={"width": 1280, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        try:
+            await sign_in(page, server.url, operator)
+            await page.goto(f"{server.url}#/device/blank")
+            await expect(page.locator('dd[data-fact="Sync"]')).to_have_text("no config")
+
+            await page.goto(f"{server.url}#/device/cam1")
+            config = page.get_by_label("Config (JSON) for the next version")
+            await expect(config).to_have_value(json.dumps({"port": 80}, indent=2))
+            # Someone else stores v2 while this page is open: the page's push is refused, not stored over it.
+            await svc.push("cam1", {"port": 81}, message="from the CLI")
+            await config.fill('{"port": 82}')
+            await page.get_by_role("button", name="Push").click()
+            note = page.locator("#push-note")
+            await expect(note).to_contain_text("changed since you opened it (v1 → v2 by library")
+            await expect(page.locator("#push-conflict pre")).to_contain_text('+  "port": 81')
+            assert (await svc.get_version("cam1")).config == {"port": 81}
+            await page.get_by_role("button", name="Rebase my edit onto v2").click()
+            await page.get_by_role("button", name="Push").click()
+            await expect(note).to_contain_text("Stored v3")
+            await expect(note).to_have_text("The device applied v3.", timeout=5000)
+
+            # A rejection: the note says so (not "waiting"), with the device's reason.
+            await config.fill('{"port": 8080}')
+            await page.get_by_role("button", name="Push").click()
+            await expect(note).to_contain_text("The device rejected v4: port out of range", timeout=5000)
+            # A later version is applied; v4 keeps its own report and reason in the table.
+            await config.fill('{"port": 443}')
+            await page.get_by_role("button", name="Push").click()
+            await expect(note).to_have_text("The device applied v5.", timeout=5000)
+            v4 = page.locator("#d-versions tbody tr", has_text="v4")
+            await expect(v4.locator("td.sync-rejected")).to_contain_text("rejected: port out of range")
+            # Long errors wrap: every Roll back button stays within the page's width.
+            for button in await page.locator("#d-versions button").all():
+                box = await button.bounding_box()
+                assert box is not None and box["x"] + box["width"] <= 1280, box
+            # Times as people read them, the exact time on hover.
+            when = v4.locator("time")
+            assert re.fullmatch(r"\d+s ago", await when.inner_text())
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", await when.get_attribute("title") or "")
+            await expect(page.locator('dd[data-fact="Since"] time')).to_have_count(1)
+            assert errors == []
+        finally:
+            await page.close()
+            device.cancel()
+            await asyncio.gather(device, return_exceptions=True)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -505,3 +506,62 @@ def test_scaling_md_commands_work_in_order_on_a_fresh_data_dir(tmp_path: Path) -
             proc.terminate()
             proc.wait(timeout=20)
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_two_agents_on_one_identity_behind_mosquitto_back_off(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 19: Mosquitto closes a displaced 5.0 client with 0x80, not henge's 0x8E; the agent backs off
+    on any connection closed within seconds of connecting, whatever the code, so two agents sharing an
+    identity stop swapping the connection (35 swaps in 17 s before). Jitter fixed at its middle."""
+    import logging
+
+    from henge_mqtt.backoff import Backoff
+    from henge_mqtt.device import Agent
+
+    async def accept(config: dict[str, Any]) -> None:
+        return None
+
+    caplog.set_level(logging.INFO, logger="henge_mqtt.device")
+    async with external_fleet(tmp_path, {"twin": {"v": 1}}) as (fleet, _, secrets):
+        stop = asyncio.Event()
+        agents = [asyncio.create_task(Agent("127.0.0.1", fleet.device_port, "twin", secrets["twin"], accept,
+                                            tmp_path / f"twin-{i}.json", backoff=Backoff(base=0.5, rand=lambda: 0.5))
+                                      .run(stop)) for i in range(2)]
+        await asyncio.sleep(6.0)  # what is measured: how often they swap over this time
+        stop.set()
+        await asyncio.gather(*agents)
+    connects = sum("agent.connected" in r.getMessage() for r in caplog.records)
+    early = sum("agent.closed_early" in r.getMessage() for r in caplog.records)
+    assert early >= 1, "they never displaced each other"
+    assert connects <= 8, f"{connects} connections in 6 s: the agents did not back off"
+
+
+def test_serve_in_front_of_a_broker_says_where_devices_connect(tmp_path: Path) -> None:
+    """Issue 19: `serve --broker` printed only the admin address."""
+    data = tmp_path / "data"
+    out = tmp_path / "etc"
+    device_port, admin_port = free_port(), free_port()
+    done = henge_cli("broker-config", "mosquitto", "--out", str(out), "--data", str(data), "--init", "--user", "root",
+                     "--device-listener", f"127.0.0.1:{device_port}", "--admin-listener", f"127.0.0.1:{admin_port}")
+    assert done.returncode == 0, done.stderr
+    broker = Mosquitto(out)
+    broker.start(device_port)
+    log = tmp_path / "serve.log"
+    try:
+        with log.open("wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--no-http",
+                                     "--broker", f"mqtt://127.0.0.1:{admin_port}"], stdout=subprocess.DEVNULL,
+                                    stderr=err)
+        try:
+            deadline = time.monotonic() + 20
+            while "henge: serving" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            banner = next(line for line in log.read_text().splitlines() if line.startswith("henge: serving"))
+            assert f"serving through the broker at mqtt://127.0.0.1:{admin_port}" in banner
+            assert f"devices connect to the broker at mqtt://127.0.0.1:{device_port}" in banner
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    finally:
+        broker.stop()
