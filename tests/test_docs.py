@@ -71,3 +71,22 @@ def test_the_readme_quickstart_and_first_steps_run(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_protocol_md_documents_every_admin_op() -> None:
+    from henge_mqtt.service.admin import OPS
+
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    table = doc[doc.index("| op | args | result |"):]
+    table = table[:table.index("\n\n")]
+    documented = set(re.findall(r"^\| `([a-z_.]+)` \|", table, re.M))
+    assert documented == set(OPS), (set(OPS) - documented, documented - set(OPS))
+
+
+def test_configuration_md_documents_every_setting() -> None:
+    from henge_mqtt.settings import SessionConfig, Settings
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    names = [n for n in Settings.model_fields if n not in ("data_dir", "listeners", "sessions")]
+    names += [f"sessions.{n}" for n in SessionConfig.model_fields]
+    assert [name for name in names if f"`{name}`" not in doc] == []
