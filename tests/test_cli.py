@@ -351,7 +351,7 @@ async def test_status_for_people_filters_outputs_and_watch(running: Running) -> 
             line = await proc.stdout.readline()
             frames += line.startswith(b"every 0.5 s")
     proc.send_signal(signal.SIGINT)
-    assert await asyncio.wait_for(proc.wait(), 5) == 0
+    assert await asyncio.wait_for(proc.wait(), 5) == 130  # Ctrl-C: as shells expect (issue 19)
 
 
 async def test_events_filter_and_survive_a_restart(start_service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
