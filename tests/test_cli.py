@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -531,10 +532,12 @@ def test_the_service_vanishing_mid_call_is_one_error_line(tmp_path: Path) -> Non
             watcher = _cli_proc(*command, "--data", str(data))
             if command[0] == "status":
                 _wait_for_output(watcher, "every 0.5 s")
-            else:
-                time.sleep(0.5)  # connected and subscribed: nothing to read from a quiet stream
-            server.send_signal(signal.SIGSTOP)  # the next call waits for an answer...
-            time.sleep(1.0)
+            else:  # streaming once it shows an event that happened after it started
+                assert watcher.stdout is not None
+                while not select.select([watcher.stdout], [], [], 0.5)[0]:
+                    assert henge_cli("device", "add", f"e{time.monotonic_ns()}", "--data", str(data)).returncode == 0
+            server.send_signal(signal.SIGSTOP)  # the next call (every 0.5 s) waits for an answer...
+            time.sleep(0.8)
             killed = time.monotonic()
             server.kill()  # ...that never comes
             server.wait()
@@ -556,12 +559,17 @@ def test_ctrl_c_ends_watch_and_follow_with_130_and_no_error_line(tmp_path: Path)
     server = _serve(data)
     try:
         assert henge_cli("device", "add", "d1", "--data", str(data)).returncode == 0
-        for command, ready in ((["status", "--watch", "0.5"], "every 0.5 s"), (["events"], None)):
+        for command, ready in ((["status", "--watch", "0.5"], "every 0.5 s"), (["events"], "device_added")):
             proc = _cli_proc(*command, "--data", str(data))
-            if ready:
-                _wait_for_output(proc, ready)
-            else:
-                time.sleep(1.0)
+            if command[0] == "events":  # streaming once it shows an event that happened after it started
+                deadline = time.monotonic() + 15
+                while True:
+                    assert henge_cli("device", "add", f"e{time.monotonic_ns()}", "--data", str(data)).returncode == 0
+                    assert proc.stdout is not None
+                    if select.select([proc.stdout], [], [], 0.5)[0]:
+                        break
+                    assert time.monotonic() < deadline, "events never showed an event"
+            _wait_for_output(proc, ready)
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=10)
             assert (proc.returncode, err) == (130, ""), (command, err)

@@ -33,6 +33,14 @@ async def browser() -> AsyncIterator[Browser]:
             await launched.close()
 
 
+async def desktop_page(browser: Browser) -> tuple[Page, list[str]]:
+    """A desktop-sized page and the script errors it raises (a test ends asserting there were none)."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return page, errors
+
+
 async def sign_in(page: Page, url: str, token: str) -> None:
     await page.goto(url)
     await page.get_by_label("API token").fill(token)
@@ -50,9 +58,7 @@ async def test_console_live_presence_push_roles_and_rejections(running: Running,
     async with HttpServer(svc, "127.0.0.1", 0) as server:
         operator = (await svc.create_token("ops", "operator"))["token"]
         viewer = (await svc.create_token("look", "viewer"))["token"]
-        page = await browser.new_page(viewport={"width": 1280, "height": 800})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page, errors = await desktop_page(browser)
         try:
             await sign_in(page, server.url, operator)
             row = page.locator('tr[data-device="cam1"]')
@@ -173,9 +179,7 @@ async def test_the_console_tells_the_truth(running: Running, browser: Browser) -
     device = asyncio.create_task(picky_device())
     async with HttpServer(svc, "127.0.0.1", 0) as server:
         operator = (await svc.create_token("ops", "operator"))["token"]
-        page = await browser.new_page(viewport={"width": 1280, "height": 800})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page, errors = await desktop_page(browser)
         try:
             await sign_in(page, server.url, operator)
             await page.goto(f"{server.url}#/device/blank")

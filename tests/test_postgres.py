@@ -158,57 +158,97 @@ def test_the_lease_fences_a_stale_writer(pg_url: str, tmp_path: Path) -> None:
             closable.close()
 
 
+class HaPair:
+    """One PostgreSQL store, one Mosquitto configured from it, and `henge serve --broker ... --store ...`
+    instances started on data dirs of their own sharing one admin secret (docs/scaling.md#high-availability)."""
+
+    SECRET = "admin-secret-shared-by-both-instances"
+
+    def __init__(self, pg_url: str, tmp_path: Path, devices: list[str]) -> None:
+        import os
+        import shutil
+
+        from henge_mqtt.mosquitto import write_mosquitto_config
+
+        self.pg_url, self.tmp_path = pg_url, tmp_path
+        store = Store(tmp_path / "setup", url=pg_url)
+        self.secrets = {device: store.add_device(device) for device in devices}
+        store.ensure_admin("henge-admin", self.SECRET)
+        hashes, _ = store.broker_hashes()
+        store.close()
+        self.device_port, self.admin_port = _free_port(), _free_port()
+        write_mosquitto_config(tmp_path / "mosq", hashes, device_listener=f"127.0.0.1:{self.device_port}",
+                               admin_listener=f"127.0.0.1:{self.admin_port}", topic_prefix="henge",
+                               admin_name="henge-admin", run_as="root" if os.geteuid() == 0 else "mosquitto")
+        self.mosquitto = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                                           str(tmp_path / "mosq" / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+        self.instances: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str) -> None:
+        import os
+
+        data = self.tmp_path / name
+        data.mkdir(mode=0o700)
+        (data / "admin.json").write_text(json.dumps({"name": "henge-admin", "secret": self.SECRET}))
+        os.chmod(data / "admin.json", 0o600)
+        with self.log(name).open("wb") as log:
+            self.instances[name] = subprocess.Popen(
+                [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--no-http", "--store",
+                 self.pg_url, "--broker", f"mqtt://127.0.0.1:{self.admin_port}"], cwd=ROOT,
+                stdout=subprocess.DEVNULL, stderr=log)
+
+    def log(self, name: str) -> Path:
+        return self.tmp_path / f"{name}.log"
+
+    def active(self, name: str) -> bool:
+        return _active(self.tmp_path / name)
+
+    def kill(self, name: str) -> None:
+        import signal
+
+        self.instances[name].send_signal(signal.SIGKILL)
+        self.instances[name].wait()
+
+    def close(self) -> None:
+        for proc in self.instances.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=20)
+        self.mosquitto.terminate()
+        self.mosquitto.wait(timeout=20)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _active(data: Path) -> bool:
+    """An instance that is active (a standby writes service.json too, marked ``standby``)."""
+    try:
+        return not json.loads((data / "service.json").read_text()).get("standby")
+    except (OSError, ValueError):
+        return False
+
+
 def test_failover_kill_minus_nine_the_active_instance_during_pushes(pg_url: str, tmp_path: Path) -> None:
     """Two `henge serve --broker ... --store postgresql://...` on different data dirs, one Mosquitto:
     one is active, the other waits; kill -9 the active one during a stream of pushes through the
     broker: the standby takes over within 5 s and serves the CLI; no push that succeeded is lost or
     stored twice."""
     import os
-    import shutil
-    import signal
-    import socket
     import time
 
-    from henge_mqtt.mosquitto import write_mosquitto_config
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    secret = "admin-secret-shared-by-both-instances"
-    store = Store(tmp_path / "setup", url=pg_url)
-    store.add_device("d1")
-    store.ensure_admin("henge-admin", secret)
-    hashes, _ = store.broker_hashes()
-    store.close()
-    device_port, admin_port = free_port(), free_port()
-    write_mosquitto_config(tmp_path / "mosq", hashes, device_listener=f"127.0.0.1:{device_port}",
-                           admin_listener=f"127.0.0.1:{admin_port}", topic_prefix="henge", admin_name="henge-admin",
-                           run_as="root" if os.geteuid() == 0 else "mosquitto")
-    mosquitto = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                                  str(tmp_path / "mosq" / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-    instances: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(name: str) -> None:
-        data = tmp_path / name
-        data.mkdir(mode=0o700)
-        (data / "admin.json").write_text(json.dumps({"name": "henge-admin", "secret": secret}))
-        os.chmod(data / "admin.json", 0o600)
-        with (tmp_path / f"{name}.log").open("wb") as log:
-            instances[name] = subprocess.Popen(
-                [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--no-http", "--store", pg_url,
-                 "--broker", f"mqtt://127.0.0.1:{admin_port}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
-
-    def active(name: str) -> bool:
-        return _active(tmp_path / name)
-
-    env = {**os.environ, "HENGE_ADMIN_USER": "henge-admin", "HENGE_ADMIN_SECRET": secret}
+    ha = HaPair(pg_url, tmp_path, ["d1"])
+    env = {**os.environ, "HENGE_ADMIN_USER": "henge-admin", "HENGE_ADMIN_SECRET": ha.SECRET}
 
     def push(n: int) -> bool:
         done = subprocess.run([sys.executable, "-m", "henge_mqtt", "push", "d1", "-", "--broker",
-                               f"mqtt://127.0.0.1:{admin_port}", "--timeout", "3"], input=json.dumps({"n": n}),
+                               f"mqtt://127.0.0.1:{ha.admin_port}", "--timeout", "3"], input=json.dumps({"n": n}),
                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
         return done.returncode == 0
 
@@ -220,20 +260,19 @@ def test_failover_kill_minus_nine_the_active_instance_during_pushes(pg_url: str,
 
     succeeded: list[int] = []
     try:
-        start("a")
-        wait_for(lambda: active("a"), 20, "the first instance never became active")
-        start("b")
-        wait_for(lambda: b"store.standby" in (tmp_path / "b.log").read_bytes(), 20, "b never said it waits")
-        assert not active("b")
+        ha.start("a")
+        wait_for(lambda: ha.active("a"), 20, "the first instance never became active")
+        ha.start("b")
+        wait_for(lambda: b"store.standby" in ha.log("b").read_bytes(), 20, "b never said it waits")
+        assert not ha.active("b")
         n = 0
         for _ in range(4):
             n += 1
             assert push(n)
             succeeded.append(n)
-        instances["a"].send_signal(signal.SIGKILL)
-        instances["a"].wait()
+        ha.kill("a")
         killed = time.monotonic()
-        wait_for(lambda: active("b"), 10, "the standby never took over")
+        wait_for(lambda: ha.active("b"), 10, "the standby never took over")
         took_over = time.monotonic() - killed
         print(f"failover: standby active {took_over:.2f} s after the kill")
         assert took_over < 5, took_over
@@ -246,12 +285,7 @@ def test_failover_kill_minus_nine_the_active_instance_during_pushes(pg_url: str,
             assert time.monotonic() - killed < 30, "the CLI never reached the new active instance"
         assert first_after is not None and first_after < 10
     finally:
-        for proc in instances.values():
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=20)
-        mosquitto.terminate()
-        mosquitto.wait(timeout=20)
+        ha.close()
     store = Store(tmp_path / "check", url=pg_url)
     try:
         history = store.history("d1")
@@ -263,64 +297,22 @@ def test_failover_kill_minus_nine_the_active_instance_during_pushes(pg_url: str,
         store.close()
 
 
-def _active(data: Path) -> bool:
-    """An instance that is active (a standby writes service.json too, marked ``standby``)."""
-    try:
-        return not json.loads((data / "service.json").read_text()).get("standby")
-    except (OSError, ValueError):
-        return False
-
-
 async def test_failover_keeps_presence_and_a_standby_dir_leads_the_cli_to_the_active_one(
         pg_url: str, tmp_path: Path) -> None:
     """Issue 19: kill -9 of the active instance with 12 devices connected behind Mosquitto: the new
     active one reads the retained announcements before it publishes any presence, so no connected
     device is ever shown offline; and `henge ... --data STANDBY_DIR` reaches the active instance."""
-    import os
-    import shutil
-    import signal
-    import socket
     import time
 
     import aiomqtt
 
     from henge_mqtt.backoff import Backoff
-    from henge_mqtt.mosquitto import write_mosquitto_config
 
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return int(sock.getsockname()[1])
-
-    secret = "admin-secret-shared-by-both-instances"
-    store = Store(tmp_path / "setup", url=pg_url)
-    devices = {f"p{i:02d}": store.add_device(f"p{i:02d}") for i in range(12)}
-    store.ensure_admin("henge-admin", secret)
-    hashes, _ = store.broker_hashes()
-    store.close()
-    device_port, admin_port = free_port(), free_port()
-    write_mosquitto_config(tmp_path / "mosq", hashes, device_listener=f"127.0.0.1:{device_port}",
-                           admin_listener=f"127.0.0.1:{admin_port}", topic_prefix="henge", admin_name="henge-admin",
-                           run_as="root" if os.geteuid() == 0 else "mosquitto")
-    mosquitto = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                                  str(tmp_path / "mosq" / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-    instances: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(name: str) -> None:
-        data = tmp_path / name
-        data.mkdir(mode=0o700)
-        (data / "admin.json").write_text(json.dumps({"name": "henge-admin", "secret": secret}))
-        os.chmod(data / "admin.json", 0o600)
-        with (tmp_path / f"{name}.log").open("wb") as log:
-            instances[name] = subprocess.Popen(
-                [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--no-http", "--store", pg_url,
-                 "--broker", f"mqtt://127.0.0.1:{admin_port}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
-
+    ha = HaPair(pg_url, tmp_path, [f"p{i:02d}" for i in range(12)])
     seen: list[tuple[float, str, str]] = []  # (when, device, state) of every retained presence record
 
     async def watch_presence(ready: asyncio.Event) -> None:
-        async with aiomqtt.Client("127.0.0.1", admin_port, username="henge-admin", password=secret,
+        async with aiomqtt.Client("127.0.0.1", ha.admin_port, username="henge-admin", password=ha.SECRET,
                                   identifier="presence-watcher") as client:
             await client.subscribe("henge/devices/+/presence", qos=1)
             ready.set()
@@ -329,57 +321,50 @@ async def test_failover_keeps_presence_and_a_standby_dir_leads_the_cli_to_the_ac
                     body = json.loads(message.payload)
                     seen.append((time.monotonic(), body["device"], body["state"]))
 
+    def online_now() -> set[str]:
+        state: dict[str, str] = {}
+        for _, device, what in seen:
+            state[device] = what
+        return {d for d, what in state.items() if what == "online"}
+
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     try:
-        start("a")
-        await wait_until(lambda: _active(tmp_path / "a"), 20, "the first instance to become active")
-        start("b")
-        await wait_until(lambda: b"store.standby" in (tmp_path / "b.log").read_bytes(), 20, "b to wait")
+        ha.start("a")
+        await wait_until(lambda: ha.active("a"), 20, "the first instance to become active")
+        ha.start("b")
+        await wait_until(lambda: b"store.standby" in ha.log("b").read_bytes(), 20, "b to wait")
         standby = json.loads((tmp_path / "b" / "service.json").read_text())
-        assert standby["standby"] is True and standby["port"] == admin_port
+        assert standby["standby"] is True and standby["port"] == ha.admin_port
         # The CLI on the standby's data dir: answered by the active instance, through the broker.
-        added = await asyncio.to_thread(henge_cli, "status", "--data", str(tmp_path / "b"), "--json")
-        assert added.returncode == 0, added.stderr
-        assert sorted(r["device"] for r in json.loads(added.stdout)) == sorted(devices)
-        for device, device_secret in devices.items():
+        listed = await asyncio.to_thread(henge_cli, "status", "--data", str(tmp_path / "b"), "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(r["device"] for r in json.loads(listed.stdout)) == sorted(ha.secrets)
+        for device, device_secret in ha.secrets.items():
             tasks.append(asyncio.create_task(Agent(
-                "127.0.0.1", device_port, device, device_secret, accept, tmp_path / f"{device}.json",
+                "127.0.0.1", ha.device_port, device, device_secret, accept, tmp_path / f"{device}.json",
                 backoff=Backoff(base=0.05, cap=0.5), mqtt5=False).run(stop)))
         ready = asyncio.Event()
         tasks.append(asyncio.create_task(watch_presence(ready)))
         await asyncio.wait_for(ready.wait(), 10)
-
-        def online_now() -> set[str]:
-            state: dict[str, str] = {}
-            for _, device, what in seen:
-                state[device] = what
-            return {d for d, what in state.items() if what == "online"}
-
-        await wait_until(lambda: online_now() == set(devices), 20, "every device online")
-        instances["a"].send_signal(signal.SIGKILL)
-        instances["a"].wait()
+        await wait_until(lambda: online_now() == set(ha.secrets), 20, "every device online")
+        ha.kill("a")
         killed = time.monotonic()
-        await wait_until(lambda: _active(tmp_path / "b"), 10, "the standby to take over")
+        await wait_until(lambda: ha.active("b"), 10, "the standby to take over")
+        await wait_until(lambda: b"external.presence_known online=12" in ha.log("b").read_bytes(), 20,
+                         "the new active instance to read the announcements")
         await wait_until(lambda: any(t > killed and what == "online" for t, _, what in seen), 20,
                          "the new active instance to publish presence")
-        await wait_until(lambda: b"external.presence_known online=12" in (tmp_path / "b.log").read_bytes(), 20,
-                         "the new active instance to read the announcements")
         await asyncio.sleep(0.5)  # let any presence it published at that moment arrive (none may be offline)
         flipped = [(device, round(t - killed, 2)) for t, device, what in seen if t > killed and what == "offline"]
         assert flipped == [], f"connected devices shown offline after the failover: {flipped}"
-        assert online_now() == set(devices)
+        assert online_now() == set(ha.secrets)
     finally:
         stop.set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for proc in instances.values():
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=20)
-        mosquitto.terminate()
-        mosquitto.wait(timeout=20)
+        ha.close()
 
 
 def test_scaling_md_high_availability_block_runs_on_a_fresh_data_dir(pg_url: str, tmp_path: Path) -> None:
@@ -389,14 +374,8 @@ def test_scaling_md_high_availability_block_runs_on_a_fresh_data_dir(pg_url: str
     import os
     import shlex
     import shutil
-    import socket
     import tempfile
     import time
-
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return int(sock.getsockname()[1])
 
     text = (ROOT / "docs" / "scaling.md").read_text()
     block = text[text.index("## High availability"):]
@@ -406,7 +385,7 @@ def test_scaling_md_high_availability_block_runs_on_a_fresh_data_dir(pg_url: str
     assert [c.split()[:2] for c in commands] == [["henge", "broker-config"], ["henge", "serve"]]
     base = Path(tempfile.mkdtemp(prefix="henge-ha-", dir="/tmp"))
     os.chmod(base, 0o755)  # mosquitto, as its own user, must reach its config below here
-    device_port, admin_port = free_port(), free_port()
+    device_port, admin_port = _free_port(), _free_port()
 
     def argv(command: str) -> list[str]:
         command = (command.replace("/etc/mosquitto/henge", str(base / "etc"))
