@@ -420,3 +420,65 @@ def test_scaling_md_high_availability_block_runs_on_a_fresh_data_dir(pg_url: str
         mosquitto.terminate()
         mosquitto.wait(timeout=20)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_scaling_md_postgresql_block_runs_as_written(postgres: Any, tmp_path: Path) -> None:
+    """docs/scaling.md's PostgreSQL block in order (createdb pointed at the test cluster, paths and
+    ports substituted): a SQLite data dir with a device is moved into a new database, and `henge
+    serve --store` in front of Mosquitto serves it."""
+    import shlex
+    import shutil
+    import time
+
+    from henge_mqtt.mosquitto import write_mosquitto_config
+
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    block = text[text.index("## PostgreSQL"):]
+    commands = [line.split("  #")[0].strip() for line in
+                re.search(r"```sh\n(.*?)```", block, re.S).group(1).splitlines()]  # type: ignore[union-attr]
+    assert [c.split()[0] for c in commands] == ["createdb", "henge", "henge"]
+    data = tmp_path / "data"
+    store = Store(data)
+    store.add_device("moved1")
+    store.ensure_admin("henge-admin", "admin-secret-of-the-docs-test")
+    hashes, _ = store.broker_hashes()
+    store.close()
+    (data / "admin.json").write_text(json.dumps({"name": "henge-admin", "secret": "admin-secret-of-the-docs-test"}))
+    device_port, admin_port = _free_port(), _free_port()
+    write_mosquitto_config(tmp_path / "mosq", hashes, device_listener=f"127.0.0.1:{device_port}",
+                           admin_listener=f"127.0.0.1:{admin_port}", topic_prefix="henge", admin_name="henge-admin",
+                           run_as="root")
+    mosquitto = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                                  str(tmp_path / "mosq" / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    url = f"postgresql://henge@127.0.0.1:{postgres.port}/henge_docs"
+    serve: subprocess.Popen[bytes] | None = None
+    try:
+        for command in commands:
+            argv = shlex.split(command.replace("/var/lib/henge", str(data))
+                               .replace("postgresql://henge@db/henge", url)
+                               .replace("mqtt://127.0.0.1:1884", f"mqtt://127.0.0.1:{admin_port}"))
+            if argv[0] == "createdb":
+                argv = [argv[0], "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "henge", *argv[1:-1], "henge_docs"]
+            else:
+                argv = [sys.executable, "-m", "henge_mqtt", *argv[1:]]
+            if "serve" in argv:
+                log = tmp_path / "serve.log"
+                with log.open("wb") as out:
+                    serve = subprocess.Popen([*argv, "--no-http"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out)
+                deadline = time.monotonic() + 30
+                while not _active(data):
+                    assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.05)
+                continue
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+            assert done.returncode == 0, (command, done.stderr)
+        listed = henge_cli("device", "list", "--data", str(data), "--json", timeout=30)
+        assert listed.returncode == 0, listed.stderr
+        assert [d["id"] for d in json.loads(listed.stdout)] == ["moved1"]
+    finally:
+        if serve is not None:
+            serve.terminate()
+            serve.wait(timeout=20)
+        mosquitto.terminate()
+        mosquitto.wait(timeout=20)
