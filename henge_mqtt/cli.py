@@ -1509,17 +1509,15 @@ def command() -> Any:
     pages (``henge push [OPTIONS] [ID] [FILE|-]``, ``henge diff [OPTIONS] DEVICE A B``): typer marks a
     required argument ``{ID}`` (and lower-cases one without a metavar), which reads like a
     placeholder to fill in braces and all."""
-    import click
-
     root = typer.main.get_command(app)
 
-    def plain(cmd: click.Command) -> None:
+    def plain(cmd: Any) -> None:  # a click command (typer's own copy of click, from typer 0.26 on)
         typed = cmd.collect_usage_pieces
 
-        def pieces(ctx: click.Context) -> list[str]:
+        def pieces(ctx: Any) -> list[str]:
             return [(p[1:-1] if p.startswith("{") and p.endswith("}") else p).upper() for p in typed(ctx)]
 
-        cmd.collect_usage_pieces = pieces  # type: ignore[method-assign]
+        cmd.collect_usage_pieces = pieces
         for sub in getattr(cmd, "commands", {}).values():
             plain(sub)
 
