@@ -443,6 +443,24 @@ def device_show(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_
     _emit(result, as_json, _device_block)
 
 
+def _session_text(session: dict[str, Any] | None) -> str:
+    """``persistent (expires ...)``: a session kept for a device that asked for one; else ``clean``."""
+    if not session:
+        return "clean"
+    if session["expires_at"] is None:
+        return f"persistent (connected; kept {session['expiry']} s after it disconnects)"
+    return f"persistent (expires {session['expires_at']}, in {age_until(session['expires_at'])})"
+
+
+def age_until(stamp: str) -> str:
+    """How long until ``stamp``: ``45s``, ``12m``, ``3h``, ``2d``."""
+    seconds = max(0.0, (datetime.fromisoformat(stamp.replace("Z", "+00:00")) - datetime.now(UTC)).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
 def _device_block(r: dict[str, Any]) -> str:
     st = r["status"]
 
@@ -467,6 +485,7 @@ def _device_block(r: dict[str, Any]) -> str:
         ("error", show(st["error"])), ("takeovers (1 h)", str(st["takeovers"])),
         ("conflict", show(st["conflict_remotes"]) if st["conflict"] else "no"),
         ("quarantined until", show(st["quarantined_until"])),
+        ("session", _session_text(st.get("session"))),
     ]
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
@@ -857,12 +876,13 @@ def _status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str
                 "SINCE": r["since"] or "-", "REMOTE": r["remote"] or "-", "REASON": r["reason"],
                 "EPOCH": str(r["epoch"]), "TAKEOVERS": str(r["takeovers"]),
                 "CONFLICT": ",".join(r["conflict_remotes"]) or ("yes" if r["conflict"] else "-"),
+                "SESSION": "persistent" if r.get("session") else "-",
                 "ERROR": r["error"] or "-",
             })
         table.append(cells)
     columns = ["DEVICE", "STATE", "AGE", "VERSION", "SYNC", "LABELS"]
     if wide:
-        columns += ["SINCE", "REMOTE", "REASON", "EPOCH", "TAKEOVERS", "CONFLICT", "ERROR"]
+        columns += ["SINCE", "REMOTE", "REASON", "EPOCH", "TAKEOVERS", "CONFLICT", "SESSION", "ERROR"]
     widths = {c: max([len(c)] + [len(t[c]) for t in table]) for c in columns}
     if not wide:  # the labels get what is left of 100 columns
         used = sum(widths[c] + 2 for c in columns if c != "LABELS")

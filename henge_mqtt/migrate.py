@@ -15,7 +15,7 @@ from .service.lock import DataDirLock
 from .store import Store
 
 TABLES = ("meta", "devices", "admins", "config_versions", "device_reports", "audit", "api_tokens", "schemas", "layers",
-          "rollouts", "rollout_devices", "version_reports")
+          "rollouts", "rollout_devices", "version_reports", "mqtt_sessions")
 
 
 def _open(where: str, scratch: Path) -> tuple[Store, DataDirLock | None]:

@@ -117,6 +117,14 @@ class BrokerPort(Protocol):
 
     def online_devices(self) -> list[str]: ...
 
+    def restore_sessions(self, sessions: list[tuple[str, int, list[tuple[str, int]], float | None]]) -> None:
+        """Persistent MQTT sessions the store kept ``(device, expiry, [(filter, options)], ended at)``."""
+        ...
+
+    def persistent_session(self, device: str, now: float) -> tuple[int, float | None] | None:
+        """``(expiry, ends at)`` of the device's persistent session (ends at: None while connected)."""
+        ...
+
     def when_presence_known(self, callback: Callable[[set[str]], None]) -> None:
         """``callback(devices online)`` once the broker knows who is connected (an external broker:
         after it has handed over the retained announcements), before any presence is published."""

@@ -87,7 +87,25 @@ class Emit:
     data: tuple[tuple[str, object], ...] = ()
 
 
-Action = Close | PublishWill | PresenceChange | SaveEpoch | Emit
+@dataclass(frozen=True, slots=True)
+class SaveSession:
+    """A persistent MQTT session to keep in the store: its expiry, subscriptions, and when its last
+    connection ended (wall clock; None while one is attached). Sessions survive a restart."""
+
+    device: str
+    expiry: int
+    subs: tuple[tuple[str, int], ...]
+    ended_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class EndSession:
+    """The device's persistent session ended (expired, replaced by a clean one, kicked, removed)."""
+
+    device: str
+
+
+Action = Close | PublishWill | PresenceChange | SaveEpoch | Emit | SaveSession | EndSession
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +406,13 @@ class TableViews:
 
     def online_devices(self) -> list[str]:
         return self.table.online_devices()
+
+    def restore_sessions(self, sessions: list[tuple[str, int, list[tuple[str, int]], float | None]]) -> None:
+        """Persistent MQTT sessions from the store, at start: a broker that keeps none ignores them."""
+
+    def persistent_session(self, device: str, now: float) -> tuple[int, float | None] | None:
+        """``(expiry, ends at: wall clock, None while connected)`` of the device's persistent session."""
+        return None
 
     def when_presence_known(self, callback: Callable[[set[str]], None]) -> None:
         """``callback(devices online)`` once this broker knows who is connected; a broker that just

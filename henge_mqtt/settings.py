@@ -82,6 +82,8 @@ class Settings(BaseModel):
     max_inflight: int = Field(default=50, ge=1, le=65000)
     max_publish_bytes: int = Field(default=64 * 1024, ge=64)
     receive_maximum: int = Field(default=16, ge=1, le=65535)
+    # The longest a persistent session (3.1.1 CleanSession 0, 5.0 Session Expiry) outlives its connection.
+    session_expiry_max: int = Field(default=7 * 86400, ge=0, le=0xFFFFFFFF)
     pubrel_timeout: float = Field(default=10.0, gt=0)
     connect_timeout: float = Field(default=10.0, gt=0)
     max_filters_per_subscribe: int = Field(default=16, ge=1)

@@ -31,9 +31,9 @@ class Client5:
     @classmethod
     async def connect(cls, port: int, client_id: str, username: str | None, password: str | None, *,
                       keepalive: int = 60, props: codec.Props | None = None, will: codec.Will | None = None,
-                      ) -> tuple[Client5, codec.Connack]:
+                      clean: bool = True) -> tuple[Client5, codec.Connack]:
         client = cls(await raw.RawClient.open(port))
-        packet = codec.Connect(client_id, keepalive, True, username, password.encode() if password else None,
+        packet = codec.Connect(client_id, keepalive, clean, username, password.encode() if password else None,
                                will, "MQTT", 5, props)
         await client.raw.send(codec.encode(packet))
         connack = await client.read()
@@ -83,7 +83,7 @@ async def test_refusals_carry_5_0_reason_codes(start_service) -> None:  # type: 
             (("d1", "d1", "wrong"), codec.BAD_USER_NAME_OR_PASSWORD),
             (("ghost", "ghost", "x"), codec.NOT_AUTHORIZED_5),  # unknown device
             (("d2", "d1", secret), codec.NOT_AUTHORIZED_5),  # client id != user name
-            (("", "d1", secret), codec.CLIENT_IDENTIFIER_NOT_VALID),
+            (("", None, "no-user-name"), codec.CLIENT_IDENTIFIER_NOT_VALID),  # an empty id needs a user name
         ]
         for (client_id, user, password), expected in cases:
             client, connack = await Client5.connect(running.port, client_id, user, password)
@@ -228,16 +228,17 @@ async def test_will_delay_is_cancelled_by_a_reconnect(running: Running) -> None:
     await watcher.read_until(codec.Suback)
     will = codec.Will("henge/devices/w1/report", b'{"version": 1, "status": "rejected", "error": "gone"}', 0,
                       False, {codec.WILL_DELAY_INTERVAL: 1})
-    first, _, secret = await device5(running, "w1", {"v": 1}, will=will)
+    keep = {codec.SESSION_EXPIRY_INTERVAL: 60}  # the session outlives the connection: the delay can run
+    first, _, secret = await device5(running, "w1", {"v": 1}, will=will, props=keep, clean=False)
     first.raw.close()  # abnormal: the will is due in 1 s
-    again, connack = await Client5.connect(running.port, "w1", "w1", secret)
-    assert connack.code == 0
+    again, connack = await Client5.connect(running.port, "w1", "w1", secret, props=keep, clean=False)
+    assert connack.code == 0 and connack.session_present  # a new connection to this session: cancelled
     started = time.monotonic()
     again.raw.close()  # abnormal again, with no will this time: the first one stays cancelled
     await wait_status(running, "w1", lambda r: not r["online"])
     await client_silent(watcher, 1.5)
     assert time.monotonic() - started >= 1.2
-    second, _ = await Client5.connect(running.port, "w1", "w1", secret, will=will)
+    second, _ = await Client5.connect(running.port, "w1", "w1", secret, will=will, props=keep, clean=False)
     second.raw.close()
     message = await watcher.read_until(codec.Publish, timeout=4)  # this one is not cancelled
     assert message.topic == "henge/devices/w1/report" and b"gone" in message.payload

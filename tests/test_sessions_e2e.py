@@ -50,7 +50,11 @@ async def test_takeover_every_clean_session_combination(running: Running, old_cl
             await new.subscribe("henge/devices/dev1/config", qos=1)
             assert payload_json(await next_message(new))["config"] == {"v": 1}
             await running.service.push("dev1", {"v": 2})
-            assert payload_json(await next_message(new))["config"] == {"v": 2}
+            latest = payload_json(await next_message(new))["config"]
+            if not new_clean and not old_clean:  # the session resumed: the snapshot the old connection never
+                assert latest == {"v": 1}        # acknowledged is re-sent first [MQTT-4.4.0-1]
+                latest = payload_json(await next_message(new))["config"]
+            assert latest == {"v": 2}
             presence = await presence_of(running, "dev1")
             assert presence["state"] == "online" and presence["epoch"] == first_epoch + 1
             assert presence["reason"] == "takeover"

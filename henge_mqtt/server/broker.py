@@ -5,7 +5,9 @@ It owns what amqtt's ``Broker`` got wrong for this job (docs/sessions.md, tests/
 
 - authentication runs before anything else, and a refused CONNECT touches no existing session;
 - the pure :class:`~henge_mqtt.sessions.SessionTable` decides takeovers and fences stale events;
-- nothing of an old connection can reach a new one: we never resume sessions;
+- nothing of an old connection can reach a new one but what MQTT says a session holds (a device
+  that asked for a persistent session gets its subscriptions and undelivered messages back,
+  :mod:`.session`);
 - routing costs the filters that match a topic (:mod:`.router`), never the fleet;
 - every limit (:class:`.limits.Limits`) is checked before anything is acknowledged.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import ssl
@@ -28,11 +31,23 @@ from pathlib import Path
 from .. import codec
 from ..errors import ServiceUnavailable
 from ..ports import BrokerHooks, KickResult, Principal, Refusal
-from ..sessions import Action, Close, Emit, PublishWill, SessionSettings, SessionTable, TableViews, TokenBucket
+from ..sessions import (
+    Action,
+    Close,
+    Emit,
+    EndSession,
+    PublishWill,
+    SaveSession,
+    SessionSettings,
+    SessionTable,
+    TableViews,
+    TokenBucket,
+)
 from .connection import CLOSED, OPEN, PENDING, V5, Connection
 from .limits import Limits, LogLimiter
 from .listener import Acceptor, tcp_sockets, unix_socket
 from .router import RetainedStore, SubscriptionIndex, is_wildcard, valid_filter, valid_topic_name
+from .session import Session
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +141,11 @@ class EmbeddedBroker(TableViews):
         self.hooks = hooks
         self.limits = limits or Limits()
         self.table = SessionTable(sessions)
-        self.index: SubscriptionIndex[Connection] = SubscriptionIndex()
+        # A subscriber is a connection, or the persistent session of a device that asked for one.
+        self.index: SubscriptionIndex[Connection | Session] = SubscriptionIndex()
+        self.sessions: dict[str, Session] = {}  # device -> its persistent session (attached or not)
+        # (session present, granted expiry, assigned client id) of each connection until its CONNACK
+        self._granted: dict[Connection, tuple[bool, int, str | None]] = {}
         self.retained = RetainedStore()
         self.conns: dict[str, Connection] = {}  # key (device id, or admin:client id) -> current connection
         self._handshakes: set[Connection] = set()  # accepted sockets before their CONNACK
@@ -282,11 +301,17 @@ class EmbeddedBroker(TableViews):
                 conn.refuse(codec.NOT_AUTHORIZED, codec.BAD_AUTHENTICATION_METHOD,
                             "enhanced authentication is not supported: use a user name and password")
                 return
+        assigned = None
         if not connect.client_id:
-            # Every henge identity names itself; henge never assigns a client identifier.
-            conn.refuse(codec.IDENTIFIER_REJECTED, codec.CLIENT_IDENTIFIER_NOT_VALID,
-                        "the client identifier must be the device id")
-            return
+            # An identity is its user name: an empty client id becomes it (as Mosquitto's
+            # use_username_as_clientid), said in 5.0's Assigned Client Identifier [MQTT-3.2.2-16].
+            # 3.1.1 with CleanSession 0 must be refused: no session can be named [MQTT-3.1.3-8].
+            if not connect.username or (connect.level == 4 and not connect.clean_session):
+                conn.refuse(codec.IDENTIFIER_REJECTED, codec.CLIENT_IDENTIFIER_NOT_VALID,
+                            "an empty client identifier needs a user name (and, in 3.1.1, CleanSession 1)")
+                return
+            assigned = connect.username
+            connect = dataclasses.replace(connect, client_id=assigned)
         try:
             password = connect.password.decode("utf-8") if connect.password is not None else None
         except UnicodeDecodeError:
@@ -315,6 +340,7 @@ class EmbeddedBroker(TableViews):
         if conn.v5 is not None:
             conn.v5.keepalive_capped = requested != keepalive  # told in CONNACK (Server Keep Alive)
         if principal.kind == "admin":
+            self._granted[conn] = (False, 0, assigned)  # admin connections keep no session
             conn.key, conn.epoch = f"admin:{connect.client_id}", 0
             conn.framer.limit = self.limits.admin_max_packet
             conn.max_inflight = 65_000
@@ -342,7 +368,20 @@ class EmbeddedBroker(TableViews):
                 conn.refuse(codec.NOT_AUTHORIZED, codec.NOT_AUTHORIZED_5,
                             "identity conflict: this device id is quarantined for a while")
             return
-        self._delayed_wills.pop(device, None)  # reconnected within its will delay: the will is cancelled
+        expiry = self._expiry(connect)
+        session = self.sessions.get(device)
+        if session is not None and connect.clean_session:
+            self.end_session(device)  # Clean Start: the old session goes, and a will it held [MQTT-3.1.2-6]
+            session = None
+        # A new connection to the session within its will delay: the will is not sent [MQTT-3.1.3-9].
+        self._delayed_wills.pop(device, None)
+        present = session is not None
+        if session is None and expiry > 0:
+            session = self.sessions[device] = Session(device, expiry, self.limits.max_inflight)
+            session.ends_at = time.monotonic() + expiry  # unattached until the CONNACK
+        elif session is not None:
+            session.expiry = expiry  # this connection's Session Expiry Interval from now on [MQTT-3.1.2-*]
+        self._granted[conn] = (present, expiry, assigned)
         conn.key, conn.epoch = device, result.epoch
         self._register(conn)
         durable = self.hooks.epochs_durable()  # never acknowledge an epoch that could be handed out again
@@ -366,13 +405,32 @@ class EmbeddedBroker(TableViews):
             return
         self._open(conn)
 
+    def _expiry(self, connect: codec.Connect) -> int:
+        """The session expiry this connection gets: 5.0 asks (0 by default), 3.1.1 CleanSession 0 means
+        "keep it", both bounded by ``session_expiry_max``."""
+        if connect.level == 5:
+            asked = (connect.props or {}).get(codec.SESSION_EXPIRY_INTERVAL, 0)
+            return min(int(asked), self.limits.session_expiry_max) if isinstance(asked, int) else 0
+        return 0 if connect.clean_session else self.limits.session_expiry_max
+
     def _open(self, conn: Connection) -> None:
         self._handshakes.discard(conn)
+        present, expiry, assigned = self._granted.pop(conn, (False, 0, None))
+        if conn.principal is not None and conn.principal.kind == "device" and (expiry > 0 or present):
+            session = self.sessions.get(conn.key)
+            if session is None:  # ended while this connection waited for its epoch (kicked, say)
+                present = False
+                if expiry > 0:
+                    session = self.sessions[conn.key] = Session(conn.key, expiry, self.limits.max_inflight)
+                    session.ends_at = time.monotonic() + expiry
+            if session is not None:
+                conn.session = session
+                self._save(session, None)
         props: codec.Props | None = None
         if conn.v5 is not None:
             limits = self.limits
             props = {
-                codec.SESSION_EXPIRY_INTERVAL: 0,  # henge keeps no offline session: configs are retained
+                codec.SESSION_EXPIRY_INTERVAL: expiry,  # as granted: bounded by session_expiry_max
                 codec.RECEIVE_MAXIMUM: limits.receive_maximum,
                 codec.MAXIMUM_PACKET_SIZE: conn.framer.limit + 5,
                 codec.RETAIN_AVAILABLE: 1,
@@ -383,21 +441,35 @@ class EmbeddedBroker(TableViews):
             }
             if conn.v5.keepalive_capped:
                 props[codec.SERVER_KEEP_ALIVE] = int(conn.keepalive)
-        conn.accept(props)
+            if assigned is not None:
+                props[codec.ASSIGNED_CLIENT_IDENTIFIER] = assigned
+        conn.accept(props, session_present=present)
 
     def finish(self, conn: Connection) -> None:
-        """A connection ended (closed by either side): forget it everywhere, exactly once."""
+        """A connection ended (closed by either side): forget it everywhere, exactly once. A
+        persistent session keeps its subscriptions and what was not acknowledged, and its clock starts."""
         self._handshakes.discard(conn)
-        if conn.subs:
+        self._granted.pop(conn, None)
+        session = conn.session
+        if conn.subs and session is None:
             for topic_filter in conn.subs:
                 self.index.remove(conn, topic_filter)
-            conn.subs = None
+        conn.subs = None
         if conn.principal is None:
             return
         reason = conn.close_reason or "connection_lost"
         if conn.principal.kind == "device" and conn.epoch:
             # While still registered, so a PublishWill action can find the connection's will.
             self._apply(self.table.disconnect(conn.key, conn.epoch, time.time(), reason))
+        if session is not None:
+            conn.session = None
+            if session.conn is conn:
+                session.wild = conn.wild
+                session.detach(conn, time.monotonic())
+                if session.expiry <= 0:
+                    self.end_session(session.device)
+                else:
+                    self._save(session, time.time())
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
         log.debug("broker.disconnected key=%s epoch=%d reason=%s", conn.key, conn.epoch, reason)
@@ -431,6 +503,10 @@ class EmbeddedBroker(TableViews):
             self.info("broker.will_denied", "key=%s topic=%s", conn.key, will.topic)
             return
         delay = will.props.get(codec.WILL_DELAY_INTERVAL) if will.props else None
+        if isinstance(delay, int) and delay > 0:
+            # The will goes at the earlier of its delay and the session's end [MQTT-3.1.3-9]: at once
+            # when the session ends with the connection (Session Expiry 0).
+            delay = min(delay, conn.session.expiry if conn.session is not None else 0)
         if isinstance(delay, int) and delay > 0 and conn.principal.kind == "device":
             # 5.0 Will Delay Interval: published later unless the device connects again first.
             self._delayed_wills[conn.key] = (time.monotonic() + delay, conn.principal, will)
@@ -572,7 +648,7 @@ class EmbeddedBroker(TableViews):
                 conn.wild += 1
             stored = qos | (options & (NO_LOCAL | RETAIN_AS_PUBLISHED) if v5 else 0)
             subs[topic_filter] = stored
-            self.index.add(conn, topic_filter, stored)
+            self.index.add(conn.session or conn, topic_filter, stored)
             codes.append(qos)
             handling = (options >> 4) & 3 if v5 else 0  # Retain Handling: 0 always, 1 if new, 2 never
             if handling == 0 or (handling == 1 and is_new):
@@ -583,6 +659,8 @@ class EmbeddedBroker(TableViews):
             why = self._why(conn, refused[0], "subscription limit reached"
                             if refused[0] == codec.QUOTA_EXCEEDED else None)
         conn.send(codec.suback(packet.packet_id, codes, why, version=conn.version))
+        if conn.session is not None and granted:
+            self._save(conn.session, None)
         now = time.monotonic()
         for topic_filter, qos, _ in granted:  # retained messages of this filter, to this subscriber only
             for topic, data, rqos, extra in list(self.retained.matching(topic_filter)):
@@ -601,13 +679,15 @@ class EmbeddedBroker(TableViews):
         codes: list[int] = []
         for topic_filter in packet.filters:
             if subs is not None and subs.pop(topic_filter, None) is not None:
-                self.index.remove(conn, topic_filter)
+                self.index.remove(conn.session or conn, topic_filter)
                 if is_wildcard(topic_filter):
                     conn.wild -= 1
                 codes.append(codec.SUCCESS)
             else:
                 codes.append(codec.NO_SUBSCRIPTION_EXISTED)
         conn.send(codec.unsuback(packet.packet_id, codes, version=conn.version))
+        if conn.session is not None and codec.SUCCESS in codes:
+            self._save(conn.session, None)
 
     def too_large_for_client(self, conn: Connection, topic: str, size: int) -> None:
         """A message over the client's own Maximum Packet Size was not sent to it: say so."""
@@ -627,13 +707,13 @@ class EmbeddedBroker(TableViews):
             self.retained.set(topic, data, qos, meta)
         encoded = meta.encoded(time.monotonic()) if isinstance(meta, Meta) else meta
         futures: list[asyncio.Future[None]] = []
-        for conn, options in self.index.match(topic).items():
-            if options & NO_LOCAL and conn is origin:
+        for sub, options in self.index.match(topic).items():
+            if options & NO_LOCAL and (sub.conn if sub.__class__ is Session else sub) is origin:
                 continue  # [MQTT-3.8.3-3]
             keep_retain = retain and bool(options & RETAIN_AS_PUBLISHED)
-            mine = for_device is None or (conn.key == for_device and conn.principal is not None
-                                          and conn.principal.kind == "device")
-            future = conn.deliver(topic, data, min(qos, options & 3), keep_retain, track and mine, encoded)
+            mine = for_device is None or (sub.key == for_device and sub.principal is not None
+                                          and sub.principal.kind == "device")
+            future = sub.deliver(topic, data, min(qos, options & 3), keep_retain, track and mine, encoded)
             if future is not None:
                 futures.append(future)
         return futures
@@ -647,10 +727,60 @@ class EmbeddedBroker(TableViews):
     async def kick(self, device: str) -> KickResult:
         actions = self.table.kick(device, time.time())
         self._apply(actions)
+        self.end_session(device)  # an operator's kick ends the session too: the device starts afresh
         return KickResult(kicked=any(isinstance(a, Close) for a in actions))
 
     def forget(self, device: str) -> None:
         self.table.forget(device)
+        self.end_session(device)
+
+    # ---- persistent sessions ----------------------------------------------------------------------
+
+    def end_session(self, device: str) -> None:
+        """The session ends: its subscriptions, messages and will timer go, now (and from the store)."""
+        session = self.sessions.pop(device, None)
+        if session is None:
+            return
+        for topic_filter in session.subs:
+            self.index.remove(session, topic_filter)
+        conn = session.conn
+        if conn is not None:  # ended under an attached connection: it goes on without a session
+            conn.session = None
+            conn.subs = dict(session.subs)
+            for topic_filter, options in conn.subs.items():
+                self.index.add(conn, topic_filter, options)
+        session.subs, session.queued, session.unacked, session.conn = {}, {}, [], None
+        delayed = self._delayed_wills.pop(device, None)
+        if delayed is not None:  # the will goes when the session ends, if its delay has not run out
+            self._send_will(delayed[1], delayed[2])
+        self.hooks.session_actions([EndSession(device)])
+
+    def _save(self, session: Session, ended_at: float | None) -> None:
+        self.hooks.session_actions([SaveSession(session.device, session.expiry, tuple(session.subs.items()),
+                                                ended_at)])
+
+    def restore_sessions(self, sessions: list[tuple[str, int, list[tuple[str, int]], float | None]]) -> None:
+        """The persistent sessions the store kept (a restart ends no session): offline until their
+        devices connect, queuing what is published for them meanwhile (the republished configs)."""
+        mono, now = time.monotonic(), time.time()
+        for device, expiry, subs, ended_at in sessions:
+            left = expiry - (now - (ended_at if ended_at is not None else now))
+            if left <= 0:
+                self.hooks.session_actions([EndSession(device)])
+                continue
+            session = self.sessions[device] = Session(device, expiry, self.limits.max_inflight)
+            session.ends_at = mono + left
+            for topic_filter, options in subs:
+                session.subs[topic_filter] = options
+                session.wild += is_wildcard(topic_filter)
+                self.index.add(session, topic_filter, options)
+
+    def persistent_session(self, device: str, now: float) -> tuple[int, float | None] | None:
+        session = self.sessions.get(device)
+        if session is None:
+            return None
+        ends = None if session.ends_at is None else now + (session.ends_at - time.monotonic())
+        return session.expiry, ends
 
     def clear_conflict(self, device: str) -> bool:
         actions = self.table.clear_conflict(device)
@@ -690,6 +820,9 @@ class EmbeddedBroker(TableViews):
                 if due <= mono:
                     del self._delayed_wills[device]
                     self._send_will(principal, will)
+            if ticks % int(1 / SWEEP_INTERVAL) == 0:
+                for device in [d for d, s in self.sessions.items() if s.ends_at is not None and s.ends_at <= mono]:
+                    self.end_session(device)  # expired [MQTT-3.1.2-23]
             for conn, deadline in list(self._closing.items()):
                 if deadline <= mono:
                     self._closing.pop(conn, None)

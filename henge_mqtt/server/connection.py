@@ -19,6 +19,7 @@ from ..sessions import TokenBucket
 
 if TYPE_CHECKING:
     from .broker import EmbeddedBroker
+    from .session import Message, Session
 
 HANDSHAKE, PENDING, OPEN, CLOSED = 0, 1, 2, 3
 MAX_PENDING_FRAMES = 32  # packets a client may pipeline behind its CONNECT before the CONNACK
@@ -91,6 +92,8 @@ class Connection(asyncio.Protocol):
         "pending",
         "principal",
         "remote",
+        "sent",
+        "session",
         "state",
         "subs",
         "tls",
@@ -128,6 +131,9 @@ class Connection(asyncio.Protocol):
         self.max_write = broker.limits.max_write_buffer
         self.paused = False  # the socket's send buffer is past asyncio's high-water mark
         self.v5: V5 | None = None  # set by the CONNECT of a 5.0 client
+        self.session: Session | None = None  # the persistent session this connection is attached to
+        # With a session: what each unacknowledged QoS 1 delivery was, to re-send it on a reconnect.
+        self.sent: dict[int, Message] | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -206,10 +212,13 @@ class Connection(asyncio.Protocol):
             return
         self.broker.on_connect(self, connect)
 
-    def accept(self, props: codec.Props | None = None) -> None:
-        """The server accepted the CONNECT and its epoch is durable: CONNACK, then the queued packets."""
+    def accept(self, props: codec.Props | None = None, session_present: bool = False) -> None:
+        """The server accepted the CONNECT and its epoch is durable: CONNACK, then (a resumed
+        session's messages, then) the packets the client sent behind its CONNECT."""
         self.state = OPEN
-        self.send(codec.connack(codec.ACCEPTED, props=props, version=self.version))
+        self.send(codec.connack(codec.ACCEPTED, session_present, props=props, version=self.version))
+        if self.session is not None:
+            self.session.resume(self)
         pending, self.pending = self.pending, None
         for first, body in pending or ():
             if self.state != OPEN:
@@ -237,6 +246,8 @@ class Connection(asyncio.Protocol):
                 assert isinstance(ack, codec.Puback)
                 out = self.out
                 entry = out.pop(ack.packet_id, None) if out else None
+                if self.sent is not None:
+                    self.sent.pop(ack.packet_id, None)
                 if entry is None and not self.broker.charge(self):  # unsolicited: charged
                     return
                 if entry is not None and entry[1] is not None and not entry[1].done():
@@ -266,6 +277,13 @@ class Connection(asyncio.Protocol):
             elif kind == codec.DISCONNECT:
                 packet = codec.decode(first, body, version)
                 assert isinstance(packet, codec.Disconnect)
+                expiry = (packet.props or {}).get(codec.SESSION_EXPIRY_INTERVAL)
+                if isinstance(expiry, int):  # 5.0: the client may change its session's expiry on leaving
+                    if self.session is None and expiry > 0:
+                        raise codec.ProtocolViolation("Session Expiry Interval set at DISCONNECT after 0 at "
+                                                      "CONNECT")  # [MQTT-3.14.2-2]
+                    if self.session is not None:
+                        self.session.expiry = min(expiry, self.broker.limits.session_expiry_max)
                 if packet.reason == 0:
                     self.will = None  # [MQTT-3.14.4-3]
                     self.close("client_disconnect")
@@ -367,8 +385,25 @@ class Connection(asyncio.Protocol):
                 break
         self.next_id = packet_id
         out[packet_id] = (time.monotonic(), future)
+        if self.session is not None:
+            if self.sent is None:
+                self.sent = {}
+            self.sent[packet_id] = (topic, data, retain, props)
         self.send(codec.publish_bytes(topic, data, 1, retain, packet_id, props=props))
         return self.state == OPEN
+
+    def resend(self, packet_id: int, message: Message) -> None:
+        """A session's unacknowledged delivery on a new connection: its packet id, DUP set [MQTT-4.4.0-1]."""
+        topic, data, retain, props = message
+        if self.out is None:
+            self.out = {}
+        if self.sent is None:
+            self.sent = {}
+        self.out[packet_id] = (time.monotonic(), None)
+        self.sent[packet_id] = message
+        self.next_id = max(self.next_id, packet_id)
+        self.send(codec.publish_bytes(topic, data, 1, retain, packet_id, dup=True,
+                                      props=(props or b"\x00") if self.v5 is not None else None))
 
     # ---- ending -------------------------------------------------------------------------------
 
@@ -396,13 +431,14 @@ class Connection(asyncio.Protocol):
                     transport.write(codec.disconnect(reason_code, {codec.REASON_STRING: why}, version=5))
                     if transport.get_write_buffer_size() == 0:
                         abort = False  # it left at once: a FIN after it, so the client reads it first
-        out, self.out = self.out, None
+        out = self.out
         queued = self.v5.queue if self.v5 is not None else None
         failed = [f for _, f in (out or {}).values()] + [item[4] for item in queued or ()]
+        self.broker.finish(self)  # (a persistent session keeps what was not acknowledged)
+        self.out = None
         for future in failed:
             if future is not None and not future.done():
                 future.set_exception(ConnectionError(f"connection closed: {self.close_reason}"))
-        self.broker.finish(self)
         transport = self.transport
         if transport is not None:
             if abort:
@@ -422,6 +458,15 @@ class Connection(asyncio.Protocol):
             self.close("keepalive_timeout", abort=True)
             return
         out = self.out
+        if out and self.session is not None:
+            # A session's deliveries wait for their PUBACK (or a reconnect re-sends them): only the
+            # waiters give up; max_inflight still bounds them.
+            for sent, future in out.values():
+                if mono - sent < puback_timeout:
+                    break
+                if future is not None and not future.done():
+                    future.set_exception(TimeoutError("no PUBACK"))
+            out = None
         while out:
             packet_id, (sent, future) = next(iter(out.items()))
             if mono - sent < puback_timeout:

@@ -34,6 +34,7 @@ class Limits:
     max_write_buffer: int = 4 * 1024 * 1024  # bytes queued to a device that does not read
     tls_client_auth: Literal["off", "optional", "required"] = "off"
     log_lines_per_second: float = 5.0
+    session_expiry_max: int = 7 * 86400  # seconds a persistent session outlives its connection, at most
 
 
 class LogLimiter:

@@ -313,12 +313,21 @@ class ServiceAPI:
                     "applied_version": applied, "applied_at": utc_text(applied_at), "sync": row_sync,
                     "error": error if row_sync == "rejected" else None, "rejected_version": rejected,
                     "undeliverable": self.configs.undeliverable.get(d), "schema_error": schema_error,
+                    "session": self._session_of(d, now),
                 })
                 if limit is not None and len(rows) >= limit:
                     return rows
             if last is None:
                 return rows
             after = last
+
+    def _session_of(self, device: str, now: float) -> dict[str, Any] | None:
+        """The device's persistent MQTT session: its expiry, and when it ends (None while connected)."""
+        kept = self.broker.persistent_session(device, now)
+        if kept is None:
+            return None
+        expiry, ends = kept
+        return {"persistent": True, "expiry": expiry, "expires_at": iso(ends) if ends is not None else None}
 
     async def summary(self) -> dict[str, Any]:
         """Fleet counts (what ``status`` rows would add up to), without building the rows."""

@@ -26,7 +26,7 @@ from ..errors import ServiceUnavailable
 from ..models import Event
 from ..paths import ADMIN_SOCKET, SERVICE_FILE
 from ..ports import BrokerPort, Principal, Refusal
-from ..sessions import Action, Emit, PresenceChange, SaveEpoch, SessionSettings
+from ..sessions import Action, Emit, EndSession, PresenceChange, SaveEpoch, SaveSession, SessionSettings
 from ..settings import Settings
 from ..store import Store, StoreWorker
 from ..tasks import TaskSet
@@ -68,6 +68,8 @@ class HengeService(ServiceAPI):
         self._tasks = TaskSet(log, "service.task_failed")
         self._pending_epochs: dict[str, int] = {}
         self._pending_seen: dict[str, tuple[float, str | None, str]] = {}  # last seen, for after a restart
+        # Persistent MQTT sessions to keep (None: ended), in the same group commit.
+        self._pending_mqtt: dict[str, tuple[int, list[tuple[str, int]], float | None] | None] = {}
         self._epochs_saved: asyncio.Future[None] | None = None
         self._flushing = False
         self._inflight: asyncio.Future[None] | None = None  # the group commit being written
@@ -119,6 +121,7 @@ class HengeService(ServiceAPI):
             self.configs = Configs(self.worker, broker, self.topics, self.events, s.max_config_bytes, self.schemas)
             sessions = await self.worker.run(store.sessions)
             broker.seed_sessions(sessions)
+            broker.restore_sessions(await self.worker.run(store.mqtt_sessions))  # before the republish: queued
             count = await self.configs.republish_all()
             # Every device not connected now is offline since it was last seen; behind an external broker
             # that is known only once its retained announcements are read (a failover flips nobody).
@@ -210,6 +213,7 @@ class HengeService(ServiceAPI):
             max_keepalive=s.max_keepalive, connect_timeout=s.connect_timeout, max_packet=s.max_packet_bytes,
             max_device_publish=s.max_publish_bytes, max_inflight=s.max_inflight,
             receive_maximum=s.receive_maximum, pubrel_timeout=s.pubrel_timeout,
+            session_expiry_max=s.session_expiry_max,
             publish_rate=s.device_publish_rate, publish_burst=s.device_publish_burst,
             max_filters_per_subscribe=s.max_filters_per_subscribe, max_subscriptions=s.max_subscriptions,
             max_wildcard_subscriptions=s.max_wildcard_subscriptions,
@@ -230,8 +234,9 @@ class HengeService(ServiceAPI):
         await self._broker.stop()
         await self._drain_sessions()
         await self._tasks.cancel_all(1.0)
-        if (self._pending_epochs or self._pending_seen) and not self.fenced.is_set():
-            await self.worker.run(self.store.save_sessions, self._pending_epochs, self._pending_seen)
+        if (self._pending_epochs or self._pending_seen or self._pending_mqtt) and not self.fenced.is_set():
+            await self.worker.run(self.store.save_sessions, self._pending_epochs, self._pending_seen,
+                                  self._pending_mqtt)
         fence, lease = self.store.fence, self._lease
         if lease is not None:
             if fence is not None and not self.fenced.is_set():  # a standby need not wait out the TTL
@@ -305,6 +310,12 @@ class HengeService(ServiceAPI):
             elif isinstance(action, SaveEpoch):
                 self._pending_epochs[action.device] = max(action.epoch, self._pending_epochs.get(action.device, 0))
                 self._schedule_flush()
+            elif isinstance(action, SaveSession):
+                self._pending_mqtt[action.device] = (action.expiry, list(action.subs), action.ended_at)
+                self._schedule_flush()
+            elif isinstance(action, EndSession):
+                self._pending_mqtt[action.device] = None
+                self._schedule_flush()
             elif isinstance(action, Emit):
                 self.events.count(action.type)
                 self.events.emit(action.type, action.device, **dict(action.data))
@@ -324,15 +335,17 @@ class HengeService(ServiceAPI):
             return
         pending, self._pending_epochs = self._pending_epochs, {}
         seen, self._pending_seen = self._pending_seen, {}
+        mqtt, self._pending_mqtt = self._pending_mqtt, {}
         saved, self._epochs_saved = self._epochs_saved, None
         self._flushing = True
         self._inflight = saved
-        self._tasks.spawn(self._save_epochs(pending, seen, saved))
+        self._tasks.spawn(self._save_epochs(pending, seen, mqtt, saved))
 
     async def _save_epochs(self, pending: dict[str, int], seen: dict[str, tuple[float, str | None, str]],
+                           mqtt: dict[str, tuple[int, list[tuple[str, int]], float | None] | None],
                            saved: asyncio.Future[None]) -> None:
         try:
-            await self.worker.run(self.store.save_sessions, pending, seen)
+            await self.worker.run(self.store.save_sessions, pending, seen, mqtt)
         except Exception as exc:  # the waiting connects are refused; nothing is acknowledged
             log.error("store.epochs_failed error=%s", exc)
             if not saved.done():

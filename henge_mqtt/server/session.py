@@ -1,0 +1,116 @@
+"""A device's MQTT session when it asked to keep one (3.1.1 CleanSession 0, 5.0 Session Expiry > 0).
+
+MQTT §4.1: the session is the subscriptions, the QoS 1 messages sent and not yet acknowledged, the
+messages that arrived for it while no connection was attached, and the QoS 2 packet ids the client
+sent and has not released. It outlives its connections until it expires (``expiry`` seconds after
+the last one ended, at most ``session_expiry_max``), a clean connection replaces it, or an operator
+ends it (kick, device removal).
+
+While a connection is attached every delivery goes straight to it; while none is, QoS 1 messages
+wait here, **collapsed to the latest per topic**: a config snapshot supersedes the previous one, so a
+device away for a month gets one snapshot, not thirty, and a session holds at most one message per
+topic it matches (bounded again by ``max_queued``). It is the subscriber in the broker's index for as
+long as it lives; which connection is attached is decided by the broker under the session table's
+epochs, so a displaced connection's own state (its will, its buckets, its futures) never reaches the
+new one: only what MQTT says a session holds does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from ..ports import Principal
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+# (topic, payload, retain, 5.0 properties)
+Message = tuple[str, bytes, bool, "bytes | None"]
+
+
+class Session:
+    __slots__ = (
+        "conn",
+        "device",
+        "dropped",
+        "ends_at",
+        "expiry",
+        "in_qos2",
+        "max_queued",
+        "principal",
+        "queued",
+        "subs",
+        "unacked",
+        "wild",
+    )
+
+    def __init__(self, device: str, expiry: int, max_queued: int) -> None:
+        self.device = device
+        self.principal = Principal("device", device)
+        self.expiry = expiry  # seconds it outlives its last connection
+        self.subs: dict[str, int] = {}  # filter -> options, as a connection keeps them
+        self.wild = 0
+        self.conn: Connection | None = None
+        self.ends_at: float | None = None  # monotonic, while no connection is attached
+        # Sent and not acknowledged when the last connection ended: re-sent first, with DUP and
+        # their packet ids [MQTT-4.4.0-1], in the order they were sent.
+        self.unacked: list[tuple[int, Message]] = []
+        self.queued: dict[str, Message] = {}  # topic -> latest message, in order of arrival
+        self.in_qos2: dict[int, float] | None = None  # QoS 2 ids from the client awaiting PUBREL
+        self.max_queued = max_queued
+        self.dropped = 0
+
+    @property
+    def key(self) -> str:
+        return self.device
+
+    def deliver(self, topic: str, data: bytes, qos: int, retain: bool, track: bool,
+                props: bytes | None = None) -> asyncio.Future[None] | None:
+        """As :meth:`Connection.deliver` while a connection is attached; otherwise QoS 1 waits here
+        (latest per topic) and QoS 0 is not kept (MQTT lets a server drop it for an offline session)."""
+        conn = self.conn
+        if conn is not None:
+            return conn.deliver(topic, data, qos, retain, track, props)
+        if qos:
+            self.queue((topic, data, retain, props))
+        return None
+
+    def queue(self, message: Message) -> None:
+        queued = self.queued
+        queued.pop(message[0], None)  # the newer one supersedes it, and moves to the end
+        if len(queued) >= self.max_queued:
+            del queued[next(iter(queued))]  # the oldest topic's message goes: bounded whatever matches
+            self.dropped += 1
+        queued[message[0]] = message
+
+    def detach(self, conn: Connection, now: float) -> None:
+        """The attached connection ended: keep what it had not got acknowledged, then start the clock."""
+        sent, out = conn.sent, conn.out
+        self.unacked = [(packet_id, sent[packet_id]) for packet_id in (out or {}) if sent and packet_id in sent]
+        waiting = conn.v5.queue if conn.v5 is not None else None
+        for topic, data, props, retain, _ in waiting or ():  # never sent (the client's Receive Maximum)
+            self.queue((topic, data, retain, props))
+        self.in_qos2 = conn.in_qos2
+        self.conn = None
+        self.ends_at = now + self.expiry
+
+    def resume(self, conn: Connection) -> None:
+        """Attach ``conn`` (its CONNACK is on its way): re-send the unacknowledged messages with DUP
+        and their packet ids, in order, then what arrived meanwhile."""
+        self.conn = conn
+        self.ends_at = None
+        conn.subs, conn.wild, conn.in_qos2 = self.subs, self.wild, self.in_qos2
+        unacked, self.unacked = self.unacked, []
+        for packet_id, message in unacked:
+            conn.resend(packet_id, message)
+        queued, self.queued = self.queued, {}
+        for topic, data, retain, props in queued.values():
+            conn.deliver(topic, data, 1, retain, False, props)
+
+    def memory_parts(self) -> tuple[int, int, int]:
+        """(subscriptions, unacknowledged, queued): what an expired session must have freed."""
+        return len(self.subs), len(self.unacked), len(self.queued)
+
+    def __repr__(self) -> str:
+        return f"Session({self.device!r}, expiry={self.expiry}, attached={self.conn is not None})"

@@ -1,0 +1,399 @@
+"""Persistent sessions, assigned client ids and the will's delay, by the book (issue "Any MQTT client"):
+each test is named after the normative statement of MQTT 3.1.1 / 5.0 it checks, with raw peers for the
+bytes (CONNACK flags, DUP, packet ids, order) and paho-mqtt (both versions), aiomqtt and
+`mosquitto_sub -c` as the clients devices run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from henge_mqtt import codec
+from henge_mqtt.service import HengeService
+
+from . import mqtt_raw as raw
+from .conftest import Running, make_settings, wait_status, wait_until
+
+CONFIG = "henge/devices/{}/config"
+
+
+async def connect311(running: Running, device: str, secret: str, *, clean: bool,
+                     client_id: str | None = None) -> tuple[raw.RawClient, bytes]:
+    """A raw 3.1.1 device; returns the client and its CONNACK's two bytes (flags, code)."""
+    client = await raw.RawClient.open(running.port)
+    await client.send(raw.connect(device if client_id is None else client_id, device, secret, clean=clean))
+    kind, body = await client.read_packet()
+    assert kind == 2
+    return client, body
+
+
+async def publishes(client: raw.RawClient, count: int, timeout: float = 5.0) -> list[codec.Publish]:
+    got: list[codec.Publish] = []
+    while len(got) < count:
+        first, body = await client.read_frame(timeout)
+        if first >> 4 == codec.PUBLISH:
+            got.append(codec.decode_publish(first, body, 4))
+    return got
+
+
+async def nothing_more(client: raw.RawClient, wait: float = 0.5) -> None:
+    try:
+        first, _ = await client.read_frame(wait)
+    except TimeoutError:
+        return
+    raise AssertionError(f"unexpected packet type {first >> 4}")
+
+
+def puback(packet_id: int) -> bytes:
+    return raw.packet(4, struct.pack("!H", packet_id))
+
+
+def config_of(message: codec.Publish) -> Any:
+    return json.loads(message.payload)["config"]
+
+
+async def away_session(running: Running, device: str, secret: str) -> None:
+    """A 3.1.1 device that subscribed with CleanSession 0, acknowledged its snapshot, and left cleanly."""
+    client, _ = await connect311(running, device, secret, clean=False)
+    await client.send(raw.subscribe(1, CONFIG.format(device)))
+    assert (await client.read_packet())[0] == 9
+    [snapshot] = await publishes(client, 1)
+    assert snapshot.packet_id is not None
+    await client.send(puback(snapshot.packet_id))
+    await client.send(raw.DISCONNECT)
+    assert await client.closed_within(2)
+    await wait_status(running, device, lambda r: not r["online"])
+
+
+# ---- 3.1.1 ------------------------------------------------------------------------------------------
+
+
+async def test_MQTT_3_2_2_3_a_first_cleansession_0_connect_has_no_session_present(running: Running) -> None:
+    secret = await running.add("s1", {"v": 1})
+    _, connack = await connect311(running, "s1", secret, clean=False)
+    assert connack == b"\x00\x00"  # session present 0, accepted
+
+
+async def test_MQTT_3_1_2_4_and_3_2_2_2_cleansession_0_resumes_with_what_arrived_meanwhile(running: Running) -> None:
+    """[MQTT-3.1.2-4] resume from the session; [MQTT-3.2.2-2] session present 1; [MQTT-3.1.2-5] QoS 1
+    messages for its subscriptions kept while away, collapsed to the latest snapshot (one, not two)."""
+    secret = await running.add("s1", {"v": 1})
+    await away_session(running, "s1", secret)
+    await running.service.push("s1", {"v": 2})
+    await running.service.push("s1", {"v": 3})
+    client, connack = await connect311(running, "s1", secret, clean=False)
+    assert connack == b"\x01\x00"  # CONNACK 20 02 01 00
+    [message] = await publishes(client, 1)  # no SUBSCRIBE: the session still holds it
+    assert config_of(message) == {"v": 3} and message.qos == 1
+    await client.send(puback(message.packet_id or 0))
+    await nothing_more(client)
+    await running.service.push("s1", {"v": 4})  # and live deliveries go on through the session
+    [live] = await publishes(client, 1)
+    assert config_of(live) == {"v": 4}
+
+
+async def test_MQTT_3_1_2_6_and_3_2_2_1_cleansession_1_discards_the_session(running: Running) -> None:
+    secret = await running.add("s1", {"v": 1})
+    await away_session(running, "s1", secret)
+    clean, connack = await connect311(running, "s1", secret, clean=True)
+    assert connack == b"\x00\x00"
+    await running.service.push("s1", {"v": 2})
+    await nothing_more(clean)  # the session's subscription went with it
+    await clean.send(raw.DISCONNECT)
+    assert await clean.closed_within(2)
+    again, connack = await connect311(running, "s1", secret, clean=False)
+    assert connack == b"\x00\x00"  # a new session
+    await nothing_more(again)
+
+
+async def test_MQTT_4_4_0_1_unacknowledged_qos1_is_resent_with_dup_and_its_packet_ids_in_order(
+        running: Running) -> None:
+    secret = await running.add("s1", {"v": 1})
+    client, _ = await connect311(running, "s1", secret, clean=False)
+    await client.send(raw.subscribe(1, CONFIG.format("s1")))
+    assert (await client.read_packet())[0] == 9
+    await running.service.push("s1", {"v": 2})
+    first = await publishes(client, 2)  # the retained v1, then v2: neither acknowledged
+    assert [config_of(m) for m in first] == [{"v": 1}, {"v": 2}] and not any(m.dup for m in first)
+    client.writer.transport.abort()  # the network goes
+    await wait_status(running, "s1", lambda r: not r["online"])
+    again, connack = await connect311(running, "s1", secret, clean=False)
+    assert connack == b"\x01\x00"
+    resent = await publishes(again, 2)
+    assert [(m.dup, m.packet_id, config_of(m)) for m in resent] == [
+        (True, first[0].packet_id, {"v": 1}), (True, first[1].packet_id, {"v": 2})]
+    for message in resent:
+        await again.send(puback(message.packet_id or 0))
+    await nothing_more(again)
+
+
+async def test_MQTT_3_1_3_8_an_empty_client_id_with_cleansession_0_is_refused_0x02(running: Running) -> None:
+    secret = await running.add("s1")
+    client, connack = await connect311(running, "s1", secret, clean=False, client_id="")
+    assert connack == b"\x00\x02"  # identifier rejected
+    assert await client.closed_within(2)
+
+
+async def test_MQTT_3_1_3_6_an_empty_client_id_becomes_the_user_name(running: Running) -> None:
+    """Several SDKs send an empty client id: the server assigns one, here the user name (as Mosquitto's
+    use_username_as_clientid); the device is then known, online, by its id."""
+    secret = await running.add("s1", {"v": 1})
+    client, connack = await connect311(running, "s1", secret, clean=True, client_id="")
+    assert connack == b"\x00\x00"
+    await wait_status(running, "s1", lambda r: r["online"])
+    await client.send(raw.subscribe(1, CONFIG.format("s1")))
+    assert (await client.read_packet())[0] == 9
+    assert config_of((await publishes(client, 1))[0]) == {"v": 1}
+
+
+async def test_takeover_keeps_the_session_not_the_displaced_connections_state(running: Running) -> None:
+    """A second CleanSession 0 connection takes the session over: subscriptions carry on; the displaced
+    connection's will does not (suppressed, as on any takeover)."""
+    secret = await running.add("s1", {"v": 1})
+    async with running.admin_client() as watcher:
+        await watcher.subscribe("henge/devices/s1/report", qos=1)
+        old = await raw.RawClient.open(running.port)
+        await old.send(raw.connect("s1", "s1", secret, clean=False, will=("henge/devices/s1/report", b"WILL")))
+        assert await old.connack() == 0
+        await old.send(raw.subscribe(1, CONFIG.format("s1")))
+        assert (await old.read_packet())[0] == 9
+        [snapshot] = await publishes(old, 1)
+        await old.send(puback(snapshot.packet_id or 0))
+        new, connack = await connect311(running, "s1", secret, clean=False)
+        assert connack == b"\x01\x00"
+        assert await old.closed_within(2)
+        await running.service.push("s1", {"v": 2})
+        [message] = await publishes(new, 1)
+        assert config_of(message) == {"v": 2} and not message.dup
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(watcher.messages.__anext__(), 0.5)
+
+
+async def test_kick_and_removal_end_the_session(running: Running) -> None:
+    secret = await running.add("s1", {"v": 1})
+    await away_session(running, "s1", secret)
+    assert (await running.service.status("s1"))[0]["session"]["persistent"]
+    client, connack = await connect311(running, "s1", secret, clean=False)
+    assert connack == b"\x01\x00"
+    await wait_status(running, "s1", lambda r: r["online"])
+    await running.service.kick("s1")
+    assert await client.closed_within(2)
+    assert (await running.service.status("s1"))[0]["session"] is None
+    again, connack = await connect311(running, "s1", secret, clean=False)
+    assert connack == b"\x00\x00"  # kicked: the device starts afresh
+    await again.send(raw.subscribe(1, CONFIG.format("s1")))
+    assert (await again.read_packet())[0] == 9
+    await again.send(raw.DISCONNECT)
+    await wait_status(running, "s1", lambda r: not r["online"])
+    assert running.broker.sessions.get("s1") is not None
+    await running.service.remove_device("s1")
+    assert running.broker.sessions.get("s1") is None and len(running.broker.index) == 0
+
+
+# ---- 5.0 ----------------------------------------------------------------------------------------
+
+
+async def connect5(running: Running, device: str, secret: str, *, clean: bool = True, expiry: int | None = None,
+                   client_id: str | None = None, will: codec.Will | None = None) -> tuple[raw.RawClient, codec.Connack]:
+    client = await raw.RawClient.open(running.port)
+    props = {codec.SESSION_EXPIRY_INTERVAL: expiry} if expiry is not None else None
+    await client.send(codec.encode(codec.Connect(device if client_id is None else client_id, 60, clean, device,
+                                                 secret.encode(), will, "MQTT", 5, props)))
+    first, body = await client.read_frame()
+    connack = codec.decode(first, body, version=5)
+    assert isinstance(connack, codec.Connack)
+    return client, connack
+
+
+async def test_MQTT_3_2_2_16_an_empty_client_id_is_assigned_and_said(running: Running) -> None:
+    secret = await running.add("s5")
+    _, connack = await connect5(running, "s5", secret, client_id="")
+    assert connack.code == 0 and (connack.props or {})[codec.ASSIGNED_CLIENT_IDENTIFIER] == "s5"
+
+
+async def test_MQTT_3_2_2_x_session_expiry_is_granted_up_to_the_maximum(start_service) -> None:  # type: ignore[no-untyped-def]
+    async with start_service(session_expiry_max=3600) as running:
+        secret = await running.add("s5")
+        _, connack = await connect5(running, "s5", secret, clean=False, expiry=0xFFFFFFFF)
+        assert (connack.props or {})[codec.SESSION_EXPIRY_INTERVAL] == 3600  # what the server keeps, said
+
+
+async def test_MQTT_3_1_3_9_the_will_goes_when_the_session_ends_if_that_is_first(running: Running) -> None:
+    """Will Delay 60 s with Session Expiry 0: the session ends with the connection, so the will goes at
+    once (§3.1.2.5); with Session Expiry 1: after 1 s, when the session ends."""
+    secret = await running.add("w5")
+    async with running.admin_client() as watcher:
+        await watcher.subscribe("henge/devices/w5/report", qos=1)
+        will = codec.Will("henge/devices/w5/report", b"WILL", 1, False, {codec.WILL_DELAY_INTERVAL: 60})
+        for expiry, at_most in ((0, 1.0), (1, 2.5)):
+            client, connack = await connect5(running, "w5", secret, expiry=expiry, will=will)
+            assert connack.code == 0
+            await wait_status(running, "w5", lambda r: r["online"])
+            lost = time.monotonic()
+            client.writer.transport.abort()
+            message = await asyncio.wait_for(watcher.messages.__anext__(), 5)
+            assert message.payload == b"WILL" and time.monotonic() - lost < at_most
+            assert time.monotonic() - lost >= (0.8 if expiry else 0)
+
+
+async def test_MQTT_3_1_2_23_an_expired_session_frees_everything(running: Running) -> None:
+    secret = await running.add("e5", {"v": 1})
+    baseline = len(running.broker.index)
+    client, _ = await connect5(running, "e5", secret, clean=False, expiry=1)
+    await client.send(codec.encode(codec.Subscribe(1, ((CONFIG.format("e5"), 1),)), version=5))
+    await client.read_frame()
+    await client.send(codec.encode(codec.Disconnect(0), version=5))
+    await wait_status(running, "e5", lambda r: not r["online"])
+    session = running.broker.sessions["e5"]
+    await running.service.push("e5", {"v": 2})  # queued while away
+    assert session.memory_parts() == (1, 1, 1) and len(running.broker.index) == baseline + 1  # v1 unacked
+    await wait_until(lambda: "e5" not in running.broker.sessions, 5, "the session to expire")
+    assert session.memory_parts() == (0, 0, 0) and len(running.broker.index) == baseline
+    store = running.service.store
+
+    async def forgotten() -> bool:
+        return await running.service.worker.run(store.mqtt_sessions) == []
+
+    await wait_until(forgotten, 5, "the store to forget it")
+    again, connack = await connect5(running, "e5", secret, clean=False, expiry=1)
+    assert connack.code == 0 and not connack.session_present
+
+
+async def test_MQTT_3_14_2_2_a_disconnect_may_shorten_a_session_not_start_one(running: Running) -> None:
+    secret = await running.add("d5")
+    client, _ = await connect5(running, "d5", secret, clean=False, expiry=600)
+    await client.send(codec.encode(codec.Disconnect(0, {codec.SESSION_EXPIRY_INTERVAL: 0}), version=5))
+    await wait_status(running, "d5", lambda r: not r["online"])
+    assert "d5" not in running.broker.sessions  # ended with the connection, as the client asked
+    clean, _ = await connect5(running, "d5", secret, expiry=0)
+    await clean.send(codec.encode(codec.Disconnect(0, {codec.SESSION_EXPIRY_INTERVAL: 60}), version=5))
+    first, body = await clean.read_frame()
+    told = codec.decode(first, body, version=5)
+    assert isinstance(told, codec.Disconnect) and told.reason == codec.PROTOCOL_ERROR
+
+
+# ---- sessions survive a restart; status says so ----------------------------------------------------
+
+
+async def test_sessions_survive_a_service_restart_and_status_shows_them(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    async with HengeService(settings) as service:
+        running = Running(service, tmp_path / "data")
+        secret = await running.add("r1", {"v": 1})
+        await away_session(running, "r1", secret)
+        row = (await service.status("r1"))[0]
+        assert row["session"]["persistent"] and row["session"]["expires_at"] is not None
+    async with HengeService(make_settings(tmp_path / "data")) as service:  # the gateway rebooted
+        running = Running(service, tmp_path / "data")
+        assert (await service.status("r1"))[0]["session"]["expiry"] == 7 * 86400
+        await service.push("r1", {"v": 2})
+        client, connack = await connect311(running, "r1", secret, clean=False)
+        assert connack == b"\x01\x00"
+        [message] = await publishes(client, 1)  # without a SUBSCRIBE: the subscription survived
+        assert config_of(message) == {"v": 2}
+        await client.send(puback(message.packet_id or 0))
+        shown = await asyncio.to_thread(_cli, "device", "show", "r1", "--data", str(tmp_path / "data"))
+        assert "persistent (connected; kept 604800 s after it disconnects)" in shown
+
+
+def _cli(*args: str) -> str:
+    from .conftest import henge_cli
+
+    done = henge_cli(*args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+# ---- the clients devices run ---------------------------------------------------------------------
+
+
+def _paho(version: str, device: str, secret: str, port: int, received: list[Any]) -> paho.Client:
+    if version == "5":
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=paho.MQTTv5)
+    else:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=paho.MQTTv311,
+                             clean_session=False)
+    client.username_pw_set(device, secret)
+    client.on_message = lambda c, u, m: received.append(json.loads(m.payload)["config"])
+    return client
+
+
+@pytest.mark.parametrize("version", ["3.1.1", "5"])
+async def test_paho_keeps_its_subscription_across_reconnects(running: Running, version: str) -> None:
+    secret = await running.add("p1", {"v": 1})
+    received: list[Any] = []
+    flags: list[bool] = []
+
+    def connect() -> paho.Client:
+        client = _paho(version, "p1", secret, running.port, received)
+        client.on_connect = lambda c, u, f, rc, p: flags.append(bool(f.session_present))
+        if version == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+            client.connect("127.0.0.1", running.port, clean_start=False, properties=props)
+        else:
+            client.connect("127.0.0.1", running.port)
+        client.loop_start()
+        return client
+
+    first = connect()
+    await wait_until(lambda: flags == [False], 5, "the first CONNACK")
+    first.subscribe(CONFIG.format("p1"), qos=1)
+    await wait_until(lambda: received == [{"v": 1}], 5, "the retained snapshot")
+    first.disconnect()
+    first.loop_stop()
+    await wait_status(running, "p1", lambda r: not r["online"])
+    await running.service.push("p1", {"v": 2})
+    second = connect()  # subscribes to nothing: the session does
+    try:
+        await wait_until(lambda: received == [{"v": 1}, {"v": 2}], 5, "the snapshot pushed while away")
+        assert flags == [False, True]
+        await running.service.push("p1", {"v": 3})
+        await wait_until(lambda: received[-1] == {"v": 3}, 5, "a live delivery")
+    finally:
+        second.disconnect()
+        second.loop_stop()
+
+
+async def test_aiomqtt_with_a_persistent_session_gets_what_it_missed(running: Running) -> None:
+    secret = await running.add("a1", {"v": 1})
+    async with running.device_client("a1", secret, clean_session=False) as client:
+        await client.subscribe(CONFIG.format("a1"), qos=1)
+        message = await asyncio.wait_for(client.messages.__anext__(), 5)
+        assert json.loads(message.payload)["config"] == {"v": 1}  # type: ignore[arg-type]
+    await wait_status(running, "a1", lambda r: not r["online"])
+    await running.service.push("a1", {"v": 2})
+    async with running.device_client("a1", secret, clean_session=False) as client:
+        message = await asyncio.wait_for(client.messages.__anext__(), 5)
+        assert json.loads(message.payload)["config"] == {"v": 2}  # type: ignore[arg-type]
+
+
+async def test_mosquitto_sub_c_gets_the_session_s_message_and_the_retained_one(running: Running) -> None:
+    """`mosquitto_sub -c` (a persistent session) subscribes again on every start: with the session it
+    gets the message queued while it was away *and* the retained one; a clean client gets one."""
+    secret = await running.add("m1", {"v": 1})
+    sub = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+    base = [sub, "-h", "127.0.0.1", "-p", str(running.port), "-i", "m1", "-u", "m1", "-P", secret, "-t",
+            CONFIG.format("m1"), "-q", "1", "-W", "5"]
+
+    def run(*extra: str) -> list[Any]:
+        done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=20)
+        return [json.loads(line)["config"] for line in done.stdout.splitlines()]
+
+    assert await asyncio.to_thread(run, "-c", "-C", "1") == [{"v": 1}]
+    await wait_status(running, "m1", lambda r: not r["online"])
+    await running.service.push("m1", {"v": 2})
+    assert await asyncio.to_thread(run, "-c", "-C", "2") == [{"v": 2}, {"v": 2}]
