@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 from henge_mqtt.service import HengeService
 
@@ -31,9 +32,10 @@ def pkt(first, body):
         out.append(b | (0x80 if n else 0))
         if not n: break
     return bytes([first]) + bytes(out) + body
+FLAGS = int(sys.argv[2]) if len(sys.argv) > 2 else 0xC2  # user name, password, CleanSession (0xC0: kept)
 async def one(port, device, secret, held):
     r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(pkt(0x10, s("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 300) + s(device) + s(device) + s(secret)))
+    w.write(pkt(0x10, s("MQTT") + bytes([4, FLAGS]) + struct.pack("!H", 300) + s(device) + s(device) + s(secret)))
     await r.readexactly(4)
     topic = f"henge/devices/{device}/config"
     w.write(pkt(0x82, struct.pack("!H", 1) + s(topic) + b"\x01"))
@@ -81,4 +83,47 @@ async def test_memory_per_connected_device_is_bounded(tmp_path: Path) -> None:
     grown = sum(stat.size_diff for stat in stats)
     per_device = grown / DEVICES
     top = "\n".join(str(stat) for stat in stats[:8])
+    print(f"clean sessions, connected: {per_device:.0f} bytes per device")
     assert per_device <= BYTES_PER_DEVICE, f"{per_device:.0f} bytes per device:\n{top}"
+
+
+async def test_memory_per_persistent_session_is_bounded_connected_and_away(tmp_path: Path) -> None:
+    """Issue "Any MQTT client": a persistent session (CleanSession 0) costs what a connected device
+    costs or less: <= 4 KB per device while connected, and <= 4 KB once its connection is gone (the
+    session alone: its subscription, waiting for the device)."""
+    async with HengeService(make_settings(tmp_path / "data")) as service:
+        secrets = await service.import_devices([(f"p{i:04}", {}) for i in range(DEVICES)])
+        port = service.address[1]
+        clients = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CLIENTS, str(port), str(0xC0), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert clients.stdin is not None and clients.stdout is not None
+        broker: Any = service.broker
+        try:
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.take_snapshot()
+            clients.stdin.write((json.dumps(secrets) + "\n").encode())
+            await clients.stdin.drain()
+            assert (await asyncio.wait_for(clients.stdout.readline(), 60)).strip() == b"connected"
+            await wait_until(lambda: len(service.broker.online_devices()) == DEVICES, 30, "all connected")
+            assert len(broker.sessions) == DEVICES
+            gc.collect()
+            connected = tracemalloc.take_snapshot()
+            clients.stdin.write(b"\n")  # every device goes away; its session stays
+            await clients.stdin.drain()
+            await asyncio.wait_for(clients.wait(), 30)
+            await wait_until(lambda: not service.broker.online_devices(), 30, "all gone")
+            assert len(broker.sessions) == DEVICES and len(broker.index) == DEVICES
+            gc.collect()
+            away = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+            if clients.returncode is None:
+                clients.kill()
+                await clients.wait()
+    for name, snapshot in (("connected", connected), ("away", away)):
+        stats = snapshot.compare_to(before, "lineno")
+        per_device = sum(stat.size_diff for stat in stats) / DEVICES
+        top = "\n".join(str(stat) for stat in stats[:8])
+        print(f"persistent sessions, {name}: {per_device:.0f} bytes per device")
+        assert per_device <= BYTES_PER_DEVICE, f"{name}: {per_device:.0f} bytes per device:\n{top}"

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -103,6 +102,25 @@ async def test_MQTT_3_1_2_4_and_3_2_2_2_cleansession_0_resumes_with_what_arrived
     await running.service.push("s1", {"v": 4})  # and live deliveries go on through the session
     [live] = await publishes(client, 1)
     assert config_of(live) == {"v": 4}
+
+
+async def test_MQTT_3_1_2_5_other_messages_queue_in_order_while_away(running: Running) -> None:
+    """Non-retained QoS 1 messages published while the device is away all wait, in order (QoS 0 ones
+    need not); only retained ones supersede each other (as on the broker itself)."""
+    secret = await running.add("s1", {"v": 1})
+    await away_session(running, "s1", secret)
+    async with running.admin_client() as admin:
+        for n, qos in ((1, 0), (2, 1), (3, 1)):
+            await admin.publish(CONFIG.format("s1"), json.dumps({"config": {"n": n}}), qos=qos)
+        await admin.publish(CONFIG.format("s1"), json.dumps({"config": {"r": 1}}), qos=1, retain=True)
+        await admin.publish(CONFIG.format("s1"), json.dumps({"config": {"r": 2}}), qos=1, retain=True)
+    client, connack = await connect311(running, "s1", secret, clean=False)
+    assert connack == b"\x01\x00"
+    got = await publishes(client, 3)
+    assert [config_of(m) for m in got] == [{"n": 2}, {"n": 3}, {"r": 2}]
+    for message in got:
+        await client.send(puback(message.packet_id or 0))
+    await nothing_more(client)
 
 
 async def test_MQTT_3_1_2_6_and_3_2_2_1_cleansession_1_discards_the_session(running: Running) -> None:
@@ -268,7 +286,7 @@ async def test_MQTT_3_1_2_23_an_expired_session_frees_everything(running: Runnin
         return await running.service.worker.run(store.mqtt_sessions) == []
 
     await wait_until(forgotten, 5, "the store to forget it")
-    again, connack = await connect5(running, "e5", secret, clean=False, expiry=1)
+    _, connack = await connect5(running, "e5", secret, clean=False, expiry=1)
     assert connack.code == 0 and not connack.session_present
 
 

@@ -713,7 +713,11 @@ class EmbeddedBroker(TableViews):
             keep_retain = retain and bool(options & RETAIN_AS_PUBLISHED)
             mine = for_device is None or (sub.key == for_device and sub.principal is not None
                                           and sub.principal.kind == "device")
-            future = sub.deliver(topic, data, min(qos, options & 3), keep_retain, track and mine, encoded)
+            if sub.__class__ is Session:
+                future = sub.deliver(topic, data, min(qos, options & 3), keep_retain, track and mine, encoded,
+                                     retained=retain)
+            else:
+                future = sub.deliver(topic, data, min(qos, options & 3), keep_retain, track and mine, encoded)
             if future is not None:
                 futures.append(future)
         return futures
@@ -749,7 +753,7 @@ class EmbeddedBroker(TableViews):
             conn.subs = dict(session.subs)
             for topic_filter, options in conn.subs.items():
                 self.index.add(conn, topic_filter, options)
-        session.subs, session.queued, session.unacked, session.conn = {}, {}, [], None
+        session.subs, session.queued, session.unacked, session.conn = {}, None, None, None
         delayed = self._delayed_wills.pop(device, None)
         if delayed is not None:  # the will goes when the session ends, if its delay has not run out
             self._send_will(delayed[1], delayed[2])

@@ -7,9 +7,11 @@ the last one ended, at most ``session_expiry_max``), a clean connection replaces
 ends it (kick, device removal).
 
 While a connection is attached every delivery goes straight to it; while none is, QoS 1 messages
-wait here, **collapsed to the latest per topic**: a config snapshot supersedes the previous one, so a
-device away for a month gets one snapshot, not thirty, and a session holds at most one message per
-topic it matches (bounded again by ``max_queued``). It is the subscriber in the broker's index for as
+wait here, in order. A retained message (every config snapshot, every presence record) supersedes
+the one queued before it on its topic, as it supersedes it on the broker: a device away for a month
+gets one snapshot, not thirty, so what henge itself publishes costs a session one message per topic,
+never one per push. Other messages queue as they came (MQTT 3.1.1 §3.1.2.4), at most ``max_queued``
+in all, the oldest dropped first. It is the subscriber in the broker's index for as
 long as it lives; which connection is attached is decided by the broker under the session table's
 epochs, so a displaced connection's own state (its will, its buckets, its futures) never reaches the
 new one: only what MQTT says a session holds does.
@@ -38,8 +40,8 @@ class Session:
         "expiry",
         "in_qos2",
         "max_queued",
-        "principal",
         "queued",
+        "serial",
         "subs",
         "unacked",
         "wild",
@@ -47,7 +49,6 @@ class Session:
 
     def __init__(self, device: str, expiry: int, max_queued: int) -> None:
         self.device = device
-        self.principal = Principal("device", device)
         self.expiry = expiry  # seconds it outlives its last connection
         self.subs: dict[str, int] = {}  # filter -> options, as a connection keeps them
         self.wild = 0
@@ -55,42 +56,56 @@ class Session:
         self.ends_at: float | None = None  # monotonic, while no connection is attached
         # Sent and not acknowledged when the last connection ended: re-sent first, with DUP and
         # their packet ids [MQTT-4.4.0-1], in the order they were sent.
-        self.unacked: list[tuple[int, Message]] = []
-        self.queued: dict[str, Message] = {}  # topic -> latest message, in order of arrival
+        self.unacked: list[tuple[int, Message]] | None = None  # (made when needed: most sessions never need it)
+        # In order of arrival: a retained message under its topic (the latest supersedes), others by number.
+        self.queued: dict[str | int, Message] | None = None
         self.in_qos2: dict[int, float] | None = None  # QoS 2 ids from the client awaiting PUBREL
         self.max_queued = max_queued
         self.dropped = 0
+        self.serial = 0
 
     @property
     def key(self) -> str:
         return self.device
 
+    @property
+    def principal(self) -> Principal:
+        return Principal("device", self.device)
+
     def deliver(self, topic: str, data: bytes, qos: int, retain: bool, track: bool,
-                props: bytes | None = None) -> asyncio.Future[None] | None:
+                props: bytes | None = None, *, retained: bool = False) -> asyncio.Future[None] | None:
         """As :meth:`Connection.deliver` while a connection is attached; otherwise QoS 1 waits here
-        (latest per topic) and QoS 0 is not kept (MQTT lets a server drop it for an offline session)."""
+        (``retained``: the latest per topic) and QoS 0 is not kept (a server may drop it for a session
+        with no connection)."""
         conn = self.conn
         if conn is not None:
             return conn.deliver(topic, data, qos, retain, track, props)
         if qos:
-            self.queue((topic, data, retain, props))
+            self.queue((topic, data, retain, props), latest_only=retained)
         return None
 
-    def queue(self, message: Message) -> None:
+    def queue(self, message: Message, *, latest_only: bool = True) -> None:
         queued = self.queued
-        queued.pop(message[0], None)  # the newer one supersedes it, and moves to the end
+        if queued is None:
+            queued = self.queued = {}
+        key: str | int = message[0]
+        if latest_only:
+            queued.pop(key, None)  # the newer one supersedes it, and moves to the end
+        else:
+            self.serial += 1
+            key = self.serial
         if len(queued) >= self.max_queued:
-            del queued[next(iter(queued))]  # the oldest topic's message goes: bounded whatever matches
+            del queued[next(iter(queued))]  # the oldest goes: bounded whatever is published
             self.dropped += 1
-        queued[message[0]] = message
+        queued[key] = message
 
     def detach(self, conn: Connection, now: float) -> None:
         """The attached connection ended: keep what it had not got acknowledged, then start the clock."""
         sent, out = conn.sent, conn.out
-        self.unacked = [(packet_id, sent[packet_id]) for packet_id in (out or {}) if sent and packet_id in sent]
+        self.unacked = [(packet_id, sent[packet_id]) for packet_id in (out or {}) if sent and packet_id in sent] or None
         waiting = conn.v5.queue if conn.v5 is not None else None
         for topic, data, props, retain, _ in waiting or ():  # never sent (the client's Receive Maximum)
-            self.queue((topic, data, retain, props))
+            self.queue((topic, data, retain, props), latest_only=False)
         self.in_qos2 = conn.in_qos2
         self.conn = None
         self.ends_at = now + self.expiry
@@ -101,16 +116,16 @@ class Session:
         self.conn = conn
         self.ends_at = None
         conn.subs, conn.wild, conn.in_qos2 = self.subs, self.wild, self.in_qos2
-        unacked, self.unacked = self.unacked, []
-        for packet_id, message in unacked:
+        unacked, self.unacked = self.unacked, None
+        for packet_id, message in unacked or ():
             conn.resend(packet_id, message)
-        queued, self.queued = self.queued, {}
-        for topic, data, retain, props in queued.values():
+        queued, self.queued = self.queued, None
+        for topic, data, retain, props in (queued or {}).values():
             conn.deliver(topic, data, 1, retain, False, props)
 
     def memory_parts(self) -> tuple[int, int, int]:
         """(subscriptions, unacknowledged, queued): what an expired session must have freed."""
-        return len(self.subs), len(self.unacked), len(self.queued)
+        return len(self.subs), len(self.unacked or ()), len(self.queued or ())
 
     def __repr__(self) -> str:
         return f"Session({self.device!r}, expiry={self.expiry}, attached={self.conn is not None})"
