@@ -30,8 +30,9 @@ def _remaining(n: int) -> bytes:
 
 
 def connect_packet(client_id: str, username: str | None, password: str | None, keepalive: int = 120,
-                   mqtt5: bool = False) -> bytes:
-    flags = 0x02
+                   mqtt5: bool = False, persistent: bool = False) -> bytes:
+    """CONNECT; ``persistent``: CleanSession 0 (3.1.1) / Clean Start 0 with Session Expiry 1 h (5.0)."""
+    flags = 0x00 if persistent else 0x02
     payload = _str(client_id)
     if username is not None:
         flags |= 0x80
@@ -40,7 +41,8 @@ def connect_packet(client_id: str, username: str | None, password: str | None, k
         flags |= 0x40
         payload += _str(password)
     body = _str("MQTT") + bytes([5 if mqtt5 else 4, flags]) + struct.pack("!H", keepalive)
-    body += (b"\x00" if mqtt5 else b"") + payload  # 5.0: an empty property section
+    props = (b"\x05\x11" + struct.pack("!I", 3600)) if persistent else b"\x00"  # Session Expiry Interval
+    body += (props if mqtt5 else b"") + payload  # 5.0: its property section
     return bytes([0x10]) + _remaining(len(body)) + body
 
 
@@ -88,6 +90,7 @@ class Client:
     topic: str
     filter: str = ""  # what it subscribes to: its config topic, or a wildcard over its own subtree
     mqtt5: bool = False
+    persistent: bool = False  # CleanSession 0: the broker keeps a session for it
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     subscribed_at: float = 0.0
@@ -108,7 +111,7 @@ class Client:
     async def _open(self, host: str, port: int) -> None:
         self.reader, self.writer = await asyncio.open_connection(host, port)
         self.writer.write(connect_packet(self.device, self.device if self.secret else None, self.secret,
-                                         mqtt5=self.mqtt5))
+                                         mqtt5=self.mqtt5, persistent=self.persistent))
         kind, _, body = await read_packet(self.reader)
         if kind != 2 or body[1] != 0:
             raise ConnectionError(f"{self.device}: CONNACK {body[1] if len(body) > 1 else '?'}")
@@ -189,8 +192,9 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
     host, port = spec["host"], spec["port"]
     sub_filter = spec.get("filter", "")
     mqtt5 = bool(spec.get("mqtt5"))
+    persistent = bool(spec.get("persistent"))
     clients = [Client(d, s, spec["topic"].format(device=d), sub_filter.format(device=d) if sub_filter else "",
-                      mqtt5, report=bool(spec.get("report")), announce=bool(spec.get("announce")))
+                      mqtt5, persistent, report=bool(spec.get("report")), announce=bool(spec.get("announce")))
                for d, s in spec["devices"]]
     pumps: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
@@ -225,7 +229,7 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
             k = command["count"]
             await asyncio.sleep(max(0.0, command["start_at"] - time.time()))
             olds = clients[:k]
-            news = [Client(c.device, c.secret, c.topic, c.filter, c.mqtt5) for c in olds]
+            news = [Client(c.device, c.secret, c.topic, c.filter, c.mqtt5, c.persistent) for c in olds]
             outcome = await _bounded([n.open(host, port) for n in news], spec.get("concurrency", 500))
             errors = [repr(o) for o in outcome if isinstance(o, BaseException)]
             new_pumps = [asyncio.create_task(n.pump()) for n in news if n.reader is not None]

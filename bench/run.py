@@ -1,7 +1,7 @@
 """Benchmark harness: the same scenarios against henge, Mosquitto (with and without auth) and amqtt.
 
     python bench/run.py --sizes 1000,3000,10000 [--targets henge,mosquitto-auth,mosquitto,amqtt]
-                        [--workers 2] [--filter exact|wildcard] [--mqtt 3.1.1|5]
+                        [--workers 2] [--filter exact|wildcard] [--mqtt 3.1.1|5] [--session clean|persistent]
 
 Scenarios per fleet size N: connect + subscribe all N; broker memory after connect (and per
 device, against the idle process); a fleet-wide push delivered to all N (QoS 1, acknowledged),
@@ -227,10 +227,10 @@ class LoadWorkers:
 
 
 def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filter: str = "exact",
-            mqtt: str = "3.1.1") -> dict[str, Any]:
+            mqtt: str = "3.1.1", session: str = "clean") -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{target_cls.name}-"))
     target = target_cls(n, tmp)
-    result: dict[str, Any] = {"target": target.name, "n": n, "filter": sub_filter, "mqtt": mqtt}
+    result: dict[str, Any] = {"target": target.name, "n": n, "filter": sub_filter, "mqtt": mqtt, "session": session}
     ctx = mp.get_context("spawn")
     procs, commands, results = [], [], ctx.Queue()
     try:
@@ -242,7 +242,7 @@ def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filt
         for share in shares:
             q = ctx.Queue()
             spec = {"host": "127.0.0.1", "port": target.port, "devices": share, "topic": TOPIC,
-                    "filter": FILTERS[sub_filter], "mqtt5": mqtt == "5"}
+                    "filter": FILTERS[sub_filter], "mqtt5": mqtt == "5", "persistent": session == "persistent"}
             p = ctx.Process(target=loadgen.worker_main, args=(spec, q, results))
             p.start()
             procs.append(p)
@@ -330,7 +330,8 @@ COLUMNS = ("henge", "mosquitto-auth", "mosquitto", "amqtt")
 def table(results: list[dict[str, Any]]) -> str:
     def sub(r: dict[str, Any]) -> str:
         mqtt = r.get("mqtt", "3.1.1")
-        return r.get("filter", "exact") + ("" if mqtt == "3.1.1" else f", MQTT {mqtt}")
+        return r.get("filter", "exact") + ("" if mqtt == "3.1.1" else f", MQTT {mqtt}") + (
+            ", persistent sessions" if r.get("session") == "persistent" else "")
 
     by = {(r["target"], r["n"], sub(r)): r for r in results}
     keys = sorted({(r["n"], sub(r)) for r in results})
@@ -357,6 +358,7 @@ def main() -> int:
     parser.add_argument("--filter", default="exact", help="exact, wildcard, or both (comma-separated)")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved runs of every target")
     parser.add_argument("--mqtt", default="3.1.1", help="the devices' protocol: 3.1.1, 5, or both (comma-separated)")
+    parser.add_argument("--session", default="clean", help="clean, persistent (CleanSession 0), or both")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--storm", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -372,13 +374,15 @@ def main() -> int:
         for mqtt in args.mqtt.split(","):
             for sub in args.filter.split(","):
                 for _ in range(args.repeat):
-                    for name in args.targets.split(","):
-                        if name == "amqtt" and (sub != "exact" or mqtt != "3.1.1"):
-                            continue  # amqtt 0.12.1 has no MQTT 5.0
-                        print(f"bench: {name} N={n} filter={sub} mqtt={mqtt} ...", file=sys.stderr, flush=True)
-                        r = run_one(TARGETS[name], n, args.workers, args.storm, sub, mqtt)
-                        print(f"bench: {json.dumps(r)}", file=sys.stderr, flush=True)
-                        results.append(r)
+                    for session in args.session.split(","):
+                        for name in args.targets.split(","):
+                            if name == "amqtt" and (sub != "exact" or mqtt != "3.1.1"):
+                                continue  # amqtt 0.12.1 has no MQTT 5.0
+                            print(f"bench: {name} N={n} filter={sub} mqtt={mqtt} session={session} ...",
+                                  file=sys.stderr, flush=True)
+                            r = run_one(TARGETS[name], n, args.workers, args.storm, sub, mqtt, session)
+                            print(f"bench: {json.dumps(r)}", file=sys.stderr, flush=True)
+                            results.append(r)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps({"cpus": os.cpu_count(), "cpu_calibration_s": calibration, "results": results},

@@ -415,3 +415,38 @@ async def test_mosquitto_sub_c_gets_the_session_s_message_and_the_retained_one(r
     await wait_status(running, "m1", lambda r: not r["online"])
     await running.service.push("m1", {"v": 2})
     assert await asyncio.to_thread(run, "-c", "-C", "2") == [{"v": 2}, {"v": 2}]
+
+
+# ---- the offline queue, as a property ------------------------------------------------------------
+
+
+def test_the_offline_queue_is_bounded_ordered_and_collapses_retained_messages() -> None:
+    """Whatever is published for a session with no connection: at most ``max_queued`` messages wait;
+    a retained message leaves at most one per topic (the latest); the rest keep their order; the
+    newest message is always kept."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from henge_mqtt.server.session import Session
+
+    topics = st.sampled_from(["a", "b", "c", "d"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(topics, st.booleans()), max_size=60), st.integers(min_value=1, max_value=8))
+    def check(published: list[tuple[str, bool]], bound: int) -> None:
+        session = Session("dev", 60, bound)
+        for n, (topic, retained) in enumerate(published):
+            session.deliver(topic, str(n).encode(), 1, False, False, retained=retained)
+        kept = [(m[0], int(m[1])) for m in (session.queued or {}).values()]
+        assert len(kept) <= bound
+        assert [n for _, n in kept] == sorted(n for _, n in kept)  # in the order they came
+        if published:
+            assert kept[-1][1] == len(published) - 1  # the newest is never the one dropped
+        retained_topics = [t for t, n in kept if published[n][1]]
+        assert len(retained_topics) == len(set(retained_topics))
+        for topic, n in kept:  # a kept retained message is the latest retained one of its topic
+            if published[n][1]:
+                assert all(not r or t != topic for t, r in published[n + 1:])
+        assert session.dropped + len(kept) <= len(published)
+
+    check()
