@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -265,6 +266,33 @@ async def test_MQTT_3_1_3_9_the_will_goes_when_the_session_ends_if_that_is_first
             message = await asyncio.wait_for(watcher.messages.__anext__(), 5)
             assert message.payload == b"WILL" and time.monotonic() - lost < at_most
             assert time.monotonic() - lost >= (0.8 if expiry else 0)
+
+
+async def test_MQTT_3_3_2_5_a_message_that_expires_while_it_waits_in_the_session_is_not_sent(
+        running: Running) -> None:
+    """Published while the device is away, with Message Expiry Intervals 1 s and 60 s: after 2 s only
+    the second is delivered, with what is left of its interval."""
+    secret = await running.add("x5")
+    client, _ = await connect5(running, "x5", secret, clean=False, expiry=600)
+    await client.send(codec.encode(codec.Subscribe(1, ((CONFIG.format("x5"), 1),)), version=5))
+    await client.read_frame()
+    await client.send(codec.encode(codec.Disconnect(0), version=5))
+    await wait_status(running, "x5", lambda r: not r["online"])
+    async with running.admin_client(protocol=aiomqtt.ProtocolVersion.V5) as admin:
+        for seconds in (1, 60):
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = seconds
+            await admin.publish(CONFIG.format("x5"), json.dumps({"config": {"lives": seconds}}), qos=1,
+                                properties=props)
+    await asyncio.sleep(2.1)  # what is tested: time passing while the messages wait
+    again, connack = await connect5(running, "x5", secret, clean=False, expiry=600)
+    assert connack.session_present
+    first, body = await again.read_frame()
+    message = codec.decode(first, body, version=5)
+    assert isinstance(message, codec.Publish) and json.loads(message.payload)["config"] == {"lives": 60}
+    assert 55 <= (message.props or {})[codec.MESSAGE_EXPIRY_INTERVAL] <= 58
+    with pytest.raises(TimeoutError):
+        await again.read_frame(0.5)
 
 
 async def test_MQTT_3_1_2_23_an_expired_session_frees_everything(running: Running) -> None:

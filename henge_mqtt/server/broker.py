@@ -46,6 +46,7 @@ from ..sessions import (
 from .connection import CLOSED, OPEN, PENDING, V5, Connection
 from .limits import Limits, LogLimiter
 from .listener import Acceptor, tcp_sockets, unix_socket
+from .meta import Meta, meta_of
 from .router import RetainedStore, SubscriptionIndex, is_wildcard, valid_filter, valid_topic_name
 from .session import Session
 
@@ -54,9 +55,6 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL = 0.25
 CLOSE_TIMEOUT = 1.0
 NO_LOCAL, RETAIN_AS_PUBLISHED = 0x04, 0x08
-# The 5.0 properties a forwarded message keeps [MQTT-3.3.2-*]; the rest are per hop.
-FORWARDED = (codec.PAYLOAD_FORMAT_INDICATOR, codec.CONTENT_TYPE, codec.RESPONSE_TOPIC, codec.CORRELATION_DATA,
-             codec.USER_PROPERTY)
 
 
 REASON_STRINGS = {
@@ -66,51 +64,6 @@ REASON_STRINGS = {
     codec.QUOTA_EXCEEDED: "payload larger than this server accepts",
     codec.PAYLOAD_FORMAT_INVALID: "the payload is not a valid report",
 }
-
-
-class Meta:
-    """A message's 5.0 side: properties to forward and when it expires (None: never)."""
-
-    __slots__ = ("expires", "props")
-
-    def __init__(self, props: codec.Props | None, expires: float | None) -> None:
-        self.props = props
-        self.expires = expires
-
-    def encoded(self, now: float) -> bytes | None:
-        """The property section for a 5.0 subscriber now; None once the message expired."""
-        props = dict(self.props or {})
-        if self.expires is not None:
-            left = int(self.expires - now + 0.999)
-            if left <= 0:
-                return None
-            props[codec.MESSAGE_EXPIRY_INTERVAL] = left
-        return codec.encode_props(props)
-
-
-_SHARED_PROPS: dict[tuple[tuple[int, object], ...], bytes] = {}
-
-
-def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
-    """What a message keeps of its 5.0 properties: encoded bytes when it never expires (the common
-    case: a snapshot's content type and version), a :class:`Meta` when its expiry must count down."""
-    if not props:
-        return None
-    kept = {k: v for k, v in props.items() if k in FORWARDED}
-    expiry = props.get(codec.MESSAGE_EXPIRY_INTERVAL)
-    if isinstance(expiry, int):  # a stored message stops at 0 [MQTT-3.3.2-5]
-        return Meta(kept or None, now + expiry)
-    if not kept:
-        return None
-    if codec.USER_PROPERTY in kept:
-        return codec.encode_props(kept)
-    key = tuple(sorted(kept.items()))
-    shared = _SHARED_PROPS.get(key)  # e.g. every presence record's: one bytes object for the fleet
-    if shared is None:
-        shared = codec.encode_props(kept)
-        if len(_SHARED_PROPS) < 64:
-            _SHARED_PROPS[key] = shared
-    return shared
 
 
 @dataclass(frozen=True, slots=True)
@@ -715,7 +668,7 @@ class EmbeddedBroker(TableViews):
                                           and sub.principal.kind == "device")
             if sub.__class__ is Session:
                 future = sub.deliver(topic, data, min(qos, options & 3), keep_retain, track and mine, encoded,
-                                     retained=retain)
+                                     retained=retain, meta=meta if isinstance(meta, Meta) else None)
             else:
                 future = sub.deliver(topic, data, min(qos, options & 3), keep_retain, track and mine, encoded)
             if future is not None:

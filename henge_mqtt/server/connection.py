@@ -19,7 +19,7 @@ from ..sessions import TokenBucket
 
 if TYPE_CHECKING:
     from .broker import EmbeddedBroker
-    from .session import Message, Session
+    from .session import Sent, Session
 
 HANDSHAKE, PENDING, OPEN, CLOSED = 0, 1, 2, 3
 MAX_PENDING_FRAMES = 32  # packets a client may pipeline behind its CONNECT before the CONNACK
@@ -133,7 +133,7 @@ class Connection(asyncio.Protocol):
         self.v5: V5 | None = None  # set by the CONNECT of a 5.0 client
         self.session: Session | None = None  # the persistent session this connection is attached to
         # With a session: what each unacknowledged QoS 1 delivery was, to re-send it on a reconnect.
-        self.sent: dict[int, Message] | None = None
+        self.sent: dict[int, Sent] | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -392,7 +392,7 @@ class Connection(asyncio.Protocol):
         self.send(codec.publish_bytes(topic, data, 1, retain, packet_id, props=props))
         return self.state == OPEN
 
-    def resend(self, packet_id: int, message: Message) -> None:
+    def resend(self, packet_id: int, message: Sent) -> None:
         """A session's unacknowledged delivery on a new connection: its packet id, DUP set [MQTT-4.4.0-1]."""
         topic, data, retain, props = message
         if self.out is None:

@@ -20,15 +20,19 @@ new one: only what MQTT says a session holds does.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 from ..ports import Principal
+from .meta import Meta
 
 if TYPE_CHECKING:
     from .connection import Connection
 
-# (topic, payload, retain, 5.0 properties)
-Message = tuple[str, bytes, bool, "bytes | None"]
+# (topic, payload, retain, encoded 5.0 properties): a delivery as it was sent
+Sent = tuple[str, bytes, bool, "bytes | None"]
+# The same waiting in the session: its properties may be a Meta, whose expiry counts down meanwhile
+Message = tuple[str, bytes, bool, "bytes | Meta | None"]
 
 
 class Session:
@@ -56,7 +60,7 @@ class Session:
         self.ends_at: float | None = None  # monotonic, while no connection is attached
         # Sent and not acknowledged when the last connection ended: re-sent first, with DUP and
         # their packet ids [MQTT-4.4.0-1], in the order they were sent.
-        self.unacked: list[tuple[int, Message]] | None = None  # (made when needed: most sessions never need it)
+        self.unacked: list[tuple[int, Sent]] | None = None  # (made when needed: most sessions never need it)
         # In order of arrival: a retained message under its topic (the latest supersedes), others by number.
         self.queued: dict[str | int, Message] | None = None
         self.in_qos2: dict[int, float] | None = None  # QoS 2 ids from the client awaiting PUBREL
@@ -73,15 +77,16 @@ class Session:
         return Principal("device", self.device)
 
     def deliver(self, topic: str, data: bytes, qos: int, retain: bool, track: bool,
-                props: bytes | None = None, *, retained: bool = False) -> asyncio.Future[None] | None:
+                props: bytes | None = None, *, retained: bool = False,
+                meta: Meta | None = None) -> asyncio.Future[None] | None:
         """As :meth:`Connection.deliver` while a connection is attached; otherwise QoS 1 waits here
         (``retained``: the latest per topic) and QoS 0 is not kept (a server may drop it for a session
         with no connection)."""
         conn = self.conn
         if conn is not None:
             return conn.deliver(topic, data, qos, retain, track, props)
-        if qos:
-            self.queue((topic, data, retain, props), latest_only=retained)
+        if qos:  # with its Meta, if it expires: what is left of its interval is told when it is sent
+            self.queue((topic, data, retain, meta if meta is not None else props), latest_only=retained)
         return None
 
     def queue(self, message: Message, *, latest_only: bool = True) -> None:
@@ -120,7 +125,11 @@ class Session:
         for packet_id, message in unacked or ():
             conn.resend(packet_id, message)
         queued, self.queued = self.queued, None
-        for topic, data, retain, props in (queued or {}).values():
+        now = time.monotonic()
+        for topic, data, retain, kept in (queued or {}).values():
+            props = kept.encoded(now) if isinstance(kept, Meta) else kept
+            if props is None and isinstance(kept, Meta):
+                continue  # its Message Expiry Interval ran out while it waited [MQTT-3.3.2-5]
             conn.deliver(topic, data, 1, retain, False, props)
 
     def memory_parts(self) -> tuple[int, int, int]:

@@ -1,0 +1,60 @@
+"""What a message keeps of its 5.0 properties, once, for every subscriber and every later delivery.
+
+A message that never expires (the common case: a snapshot's content type and version) keeps its
+property section encoded, shared between messages with the same one; one with a Message Expiry
+Interval keeps a :class:`Meta`, which encodes what is left of its interval at each delivery (a
+retained message, or one waiting in a session, is dropped once it expired [MQTT-3.3.2-5]).
+"""
+
+from __future__ import annotations
+
+from .. import codec
+
+# The 5.0 properties a forwarded message keeps [MQTT-3.3.2-*]; the rest are per hop.
+FORWARDED = (codec.PAYLOAD_FORMAT_INDICATOR, codec.CONTENT_TYPE, codec.RESPONSE_TOPIC, codec.CORRELATION_DATA,
+             codec.USER_PROPERTY)
+
+
+class Meta:
+    """A message's 5.0 side: properties to forward and when it expires (None: never)."""
+
+    __slots__ = ("expires", "props")
+
+    def __init__(self, props: codec.Props | None, expires: float | None) -> None:
+        self.props = props
+        self.expires = expires
+
+    def encoded(self, now: float) -> bytes | None:
+        """The property section for a 5.0 subscriber now; None once the message expired."""
+        props = dict(self.props or {})
+        if self.expires is not None:
+            left = int(self.expires - now + 0.999)
+            if left <= 0:
+                return None
+            props[codec.MESSAGE_EXPIRY_INTERVAL] = left
+        return codec.encode_props(props)
+
+
+_SHARED_PROPS: dict[tuple[tuple[int, object], ...], bytes] = {}
+
+
+def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
+    """What a message keeps of its 5.0 properties: encoded bytes when it never expires (the common
+    case: a snapshot's content type and version), a :class:`Meta` when its expiry must count down."""
+    if not props:
+        return None
+    kept = {k: v for k, v in props.items() if k in FORWARDED}
+    expiry = props.get(codec.MESSAGE_EXPIRY_INTERVAL)
+    if isinstance(expiry, int):  # a stored message stops at 0 [MQTT-3.3.2-5]
+        return Meta(kept or None, now + expiry)
+    if not kept:
+        return None
+    if codec.USER_PROPERTY in kept:
+        return codec.encode_props(kept)
+    key = tuple(sorted(kept.items()))
+    shared = _SHARED_PROPS.get(key)  # e.g. every presence record's: one bytes object for the fleet
+    if shared is None:
+        shared = codec.encode_props(kept)
+        if len(_SHARED_PROPS) < 64:
+            _SHARED_PROPS[key] = shared
+    return shared
