@@ -612,8 +612,8 @@ class EmbeddedBroker(TableViews):
             why = self._why(conn, refused[0], "subscription limit reached"
                             if refused[0] == codec.QUOTA_EXCEEDED else None)
         conn.send(codec.suback(packet.packet_id, codes, why, version=conn.version))
-        if conn.session is not None and granted:
-            self._save(conn.session, None)
+        if conn.session is not None and any(code < 0x80 for code in codes):
+            self._save(conn.session, None)  # its subscriptions outlive this connection, and a restart
         now = time.monotonic()
         for topic_filter, qos, _ in granted:  # retained messages of this filter, to this subscriber only
             for topic, data, rqos, extra in list(self.retained.matching(topic_filter)):
