@@ -378,7 +378,8 @@ class EmbeddedBroker(TableViews):
                     session.ends_at = time.monotonic() + expiry
             if session is not None:
                 conn.session = session
-                self._save(session, None)
+                if session.stored_ended:  # in the store as ended: attached again (a crash must not expire it)
+                    self._save(session, None)
         props: codec.Props | None = None
         if conn.v5 is not None:
             limits = self.limits
@@ -713,6 +714,9 @@ class EmbeddedBroker(TableViews):
         self.hooks.session_actions([EndSession(device)])
 
     def _save(self, session: Session, ended_at: float | None) -> None:
+        """Keep the session in the store (a new one with no subscription yet need not be: nothing of it
+        would survive that a restart could use)."""
+        session.stored_ended = ended_at is not None
         self.hooks.session_actions([SaveSession(session.device, session.expiry, tuple(session.subs.items()),
                                                 ended_at)])
 
@@ -727,6 +731,7 @@ class EmbeddedBroker(TableViews):
                 continue
             session = self.sessions[device] = Session(device, expiry, self.limits.max_inflight)
             session.ends_at = mono + left
+            session.stored_ended = True
             for topic_filter, options in subs:
                 session.subs[topic_filter] = options
                 session.wild += is_wildcard(topic_filter)

@@ -46,6 +46,7 @@ class Session:
         "max_queued",
         "queued",
         "serial",
+        "stored_ended",
         "subs",
         "unacked",
         "wild",
@@ -67,6 +68,7 @@ class Session:
         self.max_queued = max_queued
         self.dropped = 0
         self.serial = 0
+        self.stored_ended = False  # the store's row says its last connection ended (ended_at not NULL)
 
     @property
     def key(self) -> str:
