@@ -876,7 +876,8 @@ def _status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str
                 "SINCE": r["since"] or "-", "REMOTE": r["remote"] or "-", "REASON": r["reason"],
                 "EPOCH": str(r["epoch"]), "TAKEOVERS": str(r["takeovers"]),
                 "CONFLICT": ",".join(r["conflict_remotes"]) or ("yes" if r["conflict"] else "-"),
-                "SESSION": "persistent" if r.get("session") else "-",
+                "SESSION": "-" if not r.get("session") else "persistent" + (
+                    f" (expires in {age_until(r['session']['expires_at'])})" if r["session"]["expires_at"] else ""),
                 "ERROR": r["error"] or "-",
             })
         table.append(cells)
