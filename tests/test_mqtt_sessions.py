@@ -478,3 +478,32 @@ def test_the_offline_queue_is_bounded_ordered_and_collapses_retained_messages() 
         assert session.dropped + len(kept) <= len(published)
 
     check()
+
+
+async def test_MQTT_4_6_0_every_message_of_a_full_session_arrives_in_order_after_a_reconnect(
+        running: Running) -> None:
+    """50 messages sent and not acknowledged when the link died, then 50 more while away (the bounds):
+    the next connection gets all 100, the first 50 with DUP, in the order they were published, and
+    is not cut off as a slow consumer for it."""
+    secret = await running.add("f1")
+    client, _ = await connect311(running, "f1", secret, clean=False)
+    await client.send(raw.subscribe(1, CONFIG.format("f1")))
+    assert (await client.read_packet())[0] == 9
+    async with running.admin_client() as admin:
+        for n in range(50):
+            await admin.publish(CONFIG.format("f1"), json.dumps({"config": {"n": n}}), qos=1)
+        sent = await publishes(client, 50)
+        client.writer.transport.abort()
+        await wait_status(running, "f1", lambda r: not r["online"])
+        for n in range(50, 100):
+            await admin.publish(CONFIG.format("f1"), json.dumps({"config": {"n": n}}), qos=1)
+    again, connack = await connect311(running, "f1", secret, clean=False)
+    assert connack == b"\x01\x00"
+    got = await publishes(again, 100)
+    assert [config_of(m)["n"] for m in got] == list(range(100))
+    assert [m.dup for m in got] == [True] * 50 + [False] * 50
+    assert [m.packet_id for m in got[:50]] == [m.packet_id for m in sent]
+    for message in got:
+        await again.send(puback(message.packet_id or 0))
+    await running.service.push("f1", {"after": True})
+    assert config_of((await publishes(again, 1))[0]) == {"after": True}  # still connected, still served

@@ -378,6 +378,8 @@ class EmbeddedBroker(TableViews):
                     session.ends_at = time.monotonic() + expiry
             if session is not None:
                 conn.session = session
+                # What it re-sends and what waited (each at most max_inflight) fit in flight at once.
+                conn.max_inflight = 2 * self.limits.max_inflight
                 if session.stored_ended:  # in the store as ended: attached again (a crash must not expire it)
                     self._save(session, None)
         props: codec.Props | None = None

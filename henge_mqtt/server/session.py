@@ -128,7 +128,12 @@ class Session:
             conn.resend(packet_id, message)
         queued, self.queued = self.queued, None
         now = time.monotonic()
-        for topic, data, retain, kept in (queued or {}).values():
+        waiting = list((queued or {}).items())
+        for i, (_, (topic, data, retain, kept)) in enumerate(waiting):
+            if self.conn is not conn:  # the connection ended on the way: the rest wait for the next one
+                for later_key, later in waiting[i:]:
+                    self.queue(later, latest_only=isinstance(later_key, str))
+                return
             props = kept.encoded(now) if isinstance(kept, Meta) else kept
             if props is None and isinstance(kept, Meta):
                 continue  # its Message Expiry Interval ran out while it waited [MQTT-3.3.2-5]
