@@ -507,3 +507,19 @@ async def test_MQTT_4_6_0_every_message_of_a_full_session_arrives_in_order_after
         await again.send(puback(message.packet_id or 0))
     await running.service.push("f1", {"after": True})
     assert config_of((await publishes(again, 1))[0]) == {"after": True}  # still connected, still served
+
+
+async def test_an_admin_client_keeps_its_session_in_memory(running: Running) -> None:
+    """[MQTT-3.1.2-4] for any client: an admin script with CleanSession 0 resumes its subscription."""
+    secret = await running.add("s1", {"v": 1})
+    admin = running.service.settings.admin_name
+    ops = aiomqtt.Client("127.0.0.1", running.port, identifier="ops-1", username=admin,
+                         password=running.service.admin_secret, clean_session=False, timeout=5)
+    async with ops:
+        await ops.subscribe("henge/devices/+/config", qos=1)
+        await asyncio.wait_for(ops.messages.__anext__(), 5)  # the retained snapshot
+    await running.service.push("s1", {"v": 2})
+    async with aiomqtt.Client("127.0.0.1", running.port, identifier="ops-1", username=admin,
+                              password=running.service.admin_secret, clean_session=False, timeout=5) as again:
+        message = await asyncio.wait_for(again.messages.__anext__(), 5)  # without subscribing again
+        assert json.loads(message.payload)["config"] == {"v": 2}  # type: ignore[arg-type]

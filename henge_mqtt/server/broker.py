@@ -293,7 +293,6 @@ class EmbeddedBroker(TableViews):
         if conn.v5 is not None:
             conn.v5.keepalive_capped = requested != keepalive  # told in CONNACK (Server Keep Alive)
         if principal.kind == "admin":
-            self._granted[conn] = (False, 0, assigned)  # admin connections keep no session
             conn.key, conn.epoch = f"admin:{connect.client_id}", 0
             conn.framer.limit = self.limits.admin_max_packet
             conn.max_inflight = 65_000
@@ -301,6 +300,8 @@ class EmbeddedBroker(TableViews):
             old = self.conns.get(conn.key)
             if old is not None:
                 old.close("takeover")
+            # An admin client's session is kept too, in memory only (a restart ends it).
+            self._granted[conn] = (*self._take_session(conn.key, connect, principal), assigned)
             self._register(conn)
             self._open(conn)
             return
@@ -321,19 +322,9 @@ class EmbeddedBroker(TableViews):
                 conn.refuse(codec.NOT_AUTHORIZED, codec.NOT_AUTHORIZED_5,
                             "identity conflict: this device id is quarantined for a while")
             return
-        expiry = self._expiry(connect)
-        session = self.sessions.get(device)
-        if session is not None and connect.clean_session:
-            self.end_session(device)  # Clean Start: the old session goes, and a will it held [MQTT-3.1.2-6]
-            session = None
+        present, expiry = self._take_session(device, connect, principal)
         # A new connection to the session within its will delay: the will is not sent [MQTT-3.1.3-9].
         self._delayed_wills.pop(device, None)
-        present = session is not None
-        if session is None and expiry > 0:
-            session = self.sessions[device] = Session(device, expiry, self.limits.max_inflight)
-            session.ends_at = time.monotonic() + expiry  # unattached until the CONNACK
-        elif session is not None:
-            session.expiry = expiry  # this connection's Session Expiry Interval from now on [MQTT-3.1.2-*]
         self._granted[conn] = (present, expiry, assigned)
         conn.key, conn.epoch = device, result.epoch
         self._register(conn)
@@ -358,6 +349,23 @@ class EmbeddedBroker(TableViews):
             return
         self._open(conn)
 
+    def _take_session(self, key: str, connect: codec.Connect, principal: Principal) -> tuple[bool, int]:
+        """``(session present, expiry granted)`` for a connection about to be accepted: Clean Start ends
+        the old session (and sends a will it held) [MQTT-3.1.2-6]; a non-zero expiry keeps one
+        (new, or the one there) [MQTT-3.1.2-4]."""
+        expiry = self._expiry(connect)
+        session = self.sessions.get(key)
+        if session is not None and connect.clean_session:
+            self.end_session(key)
+            session = None
+        present = session is not None
+        if session is None and expiry > 0:
+            session = self.sessions[key] = Session(key, expiry, self.limits.max_inflight, principal.kind)
+            session.ends_at = time.monotonic() + expiry  # unattached until the CONNACK
+        elif session is not None:
+            session.expiry = expiry  # this connection's Session Expiry Interval from now on
+        return present, expiry
+
     def _expiry(self, connect: codec.Connect) -> int:
         """The session expiry this connection gets: 5.0 asks (0 by default), 3.1.1 CleanSession 0 means
         "keep it", both bounded by ``session_expiry_max``."""
@@ -369,17 +377,18 @@ class EmbeddedBroker(TableViews):
     def _open(self, conn: Connection) -> None:
         self._handshakes.discard(conn)
         present, expiry, assigned = self._granted.pop(conn, (False, 0, None))
-        if conn.principal is not None and conn.principal.kind == "device" and (expiry > 0 or present):
+        if conn.principal is not None and (expiry > 0 or present):
             session = self.sessions.get(conn.key)
             if session is None:  # ended while this connection waited for its epoch (kicked, say)
                 present = False
                 if expiry > 0:
-                    session = self.sessions[conn.key] = Session(conn.key, expiry, self.limits.max_inflight)
+                    session = self.sessions[conn.key] = Session(conn.key, expiry, self.limits.max_inflight,
+                                                                conn.principal.kind)
                     session.ends_at = time.monotonic() + expiry
             if session is not None:
                 conn.session = session
                 # What it re-sends and what waited (each at most max_inflight) fit in flight at once.
-                conn.max_inflight = 2 * self.limits.max_inflight
+                conn.max_inflight = max(conn.max_inflight, 2 * self.limits.max_inflight)
                 if session.stored_ended:  # in the store as ended: attached again (a crash must not expire it)
                     self._save(session, None)
         props: codec.Props | None = None
@@ -713,12 +722,15 @@ class EmbeddedBroker(TableViews):
         delayed = self._delayed_wills.pop(device, None)
         if delayed is not None:  # the will goes when the session ends, if its delay has not run out
             self._send_will(delayed[1], delayed[2])
-        self.hooks.session_actions([EndSession(device)])
+        if session.kind == "device":
+            self.hooks.session_actions([EndSession(device)])
 
     def _save(self, session: Session, ended_at: float | None) -> None:
         """Keep the session in the store (a new one with no subscription yet need not be: nothing of it
         would survive that a restart could use)."""
         session.stored_ended = ended_at is not None
+        if session.kind != "device":
+            return  # an admin client's session is in memory only
         self.hooks.session_actions([SaveSession(session.device, session.expiry, tuple(session.subs.items()),
                                                 ended_at)])
 
@@ -731,7 +743,7 @@ class EmbeddedBroker(TableViews):
             if left <= 0:
                 self.hooks.session_actions([EndSession(device)])
                 continue
-            session = self.sessions[device] = Session(device, expiry, self.limits.max_inflight)
+            session = self.sessions[device] = Session(device, expiry, self.limits.max_inflight, "device")
             session.ends_at = mono + left
             session.stored_ended = True
             for topic_filter, options in subs:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from ..ports import Principal
 from .meta import Meta
@@ -43,6 +43,7 @@ class Session:
         "ends_at",
         "expiry",
         "in_qos2",
+        "kind",
         "max_queued",
         "queued",
         "serial",
@@ -52,8 +53,9 @@ class Session:
         "wild",
     )
 
-    def __init__(self, device: str, expiry: int, max_queued: int) -> None:
-        self.device = device
+    def __init__(self, device: str, expiry: int, max_queued: int, kind: Literal["device", "admin"] = "device") -> None:
+        self.device = device  # the connection key: a device id, or admin:CLIENT_ID
+        self.kind = kind
         self.expiry = expiry  # seconds it outlives its last connection
         self.subs: dict[str, int] = {}  # filter -> options, as a connection keeps them
         self.wild = 0
@@ -76,7 +78,7 @@ class Session:
 
     @property
     def principal(self) -> Principal:
-        return Principal("device", self.device)
+        return Principal(self.kind, self.device)
 
     def deliver(self, topic: str, data: bytes, qos: int, retain: bool, track: bool,
                 props: bytes | None = None, *, retained: bool = False,
