@@ -511,7 +511,7 @@ async def test_MQTT_4_6_0_every_message_of_a_full_session_arrives_in_order_after
 
 async def test_an_admin_client_keeps_its_session_in_memory(running: Running) -> None:
     """[MQTT-3.1.2-4] for any client: an admin script with CleanSession 0 resumes its subscription."""
-    secret = await running.add("s1", {"v": 1})
+    await running.add("s1", {"v": 1})
     admin = running.service.settings.admin_name
     ops = aiomqtt.Client("127.0.0.1", running.port, identifier="ops-1", username=admin,
                          password=running.service.admin_secret, clean_session=False, timeout=5)
