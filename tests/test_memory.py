@@ -7,11 +7,13 @@ process, so only the server's side of each connection is counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import subprocess
 import sys
 import tracemalloc
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -55,36 +57,49 @@ asyncio.run(main())
 """
 
 
-async def test_memory_per_connected_device_is_bounded(tmp_path: Path) -> None:
-    async with HengeService(make_settings(tmp_path / "data")) as service:
-        secrets = await service.import_devices([(f"m{i:04}", {}) for i in range(DEVICES)])
-        port = service.address[1]
-        clients = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _CLIENTS, str(port), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert clients.stdin is not None and clients.stdout is not None
-        try:
-            # Warm up the paths a connection takes (first-use caches are not per-connection cost).
-            gc.collect()
-            tracemalloc.start()
-            before = tracemalloc.take_snapshot()
-            clients.stdin.write((json.dumps(secrets) + "\n").encode())
-            await clients.stdin.drain()
-            assert (await asyncio.wait_for(clients.stdout.readline(), 60)).strip() == b"connected"
-            await wait_until(lambda: len(service.broker.online_devices()) == DEVICES, 30, "all connected")
-            await asyncio.sleep(0)  # the connection tasks have finished
-            gc.collect()
-            after = tracemalloc.take_snapshot()
-        finally:
-            tracemalloc.stop()
+@contextlib.asynccontextmanager
+async def connected_fleet(service: HengeService, prefix: str, flags: int) -> AsyncIterator[Any]:
+    """DEVICES devices connected and subscribed from another process (CONNECT ``flags``: 0xC2 a clean
+    session, 0xC0 a persistent one), with tracemalloc started before the first one: yields the
+    snapshot taken before them and the client process (a line on its stdin disconnects them all)."""
+    secrets = await service.import_devices([(f"{prefix}{i:04}", {}) for i in range(DEVICES)])
+    clients = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CLIENTS, str(service.address[1]), str(flags), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE)
+    assert clients.stdin is not None and clients.stdout is not None
+    try:
+        # Warm up the paths a connection takes (first-use caches are not per-connection cost).
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        clients.stdin.write((json.dumps(secrets) + "\n").encode())
+        await clients.stdin.drain()
+        assert (await asyncio.wait_for(clients.stdout.readline(), 60)).strip() == b"connected"
+        await wait_until(lambda: len(service.broker.online_devices()) == DEVICES, 30, "all connected")
+        await asyncio.sleep(0)  # the connection tasks have finished
+        yield before, clients
+    finally:
+        tracemalloc.stop()
+        if clients.returncode is None:
             clients.stdin.write(b"\n")
             await clients.stdin.drain()
             await asyncio.wait_for(clients.wait(), 30)
+
+
+def assert_per_device(what: str, after: tracemalloc.Snapshot, before: tracemalloc.Snapshot) -> None:
     stats = after.compare_to(before, "lineno")
-    grown = sum(stat.size_diff for stat in stats)
-    per_device = grown / DEVICES
+    per_device = sum(stat.size_diff for stat in stats) / DEVICES
     top = "\n".join(str(stat) for stat in stats[:8])
-    print(f"clean sessions, connected: {per_device:.0f} bytes per device")
-    assert per_device <= BYTES_PER_DEVICE, f"{per_device:.0f} bytes per device:\n{top}"
+    print(f"{what}: {per_device:.0f} bytes per device")
+    assert per_device <= BYTES_PER_DEVICE, f"{what}: {per_device:.0f} bytes per device:\n{top}"
+
+
+async def test_memory_per_connected_device_is_bounded(tmp_path: Path) -> None:
+    async with HengeService(make_settings(tmp_path / "data")) as service, \
+            connected_fleet(service, "m", 0xC2) as (before, _):
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    assert_per_device("clean sessions, connected", after, before)
 
 
 async def test_memory_per_persistent_session_is_bounded_connected_and_away(tmp_path: Path) -> None:
@@ -92,20 +107,8 @@ async def test_memory_per_persistent_session_is_bounded_connected_and_away(tmp_p
     costs or less: <= 4 KB per device while connected, and <= 4 KB once its connection is gone (the
     session alone: its subscription, waiting for the device)."""
     async with HengeService(make_settings(tmp_path / "data")) as service:
-        secrets = await service.import_devices([(f"p{i:04}", {}) for i in range(DEVICES)])
-        port = service.address[1]
-        clients = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _CLIENTS, str(port), str(0xC0), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert clients.stdin is not None and clients.stdout is not None
         broker: Any = service.broker
-        try:
-            gc.collect()
-            tracemalloc.start()
-            before = tracemalloc.take_snapshot()
-            clients.stdin.write((json.dumps(secrets) + "\n").encode())
-            await clients.stdin.drain()
-            assert (await asyncio.wait_for(clients.stdout.readline(), 60)).strip() == b"connected"
-            await wait_until(lambda: len(service.broker.online_devices()) == DEVICES, 30, "all connected")
+        async with connected_fleet(service, "p", 0xC0) as (before, clients):
             assert len(broker.sessions) == DEVICES
             gc.collect()
             connected = tracemalloc.take_snapshot()
@@ -116,14 +119,5 @@ async def test_memory_per_persistent_session_is_bounded_connected_and_away(tmp_p
             assert len(broker.sessions) == DEVICES and len(broker.index) == DEVICES
             gc.collect()
             away = tracemalloc.take_snapshot()
-        finally:
-            tracemalloc.stop()
-            if clients.returncode is None:
-                clients.kill()
-                await clients.wait()
-    for name, snapshot in (("connected", connected), ("away", away)):
-        stats = snapshot.compare_to(before, "lineno")
-        per_device = sum(stat.size_diff for stat in stats) / DEVICES
-        top = "\n".join(str(stat) for stat in stats[:8])
-        print(f"persistent sessions, {name}: {per_device:.0f} bytes per device")
-        assert per_device <= BYTES_PER_DEVICE, f"{name}: {per_device:.0f} bytes per device:\n{top}"
+    assert_per_device("persistent sessions, connected", connected, before)
+    assert_per_device("persistent sessions, away", away, before)
