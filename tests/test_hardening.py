@@ -85,7 +85,6 @@ async def test_hostile_packets_after_connect(running: Running) -> None:
         b"\x20\x02\x00\x00",  # CONNACK: only a broker sends that
         raw.connect("evil", "evil", evil_secret),  # a second CONNECT
         raw.publish("henge/devices/+/report", b"{}"),  # wildcard in a PUBLISH topic
-        raw.publish("$SYS/x", b"{}"),
         b"\x00\x00",  # reserved type 0
     ]
     for packet in cases:
@@ -95,6 +94,27 @@ async def test_hostile_packets_after_connect(running: Running) -> None:
         await client.send(packet)
         assert await client.closed_within(3.0), packet
         await healthy(running, "good", secret, 1)
+
+
+async def test_a_dollar_topic_publish_is_refused_and_the_connection_kept(running: Running) -> None:
+    """A `$` topic is a valid name the server keeps for itself (§4.7.2): the PUBLISH is acknowledged
+    (3.1.1 has no negative acknowledgement), delivered to no one, and the client stays connected."""
+    secret = await running.add("good", {"v": 1})
+    async with running.admin_client() as admin:
+        await admin.subscribe("$SYS/#", qos=1)
+        await admin.subscribe("#", qos=1)
+        client = await raw.RawClient.open(running.port)
+        await client.send(raw.connect("good", "good", secret))
+        assert await client.connack() == 0
+        await client.send(raw.publish("$SYS/x", b"{}", qos=1, packet_id=7))
+        kind, body = await client.read_packet()
+        assert (kind, body) == (4, b"\x00\x07")  # PUBACK
+        await client.send(raw.PINGREQ)
+        assert (await client.read_packet())[0] == 13  # still served
+        with pytest.raises(TimeoutError):
+            while True:
+                message = await asyncio.wait_for(admin.messages.__anext__(), 0.5)
+                assert not str(message.topic).startswith("$"), message.topic
 
 
 async def test_oversized_packet_closes_only_that_client(start_service) -> None:  # type: ignore[no-untyped-def]

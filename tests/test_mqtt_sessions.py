@@ -523,3 +523,16 @@ async def test_an_admin_client_keeps_its_session_in_memory(running: Running) -> 
                               password=running.service.admin_secret, clean_session=False, timeout=5) as again:
         message = await asyncio.wait_for(again.messages.__anext__(), 5)  # without subscribing again
         assert json.loads(message.payload)["config"] == {"v": 2}  # type: ignore[arg-type]
+
+
+async def test_MQTT_3_1_2_8_an_admin_clients_will_is_published_when_its_connection_is_lost(
+        running: Running) -> None:
+    admin, password = running.service.settings.admin_name, running.service.admin_secret
+    async with running.admin_client() as watcher:
+        await watcher.subscribe("ops/last-words", qos=1)
+        client = await raw.RawClient.open(running.port)
+        await client.send(raw.connect("ops-2", admin, password, will=("ops/last-words", b"gone")))
+        assert await client.connack() == 0
+        client.writer.transport.abort()
+        message = await asyncio.wait_for(watcher.messages.__anext__(), 5)
+        assert (str(message.topic), message.payload) == ("ops/last-words", b"gone")

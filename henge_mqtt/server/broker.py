@@ -426,6 +426,8 @@ class EmbeddedBroker(TableViews):
         if conn.principal.kind == "device" and conn.epoch:
             # While still registered, so a PublishWill action can find the connection's will.
             self._apply(self.table.disconnect(conn.key, conn.epoch, time.time(), reason))
+        elif conn.will is not None and reason not in ("takeover", "server_shutdown"):
+            self._publish_will(conn)  # an admin client's will: on any end but its own DISCONNECT [MQTT-3.1.2-8]
         if session is not None:
             conn.session = None
             if session.conn is conn:
@@ -514,7 +516,7 @@ class EmbeddedBroker(TableViews):
             if isinstance(response, str) and not valid_topic_name(response):
                 conn.close("protocol_error", abort=True)  # [MQTT-3.3.2-14]
                 return
-        if not valid_topic_name(topic) or topic.startswith("$"):
+        if not valid_topic_name(topic):  # a wildcard in a topic name breaks the protocol [MQTT-3.3.2-2]
             self.info("broker.bad_topic", "key=%s topic=%r", conn.key, topic)
             conn.close("protocol_error", abort=True, code=codec.TOPIC_NAME_INVALID)
             return
@@ -537,7 +539,10 @@ class EmbeddedBroker(TableViews):
                 conn.close("quota_exceeded", abort=True, code=codec.RECEIVE_MAXIMUM_EXCEEDED)
                 return
         reason = codec.SUCCESS
-        if not self.hooks.may_publish(conn.principal, topic):
+        if topic.startswith("$"):  # a valid name, but the server's own (§4.7.2): refused, the connection kept
+            reason = codec.TOPIC_NAME_INVALID
+            self.info("broker.publish_denied", "key=%s topic=%s", conn.key, topic)
+        elif not self.hooks.may_publish(conn.principal, topic):
             reason = codec.NOT_AUTHORIZED_5
             self.info("broker.publish_denied", "key=%s topic=%s", conn.key, topic)
         elif device and len(packet.payload) > self.limits.max_device_publish:
