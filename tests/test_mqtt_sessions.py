@@ -536,3 +536,39 @@ async def test_MQTT_3_1_2_8_an_admin_clients_will_is_published_when_its_connecti
         client.writer.transport.abort()
         message = await asyncio.wait_for(watcher.messages.__anext__(), 5)
         assert (str(message.topic), message.payload) == ("ops/last-words", b"gone")
+
+
+async def test_MQTT_3_1_3_9_an_admin_clients_will_waits_for_its_delay_too(running: Running) -> None:
+    """Will Delay 1 s with Session Expiry 5 s, for any client (the admin identity here): the will comes
+    after about a second, not at once."""
+    admin, password = running.service.settings.admin_name, running.service.admin_secret
+    async with running.admin_client() as watcher:
+        await watcher.subscribe("ops/delayed", qos=1)
+        client = await raw.RawClient.open(running.port)
+        will = codec.Will("ops/delayed", b"late", 1, False, {codec.WILL_DELAY_INTERVAL: 1})
+        await client.send(codec.encode(codec.Connect("ops-3", 60, True, admin, password.encode(), will, "MQTT", 5,
+                                                     {codec.SESSION_EXPIRY_INTERVAL: 5})))
+        await client.read_frame()
+        lost = time.monotonic()
+        client.writer.transport.abort()
+        message = await asyncio.wait_for(watcher.messages.__anext__(), 5)
+        assert message.payload == b"late" and time.monotonic() - lost >= 0.7
+
+
+async def test_MQTT_3_3_4_9_receive_maximum_holds_for_admin_clients_too(running: Running) -> None:
+    """Receive Maximum is announced to every 5.0 client: the admin identity past it gets 0x93 as well."""
+    admin, password = running.service.settings.admin_name, running.service.admin_secret
+    raw_client = await raw.RawClient.open(running.port)
+    await raw_client.send(codec.encode(codec.Connect("ops-4", 60, True, admin, password.encode(), None, "MQTT", 5)))
+    first, body = await raw_client.read_frame()
+    granted = codec.decode(first, body, version=5)
+    assert isinstance(granted, codec.Connack)
+    maximum = (granted.props or {})[codec.RECEIVE_MAXIMUM]
+    for packet_id in range(1, maximum + 2):
+        await raw_client.send(codec.encode(codec.Publish("ops/q2", b"x", 2, packet_id=packet_id), version=5))
+    while True:
+        first, body = await raw_client.read_frame()
+        packet = codec.decode(first, body, version=5)
+        if isinstance(packet, codec.Disconnect):
+            assert packet.reason == codec.RECEIVE_MAXIMUM_EXCEEDED
+            return

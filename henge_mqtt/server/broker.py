@@ -323,8 +323,6 @@ class EmbeddedBroker(TableViews):
                             "identity conflict: this device id is quarantined for a while")
             return
         present, expiry = self._take_session(device, connect, principal)
-        # A new connection to the session within its will delay: the will is not sent [MQTT-3.1.3-9].
-        self._delayed_wills.pop(device, None)
         self._granted[conn] = (present, expiry, assigned)
         conn.key, conn.epoch = device, result.epoch
         self._register(conn)
@@ -358,6 +356,8 @@ class EmbeddedBroker(TableViews):
         if session is not None and connect.clean_session:
             self.end_session(key)
             session = None
+        # A new connection to the session within its will delay: the will is not sent [MQTT-3.1.3-9].
+        self._delayed_wills.pop(key, None)
         present = session is not None
         if session is None and expiry > 0:
             session = self.sessions[key] = Session(key, expiry, self.limits.max_inflight, principal.kind)
@@ -474,7 +474,7 @@ class EmbeddedBroker(TableViews):
             # The will goes at the earlier of its delay and the session's end [MQTT-3.1.3-9]: at once
             # when the session ends with the connection (Session Expiry 0).
             delay = min(delay, conn.session.expiry if conn.session is not None else 0)
-        if isinstance(delay, int) and delay > 0 and conn.principal.kind == "device":
+        if isinstance(delay, int) and delay > 0:
             # 5.0 Will Delay Interval: published later unless the device connects again first.
             self._delayed_wills[conn.key] = (time.monotonic() + delay, conn.principal, will)
             return
@@ -532,7 +532,7 @@ class EmbeddedBroker(TableViews):
             if packet.packet_id in in_qos2:  # a retransmission: acknowledged, not delivered twice
                 conn.send(codec.pubrec(packet.packet_id, version=version))
                 return
-            if device and len(in_qos2) >= self.limits.receive_maximum:
+            if (device or conn.v5 is not None) and len(in_qos2) >= self.limits.receive_maximum:
                 self.warn("broker.receive_maximum", "key=%s: %d QoS 2 publishes without PUBREL", conn.key,
                           len(in_qos2))
                 # 5.0 names this one exactly: we announced the Receive Maximum [MQTT-3.3.4-8].
@@ -567,8 +567,10 @@ class EmbeddedBroker(TableViews):
 
     @staticmethod
     def _why(conn: Connection, reason: int, text: str | None = None) -> codec.Props | None:
-        """A short Reason String for a 5.0 client that did not ask us to keep problems to ourselves."""
-        if reason < 0x80 or conn.v5 is None or not conn.v5.problem_info:
+        """A short Reason String for a 5.0 client that did not ask us to keep problems to ourselves.
+        A `$` topic refused says it by its code alone (0x90 is plain; and a bare acknowledgement is
+        what clients that read no properties on acks, Eclipse Paho's test client among them, expect)."""
+        if reason < 0x80 or conn.v5 is None or not conn.v5.problem_info or reason == codec.TOPIC_NAME_INVALID:
             return None
         return {codec.REASON_STRING: text or REASON_STRINGS.get(reason, "refused")}
 
