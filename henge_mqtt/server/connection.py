@@ -444,7 +444,13 @@ class Connection(asyncio.Protocol):
             if abort:
                 transport.abort()
             else:
-                transport.close()
+                if told and transport.can_write_eof():
+                    # The DISCONNECT, then FIN, and the socket stays until the client closes it (or the
+                    # closing deadline): closed at once with the client's packets still unread, the kernel
+                    # would answer with a reset that can reach the client before the reason does.
+                    transport.write_eof()
+                else:
+                    transport.close()
                 self.broker.closing(self)
 
     def expire(self, mono: float, now: float, puback_timeout: float, pubrel_timeout: float) -> None:
