@@ -38,6 +38,9 @@ DISCONNECT_REASONS = {
     "protocol_error": (codec.PROTOCOL_ERROR, "protocol error"),
     "server_error": (codec.UNSPECIFIED_ERROR, "server error"),
 }
+# Closes for what a client sends: it may still be sending when it is told why (see ``close``).
+LINGER_ON = frozenset({"quota_exceeded", "publish_rate_exceeded", "packet_too_large", "protocol_error",
+                       "slow_consumer"})
 # A reason code given to ``close`` names the problem more exactly than its close reason: its text.
 CODE_TEXT = {
     codec.RECEIVE_MAXIMUM_EXCEEDED: "more QoS 2 publishes unacknowledged than the Receive Maximum (§3.3.4)",
@@ -444,10 +447,12 @@ class Connection(asyncio.Protocol):
             if abort:
                 transport.abort()
             else:
-                if told and transport.can_write_eof():
-                    # The DISCONNECT, then FIN, and the socket stays until the client closes it (or the
-                    # closing deadline): closed at once with the client's packets still unread, the kernel
-                    # would answer with a reset that can reach the client before the reason does.
+                if told and self.close_reason in LINGER_ON and transport.can_write_eof():
+                    # A client cut off for what it sends is likely still sending: the DISCONNECT, then
+                    # FIN, and the socket stays until the client closes it (or the closing deadline).
+                    # Closed at once with its packets unread, the kernel would answer with a reset that
+                    # can reach the client before the reason does. (Not on a takeover: the displaced
+                    # client is idle, and some clients act on a late DISCONNECT against their new socket.)
                     transport.write_eof()
                 else:
                     transport.close()
