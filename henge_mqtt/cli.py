@@ -808,8 +808,11 @@ def status(
                 f"{k}={v}" for k, v in counts.items())
         if fmt in (Output.json, Output.yaml):
             return _dump(rows, fmt)
-        return (_status_table(rows, wide=fmt == Output.wide, color=_color())
+        text = (_status_table(rows, wide=fmt == Output.wide, color=_color())
                 + "\n" + " ".join(f"{k}={v}" for k, v in counts.items()))
+        if device is not None and rows and rows[0].get("session"):  # one device: its MQTT session too
+            text += "\nsession: " + _session_text(rows[0]["session"])
+        return text
 
     if watch is None:
         typer.echo(render(_call(data, broker, timeout, "status", **args)))

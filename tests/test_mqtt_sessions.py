@@ -353,6 +353,10 @@ async def test_sessions_survive_a_service_restart_and_status_shows_them(tmp_path
         await client.send(puback(message.packet_id or 0))
         shown = await asyncio.to_thread(_cli, "device", "show", "r1", "--data", str(tmp_path / "data"))
         assert "persistent (connected; kept 604800 s after it disconnects)" in shown
+        client.writer.transport.abort()
+        await wait_status(running, "r1", lambda r: not r["online"])
+        status = await asyncio.to_thread(_cli, "status", "r1", "--data", str(tmp_path / "data"))
+        assert status.splitlines()[-1].startswith("session: persistent (expires 20") and "in 6d)" in status
 
 
 def _cli(*args: str) -> str:
