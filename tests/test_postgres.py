@@ -482,3 +482,32 @@ def test_scaling_md_postgresql_block_runs_as_written(postgres: Any, tmp_path: Pa
             serve.wait(timeout=20)
         mosquitto.terminate()
         mosquitto.wait(timeout=20)
+
+
+async def test_a_persistent_mqtt_session_survives_a_restart_on_postgres(pg_url: str, tmp_path: Path) -> None:
+    """Issue "Any MQTT client": the session (expiry, subscriptions) is in the PostgreSQL store too."""
+    from . import mqtt_raw as raw
+
+    async with HengeService(make_settings(tmp_path / "a", store=pg_url)) as svc:
+        secret = await svc.add_device("s1")
+        await svc.push("s1", {"v": 1})
+        client = await raw.RawClient.open(svc.address[1])
+        await client.send(raw.connect("s1", "s1", secret, clean=False))
+        assert await client.connack() == 0
+        await client.send(raw.subscribe(1, "henge/devices/s1/config"))
+        assert (await client.read_packet())[0] == 9
+        await client.send(raw.DISCONNECT)
+        assert await client.closed_within(2)
+        await wait_status(Running(svc, tmp_path / "a"), "s1", lambda r: not r["online"])
+    async with HengeService(make_settings(tmp_path / "b", store=pg_url)) as svc:  # another instance, same store
+        assert (await svc.status("s1"))[0]["session"]["persistent"]
+        await svc.push("s1", {"v": 2})
+        client = await raw.RawClient.open(svc.address[1])
+        await client.send(raw.connect("s1", "s1", secret, clean=False))
+        kind, body = await client.read_packet()
+        assert (kind, body) == (2, b"\x01\x00")  # session present
+        while True:  # without a SUBSCRIBE: the newest snapshot waited in the session
+            first, payload = await client.read_frame()
+            if first >> 4 == 3:
+                break
+        assert b'"v":2' in payload.replace(b" ", b"")
