@@ -327,7 +327,7 @@ class ServiceAPI:
         if kept is None:
             return None
         expiry, ends = kept
-        return {"persistent": True, "expiry": expiry, "expires_at": iso(ends) if ends is not None else None}
+        return {"persistent": True, "expiry": expiry, "expires_at": iso(int(ends)) if ends is not None else None}
 
     async def summary(self) -> dict[str, Any]:
         """Fleet counts (what ``status`` rows would add up to), without building the rows."""
