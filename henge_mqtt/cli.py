@@ -98,27 +98,20 @@ def _endpoint(data: Path | None, broker: str | None) -> Endpoint:
     return Endpoint.from_data_dir(data or Path("henge-data"))
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells expect of a command Ctrl-C ended
+
+
+def _run(coro: Coroutine[Any, Any, T], *, until_interrupted: bool = False) -> T:
+    """``until_interrupted``: a command that runs until Ctrl-C (a watch, a stream), for which the
+    interrupt is how it ends: no error line, still exit 130 (a script can tell it from a normal end)."""
     try:
         return asyncio.run(coro)
     except HengeError as exc:
         fail(str(exc), EXIT_TIMEOUT if exc.code == "timeout" else 1)
     except KeyboardInterrupt:
-        fail("interrupted", 130)
-
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells expect of a command Ctrl-C ended
-
-
-def _run_until_interrupted(coro: Coroutine[Any, Any, None]) -> None:
-    """A command that runs until Ctrl-C (a watch, a stream): the interrupt is how it ends, so no
-    error line, and exit 130 as shells expect (a script can tell it from a normal end)."""
-    try:
-        asyncio.run(coro)
-    except HengeError as exc:
-        fail(str(exc), EXIT_TIMEOUT if exc.code == "timeout" else 1)
-    except KeyboardInterrupt:
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        if until_interrupted:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        fail("interrupted", EXIT_INTERRUPTED)
 
 
 def _call(data: Path | None, broker: str | None, timeout: float, op: str, **args: Any) -> Any:
@@ -454,11 +447,7 @@ def _session_text(session: dict[str, Any] | None) -> str:
 
 def age_until(stamp: str) -> str:
     """How long until ``stamp``: ``45s``, ``12m``, ``3h``, ``2d``."""
-    seconds = max(0.0, (datetime.fromisoformat(stamp.replace("Z", "+00:00")) - datetime.now(UTC)).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
+    return _span((datetime.fromisoformat(stamp.replace("Z", "+00:00")) - datetime.now(UTC)).total_seconds())
 
 
 def _device_block(r: dict[str, Any]) -> str:
@@ -830,7 +819,7 @@ def status(
                 typer.echo(f"every {watch:g} s, {stamp} UTC (Ctrl-C to stop)\n{text}")
                 await asyncio.sleep(watch)
 
-    _run_until_interrupted(follow())
+    _run(follow(), until_interrupted=True)
 
 
 def _color() -> bool:
@@ -849,8 +838,12 @@ def age(stamp: str | None, now: datetime | None = None) -> str:
     """``2026-11-29T10:00:00Z`` as a person reads it next to now: ``45s``, ``12m``, ``3h``, ``2d``."""
     if not stamp:
         return "-"
-    seconds = max(0.0, ((now or datetime.now(UTC)) - datetime.fromisoformat(stamp.replace("Z", "+00:00")))
-                  .total_seconds())
+    return _span(((now or datetime.now(UTC)) - datetime.fromisoformat(stamp.replace("Z", "+00:00"))).total_seconds())
+
+
+def _span(seconds: float) -> str:
+    """A length of time in its largest whole unit: ``45s``, ``12m``, ``3h``, ``2d`` (never negative)."""
+    seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
@@ -1028,7 +1021,7 @@ def events(
                 sys.stderr.write(f"henge: {exc}; reconnecting in {delay:.1f} s\n")
                 await asyncio.sleep(delay)
 
-    _run_until_interrupted(go())
+    _run(go(), until_interrupted=True)
 
 
 @app.command()

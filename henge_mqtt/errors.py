@@ -57,13 +57,18 @@ class SchemaViolation(InvalidConfig):
     MAX_LINES = 20
 
     def __init__(self, errors: list[dict[str, str]], *, what: str = "nothing was stored") -> None:
-        lines = [f"{e['device'] + ': ' if e.get('device') else ''}{e['pointer'] or '/'}: {e['message']} "
-                 f"(schema {e['schema']})" for e in errors[: self.MAX_LINES]]
+        lines = [self.line(e) for e in errors[: self.MAX_LINES]]
         if len(errors) > self.MAX_LINES:
             lines.append(f"... and {len(errors) - self.MAX_LINES} more errors")
         lines.append(f"the config does not match its schemas; {what}")
         super().__init__("\n".join(lines))
         self.errors = errors
+
+    @staticmethod
+    def line(error: dict[str, str]) -> str:
+        """One violation as people read it: ``device: /pointer: message (schema fleet@2)``."""
+        device = f"{error['device']}: " if error.get("device") else ""
+        return f"{device}{error['pointer'] or '/'}: {error['message']} (schema {error['schema']})"
 
 
 class InvalidSchema(ValidationFailed):

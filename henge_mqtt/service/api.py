@@ -424,7 +424,7 @@ class ServiceAPI:
         removed = content is None
         self.events.emit("layer_removed" if removed else "layer_set", None, layer=name, version=version,
                          devices=len(rows))
-        warnings = [SchemaViolation([e]).args[0].splitlines()[0] for e in future]
+        warnings = [SchemaViolation.line(e) for e in future]
         return {"layer": name, "version": version, "devices": len(rows)} | (
             {"removed": True} if removed else {"versions": {row.device: row.version for row in rows}}) | (
             {"new_devices_invalid": warnings} if warnings else {})

@@ -195,13 +195,8 @@ class Schemas:
         checked against its schemas."""
         if not self._active:
             return []
-        candidate, _, _ = self.store.candidate_layer(layer["name"], layer["content"], selector=layer["labels"],
-                                                     priority=layer["priority"])
-        layers = self.store.layers()
-        if candidate is None:
-            layers.pop(layer["name"], None)
-        else:
-            layers[layer["name"]] = candidate
+        layers, _ = self._layers_after(layer["name"], layer["content"], labels=layer["labels"],
+                                       priority=layer["priority"])
         labels = self.store.labels_by_device(devices)
         items = []
         for device in devices:
@@ -221,20 +216,25 @@ class Schemas:
         still refuse every ``device add`` that follows; this finds it before it is stored."""
         if not self._active:
             return []
-        before = self.store.layers().get(name)
-        candidate, selector, _ = self.store.candidate_layer(name, content, selector=labels, priority=priority)
-        layers = self.store.layers()
-        if candidate is None:
-            layers.pop(name, None)
-        else:
-            layers[name] = candidate
-        probe = dict(selector if candidate is not None else (before.selector if before else {}))
+        layers, probe = self._layers_after(name, content, labels=labels, priority=priority)
         effective, used = self.store.effective(probe, {}, layers)
         if not used:
             return []  # no layer applies: such a device gets no config, so nothing to refuse
         who = "a new device" + (" with " + ",".join(f"{k}={v}" for k, v in sorted(probe.items())) if probe else "")
         return [e | {"device": f"{who} (no config of its own)"} for e in self._errors(self.applicable(probe),
                                                                                      effective, None)]
+
+    def _layers_after(self, name: str, content: dict[str, Any] | None, *, labels: dict[str, str] | None,
+                      priority: int | None) -> tuple[dict[str, Any], dict[str, str]]:
+        """The layers in force once layer ``name`` is changed (``content`` None: removed), and its
+        selector (a removed layer's last one)."""
+        layers = self.store.layers()
+        candidate, selector, _ = self.store.candidate_layer(name, content, selector=labels, priority=priority)
+        if candidate is None:
+            layers.pop(name, None)
+        else:
+            layers[name] = candidate
+        return layers, selector
 
     def check_each(self, items: list[tuple[str, dict[str, str], dict[str, Any]]]) -> None:
         """The store's hook for many new versions at once (a layer change): all pass or none is stored."""
