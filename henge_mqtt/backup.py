@@ -38,9 +38,7 @@ def backup_stopped(data_dir: Path, target: Path) -> int | None:
     if not (data_dir / DB_FILE).exists():
         raise StoreError(f"no store in {data_dir} (no {DB_FILE})")
     lock = DataDirLock(data_dir)
-    try:
-        lock.acquire()
-    except ServiceUnavailable:
+    if not lock.try_acquire():
         return None
     try:
         store = Store(data_dir)
@@ -59,10 +57,8 @@ def restore(source: Path, data_dir: Path, *, force: bool = False) -> int:
     if service_running(data_dir):
         raise ServiceUnavailable(f"a service is running on {data_dir}: stop it before restoring")
     lock = DataDirLock(data_dir)
-    try:
-        lock.acquire()
-    except ServiceUnavailable:
-        raise ServiceUnavailable(f"a service is running on {data_dir}: stop it before restoring") from None
+    if not lock.try_acquire():
+        raise ServiceUnavailable(f"a service is running on {data_dir}: stop it before restoring")
     try:
         return _restore(source, data_dir, force=force)
     finally:

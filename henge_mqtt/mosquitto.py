@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import ServiceUnavailable, SettingsError, ValidationFailed
+from .errors import SettingsError, ValidationFailed
 
 
 def identities(data_dir: Path, admin_name: str, url: str | None = None, *,
@@ -27,11 +27,7 @@ def identities(data_dir: Path, admin_name: str, url: str | None = None, *,
         raise ValidationFailed(f"no henge store in {data_dir} (no {DB_FILE}): check --data, or pass --init to "
                                "create one on first setup; nothing was written")
     lock = DataDirLock(data_dir)
-    held = True
-    try:
-        lock.acquire()
-    except ServiceUnavailable:
-        held = False  # a service runs on it: read alongside it
+    lock.try_acquire()  # not taken when a service runs on it: then read alongside it
     try:
         store = Store(data_dir, url=url)
         try:
@@ -40,8 +36,7 @@ def identities(data_dir: Path, admin_name: str, url: str | None = None, *,
         finally:
             store.close()
     finally:
-        if held:
-            lock.release()
+        lock.release()
 
 
 def _listener(spec: str) -> tuple[str, int]:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .. import codec
 from ..errors import ServiceUnavailable
@@ -360,8 +361,7 @@ class EmbeddedBroker(TableViews):
         self._delayed_wills.pop(key, None)
         present = session is not None
         if session is None and expiry > 0:
-            session = self.sessions[key] = Session(key, expiry, self.limits.max_inflight, principal.kind)
-            session.ends_at = time.monotonic() + expiry  # unattached until the CONNACK
+            self._new_session(key, expiry, principal.kind, time.monotonic() + expiry)  # unattached until the CONNACK
         elif session is not None:
             session.expiry = expiry  # this connection's Session Expiry Interval from now on
         return present, expiry
@@ -382,9 +382,7 @@ class EmbeddedBroker(TableViews):
             if session is None:  # ended while this connection waited for its epoch (kicked, say)
                 present = False
                 if expiry > 0:
-                    session = self.sessions[conn.key] = Session(conn.key, expiry, self.limits.max_inflight,
-                                                                conn.principal.kind)
-                    session.ends_at = time.monotonic() + expiry
+                    session = self._new_session(conn.key, expiry, conn.principal.kind, time.monotonic() + expiry)
             if session is not None:
                 conn.session = session
                 # What it re-sends and what waited (each at most max_inflight) fit in flight at once.
@@ -470,14 +468,13 @@ class EmbeddedBroker(TableViews):
             self.info("broker.will_denied", "key=%s topic=%s", conn.key, will.topic)
             return
         delay = will.props.get(codec.WILL_DELAY_INTERVAL) if will.props else None
-        if isinstance(delay, int) and delay > 0:
-            # The will goes at the earlier of its delay and the session's end [MQTT-3.1.3-9]: at once
-            # when the session ends with the connection (Session Expiry 0).
+        # The will goes at the earlier of its delay and the session's end [MQTT-3.1.3-9]: at once when
+        # the session ends with the connection (Session Expiry 0).
+        if isinstance(delay, int):
             delay = min(delay, conn.session.expiry if conn.session is not None else 0)
-        if isinstance(delay, int) and delay > 0:
-            # 5.0 Will Delay Interval: published later unless the device connects again first.
-            self._delayed_wills[conn.key] = (time.monotonic() + delay, conn.principal, will)
-            return
+            if delay > 0:  # published later unless the client connects to its session again first
+                self._delayed_wills[conn.key] = (time.monotonic() + delay, conn.principal, will)
+                return
         self._send_will(conn.principal, will)
 
     def _send_will(self, principal: Principal, will: codec.Will) -> None:
@@ -732,6 +729,12 @@ class EmbeddedBroker(TableViews):
         if session.kind == "device":
             self.hooks.session_actions([EndSession(device)])
 
+    def _new_session(self, key: str, expiry: int, kind: Literal["device", "admin"], ends_at: float) -> Session:
+        """A session with no connection yet (it ends at ``ends_at``, monotonic, unless one attaches)."""
+        session = self.sessions[key] = Session(key, expiry, self.limits.max_inflight, kind)
+        session.ends_at = ends_at
+        return session
+
     def _save(self, session: Session, ended_at: float | None) -> None:
         """Keep the session in the store (a new one with no subscription yet need not be: nothing of it
         would survive that a restart could use)."""
@@ -750,8 +753,7 @@ class EmbeddedBroker(TableViews):
             if left <= 0:
                 self.hooks.session_actions([EndSession(device)])
                 continue
-            session = self.sessions[device] = Session(device, expiry, self.limits.max_inflight, "device")
-            session.ends_at = mono + left
+            session = self._new_session(device, expiry, "device", mono + left)
             session.stored_ended = True
             for topic_filter, options in subs:
                 session.subs[topic_filter] = options

@@ -45,6 +45,15 @@ class DataDirLock:
         self._fd = fd
         self.record(None)
 
+    def try_acquire(self) -> bool:
+        """Take the lock unless a service holds it (False): for offline commands that run alongside
+        a service or step aside for it. ``release`` is a no-op when it was not taken."""
+        try:
+            self.acquire()
+        except ServiceUnavailable:
+            return False
+        return True
+
     def record(self, address: str | None) -> None:
         """Say who holds the lock (the process, and once listening, its address)."""
         if self._fd is None:
