@@ -49,7 +49,8 @@ def test_the_readme_quickstart_and_first_steps_run(tmp_path: Path) -> None:
                                    f"127.0.0.1:{http}"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=out)
     try:
         deadline = time.monotonic() + 20
-        while not (tmp_path / "henge-data" / "service.json").exists():
+        # Ready once the console is up too: its first-run token is written just before its port opens.
+        while not ((tmp_path / "henge-data" / "service.json").exists() and b"console on" in log.read_bytes()):
             assert server.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         assert (tmp_path / "henge-data" / "http-token").exists()
