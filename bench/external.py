@@ -40,8 +40,8 @@ class HengeExternal(run.Target):
     name = "henge-external"
 
     def start(self) -> None:
-        from henge_mqtt.mosquitto import identities, write_mosquitto_config
         from henge_mqtt.service.auth import admin_secret
+        from henge_mqtt.service.mosquitto import identities, write_mosquitto_config
         from henge_mqtt.store import Store
 
         self.data = self.tmp / "data"

@@ -9,7 +9,7 @@ The tree (``code`` in parentheses is what the admin protocol and the CLI's ``--j
     │   │   └── SchemaViolation (schema_violation): .errors, one per violation (schema, device, pointer, message)
     │   ├── InvalidSchema (invalid_schema): not a JSON Schema 2020-12 document
     │   └── ConfigTooLarge (config_too_large)
-    ├── UnknownDevice (unknown_device)
+    ├── UnknownDevice (unknown_device): .device
     ├── DuplicateDevice (duplicate_device)
     ├── UnknownVersion (unknown_version)
     ├── UnknownLayer (unknown_layer)
@@ -80,7 +80,15 @@ class ConfigTooLarge(ValidationFailed):
 
 
 class UnknownDevice(HengeError):
+    """No device has this id (``device``); or, for a selection by labels, no device matched (``device``
+    is None and the message says what was asked)."""
+
     code = "unknown_device"
+
+    def __init__(self, device: str | None, *, also: str = "", message: str | None = None) -> None:
+        text = message if message is not None else f"unknown device {device!r}"
+        super().__init__(f"{text}; {also}" if also else text)
+        self.device = device
 
 
 class DuplicateDevice(HengeError):

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from .ids import DEVICE_ID_PATTERN, device_id_problem, is_valid_device_id, parse_labels
+from .roles import Role
 
 
 def _check_device_id(value: str) -> str:
@@ -334,7 +335,7 @@ class RolloutRefArgs(Frozen):
 
 class TokenCreateArgs(Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    role: Literal["viewer", "operator", "admin"]
+    role: Role
 
 
 class TokenRefArgs(Frozen):

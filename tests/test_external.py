@@ -19,8 +19,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from henge_mqtt.mosquitto import write_mosquitto_config
 from henge_mqtt.service import HengeService
+from henge_mqtt.service.mosquitto import write_mosquitto_config
 from henge_mqtt.settings import Settings
 from henge_mqtt.store import Store
 

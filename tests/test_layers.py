@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from henge_mqtt.errors import SchemaViolation, UnknownLayer, ValidationFailed
-from henge_mqtt.store import explain, merge_patch
+from henge_mqtt.layering import explain, merge_patch
 
 from .conftest import Running, henge_cli, next_message, payload_json
 

@@ -133,7 +133,7 @@ def test_a_bad_url_is_one_clear_error(tmp_path: Path) -> None:
 def test_the_lease_fences_a_stale_writer(pg_url: str, tmp_path: Path) -> None:
     """Store level: one holder at a time; a takeover bumps the token; the old holder writes nothing."""
     from henge_mqtt.errors import Fenced
-    from henge_mqtt.pg import Lease
+    from henge_mqtt.store.pg import Lease
 
     a, b = Store(tmp_path / "a", url=pg_url), Store(tmp_path / "b", url=pg_url)
     lease_a, lease_b = Lease(pg_url), Lease(pg_url)
@@ -168,7 +168,7 @@ class HaPair:
         import os
         import shutil
 
-        from henge_mqtt.mosquitto import write_mosquitto_config
+        from henge_mqtt.service.mosquitto import write_mosquitto_config
 
         self.pg_url, self.tmp_path = pg_url, tmp_path
         store = Store(tmp_path / "setup", url=pg_url)
@@ -430,7 +430,7 @@ def test_scaling_md_postgresql_block_runs_as_written(postgres: Any, tmp_path: Pa
     import shutil
     import time
 
-    from henge_mqtt.mosquitto import write_mosquitto_config
+    from henge_mqtt.service.mosquitto import write_mosquitto_config
 
     text = (ROOT / "docs" / "scaling.md").read_text()
     block = text[text.index("## PostgreSQL"):]

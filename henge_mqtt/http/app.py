@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +27,12 @@ from .. import __version__
 from ..errors import AuthenticationFailed, Forbidden, HengeError, InvalidConfig, ValidationFailed, VersionConflict
 from ..ids import StrictJSONError, parse_labels, strict_json
 from ..models import DeviceId, ImportArgs, RolloutStartArgs, TokenCreateArgs
-from ..service.api import ServiceAPI, current_actor
+from ..ops import ROUTES, Method
+from ..roles import ROLES, Role, allows
+from ..service.api import ServiceAPI
+from ..service.configs import no_progress
+from ..service.context import current_actor
+from ..service.handlers import HANDLERS
 from ..service.schemas import parse_selector
 from .problems import from_error, problem
 from .stream import EventHub
@@ -38,8 +43,7 @@ LayerName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", de
 SchemaName = Annotated[str, Path(max_length=512, description="fleet, or the selector: k=v,k2=v2")]
 WaitQ = Annotated[float | None, Query(gt=0, le=3600, description="wait this many seconds for the report")]
 log = logging.getLogger("henge_mqtt.http")
-RANK = {"viewer": 0, "operator": 1, "admin": 2}
-Role = Literal["viewer", "operator", "admin"]
+F = TypeVar("F", bound=Callable[..., Any])
 STATIC = resources.files("henge_mqtt.http") / "static"
 
 
@@ -208,7 +212,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
                 await uses.note("http", "http.refused", "unknown_token")
                 raise AuthenticationFailed("the API token is unknown or was revoked")
             name, has = found
-            if RANK[has] < RANK[role]:
+            if not allows(has, role):
                 await uses.note(f"token:{name}", "http.refused", "forbidden")
                 raise Forbidden(f"the token {name!r} has role {has}; this needs {role}", role=has, needed=role)
             await uses.note(f"token:{name}", "http.use", "reads" if request.method == "GET" else "writes")
@@ -218,9 +222,16 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
 
         return check
 
-    def r(role: Role, **extra: Any) -> dict[str, Any]:
-        return {"dependencies": [Depends(caller(role))],
-                "openapi_extra": {"x-henge-role": role, "security": [{"bearer": []}], **extra}}
+    checks = {role: Depends(caller(role)) for role in ROLES}
+
+    def route(method: Method, path: str, **extra: Any) -> Callable[[F], F]:
+        """A route of the op table (:mod:`henge_mqtt.ops`): its role and summary come from there; a route
+        the table does not list cannot be declared."""
+        op = ROUTES[(method, path)]
+        options = {k: extra.pop(k) for k in ("status_code", "response_class", "responses") if k in extra}
+        return api.api_route(path, methods=[method], summary=op.doc, dependencies=[checks[op.role]],
+                             openapi_extra={"x-henge-op": op.name, "x-henge-role": op.role,
+                                            "security": [{"bearer": []}], **extra}, **options)
 
     app = FastAPI(title="henge-mqtt", version=__version__, openapi_url="/api/v1/openapi.json", docs_url=None,
                   redoc_url=None, description="The HTTP API of henge-mqtt: see docs/http.md.")
@@ -249,18 +260,18 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
 
     # ---- fleet view ------------------------------------------------------------------------------
 
-    @api.get("/me", **r("viewer"))
+    @route("GET", "/me")
     async def me(request: Request) -> dict[str, str]:
         """The token's name and role (the console shows what the role allows)."""
         who: Caller = request.state.caller
         return {"name": who.name, "role": who.role}
 
-    @api.get("/summary", **r("viewer"))
+    @route("GET", "/summary")
     async def summary() -> dict[str, Any]:
         """Counts for the fleet at a glance."""
         return await svc.summary() | {"last_event_id": hub.last_id()}
 
-    @api.get("/devices", **r("viewer"))
+    @route("GET", "/devices")
     async def devices(
         state: Literal["online", "offline", "quarantined"] | None = None,
         sync: Literal["in_sync", "pending", "rejected", "unknown", "invalid"] | None = None,
@@ -278,20 +289,20 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         return JSONResponse({"items": page, "next_cursor": page[-1]["device"] if len(rows) > limit else None,
                              "last_event_id": hub.last_id()})
 
-    @api.get("/devices/{device}", **r("viewer"))
+    @route("GET", "/devices/{device}")
     async def device(device: DeviceId) -> dict[str, Any]:
         """The device, its labels and its status row."""
         found = await svc.get_device(device)
         return found.model_dump(mode="json") | {"status": (await svc.status(device))[0]}
 
-    @api.get("/devices/{device}/presence", **r("viewer"))
+    @route("GET", "/devices/{device}/presence")
     async def presence(device: DeviceId) -> dict[str, Any]:
         """Recent connects and disconnects (epoch, reason, remote), newest first, from the service's
         in-memory event buffer (the last 10,000 events of this run)."""
         await svc.get_device(device)
         return {"device": device, "changes": [e.model_dump(mode="json") for e in hub.presence(device)]}
 
-    @api.get("/devices/{device}/config", **r("viewer"))
+    @route("GET", "/devices/{device}/config")
     async def get_config(request: Request, device: DeviceId,
                          version: Annotated[int | None, Query(ge=1)] = None) -> Response:
         """The current (or a given) version; ``ETag`` is the version, ``If-None-Match`` gives 304."""
@@ -317,7 +328,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
                 status = 202  # stored and published; the device has not answered yet
         return JSONResponse(body, status_code=status, headers={"ETag": etag(row.version)})
 
-    @api.put("/devices/{device}/config", **r("operator", **CONFIG_BODY))
+    @route("PUT", "/devices/{device}/config", **CONFIG_BODY)
     async def put_config(request: Request, device: DeviceId, message: Annotated[str, Query(max_length=1024)] = "",
                          force: bool = False, wait: WaitQ = None) -> Response:
         """Push a new version. ``If-Match: "N"`` stores only if N is current (else 412, nothing stored)."""
@@ -328,7 +339,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         row, stored = await svc.push_checked(device, config, message=message, if_version=if_version, force=force)
         return await _after_store(device, row, stored, wait)
 
-    @api.patch("/devices/{device}/config", **r("operator", **PATCH_BODY))
+    @route("PATCH", "/devices/{device}/config", **PATCH_BODY)
     async def patch_config(request: Request, device: DeviceId,
                            message: Annotated[str, Query(max_length=1024)] = "", wait: WaitQ = None) -> Response:
         """An RFC 7396 merge patch of the current config, stored as a new version."""
@@ -348,43 +359,43 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
             raise ValidationFailed(f"If-Match must be a version in quotes, like \"3\", not {header!r}")
         return version
 
-    @api.get("/devices/{device}/versions", **r("viewer"))
+    @route("GET", "/devices/{device}/versions")
     async def versions(device: DeviceId) -> list[dict[str, Any]]:
         """Every version, oldest first, without the configs."""
         return [v.model_dump(mode="json", exclude={"config"}) for v in await svc.history(device)]
 
-    @api.get("/devices/{device}/versions/{version}", **r("viewer"))
+    @route("GET", "/devices/{device}/versions/{version}")
     async def one_version(device: DeviceId, version: Annotated[int, Path(ge=1)]) -> dict[str, Any]:
         return (await svc.get_version(device, version)).model_dump(mode="json")
 
-    @api.get("/devices/{device}/diff", **r("viewer"))
+    @route("GET", "/devices/{device}/diff")
     async def diff(device: DeviceId, a: Annotated[int, Query(ge=1)], b: Annotated[int, Query(ge=1)]) -> dict[str, Any]:
         """A unified diff of two versions' configs (as ``henge diff``), and both configs."""
         return await svc.diff(device, a, b)
 
-    @api.post("/devices/{device}/rollback", **r("operator", **_body_doc(RollbackBody)))
+    @route("POST", "/devices/{device}/rollback", **_body_doc(RollbackBody))
     async def rollback(request: Request, device: DeviceId, wait: WaitQ = None) -> Response:
         """Store an older version's config as a new version."""
         body = parse_model(RollbackBody, await read_json(request))
         row = await svc.rollback(device, body.version, message=body.message)
         return await _after_store(device, row, True, wait)
 
-    @api.post("/devices/{device}/wait", **r("viewer"))
+    @route("POST", "/devices/{device}/wait")
     async def wait_report(device: DeviceId, version: Annotated[int, Query(ge=1)],
                           timeout: Annotated[float, Query(gt=0, le=3600)] = 30.0) -> dict[str, Any]:
         """Wait for the device's report on a version (as ``push --wait``); 504 when it does not come."""
         return await svc.wait_for_report(device, version, timeout)
 
-    @api.post("/devices/{device}/kick", **r("operator"))
+    @route("POST", "/devices/{device}/kick")
     async def kick(device: DeviceId) -> dict[str, Any]:
         result = await svc.kick(device)
         return {"device": device, "kicked": result.kicked, "supported": result.supported, "detail": result.detail}
 
-    @api.post("/devices/{device}/clear-conflict", **r("operator"))
+    @route("POST", "/devices/{device}/clear-conflict")
     async def clear_conflict(device: DeviceId) -> dict[str, Any]:
         return {"device": device, "cleared": await svc.clear_conflict(device)}
 
-    @api.post("/push", **r("operator", **_body_doc(FleetPush)))
+    @route("POST", "/push", **_body_doc(FleetPush))
     async def fleet_push(request: Request) -> JSONResponse:
         """One config to every device (``all``) or to those with all the ``labels``, answered per device
         (delivered, applied, rejected, offline); ``wait`` waits that long for every report."""
@@ -395,19 +406,19 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         status = 200 if not body.wait or result["pending"] == 0 else 202
         return JSONResponse(result, status_code=status)
 
-    @api.get("/audit", **r("viewer"))
+    @route("GET", "/audit")
     async def audit(device: DeviceId | None = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
                     ) -> list[dict[str, Any]]:
         """The newest entries, oldest first."""
         return await svc.audit(device, limit)
 
-    @api.get("/devices/{device}/audit", **r("viewer"))
+    @route("GET", "/devices/{device}/audit")
     async def device_audit(device: DeviceId, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
                            ) -> list[dict[str, Any]]:
         return await svc.audit(device, limit)
 
-    @api.get("/events", **r("viewer"), response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {}}}})
+    @route("GET", "/events", response_class=StreamingResponse,
+           responses={200: {"content": {"text/event-stream": {}}}})
     async def events(request: Request,
                      device: Annotated[list[str] | None, Query(description="only these devices")] = None,
                      type: Annotated[list[str] | None, Query(description="only these event types")] = None,
@@ -421,62 +432,56 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
 
     # ---- rollouts --------------------------------------------------------------------------------------
 
-    @api.get("/rollouts", **r("viewer"))
+    @route("GET", "/rollouts")
     async def rollouts() -> list[dict[str, Any]]:
         return await svc.list_rollouts()
 
-    @api.get("/rollouts/{rollout}", **r("viewer"))
+    @route("GET", "/rollouts/{rollout}")
     async def rollout(rollout: RolloutId) -> dict[str, Any]:
         """Per wave: targeted, online, delivered, applied, rejected, offline, pending, reverted, errors."""
         return await svc.rollout_status(rollout)
 
-    @api.post("/rollouts", status_code=201, **r("operator", **_body_doc(RolloutStartArgs)))
+    @route("POST", "/rollouts", status_code=201, **_body_doc(RolloutStartArgs))
     async def start_rollout(request: Request) -> JSONResponse:
         """A staged rollout of ``config`` to ``all`` devices or those with ``labels`` (docs/rollouts.md)."""
-        a = parse_model(RolloutStartArgs, await read_json(request))
-        if not a.all and not a.labels and a.layer is None:
-            raise ValidationFailed("select the rollout's devices with all or labels, or stage a layer change")
-        result = await svc.start_rollout(dict(a.config), all_devices=a.all, labels=dict(a.labels) or None,
-                                         waves=list(a.waves) if a.waves else None, wave_size=a.wave_size,
-                                         max_rejected=a.max_rejected, min_applied=a.min_applied,
-                                         wave_timeout=a.wave_timeout, pause=a.pause, message=a.message,
-                                         layer=a.layer.model_dump() if a.layer else None)
+        result = await HANDLERS["rollout.start"](svc, parse_model(RolloutStartArgs, await read_json(request)),
+                                                 no_progress)
         return JSONResponse(result, status_code=201)
 
-    @api.post("/rollouts/{rollout}/pause", **r("operator"))
+    @route("POST", "/rollouts/{rollout}/pause")
     async def pause_rollout(rollout: RolloutId) -> dict[str, Any]:
         return await svc.pause_rollout(rollout)
 
-    @api.post("/rollouts/{rollout}/resume", **r("operator"))
+    @route("POST", "/rollouts/{rollout}/resume")
     async def resume_rollout(rollout: RolloutId) -> dict[str, Any]:
         return await svc.resume_rollout(rollout)
 
-    @api.post("/rollouts/{rollout}/abort", **r("operator"))
+    @route("POST", "/rollouts/{rollout}/abort")
     async def abort_rollout(rollout: RolloutId, revert: bool = False) -> dict[str, Any]:
         """Stop it for good; ``revert=true`` puts every device it changed back on its previous config."""
         return await svc.abort_rollout(rollout, revert=revert)
 
     # ---- layers ----------------------------------------------------------------------------------------
 
-    @api.get("/layers", **r("viewer"))
+    @route("GET", "/layers")
     async def layers() -> list[dict[str, Any]]:
         """The layers in force, in merge order (each device's own layer comes last)."""
         return await svc.list_layers()
 
-    @api.get("/layers/{name}", **r("viewer"))
+    @route("GET", "/layers/{name}")
     async def layer(name: LayerName, version: Annotated[int | None, Query(ge=1)] = None) -> dict[str, Any]:
         return await svc.get_layer(name, version)
 
-    @api.get("/layers/{name}/history", **r("viewer"))
+    @route("GET", "/layers/{name}/history")
     async def layer_versions(name: LayerName) -> list[dict[str, Any]]:
         return await svc.layer_history(name)
 
-    @api.get("/layers/{name}/diff", **r("viewer"))
+    @route("GET", "/layers/{name}/diff")
     async def layer_diff(name: LayerName, a: Annotated[int, Query(ge=1)],
                          b: Annotated[int, Query(ge=1)]) -> dict[str, Any]:
         return await svc.layer_diff(name, a, b)
 
-    @api.put("/layers/{name}", **r("operator", **_body_doc(LayerBody)))
+    @route("PUT", "/layers/{name}", **_body_doc(LayerBody))
     async def put_layer(request: Request, name: LayerName) -> dict[str, Any]:
         """Set a layer (``fleet``, or a label layer with ``labels`` and ``priority``); the devices whose
         config changes get a new version in the same transaction."""
@@ -484,79 +489,78 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         return await svc.set_layer(name, body.content, labels=body.labels, priority=body.priority,
                                    message=body.message, force=body.force)
 
-    @api.post("/layers/{name}/rollback", **r("operator", **_body_doc(RollbackBody)))
+    @route("POST", "/layers/{name}/rollback", **_body_doc(RollbackBody))
     async def rollback_layer(request: Request, name: LayerName) -> dict[str, Any]:
         body = parse_model(RollbackBody, await read_json(request))
         return await svc.rollback_layer(name, body.version, message=body.message)
 
-    @api.delete("/layers/{name}", **r("operator"))
+    @route("DELETE", "/layers/{name}")
     async def remove_layer(name: LayerName, force: bool = False) -> dict[str, Any]:
         return await svc.remove_layer(name, force=force)
 
-    @api.get("/devices/{device}/explain", **r("viewer"))
+    @route("GET", "/devices/{device}/explain")
     async def explain(device: DeviceId, version: Annotated[int | None, Query(ge=1)] = None) -> list[dict[str, Any]]:
         """Per value of the device's config: its JSON pointer and the layer that set it."""
         return await svc.explain(device, version)
 
     # ---- schemas ---------------------------------------------------------------------------------------
 
-    @api.get("/schemas", **r("viewer"))
+    @route("GET", "/schemas")
     async def schemas() -> list[dict[str, Any]]:
         """The schemas in force."""
         return await svc.list_schemas()
 
-    @api.get("/schemas/{name}", **r("viewer"))
+    @route("GET", "/schemas/{name}")
     async def schema(name: SchemaName, version: Annotated[int | None, Query(ge=1)] = None) -> dict[str, Any]:
         return await svc.get_schema(parse_selector(name), version)
 
-    @api.get("/schemas/{name}/history", **r("viewer"))
+    @route("GET", "/schemas/{name}/history")
     async def schema_versions(name: SchemaName) -> list[dict[str, Any]]:
         return await svc.schema_history(parse_selector(name))
 
-    @api.put("/schemas/{name}", **r("admin", **SCHEMA_BODY))
+    @route("PUT", "/schemas/{name}", **SCHEMA_BODY)
     async def put_schema(request: Request, name: SchemaName, force: bool = False) -> dict[str, Any]:
         """Set a JSON Schema 2020-12 document; refused (422, one error per violation) if current configs
         break it, unless ``force``."""
         return await svc.set_schema(parse_selector(name), await read_json(request), force=force)
 
-    @api.delete("/schemas/{name}", **r("admin"))
+    @route("DELETE", "/schemas/{name}")
     async def remove_schema(name: SchemaName) -> dict[str, Any]:
         return await svc.remove_schema(parse_selector(name))
 
     # ---- admin: devices, tokens, backup ----------------------------------------------------------------
 
-    @api.post("/devices", status_code=201, **r("admin", **_body_doc(DeviceCreate)))
+    @route("POST", "/devices", status_code=201, **_body_doc(DeviceCreate))
     async def add_device(request: Request) -> JSONResponse:
         """Register a device; the answer holds its secret, the only time it is shown."""
         body = parse_model(DeviceCreate, await read_json(request))
         secret = await svc.add_device(body.device, body.labels)
         return JSONResponse({"device": body.device, "labels": body.labels, "secret": secret}, status_code=201)
 
-    @api.post("/devices/import", **r("admin", **_body_doc(ImportArgs)))
+    @route("POST", "/devices/import", **_body_doc(ImportArgs))
     async def import_devices(request: Request) -> dict[str, Any]:
         """Many devices in one transaction (as ``henge device import``); ``update`` changes the labels
         of those that exist. The answer holds the new devices' secrets, shown only here."""
-        body = parse_model(ImportArgs, await read_json(request))
-        secrets = await svc.import_devices([(d.id, d.labels) for d in body.devices], update=body.update)
-        return {"secrets": secrets, "updated": len(body.devices) - len(secrets)}
+        return await HANDLERS["device.import"](svc, parse_model(ImportArgs, await read_json(request)),  # type: ignore[no-any-return]
+                                               no_progress)
 
-    @api.delete("/devices/{device}", **r("admin"))
+    @route("DELETE", "/devices/{device}")
     async def remove_device(device: DeviceId) -> dict[str, Any]:
         await svc.remove_device(device)
         return {"device": device, "removed": True}
 
-    @api.post("/devices/{device}/secret", **r("admin"))
+    @route("POST", "/devices/{device}/secret")
     async def rotate(device: DeviceId) -> dict[str, Any]:
         """A new secret (shown once); the old one stops working and its connection is closed."""
         return {"device": device, "secret": await svc.rotate_secret(device)}
 
-    @api.patch("/devices/{device}/labels", **r("admin", **_body_doc(LabelsChange)))
+    @route("PATCH", "/devices/{device}/labels", **_body_doc(LabelsChange))
     async def labels(request: Request, device: DeviceId) -> dict[str, Any]:
         body = parse_model(LabelsChange, await read_json(request))
         labels_of([f"{k}={v}" for k, v in body.set.items()])  # the same rules as the CLI
         return {"device": device, "labels": await svc.set_labels(device, body.set, body.remove)}
 
-    @api.get("/tokens", **r("admin"))
+    @route("GET", "/tokens")
     async def tokens() -> list[dict[str, Any]]:
         """Every token (never the token itself), with its last use in this run."""
         found = await svc.list_tokens()
@@ -565,17 +569,17 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
             token["last_used_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(used)) if used else None
         return found
 
-    @api.post("/tokens", status_code=201, **r("admin", **_body_doc(TokenCreateArgs)))
+    @route("POST", "/tokens", status_code=201, **_body_doc(TokenCreateArgs))
     async def create_token(request: Request) -> JSONResponse:
         """A new token; the answer holds it, the only time it is shown."""
         body = parse_model(TokenCreateArgs, await read_json(request))
         return JSONResponse(await svc.create_token(body.name, body.role), status_code=201)
 
-    @api.delete("/tokens/{token}", **r("admin"))
+    @route("DELETE", "/tokens/{token}")
     async def revoke_token(token: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
         return await svc.revoke_token(token)
 
-    @api.post("/backup", **r("admin", **_body_doc(BackupBody)))
+    @route("POST", "/backup", **_body_doc(BackupBody))
     async def backup(request: Request) -> dict[str, Any]:
         """A consistent copy of the store, written on the service's machine."""
         body = parse_model(BackupBody, await read_json(request))

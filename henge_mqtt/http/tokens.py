@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..service.api import ServiceAPI, current_actor
+from ..service.api import ServiceAPI
 from ..service.auth import write_private
+from ..service.context import current_actor
 
 TOKEN_FILE = "http-token"
 

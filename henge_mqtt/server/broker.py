@@ -31,6 +31,7 @@ from typing import Literal
 
 from .. import codec
 from ..errors import ServiceUnavailable
+from ..logs import LogLimiter
 from ..ports import BrokerHooks, KickResult, Principal, Refusal
 from ..sessions import (
     Action,
@@ -45,11 +46,11 @@ from ..sessions import (
     TokenBucket,
 )
 from .connection import CLOSED, OPEN, PENDING, V5, Connection
-from .limits import Limits, LogLimiter
+from .limits import Limits
 from .listener import Acceptor, tcp_sockets, unix_socket
 from .meta import Meta, meta_of
 from .router import RetainedStore, SubscriptionIndex, is_wildcard, valid_filter, valid_topic_name
-from .session import Session
+from .session import Session, session_of
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +414,7 @@ class EmbeddedBroker(TableViews):
         persistent session keeps its subscriptions and what was not acknowledged, and its clock starts."""
         self._handshakes.discard(conn)
         self._granted.pop(conn, None)
-        session = conn.session
+        session = session_of(conn)
         if conn.subs and session is None:
             for topic_filter in conn.subs:
                 self.index.remove(conn, topic_filter)
@@ -617,7 +618,7 @@ class EmbeddedBroker(TableViews):
                 conn.wild += 1
             stored = qos | (options & (NO_LOCAL | RETAIN_AS_PUBLISHED) if v5 else 0)
             subs[topic_filter] = stored
-            self.index.add(conn.session or conn, topic_filter, stored)
+            self.index.add(session_of(conn) or conn, topic_filter, stored)
             codes.append(qos)
             handling = (options >> 4) & 3 if v5 else 0  # Retain Handling: 0 always, 1 if new, 2 never
             if handling == 0 or (handling == 1 and is_new):
@@ -628,8 +629,9 @@ class EmbeddedBroker(TableViews):
             why = self._why(conn, refused[0], "subscription limit reached"
                             if refused[0] == codec.QUOTA_EXCEEDED else None)
         conn.send(codec.suback(packet.packet_id, codes, why, version=conn.version))
-        if conn.session is not None and any(code < 0x80 for code in codes):
-            self._save(conn.session, None)  # its subscriptions outlive this connection, and a restart
+        session = session_of(conn)
+        if session is not None and any(code < 0x80 for code in codes):
+            self._save(session, None)  # its subscriptions outlive this connection, and a restart
         now = time.monotonic()
         for topic_filter, qos, _ in granted:  # retained messages of this filter, to this subscriber only
             for topic, data, rqos, extra in list(self.retained.matching(topic_filter)):
@@ -648,15 +650,16 @@ class EmbeddedBroker(TableViews):
         codes: list[int] = []
         for topic_filter in packet.filters:
             if subs is not None and subs.pop(topic_filter, None) is not None:
-                self.index.remove(conn.session or conn, topic_filter)
+                self.index.remove(session_of(conn) or conn, topic_filter)
                 if is_wildcard(topic_filter):
                     conn.wild -= 1
                 codes.append(codec.SUCCESS)
             else:
                 codes.append(codec.NO_SUBSCRIPTION_EXISTED)
         conn.send(codec.unsuback(packet.packet_id, codes, version=conn.version))
-        if conn.session is not None and codec.SUCCESS in codes:
-            self._save(conn.session, None)
+        session = session_of(conn)
+        if session is not None and codec.SUCCESS in codes:
+            self._save(session, None)
 
     def too_large_for_client(self, conn: Connection, topic: str, size: int) -> None:
         """A message over the client's own Maximum Packet Size was not sent to it: say so."""

@@ -11,15 +11,41 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .. import codec
 from ..ports import Principal
 from ..sessions import TokenBucket
+from .limits import Limits
+from .meta import Sent
 
-if TYPE_CHECKING:
-    from .broker import EmbeddedBroker
-    from .session import Sent, Session
+
+class Owner(Protocol):
+    """What a connection asks of the server that accepted it (the embedded broker): the narrow
+    interface it is handed, so this module never imports the broker's."""
+
+    limits: Limits
+
+    def info(self, event: str, fmt: str, *args: object) -> None: ...
+    def warn(self, event: str, fmt: str, *args: object) -> None: ...
+    def charge(self, conn: Connection) -> bool: ...
+    def closing(self, conn: Connection) -> None: ...
+    def finish(self, conn: Connection) -> None: ...
+    def on_made(self, conn: Connection) -> None: ...
+    def on_lost(self, conn: Connection) -> None: ...
+    def on_connect(self, conn: Connection, connect: codec.Connect) -> None: ...
+    def on_publish(self, conn: Connection, packet: codec.Publish) -> None: ...
+    def on_subscribe(self, conn: Connection, packet: codec.Subscribe) -> None: ...
+    def on_unsubscribe(self, conn: Connection, packet: codec.Unsubscribe) -> None: ...
+    def too_large_for_client(self, conn: Connection, topic: str, size: int) -> None: ...
+
+
+class Attached(Protocol):
+    """What a connection asks of the persistent session it is attached to (``session.py``)."""
+
+    expiry: int
+
+    def resume(self, conn: Connection) -> None: ...
 
 HANDSHAKE, PENDING, OPEN, CLOSED = 0, 1, 2, 3
 MAX_PENDING_FRAMES = 32  # packets a client may pipeline behind its CONNECT before the CONNACK
@@ -106,7 +132,7 @@ class Connection(asyncio.Protocol):
         "will",
     )
 
-    def __init__(self, broker: EmbeddedBroker, *, admin_only: bool = False, tls: bool = False) -> None:
+    def __init__(self, broker: Owner, *, admin_only: bool = False, tls: bool = False) -> None:
         self.broker = broker
         self.transport: asyncio.Transport | None = None
         # Before authentication a peer may make us buffer little; raised to max_packet once authenticated.
@@ -134,7 +160,7 @@ class Connection(asyncio.Protocol):
         self.max_write = broker.limits.max_write_buffer
         self.paused = False  # the socket's send buffer is past asyncio's high-water mark
         self.v5: V5 | None = None  # set by the CONNECT of a 5.0 client
-        self.session: Session | None = None  # the persistent session this connection is attached to
+        self.session: Attached | None = None  # the persistent session this connection is attached to
         # With a session: what each unacknowledged QoS 1 delivery was, to re-send it on a reconnect.
         self.sent: dict[int, Sent] | None = None
 

@@ -58,3 +58,7 @@ def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
         if len(_SHARED_PROPS) < 64:
             _SHARED_PROPS[key] = shared
     return shared
+
+
+# (topic, payload, retain, encoded 5.0 properties): a delivery as it was sent
+Sent = tuple[str, bytes, bool, "bytes | None"]

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from ..ports import Principal
-from .meta import Meta
+from .meta import Meta, Sent
 
 if TYPE_CHECKING:
     from .connection import Connection
 
-# (topic, payload, retain, encoded 5.0 properties): a delivery as it was sent
-Sent = tuple[str, bytes, bool, "bytes | None"]
 # The same waiting in the session: its properties may be a Meta, whose expiry counts down meanwhile
 Message = tuple[str, bytes, bool, "bytes | Meta | None"]
 
@@ -147,3 +145,9 @@ class Session:
 
     def __repr__(self) -> str:
         return f"Session({self.device!r}, expiry={self.expiry}, attached={self.conn is not None})"
+
+
+def session_of(conn: Connection) -> Session | None:
+    """The session a connection is attached to, as the broker knows it: a connection holds it only
+    through the narrow :class:`~.connection.Attached` interface (connection.py imports nothing here)."""
+    return cast("Session | None", conn.session)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .api import current_actor
 from .auth import write_private
 from .composer import HengeService
+from .context import current_actor
 
 __all__ = ["HengeService", "current_actor", "write_private"]

@@ -6,12 +6,8 @@ its port only.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import difflib
-import json
 import time
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import models
 from ..errors import (
@@ -23,39 +19,23 @@ from ..errors import (
     UnknownVersion,
     ValidationFailed,
 )
-from ..models import ConfigVersion, Device, rfc3339
+from ..models import ConfigVersion, Device
 from ..ports import BrokerPort, KickResult
 from ..rollouts import Policy, check_waves, parse_max_rejected
 from ..settings import Settings
 from ..store import DeviceReports, Store, StoreWorker
 from ..topics import Topics
-from .configs import Configs, Progress
+from .configs import Configs
+from .context import current_actor, unified_diff, utc_text
 from .events import Events
-from .fleet import FleetWatch
+from .fleet import FleetWatch, Progress
 from .fleet import answer as fleet_answer
 from .presence import iso
 from .reports import Reports
+from .rollouts import Rollouts
 from .schemas import Schemas, display, selector_of
 
 PROGRESS_KEYS = ("targeted", "devices", "online", "delivered", "applied", "rejected", "pending")
-
-if TYPE_CHECKING:
-    from .rollouts import Rollouts
-
-# Who is acting: the admin identity of the request being served, else the embedding application.
-current_actor: contextvars.ContextVar[str] = contextvars.ContextVar("henge_actor", default="library")
-
-
-def unified_diff(old: Any, new: Any, old_name: str, new_name: str) -> str:
-    """Two JSON documents as a unified diff of their indented, key-sorted text (as ``henge diff``)."""
-    return "\n".join(difflib.unified_diff(json.dumps(old, indent=2, sort_keys=True).splitlines(),
-                                          json.dumps(new, indent=2, sort_keys=True).splitlines(),
-                                          fromfile=old_name, tofile=new_name, lineterm=""))
-
-
-def utc_text(stamp: str | None) -> str | None:
-    """The store's ISO time as the one format of every time henge shows: RFC 3339, UTC, ``Z``."""
-    return rfc3339(datetime.fromisoformat(stamp)) if stamp else None
 
 
 class ServiceAPI:
@@ -169,7 +149,7 @@ class ServiceAPI:
             entry["at"] = utc_text(entry["at"])
         # A removed device's trail is still there; only an id never seen is unknown.
         if device is not None and not entries and not store.has_device(device):
-            raise UnknownDevice(f"unknown device {device!r}")
+            raise UnknownDevice(device)
         return entries
 
     async def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None) -> list[str]:
@@ -179,7 +159,7 @@ class ServiceAPI:
         if not devices:
             what = "no devices are registered" if all_devices else (
                 "no device has the labels " + ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items())))
-            raise UnknownDevice(f"{what}; nothing was stored")
+            raise UnknownDevice(None, message=what, also="nothing was stored")
         return devices
 
     async def push(self, device: str, config: dict[str, Any], *, message: str = "",
@@ -255,7 +235,7 @@ class ServiceAPI:
 
     async def kick(self, device: str) -> KickResult:
         if not self.store.has_device(device):
-            raise UnknownDevice(f"unknown device {device!r}")
+            raise UnknownDevice(device)
         result = await self.broker.kick(device)
         await self.worker.run(self.store.record_audit, current_actor.get(), "kick", device,
                               {"was_connected": result.kicked, "supported": result.supported})
@@ -265,7 +245,7 @@ class ServiceAPI:
 
     async def clear_conflict(self, device: str) -> bool:
         if not self.store.has_device(device):
-            raise UnknownDevice(f"unknown device {device!r}")
+            raise UnknownDevice(device)
         cleared = self.broker.clear_conflict(device)
         await self.worker.run(self.store.record_audit, current_actor.get(), "clear_conflict", device,
                               {"had_conflict": cleared})
@@ -282,7 +262,7 @@ class ServiceAPI:
         if device is not None:
             source, _ = await self.worker.run(store.status_source, device=device)
             if not source:
-                raise UnknownDevice(f"unknown device {device!r}")
+                raise UnknownDevice(device)
         rows: list[dict[str, Any]] = []
         now = time.time()
         batch = -1 if limit is None else max(2 * limit, 500)
@@ -353,6 +333,8 @@ class ServiceAPI:
                             layer: dict[str, Any] | None = None) -> dict[str, Any]:
         """A staged rollout of ``config`` (as each target's own layer), or of a layer change
         (``layer``: name, content, labels, priority); see docs/rollouts.md."""
+        if not all_devices and not labels and layer is None:
+            raise ValidationFailed("select the rollout's devices with --all or --label k=v (or stage a --layer change)")
         if layer is not None and (all_devices or labels):
             raise ValidationFailed("a layer change's targets are the devices it alters: no --all or --label with it")
         if layer is not None:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..datadir import DataDirLock
 from ..errors import ServiceUnavailable
 from ..models import Event
 from ..paths import ADMIN_SOCKET, SERVICE_FILE
@@ -31,19 +32,19 @@ from ..settings import Settings
 from ..store import Store, StoreWorker
 from ..tasks import TaskSet
 from ..topics import Topics
-from . import admin
-from .api import ServiceAPI, current_actor
+from .admin import handle as handle_admin
+from .api import ServiceAPI
 from .auth import Auth, admin_secret, write_private
 from .configs import Configs
+from .context import current_actor
 from .events import EventListener, Events
-from .lock import DataDirLock
 from .presence import PresencePublisher, iso
 from .reports import Reports
 from .rollouts import Rollouts
 from .schemas import Schemas
 
 if TYPE_CHECKING:
-    from ..pg import Lease
+    from ..store.pg import Lease
 
 log = logging.getLogger("henge_mqtt.service")
 
@@ -99,7 +100,7 @@ class HengeService(ServiceAPI):
         self._worker = StoreWorker(store)
         try:
             if store.url is not None:  # several instances may share this store: one writes at a time
-                from ..pg import Lease
+                from ..store.pg import Lease
 
                 self._lease = await asyncio.to_thread(Lease, store.url)
                 self._write_standby_file()
@@ -299,7 +300,7 @@ class HengeService(ServiceAPI):
 
     async def _admin(self, payload: bytes, actor: str) -> None:
         current_actor.set(actor)  # this task's context only
-        await admin.handle(self, payload)
+        await handle_admin(self, payload)
 
     def session_actions(self, actions: Sequence[Action]) -> None:
         for action in actions:

@@ -18,12 +18,15 @@ from ..ports import BrokerPort
 from ..store import StoreWorker
 from ..topics import Topics
 from .events import Events
+from .fleet import Progress
 from .schemas import Schemas
 
 FIRST_CHUNK = 100
 MAX_CHUNK = 2000
 PUBLISH_SLICE = 250
-Progress = Callable[[dict[str, Any]], None]
+def no_progress(_: dict[str, Any]) -> None:
+    """A progress callback for callers that do not show progress."""
+    return None
 
 
 JSON_PROPS: dict[int, object] = {0x01: 1, 0x03: "application/json"}  # Payload Format Indicator, Content Type
@@ -142,7 +145,7 @@ class Configs:
         store = self.worker.store
         for device in devices:
             if not store.has_device(device):
-                raise UnknownDevice(f"unknown device {device!r}; nothing was stored")
+                raise UnknownDevice(device, also="nothing was stored")
         async with self.schema_lock:
             return await self._push_many(devices, config, actor=actor, message=message, progress=progress,
                                          force=force)

@@ -17,14 +17,39 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import SchemaViolation, ValidationFailed
 from ..rollouts import Policy, WaveCount, decide, plan
-from .api import current_actor, utc_text
+from .context import current_actor, utc_text
 
 if TYPE_CHECKING:
-    from .composer import HengeService
+    from ..ports import BrokerPort
+    from ..store import Store, StoreWorker
+    from .configs import Configs
+    from .events import Events
+    from .reports import Reports
+    from .schemas import Schemas
+
+
+class Host(Protocol):
+    """What the rollout runner needs of the service that wires it (the composer implements it;
+    this module never imports the composer)."""
+
+    @property
+    def store(self) -> Store: ...
+    @property
+    def worker(self) -> StoreWorker: ...
+    @property
+    def broker(self) -> BrokerPort: ...
+
+    configs: Configs
+    events: Events
+    reports: Reports
+    schemas: Schemas
+
+    async def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None) -> list[str]: ...
+    def spawn(self, coro: Any) -> asyncio.Task[Any]: ...
 
 log = logging.getLogger("henge_mqtt.service")
 COALESCE = 0.05  # after a wake-up, let the rest of a burst of reports land before counting
@@ -32,7 +57,7 @@ TICK = 1.0  # the longest a runner sleeps without looking (reports and commands 
 
 
 class Rollouts:
-    def __init__(self, svc: HengeService) -> None:
+    def __init__(self, svc: Host) -> None:
         self.svc = svc
         self._pokes: dict[str, asyncio.Event] = {}
         self._delivered: dict[str, set[str]] = {}  # rollout -> devices that acknowledged (this run only)

@@ -123,7 +123,7 @@ class PgConnection:
             return _Rows([("wal",)])  # PostgreSQL's own write-ahead log
         return _Rows([])  # foreign_keys (always on), synchronous, busy_timeout: PostgreSQL's own
 
-    def backup(self, target: Any) -> None:
+    def backup(self, target: Any, /) -> None:
         raise NotSupported("with PostgreSQL, back up with pg_dump (henge backup copies SQLite stores)")
 
     def close(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import SettingsError, ValidationFailed
+from ..errors import SettingsError, ValidationFailed
 
 
 def identities(data_dir: Path, admin_name: str, url: str | None = None, *,
@@ -19,9 +19,9 @@ def identities(data_dir: Path, admin_name: str, url: str | None = None, *,
     only the admin credentials, and is created. The data dir's lock is taken when no service holds
     it (a running service is fine: the store is only read, the admin identity already exists).
     """
+    from ..datadir import DataDirLock
+    from ..store import DB_FILE, Store
     from .service.auth import admin_secret
-    from .service.lock import DataDirLock
-    from .store import DB_FILE, Store
 
     if url is None and not (data_dir / DB_FILE).exists() and not init:
         raise ValidationFailed(f"no henge store in {data_dir} (no {DB_FILE}): check --data, or pass --init to "

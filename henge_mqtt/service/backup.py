@@ -8,28 +8,9 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from .errors import ServiceUnavailable, StoreError, ValidationFailed
-from .paths import ADMIN_SOCKET
-from .service.lock import DataDirLock
-from .store import DB_FILE, Store
-
-
-def service_running(data_dir: Path) -> bool:
-    """Whether a service answers on the data dir's admin socket."""
-    import socket
-
-    path = data_dir / ADMIN_SOCKET
-    if not path.exists():
-        return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
+from ..datadir import DataDirLock, service_running
+from ..errors import ServiceUnavailable, StoreError, ValidationFailed
+from ..store import DB_FILE, Store
 
 
 def backup_stopped(data_dir: Path, target: Path) -> int | None:

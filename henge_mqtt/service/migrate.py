@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ValidationFailed
-from .service.lock import DataDirLock
-from .store import Store
+from ..datadir import DataDirLock
+from ..errors import ValidationFailed
+from ..store import Store
 
 TABLES = ("meta", "devices", "admins", "config_versions", "device_reports", "audit", "api_tokens", "schemas", "layers",
           "rollouts", "rollout_devices", "version_reports", "mqtt_sessions")

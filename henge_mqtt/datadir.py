@@ -1,4 +1,9 @@
-"""One service per data dir: an exclusive lock on ``DATA/lock`` for the process's lifetime.
+"""A data dir's occupancy: who holds it (the lock) and whether a service answers on it (the probe).
+
+Neutral ground: the service takes the lock; the offline commands (backup, restore, migrate,
+broker-config) step aside for a running service or take it themselves.
+
+One service per data dir: an exclusive lock on ``DATA/lock`` for the process's lifetime.
 
 Two services on one data dir would both write the store and overwrite each other's
 ``service.json``. The lock is ``flock``: the kernel releases it when the process dies, so a stale
@@ -13,7 +18,8 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import ServiceUnavailable, StoreError
+from .errors import ServiceUnavailable, StoreError
+from .paths import ADMIN_SOCKET
 
 LOCK_FILE = "lock"
 
@@ -65,3 +71,21 @@ class DataDirLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+
+def service_running(data_dir: Path) -> bool:
+    """Whether a service answers on the data dir's admin socket."""
+    import socket
+
+    path = data_dir / ADMIN_SOCKET
+    if not path.exists():
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

@@ -1,0 +1,71 @@
+"""``henge agent``: the device side, for devices that have a shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import app
+from .common import _log_level, fail, user_errors
+
+# ---- the device agent ----------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def agent(
+    broker: Annotated[str, typer.Option("--broker", help="mqtt://host:port of the gateway.")],
+    device: Annotated[str, typer.Option("--device", help="This device's id.")],
+    secret_file: Annotated[Path, typer.Option("--secret-file", help="File holding the device secret.")],
+    write: Annotated[Path | None, typer.Option("--write", help="Write each config (JSON) to FILE atomically.")] = None,
+    exec_: Annotated[str | None, typer.Option("--exec", help="Run CMD with the config on stdin; non-zero exit "
+                                              "rejects it with CMD's stderr as the error.")] = None,
+    state: Annotated[Path | None, typer.Option("--state", help="State file (default ./ID.henge-state.json).")] = None,
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "henge",
+    mqtt: Annotated[str, typer.Option("--mqtt", help="Protocol: 5 (default; the server says why it closes a "
+                                       "connection) or 3.1.1.")] = "5",
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Run on a device: apply each new config, report the outcome, reconnect forever."""
+    from urllib.parse import urlsplit
+
+    from ..device import Agent, exec_applier, parse_exec, write_file_applier
+    from ..ids import device_id_problem
+
+    if (write is None) == (exec_ is None):
+        fail("give exactly one of --write FILE or --exec CMD", 2)
+    if mqtt not in ("5", "5.0", "3.1.1"):
+        fail(f"--mqtt must be 5 or 3.1.1, not {mqtt!r}", 2)
+    problem = device_id_problem(device)
+    if problem:
+        fail(problem, 2)
+    parts = urlsplit(broker)
+    if parts.scheme != "mqtt" or not parts.hostname:
+        fail(f"invalid broker URL {broker!r}: expected mqtt://host:port", 2)
+    try:
+        secret = secret_file.read_text().strip()
+    except OSError as exc:
+        fail(f"cannot read the secret file {secret_file}: {exc.strerror or exc}")
+    try:
+        applier = write_file_applier(write) if write is not None else exec_applier(parse_exec(exec_ or ""))
+    except ValueError as exc:
+        fail(str(exc), 2)
+    logging.basicConfig(level=_log_level(log_level),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    worker = Agent(parts.hostname, parts.port or 1883, device, secret, applier,
+                   state or Path(f"{device}.henge-state.json"), topic_prefix=topic_prefix, mqtt5=mqtt != "3.1.1")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await worker.run(stop)
+
+    asyncio.run(main())

@@ -1,0 +1,191 @@
+"""Commands on configs: push (one device, or a fleet with --all/--label), get, history, diff,
+rollback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .app import app
+from .common import (
+    EXIT_REJECTED,
+    EXIT_TIMEOUT,
+    BrokerOpt,
+    DataOpt,
+    JsonOpt,
+    TimeoutOpt,
+    WaitOpt,
+    WaitTimeoutOpt,
+    _call,
+    _call_then_wait,
+    _emit,
+    _endpoint,
+    _labels,
+    _read_config,
+    _report_outcome,
+    _run,
+    fail,
+    op_help,
+    user_errors,
+)
+from .render import _color, _table, fleet_failure, fleet_lines
+
+# ---- configs -----------------------------------------------------------------------------------
+
+
+@app.command(help=op_help("push", 'With --all or --label, to many devices at once (answered per device).'))
+@user_errors
+def push(
+    target: Annotated[str | None, typer.Argument(metavar="ID", help="The device (omit with --all/--label).")]
+    = None,
+    source: Annotated[str | None, typer.Argument(metavar="FILE|-", help="JSON file, or - for stdin.")] = None,
+    all_devices: Annotated[bool, typer.Option("--all", help="Push to every device.")] = False,
+    label: Annotated[list[str] | None, typer.Option("--label", help="Push to devices with label k=v.")] = None,
+    if_version: Annotated[int | None, typer.Option("--if-version", min=0,
+                                                   help="Fail unless the current version is N.")] = None,
+    message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
+    force: Annotated[bool, typer.Option("--force", help="A new version even if the content is unchanged.")]
+    = False,
+    patch: Annotated[bool, typer.Option("--patch", help="FILE is an RFC 7396 merge patch of the current "
+                                        "config (null removes a key).")] = False,
+    wait: WaitOpt = False,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: WaitTimeoutOpt = 10.0,
+) -> None:
+    if target is None:
+        fail("missing FILE: henge push --all FILE or --label k=v FILE" if all_devices or label else
+             "missing ID and FILE: henge push ID FILE|- (or henge push --all FILE)", 2)
+    if all_devices or label:
+        if source is not None:
+            fail("with --all or --label give only the FILE, no device id", 2)
+        if if_version is not None or patch:
+            fail("--if-version and --patch apply to a single device", 2)
+        _push_many(_read_config(target), all_devices, _labels(label), message, data, broker, as_json, timeout,
+                   force, wait)
+        return
+    if source is None:
+        fail("missing FILE: henge push ID FILE|-", 2)
+    device = target
+    document = _read_config(source)
+    args: dict[str, Any] = {"device": device, "patch" if patch else "config": document, "message": message,
+                            "force": force}
+    if if_version is not None:
+        args["if_version"] = if_version
+    result, outcome = _call_then_wait(data, broker, timeout, "push", timeout if wait else None, **args)
+    if result.get("unchanged"):
+        line = f"{result['device']}: unchanged, still version {result['version']} (--force stores it again)"
+    else:
+        line = f"{result['device']}: version {result['version']} ({result['sha256'][:12]})"
+    _report_outcome(result, outcome, as_json, line)
+
+
+def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str], message: str,
+               data: Path | None, broker: str | None, as_json: bool, timeout: float, force: bool,
+               wait: bool) -> None:
+    show = sys.stderr.isatty() and not as_json
+
+    def progress(state: dict[str, Any]) -> None:
+        if not show:
+            return
+        if "applied" in state:
+            done, total = state["applied"] + state["rejected"], state["devices"]
+            what = (f"devices reported ({state['rejected']} rejected)" if wait else
+                    f"delivered {state['delivered']}" if state.get("delivered") is not None else "published")
+            if not wait and state.get("delivered") is not None:
+                done, total, what = state["delivered"], state["online"], "online devices acknowledged"
+        else:  # still storing and publishing, chunk by chunk
+            done, total, what = state.get("stored", 0), state.get("of", 0), "devices stored and published"
+        width = 30
+        filled = width * done // total if total else width
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what}   ")
+        sys.stderr.flush()
+
+    async def go() -> Any:
+        from ..client import AdminClient
+
+        async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
+            args: dict[str, Any] = {"all": all_devices, "labels": labels, "config": config, "message": message,
+                                    "delivery_timeout": min(timeout, 30.0), "force": force}
+            if wait:
+                args["report_timeout"] = timeout
+            return await client.call("push_many", wait=timeout + min(timeout, 30.0) + 10, progress=progress, **args)
+
+    result = _run(go())
+    if show:
+        sys.stderr.write("\n")
+    if as_json:
+        _emit(result, True, str)
+    else:
+        typer.echo(fleet_lines(result, wait))
+    if wait and result["rejected"]:
+        fail(fleet_failure(result), EXIT_REJECTED)
+    if wait and result["pending"]:
+        fail(fleet_failure(result), EXIT_TIMEOUT)
+
+
+@app.command(help=op_help("get", 'The config itself; --json for the whole record.'))
+def get(
+    device: str,
+    version: Annotated[int | None, typer.Option("--version", min=1, help="Default: the current one.")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Per key, the layer that set it.")] = False,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
+) -> None:
+    args: dict[str, Any] = {"device": device}
+    if version is not None:
+        args["version"] = version
+    if explain:
+        leaves = _call(data, broker, timeout, "explain", **args)
+        people = [{"key": leaf["pointer"] or "/", "value": json.dumps(leaf["value"]), "layer": leaf["layer"]}
+                  for leaf in leaves]
+        _emit(leaves, as_json, lambda _: _table(people, ["key", "value", "layer"]) if people else "(empty config)")
+        return
+    result = _call(data, broker, timeout, "get", **args)
+    _emit(result, as_json, lambda r: json.dumps(r["config"], indent=2, sort_keys=True))
+
+
+@app.command(help=op_help("history"))
+def history(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+            timeout: TimeoutOpt = 10.0) -> None:
+    rows = _call(data, broker, timeout, "history", device=device)
+    people = []
+    for row in rows:
+        report = row.get("report")
+        said = None if not report else "applied" if report["status"] == "applied" else (
+            "rejected: " + (" ".join((report["error"] or "").split()) or "no reason given"))
+        people.append(row | {"sha": row["sha256"][:12], "report": said})
+    _emit(rows, as_json, lambda _: _table(people, ["version", "created_at", "actor", "sha", "report", "message"]))
+
+
+@app.command(help=op_help("diff", 'Exit 1 when they differ, like diff(1).'))
+def diff(device: str, a: int, b: int, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+         timeout: TimeoutOpt = 10.0) -> None:
+    result = _call(data, broker, timeout, "diff", device=device, a=a, b=b)
+    color = _color()
+
+    def paint(line: str) -> str:
+        if not color or line.startswith(("+++", "---")):
+            return line
+        fg = "green" if line.startswith("+") else "red" if line.startswith("-") else "cyan" if line.startswith(
+            "@@") else None
+        return typer.style(line, fg=fg) if fg else line
+
+    _emit(result, as_json, lambda r: "\n".join(paint(line) for line in r["diff"].splitlines()) or "(no differences)")
+    if not result["same"]:
+        raise typer.Exit(1)
+
+
+@app.command(help=op_help("rollback"))
+def rollback(
+    device: str, version: int,
+    message: Annotated[str, typer.Option("-m", "--message")] = "",
+    wait: WaitOpt = False,
+    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: WaitTimeoutOpt = 10.0,
+) -> None:
+    result, outcome = _call_then_wait(data, broker, timeout, "rollback", timeout if wait else None,
+                                      device=device, version=version, message=message)
+    _report_outcome(result, outcome, as_json,
+                    f"{result['device']}: version {result['version']} (content of version {version})")

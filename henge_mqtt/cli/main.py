@@ -1,0 +1,67 @@
+"""The CLI's one exit: ``main`` runs the command tree and turns every failure into one line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, NoReturn
+
+import typer
+
+from ..errors import HengeError
+from .app import app
+from .common import EXIT_TIMEOUT
+
+
+def command() -> Any:
+    """The click command tree of ``henge``, with usage lines in the plain form people read in man
+    pages (``henge push [OPTIONS] [ID] [FILE|-]``, ``henge diff [OPTIONS] DEVICE A B``): typer marks a
+    required argument ``{ID}`` (and lower-cases one without a metavar), which reads like a
+    placeholder to fill in braces and all."""
+    root = typer.main.get_command(app)
+
+    def plain(cmd: Any) -> None:  # a click command (typer's own copy of click, from typer 0.26 on)
+        typed = cmd.collect_usage_pieces
+
+        def pieces(ctx: Any) -> list[str]:
+            return [(p[1:-1] if p.startswith("{") and p.endswith("}") else p).upper() for p in typed(ctx)]
+
+        cmd.collect_usage_pieces = pieces
+        for sub in getattr(cmd, "commands", {}).values():
+            plain(sub)
+
+    plain(root)
+    return root
+
+
+def main() -> None:
+    """The CLI's one exit: every failure is one ``error:`` line and a documented exit code, never a
+    traceback (usage errors 2, failures 1; ``HENGE_DEBUG=1`` shows the traceback of an unexpected one)."""
+    from typer.exceptions import TyperException
+
+    try:
+        code = command()(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _fatal("interrupted", 130)
+    except TyperException as exc:  # a usage error: one line, not a box
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _fatal(message, int(getattr(exc, "exit_code", 2)))
+    except HengeError as exc:
+        _fatal(str(exc), EXIT_TIMEOUT if exc.code == "timeout" else 1)
+    except KeyboardInterrupt:
+        _fatal("interrupted", 130)
+    except Exception as exc:  # the last guard: a bug must still not print a traceback at an operator
+        if os.environ.get("HENGE_DEBUG"):
+            raise
+        _fatal(f"unexpected failure: {exc!r} (run with HENGE_DEBUG=1 for the traceback)", 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fatal(message: str, code: int) -> NoReturn:
+    """One ``error:`` line per line of the message (a schema refusal has one per violation)."""
+    lines = [" ".join(line.split()) for line in message.splitlines() if line.strip()] or [""]
+    sys.stderr.write("".join(f"error: {line}\n" for line in lines))
+    sys.exit(code)

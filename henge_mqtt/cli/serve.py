@@ -1,0 +1,244 @@
+"""``henge serve``: the options become :class:`Settings`; :class:`ServeRunner` owns the lifecycle
+(signals, a standby's wait, the HTTP and metrics servers, fencing, the exit code), apart from the
+command the way uvicorn keeps ``Server`` apart from ``main``: testable in-process, no global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from ..service import HengeService
+    from ..settings import Settings
+
+from .app import app
+from .common import DataOpt, _log_level, fail, user_errors
+
+# ---- serve -------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def serve(
+    data: DataOpt = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Broker YAML file (see broker_config/).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Listener address (overrides the config).")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="Listener port; 0 picks one.")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")] = "info",
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=0, max=65535, help="Serve Prometheus metrics on this port (off by default).")] = None,
+    metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address for --metrics-port.")] = "127.0.0.1",
+    external: Annotated[str | None, typer.Option(
+        "--broker", help="mqtt[s]://host:port of an existing broker's admin listener: run without the embedded "
+        "broker (see docs/scaling.md).")] = None,
+    broker_ca: Annotated[Path | None, typer.Option("--broker-ca", help="CA file for mqtts://.")] = None,
+    broker_cert: Annotated[Path | None, typer.Option("--broker-cert", help="Client certificate for mqtts://.")] = None,
+    broker_key: Annotated[Path | None, typer.Option("--broker-key", help="Client key for mqtts://.")] = None,
+    http: Annotated[str | None, typer.Option(
+        "--http", metavar="HOST:PORT", envvar="HENGE_HTTP", help="Serve the HTTP API and console here (default "
+        "127.0.0.1:8080, or henge.http in --config; port 0 picks a free one).")] = None,
+    no_http: Annotated[bool, typer.Option("--no-http", help="No HTTP API or console.")] = False,
+    store: Annotated[str | None, typer.Option("--store", metavar="URL", help="postgresql://user@host/db: keep the "
+                                              "store in PostgreSQL (default: SQLite in the data dir).")] = None,
+) -> None:
+    """Run the service (with its embedded broker, or against --broker) until SIGINT/SIGTERM."""
+    from ..settings import Settings
+
+    logging.basicConfig(
+        level=_log_level(log_level),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    os.umask(0o077)  # the store, its WAL and every file henge writes: for the service's user only
+    settings = Settings.load(config, data_dir=data, host=host, port=port)
+    if external:
+        if host is not None or port is not None:
+            fail("--host/--port configure the embedded broker; with --broker there is none", 2)
+        from ..external import parse_broker_url
+
+        parse_broker_url(external)
+        settings = settings.model_copy(update={"external_broker": external, "external_ca": broker_ca,
+                                               "external_cert": broker_cert, "external_key": broker_key})
+    if store is not None:
+        if not store.startswith(("postgresql://", "postgres://")):
+            fail(f"--store wants a postgresql:// URL, not {store.split('://')[0]!r}", 2)
+        settings = settings.model_copy(update={"store": store})
+    if no_http and http and http != os.environ.get("HENGE_HTTP"):  # (HENGE_HTTP is a default --no-http overrides)
+        fail("--http and --no-http contradict each other", 2)
+    if no_http or http:
+        settings = settings.model_copy(update={"http": None if no_http else http})
+    http_address = None
+    if settings.http:
+        from ..http import parse_address
+
+        http_address = parse_address(settings.http)
+    _raise_file_limit()
+
+    runner = ServeRunner(settings, http_address=http_address,
+                         metrics=(metrics_host, metrics_port) if metrics_port is not None else None)
+    try:
+        asyncio.run(runner.run())
+    except OSError as exc:
+        fail(f"cannot start the service: {exc.strerror or exc}")
+    if runner.fenced:
+        typer.echo("error: another instance took the store's lease; this one stopped (see the log)", err=True)
+        logging.shutdown()
+        os._exit(1)
+    # Everything is flushed and closed; skip the interpreter's object-by-object teardown.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+class ServeRunner:
+    """One run of the service as ``henge serve`` runs it, until SIGINT/SIGTERM (or :meth:`stop`).
+
+    Owns what the library's ``async with HengeService`` leaves to its caller: the signals, a
+    standby's wait for the store's lease (a signal ends that too), the HTTP API and metrics servers,
+    the process's collector and switch-interval settings, and what ended the run (:attr:`fenced`:
+    another instance took the PostgreSQL store's lease). ``echo`` gets the banner lines.
+    """
+
+    def __init__(self, settings: Settings, *, http_address: tuple[str, int] | None = None,
+                 metrics: tuple[str, int] | None = None, echo: Callable[[str], None] | None = None,
+                 handle_signals: bool = True, tune_process: bool = True) -> None:
+        self.settings = settings
+        self.http_address = http_address
+        self.metrics = metrics
+        self.echo = echo or (lambda line: typer.echo(line, err=True))
+        self.handle_signals = handle_signals
+        self.tune_process = tune_process
+        self.service: HengeService | None = None
+        self.fenced = False
+        self._stop: asyncio.Event | None = None
+        self.started = asyncio.Event()  # set once the service serves (the banner is out)
+
+    def stop(self) -> None:
+        """End the run (as SIGTERM does); safe before the run has started its loop."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self) -> None:
+        from ..service import HengeService
+
+        stop = self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if self.handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+        loop.set_exception_handler(_quiet_loop_errors())
+        service = self.service = HengeService(self.settings)
+        # A standby (a PostgreSQL store another instance holds) waits in start(): a signal must end that too.
+        starting = asyncio.create_task(service.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        stopping.cancel()
+        starting.result()
+        fenced = asyncio.create_task(service.fenced.wait())
+        fenced.add_done_callback(lambda _: stop.set())
+        try:
+            await self._serve(service, stop)
+        finally:
+            fenced.cancel()
+            self.fenced = service.fenced.is_set()
+
+    async def _serve(self, service: HengeService, stop: asyncio.Event) -> None:
+        settings = self.settings
+        async with service, contextlib.AsyncExitStack() as stack:
+            bound_host, bound_port = service.address
+            web = None
+            if self.http_address is not None:
+                from ..http import HttpServer
+                from ..http.tokens import first_run_token
+
+                token_file = await first_run_token(service)  # before the port opens: a client finds it there
+                web = await stack.enter_async_context(HttpServer(
+                    service, *self.http_address, certfile=settings.http_certfile, keyfile=settings.http_keyfile))
+                self.echo(f"henge: console on {web.url}" + (
+                    f" (first-run admin token in {token_file})" if token_file else ""))
+            metrics = None
+            if self.metrics is not None:
+                from ..metrics import MetricsServer
+
+                metrics = MetricsServer(service, *self.metrics)
+                self.echo(f"henge: metrics on http://{self.metrics[0]}:{metrics.port}/metrics")
+            if self.tune_process:
+                # Start-up objects live as long as the process: keep the collector from rescanning them,
+                # and collect less often (a fleet of connections is many long-lived objects).
+                gc.freeze()
+                # The store's thread and the loop share the GIL: a loop thread that gives it up for every
+                # send() must not wait the default 5 ms each time to get it back (the convoy effect).
+                sys.setswitchinterval(0.0005)
+                gc.set_threshold(50_000, 20, 100)
+            if settings.external_broker:
+                self.echo(f"henge: serving through the broker at {settings.external_broker} (its admin listener; "
+                          f"data: {settings.data_dir}); {_device_listener(settings.data_dir)}")
+            else:
+                self.echo(f"henge: serving on mqtt://{bound_host}:{bound_port} (devices and admin; data: "
+                          f"{settings.data_dir})")
+            self.started.set()
+            await stop.wait()
+            self.echo("henge: shutting down")
+            if self.tune_process:
+                gc.disable()  # tearing down 10,000 connections makes garbage a collection would only rescan
+            if metrics is not None:
+                metrics.close()
+            # The HTTP server's own shutdown waits on timers; it runs while the broker closes its
+            # connections, not after (the later exits then have nothing left to do).
+            await asyncio.gather(*([web.stop()] if web is not None else []), service.stop())
+            if self.tune_process:
+                gc.enable()
+
+
+def _device_listener(data_dir: Path) -> str:
+    """Where devices connect in external mode: the broker's device listener, as broker-config wrote it."""
+    from ..paths import BROKER_FILE
+
+    try:
+        known = json.loads((data_dir / BROKER_FILE).read_text())
+        return f"devices connect to the broker at mqtt://{known['device_listener']} (from broker-config)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "devices connect to the broker's own device listener (see its configuration)"
+
+
+def _raise_file_limit() -> None:
+    """Every device is a socket: lift the soft open-file limit to the hard one, and say so."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logging.getLogger(__name__).warning("serve.file_limit_unchanged error=%s", exc)
+    now_soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    logging.getLogger(__name__).info("serve.file_limit soft=%d (was %d) hard=%d", now_soft, soft, hard)
+
+
+def _quiet_loop_errors() -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """asyncio logs a traceback per failed accept() (e.g. out of file descriptors): at most a line a second."""
+    from ..logs import LogLimiter
+
+    limiter = LogLimiter(logging.getLogger("henge_mqtt.loop"), rate=1.0)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        limiter.log(logging.ERROR, "loop.error", "%s %s", context.get("message", ""), repr(exc) if exc else "")
+
+    return handler

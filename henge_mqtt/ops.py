@@ -1,0 +1,232 @@
+"""Every operation of the service, declared once.
+
+An operation has a name (the admin protocol's ``op``), the least role allowed to run it (the HTTP
+API's tokens; the admin identity can run them all), a one-line doc, its argument and result models
+and the HTTP routes that run it. From this one table:
+
+- the admin protocol's dispatch validates ``args`` with the named model and runs the handler
+  registered for the name (``service/handlers.py``; a missing or extra handler fails at import);
+- the HTTP API takes each route's role and summary from it (``x-henge-op`` and ``x-henge-role`` in
+  the OpenAPI document; a test checks both ways that routes and table agree);
+- the CLI takes its commands' help lines from it;
+- docs/protocol.md's op table and docs/http.md's route table are generated from it
+  (``python -m henge_mqtt.ops`` prints them; ``tests/test_docs.py`` checks the files).
+
+Models are named, not imported: this module is plain data, so the CLI reads it without loading
+pydantic (``henge --help`` stays quick). ``args`` names a model in :mod:`henge_mqtt.models`;
+``result`` names one of the result types there (pydantic models or ``TypedDict``s, checked by mypy
+where the service builds them).
+
+Adding an operation is one entry here, one handler, and the service method it calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .roles import Role
+
+Method = Literal["GET", "PUT", "PATCH", "POST", "DELETE"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: Method
+    path: str  # under /api/v1
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    name: str
+    role: Role
+    doc: str  # one line: the CLI's help, the route's summary, the docs' table
+    args: str  # a model in henge_mqtt.models
+    args_doc: str  # the fields as the protocol table lists them
+    result: str  # what the reply's ``result`` holds
+    routes: tuple[Route, ...] = ()
+    admin: bool = True  # False: an HTTP-only view (the console's), not on the admin topic
+
+
+def _r(spec: str) -> Route:
+    method, path = spec.split(" ", 1)
+    return Route(method, path)  # type: ignore[arg-type]
+
+
+def _op(name: str, role: Role, doc: str, args: str, args_doc: str, result: str, *routes: str,
+        admin: bool = True) -> Op:
+    return Op(name, role, doc, args, args_doc, result, tuple(_r(r) for r in routes), admin)
+
+
+TABLE: tuple[Op, ...] = (
+    # ---- devices ---------------------------------------------------------------------------------------
+    _op("device.add", "admin", "Register a device; its secret is shown only this once.",
+        "DeviceAddArgs", "`device`, `labels`", "`{device, labels, secret}`", "POST /devices"),
+    _op("device.list", "viewer", "List devices with their labels and current version.",
+        "StatusArgs", "", "list of devices"),
+    _op("device.show", "viewer", "Show one device: its labels and its status row.",
+        "DeviceRefArgs", "`device`", "device with `status`", "GET /devices/{device}"),
+    _op("device.remove", "admin", "Remove a device, its history and its retained topics; its connection is closed.",
+        "DeviceRefArgs", "`device`", "`{device, removed}`", "DELETE /devices/{device}"),
+    _op("device.rotate_secret", "admin",
+        "Give a device a new secret (shown once); the old one stops working and its connection is closed.",
+        "DeviceRefArgs", "`device`", "`{device, secret}`", "POST /devices/{device}/secret"),
+    _op("device.import", "admin", "Create many devices in one transaction (all or nothing).",
+        "ImportArgs", "`devices: [{id, labels}]`, `update?`",
+        "`{secrets: {id: secret}, updated}`; all or nothing (`update`: existing devices get the labels given)",
+        "POST /devices/import"),
+    _op("device.label", "admin", "Set and remove a device's labels.",
+        "LabelArgs", "`device`, `set: {k: v}`, `remove: [k]`", "`{device, labels}`", "PATCH /devices/{device}/labels"),
+    _op("device.export", "viewer", "Every device with its labels, ready for import.",
+        "StatusArgs", "", "`[{id, labels}]`"),
+    _op("status", "viewer", "Devices with their connection state, versions and sync.",
+        "StatusArgs", "`device?`, `labels?`, `state?`, `sync?`, `conflict?`",
+        "one status object per device (`GET /devices` pages them: `limit`, `cursor`, `q`)", "GET /devices"),
+    _op("summary", "viewer", "Fleet counts at a glance: online, offline, quarantined, conflicts, sync.",
+        "StatusArgs", "", "`{devices, online, offline, quarantined, conflicts, sync: {in_sync, pending, rejected, "
+        "unknown, invalid}}`", "GET /summary"),
+    _op("kick", "operator", "Close a device's current connection.",
+        "DeviceRefArgs", "`device`", "`{device, kicked, supported, detail}`; with an external broker `kicked` and "
+        "`supported` are false and `detail` says why", "POST /devices/{device}/kick"),
+    _op("clear_conflict", "operator", "Clear a device's identity-conflict flag and any quarantine.",
+        "DeviceRefArgs", "`device`", "`{device, cleared}`", "POST /devices/{device}/clear-conflict"),
+    # ---- configs ---------------------------------------------------------------------------------------
+    _op("push", "operator",
+        "Store a new config version for a device and publish it; unchanged content stores nothing.",
+        "PushArgs", "`device`, `config` or `patch` (RFC 7396), `if_version?`, `message?`, `force?`",
+        "the version (without config) and `unchanged`: true when the content equalled the current one and "
+        "nothing was stored (unless `force`)", "PUT /devices/{device}/config", "PATCH /devices/{device}/config"),
+    _op("get", "viewer", "A config version (the current one unless a version is given), with the device's report.",
+        "GetArgs", "`device`, `version?`", "the version with its config and `report`",
+        "GET /devices/{device}/config", "GET /devices/{device}/versions/{version}"),
+    _op("history", "viewer", "Every version of a device's config, each with the device's report of it.",
+        "DeviceRefArgs", "`device`", "all versions (without configs), each with `report`: `{status, error, at, "
+        "epoch}` or null", "GET /devices/{device}/versions"),
+    _op("diff", "viewer", "What changed between two versions of a device's config.",
+        "DiffArgs", "`device`, `a`, `b`", "`{diff, same}` (unified diff of pretty JSON; HTTP adds both configs)",
+        "GET /devices/{device}/diff"),
+    _op("rollback", "operator",
+        "Publish an old version's content again, as a new version (history is never rewritten).",
+        "RollbackArgs", "`device`, `version`, `message?`", "the new version", "POST /devices/{device}/rollback"),
+    _op("wait", "viewer", "Wait for a device's report on a version.",
+        "WaitArgs", "`device`, `version`, `timeout`", "`{device, version, status, error}` once the device reports "
+        "`version` applied (or a later one) or rejected; error `timeout` otherwise", "POST /devices/{device}/wait"),
+    _op("explain", "viewer", "Per value of a device's config: its JSON pointer and the layer that set it.",
+        "ExplainArgs", "`device`, `version?`", "per value of the config: `{pointer, value, layer}`",
+        "GET /devices/{device}/explain"),
+    _op("push_many", "operator",
+        "One config to every device or to those with all the labels, answered per device.",
+        "PushManyArgs", "`all` or `labels`, `config`, `message?`, `force?`, `delivery_timeout?`, `report_timeout?`",
+        "`{targeted, devices, unchanged, online, offline, delivered, acknowledged, applied, rejected, pending, "
+        "errors, listed: {rejected, offline, silent}, per_device: {ID: {version, online, delivered, report, "
+        "error}}, versions, timings_ms: {first_published, all_published}, waited}`: counted in devices "
+        "([rollouts.md](rollouts.md#fleet-answers)); `delivered` (and its old name `acknowledged`) is `null` with "
+        "an external broker. Stored and published in chunks (see [operations.md](operations.md#fleet-pushes)); "
+        "progress messages `{\"id\", \"progress\": {...}}` go to `reply_to`: `{\"stored\", \"of\"}` after each "
+        "chunk, then the counts while it waits for acknowledgements (and, with `report_timeout`, for every "
+        "device's report)", "POST /push"),
+    # ---- audit, backup ---------------------------------------------------------------------------------
+    _op("audit", "viewer", "Who did what, when: every admin action, oldest first (secrets never appear).",
+        "AuditArgs", "`device?`, `limit?`", "audit entries, oldest first", "GET /audit", "GET /devices/{device}/audit"),
+    _op("backup", "admin", "A consistent copy of the store, written on the service's machine.",
+        "BackupArgs", "`path` (absolute, on the service's machine)",
+        "`{path, bytes}`: a consistent copy of the store, mode 0600", "POST /backup"),
+    # ---- rollouts --------------------------------------------------------------------------------------
+    _op("rollout.start", "operator",
+        "Start a staged rollout: wave by wave, on while devices apply, halting and reverting on rejections.",
+        "RolloutStartArgs", "`all` or `labels`, `config` (or `layer: {name, content, labels?, priority?}`), `waves?` "
+        "or `wave_size?`, `max_rejected?` (N or P%), `min_applied?`, `wave_timeout?`, `pause?`, `message?`",
+        "the rollout's status (as `rollout.status`)", "POST /rollouts"),
+    _op("rollout.status", "viewer",
+        "Per wave: targeted, online, delivered, applied, rejected, offline, pending, reverted; errors by message.",
+        "RolloutRefArgs", "`rollout`", "`{id, state, reason, message, target, policy, actor, created_at, "
+        "finished_at, wave, waves: [{wave, targeted, published, online, delivered, applied, rejected, offline, "
+        "pending, reverted, errors}], devices, kept}`: each wave's numbers frozen when it is decided "
+        "([rollouts.md](rollouts.md#staged-rollouts))", "GET /rollouts/{rollout}"),
+    _op("rollout.list", "viewer", "Every rollout, oldest first.",
+        "StatusArgs", "", "`[{id, state, reason, actor, created_at, finished_at, wave, waves}]`", "GET /rollouts"),
+    _op("rollout.pause", "operator", "Stop a rollout before its next step (a wave already out stays out).",
+        "RolloutRefArgs", "`rollout`", "the rollout's status", "POST /rollouts/{rollout}/pause"),
+    _op("rollout.resume", "operator", "Go on with a paused rollout.",
+        "RolloutRefArgs", "`rollout`", "the rollout's status", "POST /rollouts/{rollout}/resume"),
+    _op("rollout.abort", "operator", "Stop a rollout for good; with revert, undo what it changed.",
+        "RolloutRefArgs", "`rollout`, `revert?`", "the rollout's status (with `revert`, once the devices are back)",
+        "POST /rollouts/{rollout}/abort"),
+    # ---- layers ----------------------------------------------------------------------------------------
+    _op("layer.set", "operator",
+        "Set a layer; every device whose config changes gets a new version, in one transaction.",
+        "LayerSetArgs", "`name`, `content`, `labels?`, `priority?`, `message?`, `force?`",
+        "`{layer, version, devices, versions}` (+ `new_devices_invalid` when `force` stored a layer a new device "
+        "would break)", "PUT /layers/{name}"),
+    _op("layer.get", "viewer", "A layer's content (the current version unless a version is given).",
+        "LayerRefArgs", "`name`, `version?`", "the layer's version: `{version, content, labels, priority, message, "
+        "created_at, actor, removed}`", "GET /layers/{name}"),
+    _op("layer.list", "viewer", "The layers in force, in merge order (the device's own layer comes last).",
+        "StatusArgs", "", "the layers in force, in merge order", "GET /layers"),
+    _op("layer.history", "viewer", "Every version of a layer, removals included.",
+        "LayerRefArgs", "`name`", "every version of the layer", "GET /layers/{name}/history"),
+    _op("layer.diff", "viewer", "Unified diff between two versions of a layer.",
+        "LayerDiffArgs", "`name`, `a`, `b`", "`{diff, same}` (HTTP adds `a` and `b`)", "GET /layers/{name}/diff"),
+    _op("layer.rollback", "operator", "A layer's older version (content, labels, priority) as its new version.",
+        "LayerRefArgs", "`name`, `version`, `message?`", "as `layer.set`", "POST /layers/{name}/rollback"),
+    _op("layer.remove", "operator",
+        "Stop applying a layer (its history stays); devices whose config changes get a new version.",
+        "LayerRefArgs", "`name`, `message?`, `force?`", "`{layer, version, removed, devices}`",
+        "DELETE /layers/{name}"),
+    # ---- schemas ---------------------------------------------------------------------------------------
+    _op("schema.set", "admin",
+        "Set the schema for the fleet or for devices with labels; refused if current configs break it.",
+        "SchemaSetArgs", "`labels?`, `document`, `force?`", "`{schema, version, invalid_devices}`",
+        "PUT /schemas/{name}"),
+    _op("schema.get", "viewer", "A schema document (the current version unless a version is given).",
+        "SchemaRefArgs", "`labels?`, `version?`", "`{schema, version, document, created_at, actor}`",
+        "GET /schemas/{name}"),
+    _op("schema.list", "viewer", "The schemas in force.",
+        "StatusArgs", "", "`[{schema, labels, version}]`", "GET /schemas"),
+    _op("schema.history", "viewer", "Every version of a schema, removals included.",
+        "SchemaRefArgs", "`labels?`", "every version of the schema", "GET /schemas/{name}/history"),
+    _op("schema.remove", "admin", "Stop enforcing a schema (its history stays).",
+        "SchemaRefArgs", "`labels?`", "`{schema, version, removed}`", "DELETE /schemas/{name}"),
+    # ---- tokens ----------------------------------------------------------------------------------------
+    _op("token.create", "admin", "Create a bearer token (shown only this once; only its hash is kept).",
+        "TokenCreateArgs", "`name`, `role` (`viewer`, `operator`, `admin`)",
+        "`{id, name, role, token}` (the token only here)", "POST /tokens"),
+    _op("token.list", "admin", "Tokens with their roles (never the tokens themselves).",
+        "StatusArgs", "", "`[{id, name, role, created_at, created_by}]` (HTTP adds `last_used_at`)", "GET /tokens"),
+    _op("token.revoke", "admin", "Revoke a token: it stops working at once.",
+        "TokenRefArgs", "`token` (id or name)", "`{id, name, role, revoked}`", "DELETE /tokens/{token}"),
+    # ---- HTTP-only views (the console's) ---------------------------------------------------------------
+    _op("me", "viewer", "The token's name and role (the console shows what the role allows).",
+        "StatusArgs", "", "`{name, role}`", "GET /me", admin=False),
+    _op("presence", "viewer", "A device's recent connects and disconnects, newest first (this run's events).",
+        "DeviceRefArgs", "`device`", "`{device, changes}`", "GET /devices/{device}/presence", admin=False),
+    _op("events", "viewer", "Server-Sent Events; Last-Event-ID resumes from the replay buffer.",
+        "StatusArgs", "`device?`, `type?`", "an event stream", "GET /events", admin=False),
+)
+
+OPS: dict[str, Op] = {op.name: op for op in TABLE}
+ADMIN_OPS: frozenset[str] = frozenset(op.name for op in TABLE if op.admin)
+ROUTES: dict[tuple[str, str], Op] = {(r.method, r.path): op for op in TABLE for r in op.routes}
+
+
+def doc(name: str) -> str:
+    """The one-line doc of an operation (the CLI's help lines come from here)."""
+    return OPS[name].doc
+
+
+def protocol_table() -> str:
+    """docs/protocol.md's table of the admin protocol's operations."""
+    lines = ["| op | role | args | result |", "|---|---|---|---|"]
+    lines += [f"| `{op.name}` | {op.role} | {op.args_doc} | {op.result} |" for op in TABLE if op.admin]
+    return "\n".join(lines)
+
+
+def http_table() -> str:
+    """docs/http.md's table of routes (under ``/api/v1``)."""
+    lines = ["| method | path | role | op | what |", "|---|---|---|---|---|"]
+    lines += [f"| {r.method} | `{r.path}` | {op.role} | `{op.name}` | {op.doc} |" for op in TABLE for r in op.routes]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(protocol_table(), http_table(), sep="\n\n")

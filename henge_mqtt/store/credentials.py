@@ -1,0 +1,40 @@
+"""Secrets and their hashes: ours (SHA-256: secrets are 128-bit random tokens) and Mosquitto's ``$7$``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import secrets
+
+log = logging.getLogger("henge_mqtt.store")
+
+
+def hash_secret(secret: str) -> str:
+    """Secrets are >= 128-bit random tokens, so a fast hash is enough and keeps connect storms cheap."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def mosquitto_hash(secret: str, iterations: int = 101) -> str:
+    """Mosquitto's ``$7$`` password hash (PBKDF2-HMAC-SHA512), for an external broker's password file.
+
+    Kept beside our own hash because we never keep the secret itself, and an external broker
+    (issue: beyond one gateway) must be able to check the same secret.
+    """
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def _digest(text: str) -> bytes:
+    """A stored hex digest as bytes; anything else (a corrupt row) matches no secret."""
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        digest = b""
+    return digest if len(digest) == 32 else b"\xff" * 33
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(24)

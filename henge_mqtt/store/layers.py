@@ -1,0 +1,231 @@
+"""Config layers in force and their history; a layer change re-derives the configs of the devices it changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from ..errors import (
+    RolloutConflict,
+    UnknownLayer,
+    ValidationFailed,
+)
+from ..layering import FLEET_LAYER, Layer, explain, merge_patch
+from ..models import ConfigVersion, config_sha256, utc_now
+from .core import StoreCore, _ts
+
+log = logging.getLogger("henge_mqtt.store")
+
+
+class Layers(StoreCore):
+    def _load_layers(self) -> dict[str, Layer]:
+        out: dict[str, Layer] = {}
+        for name, version, selector, priority, content, message in self._db.execute(
+                "SELECT l.name, l.version, l.selector, l.priority, l.content, l.message FROM layers l JOIN "
+                "(SELECT name, MAX(version) AS m FROM layers GROUP BY name) x ON x.name = l.name AND x.m = l.version"):
+            if content is not None:
+                out[name] = Layer(name, version, json.loads(selector), priority, json.loads(content), message)
+        return out
+
+    def layers(self) -> dict[str, Layer]:
+        return dict(self._layers)
+
+    def layers_for(self, labels: dict[str, str], layers: dict[str, Layer] | None = None) -> list[Layer]:
+        """The layers that apply to a device with ``labels``, in merge order: the fleet's, then label
+        layers by priority (lowest first) and name."""
+        layers = self._layers if layers is None else layers
+        fleet = [layer for layer in layers.values() if layer.name == FLEET_LAYER]
+        rest = sorted((layer for layer in layers.values() if layer.name != FLEET_LAYER and layer.applies(labels)),
+                      key=lambda layer: (layer.priority, layer.name))
+        return fleet + rest
+
+    @staticmethod
+    def merge_layers(applied: list[Layer], own: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        if not applied:
+            return own, []  # no layer: the device layer is the config exactly as given
+        config: dict[str, Any] = {}
+        for layer in applied:
+            config = merge_patch(config, layer.content)
+        config = merge_patch(config, own)
+        return config, [layer.ref for layer in applied] + ["device"]
+
+    def effective(self, labels: dict[str, str], own: dict[str, Any],
+                  layers: dict[str, Layer] | None = None) -> tuple[dict[str, Any], list[str]]:
+        """``(config, layers used)``: the layers for ``labels`` merged in order, then ``own``."""
+        return self.merge_layers(self.layers_for(labels, layers), own)
+
+    def _current_rows(self, devices: list[str]) -> dict[str, tuple[int, str | None, str, str]]:
+        """``{device: (version, own json, config json, sha256)}`` of the current versions."""
+        out: dict[str, tuple[int, str | None, str, str]] = {}
+        for start in range(0, len(devices), 500):
+            part = devices[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for device, version, own, config, sha in self._db.execute(
+                    "SELECT v.device, v.version, v.own, v.config, v.sha256 FROM config_versions v JOIN "
+                    f"(SELECT device, MAX(version) AS m FROM config_versions WHERE device IN ({marks}) "
+                    "GROUP BY device) x "
+                    "ON x.device = v.device AND x.m = v.version", part):
+                out[device] = (version, own, config, sha)
+        return out
+
+    def _refresh(self, devices: list[str], layers: dict[str, Layer], *, actor: str,
+                 message: str) -> list[ConfigVersion]:
+        """Inside a transaction: a new version for each device whose config under ``layers`` differs
+        from its current one (a device without a version gets one if a layer applies to it); every
+        new config is checked against the schemas first, all or none."""
+        current = self._current_rows(devices)
+        labels = self.labels_by_device(devices)
+        created = utc_now()
+        rows: list[ConfigVersion] = []
+        texts: dict[str, str] = {}  # device -> its own layer's JSON, reused as is
+        merged: dict[tuple[tuple[str, ...], str], tuple[dict[str, Any], list[str], str, Any]] = {}
+        for device in devices:
+            version, own_text, config_text, sha = current.get(device, (0, None, None, None))
+            text = (own_text if own_text is not None else config_text) if version else None
+            applied = self.layers_for(labels.get(device, {}), layers)
+            key = (tuple(layer.ref for layer in applied), text or "{}")
+            if key not in merged:  # devices with the same own layer under the same layers: one merge
+                own = json.loads(text) if text is not None else {}
+                effective, used = self.merge_layers(applied, own)
+                merged[key] = (effective, used, config_sha256(effective), own)
+            effective, used, digest, own = merged[key]
+            if (not version and not used) or digest == sha:
+                continue
+            if used:
+                texts[device] = text or "{}"
+            rows.append(ConfigVersion.model_construct(
+                device=device, version=version + 1, config=effective, sha256=digest, message=message,
+                created_at=created, actor=actor, own=own if used else None, layers=used))
+        if rows and self.validate_many is not None:
+            self.validate_many([(r.device, labels.get(r.device, {}), r.config) for r in rows])
+        self._insert_rows(rows, own_texts=texts)
+        return rows
+
+    def set_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str = "",
+                  selector: dict[str, str] | None = None, priority: int | None = None,
+                  ) -> tuple[int, list[ConfigVersion]]:
+        """A new version of layer ``name`` (``content`` None: removed) and, in the same transaction, a
+        new device version for exactly the devices whose config it changes."""
+        staged = self._staging(name)
+        if staged:
+            raise RolloutConflict(f"layer {name!r} is being rolled out by {staged}; wait for it, or abort it")
+        with self._tx():
+            version, rows, candidate = self._set_layer(name, content, actor=actor, message=message,
+                                                       selector=selector, priority=priority)
+        self._layers = candidate
+        return version, rows
+
+    def candidate_layer(self, name: str, content: dict[str, Any] | None, *, selector: dict[str, str] | None,
+                        priority: int | None) -> tuple[Layer | None, dict[str, str], int]:
+        """The layer ``name`` would be after this change (None: removed), its selector and priority."""
+        if name == FLEET_LAYER and selector:
+            raise ValidationFailed("the fleet layer applies to every device: it takes no labels")
+        before = self._layers.get(name)
+        if content is None and before is None:
+            raise UnknownLayer(f"no layer {name!r} is in force")
+        if content is not None and name != FLEET_LAYER and selector is None and before is None:
+            raise ValidationFailed(f"a new layer needs its labels (--label k=v), or use the name {FLEET_LAYER!r}")
+        sel = selector if selector is not None else (before.selector if before else {})
+        prio = priority if priority is not None else (before.priority if before else 0)
+        row = self._db.execute("SELECT MAX(version) FROM layers WHERE name = ?", (name,)).fetchone()
+        version = int(row[0] or 0) + 1
+        layer = Layer(name, version, sel, prio, content) if content is not None else None
+        return layer, sel, prio
+
+    def _set_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str,
+                   selector: dict[str, str] | None, priority: int | None,
+                   ) -> tuple[int, list[ConfigVersion], dict[str, Layer]]:
+        """Inside the caller's transaction; the caller installs the returned layers once it commits."""
+        layer, sel, prio = self.candidate_layer(name, content, selector=selector, priority=priority)
+        row = self._db.execute("SELECT MAX(version) FROM layers WHERE name = ?", (name,)).fetchone()
+        version = int(row[0] or 0) + 1
+        self._db.execute(
+            "INSERT INTO layers (name, version, selector, priority, content, message, created_at, actor) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, version, json.dumps(sel, sort_keys=True), prio,
+             json.dumps(content, sort_keys=True) if content is not None else None, message, _ts(utc_now()), actor))
+        candidate = dict(self._layers)
+        if layer is None:
+            candidate.pop(name, None)
+        else:
+            candidate[name] = Layer(name, version, sel, prio, layer.content, message)
+        rows = self._refresh(sorted(self._hashes), candidate, actor=actor, message=message or f"layer {name}@{version}")
+        self._audit(actor, "layer.remove" if content is None else "layer.set", None,
+                    {"layer": name, "version": version, "labels": sel, "priority": prio, "devices": len(rows)})
+        return version, rows, candidate
+
+    def _staging(self, name: str) -> str | None:
+        """The active rollout staging a change of layer ``name``, if any."""
+        for rid, layer in self._db.execute("SELECT id, layer FROM rollouts WHERE layer IS NOT NULL AND state IN "
+                                           "('running', 'paused', 'reverting')"):
+            if json.loads(layer)["name"] == name:
+                return str(rid)
+        return None
+
+    def layer_change_targets(self, name: str, content: dict[str, Any] | None, *, selector: dict[str, str] | None,
+                             priority: int | None) -> list[str]:
+        """The devices whose config a layer change would alter (a staged layer change's targets)."""
+        layer, _, _ = self.candidate_layer(name, content, selector=selector, priority=priority)
+        candidate = dict(self._layers)
+        if layer is None:
+            candidate.pop(name, None)
+        else:
+            candidate[name] = layer
+        devices = sorted(self._hashes)
+        current = self._current_rows(devices)
+        labels = self.labels_by_device(devices)
+        out = []
+        for device in devices:
+            version, own_text, config_text, sha = current.get(device, (0, None, None, None))
+            text = (own_text if own_text is not None else config_text) if version else None
+            own = json.loads(text) if text is not None else {}
+            effective, used = self.effective(labels.get(device, {}), own, candidate)
+            if (version or used) and config_sha256(effective) != sha:
+                out.append(device)
+        return out
+
+    def layer_history(self, name: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT version, selector, priority, content, message, created_at, actor FROM layers WHERE name = ? "
+            "ORDER BY version", (name,)).fetchall()
+        if not rows:
+            raise UnknownLayer(f"no layer {name!r}")
+        return [{"layer": name, "version": v, "labels": json.loads(sel), "priority": prio,
+                 "content": json.loads(c) if c is not None else None, "removed": c is None, "message": msg,
+                 "created_at": at, "actor": actor} for v, sel, prio, c, msg, at, actor in rows]
+
+    def explain(self, device: str, version: int | None = None) -> list[dict[str, Any]]:
+        """Per leaf of the device's config: its JSON pointer, value and the layer that set it."""
+        row = self.get_version(device, version)
+        chain: list[tuple[str, dict[str, Any]]] = []
+        for ref in row.layers:
+            if ref == "device":
+                continue
+            base, _, staged = ref.partition(" (rollout ")
+            name, _, number = base.rpartition("@")
+            found = self._db.execute("SELECT content FROM layers WHERE name = ? AND version = ?",
+                                     (name, int(number))).fetchone()
+            if (found is None or found[0] is None) and staged:  # staged by a rollout, not (yet) in force
+                spec = self._db.execute("SELECT layer FROM rollouts WHERE id = ?", (staged.rstrip(")"),)).fetchone()
+                found = (json.dumps(json.loads(spec[0])["content"]),) if spec and spec[0] else None
+            if found and found[0] is not None:
+                chain.append((ref, json.loads(found[0])))
+        chain.append(("device", row.device_layer))
+        owner = explain(chain) if row.layers else {}
+        leaves: list[dict[str, Any]] = []
+
+        def walk(value: Any, where: str) -> None:
+            if isinstance(value, dict) and value:
+                for key, item in value.items():
+                    walk(item, f"{where}/{str(key).replace('~', '~0').replace('/', '~1')}")
+            else:
+                layer = owner.get(where)
+                if layer is None:  # set inside an object a higher layer replaced, or no layers at all
+                    layer = next((owner[k] for k in sorted(owner, key=len, reverse=True)
+                                  if where.startswith(k + "/")), "device")
+                leaves.append({"pointer": where, "value": value, "layer": layer})
+
+        walk(row.config, "")
+        return leaves

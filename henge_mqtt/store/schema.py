@@ -1,0 +1,184 @@
+"""The store's tables: one migration per schema version, appended, never edited.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("henge_mqtt.store")
+
+
+DB_FILE = "henge.db"
+
+
+# Each entry moves the schema from version i to i+1; never edit a shipped entry, append one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        epoch INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE config_versions (
+        device TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        config TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        message TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        PRIMARY KEY (device, version)
+    );
+    CREATE TABLE admins (
+        name TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TRIGGER config_versions_immutable BEFORE UPDATE ON config_versions
+    BEGIN SELECT RAISE(ABORT, 'config versions are immutable'); END;
+    """,
+    """
+    CREATE TABLE device_reports (
+        device TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        applied_version INTEGER,
+        applied_at TEXT,
+        rejected_version INTEGER,
+        rejected_error TEXT,
+        rejected_at TEXT
+    );
+    """,
+    """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        device TEXT,
+        summary TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_device ON audit (device, id);
+    CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+    """,
+    """
+    ALTER TABLE devices ADD COLUMN broker_hash TEXT;
+    ALTER TABLE admins ADD COLUMN broker_hash TEXT;
+    """,
+    """
+    ALTER TABLE devices ADD COLUMN last_seen REAL;
+    ALTER TABLE devices ADD COLUMN last_remote TEXT;
+    ALTER TABLE devices ADD COLUMN last_reason TEXT;
+    """,
+    """
+    CREATE TABLE api_tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+        secret_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        created_by TEXT NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE schemas (
+        selector TEXT NOT NULL,          -- canonical k=v,k2=v2 (sorted); '' for the whole fleet
+        version INTEGER NOT NULL,
+        document TEXT,                   -- NULL: removed at this version
+        created_at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        PRIMARY KEY (selector, version)
+    );
+""",
+    """
+    ALTER TABLE config_versions ADD COLUMN own TEXT;          -- the device layer, when it differs from config
+    ALTER TABLE config_versions ADD COLUMN layers TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE layers (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        selector TEXT NOT NULL DEFAULT '{}',
+        priority INTEGER NOT NULL DEFAULT 0,
+        content TEXT,                    -- NULL: removed at this version
+        message TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    """,
+    """
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        target TEXT NOT NULL,            -- {"all": true} or {"labels": {...}}
+        config TEXT NOT NULL,            -- the device layer every target gets
+        policy TEXT NOT NULL,
+        message TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL,             -- running | paused | reverting | halted | completed | aborted
+        wave INTEGER NOT NULL DEFAULT 0, -- the current wave (0-based)
+        waves INTEGER NOT NULL,
+        wave_published INTEGER NOT NULL DEFAULT 0,
+        wave_started REAL,               -- time.time() when the current wave went out
+        next_wave_at REAL,               -- after a pause
+        reason TEXT,                     -- why it halted or was aborted
+        revert INTEGER NOT NULL DEFAULT 0,
+        finished_at TEXT,
+        layer TEXT                       -- a staged layer change: {name, content, labels, priority}
+    );
+    CREATE TABLE rollout_devices (
+        rollout TEXT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+        device TEXT NOT NULL,
+        wave INTEGER NOT NULL,
+        prev_version INTEGER NOT NULL DEFAULT 0,  -- the version before the rollout changed it
+        new_version INTEGER,                       -- the version the rollout stored (NULL: not yet)
+        online_at_start INTEGER NOT NULL DEFAULT 0,
+        reverted_version INTEGER,                  -- the version that brought the old config back
+        revert_note TEXT,
+        PRIMARY KEY (rollout, device)
+    );
+    CREATE INDEX rollout_devices_device ON rollout_devices (device);
+    """,
+    """
+    CREATE TABLE lease (
+        id INTEGER PRIMARY KEY,          -- one row: who may write (PostgreSQL, several instances)
+        holder TEXT,
+        token INTEGER NOT NULL DEFAULT 0,  -- the fencing token: +1 at every takeover
+        expires REAL NOT NULL DEFAULT 0
+    );
+    INSERT INTO lease (id, token, expires) VALUES (1, 0, 0);
+    """,
+    """
+    CREATE TABLE version_reports (       -- every version's own report: "why was v5 rejected?" stays answerable
+        device TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        status TEXT NOT NULL,            -- applied | rejected
+        error TEXT,
+        at TEXT NOT NULL,
+        epoch INTEGER,                   -- the connection the report came in on
+        PRIMARY KEY (device, version),
+        FOREIGN KEY (device, version) REFERENCES config_versions (device, version) ON DELETE CASCADE
+    );
+    INSERT INTO version_reports (device, version, status, error, at)
+        SELECT r.device, r.rejected_version, 'rejected', r.rejected_error, r.rejected_at FROM device_reports r
+        JOIN config_versions v ON v.device = r.device AND v.version = r.rejected_version;
+    INSERT INTO version_reports (device, version, status, error, at)
+        SELECT r.device, r.applied_version, 'applied', NULL, r.applied_at FROM device_reports r
+        JOIN config_versions v ON v.device = r.device AND v.version = r.applied_version
+        WHERE r.rejected_version IS NULL OR r.rejected_version <> r.applied_version;
+    ALTER TABLE rollout_devices ADD COLUMN outcome TEXT;        -- frozen when the wave is decided
+    ALTER TABLE rollout_devices ADD COLUMN outcome_error TEXT;
+    """,
+    """
+    CREATE TABLE mqtt_sessions (         -- persistent MQTT sessions (CleanSession 0, Session Expiry > 0)
+        device TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        expiry INTEGER NOT NULL,         -- seconds it outlives its last connection
+        subs TEXT NOT NULL,              -- [[filter, options], ...]
+        ended_at REAL                    -- when its last connection ended (NULL: one is attached)
+    );
+    """,
+]
+
+
+VERSION_COLUMNS = "device, version, config, sha256, message, created_at, actor, own, layers"
