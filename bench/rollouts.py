@@ -111,7 +111,7 @@ def main() -> int:
         arrivals: dict[str, float] = {}
         for r in replies:
             arrivals.update(r["arrivals"])
-        from henge_mqtt.rollouts import plan
+        from henge_mqtt.rollout_plan import plan
 
         waves = plan(ro["id"], [d for d, _ in target.devices], waves=[1, 10, 50, 100])
         device_time = sum(max(arrivals[d] for d in w) - min(arrivals[d] for d in w) for w in waves)

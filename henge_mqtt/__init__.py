@@ -1,21 +1,59 @@
-"""henge-mqtt: a config broker for fleets of edge devices."""
+"""henge-mqtt: a config broker for fleets of edge devices.
+
+The library's front door (docs/library.md lists every name; a test checks the list): the service
+and its settings, the models its answers are made of, and every error of the tree. Errors are
+imported at once (a small module); the rest on first use, so ``import henge_mqtt`` stays light for
+the CLI and for device-side users.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import HengeError
+from .errors import (
+    AuthenticationFailed,
+    ConfigTooLarge,
+    DuplicateDevice,
+    DuplicateToken,
+    Fenced,
+    Forbidden,
+    HengeError,
+    InvalidConfig,
+    InvalidDeviceId,
+    InvalidSchema,
+    NotSupported,
+    RemoteError,
+    RolloutConflict,
+    SchemaViolation,
+    ServiceUnavailable,
+    SettingsError,
+    StoreError,
+    UnknownDevice,
+    UnknownLayer,
+    UnknownRollout,
+    UnknownToken,
+    UnknownVersion,
+    ValidationFailed,
+    VersionConflict,
+    WaitTimeout,
+)
 
 if TYPE_CHECKING:
-    from .models import ConfigVersion, Presence, Snapshot
+    from .models import ConfigVersion, Device, Event, Presence, Snapshot, VersionReport
     from .service import HengeService
     from .settings import Settings
 
-__all__ = ["ConfigVersion", "HengeError", "HengeService", "Presence", "Settings", "Snapshot"]
+__all__ = [
+    "AuthenticationFailed", "ConfigTooLarge", "ConfigVersion", "Device", "DuplicateDevice", "DuplicateToken", "Event",
+    "Fenced", "Forbidden", "HengeError", "HengeService", "InvalidConfig", "InvalidDeviceId", "InvalidSchema",
+    "NotSupported", "Presence", "RemoteError", "RolloutConflict", "SchemaViolation", "ServiceUnavailable", "Settings",
+    "SettingsError", "Snapshot", "StoreError", "UnknownDevice", "UnknownLayer", "UnknownRollout", "UnknownToken",
+    "UnknownVersion", "ValidationFailed", "VersionConflict", "VersionReport", "WaitTimeout",
+]
 __version__ = "0.1.0"
 
-_LAZY = {"ConfigVersion": "models", "Presence": "models", "Snapshot": "models", "Settings": "settings",
-         "HengeService": "service"}
+_LAZY = {"ConfigVersion": "models", "Device": "models", "Event": "models", "Presence": "models",
+         "Snapshot": "models", "VersionReport": "models", "Settings": "settings", "HengeService": "service"}
 
 
 def __getattr__(name: str) -> object:

@@ -83,3 +83,15 @@ def test_protocol_md_documents_every_admin_op() -> None:
     documented = set(re.findall(r"^\| `([a-z_.]+)` \|", table, re.M))
     assert documented == set(OPS), (set(OPS) - documented, documented - set(OPS))
 
+
+
+def test_the_op_tables_in_the_docs_are_generated_from_the_op_table() -> None:
+    """docs/protocol.md's op table and docs/http.md's route table are henge_mqtt/ops.py's, as
+    ``python -m henge_mqtt.ops`` writes them: an op added, renamed or given another role shows."""
+    from henge_mqtt.ops import GENERATED, OPS, with_tables
+
+    for doc in GENERATED:
+        text = (ROOT / doc).read_text()
+        assert with_tables(doc, text) == text, f"{doc} is stale: run python -m henge_mqtt.ops"
+    protocol = (ROOT / "docs" / "protocol.md").read_text()
+    assert all(f"| `{op.name}` | {op.role} |" in protocol for op in OPS.values() if op.admin)

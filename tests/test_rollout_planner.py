@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from henge_mqtt.rollouts import Policy, WaveCount, check_waves, decide, order, parse_max_rejected, plan
+from henge_mqtt.rollout_plan import Policy, WaveCount, check_waves, decide, order, parse_max_rejected, plan
 
 device_ids = st.lists(st.from_regex(r"[a-z][a-z0-9]{0,7}", fullmatch=True), max_size=300, unique=True)
 wave_marks = st.lists(st.floats(0.01, 99.99), max_size=6).map(lambda ws: [*sorted(set(ws)), 100.0])

@@ -23,7 +23,7 @@ from henge_mqtt.backoff import Backoff
 from henge_mqtt.device import Agent, ApplyFailed
 from henge_mqtt.errors import RolloutConflict, SchemaViolation
 from henge_mqtt.http import HttpServer
-from henge_mqtt.rollouts import plan
+from henge_mqtt.rollout_plan import plan
 from henge_mqtt.store import Store
 
 from .conftest import ROOT, Running, henge_cli, wait_status, wait_until

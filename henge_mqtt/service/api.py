@@ -21,7 +21,7 @@ from ..errors import (
 )
 from ..models import ConfigVersion, Device
 from ..ports import BrokerPort, KickResult
-from ..rollouts import Policy, check_waves, parse_max_rejected
+from ..rollout_plan import Policy, check_waves, parse_max_rejected
 from ..settings import Settings
 from ..store import DeviceReports, Store, StoreWorker
 from ..topics import Topics

@@ -201,7 +201,7 @@ class HengeService(ServiceAPI):
         if s.external_broker:
             from ..external import ExternalBroker
 
-            return ExternalBroker(s.external_broker, hooks=self, topics=self.topics, sessions=sessions,
+            return ExternalBroker(s.external_broker, hooks=_BrokerHooks(self), topics=self.topics, sessions=sessions,
                                   username=s.admin_name, password=self.admin_secret,
                                   tls_context=s.external_tls_context())
         from ..server import EmbeddedBroker, Limits, Listener
@@ -225,7 +225,7 @@ class HengeService(ServiceAPI):
             log.warning("service.admin_socket_path_too_long path=%s: no admin socket", socket_path)
             socket_path = None
         log.info("service.limits max_connections=%d", limits.max_connections)
-        return EmbeddedBroker(listeners, hooks=self, sessions=sessions, limits=limits,
+        return EmbeddedBroker(listeners, hooks=_BrokerHooks(self), sessions=sessions, limits=limits,
                               admin_socket=socket_path.resolve() if socket_path else None)
 
     async def stop(self) -> None:
@@ -269,25 +269,22 @@ class HengeService(ServiceAPI):
     def add_event_listener(self, listener: EventListener) -> Callable[[], None]:
         return self.events.add_listener(listener)
 
-    def emit(self, type_: str, device: str | None = None, **data: Any) -> None:
-        self.events.emit(type_, device, **data)
-
     # ---- BrokerHooks ---------------------------------------------------------------------------
 
-    def authenticate(self, username: str | None, password: str | None, client_id: str,
+    def _authenticate(self, username: str | None, password: str | None, client_id: str,
                      cert_cn: str | None = None) -> Principal | Refusal:
         assert self._auth is not None
         return self._auth.authenticate(username, password, client_id, cert_cn)
 
-    def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
+    def _may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
         assert self._auth is not None
         return self._auth.may_subscribe(principal, topic_filter)
 
-    def may_publish(self, principal: Principal, topic: str) -> bool:
+    def _may_publish(self, principal: Principal, topic: str) -> bool:
         assert self._auth is not None
         return self._auth.may_publish(principal, topic)
 
-    def message(self, principal: Principal, topic: str, payload: bytes) -> int:
+    def _on_message(self, principal: Principal, topic: str, payload: bytes) -> int:
         if principal.kind == "admin" and topic == self.topics.admin_requests:
             self._tasks.spawn(self._admin(payload, principal.name))
         elif principal.kind == "device" and topic == self.topics.report(principal.name):
@@ -302,7 +299,7 @@ class HengeService(ServiceAPI):
         current_actor.set(actor)  # this task's context only
         await handle_admin(self, payload)
 
-    def session_actions(self, actions: Sequence[Action]) -> None:
+    def _on_session_actions(self, actions: Sequence[Action]) -> None:
         for action in actions:
             if isinstance(action, PresenceChange):
                 self.presence.on_change(action)
@@ -375,7 +372,7 @@ class HengeService(ServiceAPI):
             if waiting is not None:
                 await asyncio.wait({waiting}, timeout=left)  # a failed save was logged where it failed
 
-    def epochs_durable(self) -> Awaitable[None]:
+    def _epochs_durable(self) -> Awaitable[None]:
         if self._epochs_saved is not None:
             return self._epochs_saved
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -383,3 +380,32 @@ class HengeService(ServiceAPI):
         return done
 
 __all__ = ["Event", "HengeService", "current_actor"]
+
+
+class _BrokerHooks:
+    """The service as the broker sees it (:class:`~henge_mqtt.ports.BrokerHooks`): a part of its own,
+    so the hooks stay off :class:`HengeService`'s public surface (docs/library.md lists that)."""
+
+    __slots__ = ("_svc",)
+
+    def __init__(self, svc: HengeService) -> None:
+        self._svc = svc
+
+    def authenticate(self, username: str | None, password: str | None, client_id: str,
+                     cert_cn: str | None = None) -> Principal | Refusal:
+        return self._svc._authenticate(username, password, client_id, cert_cn)
+
+    def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
+        return self._svc._may_subscribe(principal, topic_filter)
+
+    def may_publish(self, principal: Principal, topic: str) -> bool:
+        return self._svc._may_publish(principal, topic)
+
+    def message(self, principal: Principal, topic: str, payload: bytes) -> int:
+        return self._svc._on_message(principal, topic, payload)
+
+    def session_actions(self, actions: Sequence[Action]) -> None:
+        self._svc._on_session_actions(actions)
+
+    def epochs_durable(self) -> Awaitable[None]:
+        return self._svc._epochs_durable()

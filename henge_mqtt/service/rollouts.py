@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import SchemaViolation, ValidationFailed
-from ..rollouts import Policy, WaveCount, decide, plan
+from ..rollout_plan import Policy, WaveCount, decide, plan
 from .context import current_actor, utc_text
 
 if TYPE_CHECKING:
