@@ -242,3 +242,13 @@ def test_every_operation_has_one_handler_and_its_routes_exist() -> None:
         for method, spec in item.items():
             served[(method.upper(), path.removeprefix("/api/v1"))] = (spec["x-henge-op"], spec["x-henge-role"])
     assert served == {key: (op.name, op.role) for key, op in ROUTES.items()}
+
+
+def test_every_import_of_ours_resolves() -> None:
+    """Imports inside functions (the CLI's lazy ones) run only when their command does: each must
+    name a module of ours, or a name in one, or the suite would learn of a move only from a user."""
+    for module, path in MODULES.items():
+        for name in _imports(path):
+            if name == "henge_mqtt" or not name.startswith("henge_mqtt."):
+                continue
+            assert name in MODULES or name.rpartition(".")[0] in MODULES, f"{module} imports {name}: no such module"

@@ -637,3 +637,32 @@ def test_offline_commands_take_the_data_dir_lock(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait()
+
+
+async def test_serve_runner_runs_the_service_in_process_and_stops_on_request(tmp_path: Path) -> None:
+    """`henge serve`'s lifecycle is an object (as uvicorn's Server is apart from its main): it runs in
+    this test's loop, serves a device, says what it does, and stops when asked; no global is left."""
+    import aiomqtt
+
+    from henge_mqtt.cli.serve import ServeRunner
+    from henge_mqtt.settings import Settings
+
+    settings = Settings.load(None, data_dir=tmp_path / "data", host="127.0.0.1", port=0)
+    lines: list[str] = []
+    runner = ServeRunner(settings, echo=lines.append, handle_signals=False, tune_process=False)
+    run = asyncio.create_task(runner.run())
+    await asyncio.wait_for(runner.started.wait(), 15)
+    assert runner.service is not None
+    secret = await runner.service.add_device("sensor-1")
+    host, port = runner.service.address
+    async with aiomqtt.Client(host, port, identifier="sensor-1", username="sensor-1", password=secret,
+                              timeout=5) as device:
+        await device.subscribe("henge/devices/sensor-1/config", qos=1)
+        await runner.service.push("sensor-1", {"interval": 5})
+        message = await asyncio.wait_for(anext(device.messages), 5)
+        assert json.loads(message.payload)["config"] == {"interval": 5}  # type: ignore[arg-type]
+    runner.stop()
+    await asyncio.wait_for(run, 15)
+    assert lines[0] == f"henge: serving on mqtt://127.0.0.1:{port} (devices and admin; data: {tmp_path / 'data'})"
+    assert lines[-1] == "henge: shutting down"
+    assert runner.fenced is False

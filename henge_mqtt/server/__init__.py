@@ -1,4 +1,4 @@
-"""henge's own MQTT 3.1.1 server core: codec, connections, routing, limits, listeners.
+"""henge's own MQTT server core (3.1.1 and 5.0): codec, connections, routing, sessions, limits, listeners.
 
 No class here derives from amqtt; see docs/sessions.md for why henge owns this layer.
 """

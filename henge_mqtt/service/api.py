@@ -75,7 +75,7 @@ class ServiceAPI:
         secret = await self.worker.run(self.store.add_device, device, labels, actor=current_actor.get(),
                                        layered=layered)
         self.events.emit("device_added", device)
-        await self.configs.publish_rows(layered, event="layers_applied", reason="a new device gets its layers")
+        await self.configs.publish_rows(layered, event="layer_applied", reason="a new device gets its layers")
         return secret
 
     async def set_labels(self, device: str, set_: dict[str, str], remove: list[str]) -> dict[str, str]:
@@ -85,7 +85,7 @@ class ServiceAPI:
                                        layered=layered)
         await self.worker.run(self.schemas.labels_changed, device)  # other labels, maybe other schemas
         self.events.emit("labels_changed", device, labels=labels)
-        await self.configs.publish_rows(layered, event="layers_applied", reason="labels changed")
+        await self.configs.publish_rows(layered, event="layer_applied", reason="labels changed")
         return labels
 
     async def import_devices(self, devices: list[tuple[str, dict[str, str]]], *,
@@ -103,7 +103,7 @@ class ServiceAPI:
                                               update=update, layered=layered)
         if update and len(secrets_by_id) < len(devices):
             await self.worker.run(self.schemas.recheck_all)  # labels of existing devices changed
-        await self.configs.publish_rows(layered, event="layers_applied", reason="devices imported")
+        await self.configs.publish_rows(layered, event="layer_applied", reason="devices imported")
         self.events.emit("devices_imported", None, count=len(secrets_by_id), updated=len(devices) - len(secrets_by_id))
         return secrets_by_id
 

@@ -21,7 +21,7 @@ def identities(data_dir: Path, admin_name: str, url: str | None = None, *,
     """
     from ..datadir import DataDirLock
     from ..store import DB_FILE, Store
-    from .service.auth import admin_secret
+    from .auth import admin_secret
 
     if url is None and not (data_dir / DB_FILE).exists() and not init:
         raise ValidationFailed(f"no henge store in {data_dir} (no {DB_FILE}): check --data, or pass --init to "

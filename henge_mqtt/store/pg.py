@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .errors import NotSupported
+from ..errors import NotSupported
 
 _TRIGGER = re.compile(r"CREATE TRIGGER.*?END;", re.S | re.I)
 

@@ -237,7 +237,7 @@ function applyEvent(ev) {
       break;
     case "device_added": case "device_removed": case "labels_changed": case "devices_imported": case "fleet_push":
     case "conflict": case "conflict_cleared": case "quarantine": case "schema_set": case "schema_removed":
-    case "rollout_wave": case "rollout_reverted": case "layer_applied": case "layers_applied":
+    case "rollout_wave": case "rollout_reverted": case "layer_applied":
       scheduleReload();
       break;
     default:
