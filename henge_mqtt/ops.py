@@ -14,8 +14,8 @@ and the HTTP routes that run it. From this one table:
 
 Models are named, not imported: this module is plain data, so the CLI reads it without loading
 pydantic (``henge --help`` stays quick). ``args`` names a model in :mod:`henge_mqtt.models`;
-``result`` names one of the result types there (pydantic models or ``TypedDict``s, checked by mypy
-where the service builds them).
+``returns`` names the result's type in :mod:`henge_mqtt.results` (``TypedDict``s, checked by mypy
+where the service builds them) or :mod:`henge_mqtt.models`; ``result`` says it in words for the docs.
 
 Adding an operation is one entry here, one handler, and the service method it calls.
 """
@@ -46,6 +46,7 @@ class Op:
     result: str  # what the reply's ``result`` holds
     routes: tuple[Route, ...] = ()
     admin: bool = True  # False: an HTTP-only view (the console's), not on the admin topic
+    returns: str = ""  # the result's type: a name in henge_mqtt.results or henge_mqtt.models, or list[...]
 
 
 def _r(spec: str) -> Route:
@@ -54,66 +55,72 @@ def _r(spec: str) -> Route:
 
 
 def _op(name: str, role: Role, doc: str, args: str, args_doc: str, result: str, *routes: str,
-        admin: bool = True) -> Op:
-    return Op(name, role, doc, args, args_doc, result, tuple(_r(r) for r in routes), admin)
+        admin: bool = True, returns: str) -> Op:
+    return Op(name, role, doc, args, args_doc, result, tuple(_r(r) for r in routes), admin, returns)
 
 
 TABLE: tuple[Op, ...] = (
     # ---- devices ---------------------------------------------------------------------------------------
     _op("device.add", "admin", "Register a device; its secret is shown only this once.",
-        "DeviceAddArgs", "`device`, `labels`", "`{device, labels, secret}`", "POST /devices"),
+        "DeviceAddArgs", "`device`, `labels`", "`{device, labels, secret}`", "POST /devices", returns="DeviceSecret"),
     _op("device.list", "viewer", "List devices with their labels and current version.",
-        "StatusArgs", "", "list of devices"),
+        "StatusArgs", "", "list of devices", returns="list[Device]"),
     _op("device.show", "viewer", "Show one device: its labels and its status row.",
-        "DeviceRefArgs", "`device`", "device with `status`", "GET /devices/{device}"),
+        "DeviceRefArgs", "`device`", "device with `status`", "GET /devices/{device}", returns="Device"),
     _op("device.remove", "admin", "Remove a device, its history and its retained topics; its connection is closed.",
-        "DeviceRefArgs", "`device`", "`{device, removed}`", "DELETE /devices/{device}"),
+        "DeviceRefArgs", "`device`", "`{device, removed}`", "DELETE /devices/{device}", returns="DeviceRemoved"),
     _op("device.rotate_secret", "admin",
         "Give a device a new secret (shown once); the old one stops working and its connection is closed.",
-        "DeviceRefArgs", "`device`", "`{device, secret}`", "POST /devices/{device}/secret"),
+        "DeviceRefArgs", "`device`", "`{device, secret}`", "POST /devices/{device}/secret", returns="DeviceSecret"),
     _op("device.import", "admin", "Create many devices in one transaction (all or nothing).",
         "ImportArgs", "`devices: [{id, labels}]`, `update?`",
         "`{secrets: {id: secret}, updated}`; all or nothing (`update`: existing devices get the labels given)",
-        "POST /devices/import"),
+        "POST /devices/import", returns="Imported"),
     _op("device.label", "admin", "Set and remove a device's labels.",
-        "LabelArgs", "`device`, `set: {k: v}`, `remove: [k]`", "`{device, labels}`", "PATCH /devices/{device}/labels"),
+        "LabelArgs", "`device`, `set: {k: v}`, `remove: [k]`", "`{device, labels}`", "PATCH /devices/{device}/labels",
+            returns="DeviceLabels"),
     _op("device.export", "viewer", "Every device with its labels, ready for import.",
-        "StatusArgs", "", "`[{id, labels}]`"),
+        "StatusArgs", "", "`[{id, labels}]`", returns="list[ExportedDevice]"),
     _op("status", "viewer", "Devices with their connection state, versions and sync.",
         "StatusArgs", "`device?`, `labels?`, `state?`, `sync?`, `conflict?`",
-        "one status object per device (`GET /devices` pages them: `limit`, `cursor`, `q`)", "GET /devices"),
+        "one status object per device (`GET /devices` pages them: `limit`, `cursor`, `q`)", "GET /devices",
+            returns="list[StatusRow]"),
     _op("summary", "viewer", "Fleet counts at a glance: online, offline, quarantined, conflicts, sync.",
         "StatusArgs", "", "`{devices, online, offline, quarantined, conflicts, sync: {in_sync, pending, rejected, "
-        "unknown, invalid}}`", "GET /summary"),
+        "unknown, invalid}}`", "GET /summary", returns="FleetSummary"),
     _op("kick", "operator", "Close a device's current connection.",
         "DeviceRefArgs", "`device`", "`{device, kicked, supported, detail}`; with an external broker `kicked` and "
-        "`supported` are false and `detail` says why", "POST /devices/{device}/kick"),
+        "`supported` are false and `detail` says why", "POST /devices/{device}/kick", returns="Kicked"),
     _op("clear_conflict", "operator", "Clear a device's identity-conflict flag and any quarantine.",
-        "DeviceRefArgs", "`device`", "`{device, cleared}`", "POST /devices/{device}/clear-conflict"),
+        "DeviceRefArgs", "`device`", "`{device, cleared}`", "POST /devices/{device}/clear-conflict",
+            returns="ConflictCleared"),
     # ---- configs ---------------------------------------------------------------------------------------
     _op("push", "operator",
         "Store a new config version for a device and publish it; unchanged content stores nothing.",
         "PushArgs", "`device`, `config` or `patch` (RFC 7396), `if_version?`, `message?`, `force?`",
         "the version (without config) and `unchanged`: true when the content equalled the current one and "
-        "nothing was stored (unless `force`)", "PUT /devices/{device}/config", "PATCH /devices/{device}/config"),
+        "nothing was stored (unless `force`)", "PUT /devices/{device}/config", "PATCH /devices/{device}/config",
+            returns="ConfigVersion"),
     _op("get", "viewer", "A config version (the current one unless a version is given), with the device's report.",
         "GetArgs", "`device`, `version?`", "the version with its config and `report`",
-        "GET /devices/{device}/config", "GET /devices/{device}/versions/{version}"),
+        "GET /devices/{device}/config", "GET /devices/{device}/versions/{version}", returns="ConfigVersion"),
     _op("history", "viewer", "Every version of a device's config, each with the device's report of it.",
         "DeviceRefArgs", "`device`", "all versions (without configs), each with `report`: `{status, error, at, "
-        "epoch}` or null", "GET /devices/{device}/versions"),
+        "epoch}` or null", "GET /devices/{device}/versions", returns="list[ConfigVersion]"),
     _op("diff", "viewer", "What changed between two versions of a device's config.",
         "DiffArgs", "`device`, `a`, `b`", "`{diff, same}` (unified diff of pretty JSON; HTTP adds both configs)",
-        "GET /devices/{device}/diff"),
+        "GET /devices/{device}/diff", returns="Diff"),
     _op("rollback", "operator",
         "Publish an old version's content again, as a new version (history is never rewritten).",
-        "RollbackArgs", "`device`, `version`, `message?`", "the new version", "POST /devices/{device}/rollback"),
+        "RollbackArgs", "`device`, `version`, `message?`", "the new version", "POST /devices/{device}/rollback",
+            returns="ConfigVersion"),
     _op("wait", "viewer", "Wait for a device's report on a version.",
         "WaitArgs", "`device`, `version`, `timeout`", "`{device, version, status, error}` once the device reports "
-        "`version` applied (or a later one) or rejected; error `timeout` otherwise", "POST /devices/{device}/wait"),
+        "`version` applied (or a later one) or rejected; error `timeout` otherwise", "POST /devices/{device}/wait",
+            returns="ReportOutcome"),
     _op("explain", "viewer", "Per value of a device's config: its JSON pointer and the layer that set it.",
         "ExplainArgs", "`device`, `version?`", "per value of the config: `{pointer, value, layer}`",
-        "GET /devices/{device}/explain"),
+        "GET /devices/{device}/explain", returns="list[Explained]"),
     _op("push_many", "operator",
         "One config to every device or to those with all the labels, answered per device.",
         "PushManyArgs", "`all` or `labels`, `config`, `message?`, `force?`, `delivery_timeout?`, `report_timeout?`",
@@ -124,84 +131,95 @@ TABLE: tuple[Op, ...] = (
         "an external broker. Stored and published in chunks (see [operations.md](operations.md#fleet-pushes)); "
         "progress messages `{\"id\", \"progress\": {...}}` go to `reply_to`: `{\"stored\", \"of\"}` after each "
         "chunk, then the counts while it waits for acknowledgements (and, with `report_timeout`, for every "
-        "device's report)", "POST /push"),
+        "device's report)", "POST /push", returns="FleetAnswer"),
     # ---- audit, backup ---------------------------------------------------------------------------------
     _op("audit", "viewer", "Who did what, when: every admin action, oldest first (secrets never appear).",
-        "AuditArgs", "`device?`, `limit?`", "audit entries, oldest first", "GET /audit", "GET /devices/{device}/audit"),
+        "AuditArgs", "`device?`, `limit?`", "audit entries, oldest first", "GET /audit", "GET /devices/{device}/audit",
+            returns="list[AuditEntry]"),
     _op("backup", "admin", "A consistent copy of the store, written on the service's machine.",
         "BackupArgs", "`path` (absolute, on the service's machine)",
-        "`{path, bytes}`: a consistent copy of the store, mode 0600", "POST /backup"),
+        "`{path, bytes}`: a consistent copy of the store, mode 0600", "POST /backup", returns="BackupResult"),
     # ---- rollouts --------------------------------------------------------------------------------------
     _op("rollout.start", "operator",
         "Start a staged rollout: wave by wave, on while devices apply, halting and reverting on rejections.",
         "RolloutStartArgs", "`all` or `labels`, `config` (or `layer: {name, content, labels?, priority?}`), `waves?` "
         "or `wave_size?`, `max_rejected?` (N or P%), `min_applied?`, `wave_timeout?`, `pause?`, `message?`",
-        "the rollout's status (as `rollout.status`)", "POST /rollouts"),
+        "the rollout's status (as `rollout.status`)", "POST /rollouts", returns="RolloutStatus"),
     _op("rollout.status", "viewer",
         "Per wave: targeted, online, delivered, applied, rejected, offline, pending, reverted; errors by message.",
         "RolloutRefArgs", "`rollout`", "`{id, state, reason, message, target, policy, actor, created_at, "
         "finished_at, wave, waves: [{wave, targeted, published, online, delivered, applied, rejected, offline, "
         "pending, reverted, errors}], devices, kept}`: each wave's numbers frozen when it is decided "
-        "([rollouts.md](rollouts.md#staged-rollouts))", "GET /rollouts/{rollout}"),
+        "([rollouts.md](rollouts.md#staged-rollouts))", "GET /rollouts/{rollout}", returns="RolloutStatus"),
     _op("rollout.list", "viewer", "Every rollout, oldest first.",
-        "StatusArgs", "", "`[{id, state, reason, actor, created_at, finished_at, wave, waves}]`", "GET /rollouts"),
+        "StatusArgs", "", "`[{id, state, reason, actor, created_at, finished_at, wave, waves}]`", "GET /rollouts",
+            returns="list[RolloutSummary]"),
     _op("rollout.pause", "operator", "Stop a rollout before its next step (a wave already out stays out).",
-        "RolloutRefArgs", "`rollout`", "the rollout's status", "POST /rollouts/{rollout}/pause"),
+        "RolloutRefArgs", "`rollout`", "the rollout's status", "POST /rollouts/{rollout}/pause",
+            returns="RolloutStatus"),
     _op("rollout.resume", "operator", "Go on with a paused rollout.",
-        "RolloutRefArgs", "`rollout`", "the rollout's status", "POST /rollouts/{rollout}/resume"),
+        "RolloutRefArgs", "`rollout`", "the rollout's status", "POST /rollouts/{rollout}/resume",
+            returns="RolloutStatus"),
     _op("rollout.abort", "operator", "Stop a rollout for good; with revert, undo what it changed.",
         "RolloutRefArgs", "`rollout`, `revert?`", "the rollout's status (with `revert`, once the devices are back)",
-        "POST /rollouts/{rollout}/abort"),
+        "POST /rollouts/{rollout}/abort", returns="RolloutStatus"),
     # ---- layers ----------------------------------------------------------------------------------------
     _op("layer.set", "operator",
         "Set a layer; every device whose config changes gets a new version, in one transaction.",
         "LayerSetArgs", "`name`, `content`, `labels?`, `priority?`, `message?`, `force?`",
         "`{layer, version, devices, versions}` (+ `new_devices_invalid` when `force` stored a layer a new device "
-        "would break)", "PUT /layers/{name}"),
+        "would break)", "PUT /layers/{name}", returns="LayerChange"),
     _op("layer.get", "viewer", "A layer's content (the current version unless a version is given).",
         "LayerRefArgs", "`name`, `version?`", "the layer's version: `{version, content, labels, priority, message, "
-        "created_at, actor, removed}`", "GET /layers/{name}"),
+        "created_at, actor, removed}`", "GET /layers/{name}", returns="LayerVersion"),
     _op("layer.list", "viewer", "The layers in force, in merge order (the device's own layer comes last).",
-        "StatusArgs", "", "the layers in force, in merge order", "GET /layers"),
+        "StatusArgs", "", "the layers in force, in merge order", "GET /layers", returns="list[LayerInForce]"),
     _op("layer.history", "viewer", "Every version of a layer, removals included.",
-        "LayerRefArgs", "`name`", "every version of the layer", "GET /layers/{name}/history"),
+        "LayerRefArgs", "`name`", "every version of the layer", "GET /layers/{name}/history",
+            returns="list[LayerVersion]"),
     _op("layer.diff", "viewer", "Unified diff between two versions of a layer.",
-        "LayerDiffArgs", "`name`, `a`, `b`", "`{diff, same}` (HTTP adds `a` and `b`)", "GET /layers/{name}/diff"),
+        "LayerDiffArgs", "`name`, `a`, `b`", "`{diff, same}` (HTTP adds `a` and `b`)", "GET /layers/{name}/diff",
+            returns="Diff"),
     _op("layer.rollback", "operator", "A layer's older version (content, labels, priority) as its new version.",
-        "LayerRefArgs", "`name`, `version`, `message?`", "as `layer.set`", "POST /layers/{name}/rollback"),
+        "LayerRefArgs", "`name`, `version`, `message?`", "as `layer.set`", "POST /layers/{name}/rollback",
+            returns="LayerChange"),
     _op("layer.remove", "operator",
         "Stop applying a layer (its history stays); devices whose config changes get a new version.",
         "LayerRefArgs", "`name`, `message?`, `force?`", "`{layer, version, removed, devices}`",
-        "DELETE /layers/{name}"),
+        "DELETE /layers/{name}", returns="LayerChange"),
     # ---- schemas ---------------------------------------------------------------------------------------
     _op("schema.set", "admin",
         "Set the schema for the fleet or for devices with labels; refused if current configs break it.",
         "SchemaSetArgs", "`labels?`, `document`, `force?`", "`{schema, version, invalid_devices}`",
-        "PUT /schemas/{name}"),
+        "PUT /schemas/{name}", returns="SchemaChange"),
     _op("schema.get", "viewer", "A schema document (the current version unless a version is given).",
         "SchemaRefArgs", "`labels?`, `version?`", "`{schema, version, document, created_at, actor}`",
-        "GET /schemas/{name}"),
+        "GET /schemas/{name}", returns="SchemaVersion"),
     _op("schema.list", "viewer", "The schemas in force.",
-        "StatusArgs", "", "`[{schema, labels, version}]`", "GET /schemas"),
+        "StatusArgs", "", "`[{schema, labels, version}]`", "GET /schemas", returns="list[SchemaInForce]"),
     _op("schema.history", "viewer", "Every version of a schema, removals included.",
-        "SchemaRefArgs", "`labels?`", "every version of the schema", "GET /schemas/{name}/history"),
+        "SchemaRefArgs", "`labels?`", "every version of the schema", "GET /schemas/{name}/history",
+            returns="list[SchemaVersion]"),
     _op("schema.remove", "admin", "Stop enforcing a schema (its history stays).",
-        "SchemaRefArgs", "`labels?`", "`{schema, version, removed}`", "DELETE /schemas/{name}"),
+        "SchemaRefArgs", "`labels?`", "`{schema, version, removed}`", "DELETE /schemas/{name}", returns="SchemaChange"),
     # ---- tokens ----------------------------------------------------------------------------------------
     _op("token.create", "admin", "Create a bearer token (shown only this once; only its hash is kept).",
         "TokenCreateArgs", "`name`, `role` (`viewer`, `operator`, `admin`)",
-        "`{id, name, role, token}` (the token only here)", "POST /tokens"),
+        "`{id, name, role, token}` (the token only here)", "POST /tokens", returns="TokenCreated"),
     _op("token.list", "admin", "Tokens with their roles (never the tokens themselves).",
-        "StatusArgs", "", "`[{id, name, role, created_at, created_by}]` (HTTP adds `last_used_at`)", "GET /tokens"),
+        "StatusArgs", "", "`[{id, name, role, created_at, created_by}]` (HTTP adds `last_used_at`)", "GET /tokens",
+            returns="list[TokenInfo]"),
     _op("token.revoke", "admin", "Revoke a token: it stops working at once.",
-        "TokenRefArgs", "`token` (id or name)", "`{id, name, role, revoked}`", "DELETE /tokens/{token}"),
+        "TokenRefArgs", "`token` (id or name)", "`{id, name, role, revoked}`", "DELETE /tokens/{token}",
+            returns="TokenRevoked"),
     # ---- HTTP-only views (the console's) ---------------------------------------------------------------
     _op("me", "viewer", "The token's name and role (the console shows what the role allows).",
-        "StatusArgs", "", "`{name, role}`", "GET /me", admin=False),
+        "StatusArgs", "", "`{name, role}`", "GET /me", admin=False, returns="Caller"),
     _op("presence", "viewer", "A device's recent connects and disconnects, newest first (this run's events).",
-        "DeviceRefArgs", "`device`", "`{device, changes}`", "GET /devices/{device}/presence", admin=False),
+        "DeviceRefArgs", "`device`", "`{device, changes}`", "GET /devices/{device}/presence", admin=False,
+            returns="PresenceChanges"),
     _op("events", "viewer", "Server-Sent Events; Last-Event-ID resumes from the replay buffer.",
-        "StatusArgs", "`device?`, `type?`", "an event stream", "GET /events", admin=False),
+        "StatusArgs", "`device?`, `type?`", "an event stream", "GET /events", admin=False, returns="Event"),
 )
 
 OPS: dict[str, Op] = {op.name: op for op in TABLE}

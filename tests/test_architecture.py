@@ -126,6 +126,7 @@ def test_the_rules_of_the_house_hold_transitively() -> None:
         "henge_mqtt.roles": set(),
         "henge_mqtt.ops": {"henge_mqtt.roles"},
         "henge_mqtt.models": {"henge_mqtt.ids", "henge_mqtt.roles"},
+        "henge_mqtt.results": set(),  # the answers' shapes: typing only
         "henge_mqtt.sessions": set(),
         "henge_mqtt.topics": set(),
         "henge_mqtt.errors": set(),
@@ -143,7 +144,7 @@ def test_the_rules_of_the_house_hold_transitively() -> None:
         if module.startswith("henge_mqtt.store"):
             bad = {d for d in _reach(module) if not d.startswith(
                 ("henge_mqtt.store", "henge_mqtt.errors", "henge_mqtt.models", "henge_mqtt.ids", "henge_mqtt.roles",
-                 "henge_mqtt.layering"))}
+                 "henge_mqtt.layering", "henge_mqtt.results"))}
             assert not bad, f"{module} (the store) reaches {sorted(bad)}"
         # The server core knows the port, the session table, codec and errors; never the service or store.
         if module.startswith("henge_mqtt.server"):
@@ -252,3 +253,20 @@ def test_every_import_of_ours_resolves() -> None:
             if name == "henge_mqtt" or not name.startswith("henge_mqtt."):
                 continue
             assert name in MODULES or name.rpartition(".")[0] in MODULES, f"{module} imports {name}: no such module"
+
+
+def test_every_operation_names_a_result_type_that_exists() -> None:
+    """Each op of the table says what it returns: a TypedDict of henge_mqtt.results or a model."""
+    import re
+    import typing
+
+    from henge_mqtt import models, results
+    from henge_mqtt.ops import OPS
+
+    for op in OPS.values():
+        name = re.fullmatch(r"(?:list\[)?(\w+)\]?", op.returns)
+        assert name is not None, f"{op.name}: returns {op.returns!r}"
+        found = getattr(results, name[1], None) or getattr(models, name[1], None)
+        assert isinstance(found, type), f"{op.name} returns {op.returns}: no such type"
+        if typing.is_typeddict(found):
+            assert typing.get_type_hints(found), f"{op.name}: {found.__name__} has no fields"

@@ -74,17 +74,6 @@ def test_the_readme_quickstart_and_first_steps_run(tmp_path: Path) -> None:
         server.wait(timeout=20)
 
 
-def test_protocol_md_documents_every_admin_op() -> None:
-    from henge_mqtt.service.admin import OPS
-
-    doc = (ROOT / "docs" / "protocol.md").read_text()
-    table = doc[doc.index("| op | args | result |"):]
-    table = table[:table.index("\n\n")]
-    documented = set(re.findall(r"^\| `([a-z_.]+)` \|", table, re.M))
-    assert documented == set(OPS), (set(OPS) - documented, documented - set(OPS))
-
-
-
 def test_the_op_tables_in_the_docs_are_generated_from_the_op_table() -> None:
     """docs/protocol.md's op table and docs/http.md's route table are henge_mqtt/ops.py's, as
     ``python -m henge_mqtt.ops`` writes them: an op added, renamed or given another role shows."""

@@ -28,6 +28,23 @@ from ..errors import AuthenticationFailed, Forbidden, HengeError, InvalidConfig,
 from ..ids import StrictJSONError, parse_labels, strict_json
 from ..models import DeviceId, ImportArgs, RolloutStartArgs, TokenCreateArgs
 from ..ops import ROUTES, Method
+from ..results import (
+    AuditEntry,
+    BackupResult,
+    Diff,
+    Explained,
+    LayerChange,
+    LayerInForce,
+    LayerVersion,
+    ReportOutcome,
+    RolloutStatus,
+    RolloutSummary,
+    SchemaChange,
+    SchemaInForce,
+    SchemaVersion,
+    TokenInfo,
+    TokenRevoked,
+)
 from ..roles import ROLES, Role, allows
 from ..service.api import ServiceAPI
 from ..service.configs import no_progress
@@ -230,6 +247,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         op = ROUTES[(method, path)]
         options = {k: extra.pop(k) for k in ("status_code", "response_class", "responses") if k in extra}
         return api.api_route(path, methods=[method], summary=op.doc, dependencies=[checks[op.role]],
+                             response_model=None,
                              openapi_extra={"x-henge-op": op.name, "x-henge-role": op.role,
                                             "security": [{"bearer": []}], **extra}, **options)
 
@@ -369,7 +387,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         return (await svc.get_version(device, version)).model_dump(mode="json")
 
     @route("GET", "/devices/{device}/diff")
-    async def diff(device: DeviceId, a: Annotated[int, Query(ge=1)], b: Annotated[int, Query(ge=1)]) -> dict[str, Any]:
+    async def diff(device: DeviceId, a: Annotated[int, Query(ge=1)], b: Annotated[int, Query(ge=1)]) -> Diff:
         """A unified diff of two versions' configs (as ``henge diff``), and both configs."""
         return await svc.diff(device, a, b)
 
@@ -382,7 +400,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
 
     @route("POST", "/devices/{device}/wait")
     async def wait_report(device: DeviceId, version: Annotated[int, Query(ge=1)],
-                          timeout: Annotated[float, Query(gt=0, le=3600)] = 30.0) -> dict[str, Any]:
+                          timeout: Annotated[float, Query(gt=0, le=3600)] = 30.0) -> ReportOutcome:
         """Wait for the device's report on a version (as ``push --wait``); 504 when it does not come."""
         return await svc.wait_for_report(device, version, timeout)
 
@@ -408,13 +426,13 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
 
     @route("GET", "/audit")
     async def audit(device: DeviceId | None = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-                    ) -> list[dict[str, Any]]:
+                    ) -> list[AuditEntry]:
         """The newest entries, oldest first."""
         return await svc.audit(device, limit)
 
     @route("GET", "/devices/{device}/audit")
     async def device_audit(device: DeviceId, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-                           ) -> list[dict[str, Any]]:
+                           ) -> list[AuditEntry]:
         return await svc.audit(device, limit)
 
     @route("GET", "/events", response_class=StreamingResponse,
@@ -433,11 +451,11 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     # ---- rollouts --------------------------------------------------------------------------------------
 
     @route("GET", "/rollouts")
-    async def rollouts() -> list[dict[str, Any]]:
+    async def rollouts() -> list[RolloutSummary]:
         return await svc.list_rollouts()
 
     @route("GET", "/rollouts/{rollout}")
-    async def rollout(rollout: RolloutId) -> dict[str, Any]:
+    async def rollout(rollout: RolloutId) -> RolloutStatus:
         """Per wave: targeted, online, delivered, applied, rejected, offline, pending, reverted, errors."""
         return await svc.rollout_status(rollout)
 
@@ -449,40 +467,40 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         return JSONResponse(result, status_code=201)
 
     @route("POST", "/rollouts/{rollout}/pause")
-    async def pause_rollout(rollout: RolloutId) -> dict[str, Any]:
+    async def pause_rollout(rollout: RolloutId) -> RolloutStatus:
         return await svc.pause_rollout(rollout)
 
     @route("POST", "/rollouts/{rollout}/resume")
-    async def resume_rollout(rollout: RolloutId) -> dict[str, Any]:
+    async def resume_rollout(rollout: RolloutId) -> RolloutStatus:
         return await svc.resume_rollout(rollout)
 
     @route("POST", "/rollouts/{rollout}/abort")
-    async def abort_rollout(rollout: RolloutId, revert: bool = False) -> dict[str, Any]:
+    async def abort_rollout(rollout: RolloutId, revert: bool = False) -> RolloutStatus:
         """Stop it for good; ``revert=true`` puts every device it changed back on its previous config."""
         return await svc.abort_rollout(rollout, revert=revert)
 
     # ---- layers ----------------------------------------------------------------------------------------
 
     @route("GET", "/layers")
-    async def layers() -> list[dict[str, Any]]:
+    async def layers() -> list[LayerInForce]:
         """The layers in force, in merge order (each device's own layer comes last)."""
         return await svc.list_layers()
 
     @route("GET", "/layers/{name}")
-    async def layer(name: LayerName, version: Annotated[int | None, Query(ge=1)] = None) -> dict[str, Any]:
+    async def layer(name: LayerName, version: Annotated[int | None, Query(ge=1)] = None) -> LayerVersion:
         return await svc.get_layer(name, version)
 
     @route("GET", "/layers/{name}/history")
-    async def layer_versions(name: LayerName) -> list[dict[str, Any]]:
+    async def layer_versions(name: LayerName) -> list[LayerVersion]:
         return await svc.layer_history(name)
 
     @route("GET", "/layers/{name}/diff")
     async def layer_diff(name: LayerName, a: Annotated[int, Query(ge=1)],
-                         b: Annotated[int, Query(ge=1)]) -> dict[str, Any]:
+                         b: Annotated[int, Query(ge=1)]) -> Diff:
         return await svc.layer_diff(name, a, b)
 
     @route("PUT", "/layers/{name}", **_body_doc(LayerBody))
-    async def put_layer(request: Request, name: LayerName) -> dict[str, Any]:
+    async def put_layer(request: Request, name: LayerName) -> LayerChange:
         """Set a layer (``fleet``, or a label layer with ``labels`` and ``priority``); the devices whose
         config changes get a new version in the same transaction."""
         body = parse_model(LayerBody, await read_json(request))
@@ -490,42 +508,42 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
                                    message=body.message, force=body.force)
 
     @route("POST", "/layers/{name}/rollback", **_body_doc(RollbackBody))
-    async def rollback_layer(request: Request, name: LayerName) -> dict[str, Any]:
+    async def rollback_layer(request: Request, name: LayerName) -> LayerChange:
         body = parse_model(RollbackBody, await read_json(request))
         return await svc.rollback_layer(name, body.version, message=body.message)
 
     @route("DELETE", "/layers/{name}")
-    async def remove_layer(name: LayerName, force: bool = False) -> dict[str, Any]:
+    async def remove_layer(name: LayerName, force: bool = False) -> LayerChange:
         return await svc.remove_layer(name, force=force)
 
     @route("GET", "/devices/{device}/explain")
-    async def explain(device: DeviceId, version: Annotated[int | None, Query(ge=1)] = None) -> list[dict[str, Any]]:
+    async def explain(device: DeviceId, version: Annotated[int | None, Query(ge=1)] = None) -> list[Explained]:
         """Per value of the device's config: its JSON pointer and the layer that set it."""
         return await svc.explain(device, version)
 
     # ---- schemas ---------------------------------------------------------------------------------------
 
     @route("GET", "/schemas")
-    async def schemas() -> list[dict[str, Any]]:
+    async def schemas() -> list[SchemaInForce]:
         """The schemas in force."""
         return await svc.list_schemas()
 
     @route("GET", "/schemas/{name}")
-    async def schema(name: SchemaName, version: Annotated[int | None, Query(ge=1)] = None) -> dict[str, Any]:
+    async def schema(name: SchemaName, version: Annotated[int | None, Query(ge=1)] = None) -> SchemaVersion:
         return await svc.get_schema(parse_selector(name), version)
 
     @route("GET", "/schemas/{name}/history")
-    async def schema_versions(name: SchemaName) -> list[dict[str, Any]]:
+    async def schema_versions(name: SchemaName) -> list[SchemaVersion]:
         return await svc.schema_history(parse_selector(name))
 
     @route("PUT", "/schemas/{name}", **SCHEMA_BODY)
-    async def put_schema(request: Request, name: SchemaName, force: bool = False) -> dict[str, Any]:
+    async def put_schema(request: Request, name: SchemaName, force: bool = False) -> SchemaChange:
         """Set a JSON Schema 2020-12 document; refused (422, one error per violation) if current configs
         break it, unless ``force``."""
         return await svc.set_schema(parse_selector(name), await read_json(request), force=force)
 
     @route("DELETE", "/schemas/{name}")
-    async def remove_schema(name: SchemaName) -> dict[str, Any]:
+    async def remove_schema(name: SchemaName) -> SchemaChange:
         return await svc.remove_schema(parse_selector(name))
 
     # ---- admin: devices, tokens, backup ----------------------------------------------------------------
@@ -561,7 +579,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         return {"device": device, "labels": await svc.set_labels(device, body.set, body.remove)}
 
     @route("GET", "/tokens")
-    async def tokens() -> list[dict[str, Any]]:
+    async def tokens() -> list[TokenInfo]:
         """Every token (never the token itself), with its last use in this run."""
         found = await svc.list_tokens()
         for token in found:
@@ -576,11 +594,11 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         return JSONResponse(await svc.create_token(body.name, body.role), status_code=201)
 
     @route("DELETE", "/tokens/{token}")
-    async def revoke_token(token: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+    async def revoke_token(token: Annotated[str, Path(max_length=64)]) -> TokenRevoked:
         return await svc.revoke_token(token)
 
     @route("POST", "/backup", **_body_doc(BackupBody))
-    async def backup(request: Request) -> dict[str, Any]:
+    async def backup(request: Request) -> BackupResult:
         """A consistent copy of the store, written on the service's machine."""
         body = parse_model(BackupBody, await read_json(request))
         return await svc.backup(body.path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any
 
 from .. import models
@@ -21,6 +22,28 @@ from ..errors import (
 )
 from ..models import ConfigVersion, Device
 from ..ports import BrokerPort, KickResult
+from ..results import (
+    AuditEntry,
+    BackupResult,
+    Diff,
+    Explained,
+    FleetAnswer,
+    FleetSummary,
+    LayerChange,
+    LayerInForce,
+    LayerVersion,
+    ReportOutcome,
+    RolloutStatus,
+    RolloutSummary,
+    SchemaChange,
+    SchemaInForce,
+    SchemaVersion,
+    SessionInfo,
+    StatusRow,
+    TokenCreated,
+    TokenInfo,
+    TokenRevoked,
+)
 from ..rollout_plan import Policy, check_waves, parse_max_rejected
 from ..settings import Settings
 from ..store import DeviceReports, Store, StoreWorker
@@ -35,7 +58,12 @@ from .reports import Reports
 from .rollouts import Rollouts
 from .schemas import Schemas, display, selector_of
 
-PROGRESS_KEYS = ("targeted", "devices", "online", "delivered", "applied", "rejected", "pending")
+
+def progress_of(answer: FleetAnswer) -> dict[str, Any]:
+    """What a fleet push's progress messages carry: the counts so far."""
+    return {"targeted": answer["targeted"], "devices": answer["devices"], "online": answer["online"],
+            "delivered": answer["delivered"], "applied": answer["applied"], "rejected": answer["rejected"],
+            "pending": answer["pending"]}
 
 
 class ServiceAPI:
@@ -142,7 +170,7 @@ class ServiceAPI:
         rows, reports = await self.worker.run(lambda: (store.history(device), store.version_reports(device)))
         return [row.model_copy(update={"report": reports.get(row.version)}) for row in rows]
 
-    async def audit(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    async def audit(self, device: str | None = None, limit: int = 100) -> list[AuditEntry]:
         store = self.store
         entries = await self.worker.run(store.audit, device, limit)
         for entry in entries:
@@ -187,7 +215,7 @@ class ServiceAPI:
     async def fleet_push(self, config: dict[str, Any], *, all_devices: bool = False,
                          labels: dict[str, str] | None = None, message: str = "", force: bool = False,
                          delivery_timeout: float = 10.0, wait: float | None = None,
-                         progress: Progress | None = None) -> dict[str, Any]:
+                         progress: Progress | None = None) -> FleetAnswer:
         """One config to many devices, answered per device: delivered (its own PUBACK), applied,
         rejected (with errors), offline; with ``wait``, after waiting that long for every report."""
         loop = asyncio.get_running_loop()
@@ -210,11 +238,11 @@ class ServiceAPI:
             online = {row.device for row in rows if self.broker.session(row.device, now).online}
             observable = self.broker.observes_deliveries
 
-            def current() -> dict[str, Any]:
+            def current() -> FleetAnswer:
                 return fleet_answer(watch, devices, rows, deliveries, observable=observable, online_at_publish=online)
 
             await watch.wait(deliveries, delivery_timeout=delivery_timeout, report_timeout=wait,
-                             progress=(lambda a: progress({k: a[k] for k in PROGRESS_KEYS})) if progress else None,
+                             progress=(lambda a: progress(progress_of(a))) if progress else None,
                              answer=current)
             result = current()
         finally:
@@ -227,7 +255,7 @@ class ServiceAPI:
     async def rollback(self, device: str, version: int, *, message: str = "") -> ConfigVersion:
         return await self.configs.rollback(device, version, actor=current_actor.get(), message=message)
 
-    async def wait_for_report(self, device: str, version: int, timeout: float) -> dict[str, Any]:
+    async def wait_for_report(self, device: str, version: int, timeout: float) -> ReportOutcome:
         return await self.reports.wait_for(device, version, timeout)
 
     def online_count(self) -> int:
@@ -254,7 +282,7 @@ class ServiceAPI:
     async def status(self, device: str | None = None, labels: dict[str, str] | None = None, *,
                      state: str | None = None, sync: str | None = None, conflict: bool | None = None,
                      contains: str | None = None, after: str = "", limit: int | None = None,
-                     ) -> list[dict[str, Any]]:
+                     ) -> list[StatusRow]:
         """One row per device, ordered by id (data only: times in RFC 3339 UTC), filtered by labels,
         state, sync, conflict and a part of the id; ``after``/``limit`` read one page without
         building the rest."""
@@ -263,7 +291,7 @@ class ServiceAPI:
             source, _ = await self.worker.run(store.status_source, device=device)
             if not source:
                 raise UnknownDevice(device)
-        rows: list[dict[str, Any]] = []
+        rows: list[StatusRow] = []
         now = time.time()
         batch = -1 if limit is None else max(2 * limit, 500)
         while True:
@@ -301,7 +329,7 @@ class ServiceAPI:
                 return rows
             after = last
 
-    def _session_of(self, device: str, now: float) -> dict[str, Any] | None:
+    def _session_of(self, device: str, now: float) -> SessionInfo | None:
         """The device's persistent MQTT session: its expiry, and when it ends (None while connected)."""
         kept = self.broker.persistent_session(device, now)
         if kept is None:
@@ -309,20 +337,23 @@ class ServiceAPI:
         expiry, ends = kept
         return {"persistent": True, "expiry": expiry, "expires_at": iso(int(ends)) if ends is not None else None}
 
-    async def summary(self) -> dict[str, Any]:
+    async def summary(self) -> FleetSummary:
         """Fleet counts (what ``status`` rows would add up to), without building the rows."""
         source, _ = await self.worker.run(self.store.status_source)
         now = time.time()
-        out: dict[str, Any] = {"devices": len(source), "online": 0, "offline": 0, "quarantined": 0, "conflicts": 0,
-                               "sync": {"in_sync": 0, "pending": 0, "rejected": 0, "unknown": 0, "invalid": 0}}
-        sync = out["sync"]
+        states: Counter[str] = Counter()
+        sync: Counter[str] = Counter()
+        conflicts = 0
         for d, _, desired, applied, applied_at, rejected, error in source:
             view = self.broker.session(d, now)
-            out["online" if view.online else "quarantined" if view.quarantined_until else "offline"] += 1
-            out["conflicts"] += view.conflict
+            states["online" if view.online else "quarantined" if view.quarantined_until else "offline"] += 1
+            conflicts += view.conflict
             sync["invalid" if d in self.schemas.invalid else
                  DeviceReports(applied, applied_at, rejected, error).sync(desired)] += 1
-        return out
+        return {"devices": len(source), "online": states["online"], "offline": states["offline"],
+                "quarantined": states["quarantined"], "conflicts": conflicts,
+                "sync": {"in_sync": sync["in_sync"], "pending": sync["pending"], "rejected": sync["rejected"],
+                         "unknown": sync["unknown"], "invalid": sync["invalid"]}}
 
     # ---- rollouts --------------------------------------------------------------------------------
 
@@ -330,7 +361,7 @@ class ServiceAPI:
                             labels: dict[str, str] | None = None, waves: list[float] | None = None,
                             wave_size: int | None = None, max_rejected: str = "1", min_applied: float = 90.0,
                             wave_timeout: float = 300.0, pause: float = 0.0, message: str = "",
-                            layer: dict[str, Any] | None = None) -> dict[str, Any]:
+                            layer: dict[str, Any] | None = None) -> RolloutStatus:
         """A staged rollout of ``config`` (as each target's own layer), or of a layer change
         (``layer``: name, content, labels, priority); see docs/rollouts.md."""
         if not all_devices and not labels and layer is None:
@@ -355,28 +386,28 @@ class ServiceAPI:
                                          waves=waves if wave_size is None else None, wave_size=wave_size,
                                          policy=policy, message=message, layer=layer)
 
-    async def rollout_status(self, rollout_id: str) -> dict[str, Any]:
+    async def rollout_status(self, rollout_id: str) -> RolloutStatus:
         return await self.rollouts.status(rollout_id)
 
-    async def list_rollouts(self) -> list[dict[str, Any]]:
+    async def list_rollouts(self) -> list[RolloutSummary]:
         return await self.rollouts.list()
 
-    async def pause_rollout(self, rollout_id: str) -> dict[str, Any]:
+    async def pause_rollout(self, rollout_id: str) -> RolloutStatus:
         await self.rollouts.pause(rollout_id)
         return await self.rollouts.status(rollout_id)
 
-    async def resume_rollout(self, rollout_id: str) -> dict[str, Any]:
+    async def resume_rollout(self, rollout_id: str) -> RolloutStatus:
         await self.rollouts.resume(rollout_id)
         return await self.rollouts.status(rollout_id)
 
-    async def abort_rollout(self, rollout_id: str, *, revert: bool = False) -> dict[str, Any]:
+    async def abort_rollout(self, rollout_id: str, *, revert: bool = False) -> RolloutStatus:
         await self.rollouts.abort(rollout_id, revert=revert)
         return await self.rollouts.status(rollout_id)
 
     # ---- layers ----------------------------------------------------------------------------------
 
     async def set_layer(self, name: str, content: dict[str, Any], *, labels: dict[str, str] | None = None,
-                        priority: int | None = None, message: str = "", force: bool = False) -> dict[str, Any]:
+                        priority: int | None = None, message: str = "", force: bool = False) -> LayerChange:
         """A new version of a layer (``fleet``, or a label layer with ``labels`` and ``priority``); in
         the same transaction a new version for exactly the devices whose config changes, then published.
         Refused if a device added afterwards would get a config its schemas refuse, unless ``force``
@@ -384,11 +415,11 @@ class ServiceAPI:
         self.configs.check_size(content)
         return await self._change_layer(name, content, labels=labels, priority=priority, message=message, force=force)
 
-    async def remove_layer(self, name: str, *, message: str = "", force: bool = False) -> dict[str, Any]:
+    async def remove_layer(self, name: str, *, message: str = "", force: bool = False) -> LayerChange:
         return await self._change_layer(name, None, labels=None, priority=None, message=message, force=force)
 
     async def _change_layer(self, name: str, content: dict[str, Any] | None, *, labels: dict[str, str] | None,
-                            priority: int | None, message: str, force: bool) -> dict[str, Any]:
+                            priority: int | None, message: str, force: bool) -> LayerChange:
         async with self.configs.schema_lock:
             future = await self.worker.run(self.schemas.new_device_errors, name, content, labels=labels,
                                            priority=priority)
@@ -407,11 +438,16 @@ class ServiceAPI:
         self.events.emit("layer_removed" if removed else "layer_set", None, layer=name, version=version,
                          devices=len(rows))
         warnings = [SchemaViolation.line(e) for e in future]
-        return {"layer": name, "version": version, "devices": len(rows)} | (
-            {"removed": True} if removed else {"versions": {row.device: row.version for row in rows}}) | (
-            {"new_devices_invalid": warnings} if warnings else {})
+        result: LayerChange = {"layer": name, "version": version, "devices": len(rows)}
+        if removed:
+            result["removed"] = True
+        else:
+            result["versions"] = {row.device: row.version for row in rows}
+        if warnings:
+            result["new_devices_invalid"] = warnings
+        return result
 
-    async def rollback_layer(self, name: str, version: int, *, message: str = "") -> dict[str, Any]:
+    async def rollback_layer(self, name: str, version: int, *, message: str = "") -> LayerChange:
         """The layer's content (and labels, priority) of ``version``, as a new version."""
         history = await self.layer_history(name)
         old = next((h for h in history if h["version"] == version), None)
@@ -420,7 +456,7 @@ class ServiceAPI:
         return await self.set_layer(name, old["content"], labels=old["labels"], priority=old["priority"],
                                     message=message or f"rollback to version {version}")
 
-    async def list_layers(self) -> list[dict[str, Any]]:
+    async def list_layers(self) -> list[LayerInForce]:
         layers = await self.worker.run(self.store.layers)
         ordered = self.store.layers_for({}, layers)[:1] + sorted(
             (layer for name, layer in layers.items() if name != "fleet"),
@@ -428,24 +464,26 @@ class ServiceAPI:
         return [{"layer": layer.name, "version": layer.version, "labels": layer.selector, "priority": layer.priority,
                  "message": layer.message} for layer in ordered]
 
-    async def layer_history(self, name: str) -> list[dict[str, Any]]:
+    async def layer_history(self, name: str) -> list[LayerVersion]:
         entries = await self.worker.run(self.store.layer_history, name)
-        return [e | {"created_at": utc_text(e["created_at"])} for e in entries]
+        for entry in entries:
+            entry["created_at"] = utc_text(entry["created_at"])
+        return entries
 
-    async def get_layer(self, name: str, version: int | None = None) -> dict[str, Any]:
+    async def get_layer(self, name: str, version: int | None = None) -> LayerVersion:
         history = await self.layer_history(name)
         entry = history[-1] if version is None else next((h for h in history if h["version"] == version), None)
         if entry is None:
             raise UnknownVersion(f"layer {name!r} has no version {version}")
         return entry
 
-    async def diff(self, device: str, a: int, b: int) -> dict[str, Any]:
+    async def diff(self, device: str, a: int, b: int) -> Diff:
         """Two versions of a device's config: a unified diff, whether they are the same, and both."""
         old, new = await self.get_version(device, a), await self.get_version(device, b)
         return {"diff": unified_diff(old.config, new.config, f"{device}@{a}", f"{device}@{b}"),
                 "same": old.sha256 == new.sha256, "a": old.config, "b": new.config}
 
-    async def layer_diff(self, name: str, a: int, b: int) -> dict[str, Any]:
+    async def layer_diff(self, name: str, a: int, b: int) -> Diff:
         """Two versions of a layer: a unified diff of their content, whether they are the same
         (content, labels and priority), and both versions."""
         old, new = await self.get_layer(name, a), await self.get_layer(name, b)
@@ -453,13 +491,13 @@ class ServiceAPI:
         return {"diff": unified_diff(old["content"], new["content"], f"{name}@{a}", f"{name}@{b}"), "same": same,
                 "a": old, "b": new}
 
-    async def explain(self, device: str, version: int | None = None) -> list[dict[str, Any]]:
+    async def explain(self, device: str, version: int | None = None) -> list[Explained]:
         """Per leaf of the device's config: which layer set it."""
         return await self.worker.run(self.store.explain, device, version)
 
     # ---- schemas ---------------------------------------------------------------------------------
 
-    async def set_schema(self, labels: dict[str, str], document: Any, *, force: bool = False) -> dict[str, Any]:
+    async def set_schema(self, labels: dict[str, str], document: Any, *, force: bool = False) -> SchemaChange:
         """The JSON Schema (2020-12) every config of the devices with ``labels`` ({}: all) must
         satisfy; refused if current configs break it, unless ``force`` (they show ``invalid``)."""
         async with self.configs.schema_lock:
@@ -469,28 +507,30 @@ class ServiceAPI:
                          invalid_devices=len(result["invalid_devices"]))
         return result
 
-    async def remove_schema(self, labels: dict[str, str]) -> dict[str, Any]:
+    async def remove_schema(self, labels: dict[str, str]) -> SchemaChange:
         async with self.configs.schema_lock:
             result = await self.worker.run(self.schemas.remove, selector_of(labels), actor=current_actor.get())
         self.events.emit("schema_removed", None, schema=result["schema"], version=result["version"])
         return result
 
-    async def list_schemas(self) -> list[dict[str, Any]]:
+    async def list_schemas(self) -> list[SchemaInForce]:
         return await self.worker.run(self.schemas.listing)
 
-    async def get_schema(self, labels: dict[str, str], version: int | None = None) -> dict[str, Any]:
+    async def get_schema(self, labels: dict[str, str], version: int | None = None) -> SchemaVersion:
         entry = await self.worker.run(self.schemas.get, selector_of(labels), version)
         entry["created_at"] = utc_text(entry["created_at"])
         return entry
 
-    async def schema_history(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+    async def schema_history(self, labels: dict[str, str]) -> list[SchemaVersion]:
         selector = selector_of(labels)
         entries = await self.worker.run(self.store.schema_history, selector)
         if not entries:
             raise ValidationFailed(f"no schema {display(selector)!r}")
-        return [e | {"schema": display(selector), "created_at": utc_text(e["created_at"])} for e in entries]
+        for entry in entries:
+            entry["schema"], entry["created_at"] = display(selector), utc_text(entry["created_at"])
+        return entries
 
-    async def backup(self, target: str) -> dict[str, Any]:
+    async def backup(self, target: str) -> BackupResult:
         """A consistent copy of the store, written by the service (on its machine) to ``target``."""
         from pathlib import Path
 
@@ -504,19 +544,19 @@ class ServiceAPI:
         await self.worker.run(self.store.record_audit, current_actor.get(), "backup", None, {"path": target})
         return {"path": target, "bytes": size}
 
-    async def create_token(self, name: str, role: str) -> dict[str, Any]:
+    async def create_token(self, name: str, role: str) -> TokenCreated:
         """A bearer token for the HTTP API; the token itself is in this answer only."""
         token_id, token = await self.worker.run(self.store.create_token, name, role, actor=current_actor.get())
         self.events.emit("token_created", None, name=name, role=role)
         return {"id": token_id, "name": name, "role": role, "token": token}
 
-    async def list_tokens(self) -> list[dict[str, Any]]:
+    async def list_tokens(self) -> list[TokenInfo]:
         tokens = await self.worker.run(self.store.list_tokens)
         for token in tokens:
             token["created_at"] = utc_text(token["created_at"])
         return tokens
 
-    async def revoke_token(self, ref: str) -> dict[str, Any]:
+    async def revoke_token(self, ref: str) -> TokenRevoked:
         result = await self.worker.run(self.store.revoke_token, ref, actor=current_actor.get())
         self.events.emit("token_revoked", None, name=result["name"])
         return result

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..models import ConfigVersion, Report
+from ..results import DeviceOutcome, FleetAnswer, Listed
 from .reports import Reports
 
 Progress = Callable[[dict[str, Any]], None]
@@ -60,7 +61,8 @@ class FleetWatch:
             self.settled.set()
 
     async def wait(self, deliveries: dict[str, asyncio.Future[None]], *, delivery_timeout: float,
-                   report_timeout: float | None, progress: Progress | None, answer: Callable[[], dict[str, Any]],
+                   report_timeout: float | None, progress: Callable[[FleetAnswer], None] | None,
+                   answer: Callable[[], FleetAnswer],
                    ) -> None:
         """Until every delivery is acknowledged (at most ``delivery_timeout``), then, with
         ``report_timeout``, until every device reported its version (or that long)."""
@@ -85,10 +87,10 @@ class FleetWatch:
 
 def answer(watch: FleetWatch, targeted: list[str], rows: list[ConfigVersion],
            deliveries: dict[str, asyncio.Future[None]], *, observable: bool,
-           online_at_publish: set[str]) -> dict[str, Any]:
+           online_at_publish: set[str]) -> FleetAnswer:
     """Counts and, per state, the devices (at most ``MAX_LISTED`` named; ``--json`` has them all in
     ``per_device``)."""
-    per_device: dict[str, dict[str, Any]] = {}
+    per_device: dict[str, DeviceOutcome] = {}
     counts: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     for device, version in watch.versions.items():
@@ -104,13 +106,14 @@ def answer(watch: FleetWatch, targeted: list[str], rows: list[ConfigVersion],
         counts[report or "pending"] += 1
         if error is not None:
             errors[error] += 1
-    listed: dict[str, list[str]] = {"rejected": [], "offline": [], "silent": []}
+    named: dict[str, list[str]] = {"rejected": [], "offline": [], "silent": []}
     for device in sorted(per_device):
         v = per_device[device]
         state = "rejected" if v["report"] == "rejected" else None if v["report"] else (
             "silent" if v["online"] else "offline")
-        if state is not None and len(listed[state]) < MAX_LISTED:
-            listed[state].append(device)
+        if state is not None and len(named[state]) < MAX_LISTED:
+            named[state].append(device)
+    listed: Listed = {"rejected": named["rejected"], "offline": named["offline"], "silent": named["silent"]}
     return {
         "targeted": len(targeted), "devices": len(rows), "unchanged": len(targeted) - len(rows),
         "online": counts["online"], "offline": counts["offline"],

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ..errors import UnknownVersion, WaitTimeout
 from ..models import Report
+from ..results import ReportOutcome
 from ..store import StoreWorker
 from .events import Events
 
@@ -110,7 +111,7 @@ class Reports:
         self.events.count("reports_invalid")
         log.warning("report.invalid device=%s problem=%s", device, why)
 
-    async def wait_for(self, device: str, version: int, timeout: float) -> dict[str, Any]:
+    async def wait_for(self, device: str, version: int, timeout: float) -> ReportOutcome:
         """Until ``device`` reports ``version`` applied or rejected; raise WaitTimeout otherwise."""
         if version < 1:
             raise UnknownVersion(f"device {device!r} has no version {version}")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import SchemaViolation, ValidationFailed
+from ..results import RolloutStatus, RolloutSummary, WaveStatus
 from ..rollout_plan import Policy, WaveCount, decide, plan
 from .context import current_actor, utc_text
 
@@ -88,7 +89,7 @@ class Rollouts:
 
     async def start(self, config: dict[str, Any], *, all_devices: bool, labels: dict[str, str] | None,
                     waves: list[float] | None, wave_size: int | None, policy: Policy,
-                    message: str = "", layer: dict[str, Any] | None = None) -> dict[str, Any]:
+                    message: str = "", layer: dict[str, Any] | None = None) -> RolloutStatus:
         """``config`` as every target's own layer; or, with ``layer`` ({name, content, labels,
         priority}), a staged layer change whose targets are the devices it alters."""
         svc = self.svc
@@ -150,44 +151,46 @@ class Rollouts:
                 return ro
             await asyncio.sleep(0.05)
 
-    async def status(self, rollout_id: str) -> dict[str, Any]:
+    async def status(self, rollout_id: str) -> RolloutStatus:
         store = self.svc.store
         ro, devices = await self.svc.worker.run(
             lambda: (store.rollout(rollout_id), store.rollout_devices(rollout_id)))
         delivered = self._delivered.get(rollout_id)
-        waves: list[dict[str, Any]] = [
-            {"wave": i + 1, "targeted": 0, "published": 0, "online": 0,
-             "delivered": 0 if delivered is not None else None, "applied": 0, "rejected": 0, "offline": 0,
-             "pending": 0, "reverted": 0, "errors": Counter()} for i in range(ro["waves"])]
+        counts: list[Counter[str]] = [Counter() for _ in range(ro["waves"])]
+        errors: list[Counter[str]] = [Counter() for _ in range(ro["waves"])]
         for d in devices:
-            w = waves[d["wave"]]
-            w["targeted"] += 1
+            c = counts[d["wave"]]
+            c["targeted"] += 1
             if d["new_version"] is None:
                 continue
-            w["published"] += 1
-            w["online"] += d["online_at_start"]
+            c["published"] += 1
+            c["online"] += d["online_at_start"]
             if delivered is not None and d["device"] in delivered:
-                w["delivered"] += 1
+                c["delivered"] += 1
             if d["report"] is None:  # pending until it reports; offline ones get it retained when they connect
-                w["pending"] += 1
-                w["offline"] += not d["online_at_start"]
+                c["pending"] += 1
+                c["offline"] += not d["online_at_start"]
             else:
-                w[d["report"]] += 1
+                c[d["report"]] += 1
             if d["error"]:
-                w["errors"][d["error"]] += 1
-            w["reverted"] += d["reverted_version"] is not None
-        for w in waves:
-            w["errors"] = dict(w["errors"].most_common(10))
-        return {**{k: ro[k] for k in ("id", "state", "reason", "message", "target", "policy", "actor")},
+                errors[d["wave"]][d["error"]] += 1
+            c["reverted"] += d["reverted_version"] is not None
+        waves: list[WaveStatus] = [
+            {"wave": i + 1, "targeted": c["targeted"], "published": c["published"], "online": c["online"],
+             "delivered": c["delivered"] if delivered is not None else None, "applied": c["applied"],
+             "rejected": c["rejected"], "offline": c["offline"], "pending": c["pending"], "reverted": c["reverted"],
+             "errors": dict(errors[i].most_common(10))} for i, c in enumerate(counts)]
+        return {"id": ro["id"], "state": ro["state"], "reason": ro["reason"], "message": ro["message"],
+                "target": ro["target"], "policy": ro["policy"], "actor": ro["actor"],
                 "created_at": utc_text(ro["created_at"]), "finished_at": utc_text(ro["finished_at"]),
                 "wave": ro["wave"] + 1, "waves": waves, "devices": len(devices),
                 "kept": sorted({d["revert_note"] for d in devices if d["revert_note"]})}
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> list[RolloutSummary]:
         rows = await self.svc.worker.run(self.svc.store.rollouts)
-        return [{k: ro[k] for k in ("id", "state", "reason", "actor")}
-                | {"created_at": utc_text(ro["created_at"]), "finished_at": utc_text(ro["finished_at"]),
-                   "wave": ro["wave"] + 1, "waves": ro["waves"]} for ro in rows]
+        return [{"id": ro["id"], "state": ro["state"], "reason": ro["reason"], "actor": ro["actor"],
+                 "created_at": utc_text(ro["created_at"]), "finished_at": utc_text(ro["finished_at"]),
+                 "wave": ro["wave"] + 1, "waves": ro["waves"]} for ro in rows]
 
     # ---- the runner --------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # imported when the first schema is compiled: 6.5 MB a gatewa
 
 from ..errors import InvalidSchema, SchemaViolation, ValidationFailed
 from ..ids import parse_labels
+from ..results import SchemaChange, SchemaInForce, SchemaVersion
 from ..store import Store
 
 log = logging.getLogger("henge_mqtt.service")
@@ -267,7 +268,7 @@ class Schemas:
 
     # ---- changes ---------------------------------------------------------------------------------
 
-    def put(self, selector: str, document: Any, *, actor: str, force: bool) -> dict[str, Any]:
+    def put(self, selector: str, document: Any, *, actor: str, force: bool) -> SchemaChange:
         """Set the schema for ``selector``; refused if current configs break it, unless ``force``
         (then those devices are ``invalid`` until a valid version is stored)."""
         current = self._active.get(selector)
@@ -286,7 +287,7 @@ class Schemas:
         return {"schema": display(selector), "version": version,
                 "invalid_devices": sorted({v["device"] for v in violations})}
 
-    def remove(self, selector: str, *, actor: str) -> dict[str, Any]:
+    def remove(self, selector: str, *, actor: str) -> SchemaChange:
         if selector not in self._active:
             raise ValidationFailed(f"no schema {display(selector)!r} is in force")
         version = self.store.put_schema(selector, None, actor=actor)
@@ -294,11 +295,11 @@ class Schemas:
         self.recheck(set(self.invalid))  # removing a schema can only make devices valid
         return {"schema": display(selector), "version": version, "removed": True}
 
-    def listing(self) -> list[dict[str, Any]]:
+    def listing(self) -> list[SchemaInForce]:
         return [{"schema": display(c.selector), "labels": dict(c.labels), "version": c.version}
                 for c in sorted(self._active.values(), key=lambda c: c.selector)]
 
-    def get(self, selector: str, version: int | None = None) -> dict[str, Any]:
+    def get(self, selector: str, version: int | None = None) -> SchemaVersion:
         history = self.store.schema_history(selector)
         if not history:
             raise ValidationFailed(f"no schema {display(selector)!r}")
@@ -309,7 +310,8 @@ class Schemas:
             if not found:
                 raise ValidationFailed(f"schema {display(selector)!r} has no version {version}")
             entry = found[0]
-        return entry | {"schema": display(selector)}
+        entry["schema"] = display(selector)
+        return entry
 
     def _violations(self, schemas: list[Compiled]) -> list[dict[str, str]]:
         labels = self.store.labels_by_device()

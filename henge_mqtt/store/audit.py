@@ -7,6 +7,7 @@ import json
 import logging
 from typing import Any
 
+from ..results import AuditEntry
 from .core import StoreCore
 
 log = logging.getLogger("henge_mqtt.store")
@@ -17,7 +18,7 @@ class Audit(StoreCore):
         with self._tx():
             self._audit(actor, action, device, summary)
 
-    def audit(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def audit(self, device: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """The newest ``limit`` entries, oldest first; bulk actions carry no device."""
         if device is None:
             rows = self._db.execute(
@@ -29,7 +30,7 @@ class Audit(StoreCore):
                 "LIMIT ?",
                 (device, limit),
             )
-        entries = [
+        entries: list[AuditEntry] = [
             {"id": r[0], "at": r[1], "actor": r[2], "action": r[3], "device": r[4], "summary": json.loads(r[5])}
             for r in rows
         ]

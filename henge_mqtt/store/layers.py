@@ -14,6 +14,7 @@ from ..errors import (
 )
 from ..layering import FLEET_LAYER, Layer, explain, merge_patch
 from ..models import ConfigVersion, config_sha256, utc_now
+from ..results import Explained, LayerVersion
 from .core import StoreCore, _ts
 
 log = logging.getLogger("henge_mqtt.store")
@@ -186,7 +187,7 @@ class Layers(StoreCore):
                 out.append(device)
         return out
 
-    def layer_history(self, name: str) -> list[dict[str, Any]]:
+    def layer_history(self, name: str) -> list[LayerVersion]:
         rows = self._db.execute(
             "SELECT version, selector, priority, content, message, created_at, actor FROM layers WHERE name = ? "
             "ORDER BY version", (name,)).fetchall()
@@ -196,7 +197,7 @@ class Layers(StoreCore):
                  "content": json.loads(c) if c is not None else None, "removed": c is None, "message": msg,
                  "created_at": at, "actor": actor} for v, sel, prio, c, msg, at, actor in rows]
 
-    def explain(self, device: str, version: int | None = None) -> list[dict[str, Any]]:
+    def explain(self, device: str, version: int | None = None) -> list[Explained]:
         """Per leaf of the device's config: its JSON pointer, value and the layer that set it."""
         row = self.get_version(device, version)
         chain: list[tuple[str, dict[str, Any]]] = []
@@ -214,7 +215,7 @@ class Layers(StoreCore):
                 chain.append((ref, json.loads(found[0])))
         chain.append(("device", row.device_layer))
         owner = explain(chain) if row.layers else {}
-        leaves: list[dict[str, Any]] = []
+        leaves: list[Explained] = []
 
         def walk(value: Any, where: str) -> None:
             if isinstance(value, dict) and value:

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from ..models import utc_now
+from ..results import SchemaVersion
 from .core import StoreCore, _ts
 
 log = logging.getLogger("henge_mqtt.store")
@@ -24,7 +25,7 @@ class Schemas(StoreCore):
                 out[selector] = (version, json.loads(document))
         return out
 
-    def schema_history(self, selector: str) -> list[dict[str, Any]]:
+    def schema_history(self, selector: str) -> list[SchemaVersion]:
         return [
             {"selector": selector, "version": v, "removed": d is None, "created_at": at, "actor": actor,
              "document": json.loads(d) if d is not None else None}

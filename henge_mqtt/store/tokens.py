@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import logging
 import secrets
-from typing import Any
 
 from ..errors import (
     DuplicateToken,
@@ -15,6 +14,7 @@ from ..errors import (
     ValidationFailed,
 )
 from ..models import utc_now
+from ..results import TokenInfo, TokenRevoked
 from ..roles import ROLES
 from .core import StoreCore, _ts
 from .credentials import hash_secret
@@ -41,13 +41,13 @@ class Tokens(StoreCore):
         self._tokens[token_id] = (bytes.fromhex(hash_secret(token)), role, name)
         return token_id, token
 
-    def list_tokens(self) -> list[dict[str, Any]]:
+    def list_tokens(self) -> list[TokenInfo]:
         return [
             {"id": r[0], "name": r[1], "role": r[2], "created_at": r[3], "created_by": r[4]}
             for r in self._db.execute("SELECT id, name, role, created_at, created_by FROM api_tokens ORDER BY name")
         ]
 
-    def revoke_token(self, ref: str, *, actor: str) -> dict[str, Any]:
+    def revoke_token(self, ref: str, *, actor: str) -> TokenRevoked:
         """By id or name; the token stops working at once."""
         with self._tx():
             row = self._db.execute("SELECT id, name, role FROM api_tokens WHERE id = ? OR name = ?",

@@ -1,0 +1,319 @@
+"""The shapes of the service's answers: what each operation returns, typed.
+
+``TypedDict``s, not classes: an answer is the JSON the admin protocol, the HTTP API and ``--json``
+print, key for key, so the library hands out exactly that (a ``dict`` an application can pass on as
+it is) while mypy checks every place that builds one. The op table (:mod:`henge_mqtt.ops`) names the
+result of each operation; pydantic can validate any of them (``TypeAdapter(StatusRow)``).
+
+Plain data like :mod:`henge_mqtt.models`: nothing of ours is imported here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired, TypedDict
+
+# ---- devices ---------------------------------------------------------------------------------------
+
+
+class DeviceSecret(TypedDict):
+    """A device's new secret: shown in this answer only."""
+
+    device: str
+    secret: str
+    labels: NotRequired[dict[str, str]]  # POST /devices says them back
+
+
+class DeviceRemoved(TypedDict):
+    device: str
+    removed: bool
+
+
+class DeviceLabels(TypedDict):
+    device: str
+    labels: dict[str, str]
+
+
+class ExportedDevice(TypedDict):
+    """One line of ``henge device export``: what ``device import`` reads back."""
+
+    id: str
+    labels: dict[str, str]
+
+
+class Kicked(TypedDict):
+    device: str
+    kicked: bool
+    supported: bool  # False with an external broker: ``detail`` says why
+    detail: str
+
+
+class ConflictCleared(TypedDict):
+    device: str
+    cleared: bool
+
+
+class Caller(TypedDict):
+    """Who an HTTP API token is (``GET /api/v1/me``)."""
+
+    name: str
+    role: str
+
+
+class PresenceChanges(TypedDict):
+    device: str
+    changes: list[dict[str, Any]]  # events (models.Event), newest first
+
+
+class Imported(TypedDict):
+    secrets: dict[str, str]  # the new devices' secrets, shown in this answer only
+    updated: int
+
+
+class SessionInfo(TypedDict):
+    """A device's persistent MQTT session: kept ``expiry`` seconds after it disconnects."""
+
+    persistent: bool
+    expiry: int
+    expires_at: str | None  # None while connected
+
+
+class StatusRow(TypedDict):
+    """One device as ``henge status --json`` shows it (docs/protocol.md)."""
+
+    device: str
+    labels: dict[str, str]
+    state: str  # online, offline, quarantined
+    online: bool
+    epoch: int
+    since: str | None
+    remote: str | None
+    reason: str | None
+    desired_version: int
+    takeovers: int
+    conflict: bool
+    conflict_remotes: list[str]
+    quarantined_until: str | None
+    applied_version: int | None
+    applied_at: str | None
+    sync: str  # in_sync, pending, rejected, unknown, invalid
+    error: str | None
+    rejected_version: int | None
+    undeliverable: dict[str, Any] | None  # why its config cannot reach it (too large for its client)
+    schema_error: str | None
+    session: SessionInfo | None
+
+
+class SyncCounts(TypedDict):
+    in_sync: int
+    pending: int
+    rejected: int
+    unknown: int
+    invalid: int
+
+
+class FleetSummary(TypedDict):
+    """The fleet at a glance: each device counted once per line (state, conflict, sync)."""
+
+    devices: int
+    online: int
+    offline: int
+    quarantined: int
+    conflicts: int
+    sync: SyncCounts
+
+
+class ReportOutcome(TypedDict):
+    device: str
+    version: int
+    status: str  # applied, rejected
+    error: str | None
+
+
+class AuditEntry(TypedDict):
+    id: int
+    at: str | None
+    actor: str
+    action: str
+    device: str | None
+    summary: dict[str, Any]
+
+
+# ---- configs ---------------------------------------------------------------------------------------
+
+
+class Diff(TypedDict):
+    diff: str  # unified, of the pretty JSON
+    same: bool
+    a: Any  # the older side (a config, or a layer's version)
+    b: Any
+
+
+class Explained(TypedDict):
+    pointer: str  # RFC 6901
+    value: Any
+    layer: str  # fleet@3, a label layer's ref, or "device"
+
+
+class DeviceOutcome(TypedDict):
+    version: int
+    online: bool
+    delivered: bool | None  # None with an external broker (acknowledgements are not observable)
+    report: str | None
+    error: str | None
+
+
+class Listed(TypedDict):
+    rejected: list[str]
+    offline: list[str]
+    silent: list[str]
+
+
+class FleetAnswer(TypedDict):
+    """A fleet push, answered in devices (docs/rollouts.md#fleet-answers)."""
+
+    targeted: int
+    devices: int
+    unchanged: int
+    online: int
+    offline: int
+    delivered: int | None
+    acknowledged: int | None  # the name before 'delivered'
+    applied: int
+    rejected: int
+    pending: int
+    errors: dict[str, int]
+    listed: Listed
+    per_device: dict[str, DeviceOutcome]
+    versions: dict[str, int]
+    timings_ms: NotRequired[dict[str, float | None]]
+    waited: NotRequired[float | None]
+
+
+# ---- rollouts --------------------------------------------------------------------------------------
+
+
+class WaveStatus(TypedDict):
+    wave: int
+    targeted: int
+    published: int
+    online: int
+    delivered: int | None
+    applied: int
+    rejected: int
+    offline: int
+    pending: int
+    reverted: int
+    errors: dict[str, int]
+
+
+class RolloutSummary(TypedDict):
+    id: str
+    state: str
+    reason: str | None
+    actor: str
+    created_at: str | None
+    finished_at: str | None
+    wave: int
+    waves: int
+
+
+class RolloutStatus(TypedDict):
+    id: str
+    state: str
+    reason: str | None
+    message: str
+    target: dict[str, Any]
+    policy: dict[str, Any]
+    actor: str
+    created_at: str | None
+    finished_at: str | None
+    wave: int
+    waves: list[WaveStatus]
+    devices: int
+    kept: list[str]
+
+
+# ---- layers and schemas ----------------------------------------------------------------------------
+
+
+class LayerChange(TypedDict):
+    layer: str
+    version: int
+    devices: int  # how many devices got a new version
+    versions: NotRequired[dict[str, int]]
+    removed: NotRequired[bool]
+    new_devices_invalid: NotRequired[list[str]]  # what a device added later would break (with force)
+
+
+class LayerInForce(TypedDict):
+    layer: str
+    version: int
+    labels: dict[str, str]
+    priority: int
+    message: str
+
+
+class LayerVersion(TypedDict):
+    layer: str
+    version: int
+    labels: dict[str, str]
+    priority: int
+    content: dict[str, Any] | None  # None: the layer was removed in this version
+    removed: bool
+    message: str
+    created_at: str | None
+    actor: str
+
+
+class SchemaChange(TypedDict):
+    schema: str
+    version: int
+    invalid_devices: NotRequired[list[str]]
+    removed: NotRequired[bool]
+
+
+class SchemaInForce(TypedDict):
+    schema: str
+    labels: dict[str, str]
+    version: int
+
+
+class SchemaVersion(TypedDict):
+    schema: NotRequired[str]  # the service adds it: "fleet" or the selector
+    selector: str
+    version: int
+    removed: bool
+    created_at: str | None
+    actor: str
+    document: dict[str, Any] | None
+
+
+# ---- tokens, backup --------------------------------------------------------------------------------
+
+
+class TokenCreated(TypedDict):
+    id: str
+    name: str
+    role: str
+    token: str  # shown in this answer only
+
+
+class TokenInfo(TypedDict):
+    id: str
+    name: str
+    role: str
+    created_at: str | None
+    created_by: str
+    last_used_at: NotRequired[str | None]  # the HTTP API adds it (this run's last use)
+
+
+class TokenRevoked(TypedDict):
+    id: str
+    name: str
+    role: str
+    revoked: bool
+
+
+class BackupResult(TypedDict):
+    path: str
+    bytes: int
