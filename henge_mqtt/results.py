@@ -10,6 +10,8 @@ Plain data like :mod:`henge_mqtt.models`: nothing of ours is imported here.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any, NotRequired, TypedDict
 
 # ---- devices ---------------------------------------------------------------------------------------
@@ -120,6 +122,29 @@ class FleetSummary(TypedDict):
     quarantined: int
     conflicts: int
     sync: SyncCounts
+
+
+def fleet_summary(devices: Iterable[tuple[str, str, bool]]) -> FleetSummary:
+    """The one way henge counts a fleet, from each device's ``(state, sync, conflict)``: the HTTP
+    API's ``/summary``, the ``summary`` op, ``henge status``'s last line and ``--summary``."""
+    states: Counter[str] = Counter()
+    sync: Counter[str] = Counter()
+    conflicts = total = 0
+    for state, synced, conflict in devices:
+        total += 1
+        states[state] += 1
+        sync[synced] += 1
+        conflicts += conflict
+    return {"devices": total, "online": states["online"], "offline": states["offline"],
+            "quarantined": states["quarantined"], "conflicts": conflicts,
+            "sync": {"in_sync": sync["in_sync"], "pending": sync["pending"], "rejected": sync["rejected"],
+                     "unknown": sync["unknown"], "invalid": sync["invalid"]}}
+
+
+def summary_line(summary: FleetSummary) -> str:
+    """A summary on one line, ``key=count`` (``henge status``'s last line)."""
+    flat = {k: v for k, v in summary.items() if k != "sync"} | dict(summary["sync"])
+    return " ".join(f"{k}={v}" for k, v in flat.items())
 
 
 class ReportOutcome(TypedDict):

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from henge_mqtt.store import Store
+from henge_mqtt.store import IntegrityError, Store
 
 from . import mqtt_raw as raw
 from .conftest import ROOT, Running, henge_cli, next_message, payload_json
@@ -204,7 +203,7 @@ async def test_audit_trail_records_admin_actions_without_secrets(running: Runnin
     db_text = (running.data_dir / "henge.db").read_bytes() + (running.data_dir / "henge.db-wal").read_bytes()
     for secret in (added["secret"], rotated["secret"]):
         assert secret not in everything.stdout and secret.encode() not in db_text
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    with pytest.raises(IntegrityError, match="append-only"):
         running.service.store._db.execute("UPDATE audit SET actor = 'x'")
     unknown = await cli("audit", "--device", "never-seen", "--data", data)
     assert unknown.returncode == 1 and "unknown device" in unknown.stderr

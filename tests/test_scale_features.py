@@ -66,7 +66,8 @@ async def test_import_export_push_all_and_label(running: Running, tmp_path: Path
 
     status = await cli("status", "--label", "site=s1", "--summary", "--data", data, "--json")
     counts = json.loads(status.stdout)
-    assert counts["devices"] == 5 and counts["offline"] == 5 and counts["pending"] + counts["unknown"] == 5
+    assert counts["devices"] == 5 and counts["offline"] == 5
+    assert counts["sync"]["pending"] + counts["sync"]["unknown"] == 5  # the same summary as GET /api/v1/summary
     table = await cli("status", "--data", data)
     assert table.stdout.strip().splitlines()[-1].startswith("devices=10 online=0 offline=10")
     usage = await cli("push", "--all", "d001", str(cfg), "--data", data)

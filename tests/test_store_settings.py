@@ -12,7 +12,7 @@ from henge_mqtt.errors import DuplicateDevice, SettingsError, StoreError, Unknow
 from henge_mqtt.models import device_id_problem
 from henge_mqtt.server.router import filter_matches, valid_filter
 from henge_mqtt.settings import Settings
-from henge_mqtt.store import MIGRATIONS, Store
+from henge_mqtt.store import MIGRATIONS, IntegrityError, Store
 from henge_mqtt.topics import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def test_versions_are_immutable_and_secrets_hashed(tmp_path: Path) -> None:
     assert store.verify_device("d1", secret) and not store.verify_device("d1", secret + "x")
     assert not store.verify_device("ghost", secret)
     store.push("d1", {"a": 1}, actor="t")
-    with pytest.raises(sqlite3.IntegrityError, match="immutable"):
+    with pytest.raises(IntegrityError, match="immutable"):
         store._db.execute("UPDATE config_versions SET config = '{}'")
     raw = (tmp_path / "henge.db").read_bytes() + (tmp_path / "henge.db-wal").read_bytes()
     assert secret.encode() not in raw

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..results import fleet_summary, summary_line
 from .app import app, device_app
 from .common import (
     BrokerOpt,
@@ -28,7 +29,7 @@ from .common import (
     fail,
     op_help,
 )
-from .render import Output, _color, _device_block, _dump, _session_text, _status_table, _table, age, fleet_summary
+from .render import Output, _color, _device_block, _dump, _session_text, _status_table, _table, age
 
 # ---- devices -----------------------------------------------------------------------------------
 
@@ -163,14 +164,13 @@ def status(
     fmt = Output.json if as_json else output
 
     def render(rows: list[dict[str, Any]]) -> str:
-        counts = fleet_summary(rows)
+        counts = fleet_summary((row["state"], row["sync"], row["conflict"]) for row in rows)
         if summary:
-            return _dump(counts, fmt) if fmt in (Output.json, Output.yaml) else " ".join(
-                f"{k}={v}" for k, v in counts.items())
+            return _dump(counts, fmt) if fmt in (Output.json, Output.yaml) else summary_line(counts)
         if fmt in (Output.json, Output.yaml):
             return _dump(rows, fmt)
         text = (_status_table(rows, wide=fmt == Output.wide, color=_color())
-                + "\n" + " ".join(f"{k}={v}" for k, v in counts.items()))
+                + "\n" + summary_line(counts))
         if device is not None and rows and rows[0].get("session"):  # one device: its MQTT session too
             text += "\nsession: " + _session_text(rows[0]["session"])
         return text

@@ -187,16 +187,6 @@ def _status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str
     return "\n".join(lines)
 
 
-def fleet_summary(rows: list[dict[str, Any]]) -> dict[str, int]:
-    counts = {"devices": len(rows), "online": 0, "offline": 0, "in_sync": 0, "pending": 0, "rejected": 0,
-              "unknown": 0, "invalid": 0, "conflict": 0}
-    for row in rows:
-        counts["online" if row["online"] else "offline"] += 1
-        counts[row["sync"]] += 1
-        counts["conflict"] += bool(row["conflict"])
-    return counts
-
-
 def rollout_lines(r: dict[str, Any]) -> str:
     lines = [f"rollout {r['id']}: {r['state']}" + (f" ({r['reason']})" if r["reason"] else "")
              + (f", wave {r['wave']} of {len(r['waves'])}" if r["state"] in ("running", "paused") else "")]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from .. import models
@@ -43,6 +43,7 @@ from ..results import (
     TokenCreated,
     TokenInfo,
     TokenRevoked,
+    fleet_summary,
 )
 from ..rollout_plan import Policy, check_waves, parse_max_rejected
 from ..settings import Settings
@@ -262,8 +263,7 @@ class ServiceAPI:
         return len(self.broker.online_devices())
 
     async def kick(self, device: str) -> KickResult:
-        if not self.store.has_device(device):
-            raise UnknownDevice(device)
+        self.store.require_device(device)
         result = await self.broker.kick(device)
         await self.worker.run(self.store.record_audit, current_actor.get(), "kick", device,
                               {"was_connected": result.kicked, "supported": result.supported})
@@ -272,8 +272,7 @@ class ServiceAPI:
         return result
 
     async def clear_conflict(self, device: str) -> bool:
-        if not self.store.has_device(device):
-            raise UnknownDevice(device)
+        self.store.require_device(device)
         cleared = self.broker.clear_conflict(device)
         await self.worker.run(self.store.record_audit, current_actor.get(), "clear_conflict", device,
                               {"had_conflict": cleared})
@@ -341,19 +340,15 @@ class ServiceAPI:
         """Fleet counts (what ``status`` rows would add up to), without building the rows."""
         source, _ = await self.worker.run(self.store.status_source)
         now = time.time()
-        states: Counter[str] = Counter()
-        sync: Counter[str] = Counter()
-        conflicts = 0
-        for d, _, desired, applied, applied_at, rejected, error in source:
-            view = self.broker.session(d, now)
-            states["online" if view.online else "quarantined" if view.quarantined_until else "offline"] += 1
-            conflicts += view.conflict
-            sync["invalid" if d in self.schemas.invalid else
-                 DeviceReports(applied, applied_at, rejected, error).sync(desired)] += 1
-        return {"devices": len(source), "online": states["online"], "offline": states["offline"],
-                "quarantined": states["quarantined"], "conflicts": conflicts,
-                "sync": {"in_sync": sync["in_sync"], "pending": sync["pending"], "rejected": sync["rejected"],
-                         "unknown": sync["unknown"], "invalid": sync["invalid"]}}
+
+        def counted() -> Iterator[tuple[str, str, bool]]:
+            for d, _, desired, applied, applied_at, rejected, error in source:
+                view = self.broker.session(d, now)
+                yield ("online" if view.online else "quarantined" if view.quarantined_until else "offline",
+                       "invalid" if d in self.schemas.invalid else
+                       DeviceReports(applied, applied_at, rejected, error).sync(desired), view.conflict)
+
+        return fleet_summary(counted())
 
     # ---- rollouts --------------------------------------------------------------------------------
 

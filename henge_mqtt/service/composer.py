@@ -17,7 +17,6 @@ import os
 import resource
 import secrets
 import socket
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,7 @@ from ..paths import ADMIN_SOCKET, SERVICE_FILE
 from ..ports import BrokerPort, Principal, Refusal
 from ..sessions import Action, Emit, EndSession, PresenceChange, SaveEpoch, SaveSession, SessionSettings
 from ..settings import Settings
-from ..store import Store, StoreWorker
+from ..store import DatabaseError, Store, StoreWorker
 from ..tasks import TaskSet
 from ..topics import Topics
 from .admin import handle as handle_admin
@@ -187,7 +186,7 @@ class HengeService(ServiceAPI):
             await asyncio.sleep(LEASE_TTL / 3)
             try:
                 kept = await asyncio.to_thread(lease.renew, holder, token, LEASE_TTL)
-            except sqlite3.Error as exc:  # the database is unreachable: the lease runs out on its own
+            except DatabaseError as exc:  # the database is unreachable: the lease runs out on its own
                 log.error("store.lease_renewal_failed error=%s", " ".join(str(exc).split()))
                 continue
             if not kept:

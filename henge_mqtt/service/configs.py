@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigTooLarge, InvalidConfig, UnknownDevice
+from ..errors import ConfigTooLarge, InvalidConfig
 from ..models import ConfigVersion, Snapshot, canonical_json, rfc3339
 from ..ports import BrokerPort
 from ..store import StoreWorker
@@ -144,8 +144,7 @@ class Configs:
         self.check_size(config)
         store = self.worker.store
         for device in devices:
-            if not store.has_device(device):
-                raise UnknownDevice(device, also="nothing was stored")
+            store.require_device(device, also="nothing was stored")
         async with self.schema_lock:
             return await self._push_many(devices, config, actor=actor, message=message, progress=progress,
                                          force=force)

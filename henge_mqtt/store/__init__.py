@@ -17,10 +17,11 @@ Durability: ``synchronous=FULL`` by default (every commit survives a power cut);
 from __future__ import annotations
 
 from .credentials import hash_secret, mosquitto_hash, new_secret
+from .db import DatabaseError, IntegrityError
 from .reports import DeviceReports
 from .schema import DB_FILE, MIGRATIONS
 from .store import Store
 from .worker import StoreWorker
 
-__all__ = ["DB_FILE", "MIGRATIONS", "DeviceReports", "Store", "StoreWorker", "hash_secret", "mosquitto_hash",
-           "new_secret"]
+__all__ = ["DB_FILE", "MIGRATIONS", "DatabaseError", "DeviceReports", "IntegrityError", "Store", "StoreWorker",
+           "hash_secret", "mosquitto_hash", "new_secret"]

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import logging
 import os
-import sqlite3
 from pathlib import Path
 
 from ..models import utc_now
@@ -50,11 +49,7 @@ class Admins(StoreCore):
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         try:
-            copy = sqlite3.connect(tmp)
-            try:
-                self._db.backup(copy)
-            finally:
-                copy.close()
+            self._db.backup(tmp)
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ from ..errors import Fenced, StoreError, UnknownDevice, VersionConflict
 from ..layering import Layer
 from ..models import ConfigVersion, utc_now
 from .credentials import _digest
-from .db import Connection
+from .db import Connection, DatabaseError, SqliteConnection
 from .schema import DB_FILE, MIGRATIONS
 
 log = logging.getLogger("henge_mqtt.store")
@@ -115,10 +114,11 @@ class StoreCore:
 
     # ---- the one guard: unknown devices and version conflicts --------------------------------------
 
-    def _known(self, device: str) -> None:
-        """Raise :class:`UnknownDevice` unless ``device`` is registered (from memory: no query)."""
+    def require_device(self, device: str, *, also: str = "") -> None:
+        """Raise :class:`UnknownDevice` unless ``device`` is registered. From memory (no query): the
+        service calls it on the loop too, so every layer says "unknown device" the same way."""
         if device not in self._hashes:
-            raise UnknownDevice(device)
+            raise UnknownDevice(device, also=also)
 
     @staticmethod
     def _found(found: object, device: str) -> None:
@@ -146,7 +146,7 @@ class StoreCore:
             try:
                 self._db = PgConnection(url)
                 self._migrate()
-            except sqlite3.DatabaseError as exc:
+            except DatabaseError as exc:
                 raise StoreError(f"cannot open the store at {_redact(url)}: {exc}") from exc
             self._load()
             return
@@ -154,17 +154,15 @@ class StoreCore:
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not self.path.exists():  # configs and secret hashes: readable by the service's user only
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA foreign_keys=ON")
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            sqlite = SqliteConnection(self.path, synchronous=synchronous)
+            self._db = sqlite
+            mode = sqlite.journal_mode
             self._migrate()
             for suffix in ("", "-wal", "-shm"):  # SQLite makes its side files with the process umask
                 side = self.path.with_name(self.path.name + suffix)
                 if side.exists():
                     os.chmod(side, 0o600)
-        except sqlite3.DatabaseError as exc:
+        except DatabaseError as exc:
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"cannot use the data dir {data_dir}: {exc}") from exc
@@ -202,7 +200,7 @@ class StoreCore:
 
     @property
     def schema_version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        return self._db.schema_version()
 
     def _migrate(self) -> None:
         current = self.schema_version
@@ -212,13 +210,7 @@ class StoreCore:
                 f"({len(MIGRATIONS)}); upgrade henge"
             )
         for target in range(current, len(MIGRATIONS)):
-            script = f"BEGIN IMMEDIATE;{MIGRATIONS[target]};PRAGMA user_version={target + 1};COMMIT;"
-            try:
-                self._db.executescript(script)
-            except sqlite3.Error:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+            self._db.migrate(MIGRATIONS[target], target + 1)
             log.info("store.migrated to=%d", target + 1)
 
     def _tx(self) -> _Transaction:

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import logging
-import sqlite3
 from typing import Any
 
 from ..errors import (
@@ -16,6 +15,7 @@ from ..errors import (
 from ..models import ConfigVersion, Device, utc_now
 from .core import StoreCore, _parse_ts, _ts
 from .credentials import hash_secret, mosquitto_hash, new_secret
+from .db import IntegrityError
 
 log = logging.getLogger("henge_mqtt.store")
 
@@ -38,7 +38,7 @@ class Devices(StoreCore):
                     rows = self._refresh([device], self._layers, actor=actor, message="a new device gets its layers")
                     if layered is not None:
                         layered.extend(rows)
-        except sqlite3.IntegrityError as exc:
+        except IntegrityError as exc:
             raise DuplicateDevice(f"device {device!r} already exists") from exc
         self._hashes[device] = bytes.fromhex(digest)
         return secret

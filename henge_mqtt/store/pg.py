@@ -1,10 +1,11 @@
-"""PostgreSQL under the store: the part of ``sqlite3.Connection`` the store uses, over psycopg 3.
+"""PostgreSQL under the store: the connection seam (``db.Connection``) over psycopg 3.
 
 The store's SQL is written once, in the dialect both engines share; the few SQLite-only forms are
 translated here, once per statement text: ``?`` placeholders, ``INSERT OR IGNORE``, the two-argument
 ``MAX`` (``GREATEST``), ``BEGIN IMMEDIATE``, and in migrations ``AUTOINCREMENT``, ``REAL`` and
 SQLite triggers (PostgreSQL's own immutability is the role's grants). psycopg's errors become
-``sqlite3``'s, so the store catches one family. Why psycopg 3 and not asyncpg: the store runs on one
+the seam's (``db.DatabaseError``, ``db.IntegrityError``), so the store catches one family; the schema
+version lives in a one-row table of its own. Why psycopg 3 and not asyncpg: the store runs on one
 thread of its own (the event loop never waits on it), which is what a synchronous driver is for;
 psycopg is the maintained PostgreSQL adapter with both a sync and an async API.
 
@@ -16,11 +17,12 @@ from __future__ import annotations
 
 import functools
 import re
-import sqlite3
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from ..errors import NotSupported
+from .db import DatabaseError, IntegrityError, Rows
 
 _TRIGGER = re.compile(r"CREATE TRIGGER.*?END;", re.S | re.I)
 
@@ -43,11 +45,12 @@ def translate_ddl(script: str) -> list[str]:
 
 
 class _Rows:
-    """What a PRAGMA answers: rows, like a cursor."""
+    """No rows (an empty ``executemany``), like a cursor."""
 
     def __init__(self, rows: list[tuple[Any, ...]]) -> None:
         self._rows = rows
         self.rowcount = len(rows)
+        self.description = None
 
     def fetchone(self) -> tuple[Any, ...] | None:
         return self._rows[0] if self._rows else None
@@ -64,13 +67,13 @@ class PgConnection:
         try:
             import psycopg
         except ImportError as exc:
-            raise sqlite3.DatabaseError("PostgreSQL needs psycopg: pip install 'henge-mqtt[postgres]'") from exc
+            raise DatabaseError("PostgreSQL needs psycopg: pip install 'henge-mqtt[postgres]'") from exc
 
         self._psycopg = psycopg
         try:
             self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:  # one line: libpq's message spans several
-            raise sqlite3.DatabaseError(f"cannot connect to PostgreSQL: {' '.join(str(exc).split())}") from exc
+            raise DatabaseError(f"cannot connect to PostgreSQL: {' '.join(str(exc).split())}") from exc
         self.conn.execute("CREATE TABLE IF NOT EXISTS henge_schema (version INTEGER NOT NULL)")
         if self.conn.execute("SELECT count(*) FROM henge_schema").fetchone()[0] == 0:  # type: ignore[index]
             self.conn.execute("INSERT INTO henge_schema (version) VALUES (0)")
@@ -88,42 +91,34 @@ class PgConnection:
                 cur.execute(sql, params)
             return cur
         except self._psycopg.IntegrityError as exc:
-            raise sqlite3.IntegrityError(str(exc)) from exc
+            raise IntegrityError(str(exc)) from exc
         except self._psycopg.Error as exc:
-            raise sqlite3.OperationalError(str(exc)) from exc
+            raise DatabaseError(str(exc)) from exc
 
-    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        if sql.startswith("PRAGMA"):
-            return self._pragma(sql)
-        return self._call(translate(sql), tuple(params))
+    def execute(self, sql: str, parameters: Iterable[Any] = (), /) -> Rows:
+        return self._call(translate(sql), tuple(parameters))  # type: ignore[no-any-return]
 
-    def executemany(self, sql: str, seq: Iterable[Iterable[Any]]) -> Any:
-        rows = [tuple(p) for p in seq]
+    def executemany(self, sql: str, parameters: Iterable[Iterable[Any]], /) -> Rows:
+        rows = [tuple(p) for p in parameters]
         if not rows:
             return _Rows([])
-        return self._call(translate(sql), rows, many=True)
+        return self._call(translate(sql), rows, many=True)  # type: ignore[no-any-return]
 
-    def executescript(self, script: str) -> None:
-        for statement in translate_ddl(script):
-            if statement.upper() in ("BEGIN IMMEDIATE", "BEGIN", "COMMIT"):
-                self._call(statement.split()[0], ())
-            elif statement.startswith("PRAGMA"):
-                self._pragma(statement)
-            else:
+    def schema_version(self) -> int:
+        return int(self._call("SELECT version FROM henge_schema", ()).fetchone()[0])
+
+    def migrate(self, script: str, version: int) -> None:
+        self._call("BEGIN", ())
+        try:
+            for statement in translate_ddl(script):
                 self._call(statement, ())
+            self._call("UPDATE henge_schema SET version = %s", (int(version),))
+        except BaseException:
+            self._call("ROLLBACK", ())
+            raise
+        self._call("COMMIT", ())
 
-    def _pragma(self, sql: str) -> _Rows:
-        name, _, value = sql.removeprefix("PRAGMA").strip().partition("=")
-        if name == "user_version":
-            if value:
-                self._call("UPDATE henge_schema SET version = %s", (int(value),))
-                return _Rows([])
-            return _Rows([(self._call("SELECT version FROM henge_schema", ()).fetchone()[0],)])
-        if name == "journal_mode":
-            return _Rows([("wal",)])  # PostgreSQL's own write-ahead log
-        return _Rows([])  # foreign_keys (always on), synchronous, busy_timeout: PostgreSQL's own
-
-    def backup(self, target: Any, /) -> None:
+    def backup(self, target: Path) -> None:
         raise NotSupported("with PostgreSQL, back up with pg_dump (henge backup copies SQLite stores)")
 
     def close(self) -> None:

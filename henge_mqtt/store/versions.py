@@ -51,7 +51,7 @@ class Versions(StoreCore):
         and written in one transaction, so a concurrent push cannot be lost in between.
         """
         with self._tx():
-            self._known(device)
+            self.require_device(device)
             current = self._expect_version(device, if_version)
             now = self.get_version(device, current) if current else None
             if patch is not None:  # a patch of the device's own layer
@@ -83,7 +83,7 @@ class Versions(StoreCore):
                    skip_unchanged: bool) -> list[ConfigVersion]:
         """Inside the caller's transaction."""
         for device in devices:
-            self._known(device)
+            self.require_device(device)
         created = utc_now()
         plain = config_sha256(config)
         merged: dict[tuple[str, ...], tuple[dict[str, Any], list[str], str]] = {}  # one merge per layer set
@@ -117,7 +117,7 @@ class Versions(StoreCore):
     ) -> ConfigVersion:
         """A new version whose device layer is ``own``; its config is ``own`` over the layers in
         force for the device (checked against the schemas before it is inserted)."""
-        self._known(device)
+        self.require_device(device)
         current = self._expect_version(device, if_version)
         config, used = self.effective(self.labels_of(device), own)
         if self.validate is not None:
@@ -168,7 +168,7 @@ class Versions(StoreCore):
         return int(row[0])
 
     def get_version(self, device: str, version: int | None = None) -> ConfigVersion:
-        self._known(device)
+        self.require_device(device)
         if version is None:
             version = self._current_version(device)
             if version == 0:
@@ -182,7 +182,7 @@ class Versions(StoreCore):
         return self._version(row)
 
     def history(self, device: str) -> list[ConfigVersion]:
-        self._known(device)
+        self.require_device(device)
         rows = self._db.execute(
             f"SELECT {VERSION_COLUMNS} FROM config_versions WHERE device = ? ORDER BY version",
             (device,),
