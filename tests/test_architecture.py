@@ -216,6 +216,8 @@ def test_the_library_surface_is_what_library_md_lists() -> None:
     doc = (PACKAGE.parent / "docs" / "library.md").read_text()
     documented = set(re.findall(r"`(?:await )?\.(\w+)", doc))
     public = {n for n in dir(HengeService) if not n.startswith("_")}
+    for module in ("henge_mqtt.service.composer", "henge_mqtt.service.api"):  # and what an instance holds
+        public |= set(re.findall(r"^ {8,}self\.([a-z]\w*)(?:: [^=\n]+)? = ", MODULES[module].read_text(), re.M))
     assert public == documented, f"undocumented: {sorted(public - documented)}; gone: {sorted(documented - public)}"
     tree = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, errors.HengeError)}
     assert tree <= set(henge_mqtt.__all__), f"not importable from henge_mqtt: {sorted(tree - set(henge_mqtt.__all__))}"
@@ -270,3 +272,20 @@ def test_every_operation_names_a_result_type_that_exists() -> None:
         assert isinstance(found, type), f"{op.name} returns {op.returns}: no such type"
         if typing.is_typeddict(found):
             assert typing.get_type_hints(found), f"{op.name}: {found.__name__} has no fields"
+
+
+def test_the_cli_calls_only_operations_of_the_table() -> None:
+    """Every admin call the CLI makes names an op the table declares (a typo would otherwise be an
+    `unknown_op` only a user finds)."""
+    import re
+
+    from henge_mqtt.ops import ADMIN_OPS
+
+    called: set[str] = set()
+    for module, path in MODULES.items():
+        if _in(module, "henge_mqtt.cli"):
+            text = path.read_text()
+            called |= set(re.findall(r"_call(?:_then_wait)?\([^\"]*?\"([a-z_.]+)\"", text, re.S))
+            called |= set(re.findall(r"client\.call\(\"([a-z_.]+)\"", text))
+    assert len(called) > 30, sorted(called)
+    assert called <= ADMIN_OPS, sorted(called - ADMIN_OPS)

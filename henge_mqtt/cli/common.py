@@ -59,9 +59,12 @@ def _log_level(name: str) -> int:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """One ``error:`` line per line of the message (a schema refusal has one per violation)."""
-    for line in [" ".join(line.split()) for line in message.splitlines() if line.strip()] or [""]:
-        typer.echo("error: " + line, err=True)
+    """The CLI's one way to fail: one ``error:`` line per line of the message (a schema refusal has
+    one per violation) on stderr, then exit ``code`` (usage 2, failures 1, rejected 3, timeout 4,
+    interrupted 130). ``main`` catches what a command did not and says it through here too."""
+    lines = [" ".join(line.split()) for line in message.splitlines() if line.strip()] or [""]
+    sys.stderr.write("".join(f"error: {line}\n" for line in lines))
+    sys.stderr.flush()
     raise typer.Exit(code)
 
 
@@ -98,6 +101,7 @@ def _run(coro: Coroutine[Any, Any, T], *, until_interrupted: bool = False) -> T:
 
 
 def _call(data: Path | None, broker: str | None, timeout: float, op: str, **args: Any) -> Any:
+    """One operation of the op table (henge_mqtt/ops.py) over the admin protocol; its result."""
     return _call_then_wait(data, broker, timeout, op, None, **args)[0]
 
 
@@ -105,6 +109,10 @@ def _call_then_wait(
     data: Path | None, broker: str | None, timeout: float, op: str, wait: float | None, **args: Any
 ) -> tuple[Any, Any]:
     """Run ``op``; with ``wait``, then wait (that long) for the device to report the new version."""
+    from ..ops import ADMIN_OPS
+
+    if op not in ADMIN_OPS:  # a CLI command calls only what the op table declares
+        raise AssertionError(f"henge_mqtt.ops has no admin operation {op!r}")
 
     async def go() -> tuple[Any, Any]:
         from ..client import AdminClient

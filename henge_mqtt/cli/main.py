@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 
 from ..errors import HengeError
 from .app import app
-from .common import EXIT_TIMEOUT
+from .common import EXIT_INTERRUPTED, EXIT_TIMEOUT, fail
 
 
 def command() -> Any:
@@ -38,30 +38,31 @@ def command() -> Any:
 def main() -> None:
     """The CLI's one exit: every failure is one ``error:`` line and a documented exit code, never a
     traceback (usage errors 2, failures 1; ``HENGE_DEBUG=1`` shows the traceback of an unexpected one)."""
-    from typer.exceptions import TyperException
-
     try:
-        code = command()(standalone_mode=False)
-    except typer.Exit as exc:
+        code = _run_tree()
+    except typer.Exit as exc:  # every failure, said by `fail`
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        _fatal("interrupted", 130)
-    except TyperException as exc:  # a usage error: one line, not a box
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        _fatal(message, int(getattr(exc, "exit_code", 2)))
-    except HengeError as exc:
-        _fatal(str(exc), EXIT_TIMEOUT if exc.code == "timeout" else 1)
-    except KeyboardInterrupt:
-        _fatal("interrupted", 130)
-    except Exception as exc:  # the last guard: a bug must still not print a traceback at an operator
-        if os.environ.get("HENGE_DEBUG"):
-            raise
-        _fatal(f"unexpected failure: {exc!r} (run with HENGE_DEBUG=1 for the traceback)", 1)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _fatal(message: str, code: int) -> NoReturn:
-    """One ``error:`` line per line of the message (a schema refusal has one per violation)."""
-    lines = [" ".join(line.split()) for line in message.splitlines() if line.strip()] or [""]
-    sys.stderr.write("".join(f"error: {line}\n" for line in lines))
-    sys.exit(code)
+def _run_tree() -> Any:
+    """The command tree, with whatever escapes a command said by the CLI's one ``fail``."""
+    from typer.exceptions import TyperException
+
+    try:
+        return command()(standalone_mode=False)
+    except (typer.Exit, SystemExit):
+        raise
+    except typer.Abort:
+        fail("interrupted", EXIT_INTERRUPTED)
+    except TyperException as exc:  # a usage error: one line, not a box
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        fail(message, int(getattr(exc, "exit_code", 2)))
+    except HengeError as exc:
+        fail(str(exc), EXIT_TIMEOUT if exc.code == "timeout" else 1)
+    except KeyboardInterrupt:
+        fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:  # the last guard: a bug must still not print a traceback at an operator
+        if os.environ.get("HENGE_DEBUG"):
+            raise
+        fail(f"unexpected failure: {exc!r} (run with HENGE_DEBUG=1 for the traceback)", 1)
