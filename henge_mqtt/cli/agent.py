@@ -12,9 +12,7 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .common import _log_level, fail, user_errors
-
-# ---- the device agent ----------------------------------------------------------------------------
+from .common import fail, log_level_of, user_errors
 
 
 @app.command()
@@ -56,7 +54,7 @@ def agent(
         applier = write_file_applier(write) if write is not None else exec_applier(parse_exec(exec_ or ""))
     except ValueError as exc:
         fail(str(exc), 2)
-    logging.basicConfig(level=_log_level(log_level),
+    logging.basicConfig(level=log_level_of(log_level),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     worker = Agent(parts.hostname, parts.port or 1883, device, secret, applier,
                    state or Path(f"{device}.henge-state.json"), topic_prefix=topic_prefix, mqtt5=mqtt != "3.1.1")

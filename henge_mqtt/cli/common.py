@@ -51,7 +51,7 @@ def op_help(op: str, more: str = "", *, details: str = "") -> str:
     return f"{first}\n\n{details}" if details else first
 
 
-def _log_level(name: str) -> int:
+def log_level_of(name: str) -> int:
     levels = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
     if name.lower() not in levels:
         fail(f"--log-level must be one of {', '.join(levels)}, not {name!r}", 2)
@@ -68,7 +68,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _endpoint(data: Path | None, broker: str | None) -> Endpoint:
+def endpoint(data: Path | None, broker: str | None) -> Endpoint:
     """Where the service is: --broker (or HENGE_BROKER), else --data (or HENGE_DATA), else the context
     of the client config file (HENGE_CONTEXT or its current one), else ./henge-data."""
     from ..client import Endpoint, load_context
@@ -87,7 +87,7 @@ def _endpoint(data: Path | None, broker: str | None) -> Endpoint:
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells expect of a command Ctrl-C ended
 
 
-def _run(coro: Coroutine[Any, Any, T], *, until_interrupted: bool = False) -> T:
+def run_async(coro: Coroutine[Any, Any, T], *, until_interrupted: bool = False) -> T:
     """``until_interrupted``: a command that runs until Ctrl-C (a watch, a stream), for which the
     interrupt is how it ends: no error line, still exit 130 (a script can tell it from a normal end)."""
     try:
@@ -100,12 +100,12 @@ def _run(coro: Coroutine[Any, Any, T], *, until_interrupted: bool = False) -> T:
         fail("interrupted", EXIT_INTERRUPTED)
 
 
-def _call(data: Path | None, broker: str | None, timeout: float, op: str, **args: Any) -> Any:
+def call_op(data: Path | None, broker: str | None, timeout: float, op: str, **args: Any) -> Any:
     """One operation of the op table (henge_mqtt/ops.py) over the admin protocol; its result."""
-    return _call_then_wait(data, broker, timeout, op, None, **args)[0]
+    return call_then_wait(data, broker, timeout, op, None, **args)[0]
 
 
-def _call_then_wait(
+def call_then_wait(
     data: Path | None, broker: str | None, timeout: float, op: str, wait: float | None, **args: Any
 ) -> tuple[Any, Any]:
     """Run ``op``; with ``wait``, then wait (that long) for the device to report the new version."""
@@ -117,7 +117,7 @@ def _call_then_wait(
     async def go() -> tuple[Any, Any]:
         from ..client import AdminClient
 
-        async with AdminClient(_endpoint(data, broker), timeout=10.0 if wait else timeout) as client:
+        async with AdminClient(endpoint(data, broker), timeout=10.0 if wait else timeout) as client:
             result = await client.call(op, **args)
             if wait is None:
                 return result, None
@@ -125,16 +125,16 @@ def _call_then_wait(
                                         timeout=wait)
             return result, outcome
 
-    return _run(go())
+    return run_async(go())
 
 
 EXIT_REJECTED = 3
 EXIT_TIMEOUT = 4
 
 
-def _report_outcome(result: dict[str, Any], outcome: dict[str, Any] | None, as_json: bool, line: str) -> None:
+def report_outcome(result: dict[str, Any], outcome: dict[str, Any] | None, as_json: bool, line: str) -> None:
     if outcome is None:
-        _emit(result, as_json, lambda _: line)
+        emit(result, as_json, lambda _: line)
         return
     if as_json:
         typer.echo(json.dumps(result | {"report": outcome}, indent=2, sort_keys=True))
@@ -145,29 +145,29 @@ def _report_outcome(result: dict[str, Any], outcome: dict[str, Any] | None, as_j
         typer.echo(f"{line}; applied by the device")
 
 
-def _emit(value: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+def emit(value: Any, as_json: bool, human: Callable[[Any], str]) -> None:
     typer.echo(json.dumps(value, indent=2, sort_keys=True) if as_json else human(value))
 
 
-def _device_id(value: str, what: str = "ID") -> str:
+def device_arg(value: str, what: str = "ID") -> str:
     """A device id given where one is optional: empty is a mistake (it would mean "every device")."""
     if not value.strip():
         fail(f"{what} is empty: give a device id, or leave it out for every device", 2)
     return value
 
 
-def _labels(pairs: list[str] | None) -> dict[str, str]:
+def labels_arg(pairs: list[str] | None) -> dict[str, str]:
     try:
         return parse_labels(pairs or [])
     except ValueError as exc:
         fail(str(exc))
 
 
-def _read_json_document(source: str) -> dict[str, Any]:
-    return _read_config(source, what="schema")
+def read_document(source: str) -> dict[str, Any]:
+    return read_config(source, what="schema")
 
 
-def _read_config(source: str, what: str = "config") -> dict[str, Any]:
+def read_config(source: str, what: str = "config") -> dict[str, Any]:
     """Read a config from a file or ``-`` (stdin); refuse anything but a JSON object."""
     where = "stdin" if source == "-" else source
     try:

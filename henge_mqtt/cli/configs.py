@@ -21,21 +21,19 @@ from .common import (
     TimeoutOpt,
     WaitOpt,
     WaitTimeoutOpt,
-    _call,
-    _call_then_wait,
-    _emit,
-    _endpoint,
-    _labels,
-    _read_config,
-    _report_outcome,
-    _run,
+    call_op,
+    call_then_wait,
+    emit,
+    endpoint,
     fail,
+    labels_arg,
     op_help,
+    read_config,
+    report_outcome,
+    run_async,
     user_errors,
 )
-from .render import _color, _table, fleet_failure, fleet_lines
-
-# ---- configs -----------------------------------------------------------------------------------
+from .render import fleet_failure, fleet_lines, render_table, use_color
 
 
 @app.command(help=op_help("push", 'With --all or --label, to many devices at once (answered per device).'))
@@ -64,23 +62,23 @@ def push(
             fail("with --all or --label give only the FILE, no device id", 2)
         if if_version is not None or patch:
             fail("--if-version and --patch apply to a single device", 2)
-        _push_many(_read_config(target), all_devices, _labels(label), message, data, broker, as_json, timeout,
+        _push_many(read_config(target), all_devices, labels_arg(label), message, data, broker, as_json, timeout,
                    force, wait)
         return
     if source is None:
         fail("missing FILE: henge push ID FILE|-", 2)
     device = target
-    document = _read_config(source)
+    document = read_config(source)
     args: dict[str, Any] = {"device": device, "patch" if patch else "config": document, "message": message,
                             "force": force}
     if if_version is not None:
         args["if_version"] = if_version
-    result, outcome = _call_then_wait(data, broker, timeout, "push", timeout if wait else None, **args)
+    result, outcome = call_then_wait(data, broker, timeout, "push", timeout if wait else None, **args)
     if result.get("unchanged"):
         line = f"{result['device']}: unchanged, still version {result['version']} (--force stores it again)"
     else:
         line = f"{result['device']}: version {result['version']} ({result['sha256'][:12]})"
-    _report_outcome(result, outcome, as_json, line)
+    report_outcome(result, outcome, as_json, line)
 
 
 def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str], message: str,
@@ -107,18 +105,18 @@ def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str]
     async def go() -> Any:
         from ..client import AdminClient
 
-        async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
+        async with AdminClient(endpoint(data, broker), timeout=timeout) as client:
             args: dict[str, Any] = {"all": all_devices, "labels": labels, "config": config, "message": message,
                                     "delivery_timeout": min(timeout, 30.0), "force": force}
             if wait:
                 args["report_timeout"] = timeout
             return await client.call("push_many", wait=timeout + min(timeout, 30.0) + 10, progress=progress, **args)
 
-    result = _run(go())
+    result = run_async(go())
     if show:
         sys.stderr.write("\n")
     if as_json:
-        _emit(result, True, str)
+        emit(result, True, str)
     else:
         typer.echo(fleet_lines(result, wait))
     if wait and result["rejected"]:
@@ -138,33 +136,33 @@ def get(
     if version is not None:
         args["version"] = version
     if explain:
-        leaves = _call(data, broker, timeout, "explain", **args)
+        leaves = call_op(data, broker, timeout, "explain", **args)
         people = [{"key": leaf["pointer"] or "/", "value": json.dumps(leaf["value"]), "layer": leaf["layer"]}
                   for leaf in leaves]
-        _emit(leaves, as_json, lambda _: _table(people, ["key", "value", "layer"]) if people else "(empty config)")
+        emit(leaves, as_json, lambda _: render_table(people, ["key", "value", "layer"]) if people else "(empty config)")
         return
-    result = _call(data, broker, timeout, "get", **args)
-    _emit(result, as_json, lambda r: json.dumps(r["config"], indent=2, sort_keys=True))
+    result = call_op(data, broker, timeout, "get", **args)
+    emit(result, as_json, lambda r: json.dumps(r["config"], indent=2, sort_keys=True))
 
 
 @app.command(help=op_help("history"))
 def history(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
             timeout: TimeoutOpt = 10.0) -> None:
-    rows = _call(data, broker, timeout, "history", device=device)
+    rows = call_op(data, broker, timeout, "history", device=device)
     people = []
     for row in rows:
         report = row.get("report")
         said = None if not report else "applied" if report["status"] == "applied" else (
             "rejected: " + (" ".join((report["error"] or "").split()) or "no reason given"))
         people.append(row | {"sha": row["sha256"][:12], "report": said})
-    _emit(rows, as_json, lambda _: _table(people, ["version", "created_at", "actor", "sha", "report", "message"]))
+    emit(rows, as_json, lambda _: render_table(people, ["version", "created_at", "actor", "sha", "report", "message"]))
 
 
 @app.command(help=op_help("diff", 'Exit 1 when they differ, like diff(1).'))
 def diff(device: str, a: int, b: int, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
          timeout: TimeoutOpt = 10.0) -> None:
-    result = _call(data, broker, timeout, "diff", device=device, a=a, b=b)
-    color = _color()
+    result = call_op(data, broker, timeout, "diff", device=device, a=a, b=b)
+    color = use_color()
 
     def paint(line: str) -> str:
         if not color or line.startswith(("+++", "---")):
@@ -173,7 +171,7 @@ def diff(device: str, a: int, b: int, data: DataOpt = None, broker: BrokerOpt = 
             "@@") else None
         return typer.style(line, fg=fg) if fg else line
 
-    _emit(result, as_json, lambda r: "\n".join(paint(line) for line in r["diff"].splitlines()) or "(no differences)")
+    emit(result, as_json, lambda r: "\n".join(paint(line) for line in r["diff"].splitlines()) or "(no differences)")
     if not result["same"]:
         raise typer.Exit(1)
 
@@ -185,7 +183,7 @@ def rollback(
     wait: WaitOpt = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: WaitTimeoutOpt = 10.0,
 ) -> None:
-    result, outcome = _call_then_wait(data, broker, timeout, "rollback", timeout if wait else None,
+    result, outcome = call_then_wait(data, broker, timeout, "rollback", timeout if wait else None,
                                       device=device, version=version, message=message)
-    _report_outcome(result, outcome, as_json,
+    report_outcome(result, outcome, as_json,
                     f"{result['device']}: version {result['version']} (content of version {version})")

@@ -20,18 +20,16 @@ from .common import (
     DataOpt,
     JsonOpt,
     TimeoutOpt,
-    _call,
-    _device_id,
-    _emit,
-    _endpoint,
-    _labels,
-    _run,
+    call_op,
+    device_arg,
+    emit,
+    endpoint,
     fail,
+    labels_arg,
     op_help,
+    run_async,
 )
-from .render import Output, _color, _device_block, _dump, _session_text, _status_table, _table, age
-
-# ---- devices -----------------------------------------------------------------------------------
+from .render import Output, age, device_block, dump, render_table, session_text, status_table, use_color
 
 
 @device_app.command("add", help=op_help("device.add"))
@@ -40,40 +38,40 @@ def device_add(
     label: Annotated[list[str] | None, typer.Option("--label", help="k=v, repeatable.")] = None,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
-    result = _call(data, broker, timeout, "device.add", device=device, labels=_labels(label))
-    _emit(result, as_json, lambda r: f"device {r['device']} added\nsecret: {r['secret']}\n"
+    result = call_op(data, broker, timeout, "device.add", device=device, labels=labels_arg(label))
+    emit(result, as_json, lambda r: f"device {r['device']} added\nsecret: {r['secret']}\n"
           "(store it now: it is not shown again)")
 
 
 @device_app.command("list", help=op_help("device.list"))
 def device_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                 timeout: TimeoutOpt = 10.0) -> None:
-    rows = _call(data, broker, timeout, "device.list")
+    rows = call_op(data, broker, timeout, "device.list")
     now = datetime.now(UTC)
     people = [{"id": r["id"], "version": r["desired_version"], "created": age(r["created_at"], now) + " ago",
                "labels": ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or None} for r in rows]
-    _emit(rows, as_json, lambda _: _table(people, ["id", "version", "created", "labels"]))
+    emit(rows, as_json, lambda _: render_table(people, ["id", "version", "created", "labels"]))
 
 
 @device_app.command("show", help=op_help("device.show"))
 def device_show(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                 timeout: TimeoutOpt = 10.0) -> None:
-    result = _call(data, broker, timeout, "device.show", device=device)
-    _emit(result, as_json, _device_block)
+    result = call_op(data, broker, timeout, "device.show", device=device)
+    emit(result, as_json, device_block)
 
 
 @device_app.command("remove", help=op_help("device.remove"))
 def device_remove(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                   timeout: TimeoutOpt = 10.0) -> None:
-    result = _call(data, broker, timeout, "device.remove", device=device)
-    _emit(result, as_json, lambda r: f"device {r['device']} removed")
+    result = call_op(data, broker, timeout, "device.remove", device=device)
+    emit(result, as_json, lambda r: f"device {r['device']} removed")
 
 
 @device_app.command("rotate-secret", help=op_help("device.rotate_secret"))
 def device_rotate(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                   timeout: TimeoutOpt = 10.0) -> None:
-    result = _call(data, broker, timeout, "device.rotate_secret", device=device)
-    _emit(result, as_json, lambda r: f"new secret for {r['device']}: {r['secret']}")
+    result = call_op(data, broker, timeout, "device.rotate_secret", device=device)
+    emit(result, as_json, lambda r: f"new secret for {r['device']}: {r['secret']}")
 
 
 @device_app.command("import", help=op_help("device.import", 'Their secrets go to a 0600 file, never to the screen.'))
@@ -91,13 +89,13 @@ def device_import(
     devices = read_devices(source)
     if secrets_out.exists():
         fail(f"{secrets_out} already exists: choose another --secrets-out (secrets are never overwritten)")
-    result = _call(data, broker, timeout, "device.import", devices=[{"id": d, "labels": lb} for d, lb in devices],
+    result = call_op(data, broker, timeout, "device.import", devices=[{"id": d, "labels": lb} for d, lb in devices],
                    update=update)
     if result["secrets"]:
         write_secrets(secrets_out, result["secrets"])
     summary = {"imported": len(result["secrets"]), "updated": result.get("updated", 0),
                "secrets_file": str(secrets_out) if result["secrets"] else None}
-    _emit(summary, as_json, lambda r: f"imported {r['imported']} devices, updated {r['updated']}"
+    emit(summary, as_json, lambda r: f"imported {r['imported']} devices, updated {r['updated']}"
           + (f"; secrets in {r['secrets_file']} (mode 0600)" if r["secrets_file"] else ""))
 
 
@@ -111,13 +109,13 @@ def device_label(
     to_remove: list[str] = []
     for change in changes:
         if "=" in change:
-            to_set.update(_labels([change]))
+            to_set.update(labels_arg([change]))
         elif change.endswith("-") and len(change) > 1:
             to_remove.append(change[:-1])
         else:
             fail(f"invalid label change {change!r}: use key=value to set or key- to remove", 2)
-    result = _call(data, broker, timeout, "device.label", device=device, set=to_set, remove=to_remove)
-    _emit(result, as_json, lambda r: f"{r['device']}: " + (",".join(f"{k}={v}" for k, v in
+    result = call_op(data, broker, timeout, "device.label", device=device, set=to_set, remove=to_remove)
+    emit(result, as_json, lambda r: f"{r['device']}: " + (",".join(f"{k}={v}" for k, v in
                                                                    sorted(r["labels"].items())) or "no labels"))
 
 
@@ -126,7 +124,7 @@ def device_export(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonO
                   timeout: TimeoutOpt = 60.0) -> None:
     from ..bulk import devices_csv
 
-    rows = _call(data, broker, timeout, "device.export")
+    rows = call_op(data, broker, timeout, "device.export")
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row, sort_keys=True))
@@ -156,33 +154,33 @@ def status(
         fail(f"--state must be online, offline or quarantined, not {state!r}", 2)
     if sync not in (None, "in_sync", "pending", "rejected", "unknown", "invalid"):
         fail(f"--sync must be in_sync, pending, rejected, unknown or invalid, not {sync!r}", 2)
-    args: dict[str, Any] = {"labels": _labels(label), "state": state, "sync": sync}
+    args: dict[str, Any] = {"labels": labels_arg(label), "state": state, "sync": sync}
     if conflict:
         args["conflict"] = True
     if device is not None:
-        args["device"] = _device_id(device)
+        args["device"] = device_arg(device)
     fmt = Output.json if as_json else output
 
     def render(rows: list[dict[str, Any]]) -> str:
         counts = fleet_summary((row["state"], row["sync"], row["conflict"]) for row in rows)
         if summary:
-            return _dump(counts, fmt) if fmt in (Output.json, Output.yaml) else summary_line(counts)
+            return dump(counts, fmt) if fmt in (Output.json, Output.yaml) else summary_line(counts)
         if fmt in (Output.json, Output.yaml):
-            return _dump(rows, fmt)
-        text = (_status_table(rows, wide=fmt == Output.wide, color=_color())
+            return dump(rows, fmt)
+        text = (status_table(rows, wide=fmt == Output.wide, color=use_color())
                 + "\n" + summary_line(counts))
         if device is not None and rows and rows[0].get("session"):  # one device: its MQTT session too
-            text += "\nsession: " + _session_text(rows[0]["session"])
+            text += "\nsession: " + session_text(rows[0]["session"])
         return text
 
     if watch is None:
-        typer.echo(render(_call(data, broker, timeout, "status", **args)))
+        typer.echo(render(call_op(data, broker, timeout, "status", **args)))
         return
 
     async def follow() -> None:
         from ..client import AdminClient
 
-        async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
+        async with AdminClient(endpoint(data, broker), timeout=timeout) as client:
             while True:
                 text = render(await client.call("status", **args))
                 if sys.stdout.isatty():
@@ -191,22 +189,22 @@ def status(
                 typer.echo(f"every {watch:g} s, {stamp} UTC (Ctrl-C to stop)\n{text}")
                 await asyncio.sleep(watch)
 
-    _run(follow(), until_interrupted=True)
+    run_async(follow(), until_interrupted=True)
 
 
 @app.command(help=op_help("kick"))
 def kick(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
          timeout: TimeoutOpt = 10.0) -> None:
-    result = _call(data, broker, timeout, "kick", device=device)
+    result = call_op(data, broker, timeout, "kick", device=device)
     if result.get("supported") is False:
         if as_json:
-            _emit(result, as_json, str)
+            emit(result, as_json, str)
         fail(f"{device}: not kicked: {result.get('detail') or 'not supported by this broker'}")
-    _emit(result, as_json, lambda r: f"{r['device']}: {'kicked' if r['kicked'] else 'was not connected'}")
+    emit(result, as_json, lambda r: f"{r['device']}: {'kicked' if r['kicked'] else 'was not connected'}")
 
 
 @app.command("clear-conflict", help=op_help("clear_conflict"))
 def clear_conflict(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                    timeout: TimeoutOpt = 10.0) -> None:
-    result = _call(data, broker, timeout, "clear_conflict", device=device)
-    _emit(result, as_json, lambda r: f"{r['device']}: {'cleared' if r['cleared'] else 'no conflict'}")
+    result = call_op(data, broker, timeout, "clear_conflict", device=device)
+    emit(result, as_json, lambda r: f"{r['device']}: {'cleared' if r['cleared'] else 'no conflict'}")

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 
 from .app import app
-from .common import BrokerOpt, DataOpt, JsonOpt, TimeoutOpt, _call, _device_id, _emit, _endpoint, _run, op_help
-from .render import _table
+from .common import BrokerOpt, DataOpt, JsonOpt, TimeoutOpt, call_op, device_arg, emit, endpoint, op_help, run_async
+from .render import render_table
 
 
 @app.command()
@@ -36,7 +36,7 @@ def events(
         backoff = Backoff(base=0.5, cap=10.0)
         while True:
             try:
-                async with AdminClient(_endpoint(data, broker), timeout=timeout) as client:
+                async with AdminClient(endpoint(data, broker), timeout=timeout) as client:
                     backoff.reset()
                     async for event in client.events():
                         if (device and event.device != device) or (kinds and event.type not in kinds):
@@ -53,7 +53,7 @@ def events(
                 sys.stderr.write(f"henge: {exc}; reconnecting in {delay:.1f} s\n")
                 await asyncio.sleep(delay)
 
-    _run(go(), until_interrupted=True)
+    run_async(go(), until_interrupted=True)
 
 
 @app.command(help=op_help("audit"))
@@ -64,8 +64,8 @@ def audit(
 ) -> None:
     args: dict[str, Any] = {"limit": limit}
     if device is not None:
-        args["device"] = _device_id(device, "--device")
-    rows = _call(data, broker, timeout, "audit", **args)
+        args["device"] = device_arg(device, "--device")
+    rows = call_op(data, broker, timeout, "audit", **args)
     for row in rows:
         row["details"] = " ".join(f"{k}={v}" for k, v in sorted(row["summary"].items()))
-    _emit(rows, as_json, lambda r: _table(r, ["at", "actor", "action", "device", "details"]))
+    emit(rows, as_json, lambda r: render_table(r, ["at", "actor", "action", "device", "details"]))

@@ -16,15 +16,15 @@ from .common import (
     LayerArg,
     SchemaLabels,
     TimeoutOpt,
-    _call,
-    _emit,
-    _labels,
-    _read_config,
-    _read_json_document,
+    call_op,
+    emit,
     fail,
+    labels_arg,
     op_help,
+    read_config,
+    read_document,
 )
-from .render import _table, _warn_new_devices
+from .render import render_table, warn_new_devices
 
 
 @layer_app.command("set", help=op_help("layer.set"))
@@ -42,18 +42,18 @@ def layer_set(
                                         "its own) would get a config its schemas refuse; says which.")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
 ) -> None:
-    args: dict[str, Any] = {"name": name, "content": _read_config(source, what="layer"), "message": message,
+    args: dict[str, Any] = {"name": name, "content": read_config(source, what="layer"), "message": message,
                             "force": force}
     if label:
-        args["labels"] = _labels(label)
+        args["labels"] = labels_arg(label)
     if priority is not None:
         args["priority"] = priority
-    result = _call(data, broker, timeout, "layer.set", **args)
+    result = call_op(data, broker, timeout, "layer.set", **args)
     if not as_json:
         result.pop("versions")
-    _emit(result, as_json, lambda r: f"layer {r['layer']} is at version {r['version']}; "
+    emit(result, as_json, lambda r: f"layer {r['layer']} is at version {r['version']}; "
           f"{r['devices']} device(s) got a new version")
-    _warn_new_devices(result, as_json)
+    warn_new_devices(result, as_json)
 
 
 @layer_app.command("get", help=op_help("layer.get"))
@@ -61,36 +61,37 @@ def layer_get(name: LayerArg, version: Annotated[int | None, typer.Option("--ver
               data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
               timeout: TimeoutOpt = 10.0) -> None:
     args: dict[str, Any] = {"name": name} | ({"version": version} if version else {})
-    result = _call(data, broker, timeout, "layer.get", **args)
+    result = call_op(data, broker, timeout, "layer.get", **args)
     if result["content"] is None and not as_json:
         fail(f"layer {name} was removed at version {result['version']}")
-    _emit(result, as_json, lambda r: json.dumps(r["content"], indent=2, sort_keys=True))
+    emit(result, as_json, lambda r: json.dumps(r["content"], indent=2, sort_keys=True))
 
 
 @layer_app.command("list", help=op_help("layer.list"))
 def layer_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                timeout: TimeoutOpt = 10.0) -> None:
-    rows = _call(data, broker, timeout, "layer.list")
+    rows = call_op(data, broker, timeout, "layer.list")
     people = [{"layer": r["layer"], "version": r["version"],
                "priority": r["priority"] if r["layer"] != "fleet" else "-",
                "labels": ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "(all)"} for r in rows]
-    _emit(rows, as_json, lambda _: _table(people, ["layer", "version", "priority", "labels"]) if rows else "no layers")
+    emit(rows, as_json,
+         lambda _: render_table(people, ["layer", "version", "priority", "labels"]) if rows else "no layers")
 
 
 @layer_app.command("history", help=op_help("layer.history"))
 def layer_history(name: LayerArg, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                   timeout: TimeoutOpt = 10.0) -> None:
-    rows = _call(data, broker, timeout, "layer.history", name=name)
+    rows = call_op(data, broker, timeout, "layer.history", name=name)
     people = [{"version": r["version"], "at": r["created_at"], "by": r["actor"],
                "change": "removed" if r["removed"] else "set", "message": r["message"]} for r in rows]
-    _emit(rows, as_json, lambda _: _table(people, ["version", "at", "by", "change", "message"]))
+    emit(rows, as_json, lambda _: render_table(people, ["version", "at", "by", "change", "message"]))
 
 
 @layer_app.command("diff", help=op_help("layer.diff", 'Exit 1 when they differ, like diff(1).'))
 def layer_diff(name: LayerArg, a: int, b: int, data: DataOpt = None, broker: BrokerOpt = None,
                as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0) -> None:
-    result = _call(data, broker, timeout, "layer.diff", name=name, a=a, b=b)
-    _emit(result, as_json, lambda r: r["diff"] or "(no difference)")
+    result = call_op(data, broker, timeout, "layer.diff", name=name, a=a, b=b)
+    emit(result, as_json, lambda r: r["diff"] or "(no difference)")
     if not result["same"]:
         raise typer.Exit(1)
 
@@ -99,10 +100,10 @@ def layer_diff(name: LayerArg, a: int, b: int, data: DataOpt = None, broker: Bro
 def layer_rollback(name: LayerArg, version: int, message: Annotated[str, typer.Option("-m", "--message")] = "",
                    data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                    timeout: TimeoutOpt = 60.0) -> None:
-    result = _call(data, broker, timeout, "layer.rollback", name=name, version=version, message=message)
+    result = call_op(data, broker, timeout, "layer.rollback", name=name, version=version, message=message)
     if not as_json:
         result.pop("versions")
-    _emit(result, as_json, lambda r: f"layer {r['layer']} is at version {r['version']}; "
+    emit(result, as_json, lambda r: f"layer {r['layer']} is at version {r['version']}; "
           f"{r['devices']} device(s) got a new version")
 
 
@@ -112,9 +113,9 @@ def layer_remove(name: LayerArg, message: Annotated[str, typer.Option("-m", "--m
                                                      "would then get a config its schemas refuse.")] = False,
                  data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                  timeout: TimeoutOpt = 60.0) -> None:
-    result = _call(data, broker, timeout, "layer.remove", name=name, message=message, force=force)
-    _emit(result, as_json, lambda r: f"layer {r['layer']} removed; {r['devices']} device(s) got a new version")
-    _warn_new_devices(result, as_json)
+    result = call_op(data, broker, timeout, "layer.remove", name=name, message=message, force=force)
+    emit(result, as_json, lambda r: f"layer {r['layer']} removed; {r['devices']} device(s) got a new version")
+    warn_new_devices(result, as_json)
 
 
 @schema_app.command("set", help=op_help("schema.set"))
@@ -125,10 +126,10 @@ def schema_set(
                                         "devices then show sync invalid).")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 30.0,
 ) -> None:
-    document = _read_json_document(source)
-    result = _call(data, broker, timeout, "schema.set", labels=_labels(label), document=document, force=force)
+    document = read_document(source)
+    result = call_op(data, broker, timeout, "schema.set", labels=labels_arg(label), document=document, force=force)
     bad = result["invalid_devices"]
-    _emit(result, as_json, lambda r: f"schema {r['schema']} is at version {r['version']}" + (
+    emit(result, as_json, lambda r: f"schema {r['schema']} is at version {r['version']}" + (
         f"\n{len(bad)} device(s) now invalid: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}" if bad else ""))
 
 
@@ -138,31 +139,31 @@ def schema_get(
     version: Annotated[int | None, typer.Option("--version", min=1, help="An older version.")] = None,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
-    args: dict[str, Any] = {"labels": _labels(label)} | ({"version": version} if version else {})
-    result = _call(data, broker, timeout, "schema.get", **args)
+    args: dict[str, Any] = {"labels": labels_arg(label)} | ({"version": version} if version else {})
+    result = call_op(data, broker, timeout, "schema.get", **args)
     if result["document"] is None:
         fail(f"schema {result['schema']} was removed at version {result['version']}")
-    _emit(result, as_json, lambda r: json.dumps(r["document"], indent=2, sort_keys=True))
+    emit(result, as_json, lambda r: json.dumps(r["document"], indent=2, sort_keys=True))
 
 
 @schema_app.command("list", help=op_help("schema.list"))
 def schema_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                 timeout: TimeoutOpt = 10.0) -> None:
-    rows = _call(data, broker, timeout, "schema.list")
-    _emit(rows, as_json, lambda r: _table(r, ["schema", "version"]) if r else "no schemas")
+    rows = call_op(data, broker, timeout, "schema.list")
+    emit(rows, as_json, lambda r: render_table(r, ["schema", "version"]) if r else "no schemas")
 
 
 @schema_app.command("history", help=op_help("schema.history"))
 def schema_history(label: SchemaLabels = None, data: DataOpt = None, broker: BrokerOpt = None,
                    as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0) -> None:
-    rows = _call(data, broker, timeout, "schema.history", labels=_labels(label))
+    rows = call_op(data, broker, timeout, "schema.history", labels=labels_arg(label))
     people = [{"version": r["version"], "at": r["created_at"], "by": r["actor"],
                "change": "removed" if r["removed"] else "set"} for r in rows]
-    _emit(rows, as_json, lambda _: _table(people, ["version", "at", "by", "change"]))
+    emit(rows, as_json, lambda _: render_table(people, ["version", "at", "by", "change"]))
 
 
 @schema_app.command("remove", help=op_help("schema.remove"))
 def schema_remove(label: SchemaLabels = None, data: DataOpt = None, broker: BrokerOpt = None,
                   as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0) -> None:
-    result = _call(data, broker, timeout, "schema.remove", labels=_labels(label))
-    _emit(result, as_json, lambda r: f"schema {r['schema']} removed (version {r['version']})")
+    result = call_op(data, broker, timeout, "schema.remove", labels=labels_arg(label))
+    emit(result, as_json, lambda r: f"schema {r['schema']} removed (version {r['version']})")

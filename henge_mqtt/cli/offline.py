@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from .app import app, broker_config_app, certs_app
-from .common import BrokerOpt, DataOpt, JsonOpt, TimeoutOpt, _call, _emit, fail, user_errors
+from .common import BrokerOpt, DataOpt, JsonOpt, TimeoutOpt, call_op, emit, fail, user_errors
 
 
 @app.command()
@@ -27,7 +27,7 @@ def migrate(
     from ..service.migrate import migrate_store
 
     counts = migrate_store(source, target)
-    _emit(counts, as_json, lambda c: "moved " + ", ".join(f"{n} {table}" for table, n in c.items() if n))
+    emit(counts, as_json, lambda c: "moved " + ", ".join(f"{n} {table}" for table, n in c.items() if n))
 
 
 @app.command()
@@ -42,10 +42,10 @@ def backup(
     data_dir = data or Path("henge-data")
     copied = None if broker else backup_stopped(data_dir, target.resolve())  # None: a service holds the data dir
     if copied is None:
-        result = _call(data, broker, timeout, "backup", path=str(target.resolve()))
+        result = call_op(data, broker, timeout, "backup", path=str(target.resolve()))
     else:
         result = {"path": str(target.resolve()), "bytes": copied}
-    _emit(result, as_json, lambda r: f"backup written to {r['path']} ({r['bytes']} bytes)")
+    emit(result, as_json, lambda r: f"backup written to {r['path']} ({r['bytes']} bytes)")
 
 
 @app.command()
@@ -61,7 +61,7 @@ def restore(
 
     data_dir = data or Path("henge-data")
     devices = put_back(source, data_dir, force=force)
-    _emit({"data": str(data_dir), "devices": devices}, as_json,
+    emit({"data": str(data_dir), "devices": devices}, as_json,
           lambda r: f"restored {r['devices']} devices into {r['data']}; start henge serve --data {r['data']}")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def render_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
@@ -22,7 +22,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _session_text(session: dict[str, Any] | None) -> str:
+def session_text(session: dict[str, Any] | None) -> str:
     """``persistent (expires ...)``: a session kept for a device that asked for one; else ``clean``."""
     if not session:
         return "clean"
@@ -33,10 +33,10 @@ def _session_text(session: dict[str, Any] | None) -> str:
 
 def age_until(stamp: str) -> str:
     """How long until ``stamp``: ``45s``, ``12m``, ``3h``, ``2d``."""
-    return _span((datetime.fromisoformat(stamp.replace("Z", "+00:00")) - datetime.now(UTC)).total_seconds())
+    return span((datetime.fromisoformat(stamp.replace("Z", "+00:00")) - datetime.now(UTC)).total_seconds())
 
 
-def _device_block(r: dict[str, Any]) -> str:
+def device_block(r: dict[str, Any]) -> str:
     st = r["status"]
 
     def show(value: Any) -> str:
@@ -60,7 +60,7 @@ def _device_block(r: dict[str, Any]) -> str:
         ("error", show(st["error"])), ("takeovers (1 h)", str(st["takeovers"])),
         ("conflict", show(st["conflict_remotes"]) if st["conflict"] else "no"),
         ("quarantined until", show(st["quarantined_until"])),
-        ("session", _session_text(st.get("session"))),
+        ("session", session_text(st.get("session"))),
     ]
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
@@ -108,11 +108,11 @@ class Output(StrEnum):
     yaml = "yaml"
 
 
-def _color() -> bool:
+def use_color() -> bool:
     return sys.stdout.isatty() and "NO_COLOR" not in os.environ
 
 
-def _dump(value: Any, fmt: Output) -> str:
+def dump(value: Any, fmt: Output) -> str:
     if fmt == Output.yaml:
         import yaml
 
@@ -124,10 +124,10 @@ def age(stamp: str | None, now: datetime | None = None) -> str:
     """``2026-11-29T10:00:00Z`` as a person reads it next to now: ``45s``, ``12m``, ``3h``, ``2d``."""
     if not stamp:
         return "-"
-    return _span(((now or datetime.now(UTC)) - datetime.fromisoformat(stamp.replace("Z", "+00:00"))).total_seconds())
+    return span(((now or datetime.now(UTC)) - datetime.fromisoformat(stamp.replace("Z", "+00:00"))).total_seconds())
 
 
-def _span(seconds: float) -> str:
+def span(seconds: float) -> str:
     """A length of time in its largest whole unit: ``45s``, ``12m``, ``3h``, ``2d`` (never negative)."""
     seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -136,12 +136,12 @@ def _span(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
-_STATE_COLOR = {"online": "green", "offline": "bright_black", "quarantined": "red"}
-_SYNC_COLOR = {"in_sync": "green", "pending": "yellow", "rejected": "red", "unknown": "bright_black",
+STATE_COLOR = {"online": "green", "offline": "bright_black", "quarantined": "red"}
+SYNC_COLOR = {"in_sync": "green", "pending": "yellow", "rejected": "red", "unknown": "bright_black",
                "invalid": "red"}
 
 
-def _status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str:
+def status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str:
     """A table for people: 100 columns by default (labels cut to fit), every field with ``wide``."""
     now = datetime.now(UTC)
     table = []
@@ -177,9 +177,9 @@ def _status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str
             text = t[c] if len(t[c]) <= widths[c] else t[c][: widths[c] - 1] + "~"
             padded = text.ljust(widths[c])
             if color and c == "STATE":
-                padded = typer.style(padded, fg=_STATE_COLOR.get(t[c].split()[0]))
+                padded = typer.style(padded, fg=STATE_COLOR.get(t[c].split()[0]))
             elif color and c == "SYNC":
-                padded = typer.style(padded, fg=_SYNC_COLOR.get(t[c]))
+                padded = typer.style(padded, fg=SYNC_COLOR.get(t[c]))
             line.append(padded)
         lines.append("  ".join(line).rstrip())
     if any(r["conflict"] for r in rows):
@@ -194,7 +194,7 @@ def rollout_lines(r: dict[str, Any]) -> str:
                "delivered": "-" if w["delivered"] is None or not w["published"] else w["delivered"],
                "applied": w["applied"], "rejected": w["rejected"], "offline": w["offline"], "pending": w["pending"],
                "reverted": w["reverted"]} for w in r["waves"]]
-    lines.append(_table(people, ["wave", "targeted", "online", "delivered", "applied", "rejected", "offline",
+    lines.append(render_table(people, ["wave", "targeted", "online", "delivered", "applied", "rejected", "offline",
                                  "pending", "reverted"]))
     for w in r["waves"]:
         for error, count in w["errors"].items():
@@ -204,7 +204,7 @@ def rollout_lines(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _warn_new_devices(result: dict[str, Any], as_json: bool) -> None:
+def warn_new_devices(result: dict[str, Any], as_json: bool) -> None:
     """After ``--force``: which devices added from now on would be refused, said once on stderr."""
     for line in result.get("new_devices_invalid", []) if not as_json else []:
         typer.echo(f"warning: {line} (stored with --force: such a device add is refused)", err=True)

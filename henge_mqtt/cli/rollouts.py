@@ -16,14 +16,14 @@ from .common import (
     JsonOpt,
     RolloutArg,
     TimeoutOpt,
-    _call,
-    _emit,
-    _labels,
-    _read_config,
+    call_op,
+    emit,
     fail,
+    labels_arg,
     op_help,
+    read_config,
 )
-from .render import _table, rollout_lines
+from .render import render_table, rollout_lines
 
 
 @rollout_app.command("start", help=op_help("rollout.start"))
@@ -64,14 +64,14 @@ def rollout_start(
         fail(f"--min-applied wants a percentage like 90 or 90%, not {min_applied!r}", 2)
     if not 0 <= applied_percent <= 100:
         fail(f"--min-applied is a percentage between 0 and 100, not {min_applied!r}", 2)
-    document = _read_config(source, what="layer" if layer else "config")
-    args: dict[str, Any] = {"all": all_devices, "labels": _labels(label), "max_rejected": max_rejected,
+    document = read_config(source, what="layer" if layer else "config")
+    args: dict[str, Any] = {"all": all_devices, "labels": labels_arg(label), "max_rejected": max_rejected,
                             "min_applied": applied_percent, "wave_timeout": wave_timeout, "pause": pause,
                             "message": message}
     if layer is None:
         args["config"] = document
     else:
-        args["layer"] = {"name": layer, "content": document, "labels": _labels(layer_label) if layer_label else None,
+        args["layer"] = {"name": layer, "content": document, "labels": labels_arg(layer_label) if layer_label else None,
                          "priority": priority}
     if wave_size is not None:
         args["wave_size"] = wave_size
@@ -80,8 +80,8 @@ def rollout_start(
             args["waves"] = [float(w) for w in (waves or "1,10,50,100").split(",")]
         except ValueError:
             fail(f"--waves wants percentages like 1,10,50,100, not {waves!r}", 2)
-    result = _call(data, broker, timeout, "rollout.start", **args)
-    _emit(result, as_json, lambda r: f"rollout {r['id']} started: {r['devices']} devices in "
+    result = call_op(data, broker, timeout, "rollout.start", **args)
+    emit(result, as_json, lambda r: f"rollout {r['id']} started: {r['devices']} devices in "
           f"{len(r['waves'])} waves ({', '.join(str(w['targeted']) for w in r['waves'])})\n"
           f"follow it: henge rollout status {r['id']} --watch 2")
 
@@ -97,10 +97,10 @@ def rollout_status(
 
     try:
         while True:
-            result = _call(data, broker, timeout, "rollout.status", rollout=rollout)
+            result = call_op(data, broker, timeout, "rollout.status", rollout=rollout)
             if watch is not None and not as_json and sys.stdout.isatty():
                 typer.echo("\x1b[H\x1b[2J", nl=False)
-            _emit(result, as_json, rollout_lines)
+            emit(result, as_json, rollout_lines)
             if watch is None or result["state"] not in ("running", "paused", "reverting"):
                 return
             _time.sleep(watch)
@@ -111,23 +111,23 @@ def rollout_status(
 @rollout_app.command("list", help=op_help("rollout.list"))
 def rollout_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                  timeout: TimeoutOpt = 10.0) -> None:
-    rows = _call(data, broker, timeout, "rollout.list")
+    rows = call_op(data, broker, timeout, "rollout.list")
     people = [{"id": r["id"], "state": r["state"], "wave": f"{r['wave']}/{r['waves']}", "started": r["created_at"],
                "by": r["actor"], "reason": r["reason"]} for r in rows]
-    _emit(rows, as_json, lambda _: _table(people, ["id", "state", "wave", "started", "by", "reason"])
+    emit(rows, as_json, lambda _: render_table(people, ["id", "state", "wave", "started", "by", "reason"])
           if rows else "no rollouts")
 
 
 @rollout_app.command("pause", help=op_help("rollout.pause"))
 def rollout_pause(rollout: RolloutArg, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                   timeout: TimeoutOpt = 10.0) -> None:
-    _emit(_call(data, broker, timeout, "rollout.pause", rollout=rollout), as_json, rollout_lines)
+    emit(call_op(data, broker, timeout, "rollout.pause", rollout=rollout), as_json, rollout_lines)
 
 
 @rollout_app.command("resume", help=op_help("rollout.resume"))
 def rollout_resume(rollout: RolloutArg, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                    timeout: TimeoutOpt = 10.0) -> None:
-    _emit(_call(data, broker, timeout, "rollout.resume", rollout=rollout), as_json, rollout_lines)
+    emit(call_op(data, broker, timeout, "rollout.resume", rollout=rollout), as_json, rollout_lines)
 
 
 @rollout_app.command("abort", help=op_help("rollout.abort"))
@@ -137,4 +137,4 @@ def rollout_abort(
                                          "config (as a new version).")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
 ) -> None:
-    _emit(_call(data, broker, timeout, "rollout.abort", rollout=rollout, revert=revert), as_json, rollout_lines)
+    emit(call_op(data, broker, timeout, "rollout.abort", rollout=rollout, revert=revert), as_json, rollout_lines)

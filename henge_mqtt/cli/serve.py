@@ -24,9 +24,7 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 from .app import app
-from .common import DataOpt, _log_level, fail, user_errors
-
-# ---- serve -------------------------------------------------------------------------------------
+from .common import DataOpt, fail, log_level_of, user_errors
 
 
 @app.command()
@@ -57,7 +55,7 @@ def serve(
     from ..settings import Settings
 
     logging.basicConfig(
-        level=_log_level(log_level),
+        level=log_level_of(log_level),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     os.umask(0o077)  # the store, its WAL and every file henge writes: for the service's user only

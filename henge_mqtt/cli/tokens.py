@@ -9,8 +9,8 @@ import typer
 
 from ..roles import ROLES
 from .app import token_app
-from .common import BrokerOpt, DataOpt, JsonOpt, TimeoutOpt, _call, _emit, fail, op_help
-from .render import _table
+from .common import BrokerOpt, DataOpt, JsonOpt, TimeoutOpt, call_op, emit, fail, op_help
+from .render import render_table
 
 
 @token_app.command("create", help=op_help("token.create"))
@@ -26,16 +26,16 @@ def token_create(
         import secrets as _secrets
 
         name = f"{role}-{_secrets.token_hex(2)}"
-    result = _call(data, broker, timeout, "token.create", name=name, role=role)
-    _emit(result, as_json, lambda r: f"token {r['name']} ({r['role']}) created\ntoken: {r['token']}\n"
+    result = call_op(data, broker, timeout, "token.create", name=name, role=role)
+    emit(result, as_json, lambda r: f"token {r['name']} ({r['role']}) created\ntoken: {r['token']}\n"
           "(store it now: it is not shown again)")
 
 
 @token_app.command("list", help=op_help("token.list"))
 def token_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                timeout: TimeoutOpt = 10.0) -> None:
-    rows = _call(data, broker, timeout, "token.list")
-    _emit(rows, as_json, lambda r: _table(r, ["id", "name", "role", "created_at", "created_by"]))
+    rows = call_op(data, broker, timeout, "token.list")
+    emit(rows, as_json, lambda r: render_table(r, ["id", "name", "role", "created_at", "created_by"]))
 
 
 @token_app.command("revoke", help=op_help("token.revoke"))
@@ -43,5 +43,5 @@ def token_revoke(
     token: Annotated[str, typer.Argument(metavar="ID_OR_NAME", help="The token's id or name.")],
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
-    result = _call(data, broker, timeout, "token.revoke", token=token)
-    _emit(result, as_json, lambda r: f"token {r['name']} revoked")
+    result = call_op(data, broker, timeout, "token.revoke", token=token)
+    emit(result, as_json, lambda r: f"token {r['name']} revoked")

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import os
 from pathlib import Path
 
 from ..models import utc_now
-from .core import StoreCore, _ts
+from .core import StoreCore, ts
 from .credentials import hash_secret, mosquitto_hash
-
-log = logging.getLogger("henge_mqtt.store")
 
 
 class Admins(StoreCore):
@@ -26,7 +23,7 @@ class Admins(StoreCore):
                 "INSERT INTO admins (name, secret_hash, created_at, broker_hash) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET secret_hash = excluded.secret_hash, "
                 "broker_hash = excluded.broker_hash",
-                (name, hash_secret(secret), _ts(utc_now()), mosquitto_hash(secret)),
+                (name, hash_secret(secret), ts(utc_now()), mosquitto_hash(secret)),
             )
         self._admin_hashes[name] = bytes.fromhex(hash_secret(secret))
 

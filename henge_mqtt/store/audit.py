@@ -4,13 +4,10 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from ..results import AuditEntry
 from .core import StoreCore
-
-log = logging.getLogger("henge_mqtt.store")
 
 
 class Audit(StoreCore):

@@ -17,23 +17,23 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import Fenced, StoreError, UnknownDevice, VersionConflict
 from ..layering import Layer
 from ..models import ConfigVersion, utc_now
-from .credentials import _digest
+from .credentials import digest_of
 from .db import Connection, DatabaseError, SqliteConnection
 from .schema import DB_FILE, MIGRATIONS
 
 log = logging.getLogger("henge_mqtt.store")
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """A database URL without its password, for messages."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
-def _ts(moment: datetime) -> str:
+def ts(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat()
 
 
-def _parse_ts(text: str) -> datetime:
+def parse_ts(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
@@ -147,7 +147,7 @@ class StoreCore:
                 self._db = PgConnection(url)
                 self._migrate()
             except DatabaseError as exc:
-                raise StoreError(f"cannot open the store at {_redact(url)}: {exc}") from exc
+                raise StoreError(f"cannot open the store at {redact(url)}: {exc}") from exc
             self._load()
             return
         try:
@@ -183,15 +183,15 @@ class StoreCore:
         (a standby that just took the lease of a shared store: the active one changed it meanwhile)."""
         # Digests as bytes (33 bytes less per stored device than hex text).
         self._hashes: dict[str, bytes] = {
-            d: _digest(h) for d, h in self._db.execute("SELECT id, secret_hash FROM devices")
+            d: digest_of(h) for d, h in self._db.execute("SELECT id, secret_hash FROM devices")
         }
         self._admin_hashes: dict[str, bytes] = {
-            n: _digest(h) for n, h in self._db.execute("SELECT name, secret_hash FROM admins")
+            n: digest_of(h) for n, h in self._db.execute("SELECT name, secret_hash FROM admins")
         }
         self._layers: dict[str, Layer] = self._load_layers()
         # HTTP API tokens by id: (digest, role, name), checked on the loop for every request.
         self._tokens: dict[str, tuple[bytes, str, str]] = {
-            i: (_digest(h), role, name) for i, name, role, h in
+            i: (digest_of(h), role, name) for i, name, role, h in
             self._db.execute("SELECT id, name, role, secret_hash FROM api_tokens")
         }
 
@@ -232,5 +232,5 @@ class StoreCore:
         """Inside the caller's transaction: an action and its audit row land together or not at all."""
         self._db.execute(
             "INSERT INTO audit (at, actor, action, device, summary) VALUES (?, ?, ?, ?, ?)",
-            (_ts(utc_now()), actor, action, device, json.dumps(summary, sort_keys=True)),
+            (ts(utc_now()), actor, action, device, json.dumps(summary, sort_keys=True)),
         )

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import logging
 import secrets
-
-log = logging.getLogger("henge_mqtt.store")
 
 
 def hash_secret(secret: str) -> str:
@@ -27,7 +24,7 @@ def mosquitto_hash(secret: str, iterations: int = 101) -> str:
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def _digest(text: str) -> bytes:
+def digest_of(text: str) -> bytes:
     """A stored hex digest as bytes; anything else (a corrupt row) matches no secret."""
     try:
         digest = bytes.fromhex(text)

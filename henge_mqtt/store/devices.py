@@ -6,18 +6,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 from typing import Any
 
 from ..errors import (
     DuplicateDevice,
 )
 from ..models import ConfigVersion, Device, utc_now
-from .core import StoreCore, _parse_ts, _ts
+from .core import StoreCore, parse_ts, ts
 from .credentials import hash_secret, mosquitto_hash, new_secret
 from .db import IntegrityError
-
-log = logging.getLogger("henge_mqtt.store")
 
 
 class Devices(StoreCore):
@@ -31,7 +28,7 @@ class Devices(StoreCore):
             with self._tx():
                 self._db.execute(
                     "INSERT INTO devices (id, secret_hash, labels, created_at, broker_hash) VALUES (?, ?, ?, ?, ?)",
-                    (device, digest, json.dumps(labels or {}, sort_keys=True), _ts(utc_now()), mosquitto_hash(secret)),
+                    (device, digest, json.dumps(labels or {}, sort_keys=True), ts(utc_now()), mosquitto_hash(secret)),
                 )
                 self._audit(actor, "device.add", device, {"labels": labels or {}})
                 if self._layers:
@@ -62,7 +59,7 @@ class Devices(StoreCore):
         existing = [(d, labels) for d, labels in devices if d in self._hashes]
         secrets_by_id = {device: new_secret() for device, _ in new}
         digests = {device: hash_secret(secret) for device, secret in secrets_by_id.items()}
-        now = _ts(utc_now())
+        now = ts(utc_now())
         with self._tx():
             self._db.executemany(
                 "INSERT INTO devices (id, secret_hash, labels, created_at, broker_hash) VALUES (?, ?, ?, ?, ?)",
@@ -184,7 +181,7 @@ class Devices(StoreCore):
     @staticmethod
     def _device(row: tuple[Any, ...]) -> Device:
         return Device(
-            id=row[0], labels=json.loads(row[1]), created_at=_parse_ts(row[2]), desired_version=row[3]
+            id=row[0], labels=json.loads(row[1]), created_at=parse_ts(row[2]), desired_version=row[3]
         )
 
     def labels_of(self, device: str) -> dict[str, str]:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from ..errors import (
@@ -15,9 +14,7 @@ from ..errors import (
 from ..layering import FLEET_LAYER, Layer, explain, merge_patch
 from ..models import ConfigVersion, config_sha256, utc_now
 from ..results import Explained, LayerVersion
-from .core import StoreCore, _ts
-
-log = logging.getLogger("henge_mqtt.store")
+from .core import StoreCore, ts
 
 
 class Layers(StoreCore):
@@ -146,7 +143,7 @@ class Layers(StoreCore):
             "INSERT INTO layers (name, version, selector, priority, content, message, created_at, actor) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (name, version, json.dumps(sel, sort_keys=True), prio,
-             json.dumps(content, sort_keys=True) if content is not None else None, message, _ts(utc_now()), actor))
+             json.dumps(content, sort_keys=True) if content is not None else None, message, ts(utc_now()), actor))
         candidate = dict(self._layers)
         if layer is None:
             candidate.pop(name, None)

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from ..models import VersionReport, utc_now
-from .core import StoreCore, _parse_ts, _ts
-
-log = logging.getLogger("henge_mqtt.store")
+from .core import StoreCore, parse_ts, ts
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +34,7 @@ class Reports(StoreCore):
         devices answer together): per report ``ok``, ``unknown`` (a device removed meanwhile) or
         ``newer`` (a version it was never sent)."""
         outcomes: list[str] = []
-        now = _ts(utc_now())
+        now = ts(utc_now())
         with self._tx():
             current: dict[str, int] = {}
             for device, version, status, error, epoch in reports:
@@ -80,11 +77,11 @@ class Reports(StoreCore):
                       epoch: int | None = None) -> None:
         """Record an applied/rejected report; an older version never lowers a newer one, of either kind."""
         with self._tx():
-            self._store_report(device, version, status, error, _ts(utc_now()), epoch)
+            self._store_report(device, version, status, error, ts(utc_now()), epoch)
 
     def version_reports(self, device: str) -> dict[int, VersionReport]:
         """Each version's own report (versions with none are absent)."""
-        return {v: VersionReport(status=s, error=e, at=_parse_ts(at), epoch=ep) for v, s, e, at, ep in self._db.execute(
+        return {v: VersionReport(status=s, error=e, at=parse_ts(at), epoch=ep) for v, s, e, at, ep in self._db.execute(
             "SELECT version, status, error, at, epoch FROM version_reports WHERE device = ?", (device,))}
 
     def reports(self) -> dict[str, DeviceReports]:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from ..errors import (
@@ -13,9 +12,7 @@ from ..errors import (
 )
 from ..layering import Layer
 from ..models import ConfigVersion, utc_now
-from .core import StoreCore, _ts
-
-log = logging.getLogger("henge_mqtt.store")
+from .core import StoreCore, ts
 
 
 class Rollouts(StoreCore):
@@ -42,7 +39,7 @@ class Rollouts(StoreCore):
             self._db.execute(
                 "INSERT INTO rollouts (id, created_at, actor, target, config, policy, message, state, waves, layer) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
-                (rollout_id, _ts(utc_now()), actor, json.dumps(target, sort_keys=True),
+                (rollout_id, ts(utc_now()), actor, json.dumps(target, sort_keys=True),
                  json.dumps(config, ensure_ascii=False), json.dumps(policy, sort_keys=True), message, len(waves),
                  json.dumps(layer, sort_keys=True) if layer is not None else None))
             self._db.executemany("INSERT INTO rollout_devices (rollout, device, wave) VALUES (?, ?, ?)",
@@ -166,7 +163,7 @@ class Rollouts(StoreCore):
                                                          message=ro["message"] or f"rollout {rollout_id}",
                                                          selector=spec["labels"], priority=spec["priority"])
                 self._db.execute("UPDATE rollouts SET state = 'completed', finished_at = ? WHERE id = ?",
-                                 (_ts(utc_now()), rollout_id))
+                                 (ts(utc_now()), rollout_id))
                 self._audit(ro["actor"], "rollout.complete", None, {"rollout": rollout_id})
                 state = "completed"
             else:
@@ -224,7 +221,7 @@ class Rollouts(StoreCore):
                                  [(note, rollout_id, d) for note, d in notes])
             self._freeze_outcomes(rollout_id)
             self._db.execute("UPDATE rollouts SET state = ?, finished_at = ? WHERE id = ?",
-                             (final, _ts(utc_now()), rollout_id))
+                             (final, ts(utc_now()), rollout_id))
             self._audit(ro["actor"], "rollout.reverted", None, {"rollout": rollout_id, "devices": len(rows),
                                                                 "kept": len(notes)})
         return rows

@@ -3,11 +3,6 @@
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger("henge_mqtt.store")
-
-
 DB_FILE = "henge.db"
 
 

@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from ..models import utc_now
 from ..results import SchemaVersion
-from .core import StoreCore, _ts
-
-log = logging.getLogger("henge_mqtt.store")
+from .core import StoreCore, ts
 
 
 class Schemas(StoreCore):
@@ -42,7 +39,7 @@ class Schemas(StoreCore):
             self._db.execute(
                 "INSERT INTO schemas (selector, version, document, created_at, actor) VALUES (?, ?, ?, ?, ?)",
                 (selector, version, json.dumps(document, sort_keys=True) if document is not None else None,
-                 _ts(utc_now()), actor))
+                 ts(utc_now()), actor))
             action = "schema.remove" if document is None else "schema.set"
             self._audit(actor, action, None, {"schema": selector or "fleet", "version": version}
                         | ({"forced": True} if forced else {}))

@@ -4,11 +4,8 @@
 from __future__ import annotations
 
 import json
-import logging
 
 from .core import StoreCore
-
-log = logging.getLogger("henge_mqtt.store")
 
 
 class Sessions(StoreCore):

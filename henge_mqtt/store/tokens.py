@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import secrets
 
 from ..errors import (
@@ -16,10 +15,8 @@ from ..errors import (
 from ..models import utc_now
 from ..results import TokenInfo, TokenRevoked
 from ..roles import ROLES
-from .core import StoreCore, _ts
+from .core import StoreCore, ts
 from .credentials import hash_secret
-
-log = logging.getLogger("henge_mqtt.store")
 
 
 class Tokens(StoreCore):
@@ -35,7 +32,7 @@ class Tokens(StoreCore):
             self._db.execute(
                 "INSERT INTO api_tokens (id, name, role, secret_hash, created_at, created_by) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (token_id, name, role, hash_secret(token), _ts(utc_now()), actor),
+                (token_id, name, role, hash_secret(token), ts(utc_now()), actor),
             )
             self._audit(actor, "token.create", None, {"token": name, "role": role})
         self._tokens[token_id] = (bytes.fromhex(hash_secret(token)), role, name)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,10 +13,8 @@ from ..errors import (
 )
 from ..layering import merge_patch
 from ..models import ConfigVersion, config_sha256, utc_now
-from .core import StoreCore, _parse_ts, _ts
+from .core import StoreCore, parse_ts, ts
 from .schema import VERSION_COLUMNS
-
-log = logging.getLogger("henge_mqtt.store")
 
 
 class Versions(StoreCore):
@@ -156,7 +153,7 @@ class Versions(StoreCore):
                 own = (own_texts or {}).get(r.device) or own_cache.get(id(r.own))
                 if own is None:
                     own = own_cache[id(r.own)] = json.dumps(r.own, ensure_ascii=False)
-            values.append((r.device, r.version, text, r.sha256, r.message, _ts(r.created_at), r.actor, own, layers))
+            values.append((r.device, r.version, text, r.sha256, r.message, ts(r.created_at), r.actor, own, layers))
         self._db.executemany(
             "INSERT INTO config_versions (device, version, config, sha256, message, created_at, actor, own, layers) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
@@ -214,7 +211,7 @@ class Versions(StoreCore):
             config=json.loads(row[2]),
             sha256=row[3],
             message=row[4],
-            created_at=_parse_ts(row[5]),
+            created_at=parse_ts(row[5]),
             actor=row[6],
             own=json.loads(row[7]) if row[7] is not None else None,
             layers=json.loads(row[8]),
