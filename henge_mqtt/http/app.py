@@ -1,9 +1,11 @@
 """The HTTP API (``/api/v1``) and the console, over the service's library API.
 
 A thin client, like the CLI: every route is one call of :class:`~henge_mqtt.service.api.ServiceAPI`
-(the admin protocol's operations), so the two can never disagree. Each route declares the role it
-needs (``x-henge-role`` in the OpenAPI document; ``tests/test_http.py`` walks it), bodies are
-parsed as strict JSON and bounded before they are read, and every error is an RFC 9457 problem.
+(the admin protocol's operations), so the two can never disagree. Every route is a route of the op
+table (:mod:`henge_mqtt.ops`), which gives its role and summary (``x-henge-op`` and
+``x-henge-role`` in the OpenAPI document; ``tests/test_http.py`` and ``tests/test_architecture.py``
+walk it); bodies are parsed as strict JSON and bounded before they are read (``bodies.py``), and
+every error is an RFC 9457 problem.
 """
 
 from __future__ import annotations
@@ -17,15 +19,13 @@ from typing import Annotated, Any, Literal, TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import AuthenticationFailed, Forbidden, HengeError, InvalidConfig, ValidationFailed, VersionConflict
-from ..ids import StrictJSONError, parse_labels, strict_json
 from ..models import DeviceId, ImportArgs, RolloutStartArgs, TokenCreateArgs
 from ..ops import ROUTES, Method
 from ..results import (
@@ -51,6 +51,25 @@ from ..service.configs import no_progress
 from ..service.context import current_actor
 from ..service.handlers import HANDLERS
 from ..service.schemas import parse_selector
+from .bodies import (
+    BODY_DEFS,
+    CONFIG_BODY,
+    PATCH_BODY,
+    SCHEMA_BODY,
+    BackupBody,
+    BodyLimit,
+    DeviceCreate,
+    FleetPush,
+    LabelsChange,
+    LayerBody,
+    RollbackBody,
+    body_doc,
+    etag,
+    labels_of,
+    parse_etag,
+    parse_model,
+    read_json,
+)
 from .problems import from_error, problem
 from .stream import EventHub
 from .usage import UseLog
@@ -67,151 +86,6 @@ STATIC = resources.files("henge_mqtt.http") / "static"
 class Caller(BaseModel):
     name: str
     role: Role
-
-
-# ---- bodies (strict JSON, then these models) ------------------------------------------------------
-
-
-class DeviceCreate(BaseModel):
-    device: DeviceId
-    labels: dict[str, str] = Field(default_factory=dict)
-
-
-class LabelsChange(BaseModel):
-    set: dict[str, str] = Field(default_factory=dict)
-    remove: list[str] = Field(default_factory=list)
-
-
-class RollbackBody(BaseModel):
-    version: int = Field(ge=1)
-    message: str = Field(default="", max_length=1024)
-
-
-class FleetPush(BaseModel):
-    all: bool = False
-    labels: dict[str, str] = Field(default_factory=dict)
-    config: dict[str, Any]
-    message: str = Field(default="", max_length=1024)
-    force: bool = False
-    delivery_timeout: float = Field(default=10.0, ge=0, le=3600)
-    wait: float | None = Field(default=None, gt=0, le=3600)
-
-
-class LayerBody(BaseModel):
-    content: dict[str, Any]
-    labels: dict[str, str] | None = None
-    priority: int | None = Field(default=None, ge=-1000, le=1000)
-    message: str = Field(default="", max_length=1024)
-    force: bool = False  # store it even if a device added later would break its schemas
-
-
-class BackupBody(BaseModel):
-    path: str = Field(min_length=1, max_length=4096)
-
-
-CONFIG_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object", "description": "the device's whole config"}}}}}
-SCHEMA_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object", "description": "a JSON Schema 2020-12 document"}}}}}
-PATCH_BODY = {"requestBody": {"required": True, "content": {
-    "application/merge-patch+json": {"schema": {"type": "object", "description": "an RFC 7396 merge patch"}}}}}
-
-
-BODY_DEFS: dict[str, Any] = {}  # models the body schemas refer to, added to the OpenAPI components
-
-
-def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI requestBody of a body we parse ourselves (strict JSON first, then ``model``)."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    BODY_DEFS.update(schema.pop("$defs", {}))
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-IMPORT_LIMIT = 16 * 1024 * 1024  # POST /devices/import: up to 100,000 devices in one body
-
-
-class BodyLimit:
-    """Pure ASGI: a request body over ``limit`` bytes is refused (413) before it is read whole."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.default = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = IMPORT_LIMIT if scope["path"] == "/api/v1/devices/import" else self.default
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await problem("body_too_large", f"request bodies are limited to {limit} bytes")(scope, receive, send)
-            return
-        seen = 0
-
-        async def bounded() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, bounded, send)
-        except BodyTooLarge:
-            await problem("body_too_large", f"request bodies are limited to {limit} bytes")(scope, receive, send)
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_json(request: Request, *, media: tuple[str, ...] = ("application/json",)) -> Any:
-    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if kind not in media:
-        raise UnsupportedMedia(f"send the body as {' or '.join(media)}, not {kind!r}")
-    raw = await request.body()
-    try:
-        return strict_json(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InvalidConfig("the body is not UTF-8") from exc
-    except StrictJSONError as exc:
-        raise InvalidConfig(f"the body is not strict JSON: {exc}; nothing was stored") from exc
-    except ValueError as exc:  # json.JSONDecodeError
-        raise InvalidConfig(f"the body is not JSON: {exc}; nothing was stored") from exc
-    except RecursionError as exc:
-        raise InvalidConfig("the body nests too deeply; nothing was stored") from exc
-
-
-class UnsupportedMedia(ValidationFailed):
-    code = "unsupported_media_type"
-
-
-def parse_model(model: type[BaseModel], data: Any) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ValidationFailed(f"{where}: {first['msg'].removeprefix('Value error, ')}") from exc
-
-
-def labels_of(pairs: list[str]) -> dict[str, str]:
-    try:
-        return parse_labels(pairs)
-    except ValueError as exc:
-        raise ValidationFailed(str(exc)) from exc
-
-
-def etag(version: int) -> str:
-    return f'"{version}"'
-
-
-def parse_etag(header: str) -> int | None:
-    value = header.strip()
-    value = value.removeprefix("W/").strip('"')
-    return int(value) if value.isdigit() else None
 
 
 def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
@@ -391,7 +265,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         """A unified diff of two versions' configs (as ``henge diff``), and both configs."""
         return await svc.diff(device, a, b)
 
-    @route("POST", "/devices/{device}/rollback", **_body_doc(RollbackBody))
+    @route("POST", "/devices/{device}/rollback", **body_doc(RollbackBody))
     async def rollback(request: Request, device: DeviceId, wait: WaitQ = None) -> Response:
         """Store an older version's config as a new version."""
         body = parse_model(RollbackBody, await read_json(request))
@@ -413,7 +287,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     async def clear_conflict(device: DeviceId) -> dict[str, Any]:
         return {"device": device, "cleared": await svc.clear_conflict(device)}
 
-    @route("POST", "/push", **_body_doc(FleetPush))
+    @route("POST", "/push", **body_doc(FleetPush))
     async def fleet_push(request: Request) -> JSONResponse:
         """One config to every device (``all``) or to those with all the ``labels``, answered per device
         (delivered, applied, rejected, offline); ``wait`` waits that long for every report."""
@@ -459,7 +333,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         """Per wave: targeted, online, delivered, applied, rejected, offline, pending, reverted, errors."""
         return await svc.rollout_status(rollout)
 
-    @route("POST", "/rollouts", status_code=201, **_body_doc(RolloutStartArgs))
+    @route("POST", "/rollouts", status_code=201, **body_doc(RolloutStartArgs))
     async def start_rollout(request: Request) -> JSONResponse:
         """A staged rollout of ``config`` to ``all`` devices or those with ``labels`` (docs/rollouts.md)."""
         result = await HANDLERS["rollout.start"](svc, parse_model(RolloutStartArgs, await read_json(request)),
@@ -499,7 +373,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
                          b: Annotated[int, Query(ge=1)]) -> Diff:
         return await svc.layer_diff(name, a, b)
 
-    @route("PUT", "/layers/{name}", **_body_doc(LayerBody))
+    @route("PUT", "/layers/{name}", **body_doc(LayerBody))
     async def put_layer(request: Request, name: LayerName) -> LayerChange:
         """Set a layer (``fleet``, or a label layer with ``labels`` and ``priority``); the devices whose
         config changes get a new version in the same transaction."""
@@ -507,7 +381,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         return await svc.set_layer(name, body.content, labels=body.labels, priority=body.priority,
                                    message=body.message, force=body.force)
 
-    @route("POST", "/layers/{name}/rollback", **_body_doc(RollbackBody))
+    @route("POST", "/layers/{name}/rollback", **body_doc(RollbackBody))
     async def rollback_layer(request: Request, name: LayerName) -> LayerChange:
         body = parse_model(RollbackBody, await read_json(request))
         return await svc.rollback_layer(name, body.version, message=body.message)
@@ -548,14 +422,14 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
 
     # ---- admin: devices, tokens, backup ----------------------------------------------------------------
 
-    @route("POST", "/devices", status_code=201, **_body_doc(DeviceCreate))
+    @route("POST", "/devices", status_code=201, **body_doc(DeviceCreate))
     async def add_device(request: Request) -> JSONResponse:
         """Register a device; the answer holds its secret, the only time it is shown."""
         body = parse_model(DeviceCreate, await read_json(request))
         secret = await svc.add_device(body.device, body.labels)
         return JSONResponse({"device": body.device, "labels": body.labels, "secret": secret}, status_code=201)
 
-    @route("POST", "/devices/import", **_body_doc(ImportArgs))
+    @route("POST", "/devices/import", **body_doc(ImportArgs))
     async def import_devices(request: Request) -> dict[str, Any]:
         """Many devices in one transaction (as ``henge device import``); ``update`` changes the labels
         of those that exist. The answer holds the new devices' secrets, shown only here."""
@@ -572,7 +446,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         """A new secret (shown once); the old one stops working and its connection is closed."""
         return {"device": device, "secret": await svc.rotate_secret(device)}
 
-    @route("PATCH", "/devices/{device}/labels", **_body_doc(LabelsChange))
+    @route("PATCH", "/devices/{device}/labels", **body_doc(LabelsChange))
     async def labels(request: Request, device: DeviceId) -> dict[str, Any]:
         body = parse_model(LabelsChange, await read_json(request))
         labels_of([f"{k}={v}" for k, v in body.set.items()])  # the same rules as the CLI
@@ -587,7 +461,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
             token["last_used_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(used)) if used else None
         return found
 
-    @route("POST", "/tokens", status_code=201, **_body_doc(TokenCreateArgs))
+    @route("POST", "/tokens", status_code=201, **body_doc(TokenCreateArgs))
     async def create_token(request: Request) -> JSONResponse:
         """A new token; the answer holds it, the only time it is shown."""
         body = parse_model(TokenCreateArgs, await read_json(request))
@@ -597,7 +471,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     async def revoke_token(token: Annotated[str, Path(max_length=64)]) -> TokenRevoked:
         return await svc.revoke_token(token)
 
-    @route("POST", "/backup", **_body_doc(BackupBody))
+    @route("POST", "/backup", **body_doc(BackupBody))
     async def backup(request: Request) -> BackupResult:
         """A consistent copy of the store, written on the service's machine."""
         body = parse_model(BackupBody, await read_json(request))

@@ -1,7 +1,7 @@
 """Staged rollouts, the running part: one task per active rollout, everything it decides stored
 before it is acted on, so a ``kill -9`` at any moment resumes where it stood.
 
-What is durable, and when (``store.py``): the plan (every device's wave) before anything is
+What is durable, and when (``store/rollouts.py``): the plan (every device's wave) before anything is
 published; a wave's versions together with the mark that it went out (a wave is never stored
 twice; a restart republishes every current version retained, so none is lost in between); the
 move to the next wave; a halt (state ``reverting``) before the revert, and the revert together
