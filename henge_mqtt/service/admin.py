@@ -25,6 +25,7 @@ from .handlers import HANDLERS
 
 log = logging.getLogger("henge_mqtt.service")
 
+
 def error_reply(request_id: str, code: str, message: str) -> AdminReply:
     return AdminReply(id=request_id, ok=False, error=models.AdminError(code=code, message=message))
 
