@@ -29,11 +29,12 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import dynsec
 from .backoff import Backoff
 from .errors import SettingsError
 from .models import is_valid_device_id
 from .mqtt_client import MqttClient, MqttClientError
-from .ports import BrokerHooks, KickResult, Principal
+from .ports import BrokerHooks, IdentitySync, KickResult, Principal
 from .sessions import Close, PublishWill, SessionSettings, SessionTable, TableViews
 from .tasks import TaskSet
 from .topics import Topics
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 SESSION_REASONS = frozenset({"client_disconnect"})
 MAX_INFLIGHT = 2000
 SYNC_TIMEOUT = 10.0  # the longest presence waits for the broker's retained announcements
+DYNSEC_PROBE = 3.0  # the longest we wait to learn whether the broker runs Mosquitto's dynamic security
+DYNSEC_TIMEOUT = 10.0  # the longest one batch of identity commands may take
+DYNSEC_BATCH = 400  # commands per message (an import of 100,000 devices is many messages, in order)
+PASSWORD_FILE = ("the broker reads identities from its password file: run henge broker-config mosquitto again "
+                 "and reload the broker (SIGHUP); with --identities dynamic-security it learns them at once")
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
@@ -98,6 +104,11 @@ class ExternalBroker(TableViews):
         self._sync_topic = f"{topics.prefix}/admin/sync/{client_id}"
         self._on_synced: list[Callable[[set[str]], None]] = []
         self._sync_timer: asyncio.TimerHandle | None = None
+        # Mosquitto's dynamic security plugin, if the broker runs it (probed on every connection).
+        self._dynsec: asyncio.Future[bool] | None = None
+        self._dynsec_pending: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
+        self._dynsec_ids = itertools.count()
+        self._dynsec_lock = asyncio.Lock()  # one batch in flight: the commands apply in order
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -152,6 +163,8 @@ class ExternalBroker(TableViews):
                     (f"{self.topics.prefix}/devices/+/presence/device", 1),
                     (self._sync_topic, 1),
                 ])
+                self._dynsec = asyncio.get_running_loop().create_future()
+                self._tasks.spawn(self._probe_dynsec(client, self._dynsec))
                 if self._on_synced:  # after the retained announcements the subscription brings
                     client.publish(self._sync_topic, b"sync", qos=1)
                     if self._sync_timer is None:
@@ -169,6 +182,7 @@ class ExternalBroker(TableViews):
                 log.warning("external.disconnected broker=%s:%d error=%s", self.host, self.port, exc)
             finally:
                 self._client = None
+                self._dynsec = None
                 self.connected.clear()
                 if client is not None:
                     client.close()
@@ -212,6 +226,80 @@ class ExternalBroker(TableViews):
         self.table.forget(device)
         self.sessions.pop(device, None)
 
+    # ---- identities: Mosquitto's dynamic security ------------------------------------------------------
+
+    async def sync_identities(self, *, created: dict[str, str] | None = None, changed: dict[str, str] | None = None,
+                              removed: list[str] | None = None) -> IdentitySync:
+        prefix = self.topics.prefix
+        commands = [c for d, s in (created or {}).items() for c in dynsec.create(d, s, prefix=prefix)]
+        commands += [c for d, s in (changed or {}).items() for c in dynsec.set_password(d, s)]
+        commands += [c for d in removed or [] for c in dynsec.delete(d)]
+        detection = self._dynsec
+        try:
+            if detection is None:
+                raise MqttClientError("not connected to the broker")
+            if not await asyncio.wait_for(asyncio.shield(detection), DYNSEC_PROBE + 1):
+                return IdentitySync(applied=False, how="password-file", detail=PASSWORD_FILE)
+            errors: list[str] = []
+            async with self._dynsec_lock:
+                for start in range(0, len(commands), DYNSEC_BATCH):
+                    errors += dynsec.failures(await self._dynsec_command(commands[start:start + DYNSEC_BATCH]))
+        except (MqttClientError, TimeoutError) as exc:
+            return IdentitySync(applied=False, how="dynamic-security", detail=(
+                f"the broker did not take the change ({exc or 'no answer'}): the store has it; repeat the command "
+                "once the broker is back"))
+        if errors:
+            return IdentitySync(applied=False, how="dynamic-security",
+                                detail="the broker refused: " + "; ".join(errors[:3]))
+        return IdentitySync(applied=True, how="dynamic-security")
+
+    async def _probe_dynsec(self, client: MqttClient, found: asyncio.Future[bool]) -> None:
+        """Whether this broker runs the dynamic security plugin and lets us use it: a refused
+        subscription, or no answer to a harmless command, means password files."""
+        result = False
+        try:
+            codes = await client.subscribe([(dynsec.RESPONSES, 1)])
+            if codes and codes[0] < 0x80:
+                await self._dynsec_command([{"command": "getDefaultACLAccess"}], client=client, timeout=DYNSEC_PROBE)
+                result = True
+        except (MqttClientError, TimeoutError):
+            result = False
+        finally:
+            if not found.done():
+                found.set_result(result)
+        log.info("external.identities broker=%s:%d mode=%s", self.host, self.port,
+                 "dynamic-security" if result else "password-file")
+
+    async def _dynsec_command(self, commands: list[dict[str, Any]], *, client: MqttClient | None = None,
+                              timeout: float = DYNSEC_TIMEOUT) -> list[dict[str, Any]]:
+        client = client or self._client
+        if client is None:
+            raise MqttClientError("not connected to the broker")
+        tag = f"henge-{next(self._dynsec_ids)}"
+        first = dict(commands[0]) | {"correlationData": tag}  # the response echoes it: ours, not another's
+        answer: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._dynsec_pending[tag] = answer
+        try:
+            client.publish(dynsec.TOPIC, json.dumps({"commands": [first, *commands[1:]]}).encode(), qos=1)
+            return await asyncio.wait_for(answer, timeout)
+        finally:
+            self._dynsec_pending.pop(tag, None)
+
+    def _on_dynsec_response(self, payload: bytes) -> None:
+        try:
+            responses = json.loads(payload)["responses"]
+        except (ValueError, KeyError, TypeError):
+            log.info("external.bad_dynsec_response")
+            return
+        if not isinstance(responses, list):
+            return
+        for response in responses:
+            tag = response.get("correlationData") if isinstance(response, dict) else None
+            answer = self._dynsec_pending.get(tag) if isinstance(tag, str) else None
+            if answer is not None and not answer.done():
+                answer.set_result([r for r in responses if isinstance(r, dict)])
+                return
+
     def clear_conflict(self, device: str) -> bool:
         actions = self.table.clear_conflict(device)
         self._forward(actions)
@@ -226,6 +314,9 @@ class ExternalBroker(TableViews):
     def _route(self, topic: str, payload: bytes) -> None:
         if topic == self._sync_topic:
             self._synced()
+            return
+        if topic == dynsec.RESPONSES:
+            self._on_dynsec_response(payload)
             return
         if topic == self.topics.admin_requests:
             # Only the admin identity may write here (the broker's ACL).

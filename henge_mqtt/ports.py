@@ -42,6 +42,19 @@ class KickResult:
     detail: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class IdentitySync:
+    """What a broker did with identity changes (devices added, removed, given a new secret).
+
+    ``applied``: the broker knows them now (the embedded broker reads the store; Mosquitto's dynamic
+    security plugin took the commands). Otherwise ``detail`` says what an operator must do.
+    """
+
+    applied: bool
+    how: str  # "store", "dynamic-security" or "password-file"
+    detail: str = ""
+
+
 class BrokerHooks(Protocol):
     """What a broker needs from the service."""
 
@@ -131,6 +144,13 @@ class BrokerPort(Protocol):
         ...
 
     def clear_conflict(self, device: str) -> bool: ...
+
+    async def sync_identities(self, *, created: dict[str, str] | None = None, changed: dict[str, str] | None = None,
+                              removed: list[str] | None = None) -> IdentitySync:
+        """Tell the broker about identities the store just changed: ``created`` and ``changed`` map a
+        device to its new secret (henge keeps only hashes: this is the one moment it has them),
+        ``removed`` lists devices gone (their connections closed)."""
+        ...
 
     def stats(self) -> dict[str, int]:
         """Counts for metrics and status (connections, subscriptions, retained), read on the loop."""

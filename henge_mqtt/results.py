@@ -17,17 +17,27 @@ from typing import Any, NotRequired, TypedDict
 # ---- devices ---------------------------------------------------------------------------------------
 
 
+class BrokerNote(TypedDict):
+    """What the broker did with an identity change (``ports.IdentitySync``)."""
+
+    applied: bool  # the broker knows it now
+    how: str  # "store" (embedded), "dynamic-security" (Mosquitto, live) or "password-file"
+    detail: str  # when not applied: what an operator must do
+
+
 class DeviceSecret(TypedDict):
     """A device's new secret: shown in this answer only."""
 
     device: str
     secret: str
-    labels: NotRequired[dict[str, str]]  # POST /devices says them back
+    labels: NotRequired[dict[str, str]]  # device.add says them back
+    broker: NotRequired[BrokerNote]
 
 
 class DeviceRemoved(TypedDict):
     device: str
     removed: bool
+    broker: NotRequired[BrokerNote]
 
 
 class DeviceLabels(TypedDict):
@@ -69,6 +79,7 @@ class PresenceChanges(TypedDict):
 class Imported(TypedDict):
     secrets: dict[str, str]  # the new devices' secrets, shown in this answer only
     updated: int
+    broker: NotRequired[BrokerNote]
 
 
 class SessionInfo(TypedDict):

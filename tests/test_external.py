@@ -20,7 +20,7 @@ import aiomqtt
 import pytest
 
 from henge_mqtt.service import HengeService
-from henge_mqtt.service.mosquitto import write_mosquitto_config
+from henge_mqtt.service.mosquitto import find_plugin, write_dynsec_config, write_mosquitto_config
 from henge_mqtt.settings import Settings
 from henge_mqtt.store import Store
 
@@ -103,8 +103,11 @@ class Mosquitto:
 
 
 @contextlib.asynccontextmanager
-async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]]) -> AsyncIterator[
-        tuple[Fleet, Mosquitto, dict[str, str]]]:
+async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]], *,
+                         identities: str = "password-file") -> AsyncIterator[tuple[Fleet, Mosquitto, dict[str, str]]]:
+    """Mosquitto configured by henge, henge in front of it. ``identities``: ``password-file`` (an
+    operator reloads the broker after each change, as ``Fleet.add`` does) or ``dynamic-security``
+    (the broker learns every change from henge at once: nothing to reload)."""
     data = tmp_path / "data"
     store = Store(data)
     secrets = store.add_devices([(d, {}) for d in devices])
@@ -117,9 +120,15 @@ async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]]) -> 
     conf = tmp_path / "mosquitto"
 
     def configure(hashes: dict[str, str]) -> None:
-        write_mosquitto_config(conf, hashes, device_listener=f"127.0.0.1:{device_port}",
-                               admin_listener=f"127.0.0.1:{admin_port}", topic_prefix="henge",
-                               admin_name="henge-admin", run_as="root")  # the tests run as root
+        listeners = {"device_listener": f"127.0.0.1:{device_port}", "admin_listener": f"127.0.0.1:{admin_port}"}
+        if identities == "dynamic-security":
+            plugin = find_plugin()
+            assert plugin is not None, "Debian's mosquitto ships mosquitto_dynamic_security.so"
+            write_dynsec_config(conf, hashes, **listeners, topic_prefix="henge", admin_name="henge-admin",
+                                plugin=plugin, run_as="root")
+        else:
+            write_mosquitto_config(conf, hashes, **listeners, topic_prefix="henge", admin_name="henge-admin",
+                                   run_as="root")  # the tests run as root
 
     configure(hashes)
     broker = Mosquitto(conf)
@@ -136,18 +145,22 @@ async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]]) -> 
                 assert broker.proc is not None
                 broker.proc.send_signal(signal.SIGHUP)  # Fleet.add then waits until it took effect
 
-            yield Fleet("mosquitto", service, device_port, data, reload), broker, secrets
+            if identities == "dynamic-security":
+                yield Fleet("mosquitto-dynsec", service, device_port, data), broker, secrets
+            else:
+                yield Fleet("mosquitto", service, device_port, data, reload), broker, secrets
     finally:
         broker.stop()
 
 
-@pytest.fixture(params=["embedded", "mosquitto"])
+@pytest.fixture(params=["embedded", "mosquitto", "mosquitto-dynsec"])
 async def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fleet]:
     if request.param == "embedded":
         async with HengeService(make_settings(tmp_path / "data")) as service:
             yield Fleet("embedded", service, service.address[1], tmp_path / "data")
     else:
-        async with external_fleet(tmp_path, {}) as (f, _, _):
+        identities = "dynamic-security" if request.param == "mosquitto-dynsec" else "password-file"
+        async with external_fleet(tmp_path, {}, identities=identities) as (f, _, _):
             yield f
 
 
@@ -298,13 +311,116 @@ async def test_service_restart_loses_nothing_and_cli_works(tmp_path: Path) -> No
                 assert payload_json(await next_message(client))["version"] == 2
 
 
+async def _closed(client: aiomqtt.Client, within: float = 5.0) -> None:
+    """Until the broker closes ``client``'s connection (a MqttError from the message stream)."""
+    with pytest.raises(aiomqtt.MqttError):
+        async with asyncio.timeout(within):
+            async for _ in client.messages:
+                pass
+
+
+async def _refused(fleet: Fleet, device: str, secret: str, *, client_id: str | None = None) -> None:
+    with pytest.raises(aiomqtt.MqttError):
+        async with aiomqtt.Client("127.0.0.1", fleet.device_port, identifier=client_id or device, username=device,
+                                  password=secret, timeout=5):
+            pass
+
+
+async def test_dynamic_security_device_add_rotate_remove_reach_the_broker_at_once(tmp_path: Path) -> None:
+    """Issue 22: behind Mosquitto with its dynamic security plugin, no broker-config again and no
+    SIGHUP: a new device connects at once, a new secret closes the old connection and refuses the old
+    secret, a removed device is disconnected at once and refused; the answers say what the broker did."""
+    from henge_mqtt.ports import IdentitySync
+
+    async with external_fleet(tmp_path, {"dev0": {"v": 0}}, identities="dynamic-security") as (fleet, _, _):
+        svc = fleet.service
+        said: list[IdentitySync] = []
+        secret = await svc.add_device("new1", broker=said)
+        assert said == [IdentitySync(applied=True, how="dynamic-security")]
+        await svc.push("new1", {"v": 1})
+        async with fleet.device_client("new1", secret) as device:
+            await device.subscribe("henge/devices/new1/config", qos=1)
+            assert payload_json(await next_message(device))["config"] == {"v": 1}
+            await _refused(fleet, "new1", secret, client_id="intruder")  # the client id is bound to the user
+            rotated: list[IdentitySync] = []
+            new_secret = await svc.rotate_secret("new1", broker=rotated)
+            assert rotated[0].applied
+            await _closed(device)
+        await _refused(fleet, "new1", secret)
+        async with fleet.device_client("new1", new_secret) as device:
+            await device.subscribe("henge/devices/new1/config", qos=1)
+            assert payload_json(await next_message(device))["config"] == {"v": 1}
+            removed: list[IdentitySync] = []
+            await svc.remove_device("new1", broker=removed)
+            assert removed[0].applied
+            await _closed(device)
+        await _refused(fleet, "new1", new_secret)
+        # Many at once (an import is batched into several messages to the broker, in order).
+        imported: list[IdentitySync] = []
+        secrets = await svc.import_devices([(f"bulk{i:04d}", {}) for i in range(1000)], broker=imported)
+        assert imported[0].applied
+        async with fleet.device_client("bulk0999", secrets["bulk0999"]) as device:
+            await device.subscribe("henge/devices/bulk0999/config", qos=1)
+
+
+async def test_the_cli_says_what_the_broker_did_with_a_new_device(tmp_path: Path) -> None:
+    """`henge device add` behind a broker: with dynamic security a line says the broker has it; with
+    password files a warning says what to run (never silence)."""
+    for identities in ("dynamic-security", "password-file"):
+        async with external_fleet(tmp_path / identities, {}, identities=identities) as (fleet, _, _):
+            result = await asyncio.to_thread(henge_cli, "device", "add", "cli1", "--data", str(fleet.data_dir))
+            assert result.returncode == 0, result.stderr
+            answer = await asyncio.to_thread(henge_cli, "device", "add", "cli2", "--data", str(fleet.data_dir),
+                                             "--json")
+            note = json.loads(answer.stdout)["broker"]
+            if identities == "dynamic-security":
+                assert "broker: updated at once (Mosquitto dynamic security)" in result.stdout
+                assert result.stderr == ""
+                assert note == {"applied": True, "how": "dynamic-security", "detail": ""}
+            else:
+                assert result.stderr.startswith("warning: the broker does not know this yet: the broker reads "
+                                                "identities from its password file: run henge broker-config")
+                assert note["applied"] is False and note["how"] == "password-file"
+
+
+def test_broker_config_dynamic_security_is_what_mosquitto_accepts(tmp_path: Path) -> None:
+    """The default `broker-config mosquitto`: the plugin's state with every device, its client id
+    bound and its own role; Mosquitto accepts the device's real secret under its own id only."""
+    data = tmp_path / "data"
+    store = Store(data)
+    secret = store.add_device("dev1")
+    store.close()
+    result = henge_cli("broker-config", "mosquitto", "--out", str(tmp_path / "mq"), "--data", str(data),
+                       "--user", "root", "--device-listener", f"127.0.0.1:{(port := free_port())}",
+                       "--admin-listener", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 0, result.stderr
+    state = json.loads((tmp_path / "mq" / "dynamic-security.json").read_text())
+    device = next(c for c in state["clients"] if c["username"] == "dev1")
+    assert device["clientid"] == "dev1" and device["roles"] == [{"rolename": "henge-device-dev1"}]
+    assert oct((tmp_path / "mq" / "dynamic-security.json").stat().st_mode & 0o777) == "0o600"
+    assert "plugin_opt_config_file" in (tmp_path / "mq" / "mosquitto.conf").read_text()
+    broker = Mosquitto(tmp_path / "mq")
+    broker.start(port)
+    try:
+        def publish(password: str, client_id: str) -> int:
+            return subprocess.run(["mosquitto_pub", "-p", str(port), "-u", "dev1", "-P", password, "-i", client_id,
+                                   "-t", "henge/devices/dev1/report", "-m", "{}"], capture_output=True,
+                                  timeout=10).returncode
+
+        assert publish(secret, "dev1") == 0
+        assert publish("wrong", "dev1") != 0
+        assert publish(secret, "not-dev1") != 0
+    finally:
+        broker.stop()
+
+
 def test_broker_config_command_matches_mosquitto_passwd(tmp_path: Path) -> None:
     data = tmp_path / "data"
     store = Store(data)
     secret = store.add_device("dev1")
     store.close()
     result = henge_cli("broker-config", "mosquitto", "--out", str(tmp_path / "mq"), "--data", str(data),
-                       "--user", "root")
+                       "--user", "root", "--identities", "password-file")
     assert result.returncode == 0, result.stderr
     passwd = (tmp_path / "mq" / "passwd").read_text()
     assert passwd.startswith("dev1:$7$101$")
@@ -432,7 +548,8 @@ def _listening(port: int) -> bool:
 def test_scaling_md_commands_work_in_order_on_a_fresh_data_dir(tmp_path: Path) -> None:
     """docs/scaling.md's first block, run as written (only the paths moved under a temp dir and the
     ports made free): broker-config before the first serve, Mosquitto started as root dropping to
-    its own user (which must read the password file), henge serve in front of it."""
+    its own user (which must read and write the dynamic security state), henge serve in front of it;
+    then a device added with the CLI connects at once (no broker-config again, no SIGHUP)."""
     import os
     import re
     import shlex
@@ -474,20 +591,14 @@ def test_scaling_md_commands_work_in_order_on_a_fresh_data_dir(tmp_path: Path) -
                 continue
             done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
             assert done.returncode == 0, (command, done.stderr)
-        passwd = base / "etc" / "passwd"
-        assert passwd.stat().st_uid != 0 and (passwd.stat().st_mode & 0o777) == 0o600  # mosquitto's, nobody else's
+        state = base / "etc" / "dynamic-security.json"
+        assert state.stat().st_uid != 0 and (state.stat().st_mode & 0o777) == 0o600  # mosquitto's, nobody else's
         added = henge_cli("device", "add", "cam1", "--data", str(base / "data"), "--json", timeout=30)
         assert added.returncode == 0, added.stderr
+        assert json.loads(added.stdout)["broker"] == {"applied": True, "how": "dynamic-security", "detail": ""}
         secret = json.loads(added.stdout)["secret"]
         pushed = henge_cli("push", "cam1", "-", "--data", str(base / "data"), input='{"v": 1}', timeout=30)
         assert pushed.returncode == 0, pushed.stderr
-        # The new device's password reaches Mosquitto as the docs say: broker-config again, then SIGHUP.
-        again = subprocess.run([sys.executable, "-m", "henge_mqtt", "broker-config", "mosquitto", "--out",
-                                str(base / "etc"), "--data", str(base / "data"), "--device-listener",
-                                f"127.0.0.1:{device_port}", "--admin-listener", f"127.0.0.1:{admin_port}"],
-                               capture_output=True, text=True, timeout=30)
-        assert again.returncode == 0, again.stderr
-        procs[0].send_signal(signal.SIGHUP)
 
         async def fetch() -> dict[str, Any]:
             deadline = time.monotonic() + 10

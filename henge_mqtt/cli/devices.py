@@ -29,7 +29,7 @@ from .common import (
     op_help,
     run_async,
 )
-from .render import Output, age, device_block, dump, render_table, session_text, status_table, use_color
+from .render import Output, age, broker_said, device_block, dump, render_table, session_text, status_table, use_color
 
 
 @device_app.command("add", help=op_help("device.add"))
@@ -39,8 +39,9 @@ def device_add(
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
     result = call_op(data, broker, timeout, "device.add", device=device, labels=labels_arg(label))
+    said = broker_said(result)
     emit(result, as_json, lambda r: f"device {r['device']} added\nsecret: {r['secret']}\n"
-          "(store it now: it is not shown again)")
+          "(store it now: it is not shown again)" + said)
 
 
 @device_app.command("list", help=op_help("device.list"))
@@ -64,14 +65,16 @@ def device_show(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_
 def device_remove(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                   timeout: TimeoutOpt = 10.0) -> None:
     result = call_op(data, broker, timeout, "device.remove", device=device)
-    emit(result, as_json, lambda r: f"device {r['device']} removed")
+    said = broker_said(result)
+    emit(result, as_json, lambda r: f"device {r['device']} removed" + said)
 
 
 @device_app.command("rotate-secret", help=op_help("device.rotate_secret"))
 def device_rotate(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                   timeout: TimeoutOpt = 10.0) -> None:
     result = call_op(data, broker, timeout, "device.rotate_secret", device=device)
-    emit(result, as_json, lambda r: f"new secret for {r['device']}: {r['secret']}")
+    said = broker_said(result)
+    emit(result, as_json, lambda r: f"new secret for {r['device']}: {r['secret']}" + said)
 
 
 @device_app.command("import", help=op_help("device.import", 'Their secrets go to a 0600 file, never to the screen.'))
@@ -94,9 +97,10 @@ def device_import(
     if result["secrets"]:
         write_secrets(secrets_out, result["secrets"])
     summary = {"imported": len(result["secrets"]), "updated": result.get("updated", 0),
-               "secrets_file": str(secrets_out) if result["secrets"] else None}
+               "secrets_file": str(secrets_out) if result["secrets"] else None, "broker": result.get("broker")}
+    said = broker_said(result)
     emit(summary, as_json, lambda r: f"imported {r['imported']} devices, updated {r['updated']}"
-          + (f"; secrets in {r['secrets_file']} (mode 0600)" if r["secrets_file"] else ""))
+          + (f"; secrets in {r['secrets_file']} (mode 0600)" if r["secrets_file"] else "") + said)
 
 
 @device_app.command("label", help=op_help("device.label", 'kubectl style: site=berlin tier-.'))

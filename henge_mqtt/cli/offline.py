@@ -100,27 +100,48 @@ def broker_config_mosquitto(
     admin_listener: Annotated[str, typer.Option("--admin-listener", help="HOST:PORT for henge and the CLI.")]
     = "127.0.0.1:1884",
     topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "henge",
-    run_as: Annotated[str, typer.Option("--user", help="The user mosquitto runs as (must read passwd).")]
-    = "mosquitto",
+    run_as: Annotated[str, typer.Option("--user", help="The user mosquitto runs as (it reads these files; with "
+                                        "dynamic security it also writes its state there).")] = "mosquitto",
     store: Annotated[str | None, typer.Option("--store", metavar="URL", help="Read the identities from this "
                                               "PostgreSQL store (as henge serve --store).")] = None,
     init: Annotated[bool, typer.Option("--init", help="First setup: create the store and the admin identity "
                                        "if --data holds none (otherwise that is refused).")] = False,
+    identities_mode: Annotated[str, typer.Option(
+        "--identities", help="dynamic-security (the broker's plugin: henge adds, removes and re-keys devices live) "
+        "or password-file (passwd and acl files: run broker-config again and reload the broker after a change)."
+    )] = "dynamic-security",
+    plugin: Annotated[Path | None, typer.Option(
+        "--plugin", help="Path of mosquitto_dynamic_security.so (default: found where Debian puts it).")] = None,
 ) -> None:
-    """Write a Mosquitto configuration (listeners, ACL, password file for every device) from the store."""
-    from ..service.mosquitto import identities, write_mosquitto_config
+    """Write a Mosquitto configuration (listeners, and every device's identity: the dynamic security
+    plugin's state, or a password file and an ACL) from the store."""
+    from ..service.mosquitto import find_plugin, identities, write_dynsec_config, write_mosquitto_config
     from ..settings import Settings
 
+    if identities_mode not in ("dynamic-security", "password-file"):
+        fail(f"--identities must be dynamic-security or password-file, not {identities_mode!r}", 2)
+    if identities_mode == "dynamic-security":
+        plugin = plugin or find_plugin()
+        if plugin is None or not plugin.exists():
+            fail(f"no Mosquitto dynamic security plugin at {plugin or 'the usual paths'}: pass --plugin PATH, or "
+                 "--identities password-file; nothing was written", 2)
     settings = Settings.load(data_dir=data)
     hashes, missing = identities(settings.data_dir, settings.admin_name, store, init=init)
-    written = write_mosquitto_config(out, hashes, device_listener=device_listener, admin_listener=admin_listener,
-                                     topic_prefix=topic_prefix, admin_name=settings.admin_name, run_as=run_as)
+    if identities_mode == "dynamic-security":
+        assert plugin is not None
+        written = write_dynsec_config(out, hashes, device_listener=device_listener, admin_listener=admin_listener,
+                                      topic_prefix=topic_prefix, admin_name=settings.admin_name, plugin=plugin,
+                                      run_as=run_as)
+    else:
+        written = write_mosquitto_config(out, hashes, device_listener=device_listener,
+                                         admin_listener=admin_listener, topic_prefix=topic_prefix,
+                                         admin_name=settings.admin_name, run_as=run_as)
     from ..paths import BROKER_FILE
     from ..service.auth import write_private
 
     write_private(settings.data_dir / BROKER_FILE, json.dumps(  # for serve's banner: where devices connect
         {"broker": "mosquitto", "device_listener": device_listener, "admin_listener": admin_listener,
-         "config": str(out.resolve())}))
+         "config": str(out.resolve()), "identities": identities_mode}))
     typer.echo(f"wrote {', '.join(p.name for p in written)} to {out} ({len(hashes)} identities)")
     if missing:
         typer.echo(f"warning: {len(missing)} devices have no broker password yet (created before this feature): "

@@ -208,3 +208,15 @@ def warn_new_devices(result: dict[str, Any], as_json: bool) -> None:
     """After ``--force``: which devices added from now on would be refused, said once on stderr."""
     for line in result.get("new_devices_invalid", []) if not as_json else []:
         typer.echo(f"warning: {line} (stored with --force: such a device add is refused)", err=True)
+
+
+def broker_said(result: dict[str, Any]) -> str:
+    """What the broker did with an identity change, for people: a line when an external broker took
+    it at once, a warning on stderr (never silence) when it did not; nothing with the embedded one."""
+    note = result.get("broker") or {}
+    if not note or note.get("how") == "store":
+        return ""
+    if note.get("applied"):
+        return "\nbroker: updated at once (Mosquitto dynamic security)"
+    typer.echo(f"warning: the broker does not know this yet: {note.get('detail')}", err=True)
+    return ""

@@ -26,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from ..errors import AuthenticationFailed, Forbidden, HengeError, InvalidConfig, ValidationFailed, VersionConflict
-from ..models import DeviceId, ImportArgs, RolloutStartArgs, TokenCreateArgs
+from ..models import DeviceAddArgs, DeviceId, DeviceRefArgs, ImportArgs, RolloutStartArgs, TokenCreateArgs
 from ..ops import ROUTES, Method
 from ..results import (
     AuditEntry,
@@ -426,8 +426,8 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     async def add_device(request: Request) -> JSONResponse:
         """Register a device; the answer holds its secret, the only time it is shown."""
         body = parse_model(DeviceCreate, await read_json(request))
-        secret = await svc.add_device(body.device, body.labels)
-        return JSONResponse({"device": body.device, "labels": body.labels, "secret": secret}, status_code=201)
+        args = DeviceAddArgs(device=body.device, labels=body.labels)
+        return JSONResponse(await HANDLERS["device.add"](svc, args, no_progress), status_code=201)
 
     @route("POST", "/devices/import", **body_doc(ImportArgs))
     async def import_devices(request: Request) -> dict[str, Any]:
@@ -438,13 +438,12 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
 
     @route("DELETE", "/devices/{device}")
     async def remove_device(device: DeviceId) -> dict[str, Any]:
-        await svc.remove_device(device)
-        return {"device": device, "removed": True}
+        return await HANDLERS["device.remove"](svc, DeviceRefArgs(device=device), no_progress)  # type: ignore[no-any-return]
 
     @route("POST", "/devices/{device}/secret")
     async def rotate(device: DeviceId) -> dict[str, Any]:
         """A new secret (shown once); the old one stops working and its connection is closed."""
-        return {"device": device, "secret": await svc.rotate_secret(device)}
+        return await HANDLERS["device.rotate_secret"](svc, DeviceRefArgs(device=device), no_progress)  # type: ignore[no-any-return]
 
     @route("PATCH", "/devices/{device}/labels", **body_doc(LabelsChange))
     async def labels(request: Request, device: DeviceId) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Literal
 from .. import codec
 from ..errors import ServiceUnavailable
 from ..logs import LogLimiter
-from ..ports import BrokerHooks, KickResult, Principal, Refusal
+from ..ports import BrokerHooks, IdentitySync, KickResult, Principal, Refusal
 from ..sessions import (
     Action,
     Close,
@@ -769,6 +769,10 @@ class EmbeddedBroker(TableViews):
             return None
         ends = None if session.ends_at is None else now + (session.ends_at - time.monotonic())
         return session.expiry, ends
+
+    async def sync_identities(self, *, created: dict[str, str] | None = None, changed: dict[str, str] | None = None,
+                              removed: list[str] | None = None) -> IdentitySync:
+        return IdentitySync(applied=True, how="store")  # CONNECT is checked against the store itself
 
     def clear_conflict(self, device: str) -> bool:
         actions = self.table.clear_conflict(device)

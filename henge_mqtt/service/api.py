@@ -6,6 +6,7 @@ its port only.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,7 @@ from ..errors import (
     ValidationFailed,
 )
 from ..models import ConfigVersion, Device
-from ..ports import BrokerPort, KickResult
+from ..ports import BrokerPort, IdentitySync, KickResult
 from ..results import (
     AuditEntry,
     BackupResult,
@@ -59,6 +60,7 @@ from .reports import Reports
 from .rollouts import Rollouts
 from .schemas import Schemas, display, selector_of
 
+log = logging.getLogger("henge_mqtt.service")
 
 def progress_of(answer: FleetAnswer) -> dict[str, Any]:
     """What a fleet push's progress messages carry: the counts so far."""
@@ -94,7 +96,10 @@ class ServiceAPI:
             raise ServiceUnavailable("the service is not running")
         return self._broker
 
-    async def add_device(self, device: str, labels: dict[str, str] | None = None) -> str:
+    async def add_device(self, device: str, labels: dict[str, str] | None = None, *,
+                         broker: list[IdentitySync] | None = None) -> str:
+        """A new device; returns its secret (shown once). ``broker`` receives what the broker did with
+        the new identity (an external broker learns it at once only through dynamic security)."""
         problem = models.device_id_problem(device)
         if problem:
             raise InvalidDeviceId(problem)
@@ -105,6 +110,7 @@ class ServiceAPI:
                                        layered=layered)
         self.events.emit("device_added", device)
         await self.configs.publish_rows(layered, event="layer_applied", reason="a new device gets its layers")
+        await self._tell_broker(broker, created={device: secret})
         return secret
 
     async def set_labels(self, device: str, set_: dict[str, str], remove: list[str]) -> dict[str, str]:
@@ -117,8 +123,8 @@ class ServiceAPI:
         await self.configs.publish_rows(layered, event="layer_applied", reason="labels changed")
         return labels
 
-    async def import_devices(self, devices: list[tuple[str, dict[str, str]]], *,
-                             update: bool = False) -> dict[str, str]:
+    async def import_devices(self, devices: list[tuple[str, dict[str, str]]], *, update: bool = False,
+                             broker: list[IdentitySync] | None = None) -> dict[str, str]:
         """Create many devices at once (all or nothing); returns ``{id: secret}`` of the new ones.
         With ``update``, existing devices get the labels given instead of refusing the import."""
         for device, _ in devices:
@@ -134,22 +140,42 @@ class ServiceAPI:
             await self.worker.run(self.schemas.recheck_all)  # labels of existing devices changed
         await self.configs.publish_rows(layered, event="layer_applied", reason="devices imported")
         self.events.emit("devices_imported", None, count=len(secrets_by_id), updated=len(devices) - len(secrets_by_id))
+        await self._tell_broker(broker, created=secrets_by_id)
         return secrets_by_id
 
-    async def remove_device(self, device: str) -> None:
-        """Store first, then the broker: the connection closed, the session and retained topics gone."""
+    async def remove_device(self, device: str, *, broker: list[IdentitySync] | None = None) -> None:
+        """Store first, then the broker: the identity and the connection gone, the session and
+        retained topics too."""
         await self.worker.run(self.store.remove_device, device, actor=current_actor.get())
         self.schemas.invalid.pop(device, None)
+        await self._tell_broker(broker, removed=[device])
         await self.broker.kick(device)
         self.broker.forget(device)
         for topic in (self.topics.config(device), self.topics.presence(device), self.topics.device_presence(device)):
             self.broker.publish(topic, b"", qos=1, retain=True)  # a new device of this id inherits nothing
         self.events.emit("device_removed", device)
 
-    async def rotate_secret(self, device: str) -> str:
+    async def rotate_secret(self, device: str, *, broker: list[IdentitySync] | None = None) -> str:
+        """A new secret (shown once); the old one stops working and its connection is closed."""
         secret = await self.worker.run(self.store.rotate_secret, device, actor=current_actor.get())
         self.events.emit("secret_rotated", device)
+        await self._tell_broker(broker, changed={device: secret})
         return secret
+
+    async def _tell_broker(self, out: list[IdentitySync] | None, *, created: dict[str, str] | None = None,
+                           changed: dict[str, str] | None = None, removed: list[str] | None = None) -> None:
+        """The broker learns what the store just committed; when it cannot (an external broker with
+        password files, or one that did not answer) the store keeps the change and this says so:
+        an event, a log line, and ``out`` for the caller to show."""
+        if not (created or changed or removed):
+            return
+        sync = await self.broker.sync_identities(created=created, changed=changed, removed=removed)
+        if out is not None:
+            out.append(sync)
+        if not sync.applied:
+            log.warning("service.broker_identities_stale how=%s detail=%s", sync.how, sync.detail)
+            self.events.emit("broker_identities_stale", None, how=sync.how, detail=sync.detail,
+                             devices=len(created or {}) + len(changed or {}) + len(removed or []))
 
     async def get_device(self, device: str) -> Device:
         return await self.worker.run(self.store.get_device, device)

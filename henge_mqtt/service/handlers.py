@@ -14,6 +14,8 @@ from .. import models
 from ..errors import ValidationFailed
 from ..models import ConfigVersion
 from ..ops import ADMIN_OPS
+from ..ports import IdentitySync
+from ..results import BrokerNote, DeviceRemoved, DeviceSecret, Imported
 from .api import ServiceAPI
 from .fleet import Progress
 
@@ -31,6 +33,12 @@ def handles(op: str) -> Callable[[Handler], Handler]:
     return register
 
 
+def broker_note(said: list[IdentitySync]) -> BrokerNote:
+    """What the broker did with an identity change, for the answer (the embedded broker: the store)."""
+    sync = said[0] if said else IdentitySync(applied=True, how="store")
+    return {"applied": sync.applied, "how": sync.how, "detail": sync.detail}
+
+
 def _version_dict(row: ConfigVersion, *, with_config: bool = True) -> dict[str, Any]:
     data = row.model_dump(mode="json")
     if not with_config:
@@ -39,8 +47,10 @@ def _version_dict(row: ConfigVersion, *, with_config: bool = True) -> dict[str, 
 
 
 @handles("device.add")
-async def _device_add(svc: ServiceAPI, a: models.DeviceAddArgs, progress: Progress) -> Any:
-    return {"device": a.device, "secret": await svc.add_device(a.device, a.labels)}
+async def _device_add(svc: ServiceAPI, a: models.DeviceAddArgs, progress: Progress) -> DeviceSecret:
+    said: list[IdentitySync] = []
+    secret = await svc.add_device(a.device, a.labels, broker=said)
+    return {"device": a.device, "labels": dict(a.labels), "secret": secret, "broker": broker_note(said)}
 
 
 @handles("device.list")
@@ -55,14 +65,17 @@ async def _device_show(svc: ServiceAPI, a: models.DeviceRefArgs, progress: Progr
 
 
 @handles("device.remove")
-async def _device_remove(svc: ServiceAPI, a: models.DeviceRefArgs, progress: Progress) -> Any:
-    await svc.remove_device(a.device)
-    return {"device": a.device, "removed": True}
+async def _device_remove(svc: ServiceAPI, a: models.DeviceRefArgs, progress: Progress) -> DeviceRemoved:
+    said: list[IdentitySync] = []
+    await svc.remove_device(a.device, broker=said)
+    return {"device": a.device, "removed": True, "broker": broker_note(said)}
 
 
 @handles("device.rotate_secret")
-async def _device_rotate(svc: ServiceAPI, a: models.DeviceRefArgs, progress: Progress) -> Any:
-    return {"device": a.device, "secret": await svc.rotate_secret(a.device)}
+async def _device_rotate(svc: ServiceAPI, a: models.DeviceRefArgs, progress: Progress) -> DeviceSecret:
+    said: list[IdentitySync] = []
+    secret = await svc.rotate_secret(a.device, broker=said)
+    return {"device": a.device, "secret": secret, "broker": broker_note(said)}
 
 
 @handles("push")
@@ -107,8 +120,12 @@ async def _wait(svc: ServiceAPI, a: models.WaitArgs, progress: Progress) -> Any:
 
 @handles("device.import")
 async def _device_import(svc: ServiceAPI, a: models.ImportArgs, progress: Progress) -> Any:
-    secrets = await svc.import_devices([(d.id, d.labels) for d in a.devices], update=a.update)
-    return {"secrets": secrets, "updated": len(a.devices) - len(secrets)}
+    said: list[IdentitySync] = []
+    secrets = await svc.import_devices([(d.id, d.labels) for d in a.devices], update=a.update, broker=said)
+    answer: Imported = {"secrets": secrets, "updated": len(a.devices) - len(secrets)}
+    if said:
+        answer["broker"] = broker_note(said)
+    return answer
 
 
 @handles("backup")
