@@ -2,10 +2,10 @@
 
 Pure: the documents and commands, no I/O. ``henge broker-config mosquitto --identities
 dynamic-security`` writes :func:`document` as the plugin's initial config; the service, connected
-as the admin identity, sends :func:`create`, :func:`delete` and :func:`set_password` commands to
-``$CONTROL/dynamic-security/v1`` when a device is added, removed or given a new secret, and the
-broker applies them at once (a deleted client, or one whose password changed, is disconnected by
-the broker itself).
+as the admin identity, sends :func:`create` (a device added, or given a new secret: the identity
+re-created, whether or not the broker had it) and :func:`delete` commands to
+``$CONTROL/dynamic-security/v1``, and the broker applies them at once (it disconnects a deleted
+client itself).
 
 Each device is a client whose ``clientid`` is bound to its user name (another client id is refused
 at CONNECT, as ``use_username_as_clientid`` does with password files), with a role of its own:
@@ -94,11 +94,6 @@ def create(device: str, secret: str, *, prefix: str) -> list[dict[str, Any]]:
 def delete(device: str) -> list[dict[str, Any]]:
     """The device's client (its connection is closed by the broker) and its role."""
     return [{"command": "deleteClient", "username": device}, {"command": "deleteRole", "rolename": role_of(device)}]
-
-
-def set_password(device: str, secret: str) -> list[dict[str, Any]]:
-    """A new secret: the broker disconnects the device's current connection."""
-    return [{"command": "setClientPassword", "username": device, "password": secret}]
 
 
 NOT_FOUND = ("Client not found", "Role not found")  # what deleting something absent answers: fine here

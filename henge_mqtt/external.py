@@ -232,7 +232,9 @@ class ExternalBroker(TableViews):
                               removed: list[str] | None = None) -> IdentitySync:
         prefix = self.topics.prefix
         commands = [c for d, s in (created or {}).items() for c in dynsec.create(d, s, prefix=prefix)]
-        commands += [c for d, s in (changed or {}).items() for c in dynsec.set_password(d, s)]
+        # A new secret re-creates the identity (the broker disconnects the old connection): the same
+        # commands whether or not the broker had it, so rotate-secret also repairs a change it missed.
+        commands += [c for d, s in (changed or {}).items() for c in dynsec.create(d, s, prefix=prefix)]
         commands += [c for d in removed or [] for c in dynsec.delete(d)]
         detection = self._dynsec
         try:
@@ -246,8 +248,9 @@ class ExternalBroker(TableViews):
                     errors += dynsec.failures(await self._dynsec_command(commands[start:start + DYNSEC_BATCH]))
         except (MqttClientError, TimeoutError) as exc:
             return IdentitySync(applied=False, how="dynamic-security", detail=(
-                f"the broker did not take the change ({exc or 'no answer'}): the store has it; repeat the command "
-                "once the broker is back"))
+                f"the broker did not take the change ({exc or 'no answer'}): the store has it; once the broker is "
+                "back, henge device rotate-secret ID puts a device in it again (and henge broker-config mosquitto, "
+                "with the broker stopped, writes every identity)"))
         if errors:
             return IdentitySync(applied=False, how="dynamic-security",
                                 detail="the broker refused: " + "; ".join(errors[:3]))

@@ -606,7 +606,7 @@ def test_broker_config_refuses_a_data_dir_without_a_store(tmp_path: Path) -> Non
     first = henge_cli("broker-config", "mosquitto", "--out", str(out), "--data", str(typo), "--user", "root",
                       "--init")
     assert first.returncode == 0, first.stderr
-    assert (typo / "henge.db").exists() and ((out / "acl").stat().st_mode & 0o777) == 0o600
+    assert (typo / "henge.db").exists() and ((out / "dynamic-security.json").stat().st_mode & 0o777) == 0o600
 
 
 def test_offline_commands_take_the_data_dir_lock(tmp_path: Path) -> None:
