@@ -47,8 +47,14 @@ SYNC_TIMEOUT = 10.0  # the longest presence waits for the broker's retained anno
 DYNSEC_PROBE = 3.0  # the longest we wait to learn whether the broker runs Mosquitto's dynamic security
 DYNSEC_TIMEOUT = 10.0  # the longest one batch of identity commands may take
 DYNSEC_BATCH = 400  # commands per message (an import of 100,000 devices is many messages, in order)
-PASSWORD_FILE = ("the broker reads identities from its password file: run henge broker-config mosquitto again "
-                 "and reload the broker (SIGHUP); with --identities dynamic-security it learns them at once")
+PASSWORD_FILE = ("the broker does not run Mosquitto's dynamic security for henge: if it reads a password file, run "
+                 "henge broker-config mosquitto --identities password-file again and reload it (SIGHUP); other "
+                 "brokers: change the identity with their own tools")
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
@@ -283,7 +289,8 @@ class ExternalBroker(TableViews):
         answer: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
         self._dynsec_pending[tag] = answer
         try:
-            client.publish(dynsec.TOPIC, json.dumps({"commands": [first, *commands[1:]]}).encode(), qos=1)
+            sent = client.publish(dynsec.TOPIC, json.dumps({"commands": [first, *commands[1:]]}).encode(), qos=1)
+            sent.add_done_callback(_retrieved)  # a lost connection shows as no answer, here
             return await asyncio.wait_for(answer, timeout)
         finally:
             self._dynsec_pending.pop(tag, None)

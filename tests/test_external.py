@@ -378,8 +378,10 @@ async def test_the_cli_says_what_the_broker_did_with_a_new_device(tmp_path: Path
                 assert result.stderr == ""
                 assert note == {"applied": True, "how": "dynamic-security", "detail": ""}
             else:
-                assert result.stderr.startswith("warning: the broker does not know this yet: the broker reads "
-                                                "identities from its password file: run henge broker-config")
+                assert result.stderr.startswith("warning: the broker does not know this yet: the broker does not "
+                                                "run Mosquitto's dynamic security for henge: if it reads a password "
+                                                "file, run henge broker-config mosquitto --identities password-file")
+                assert len(result.stderr.splitlines()) == 1
                 assert note["applied"] is False and note["how"] == "password-file"
 
 
