@@ -6,6 +6,7 @@ and ``tests/test_layering_properties.py`` checks its laws with hypothesis.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,3 +76,24 @@ def explain(chain: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
     for layer, content in chain:
         apply(result, content, "", layer)
     return owner
+
+
+def applying(layers: Iterable[Layer], labels: dict[str, str]) -> list[Layer]:
+    """The layers that apply to a device with ``labels``, in merge order: the fleet's, then label
+    layers by priority (lowest first) and name."""
+    layers = list(layers)
+    fleet = [layer for layer in layers if layer.name == FLEET_LAYER]
+    rest = sorted((layer for layer in layers if layer.name != FLEET_LAYER and layer.applies(labels)),
+                  key=lambda layer: (layer.priority, layer.name))
+    return fleet + rest
+
+
+def merge(applied: list[Layer], own: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A device's config: its own layer over ``applied`` (RFC 7396, in order), and the refs used."""
+    if not applied:
+        return own, []  # no layer: the device layer is the config exactly as given
+    config: dict[str, Any] = {}
+    for layer in applied:
+        config = merge_patch(config, layer.content)
+    config = merge_patch(config, own)
+    return config, [layer.ref for layer in applied] + ["device"]

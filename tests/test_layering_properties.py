@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from henge_mqtt.layering import Layer, explain, merge_patch
+from henge_mqtt.layering import Layer, applying, explain, merge, merge_patch
 
 KEYS = st.sampled_from(["a", "b", "c", "x/y", "t~n"])  # JSON pointer escapes too
 LEAF = st.one_of(st.integers(-5, 5), st.booleans(), st.text(max_size=3))
@@ -70,3 +70,30 @@ def test_a_layer_applies_exactly_to_devices_with_all_its_labels(selector: dict[s
                                                                  labels: dict[str, str]) -> None:
     layer = Layer("l", 1, selector, 0, {})
     assert layer.applies(labels) == all(labels.get(k) == v for k, v in selector.items())
+
+
+LABELS = st.dictionaries(st.sampled_from(["site", "tier"]), st.sampled_from(["a", "b"]), max_size=2)
+LAYERS = st.lists(st.builds(Layer, name=st.sampled_from(["fleet", "l1", "l2", "l3"]), version=st.integers(1, 3),
+                            selector=LABELS, priority=st.integers(-2, 2), content=PATCHES),
+                  max_size=5, unique_by=lambda layer: layer.name)
+
+
+@settings(max_examples=200, deadline=None)
+@given(LAYERS, LABELS, OBJECTS)
+def test_a_device_config_is_its_layers_in_order_then_its_own(layers: list[Layer], labels: dict[str, str],
+                                                             own: dict[str, Any]) -> None:
+    applied = applying(layers, labels)
+    assert [layer.name for layer in applied if layer.name == "fleet"] == (
+        ["fleet"] if any(layer.name == "fleet" for layer in layers) else [])
+    rest = applied[1:] if applied and applied[0].name == "fleet" else applied
+    assert all(layer.applies(labels) for layer in rest)
+    assert [(layer.priority, layer.name) for layer in rest] == sorted((layer.priority, layer.name) for layer in rest)
+    config, used = merge(applied, own)
+    if not applied:
+        assert (config, used) == (own, [])
+    else:
+        expected: dict[str, Any] = {}
+        for layer in applied:
+            expected = merge_patch(expected, layer.content)
+        assert config == merge_patch(expected, own)
+        assert used == [layer.ref for layer in applied] + ["device"]

@@ -11,7 +11,7 @@ from ..errors import (
     UnknownLayer,
     ValidationFailed,
 )
-from ..layering import FLEET_LAYER, Layer, explain, merge_patch
+from ..layering import FLEET_LAYER, Layer, applying, explain, merge
 from ..models import ConfigVersion, config_sha256, utc_now
 from ..results import Explained, LayerVersion
 from .core import StoreCore, ts
@@ -33,21 +33,11 @@ class Layers(StoreCore):
     def layers_for(self, labels: dict[str, str], layers: dict[str, Layer] | None = None) -> list[Layer]:
         """The layers that apply to a device with ``labels``, in merge order: the fleet's, then label
         layers by priority (lowest first) and name."""
-        layers = self._layers if layers is None else layers
-        fleet = [layer for layer in layers.values() if layer.name == FLEET_LAYER]
-        rest = sorted((layer for layer in layers.values() if layer.name != FLEET_LAYER and layer.applies(labels)),
-                      key=lambda layer: (layer.priority, layer.name))
-        return fleet + rest
+        return applying((self._layers if layers is None else layers).values(), labels)
 
     @staticmethod
     def merge_layers(applied: list[Layer], own: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        if not applied:
-            return own, []  # no layer: the device layer is the config exactly as given
-        config: dict[str, Any] = {}
-        for layer in applied:
-            config = merge_patch(config, layer.content)
-        config = merge_patch(config, own)
-        return config, [layer.ref for layer in applied] + ["device"]
+        return merge(applied, own)  # pure: henge_mqtt/layering.py
 
     def effective(self, labels: dict[str, str], own: dict[str, Any],
                   layers: dict[str, Layer] | None = None) -> tuple[dict[str, Any], list[str]]:
