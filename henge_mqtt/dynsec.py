@@ -27,28 +27,25 @@ def role_of(device: str) -> str:
     return f"henge-device-{device}"
 
 
+def _allow(kind: str, topic: str) -> dict[str, Any]:
+    return {"acltype": kind, "topic": topic, "priority": 0, "allow": True}
+
+
 def device_acls(prefix: str, device: str) -> list[dict[str, Any]]:
     """The same rights the password-file ACL gives a device: read its config and presence, write its
     report, read and write its own presence announcements."""
     base = f"{prefix}/devices/{device}"
-
-    def acl(kind: str, topic: str) -> dict[str, Any]:
-        return {"acltype": kind, "topic": topic, "priority": 0, "allow": True}
-
     return [
-        acl("subscribeLiteral", f"{base}/config"),
-        acl("subscribeLiteral", f"{base}/presence"),
-        acl("subscribeLiteral", f"{base}/presence/device"),
-        acl("publishClientSend", f"{base}/report"),
-        acl("publishClientSend", f"{base}/presence/device"),
+        _allow("subscribeLiteral", f"{base}/config"),
+        _allow("subscribeLiteral", f"{base}/presence"),
+        _allow("subscribeLiteral", f"{base}/presence/device"),
+        _allow("publishClientSend", f"{base}/report"),
+        _allow("publishClientSend", f"{base}/presence/device"),
     ]
 
 
 def admin_acls(prefix: str) -> list[dict[str, Any]]:
-    def acl(kind: str, topic: str) -> dict[str, Any]:
-        return {"acltype": kind, "topic": topic, "priority": 0, "allow": True}
-
-    return [acl(kind, topic) for topic in (f"{prefix}/#", "$CONTROL/dynamic-security/#")
+    return [_allow(kind, topic) for topic in (f"{prefix}/#", "$CONTROL/dynamic-security/#")
             for kind in ("publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern")]
 
 

@@ -20,7 +20,7 @@ import aiomqtt
 import pytest
 
 from henge_mqtt.service import HengeService
-from henge_mqtt.service.mosquitto import find_plugin, write_dynsec_config, write_mosquitto_config
+from henge_mqtt.service.mosquitto import find_plugin, write_mosquitto_config
 from henge_mqtt.settings import Settings
 from henge_mqtt.store import Store
 
@@ -120,15 +120,13 @@ async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]], *,
     conf = tmp_path / "mosquitto"
 
     def configure(hashes: dict[str, str]) -> None:
-        listeners = {"device_listener": f"127.0.0.1:{device_port}", "admin_listener": f"127.0.0.1:{admin_port}"}
+        plugin = None
         if identities == "dynamic-security":
             plugin = find_plugin()
             assert plugin is not None, "Debian's mosquitto ships mosquitto_dynamic_security.so"
-            write_dynsec_config(conf, hashes, **listeners, topic_prefix="henge", admin_name="henge-admin",
-                                plugin=plugin, run_as="root")
-        else:
-            write_mosquitto_config(conf, hashes, **listeners, topic_prefix="henge", admin_name="henge-admin",
-                                   run_as="root")  # the tests run as root
+        write_mosquitto_config(conf, hashes, device_listener=f"127.0.0.1:{device_port}",
+                               admin_listener=f"127.0.0.1:{admin_port}", topic_prefix="henge",
+                               admin_name="henge-admin", run_as="root", plugin=plugin)  # the tests run as root
 
     configure(hashes)
     broker = Mosquitto(conf)

@@ -115,7 +115,7 @@ def broker_config_mosquitto(
 ) -> None:
     """Write a Mosquitto configuration (listeners, and every device's identity: the dynamic security
     plugin's state, or a password file and an ACL) from the store."""
-    from ..service.mosquitto import find_plugin, identities, write_dynsec_config, write_mosquitto_config
+    from ..service.mosquitto import find_plugin, identities, write_mosquitto_config
     from ..settings import Settings
 
     if identities_mode not in ("dynamic-security", "password-file"):
@@ -127,15 +127,9 @@ def broker_config_mosquitto(
                  "--identities password-file; nothing was written", 2)
     settings = Settings.load(data_dir=data)
     hashes, missing = identities(settings.data_dir, settings.admin_name, store, init=init)
-    if identities_mode == "dynamic-security":
-        assert plugin is not None
-        written = write_dynsec_config(out, hashes, device_listener=device_listener, admin_listener=admin_listener,
-                                      topic_prefix=topic_prefix, admin_name=settings.admin_name, plugin=plugin,
-                                      run_as=run_as)
-    else:
-        written = write_mosquitto_config(out, hashes, device_listener=device_listener,
-                                         admin_listener=admin_listener, topic_prefix=topic_prefix,
-                                         admin_name=settings.admin_name, run_as=run_as)
+    written = write_mosquitto_config(out, hashes, device_listener=device_listener, admin_listener=admin_listener,
+                                     topic_prefix=topic_prefix, admin_name=settings.admin_name, run_as=run_as,
+                                     plugin=plugin if identities_mode == "dynamic-security" else None)
     from ..paths import BROKER_FILE
     from ..service.auth import write_private
 
