@@ -120,18 +120,17 @@ class ServeRunner:
         self.tune_process = tune_process
         self.service: HengeService | None = None
         self.fenced = False
-        self._stop: asyncio.Event | None = None
+        self._stop = asyncio.Event()  # (an Event binds no loop until awaited: made here, one run per runner)
         self.started = asyncio.Event()  # set once the service serves (the banner is out)
 
     def stop(self) -> None:
-        """End the run (as SIGTERM does); safe before the run has started its loop."""
-        if self._stop is not None:
-            self._stop.set()
+        """End the run, as SIGTERM does; asked before the run starts, it ends as soon as it begins."""
+        self._stop.set()
 
     async def run(self) -> None:
         from ..service import HengeService
 
-        stop = self._stop = asyncio.Event()
+        stop = self._stop
         loop = asyncio.get_running_loop()
         if self.handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
