@@ -1,8 +1,9 @@
 """henge in front of an existing broker (Mosquitto, EMQX, HiveMQ): the service as a privileged client.
 
 The external broker does the MQTT work, takeovers included (each of them closes the old
-connection of a client id). What it does not tell us is who is connected, so devices announce
-their own sessions on ``henge/devices/{id}/presence/device``:
+connection of a client id). Who is connected comes from the broker's own connection events where
+it has them (a NATS cluster: ``events=``, see :mod:`henge_mqtt.broker_events`); otherwise devices
+announce their own sessions on ``henge/devices/{id}/presence/device``:
 
 - a will ``{"state": "offline", "session": S}`` set at CONNECT, with a fresh ``S`` per connection;
 - ``{"state": "online", "session": S}`` right after connecting;
@@ -31,9 +32,11 @@ from urllib.parse import urlsplit
 
 from . import dynsec
 from .backoff import Backoff
+from .broker_events import BrokerConnection, ConnectionTracker, Ended
 from .errors import SettingsError
 from .models import is_valid_device_id
 from .mqtt_client import MqttClient, MqttClientError
+from .nats_events import NatsEvents
 from .ports import BrokerHooks, IdentitySync, KickResult, Principal
 from .sessions import Close, PublishWill, SessionSettings, SessionTable, TableViews
 from .tasks import TaskSet
@@ -50,6 +53,20 @@ DYNSEC_BATCH = 400  # commands per message (an import of 100,000 devices is many
 PASSWORD_FILE = ("the broker does not run Mosquitto's dynamic security for henge: if it reads a password file, run "
                  "henge broker-config mosquitto --identities password-file again and reload it (SIGHUP); other "
                  "brokers: change the identity with their own tools")
+
+
+NATS_ACCOUNT = "HENGE"  # natsconf.ACCOUNT: the account broker-config nats puts every identity in
+TAKEN_OVER = "Duplicate Client ID"  # NATS's reason when a newer connection took the client id
+# NATS says "Client Closed" for a DISCONNECT and for a TCP close alike: henge cannot tell them apart.
+NATS_REASONS = {"Client Closed": "connection_closed", "Stale Connection": "keepalive_timeout",
+                "Authentication Expired": "credentials_revoked",
+                "Authentication Failure": "credentials_revoked", "Credentials Revoked": "credentials_revoked",
+                "Authorization Violation": "credentials_revoked", "Server Shutdown": "server_shutdown"}
+
+
+def _reason(said: str) -> str:
+    """A broker's reason in henge's words (docs/sessions.md); anything else is a lost connection."""
+    return NATS_REASONS.get(said, "connection_lost")
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:
@@ -82,6 +99,10 @@ class ExternalBroker(TableViews):
         tls_context: ssl.SSLContext | None = None,
         client_id: str = "henge-service",
         will_grace: float = 2.0,
+        events: str | None = None,
+        events_user: str = "henge-events",
+        events_password: str = "",
+        events_resync: float = 15.0,
     ) -> None:
         self.host, self.port, tls = parse_broker_url(url)
         if tls and tls_context is None:
@@ -115,11 +136,24 @@ class ExternalBroker(TableViews):
         self._dynsec_pending: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
         self._dynsec_ids = itertools.count()
         self._dynsec_lock = asyncio.Lock()  # one batch in flight: the commands apply in order
+        # The broker's connection events (NATS), when it has them: presence for plain clients.
+        self.tracker: ConnectionTracker | None = None
+        self._events: NatsEvents | None = None
+        self._events_runner: asyncio.Task[None] | None = None
+        self._snapshot_mark = 0
+        self._refused_topics: set[str] = set()
+        self._missing_servers: dict[str, int] = {}  # nodes absent from consecutive snapshots
+        if events:
+            self.tracker = ConnectionTracker(self.table, known=lambda user: user != username)
+            self._events = NatsEvents(events, user=events_user, password=events_password, account=NATS_ACCOUNT,
+                                      listener=self, resync=events_resync)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._runner = asyncio.create_task(self._run())
+        if self._events is not None:
+            self._events_runner = asyncio.create_task(self._events.run())
 
     def when_presence_known(self, callback: Callable[[set[str]], None]) -> None:
         self._on_synced.append(callback)
@@ -141,9 +175,10 @@ class ExternalBroker(TableViews):
         for handle in self._wills.values():
             handle.cancel()
         self._wills.clear()
-        if self._runner is not None:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
+        for runner in (self._runner, self._events_runner):
+            if runner is not None:
+                runner.cancel()
+                await asyncio.gather(runner, return_exceptions=True)
         await self._tasks.cancel_all(1.0)
 
     def addresses(self) -> list[tuple[str, int]]:
@@ -163,15 +198,14 @@ class ExternalBroker(TableViews):
                     timeout=10, max_inflight=MAX_INFLIGHT)
                 self._client = client
                 started = time.monotonic()
-                await client.subscribe([
-                    (self.topics.admin_requests, 1),
-                    (f"{self.topics.prefix}/devices/+/report", 1),
-                    (f"{self.topics.prefix}/devices/+/presence/device", 1),
-                    (self._sync_topic, 1),
-                ])
+                filters = [(self.topics.admin_requests, 1), (f"{self.topics.prefix}/devices/+/report", 1),
+                           (self._sync_topic, 1)]
+                if self.tracker is None:  # the devices' announcements are the only presence there is
+                    filters.append((f"{self.topics.prefix}/devices/+/presence/device", 1))
+                await client.subscribe(filters)
                 self._dynsec = asyncio.get_running_loop().create_future()
                 self._tasks.spawn(self._probe_dynsec(client, self._dynsec))
-                if self._on_synced:  # after the retained announcements the subscription brings
+                if self._on_synced and self.tracker is None:  # after the retained announcements the subscription brings
                     client.publish(self._sync_topic, b"sync", qos=1)
                     if self._sync_timer is None:
                         self._sync_timer = asyncio.get_running_loop().call_later(SYNC_TIMEOUT, self._synced)
@@ -212,6 +246,13 @@ class ExternalBroker(TableViews):
                 self.retained[topic] = (data, qos)
             else:
                 self.retained.pop(topic, None)
+        if self.tracker is not None and "." in topic:
+            # NATS closes a connection that publishes a '.' in a topic: a device whose id has one (made
+            # before the broker was NATS) must never cut henge off. Said once per topic.
+            if topic not in self._refused_topics and len(self._refused_topics) < 1000:
+                self._refused_topics.add(topic)
+                log.warning("external.topic_not_carried topic=%s why=NATS MQTT carries no '.' in topics", topic)
+            return []
         client = self._client
         if client is None:
             return []  # retained state goes out on the next connect; the rest had no one to reach
@@ -231,6 +272,51 @@ class ExternalBroker(TableViews):
     def forget(self, device: str) -> None:
         self.table.forget(device)
         self.sessions.pop(device, None)
+        if self.tracker is not None:
+            self.tracker.forget(device)
+
+    # ---- presence from the broker's connection events (nats_events.Listener) ---------------------
+
+    def broker_connected(self, conn: BrokerConnection) -> None:
+        assert self.tracker is not None
+        self._forward(self.tracker.connected(conn, time.time()))
+
+    def broker_disconnected(self, key: str, reason: str) -> None:
+        assert self.tracker is not None
+        if reason == TAKEN_OVER:
+            # The newer connection of this client id may be reported after this end (another node):
+            # wait a grace for it, as for a will; if it came, this end is stale by then.
+            ended = self.tracker.end(key)
+            if ended is not None:
+                handle = next(self._will_ids)
+                self._wills[handle] = asyncio.get_running_loop().call_later(
+                    self.will_grace, self._broker_end_due, handle, ended, "takeover")
+            return
+        self._forward(self.tracker.disconnected(key, time.time(), _reason(reason)))
+
+    def _broker_end_due(self, handle: int, ended: Ended, reason: str) -> None:
+        self._wills.pop(handle, None)
+        assert self.tracker is not None
+        self._forward(self.tracker.settle(ended, time.time(), reason))
+
+    def snapshot_begins(self) -> None:
+        assert self.tracker is not None
+        self._snapshot_mark = self.tracker.mark()
+
+    def snapshot(self, connections: list[BrokerConnection], servers: set[str]) -> None:
+        """Reconcile with every node's list. A node that did not answer keeps its connections until
+        it has missed two snapshots in a row (then it is gone: killed, or cut off)."""
+        assert self.tracker is not None
+        known = self.tracker.servers() | set(self._missing_servers)
+        self._missing_servers = {s: self._missing_servers.get(s, 0) + 1 for s in known - servers}
+        gone = {s for s, n in self._missing_servers.items() if n >= 2}
+        for server in gone:
+            log.warning("external.node_gone server=%s", server)
+            del self._missing_servers[server]
+        actions = self.tracker.snapshot(connections, self._snapshot_mark, time.time(),
+                                        complete=lambda key: key.partition("/")[0] in servers | gone)
+        self._forward(actions)
+        self._synced()
 
     # ---- identities: Mosquitto's dynamic security ------------------------------------------------------
 
@@ -316,8 +402,12 @@ class ExternalBroker(TableViews):
         return bool(actions)
 
     def stats(self) -> dict[str, int]:
-        return {"connected_to_broker": int(self._client is not None), "retained": len(self.retained),
-                "dropped": self.dropped}
+        stats = {"connected_to_broker": int(self._client is not None), "retained": len(self.retained),
+                 "dropped": self.dropped}
+        if self.tracker is not None and self._events is not None:
+            stats |= {"broker_events_connected": int(self._events.connected.is_set()),
+                      "broker_connections": len(self.tracker), "identity_mismatches": self.tracker.mismatches}
+        return stats
 
     # ---- incoming ----------------------------------------------------------------------------------
 

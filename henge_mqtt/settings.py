@@ -101,6 +101,12 @@ class Settings(BaseModel):
     external_ca: Path | None = None
     external_cert: Path | None = None
     external_key: Path | None = None
+    # A NATS cluster (broker-config nats): its connection events give presence for plain clients, and
+    # identities reach it through its accounts file and a reload hook.
+    external_events: str | None = Field(default=None, pattern=r"^nats://")  # nats://host:port[,host:port...]
+    external_events_resync: float = Field(default=15.0, gt=0)  # seconds between full snapshots of connections
+    nats_accounts: Path | None = None  # the accounts file every NATS node includes: rewritten as identities change
+    nats_reload: str | None = None  # a shell command run after each rewrite (broker-config nats writes one)
     http: str | None = "127.0.0.1:8080"  # HOST:PORT of the HTTP API and console (henge serve); None: off
     http_certfile: Path | None = None  # with http_keyfile: serve https
     http_keyfile: Path | None = None

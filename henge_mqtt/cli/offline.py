@@ -140,3 +140,59 @@ def broker_config_mosquitto(
     if missing:
         typer.echo(f"warning: {len(missing)} devices have no broker password yet (created before this feature): "
                    f"rotate their secrets, e.g. henge device rotate-secret {missing[0]}", err=True)
+
+
+@broker_config_app.command("nats")
+@user_errors
+def broker_config_nats(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the node files, accounts.conf and reload.")],
+    data: DataOpt = None,
+    node: Annotated[list[str] | None, typer.Option(
+        "--node", metavar="HOST[:CLIENT:CLUSTER:MQTT]", help="A node, once per node (default: three nodes on "
+        "127.0.0.1); nodes on one host without ports get consecutive ones.")] = None,
+    client_port: Annotated[int, typer.Option("--client-port", min=1, max=65535,
+                                             help="NATS client port of the first node on a host.")] = 4222,
+    cluster_port: Annotated[int, typer.Option("--cluster-port", min=1, max=65535,
+                                              help="Route port of the first node on a host.")] = 6222,
+    mqtt_port: Annotated[int, typer.Option("--mqtt-port", min=1, max=65535,
+                                           help="MQTT port of the first node on a host.")] = 1883,
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "henge",
+    store: Annotated[str | None, typer.Option("--store", metavar="URL", help="Read the identities from this "
+                                              "PostgreSQL store (as henge serve --store).")] = None,
+    init: Annotated[bool, typer.Option("--init", help="First setup: create the store and the admin identity "
+                                       "if --data holds none (otherwise that is refused).")] = False,
+) -> None:
+    """Write a NATS cluster's configuration (JetStream and MQTT on every node, an account with every
+    device's identity and permissions, a system user for connection events) from the store."""
+    from ..natsconf import EVENTS_USER, nodes
+    from ..paths import BROKER_FILE, EVENTS_FILE
+    from ..service.auth import admin_secret, write_private
+    from ..service.mosquitto import identities
+    from ..service.nats import ACCOUNTS_FILE, write_nats_config
+    from ..settings import Settings
+
+    try:
+        cluster = nodes(node or ["127.0.0.1"] * 3, client_port=client_port, cluster_port=cluster_port,
+                        mqtt_port=mqtt_port)
+    except ValueError as exc:
+        fail(f"{exc}; nothing was written", 2)
+    settings = Settings.load(data_dir=data)
+    hashes, missing = identities(settings.data_dir, settings.admin_name, store, init=init, kind="bcrypt")
+    events_secret = admin_secret(settings.data_dir, EVENTS_USER, EVENTS_FILE)
+    written = write_nats_config(out, hashes, cluster=cluster, admin_name=settings.admin_name, prefix=topic_prefix,
+                                events_secret=events_secret)
+    first = cluster[0]
+    events = "nats://" + ",".join(f"{n.host}:{n.client_port}" for n in cluster)
+    accounts = (out / ACCOUNTS_FILE).resolve()
+    write_private(settings.data_dir / BROKER_FILE, json.dumps(  # for serve's banner: where devices connect
+        {"broker": "nats", "device_listener": f"{first.host}:{first.mqtt_port}",
+         "admin_listener": f"{first.host}:{first.mqtt_port}", "config": str(out.resolve()), "identities": "nats"}))
+    typer.echo(f"wrote {', '.join(p.name for p in written)} to {out} ({len(hashes)} identities, "
+               f"{len(cluster)} nodes)")
+    for n in cluster:
+        typer.echo(f"  start: nats-server -c {(out / f'{n.name}.conf').resolve()}")
+    typer.echo(f"  then:  henge serve --data {settings.data_dir} --broker mqtt://{first.host}:{first.mqtt_port} "
+               f"--broker-events {events} --nats-accounts {accounts} --nats-reload {(out / 'reload').resolve()}")
+    if missing:
+        typer.echo(f"warning: {len(missing)} devices have no bcrypt password yet (created before this feature): "
+                   f"rotate their secrets, e.g. henge device rotate-secret {missing[0]}", err=True)

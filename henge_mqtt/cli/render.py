@@ -217,6 +217,9 @@ def broker_said(result: dict[str, Any]) -> str:
     if not note or note.get("how") == "store":
         return ""
     if note.get("applied"):
-        return "\nbroker: updated at once (Mosquitto dynamic security)"
+        how = str(note.get("how"))
+        how = {"dynamic-security": "Mosquitto dynamic security",
+               "nats-accounts": "NATS accounts file rewritten, every node reloaded"}.get(how, how)
+        return f"\nbroker: updated at once ({how})"
     typer.echo(f"warning: the broker does not know this yet: {note.get('detail')}", err=True)
     return ""

@@ -44,6 +44,15 @@ def serve(
     broker_ca: Annotated[Path | None, typer.Option("--broker-ca", help="CA file for mqtts://.")] = None,
     broker_cert: Annotated[Path | None, typer.Option("--broker-cert", help="Client certificate for mqtts://.")] = None,
     broker_key: Annotated[Path | None, typer.Option("--broker-key", help="Client key for mqtts://.")] = None,
+    broker_events: Annotated[str | None, typer.Option(
+        "--broker-events", metavar="nats://HOST:PORT[,HOST:PORT...]", help="A NATS cluster's nodes: presence from "
+        "its connection events, for any MQTT client (broker-config nats prints it).")] = None,
+    nats_accounts: Annotated[Path | None, typer.Option(
+        "--nats-accounts", help="The accounts file the NATS nodes include: rewritten when devices are added, "
+        "removed or re-keyed.")] = None,
+    nats_reload: Annotated[str | None, typer.Option(
+        "--nats-reload", metavar="COMMAND", help="Run after each rewrite of --nats-accounts to reload every node "
+        "(broker-config nats writes one).")] = None,
     http: Annotated[str | None, typer.Option(
         "--http", metavar="HOST:PORT", envvar="HENGE_HTTP", help="Serve the HTTP API and console here (default "
         "127.0.0.1:8080, or henge.http in --config; port 0 picks a free one).")] = None,
@@ -68,6 +77,18 @@ def serve(
         parse_broker_url(external)
         settings = settings.model_copy(update={"external_broker": external, "external_ca": broker_ca,
                                                "external_cert": broker_cert, "external_key": broker_key})
+        if broker_events is not None:
+            from ..nats_events import parse_events_url
+
+            parse_events_url(broker_events)
+            settings = settings.model_copy(update={"external_events": broker_events})
+        if nats_accounts is not None:
+            settings = settings.model_copy(update={"nats_accounts": nats_accounts.resolve(),
+                                                   "nats_reload": nats_reload})
+        elif nats_reload is not None:
+            fail("--nats-reload needs --nats-accounts (the file it reloads)", 2)
+    elif broker_events or nats_accounts or nats_reload:
+        fail("--broker-events, --nats-accounts and --nats-reload need --broker (the cluster's MQTT address)", 2)
     if store is not None:
         if not store.startswith(("postgresql://", "postgres://")):
             fail(f"--store wants a postgresql:// URL, not {store.split('://')[0]!r}", 2)

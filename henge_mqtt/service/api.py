@@ -55,6 +55,7 @@ from .context import current_actor, unified_diff, utc_text
 from .events import Events
 from .fleet import FleetWatch, Progress
 from .fleet import answer as fleet_answer
+from .nats import NatsAccounts
 from .presence import iso
 from .reports import Reports
 from .rollouts import Rollouts
@@ -79,6 +80,7 @@ class ServiceAPI:
     rollouts: Rollouts
     _worker: StoreWorker | None
     _broker: BrokerPort | None
+    nats_accounts: NatsAccounts | None = None  # identities reach a NATS cluster through its accounts file
 
     @property
     def worker(self) -> StoreWorker:
@@ -100,11 +102,7 @@ class ServiceAPI:
                          broker: list[IdentitySync] | None = None) -> str:
         """A new device; returns its secret (shown once). ``broker`` receives what the broker did with
         the new identity (an external broker learns it at once only through dynamic security)."""
-        problem = models.device_id_problem(device)
-        if problem:
-            raise InvalidDeviceId(problem)
-        if device == self.settings.admin_name:
-            raise DuplicateDevice(f"{device!r} is the admin identity's name; choose another id")
+        self._check_new_id(device, "")
         layered: list[ConfigVersion] = []
         secret = await self.worker.run(self.store.add_device, device, labels, actor=current_actor.get(),
                                        layered=layered)
@@ -112,6 +110,16 @@ class ServiceAPI:
         await self.configs.publish_rows(layered, event="layer_applied", reason="a new device gets its layers")
         await self._tell_broker(broker, created={device: secret})
         return secret
+
+    def _check_new_id(self, device: str, then: str) -> None:
+        problem = models.device_id_problem(device)
+        if problem:
+            raise InvalidDeviceId(problem + then)
+        if "." in device and (self.settings.external_events or self.settings.nats_accounts):
+            raise InvalidDeviceId(f"invalid device id {device!r} for a NATS cluster: its MQTT carries no '.' in "
+                                  f"topics (use - or _){then}")
+        if device == self.settings.admin_name:
+            raise DuplicateDevice(f"{device!r} is the admin identity's name{then or '; choose another id'}")
 
     async def set_labels(self, device: str, set_: dict[str, str], remove: list[str]) -> dict[str, str]:
         """Set (``k=v``) and remove (``k``) labels of a device; returns its labels afterwards."""
@@ -128,11 +136,7 @@ class ServiceAPI:
         """Create many devices at once (all or nothing); returns ``{id: secret}`` of the new ones.
         With ``update``, existing devices get the labels given instead of refusing the import."""
         for device, _ in devices:
-            problem = models.device_id_problem(device)
-            if problem:
-                raise InvalidDeviceId(problem + "; nothing was imported")
-            if device == self.settings.admin_name:
-                raise DuplicateDevice(f"{device!r} is the admin identity's name; nothing was imported")
+            self._check_new_id(device, "; nothing was imported")
         layered: list[ConfigVersion] = []
         secrets_by_id = await self.worker.run(self.store.add_devices, devices, actor=current_actor.get(),
                                               update=update, layered=layered)
@@ -169,7 +173,11 @@ class ServiceAPI:
         an event, a log line, and ``out`` for the caller to show."""
         if not (created or changed or removed):
             return
-        sync = await self.broker.sync_identities(created=created, changed=changed, removed=removed)
+        if self.nats_accounts is not None:
+            hashes, _ = await self.worker.run(self.store.broker_hashes, "bcrypt")
+            sync = await self.nats_accounts.apply(self.nats_accounts.text(hashes))
+        else:
+            sync = await self.broker.sync_identities(created=created, changed=changed, removed=removed)
         if out is not None:
             out.append(sync)
         if not sync.applied:

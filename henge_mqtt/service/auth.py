@@ -34,9 +34,10 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def admin_secret(data_dir: Path, name: str) -> str:
-    """The admin identity's secret from DATA/admin.json (0600), made on first start."""
-    path = data_dir / ADMIN_FILE
+def admin_secret(data_dir: Path, name: str, file: str = ADMIN_FILE) -> str:
+    """The admin identity's secret from DATA/admin.json (0600), made on first start; ``file``: another
+    of henge's own identities at a broker (NATS's events user, DATA/broker-events.json)."""
+    path = data_dir / file
     if path.exists():
         try:
             saved = json.loads(path.read_text())

@@ -200,9 +200,20 @@ class HengeService(ServiceAPI):
         if s.external_broker:
             from ..external import ExternalBroker
 
+            events_secret = ""
+            if s.external_events or s.nats_accounts:
+                from ..natsconf import EVENTS_USER
+                from ..paths import EVENTS_FILE
+                from .nats import NatsAccounts
+
+                events_secret = admin_secret(s.data_dir, EVENTS_USER, EVENTS_FILE)
+                if s.nats_accounts is not None:
+                    self.nats_accounts = NatsAccounts(s.nats_accounts, s.nats_reload, admin_name=s.admin_name,
+                                                      prefix=s.topic_prefix, events_secret=events_secret)
             return ExternalBroker(s.external_broker, hooks=_BrokerHooks(self), topics=self.topics, sessions=sessions,
                                   username=s.admin_name, password=self.admin_secret,
-                                  tls_context=s.external_tls_context())
+                                  tls_context=s.external_tls_context(), events=s.external_events,
+                                  events_password=events_secret, events_resync=s.external_events_resync)
         from ..server import EmbeddedBroker, Limits, Listener
 
         listeners = []

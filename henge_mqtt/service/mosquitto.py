@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 from ..dynsec import document
 from ..errors import SettingsError, ValidationFailed
 from .auth import write_private
 
 
-def identities(data_dir: Path, admin_name: str, url: str | None = None, *,
-               init: bool = False) -> tuple[dict[str, str], list[str]]:
-    """``{username: mosquitto hash}`` from the store (SQLite in ``data_dir``, or PostgreSQL at
-    ``url``), with the admin identity made first if need be.
+def identities(data_dir: Path, admin_name: str, url: str | None = None, *, init: bool = False,
+               kind: Literal["mosquitto", "bcrypt"] = "mosquitto") -> tuple[dict[str, str], list[str]]:
+    """``{username: hash}`` (Mosquitto's ``$7$``, or bcrypt for NATS) from the store (SQLite in
+    ``data_dir``, or PostgreSQL at ``url``), with the admin identity made first if need be.
 
     A SQLite data dir without a store is refused unless ``init`` (first setup, before the first
     ``henge serve``): a mistyped ``--data`` would otherwise write a config with the admin alone, and
@@ -40,7 +41,7 @@ def identities(data_dir: Path, admin_name: str, url: str | None = None, *,
         store = Store(data_dir, url=url)
         try:
             store.ensure_admin(admin_name, admin_secret(data_dir, admin_name))
-            return store.broker_hashes()
+            return store.broker_hashes(kind)
         finally:
             store.close()
     finally:

@@ -7,33 +7,37 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
+from typing import Literal
 
 from ..models import utc_now
 from .core import StoreCore, ts
-from .credentials import hash_secret, mosquitto_hash
+from .credentials import bcrypt_hash, hash_secret, mosquitto_hash
 
 
 class Admins(StoreCore):
     def ensure_admin(self, name: str, secret: str) -> None:
         with self._tx():
-            row = self._db.execute("SELECT secret_hash, broker_hash FROM admins WHERE name = ?", (name,)).fetchone()
-            if row is not None and row[0] == hash_secret(secret) and row[1]:
-                return  # unchanged: keep the broker hash (its salt) stable across restarts
+            row = self._db.execute("SELECT secret_hash, broker_hash, bcrypt_hash FROM admins WHERE name = ?",
+                                   (name,)).fetchone()
+            if row is not None and row[0] == hash_secret(secret) and row[1] and row[2]:
+                return  # unchanged: keep the broker hashes (their salts) stable across restarts
             self._db.execute(
-                "INSERT INTO admins (name, secret_hash, created_at, broker_hash) VALUES (?, ?, ?, ?) "
+                "INSERT INTO admins (name, secret_hash, created_at, broker_hash, bcrypt_hash) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET secret_hash = excluded.secret_hash, "
-                "broker_hash = excluded.broker_hash",
-                (name, hash_secret(secret), ts(utc_now()), mosquitto_hash(secret)),
+                "broker_hash = excluded.broker_hash, bcrypt_hash = excluded.bcrypt_hash",
+                (name, hash_secret(secret), ts(utc_now()), mosquitto_hash(secret), bcrypt_hash(secret)),
             )
         self._admin_hashes[name] = bytes.fromhex(hash_secret(secret))
 
-    def broker_hashes(self) -> tuple[dict[str, str], list[str]]:
-        """``{username: mosquitto hash}`` for admins and devices, and devices that have none yet."""
+    def broker_hashes(self, kind: Literal["mosquitto", "bcrypt"] = "mosquitto") -> tuple[dict[str, str], list[str]]:
+        """``{username: hash}`` for admins and devices, and devices that have none yet (made before
+        henge kept that kind): Mosquitto's ``$7$`` or bcrypt (NATS)."""
+        column = {"mosquitto": "broker_hash", "bcrypt": "bcrypt_hash"}[kind]
         found: dict[str, str] = dict(
-            self._db.execute("SELECT name, broker_hash FROM admins WHERE broker_hash IS NOT NULL")
+            self._db.execute(f"SELECT name, {column} FROM admins WHERE {column} IS NOT NULL")
         )
         missing: list[str] = []
-        for device, digest in self._db.execute("SELECT id, broker_hash FROM devices ORDER BY id"):
+        for device, digest in self._db.execute(f"SELECT id, {column} FROM devices ORDER BY id"):
             if digest:
                 found[device] = digest
             else:

@@ -13,7 +13,7 @@ from ..errors import (
 )
 from ..models import ConfigVersion, Device, utc_now
 from .core import StoreCore, parse_ts, ts
-from .credentials import hash_secret, mosquitto_hash, new_secret
+from .credentials import bcrypt_hash, hash_secret, mosquitto_hash, new_secret
 from .db import IntegrityError
 
 
@@ -27,8 +27,10 @@ class Devices(StoreCore):
         try:
             with self._tx():
                 self._db.execute(
-                    "INSERT INTO devices (id, secret_hash, labels, created_at, broker_hash) VALUES (?, ?, ?, ?, ?)",
-                    (device, digest, json.dumps(labels or {}, sort_keys=True), ts(utc_now()), mosquitto_hash(secret)),
+                    "INSERT INTO devices (id, secret_hash, labels, created_at, broker_hash, bcrypt_hash) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (device, digest, json.dumps(labels or {}, sort_keys=True), ts(utc_now()), mosquitto_hash(secret),
+                     bcrypt_hash(secret)),
                 )
                 self._audit(actor, "device.add", device, {"labels": labels or {}})
                 if self._layers:
@@ -62,9 +64,10 @@ class Devices(StoreCore):
         now = ts(utc_now())
         with self._tx():
             self._db.executemany(
-                "INSERT INTO devices (id, secret_hash, labels, created_at, broker_hash) VALUES (?, ?, ?, ?, ?)",
-                [(d, digests[d], json.dumps(labels, sort_keys=True), now, mosquitto_hash(secrets_by_id[d]))
-                 for d, labels in new],
+                "INSERT INTO devices (id, secret_hash, labels, created_at, broker_hash, bcrypt_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(d, digests[d], json.dumps(labels, sort_keys=True), now, mosquitto_hash(secrets_by_id[d]),
+                  bcrypt_hash(secrets_by_id[d])) for d, labels in new],
             )
             self._db.executemany("UPDATE devices SET labels = ? WHERE id = ?",
                                  [(json.dumps(labels, sort_keys=True), d) for d, labels in existing])
@@ -106,8 +109,8 @@ class Devices(StoreCore):
         digest = hash_secret(secret)
         with self._tx():
             cur = self._db.execute(
-                "UPDATE devices SET secret_hash = ?, broker_hash = ? WHERE id = ?",
-                (digest, mosquitto_hash(secret), device),
+                "UPDATE devices SET secret_hash = ?, broker_hash = ?, bcrypt_hash = ? WHERE id = ?",
+                (digest, mosquitto_hash(secret), bcrypt_hash(secret), device),
             )
             self._found(cur.rowcount, device)
             self._audit(actor, "device.rotate_secret", device, {})

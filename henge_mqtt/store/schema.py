@@ -173,6 +173,10 @@ MIGRATIONS: list[str] = [
         ended_at REAL                    -- when its last connection ended (NULL: one is attached)
     );
     """,
+    """
+    ALTER TABLE devices ADD COLUMN bcrypt_hash TEXT;   -- NATS checks bcrypt (broker-config nats)
+    ALTER TABLE admins ADD COLUMN bcrypt_hash TEXT;
+    """,
 ]
 
 

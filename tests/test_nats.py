@@ -1,0 +1,250 @@
+"""henge in front of a real 3-node NATS cluster (JetStream + MQTT on each node), configured by
+``henge broker-config nats``: identities live through the accounts file, presence for plain MQTT
+clients from the cluster's own connection events, node loss and whole-cluster restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import pytest
+
+from henge_mqtt.errors import InvalidDeviceId
+from henge_mqtt.service import HengeService
+
+from .conftest import henge_cli, next_message, payload_json, wait_status, wait_until
+from .nats_cluster import ADMIN_SECRET, nats_service
+
+
+class Running:
+    """What ``wait_status`` needs: a ``.service``."""
+
+    def __init__(self, service: HengeService) -> None:
+        self.service = service
+
+
+def client(port: int, name: str, secret: str, *, client_id: str | None = None, **kwargs: Any) -> aiomqtt.Client:
+    kwargs.setdefault("timeout", 5)
+    return aiomqtt.Client("127.0.0.1", port, identifier=client_id or name, username=name, password=secret,
+                          protocol=aiomqtt.ProtocolVersion.V311, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def device(port: int, name: str, secret: str, *, client_id: str | None = None, retry: float = 20.0,
+                 **kwargs: Any) -> AsyncIterator[aiomqtt.Client]:
+    """A connected device, as a real one would be: it tries again when a node turns it away. (NATS
+    2.9 refuses a client id for a moment after it moved between nodes: "unable to delete session
+    record"; and says "JetStream temporarily unavailable" after a node loss.)"""
+    deadline = asyncio.get_running_loop().time() + retry
+    while True:
+        attempt = client(port, name, secret, client_id=client_id, **kwargs)
+        try:
+            await attempt.__aenter__()
+            break
+        except aiomqtt.MqttError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+    try:
+        yield attempt
+    finally:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await attempt.__aexit__(None, None, None)
+
+
+async def config_of(port: int, name: str, secret: str, timeout: float = 10.0) -> dict[str, Any]:
+    async with device(port, name, secret) as client:
+        await client.subscribe(f"henge/devices/{name}/config", qos=1)
+        message = await next_message(client, timeout)
+        assert message.retain
+        found: dict[str, Any] = payload_json(message)
+        return found
+
+
+async def refused(port: int, name: str, secret: str, *, client_id: str | None = None) -> None:
+    with pytest.raises(aiomqtt.MqttError):
+        async with client(port, name, secret, client_id=client_id):
+            pass
+
+
+def test_broker_config_nats_refuses_a_bad_node_and_writes_nothing(tmp_path: Path) -> None:
+    result = henge_cli("broker-config", "nats", "--data", str(tmp_path / "d"), "--init", "--out",
+                       str(tmp_path / "out"), "--node", "127.0.0.1:1:2")
+    assert result.returncode == 2
+    assert "invalid node '127.0.0.1:1:2'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    same = henge_cli("broker-config", "nats", "--data", str(tmp_path / "d"), "--init", "--out", str(tmp_path / "out"),
+                     "--node", "127.0.0.1:5000:5001:5002", "--node", "127.0.0.1:5000:5003:5004")
+    assert same.returncode == 2 and "same host and port" in same.stderr
+
+
+async def test_broker_config_nats_is_a_cluster_that_serves_each_device_only_its_own(tmp_path: Path) -> None:
+    async with nats_service(tmp_path, ["dev1", "dev2", "a.b"]) as (service, cluster, secrets):
+        # NATS's MQTT closes a connection that names a topic with '.': henge never sends one (a device
+        # made before the broker was NATS gets nothing, and henge's own connection stays up), and
+        # refuses such a new id.
+        with pytest.raises(InvalidDeviceId, match=r"its MQTT carries no '\.' in topics"):
+            await service.add_device("c.d")
+        accounts = (cluster.conf / "accounts.conf")
+        assert accounts.stat().st_mode & 0o777 == 0o600
+        assert "jwt" not in accounts.read_text() and secrets["dev1"] not in accounts.read_text()
+        for name in ("dev1", "dev2", "a.b"):
+            await service.push(name, {"for": name})
+        assert service.broker.stats()["connected_to_broker"] == 1
+        # published through node 1, retained by the cluster: read on nodes 2 and 3
+        assert (await config_of(cluster.mqtt_ports[1], "dev1", secrets["dev1"]))["config"] == {"for": "dev1"}
+        assert (await config_of(cluster.mqtt_ports[2], "dev2", secrets["dev2"]))["config"] == {"for": "dev2"}
+        async with device(cluster.mqtt_ports[2], "dev1", secrets["dev1"]) as client:
+            await client.subscribe("henge/devices/dev2/config", qos=1)
+            await client.subscribe("henge/devices/+/config", qos=1)
+            seen = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    seen.append(payload_json(await next_message(client, 1.5))["device"])
+            assert "dev2" not in seen
+        await refused(cluster.mqtt_ports[1], "dev1", "not-the-secret")
+        await refused(cluster.mqtt_ports[1], "nobody", secrets["dev1"])
+
+
+async def _presence(watch: aiomqtt.Client, seen: list[dict[str, Any]]) -> None:
+    async for message in watch.messages:
+        seen.append(payload_json(message))
+
+
+async def test_a_plain_client_gets_true_presence_from_the_cluster_events(tmp_path: Path) -> None:
+    """paho, MQTT 3.1.1, no announcements at all: online while connected (on any node), offline once it
+    goes; a takeover across nodes never shows it offline; a client id that is not the user is flagged."""
+    async with nats_service(tmp_path, ["dev1", "dev2"]) as (service, cluster, secrets):
+        running = Running(service)
+        seen: list[dict[str, Any]] = []
+        async with device(cluster.mqtt_ports[0], "henge-admin", ADMIN_SECRET, client_id="watcher") as watch:
+            await watch.subscribe("henge/devices/dev1/presence", qos=1)
+            watching = asyncio.create_task(_presence(watch, seen))
+            try:
+                first = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="dev1", protocol=paho.MQTTv311)
+                first.username_pw_set("dev1", secrets["dev1"])
+                first.connect("127.0.0.1", cluster.mqtt_ports[1])
+                first.loop_start()
+                row = await wait_status(running, "dev1", lambda r: r["online"])
+                epoch = row["epoch"]
+                # the same device on another node: the cluster closes the first connection
+                async with device(cluster.mqtt_ports[2], "dev1", secrets["dev1"]):
+                    await wait_status(running, "dev1", lambda r: r["online"] and r["epoch"] > epoch)
+                    first.loop_stop()  # (paho would reconnect and fight back)
+                    await asyncio.sleep(0)
+                    await wait_until(lambda: any(e.get("reason") == "takeover" for e in seen), 10, "takeover seen")
+                row = await wait_status(running, "dev1", lambda r: not r["online"])
+                assert row["reason"] == "connection_closed"
+                await wait_until(lambda: seen[-1]["state"] == "offline", 10, "the retained presence says offline")
+                states = [(e["state"], e.get("reason")) for e in seen]
+                online_at = states.index(("online", "connected"))
+                assert ("offline", "connection_lost") not in states[online_at:]
+                assert [s for s, _ in states[online_at:-1]] == ["online"] * (len(states) - online_at - 1)
+                assert states[-1] == ("offline", "connection_closed")
+            finally:
+                watching.cancel()
+        # dev2's credentials with another client id: it counts for dev2 (who authenticated) and is flagged
+        flagged: list[Any] = []
+        stop = service.events.add_listener(lambda e: flagged.append(e) if e.type == "identity_mismatch" else None)
+        try:
+            async with device(cluster.mqtt_ports[1], "dev2", secrets["dev2"], client_id="someone-else"):
+                await wait_status(running, "dev2", lambda r: r["online"])
+                await wait_until(lambda: flagged, 10, "identity_mismatch")
+        finally:
+            stop()
+        assert flagged[0].device == "dev2" and flagged[0].data["client_id"] == "someone-else"
+        assert service.broker.stats()["identity_mismatches"] == 1
+
+
+async def test_identities_reach_the_cluster_at_once_and_a_removed_device_is_cut_off(tmp_path: Path) -> None:
+    async with nats_service(tmp_path, ["dev0"]) as (service, cluster, _):
+        running = Running(service)
+        note: list[Any] = []
+        secret = await service.add_device("new1", broker=note)
+        assert note[0].applied and note[0].how == "nats-accounts"
+        await service.push("new1", {"v": 1})
+        assert (await config_of(cluster.mqtt_ports[2], "new1", secret))["config"] == {"v": 1}
+        async with device(cluster.mqtt_ports[1], "new1", secret) as client:
+            await wait_status(running, "new1", lambda r: r["online"])
+            new_secret = await service.rotate_secret("new1")
+            # the reload closes the connection whose credentials are no longer valid
+            with pytest.raises(aiomqtt.MqttError):
+                await next_message(client, 10)
+        row = await wait_status(running, "new1", lambda r: not r["online"])
+        assert row["reason"] == "credentials_revoked"
+        await refused(cluster.mqtt_ports[1], "new1", secret)
+        async with device(cluster.mqtt_ports[0], "new1", new_secret) as client:
+            await wait_status(running, "new1", lambda r: r["online"])
+            await service.remove_device("new1")
+            with pytest.raises(aiomqtt.MqttError):
+                await next_message(client, 10)
+        await refused(cluster.mqtt_ports[0], "new1", new_secret)
+        # the CLI says what the broker did
+        result = await asyncio.to_thread(henge_cli, "device", "add", "cli1", "--data", str(tmp_path / "data"))
+        assert result.returncode == 0, result.stderr
+        assert "broker: updated at once (NATS accounts file rewritten, every node reloaded)" in result.stdout
+
+
+async def test_a_failing_reload_hook_is_said_and_the_store_keeps_the_device(tmp_path: Path) -> None:
+    async with nats_service(tmp_path, [], nats_reload="echo the nodes are elsewhere >&2; exit 3") as (service, _, _):
+        note: list[Any] = []
+        await service.add_device("new1", broker=note)
+        assert not note[0].applied
+        assert note[0].detail == "the reload hook failed (exit 3) the nodes are elsewhere"
+        assert (await service.get_device("new1")).id == "new1"
+
+
+async def test_node_loss_devices_reconnect_elsewhere_and_presence_stays_true(tmp_path: Path) -> None:
+    """kill -9 the node four devices are on: two reconnect to another node (they get their retained
+    config there and stay online), two never come back (offline within two snapshot rounds)."""
+    names = [f"dev{i}" for i in range(4)]
+    async with nats_service(tmp_path, names) as (service, cluster, secrets):
+        running = Running(service)
+        for name in names:
+            await service.push(name, {"v": name})
+        clients = []
+        for name in names:
+            c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv311)
+            c.username_pw_set(name, secrets[name])
+            c.connect("127.0.0.1", cluster.mqtt_ports[1])
+            c.loop_start()
+            clients.append(c)
+        for name in names:
+            await wait_status(running, name, lambda r: r["online"])
+        cluster.kill(1)
+        lost_at = time.monotonic()
+        for c in clients:
+            c.loop_stop()
+        for name in names[:2]:  # these come back on node 3 and read their config there
+            got = await config_of(cluster.mqtt_ports[2], name, secrets[name], timeout=30)
+            assert got["config"] == {"v": name}
+        async with device(cluster.mqtt_ports[2], names[0], secrets[names[0]]):
+            await wait_status(running, names[0], lambda r: r["online"])
+            for name in names[1:]:
+                await wait_status(running, name, lambda r: not r["online"], timeout=15)
+            assert (await service.status(names[0]))[0]["online"]
+        elapsed = time.monotonic() - lost_at
+        assert elapsed < 30
+
+
+async def test_the_whole_cluster_restarts_and_configs_and_presence_come_back(tmp_path: Path) -> None:
+    async with nats_service(tmp_path, ["dev1", "dev2"]) as (service, cluster, secrets):
+        running = Running(service)
+        await service.push("dev1", {"v": 1})
+        await service.push("dev2", {"v": 2})
+        assert (await config_of(cluster.mqtt_ports[2], "dev1", secrets["dev1"]))["config"] == {"v": 1}
+        for node in range(3):
+            cluster.kill(node)
+        cluster.start()
+        await cluster.ready("henge-admin", ADMIN_SECRET, timeout=90)
+        await service.broker.wait_connected(30)  # type: ignore[attr-defined]
+        assert (await config_of(cluster.mqtt_ports[1], "dev2", secrets["dev2"], timeout=30))["config"] == {"v": 2}
+        async with device(cluster.mqtt_ports[0], "dev1", secrets["dev1"]):
+            await wait_status(running, "dev1", lambda r: r["online"], timeout=30)
+        await wait_status(running, "dev1", lambda r: not r["online"], timeout=30)
