@@ -263,7 +263,11 @@ class Agent:
             presence = self.topics.device_presence(self.device)
             await guarded(client.publish(presence, json.dumps({"state": "online", "session": self.session}), qos=1,
                                          retain=True))
-            await guarded(client.subscribe(self.topics.config(self.device), qos=1))
+            granted = await guarded(client.subscribe(self.topics.config(self.device), qos=1))
+            if granted is not None and any(getattr(code, "value", code) >= 0x80 for code in granted):
+                # Refused (an ACL, or a NATS node whose JetStream is not back yet after a node loss):
+                # connected but deaf would be worse than trying again.
+                raise aiomqtt.MqttError("the broker refused the config subscription; trying again")
             if self.state.applied_version and not stop.is_set():
                 # Heal a report lost with the previous connection; the server keeps the highest.
                 await guarded(self._report(client, self.state.applied_version, "applied", None))

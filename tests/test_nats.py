@@ -59,12 +59,19 @@ async def device(port: int, name: str, secret: str, *, client_id: str | None = N
 
 
 async def config_of(port: int, name: str, secret: str, timeout: float = 10.0) -> dict[str, Any]:
-    async with device(port, name, secret) as client:
-        await client.subscribe(f"henge/devices/{name}/config", qos=1)
-        message = await next_message(client, timeout)
-        assert message.retain
-        found: dict[str, Any] = payload_json(message)
-        return found
+    """The retained config a device reads on connecting; like a real device, it connects again while
+    the node refuses the subscription (JetStream not back yet after a node loss)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with device(port, name, secret) as client:
+            granted = await client.subscribe(f"henge/devices/{name}/config", qos=1)
+            if all(getattr(code, "value", code) < 0x80 for code in granted):
+                message = await next_message(client, timeout)
+                assert message.retain
+                found: dict[str, Any] = payload_json(message)
+                return found
+        assert asyncio.get_running_loop().time() < deadline, f"{name}'s subscription was refused for {timeout} s"
+        await asyncio.sleep(0.2)
 
 
 async def refused(port: int, name: str, secret: str, *, client_id: str | None = None) -> None:
