@@ -111,6 +111,7 @@ def exec_applier(command: list[str], timeout: float = 120.0) -> Applier:
 # MQTT 5.0 reason codes the agent acts on (the server's DISCONNECT or CONNACK).
 SESSION_TAKEN_OVER = 0x8E
 BAD_CREDENTIALS = (4, 0x86)  # 3.1.1 CONNACK 4, 5.0 CONNACK 0x86
+UNSUPPORTED_PROTOCOL = (1, 0x84)  # 3.1.1 CONNACK 1 (a 3.1.1-only broker answering 5.0), 5.0 CONNACK 0x84
 STOP_GRACE = 1.0  # seconds the agent spends saying goodbye on SIGTERM
 
 
@@ -196,6 +197,12 @@ class Agent:
                         return
             except MqttConnectError as exc:  # the CONNACK refused us
                 code = _code(exc)
+                if code in UNSUPPORTED_PROTOCOL and self.mqtt5:
+                    # A broker with no MQTT 5.0 (a NATS cluster): 3.1.1 from now on, at once.
+                    log.warning("agent.mqtt311 device=%s broker=%s:%d: the broker does not speak MQTT 5.0; "
+                                "using 3.1.1", self.device, self.host, self.port)
+                    self.mqtt5 = False
+                    continue
                 why = client.server_reason if client is not None else None
                 log.warning("agent.refused device=%s code=%s reason=%s", self.device, code, why or exc)
                 if code in BAD_CREDENTIALS:

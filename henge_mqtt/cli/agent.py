@@ -27,7 +27,7 @@ def agent(
     state: Annotated[Path | None, typer.Option("--state", help="State file (default ./ID.henge-state.json).")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "henge",
     mqtt: Annotated[str, typer.Option("--mqtt", help="Protocol: 5 (default; the server says why it closes a "
-                                       "connection) or 3.1.1.")] = "5",
+                                       "connection; 3.1.1 at once if the broker has no 5.0, as NATS) or 3.1.1.")] = "5",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run on a device: apply each new config, report the outcome, reconnect forever."""
