@@ -80,7 +80,7 @@ class ServiceAPI:
     rollouts: Rollouts
     _worker: StoreWorker | None
     _broker: BrokerPort | None
-    nats_accounts: NatsAccounts | None = None  # identities reach a NATS cluster through its accounts file
+    _nats_accounts: NatsAccounts | None = None  # identities reach a NATS cluster through its accounts file
 
     @property
     def worker(self) -> StoreWorker:
@@ -173,9 +173,9 @@ class ServiceAPI:
         an event, a log line, and ``out`` for the caller to show."""
         if not (created or changed or removed):
             return
-        if self.nats_accounts is not None:
+        if self._nats_accounts is not None:
             hashes, _ = await self.worker.run(self.store.broker_hashes, "bcrypt")
-            sync = await self.nats_accounts.apply(self.nats_accounts.text(hashes))
+            sync = await self._nats_accounts.apply(self._nats_accounts.text(hashes))
         else:
             sync = await self.broker.sync_identities(created=created, changed=changed, removed=removed)
         if out is not None:

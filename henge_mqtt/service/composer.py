@@ -208,7 +208,7 @@ class HengeService(ServiceAPI):
 
                 events_secret = admin_secret(s.data_dir, EVENTS_USER, EVENTS_FILE)
                 if s.nats_accounts is not None:
-                    self.nats_accounts = NatsAccounts(s.nats_accounts, s.nats_reload, admin_name=s.admin_name,
+                    self._nats_accounts = NatsAccounts(s.nats_accounts, s.nats_reload, admin_name=s.admin_name,
                                                       prefix=s.topic_prefix, events_secret=events_secret)
             return ExternalBroker(s.external_broker, hooks=_BrokerHooks(self), topics=self.topics, sessions=sessions,
                                   username=s.admin_name, password=self.admin_secret,
