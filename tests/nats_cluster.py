@@ -105,9 +105,15 @@ class NatsCluster:
                 await asyncio.sleep(0.2)
 
 
-def configure(data: Path, conf: Path, ports: list[tuple[int, int, int]]) -> subprocess.CompletedProcess[str]:
+def configure(data: Path, conf: Path, ports: list[tuple[int, int, int]], *extra: str
+              ) -> subprocess.CompletedProcess[str]:
     nodes = [arg for c, r, m in ports for arg in ("--node", f"127.0.0.1:{c}:{r}:{m}")]
-    return henge_cli("broker-config", "nats", "--data", str(data), "--out", str(conf), *nodes)
+    return henge_cli("broker-config", "nats", "--data", str(data), "--out", str(conf), *nodes, *extra)
+
+
+def cluster_ports() -> list[tuple[int, int, int]]:
+    flat = free_ports(9)
+    return [(flat[i], flat[i + 3], flat[i + 6]) for i in range(3)]
 
 
 @contextlib.asynccontextmanager
@@ -119,8 +125,7 @@ async def nats_cluster(tmp_path: Path, devices: list[str]) -> AsyncIterator[tupl
     store.ensure_admin("henge-admin", ADMIN_SECRET)
     store.close()
     (data / "admin.json").write_text(json.dumps({"name": "henge-admin", "secret": ADMIN_SECRET}))
-    flat = free_ports(9)
-    ports = [(flat[i], flat[i + 3], flat[i + 6]) for i in range(3)]
+    ports = cluster_ports()
     conf = tmp_path / "nats"
     done = configure(data, conf, ports)
     assert done.returncode == 0, done.stderr

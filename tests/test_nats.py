@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -255,3 +256,135 @@ async def test_the_whole_cluster_restarts_and_configs_and_presence_come_back(tmp
         async with device(cluster.mqtt_ports[0], "dev1", secrets["dev1"]):
             await wait_status(running, "dev1", lambda r: r["online"], timeout=30)
         await wait_status(running, "dev1", lambda r: not r["online"], timeout=30)
+
+
+async def test_failover_in_front_of_the_cluster_loses_no_push_and_keeps_presence(pg_url: str, tmp_path: Path) -> None:
+    """Two `henge serve` on one PostgreSQL store in front of the cluster, plain devices spread over
+    nodes 2 and 3: kill -9 the active instance during a stream of pushes through the cluster; the
+    standby takes over, every push that succeeded is stored once, every device shows online again
+    within 5 s of the new active instance starting, and none was shown offline meanwhile."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from henge_mqtt.store import Store
+
+    from .conftest import ROOT
+    from .nats_cluster import NatsCluster, cluster_ports, configure
+
+    names = [f"p{i:02d}" for i in range(12)]
+    store = Store(tmp_path / "setup", url=pg_url)
+    secrets = store.add_devices([(d, {}) for d in names])
+    store.ensure_admin("henge-admin", ADMIN_SECRET)
+    store.close()
+    (tmp_path / "setup").mkdir()
+    (tmp_path / "setup" / "admin.json").write_text(json.dumps({"name": "henge-admin", "secret": ADMIN_SECRET}))
+    ports = cluster_ports()
+    done = await asyncio.to_thread(configure, tmp_path / "setup", tmp_path / "nats", ports, "--store", pg_url)
+    assert done.returncode == 0, done.stderr
+    cluster = NatsCluster(tmp_path / "nats", ports)
+    cluster.start()
+    instances: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str) -> None:
+        data = tmp_path / name
+        data.mkdir(mode=0o700)
+        for secret_file in ("admin.json", "broker-events.json"):  # the same identities on both machines
+            shutil.copy(tmp_path / "setup" / secret_file, data / secret_file)
+        with (tmp_path / f"{name}.log").open("wb") as log:
+            instances[name] = subprocess.Popen(
+                [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--no-http", "--store", pg_url,
+                 "--broker", f"mqtt://127.0.0.1:{cluster.mqtt_ports[0]}", "--broker-events", cluster.events_url,
+                 "--nats-accounts", str(tmp_path / "nats" / "accounts.conf"),
+                 "--nats-reload", str(tmp_path / "nats" / "reload")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+
+    def active(name: str) -> bool:
+        try:
+            return not json.loads((tmp_path / name / "service.json").read_text()).get("standby")
+        except (OSError, ValueError):
+            return False
+
+    env = {**os.environ, "HENGE_ADMIN_USER": "henge-admin", "HENGE_ADMIN_SECRET": ADMIN_SECRET}
+
+    def push(n: int) -> bool:
+        result = subprocess.run([sys.executable, "-m", "henge_mqtt", "push", "p00", "-", "--broker",
+                                 f"mqtt://127.0.0.1:{cluster.mqtt_ports[0]}", "--timeout", "3"],
+                                input=json.dumps({"n": n}), capture_output=True, text=True, cwd=ROOT, env=env,
+                                timeout=30)
+        return result.returncode == 0
+
+    seen: list[tuple[float, str, str]] = []
+    clients: list[paho.Client] = []
+    try:
+        await cluster.ready("henge-admin", ADMIN_SECRET)
+        start("a")
+        await wait_until(lambda: active("a"), 30, "the first instance to become active")
+        start("b")
+        await wait_until(lambda: b"store.standby" in (tmp_path / "b.log").read_bytes(), 20, "b to wait")
+        for i, name in enumerate(names):
+            c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv311)
+            c.username_pw_set(name, secrets[name])
+            c.connect("127.0.0.1", cluster.mqtt_ports[1 + i % 2])
+            c.loop_start()
+            clients.append(c)
+        async with device(cluster.mqtt_ports[2], "henge-admin", ADMIN_SECRET, client_id="watcher") as watch:
+            await watch.subscribe("henge/devices/+/presence", qos=1)
+
+            async def record() -> None:
+                async for message in watch.messages:
+                    if isinstance(message.payload, bytes) and message.payload:
+                        body = json.loads(message.payload)
+                        seen.append((time.monotonic(), body["device"], body["state"]))
+
+            recording = asyncio.create_task(record())
+
+            def online_now() -> set[str]:
+                state = {device: what for _, device, what in seen}
+                return {d for d, what in state.items() if what == "online"}
+
+            try:
+                await wait_until(lambda: online_now() == set(names), 30, "every device online")
+                succeeded = []
+                for n in range(1, 5):
+                    assert await asyncio.to_thread(push, n)
+                    succeeded.append(n)
+                instances["a"].send_signal(signal.SIGKILL)
+                instances["a"].wait()
+                killed = time.monotonic()
+                await wait_until(lambda: active("b"), 15, "the standby to take over")
+                took_over = time.monotonic()
+                await wait_until(lambda: any(t > killed and what == "online" for t, _, what in seen), 20,
+                                 "the new active instance to publish presence")
+                back = max(t for t, _, what in seen if t > killed and what == "online") - took_over
+                n = 4
+                while len(succeeded) < 8:
+                    n += 1
+                    if await asyncio.to_thread(push, n):
+                        succeeded.append(n)
+                    assert time.monotonic() - killed < 60, "the CLI never reached the new active instance"
+                flipped = [d for t, d, what in seen if t > killed and what == "offline"]
+                assert flipped == [], f"connected devices shown offline after the failover: {flipped}"
+                assert online_now() == set(names)
+                print(f"failover: standby active {took_over - killed:.2f} s after the kill; every device online "
+                      f"{back:.2f} s after it became active")
+                assert back < 5, back
+            finally:
+                recording.cancel()
+    finally:
+        for c in clients:
+            c.loop_stop()
+        for proc in instances.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=20)
+        cluster.stop()
+    check = Store(tmp_path / "check", url=pg_url)
+    try:
+        history = check.history("p00")
+        assert [v.version for v in history] == list(range(1, len(history) + 1))  # none lost, none twice
+        stored = [v.config["n"] for v in history]
+        assert len(stored) == len(set(stored)) and set(succeeded) <= set(stored)
+    finally:
+        check.close()
