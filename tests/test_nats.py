@@ -388,3 +388,81 @@ async def test_failover_in_front_of_the_cluster_loses_no_push_and_keeps_presence
         assert len(stored) == len(set(stored)) and set(succeeded) <= set(stored)
     finally:
         check.close()
+
+
+async def test_chaos_in_front_of_the_cluster_ends_with_presence_equal_to_the_truth(tmp_path: Path) -> None:
+    """Random connects on random nodes, clean goodbyes, dropped sockets, zombies (silent, keep-alive
+    2 s), clones of one identity on two nodes at once and pushes, for 12 s; then each device ends
+    connected or not, and henge's presence must equal that truth."""
+    import random
+
+    from . import mqtt_raw as raw
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    names = [f"c{i}" for i in range(8)]
+    async with nats_service(tmp_path, names) as (service, cluster, secrets):
+        open_conns: dict[str, list[raw.RawClient]] = {n: [] for n in names}
+
+        async def connect(name: str, keepalive: int = 60) -> raw.RawClient | None:
+            try:
+                conn = await raw.RawClient.open(rng.choice(cluster.mqtt_ports))
+                await conn.send(raw.connect(name, name, secrets[name], keepalive=keepalive))
+                if await conn.connack(5) == 0:
+                    return conn
+                conn.close()
+            except (OSError, EOFError, TimeoutError, AssertionError):
+                pass
+            return None
+
+        ops = {"connect": 4, "goodbye": 2, "drop": 2, "zombie": 1, "clone": 2, "push": 2}
+        deadline = time.monotonic() + 12
+        counts = dict.fromkeys(ops, 0)
+        while time.monotonic() < deadline:
+            op = rng.choices(list(ops), weights=list(ops.values()))[0]
+            name = rng.choice(names)
+            counts[op] += 1
+            if op in ("connect", "clone", "zombie"):
+                if op == "connect":
+                    for old in open_conns[name]:
+                        old.close()
+                    open_conns[name] = []
+                conn = await connect(name, keepalive=2 if op == "zombie" else 60)
+                if conn is not None:
+                    open_conns[name].append(conn)
+            elif op in ("goodbye", "drop") and open_conns[name]:
+                conn = open_conns[name].pop(rng.randrange(len(open_conns[name])))
+                if op == "goodbye":
+                    with contextlib.suppress(OSError):
+                        await conn.send(b"\xe0\x00")
+                conn.close()
+            elif op == "push":
+                await service.push(name, {"n": counts["push"]})
+            await asyncio.sleep(rng.uniform(0, 0.15))
+        truth = {n for n in names if rng.random() < 0.5}
+        for name in names:
+            for old in open_conns[name]:
+                old.close()
+            open_conns[name] = []
+        finals = []
+        for name in sorted(truth):
+            while True:
+                conn = await connect(name)
+                if conn is not None:
+                    finals.append(conn)
+                    break
+                await asyncio.sleep(0.2)
+
+        async def online() -> set[str]:
+            return {r["device"] for r in await service.status() if r["online"]}
+
+        try:
+            await wait_until(lambda: _equal(online(), truth), 20,
+                             f"presence equal to the truth {sorted(truth)} (seed {seed}, ops {counts})")
+        finally:
+            for conn in finals:
+                conn.close()
+
+
+async def _equal(found: Any, expected: set[str]) -> bool:
+    return bool(await found == expected)
