@@ -1,6 +1,11 @@
-"""External mode at fleet size: henge in front of a real Mosquitto, and Mosquitto alone in the same run.
+"""External mode at fleet size: henge in front of a real Mosquitto (or a 3-node NATS cluster), and the
+broker alone in the same run.
 
-    python bench/external.py [--n 10000] [--workers 2]
+    python bench/external.py [--n 10000] [--workers 2] [--broker mosquitto|nats]
+
+With ``--broker nats``, ``henge broker-config nats`` writes a 3-node cluster (JetStream and MQTT on
+each node, on loopback ports); the devices are spread over the three nodes and do not announce
+themselves (presence comes from the cluster's connection events); henge publishes through node 1.
 
 Mosquitto is configured by ``henge broker-config mosquitto`` (a password file and an ACL for every
 device and the admin). The load generator's devices connect to Mosquitto, subscribe to their config
@@ -75,11 +80,14 @@ class HengeExternal(run.Target):
                               str(self.data), "--timeout", "5"], capture_output=True, text=True, cwd=ROOT)
         return int(json.loads(out.stdout)["online"]) if out.returncode == 0 else -1
 
-    def wait_online(self, n: int, timeout: float = 120) -> float:
+    patience = 120.0  # seconds a push or a count may take
+
+    def wait_online(self, n: int, timeout: float | None = None) -> float:
+        timeout = timeout or self.patience
         started = time.time()
         while self.online() < n:
             if time.time() - started > timeout:
-                raise TimeoutError(f"henge never counted {n} online")
+                raise TimeoutError(f"henge never counted {n} online (last count: {self.online()})")
             time.sleep(0.1)
         return time.time()
 
@@ -87,12 +95,13 @@ class HengeExternal(run.Target):
         cfg = self.tmp / "fleet.json"
         cfg.write_text(json.dumps({"m": marker}))
         subprocess.run([sys.executable, "-m", "henge_mqtt", "push", "--all", str(cfg), "--data", str(self.data),
-                        "--timeout", "120"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                        "--timeout", str(self.patience)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
     def one_client(self, marker: str) -> None:
         topics = [(run.TOPIC.format(device=d), json.dumps({"device": d, "version": 99, "config": {"m": marker}})
                    .encode()) for d, _ in self.devices]
-        asyncio.run(loadgen.publish_all("127.0.0.1", self.admin_port, topics, "henge-admin", self.admin_secret))
+        asyncio.run(loadgen.publish_all("127.0.0.1", self.admin_port, topics, "henge-admin", self.admin_secret,
+                                        timeout=self.patience))
 
     def stop_all(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -101,30 +110,89 @@ class HengeExternal(run.Target):
         self.broker.wait(timeout=20)
 
 
+class HengeNats(HengeExternal):
+    name = "henge-nats"
+    patience = 1200.0  # NATS stores every retained message in JetStream before it acknowledges it
+
+    def start(self) -> None:
+        from henge_mqtt.natsconf import EVENTS_USER, nodes
+        from henge_mqtt.paths import EVENTS_FILE
+        from henge_mqtt.service.auth import admin_secret
+        from henge_mqtt.service.mosquitto import identities
+        from henge_mqtt.service.nats import write_nats_config
+        from henge_mqtt.store import Store
+
+        self.data = self.tmp / "data"
+        store = Store(self.data)
+        secrets = store.add_devices([(d, {}) for d, _ in self.devices])
+        self.admin_secret = admin_secret(self.data, "henge-admin")
+        store.ensure_admin("henge-admin", self.admin_secret)
+        store.close()
+        self.devices = [(d, secrets[d]) for d, _ in self.devices]
+        ports = [run.free_port() for _ in range(9)]
+        cluster = nodes([f"127.0.0.1:{ports[i]}:{ports[i + 3]}:{ports[i + 6]}" for i in range(3)])
+        self.client_ports = [n.client_port for n in cluster]
+        self.mqtt_ports = [n.mqtt_port for n in cluster]
+        self.port = self.admin_port = self.mqtt_ports[0]
+        hashes, _ = identities(self.data, "henge-admin", kind="bcrypt")
+        self.conf = self.tmp / "nats"
+        write_nats_config(self.conf, hashes, cluster=cluster, admin_name="henge-admin", prefix="henge",
+                          events_secret=admin_secret(self.data, EVENTS_USER, EVENTS_FILE))
+        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        self.brokers = [subprocess.Popen([binary, "-c", str(self.conf / f"{n.name}.conf")],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in cluster]
+        for port in self.mqtt_ports:
+            run.wait_port(port, 60)
+        time.sleep(5)  # JetStream elects its leaders (the first subscriptions are refused until it has)
+        self.start_service()
+
+    def start_service(self) -> None:
+        events = "nats://" + ",".join(f"127.0.0.1:{p}" for p in self.client_ports)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(self.data), "--no-http",
+             "--broker", f"mqtt://127.0.0.1:{self.admin_port}", "--broker-events", events,
+             "--nats-accounts", str(self.conf / "accounts.conf"), "--nats-reload", str(self.conf / "reload"),
+             "--log-level", "warning"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop_all(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        for broker in self.brokers:
+            broker.terminate()
+        for broker in self.brokers:
+            broker.wait(timeout=30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--broker", choices=["mosquitto", "nats"], default="mosquitto")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-external-"))
-    target = HengeExternal(args.n, tmp)
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-external-{args.broker}-"))
+    target = HengeNats(args.n, tmp) if args.broker == "nats" else HengeExternal(args.n, tmp)
     target.start()
-    fleet = run.LoadWorkers(target, args.workers, announce=True)
-    result: dict[str, Any] = {"n": args.n}
+    if isinstance(target, HengeNats):
+        fleet = run.LoadWorkers(target, args.workers, announce=False, ports=target.mqtt_ports)
+    else:
+        fleet = run.LoadWorkers(target, args.workers, announce=True)
+    result: dict[str, Any] = {"n": args.n, "broker": args.broker}
     try:
         started = time.time()
         replies = fleet.connect()
         result["connect_failed"] = sum(r["failed"] for r in replies)
+        if result["connect_failed"]:
+            print("connect errors:", [r["errors"][:2] for r in replies], file=sys.stderr)
         result["connect_s"] = max(r["done_at"] for r in replies) - started - 0.5
         result["online_seen_s"] = target.wait_online(args.n) - started - 0.5
 
         def delivered(push: Any) -> float:
             marker = uuid.uuid4().hex
             for q in fleet.commands:
-                q.put({"cmd": "await_push", "marker": marker, "timeout": 120, "ping": False})
+                q.put({"cmd": "await_push", "marker": marker, "timeout": target.patience, "ping": False})
             t0 = time.time()
             push(marker)
-            replies = [fleet.results.get(timeout=300) for _ in fleet.commands]
+            replies = [fleet.results.get(timeout=target.patience + 180) for _ in fleet.commands]
             assert sum(r["missing"] for r in replies) == 0, replies
             return max(r["last"] for r in replies) - t0
 
@@ -138,7 +206,7 @@ def main() -> int:
     finally:
         fleet.close()
         target.stop_all()
-    run.save_result("external", result)
+    run.save_result("external" if args.broker == "mosquitto" else "external-nats", result)
     return 0
 
 

@@ -119,6 +119,8 @@ class Client:
         while True:
             kind, flags, body = await read_packet(self.reader)
             if kind == 9:
+                if body[-1] >= 0x80:  # refused (NATS: JetStream not ready): connected but deaf is a failure
+                    raise ConnectionError(f"{self.device}: SUBACK {body[-1]:#x}")
                 break
             self._on_packet(kind, flags, body)
         if self.announce:
@@ -203,7 +205,9 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
         name = command["cmd"]
         if name == "connect":
             await asyncio.sleep(max(0.0, command["start_at"] - time.time()))
-            outcome = await _bounded([c.open(host, port) for c in clients], spec.get("concurrency", 500))
+            ports = spec.get("ports") or [port]  # a cluster: devices spread over its nodes
+            outcome = await _bounded([c.open(host, ports[i % len(ports)]) for i, c in enumerate(clients)],
+                                     spec.get("concurrency", 500))
             errors = [repr(o) for o in outcome if isinstance(o, BaseException)]
             pumps = [asyncio.create_task(c.pump()) for c in clients if c.reader is not None]
             results.put({"cmd": name, "done_at": max((c.subscribed_at for c in clients), default=0.0),

@@ -185,7 +185,9 @@ def save_result(name: str, result: dict[str, Any]) -> None:
     """Print a bench script's result and keep it in bench/results/NAME-<time>.json."""
     text = json.dumps(result, indent=2)
     print(text)
-    (Path(__file__).resolve().parent / "results" / f"{name}-{int(time.time())}.json").write_text(text)
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{name}-{int(time.time())}.json").write_text(text)
 
 
 class LoadWorkers:

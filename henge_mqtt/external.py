@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 SESSION_REASONS = frozenset({"client_disconnect"})
 MAX_INFLIGHT = 2000
+# NATS stores each retained QoS 1 message in JetStream before it acknowledges (~200 a second on this
+# machine's 3-node cluster): a smaller window keeps an urgent message (an answer) within a second.
+NATS_INFLIGHT = 200
 SYNC_TIMEOUT = 10.0  # the longest presence waits for the broker's retained announcements
 DYNSEC_PROBE = 3.0  # the longest we wait to learn whether the broker runs Mosquitto's dynamic security
 DYNSEC_TIMEOUT = 10.0  # the longest one batch of identity commands may take
@@ -64,9 +67,16 @@ NATS_REASONS = {"Client Closed": "connection_closed", "Stale Connection": "keepa
                 "Authorization Violation": "credentials_revoked", "Server Shutdown": "server_shutdown"}
 
 
+EMQX_CONNECTED = "$SYS/brokers/+/clients/+/connected"
+EMQX_DISCONNECTED = "$SYS/brokers/+/clients/+/disconnected"
+EMQX_TAKEN_OVER = frozenset({"takenover", "discarded"})
+EMQX_REASONS = {"normal": "client_disconnect", "tcp_closed": "connection_lost", "sock_closed": "connection_lost",
+                "keepalive_timeout": "keepalive_timeout", "kicked": "kicked", "not_authorized": "credentials_revoked"}
+
+
 def _reason(said: str) -> str:
     """A broker's reason in henge's words (docs/sessions.md); anything else is a lost connection."""
-    return NATS_REASONS.get(said, "connection_lost")
+    return NATS_REASONS.get(said) or EMQX_REASONS.get(said, "connection_lost")
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:
@@ -143,10 +153,14 @@ class ExternalBroker(TableViews):
         self._snapshot_mark = 0
         self._refused_topics: set[str] = set()
         self._missing_servers: dict[str, int] = {}  # nodes absent from consecutive snapshots
+        self._emqx: dict[str, list[str]] | None = None  # EMQX: client id -> its live connections' keys, oldest first
         if events:
             self.tracker = ConnectionTracker(self.table, known=lambda user: user != username)
-            self._events = NatsEvents(events, user=events_user, password=events_password, account=NATS_ACCOUNT,
-                                      listener=self, resync=events_resync)
+            if events == "emqx":
+                self._emqx = {}
+            else:
+                self._events = NatsEvents(events, user=events_user, password=events_password,
+                                          account=NATS_ACCOUNT, listener=self, resync=events_resync)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -195,17 +209,19 @@ class ExternalBroker(TableViews):
                 client = await MqttClient.connect(
                     self.host, self.port, client_id=self.client_id, username=self.username, password=self.password,
                     on_message=self._on_message, keepalive=30, clean_session=False, tls=self.tls_context,
-                    timeout=10, max_inflight=MAX_INFLIGHT)
+                    timeout=10, max_inflight=MAX_INFLIGHT if self.tracker is None else NATS_INFLIGHT)
                 self._client = client
                 started = time.monotonic()
                 filters = [(self.topics.admin_requests, 1), (f"{self.topics.prefix}/devices/+/report", 1),
                            (self._sync_topic, 1)]
                 if self.tracker is None:  # the devices' announcements are the only presence there is
                     filters.append((f"{self.topics.prefix}/devices/+/presence/device", 1))
+                if self._emqx is not None:  # EMQX's client events, on this connection
+                    filters += [(EMQX_CONNECTED, 0), (EMQX_DISCONNECTED, 0)]
                 await client.subscribe(filters)
                 self._dynsec = asyncio.get_running_loop().create_future()
                 self._tasks.spawn(self._probe_dynsec(client, self._dynsec))
-                if self._on_synced and self.tracker is None:  # after the retained announcements the subscription brings
+                if self._on_synced and self._events is None:  # after the retained announcements the subscription brings
                     client.publish(self._sync_topic, b"sync", qos=1)
                     if self._sync_timer is None:
                         self._sync_timer = asyncio.get_running_loop().call_later(SYNC_TIMEOUT, self._synced)
@@ -256,7 +272,7 @@ class ExternalBroker(TableViews):
         client = self._client
         if client is None:
             return []  # retained state goes out on the next connect; the rest had no one to reach
-        future = client.publish(topic, data, qos=qos, retain=retain)
+        future = client.publish(topic, data, qos=qos, retain=retain, urgent=not retain)  # answers, events
         return [future] if track and for_device is None else []
 
     def clear_retained(self, topic: str) -> None:
@@ -298,6 +314,44 @@ class ExternalBroker(TableViews):
         self._wills.pop(handle, None)
         assert self.tracker is not None
         self._forward(self.tracker.settle(ended, time.time(), reason))
+
+    def _on_emqx_event(self, topic: str, payload: bytes) -> None:
+        """EMQX's documented client events: ``$SYS/brokers/{node}/clients/{clientid}/connected`` with
+        ``username``, ``ipaddress``, ``connected_at`` (ms); ``.../disconnected`` with ``reason``.
+        EMQX names no connection, so a connection is its client id and its ``connected_at``; a
+        ``takenover`` or ``discarded`` end is the oldest of a client id's connections, any other
+        the newest."""
+        assert self.tracker is not None and self._emqx is not None
+        parts = topic.split("/", 4)
+        if len(parts) != 5 or parts[3] != "clients":
+            return
+        client_id, _, what = parts[4].rpartition("/")
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            log.info("external.bad_emqx_event what=%s", what)
+            return
+        if not isinstance(body, dict) or not client_id:
+            return
+        keys = self._emqx.setdefault(client_id, [])
+        if what == "connected":
+            key = f"{parts[2]}/{client_id}@{body.get('connected_at', '')}"
+            if key in keys:
+                return
+            keys.append(key)
+            if len(keys) > 8:  # ends never reported: forget the oldest
+                del keys[0]
+            user = body.get("username")
+            remote = body.get("ipaddress")
+            conn = BrokerConnection(key, user if isinstance(user, str) else None, client_id,
+                                    remote if isinstance(remote, str) else None, str(body.get("connected_at", "")))
+            self._forward(self.tracker.connected(conn, time.time()))
+        elif what == "disconnected" and keys:
+            reason = str(body.get("reason", ""))
+            key = keys.pop(0) if reason in EMQX_TAKEN_OVER else keys.pop()
+            if not keys:
+                del self._emqx[client_id]
+            self.broker_disconnected(key, TAKEN_OVER if reason in EMQX_TAKEN_OVER else reason)
 
     def snapshot_begins(self) -> None:
         assert self.tracker is not None
@@ -414,6 +468,9 @@ class ExternalBroker(TableViews):
     def _route(self, topic: str, payload: bytes) -> None:
         if topic == self._sync_topic:
             self._synced()
+            return
+        if self._emqx is not None and topic.startswith("$SYS/brokers/"):
+            self._on_emqx_event(topic, payload)
             return
         if topic == dynsec.RESPONSES:
             self._on_dynsec_response(payload)

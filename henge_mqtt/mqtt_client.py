@@ -113,8 +113,11 @@ class MqttClient(asyncio.Protocol):
     def is_open(self) -> bool:
         return self.transport is not None and not self.transport.is_closing() and not self.closed.done()
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> asyncio.Future[None]:
-        """Done when the broker acknowledged it (at once for QoS 0); failed if the connection goes."""
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                urgent: bool = False) -> asyncio.Future[None]:
+        """Done when the broker acknowledged it (at once for QoS 0); failed if the connection goes.
+        ``urgent``: when the in-flight window is full, it goes out before those waiting (an answer to
+        a person must not queue behind a republish of 10,000 retained messages)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self.is_open:
             future.set_exception(MqttClientError("not connected to the broker"))
@@ -127,7 +130,10 @@ class MqttClient(asyncio.Protocol):
         data = codec.publish_bytes(topic, payload, 1, retain, packet_id)
         self._acks[packet_id] = future
         if len(self._acks) - len(self._waiting) > self.max_inflight:
-            self._waiting.append((data, packet_id, future))
+            if urgent:
+                self._waiting.appendleft((data, packet_id, future))
+            else:
+                self._waiting.append((data, packet_id, future))
         else:
             self._send(data)
         return future

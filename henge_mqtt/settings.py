@@ -103,7 +103,8 @@ class Settings(BaseModel):
     external_key: Path | None = None
     # A NATS cluster (broker-config nats): its connection events give presence for plain clients, and
     # identities reach it through its accounts file and a reload hook.
-    external_events: str | None = Field(default=None, pattern=r"^nats://")  # nats://host:port[,host:port...]
+    # nats://host:port[,host:port...] (a NATS cluster's system events), or emqx (EMQX's $SYS client events)
+    external_events: str | None = Field(default=None, pattern=r"^(nats://.+|emqx)$")
     external_events_resync: float = Field(default=15.0, gt=0)  # seconds between full snapshots of connections
     nats_accounts: Path | None = None  # the accounts file every NATS node includes: rewritten as identities change
     nats_reload: str | None = None  # a shell command run after each rewrite (broker-config nats writes one)

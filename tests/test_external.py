@@ -103,8 +103,8 @@ class Mosquitto:
 
 
 @contextlib.asynccontextmanager
-async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]], *,
-                         identities: str = "password-file") -> AsyncIterator[tuple[Fleet, Mosquitto, dict[str, str]]]:
+async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]], *, identities: str = "password-file",
+                         events: str | None = None) -> AsyncIterator[tuple[Fleet, Mosquitto, dict[str, str]]]:
     """Mosquitto configured by henge, henge in front of it. ``identities``: ``password-file`` (an
     operator reloads the broker after each change, as ``Fleet.add`` does) or ``dynamic-security``
     (the broker learns every change from henge at once: nothing to reload)."""
@@ -131,7 +131,7 @@ async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]], *,
     configure(hashes)
     broker = Mosquitto(conf)
     broker.start(device_port)
-    settings = Settings(data_dir=data, external_broker=f"mqtt://127.0.0.1:{admin_port}")
+    settings = Settings(data_dir=data, external_broker=f"mqtt://127.0.0.1:{admin_port}", external_events=events)
     try:
         async with HengeService(settings) as service:
             await service.broker.wait_connected(10)  # type: ignore[union-attr]
@@ -682,3 +682,47 @@ def test_serve_in_front_of_a_broker_says_where_devices_connect(tmp_path: Path) -
             proc.wait(timeout=20)
     finally:
         broker.stop()
+
+
+async def test_emqx_client_events_give_presence_in_either_order(tmp_path: Path) -> None:
+    """EMQX's `$SYS/brokers/{node}/clients/{clientid}/connected|disconnected` (its documented format),
+    fed to the service's connection as EMQX would send them. (No EMQX runs here, and Mosquitto does
+    not let a client publish to `$SYS`, so the messages enter where the broker's would.)"""
+    async with external_fleet(tmp_path, {"dev1": {"v": 1}, "dev2": {"v": 1}}, events="emqx") as (fleet, _, _):
+        broker: Any = fleet.service.broker
+
+        def event(what: str, client_id: str, **body: Any) -> None:
+            broker._on_message(f"$SYS/brokers/emqx@10.0.0.1/clients/{client_id}/{what}", json.dumps(body).encode())
+
+        event("connected", "dev1", username="dev1", ipaddress="10.0.0.7", connected_at=1000, proto_ver=4)
+        first = await wait_status(fleet, "dev1", lambda r: r["online"])
+        # a takeover reported new-first, then old-first: the device never goes offline
+        event("connected", "dev1", username="dev1", ipaddress="10.0.0.8", connected_at=2000)
+        event("disconnected", "dev1", username="dev1", reason="takenover", disconnected_at=2001)
+        await wait_status(fleet, "dev1", lambda r: r["online"] and r["epoch"] == first["epoch"] + 1)
+        event("disconnected", "dev1", username="dev1", reason="takenover", disconnected_at=3000)
+        event("connected", "dev1", username="dev1", ipaddress="10.0.0.9", connected_at=3001)
+        row = await wait_status(fleet, "dev1", lambda r: r["online"] and r["epoch"] == first["epoch"] + 2)
+        assert row["remote"] == "10.0.0.9"
+        await asyncio.sleep(fleet.service.broker.will_grace + 0.2)  # the deferred end is stale by then
+        assert (await fleet.service.status("dev1"))[0]["online"]
+        event("disconnected", "dev1", username="dev1", reason="normal", disconnected_at=4000)
+        row = await wait_status(fleet, "dev1", lambda r: not r["online"])
+        assert row["reason"] == "client_disconnect"
+        # someone with dev2's credentials and another client id: dev2, flagged
+        flagged: list[Any] = []
+        stop = fleet.service.events.add_listener(lambda e: flagged.append(e) if e.type == "identity_mismatch" else None)
+        try:
+            event("connected", "not-dev2", username="dev2", ipaddress="10.0.0.5", connected_at=5000)
+            await wait_status(fleet, "dev2", lambda r: r["online"])
+            assert flagged and flagged[0].data["client_id"] == "not-dev2"
+        finally:
+            stop()
+        event("disconnected", "not-dev2", username="dev2", reason="keepalive_timeout", disconnected_at=6000)
+        row = await wait_status(fleet, "dev2", lambda r: not r["online"])
+        assert row["reason"] == "keepalive_timeout"
+        event("connected", "henge-admin", username="henge-admin", connected_at=1)  # not a device
+        event("connected", "x", username="dev1")  # no connected_at: still a connection
+        await wait_status(fleet, "dev1", lambda r: r["online"])
+        broker._on_message("$SYS/brokers/n/clients/dev1/connected", b"{not json")  # logged, nothing else
+        assert fleet.service.broker.stats()["connected_to_broker"] == 1

@@ -45,8 +45,9 @@ def serve(
     broker_cert: Annotated[Path | None, typer.Option("--broker-cert", help="Client certificate for mqtts://.")] = None,
     broker_key: Annotated[Path | None, typer.Option("--broker-key", help="Client key for mqtts://.")] = None,
     broker_events: Annotated[str | None, typer.Option(
-        "--broker-events", metavar="nats://HOST:PORT[,HOST:PORT...]", help="A NATS cluster's nodes: presence from "
-        "its connection events, for any MQTT client (broker-config nats prints it).")] = None,
+        "--broker-events", metavar="nats://HOST:PORT[,HOST:PORT...] | emqx", help="Presence from the broker's own "
+        "connection events, for any MQTT client: a NATS cluster's nodes (broker-config nats prints them), or emqx "
+        "(EMQX's $SYS client events, on the --broker connection).")] = None,
     nats_accounts: Annotated[Path | None, typer.Option(
         "--nats-accounts", help="The accounts file the NATS nodes include: rewritten when devices are added, "
         "removed or re-keyed.")] = None,
@@ -77,10 +78,11 @@ def serve(
         parse_broker_url(external)
         settings = settings.model_copy(update={"external_broker": external, "external_ca": broker_ca,
                                                "external_cert": broker_cert, "external_key": broker_key})
-        if broker_events is not None:
+        if broker_events is not None and broker_events != "emqx":
             from ..nats_events import parse_events_url
 
             parse_events_url(broker_events)
+        if broker_events is not None:
             settings = settings.model_copy(update={"external_events": broker_events})
         if nats_accounts is not None:
             settings = settings.model_copy(update={"nats_accounts": nats_accounts.resolve(),

@@ -201,7 +201,7 @@ class HengeService(ServiceAPI):
             from ..external import ExternalBroker
 
             events_secret = ""
-            if s.external_events or s.nats_accounts:
+            if (s.external_events and s.external_events != "emqx") or s.nats_accounts:
                 from ..natsconf import EVENTS_USER
                 from ..paths import EVENTS_FILE
                 from .nats import NatsAccounts
