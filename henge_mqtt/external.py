@@ -150,6 +150,9 @@ class ExternalBroker(TableViews):
         self.tracker: ConnectionTracker | None = None
         self._events: NatsEvents | None = None
         self._events_runner: asyncio.Task[None] | None = None
+        self._answers_runner: asyncio.Task[None] | None = None
+        self._answers: MqttClient | None = None  # NATS: the admin protocol's own connection
+        self._answering = asyncio.Event()
         self._snapshot_mark = 0
         self._refused_topics: set[str] = set()
         self._missing_servers: dict[str, int] = {}  # nodes absent from consecutive snapshots
@@ -168,6 +171,7 @@ class ExternalBroker(TableViews):
         self._runner = asyncio.create_task(self._run())
         if self._events is not None:
             self._events_runner = asyncio.create_task(self._events.run())
+            self._answers_runner = asyncio.create_task(self._run_answers())
 
     def when_presence_known(self, callback: Callable[[set[str]], None]) -> None:
         self._on_synced.append(callback)
@@ -189,7 +193,7 @@ class ExternalBroker(TableViews):
         for handle in self._wills.values():
             handle.cancel()
         self._wills.clear()
-        for runner in (self._runner, self._events_runner):
+        for runner in (self._runner, self._events_runner, self._answers_runner):
             if runner is not None:
                 runner.cancel()
                 await asyncio.gather(runner, return_exceptions=True)
@@ -212,8 +216,9 @@ class ExternalBroker(TableViews):
                     timeout=10, max_inflight=MAX_INFLIGHT if self.tracker is None else NATS_INFLIGHT)
                 self._client = client
                 started = time.monotonic()
-                filters = [(self.topics.admin_requests, 1), (f"{self.topics.prefix}/devices/+/report", 1),
-                           (self._sync_topic, 1)]
+                filters = [(f"{self.topics.prefix}/devices/+/report", 1), (self._sync_topic, 1)]
+                if self._events is None:  # (NATS: on the admin protocol's own connection)
+                    filters.append((self.topics.admin_requests, 1))
                 if self.tracker is None:  # the devices' announcements are the only presence there is
                     filters.append((f"{self.topics.prefix}/devices/+/presence/device", 1))
                 if self._emqx is not None:  # EMQX's client events, on this connection
@@ -244,6 +249,32 @@ class ExternalBroker(TableViews):
                     client.close()
             await asyncio.sleep(self.backoff.next_delay())
 
+    async def _run_answers(self) -> None:
+        """NATS: the admin protocol on a connection of its own (requests in, answers and events out).
+        NATS stores each retained message in JetStream before it takes the next from a connection,
+        so on the main one an answer would wait behind a republish of 10,000 configs (minutes)."""
+        backoff = Backoff(base=0.5, cap=15.0)
+        while True:
+            client: MqttClient | None = None
+            try:
+                client = await MqttClient.connect(
+                    self.host, self.port, client_id=f"{self.client_id}-admin", username=self.username,
+                    password=self.password, on_message=self._on_message, keepalive=30, clean_session=True,
+                    tls=self.tls_context, timeout=10, max_inflight=MAX_INFLIGHT)
+                await client.subscribe([(self.topics.admin_requests, 1)])
+                self._answers = client
+                self._answering.set()
+                backoff.reset()
+                await client.closed
+            except (MqttClientError, OSError, TimeoutError) as exc:
+                log.warning("external.admin_connection_lost broker=%s:%d error=%s", self.host, self.port, exc)
+            finally:
+                self._answers = None
+                self._answering.clear()
+                if client is not None:
+                    client.close()
+            await asyncio.sleep(backoff.next_delay())
+
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:
             self._route(topic, payload)
@@ -269,10 +300,10 @@ class ExternalBroker(TableViews):
                 self._refused_topics.add(topic)
                 log.warning("external.topic_not_carried topic=%s why=NATS MQTT carries no '.' in topics", topic)
             return []
-        client = self._client
+        client = self._client if retain or self._answers is None else self._answers  # answers and events
         if client is None:
             return []  # retained state goes out on the next connect; the rest had no one to reach
-        future = client.publish(topic, data, qos=qos, retain=retain, urgent=not retain)  # answers, events
+        future = client.publish(topic, data, qos=qos, retain=retain, urgent=not retain)
         return [future] if track and for_device is None else []
 
     def clear_retained(self, topic: str) -> None:
@@ -533,4 +564,7 @@ class ExternalBroker(TableViews):
 
     async def wait_connected(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.connected.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.connected.wait()
+                if self._events is not None:
+                    await self._answering.wait()
