@@ -155,7 +155,7 @@ class HengeNats(HengeExternal):
             [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(self.data), "--no-http",
              "--broker", f"mqtt://127.0.0.1:{self.admin_port}", "--broker-events", events,
              "--nats-accounts", str(self.conf / "accounts.conf"), "--nats-reload", str(self.conf / "reload"),
-             "--log-level", "warning"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(self.tmp / "henge.log").open("ab"))
+             "--log-level", "info"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(self.tmp / "henge.log").open("ab"))
 
     def stop_all(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -171,6 +171,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--broker", choices=["mosquitto", "nats"], default="mosquitto")
+    parser.add_argument("--no-push", action="store_true", help="connect, count online, restart: no fleet pushes")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-external-{args.broker}-"))
     target = HengeNats(args.n, tmp) if args.broker == "nats" else HengeExternal(args.n, tmp)
@@ -202,9 +203,10 @@ def main() -> int:
                       file=sys.stderr)
             return max(r["last"] for r in replies) - t0, missing
 
-        result["one_client_s"], result["one_client_missing"] = delivered(target.one_client)
-        result["push_s"], result["push_missing"] = delivered(target.push)
-        result["push_ratio"] = result["push_s"] / result["one_client_s"]
+        if not args.no_push:
+            result["one_client_s"], result["one_client_missing"] = delivered(target.one_client)
+            result["push_s"], result["push_missing"] = delivered(target.push)
+            result["push_ratio"] = result["push_s"] / result["one_client_s"]
         target.stop()
         started = time.time()
         target.start_service()

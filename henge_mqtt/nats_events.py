@@ -7,8 +7,8 @@ every (re)connection and every ``resync`` seconds. It hands :class:`BrokerConnec
 :class:`~henge_mqtt.broker_events.ConnectionTracker` through callbacks; it never logs an event's
 body (NATS puts the client's credentials in its ``jwt`` field).
 
-Bounds: a line or a message over ``MAX_MESSAGE`` ends the connection (a CONNZ page of 4,096
-connections is about 2 MB); every network wait has a timeout; the reader is one task.
+Bounds: a line or a message over ``MAX_MESSAGE`` ends the connection (a CONNZ page of 1,000
+connections is about 400 KB); every network wait has a timeout; the reader is one task.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .errors import SettingsError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 64 * 1024 * 1024
-PAGE = 4096  # connections per CONNZ answer
+PAGE = 1000  # connections per CONNZ answer (about 400 KB: under NATS's default max_payload of 1 MB)
 ANSWER_QUIET = 0.5  # a snapshot's answers are complete once none came for this long (each node answers once)
 ANSWER_MAX = 5.0
 PING_EVERY = 20.0
