@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class HengeExternal(run.Target):
     name = "henge-external"
 
-    def start(self) -> None:
+    def make_store(self) -> None:
+        """The data dir with every device and the admin identity; the devices get their secrets."""
         from henge_mqtt.service.auth import admin_secret
-        from henge_mqtt.service.mosquitto import identities, write_mosquitto_config
         from henge_mqtt.store import Store
 
         self.data = self.tmp / "data"
@@ -56,6 +56,11 @@ class HengeExternal(run.Target):
         store.ensure_admin("henge-admin", self.admin_secret)
         store.close()
         self.devices = [(d, secrets[d]) for d, _ in self.devices]
+
+    def start(self) -> None:
+        from henge_mqtt.service.mosquitto import identities, write_mosquitto_config
+
+        self.make_store()
         self.admin_port = run.free_port()
         hashes, _ = identities(self.data, "henge-admin")
         conf = self.tmp / "mosquitto"
@@ -120,15 +125,8 @@ class HengeNats(HengeExternal):
         from henge_mqtt.service.auth import admin_secret
         from henge_mqtt.service.mosquitto import identities
         from henge_mqtt.service.nats import write_nats_config
-        from henge_mqtt.store import Store
 
-        self.data = self.tmp / "data"
-        store = Store(self.data)
-        secrets = store.add_devices([(d, {}) for d, _ in self.devices])
-        self.admin_secret = admin_secret(self.data, "henge-admin")
-        store.ensure_admin("henge-admin", self.admin_secret)
-        store.close()
-        self.devices = [(d, secrets[d]) for d, _ in self.devices]
+        self.make_store()
         ports = [run.free_port() for _ in range(9)]
         cluster = nodes([f"127.0.0.1:{ports[i]}:{ports[i + 3]}:{ports[i + 6]}" for i in range(3)])
         self.client_ports = [n.client_port for n in cluster]

@@ -213,7 +213,7 @@ class ExternalBroker(TableViews):
                 client = await MqttClient.connect(
                     self.host, self.port, client_id=self.client_id, username=self.username, password=self.password,
                     on_message=self._on_message, keepalive=30, clean_session=False, tls=self.tls_context,
-                    timeout=10, max_inflight=MAX_INFLIGHT if self.tracker is None else NATS_INFLIGHT)
+                    timeout=10, max_inflight=MAX_INFLIGHT if self._events is None else NATS_INFLIGHT)
                 self._client = client
                 started = time.monotonic()
                 filters = [(f"{self.topics.prefix}/devices/+/report", 1), (self._sync_topic, 1)]
@@ -293,7 +293,7 @@ class ExternalBroker(TableViews):
                 self.retained[topic] = (data, qos)
             else:
                 self.retained.pop(topic, None)
-        if self.tracker is not None and "." in topic:
+        if self._events is not None and "." in topic:
             # NATS closes a connection that publishes a '.' in a topic: a device whose id has one (made
             # before the broker was NATS) must never cut henge off. Said once per topic.
             if topic not in self._refused_topics and len(self._refused_topics) < 1000:
@@ -489,9 +489,10 @@ class ExternalBroker(TableViews):
     def stats(self) -> dict[str, int]:
         stats = {"connected_to_broker": int(self._client is not None), "retained": len(self.retained),
                  "dropped": self.dropped}
-        if self.tracker is not None and self._events is not None:
-            stats |= {"broker_events_connected": int(self._events.connected.is_set()),
-                      "broker_connections": len(self.tracker), "identity_mismatches": self.tracker.mismatches}
+        if self.tracker is not None:
+            stats |= {"broker_connections": len(self.tracker), "identity_mismatches": self.tracker.mismatches}
+        if self._events is not None:
+            stats["broker_events_connected"] = int(self._events.connected.is_set())
         return stats
 
     # ---- incoming ----------------------------------------------------------------------------------

@@ -115,7 +115,8 @@ class ServiceAPI:
         problem = models.device_id_problem(device)
         if problem:
             raise InvalidDeviceId(problem + then)
-        if "." in device and (self.settings.external_events or self.settings.nats_accounts):
+        events = self.settings.external_events or ""
+        if "." in device and (events.startswith("nats://") or self.settings.nats_accounts):
             raise InvalidDeviceId(f"invalid device id {device!r} for a NATS cluster: its MQTT carries no '.' in "
                                   f"topics (use - or _){then}")
         if device == self.settings.admin_name:
