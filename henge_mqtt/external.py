@@ -398,8 +398,9 @@ class ExternalBroker(TableViews):
         for server in gone:
             log.warning("external.node_gone server=%s", server)
             del self._missing_servers[server]
+        covered = servers | gone  # nodes whose list is complete: the ones that answered, and the gone
         actions = self.tracker.snapshot(connections, self._snapshot_mark, time.time(),
-                                        complete=lambda key: key.partition("/")[0] in servers | gone)
+                                        complete=lambda key: key.partition("/")[0] in covered)
         self._forward(actions)
         self._synced()
 

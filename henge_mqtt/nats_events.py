@@ -69,7 +69,6 @@ def _connection(server: str, info: dict[str, Any]) -> BrokerConnection | None:
 class Snapshot:
     """The answers to one CONNZ round: each node's connections, page by page."""
 
-    started: float
     connections: list[BrokerConnection] = field(default_factory=list)
     servers: set[str] = field(default_factory=set)
     more: set[str] = field(default_factory=set)  # servers with another page to fetch
@@ -172,7 +171,7 @@ class NatsEvents:
             await asyncio.sleep(min(PING_EVERY, max(0.0, next_sync - time.monotonic())))
 
     async def _take_snapshot(self, writer: asyncio.StreamWriter) -> None:
-        snap = Snapshot(started=time.monotonic())
+        snap = Snapshot()
         self._snapshot = snap
         self.listener.snapshot_begins()
         offset = 0
