@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
 import os
 import secrets
 import ssl
@@ -16,9 +14,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiomqtt
-
 from .errors import AuthenticationFailed, RemoteError, ServiceUnavailable
+from .mqtt_client import MqttClient, MqttClientError
 from .paths import ADMIN_FILE, SERVICE_FILE
 from .topics import Topics
 
@@ -27,11 +24,6 @@ if TYPE_CHECKING:
 
 # Requests and replies are plain JSON here (docs/protocol.md): the CLI starts without loading pydantic.
 
-# paho-mqtt logs a lost socket as a warning ("failed to receive on socket"), which Python's last-resort
-# handler prints: the client turns every failure into one exception, and the CLI into one line.
-_QUIET = logging.getLogger("henge_mqtt.client.mqtt")
-_QUIET.addHandler(logging.NullHandler())
-_QUIET.propagate = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,104 +141,94 @@ def load_context(name: str | None) -> dict[str, Any] | None:
 
 
 class AdminClient:
+    """One admin connection: requests out on the admin topic, replies (and progress) back on this
+    client's own reply topic, events on request. It runs on henge's own MQTT client (``mqtt_client``),
+    not aiomqtt: a CLI command starts without loading paho-mqtt, and a reply is handed over from
+    ``data_received`` with no reader task in between."""
+
     def __init__(self, endpoint: Endpoint, *, timeout: float = 10.0) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.topics = Topics(endpoint.topic_prefix)
         self.client_id = f"henge-cli-{secrets.token_hex(6)}"
         self._reply_topic = self.topics.admin_reply(self.client_id)
-        self._client = aiomqtt.Client(
-            endpoint.socket or endpoint.host,
-            endpoint.port,
-            transport="unix" if endpoint.socket else "tcp",
-            tls_context=endpoint.tls_context(),
-            username=endpoint.username,
-            password=endpoint.secret,
-            identifier=self.client_id,
-            keepalive=30,
-            timeout=timeout,
-            logger=_QUIET,
-        )
+        self._client: MqttClient | None = None
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._progress: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._events: asyncio.Queue[Event | None] | None = None
-        self._pump: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AdminClient:
         e = self.endpoint
         try:
-            await asyncio.wait_for(self._client.__aenter__(), self.timeout)
-        except aiomqtt.MqttCodeError as exc:
-            if exc.rc in (4, 5, 134, 135):
+            self._client = await MqttClient.connect(
+                e.host, e.port, client_id=self.client_id, username=e.username, password=e.secret,
+                on_message=self._on_message, keepalive=30, tls=e.tls_context(), timeout=self.timeout,
+                unix=e.socket)
+        except MqttClientError as exc:
+            if exc.code in (4, 5):
                 raise AuthenticationFailed(
                     f"the service at {e.where} refused the admin credentials for {e.username!r}"
                 ) from exc
-            raise ServiceUnavailable(f"cannot connect to the service at {e.where}: {exc}") from exc
-        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            if exc.code is not None:
+                raise ServiceUnavailable(f"cannot connect to the service at {e.where}: {exc}") from exc
+            raise ServiceUnavailable(
+                f"cannot reach the service at {e.where} (is `henge serve` running?): {exc}") from exc
+        except (OSError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {self.timeout:g} s"
             raise ServiceUnavailable(
                 f"cannot reach the service at {e.where} (is `henge serve` running?): {why}"
             ) from exc
         try:
-            await self._client.subscribe(self._reply_topic, qos=1)
-        except (aiomqtt.MqttError, TimeoutError) as exc:  # the service went away right after CONNACK
-            await self._close_client()
+            await self._client.subscribe([(self._reply_topic, 1)], timeout=self.timeout)
+        except (MqttClientError, TimeoutError) as exc:  # the service went away right after CONNACK
+            self._client.close()
             raise ServiceUnavailable(f"lost the connection to the service at {e.where}: {exc}") from exc
-        self._pump = asyncio.create_task(self._read())
+        self._watch = asyncio.create_task(self._watch_connection(self._client))
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            await asyncio.gather(self._pump, return_exceptions=True)
-        await self._close_client()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        if self._client is not None:
+            self._client.close()
 
-    async def _close_client(self) -> None:
-        """Disconnect (a lost connection is already closed), and take in aiomqtt's record of an
-        unexpected disconnection: left unread, asyncio prints it as "Future exception was never
-        retrieved" after the CLI's one error line."""
-        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            await asyncio.wait_for(self._client.__aexit__(None, None, None), self.timeout)
-        disconnected = self._client._disconnected
-        if disconnected.done() and not disconnected.cancelled():
-            disconnected.exception()
+    async def _watch_connection(self, client: MqttClient) -> None:
+        """A lost connection fails every waiting call at once (and ends an event stream)."""
+        await client.closed
+        failure = ServiceUnavailable("lost the connection to the service")
+        for waiter in self._replies.values():
+            if not waiter.done():
+                waiter.set_exception(failure)
+        if self._events is not None:
+            self._events.put_nowait(None)
 
-    async def _read(self) -> None:
-        try:
-            async for message in self._client.messages:
-                topic = str(message.topic)
-                payload = message.payload if isinstance(message.payload, bytes) else b""
-                if topic == self._reply_topic:
-                    try:
-                        body = json.loads(payload)
-                        if isinstance(body, dict) and "progress" in body:
-                            listener = self._progress.get(str(body.get("id")))
-                            if listener is not None:
-                                listener(body["progress"])
-                            continue
-                    except ValueError:
-                        continue
-                    if not isinstance(body, dict) or not isinstance(body.get("id"), str):
-                        continue
-                    waiter = self._replies.pop(body["id"], None)
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(body)
-                elif topic == self.topics.events and self._events is not None:
-                    try:
-                        from .models import Event
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self._reply_topic:
+            try:
+                body = json.loads(payload)
+            except ValueError:
+                return
+            if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+                return
+            if "progress" in body:
+                listener = self._progress.get(body["id"])
+                if listener is not None:
+                    listener(body["progress"])
+                return
+            waiter = self._replies.pop(body["id"], None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(body)
+        elif topic == self.topics.events and self._events is not None:
+            from .models import Event
 
-                        self._events.put_nowait(Event.model_validate_json(payload))
-                    except ValueError:
-                        continue
-        except aiomqtt.MqttError as exc:
-            failure = ServiceUnavailable(f"lost the connection to the service: {exc}")
-            for waiter in self._replies.values():
-                if not waiter.done():
-                    waiter.set_exception(failure)
-            if self._events is not None:
-                self._events.put_nowait(None)
+            try:
+                self._events.put_nowait(Event.model_validate_json(payload))
+            except ValueError:
+                return
 
     async def call(
         self, op: str, *, wait: float | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
@@ -256,6 +238,9 @@ class AdminClient:
 
         ``wait`` is how long the reply may take when the operation itself waits (``wait`` op).
         """
+        client = self._client
+        if client is None or not client.is_open:
+            raise ServiceUnavailable("lost the connection to the service")
         request_id = secrets.token_hex(8)
         request = {"id": request_id, "op": op, "args": args, "reply_to": self._reply_topic}
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -263,28 +248,26 @@ class AdminClient:
         if progress is not None:
             self._progress[request_id] = progress
         limit = self.timeout + (wait or 0.0)
-        sending: asyncio.Future[None] = asyncio.ensure_future(
-            self._client.publish(self.topics.admin_requests, json.dumps(request), qos=1))
+        sending = client.publish(self.topics.admin_requests, json.dumps(request).encode(), qos=1)
         try:
             async with asyncio.timeout(limit):
                 # A lost connection fails the waiter at once: do not sit out the publish's own timeout.
                 either: list[asyncio.Future[Any]] = [sending, waiter]
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 if sending.done():
-                    sending.result()  # the publish failed: MqttError
+                    sending.result()  # the publish failed: MqttClientError
                 reply = await waiter
         except TimeoutError as exc:
             raise ServiceUnavailable(f"the service did not answer {op!r} within {limit:g} s") from exc
-        except aiomqtt.MqttError as exc:
+        except MqttClientError as exc:
             raise ServiceUnavailable(f"lost the connection to the service: {exc}") from exc
         finally:
             self._replies.pop(request_id, None)
             self._progress.pop(request_id, None)
             if not sending.done():
                 sending.cancel()
-            await asyncio.gather(sending, return_exceptions=True)  # retrieved, whatever became of it
             if waiter.done() and not waiter.cancelled():
-                waiter.exception()  # a failure set by the reader and superseded by another: retrieved
+                waiter.exception()  # a failure set by the watcher and superseded by another: retrieved
         if not reply.get("ok"):
             error = reply.get("error") or {}
             raise RemoteError(str(error.get("code", "error")), str(error.get("message", "request failed")))
@@ -292,8 +275,14 @@ class AdminClient:
 
     async def events(self) -> AsyncIterator[Event]:
         """Every service event from now on, until the connection ends."""
+        client = self._client
+        if client is None or not client.is_open:
+            raise ServiceUnavailable("lost the connection to the service")
         self._events = asyncio.Queue()
-        await self._client.subscribe(self.topics.events, qos=0)
+        try:
+            await client.subscribe([(self.topics.events, 0)], timeout=self.timeout)
+        except (MqttClientError, TimeoutError) as exc:
+            raise ServiceUnavailable(f"lost the connection to the service: {exc}") from exc
         while True:
             event = await self._events.get()
             if event is None:

@@ -25,7 +25,11 @@ CONNACK_REASONS = {1: "unacceptable protocol version", 2: "identifier rejected",
 
 
 class MqttClientError(ConnectionError):
-    """The broker refused us, or the connection broke."""
+    """The broker refused us (``code``: the CONNACK return code), or the connection broke."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class MqttClient(asyncio.Protocol):
@@ -52,12 +56,18 @@ class MqttClient(asyncio.Protocol):
     async def connect(cls, host: str, port: int, *, client_id: str, username: str | None, password: str | None,
                       on_message: Callable[[str, bytes], None], keepalive: int = 30, clean_session: bool = True,
                       tls: ssl.SSLContext | None = None, timeout: float = 10.0,
-                      max_inflight: int = 2000) -> MqttClient:
+                      max_inflight: int = 2000, unix: str | None = None) -> MqttClient:
+        """Connected (CONNACK 0) over TCP to ``host:port``, or over the Unix socket ``unix``."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
-            _, protocol = await loop.create_connection(
-                lambda: cls(on_message, keepalive=keepalive, max_inflight=max_inflight), host, port, ssl=tls,
-                server_hostname=host if tls is not None else None)
+            def factory() -> MqttClient:
+                return cls(on_message, keepalive=keepalive, max_inflight=max_inflight)
+
+            if unix is not None:
+                _, protocol = await loop.create_unix_connection(factory, unix)
+            else:
+                _, protocol = await loop.create_connection(factory, host, port, ssl=tls,
+                                                           server_hostname=host if tls is not None else None)
             client: MqttClient = protocol
             client._send(codec.encode(codec.Connect(
                 client_id=client_id, keepalive=keepalive, clean_session=clean_session, username=username,
@@ -65,7 +75,8 @@ class MqttClient(asyncio.Protocol):
             ack = await asyncio.shield(client.connack)
         if ack.code != 0:
             client.close()
-            raise MqttClientError(f"the broker refused the connection: {CONNACK_REASONS.get(ack.code, ack.code)}")
+            raise MqttClientError(f"the broker refused the connection: {CONNACK_REASONS.get(ack.code, ack.code)}",
+                                  ack.code)
         client._schedule_ping()
         return client
 

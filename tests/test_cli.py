@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from henge_mqtt.cli import app
 
 from .conftest import ROOT, Running, henge_cli, next_message, payload_json, wait_status, wait_until
+from .ports import free_port
 
 
 async def cli(
@@ -409,6 +410,62 @@ def test_docs_cli_md_covers_every_command_and_flag() -> None:
 
     walk(typer.main.get_command(app), [])
     assert not missing, "\n".join(missing)
+
+
+def test_each_command_is_registered_by_the_module_home_names() -> None:
+    """``henge X`` loads only ``HOME[X]``: the table must name, for every command and group of the
+    whole tree, the one module that registers it (a command added elsewhere would vanish when run)."""
+    from henge_mqtt.cli import HOME
+
+    found: dict[str, set[str]] = {}
+    for info in app.registered_commands:
+        assert info.callback is not None
+        name = info.name or info.callback.__name__.replace("_", "-")
+        found.setdefault(name, set()).add(info.callback.__module__.rsplit(".", 1)[1])
+    for group in app.registered_groups:
+        assert group.name is not None and group.typer_instance is not None
+        modules = {c.callback.__module__.rsplit(".", 1)[1] for c in group.typer_instance.registered_commands
+                   if c.callback is not None}
+        found.setdefault(group.name, set()).update(modules)
+    assert {name: {module} for name, module in HOME.items()} == found
+
+
+LOADED = """
+import runpy, sys
+sys.argv = ["henge", *sys.argv[1:]]
+try:
+    runpy.run_module("henge_mqtt", run_name="__main__")
+except SystemExit:
+    pass
+heavy = ("henge_mqtt", "typer", "aiomqtt", "paho", "pydantic")
+print("LOADED " + " ".join(sorted(m for m in sys.modules if m.startswith(heavy))))
+"""
+
+
+def loaded_by(*args: str) -> set[str]:
+    """The modules ``henge ARGS`` imported (of ours and of the heavy libraries)."""
+    result = subprocess.run([sys.executable, "-c", LOADED, *args], capture_output=True, text=True, timeout=30,
+                            cwd=ROOT, stdin=subprocess.DEVNULL)
+    line = next(x for x in result.stdout.splitlines() if x.startswith("LOADED "))
+    return set(line.split()[1:])
+
+
+def test_a_command_imports_only_what_it_needs(tmp_path: Path) -> None:
+    """The CLI's start is most of a one-device push (issue 23): ``--version`` loads no command and no
+    typer; ``push`` loads its own module and neither the other commands, nor pydantic, nor aiomqtt
+    (the admin client runs on henge's own MQTT client); ``--help`` still shows the whole tree."""
+    version = loaded_by("--version")
+    assert not any(m.startswith("typer") for m in version) and "henge_mqtt.cli.configs" not in version
+    from henge_mqtt.paths import ADMIN_FILE, SERVICE_FILE
+
+    (tmp_path / SERVICE_FILE).write_text(json.dumps({"host": "127.0.0.1", "port": free_port()}))  # nobody there
+    (tmp_path / ADMIN_FILE).write_text(json.dumps({"name": "henge-admin", "secret": "s"}))
+    (tmp_path / "c.json").write_text("{}")
+    push = loaded_by("push", "d1", str(tmp_path / "c.json"), "--data", str(tmp_path), "--timeout", "1")
+    assert "henge_mqtt.cli.configs" in push and "henge_mqtt.client" in push
+    assert not push & {"henge_mqtt.cli.devices", "henge_mqtt.cli.serve", "henge_mqtt.cli.offline"}
+    assert not any(m.startswith(("pydantic", "aiomqtt", "paho")) for m in push), sorted(push)
+    assert {"henge_mqtt.cli.devices", "henge_mqtt.cli.serve"} <= loaded_by("--help")
 
 
 def test_systemd_unit_and_dockerfile_use_real_flags() -> None:

@@ -7,23 +7,19 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .conftest import ROOT
+from .ports import free_port
 
 
 def blocks(doc: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", (ROOT / doc).read_text(), re.S)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_every_python_block_of_library_md_runs(tmp_path: Path) -> None:

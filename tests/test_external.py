@@ -26,14 +26,11 @@ from henge_mqtt.store import Store
 
 from . import mqtt_raw as raw
 from .conftest import henge_cli, make_settings, next_message, payload_json, wait_status
+from .ports import free_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -19,6 +19,7 @@ from henge_mqtt.service import HengeService
 from henge_mqtt.store import Store
 
 from .conftest import ROOT, Running, henge_cli, make_settings, wait_status, wait_until
+from .ports import free_port as _free_port
 
 
 async def accept(config: dict[str, Any]) -> None:
@@ -219,12 +220,6 @@ class HaPair:
         self.mosquitto.wait(timeout=20)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _active(data: Path) -> bool:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from henge_mqtt.rollout_plan import plan
 from henge_mqtt.store import Store
 
 from .conftest import ROOT, Running, henge_cli, wait_status, wait_until
+from .ports import free_port as _free_port
 
 pytestmark = pytest.mark.both_stores  # each service test runs on SQLite and on PostgreSQL
 
@@ -329,10 +329,6 @@ asyncio.run(main())
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _serve(data: Path, port: int) -> subprocess.Popen[bytes]:

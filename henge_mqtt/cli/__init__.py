@@ -1,22 +1,77 @@
 """The ``henge`` command: ``serve`` runs the service; every other command is a client of it (over
 the admin protocol) or works on a data dir offline.
 
-A package with one room per job: ``app`` (the command tree), ``common`` (options, ``fail``, the
-admin call), ``render`` (tables, colours, answers), one module per thing the commands act on
-(``devices``, ``configs``, ``events``, ``rollouts``, ``layers``, ``tokens``, ``offline``, ``agent``),
-``serve`` (the service's lifecycle as a runner object) and ``main`` (the one exit). Importing a
-command module registers its commands on the tree.
+A package with one room per job: ``tree`` (the root app and its groups), ``common`` (options,
+``fail``, the admin call), ``render`` (tables, colours, answers), one module per thing the commands
+act on (``devices``, ``configs``, ``events``, ``rollouts``, ``layers``, ``tokens``, ``offline``,
+``agent``), ``serve`` (the service's lifecycle as a runner object) and ``runner`` (the one exit).
+Importing a command module registers its commands on the tree.
+
+A command loads only the module that defines it (``HOME``): typer builds a click command per
+function it is given, from its signature, and importing and building all of them cost more than
+the whole of ``henge push`` does otherwise. ``henge --version`` loads no command at all. Anything
+the table does not name (``henge``, ``henge --help``, a typo) gets the whole tree, so help and
+"no such command" read as they always did; ``app`` (the whole tree) is what tests and docs walk.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import TYPE_CHECKING, Any
 
-from .app import app
-from .main import command, main
+if TYPE_CHECKING:
+    import typer
 
-__all__ = ["app", "command", "main"]
+__all__ = ["HOME", "MODULES", "app", "command", "load", "main"]
 
 # Each module registers its commands when imported, in this order (the order of `henge --help`).
-for _module in ("serve", "configs", "devices", "offline", "events", "rollouts", "layers", "tokens", "agent"):
-    importlib.import_module(f".{_module}", __name__)
+MODULES = ("serve", "configs", "devices", "offline", "events", "rollouts", "layers", "tokens", "agent")
+
+# The module that registers each top-level command or group (tests/test_cli.py checks it against the tree).
+HOME: dict[str, str] = {
+    "serve": "serve", "push": "configs", "get": "configs", "history": "configs", "diff": "configs",
+    "rollback": "configs", "status": "devices", "kick": "devices", "clear-conflict": "devices",
+    "device": "devices", "migrate": "offline", "backup": "offline", "restore": "offline", "certs": "offline",
+    "broker-config": "offline", "events": "events", "audit": "events", "agent": "agent", "rollout": "rollouts",
+    "layer": "layers", "schema": "layers", "token": "tokens",
+}
+
+
+def load(name: str | None = None) -> typer.Typer:
+    """The command tree with ``name``'s commands registered; every command for ``None`` or a name
+    that is not in ``HOME``."""
+    for module in (HOME[name],) if name in HOME else MODULES:
+        importlib.import_module(f".{module}", __name__)
+    from .tree import app as tree
+
+    return tree
+
+
+def command() -> Any:
+    """The click command of the whole tree (what docs/cli.md is checked against)."""
+    from .runner import command as build
+
+    return build(load())
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # the whole tree
+        return load()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def main() -> None:
+    """``henge``: the one command named on the line, loaded and run (``runner.run``: one error
+    line, never a traceback)."""
+    args = sys.argv[1:]
+    if args == ["--version"]:
+        from .. import __version__
+
+        print(f"henge {__version__}")
+        sys.exit(0)
+    # The root takes no option with a value, so the first word that is not an option is the command.
+    name = next((arg for arg in args if not arg.startswith("-")), None)
+    from .runner import run
+
+    run(load(name))

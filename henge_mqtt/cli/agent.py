@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from .app import app
 from .common import fail, log_level_of, user_errors
+from .tree import app
 
 
 @app.command()

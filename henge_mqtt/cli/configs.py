@@ -11,7 +11,6 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import app
 from .common import (
     EXIT_REJECTED,
     EXIT_TIMEOUT,
@@ -34,6 +33,7 @@ from .common import (
     user_errors,
 )
 from .render import fleet_failure, fleet_lines, render_table, use_color
+from .tree import app
 
 
 @app.command(help=op_help("push", 'With --all or --label, to many devices at once (answered per device).'))

@@ -14,7 +14,6 @@ from typing import Annotated, Any
 import typer
 
 from ..results import fleet_summary, summary_line
-from .app import app, device_app
 from .common import (
     BrokerOpt,
     DataOpt,
@@ -30,6 +29,7 @@ from .common import (
     run_async,
 )
 from .render import Output, age, broker_said, device_block, dump, render_table, session_text, status_table, use_color
+from .tree import app, device_app
 
 
 @device_app.command("add", help=op_help("device.add"))

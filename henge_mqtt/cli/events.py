@@ -9,9 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import app
 from .common import BrokerOpt, DataOpt, JsonOpt, TimeoutOpt, call_op, device_arg, emit, endpoint, op_help, run_async
 from .render import render_table
+from .tree import app
 
 
 @app.command()

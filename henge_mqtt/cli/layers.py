@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import layer_app, schema_app
 from .common import (
     BrokerOpt,
     DataOpt,
@@ -25,6 +24,7 @@ from .common import (
     read_document,
 )
 from .render import render_table, warn_new_devices
+from .tree import layer_app, schema_app
 
 
 @layer_app.command("set", help=op_help("layer.set"))

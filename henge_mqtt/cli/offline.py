@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from .app import app, broker_config_app, certs_app
 from .common import BrokerOpt, DataOpt, JsonOpt, TimeoutOpt, call_op, emit, fail, user_errors
+from .tree import app, broker_config_app, certs_app
 
 
 @app.command()

@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import rollout_app
 from .common import (
     EXIT_INTERRUPTED,
     BrokerOpt,
@@ -24,6 +23,7 @@ from .common import (
     read_config,
 )
 from .render import render_table, rollout_lines
+from .tree import rollout_app
 
 
 @rollout_app.command("start", help=op_help("rollout.start"))

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from ..service import HengeService
     from ..settings import Settings
 
-from .app import app
 from .common import DataOpt, fail, log_level_of, user_errors
+from .tree import app
 
 
 @app.command()

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 
 from ..roles import ROLES
-from .app import token_app
 from .common import BrokerOpt, DataOpt, JsonOpt, TimeoutOpt, call_op, emit, fail, op_help
 from .render import render_table
+from .tree import token_app
 
 
 @token_app.command("create", help=op_help("token.create"))

@@ -1,4 +1,4 @@
-"""The CLI's one exit: ``main`` runs the command tree and turns every failure into one line.
+"""The CLI's one exit: ``run`` runs the command tree and turns every failure into one line.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from typing import Any
 import typer
 
 from ..errors import HengeError
-from .app import app
 from .common import EXIT_INTERRUPTED, EXIT_TIMEOUT, fail
 
 
-def command() -> Any:
+def command(app: typer.Typer) -> Any:
     """The click command tree of ``henge``, with usage lines in the plain form people read in man
     pages (``henge push [OPTIONS] [ID] [FILE|-]``, ``henge diff [OPTIONS] DEVICE A B``): typer marks a
     required argument ``{ID}`` (and lower-cases one without a metavar), which reads like a
@@ -35,22 +34,22 @@ def command() -> Any:
     return root
 
 
-def main() -> None:
+def run(app: typer.Typer) -> None:
     """The CLI's one exit: every failure is one ``error:`` line and a documented exit code, never a
     traceback (usage errors 2, failures 1; ``HENGE_DEBUG=1`` shows the traceback of an unexpected one)."""
     try:
-        code = _run_tree()
+        code = _run_tree(app)
     except typer.Exit as exc:  # every failure, said by `fail`
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _run_tree() -> Any:
+def _run_tree(app: typer.Typer) -> Any:
     """The command tree, with whatever escapes a command said by the CLI's one ``fail``."""
     from typer.exceptions import TyperException
 
     try:
-        return command()(standalone_mode=False)
+        return command(app)(standalone_mode=False)
     except (typer.Exit, SystemExit):
         raise
     except typer.Abort:
