@@ -384,6 +384,31 @@ async def test_idle_and_excess_http_connections_are_closed(running: Running, mon
             writer.close()
 
 
+async def test_a_keep_alive_answer_is_not_held_back_by_nagle(running: Running) -> None:
+    """uvicorn writes an answer's head and body apart; on a socket without TCP_NODELAY the body
+    waited for the client's delayed ACK (40 ms a request on a kept-alive connection). Every accepted
+    HTTP socket has TCP_NODELAY, and the answer's body is there right after its head."""
+    import socket
+
+    async with web(running) as (server, tokens):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            request = (f"GET /api/v1/summary HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tokens['viewer']}"
+                       "\r\n\r\n").encode()
+            for _ in range(2):  # the second request is the one that stalled
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                await asyncio.wait_for(reader.readexactly(length), 5)
+            assert server._server is not None
+            accepted = [c.transport.get_extra_info("socket") for c in server._server.server_state.connections]
+            assert accepted, "no accepted HTTP connection to look at"
+            assert all(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for sock in accepted)
+        finally:
+            writer.close()
+
+
 async def test_https_with_the_broker_kind_of_certificate(running: Running, tmp_path: Path) -> None:
     from henge_mqtt.certs import make_dev_certs
     from henge_mqtt.errors import SettingsError
