@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from henge_mqtt.http import HttpServer
-from henge_mqtt.http.stream import EventHub
+from henge_mqtt.http.stream import ITEM_BYTES, EventHub
 from henge_mqtt.models import Event
 
 from .conftest import ROOT, Running, reporting_device, wait_until
@@ -279,7 +279,7 @@ async def test_events_stream_filters_and_resumes_with_last_event_id(running: Run
 
 
 def test_a_slow_reader_is_dropped_and_its_backlog_freed() -> None:
-    hub = EventHub(replay=10, backlog=3)
+    hub = EventHub(replay_bytes=10 * (ITEM_BYTES + 120), backlog=3)
     client, _ = hub.subscribe(devices=None, types=None, last_event_id=None)
     for n in range(5):
         hub.on_event(Event(type="report", at="2026-01-01T00:00:00Z", device=f"d{n}"))
@@ -292,6 +292,12 @@ def test_a_slow_reader_is_dropped_and_its_backlog_freed() -> None:
         hub.on_event(Event(type="report", at="2026-01-01T00:00:00Z", device="x"))
     _, reset = hub.subscribe(devices=None, types=None, last_event_id=f"{hub.run}-1")
     assert reset is not None and "no longer" in reset
+    # ... in bytes: a storm of big events keeps no more than the bound, and always the newest one.
+    for n in range(50):
+        hub.on_event(Event(type="report", at="2026-01-01T00:00:00Z", device="x", data={"n": n, "pad": "y" * 300}))
+    assert hub.buffered <= 10 * (ITEM_BYTES + 120) and hub.last_id().endswith("-75")
+    _, reset = hub.subscribe(devices=None, types=None, last_event_id=f"{hub.run}-74")
+    assert reset is None
 
 
 async def test_presence_timeline_names_epochs_and_reasons(running: Running) -> None:

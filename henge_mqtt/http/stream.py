@@ -2,9 +2,12 @@
 
 Every service event gets an id ``<run>-<n>``: ``n`` only goes up within one run of the service,
 and ``run`` changes at every start, so a client resuming with an id from another run is told to
-reload (``event: reset``) instead of being handed a stream with a silent hole in it. The last
-``replay`` events are kept for ``Last-Event-ID``; each client has a bounded backlog, and a client
-that lets it fill is dropped (``event: dropped``): the broker never waits for a reader.
+reload (``event: reset``) instead of being handed a stream with a silent hole in it. The newest
+events are kept for ``Last-Event-ID``, bounded in bytes (``REPLAY_BYTES``), not in events: a connect
+storm of 10,000 devices is 10,000 events, and a count bound made the buffer grow with the fleet
+(about 0.4 KB per connected device). Each is kept as its UTF-8 JSON, made once. Each client has a
+bounded backlog, and a client that lets it fill is dropped (``event: dropped``): the broker never
+waits for a reader.
 """
 
 from __future__ import annotations
@@ -18,17 +21,23 @@ from dataclasses import dataclass, field
 from ..models import Event
 
 PRESENCE_TYPES = frozenset({"connected", "disconnected"})
+REPLAY_BYTES = 1024 * 1024  # the replay buffer: about 3,500 events of the usual size
+ITEM_BYTES = 120  # what an Item and its place in the deque cost beside its JSON (counted in the bound)
 
 
 @dataclass(slots=True)
 class Item:
-    """One event as streamed: its JSON, made once (about 250 bytes; the model is not kept), and
-    what the filters look at."""
+    """One event as streamed: its JSON as UTF-8, made once (about 180 bytes; the model is not kept),
+    and what the filters look at."""
 
     seq: int
     type: str
     device: str | None
-    json: str
+    json: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.json) + ITEM_BYTES
 
 
 @dataclass(slots=True, eq=False)
@@ -56,14 +65,21 @@ class Client:
 
 
 class EventHub:
-    def __init__(self, *, replay: int = 10_000, backlog: int = 5_000, heartbeat: float = 15.0) -> None:
+    def __init__(self, *, replay_bytes: int = REPLAY_BYTES, backlog: int = 5_000, heartbeat: float = 15.0) -> None:
         self.run = secrets.token_hex(4)
         self.heartbeat = heartbeat
         self._backlog = backlog
         self._seq = 0
-        self._buffer: deque[Item] = deque(maxlen=replay)
+        self._replay_bytes = replay_bytes
+        self._buffered = 0  # bytes in _buffer, as Item.size counts them
+        self._buffer: deque[Item] = deque()
         self._clients: set[Client] = set()
         self.dropped = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes the replay buffer holds (at most the bound, or one event if that one is bigger)."""
+        return self._buffered
 
     @property
     def clients(self) -> int:
@@ -72,8 +88,11 @@ class EventHub:
     def on_event(self, event: Event) -> None:
         """The service's event listener: O(clients), no I/O."""
         self._seq += 1
-        item = Item(self._seq, event.type, event.device, event.model_dump_json())
+        item = Item(self._seq, event.type, event.device, event.model_dump_json().encode())
         self._buffer.append(item)
+        self._buffered += item.size
+        while self._buffered > self._replay_bytes and len(self._buffer) > 1:
+            self._buffered -= self._buffer.popleft().size
         for client in self._clients:
             client.offer(item)
 
@@ -132,7 +151,7 @@ class EventHub:
                     chunk = []
                     while client.pending:
                         item = client.pending.popleft()
-                        chunk.append(f"id: {self.run}-{item.seq}\ndata: {item.json}\n\n")
+                        chunk.append(f"id: {self.run}-{item.seq}\ndata: {item.json.decode()}\n\n")
                     yield "".join(chunk)
                     continue
                 if client.closed:
