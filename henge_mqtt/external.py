@@ -25,7 +25,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -206,74 +206,81 @@ class ExternalBroker(TableViews):
     def admin_socket(self) -> str | None:
         return None
 
-    async def _run(self) -> None:
+    async def _keep(self, what: str, backoff: Backoff, *, client_id: str, clean_session: bool, max_inflight: int,
+                    up: Callable[[MqttClient], Awaitable[None]], down: Callable[[], None]) -> None:
+        """One connection to the broker, for ever: connect, ``up``, wait until it closes, ``down``,
+        back off (from the start again once a connection lived 10 s), and again."""
         while True:
             client: MqttClient | None = None
+            started = time.monotonic()
             try:
                 client = await MqttClient.connect(
-                    self.host, self.port, client_id=self.client_id, username=self.username, password=self.password,
-                    on_message=self._on_message, keepalive=30, clean_session=False, tls=self.tls_context,
-                    timeout=10, max_inflight=MAX_INFLIGHT if self._events is None else NATS_INFLIGHT)
-                self._client = client
+                    self.host, self.port, client_id=client_id, username=self.username, password=self.password,
+                    on_message=self._on_message, keepalive=30, clean_session=clean_session, tls=self.tls_context,
+                    timeout=10, max_inflight=max_inflight)
                 started = time.monotonic()
-                filters = [(f"{self.topics.prefix}/devices/+/report", 1), (self._sync_topic, 1)]
-                if self._events is None:  # (NATS: on the admin protocol's own connection)
-                    filters.append((self.topics.admin_requests, 1))
-                if self.tracker is None:  # the devices' announcements are the only presence there is
-                    filters.append((f"{self.topics.prefix}/devices/+/presence/device", 1))
-                if self._emqx is not None:  # EMQX's client events, on this connection
-                    filters += [(EMQX_CONNECTED, 0), (EMQX_DISCONNECTED, 0)]
-                await client.subscribe(filters)
-                self._dynsec = asyncio.get_running_loop().create_future()
-                self._tasks.spawn(self._probe_dynsec(client, self._dynsec))
-                if self._on_synced and self._events is None:  # after the retained announcements the subscription brings
-                    client.publish(self._sync_topic, b"sync", qos=1)
-                    if self._sync_timer is None:
-                        self._sync_timer = asyncio.get_running_loop().call_later(SYNC_TIMEOUT, self._synced)
-                # The broker may have restarted without persistence: the store's truth again.
-                for topic, (data, qos) in list(self.retained.items()):
-                    client.publish(topic, data, qos=qos, retain=True)
-                self.connected.set()
-                log.info("external.connected broker=%s:%d republished=%d", self.host, self.port, len(self.retained))
+                await up(client)
                 await client.closed
-                if time.monotonic() - started > 10:
-                    self.backoff.reset()
-                log.warning("external.disconnected broker=%s:%d", self.host, self.port)
+                log.warning("external.%s broker=%s:%d", what, self.host, self.port)
             except (MqttClientError, OSError, TimeoutError) as exc:
-                log.warning("external.disconnected broker=%s:%d error=%s", self.host, self.port, exc)
+                log.warning("external.%s broker=%s:%d error=%s", what, self.host, self.port, exc)
             finally:
-                self._client = None
-                self._dynsec = None
-                self.connected.clear()
+                down()
                 if client is not None:
                     client.close()
-            await asyncio.sleep(self.backoff.next_delay())
+            if time.monotonic() - started > 10:
+                backoff.reset()
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _run(self) -> None:
+        """The main connection: reports, presence, syncs, the retained configs (and, but on NATS,
+        the admin protocol)."""
+        await self._keep("disconnected", self.backoff, client_id=self.client_id, clean_session=False,
+                         max_inflight=MAX_INFLIGHT if self._events is None else NATS_INFLIGHT,
+                         up=self._main_up, down=self._main_down)
+
+    async def _main_up(self, client: MqttClient) -> None:
+        self._client = client
+        filters = [(f"{self.topics.prefix}/devices/+/report", 1), (self._sync_topic, 1)]
+        if self._events is None:  # (NATS: on the admin protocol's own connection)
+            filters.append((self.topics.admin_requests, 1))
+        if self.tracker is None:  # the devices' announcements are the only presence there is
+            filters.append((f"{self.topics.prefix}/devices/+/presence/device", 1))
+        if self._emqx is not None:  # EMQX's client events, on this connection
+            filters += [(EMQX_CONNECTED, 0), (EMQX_DISCONNECTED, 0)]
+        await client.subscribe(filters)
+        self._dynsec = asyncio.get_running_loop().create_future()
+        self._tasks.spawn(self._probe_dynsec(client, self._dynsec))
+        if self._on_synced and self._events is None:  # after the retained announcements the subscription brings
+            client.publish(self._sync_topic, b"sync", qos=1)
+            if self._sync_timer is None:
+                self._sync_timer = asyncio.get_running_loop().call_later(SYNC_TIMEOUT, self._synced)
+        # The broker may have restarted without persistence: the store's truth again.
+        for topic, (data, qos) in list(self.retained.items()):
+            client.publish(topic, data, qos=qos, retain=True)
+        self.connected.set()
+        log.info("external.connected broker=%s:%d republished=%d", self.host, self.port, len(self.retained))
+
+    def _main_down(self) -> None:
+        self._client = None
+        self._dynsec = None
+        self.connected.clear()
 
     async def _run_answers(self) -> None:
         """NATS: the admin protocol on a connection of its own (requests in, answers and events out).
         NATS stores each retained message in JetStream before it takes the next from a connection,
         so on the main one an answer would wait behind a republish of 10,000 configs (minutes)."""
-        backoff = Backoff(base=0.5, cap=15.0)
-        while True:
-            client: MqttClient | None = None
-            try:
-                client = await MqttClient.connect(
-                    self.host, self.port, client_id=f"{self.client_id}-admin", username=self.username,
-                    password=self.password, on_message=self._on_message, keepalive=30, clean_session=True,
-                    tls=self.tls_context, timeout=10, max_inflight=MAX_INFLIGHT)
-                await client.subscribe([(self.topics.admin_requests, 1)])
-                self._answers = client
-                self._answering.set()
-                backoff.reset()
-                await client.closed
-            except (MqttClientError, OSError, TimeoutError) as exc:
-                log.warning("external.admin_connection_lost broker=%s:%d error=%s", self.host, self.port, exc)
-            finally:
-                self._answers = None
-                self._answering.clear()
-                if client is not None:
-                    client.close()
-            await asyncio.sleep(backoff.next_delay())
+        await self._keep("admin_connection_lost", Backoff(base=0.5, cap=15.0), client_id=f"{self.client_id}-admin",
+                         clean_session=True, max_inflight=MAX_INFLIGHT, up=self._answers_up, down=self._answers_down)
+
+    async def _answers_up(self, client: MqttClient) -> None:
+        await client.subscribe([(self.topics.admin_requests, 1)])
+        self._answers = client
+        self._answering.set()
+
+    def _answers_down(self) -> None:
+        self._answers = None
+        self._answering.clear()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:

@@ -346,6 +346,14 @@ def _serve(data: Path, port: int) -> subprocess.Popen[bytes]:
         time.sleep(0.05)
 
 
+def wait_online(data: Path, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while (online := json.loads(henge_cli("status", "--summary", "--json", "--data", str(data)).stdout)["online"]
+           ) != count:
+        assert time.monotonic() < deadline, f"{online} devices online, not {count}"
+        time.sleep(0.1)
+
+
 def _check(data: Path, rollout: str, devices: list[str], value: int) -> dict[str, Any]:
     """What must hold after any kill: versions contiguous, no device given the rollout's config twice,
     waves published in order and whole."""
@@ -413,8 +421,12 @@ def test_kill_minus_nine_at_any_moment_of_a_rollout(tmp_path: Path) -> None:
         # A rollout that halts: killed while it reverts (or before), it still reverts each device once.
         reporters.kill()
         reporters.wait()
+        # The accepting devices gone, then every rejecting one connected: a wave whose devices are all
+        # offline is done at once.
+        wait_online(data, 0)
         reporters = subprocess.Popen([sys.executable, "-c", _REPORTERS, str(port), "reject", json.dumps(secrets)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_online(data, len(devices))
         started = henge_cli("rollout", "start", "-", "--all", "--wave-size", "8", "--max-rejected", "2",
                             "--data", str(data), "--json", input='{"v": 2}')
         rollout = json.loads(started.stdout)["id"]
