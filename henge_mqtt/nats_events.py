@@ -14,6 +14,7 @@ connections is about 400 KB); every network wait has a timeout; the reader is on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 64 * 1024 * 1024
 PAGE = 1000  # connections per CONNZ answer (about 400 KB: under NATS's default max_payload of 1 MB)
-ANSWER_QUIET = 0.5  # a snapshot's answers are complete once none came for this long (each node answers once)
+ANSWER_QUIET = 0.5  # a page's answers are complete once none came for this long (each node answers once),
+# or at once when every node of the last snapshot has answered it (the usual case: a quiet wait per page
+# was 5 s of a 10,000-device snapshot)
 ANSWER_MAX = 5.0
 PING_EVERY = 20.0
 TIMEOUT = 10.0
@@ -73,6 +76,10 @@ class Snapshot:
     servers: set[str] = field(default_factory=set)
     more: set[str] = field(default_factory=set)  # servers with another page to fetch
     last: float = 0.0
+    expected: frozenset[str] = frozenset()  # the nodes that answered the last snapshot
+    answered: set[str] = field(default_factory=set)  # the nodes that answered this page
+    offset: int = 0  # this page's (answers to another are late: ignored)
+    page_done: asyncio.Event = field(default_factory=asyncio.Event)  # every expected node answered it
 
 
 class Listener(Protocol):
@@ -103,9 +110,11 @@ class NatsEvents:
         self.backoff = Backoff(base=0.5, cap=10.0)
         self.connected = asyncio.Event()
         self.snapshots = 0  # completed snapshots (tests wait on it)
+        self.last_snapshot_s = 0.0  # how long the last one took, from the first request to the last answer
         self._writer: asyncio.StreamWriter | None = None
         self._inbox = f"_INBOX.henge.{secrets.token_hex(8)}"
         self._snapshot: Snapshot | None = None
+        self._servers: frozenset[str] = frozenset()  # the nodes that answered the last snapshot
         self._pong: asyncio.Event = asyncio.Event()
 
     async def run(self) -> None:
@@ -171,27 +180,34 @@ class NatsEvents:
             await asyncio.sleep(min(PING_EVERY, max(0.0, next_sync - time.monotonic())))
 
     async def _take_snapshot(self, writer: asyncio.StreamWriter) -> None:
-        snap = Snapshot()
+        snap = Snapshot(expected=self._servers)
+        started = time.monotonic()
         self._snapshot = snap
         self.listener.snapshot_begins()
         offset = 0
         while True:
             snap.more.clear()
+            snap.answered.clear()
+            snap.page_done.clear()
+            snap.offset = offset
             snap.last = time.monotonic()
             body = json.dumps({"offset": offset, "limit": PAGE, "auth": True}).encode()  # auth: the user names
             writer.write(b"PUB $SYS.REQ.ACCOUNT.%s.CONNZ %s.%d %d\r\n%s\r\n" % (
                 self.account.encode(), self._inbox.encode(), offset, len(body), body))
             await writer.drain()
             deadline = time.monotonic() + ANSWER_MAX
-            while time.monotonic() < deadline:  # answers come from every node; quiet means all are in
+            while time.monotonic() < deadline:  # answers come from every node: all known ones, or quiet
                 quiet = ANSWER_QUIET - (time.monotonic() - snap.last)
-                if quiet <= 0:
+                if quiet <= 0 or snap.page_done.is_set():
                     break
-                await asyncio.sleep(min(quiet, 0.05))
+                with contextlib.suppress(TimeoutError):  # a tick of the quiet clock, not a failure
+                    await asyncio.wait_for(snap.page_done.wait(), min(quiet, 0.05))
             if not snap.more:
                 break
             offset += PAGE
         self._snapshot = None
+        self._servers = frozenset(snap.servers)
+        self.last_snapshot_s = time.monotonic() - started
         self.snapshots += 1
         self.listener.snapshot(snap.connections, snap.servers)
 
@@ -225,7 +241,7 @@ class NatsEvents:
         if not isinstance(body, dict):
             return
         if subject.startswith(self._inbox):
-            self._answer(body)
+            self._answer(subject[len(self._inbox) + 1:], body)
             return
         server = (body.get("server") or {}).get("id")
         client = body.get("client")
@@ -240,14 +256,17 @@ class NatsEvents:
             reason = body.get("reason")
             self.listener.broker_disconnected(conn.key, reason if isinstance(reason, str) else "")
 
-    def _answer(self, body: dict[str, Any]) -> None:
+    def _answer(self, page: str, body: dict[str, Any]) -> None:
         snap = self._snapshot
         data = body.get("data")
         server = (body.get("server") or {}).get("id")
-        if snap is None or not isinstance(data, dict) or not isinstance(server, str):
+        if snap is None or not isinstance(data, dict) or not isinstance(server, str) or page != str(snap.offset):
             return
         snap.last = time.monotonic()
         snap.servers.add(server)
+        snap.answered.add(server)
+        if snap.expected and snap.expected <= snap.answered:
+            snap.page_done.set()
         for entry in data.get("connections") or []:
             if isinstance(entry, dict) and entry.get("type") == "mqtt":
                 conn = _connection(server, entry)
