@@ -47,6 +47,7 @@ class MqttClient(asyncio.Protocol):
         self._subacks: dict[int, asyncio.Future[tuple[int, ...]]] = {}
         self._waiting: deque[tuple[bytes, int, asyncio.Future[None]]] = deque()  # over the in-flight window
         self._ids = 0
+        self._out: list[bytes] = []  # packets written this loop turn, sent together at its end
         self._pinger: asyncio.TimerHandle | None = None
         self._heard = loop.time()
 
@@ -165,14 +166,25 @@ class MqttClient(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             with contextlib.suppress(RuntimeError):  # the loop may be closing
                 self._send(codec.disconnect())
+            self._flush()
             self.transport.close()
         self._fail(MqttClientError("closed"))
 
     # ---- internals -------------------------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        """Packets written in one loop turn go out in one ``write``: a publish each was a ``send``
+        syscall each (10,000 presence records after a snapshot: 0.7 s of syscalls)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
 
     def _next_id(self) -> int:
         for _ in range(65535):

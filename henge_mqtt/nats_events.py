@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 64 * 1024 * 1024
 PAGE = 1000  # connections per CONNZ answer (about 400 KB: under NATS's default max_payload of 1 MB)
 ANSWER_QUIET = 0.5  # a page's answers are complete once none came for this long (each node answers once),
-# or at once when every node of the last snapshot has answered it (the usual case: a quiet wait per page
-# was 5 s of a 10,000-device snapshot)
+# or at once when every node of the last snapshot (the first: of its first page) has answered it: a quiet
+# wait per page was 5 s of a 10,000-device snapshot, the presence a new active instance has to find
 ANSWER_MAX = 5.0
 PING_EVERY = 20.0
 TIMEOUT = 10.0
@@ -204,11 +204,16 @@ class NatsEvents:
                     await asyncio.wait_for(snap.page_done.wait(), min(quiet, 0.05))
             if not snap.more:
                 break
+            if not snap.expected:  # the first snapshot: the nodes that answered its first page
+                snap.expected = frozenset(snap.answered)
             offset += PAGE
         self._snapshot = None
         self._servers = frozenset(snap.servers)
         self.last_snapshot_s = time.monotonic() - started
         self.snapshots += 1
+        log.log(logging.INFO if self.snapshots == 1 else logging.DEBUG,
+                "nats_events.snapshot connections=%d nodes=%d took=%.3fs", len(snap.connections), len(snap.servers),
+                self.last_snapshot_s)
         self.listener.snapshot(snap.connections, snap.servers)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
