@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 # Requests and replies are plain JSON here (docs/protocol.md): the CLI starts without loading pydantic.
 
 
-
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     host: str
