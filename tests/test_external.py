@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ from henge_mqtt.settings import Settings
 from henge_mqtt.store import Store
 
 from . import mqtt_raw as raw
-from .conftest import henge_cli, make_settings, next_message, payload_json, wait_status
+from .conftest import henge_cli, make_settings, next_message, payload_json
+from .conftest import wait_status as _wait_status
 from .ports import free_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -148,7 +149,16 @@ async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]], *, 
         broker.stop()
 
 
-@pytest.fixture(params=["embedded", "mosquitto", "mosquitto-dynsec", "nats"])
+async def wait_status(fleet: Any, device: str, check: Callable[[dict[str, Any]], Any], timeout: float | None = None
+                      ) -> dict[str, Any]:
+    """conftest's, with 30 s instead of 10 in front of NATS: JetStream under the suite's two workers
+    once took more than 10 s to deliver a retained config to a new subscriber."""
+    patience = timeout if timeout is not None else 30.0 if getattr(fleet, "mode", None) == "nats" else 10.0
+    return await _wait_status(fleet, device, check, patience)
+
+
+@pytest.fixture(params=["embedded", "mosquitto", "mosquitto-dynsec",
+                        pytest.param("nats", marks=pytest.mark.xdist_group("nats"))])
 async def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fleet]:
     if request.param == "embedded":
         async with HengeService(make_settings(tmp_path / "data")) as service:

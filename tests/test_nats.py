@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,19 @@ from henge_mqtt.errors import InvalidDeviceId
 from henge_mqtt.nats_events import ANSWER_QUIET
 from henge_mqtt.service import HengeService
 
-from .conftest import henge_cli, next_message, payload_json, wait_status, wait_until
+from .conftest import henge_cli, next_message, payload_json, wait_until
+from .conftest import wait_status as _wait_status
 from .nats_cluster import ADMIN_SECRET, nats_service, wait_events
+
+# Every cluster on one test worker (three nats-server processes each; two clusters at once on two
+# cores starved JetStream), and 30 s where the rest of the suite waits 10.
+pytestmark = pytest.mark.xdist_group("nats")
+PATIENCE = 30.0
+
+
+async def wait_status(running: Any, device: str, check: Callable[[dict[str, Any]], Any],
+                      timeout: float = PATIENCE) -> dict[str, Any]:
+    return await _wait_status(running, device, check, timeout)
 
 
 class Running:
@@ -159,10 +170,12 @@ async def test_a_plain_client_gets_true_presence_from_the_cluster_events(tmp_pat
                     await wait_status(running, "dev1", lambda r: r["online"] and r["epoch"] > epoch)
                     first.loop_stop()  # (paho would reconnect and fight back)
                     await asyncio.sleep(0)
-                    await wait_until(lambda: any(e.get("reason") == "takeover" for e in seen), 10, "takeover seen")
+                    await wait_until(lambda: any(e.get("reason") == "takeover" for e in seen), PATIENCE,
+                                     "takeover seen")
                 row = await wait_status(running, "dev1", lambda r: not r["online"])
                 assert row["reason"] == "connection_closed"
-                await wait_until(lambda: seen[-1]["state"] == "offline", 10, "the retained presence says offline")
+                await wait_until(lambda: seen[-1]["state"] == "offline", PATIENCE,
+                                 "the retained presence says offline")
                 states = [(e["state"], e.get("reason")) for e in seen]
                 online_at = states.index(("online", "connected"))
                 assert ("offline", "connection_lost") not in states[online_at:]
@@ -176,7 +189,7 @@ async def test_a_plain_client_gets_true_presence_from_the_cluster_events(tmp_pat
         try:
             async with device(cluster.mqtt_ports[1], "dev2", secrets["dev2"], client_id="someone-else"):
                 await wait_status(running, "dev2", lambda r: r["online"])
-                await wait_until(lambda: flagged, 10, "identity_mismatch")
+                await wait_until(lambda: flagged, PATIENCE, "identity_mismatch")
         finally:
             stop()
         assert flagged[0].device == "dev2" and flagged[0].data["client_id"] == "someone-else"
