@@ -205,6 +205,12 @@ class AdminClient:
         if self._events is not None:
             self._events.put_nowait(None)
 
+    def _open(self) -> MqttClient:
+        """The connection, or the one error a call on a lost one gets."""
+        if self._client is None or not self._client.is_open:
+            raise ServiceUnavailable("lost the connection to the service")
+        return self._client
+
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self._reply_topic:
             try:
@@ -237,9 +243,7 @@ class AdminClient:
 
         ``wait`` is how long the reply may take when the operation itself waits (``wait`` op).
         """
-        client = self._client
-        if client is None or not client.is_open:
-            raise ServiceUnavailable("lost the connection to the service")
+        client = self._open()
         request_id = secrets.token_hex(8)
         request = {"id": request_id, "op": op, "args": args, "reply_to": self._reply_topic}
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -274,9 +278,7 @@ class AdminClient:
 
     async def events(self) -> AsyncIterator[Event]:
         """Every service event from now on, until the connection ends."""
-        client = self._client
-        if client is None or not client.is_open:
-            raise ServiceUnavailable("lost the connection to the service")
+        client = self._open()
         self._events = asyncio.Queue()
         try:
             await client.subscribe([(self.topics.events, 0)], timeout=self.timeout)

@@ -8,7 +8,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -21,23 +20,14 @@ from henge_mqtt.settings import Settings
 from henge_mqtt.store import Store
 
 from .conftest import henge_cli
+from .ports import free_ports
 
 NATS = shutil.which("nats-server") or "/usr/sbin/nats-server"
 ADMIN_SECRET = "admin-secret-for-tests-0123456789"
+# Waits in front of a cluster: 30 s where the rest of the suite waits 10 (JetStream on two busy cores
+# once took more than 10 s to deliver a retained config to a new subscriber).
+PATIENCE = 30.0
 
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (held open together, so no two are the same)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class NatsCluster:

@@ -151,9 +151,10 @@ async def external_fleet(tmp_path: Path, devices: dict[str, dict[str, Any]], *, 
 
 async def wait_status(fleet: Any, device: str, check: Callable[[dict[str, Any]], Any], timeout: float | None = None
                       ) -> dict[str, Any]:
-    """conftest's, with 30 s instead of 10 in front of NATS: JetStream under the suite's two workers
-    once took more than 10 s to deliver a retained config to a new subscriber."""
-    patience = timeout if timeout is not None else 30.0 if getattr(fleet, "mode", None) == "nats" else 10.0
+    """conftest's, with the cluster's patience in front of NATS (``nats_cluster.PATIENCE``)."""
+    from .nats_cluster import PATIENCE
+
+    patience = timeout if timeout is not None else PATIENCE if getattr(fleet, "mode", None) == "nats" else 10.0
     return await _wait_status(fleet, device, check, patience)
 
 

@@ -22,12 +22,11 @@ from henge_mqtt.service import HengeService
 
 from .conftest import henge_cli, next_message, payload_json, wait_until
 from .conftest import wait_status as _wait_status
-from .nats_cluster import ADMIN_SECRET, nats_service, wait_events
+from .nats_cluster import ADMIN_SECRET, PATIENCE, nats_service, wait_events
 
 # Every cluster on one test worker (three nats-server processes each; two clusters at once on two
-# cores starved JetStream), and 30 s where the rest of the suite waits 10.
+# cores starved JetStream).
 pytestmark = pytest.mark.xdist_group("nats")
-PATIENCE = 30.0
 
 
 async def wait_status(running: Any, device: str, check: Callable[[dict[str, Any]], Any],

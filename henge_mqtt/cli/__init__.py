@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import typer
 
-__all__ = ["HOME", "MODULES", "app", "command", "load", "main"]
+__all__ = ["HOME", "MODULES", "app", "load", "main"]
 
 # Each module registers its commands when imported, in this order (the order of `henge --help`).
 MODULES = ("serve", "configs", "devices", "offline", "events", "rollouts", "layers", "tokens", "agent")
@@ -46,13 +46,6 @@ def load(name: str | None = None) -> typer.Typer:
     from .tree import app as tree
 
     return tree
-
-
-def command() -> Any:
-    """The click command of the whole tree (what docs/cli.md is checked against)."""
-    from .runner import command as build
-
-    return build(load())
 
 
 def __getattr__(name: str) -> Any:
