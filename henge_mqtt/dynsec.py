@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .topics import DEVICE_PUBLISHES, DEVICE_READS
+
 TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSES = "$CONTROL/dynamic-security/v1/response"
 ADMIN_ROLE = "henge-admin"
@@ -35,13 +37,8 @@ def device_acls(prefix: str, device: str) -> list[dict[str, Any]]:
     """The same rights the password-file ACL gives a device: read its config and presence, write its
     report, read and write its own presence announcements."""
     base = f"{prefix}/devices/{device}"
-    return [
-        _allow("subscribeLiteral", f"{base}/config"),
-        _allow("subscribeLiteral", f"{base}/presence"),
-        _allow("subscribeLiteral", f"{base}/presence/device"),
-        _allow("publishClientSend", f"{base}/report"),
-        _allow("publishClientSend", f"{base}/presence/device"),
-    ]
+    return ([_allow("subscribeLiteral", f"{base}/{leaf}") for leaf in DEVICE_READS]
+            + [_allow("publishClientSend", f"{base}/{leaf}") for leaf in DEVICE_PUBLISHES])
 
 
 def admin_acls(prefix: str) -> list[dict[str, Any]]:

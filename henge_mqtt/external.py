@@ -241,7 +241,8 @@ class ExternalBroker(TableViews):
 
     async def _main_up(self, client: MqttClient) -> None:
         self._client = client
-        filters = [(f"{self.topics.prefix}/devices/+/report", 1), (self._sync_topic, 1)]
+        filters = [(f"{self.topics.prefix}/devices/+/{leaf}", 1) for leaf in ("report", "reported")]
+        filters.append((self._sync_topic, 1))
         if self._events is None:  # (NATS: on the admin protocol's own connection)
             filters.append((self.topics.admin_requests, 1))
         if self.tracker is None:  # the devices' announcements are the only presence there is
@@ -523,7 +524,7 @@ class ExternalBroker(TableViews):
         if found is None or not is_valid_device_id(found[0]):
             return
         device, leaf = found
-        if leaf == "report":
+        if leaf in ("report", "reported"):
             self.hooks.message(Principal("device", device), topic, payload)
         elif leaf == "presence/device":
             self._on_device_presence(device, payload)

@@ -307,6 +307,11 @@ class ExplainArgs(Frozen):
     version: int | None = Field(default=None, ge=1)
 
 
+class ReportedArgs(Frozen):
+    device: DeviceId
+    history: bool = False
+
+
 class LayerChange(Frozen):
     name: LayerName
     content: ConfigObject | None  # None: the layer's removal, staged

@@ -25,6 +25,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .topics import DEVICE_PUBLISHES, DEVICE_READS
+
 ACCOUNT = "HENGE"
 SYSTEM_ACCOUNT = "SYS"
 EVENTS_USER = "henge-events"
@@ -79,9 +81,9 @@ def _list(items: list[str]) -> str:
 def device_permissions(prefix: str, device: str) -> dict[str, list[str]]:
     """The same rights the Mosquitto ACL gives a device: read its config and presence, write its
     report, read and write its own presence announcements."""
-    base = subject(f"{prefix}/devices/{device}")
-    return {"publish": [f"{base}.report", f"{base}.presence.device"],
-            "subscribe": [f"{base}.config", f"{base}.presence", f"{base}.presence.device", "$MQTT.sub.>"]}
+    base = f"{prefix}/devices/{device}"
+    return {"publish": [subject(f"{base}/{leaf}") for leaf in DEVICE_PUBLISHES],
+            "subscribe": [subject(f"{base}/{leaf}") for leaf in DEVICE_READS] + ["$MQTT.sub.>"]}
 
 
 def admin_permissions(prefix: str) -> dict[str, list[str]]:

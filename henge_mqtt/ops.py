@@ -125,6 +125,10 @@ TABLE: tuple[Op, ...] = (
     _op("explain", "viewer", "Per value of a device's config: its JSON pointer and the layer that set it.",
         "ExplainArgs", "`device`, `version?`", "per value of the config: `{pointer, value, layer}`",
         "GET /devices/{device}/explain", returns="list[Explained]"),
+    _op("reported", "viewer", "What a device last reported it is and runs, and (with history) what it said before.",
+        "ReportedArgs", "`device`, `history?`",
+        "`{device, document, seq, changed_at, at, epoch}` (`document` null before its first report; `history`: "
+        "`[{seq, at, epoch, document}]`, newest first)", "GET /devices/{device}/reported", returns="ReportedState"),
     _op("push_many", "operator",
         "One config to every device or to those with all the labels, answered per device.",
         "PushManyArgs", "`all` or `labels`, `config`, `message?`, `force?`, `delivery_timeout?`, `report_timeout?`",

@@ -190,6 +190,25 @@ class Explained(TypedDict):
     layer: str  # fleet@3, a label layer's ref, or "device"
 
 
+class ReportedDocument(TypedDict):
+    seq: int
+    at: str  # when it arrived (RFC 3339)
+    epoch: int | None  # the connection it came in on
+    document: dict[str, Any]
+
+
+class ReportedState(TypedDict):
+    """What a device last said it is and runs (docs/protocol.md#reported-state)."""
+
+    device: str
+    document: dict[str, Any] | None  # None: it never reported
+    seq: int  # +1 at every change; 0 before the first
+    changed_at: str | None
+    at: str | None  # when the latest message arrived, changed or not
+    epoch: int | None
+    history: NotRequired[list[ReportedDocument]]  # newest first, the current one included
+
+
 class DeviceOutcome(TypedDict):
     version: int
     online: bool

@@ -77,6 +77,9 @@ class Settings(BaseModel):
     topic_prefix: str = Field(default="henge", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     max_config_bytes: int = Field(default=256 * 1024, ge=2)
     max_report_bytes: int = Field(default=16 * 1024, ge=64)
+    # A device's reported state (what it is and runs): the message and the merged document alike.
+    max_reported_bytes: int = Field(default=16 * 1024, ge=64, le=1024 * 1024)
+    reported_history: int = Field(default=20, ge=1, le=1000)  # earlier documents kept per device
     max_keepalive: float = Field(default=300.0, gt=0)
     max_packet_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_inflight: int = Field(default=50, ge=1, le=65000)

@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What a device may publish, under its own ``{prefix}/devices/{id}/``: the one list every ACL is
+# written from (the embedded broker's check, Mosquitto's ACL file and dynamic-security roles, NATS
+# permissions), so a new device topic cannot be allowed in one and refused in another.
+DEVICE_PUBLISHES = ("report", "reported", "presence/device")
+# What a device may read under its own root in an external broker's ACL (the embedded broker lets
+# it subscribe to anything under its root: nothing else is ever published there).
+DEVICE_READS = ("config", "presence", "presence/device")
+
 
 @dataclass(frozen=True, slots=True)
 class Topics:
@@ -18,6 +26,10 @@ class Topics:
 
     def report(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}/report"
+
+    def reported(self, device: str) -> str:
+        """Where a device says what it is and runs (its reported state, docs/protocol.md)."""
+        return f"{self.prefix}/devices/{device}/reported"
 
     def presence(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}/presence"
@@ -62,4 +74,5 @@ class Topics:
         return topic_filter == root or topic_filter.startswith(root + "/")
 
     def device_may_publish(self, device: str, topic: str) -> bool:
-        return topic == self.report(device) or topic == self.device_presence(device)
+        root = self.device_root(device)
+        return topic.startswith(root + "/") and topic[len(root) + 1:] in DEVICE_PUBLISHES

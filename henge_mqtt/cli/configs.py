@@ -130,8 +130,20 @@ def get(
     device: str,
     version: Annotated[int | None, typer.Option("--version", min=1, help="Default: the current one.")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="Per key, the layer that set it.")] = False,
+    reported: Annotated[bool, typer.Option("--reported", help="What the device reports it is and runs, "
+                                           "instead of the config it was sent.")] = False,
+    reported_history: Annotated[bool, typer.Option("--history", help="With --reported: the documents it "
+                                                   "reported before, newest first.")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
+    if reported_history and not reported:
+        fail("--history goes with --reported", code=2)
+    if reported:
+        if version is not None or explain:
+            fail("--reported shows the device's own document: no --version or --explain with it", code=2)
+        state = call_op(data, broker, timeout, "reported", device=device, history=reported_history)
+        emit(state, as_json, _reported_text)
+        return
     args: dict[str, Any] = {"device": device}
     if version is not None:
         args["version"] = version
@@ -143,6 +155,16 @@ def get(
         return
     result = call_op(data, broker, timeout, "get", **args)
     emit(result, as_json, lambda r: json.dumps(r["config"], indent=2, sort_keys=True))
+
+
+def _reported_text(state: dict[str, Any]) -> str:
+    if state["document"] is None:
+        return f"{state['device']} has not reported its state yet"
+    lines = [f"# {state['device']}: reported at {state['at']}, changed at {state['changed_at']} (#{state['seq']})",
+             json.dumps(state["document"], indent=2, sort_keys=True)]
+    for earlier in state.get("history", [])[1:]:
+        lines += [f"# #{earlier['seq']} at {earlier['at']}", json.dumps(earlier["document"], indent=2, sort_keys=True)]
+    return "\n".join(lines)
 
 
 @app.command(help=op_help("history"))

@@ -36,6 +36,7 @@ from ..results import (
     LayerChange,
     LayerInForce,
     LayerVersion,
+    ReportedState,
     ReportOutcome,
     RolloutStatus,
     RolloutSummary,
@@ -389,6 +390,11 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     @route("DELETE", "/layers/{name}")
     async def remove_layer(name: LayerName, force: bool = False) -> LayerChange:
         return await svc.remove_layer(name, force=force)
+
+    @route("GET", "/devices/{device}/reported")
+    async def reported(device: DeviceId, history: bool = False) -> ReportedState:
+        """What the device last reported it is and runs; ``history``: its kept documents, newest first."""
+        return await svc.reported(device, history=history)
 
     @route("GET", "/devices/{device}/explain")
     async def explain(device: DeviceId, version: Annotated[int | None, Query(ge=1)] = None) -> list[Explained]:

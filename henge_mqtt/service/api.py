@@ -33,6 +33,7 @@ from ..results import (
     LayerChange,
     LayerInForce,
     LayerVersion,
+    ReportedState,
     ReportOutcome,
     RolloutStatus,
     RolloutSummary,
@@ -520,6 +521,17 @@ class ServiceAPI:
         same = all(old[k] == new[k] for k in ("content", "labels", "priority"))
         return {"diff": unified_diff(old["content"], new["content"], f"{name}@{a}", f"{name}@{b}"), "same": same,
                 "a": old, "b": new}
+
+    async def reported(self, device: str, *, history: bool = False) -> ReportedState:
+        """What the device last reported it is and runs; with ``history``, its kept documents."""
+        found = await self.worker.run(self.store.reported_of, device, history)
+        answer: ReportedState = {
+            "device": device, "document": found["document"], "seq": found["seq"],
+            "changed_at": utc_text(found["changed_at"]), "at": utc_text(found["at"]), "epoch": found["epoch"]}
+        if history:
+            answer["history"] = [{"seq": h["seq"], "at": utc_text(h["at"]) or "", "epoch": h["epoch"],
+                                  "document": h["document"]} for h in found["history"]]
+        return answer
 
     async def explain(self, device: str, version: int | None = None) -> list[Explained]:
         """Per leaf of the device's config: which layer set it."""

@@ -113,7 +113,8 @@ class HengeService(ServiceAPI):
             self.events.broker = broker
             self.presence = PresencePublisher(self.topics, broker, self.events, store.has_device)
             self.reports = Reports(self.worker, self.events, s.max_report_bytes,
-                                   lambda d: broker.session(d, time.time()).online, self._tasks.spawn)
+                                   lambda d: broker.session(d, time.time()).online, self._tasks.spawn,
+                                   max_reported_bytes=s.max_reported_bytes, reported_history=s.reported_history)
             self.schemas = Schemas(store)
             await self.worker.run(self.schemas.load)
             store.validate = self.schemas.check  # inside every transaction that stores a version
@@ -303,6 +304,12 @@ class HengeService(ServiceAPI):
                 return report  # refused: a 5.0 device hears why in its PUBACK
             epoch = self.broker.session(principal.name, time.time()).epoch  # the connection it came in on
             self.reports.submit(principal.name, report, epoch or None)
+        elif principal.kind == "device" and topic == self.topics.reported(principal.name):
+            message = self.reports.parse_reported(principal.name, payload,
+                                                  self.broker.session(principal.name, time.time()).epoch or None)
+            if isinstance(message, int):
+                return message
+            self.reports.submit_reported(message)
         return 0
 
     async def _admin(self, payload: bytes, actor: str) -> None:

@@ -18,7 +18,7 @@ from ..topics import Topics
 log = logging.getLogger("henge_mqtt.service")
 
 EventListener = Callable[[Event], None]
-ROUTINE_EVENTS = frozenset({"connected", "disconnected", "report"})
+ROUTINE_EVENTS = frozenset({"connected", "disconnected", "report", "reported"})
 
 
 class Events:

@@ -244,6 +244,11 @@ async def _layer_remove(svc: ServiceAPI, a: models.LayerRefArgs, progress: Progr
     return await svc.remove_layer(a.name, message=a.message, force=a.force)
 
 
+@handles("reported")
+async def _reported(svc: ServiceAPI, a: models.ReportedArgs, progress: Progress) -> Any:
+    return await svc.reported(a.device, history=a.history)
+
+
 @handles("explain")
 async def _explain(svc: ServiceAPI, a: models.ExplainArgs, progress: Progress) -> Any:
     return await svc.explain(a.device, a.version)

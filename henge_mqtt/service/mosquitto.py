@@ -14,7 +14,14 @@ from typing import Literal
 
 from ..dynsec import document
 from ..errors import SettingsError, ValidationFailed
+from ..topics import DEVICE_PUBLISHES, DEVICE_READS
 from .auth import write_private
+
+
+def _access(leaf: str) -> str:
+    """A device's right to one of its own topics, as a Mosquitto ACL pattern says it."""
+    return {(True, False): "read", (False, True): "write"}.get(
+        (leaf in DEVICE_READS, leaf in DEVICE_PUBLISHES), "readwrite")
 
 
 def identities(data_dir: Path, admin_name: str, url: str | None = None, *, init: bool = False,
@@ -133,10 +140,8 @@ def write_mosquitto_config(
         f"user {admin_name}\n"
         f"topic readwrite {p}/#\n\n"
         "# every other user is a device: %u is its username, which is also its client id\n"
-        f"pattern read {p}/devices/%u/config\n"
-        f"pattern read {p}/devices/%u/presence\n"
-        f"pattern write {p}/devices/%u/report\n"
-        f"pattern readwrite {p}/devices/%u/presence/device\n"
+        + "".join(f"pattern {_access(leaf)} {p}/devices/%u/{leaf}\n"
+                  for leaf in dict.fromkeys(DEVICE_READS + DEVICE_PUBLISHES))
     ))
     _give_to(run_as, passwd, acl)
     conf.write_text(

@@ -1,7 +1,8 @@
-"""What devices tell us about the versions they were sent, and waiting for it (``push --wait``).
+"""What devices tell us: about the versions they were sent (reports, and waiting for them:
+``push --wait``), and about themselves (their reported state, docs/protocol.md#reported-state).
 
-Reports come in on the event loop; validating them is cheap and stays there, recording them
-goes to the store's thread in arrival order.
+Both come in on the event loop; validating them is cheap and stays there, recording them goes to
+the store's thread in arrival order, reports and reported states of one batch in one transaction.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import UnknownVersion, WaitTimeout
+from ..ids import StrictJSONError, strict_json
+from ..logs import LogLimiter
 from ..models import Report
 from ..results import ReportOutcome
-from ..store import StoreWorker
+from ..store import ReportedMessage, StoreWorker
 from .events import Events
 
 log = logging.getLogger("henge_mqtt.service")
@@ -44,21 +47,63 @@ class _Waiter:
 
 class Reports:
     def __init__(self, worker: StoreWorker, events: Events, max_bytes: int,
-                 is_online: Callable[[str], bool], spawn: Callable[[Coroutine[Any, Any, Any]], Any]) -> None:
+                 is_online: Callable[[str], bool], spawn: Callable[[Coroutine[Any, Any, Any]], Any], *,
+                 max_reported_bytes: int = 16 * 1024, reported_history: int = 20) -> None:
         self.worker = worker
         self.events = events
         self.max_bytes = max_bytes
+        self.max_reported_bytes = max_reported_bytes
+        self.reported_history = reported_history
         self.is_online = is_online
         self._waiters: dict[str, set[_Waiter]] = {}
         self._watchers: list[Callable[[str, Report], None]] = []
+        self._reported_watchers: list[Callable[[str, tuple[str, ...]], None]] = []
         self._pending: list[tuple[str, Report, int | None]] = []
+        self._pending_reported: list[ReportedMessage] = []
         self._flushing = False
         self._spawn = spawn
+        self._log = LogLimiter(log)  # a device can send a bad message ten times a second
 
     def watch(self, callback: Callable[[str, Report], None]) -> Callable[[], None]:
         """``callback(device, report)`` for every recorded report; returns a remover."""
         self._watchers.append(callback)
         return lambda: self._watchers.remove(callback)
+
+    def watch_reported(self, callback: Callable[[str, tuple[str, ...]], None]) -> Callable[[], None]:
+        """``callback(device, changed members)`` for every reported document that changed."""
+        self._reported_watchers.append(callback)
+        return lambda: self._reported_watchers.remove(callback)
+
+    def parse_reported(self, device: str, payload: bytes, epoch: int | None) -> ReportedMessage | int:
+        """A reported-state message ``{"document": {...}}`` or ``{"patch": {...}}``, or the 5.0
+        reason code to refuse it with (logged, rate-limited, and counted)."""
+        if len(payload) > self.max_reported_bytes:
+            self._bad_reported(device, f"{len(payload)} bytes, over max_reported_bytes")
+            return QUOTA_EXCEEDED
+        try:
+            body = strict_json(payload.decode("utf-8"))
+        except (UnicodeDecodeError, StrictJSONError, ValueError) as exc:
+            self._bad_reported(device, f"not strict JSON: {exc}")
+            return PAYLOAD_FORMAT_INVALID
+        if not isinstance(body, dict) or len(body) != 1 or not ({"document", "patch"} & body.keys()):
+            self._bad_reported(device, 'give exactly one of {"document": {...}} or {"patch": {...}}')
+            return PAYLOAD_FORMAT_INVALID
+        kind, value = next(iter(body.items()))
+        if not isinstance(value, dict):
+            self._bad_reported(device, f"{kind}: must be a JSON object")
+            return PAYLOAD_FORMAT_INVALID
+        return ReportedMessage(device, value, kind == "patch", epoch)
+
+    def submit_reported(self, message: ReportedMessage) -> None:
+        """Queue a parsed reported-state message: stored with the reports that arrived meanwhile."""
+        self._pending_reported.append(message)
+        if not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush())
+
+    def _bad_reported(self, device: str, why: str) -> None:
+        self.events.count("reported_invalid")
+        self._log.log(logging.WARNING, "reported.invalid", "device=%s problem=%s", device, why)
 
     def parse(self, device: str, payload: bytes) -> Report | int:
         """The report, or the 5.0 reason code to refuse it with (logged and counted): on the loop,
@@ -84,15 +129,27 @@ class Reports:
 
     async def _flush(self) -> None:
         try:
-            while self._pending:
+            while self._pending or self._pending_reported:
                 batch, self._pending = self._pending, []
-                await self._record(batch)
+                reported, self._pending_reported = self._pending_reported, []
+                await self._record(batch, reported)
         finally:
             self._flushing = False
 
-    async def _record(self, batch: list[tuple[str, Report, int | None]]) -> None:
-        outcomes = await self.worker.run(self.worker.store.record_reports,
-                                         [(d, r.version, r.status, r.error, e) for d, r, e in batch])
+    async def _record(self, batch: list[tuple[str, Report, int | None]], reported: list[ReportedMessage]) -> None:
+        outcomes, said = await self.worker.run(
+            self.worker.store.record_device_words, [(d, r.version, r.status, r.error, e) for d, r, e in batch],
+            reported, self.max_reported_bytes, self.reported_history)
+        for message, result in zip(reported, said, strict=True):
+            if result.outcome == "too_large":
+                self._bad_reported(message.device, f"merged: {result.size} bytes, over max_reported_bytes")
+            elif result.outcome == "ok" and result.changed:
+                self.events.count("reported_changed")
+                self.events.emit("reported", message.device, seq=result.seq, changed=list(result.changed))
+                for callback in list(self._reported_watchers):
+                    callback(message.device, result.changed)
+            elif result.outcome == "ok":
+                self.events.count("reported_unchanged")
         for (device, report, _), outcome in zip(batch, outcomes, strict=True):
             if outcome == "unknown":
                 log.info("report.unknown_device device=%s", device)  # removed while its report was in flight
@@ -109,7 +166,7 @@ class Reports:
 
     def _bad(self, device: str, why: str) -> None:
         self.events.count("reports_invalid")
-        log.warning("report.invalid device=%s problem=%s", device, why)
+        self._log.log(logging.WARNING, "report.invalid", "device=%s problem=%s", device, why)
 
     async def wait_for(self, device: str, version: int, timeout: float) -> ReportOutcome:
         """Until ``device`` reports ``version`` applied or rejected; raise WaitTimeout otherwise."""

@@ -2,7 +2,7 @@
 and configs.
 
 :class:`Store` is synchronous (WAL, ``BEGIN IMMEDIATE``, one transaction per operation) and is
-composed of one repository per aggregate (devices, versions, reports, sessions, audit, admins,
+composed of one repository per aggregate (devices, versions, reports, reported states, sessions, audit, admins,
 layers, rollouts, schemas, tokens), each a module here, all sharing one connection (``core``).
 :class:`StoreWorker` gives it one thread of its own, datasette's habit: every call runs there in
 order, so admin operations stay atomic with respect to each other while the event loop, which
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from .credentials import hash_secret, mosquitto_hash, new_secret
 from .db import DatabaseError, IntegrityError
+from .reported import ReportedMessage, ReportedOutcome
 from .reports import DeviceReports
 from .schema import DB_FILE, MIGRATIONS
 from .store import Store
 from .worker import StoreWorker
 
-__all__ = ["DB_FILE", "MIGRATIONS", "DatabaseError", "DeviceReports", "IntegrityError", "Store", "StoreWorker",
+__all__ = ["DB_FILE", "MIGRATIONS", "DatabaseError", "DeviceReports", "IntegrityError", "ReportedMessage",
+           "ReportedOutcome", "Store", "StoreWorker",
            "hash_secret", "mosquitto_hash", "new_secret"]

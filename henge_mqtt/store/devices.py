@@ -148,17 +148,24 @@ class Devices(StoreCore):
         return devices
 
     def status_source(self, *, device: str | None = None, after: str = "", labels: dict[str, str] | None = None,
-                      batch: int = -1) -> tuple[list[tuple[Any, ...]], str | None]:
+                      batch: int = -1, with_reported: bool = False) -> tuple[list[tuple[Any, ...]], str | None]:
         """What a status row needs from the store, by device id: ``(id, labels, desired version,
-        applied version, applied at, rejected version, rejected error)``, ``batch`` devices after
-        ``after`` (-1: all), filtered by labels; and the last id scanned, or None when no device is
-        left. Tuples, not models: 10,000 rows in a few milliseconds (an index lookup per version)."""
+        applied version, applied at, rejected version, rejected error, drift, reported at, reported
+        document)``, ``batch`` devices after ``after`` (-1: all), filtered by labels; and the last
+        id scanned, or None when no device is left. ``drift``: the device's reported
+        ``config_sha256`` is not the applied version's; the document is its JSON text, only
+        ``with_reported`` (None otherwise). Tuples, not models: 10,000 rows in a few milliseconds
+        (an index lookup per version)."""
         where, args = ("d.id = ?", [device]) if device is not None else ("d.id > ?", [after])
         limit = "" if batch == -1 else f" LIMIT {int(batch)}"
         rows = self._db.execute(
             "SELECT d.id, d.labels, COALESCE((SELECT MAX(v.version) FROM config_versions v WHERE v.device = d.id), 0), "
-            "r.applied_version, r.applied_at, r.rejected_version, r.rejected_error "
-            f"FROM devices d LEFT JOIN device_reports r ON r.device = d.id WHERE {where} ORDER BY d.id{limit}",
+            "r.applied_version, r.applied_at, r.rejected_version, r.rejected_error, "
+            "CASE WHEN p.config_sha256 IS NOT NULL AND p.config_sha256 <> (SELECT v.sha256 FROM config_versions v "
+            "WHERE v.device = d.id AND v.version = r.applied_version) THEN 1 ELSE 0 END, p.at, "
+            f"{'p.document' if with_reported else 'NULL'} "
+            "FROM devices d LEFT JOIN device_reports r ON r.device = d.id LEFT JOIN reported p ON p.device = d.id "
+            f"WHERE {where} ORDER BY d.id{limit}",
             args,
         ).fetchall()
         last = rows[-1][0] if rows and batch != -1 and len(rows) == batch else None

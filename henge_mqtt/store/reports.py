@@ -17,12 +17,13 @@ class DeviceReports:
     rejected_error: str | None = None
     rejected_at: str | None = None
 
-    def sync(self, desired: int) -> str:
-        """in_sync / pending / rejected / unknown, as documented in docs/protocol.md."""
+    def sync(self, desired: int, drift: bool = False) -> str:
+        """in_sync / drift / pending / rejected / unknown, as documented in docs/protocol.md
+        (``drift``: the config the device reports having is not the version it applied)."""
         if self.applied_version is None and self.rejected_version is None:
             return "unknown"
         if self.applied_version is not None and self.applied_version >= desired:
-            return "in_sync"
+            return "drift" if drift else "in_sync"
         if self.rejected_version == desired:
             return "rejected"
         return "pending"
@@ -33,21 +34,24 @@ class Reports(StoreCore):
         """Many reports ``(device, version, status, error, epoch)`` in one transaction (a wave's
         devices answer together): per report ``ok``, ``unknown`` (a device removed meanwhile) or
         ``newer`` (a version it was never sent)."""
+        with self._tx():
+            return self._record_reports(reports)
+
+    def _record_reports(self, reports: list[tuple[str, int, str, str | None, int | None]]) -> list[str]:
         outcomes: list[str] = []
         now = ts(utc_now())
-        with self._tx():
-            current: dict[str, int] = {}
-            for device, version, status, error, epoch in reports:
-                if device not in self._hashes:
-                    outcomes.append("unknown")
-                    continue
-                if device not in current:
-                    current[device] = self._current_version(device)
-                if version > current[device]:
-                    outcomes.append("newer")
-                    continue
-                self._store_report(device, version, status, error, now, epoch)
-                outcomes.append("ok")
+        current: dict[str, int] = {}
+        for device, version, status, error, epoch in reports:
+            if device not in self._hashes:
+                outcomes.append("unknown")
+                continue
+            if device not in current:
+                current[device] = self._current_version(device)
+            if version > current[device]:
+                outcomes.append("newer")
+                continue
+            self._store_report(device, version, status, error, now, epoch)
+            outcomes.append("ok")
         return outcomes
 
     def _store_report(self, device: str, version: int, status: str, error: str | None, now: str,

@@ -177,6 +177,25 @@ MIGRATIONS: list[str] = [
     ALTER TABLE devices ADD COLUMN bcrypt_hash TEXT;   -- NATS checks bcrypt (broker-config nats)
     ALTER TABLE admins ADD COLUMN bcrypt_hash TEXT;
     """,
+    """
+    CREATE TABLE reported (              -- what each device last said it is and runs (docs/protocol.md)
+        device TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        document TEXT NOT NULL,          -- canonical JSON of the merged document
+        config_sha256 TEXT,              -- its config_sha256 member (drift is a comparison in SQL)
+        seq INTEGER NOT NULL,            -- +1 at every change of the document
+        changed_at TEXT NOT NULL,        -- when it last changed
+        at TEXT NOT NULL,                -- when the latest message arrived, changed or not
+        epoch INTEGER                    -- the connection that message came in on
+    );
+    CREATE TABLE reported_history (      -- the last reported_history documents of each device
+        device TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        document TEXT NOT NULL,
+        at TEXT NOT NULL,
+        epoch INTEGER,
+        PRIMARY KEY (device, seq)
+    );
+    """,
 ]
 
 
