@@ -3,21 +3,27 @@
 The agent holds one connection as its device, applies each new, verified snapshot (write a file
 atomically, or run a command with the config on stdin), reports applied/rejected, remembers what
 it did across reboots, and reconnects forever with bounded, jittered exponential backoff. It
-imports nothing of the server side (no amqtt): it is what runs on the device.
+also reports what the device is and runs (its reported state, docs/protocol.md#reported-state):
+a base set of its own plus what ``--report-cmd`` prints, on connect, after each config, and every
+``report_interval`` when something changed, such as the config file edited on the device. It
+imports nothing of the server side: it is what runs on the device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import platform
 import secrets
 import shlex
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +31,10 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from pydantic import ValidationError
 
+from . import __version__
 from .backoff import Backoff
-from .models import Snapshot, config_sha256
+from .ids import StrictJSONError, strict_json
+from .models import Snapshot, config_sha256, rfc3339, utc_now
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -162,12 +170,42 @@ class Agent:
     backoff: Backoff = field(default_factory=Backoff)
     connect_timeout: float = 10.0
     mqtt5: bool = True  # MQTT 5.0 by default: the server then says why it closed a connection
+    config_file: Path | None = None  # where the config lives on the device (--write): reported, reconciled
+    report_cmd: list[str] | None = None  # prints a JSON object to report besides the base set
+    report_interval: float = 60.0  # seconds between checks for a changed reported state
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.topic_prefix)
         self.session = ""
         self.state = AgentState.load(self.state_path)
         self.last_disconnect: Disconnected | None = None
+        self.started_at = rfc3339(utc_now())
+        self.booted_at = boot_time()
+        self.last_reported: dict[str, Any] | None = None  # what this connection last sent
+
+    async def reported_document(self) -> dict[str, Any]:
+        """What this device is and runs: ``--report-cmd``'s object, then the base set over it
+        (docs/protocol.md#reported-state lists the base set)."""
+        document = await run_report_cmd(self.report_cmd) if self.report_cmd else {}
+        document.update({
+            "agent": {"name": "henge-agent", "version": __version__},
+            "platform": {"system": platform.system(), "release": platform.release(),
+                         "machine": platform.machine(), "python": platform.python_version()},
+            "started_at": self.started_at, "booted_at": self.booted_at,
+            "applied_version": self.state.applied_version or None,
+        })
+        if self.config_file is not None:
+            document["config_sha256"] = file_sha256(self.config_file)
+        return document
+
+    async def send_reported(self, client: aiomqtt.Client, *, force: bool = False) -> bool:
+        """The reported state, when it changed since this connection last sent it (or ``force``)."""
+        document = await self.reported_document()
+        if document == self.last_reported and not force:
+            return False
+        await client.publish(self.topics.reported(self.device), json.dumps({"document": document}), qos=1)
+        self.last_reported = document
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until ``stop`` is set; never gives up on the network."""
@@ -275,14 +313,24 @@ class Agent:
                 # Refused (an ACL, or a NATS node whose JetStream is not back yet after a node loss):
                 # connected but deaf would be worse than trying again.
                 raise aiomqtt.MqttError("the broker refused the config subscription; trying again")
+            self.last_reported = None
+            await guarded(self.send_reported(client))
             if self.state.applied_version and not stop.is_set():
                 # Heal a report lost with the previous connection; the server keeps the highest.
                 await guarded(self._report(client, self.state.applied_version, "applied", None))
+            loop = asyncio.get_running_loop()
+            next_check = loop.time() + self.report_interval
             while not stop.is_set():
-                message = await guarded(inbox.get())
+                try:
+                    message = await guarded(asyncio.wait_for(inbox.get(), max(0.0, next_check - loop.time())))
+                except TimeoutError:
+                    message = None
                 if message is not None:
                     payload = message.payload if isinstance(message.payload, bytes) else b""
                     await guarded(self.handle(client, payload))
+                if loop.time() >= next_check and not stop.is_set():
+                    next_check = loop.time() + self.report_interval
+                    await guarded(self.send_reported(client))
             body = {"state": "offline", "session": self.session, "reason": "client_disconnect"}
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 async with asyncio.timeout(STOP_GRACE / 2):  # a goodbye, bounded: SIGTERM is prompt
@@ -310,7 +358,13 @@ class Agent:
         if snap.device != self.device or snap.sha256 != config_sha256(snap.config):
             log.warning("agent.unverified_snapshot device=%s version=%d", self.device, snap.version)
             return
-        if snap.version <= self.state.applied_version or snap.version == self.state.rejected_version:
+        if snap.version == self.state.applied_version and self.config_file is not None and (
+                file_sha256(self.config_file) != snap.sha256):
+            # The version it runs, delivered again (henge push --reconcile, or a reconnect) while the
+            # file says something else (edited on the device): the file is put back.
+            log.warning("agent.reconcile device=%s version=%d: %s was changed on the device; writing it again",
+                        self.device, snap.version, self.config_file)
+        elif snap.version <= self.state.applied_version or snap.version == self.state.rejected_version:
             log.debug("agent.skip device=%s version=%d", self.device, snap.version)
             return
         try:
@@ -324,6 +378,9 @@ class Agent:
         self.state.applied_version = snap.version
         self.state.save(self.state_path)
         log.info("agent.applied device=%s version=%d", self.device, snap.version)
+        # The reported state first (its config_sha256 is now this version's), then the report: the
+        # service never sees "applied" next to the old file's hash (it would read as drift).
+        await self.send_reported(client)
         await self._report(client, snap.version, "applied", None)
 
     async def _report(self, client: aiomqtt.Client, version: int, status: str, error: str | None) -> None:
@@ -333,8 +390,74 @@ class Agent:
         await client.publish(self.topics.report(self.device), json.dumps(body), qos=1)
 
 
-def parse_exec(command: str) -> list[str]:
-    parts = shlex.split(command)
+REPORT_CMD_TIMEOUT = 10.0
+REPORT_CMD_MAX_BYTES = 64 * 1024
+
+
+def file_sha256(path: Path) -> str | None:
+    """The config a file holds, as henge hashes configs: the SHA-256 of the canonical JSON of the
+    object it parses to (so a pretty-printed copy of version 4 matches version 4's sha256); the
+    SHA-256 of its bytes when it is not a JSON object (it then matches no version: drift); None
+    when there is no file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    try:
+        parsed = strict_json(data.decode("utf-8"))
+    except (UnicodeDecodeError, StrictJSONError, ValueError):
+        parsed = None
+    return config_sha256(parsed) if isinstance(parsed, dict) else hashlib.sha256(data).hexdigest()
+
+
+def boot_time() -> str | None:
+    """When the machine booted (Linux ``/proc/stat``), so uptime is ``now - booted_at``: a start time
+    stays the same from one report to the next, an uptime would make every report a change."""
+    try:
+        with open("/proc/stat") as fh:
+            for line in fh:
+                if line.startswith("btime "):
+                    return rfc3339(datetime.fromtimestamp(int(line.split()[1]), UTC))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+async def run_report_cmd(command: list[str]) -> dict[str, Any]:
+    """What ``--report-cmd`` prints: one JSON object on stdout, within 10 s and 64 KiB; otherwise
+    ``{"report_cmd_error": why}``, reported like the rest (the operator sees what went wrong)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        return {"report_cmd_error": f"cannot run {command[0]}: {exc.strerror or exc}"}
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), REPORT_CMD_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return {"report_cmd_error": f"{command[0]} did not finish within {REPORT_CMD_TIMEOUT:g} s"}
+    if proc.returncode != 0:
+        return {"report_cmd_error": (err.decode(errors="replace").strip()[-500:]
+                                     or f"{command[0]} exited with status {proc.returncode}")}
+    if len(out) > REPORT_CMD_MAX_BYTES:
+        return {"report_cmd_error": f"{command[0]} printed {len(out)} bytes, over {REPORT_CMD_MAX_BYTES}"}
+    try:
+        found = strict_json(out.decode("utf-8"))
+    except (UnicodeDecodeError, StrictJSONError, ValueError) as exc:
+        return {"report_cmd_error": f"{command[0]} did not print JSON: {exc}"}
+    if not isinstance(found, dict):
+        return {"report_cmd_error": f"{command[0]} printed JSON that is not an object"}
+    return found
+
+
+def parse_exec(command: str, option: str = "--exec") -> list[str]:
+    try:
+        parts = shlex.split(command)
+    except ValueError as exc:  # an unclosed quote
+        raise ValueError(f"{option}: {exc}") from None
     if not parts:
-        raise ValueError("--exec needs a command")
+        raise ValueError(f"{option} needs a command")
     return parts

@@ -222,11 +222,14 @@ class RollbackArgs(Frozen):
     message: str = Field(default="", max_length=1024)
 
 
+SyncState = Literal["in_sync", "drift", "pending", "rejected", "unknown", "invalid"]  # results.SYNC_STATES
+
+
 class StatusArgs(Frozen):
     device: DeviceId | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     state: Literal["online", "offline", "quarantined"] | None = None
-    sync: Literal["in_sync", "pending", "rejected", "unknown", "invalid"] | None = None
+    sync: SyncState | None = None
     conflict: bool | None = None
 
 
@@ -305,6 +308,10 @@ class LayerDiffArgs(Frozen):
 class ExplainArgs(Frozen):
     device: DeviceId
     version: int | None = Field(default=None, ge=1)
+
+
+class ReconcileArgs(Frozen):
+    device: DeviceId
 
 
 class ReportedArgs(Frozen):

@@ -125,6 +125,11 @@ TABLE: tuple[Op, ...] = (
     _op("explain", "viewer", "Per value of a device's config: its JSON pointer and the layer that set it.",
         "ExplainArgs", "`device`, `version?`", "per value of the config: `{pointer, value, layer}`",
         "GET /devices/{device}/explain", returns="list[Explained]"),
+    _op("reconcile", "operator",
+        "Deliver a device's current version again (its agent rewrites a config file edited on the device).",
+        "ReconcileArgs", "`device`", "`{device, version, online, sync}`: `online` whether it was connected to get it "
+        "now (an offline device gets it when it connects, as always); `sync` as it stood before",
+        "POST /devices/{device}/reconcile", returns="Reconciled"),
     _op("reported", "viewer", "What a device last reported it is and runs, and (with history) what it said before.",
         "ReportedArgs", "`device`, `history?`",
         "`{device, document, seq, changed_at, at, epoch}` (`document` null before its first report; `history`: "

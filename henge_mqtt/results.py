@@ -108,7 +108,8 @@ class StatusRow(TypedDict):
     quarantined_until: str | None
     applied_version: int | None
     applied_at: str | None
-    sync: str  # in_sync, pending, rejected, unknown, invalid
+    sync: str  # one of SYNC_STATES
+    reported_at: str | None  # when its latest reported state arrived
     error: str | None
     rejected_version: int | None
     undeliverable: dict[str, Any] | None  # why its config cannot reach it (too large for its client)
@@ -116,8 +117,14 @@ class StatusRow(TypedDict):
     session: SessionInfo | None
 
 
+# Every sync state a device can be in (docs/protocol.md#reports), in the order henge lists them;
+# ``models.SyncState`` is the same set as a type (tests/test_twins.py checks they agree).
+SYNC_STATES = ("in_sync", "drift", "pending", "rejected", "unknown", "invalid")
+
+
 class SyncCounts(TypedDict):
     in_sync: int
+    drift: int
     pending: int
     rejected: int
     unknown: int
@@ -148,8 +155,8 @@ def fleet_summary(devices: Iterable[tuple[str, str, bool]]) -> FleetSummary:
         conflicts += conflict
     return {"devices": total, "online": states["online"], "offline": states["offline"],
             "quarantined": states["quarantined"], "conflicts": conflicts,
-            "sync": {"in_sync": sync["in_sync"], "pending": sync["pending"], "rejected": sync["rejected"],
-                     "unknown": sync["unknown"], "invalid": sync["invalid"]}}
+            "sync": {"in_sync": sync["in_sync"], "drift": sync["drift"], "pending": sync["pending"],
+                     "rejected": sync["rejected"], "unknown": sync["unknown"], "invalid": sync["invalid"]}}
 
 
 def summary_line(summary: FleetSummary) -> str:
@@ -188,6 +195,13 @@ class Explained(TypedDict):
     pointer: str  # RFC 6901
     value: Any
     layer: str  # fleet@3, a label layer's ref, or "device"
+
+
+class Reconciled(TypedDict):
+    device: str
+    version: int  # the current version, delivered again
+    online: bool  # connected to get it now
+    sync: str  # as it stood before (drift, for a device whose file was edited)
 
 
 class ReportedDocument(TypedDict):

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
+import signal
+import sys
 import threading
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 import paho.mqtt.client as paho
 
 from henge_mqtt import codec
-from henge_mqtt.models import Event, config_sha256
+from henge_mqtt.models import Event, SyncState, config_sha256
+from henge_mqtt.results import SYNC_STATES
 
-from .conftest import Running, henge_cli, next_message, payload_json, wait_status, wait_until
+from .conftest import ROOT, Running, henge_cli, next_message, payload_json, wait_status, wait_until
 from .test_http import client as http_client
 from .test_http import web
 from .test_mqtt5 import device5
@@ -169,7 +174,7 @@ async def test_drift_when_the_reported_config_is_not_the_applied_version(running
     await client.read_until(codec.Suback)
     await client.read_until(codec.Publish)  # the retained snapshot
     answer = await running.service.reconcile("d1")
-    assert answer == {"device": "d1", "version": 1, "delivered": True, "sync": "drift"}
+    assert answer == {"device": "d1", "version": 1, "online": True, "sync": "drift"}
     again = await client.read_until(codec.Publish)
     assert json.loads(again.payload)["version"] == 1 and json.loads(again.payload)["sha256"] == good
     assert await publish5(client, topic, reported(patch={"config_sha256": good}), 5) == 0
@@ -200,3 +205,56 @@ async def _watch_sync(running: Running, device: str, seen: set[str]) -> None:
     while True:
         seen.add((await running.service.status(device))[0]["sync"])
         await asyncio.sleep(0)
+
+
+async def test_the_agent_reports_its_base_set_shows_a_local_edit_as_drift_and_reconciles(
+        running: Running, tmp_path: Path) -> None:
+    secret = await running.add("dev1", {"interval": 1})
+    (tmp_path / "dev1.secret").write_text(secret)
+    target, fw = tmp_path / "dev1.json", tmp_path / "fw"
+    fw.write_text("2.3.1")
+    facts = tmp_path / "facts.sh"
+    facts.write_text(f'printf \'{{"fw": "%s", "hw": {{"rev": "B"}}}}\' "$(cat {fw})"\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "henge_mqtt", "agent", "--broker", f"mqtt://127.0.0.1:{running.port}",
+        "--device", "dev1", "--secret-file", str(tmp_path / "dev1.secret"), "--write", str(target),
+        "--state", str(tmp_path / "dev1.state.json"), "--report-cmd", f"sh {facts}", "--report-interval", "1",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
+    try:
+        await wait_status(running, "dev1", lambda r: r["sync"] == "in_sync" and r["reported_at"])
+        doc = (await running.service.reported("dev1"))["document"]
+        assert doc["config_sha256"] == config_sha256({"interval": 1}) and doc["applied_version"] == 1
+        assert doc["agent"]["name"] == "henge-agent" and doc["agent"]["version"]
+        assert doc["platform"]["system"] == platform.system() and doc["started_at"] and doc["booted_at"]
+        assert doc["fw"] == "2.3.1" and doc["hw"] == {"rev": "B"}
+        # Someone edits the file on the device: drift within one report interval.
+        target.write_text('{"interval": 1000}\n')
+        await wait_status(running, "dev1", lambda r: r["sync"] == "drift", timeout=10)
+        out = await asyncio.to_thread(henge_cli, "push", "--reconcile", "dev1", "--data", str(running.data_dir))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "dev1: version 1 delivered again; sync was drift"
+        await wait_status(running, "dev1", lambda r: r["sync"] == "in_sync", timeout=10)
+        assert json.loads(target.read_text()) == {"interval": 1}
+        # What --report-cmd prints is reported when it changes (a firmware upgrade).
+        fw.write_text("2.4.0")
+        await wait_until(lambda: _reported_fw(running, "2.4.0"), timeout=10, what="the new firmware reported")
+        audit = await running.service.audit("dev1")
+        assert any(e["action"] == "reconcile" and e["summary"]["sync"] == "drift" for e in audit)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert b"Traceback" not in err and b"agent.reconcile" in err
+
+
+async def _reported_fw(running: Running, fw: str) -> bool:
+    return bool((await running.service.reported("dev1"))["document"]["fw"] == fw)
+
+
+def test_reconcile_usage_and_an_unknown_device_are_one_line(tmp_path: Path) -> None:
+    both = henge_cli("push", "--reconcile", "d1", "cfg.json", "--data", str(tmp_path))
+    assert both.returncode == 2 and "--reconcile takes one device id" in both.stderr
+    assert len(both.stderr.strip().splitlines()) == 1
+
+
+def test_the_sync_states_are_one_set() -> None:
+    assert get_args(SyncState) == SYNC_STATES

@@ -28,6 +28,11 @@ def agent(
     topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "henge",
     mqtt: Annotated[str, typer.Option("--mqtt", help="Protocol: 5 (default; the server says why it closes a "
                                        "connection; 3.1.1 at once if the broker has no 5.0, as NATS) or 3.1.1.")] = "5",
+    report_cmd: Annotated[str | None, typer.Option("--report-cmd", help="Run CMD and report the JSON object it "
+                                                   "prints (e.g. the firmware version) with the agent's facts.")]
+    = None,
+    report_interval: Annotated[float, typer.Option("--report-interval", min=1.0, help="Seconds between checks "
+                                                   "of the reported state; sent only when it changed.")] = 60.0,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run on a device: apply each new config, report the outcome, reconnect forever."""
@@ -52,12 +57,14 @@ def agent(
         fail(f"cannot read the secret file {secret_file}: {exc.strerror or exc}")
     try:
         applier = write_file_applier(write) if write is not None else exec_applier(parse_exec(exec_ or ""))
+        reporter = parse_exec(report_cmd, "--report-cmd") if report_cmd is not None else None
     except ValueError as exc:
         fail(str(exc), 2)
     logging.basicConfig(level=log_level_of(log_level),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     worker = Agent(parts.hostname, parts.port or 1883, device, secret, applier,
-                   state or Path(f"{device}.henge-state.json"), topic_prefix=topic_prefix, mqtt5=mqtt != "3.1.1")
+                   state or Path(f"{device}.henge-state.json"), topic_prefix=topic_prefix, mqtt5=mqtt != "3.1.1",
+                   config_file=write, report_cmd=reporter, report_interval=report_interval)
 
     async def main() -> None:
         stop = asyncio.Event()

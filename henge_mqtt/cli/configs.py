@@ -51,9 +51,19 @@ def push(
     = False,
     patch: Annotated[bool, typer.Option("--patch", help="FILE is an RFC 7396 merge patch of the current "
                                         "config (null removes a key).")] = False,
+    reconcile: Annotated[bool, typer.Option("--reconcile", help="No FILE: deliver ID's current version again "
+                                            "(a config edited on the device is put back; see sync drift).")]
+    = False,
     wait: WaitOpt = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: WaitTimeoutOpt = 10.0,
 ) -> None:
+    if reconcile:
+        if target is None or source is not None or all_devices or label or patch or force or if_version is not None:
+            fail("--reconcile takes one device id and nothing else: henge push --reconcile ID", 2)
+        result = call_op(data, broker, timeout, "reconcile", device=target)
+        emit(result, as_json, lambda r: f"{r['device']}: version {r['version']} delivered again"
+             + ("" if r["online"] else " (offline: it gets it when it connects)") + f"; sync was {r['sync']}")
+        return
     if target is None:
         fail("missing FILE: henge push --all FILE or --label k=v FILE" if all_devices or label else
              "missing ID and FILE: henge push ID FILE|- (or henge push --all FILE)", 2)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..results import fleet_summary, summary_line
+from ..results import SYNC_STATES, fleet_summary, summary_line
 from .common import (
     BrokerOpt,
     DataOpt,
@@ -143,8 +143,8 @@ def status(
     = None,
     state: Annotated[str | None, typer.Option("--state", help="Only devices online, offline or quarantined.")]
     = None,
-    sync: Annotated[str | None, typer.Option("--sync", help="Only devices in_sync, pending, rejected, unknown or "
-                                                            "invalid.")]
+    sync: Annotated[str | None, typer.Option("--sync", help="Only devices in_sync, drift, pending, rejected, "
+                                                            "unknown or invalid.")]
     = None,
     conflict: Annotated[bool, typer.Option("--conflict", help="Only devices with an identity conflict.")] = False,
     summary: Annotated[bool, typer.Option("--summary", help="Only the fleet summary.")] = False,
@@ -156,8 +156,8 @@ def status(
 ) -> None:
     if state not in (None, "online", "offline", "quarantined"):
         fail(f"--state must be online, offline or quarantined, not {state!r}", 2)
-    if sync not in (None, "in_sync", "pending", "rejected", "unknown", "invalid"):
-        fail(f"--sync must be in_sync, pending, rejected, unknown or invalid, not {sync!r}", 2)
+    if sync is not None and sync not in SYNC_STATES:
+        fail(f"--sync must be {', '.join(SYNC_STATES[:-1])} or {SYNC_STATES[-1]}, not {sync!r}", 2)
     args: dict[str, Any] = {"labels": labels_arg(label), "state": state, "sync": sync}
     if conflict:
         args["conflict"] = True

@@ -137,7 +137,7 @@ def span(seconds: float) -> str:
 
 
 STATE_COLOR = {"online": "green", "offline": "bright_black", "quarantined": "red"}
-SYNC_COLOR = {"in_sync": "green", "pending": "yellow", "rejected": "red", "unknown": "bright_black",
+SYNC_COLOR = {"in_sync": "green", "drift": "magenta", "pending": "yellow", "rejected": "red", "unknown": "bright_black",
                "invalid": "red"}
 
 

@@ -26,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from ..errors import AuthenticationFailed, Forbidden, HengeError, InvalidConfig, ValidationFailed, VersionConflict
-from ..models import DeviceAddArgs, DeviceId, DeviceRefArgs, ImportArgs, RolloutStartArgs, TokenCreateArgs
+from ..models import DeviceAddArgs, DeviceId, DeviceRefArgs, ImportArgs, RolloutStartArgs, SyncState, TokenCreateArgs
 from ..ops import ROUTES, Method
 from ..results import (
     AuditEntry,
@@ -36,6 +36,7 @@ from ..results import (
     LayerChange,
     LayerInForce,
     LayerVersion,
+    Reconciled,
     ReportedState,
     ReportOutcome,
     RolloutStatus,
@@ -167,7 +168,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     @route("GET", "/devices")
     async def devices(
         state: Literal["online", "offline", "quarantined"] | None = None,
-        sync: Literal["in_sync", "pending", "rejected", "unknown", "invalid"] | None = None,
+        sync: SyncState | None = None,
         conflict: bool | None = None,
         label: Annotated[list[str] | None, Query(description="k=v, several ANDed")] = None,
         q: Annotated[str | None, Query(max_length=128, description="part of the device id")] = None,
@@ -390,6 +391,11 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     @route("DELETE", "/layers/{name}")
     async def remove_layer(name: LayerName, force: bool = False) -> LayerChange:
         return await svc.remove_layer(name, force=force)
+
+    @route("POST", "/devices/{device}/reconcile")
+    async def reconcile(device: DeviceId) -> Reconciled:
+        """Deliver the device's current version again (a config edited on the device is put back)."""
+        return await svc.reconcile(device)
 
     @route("GET", "/devices/{device}/reported")
     async def reported(device: DeviceId, history: bool = False) -> ReportedState:

@@ -33,6 +33,7 @@ from ..results import (
     LayerChange,
     LayerInForce,
     LayerVersion,
+    Reconciled,
     ReportedState,
     ReportOutcome,
     RolloutStatus,
@@ -334,12 +335,12 @@ class ServiceAPI:
                 source, last = await self.worker.run(store.status_source, after=after, labels=labels, batch=batch)
             else:
                 last = None
-            for d, have, desired, applied, applied_at, rejected, error in source:
+            for d, have, desired, applied, applied_at, rejected, error, drift, reported_at, _ in source:
                 if contains and contains not in d:
                     continue
                 view = self.broker.session(d, now)
                 rep = DeviceReports(applied, applied_at, rejected, error)
-                row_sync = rep.sync(desired)
+                row_sync = rep.sync(desired, bool(drift))
                 schema_error = self.schemas.invalid.get(d)
                 if schema_error is not None:
                     row_sync = "invalid"  # its config breaks a schema in force (set with --force)
@@ -354,6 +355,7 @@ class ServiceAPI:
                     "conflict": view.conflict, "conflict_remotes": list(view.conflict_remotes),
                     "quarantined_until": iso(view.quarantined_until) if view.quarantined_until else None,
                     "applied_version": applied, "applied_at": utc_text(applied_at), "sync": row_sync,
+                    "reported_at": utc_text(reported_at),
                     "error": error if row_sync == "rejected" else None, "rejected_version": rejected,
                     "undeliverable": self.configs.undeliverable.get(d), "schema_error": schema_error,
                     "session": self._session_of(d, now),
@@ -378,11 +380,11 @@ class ServiceAPI:
         now = time.time()
 
         def counted() -> Iterator[tuple[str, str, bool]]:
-            for d, _, desired, applied, applied_at, rejected, error in source:
+            for d, _, desired, applied, applied_at, rejected, error, drift, _, _ in source:
                 view = self.broker.session(d, now)
                 yield ("online" if view.online else "quarantined" if view.quarantined_until else "offline",
                        "invalid" if d in self.schemas.invalid else
-                       DeviceReports(applied, applied_at, rejected, error).sync(desired), view.conflict)
+                       DeviceReports(applied, applied_at, rejected, error).sync(desired, bool(drift)), view.conflict)
 
         return fleet_summary(counted())
 
@@ -521,6 +523,19 @@ class ServiceAPI:
         same = all(old[k] == new[k] for k in ("content", "labels", "priority"))
         return {"diff": unified_diff(old["content"], new["content"], f"{name}@{a}", f"{name}@{b}"), "same": same,
                 "a": old, "b": new}
+
+    async def reconcile(self, device: str) -> Reconciled:
+        """Deliver the device's current version again, as it is (no new version): a device whose
+        config drifted (edited on the device) gets the real one back; henge's agent rewrites its
+        file when the file is not what the version says."""
+        sync = (await self.status(device))[0]["sync"]
+        row = await self.worker.run(self.store.get_version, device)
+        online = self.broker.session(device, time.time()).online
+        self.configs.publish(row)
+        await self.worker.run(self.store.record_audit, current_actor.get(), "reconcile", device,
+                              {"version": row.version, "sync": sync, "online": online})
+        self.events.emit("config_redelivered", device, version=row.version, sync=sync)
+        return {"device": device, "version": row.version, "online": online, "sync": sync}
 
     async def reported(self, device: str, *, history: bool = False) -> ReportedState:
         """What the device last reported it is and runs; with ``history``, its kept documents."""

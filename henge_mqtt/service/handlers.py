@@ -244,6 +244,11 @@ async def _layer_remove(svc: ServiceAPI, a: models.LayerRefArgs, progress: Progr
     return await svc.remove_layer(a.name, message=a.message, force=a.force)
 
 
+@handles("reconcile")
+async def _reconcile(svc: ServiceAPI, a: models.ReconcileArgs, progress: Progress) -> Any:
+    return await svc.reconcile(a.device)
+
+
 @handles("reported")
 async def _reported(svc: ServiceAPI, a: models.ReportedArgs, progress: Progress) -> Any:
     return await svc.reported(a.device, history=a.history)
