@@ -231,6 +231,7 @@ class StatusArgs(Frozen):
     state: Literal["online", "offline", "quarantined"] | None = None
     sync: SyncState | None = None
     conflict: bool | None = None
+    where: str | None = Field(default=None, max_length=2048)  # docs/where.md
 
 
 class WaitArgs(Frozen):
@@ -262,6 +263,7 @@ class LabelArgs(Frozen):
 class PushManyArgs(Frozen):
     all: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
+    where: str | None = Field(default=None, max_length=2048)  # docs/where.md
     config: ConfigObject
     message: str = Field(default="", max_length=1024)
     delivery_timeout: float = Field(default=30.0, ge=0, le=3600)
@@ -329,6 +331,7 @@ class LayerChange(Frozen):
 class RolloutStartArgs(Frozen):
     all: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
+    where: str | None = Field(default=None, max_length=2048)  # docs/where.md
     config: ConfigObject = Field(default_factory=dict)
     layer: LayerChange | None = None  # a staged layer change instead of a config for every target
     waves: list[float] | None = Field(default=None, min_length=1, max_length=100)

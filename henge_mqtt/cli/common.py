@@ -156,6 +156,23 @@ def device_arg(value: str, what: str = "ID") -> str:
     return value
 
 
+def where_arg(text: str | None) -> str | None:
+    """A ``--where`` filter, checked here so a typo is a usage error (exit 2) that names the column."""
+    if text is None:
+        return None
+    from ..where import WhereError, parse
+
+    try:
+        parse(text)
+    except WhereError as exc:
+        fail(f"--where: {exc}", 2)
+    return text
+
+
+WhereOpt = Annotated[str | None, typer.Option("--where", help='A filter over id, labels, reported state, state '
+                                              'and sync, e.g. \'reported.fw < "2.4"\' (docs/where.md).')]
+
+
 def labels_arg(pairs: list[str] | None) -> dict[str, str]:
     try:
         return parse_labels(pairs or [])

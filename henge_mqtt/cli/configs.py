@@ -20,6 +20,7 @@ from .common import (
     TimeoutOpt,
     WaitOpt,
     WaitTimeoutOpt,
+    WhereOpt,
     call_op,
     call_then_wait,
     emit,
@@ -31,6 +32,7 @@ from .common import (
     report_outcome,
     run_async,
     user_errors,
+    where_arg,
 )
 from .render import fleet_failure, fleet_lines, render_table, use_color
 from .tree import app
@@ -44,6 +46,7 @@ def push(
     source: Annotated[str | None, typer.Argument(metavar="FILE|-", help="JSON file, or - for stdin.")] = None,
     all_devices: Annotated[bool, typer.Option("--all", help="Push to every device.")] = False,
     label: Annotated[list[str] | None, typer.Option("--label", help="Push to devices with label k=v.")] = None,
+    where: WhereOpt = None,
     if_version: Annotated[int | None, typer.Option("--if-version", min=0,
                                                    help="Fail unless the current version is N.")] = None,
     message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
@@ -65,15 +68,15 @@ def push(
              + ("" if r["online"] else " (offline: it gets it when it connects)") + f"; sync was {r['sync']}")
         return
     if target is None:
-        fail("missing FILE: henge push --all FILE or --label k=v FILE" if all_devices or label else
-             "missing ID and FILE: henge push ID FILE|- (or henge push --all FILE)", 2)
-    if all_devices or label:
+        fail("missing FILE: henge push --all FILE (or --label k=v, --where EXPR)" if all_devices or label or where
+             else "missing ID and FILE: henge push ID FILE|- (or henge push --all FILE)", 2)
+    if all_devices or label or where:
         if source is not None:
-            fail("with --all or --label give only the FILE, no device id", 2)
+            fail("with --all, --label or --where give only the FILE, no device id", 2)
         if if_version is not None or patch:
             fail("--if-version and --patch apply to a single device", 2)
-        _push_many(read_config(target), all_devices, labels_arg(label), message, data, broker, as_json, timeout,
-                   force, wait)
+        _push_many(read_config(target), all_devices, labels_arg(label), where_arg(where), message, data, broker,
+                   as_json, timeout, force, wait)
         return
     if source is None:
         fail("missing FILE: henge push ID FILE|-", 2)
@@ -91,7 +94,7 @@ def push(
     report_outcome(result, outcome, as_json, line)
 
 
-def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str], message: str,
+def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str], where: str | None, message: str,
                data: Path | None, broker: str | None, as_json: bool, timeout: float, force: bool,
                wait: bool) -> None:
     show = sys.stderr.isatty() and not as_json
@@ -117,7 +120,7 @@ def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str]
 
         async with AdminClient(endpoint(data, broker), timeout=timeout) as client:
             args: dict[str, Any] = {"all": all_devices, "labels": labels, "config": config, "message": message,
-                                    "delivery_timeout": min(timeout, 30.0), "force": force}
+                                    "delivery_timeout": min(timeout, 30.0), "force": force, "where": where}
             if wait:
                 args["report_timeout"] = timeout
             return await client.call("push_many", wait=timeout + min(timeout, 30.0) + 10, progress=progress, **args)

@@ -19,6 +19,7 @@ from .common import (
     DataOpt,
     JsonOpt,
     TimeoutOpt,
+    WhereOpt,
     call_op,
     device_arg,
     emit,
@@ -27,6 +28,7 @@ from .common import (
     labels_arg,
     op_help,
     run_async,
+    where_arg,
 )
 from .render import Output, age, broker_said, device_block, dump, render_table, session_text, status_table, use_color
 from .tree import app, device_app
@@ -147,6 +149,7 @@ def status(
                                                             "unknown or invalid.")]
     = None,
     conflict: Annotated[bool, typer.Option("--conflict", help="Only devices with an identity conflict.")] = False,
+    where: WhereOpt = None,
     summary: Annotated[bool, typer.Option("--summary", help="Only the fleet summary.")] = False,
     output: Annotated[Output, typer.Option("-o", "--output", help="table (fits 100 columns), wide, json, yaml.")]
     = Output.table,
@@ -159,6 +162,8 @@ def status(
     if sync is not None and sync not in SYNC_STATES:
         fail(f"--sync must be {', '.join(SYNC_STATES[:-1])} or {SYNC_STATES[-1]}, not {sync!r}", 2)
     args: dict[str, Any] = {"labels": labels_arg(label), "state": state, "sync": sync}
+    if where is not None:
+        args["where"] = where_arg(where)
     if conflict:
         args["conflict"] = True
     if device is not None:

@@ -15,12 +15,14 @@ from .common import (
     JsonOpt,
     RolloutArg,
     TimeoutOpt,
+    WhereOpt,
     call_op,
     emit,
     fail,
     labels_arg,
     op_help,
     read_config,
+    where_arg,
 )
 from .render import render_table, rollout_lines
 from .tree import rollout_app
@@ -31,6 +33,7 @@ def rollout_start(
     source: Annotated[str, typer.Argument(metavar="FILE|-", help="The config every target gets as its own layer.")],
     all_devices: Annotated[bool, typer.Option("--all", help="Every device.")] = False,
     label: Annotated[list[str] | None, typer.Option("--label", help="Devices with label k=v (repeatable).")] = None,
+    where: WhereOpt = None,
     waves: Annotated[str | None, typer.Option("--waves", help="Cumulative percentages, e.g. 1,10,50,100 "
                                               "(the default).")] = None,
     wave_size: Annotated[int | None, typer.Option("--wave-size", min=1, help="N devices per wave instead.")] = None,
@@ -50,10 +53,10 @@ def rollout_start(
     message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
 ) -> None:
-    if layer is not None and (all_devices or label):
-        fail("with --layer the targets are the devices the layer change alters: no --all or --label", 2)
-    if layer is None and not all_devices and not label:
-        fail("select the devices with --all or --label k=v (or stage a --layer change)", 2)
+    if layer is not None and (all_devices or label or where):
+        fail("with --layer the targets are the devices the layer change alters: no --all, --label or --where", 2)
+    if layer is None and not all_devices and not label and not where:
+        fail("select the devices with --all, --label k=v or --where (or stage a --layer change)", 2)
     if layer is None and (layer_label or priority is not None):
         fail("--layer-label and --priority go with --layer", 2)
     if waves is not None and wave_size is not None:
@@ -65,7 +68,8 @@ def rollout_start(
     if not 0 <= applied_percent <= 100:
         fail(f"--min-applied is a percentage between 0 and 100, not {min_applied!r}", 2)
     document = read_config(source, what="layer" if layer else "config")
-    args: dict[str, Any] = {"all": all_devices, "labels": labels_arg(label), "max_rejected": max_rejected,
+    args: dict[str, Any] = {"all": all_devices, "labels": labels_arg(label), "where": where_arg(where),
+                            "max_rejected": max_rejected,
                             "min_applied": applied_percent, "wave_timeout": wave_timeout, "pause": pause,
                             "message": message}
     if layer is None:

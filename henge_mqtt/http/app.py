@@ -174,11 +174,13 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         q: Annotated[str | None, Query(max_length=128, description="part of the device id")] = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
         cursor: Annotated[str | None, Query(max_length=128, description="next_cursor of the previous page")] = None,
+        where: Annotated[str | None, Query(max_length=2048, description="a filter (docs/where.md), e.g. "
+                                           'reported.fw < "2.4"')] = None,
     ) -> JSONResponse:
         """Status rows (as ``henge status --json``), by device id, a page at a time."""
         labels = labels_of(label or [])
         rows = await svc.status(None, labels or None, state=state, sync=sync, conflict=conflict, contains=q,
-                                after=cursor or "", limit=limit + 1)
+                                after=cursor or "", limit=limit + 1, where=where)
         page = rows[:limit]
         return JSONResponse({"items": page, "next_cursor": page[-1]["device"] if len(rows) > limit else None,
                              "last_event_id": hub.last_id()})
@@ -291,11 +293,12 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
 
     @route("POST", "/push", **body_doc(FleetPush))
     async def fleet_push(request: Request) -> JSONResponse:
-        """One config to every device (``all``) or to those with all the ``labels``, answered per device
+        """One config to every device (``all``), to those with all the ``labels``, or those ``where``
+        matches (docs/where.md), answered per device
         (delivered, applied, rejected, offline); ``wait`` waits that long for every report."""
         body = parse_model(FleetPush, await read_json(request))
         result = await svc.fleet_push(body.config, all_devices=body.all, labels=body.labels or None,
-                                      message=body.message, force=body.force,
+                                      where=body.where, message=body.message, force=body.force,
                                       delivery_timeout=body.delivery_timeout, wait=body.wait)
         status = 200 if not body.wait or result["pending"] == 0 else 202
         return JSONResponse(result, status_code=status)

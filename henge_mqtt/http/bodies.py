@@ -37,6 +37,7 @@ class RollbackBody(BaseModel):
 class FleetPush(BaseModel):
     all: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
+    where: str | None = Field(default=None, max_length=2048)  # docs/where.md
     config: dict[str, Any]
     message: str = Field(default="", max_length=1024)
     force: bool = False

@@ -6,12 +6,14 @@ its port only.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from .. import models
+from .. import where as where_lang
 from ..errors import (
     DuplicateDevice,
     InvalidDeviceId,
@@ -52,6 +54,7 @@ from ..rollout_plan import Policy, check_waves, parse_max_rejected
 from ..settings import Settings
 from ..store import DeviceReports, Store, StoreWorker
 from ..topics import Topics
+from ..where import Where
 from .configs import Configs
 from .context import current_actor, unified_diff, utc_text
 from .events import Events
@@ -64,6 +67,16 @@ from .rollouts import Rollouts
 from .schemas import Schemas, display, selector_of
 
 log = logging.getLogger("henge_mqtt.service")
+
+
+def parse_where(text: str, *, standing: bool = False) -> Where:
+    """A ``where`` filter (docs/where.md), or ``invalid`` naming the column; ``standing``: for a
+    target that is kept and re-evaluated (a layer's): only what a device is (id, labels, reported)."""
+    try:
+        return where_lang.parse(text, allowed=where_lang.STANDING_ROOTS if standing else None)
+    except where_lang.WhereError as exc:
+        raise ValidationFailed(f"where: {exc}") from None
+
 
 def progress_of(answer: FleetAnswer) -> dict[str, Any]:
     """What a fleet push's progress messages carry: the counts so far."""
@@ -218,13 +231,23 @@ class ServiceAPI:
             raise UnknownDevice(device)
         return entries
 
-    async def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None) -> list[str]:
-        if not all_devices and not labels:
-            raise ValidationFailed("select devices with all or with at least one label")
-        devices = await self.worker.run(self.store.device_ids, labels if not all_devices else None)
+    async def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None,
+                     where: str | None = None) -> list[str]:
+        """The devices a fleet operation targets: every one, those with all the labels, and of
+        those the ones ``where`` matches (docs/where.md), as they are now."""
+        if not all_devices and not labels and not where:
+            raise ValidationFailed("select devices with all, with at least one label, or with where")
+        if where:
+            found = await self.status(labels=None if all_devices else labels, where=where)
+            devices = [row["device"] for row in found]
+        else:
+            devices = await self.worker.run(self.store.device_ids, labels if not all_devices else None)
         if not devices:
-            what = "no devices are registered" if all_devices else (
-                "no device has the labels " + ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items())))
+            said = [] if all_devices else [f"the labels {','.join(f'{k}={v}' for k, v in sorted(labels.items()))}"
+                                            ] if labels else []
+            if where:
+                said.append(f"where {where}")
+            what = "no device matches " + " and ".join(said) if said else "no devices are registered"
             raise UnknownDevice(None, message=what, also="nothing was stored")
         return devices
 
@@ -251,7 +274,8 @@ class ServiceAPI:
                                             progress=progress, force=force)
 
     async def fleet_push(self, config: dict[str, Any], *, all_devices: bool = False,
-                         labels: dict[str, str] | None = None, message: str = "", force: bool = False,
+                         labels: dict[str, str] | None = None, where: str | None = None, message: str = "",
+                         force: bool = False,
                          delivery_timeout: float = 10.0, wait: float | None = None,
                          progress: Progress | None = None) -> FleetAnswer:
         """One config to many devices, answered per device: delivered (its own PUBACK), applied,
@@ -266,7 +290,7 @@ class ServiceAPI:
             if progress is not None:
                 progress(state)
 
-        devices = await self.select(all_devices=all_devices, labels=labels)
+        devices = await self.select(all_devices=all_devices, labels=labels, where=where)
         watch = FleetWatch(self.reports, devices)
         try:
             rows, deliveries = await self.push_many(devices, config, message=message, progress=stored, force=force)
@@ -318,13 +342,15 @@ class ServiceAPI:
     async def status(self, device: str | None = None, labels: dict[str, str] | None = None, *,
                      state: str | None = None, sync: str | None = None, conflict: bool | None = None,
                      contains: str | None = None, after: str = "", limit: int | None = None,
-                     ) -> list[StatusRow]:
+                     where: str | None = None) -> list[StatusRow]:
         """One row per device, ordered by id (data only: times in RFC 3339 UTC), filtered by labels,
-        state, sync, conflict and a part of the id; ``after``/``limit`` read one page without
-        building the rest."""
+        state, sync, conflict, a part of the id and a ``where`` filter (docs/where.md);
+        ``after``/``limit`` read one page without building the rest."""
         store = self.store
+        matcher = parse_where(where) if where else None
+        with_reported = matcher is not None and "reported" in matcher.roots
         if device is not None:
-            source, _ = await self.worker.run(store.status_source, device=device)
+            source, _ = await self.worker.run(store.status_source, device=device, with_reported=with_reported)
             if not source:
                 raise UnknownDevice(device)
         rows: list[StatusRow] = []
@@ -332,10 +358,11 @@ class ServiceAPI:
         batch = -1 if limit is None else max(2 * limit, 500)
         while True:
             if device is None:
-                source, last = await self.worker.run(store.status_source, after=after, labels=labels, batch=batch)
+                source, last = await self.worker.run(store.status_source, after=after, labels=labels, batch=batch,
+                                                     with_reported=with_reported)
             else:
                 last = None
-            for d, have, desired, applied, applied_at, rejected, error, drift, reported_at, _ in source:
+            for d, have, desired, applied, applied_at, rejected, error, drift, reported_at, document in source:
                 if contains and contains not in d:
                     continue
                 view = self.broker.session(d, now)
@@ -348,6 +375,14 @@ class ServiceAPI:
                 if (state and row_state != state) or (sync and row_sync != sync) or (
                         conflict is not None and view.conflict != conflict):
                     continue
+                if matcher is not None:
+                    fields: dict[str, Any] = {
+                        "id": d, "labels": have, "state": row_state, "sync": row_sync, "online": view.online,
+                        "version": desired, "applied_version": applied}
+                    if document is not None:
+                        fields["reported"] = json.loads(document)
+                    if not matcher.matches(fields):
+                        continue
                 rows.append({
                     "device": d, "labels": have, "state": row_state, "online": view.online, "epoch": view.epoch,
                     "since": iso(view.since) if view.since else None, "remote": view.remote, "reason": view.reason,
@@ -394,13 +429,17 @@ class ServiceAPI:
                             labels: dict[str, str] | None = None, waves: list[float] | None = None,
                             wave_size: int | None = None, max_rejected: str = "1", min_applied: float = 90.0,
                             wave_timeout: float = 300.0, pause: float = 0.0, message: str = "",
-                            layer: dict[str, Any] | None = None) -> RolloutStatus:
+                            layer: dict[str, Any] | None = None, where: str | None = None) -> RolloutStatus:
         """A staged rollout of ``config`` (as each target's own layer), or of a layer change
         (``layer``: name, content, labels, priority); see docs/rollouts.md."""
-        if not all_devices and not labels and layer is None:
-            raise ValidationFailed("select the rollout's devices with --all or --label k=v (or stage a --layer change)")
-        if layer is not None and (all_devices or labels):
-            raise ValidationFailed("a layer change's targets are the devices it alters: no --all or --label with it")
+        if not all_devices and not labels and not where and layer is None:
+            raise ValidationFailed("select the rollout's devices with --all, --label k=v or --where (or stage a "
+                                   "--layer change)")
+        if layer is not None and (all_devices or labels or where):
+            raise ValidationFailed("a layer change's targets are the devices it alters: no --all, --label or --where "
+                                   "with it")
+        if where:
+            parse_where(where)  # said now, before anything is planned
         if layer is not None:
             self.configs.check_size(layer["content"] or {})
         if waves is not None and wave_size is not None:
@@ -415,7 +454,7 @@ class ServiceAPI:
             raise ValidationFailed("--min-applied is a percentage (0-100)")
         policy = Policy(max_rejected=limit, rejected_percent=percent, min_applied=min_applied,
                         wave_timeout=wave_timeout, pause=pause)
-        return await self.rollouts.start(config, all_devices=all_devices, labels=labels,
+        return await self.rollouts.start(config, all_devices=all_devices, labels=labels, where=where,
                                          waves=waves if wave_size is None else None, wave_size=wave_size,
                                          policy=policy, message=message, layer=layer)
 

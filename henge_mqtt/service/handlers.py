@@ -110,7 +110,7 @@ async def _rollback(svc: ServiceAPI, a: models.RollbackArgs, progress: Progress)
 
 @handles("status")
 async def _status(svc: ServiceAPI, a: models.StatusArgs, progress: Progress) -> Any:
-    return await svc.status(a.device, a.labels, state=a.state, sync=a.sync, conflict=a.conflict)
+    return await svc.status(a.device, a.labels, state=a.state, sync=a.sync, conflict=a.conflict, where=a.where)
 
 
 @handles("wait")
@@ -145,7 +145,8 @@ async def _device_export(svc: ServiceAPI, a: models.StatusArgs, progress: Progre
 
 @handles("push_many")
 async def _push_many(svc: ServiceAPI, a: models.PushManyArgs, progress: Progress) -> Any:
-    return await svc.fleet_push(a.config, all_devices=a.all, labels=dict(a.labels), message=a.message, force=a.force,
+    return await svc.fleet_push(a.config, all_devices=a.all, labels=dict(a.labels), where=a.where, message=a.message,
+                                force=a.force,
                                 delivery_timeout=a.delivery_timeout, wait=a.report_timeout, progress=progress)
 
 
@@ -265,7 +266,7 @@ async def _rollout_start(svc: ServiceAPI, a: models.RolloutStartArgs, progress: 
                                    waves=list(a.waves) if a.waves else None, wave_size=a.wave_size,
                                    max_rejected=a.max_rejected, min_applied=a.min_applied,
                                    wave_timeout=a.wave_timeout, pause=a.pause, message=a.message,
-                                   layer=a.layer.model_dump() if a.layer else None)
+                                   layer=a.layer.model_dump() if a.layer else None, where=a.where)
 
 
 @handles("rollout.status")

@@ -49,7 +49,8 @@ class Host(Protocol):
     reports: Reports
     schemas: Schemas
 
-    async def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None) -> list[str]: ...
+    async def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None,
+                     where: str | None = None) -> list[str]: ...
     def spawn(self, coro: Any) -> asyncio.Task[Any]: ...
 
 log = logging.getLogger("henge_mqtt.service")
@@ -89,16 +90,19 @@ class Rollouts:
 
     async def start(self, config: dict[str, Any], *, all_devices: bool, labels: dict[str, str] | None,
                     waves: list[float] | None, wave_size: int | None, policy: Policy,
-                    message: str = "", layer: dict[str, Any] | None = None) -> RolloutStatus:
+                    message: str = "", layer: dict[str, Any] | None = None,
+                    where: str | None = None) -> RolloutStatus:
         """``config`` as every target's own layer; or, with ``layer`` ({name, content, labels,
         priority}), a staged layer change whose targets are the devices it alters."""
         svc = self.svc
         svc.configs.check_size(config)
         store = svc.store
         if layer is None:
-            devices = await svc.select(all_devices=all_devices, labels=labels)
+            devices = await svc.select(all_devices=all_devices, labels=labels, where=where)
             await svc.worker.run(svc.schemas.check_many, devices, config)  # every target, before anything
             target: dict[str, Any] = {"all": True} if all_devices else {"labels": labels}
+            if where:
+                target["where"] = where  # the devices it matched when the rollout started
         else:
             devices = await svc.worker.run(store.layer_change_targets, layer["name"], layer["content"],
                                            selector=layer["labels"], priority=layer["priority"])
