@@ -86,12 +86,12 @@ TABLE: tuple[Op, ...] = (
     _op("device.export", "viewer", "Every device with its labels, ready for import.",
         "StatusArgs", "", "`[{id, labels}]`", returns="list[ExportedDevice]"),
     _op("status", "viewer", "Devices with their connection state, versions and sync.",
-        "StatusArgs", "`device?`, `labels?`, `state?`, `sync?`, `conflict?`",
-        "one status object per device (`GET /devices` pages them: `limit`, `cursor`, `q`)", "GET /devices",
+        "StatusArgs", "`device?`, `labels?`, `state?`, `sync?`, `conflict?`, `where?` ([where.md](where.md))",
+        "one status object per device (`GET /devices` pages them: `limit`, `cursor`, `q`, `where`)", "GET /devices",
             returns="list[StatusRow]"),
     _op("summary", "viewer", "Fleet counts at a glance: online, offline, quarantined, conflicts, sync.",
-        "StatusArgs", "", "`{devices, online, offline, quarantined, conflicts, sync: {in_sync, pending, rejected, "
-        "unknown, invalid}}`", "GET /summary", returns="FleetSummary"),
+        "StatusArgs", "", "`{devices, online, offline, quarantined, conflicts, sync: {in_sync, drift, pending, "
+        "rejected, unknown, invalid}}`", "GET /summary", returns="FleetSummary"),
     _op("kick", "operator", "Close a device's current connection.",
         "DeviceRefArgs", "`device`", "`{device, kicked, supported, detail}`; with an external broker `kicked` and "
         "`supported` are false and `detail` says why", "POST /devices/{device}/kick", returns="Kicked"),
@@ -135,8 +135,9 @@ TABLE: tuple[Op, ...] = (
         "`{device, document, seq, changed_at, at, epoch}` (`document` null before its first report; `history`: "
         "`[{seq, at, epoch, document}]`, newest first)", "GET /devices/{device}/reported", returns="ReportedState"),
     _op("push_many", "operator",
-        "One config to every device or to those with all the labels, answered per device.",
-        "PushManyArgs", "`all` or `labels`, `config`, `message?`, `force?`, `delivery_timeout?`, `report_timeout?`",
+        "One config to every device, to those with all the labels or to those a filter matches, answered per device.",
+        "PushManyArgs", "`all`, `labels` and/or `where`, `config`, `message?`, `force?`, `delivery_timeout?`, "
+        "`report_timeout?`",
         "`{targeted, devices, unchanged, online, offline, delivered, acknowledged, applied, rejected, pending, "
         "errors, listed: {rejected, offline, silent}, per_device: {ID: {version, online, delivered, report, "
         "error}}, versions, timings_ms: {first_published, all_published}, waited}`: counted in devices "
@@ -155,8 +156,9 @@ TABLE: tuple[Op, ...] = (
     # ---- rollouts --------------------------------------------------------------------------------------
     _op("rollout.start", "operator",
         "Start a staged rollout: wave by wave, on while devices apply, halting and reverting on rejections.",
-        "RolloutStartArgs", "`all` or `labels`, `config` (or `layer: {name, content, labels?, priority?}`), `waves?` "
-        "or `wave_size?`, `max_rejected?` (N or P%), `min_applied?`, `wave_timeout?`, `pause?`, `message?`",
+        "RolloutStartArgs", "`all`, `labels` and/or `where`, `config` (or `layer: {name, content, labels?, "
+        "priority?}`), `waves?` or `wave_size?`, `max_rejected?` (N or P%), `min_applied?`, `wave_timeout?`, "
+        "`pause?`, `message?`",
         "the rollout's status (as `rollout.status`)", "POST /rollouts", returns="RolloutStatus"),
     _op("rollout.status", "viewer",
         "Per wave: targeted, online, delivered, applied, rejected, offline, pending, reverted; errors by message.",
