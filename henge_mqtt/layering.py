@@ -6,9 +6,11 @@ and ``tests/test_layering_properties.py`` checks its laws with hypothesis.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from .where import STANDING_ROOTS, Where, parse
 
 FLEET_LAYER = "fleet"
 
@@ -37,13 +39,34 @@ class Layer:
     content: dict[str, Any]
     message: str = ""
     staged_by: str = ""  # a rollout staging this version: it is not in force yet
+    where: str = ""  # a filter over what the device is (docs/where.md): id, labels, reported state
+    _match: Where | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.where:  # stored only once it parsed: a WhereError here is a bug, not input
+            object.__setattr__(self, "_match", parse(self.where, allowed=STANDING_ROOTS))
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}" + (f" (rollout {self.staged_by})" if self.staged_by else "")
 
-    def applies(self, labels: dict[str, str]) -> bool:
-        return all(labels.get(k) == v for k, v in self.selector.items())
+    @property
+    def reads_reported(self) -> bool:
+        """Whether the device's reported state decides if this layer applies (so a report that
+        changes it may change the device's config)."""
+        return self._match is not None and "reported" in self._match.roots
+
+    def applies(self, labels: dict[str, str], device: str = "", reported: Mapping[str, Any] | None = None) -> bool:
+        """Every label of the selector, and the ``where`` filter (``device`` "" and ``reported``
+        None: a device henge knows nothing of yet, as a new one)."""
+        if not all(labels.get(k) == v for k, v in self.selector.items()):
+            return False
+        if self._match is None:
+            return True
+        facts: dict[str, Any] = {"id": device, "labels": labels}
+        if reported is not None:
+            facts["reported"] = reported
+        return self._match.matches(facts)
 
 
 def explain(chain: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
@@ -78,12 +101,15 @@ def explain(chain: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
     return owner
 
 
-def applying(layers: Iterable[Layer], labels: dict[str, str]) -> list[Layer]:
-    """The layers that apply to a device with ``labels``, in merge order: the fleet's, then label
-    layers by priority (lowest first) and name."""
+def applying(layers: Iterable[Layer], labels: dict[str, str], device: str = "",
+             reported: Mapping[str, Any] | None = None) -> list[Layer]:
+    """The layers that apply to a device with ``labels`` (and, for layers with a ``where``, its id
+    and reported state), in merge order: the fleet's, then label layers by priority (lowest
+    first) and name."""
     layers = list(layers)
     fleet = [layer for layer in layers if layer.name == FLEET_LAYER]
-    rest = sorted((layer for layer in layers if layer.name != FLEET_LAYER and layer.applies(labels)),
+    rest = sorted((layer for layer in layers if layer.name != FLEET_LAYER
+                   and layer.applies(labels, device, reported)),
                   key=lambda layer: (layer.priority, layer.name))
     return fleet + rest
 

@@ -320,6 +320,7 @@ class LayerInForce(TypedDict):
     labels: dict[str, str]
     priority: int
     message: str
+    where: str | None  # a filter over id, labels and reported state (docs/where.md)
 
 
 class LayerVersion(TypedDict):
@@ -332,6 +333,7 @@ class LayerVersion(TypedDict):
     message: str
     created_at: str | None
     actor: str
+    where: str | None
 
 
 class SchemaChange(TypedDict):

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from henge_mqtt import codec
 from henge_mqtt.errors import ValidationFailed
 from henge_mqtt.where import MAX_DEPTH, MAX_LENGTH, WhereError, parse
 
@@ -208,3 +209,50 @@ async def test_a_fleet_push_and_a_rollout_target_what_devices_report(running: Ru
     assert nobody.returncode == 1 and 'no device matches where reported.fw == "9"' in nobody.stderr
     rollout = await running.service.start_rollout({"v": 4}, where='reported.fw < "2.4"', waves=[100])
     assert rollout["devices"] == 3
+
+
+async def test_a_layer_with_where_follows_what_devices_report(running: Running) -> None:
+    """A device that upgrades its firmware joins the layer for the new firmware, and leaves it when
+    it goes back; a device that never reported stays out; the layer's own changes respect it too."""
+    clients = {}
+    for device in ("d1", "d2"):
+        clients[device], _, _ = await device5(running, device, {"interval": 5})
+        await running.service.set_labels(device, {"site": "berlin"}, [])
+    await running.add("new-one", {"interval": 5})
+    for device, fw in (("d1", "2.3.1"), ("d2", "2.4.0")):
+        assert await publish5(clients[device], running.service.topics.reported(device), reported({"fw": fw}), 1) == 0
+    await wait_until(lambda: running.service.counters.get("reported_changed") == 2, what="two reports")
+    change = await running.service.set_layer("fast", {"mode": "fast"}, labels={"site": "berlin"},
+                                             where='reported.fw >= "2.4"')
+    assert change["devices"] == 1
+    assert (await running.service.get_version("d2")).config == {"interval": 5, "mode": "fast"}
+    assert (await running.service.get_version("d1")).config == {"interval": 5}
+    assert (await running.service.get_version("new-one")).config == {"interval": 5}
+    assert (await running.service.list_layers())[0]["where"] == 'reported.fw >= "2.4"'
+    # d1 upgrades: its next report brings it into the layer (a new version, published to it).
+    await clients["d1"].send(codec.Subscribe(7, ((running.service.topics.config("d1"), 1),)))
+    await clients["d1"].read_until(codec.Suback)
+    await clients["d1"].read_until(codec.Publish)  # its retained v1
+    assert await publish5(clients["d1"], running.service.topics.reported("d1"), reported(patch={"fw": "2.4.1"}),
+                          2) == 0
+    delivered = await clients["d1"].read_until(codec.Publish)
+    snapshot = json.loads(delivered.payload)
+    assert snapshot["version"] == 2 and snapshot["config"] == {"interval": 5, "mode": "fast"}
+    assert snapshot["layers"] == ["fast@1", "device"]
+    # A report that changes something else changes nothing here; going back leaves the layer.
+    await publish5(clients["d1"], running.service.topics.reported("d1"), reported(patch={"uptime_note": "x"}), 3)
+    await publish5(clients["d1"], running.service.topics.reported("d1"), reported(patch={"fw": "2.3.9"}), 4)
+    await wait_until(lambda: _version_is(running, "d1", 3), what="d1 back out of the layer")
+    assert (await running.service.get_version("d1")).config == {"interval": 5}
+    explained = await running.service.explain("d2")
+    assert {"pointer": "/mode", "value": "fast", "layer": "fast@1"} in explained
+    history = await running.service.layer_history("fast")
+    assert history[0]["where"] == 'reported.fw >= "2.4"'
+    with pytest.raises(ValidationFailed, match="where: state cannot be used here"):
+        await running.service.set_layer("live", {"a": 1}, labels={"site": "berlin"}, where='state == "online"')
+    with pytest.raises(ValidationFailed, match="takes no labels and no where"):
+        await running.service.set_layer("fleet", {"a": 1}, where='reported.fw == "1"')
+
+
+async def _version_is(running: Running, device: str, version: int) -> bool:
+    return (await running.service.get_version(device)).version == version

@@ -156,14 +156,15 @@ def device_arg(value: str, what: str = "ID") -> str:
     return value
 
 
-def where_arg(text: str | None) -> str | None:
-    """A ``--where`` filter, checked here so a typo is a usage error (exit 2) that names the column."""
+def where_arg(text: str | None, *, standing: bool = False) -> str | None:
+    """A ``--where`` filter, checked here so a typo is a usage error (exit 2) that names the column
+    (``standing``: a layer's, which may read only id, labels and reported state)."""
     if text is None:
         return None
-    from ..where import WhereError, parse
+    from ..where import STANDING_ROOTS, WhereError, parse
 
     try:
-        parse(text)
+        parse(text, allowed=STANDING_ROOTS if standing else None)
     except WhereError as exc:
         fail(f"--where: {exc}", 2)
     return text

@@ -22,6 +22,7 @@ from .common import (
     op_help,
     read_config,
     read_document,
+    where_arg,
 )
 from .render import render_table, warn_new_devices
 from .tree import layer_app, schema_app
@@ -37,6 +38,10 @@ def layer_set(
     = None,
     priority: Annotated[int | None, typer.Option("--priority", min=-1000, max=1000, help="Label layers merge "
                                                  "lowest first (then by name); default 0 or unchanged.")] = None,
+    where: Annotated[str | None, typer.Option("--where", help='Only devices this filter matches, over id, labels '
+                                              'and reported state, e.g. \'reported.fw >= "2.4"\', re-evaluated as '
+                                              'devices report (docs/where.md; "" removes it; default: unchanged).')]
+    = None,
     message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
     force: Annotated[bool, typer.Option("--force", help="Store it even if a device added later (no config of "
                                         "its own) would get a config its schemas refuse; says which.")] = False,
@@ -44,6 +49,8 @@ def layer_set(
 ) -> None:
     args: dict[str, Any] = {"name": name, "content": read_config(source, what="layer"), "message": message,
                             "force": force}
+    if where is not None:
+        args["where"] = where_arg(where, standing=True) if where else ""
     if label:
         args["labels"] = labels_arg(label)
     if priority is not None:
@@ -73,9 +80,10 @@ def layer_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt 
     rows = call_op(data, broker, timeout, "layer.list")
     people = [{"layer": r["layer"], "version": r["version"],
                "priority": r["priority"] if r["layer"] != "fleet" else "-",
-               "labels": ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "(all)"} for r in rows]
+               "labels": ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "(all)",
+               "where": r.get("where") or "-"} for r in rows]
     emit(rows, as_json,
-         lambda _: render_table(people, ["layer", "version", "priority", "labels"]) if rows else "no layers")
+         lambda _: render_table(people, ["layer", "version", "priority", "labels", "where"]) if rows else "no layers")
 
 
 @layer_app.command("history", help=op_help("layer.history"))

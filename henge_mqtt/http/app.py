@@ -380,11 +380,11 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
 
     @route("PUT", "/layers/{name}", **body_doc(LayerBody))
     async def put_layer(request: Request, name: LayerName) -> LayerChange:
-        """Set a layer (``fleet``, or a label layer with ``labels`` and ``priority``); the devices whose
-        config changes get a new version in the same transaction."""
+        """Set a layer (``fleet``, or a label layer with ``labels``, ``priority`` and ``where``); the
+        devices whose config changes get a new version in the same transaction."""
         body = parse_model(LayerBody, await read_json(request))
         return await svc.set_layer(name, body.content, labels=body.labels, priority=body.priority,
-                                   message=body.message, force=body.force)
+                                   message=body.message, force=body.force, where=body.where)
 
     @route("POST", "/layers/{name}/rollback", **body_doc(RollbackBody))
     async def rollback_layer(request: Request, name: LayerName) -> LayerChange:

@@ -51,6 +51,7 @@ class LayerBody(BaseModel):
     priority: int | None = Field(default=None, ge=-1000, le=1000)
     message: str = Field(default="", max_length=1024)
     force: bool = False  # store it even if a device added later would break its schemas
+    where: str | None = Field(default=None, max_length=2048)  # None: unchanged; "": none (docs/where.md)
 
 
 class BackupBody(BaseModel):

@@ -243,11 +243,12 @@ class ServiceAPI:
         else:
             devices = await self.worker.run(self.store.device_ids, labels if not all_devices else None)
         if not devices:
-            said = [] if all_devices else [f"the labels {','.join(f'{k}={v}' for k, v in sorted(labels.items()))}"
-                                            ] if labels else []
+            said = []
+            if labels and not all_devices:
+                said.append("has the labels " + ",".join(f"{k}={v}" for k, v in sorted(labels.items())))
             if where:
-                said.append(f"where {where}")
-            what = "no device matches " + " and ".join(said) if said else "no devices are registered"
+                said.append(f"matches where {where}")
+            what = "no device " + " and ".join(said) if said else "no devices are registered"
             raise UnknownDevice(None, message=what, also="nothing was stored")
         return devices
 
@@ -479,32 +480,36 @@ class ServiceAPI:
     # ---- layers ----------------------------------------------------------------------------------
 
     async def set_layer(self, name: str, content: dict[str, Any], *, labels: dict[str, str] | None = None,
-                        priority: int | None = None, message: str = "", force: bool = False) -> LayerChange:
+                        priority: int | None = None, message: str = "", force: bool = False,
+                        where: str | None = None) -> LayerChange:
         """A new version of a layer (``fleet``, or a label layer with ``labels`` and ``priority``); in
         the same transaction a new version for exactly the devices whose config changes, then published.
         Refused if a device added afterwards would get a config its schemas refuse, unless ``force``
         (the answer's ``new_devices_invalid`` then says which case breaks)."""
         self.configs.check_size(content)
-        return await self._change_layer(name, content, labels=labels, priority=priority, message=message, force=force)
+        if where:
+            parse_where(where, standing=True)
+        return await self._change_layer(name, content, labels=labels, priority=priority, message=message, force=force,
+                                        where=where)
 
     async def remove_layer(self, name: str, *, message: str = "", force: bool = False) -> LayerChange:
         return await self._change_layer(name, None, labels=None, priority=None, message=message, force=force)
 
     async def _change_layer(self, name: str, content: dict[str, Any] | None, *, labels: dict[str, str] | None,
-                            priority: int | None, message: str, force: bool) -> LayerChange:
+                            priority: int | None, message: str, force: bool, where: str | None = None) -> LayerChange:
         async with self.configs.schema_lock:
             future = await self.worker.run(self.schemas.new_device_errors, name, content, labels=labels,
-                                           priority=priority)
+                                           priority=priority, where=where)
             if future and not force:  # said with the current devices it breaks too, if any (those --force keeps)
-                layer = {"name": name, "content": content, "labels": labels, "priority": priority}
+                layer = {"name": name, "content": content, "labels": labels, "priority": priority, "where": where}
                 store = self.store
                 now = await self.worker.run(lambda: self.schemas.layer_change_errors(layer, store.layer_change_targets(
-                    name, content, selector=labels, priority=priority)))
+                    name, content, selector=labels, priority=priority, where=where)))
                 raise SchemaViolation(now + future, what="the layer was not stored" + (
                     "" if now else " (henge layer set --force stores it anyway; every such device add is then "
                                    "refused)"))
             version, rows = await self.worker.run(self.store.set_layer, name, content, actor=current_actor.get(),
-                                                  message=message, selector=labels, priority=priority)
+                                                  message=message, selector=labels, priority=priority, where=where)
         await self.configs.publish_rows(rows, event="layer_applied", layer=name, version=version)
         removed = content is None
         self.events.emit("layer_removed" if removed else "layer_set", None, layer=name, version=version,
@@ -534,7 +539,7 @@ class ServiceAPI:
             (layer for name, layer in layers.items() if name != "fleet"),
             key=lambda layer: (layer.priority, layer.name))
         return [{"layer": layer.name, "version": layer.version, "labels": layer.selector, "priority": layer.priority,
-                 "message": layer.message} for layer in ordered]
+                 "message": layer.message, "where": layer.where or None} for layer in ordered]
 
     async def layer_history(self, name: str) -> list[LayerVersion]:
         entries = await self.worker.run(self.store.layer_history, name)

@@ -120,6 +120,7 @@ class HengeService(ServiceAPI):
             store.validate = self.schemas.check  # inside every transaction that stores a version
             store.validate_many = self.schemas.check_each
             self.configs = Configs(self.worker, broker, self.topics, self.events, s.max_config_bytes, self.schemas)
+            self.reports.on_reported_changed = self.configs.refresh_for_reported
             sessions = await self.worker.run(store.sessions)
             broker.seed_sessions(sessions)
             broker.restore_sessions(await self.worker.run(store.mqtt_sessions))  # before the republish: queued

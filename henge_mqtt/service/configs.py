@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ from ..topics import Topics
 from .events import Events
 from .fleet import Progress
 from .schemas import Schemas
+
+log = logging.getLogger("henge_mqtt.service")
 
 FIRST_CHUNK = 100
 MAX_CHUNK = 2000
@@ -195,6 +198,18 @@ class Configs:
         self.events.count("pushes", len(rows))
         self.events.emit(event, None, devices=len(rows), **data)
         return futures
+
+    async def refresh_for_reported(self, devices: list[str]) -> None:
+        """Devices whose reported state changed, under layers with a ``where`` over it: each gets
+        the config its layers now give, stored and published (a device that upgrades its firmware
+        joins the layer for the new one); one a schema refuses keeps its version, said in the log
+        and a ``layer_refused`` event."""
+        async with self.schema_lock:
+            rows, refused = await self.worker.run(self.worker.store.refresh_for_reported, devices)
+        for device, why in refused:
+            log.warning("layer.refused device=%s reason=reported error=%s", device, " ".join(why.split()))
+            self.events.emit("layer_refused", device, reason="reported state changed", error=why)
+        await self.publish_rows(rows, event="layer_applied", reason="reported state changed")
 
     async def republish_all(self) -> int:
         """The store is the truth: every current version goes out retained again on start."""

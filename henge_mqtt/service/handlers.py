@@ -209,7 +209,7 @@ async def _schema_remove(svc: ServiceAPI, a: models.SchemaRefArgs, progress: Pro
 @handles("layer.set")
 async def _layer_set(svc: ServiceAPI, a: models.LayerSetArgs, progress: Progress) -> Any:
     return await svc.set_layer(a.name, dict(a.content), labels=dict(a.labels) if a.labels is not None else None,
-                               priority=a.priority, message=a.message, force=a.force)
+                               priority=a.priority, message=a.message, force=a.force, where=a.where)
 
 
 @handles("layer.get")

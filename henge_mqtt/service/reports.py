@@ -63,6 +63,8 @@ class Reports:
         self._flushing = False
         self._spawn = spawn
         self._log = LogLimiter(log)  # a device can send a bad message ten times a second
+        # Layers with a where over reported state: the devices whose document changed (the service's configs).
+        self.on_reported_changed: Callable[[list[str]], Coroutine[Any, Any, None]] | None = None
 
     def watch(self, callback: Callable[[str, Report], None]) -> Callable[[], None]:
         """``callback(device, report)`` for every recorded report; returns a remover."""
@@ -140,7 +142,10 @@ class Reports:
         outcomes, said = await self.worker.run(
             self.worker.store.record_device_words, [(d, r.version, r.status, r.error, e) for d, r, e in batch],
             reported, self.max_reported_bytes, self.reported_history)
+        changed: list[str] = []
         for message, result in zip(reported, said, strict=True):
+            if result.outcome == "ok" and result.changed:
+                changed.append(message.device)
             if result.outcome == "too_large":
                 self._bad_reported(message.device, f"merged: {result.size} bytes, over max_reported_bytes")
             elif result.outcome == "ok" and result.changed:
@@ -150,6 +155,8 @@ class Reports:
                     callback(message.device, result.changed)
             elif result.outcome == "ok":
                 self.events.count("reported_unchanged")
+        if changed and self.on_reported_changed is not None:
+            await self.on_reported_changed(list(dict.fromkeys(changed)))
         for (device, report, _), outcome in zip(batch, outcomes, strict=True):
             if outcome == "unknown":
                 log.info("report.unknown_device device=%s", device)  # removed while its report was in flight

@@ -173,7 +173,7 @@ class Schemas:
         errors: list[dict[str, str]] = []
         for device in devices:
             have = labels.get(device, {})
-            layers = self.store.layers_for(have)
+            layers = self.store.layers_for(have, device=device)
             schemas = self.applicable(have)
             key = (tuple(layer.ref for layer in layers), tuple(c.selector for c in schemas))
             if key not in verdicts:
@@ -197,12 +197,12 @@ class Schemas:
         if not self._active:
             return []
         layers, _ = self._layers_after(layer["name"], layer["content"], labels=layer["labels"],
-                                       priority=layer["priority"])
+                                       priority=layer["priority"], where=layer.get("where"))
         labels = self.store.labels_by_device(devices)
         items = []
         for device in devices:
             own = self.store.current_config_layer(device)
-            effective, _ = self.store.effective(labels.get(device, {}), own, layers)
+            effective, _ = self.store.effective(labels.get(device, {}), own, layers, device=device)
             items.append((device, labels.get(device, {}), effective))
         errors: list[dict[str, str]] = []
         for device, have, config in items:
@@ -210,15 +210,15 @@ class Schemas:
         return errors
 
     def new_device_errors(self, name: str, content: dict[str, Any] | None, *, labels: dict[str, str] | None,
-                          priority: int | None) -> list[dict[str, str]]:
+                          priority: int | None, where: str | None = None) -> list[dict[str, str]]:
         """What a device added after this layer change, with no config of its own, would get: the
         errors of that config (checked for a device with exactly the layer's labels, the least a
         device needs to get it; the fleet layer: no labels). A layer no current device exposes can
         still refuse every ``device add`` that follows; this finds it before it is stored."""
         if not self._active:
             return []
-        layers, probe = self._layers_after(name, content, labels=labels, priority=priority)
-        effective, used = self.store.effective(probe, {}, layers)
+        layers, probe = self._layers_after(name, content, labels=labels, priority=priority, where=where)
+        effective, used = self.store.effective(probe, {}, layers)  # a new device: no reported state yet
         if not used:
             return []  # no layer applies: such a device gets no config, so nothing to refuse
         who = "a new device" + (" with " + ",".join(f"{k}={v}" for k, v in sorted(probe.items())) if probe else "")
@@ -226,11 +226,12 @@ class Schemas:
                                                                                      effective, None)]
 
     def _layers_after(self, name: str, content: dict[str, Any] | None, *, labels: dict[str, str] | None,
-                      priority: int | None) -> tuple[dict[str, Any], dict[str, str]]:
+                      priority: int | None, where: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
         """The layers in force once layer ``name`` is changed (``content`` None: removed), and its
         selector (a removed layer's last one)."""
         layers = self.store.layers()
-        candidate, selector, _ = self.store.candidate_layer(name, content, selector=labels, priority=priority)
+        candidate, selector, _ = self.store.candidate_layer(name, content, selector=labels, priority=priority,
+                                                            where=where)
         if candidate is None:
             layers.pop(name, None)
         else:

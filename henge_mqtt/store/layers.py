@@ -8,41 +8,52 @@ from typing import Any
 
 from ..errors import (
     RolloutConflict,
+    SchemaViolation,
     UnknownLayer,
     ValidationFailed,
 )
 from ..layering import FLEET_LAYER, Layer, applying, explain, merge
 from ..models import ConfigVersion, config_sha256, utc_now
 from ..results import Explained, LayerVersion
+from ..where import STANDING_ROOTS, WhereError
+from ..where import parse as parse_where
 from .core import StoreCore, ts
 
 
 class Layers(StoreCore):
     def _load_layers(self) -> dict[str, Layer]:
         out: dict[str, Layer] = {}
-        for name, version, selector, priority, content, message in self._db.execute(
-                "SELECT l.name, l.version, l.selector, l.priority, l.content, l.message FROM layers l JOIN "
-                "(SELECT name, MAX(version) AS m FROM layers GROUP BY name) x ON x.name = l.name AND x.m = l.version"):
+        for name, version, selector, priority, content, message, where in self._db.execute(
+                "SELECT l.name, l.version, l.selector, l.priority, l.content, l.message, l.where_expr FROM layers l "
+                "JOIN (SELECT name, MAX(version) AS m FROM layers GROUP BY name) x "
+                "ON x.name = l.name AND x.m = l.version"):
             if content is not None:
-                out[name] = Layer(name, version, json.loads(selector), priority, json.loads(content), message)
+                out[name] = Layer(name, version, json.loads(selector), priority, json.loads(content), message,
+                                  where=where or "")
         return out
 
     def layers(self) -> dict[str, Layer]:
         return dict(self._layers)
 
-    def layers_for(self, labels: dict[str, str], layers: dict[str, Layer] | None = None) -> list[Layer]:
-        """The layers that apply to a device with ``labels``, in merge order: the fleet's, then label
-        layers by priority (lowest first) and name."""
-        return applying((self._layers if layers is None else layers).values(), labels)
+    def layers_for(self, labels: dict[str, str], layers: dict[str, Layer] | None = None, *,
+                   device: str | None = None) -> list[Layer]:
+        """The layers that apply to ``device`` with ``labels``, in merge order: the fleet's, then label
+        layers by priority (lowest first) and name. A layer with a ``where`` filter reads the
+        device's id and reported state; ``device`` None is a device henge knows nothing of yet."""
+        chosen = self._layers if layers is None else layers
+        reported = None
+        if device is not None and any(layer.reads_reported for layer in chosen.values()):
+            reported = self._reported_doc(device)
+        return applying(chosen.values(), labels, device or "", reported)
 
     @staticmethod
     def merge_layers(applied: list[Layer], own: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         return merge(applied, own)  # pure: henge_mqtt/layering.py
 
-    def effective(self, labels: dict[str, str], own: dict[str, Any],
-                  layers: dict[str, Layer] | None = None) -> tuple[dict[str, Any], list[str]]:
-        """``(config, layers used)``: the layers for ``labels`` merged in order, then ``own``."""
-        return self.merge_layers(self.layers_for(labels, layers), own)
+    def effective(self, labels: dict[str, str], own: dict[str, Any], layers: dict[str, Layer] | None = None, *,
+                  device: str | None = None) -> tuple[dict[str, Any], list[str]]:
+        """``(config, layers used)``: the layers for ``device`` with ``labels`` merged in order, then ``own``."""
+        return self.merge_layers(self.layers_for(labels, layers, device=device), own)
 
     def _current_rows(self, devices: list[str]) -> dict[str, tuple[int, str | None, str, str]]:
         """``{device: (version, own json, config json, sha256)}`` of the current versions."""
@@ -72,7 +83,7 @@ class Layers(StoreCore):
         for device in devices:
             version, own_text, config_text, sha = current.get(device, (0, None, None, None))
             text = (own_text if own_text is not None else config_text) if version else None
-            applied = self.layers_for(labels.get(device, {}), layers)
+            applied = self.layers_for(labels.get(device, {}), layers, device=device)
             key = (tuple(layer.ref for layer in applied), text or "{}")
             if key not in merged:  # devices with the same own layer under the same layers: one merge
                 own = json.loads(text) if text is not None else {}
@@ -92,7 +103,7 @@ class Layers(StoreCore):
         return rows
 
     def set_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str = "",
-                  selector: dict[str, str] | None = None, priority: int | None = None,
+                  selector: dict[str, str] | None = None, priority: int | None = None, where: str | None = None,
                   ) -> tuple[int, list[ConfigVersion]]:
         """A new version of layer ``name`` (``content`` None: removed) and, in the same transaction, a
         new device version for exactly the devices whose config it changes."""
@@ -101,48 +112,80 @@ class Layers(StoreCore):
             raise RolloutConflict(f"layer {name!r} is being rolled out by {staged}; wait for it, or abort it")
         with self._tx():
             version, rows, candidate = self._set_layer(name, content, actor=actor, message=message,
-                                                       selector=selector, priority=priority)
+                                                       selector=selector, priority=priority, where=where)
         self._layers = candidate
         return version, rows
 
     def candidate_layer(self, name: str, content: dict[str, Any] | None, *, selector: dict[str, str] | None,
-                        priority: int | None) -> tuple[Layer | None, dict[str, str], int]:
-        """The layer ``name`` would be after this change (None: removed), its selector and priority."""
-        if name == FLEET_LAYER and selector:
-            raise ValidationFailed("the fleet layer applies to every device: it takes no labels")
+                        priority: int | None, where: str | None = None) -> tuple[Layer | None, dict[str, str], int]:
+        """The layer ``name`` would be after this change (None: removed), its selector and priority;
+        ``selector``, ``priority`` and ``where`` None: as they are (``where`` "": none)."""
+        if name == FLEET_LAYER and (selector or where):
+            raise ValidationFailed("the fleet layer applies to every device: it takes no labels and no where")
         before = self._layers.get(name)
         if content is None and before is None:
             raise UnknownLayer(f"no layer {name!r} is in force")
-        if content is not None and name != FLEET_LAYER and selector is None and before is None:
-            raise ValidationFailed(f"a new layer needs its labels (--label k=v), or use the name {FLEET_LAYER!r}")
+        if content is not None and name != FLEET_LAYER and selector is None and not where and before is None:
+            raise ValidationFailed(f"a new layer needs its labels (--label k=v) or a --where, or use the name "
+                                   f"{FLEET_LAYER!r}")
         sel = selector if selector is not None else (before.selector if before else {})
         prio = priority if priority is not None else (before.priority if before else 0)
+        chosen = where if where is not None else (before.where if before else "")
+        if where:
+            try:
+                parse_where(where, allowed=STANDING_ROOTS)
+            except WhereError as exc:
+                raise ValidationFailed(f"where: {exc}") from None
         row = self._db.execute("SELECT MAX(version) FROM layers WHERE name = ?", (name,)).fetchone()
         version = int(row[0] or 0) + 1
-        layer = Layer(name, version, sel, prio, content) if content is not None else None
+        layer = Layer(name, version, sel, prio, content, where=chosen) if content is not None else None
         return layer, sel, prio
 
     def _set_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str,
-                   selector: dict[str, str] | None, priority: int | None,
+                   selector: dict[str, str] | None, priority: int | None, where: str | None = None,
                    ) -> tuple[int, list[ConfigVersion], dict[str, Layer]]:
         """Inside the caller's transaction; the caller installs the returned layers once it commits."""
-        layer, sel, prio = self.candidate_layer(name, content, selector=selector, priority=priority)
+        layer, sel, prio = self.candidate_layer(name, content, selector=selector, priority=priority, where=where)
+        chosen = layer.where if layer is not None else None
         row = self._db.execute("SELECT MAX(version) FROM layers WHERE name = ?", (name,)).fetchone()
         version = int(row[0] or 0) + 1
         self._db.execute(
-            "INSERT INTO layers (name, version, selector, priority, content, message, created_at, actor) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO layers (name, version, selector, priority, content, message, created_at, actor, where_expr) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (name, version, json.dumps(sel, sort_keys=True), prio,
-             json.dumps(content, sort_keys=True) if content is not None else None, message, ts(utc_now()), actor))
+             json.dumps(content, sort_keys=True) if content is not None else None, message, ts(utc_now()), actor,
+             chosen or None))
         candidate = dict(self._layers)
         if layer is None:
             candidate.pop(name, None)
         else:
-            candidate[name] = Layer(name, version, sel, prio, layer.content, message)
+            candidate[name] = Layer(name, version, sel, prio, layer.content, message, where=layer.where)
         rows = self._refresh(sorted(self._hashes), candidate, actor=actor, message=message or f"layer {name}@{version}")
-        self._audit(actor, "layer.remove" if content is None else "layer.set", None,
-                    {"layer": name, "version": version, "labels": sel, "priority": prio, "devices": len(rows)})
+        summary: dict[str, Any] = {"layer": name, "version": version, "labels": sel, "priority": prio,
+                                   "devices": len(rows)}
+        if chosen:
+            summary["where"] = chosen
+        self._audit(actor, "layer.remove" if content is None else "layer.set", None, summary)
         return version, rows, candidate
+
+    def refresh_for_reported(self, devices: list[str]) -> tuple[list[ConfigVersion], list[tuple[str, str]]]:
+        """After their reported states changed: a new version for each of ``devices`` whose layers
+        (those with a ``where`` over ``reported``) now give another config, each in its own
+        transaction; a device whose new config a schema refuses keeps its version, and is named
+        with the reason (the report itself was stored: it says what the device is)."""
+        if not any(layer.reads_reported for layer in self._layers.values()):
+            return [], []
+        rows: list[ConfigVersion] = []
+        refused: list[tuple[str, str]] = []
+        for device in devices:
+            if device not in self._hashes:
+                continue
+            try:
+                with self._tx():
+                    rows += self._refresh([device], self._layers, actor="henge", message="reported state changed")
+            except SchemaViolation as exc:
+                refused.append((device, str(exc)))
+        return rows, refused
 
     def _staging(self, name: str) -> str | None:
         """The active rollout staging a change of layer ``name``, if any."""
@@ -153,9 +196,9 @@ class Layers(StoreCore):
         return None
 
     def layer_change_targets(self, name: str, content: dict[str, Any] | None, *, selector: dict[str, str] | None,
-                             priority: int | None) -> list[str]:
+                             priority: int | None, where: str | None = None) -> list[str]:
         """The devices whose config a layer change would alter (a staged layer change's targets)."""
-        layer, _, _ = self.candidate_layer(name, content, selector=selector, priority=priority)
+        layer, _, _ = self.candidate_layer(name, content, selector=selector, priority=priority, where=where)
         candidate = dict(self._layers)
         if layer is None:
             candidate.pop(name, None)
@@ -169,20 +212,21 @@ class Layers(StoreCore):
             version, own_text, config_text, sha = current.get(device, (0, None, None, None))
             text = (own_text if own_text is not None else config_text) if version else None
             own = json.loads(text) if text is not None else {}
-            effective, used = self.effective(labels.get(device, {}), own, candidate)
+            effective, used = self.effective(labels.get(device, {}), own, candidate, device=device)
             if (version or used) and config_sha256(effective) != sha:
                 out.append(device)
         return out
 
     def layer_history(self, name: str) -> list[LayerVersion]:
         rows = self._db.execute(
-            "SELECT version, selector, priority, content, message, created_at, actor FROM layers WHERE name = ? "
-            "ORDER BY version", (name,)).fetchall()
+            "SELECT version, selector, priority, content, message, created_at, actor, where_expr FROM layers "
+            "WHERE name = ? ORDER BY version", (name,)).fetchall()
         if not rows:
             raise UnknownLayer(f"no layer {name!r}")
         return [{"layer": name, "version": v, "labels": json.loads(sel), "priority": prio,
                  "content": json.loads(c) if c is not None else None, "removed": c is None, "message": msg,
-                 "created_at": at, "actor": actor} for v, sel, prio, c, msg, at, actor in rows]
+                 "created_at": at, "actor": actor, "where": where or None}
+                for v, sel, prio, c, msg, at, actor, where in rows]
 
     def explain(self, device: str, version: int | None = None) -> list[Explained]:
         """Per leaf of the device's config: its JSON pointer, value and the layer that set it."""

@@ -88,6 +88,11 @@ class Reported(StoreCore):
         self._db.execute("DELETE FROM reported_history WHERE device = ? AND seq <= ?", (m.device, seq - keep))
         return ReportedOutcome("ok", seq, _changed(old, new))
 
+    def _reported_doc(self, device: str) -> dict[str, Any] | None:
+        """The device's latest reported document (None: it never reported), for layers with a where."""
+        row = self._db.execute("SELECT document FROM reported WHERE device = ?", (device,)).fetchone()
+        return json.loads(row[0]) if row else None
+
     def reported_of(self, device: str, history: bool = False) -> dict[str, Any]:
         """The device's latest document (``None`` before its first report) with when it arrived and
         when it last changed; with ``history``, its kept documents, newest first."""

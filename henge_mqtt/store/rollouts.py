@@ -129,7 +129,7 @@ class Rollouts(StoreCore):
                     candidate.pop(spec["name"], None)
                 else:
                     candidate[spec["name"]] = Layer(spec["name"], layer.version, layer.selector, layer.priority,
-                                                    layer.content, staged_by=rollout_id)
+                                                    layer.content, staged_by=rollout_id, where=layer.where)
                 rows = self._refresh(devices, candidate, actor=ro["actor"], message=note)  # checks the schemas
             else:
                 rows = self._push_many(devices, ro["config"], actor=ro["actor"], message=note, skip_unchanged=False)

@@ -187,6 +187,7 @@ MIGRATIONS: list[str] = [
         at TEXT NOT NULL,                -- when the latest message arrived, changed or not
         epoch INTEGER                    -- the connection that message came in on
     );
+    ALTER TABLE layers ADD COLUMN where_expr TEXT;  -- a filter over id, labels, reported (docs/where.md)
     CREATE TABLE reported_history (      -- the last reported_history documents of each device
         device TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
         seq INTEGER NOT NULL,

@@ -56,7 +56,7 @@ class Versions(StoreCore):
                 if not isinstance(config, dict):
                     raise ValidationFailed("the patch must leave a JSON object; nothing was stored")
             assert config is not None
-            effective, _ = self.effective(self.labels_of(device), config)
+            effective, _ = self.effective(self.labels_of(device), config, device=device)
             if now is not None and now.sha256 == config_sha256(effective):
                 return now, False
             row = self._insert_version(device, config, actor=actor, message=message, if_version=None)
@@ -88,7 +88,7 @@ class Versions(StoreCore):
         labels = self.labels_by_device(devices)
         rows = []
         for device in devices:
-            applied = self.layers_for(labels.get(device, {}))
+            applied = self.layers_for(labels.get(device, {}), device=device)
             key = tuple(layer.ref for layer in applied)
             if key not in merged:
                 effective, used = self.merge_layers(applied, config)
@@ -116,7 +116,7 @@ class Versions(StoreCore):
         force for the device (checked against the schemas before it is inserted)."""
         self.require_device(device)
         current = self._expect_version(device, if_version)
-        config, used = self.effective(self.labels_of(device), own)
+        config, used = self.effective(self.labels_of(device), own, device=device)
         if self.validate is not None:
             self.validate(device, config)
         row = ConfigVersion(
