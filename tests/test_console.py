@@ -9,13 +9,16 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from henge_mqtt import codec
 from henge_mqtt.http import HttpServer
+from henge_mqtt.models import config_sha256
 
-from .conftest import ROOT, Running, reporting_device
+from .conftest import ROOT, Running, reporting_device, wait_status
 
 CHROMIUM = os.environ.get("HENGE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -225,3 +228,61 @@ async def test_the_console_tells_the_truth(running: Running, browser: Browser) -
             await page.close()
             device.cancel()
             await asyncio.gather(device, return_exceptions=True)
+
+
+async def test_the_console_shows_reported_state_drift_and_filters_where(running: Running, browser: Browser) -> None:
+    """The device page shows what the device reports; a config edited on the device shows as
+    drift, and an operator delivers the version again from the page; the Where box filters the
+    table by what devices report (the service parses it: a typo shows its error)."""
+    from .test_mqtt5 import device5
+    from .test_twins import publish5, reported
+
+    svc = running.service
+    clients = {}
+    for device, fw in (("cam1", "2.3.1"), ("cam2", "2.4.0"), ("cam3", "2.10.0")):
+        clients[device], _, _ = await device5(running, device, {"port": 80})
+        await publish5(clients[device], svc.topics.reported(device), reported({"fw": fw}), 1)
+    good = config_sha256({"port": 80})
+    await publish5(clients["cam1"], svc.topics.reported("cam1"), reported(patch={"config_sha256": good}), 2)
+    await publish5(clients["cam1"], svc.topics.report("cam1"), b'{"version": 1, "status": "applied"}', 3)
+    await publish5(clients["cam1"], svc.topics.reported("cam1"), reported(patch={"config_sha256": "edited"}), 4)
+    await wait_status(running, "cam1", lambda r: r["sync"] == "drift")
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        operator = (await svc.create_token("ops", "operator"))["token"]
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, operator)
+            await expect(page.locator('tr[data-device="cam1"]')).to_have_attribute("data-sync", "drift")
+            await expect(page.locator("#sum-drift b")).to_have_text("1")
+            where = page.get_by_label("Where")
+            await where.fill('reported.fw < "2.4"')
+            await expect(page.locator("#devices tbody tr")).to_have_count(1)
+            await expect(page.locator('tr[data-device="cam1"]')).to_be_visible()
+            await where.fill('reported.fw >= "2.4"')
+            await expect(page.locator("#devices tbody tr")).to_have_count(2)
+            await where.fill("reported.fw >= 2.4.0")
+            await expect(page.locator("#f-where-error")).to_contain_text("quote strings and versions")
+            await expect(page.locator("#devices tbody tr")).to_have_count(0)
+            await where.fill("")
+            await expect(page.locator("#devices tbody tr")).to_have_count(3)
+
+            await page.locator('tr[data-device="cam1"]').get_by_role("link", name="cam1").click()
+            await expect(page.locator("#d-reported")).to_contain_text('"fw": "2.3.1"')
+            await expect(page.locator("#d-reported-when")).to_contain_text("#3")
+            await client_subscribes(clients["cam1"], svc.topics.config("cam1"))
+            await page.get_by_role("button", name="Deliver the current version again").click()
+            await expect(page.locator("#reconcile-note")).to_contain_text("v1 delivered again.")
+            again = await clients["cam1"].read_until(codec.Publish)
+            assert json.loads(again.payload)["version"] == 1
+            await publish5(clients["cam1"], svc.topics.reported("cam1"), reported(patch={"config_sha256": good}), 9)
+            await expect(page.locator('dd[data-fact="Sync"]')).to_have_text("in_sync", timeout=5000)
+            await expect(page.get_by_role("button", name="Deliver the current version again")).to_be_hidden()
+            assert errors == []
+        finally:
+            await page.close()
+
+
+async def client_subscribes(client: Any, topic: str) -> None:
+    await client.send(codec.Subscribe(11, ((topic, 1),)))
+    await client.read_until(codec.Suback)
+    await client.read_until(codec.Publish)  # the retained snapshot

@@ -7,7 +7,8 @@ const API = "/api/v1";
 const MAX_ROWS = 500; // rows in the DOM; the filters narrow the rest
 const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem("henge-token") || "", role: "", rows: new Map(), lastId: "",
-  sort: { key: "device", dir: 1 }, dirty: false, reloadTimer: 0, stream: null, device: "" };
+  sort: { key: "device", dir: 1 }, dirty: false, reloadTimer: 0, stream: null, device: "",
+  where: "", whereMatches: null }; // the --where filter (docs/where.md), answered by the service: a Set of ids
 
 class ApiError extends Error {
   constructor(problem) { super(problem.detail || problem.title); this.problem = problem; }
@@ -112,7 +113,7 @@ function scheduleReload() {
   state.reloadTimer = setTimeout(() => loadAll().catch(() => {}), 1000);
 }
 
-function syncOf(row) { // as the service computes it (DeviceReports.sync)
+function syncOf(row) { // as the service computes it (DeviceReports.sync); drift needs hashes: reloaded instead
   if (row.applied_version == null && row.rejected_version == null) return "unknown";
   if (row.applied_version != null && row.applied_version >= row.desired_version) return "in_sync";
   if (row.rejected_version === row.desired_version) return "rejected";
@@ -125,6 +126,7 @@ function filtered() {
   const [lk, lv] = $("f-label").value.includes("=") ? $("f-label").value.split("=", 2) : [null, null];
   const out = [];
   for (const row of state.rows.values()) {
+    if (state.whereMatches && !state.whereMatches.has(row.device)) continue;
     if (q && !row.device.includes(q)) continue;
     if (st && row.state !== st) continue;
     if (sy && row.sync !== sy) continue;
@@ -142,7 +144,7 @@ function filtered() {
 
 function renderSummary() {
   const c = { devices: 0, online: 0, offline: 0, quarantined: 0, in_sync: 0, pending: 0, rejected: 0, invalid: 0,
-    conflicts: 0 };
+    drift: 0, conflicts: 0 };
   for (const row of state.rows.values()) {
     c.devices++; c[row.state]++; if (row.sync in c) c[row.sync]++; if (row.conflict) c.conflicts++;
   }
@@ -150,6 +152,7 @@ function renderSummary() {
     ["pending", "Pending"], ["rejected", "Rejected"], ["conflicts", "Conflicts"]];
   if (c.quarantined) items.splice(3, 0, ["quarantined", "Quarantined"]);
   if (c.invalid) items.splice(items.length - 1, 0, ["invalid", "Invalid"]);
+  if (c.drift) items.splice(items.length - 1, 0, ["drift", "Drift"]);
   $("summary").replaceChildren(...items.map(([k, label]) => el("li", { id: `sum-${k}` }, el("b", { text: String(c[k]) }), label)));
 }
 
@@ -226,9 +229,15 @@ function applyEvent(ev) {
       }
       break;
     case "config_published":
+      if (row && row.sync === "drift") scheduleReload();
       if (row) { row.desired_version = ev.data.version; row.schema_error = null; row.sync = syncOf(row); row.error = null; }
       break;
+    case "reported": // only a new config hash can change sync (drift); other members matter to a where filter
+      if (row && (ev.data.changed || []).includes("config_sha256")) scheduleReload();
+      if (state.where) scheduleWhere();
+      break;
     case "report":
+      if (row && row.sync === "drift") scheduleReload();
       if (row) {
         if (ev.data.status === "applied") row.applied_version = Math.max(row.applied_version || 0, ev.data.version);
         else { row.rejected_version = ev.data.version; row.error = ev.data.error; }
@@ -290,6 +299,44 @@ async function connectStream() {
 // ---- device page ----------------------------------------------------------------------------------------
 
 let deviceTimer = 0;
+let whereTimer = 0;
+function scheduleWhere() {
+  clearTimeout(whereTimer);
+  whereTimer = setTimeout(() => loadWhere().catch(() => {}), 400);
+}
+
+async function loadWhere() { // the ids the service says the filter matches (it parses it: one grammar)
+  const text = $("f-where").value.trim();
+  state.where = text;
+  if (!text) { state.whereMatches = null; $("f-where-error").textContent = ""; markDirty(); return; }
+  const ids = new Set();
+  let cursor = "";
+  try {
+    do {
+      const page = await api(`/devices?limit=10000&where=${encodeURIComponent(text)}` +
+        (cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""));
+      for (const row of page.items) ids.add(row.device);
+      cursor = page.next_cursor;
+    } while (cursor);
+  } catch (e) {
+    if (state.where === text) { $("f-where-error").textContent = e.message; state.whereMatches = new Set(); markDirty(); }
+    return;
+  }
+  if (state.where !== text) return; // typed on meanwhile
+  $("f-where-error").textContent = "";
+  state.whereMatches = ids;
+  markDirty();
+}
+
+async function reconcile(id) {
+  const note = $("reconcile-note");
+  try {
+    const r = await api(`/devices/${encodeURIComponent(id)}/reconcile`, { method: "POST" });
+    note.className = "help";
+    note.textContent = `v${r.version} delivered again` + (r.online ? "." : " (offline: it gets it when it connects).");
+  } catch (e) { note.className = "error"; note.textContent = e.message; }
+}
+
 function scheduleDevice() {
   clearTimeout(deviceTimer);
   deviceTimer = setTimeout(() => loadDevice(state.device).catch(() => {}), 400);
@@ -297,7 +344,8 @@ function scheduleDevice() {
 
 async function loadDevice(id) {
   const path = `/devices/${encodeURIComponent(id)}`;
-  const [info, presence, versions] = await Promise.all([api(path), api(`${path}/presence`), api(`${path}/versions`)]);
+  const [info, presence, versions, reported] = await Promise.all([api(path), api(`${path}/presence`),
+    api(`${path}/versions`), api(`${path}/reported`)]);
   if (state.device !== id) return;
   const s = info.status;
   state.rows.set(id, s);
@@ -322,6 +370,15 @@ async function loadDevice(id) {
     el("li", {}, when(e.at), ` ${e.type === "connected" ? "online" : "offline"}  epoch ${e.data.epoch}  ${e.data.reason}  ${e.data.remote || ""}`))
     : [el("li", { text: "No connects or disconnects seen in this run of the service yet." })]));
   const canWrite = state.role === "operator" || state.role === "admin";
+  $("d-reported-when").replaceChildren(...(reported.document === null ? ["This device has not reported its state yet."]
+    : ["Reported ", when(reported.at), `, changed `, when(reported.changed_at), ` (#${reported.seq}).`]));
+  $("d-reported").textContent = reported.document === null ? "" : JSON.stringify(reported.document, null, 2);
+  const fix = $("reconcile-button");
+  fix.hidden = s.sync !== "drift";
+  fix.disabled = !canWrite;
+  fix.title = canWrite ? "The config on the device is not the version it applied: send that version again"
+    : `Your role (${state.role}) can look, not deliver.`;
+  fix.onclick = () => reconcile(id);
   const vbody = $("d-versions").tBodies[0];
   vbody.replaceChildren(...versions.slice().reverse().map((v) => {
     // Each version's own report, kept with it: a rejection keeps its reason after later versions.
@@ -456,7 +513,7 @@ function route() {
 document.addEventListener("DOMContentLoaded", () => {
   $("login-form").addEventListener("submit", (e) => { e.preventDefault(); signIn($("token").value.trim()); });
   $("signout").addEventListener("click", () => signOut(""));
-  $("filters").addEventListener("input", markDirty);
+  $("filters").addEventListener("input", (e) => { if (e.target.id === "f-where") scheduleWhere(); else markDirty(); });
   $("filters").addEventListener("submit", (e) => e.preventDefault());
   for (const b of document.querySelectorAll("th button[data-sort]")) {
     b.addEventListener("click", () => {
