@@ -74,7 +74,8 @@ class _ServiceCollector:
         self.loop = loop
 
     async def _snapshot(self) -> dict[str, Any]:
-        return self.service.metrics_snapshot()
+        # The fleet's sync counts come from the store (drift is a comparison of hashes there).
+        return self.service.metrics_snapshot() | {"sync": (await self.service.summary())["sync"]}
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -89,6 +90,16 @@ class _ServiceCollector:
         for status in REPORT_STATUSES:
             reports.add_metric([status], counters.get(f"reports_{status}", 0))
         yield reports
+        said = CounterMetricFamily("henge_reported", "Reported-state messages received, by outcome.",
+                                   labels=["outcome"])
+        for outcome in ("changed", "unchanged", "invalid"):
+            said.add_metric([outcome], counters.get(f"reported_{outcome}", 0))
+        yield said
+        sync = GaugeMetricFamily("henge_devices_sync", "Devices by sync state now (drift: the config a device "
+                                 "reports having is not the version it applied).", labels=["sync"])
+        for name, count in snapshot["sync"].items():
+            sync.add_metric([name], count)
+        yield sync
         for name in ("sockets", "subscriptions", "retained", "refused_at_limit"):
             if name in snapshot:
                 yield GaugeMetricFamily(f"henge_{name}", f"Broker {name.replace('_', ' ')} now.", value=snapshot[name])

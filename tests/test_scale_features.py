@@ -85,8 +85,12 @@ async def test_metrics_endpoint(running: Running) -> None:
             await next_message(device)
             await device.publish("henge/devices/m1/report", b'{"version": 2, "status": "applied"}', qos=1)
             await device.publish("henge/devices/m1/report", b"garbage", qos=1)
+            await device.publish("henge/devices/m1/reported", b'{"document": {"fw": "1"}}', qos=1)
+            await device.publish("henge/devices/m1/reported", b'{"document": {"fw": "1"}}', qos=1)
+            await device.publish("henge/devices/m1/reported", b'{"fw": "1"}', qos=1)
             await wait_until(lambda: running.service.counters.get("reports_invalid") == 1
-                             and running.service.counters.get("reports_applied") == 1)
+                             and running.service.counters.get("reports_applied") == 1
+                             and running.service.counters.get("reported_unchanged") == 1)
             url = f"http://127.0.0.1:{metrics.port}/metrics"
             text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
     finally:
@@ -97,6 +101,8 @@ async def test_metrics_endpoint(running: Running) -> None:
     assert values["henge_pushes_total"] == 2
     assert values['henge_reports_total{status="applied"}'] == 1
     assert values['henge_reports_total{status="invalid"}'] == 1
+    assert [values[f'henge_reported_total{{outcome="{o}"}}'] for o in ("changed", "unchanged", "invalid")] == [1, 1, 1]
+    assert values['henge_devices_sync{sync="in_sync"}'] == 1 and values['henge_devices_sync{sync="drift"}'] == 0
     assert values["henge_publish_latency_seconds_count"] == 1  # the live push; the first was retained
 
 
