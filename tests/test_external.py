@@ -25,7 +25,7 @@ from henge_mqtt.settings import Settings
 from henge_mqtt.store import Store
 
 from . import mqtt_raw as raw
-from .conftest import henge_cli, make_settings, next_message, payload_json
+from .conftest import henge_cli, make_settings, next_message, payload_json, wait_until
 from .conftest import wait_status as _wait_status
 from .ports import free_port
 
@@ -221,6 +221,29 @@ async def test_contract_reports_and_presence(fleet: Fleet, tmp_path: Path) -> No
     row = await wait_status(fleet, "dev1", lambda r: not r["online"])
     # NATS reports a DISCONNECT and a closed socket alike (its presence comes from its events)
     assert row["reason"] == ("connection_closed" if fleet.mode == "nats" else "client_disconnect")
+
+
+async def test_contract_reported_state_through_any_broker(fleet: Fleet) -> None:
+    """A plain client reports its state through the broker (its ACL lets a device write only its own
+    reported topic) and henge keeps it, filters by it, and targets by it."""
+    s1 = await fleet.add("dev1", {"v": 1})
+    s2 = await fleet.add("dev2", {"v": 1})
+    async with fleet.device_client("dev1", s1) as one, fleet.device_client("dev2", s2) as two:
+        await one.publish("henge/devices/dev1/reported", b'{"document": {"fw": "2.4.1"}}', qos=1)
+        await two.publish("henge/devices/dev1/reported", b'{"document": {"fw": "forged"}}', qos=1)
+        await two.publish("henge/devices/dev2/reported", b'{"document": {"fw": "2.3"}}', qos=1)
+        from .nats_cluster import PATIENCE
+
+        patience = PATIENCE if fleet.mode == "nats" else 10.0
+        await wait_until(lambda: _reported_seq(fleet, "dev2"), timeout=patience, what="dev2's report")
+        await wait_until(lambda: _reported_seq(fleet, "dev1"), timeout=patience, what="dev1's report")
+    state = await fleet.service.reported("dev1")
+    assert state["document"] == {"fw": "2.4.1"} and state["seq"] == 1
+    assert [r["device"] for r in await fleet.service.status(where='reported.fw >= "2.4"')] == ["dev1"]
+
+
+async def _reported_seq(fleet: Fleet, device: str) -> bool:
+    return bool((await fleet.service.reported(device))["seq"])
 
 
 async def test_contract_fleet_push_is_answered_in_devices(fleet: Fleet, tmp_path: Path) -> None:
