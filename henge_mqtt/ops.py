@@ -181,7 +181,7 @@ TABLE: tuple[Op, ...] = (
     # ---- layers ----------------------------------------------------------------------------------------
     _op("layer.set", "operator",
         "Set a layer; every device whose config changes gets a new version, in one transaction.",
-        "LayerSetArgs", "`name`, `content`, `labels?`, `priority?`, `message?`, `force?`",
+        "LayerSetArgs", "`name`, `content`, `labels?`, `where?`, `priority?`, `message?`, `force?`",
         "`{layer, version, devices, versions}` (+ `new_devices_invalid` when `force` stored a layer a new device "
         "would break)", "PUT /layers/{name}", returns="LayerChange"),
     _op("layer.get", "viewer", "A layer's content (the current version unless a version is given).",
