@@ -1,0 +1,87 @@
+"""What device twins cost the gateway: N devices reporting their state every 10 s.
+
+    python bench/reported.py --n 10000 [--interval 10] [--duration 60] [--change-every 6]
+                             [--targets henge,mosquitto-auth] [--workers 2]
+
+Each device connects (as in bench/run.py), then publishes a reported-state document
+(``{"document": {...}}``, about 130 bytes, QoS 1) every ``--interval`` seconds for ``--duration``
+seconds, the fleet spread evenly over the interval; one message in ``--change-every`` changes the
+document (the rest repeat it, as a device that reports on a timer does). Measured: the broker
+process's CPU (user + system, from /proc) over the reporting window, as a share of one core, and
+for henge how many devices' documents it stored. Mosquitto with a password file and an ACL, taking
+the same messages (and delivering them to no one), is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import ROOT, TARGETS, LoadWorkers  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(target_name: str, n: int, workers: int, interval: float, duration: float, change_every: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-reported-{target_name}-"))
+    target = TARGETS[target_name](n, tmp)
+    result: dict[str, Any] = {"target": target_name, "n": n, "interval_s": interval, "duration_s": duration}
+    load = None
+    try:
+        target.start()
+        assert target.proc is not None
+        load = LoadWorkers(target, workers)
+        replies = load.connect()
+        result["connect_failed"] = sum(r["failed"] for r in replies)
+        time.sleep(2.0)  # let the connect storm's own work settle
+        before, started = cpu_seconds(target.proc.pid), time.monotonic()
+        replies = load.broadcast({"cmd": "report_state", "start_at": time.time() + 0.2, "interval": interval,
+                                  "duration": duration, "change_every": change_every}, timeout=duration + 120)
+        time.sleep(1.0)  # the last messages' processing
+        cpu, wall = cpu_seconds(target.proc.pid) - before, time.monotonic() - started
+        result["sent"] = sum(r["sent"] for r in replies)
+        result["cpu_s"] = round(cpu, 2)
+        result["cpu_share_of_one_core"] = round(cpu / wall, 3)
+        if target_name == "henge":
+            out = subprocess.run([sys.executable, "-m", "henge_mqtt", "status", "--json", "--where",
+                                  'reported.fw == "2.4.1"', "--data", str(target.data)],  # type: ignore[attr-defined]
+                                 capture_output=True, text=True, cwd=ROOT, timeout=120)
+            result["devices_with_reported_state"] = len(json.loads(out.stdout)) if out.returncode == 0 else out.stderr
+    finally:
+        if load is not None:
+            load.close()
+        elif target.proc is not None:
+            target.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--interval", type=float, default=10.0)
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--change-every", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--targets", default="henge,mosquitto-auth")
+    args = parser.parse_args()
+    for name in args.targets.split(","):
+        print(json.dumps(run(name, args.n, args.workers, args.interval, args.duration, args.change_every)),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
