@@ -24,6 +24,8 @@ The tree (``code`` in parentheses is what the admin protocol and the CLI's ``--j
     ├── Forbidden (forbidden): an HTTP API token whose role does not allow the operation
     ├── UnknownToken (unknown_token)
     ├── DuplicateToken (duplicate_token)
+    ├── UnknownClaim (unknown_claim)
+    ├── ClaimRefused (claim_refused): .reason: used_up, expired, revoked, replay, duplicate_device
     ├── SettingsError (settings_error)
     ├── NotSupported (not_supported): an operation the running broker cannot do
     └── RemoteError (any code): an error the service reported over the admin protocol
@@ -159,6 +161,20 @@ class UnknownToken(HengeError):
 
 class DuplicateToken(HengeError):
     code = "duplicate_token"
+
+
+class UnknownClaim(HengeError):
+    code = "unknown_claim"
+
+
+class ClaimRefused(HengeError):
+    """A device's claim that cannot be honoured; ``reason`` says which rule (docs/onboarding.md)."""
+
+    code = "claim_refused"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class SettingsError(HengeError):

@@ -19,18 +19,22 @@ from .sessions import Action, SessionView
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who a connection authenticated as."""
+    """Who a connection authenticated as: a device, the admin identity, or a new device claiming
+    its identity with a shared claim credential (``name``: its nonce, the client id)."""
 
-    kind: Literal["device", "admin"]
+    kind: Literal["device", "admin", "claim"]
     name: str
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """Why a CONNECT was refused: ``bad_credentials`` (a wrong or missing secret) or
-    ``not_authorized`` (an unknown device, client id != user name, a certificate for another id)."""
+    """Why a CONNECT was refused: ``bad_credentials`` (a wrong or missing secret),
+    ``not_authorized`` (an unknown device, client id != user name, a certificate for another id, a
+    claim that cannot be used) or ``rate_limited`` (claiming too often: retry later); ``text``: the
+    5.0 Reason String, when the default would not say it."""
 
-    why: Literal["bad_credentials", "not_authorized"]
+    why: Literal["bad_credentials", "not_authorized", "rate_limited"]
+    text: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,9 @@ class Settings(BaseModel):
     # A device's reported state (what it is and runs): the message and the merged document alike.
     max_reported_bytes: int = Field(default=16 * 1024, ge=64, le=1024 * 1024)
     reported_history: int = Field(default=20, ge=1, le=1000)  # earlier documents kept per device
+    # Onboarding by claim: claiming CONNECTs per second (all claims together), and the burst allowed.
+    claim_rate: float = Field(default=100.0, gt=0, le=100_000)
+    claim_burst: int = Field(default=1000, ge=1, le=1_000_000)
     max_keepalive: float = Field(default=300.0, gt=0)
     max_packet_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_inflight: int = Field(default=50, ge=1, le=65000)

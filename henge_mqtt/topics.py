@@ -12,6 +12,9 @@ from dataclasses import dataclass
 # written from (the embedded broker's check, Mosquitto's ACL file and dynamic-security roles, NATS
 # permissions), so a new device topic cannot be allowed in one and refused in another.
 DEVICE_PUBLISHES = ("report", "reported", "presence/device")
+# The user name a claiming device connects with: CLAIM_USER + the claim's id (never a device id:
+# those cannot hold a ':'), its password the claim's secret, its client id a random nonce.
+CLAIM_USER = "claim:"
 # What a device may read under its own root in an external broker's ACL (the embedded broker lets
 # it subscribe to anything under its root: nothing else is ever published there).
 DEVICE_READS = ("config", "presence", "presence/device")
@@ -40,6 +43,14 @@ class Topics:
 
     def device_root(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}"
+
+    def claim_request(self, nonce: str) -> str:
+        """Where a new device asks for its identity (docs/onboarding.md)."""
+        return f"{self.prefix}/claim/{nonce}/request"
+
+    def claim_response(self, nonce: str) -> str:
+        """Where it gets the answer: only the connection with that nonce may read it."""
+        return f"{self.prefix}/claim/{nonce}/response"
 
     @property
     def admin_requests(self) -> str:

@@ -22,7 +22,7 @@ from henge_mqtt.results import SYNC_STATES
 from .conftest import ROOT, Running, henge_cli, next_message, payload_json, wait_status, wait_until
 from .test_http import client as http_client
 from .test_http import web
-from .test_mqtt5 import device5
+from .test_mqtt5 import Client5, device5
 
 
 def reported(document: dict[str, Any] | None = None, *, patch: dict[str, Any] | None = None) -> bytes:
@@ -258,3 +258,29 @@ def test_reconcile_usage_and_an_unknown_device_are_one_line(tmp_path: Path) -> N
 
 def test_the_sync_states_are_one_set() -> None:
     assert get_args(SyncState) == SYNC_STATES
+
+
+async def test_the_same_message_again_moves_only_its_arrival_and_a_new_device_of_the_id_starts_afresh(
+        running: Running) -> None:
+    client, _, _ = await device5(running, "d1", {"v": 1})
+    topic = running.service.topics.reported("d1")
+    same = reported({"fw": "1"})
+    assert await publish5(client, topic, same, 1) == 0
+    await wait_until(lambda: running.service.counters.get("reported_changed") == 1, what="the first document")
+    first = (await running.service.reported("d1"))["at"]
+    for n in range(2, 5):
+        assert await publish5(client, topic, same, n) == 0
+    assert running.service.counters["reported_unchanged"] == 3
+    moved = (await running.service.reported("d1"))["at"]
+    assert moved > first and (await running.service.status("d1"))[0]["reported_at"] == moved
+    await running.service.reports.write_arrivals()  # what the timer (or the shutdown) does
+    assert running.service.reports.arrival_of("d1") is None
+    assert (await running.service.reported("d1", history=True)) | {"history": None} == {
+        "device": "d1", "document": {"fw": "1"}, "seq": 1, "changed_at": first, "at": moved, "epoch": 1,
+        "history": None}
+    await running.service.remove_device("d1")
+    secret = await running.add("d1", {"v": 1})
+    again, _ = await Client5.connect(running.port, "d1", "d1", secret)
+    assert await publish5(again, topic, same, 1) == 0
+    await wait_until(lambda: running.service.counters.get("reported_changed") == 2, what="the new device's first")
+    assert (await running.service.reported("d1"))["document"] == {"fw": "1"}

@@ -279,9 +279,12 @@ class EmbeddedBroker(TableViews):
             # 3.1.1 as always: 4 when a user name was given, else 5. 5.0 tells the two cases apart.
             code = codec.BAD_USERNAME_PASSWORD if connect.username else codec.NOT_AUTHORIZED
             if principal.why == "bad_credentials":
-                conn.refuse(code, codec.BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
+                conn.refuse(code, codec.BAD_USER_NAME_OR_PASSWORD, principal.text or "bad user name or password")
+            elif principal.why == "rate_limited":
+                conn.refuse(codec.SERVER_UNAVAILABLE, codec.CONNECTION_RATE_EXCEEDED,
+                            principal.text or "connecting too often: retry later")
             else:
-                conn.refuse(code, codec.NOT_AUTHORIZED_5,
+                conn.refuse(code, codec.NOT_AUTHORIZED_5, principal.text or
                             "not authorized: an unknown device, or a client id other than the user name")
             return
         if conn.admin_only and principal.kind != "admin":
@@ -294,6 +297,17 @@ class EmbeddedBroker(TableViews):
         conn.framer.limit = self.limits.max_packet
         if conn.v5 is not None:
             conn.v5.keepalive_capped = requested != keepalive  # told in CONNACK (Server Keep Alive)
+        if principal.kind == "claim":
+            # A new device asking for its identity: no session, no will, no presence; one connection
+            # per nonce (a second one is refused, not a takeover: it could read the first one's answer).
+            conn.key, conn.epoch, conn.will = f"claim:{connect.client_id}", 0, None
+            if conn.key in self.conns:
+                conn.refuse(codec.NOT_AUTHORIZED, codec.NOT_AUTHORIZED_5, "this claim nonce is in use")
+                return
+            self._granted[conn] = (False, 0, assigned)
+            self._register(conn)
+            self._open(conn)
+            return
         if principal.kind == "admin":
             conn.key, conn.epoch = f"admin:{connect.client_id}", 0
             conn.framer.limit = self.limits.admin_max_packet
@@ -489,7 +503,7 @@ class EmbeddedBroker(TableViews):
     def charge(self, conn: Connection) -> bool:
         """One packet against the device's rate (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PINGREQ, and
         acknowledgements of nothing); False, and the connection closed, when over it."""
-        if conn.principal is None or conn.principal.kind != "device":
+        if conn.principal is None or conn.principal.kind == "admin":
             return True
         bucket = conn.bucket
         if bucket is None:
@@ -520,7 +534,7 @@ class EmbeddedBroker(TableViews):
             return
         if not self.charge(conn):
             return
-        device = conn.principal.kind == "device"
+        device = conn.principal.kind != "admin"  # a device's limits: devices and claims
         version = conn.version
         if qos == 2:
             in_qos2 = conn.in_qos2
@@ -574,7 +588,7 @@ class EmbeddedBroker(TableViews):
 
     def on_subscribe(self, conn: Connection, packet: codec.Subscribe) -> None:
         assert conn.principal is not None
-        device = conn.principal.kind == "device"
+        device = conn.principal.kind != "admin"  # a device's limits: devices and claims
         if device and len(packet.filters) > self.limits.max_filters_per_subscribe:
             self.warn("broker.too_many_filters", "key=%s filters=%d", conn.key, len(packet.filters))
             conn.close("quota_exceeded", abort=True)
@@ -732,7 +746,8 @@ class EmbeddedBroker(TableViews):
         if session.kind == "device":
             self.hooks.session_actions([EndSession(device)])
 
-    def _new_session(self, key: str, expiry: int, kind: Literal["device", "admin"], ends_at: float) -> Session:
+    def _new_session(self, key: str, expiry: int, kind: Literal["device", "admin", "claim"],
+                     ends_at: float) -> Session:
         """A session with no connection yet (it ends at ``ends_at``, monotonic, unless one attaches)."""
         session = self.sessions[key] = Session(key, expiry, self.limits.max_inflight, kind)
         session.ends_at = ends_at

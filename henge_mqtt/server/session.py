@@ -51,7 +51,8 @@ class Session:
         "wild",
     )
 
-    def __init__(self, device: str, expiry: int, max_queued: int, kind: Literal["device", "admin"] = "device") -> None:
+    def __init__(self, device: str, expiry: int, max_queued: int,
+                 kind: Literal["device", "admin", "claim"] = "device") -> None:
         self.device = device  # the connection key: a device id, or admin:CLIENT_ID
         self.kind = kind
         self.expiry = expiry  # seconds it outlives its last connection

@@ -168,6 +168,7 @@ class ServiceAPI:
         retained topics too."""
         await self.worker.run(self.store.remove_device, device, actor=current_actor.get())
         self.schemas.invalid.pop(device, None)
+        self.reports.forget(device)
         await self._tell_broker(broker, removed=[device])
         await self.broker.kick(device)
         self.broker.forget(device)
@@ -391,7 +392,7 @@ class ServiceAPI:
                     "conflict": view.conflict, "conflict_remotes": list(view.conflict_remotes),
                     "quarantined_until": iso(view.quarantined_until) if view.quarantined_until else None,
                     "applied_version": applied, "applied_at": utc_text(applied_at), "sync": row_sync,
-                    "reported_at": utc_text(reported_at),
+                    "reported_at": utc_text(self.reports.arrival_of(d) or reported_at),
                     "error": error if row_sync == "rejected" else None, "rejected_version": rejected,
                     "undeliverable": self.configs.undeliverable.get(d), "schema_error": schema_error,
                     "session": self._session_of(d, now),
@@ -586,7 +587,8 @@ class ServiceAPI:
         found = await self.worker.run(self.store.reported_of, device, history)
         answer: ReportedState = {
             "device": device, "document": found["document"], "seq": found["seq"],
-            "changed_at": utc_text(found["changed_at"]), "at": utc_text(found["at"]), "epoch": found["epoch"]}
+            "changed_at": utc_text(found["changed_at"]),
+            "at": utc_text(self.reports.arrival_of(device) or found["at"]), "epoch": found["epoch"]}
         if history:
             answer["history"] = [{"seq": h["seq"], "at": utc_text(h["at"]) or "", "epoch": h["epoch"],
                                   "document": h["document"]} for h in found["history"]]

@@ -245,6 +245,7 @@ class HengeService(ServiceAPI):
             return
         self.rollouts.close()
         await self._broker.stop()
+        await self.reports.write_arrivals()
         await self._drain_sessions()
         await self._tasks.cancel_all(1.0)
         if (self._pending_epochs or self._pending_seen or self._pending_mqtt) and not self.fenced.is_set():
@@ -306,11 +307,9 @@ class HengeService(ServiceAPI):
             epoch = self.broker.session(principal.name, time.time()).epoch  # the connection it came in on
             self.reports.submit(principal.name, report, epoch or None)
         elif principal.kind == "device" and topic == self.topics.reported(principal.name):
-            message = self.reports.parse_reported(principal.name, payload,
-                                                  self.broker.session(principal.name, time.time()).epoch or None)
-            if isinstance(message, int):
-                return message
-            self.reports.submit_reported(message)
+            name = principal.name  # its connection's epoch, looked up only for a message that is kept
+            return self.reports.take_reported(name, payload,
+                                              lambda: self.broker.session(name, time.time()).epoch or None)
         return 0
 
     async def _admin(self, payload: bytes, actor: str) -> None:

@@ -8,6 +8,7 @@ the store's thread in arrival order, reports and reported states of one batch in
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -17,12 +18,14 @@ from pydantic import ValidationError
 from ..errors import UnknownVersion, WaitTimeout
 from ..ids import StrictJSONError, strict_json
 from ..logs import LogLimiter
-from ..models import Report
+from ..models import Report, utc_now
 from ..results import ReportOutcome
-from ..store import ReportedMessage, StoreWorker
+from ..store import ReportedMessage, StoreWorker, ts
 from .events import Events
 
 log = logging.getLogger("henge_mqtt.service")
+
+ARRIVALS_EVERY = 5.0  # seconds an unchanged message's arrival time may wait to be written
 
 # MQTT 5.0 reason codes for a refused report (the broker puts them in the PUBACK).
 PAYLOAD_FORMAT_INVALID = 0x99
@@ -60,6 +63,9 @@ class Reports:
         self._reported_watchers: list[Callable[[str, tuple[str, ...]], None]] = []
         self._pending: list[tuple[str, Report, int | None]] = []
         self._pending_reported: list[ReportedMessage] = []
+        self._last: dict[str, bytes] = {}  # device -> digest of the last message stored (16 bytes)
+        self._arrivals: dict[str, tuple[str, int | None]] = {}  # unchanged messages' arrival, to write
+        self._arrival_timer: asyncio.TimerHandle | None = None
         self._flushing = False
         self._spawn = spawn
         self._log = LogLimiter(log)  # a device can send a bad message ten times a second
@@ -76,7 +82,47 @@ class Reports:
         self._reported_watchers.append(callback)
         return lambda: self._reported_watchers.remove(callback)
 
-    def parse_reported(self, device: str, payload: bytes, epoch: int | None) -> ReportedMessage | int:
+    def take_reported(self, device: str, payload: bytes, epoch: Callable[[], int | None]) -> int:
+        """A device's reported-state message, on the loop: 0 (taken), or the 5.0 reason code to
+        refuse it with. The same bytes as the last message stored for the device change nothing
+        (a document, or a merge patch, applied twice is applied once): only its arrival time is
+        kept, written with the others every few seconds. A device that reports on a timer with
+        nothing new costs a hash, not a parse and a store write."""
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        if self._last.get(device) == digest:
+            self._arrivals[device] = (ts(utc_now()), epoch())
+            self.events.count("reported_unchanged")
+            if self._arrival_timer is None:
+                self._arrival_timer = asyncio.get_running_loop().call_later(
+                    ARRIVALS_EVERY, lambda: self._spawn(self.write_arrivals()))
+            return 0
+        message = self.parse_reported(device, payload, epoch(), digest)
+        if isinstance(message, int):
+            return message
+        self.submit_reported(message)
+        return 0
+
+    def arrival_of(self, device: str) -> str | None:
+        """When the device's last (unchanged) message arrived, if not written to the store yet."""
+        found = self._arrivals.get(device)
+        return found[0] if found else None
+
+    def forget(self, device: str) -> None:
+        """A device removed: a new one of the same id starts from nothing."""
+        self._last.pop(device, None)
+        self._arrivals.pop(device, None)
+
+    async def write_arrivals(self) -> None:
+        """The arrival times of unchanged messages, in one transaction (and at shutdown)."""
+        if self._arrival_timer is not None:
+            self._arrival_timer.cancel()
+            self._arrival_timer = None
+        arrivals, self._arrivals = self._arrivals, {}
+        if arrivals:
+            await self.worker.run(self.worker.store.touch_reported, arrivals)
+
+    def parse_reported(self, device: str, payload: bytes, epoch: int | None,
+                       digest: bytes = b"") -> ReportedMessage | int:
         """A reported-state message ``{"document": {...}}`` or ``{"patch": {...}}``, or the 5.0
         reason code to refuse it with (logged, rate-limited, and counted)."""
         if len(payload) > self.max_reported_bytes:
@@ -94,7 +140,7 @@ class Reports:
         if not isinstance(value, dict):
             self._bad_reported(device, f"{kind}: must be a JSON object")
             return PAYLOAD_FORMAT_INVALID
-        return ReportedMessage(device, value, kind == "patch", epoch)
+        return ReportedMessage(device, value, kind == "patch", epoch, digest)
 
     def submit_reported(self, message: ReportedMessage) -> None:
         """Queue a parsed reported-state message: stored with the reports that arrived meanwhile."""
@@ -144,6 +190,8 @@ class Reports:
             reported, self.max_reported_bytes, self.reported_history)
         changed: list[str] = []
         for message, result in zip(reported, said, strict=True):
+            if result.outcome == "ok" and message.digest:
+                self._last[message.device] = message.digest
             if result.outcome == "ok" and result.changed:
                 changed.append(message.device)
             if result.outcome == "too_large":

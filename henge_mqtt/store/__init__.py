@@ -16,6 +16,7 @@ Durability: ``synchronous=FULL`` by default (every commit survives a power cut);
 
 from __future__ import annotations
 
+from .core import ts
 from .credentials import hash_secret, mosquitto_hash, new_secret
 from .db import DatabaseError, IntegrityError
 from .reported import ReportedMessage, ReportedOutcome
@@ -26,4 +27,4 @@ from .worker import StoreWorker
 
 __all__ = ["DB_FILE", "MIGRATIONS", "DatabaseError", "DeviceReports", "IntegrityError", "ReportedMessage",
            "ReportedOutcome", "Store", "StoreWorker",
-           "hash_secret", "mosquitto_hash", "new_secret"]
+           "hash_secret", "mosquitto_hash", "new_secret", "ts"]

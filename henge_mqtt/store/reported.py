@@ -25,6 +25,7 @@ class ReportedMessage:
     body: dict[str, Any]
     patch: bool  # True: a merge patch of the last document; False: the whole document
     epoch: int | None = None
+    digest: bytes = b""  # of the message's bytes: the same bytes again change nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,12 @@ class Reported(StoreCore):
                          (m.device, seq, text, now, m.epoch))
         self._db.execute("DELETE FROM reported_history WHERE device = ? AND seq <= ?", (m.device, seq - keep))
         return ReportedOutcome("ok", seq, _changed(old, new))
+
+    def touch_reported(self, arrivals: dict[str, tuple[str, int | None]]) -> None:
+        """When unchanged messages arrived (and on which connection), many devices at once."""
+        with self._tx():
+            self._db.executemany("UPDATE reported SET at = ?, epoch = ? WHERE device = ?",
+                                 [(at, epoch, device) for device, (at, epoch) in arrivals.items()])
 
     def _reported_doc(self, device: str) -> dict[str, Any] | None:
         """The device's latest reported document (None: it never reported), for layers with a where."""

@@ -197,6 +197,27 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (device, seq)
     );
     """,
+    """
+    CREATE TABLE claims (                -- onboarding by claim: a credential a batch of devices shares
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        secret_hash TEXT NOT NULL,       -- SHA-256 of the claim secret (a random token)
+        labels TEXT NOT NULL DEFAULT '{}',
+        uses INTEGER NOT NULL,           -- devices it may create
+        used INTEGER NOT NULL DEFAULT 0,
+        expires_at REAL NOT NULL,        -- time.time()
+        created_at TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE TABLE claim_uses (            -- every nonce that claimed: a replay is refused
+        nonce TEXT PRIMARY KEY,
+        claim TEXT NOT NULL,
+        device TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE INDEX claim_uses_claim ON claim_uses (claim);
+    """,
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .admins import Admins
 from .audit import Audit
+from .claims import Claims
 from .devices import Devices
 from .layers import Layers
 from .reported import Reported, ReportedMessage, ReportedOutcome
@@ -15,7 +16,8 @@ from .tokens import Tokens
 from .versions import Versions
 
 
-class Store(Devices, Versions, Reports, Reported, Sessions, Audit, Admins, Layers, Rollouts, Schemas, Tokens):
+class Store(Devices, Versions, Reports, Reported, Sessions, Audit, Admins, Layers, Rollouts, Schemas, Tokens,
+            Claims):
     """The whole store: every repository over one connection (see the modules of this package)."""
 
     def record_device_words(self, reports: list[tuple[str, int, str, str | None, int | None]],
