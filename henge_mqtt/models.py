@@ -354,6 +354,18 @@ class TokenCreateArgs(Frozen):
     role: Role
 
 
+class ClaimCreateArgs(Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    labels: dict[str, str] = Field(default_factory=dict)
+    uses: int = Field(ge=1, le=1_000_000)
+    expires_in: float = Field(gt=0, le=366 * 86400)  # seconds from now
+    broker: str | None = Field(default=None, max_length=512)  # what devices connect to (the claim file's)
+
+
+class ClaimRefArgs(Frozen):
+    claim: str = Field(min_length=1, max_length=64)
+
+
 class TokenRefArgs(Frozen):
     token: str = Field(min_length=1, max_length=64)
 

@@ -385,6 +385,36 @@ class TokenRevoked(TypedDict):
     revoked: bool
 
 
+class ClaimCreated(TypedDict):
+    id: str
+    name: str
+    labels: dict[str, str]
+    uses: int
+    expires_at: str
+    secret: str  # shown in this answer only
+    credential: dict[str, Any]  # the claim file: {claim, secret, broker, topic_prefix}
+
+
+class ClaimInfo(TypedDict):
+    id: str
+    name: str
+    labels: dict[str, str]
+    uses: int
+    used: int
+    left: int
+    expires_at: str
+    state: str  # active, used_up, expired, revoked
+    created_at: str | None
+    created_by: str
+
+
+class ClaimRevoked(TypedDict):
+    id: str
+    name: str
+    used: int
+    revoked: bool
+
+
 class BackupResult(TypedDict):
     path: str
     bytes: int

@@ -3,8 +3,8 @@ the admin protocol) or works on a data dir offline.
 
 A package with one room per job: ``tree`` (the root app and its groups), ``common`` (options,
 ``fail``, the admin call), ``render`` (tables, colours, answers), one module per thing the commands
-act on (``devices``, ``configs``, ``events``, ``rollouts``, ``layers``, ``tokens``, ``offline``,
-``agent``), ``serve`` (the service's lifecycle as a runner object) and ``runner`` (the one exit).
+act on (``devices``, ``configs``, ``events``, ``rollouts``, ``layers``, ``tokens``, ``claims``,
+``offline``, ``agent``), ``serve`` (the service's lifecycle as a runner object) and ``runner`` (the one exit).
 Importing a command module registers its commands on the tree.
 
 A command loads only the module that defines it (``HOME``): typer builds a click command per
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["HOME", "MODULES", "app", "load", "main"]
 
 # Each module registers its commands when imported, in this order (the order of `henge --help`).
-MODULES = ("serve", "configs", "devices", "offline", "events", "rollouts", "layers", "tokens", "agent")
+MODULES = ("serve", "configs", "devices", "offline", "events", "rollouts", "layers", "tokens", "claims", "agent")
 
 # The module that registers each top-level command or group (tests/test_cli.py checks it against the tree).
 HOME: dict[str, str] = {
@@ -34,7 +34,7 @@ HOME: dict[str, str] = {
     "rollback": "configs", "status": "devices", "kick": "devices", "clear-conflict": "devices",
     "device": "devices", "migrate": "offline", "backup": "offline", "restore": "offline", "certs": "offline",
     "broker-config": "offline", "events": "events", "audit": "events", "agent": "agent", "rollout": "rollouts",
-    "layer": "layers", "schema": "layers", "token": "tokens",
+    "layer": "layers", "schema": "layers", "token": "tokens", "claim": "claims",
 }
 
 

@@ -49,6 +49,10 @@ token_app = typer.Typer(no_args_is_help=True, help="Tokens for the HTTP API and 
 app.add_typer(token_app, name="token")
 
 
+claim_app = typer.Typer(no_args_is_help=True, help="Claims: devices that enrol themselves (docs/onboarding.md).")
+app.add_typer(claim_app, name="claim")
+
+
 certs_app = typer.Typer(no_args_is_help=True, help="Certificates for TLS listeners.")
 app.add_typer(certs_app, name="certs")
 

@@ -26,11 +26,22 @@ from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from ..errors import AuthenticationFailed, Forbidden, HengeError, InvalidConfig, ValidationFailed, VersionConflict
-from ..models import DeviceAddArgs, DeviceId, DeviceRefArgs, ImportArgs, RolloutStartArgs, SyncState, TokenCreateArgs
+from ..models import (
+    ClaimCreateArgs,
+    DeviceAddArgs,
+    DeviceId,
+    DeviceRefArgs,
+    ImportArgs,
+    RolloutStartArgs,
+    SyncState,
+    TokenCreateArgs,
+)
 from ..ops import ROUTES, Method
 from ..results import (
     AuditEntry,
     BackupResult,
+    ClaimInfo,
+    ClaimRevoked,
     Diff,
     Explained,
     LayerChange,
@@ -484,6 +495,22 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     @route("DELETE", "/tokens/{token}")
     async def revoke_token(token: Annotated[str, Path(max_length=64)]) -> TokenRevoked:
         return await svc.revoke_token(token)
+
+    @route("GET", "/claims")
+    async def claims() -> list[ClaimInfo]:
+        """Every claim with its uses, expiry and state (never its secret)."""
+        return await svc.list_claims()
+
+    @route("POST", "/claims", status_code=201, **body_doc(ClaimCreateArgs))
+    async def create_claim(request: Request) -> JSONResponse:
+        """A new claim; the answer holds its secret and claim file, the only time they are shown."""
+        body = parse_model(ClaimCreateArgs, await read_json(request))
+        return JSONResponse(await svc.create_claim(body.name, dict(body.labels), body.uses, body.expires_in,
+                                                   broker=body.broker), status_code=201)
+
+    @route("DELETE", "/claims/{claim}")
+    async def revoke_claim(claim: Annotated[str, Path(max_length=64)]) -> ClaimRevoked:
+        return await svc.revoke_claim(claim)
 
     @route("POST", "/backup", **body_doc(BackupBody))
     async def backup(request: Request) -> BackupResult:

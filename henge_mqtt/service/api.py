@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,9 @@ from ..ports import BrokerPort, IdentitySync, KickResult
 from ..results import (
     AuditEntry,
     BackupResult,
+    ClaimCreated,
+    ClaimInfo,
+    ClaimRevoked,
     Diff,
     Explained,
     FleetAnswer,
@@ -662,6 +666,43 @@ class ServiceAPI:
     async def revoke_token(self, ref: str) -> TokenRevoked:
         result = await self.worker.run(self.store.revoke_token, ref, actor=current_actor.get())
         self.events.emit("token_revoked", None, name=result["name"])
+        return result
+
+    # ---- onboarding by claim --------------------------------------------------------------------------
+
+    async def create_claim(self, name: str, labels: dict[str, str], uses: int, expires_in: float, *,
+                           broker: str | None = None) -> ClaimCreated:
+        """A claim credential for ``uses`` devices, valid ``expires_in`` seconds; the secret (and the
+        claim file holding it) is in this answer only (docs/onboarding.md)."""
+        expires_at = time.time() + expires_in
+        claim_id, secret = await self.worker.run(self.store.create_claim, name, labels, uses, expires_at,
+                                                 actor=current_actor.get())
+        self.events.emit("claim_created", None, claim=claim_id, name=name, uses=uses)
+        if broker is None:  # the first device listener; one on every interface, by this machine's name
+            addresses = self.broker.addresses()
+            if addresses:
+                host, port = addresses[0]
+                host = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+                broker = f"mqtt://{host}:{port}"
+        credential = {"claim": claim_id, "secret": secret, "broker": broker,
+                      "topic_prefix": self.settings.topic_prefix}
+        return {"id": claim_id, "name": name, "labels": labels, "uses": uses, "expires_at": iso(expires_at),
+                "secret": secret, "credential": credential}
+
+    async def list_claims(self) -> list[ClaimInfo]:
+        now = time.time()
+        out: list[ClaimInfo] = []
+        for c in await self.worker.run(self.store.list_claims):
+            state = ("revoked" if c["revoked_at"] else "expired" if now >= c["expires_at"] else
+                     "used_up" if c["used"] >= c["uses"] else "active")
+            out.append({"id": c["id"], "name": c["name"], "labels": c["labels"], "uses": c["uses"], "used": c["used"],
+                        "left": max(0, c["uses"] - c["used"]), "expires_at": iso(c["expires_at"]), "state": state,
+                        "created_at": utc_text(c["created_at"]), "created_by": c["created_by"]})
+        return out
+
+    async def revoke_claim(self, ref: str) -> ClaimRevoked:
+        result = await self.worker.run(self.store.revoke_claim, ref, actor=current_actor.get())
+        self.events.emit("claim_revoked", None, claim=result["id"], name=result["name"])
         return result
 
     def verify_token(self, token: str) -> tuple[str, str] | None:

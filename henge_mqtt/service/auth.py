@@ -11,13 +11,17 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import HengeError
 from ..paths import ADMIN_FILE
 from ..ports import Principal, Refusal
 from ..settings import Settings
 from ..store import Store
-from ..topics import Topics
+from ..topics import CLAIM_USER, Topics
+
+if TYPE_CHECKING:
+    from .claims import Onboarding
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class Auth:
         self.settings = settings
         self.topics = topics
         self.store = store
+        self.onboarding: Onboarding | None = None  # claims (docs/onboarding.md), once the service wired it
 
     def authenticate(
         self, username: str | None, password: str | None, client_id: str, cert_cn: str | None
@@ -63,6 +68,8 @@ class Auth:
         if username and username == settings.admin_name:
             ok = password is not None and self.store.verify_admin(username, password)
             return Principal("admin", username) if ok else BAD_CREDENTIALS
+        if username and username.startswith(CLAIM_USER) and self.onboarding is not None:
+            return self.onboarding.authenticate(username[len(CLAIM_USER):], password, client_id)
         device = username or client_id
         if client_id != device or not self.store.has_device(device):
             # Still hash the secret: an unknown id costs the same as a wrong secret.
@@ -82,9 +89,13 @@ class Auth:
     def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
         if principal.kind == "admin":
             return True
+        if principal.kind == "claim":
+            return self.topics.claim_response(principal.name) == topic_filter
         return self.topics.device_may_subscribe(principal.name, topic_filter)
 
     def may_publish(self, principal: Principal, topic: str) -> bool:
         if principal.kind == "admin":
             return True
+        if principal.kind == "claim":
+            return self.topics.claim_request(principal.name) == topic
         return self.topics.device_may_publish(principal.name, topic)

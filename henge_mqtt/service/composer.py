@@ -34,6 +34,7 @@ from ..topics import Topics
 from .admin import handle as handle_admin
 from .api import ServiceAPI
 from .auth import Auth, admin_secret, write_private
+from .claims import Onboarding
 from .configs import Configs
 from .context import current_actor
 from .events import EventListener, Events
@@ -121,6 +122,12 @@ class HengeService(ServiceAPI):
             store.validate_many = self.schemas.check_each
             self.configs = Configs(self.worker, broker, self.topics, self.events, s.max_config_bytes, self.schemas)
             self.reports.on_reported_changed = self.configs.refresh_for_reported
+            self.onboarding = Onboarding(
+                self.worker, broker, self.topics, self.events, rate=s.claim_rate, burst=s.claim_burst,
+                spawn=self._tasks.spawn, check_id=lambda device: self._check_new_id(device, ""),
+                publish_rows=lambda rows: self.configs.publish_rows(rows, event="layer_applied",
+                                                                    reason="a claimed device gets its layers"))
+            self._auth.onboarding = self.onboarding
             sessions = await self.worker.run(store.sessions)
             broker.seed_sessions(sessions)
             broker.restore_sessions(await self.worker.run(store.mqtt_sessions))  # before the republish: queued
@@ -306,6 +313,8 @@ class HengeService(ServiceAPI):
                 return report  # refused: a 5.0 device hears why in its PUBACK
             epoch = self.broker.session(principal.name, time.time()).epoch  # the connection it came in on
             self.reports.submit(principal.name, report, epoch or None)
+        elif principal.kind == "claim" and topic == self.topics.claim_request(principal.name):
+            return self.onboarding.on_request(principal.name, payload)
         elif principal.kind == "device" and topic == self.topics.reported(principal.name):
             name = principal.name  # its connection's epoch, looked up only for a message that is kept
             return self.reports.take_reported(name, payload,

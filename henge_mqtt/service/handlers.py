@@ -181,6 +181,21 @@ async def _token_revoke(svc: ServiceAPI, a: models.TokenRefArgs, progress: Progr
     return await svc.revoke_token(a.token)
 
 
+@handles("claim.create")
+async def _claim_create(svc: ServiceAPI, a: models.ClaimCreateArgs, progress: Progress) -> Any:
+    return await svc.create_claim(a.name, dict(a.labels), a.uses, a.expires_in, broker=a.broker)
+
+
+@handles("claim.list")
+async def _claim_list(svc: ServiceAPI, a: models.StatusArgs, progress: Progress) -> Any:
+    return await svc.list_claims()
+
+
+@handles("claim.revoke")
+async def _claim_revoke(svc: ServiceAPI, a: models.ClaimRefArgs, progress: Progress) -> Any:
+    return await svc.revoke_claim(a.claim)
+
+
 @handles("schema.set")
 async def _schema_set(svc: ServiceAPI, a: models.SchemaSetArgs, progress: Progress) -> Any:
     return await svc.set_schema(dict(a.labels), a.document, force=a.force)

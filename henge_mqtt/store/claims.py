@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import ClaimRefused, DuplicateDevice, UnknownClaim, ValidationFailed
 from ..models import ConfigVersion, utc_now
+from ..results import ClaimRevoked
 from .core import StoreCore, ts
 from .credentials import bcrypt_hash, hash_secret, mosquitto_hash, new_secret
 from .db import IntegrityError
@@ -86,7 +87,7 @@ class Claims(StoreCore):
         return [(d, at) for d, at in self._db.execute(
             "SELECT device, at FROM claim_uses WHERE claim = ? ORDER BY at", (claim,))]
 
-    def revoke_claim(self, ref: str, *, actor: str) -> dict[str, Any]:
+    def revoke_claim(self, ref: str, *, actor: str) -> ClaimRevoked:
         """By id or name: it stops working at once (devices it created keep their own identities)."""
         with self._tx():
             row = self._db.execute("SELECT id, name, used, revoked_at FROM claims WHERE id = ? OR name = ?",
@@ -109,6 +110,10 @@ class Claims(StoreCore):
             hmac.compare_digest(given, given)
             return None
         return record if hmac.compare_digest(given, record.digest) else None
+
+    def claim_record(self, claim: str) -> ClaimRecord | None:
+        """The claim as memory has it (uses counted as they commit), for the loop's checks."""
+        return self._claims.get(claim)
 
     def nonce_used(self, nonce: str) -> bool:
         return nonce in self._claim_nonces

@@ -1,0 +1,177 @@
+"""Onboarding by claim (docs/onboarding.md): a new device trades a claim credential, shared by a
+batch, for an identity of its own.
+
+The device connects with user name ``claim:<claim id>``, the claim's secret as password and a
+random nonce as client id; it may then only publish ``{prefix}/claim/{nonce}/request`` and read
+``{prefix}/claim/{nonce}/response``. Everything a refusal needs is checked on the loop, from
+memory, before the PUBACK (a 5.0 device hears why in its reason code); the device itself is
+created in one store transaction, then the answer, with its secret, goes to the response topic.
+Claiming CONNECTs are rate-limited together (``claim_rate``/``claim_burst``), and a device's
+publishes by the device limits, so a flood of claims costs a bounded amount.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ..errors import ClaimRefused, HengeError
+from ..ids import StrictJSONError, device_id_problem, strict_json
+from ..logs import LogLimiter
+from ..models import ConfigVersion
+from ..ports import BrokerPort, Principal, Refusal
+from ..sessions import TokenBucket
+from ..store import StoreWorker
+from ..topics import Topics
+from .events import Events
+
+log = logging.getLogger("henge_mqtt.service")
+
+NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+MAX_REQUEST_BYTES = 4096
+# MQTT 5.0 reason codes in the PUBACK of a claim request.
+NOT_AUTHORIZED = 0x87
+PAYLOAD_FORMAT_INVALID = 0x99
+
+
+class Onboarding:
+    def __init__(self, worker: StoreWorker, broker: BrokerPort, topics: Topics, events: Events, *,
+                 rate: float, burst: int, spawn: Callable[[Coroutine[Any, Any, Any]], Any],
+                 publish_rows: Callable[[list[ConfigVersion]], Coroutine[Any, Any, Any]],
+                 check_id: Callable[[str], None]) -> None:
+        self.worker = worker
+        self.broker = broker
+        self.topics = topics
+        self.events = events
+        self.rate = rate
+        self.burst = burst
+        self._bucket = TokenBucket()
+        self._spawn = spawn
+        self._publish_rows = publish_rows
+        self._check_id = check_id
+        self._claim_of: dict[str, str] = {}  # nonce -> the claim its connection authenticated with
+        self._in_flight: dict[str, int] = {}  # claim -> requests being stored (counted against its uses)
+        self._answering: set[str] = set()  # nonces whose request is being stored
+        self._log = LogLimiter(log)
+
+    # ---- CONNECT -------------------------------------------------------------------------------------
+
+    def authenticate(self, claim_id: str, secret: str | None, nonce: str) -> Principal | Refusal:
+        store = self.worker.store
+        if not self._bucket.take(time.monotonic(), self.rate, self.burst):
+            self.events.count("claims_rate_limited")
+            self._log.log(logging.WARNING, "claim.rate_limited", "claim=%s", claim_id)
+            return Refusal("rate_limited", "claiming too often: retry later")
+        record = store.check_claim(claim_id, secret or "")
+        if record is None:
+            self._refused("bad_credentials", claim_id, nonce)
+            return Refusal("bad_credentials", "bad claim credential")
+        if not NONCE.fullmatch(nonce):
+            self._refused("bad_nonce", claim_id, nonce)
+            return Refusal("not_authorized", "the client id must be a random nonce: 16-64 of A-Z a-z 0-9 _ -")
+        refused = record.refusal(time.time())
+        if refused is not None:
+            self._refused(refused.reason, claim_id, nonce)
+            return Refusal("not_authorized", str(refused))
+        if store.nonce_used(nonce):
+            self._refused("replay", claim_id, nonce)
+            return Refusal("not_authorized", "this nonce claimed before: use a new one")
+        self._claim_of[nonce] = claim_id
+        if len(self._claim_of) > 100_000:  # connections that never asked: forget the oldest
+            self._claim_of.pop(next(iter(self._claim_of)))
+        return Principal("claim", nonce)
+
+    # ---- the request -----------------------------------------------------------------------------------
+
+    def on_request(self, nonce: str, payload: bytes) -> int:
+        """The 5.0 reason code for the PUBACK; the answer goes to the response topic either way."""
+        claim_id = self._claim_of.get(nonce)
+        if claim_id is None:
+            return NOT_AUTHORIZED
+        if nonce in self._answering:
+            self._answer(nonce, claim_id, ok=False, code="replay", message="this request is being answered")
+            return NOT_AUTHORIZED
+        try:
+            device, extra = self._parse(payload)
+            self._check_id(device)
+            store = self.worker.store
+            record = store.claim_record(claim_id)
+            refused = record.refusal(time.time()) if record is not None else ClaimRefused("revoked", "no such claim")
+            if refused is None and record is not None and record.used + self._in_flight.get(claim_id, 0) >= record.uses:
+                refused = ClaimRefused("used_up", f"claim {record.name} is used up ({record.uses} devices)")
+            if refused is None and store.nonce_used(nonce):
+                refused = ClaimRefused("replay", "this nonce claimed before: use a new one")
+            if refused is None and store.has_device(device):
+                refused = ClaimRefused("duplicate_device", f"device {device!r} already exists")
+            if refused is not None:
+                raise refused
+        except ClaimRefused as exc:
+            self._refused(exc.reason, claim_id, nonce)
+            self._answer(nonce, claim_id, ok=False, code=exc.reason, message=str(exc))
+            return NOT_AUTHORIZED
+        except (HengeError, ValueError) as exc:
+            self._refused("invalid", claim_id, nonce)
+            self._answer(nonce, claim_id, ok=False, code="invalid", message=str(exc))
+            return PAYLOAD_FORMAT_INVALID
+        self._answering.add(nonce)
+        self._in_flight[claim_id] = self._in_flight.get(claim_id, 0) + 1
+        self._spawn(self._claim(claim_id, nonce, device, extra))
+        return 0
+
+    @staticmethod
+    def _parse(payload: bytes) -> tuple[str, dict[str, str]]:
+        if len(payload) > MAX_REQUEST_BYTES:
+            raise ValueError(f"a claim request is at most {MAX_REQUEST_BYTES} bytes")
+        try:
+            body = strict_json(payload.decode("utf-8"))
+        except (UnicodeDecodeError, StrictJSONError) as exc:
+            raise ValueError(f"not strict JSON: {exc}") from None
+        if not isinstance(body, dict) or not set(body) <= {"device", "serial"} or not body:
+            raise ValueError('give {"device": ID} or {"serial": SERIAL} (or both), nothing else')
+        device, serial = body.get("device"), body.get("serial")
+        if (device is not None and not isinstance(device, str)) or (serial is not None and not isinstance(serial, str)):
+            raise ValueError("device and serial are strings")
+        chosen = device if device is not None else serial
+        assert chosen is not None
+        problem = device_id_problem(chosen)
+        if problem:
+            raise ValueError(problem + (" (a serial without a device id becomes the id)" if device is None else ""))
+        if serial is not None and (not serial or len(serial) > 128):
+            raise ValueError("serial: 1-128 characters")
+        return chosen, ({"serial": serial} if serial is not None else {})
+
+    async def _claim(self, claim_id: str, nonce: str, device: str, extra: dict[str, str]) -> None:
+        layered: list[ConfigVersion] = []
+        try:
+            secret, labels = await self.worker.run(self.worker.store.claim_device, claim_id, nonce, device, extra,
+                                                   layered)
+        except HengeError as exc:  # refused in the transaction (a race the loop's checks lost), or a schema
+            reason = exc.reason if isinstance(exc, ClaimRefused) else exc.code
+            self._refused(reason, claim_id, nonce)
+            self._answer(nonce, claim_id, ok=False, code=reason, message=str(exc))
+            return
+        finally:
+            self._answering.discard(nonce)
+            self._in_flight[claim_id] -= 1
+            if not self._in_flight[claim_id]:
+                del self._in_flight[claim_id]
+        self._claim_of.pop(nonce, None)
+        self.events.count("claims")
+        self.events.emit("device_claimed", device, claim=claim_id, labels=labels)
+        log.info("claim.device device=%s claim=%s", device, claim_id)
+        self._answer(nonce, claim_id, ok=True, device=device, secret=secret, labels=labels)
+        await self._publish_rows(layered)
+
+    def _answer(self, nonce: str, claim_id: str, *, ok: bool, **fields: Any) -> None:
+        body = {"ok": ok, **fields}
+        self.broker.publish(self.topics.claim_response(nonce), json.dumps(body).encode(), qos=1)
+
+    def _refused(self, reason: str, claim_id: str, nonce: str) -> None:
+        self.events.count("claims_refused")
+        self.events.emit("claim_refused", None, claim=claim_id, reason=reason)
+        self._log.log(logging.WARNING, "claim.refused", "claim=%s nonce=%s reason=%s", claim_id, nonce[:8], reason)
+
