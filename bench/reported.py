@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ROOT, TARGETS, LoadWorkers  # noqa: E402
+from run import ROOT, TARGETS, LoadWorkers
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """``(user, system)`` CPU seconds of the process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def run(target_name: str, n: int, workers: int, interval: float, duration: float, change_every: int) -> dict[str, Any]:
@@ -50,10 +52,13 @@ def run(target_name: str, n: int, workers: int, interval: float, duration: float
         replies = load.broadcast({"cmd": "report_state", "start_at": time.time() + 0.2, "interval": interval,
                                   "duration": duration, "change_every": change_every}, timeout=duration + 120)
         time.sleep(1.0)  # the last messages' processing
-        cpu, wall = cpu_seconds(target.proc.pid) - before, time.monotonic() - started
+        after, wall = cpu_seconds(target.proc.pid), time.monotonic() - started
+        user, system = after[0] - before[0], after[1] - before[1]
         result["sent"] = sum(r["sent"] for r in replies)
-        result["cpu_s"] = round(cpu, 2)
-        result["cpu_share_of_one_core"] = round(cpu / wall, 3)
+        result["cpu_s"] = round(user + system, 2)
+        result["cpu_share_of_one_core"] = round((user + system) / wall, 3)
+        # System time includes, on loopback, the kernel's delivery of every PUBACK to the load generator.
+        result["user_share"], result["system_share"] = round(user / wall, 3), round(system / wall, 3)
         if target_name == "henge":
             out = subprocess.run([sys.executable, "-m", "henge_mqtt", "status", "--json", "--where",
                                   'reported.fw == "2.4.1"', "--data", str(target.data)],  # type: ignore[attr-defined]

@@ -77,6 +77,18 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """``atomic_write`` for a secret: the file is its owner's alone (0600) from its first byte."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 class ApplyFailed(Exception):
     """The device could not run this config; the message goes back to the operator."""
 
@@ -119,6 +131,7 @@ def exec_applier(command: list[str], timeout: float = 120.0) -> Applier:
 # MQTT 5.0 reason codes the agent acts on (the server's DISCONNECT or CONNACK).
 SESSION_TAKEN_OVER = 0x8E
 BAD_CREDENTIALS = (4, 0x86)  # 3.1.1 CONNACK 4, 5.0 CONNACK 0x86
+NOT_AUTHORIZED = (5, 0x87)  # 3.1.1 CONNACK 5, 5.0 CONNACK 0x87
 UNSUPPORTED_PROTOCOL = (1, 0x84)  # 3.1.1 CONNACK 1 (a 3.1.1-only broker answering 5.0), 5.0 CONNACK 0x84
 STOP_GRACE = 1.0  # seconds the agent spends saying goodbye on SIGTERM
 
@@ -182,6 +195,32 @@ class Agent:
         self.started_at = rfc3339(utc_now())
         self.booted_at = boot_time()
         self.last_reported: dict[str, Any] | None = None  # what this connection last sent
+
+    async def claim(self, claim: dict[str, Any], secret_path: Path, stop: asyncio.Event, *,
+                    serial: str | None = None) -> bool:
+        """Get this device's identity with a claim credential (docs/onboarding.md) and keep its
+        secret in ``secret_path`` (mode 0600, written atomically) before anything else: False if
+        ``stop`` came first. A refusal is for good (ClaimFailed); the network and a busy service
+        (claiming too often) are tried again with the backoff."""
+        while not stop.is_set():
+            try:
+                secret = await claim_identity(self.host, self.port, claim, self.device, serial=serial,
+                                              topic_prefix=self.topic_prefix, mqtt5=self.mqtt5)
+            except MqttConnectError as exc:
+                code = _code(exc)
+                if code in UNSUPPORTED_PROTOCOL and self.mqtt5:
+                    self.mqtt5 = False
+                    continue
+                log.warning("agent.claim_refused_at_connect device=%s code=%s: trying again", self.device, code)
+            except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+                log.warning("agent.claim_failed device=%s error=%s: trying again", self.device, exc or type(exc))
+            else:
+                write_private(secret_path, secret.encode() + b"\n")
+                self.secret = secret
+                log.info("agent.claimed device=%s secret=%s", self.device, secret_path)
+                return True
+            await self._sleep(stop, self.backoff.failed_hard())
+        return False
 
     async def reported_document(self) -> dict[str, Any]:
         """What this device is and runs: ``--report-cmd``'s object, then the base set over it
@@ -388,6 +427,51 @@ class Agent:
         if error is not None:
             body["error"] = error[:4000]
         await client.publish(self.topics.report(self.device), json.dumps(body), qos=1)
+
+
+class ClaimFailed(Exception):
+    """The service refused this device's claim for good (used up, expired, revoked, an id that
+    exists, a bad request): ``code`` says which; trying again will not help."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
+
+
+CLAIM_TIMEOUT = 30.0  # seconds for the answer to a claim request
+
+
+async def claim_identity(host: str, port: int, claim: dict[str, Any], device: str, *, serial: str | None = None,
+                         topic_prefix: str = "henge", mqtt5: bool = True, timeout: float = CLAIM_TIMEOUT) -> str:
+    """Trade a claim credential (the claim file's ``claim`` and ``secret``) for this device's own
+    secret (docs/onboarding.md); raises ClaimFailed when the service refuses it, aiomqtt's errors
+    (or TimeoutError) when the network does (then the caller tries again)."""
+    nonce = secrets.token_urlsafe(16)  # 128 bits: only this connection may read the answer
+    topics = Topics(topic_prefix)
+    request: dict[str, Any] = {"device": device}
+    if serial is not None:
+        request["serial"] = serial
+    client = _Client(host, port, identifier=nonce, username=f"claim:{claim['claim']}", password=claim["secret"],
+                     timeout=timeout, protocol=aiomqtt.ProtocolVersion.V5 if mqtt5 else aiomqtt.ProtocolVersion.V311)
+    try:
+        async with asyncio.timeout(timeout), client:
+            await client.subscribe(topics.claim_response(nonce), qos=1)
+            await client.publish(topics.claim_request(nonce), json.dumps(request), qos=1)
+            async for message in client.messages:
+                payload = message.payload if isinstance(message.payload, bytes) else b"{}"
+                answer = json.loads(payload)
+                if answer.get("ok") and answer.get("device") == device and isinstance(answer.get("secret"), str):
+                    return str(answer["secret"])
+                raise ClaimFailed(str(answer.get("code", "refused")),
+                                  str(answer.get("message", "the claim was refused")))
+    except MqttConnectError as exc:
+        code = _code(exc)
+        if code in BAD_CREDENTIALS:
+            raise ClaimFailed("bad_credentials", "the claim file's credential is not accepted") from exc
+        if code in NOT_AUTHORIZED:  # used up, expired or revoked: for good (a busy service says 3 / 0x9F)
+            raise ClaimFailed("not_authorized", client.server_reason or "the claim cannot be used") from exc
+        raise
+    raise TimeoutError("no answer to the claim request")
 
 
 REPORT_CMD_TIMEOUT = 10.0

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,12 +16,32 @@ from .common import fail, log_level_of, user_errors
 from .tree import app
 
 
+def read_claim_file(path: Path) -> dict[str, Any]:
+    """The claim file ``henge claim create`` wrote: ``{claim, secret, broker, topic_prefix}``."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        fail(f"cannot read the claim file {path}: {exc.strerror or exc}", 2)
+    except ValueError as exc:
+        fail(f"the claim file {path} is not JSON: {exc}", 2)
+    if not isinstance(data, dict) or not isinstance(data.get("claim"), str) or not isinstance(data.get("secret"), str):
+        fail(f"the claim file {path} has no claim and secret (write it with henge claim create --out FILE)", 2)
+    return data
+
+
 @app.command()
 @user_errors
 def agent(
-    broker: Annotated[str, typer.Option("--broker", help="mqtt://host:port of the gateway.")],
     device: Annotated[str, typer.Option("--device", help="This device's id.")],
-    secret_file: Annotated[Path, typer.Option("--secret-file", help="File holding the device secret.")],
+    secret_file: Annotated[Path, typer.Option("--secret-file", help="File holding the device secret (with "
+                                              "--claim: written on first start, mode 0600).")],
+    broker: Annotated[str | None, typer.Option("--broker", help="mqtt://host:port of the gateway (default: the "
+                                               "claim file's).")] = None,
+    claim: Annotated[Path | None, typer.Option("--claim", help="A claim file (henge claim create): with no "
+                                               "secret file yet, get this device's identity with it first.")]
+    = None,
+    serial: Annotated[str | None, typer.Option("--serial", help="With --claim: the hardware serial, sent with "
+                                               "the claim (kept as the label serial).")] = None,
     write: Annotated[Path | None, typer.Option("--write", help="Write each config (JSON) to FILE atomically.")] = None,
     exec_: Annotated[str | None, typer.Option("--exec", help="Run CMD with the config on stdin; non-zero exit "
                                               "rejects it with CMD's stderr as the error.")] = None,
@@ -38,7 +59,7 @@ def agent(
     """Run on a device: apply each new config, report the outcome, reconnect forever."""
     from urllib.parse import urlsplit
 
-    from ..device import Agent, exec_applier, parse_exec, write_file_applier
+    from ..device import Agent, ClaimFailed, exec_applier, parse_exec, write_file_applier
     from ..ids import device_id_problem
 
     if (write is None) == (exec_ is None):
@@ -48,13 +69,25 @@ def agent(
     problem = device_id_problem(device)
     if problem:
         fail(problem, 2)
+    claimed: dict[str, Any] | None = None  # the claim to use now: only while there is no secret file yet
+    if claim is not None:
+        found = read_claim_file(claim)  # where to connect, also once the device has its own identity
+        broker = broker or found.get("broker")
+        topic_prefix = found.get("topic_prefix") or topic_prefix
+        claimed = None if secret_file.exists() else found
+    elif serial is not None:
+        fail("--serial goes with --claim", 2)
+    if not broker:
+        fail("give --broker mqtt://host:port (or a --claim file that names it)", 2)
     parts = urlsplit(broker)
     if parts.scheme != "mqtt" or not parts.hostname:
         fail(f"invalid broker URL {broker!r}: expected mqtt://host:port", 2)
-    try:
-        secret = secret_file.read_text().strip()
-    except OSError as exc:
-        fail(f"cannot read the secret file {secret_file}: {exc.strerror or exc}")
+    secret = ""
+    if claimed is None:
+        try:
+            secret = secret_file.read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read the secret file {secret_file}: {exc.strerror or exc}")
     try:
         applier = write_file_applier(write) if write is not None else exec_applier(parse_exec(exec_ or ""))
         reporter = parse_exec(report_cmd, "--report-cmd") if report_cmd is not None else None
@@ -71,6 +104,12 @@ def agent(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if claimed is not None:
+            try:
+                if not await worker.claim(claimed, secret_file, stop, serial=serial):
+                    return  # stopped while it waited
+            except ClaimFailed as exc:
+                fail(f"the claim was refused: {exc}")
         await worker.run(stop)
 
     asyncio.run(main())
