@@ -8,7 +8,9 @@ Each device connects (as in bench/run.py), then publishes a reported-state docum
 seconds, the fleet spread evenly over the interval; one message in ``--change-every`` changes the
 document (the rest repeat it, as a device that reports on a timer does). Measured: the broker
 process's CPU (user + system, from /proc) over the reporting window, as a share of one core, and
-for henge how many devices' documents it stored. Mosquitto with a password file and an ACL, taking
+for henge how many devices' documents it stored; also the CPU of the same fleet connected and
+silent for 15 s before (``idle_share``), and the difference (``reporting_share``: what reporting
+itself costs). Mosquitto with a password file and an ACL, taking
 the same messages (and delivering them to no one), is the reference.
 """
 
@@ -48,6 +50,11 @@ def run(target_name: str, n: int, workers: int, interval: float, duration: float
         replies = load.connect()
         result["connect_failed"] = sum(r["failed"] for r in replies)
         time.sleep(2.0)  # let the connect storm's own work settle
+        # The same fleet connected and silent: what it costs before anyone reports (keep-alive sweeps).
+        before, started = cpu_seconds(target.proc.pid), time.monotonic()
+        time.sleep(15.0)
+        after, wall = cpu_seconds(target.proc.pid), time.monotonic() - started
+        result["idle_share"] = round((after[0] + after[1] - before[0] - before[1]) / wall, 3)
         before, started = cpu_seconds(target.proc.pid), time.monotonic()
         replies = load.broadcast({"cmd": "report_state", "start_at": time.time() + 0.2, "interval": interval,
                                   "duration": duration, "change_every": change_every}, timeout=duration + 120)
@@ -59,6 +66,7 @@ def run(target_name: str, n: int, workers: int, interval: float, duration: float
         result["cpu_share_of_one_core"] = round((user + system) / wall, 3)
         # System time includes, on loopback, the kernel's delivery of every PUBACK to the load generator.
         result["user_share"], result["system_share"] = round(user / wall, 3), round(system / wall, 3)
+        result["reporting_share"] = round(result["cpu_share_of_one_core"] - result["idle_share"], 3)
         if target_name == "henge":
             out = subprocess.run([sys.executable, "-m", "henge_mqtt", "status", "--json", "--where",
                                   'reported.fw == "2.4.1"', "--data", str(target.data)],  # type: ignore[attr-defined]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,7 +20,7 @@ from pydantic import ValidationError
 from ..errors import UnknownVersion, WaitTimeout
 from ..ids import StrictJSONError, strict_json
 from ..logs import LogLimiter
-from ..models import Report, utc_now
+from ..models import Report
 from ..results import ReportOutcome
 from ..store import ReportedMessage, StoreWorker, ts
 from .events import Events
@@ -26,6 +28,11 @@ from .events import Events
 log = logging.getLogger("henge_mqtt.service")
 
 ARRIVALS_EVERY = 5.0  # seconds an unchanged message's arrival time may wait to be written
+
+
+def _stamp(at: float) -> str:
+    """A time.time() as the store keeps times (ISO 8601, UTC)."""
+    return ts(datetime.fromtimestamp(at, UTC))
 
 # MQTT 5.0 reason codes for a refused report (the broker puts them in the PUBACK).
 PAYLOAD_FORMAT_INVALID = 0x99
@@ -64,7 +71,7 @@ class Reports:
         self._pending: list[tuple[str, Report, int | None]] = []
         self._pending_reported: list[ReportedMessage] = []
         self._last: dict[str, bytes] = {}  # device -> digest of the last message stored (16 bytes)
-        self._arrivals: dict[str, tuple[str, int | None]] = {}  # unchanged messages' arrival, to write
+        self._arrivals: dict[str, float] = {}  # when unchanged messages arrived (time.time()), to write
         self._arrival_timer: asyncio.TimerHandle | None = None
         self._flushing = False
         self._spawn = spawn
@@ -90,7 +97,7 @@ class Reports:
         nothing new costs a hash, not a parse and a store write."""
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         if self._last.get(device) == digest:
-            self._arrivals[device] = (ts(utc_now()), epoch())
+            self._arrivals[device] = time.time()  # formatted when written: this path runs 1,000 times a second
             self.events.count("reported_unchanged")
             if self._arrival_timer is None:
                 self._arrival_timer = asyncio.get_running_loop().call_later(
@@ -105,7 +112,7 @@ class Reports:
     def arrival_of(self, device: str) -> str | None:
         """When the device's last (unchanged) message arrived, if not written to the store yet."""
         found = self._arrivals.get(device)
-        return found[0] if found else None
+        return _stamp(found) if found is not None else None
 
     def forget(self, device: str) -> None:
         """A device removed: a new one of the same id starts from nothing."""
@@ -119,7 +126,7 @@ class Reports:
             self._arrival_timer = None
         arrivals, self._arrivals = self._arrivals, {}
         if arrivals:
-            await self.worker.run(self.worker.store.touch_reported, arrivals)
+            await self.worker.run(self.worker.store.touch_reported, {d: _stamp(t) for d, t in arrivals.items()})
 
     def parse_reported(self, device: str, payload: bytes, epoch: int | None,
                        digest: bytes = b"") -> ReportedMessage | int:

@@ -48,6 +48,14 @@ class ClaimRecord:
 
 
 class Claims(StoreCore):
+    _claims: dict[str, ClaimRecord]  # by id, as the loop checks them
+    _claim_nonces: set[str]  # every nonce that ever claimed: a replay is refused from memory
+
+    def reload(self) -> None:
+        super().reload()
+        self._claims = self._load_claims()
+        self._claim_nonces = {n for (n,) in self._db.execute("SELECT nonce FROM claim_uses")}
+
     def _load_claims(self) -> dict[str, ClaimRecord]:
         return {row[0]: ClaimRecord(row[0], row[1], bytes.fromhex(row[2]), json.loads(row[3]), row[4], row[5], row[6],
                                     row[7] is not None)

@@ -19,9 +19,6 @@ from ..layering import Layer
 from ..models import ConfigVersion, utc_now
 from .credentials import digest_of
 from .db import Connection, DatabaseError, SqliteConnection
-
-if TYPE_CHECKING:
-    from .claims import ClaimRecord
 from .schema import DB_FILE, MIGRATIONS
 
 log = logging.getLogger("henge_mqtt.store")
@@ -69,8 +66,7 @@ class StoreCore:
     if TYPE_CHECKING:  # the seams between repositories: each defined once, in the module named
         # layers.py
         def _load_layers(self) -> dict[str, Layer]: ...
-        # claims.py
-        def _load_claims(self) -> dict[str, ClaimRecord]: ...
+
         # layers.py
         def effective(self, labels: dict[str, str], own: dict[str, Any], layers: dict[str, Layer] | None = None, *,
                       device: str | None = None) -> tuple[dict[str, Any], list[str]]: ...
@@ -198,9 +194,6 @@ class StoreCore:
             n: digest_of(h) for n, h in self._db.execute("SELECT name, secret_hash FROM admins")
         }
         self._layers: dict[str, Layer] = self._load_layers()
-        # Onboarding claims by id, and every nonce that ever claimed (a replay is refused from memory).
-        self._claims: dict[str, ClaimRecord] = self._load_claims()
-        self._claim_nonces: set[str] = {n for (n,) in self._db.execute("SELECT nonce FROM claim_uses")}
         # HTTP API tokens by id: (digest, role, name), checked on the loop for every request.
         self._tokens: dict[str, tuple[bytes, str, str]] = {
             i: (digest_of(h), role, name) for i, name, role, h in

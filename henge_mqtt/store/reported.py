@@ -89,11 +89,12 @@ class Reported(StoreCore):
         self._db.execute("DELETE FROM reported_history WHERE device = ? AND seq <= ?", (m.device, seq - keep))
         return ReportedOutcome("ok", seq, _changed(old, new))
 
-    def touch_reported(self, arrivals: dict[str, tuple[str, int | None]]) -> None:
-        """When unchanged messages arrived (and on which connection), many devices at once."""
+    def touch_reported(self, arrivals: dict[str, str]) -> None:
+        """When unchanged messages arrived, many devices at once (``epoch`` stays that of the last
+        message stored: an unchanged one is not worth a look-up of its connection)."""
         with self._tx():
-            self._db.executemany("UPDATE reported SET at = ?, epoch = ? WHERE device = ?",
-                                 [(at, epoch, device) for device, (at, epoch) in arrivals.items()])
+            self._db.executemany("UPDATE reported SET at = ? WHERE device = ?",
+                                 [(at, device) for device, at in arrivals.items()])
 
     def _reported_doc(self, device: str) -> dict[str, Any] | None:
         """The device's latest reported document (None: it never reported), for layers with a where."""
