@@ -4,9 +4,10 @@
                              [--targets henge,mosquitto-auth] [--workers 2]
 
 Each device connects (as in bench/run.py), then publishes a reported-state document
-(``{"document": {...}}``, about 130 bytes, QoS 1) every ``--interval`` seconds for ``--duration``
-seconds, the fleet spread evenly over the interval; one message in ``--change-every`` changes the
-document (the rest repeat it, as a device that reports on a timer does). Measured: the broker
+(``{"document": {...}}``, about 130 bytes, QoS 1) every ``--interval`` seconds, the fleet spread
+evenly over the interval; one message in ``--change-every`` changes the document (the rest repeat
+it, as a device that reports on a timer does). The first interval (every device's first document,
+new to the broker) is a warm-up; the next ``--duration`` seconds are measured. Measured: the broker
 process's CPU (user + system, from /proc) over the reporting window, as a share of one core, and
 for henge how many devices' documents it stored; also the CPU of the same fleet connected and
 silent for 15 s before (``idle_share``), and the difference (``reporting_share``: what reporting
@@ -55,11 +56,28 @@ def run(target_name: str, n: int, workers: int, interval: float, duration: float
         time.sleep(15.0)
         after, wall = cpu_seconds(target.proc.pid), time.monotonic() - started
         result["idle_share"] = round((after[0] + after[1] - before[0] - before[1]) / wall, 3)
-        before, started = cpu_seconds(target.proc.pid), time.monotonic()
-        replies = load.broadcast({"cmd": "report_state", "start_at": time.time() + 0.2, "interval": interval,
-                                  "duration": duration, "change_every": change_every}, timeout=duration + 120)
-        time.sleep(1.0)  # the last messages' processing
-        after, wall = cpu_seconds(target.proc.pid), time.monotonic() - started
+        # Reporting: one interval of warm-up first (every device's first document is new to henge), then
+        # the steady state is measured: each device reporting every interval, one message in
+        # change_every with something new.
+        import threading
+
+        window: list[tuple[tuple[float, float], float]] = []
+        start_at = time.time() + 0.2
+
+        def measure() -> None:
+            time.sleep(max(0.0, start_at + interval - time.time()))
+            window.append((cpu_seconds(target.proc.pid), time.monotonic()))
+            time.sleep(max(0.0, start_at + interval + duration - time.time()))
+            window.append((cpu_seconds(target.proc.pid), time.monotonic()))
+
+        meter = threading.Thread(target=measure)
+        meter.start()
+        replies = load.broadcast({"cmd": "report_state", "start_at": start_at, "interval": interval,
+                                  "duration": interval + duration, "change_every": change_every},
+                                 timeout=interval + duration + 120)
+        meter.join()
+        (before, started), (after, ended) = window
+        wall = ended - started
         user, system = after[0] - before[0], after[1] - before[1]
         result["sent"] = sum(r["sent"] for r in replies)
         result["cpu_s"] = round(user + system, 2)

@@ -202,9 +202,16 @@ class Agent:
         secret in ``secret_path`` (mode 0600, written atomically) before anything else: False if
         ``stop`` came first. A refusal is for good (ClaimFailed); the network and a busy service
         (claiming too often) are tried again with the backoff."""
+        # The nonce outlives a lost answer (and a reboot): asked again with it, the service answers again.
+        nonce_path = secret_path.with_name(secret_path.name + ".claim-nonce")
+        try:
+            nonce = nonce_path.read_text().strip()
+        except FileNotFoundError:
+            nonce = secrets.token_urlsafe(16)
+            write_private(nonce_path, nonce.encode())
         while not stop.is_set():
             try:
-                secret = await claim_identity(self.host, self.port, claim, self.device, serial=serial,
+                secret = await claim_identity(self.host, self.port, claim, self.device, nonce, serial=serial,
                                               topic_prefix=self.topic_prefix, mqtt5=self.mqtt5)
             except MqttConnectError as exc:
                 code = _code(exc)
@@ -216,6 +223,7 @@ class Agent:
                 log.warning("agent.claim_failed device=%s error=%s: trying again", self.device, exc or type(exc))
             else:
                 write_private(secret_path, secret.encode() + b"\n")
+                nonce_path.unlink(missing_ok=True)
                 self.secret = secret
                 log.info("agent.claimed device=%s secret=%s", self.device, secret_path)
                 return True
@@ -441,12 +449,14 @@ class ClaimFailed(Exception):
 CLAIM_TIMEOUT = 30.0  # seconds for the answer to a claim request
 
 
-async def claim_identity(host: str, port: int, claim: dict[str, Any], device: str, *, serial: str | None = None,
-                         topic_prefix: str = "henge", mqtt5: bool = True, timeout: float = CLAIM_TIMEOUT) -> str:
+async def claim_identity(host: str, port: int, claim: dict[str, Any], device: str, nonce: str, *,
+                         serial: str | None = None, topic_prefix: str = "henge", mqtt5: bool = True,
+                         timeout: float = CLAIM_TIMEOUT) -> str:
     """Trade a claim credential (the claim file's ``claim`` and ``secret``) for this device's own
-    secret (docs/onboarding.md); raises ClaimFailed when the service refuses it, aiomqtt's errors
-    (or TimeoutError) when the network does (then the caller tries again)."""
-    nonce = secrets.token_urlsafe(16)  # 128 bits: only this connection may read the answer
+    secret (docs/onboarding.md), as the connection ``nonce`` (random, 128 bits: only it may read
+    the answer; the same one again gets a new secret if the answer was lost); raises ClaimFailed
+    when the service refuses it, aiomqtt's errors (or TimeoutError) when the network does (then the
+    caller tries again)."""
     topics = Topics(topic_prefix)
     request: dict[str, Any] = {"device": device}
     if serial is not None:

@@ -46,6 +46,8 @@ async def claim_with_raw5(running: Running, credential: dict[str, Any], request:
             answer = packet
             if answer.qos:
                 await client.send(codec.Puback(answer.packet_id))
+    client.raw.close()
+    await wait_until(lambda: f"claim:{who}" not in running.broker.conns, what="the claiming connection closed")
     return int(ack.reason), json.loads(answer.payload)
 
 
@@ -95,10 +97,14 @@ async def test_refusals_replays_and_nothing_half_created(running: Running) -> No
     for bad in ({"device": "no/slash"}, {"device": 7}, {"name": "x"}, {}):
         code, answer = await claim_with_raw5(running, credential, bad)
         assert code == codec.PAYLOAD_FORMAT_INVALID and answer is not None and answer["code"] == "invalid", bad
-    # A replay of a nonce that claimed: refused at CONNECT, and its device is not made twice.
+    # A nonce that claimed cannot claim another device; once its device connected, not even connect.
     used = nonce()
     code, answer = await claim_with_raw5(running, credential, {"device": "d1"}, used)
     assert code == 0 and answer is not None and answer["ok"]
+    code, again = await claim_with_raw5(running, credential, {"device": "d2"}, used)
+    assert code == codec.NOT_AUTHORIZED_5 and again is not None and again["code"] == "replay"
+    _device, _ = await Client5.connect(running.port, "d1", "d1", answer["secret"])
+    await wait_status(running, "d1", lambda r: r["online"])
     _, connack = await Client5.connect(running.port, used, f"claim:{claim['id']}", claim["secret"])
     assert connack.code == codec.NOT_AUTHORIZED_5 and "claimed before" in (connack.props or {})[codec.REASON_STRING]
     assert [c["used"] for c in await svc.list_claims()] == [1]
@@ -188,6 +194,7 @@ async def test_the_agent_claims_on_first_start_and_keeps_its_identity(running: R
         await wait_status(running, "cam-1", lambda r: r["online"] and r["sync"] == "in_sync", timeout=20)
         assert json.loads(target.read_text()) == {"ntp": "ptb.de"}
         assert secret_file.stat().st_mode & 0o777 == 0o600
+        assert not (tmp_path / "cam-1.secret.claim-nonce").exists()  # kept only until the answer came
         assert (await svc.get_device("cam-1")).labels == {"site": "berlin", "serial": "SN-cam-1"}
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -209,3 +216,30 @@ async def test_the_agent_claims_on_first_start_and_keeps_its_identity(running: R
     assert [(c["name"], c["used"], c["state"]) for c in json.loads(listed.stdout)] == [("batch-7", 1, "used_up")]
     revoked = await asyncio.to_thread(henge_cli, "claim", "revoke", "batch-7", "--data", data)
     assert revoked.returncode == 0 and "revoked" in revoked.stdout
+
+
+async def test_a_lost_answer_is_asked_again_with_the_same_nonce_until_the_device_connects(running: Running) -> None:
+    """The answer with the secret can be lost with the claiming connection; the device (which keeps
+    its nonce) asks again and gets a new secret, until it has connected as itself once. Nobody
+    else can: another nonce asking for the id gets duplicate_device."""
+    svc = running.service
+    claim = await svc.create_claim("batch", {}, 5, 3600)
+    credential = claim["credential"]
+    kept = nonce()
+    lost, _ = await Client5.connect(running.port, kept, f"claim:{claim['id']}", claim["secret"])
+    await lost.send(codec.Publish(svc.topics.claim_request(kept), b'{"device": "cam-9"}', 1, packet_id=1))
+    await lost.read_until(codec.Puback)
+    await wait_until(lambda: svc.store.has_device("cam-9"), what="the claimed device")
+    lost.raw.close()  # never subscribed: the answer is gone
+    await wait_until(lambda: f"claim:{kept}" not in running.broker.conns, what="the lost connection closed")
+    code, answer = await claim_with_raw5(running, credential, {"device": "cam-9"}, kept)
+    assert code == 0 and answer is not None and answer["ok"] and answer["device"] == "cam-9"
+    code, other = await claim_with_raw5(running, credential, {"device": "cam-9"})
+    assert code == codec.NOT_AUTHORIZED_5 and other is not None and other["code"] == "duplicate_device"
+    assert [c["used"] for c in await svc.list_claims()] == [1]  # asking again used nothing
+    _own, connack = await Client5.connect(running.port, "cam-9", "cam-9", answer["secret"])
+    assert connack.code == 0
+    await wait_status(running, "cam-9", lambda r: r["online"])
+    _, connack = await Client5.connect(running.port, kept, f"claim:{claim['id']}", claim["secret"])
+    assert connack.code == codec.NOT_AUTHORIZED_5  # connected as itself once: the nonce is spent
+    assert [e["action"] for e in await svc.audit("cam-9")] == ["device.claim", "device.reclaim"]

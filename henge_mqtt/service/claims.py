@@ -77,7 +77,8 @@ class Onboarding:
         if refused is not None:
             self._refused(refused.reason, claim_id, nonce)
             return Refusal("not_authorized", str(refused))
-        if store.nonce_used(nonce):
+        claimed = store.nonce_used(nonce)
+        if claimed is not None and not self._never_connected(claimed):
             self._refused("replay", claim_id, nonce)
             return Refusal("not_authorized", "this nonce claimed before: use a new one")
         self._claim_of[nonce] = claim_id
@@ -101,10 +102,15 @@ class Onboarding:
             store = self.worker.store
             record = store.claim_record(claim_id)
             refused = record.refusal(time.time()) if record is not None else ClaimRefused("revoked", "no such claim")
+            claimed = store.nonce_used(nonce)
+            if claimed is not None:  # asked again: the answer was lost, if its device never connected
+                if claimed != device or not self._never_connected(device):
+                    raise ClaimRefused("replay", "this nonce claimed before: use a new one")
+                self._answering.add(nonce)
+                self._spawn(self._reclaim(claim_id, nonce, device))
+                return 0
             if refused is None and record is not None and record.used + self._in_flight.get(claim_id, 0) >= record.uses:
                 refused = ClaimRefused("used_up", f"claim {record.name} is used up ({record.uses} devices)")
-            if refused is None and store.nonce_used(nonce):
-                refused = ClaimRefused("replay", "this nonce claimed before: use a new one")
             if refused is None and store.has_device(device):
                 refused = ClaimRefused("duplicate_device", f"device {device!r} already exists")
             if refused is not None:
@@ -165,6 +171,22 @@ class Onboarding:
         log.info("claim.device device=%s claim=%s", device, claim_id)
         self._answer(nonce, claim_id, ok=True, device=device, secret=secret, labels=labels)
         await self._publish_rows(layered)
+
+    def _never_connected(self, device: str) -> bool:
+        return self.broker.session(device, time.time()).epoch == 0
+
+    async def _reclaim(self, claim_id: str, nonce: str, device: str) -> None:
+        try:
+            secret = await self.worker.run(self.worker.store.reclaim_device, nonce, device)
+        except ClaimRefused as exc:
+            self._refused(exc.reason, claim_id, nonce)
+            self._answer(nonce, claim_id, ok=False, code=exc.reason, message=str(exc))
+            return
+        finally:
+            self._answering.discard(nonce)
+        labels = (await self.worker.run(self.worker.store.labels_of, device))
+        log.info("claim.again device=%s claim=%s: its first answer was lost; a new secret", device, claim_id)
+        self._answer(nonce, claim_id, ok=True, device=device, secret=secret, labels=labels)
 
     def _answer(self, nonce: str, claim_id: str, *, ok: bool, **fields: Any) -> None:
         body = {"ok": ok, **fields}

@@ -49,12 +49,12 @@ class ClaimRecord:
 
 class Claims(StoreCore):
     _claims: dict[str, ClaimRecord]  # by id, as the loop checks them
-    _claim_nonces: set[str]  # every nonce that ever claimed: a replay is refused from memory
+    _claim_nonces: dict[str, str]  # every nonce that ever claimed, and its device (a replay is told from memory)
 
     def reload(self) -> None:
         super().reload()
         self._claims = self._load_claims()
-        self._claim_nonces = {n for (n,) in self._db.execute("SELECT nonce FROM claim_uses")}
+        self._claim_nonces = dict(self._db.execute("SELECT nonce, device FROM claim_uses").fetchall())
 
     def _load_claims(self) -> dict[str, ClaimRecord]:
         return {row[0]: ClaimRecord(row[0], row[1], bytes.fromhex(row[2]), json.loads(row[3]), row[4], row[5], row[6],
@@ -123,8 +123,27 @@ class Claims(StoreCore):
         """The claim as memory has it (uses counted as they commit), for the loop's checks."""
         return self._claims.get(claim)
 
-    def nonce_used(self, nonce: str) -> bool:
-        return nonce in self._claim_nonces
+    def nonce_used(self, nonce: str) -> str | None:
+        """The device this nonce claimed, if it claimed."""
+        return self._claim_nonces.get(nonce)
+
+    def reclaim_device(self, nonce: str, device: str) -> str:
+        """A new secret for the device ``nonce`` claimed, if it never connected as itself: the
+        answer with its first secret may have been lost with the claiming connection, and only
+        the holder of the nonce (128 random bits, kept on the device) can ask."""
+        secret = new_secret()
+        digest = hash_secret(secret)
+        with self._tx():
+            row = self._db.execute("SELECT u.claim, c.name, d.epoch FROM claim_uses u JOIN claims c ON c.id = u.claim "
+                                   "JOIN devices d ON d.id = u.device WHERE u.nonce = ? AND u.device = ?",
+                                   (nonce, device)).fetchone()
+            if row is None or row[2]:
+                raise ClaimRefused("replay", "this nonce claimed before: use a new one")
+            self._db.execute("UPDATE devices SET secret_hash = ?, broker_hash = ?, bcrypt_hash = ? WHERE id = ?",
+                             (digest, mosquitto_hash(secret), bcrypt_hash(secret), device))
+            self._audit(f"claim:{row[1]}", "device.reclaim", device, {"claim": row[1]})
+        self._hashes[device] = bytes.fromhex(digest)
+        return secret
 
     def claim_device(self, claim: str, nonce: str, device: str, extra: dict[str, str],
                      layered: list[ConfigVersion]) -> tuple[str, dict[str, str]]:
@@ -162,7 +181,7 @@ class Claims(StoreCore):
                 layered.extend(self._refresh([device], self._layers, actor=f"claim:{record.name}",
                                              message="a claimed device gets its layers"))
         self._hashes[device] = bytes.fromhex(digest)
-        self._claim_nonces.add(nonce)
+        self._claim_nonces[nonce] = device
         live = self._claims.get(claim)
         if live is not None:
             live.used += 1
