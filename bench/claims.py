@@ -41,8 +41,10 @@ async def claim_one(port: int, claim: dict[str, Any], device: str, mqtt5: bool) 
                 await asyncio.sleep(0.5)
                 continue
             writer.write(loadgen.subscribe_packet(1, f"henge/claim/{nonce}/response", mqtt5=mqtt5))
-            writer.write(loadgen.publish_packet(f"henge/claim/{nonce}/request", json.dumps({"device": device}).encode(),
-                                                2, retain=False))
+            topic = f"henge/claim/{nonce}/request".encode()
+            body = len(topic).to_bytes(2, "big") + topic + (2).to_bytes(2, "big") + (b"\x00" if mqtt5 else b"") \
+                + json.dumps({"device": device}).encode()
+            writer.write(bytes([0x32]) + loadgen._remaining(len(body)) + body)  # PUBLISH, QoS 1
             while True:
                 kind, flags, body = await loadgen.read_packet(reader)
                 if kind != 3:

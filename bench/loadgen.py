@@ -253,28 +253,12 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
         elif name == "report_state":
             # Every client publishes its reported state (QoS 1) every `interval` s for `duration` s, the
             # fleet spread evenly over the interval; one message in `change_every` changes the document.
-            interval, duration, change_every = command["interval"], command["duration"], command["change_every"]
-            start = command["start_at"]
             live = [c for c in clients if c.writer is not None]
-            sent = [0]
-
-            async def reporting(i: int, c: Client) -> None:
-                k = 0
-                at = start + interval * i / max(1, len(live))
-                while at < start + duration:
-                    await asyncio.sleep(max(0.0, at - time.time()))
-                    doc = {"fw": "2.4.1", "hw": {"rev": "B", "ram_mb": 512}, "disk_free_mb": 1000 - k // change_every,
-                           "agent": {"name": "bench", "version": "1"}}
-                    assert c.writer is not None
-                    c.writer.write(publish_packet(c.topic.rsplit("/", 1)[0] + "/reported",
-                                                  json.dumps({"document": doc}).encode(), k % 60000 + 1, qos=1,
-                                                  retain=False))
-                    sent[0] += 1
-                    k += 1
-                    at += interval
-
-            await asyncio.gather(*(reporting(i, c) for i, c in enumerate(live)))
-            results.put({"cmd": name, "sent": sent[0]})
+            start, every = command["start_at"], command["interval"]
+            sent = await asyncio.gather(*(_reporting(c, start + every * i / max(1, len(live)),
+                                                     start + command["duration"], every, command["change_every"])
+                                          for i, c in enumerate(live)))
+            results.put({"cmd": name, "sent": sum(sent)})
         elif name == "stop":
             for c in clients:
                 c.close()
@@ -283,6 +267,21 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
             await asyncio.gather(*pumps, return_exceptions=True)
             results.put({"cmd": name})
             return
+
+
+async def _reporting(c: Client, at: float, until: float, interval: float, change_every: int) -> int:
+    """One device's reported state every ``interval`` s from ``at``; one in ``change_every`` changes."""
+    k = 0
+    while at < until:
+        await asyncio.sleep(max(0.0, at - time.time()))
+        doc = {"fw": "2.4.1", "hw": {"rev": "B", "ram_mb": 512}, "disk_free_mb": 1000 - k // change_every,
+               "agent": {"name": "bench", "version": "1"}}
+        assert c.writer is not None
+        c.writer.write(publish_packet(c.topic.rsplit("/", 1)[0] + "/reported", json.dumps({"document": doc}).encode(),
+                                      k % 60000 + 1, qos=1, retain=False))
+        k += 1
+        at += interval
+    return k
 
 
 def worker_main(spec: dict[str, Any], commands: Any, results: Any) -> None:

@@ -243,3 +243,20 @@ async def test_a_lost_answer_is_asked_again_with_the_same_nonce_until_the_device
     _, connack = await Client5.connect(running.port, kept, f"claim:{claim['id']}", claim["secret"])
     assert connack.code == codec.NOT_AUTHORIZED_5  # connected as itself once: the nonce is spent
     assert [e["action"] for e in await svc.audit("cam-9")] == ["device.claim", "device.reclaim"]
+
+
+async def test_concurrent_claims_never_overspend_nor_refuse_a_use_that_is_left(running: Running) -> None:
+    """Requests arriving while others commit (a batch powering on over a few seconds): every use is
+    given, none twice."""
+    claim = await running.service.create_claim("batch", {}, 150, 3600)
+
+    async def later(i: int) -> tuple[int, dict[str, Any] | None]:
+        await asyncio.sleep(i * 0.003)
+        return await claim_with_raw5(running, claim["credential"], {"device": f"d{i}"})
+
+    results = await asyncio.gather(*(later(i) for i in range(160)))
+    ok = [answer for code, answer in results if answer is not None and answer["ok"]]
+    refused = [answer["code"] for code, answer in results if answer is not None and not answer["ok"]]
+    assert len(ok) == 150 and refused == ["used_up"] * 10
+    assert [c["used"] for c in await running.service.list_claims()] == [150]
+    assert len(await running.service.list_devices()) == 150

@@ -160,6 +160,10 @@ class Onboarding:
             self._refused(reason, claim_id, nonce)
             self._answer(nonce, claim_id, ok=False, code=reason, message=str(exc))
             return
+        else:
+            record = self.worker.store.claim_record(claim_id)
+            if record is not None:  # counted as used in the same step as it stops being in flight
+                record.used += 1
         finally:
             self._answering.discard(nonce)
             self._in_flight[claim_id] -= 1

@@ -182,10 +182,7 @@ class Claims(StoreCore):
                                              message="a claimed device gets its layers"))
         self._hashes[device] = bytes.fromhex(digest)
         self._claim_nonces[nonce] = device
-        live = self._claims.get(claim)
-        if live is not None:
-            live.used += 1
-        return secret, labels
+        return secret, labels  # the loop counts the use in memory (ClaimRecord.used), where it counts those in flight
 
 
 __all__ = ["ClaimRecord", "Claims", "DuplicateDevice"]
