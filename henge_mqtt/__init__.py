@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .errors import (
     AuthenticationFailed,
+    ClaimRefused,
     ConfigTooLarge,
     DuplicateDevice,
     DuplicateToken,
@@ -28,6 +29,7 @@ from .errors import (
     ServiceUnavailable,
     SettingsError,
     StoreError,
+    UnknownClaim,
     UnknownDevice,
     UnknownLayer,
     UnknownRollout,
@@ -44,11 +46,12 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 __all__ = [
-    "AuthenticationFailed", "ConfigTooLarge", "ConfigVersion", "Device", "DuplicateDevice", "DuplicateToken", "Event",
-    "Fenced", "Forbidden", "HengeError", "HengeService", "InvalidConfig", "InvalidDeviceId", "InvalidSchema",
-    "NotSupported", "Presence", "RemoteError", "RolloutConflict", "SchemaViolation", "ServiceUnavailable", "Settings",
-    "SettingsError", "Snapshot", "StoreError", "UnknownDevice", "UnknownLayer", "UnknownRollout", "UnknownToken",
-    "UnknownVersion", "ValidationFailed", "VersionConflict", "VersionReport", "WaitTimeout",
+    "AuthenticationFailed", "ClaimRefused", "ConfigTooLarge", "ConfigVersion", "Device", "DuplicateDevice",
+    "DuplicateToken", "Event", "Fenced", "Forbidden", "HengeError", "HengeService", "InvalidConfig",
+    "InvalidDeviceId", "InvalidSchema", "NotSupported", "Presence", "RemoteError", "RolloutConflict",
+    "SchemaViolation", "ServiceUnavailable", "Settings", "SettingsError", "Snapshot", "StoreError", "UnknownClaim",
+    "UnknownDevice", "UnknownLayer", "UnknownRollout", "UnknownToken", "UnknownVersion", "ValidationFailed",
+    "VersionConflict", "VersionReport", "WaitTimeout",
 ]
 __version__ = "0.1.0"
 
