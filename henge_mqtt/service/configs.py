@@ -204,6 +204,8 @@ class Configs:
         the config its layers now give, stored and published (a device that upgrades its firmware
         joins the layer for the new one); one a schema refuses keeps its version, said in the log
         and a ``layer_refused`` event."""
+        if not self.worker.store.layers_read_reported():  # from memory: most fleets have no such layer
+            return
         async with self.schema_lock:
             rows, refused = await self.worker.run(self.worker.store.refresh_for_reported, devices)
         for device, why in refused:

@@ -168,12 +168,16 @@ class Layers(StoreCore):
         self._audit(actor, "layer.remove" if content is None else "layer.set", None, summary)
         return version, rows, candidate
 
+    def layers_read_reported(self) -> bool:
+        """Whether a layer in force has a where over reported state (memory only: safe on the loop)."""
+        return any(layer.reads_reported for layer in self._layers.values())
+
     def refresh_for_reported(self, devices: list[str]) -> tuple[list[ConfigVersion], list[tuple[str, str]]]:
         """After their reported states changed: a new version for each of ``devices`` whose layers
         (those with a ``where`` over ``reported``) now give another config, each in its own
         transaction; a device whose new config a schema refuses keeps its version, and is named
         with the reason (the report itself was stored: it says what the device is)."""
-        if not any(layer.reads_reported for layer in self._layers.values()):
+        if not self.layers_read_reported():
             return [], []
         rows: list[ConfigVersion] = []
         refused: list[tuple[str, str]] = []

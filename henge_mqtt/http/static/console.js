@@ -234,7 +234,7 @@ function applyEvent(ev) {
       break;
     case "reported": // only a new config hash can change sync (drift); other members matter to a where filter
       if (row && (ev.data.changed || []).includes("config_sha256")) scheduleReload();
-      if (state.where) scheduleWhere();
+      if (state.where && !whereTimer) scheduleWhere(2000);
       break;
     case "report":
       if (row && row.sync === "drift") scheduleReload();
@@ -300,12 +300,13 @@ async function connectStream() {
 
 let deviceTimer = 0;
 let whereTimer = 0;
-function scheduleWhere() {
+function scheduleWhere(delay = 400) { // 400 ms after typing; 2 s after devices report (a fleet reports a lot)
   clearTimeout(whereTimer);
-  whereTimer = setTimeout(() => loadWhere().catch(() => {}), 400);
+  whereTimer = setTimeout(() => loadWhere().catch(() => {}), delay);
 }
 
 async function loadWhere() { // the ids the service says the filter matches (it parses it: one grammar)
+  whereTimer = 0;
   const text = $("f-where").value.trim();
   state.where = text;
   if (!text) { state.whereMatches = null; $("f-where-error").textContent = ""; markDirty(); return; }
