@@ -16,8 +16,9 @@ Grammar (EBNF; keywords are lower case, whitespace is free)::
     name     = letters, digits, "_", "-" (not starting with a digit or "-"), or a "quoted" string
 
 Parsed by hand into a tree of frozen dataclasses and evaluated against a device's fields; never
-``eval``, no regular expressions over user text, every size bounded (the text, nesting, list
-length), so a filter from the network costs at most a few microseconds per device.
+``eval``, no regular expressions over user text, every size bounded (the text, nesting, 64
+tests, list length; a list is one set lookup), so a filter from the network costs at most a few
+microseconds per device.
 
 Comparisons are typed: a number with a number, a string with a string, never across (``"5" < 7``
 is false, not an error). Two strings that are both dotted numbers (``2.10``, ``2.4.1``) compare as
@@ -38,6 +39,7 @@ from typing import Any
 MAX_LENGTH = 2048
 MAX_DEPTH = 32
 MAX_LIST = 1000
+MAX_TESTS = 64  # tests in one filter: what one device costs is bounded, whatever the text
 
 # The roots a field may start with, and whether names follow it (``labels.site``) or not (``id``).
 ROOTS: dict[str, bool] = {"id": False, "labels": True, "reported": True, "state": False, "sync": False,
@@ -82,17 +84,32 @@ class Compare:
         return have is not MISSING and _compare(have, self.op, self.value)
 
 
+def _key(value: Any) -> tuple[str, Any] | None:
+    """A value as ``in`` looks it up: typed (1 and 1.0 are one number; true is not 1), or None
+    for an object or a list (never in a list of values)."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, int | float):
+        return ("n", value)
+    if isinstance(value, str):
+        return ("s", value)
+    if value is None:
+        return ("z", None)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class In:
     field: tuple[str, ...]
-    values: tuple[Any, ...]
+    values: frozenset[tuple[str, Any]]  # as _key makes them: one lookup, however long the list
     negated: bool
 
     def test(self, get: Lookup) -> bool:
         have = get(self.field)
         if have is MISSING:
             return False
-        return any(_compare(have, "==", v) for v in self.values) != self.negated
+        key = _key(have)
+        return (key is not None and key in self.values) != self.negated
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +301,7 @@ class _Parser:
         self.depth = 0
         self.allowed = allowed
         self.roots: set[str] = set()
+        self.tests = 0
 
     @property
     def tok(self) -> _Token:
@@ -345,17 +363,24 @@ class _Parser:
     def test(self) -> Node:
         field = self.field()
         if self.keyword("exists"):
-            return Exists(field)
+            return self.counted(Exists(field))
         negated = self.keyword("not")
         if self.keyword("in"):
-            return In(field, self.list(), negated)
+            return self.counted(In(field, frozenset(k for k in map(_key, self.list()) if k is not None), negated))
         if negated:
             raise WhereError(f"expected in after not, found {self._found()}", self.tok.pos)
         if self.tok.kind != "op":
             raise WhereError(f"expected an operator (== != < <= > >= in exists), found {self._found()}",
                              self.tok.pos)
         op = self.take().text
-        return Compare(field, "==" if op == "=" else op, self.value())
+        return self.counted(Compare(field, "==" if op == "=" else op, self.value()))
+
+    def counted(self, node: Node) -> Node:
+        self.tests += 1
+        if self.tests > MAX_TESTS:
+            raise WhereError(f"more than {MAX_TESTS} tests in one filter (use in [...] for many values)",
+                             self.tok.pos)
+        return node
 
     def field(self) -> tuple[str, ...]:
         tok = self.tok

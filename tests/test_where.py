@@ -42,6 +42,10 @@ DEVICE = {"id": "cam-7", "labels": {"site": "berlin", "tier": "gold"}, "state": 
     ("reported.ok == true", True),
     ("reported.ok == 1", False),
     ('labels.site in ["paris", "berlin"]', True),
+    ("reported.hw.ram in [512.0, 1024]", True),  # one number, however written
+    ("reported.ok in [1, 2]", False),  # true is not 1
+    ("reported.ok in [true]", True),
+    ("reported.hw in [1]", False),  # an object is in no list
     ('labels.site not in ["paris", "berlin"]', False),
     ('labels.missing not in ["x"]', False),  # a missing field: every test on it is false...
     ('labels.missing != "x"', False),
@@ -93,6 +97,9 @@ def test_sizes_are_bounded() -> None:
         parse("id == " + '"' + "x" * MAX_LENGTH + '"')
     with pytest.raises(WhereError, match="nested more than"):
         parse("not " * (MAX_DEPTH + 1) + 'id == "a"')
+    with pytest.raises(WhereError, match="more than 64 tests"):
+        parse(" or ".join(f'id == "d{i}"' for i in range(65)))
+    assert parse(" or ".join(f'id == "d{i}"' for i in range(64))).matches({"id": "d63"})
     with pytest.raises(WhereError, match="a list of more than"):
         parse("id in [" + ",".join("1" for _ in range(1001)) + "]")
     assert parse("not " * (MAX_DEPTH - 1) + 'id == "a"').matches({"id": "a"}) is ((MAX_DEPTH - 1) % 2 == 0)

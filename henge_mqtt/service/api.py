@@ -362,6 +362,7 @@ class ServiceAPI:
         rows: list[StatusRow] = []
         now = time.time()
         batch = -1 if limit is None else max(2 * limit, 500)
+        seen = 0
         while True:
             if device is None:
                 source, last = await self.worker.run(store.status_source, after=after, labels=labels, batch=batch,
@@ -382,6 +383,9 @@ class ServiceAPI:
                         conflict is not None and view.conflict != conflict):
                     continue
                 if matcher is not None:
+                    seen += 1
+                    if seen % 2000 == 0:
+                        await asyncio.sleep(0)  # 100,000 devices filtered: other connections get their turns
                     fields: dict[str, Any] = {
                         "id": d, "labels": have, "state": row_state, "sync": row_sync, "online": view.online,
                         "version": desired, "applied_version": applied}
