@@ -136,6 +136,9 @@ async def test_a_flood_of_claims_is_rate_limited_and_costs_nothing_else(start_se
             codes.append(connack.code)
         assert codes[:3] == [0, 0, 0] and set(codes[3:]) == {codec.CONNECTION_RATE_EXCEEDED}
         assert running.service.counters["claims_rate_limited"] == 3
+        # Guessing costs no turn of the batch's: a wrong secret is refused as such, even now.
+        _, connack = await Client5.connect(running.port, nonce(), f"claim:{claim['id']}", "guess")
+        assert connack.code == codec.BAD_USER_NAME_OR_PASSWORD
 
 
 async def test_paho_devices_claim_in_both_protocol_versions(running: Running) -> None:

@@ -6,8 +6,10 @@ random nonce as client id; it may then only publish ``{prefix}/claim/{nonce}/req
 ``{prefix}/claim/{nonce}/response``. Everything a refusal needs is checked on the loop, from
 memory, before the PUBACK (a 5.0 device hears why in its reason code); the device itself is
 created in one store transaction, then the answer, with its secret, goes to the response topic.
-Claiming CONNECTs are rate-limited together (``claim_rate``/``claim_burst``), and a device's
-publishes by the device limits, so a flood of claims costs a bounded amount.
+Claiming CONNECTs with a valid claim credential are rate-limited together
+(``claim_rate``/``claim_burst``; a wrong one is refused before it takes a turn, so guesses cannot
+crowd out the batch), and a claiming connection's publishes by the device limits, so a flood of
+claims costs a bounded amount.
 """
 
 from __future__ import annotations
@@ -62,14 +64,14 @@ class Onboarding:
 
     def authenticate(self, claim_id: str, secret: str | None, nonce: str) -> Principal | Refusal:
         store = self.worker.store
+        record = store.check_claim(claim_id, secret or "")
+        if record is None:  # a guess costs a hash, like a wrong device secret; it takes no claim's turn
+            self._refused("bad_credentials", claim_id, nonce)
+            return Refusal("bad_credentials", "bad claim credential")
         if not self._bucket.take(time.monotonic(), self.rate, self.burst):
             self.events.count("claims_rate_limited")
             self._log.log(logging.WARNING, "claim.rate_limited", "claim=%s", claim_id)
             return Refusal("rate_limited", "claiming too often: retry later")
-        record = store.check_claim(claim_id, secret or "")
-        if record is None:
-            self._refused("bad_credentials", claim_id, nonce)
-            return Refusal("bad_credentials", "bad claim credential")
         if not NONCE.fullmatch(nonce):
             self._refused("bad_nonce", claim_id, nonce)
             return Refusal("not_authorized", "the client id must be a random nonce: 16-64 of A-Z a-z 0-9 _ -")
