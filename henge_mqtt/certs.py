@@ -33,8 +33,10 @@ def _write(path: Path, data: bytes, private: bool) -> None:
         fh.write(data)
 
 
-def make_dev_certs(out: Path, hosts: list[str], devices: list[str], days: int = 30) -> dict[str, Path]:
-    """Write ca.pem, server.pem/server.key and DEVICE.pem/DEVICE.key into ``out``."""
+def make_dev_certs(out: Path, hosts: list[str], devices: list[str], days: int = 30,
+                   ca_name: str = "henge dev CA") -> dict[str, Path]:
+    """Write ca.pem, server.pem/server.key and DEVICE.pem/DEVICE.key into ``out`` (``ca_name``: the
+    CA's CN; a claim CA needs a name of its own)."""
     x509, hashes, serialization, ec, name_oid, eku = _crypto()
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
@@ -49,7 +51,7 @@ def make_dev_certs(out: Path, hosts: list[str], devices: list[str], days: int = 
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
-        x509.CertificateBuilder().subject_name(name("henge dev CA")).issuer_name(name("henge dev CA"))
+        x509.CertificateBuilder().subject_name(name(ca_name)).issuer_name(name(ca_name))
         .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)

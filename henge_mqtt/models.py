@@ -360,6 +360,7 @@ class ClaimCreateArgs(Frozen):
     uses: int = Field(ge=1, le=1_000_000)
     expires_in: float = Field(gt=0, le=366 * 86400)  # seconds from now
     broker: str | None = Field(default=None, max_length=512)  # what devices connect to (the claim file's)
+    ca: str | None = Field(default=None, max_length=16384)  # a claim CA (PEM): its certificates may claim
 
 
 class ClaimRefArgs(Frozen):

@@ -59,13 +59,22 @@ class IdentitySync:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class PeerCert:
+    """A verified TLS client certificate: its subject's CN and its issuer's name (the RDNs, as
+    ``ssl`` decodes them), which tells a device CA's certificate from a claim CA's."""
+
+    cn: str | None
+    issuer: tuple[tuple[tuple[str, str], ...], ...] = ()
+
+
 class BrokerHooks(Protocol):
     """What a broker needs from the service."""
 
     def authenticate(
-        self, username: str | None, password: str | None, client_id: str, cert_cn: str | None
+        self, username: str | None, password: str | None, client_id: str, cert: PeerCert | None
     ) -> Principal | Refusal:
-        """``cert_cn``: the CN of a verified TLS client certificate, if the connection presented one."""
+        """``cert``: the verified TLS client certificate, if the connection presented one."""
         ...
 
     def may_subscribe(self, principal: Principal, topic_filter: str) -> bool: ...

@@ -404,6 +404,7 @@ class ClaimInfo(TypedDict):
     left: int
     expires_at: str
     state: str  # active, used_up, expired, revoked
+    ca: str | None  # its claim CA's name, when devices may claim with a certificate it signed
     created_at: str | None
     created_by: str
 

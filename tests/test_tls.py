@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -14,11 +15,12 @@ import aiomqtt
 import pytest
 
 from henge_mqtt.certs import make_dev_certs
+from henge_mqtt.errors import ValidationFailed
 from henge_mqtt.service import HengeService
 from henge_mqtt.settings import ListenerConfig, Settings
 
 from . import mqtt_raw as raw
-from .conftest import next_message, payload_json
+from .conftest import henge_cli, next_message, payload_json
 
 
 @contextlib.asynccontextmanager
@@ -156,3 +158,86 @@ async def test_remote_admin_over_mqtts_with_contexts(tmp_path: Path) -> None:
         missing = await asyncio.to_thread(henge_cli, "status", env={"HENGE_CONFIG": str(config),
                                                                     "HENGE_CONTEXT": "nope"})
         assert missing.returncode == 1 and "no context 'nope'" in missing.stderr
+
+
+async def test_a_certificate_from_a_claim_ca_claims_its_cn_and_nothing_else(tmp_path: Path) -> None:
+    """The mTLS claim (docs/onboarding.md): a factory puts a certificate signed by a claim CA on each
+    device; over TLS it claims the id its certificate names, without the claim secret; the
+    certificate is good for claiming only, never as a device's own."""
+    factory = tmp_path / "factory"
+    make_dev_certs(factory, ["localhost"], ["SN-1", "SN-2", "dev1"], ca_name="factory claim CA")
+    async with tls_service(tmp_path, tls_client_auth="optional", tls_cert_replaces_password=True) as (
+            service, port, certs):
+        await service.set_layer("factory", {"from": "factory"}, labels={"batch": "f1"})
+        pem = (factory / "ca.pem").read_text()
+        claim = await service.create_claim("factory", {"batch": "f1"}, 10, 3600, ca=pem)
+        assert (await service.list_claims())[0]["ca"] == "CN=factory claim CA, O=henge-mqtt dev"
+
+        def device_context(device: str) -> ssl.SSLContext:
+            ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))  # the server's certificate
+            ctx.load_cert_chain(str(factory / f"{device}.pem"), str(factory / f"{device}.key"))
+            return ctx
+
+        async def claim_as(device: str, asked: str, password: str | None = None) -> dict[str, Any]:
+            nonce = "n" + device.replace("-", "") + "0123456789abcdef"
+            async with aiomqtt.Client("127.0.0.1", port, identifier=nonce, username=f"claim:{claim['id']}",
+                                      password=password, tls_context=device_context(device), timeout=5) as client:
+                await client.subscribe(f"henge/claim/{nonce}/response", qos=1)
+                await client.publish(f"henge/claim/{nonce}/request", json.dumps({"device": asked}), qos=1)
+                return dict(payload_json(await next_message(client)))
+
+        answer = await claim_as("SN-1", "SN-1")
+        assert answer["ok"] is True and answer["device"] == "SN-1" and answer["labels"] == {"batch": "f1"}
+        assert (await service.get_version("SN-1")).config == {"from": "factory"}
+        refused = await claim_as("SN-2", "SN-1-twin")
+        assert refused["ok"] is False and refused["code"] == "invalid" and "its CN ('SN-2')" in refused["message"]
+        # As a device's own certificate it counts as none: no password-less login for SN-1 with it,
+        # even with tls_cert_replaces_password; with its secret, SN-1 connects.
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client("127.0.0.1", port, identifier="SN-1", username="SN-1",
+                                      tls_context=device_context("SN-1"), timeout=5):
+                pass
+        async with aiomqtt.Client("127.0.0.1", port, identifier="SN-1", username="SN-1", password=answer["secret"],
+                                  tls_context=device_context("SN-1"), timeout=5):
+            pass
+        # A device CA's certificate with the same CN is not a claim CA's: it needs the claim secret.
+        await service.add_device("dev1")
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client("127.0.0.1", port, identifier="n" * 20, username=f"claim:{claim['id']}",
+                                      tls_context=context(certs, "dev1"), timeout=5):
+                pass
+        # A second claim CA with the name of one the listeners trust is refused: its certificates could
+        # not be told apart.
+        with pytest.raises(ValidationFailed, match="already has this name"):
+            await service.create_claim("again", {}, 1, 3600, ca=pem)
+        with pytest.raises(ValidationFailed, match=r"give one CA certificate \(CA:TRUE\), not 0"):
+            await service.create_claim("bad", {}, 1, 3600, ca=(factory / "SN-1.pem").read_text())
+        with pytest.raises(ValidationFailed, match="not a PEM certificate"):
+            await service.create_claim("bad", {}, 1, 3600, ca="garbage")
+        assert [c["name"] for c in await service.list_claims()] == ["factory"]  # nothing stored for those
+
+
+async def test_a_claim_ca_needs_a_listener_that_asks_for_certificates(tmp_path: Path) -> None:
+    async with tls_service(tmp_path) as (service, _, certs):
+        with pytest.raises(ValidationFailed, match="tls_client_auth"):
+            await service.create_claim("x", {}, 1, 3600, ca=(certs / "ca.pem").read_text())
+
+
+async def test_claim_cas_are_trusted_again_after_a_restart_and_set_from_the_cli(tmp_path: Path) -> None:
+    factory = tmp_path / "factory"
+    make_dev_certs(factory, ["localhost"], ["SN-7"], ca_name="factory 2 claim CA")
+    async with tls_service(tmp_path, tls_client_auth="optional") as (service, _, _):
+        made = await asyncio.to_thread(henge_cli, "claim", "create", "f2", "--uses", "5", "--expires", "1d", "--ca",
+                                       str(factory / "ca.pem"), "--json", "--data", str(tmp_path / "data"))
+        assert made.returncode == 0, made.stderr
+        claim_id = json.loads(made.stdout)["id"]
+    async with tls_service(tmp_path, tls_client_auth="optional") as (service, port, certs):
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        ctx.load_cert_chain(str(factory / "SN-7.pem"), str(factory / "SN-7.key"))
+        nonce = "restart-nonce-0123456789"
+        async with aiomqtt.Client("127.0.0.1", port, identifier=nonce, username=f"claim:{claim_id}",
+                                  tls_context=ctx, timeout=5) as client:
+            await client.subscribe(f"henge/claim/{nonce}/response", qos=1)
+            await client.publish(f"henge/claim/{nonce}/request", json.dumps({"device": "SN-7"}), qos=1)
+            assert payload_json(await next_message(client))["ok"] is True
+        assert service.store.has_device("SN-7")

@@ -37,6 +37,9 @@ def claim_create(
                                                       "first device listener).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the claim file here (mode 0600; never "
                                              "overwritten) instead of printing it.")] = None,
+    ca: Annotated[Path | None, typer.Option("--ca", help="A claim CA (PEM): a device with a certificate it signed "
+                                            "may claim its certificate's CN over TLS without the claim secret.")]
+    = None,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
     seconds = duration(expires)
@@ -47,6 +50,11 @@ def claim_create(
     args: dict[str, Any] = {"name": name, "labels": labels_arg(label), "uses": uses, "expires_in": seconds}
     if device_broker is not None:
         args["broker"] = device_broker
+    if ca is not None:
+        try:
+            args["ca"] = ca.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read the claim CA {ca}: {getattr(exc, 'strerror', None) or exc}", 2)
     result = call_op(data, broker, timeout, "claim.create", **args)
     document = json.dumps(result["credential"], indent=2) + "\n"
     if out is not None:
@@ -69,9 +77,10 @@ def claim_create(
 def claim_list(data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
                timeout: TimeoutOpt = 10.0) -> None:
     rows = call_op(data, broker, timeout, "claim.list")
-    people = [r | {"labels": ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-"} for r in rows]
+    people = [r | {"labels": ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-", "ca": r["ca"] or "-"}
+              for r in rows]
     emit(rows, as_json, lambda _: render_table(people, ["id", "name", "state", "used", "uses", "left", "expires_at",
-                                                        "labels"]) if rows else "no claims")
+                                                        "labels", "ca"]) if rows else "no claims")
 
 
 @claim_app.command("revoke", help=op_help("claim.revoke"))

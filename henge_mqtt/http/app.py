@@ -506,7 +506,7 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         """A new claim; the answer holds its secret and claim file, the only time they are shown."""
         body = parse_model(ClaimCreateArgs, await read_json(request))
         return JSONResponse(await svc.create_claim(body.name, dict(body.labels), body.uses, body.expires_in,
-                                                   broker=body.broker), status_code=201)
+                                                   broker=body.broker, ca=body.ca), status_code=201)
 
     @route("DELETE", "/claims/{claim}")
     async def revoke_claim(claim: Annotated[str, Path(max_length=64)]) -> ClaimRevoked:

@@ -271,8 +271,8 @@ class EmbeddedBroker(TableViews):
             password = connect.password.decode("utf-8") if connect.password is not None else None
         except UnicodeDecodeError:
             password = None
-        cert_cn = conn.peer_cert_cn() if self.limits.tls_client_auth != "off" else None
-        principal = self.hooks.authenticate(connect.username, password, connect.client_id, cert_cn)
+        cert = conn.peer_cert() if self.limits.tls_client_auth != "off" else None
+        principal = self.hooks.authenticate(connect.username, password, connect.client_id, cert)
         if isinstance(principal, Refusal):
             self.info("broker.auth_failed", "client_id=%s remote=%s why=%s", connect.client_id, conn.remote,
                       principal.why)

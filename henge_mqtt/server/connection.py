@@ -14,7 +14,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from .. import codec
-from ..ports import Principal
+from ..ports import PeerCert, Principal
 from ..sessions import TokenBucket
 from .limits import Limits
 from .meta import Sent
@@ -518,18 +518,17 @@ class Connection(asyncio.Protocol):
                 self.broker.warn("broker.pubrel_timeout", "key=%s", self.key)
                 self.close("quota_exceeded", abort=True)
 
-    def peer_cert_cn(self) -> str | None:
+    def peer_cert(self) -> PeerCert | None:
+        """The client certificate the TLS handshake verified, if any."""
         transport = self.transport
         if transport is None or not self.tls:
             return None
         cert: Any = transport.get_extra_info("peercert")
         if not cert:
             return None
-        for rdn in cert.get("subject", ()):
-            for key, value in rdn:
-                if key == "commonName":
-                    return str(value)
-        return None
+        cn = next((str(value) for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"), None)
+        issuer = tuple(tuple((str(k), str(v)) for k, v in rdn) for rdn in cert.get("issuer", ()))
+        return PeerCert(cn, issuer)
 
     def __repr__(self) -> str:
         return f"Connection(key={self.key!r}, epoch={self.epoch}, state={self.state})"

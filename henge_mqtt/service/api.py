@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -59,6 +60,7 @@ from ..settings import Settings
 from ..store import DeviceReports, Store, StoreWorker
 from ..topics import Topics
 from ..where import Where
+from .claims import ca_subject, trust_claim_ca
 from .configs import Configs
 from .context import current_actor, unified_diff, utc_text
 from .events import Events
@@ -92,6 +94,7 @@ def progress_of(answer: FleetAnswer) -> dict[str, Any]:
 class ServiceAPI:
     settings: Settings
     topics: Topics
+    _claim_tls: list[ssl.SSLContext]  # the TLS listeners that ask for client certificates (claim CAs)
     events: Events
     configs: Configs
     reports: Reports
@@ -675,12 +678,20 @@ class ServiceAPI:
     # ---- onboarding by claim --------------------------------------------------------------------------
 
     async def create_claim(self, name: str, labels: dict[str, str], uses: int, expires_in: float, *,
-                           broker: str | None = None) -> ClaimCreated:
+                           broker: str | None = None, ca: str | None = None) -> ClaimCreated:
         """A claim credential for ``uses`` devices, valid ``expires_in`` seconds; the secret (and the
-        claim file holding it) is in this answer only (docs/onboarding.md)."""
+        claim file holding it) is in this answer only (docs/onboarding.md). ``ca``: a claim CA (PEM):
+        a device with a certificate it signed may claim its certificate's CN without the secret."""
         expires_at = time.time() + expires_in
+        subject = None
+        if ca is not None:
+            if not self._claim_tls:
+                raise ValidationFailed("a claim CA needs a TLS listener that asks for client certificates "
+                                       "(tls_client_auth: optional or required)")
+            subject = ca_subject(ca)
+            trust_claim_ca(self._claim_tls, ca, subject, new=True)
         claim_id, secret = await self.worker.run(self.store.create_claim, name, labels, uses, expires_at,
-                                                 actor=current_actor.get())
+                                                 actor=current_actor.get(), ca_pem=ca, ca_subject=subject)
         self.events.emit("claim_created", None, claim=claim_id, name=name, uses=uses)
         if broker is None:  # the first device listener; one on every interface, by this machine's name
             addresses = self.broker.addresses()
@@ -701,6 +712,7 @@ class ServiceAPI:
                      "used_up" if c["used"] >= c["uses"] else "active")
             out.append({"id": c["id"], "name": c["name"], "labels": c["labels"], "uses": c["uses"], "used": c["used"],
                         "left": max(0, c["uses"] - c["used"]), "expires_at": iso(c["expires_at"]), "state": state,
+                        "ca": c["ca"],
                         "created_at": utc_text(c["created_at"]), "created_by": c["created_by"]})
         return out
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import HengeError
 from ..paths import ADMIN_FILE
-from ..ports import Principal, Refusal
+from ..ports import PeerCert, Principal, Refusal
 from ..settings import Settings
 from ..store import Store
 from ..topics import CLAIM_USER, Topics
@@ -62,14 +62,16 @@ class Auth:
         self.onboarding: Onboarding | None = None  # claims (docs/onboarding.md), once the service wired it
 
     def authenticate(
-        self, username: str | None, password: str | None, client_id: str, cert_cn: str | None
+        self, username: str | None, password: str | None, client_id: str, cert: PeerCert | None
     ) -> Principal | Refusal:
         settings = self.settings
         if username and username == settings.admin_name:
             ok = password is not None and self.store.verify_admin(username, password)
             return Principal("admin", username) if ok else BAD_CREDENTIALS
         if username and username.startswith(CLAIM_USER) and self.onboarding is not None:
-            return self.onboarding.authenticate(username[len(CLAIM_USER):], password, client_id)
+            return self.onboarding.authenticate(username[len(CLAIM_USER):], password, client_id, cert)
+        # A claim CA's certificate is for claiming only: as a device's, it counts as none.
+        cert_cn = cert.cn if cert is not None and not self.store.claim_ca_issued(cert.issuer) else None
         device = username or client_id
         if client_id != device or not self.store.has_device(device):
             # Still hash the secret: an unknown id costs the same as a wrong secret.

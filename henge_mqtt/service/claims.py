@@ -17,15 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..errors import ClaimRefused, HengeError
+from ..errors import ClaimRefused, HengeError, ValidationFailed
 from ..ids import StrictJSONError, device_id_problem, strict_json
 from ..logs import LogLimiter
 from ..models import ConfigVersion
-from ..ports import BrokerPort, Principal, Refusal
+from ..ports import BrokerPort, PeerCert, Principal, Refusal
 from ..sessions import TokenBucket
 from ..store import StoreWorker
 from ..topics import Topics
@@ -38,6 +40,41 @@ MAX_REQUEST_BYTES = 4096
 # MQTT 5.0 reason codes in the PUBACK of a claim request.
 NOT_AUTHORIZED = 0x87
 PAYLOAD_FORMAT_INVALID = 0x99
+
+
+Name = tuple[tuple[tuple[str, str], ...], ...]  # a distinguished name, as ssl decodes it
+
+
+def _name(decoded: Any) -> Name:
+    return tuple(tuple((str(k), str(v)) for k, v in rdn) for rdn in decoded)
+
+
+def ca_subject(pem: str) -> Name:
+    """The subject of the one CA certificate in ``pem``; ValidationFailed otherwise."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValidationFailed(f"--ca: not a PEM certificate: {exc}") from None
+    found = context.get_ca_certs()
+    if len(found) != 1:
+        raise ValidationFailed(f"--ca: give one CA certificate (CA:TRUE), not {len(found)}")
+    return _name(found[0]["subject"])
+
+
+def trust_claim_ca(contexts: list[ssl.SSLContext], pem: str, subject: Name, *, new: bool) -> None:
+    """Make the TLS listeners that ask for client certificates accept certificates the claim CA
+    signed; ``new``: first refuse a CA whose name another trusted CA has (its certificates could
+    not be told apart)."""
+    if new:
+        for context in contexts:
+            if any(_name(c["subject"]) == subject for c in context.get_ca_certs()):
+                raise ValidationFailed("--ca: a CA the listeners trust already has this name; a claim CA needs "
+                                       "a name of its own")
+    for context in contexts:
+        context.load_verify_locations(cadata=pem)
+        if context.verify_mode == ssl.CERT_NONE:
+            context.verify_mode = ssl.CERT_OPTIONAL
 
 
 class Onboarding:
@@ -55,16 +92,24 @@ class Onboarding:
         self._spawn = spawn
         self._publish_rows = publish_rows
         self._check_id = check_id
-        self._claim_of: dict[str, str] = {}  # nonce -> the claim its connection authenticated with
+        self._claim_of: OrderedDict[str, str] = OrderedDict()  # nonce -> the claim its connection used
+        self._cert_cn: dict[str, str] = {}  # nonce -> the CN of the claim CA's certificate it claimed with
         self._in_flight: dict[str, int] = {}  # claim -> requests being stored (counted against its uses)
         self._answering: set[str] = set()  # nonces whose request is being stored
         self._log = LogLimiter(log)
 
     # ---- CONNECT -------------------------------------------------------------------------------------
 
-    def authenticate(self, claim_id: str, secret: str | None, nonce: str) -> Principal | Refusal:
+    def authenticate(self, claim_id: str, secret: str | None, nonce: str,
+                     cert: PeerCert | None = None) -> Principal | Refusal:
+        """A claiming CONNECT: the claim's secret, or a certificate its claim CA signed (the TLS
+        handshake verified it; its CN is then the only id it may claim)."""
         store = self.worker.store
-        record = store.check_claim(claim_id, secret or "")
+        record = store.claim_record(claim_id)
+        by_cert = (record is not None and record.ca_issuer is not None and cert is not None and bool(cert.cn)
+                   and cert.issuer == record.ca_issuer)
+        if not by_cert:
+            record = store.check_claim(claim_id, secret or "")
         if record is None:  # a guess costs a hash, like a wrong device secret; it takes no claim's turn
             self._refused("bad_credentials", claim_id, nonce)
             return Refusal("bad_credentials", "bad claim credential")
@@ -84,8 +129,12 @@ class Onboarding:
             self._refused("replay", claim_id, nonce)
             return Refusal("not_authorized", "this nonce claimed before: use a new one")
         self._claim_of[nonce] = claim_id
+        if by_cert and cert is not None and cert.cn:
+            self._cert_cn[nonce] = cert.cn
+        else:
+            self._cert_cn.pop(nonce, None)
         if len(self._claim_of) > 100_000:  # connections that never asked: forget the oldest
-            self._claim_of.pop(next(iter(self._claim_of)))
+            self._cert_cn.pop(self._claim_of.popitem(last=False)[0], None)
         return Principal("claim", nonce)
 
     # ---- the request -----------------------------------------------------------------------------------
@@ -100,6 +149,9 @@ class Onboarding:
             return NOT_AUTHORIZED
         try:
             device, extra = self._parse(payload)
+            cn = self._cert_cn.get(nonce)
+            if cn is not None and device != cn:
+                raise ValueError(f"with a claim CA's certificate the device id is its CN ({cn!r}), not {device!r}")
             self._check_id(device)
             store = self.worker.store
             record = store.claim_record(claim_id)
@@ -172,6 +224,7 @@ class Onboarding:
             if not self._in_flight[claim_id]:
                 del self._in_flight[claim_id]
         self._claim_of.pop(nonce, None)
+        self._cert_cn.pop(nonce, None)
         self.events.count("claims")
         self.events.emit("device_claimed", device, claim=claim_id, labels=labels)
         log.info("claim.device device=%s claim=%s", device, claim_id)

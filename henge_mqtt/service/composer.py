@@ -17,6 +17,7 @@ import os
 import resource
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from ..datadir import DataDirLock
 from ..errors import ServiceUnavailable
 from ..models import Event
 from ..paths import ADMIN_SOCKET, SERVICE_FILE
-from ..ports import BrokerPort, Principal, Refusal
+from ..ports import BrokerPort, PeerCert, Principal, Refusal
 from ..sessions import Action, Emit, EndSession, PresenceChange, SaveEpoch, SaveSession, SessionSettings
 from ..settings import Settings
 from ..store import DatabaseError, Store, StoreWorker
@@ -34,7 +35,7 @@ from ..topics import Topics
 from .admin import handle as handle_admin
 from .api import ServiceAPI
 from .auth import Auth, admin_secret, write_private
-from .claims import Onboarding
+from .claims import Onboarding, ca_subject, trust_claim_ca
 from .configs import Configs
 from .context import current_actor
 from .events import EventListener, Events
@@ -77,6 +78,7 @@ class HengeService(ServiceAPI):
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.fenced = asyncio.Event()  # set when another instance took the PostgreSQL store's lease
         self._lease: Lease | None = None
+        self._claim_tls: list[ssl.SSLContext] = []  # TLS listeners asking for client certificates: claim CAs join
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -128,6 +130,8 @@ class HengeService(ServiceAPI):
                 publish_rows=lambda rows: self.configs.publish_rows(rows, event="layer_applied",
                                                                     reason="a claimed device gets its layers"))
             self._auth.onboarding = self.onboarding
+            for pem in await self.worker.run(store.claim_cas):  # devices with their certificates may claim
+                trust_claim_ca(self._claim_tls, pem, ca_subject(pem), new=False)
             sessions = await self.worker.run(store.sessions)
             broker.seed_sessions(sessions)
             broker.restore_sessions(await self.worker.run(store.mqtt_sessions))  # before the republish: queued
@@ -228,7 +232,10 @@ class HengeService(ServiceAPI):
         listeners = []
         for name, spec in s.listeners.items():
             host, port = spec.host_port()
-            listeners.append(Listener(name, host, port, spec.ssl_context(s.tls_client_auth)))
+            context = spec.ssl_context(s.tls_client_auth)
+            if context is not None and s.tls_client_auth != "off":
+                self._claim_tls.append(context)
+            listeners.append(Listener(name, host, port, context))
         limits = Limits(
             max_keepalive=s.max_keepalive, connect_timeout=s.connect_timeout, max_packet=s.max_packet_bytes,
             max_device_publish=s.max_publish_bytes, max_inflight=s.max_inflight,
@@ -292,9 +299,9 @@ class HengeService(ServiceAPI):
     # ---- BrokerHooks ---------------------------------------------------------------------------
 
     def _authenticate(self, username: str | None, password: str | None, client_id: str,
-                     cert_cn: str | None = None) -> Principal | Refusal:
+                      cert: PeerCert | None = None) -> Principal | Refusal:
         assert self._auth is not None
-        return self._auth.authenticate(username, password, client_id, cert_cn)
+        return self._auth.authenticate(username, password, client_id, cert)
 
     def _may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
         assert self._auth is not None
@@ -418,8 +425,8 @@ class _BrokerHooks:
         self._svc = svc
 
     def authenticate(self, username: str | None, password: str | None, client_id: str,
-                     cert_cn: str | None = None) -> Principal | Refusal:
-        return self._svc._authenticate(username, password, client_id, cert_cn)
+                     cert: PeerCert | None = None) -> Principal | Refusal:
+        return self._svc._authenticate(username, password, client_id, cert)
 
     def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
         return self._svc._may_subscribe(principal, topic_filter)

@@ -183,7 +183,7 @@ async def _token_revoke(svc: ServiceAPI, a: models.TokenRefArgs, progress: Progr
 
 @handles("claim.create")
 async def _claim_create(svc: ServiceAPI, a: models.ClaimCreateArgs, progress: Progress) -> Any:
-    return await svc.create_claim(a.name, dict(a.labels), a.uses, a.expires_in, broker=a.broker)
+    return await svc.create_claim(a.name, dict(a.labels), a.uses, a.expires_in, broker=a.broker, ca=a.ca)
 
 
 @handles("claim.list")

@@ -36,6 +36,7 @@ class ClaimRecord:
     used: int
     expires_at: float
     revoked: bool
+    ca_issuer: tuple[tuple[tuple[str, str], ...], ...] | None = None  # a claim CA's name: its certificates claim
 
     def refusal(self, now: float) -> ClaimRefused | None:
         if self.revoked:
@@ -58,12 +59,22 @@ class Claims(StoreCore):
 
     def _load_claims(self) -> dict[str, ClaimRecord]:
         return {row[0]: ClaimRecord(row[0], row[1], bytes.fromhex(row[2]), json.loads(row[3]), row[4], row[5], row[6],
-                                    row[7] is not None)
-                for row in self._db.execute("SELECT id, name, secret_hash, labels, uses, used, expires_at, revoked_at "
-                                            "FROM claims")}
+                                    row[7] is not None, _name(row[8]))
+                for row in self._db.execute("SELECT id, name, secret_hash, labels, uses, used, expires_at, revoked_at, "
+                                            "ca_subject FROM claims")}
+
+    def claim_cas(self) -> list[str]:
+        """The PEM of every claim CA of a claim not revoked (the TLS listeners trust them)."""
+        return [pem for (pem,) in self._db.execute("SELECT ca_pem FROM claims WHERE ca_pem IS NOT NULL AND "
+                                                   "revoked_at IS NULL")]
+
+    def claim_ca_issued(self, issuer: tuple[tuple[tuple[str, str], ...], ...]) -> bool:
+        """Whether a certificate with this issuer was signed by a claim CA (memory only: on the loop)."""
+        return bool(issuer) and any(c.ca_issuer == issuer for c in self._claims.values())
 
     def create_claim(self, name: str, labels: dict[str, str], uses: int, expires_at: float, *,
-                     actor: str) -> tuple[str, str]:
+                     actor: str, ca_pem: str | None = None,
+                     ca_subject: tuple[tuple[tuple[str, str], ...], ...] | None = None) -> tuple[str, str]:
         """``(id, secret)``: the secret is shown once; only its hash is kept."""
         if uses < 1:
             raise ValidationFailed("a claim needs at least one use")
@@ -76,19 +87,22 @@ class Claims(StoreCore):
             if self._db.execute("SELECT 1 FROM claims WHERE name = ?", (name,)).fetchone():
                 raise ValidationFailed(f"a claim named {name!r} exists; pick another name")
             self._db.execute(
-                "INSERT INTO claims (id, name, secret_hash, labels, uses, expires_at, created_at, created_by) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (claim_id, name, digest, json.dumps(labels, sort_keys=True), uses, expires_at, ts(utc_now()), actor))
+                "INSERT INTO claims (id, name, secret_hash, labels, uses, expires_at, created_at, created_by, ca_pem, "
+                "ca_subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (claim_id, name, digest, json.dumps(labels, sort_keys=True), uses, expires_at, ts(utc_now()), actor,
+                 ca_pem, json.dumps(ca_subject) if ca_subject else None))
             self._audit(actor, "claim.create", None, {"claim": name, "id": claim_id, "labels": labels, "uses": uses,
-                                                      "expires_at": expires_at})
-        self._claims[claim_id] = ClaimRecord(claim_id, name, bytes.fromhex(digest), labels, uses, 0, expires_at, False)
+                                                      "expires_at": expires_at, "ca": _text(ca_subject)})
+        self._claims[claim_id] = ClaimRecord(claim_id, name, bytes.fromhex(digest), labels, uses, 0, expires_at, False,
+                                             ca_subject)
         return claim_id, secret
 
     def list_claims(self) -> list[dict[str, Any]]:
         return [{"id": r[0], "name": r[1], "labels": json.loads(r[2]), "uses": r[3], "used": r[4],
-                 "expires_at": r[5], "created_at": r[6], "created_by": r[7], "revoked_at": r[8]}
+                 "expires_at": r[5], "created_at": r[6], "created_by": r[7], "revoked_at": r[8],
+                 "ca": _text(_name(r[9]))}
                 for r in self._db.execute("SELECT id, name, labels, uses, used, expires_at, created_at, created_by, "
-                                          "revoked_at FROM claims ORDER BY created_at, id")]
+                                          "revoked_at, ca_subject FROM claims ORDER BY created_at, id")]
 
     def claim_devices(self, claim: str) -> list[tuple[str, str]]:
         """``(device, at)`` of each device the claim created, oldest first."""
@@ -184,5 +198,22 @@ class Claims(StoreCore):
         self._claim_nonces[nonce] = device
         return secret, labels  # the loop counts the use in memory (ClaimRecord.used), where it counts those in flight
 
+
+def _name(text: str | None) -> tuple[tuple[tuple[str, str], ...], ...] | None:
+    """A distinguished name as ssl decodes it, from its JSON."""
+    if not text:
+        return None
+    return tuple(tuple((str(k), str(v)) for k, v in rdn) for rdn in json.loads(text))
+
+
+def _text(name: tuple[tuple[tuple[str, str], ...], ...] | None) -> str | None:
+    """A distinguished name as people read it: ``CN=claim CA, O=factory``."""
+    if not name:
+        return None
+    return ", ".join(f"{ABBREVIATIONS.get(k, k)}={v}" for rdn in name for k, v in rdn)
+
+
+ABBREVIATIONS = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+                 "localityName": "L", "stateOrProvinceName": "ST"}
 
 __all__ = ["ClaimRecord", "Claims", "DuplicateDevice"]

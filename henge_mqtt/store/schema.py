@@ -208,7 +208,9 @@ MIGRATIONS: list[str] = [
         expires_at REAL NOT NULL,        -- time.time()
         created_at TEXT NOT NULL,
         created_by TEXT NOT NULL,
-        revoked_at TEXT
+        revoked_at TEXT,
+        ca_pem TEXT,                     -- a claim CA: devices with a certificate it signed may claim
+        ca_subject TEXT                  -- its subject, as ssl decodes names (JSON), to know its certificates
     );
     CREATE TABLE claim_uses (            -- every nonce that claimed: a replay is refused
         nonce TEXT PRIMARY KEY,
