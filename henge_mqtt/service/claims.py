@@ -120,14 +120,15 @@ class Onboarding:
         if not NONCE.fullmatch(nonce):
             self._refused("bad_nonce", claim_id, nonce)
             return Refusal("not_authorized", "the client id must be a random nonce: 16-64 of A-Z a-z 0-9 _ -")
-        refused = record.refusal(time.time())
-        if refused is not None:
-            self._refused(refused.reason, claim_id, nonce)
-            return Refusal("not_authorized", str(refused))
         claimed = store.nonce_used(nonce)
         if claimed is not None and not self._never_connected(claimed):
             self._refused("replay", claim_id, nonce)
             return Refusal("not_authorized", "this nonce claimed before: use a new one")
+        refused = record.refusal(time.time())
+        if refused is not None and (claimed is None or refused.reason == "revoked"):
+            # (A nonce asking again for its lost answer had its use: only a revocation stops it.)
+            self._refused(refused.reason, claim_id, nonce)
+            return Refusal("not_authorized", str(refused))
         self._claim_of[nonce] = claim_id
         if by_cert and cert is not None and cert.cn:
             self._cert_cn[nonce] = cert.cn
@@ -160,6 +161,8 @@ class Onboarding:
             if claimed is not None:  # asked again: the answer was lost, if its device never connected
                 if claimed != device or not self._never_connected(device):
                     raise ClaimRefused("replay", "this nonce claimed before: use a new one")
+                if refused is not None and refused.reason == "revoked":
+                    raise refused
                 self._answering.add(nonce)
                 self._spawn(self._reclaim(claim_id, nonce, device))
                 return 0
@@ -188,7 +191,7 @@ class Onboarding:
             raise ValueError(f"a claim request is at most {MAX_REQUEST_BYTES} bytes")
         try:
             body = strict_json(payload.decode("utf-8"))
-        except (UnicodeDecodeError, StrictJSONError) as exc:
+        except (UnicodeDecodeError, StrictJSONError, ValueError) as exc:
             raise ValueError(f"not strict JSON: {exc}") from None
         if not isinstance(body, dict) or not set(body) <= {"device", "serial"} or not body:
             raise ValueError('give {"device": ID} or {"serial": SERIAL} (or both), nothing else')
