@@ -67,7 +67,6 @@ class Reports:
         self.is_online = is_online
         self._waiters: dict[str, set[_Waiter]] = {}
         self._watchers: list[Callable[[str, Report], None]] = []
-        self._reported_watchers: list[Callable[[str, tuple[str, ...]], None]] = []
         self._pending: list[tuple[str, Report, int | None]] = []
         self._pending_reported: list[ReportedMessage] = []
         self._last: dict[str, bytes] = {}  # device -> digest of the last message stored (16 bytes)
@@ -83,11 +82,6 @@ class Reports:
         """``callback(device, report)`` for every recorded report; returns a remover."""
         self._watchers.append(callback)
         return lambda: self._watchers.remove(callback)
-
-    def watch_reported(self, callback: Callable[[str, tuple[str, ...]], None]) -> Callable[[], None]:
-        """``callback(device, changed members)`` for every reported document that changed."""
-        self._reported_watchers.append(callback)
-        return lambda: self._reported_watchers.remove(callback)
 
     def take_reported(self, device: str, payload: bytes, epoch: Callable[[], int | None]) -> int:
         """A device's reported-state message, on the loop: 0 (taken), or the 5.0 reason code to
@@ -206,8 +200,6 @@ class Reports:
             elif result.outcome == "ok" and result.changed:
                 self.events.count("reported_changed")
                 self.events.emit("reported", message.device, seq=result.seq, changed=list(result.changed))
-                for callback in list(self._reported_watchers):
-                    callback(message.device, result.changed)
             elif result.outcome == "ok":
                 self.events.count("reported_unchanged")
         if changed and self.on_reported_changed is not None:

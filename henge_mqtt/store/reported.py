@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..layering import merge_patch
-from ..models import utc_now
+from ..models import canonical_json, utc_now
 from .core import StoreCore, ts
 
 
@@ -40,10 +40,6 @@ class ReportedOutcome:
     size: int = 0
 
 
-def canonical(document: dict[str, Any]) -> str:
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, ...]:
     return tuple(sorted(k for k in old.keys() | new.keys() if old.get(k, _GONE) != new.get(k, _GONE)))
 
@@ -52,14 +48,9 @@ _GONE = object()
 
 
 class Reported(StoreCore):
-    def record_reported(self, messages: list[ReportedMessage], max_bytes: int,
-                        keep: int) -> list[ReportedOutcome]:
-        """Many devices' messages in one transaction, in arrival order (``keep``: documents of
-        history per device, the current one included)."""
-        with self._tx():
-            return self._record_reported(messages, max_bytes, keep)
-
     def _record_reported(self, messages: list[ReportedMessage], max_bytes: int, keep: int) -> list[ReportedOutcome]:
+        """Many devices' messages, inside the caller's transaction (``Store.record_device_words``),
+        in arrival order (``keep``: documents of history per device, the current one included)."""
         now = ts(utc_now())
         return [self._record_one(message, max_bytes, keep, now) for message in messages]
 
@@ -69,8 +60,8 @@ class Reported(StoreCore):
         row = self._db.execute("SELECT document, seq FROM reported WHERE device = ?", (m.device,)).fetchone()
         old: dict[str, Any] = json.loads(row[0]) if row else {}
         new = merge_patch(old, m.body) if m.patch else m.body
-        text = canonical(new)
-        size = len(text.encode("utf-8"))
+        encoded = canonical_json(new)
+        text, size = encoded.decode(), len(encoded)
         if size > max_bytes:
             return ReportedOutcome("too_large", size=size)
         if row is not None and text == row[0]:
