@@ -119,7 +119,13 @@ async def test_refusals_replays_and_nothing_half_created(running: Running) -> No
     await first.send(codec.Publish("henge/devices/d1/report", b'{"version": 1, "status": "applied"}', 1,
                                    packet_id=4))
     assert (await first.read_until(codec.Puback)).reason == codec.NOT_AUTHORIZED_5
-    # Revoked: refused at once; expired likewise.
+    # Expired: refused at CONNECT (the time passing is what this checks).
+    brief = await svc.create_claim("brief", {}, 5, 0.3)
+    await asyncio.sleep(0.4)
+    _, connack = await Client5.connect(running.port, nonce(), f"claim:{brief['id']}", brief["secret"])
+    assert connack.code == codec.NOT_AUTHORIZED_5 and "expired" in (connack.props or {})[codec.REASON_STRING]
+    assert {c["name"]: c["state"] for c in await svc.list_claims()}["brief"] == "expired"
+    # Revoked: refused at once.
     await svc.revoke_claim("batch")
     _, connack = await Client5.connect(running.port, nonce(), f"claim:{claim['id']}", claim["secret"])
     assert connack.code == codec.NOT_AUTHORIZED_5 and "revoked" in (connack.props or {})[codec.REASON_STRING]
