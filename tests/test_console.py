@@ -286,3 +286,60 @@ async def client_subscribes(client: Any, topic: str) -> None:
     await client.send(codec.Subscribe(11, ((topic, 1),)))
     await client.read_until(codec.Suback)
     await client.read_until(codec.Publish)  # the retained snapshot
+
+
+async def test_a_view_can_be_shared_reloaded_and_paged_from_the_keyboard(running: Running, browser: Browser) -> None:
+    """Filters, sort and page live in the URL (a view to share and reload); summary cards link to
+    their filter; 600 devices page 500 at a time with n and p; / focuses the search."""
+    svc = running.service
+    await svc.worker.run(svc.store.add_devices, [(f"dev{i:03}", {"site": "berlin" if i % 2 else "paris"})
+                                                  for i in range(600)])
+    await svc.push("dev001", {"v": 1})
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        viewer = (await svc.create_token("look", "viewer"))["token"]
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, viewer)
+            rows = page.locator("#devices tbody tr")
+            await expect(rows).to_have_count(500)
+            await expect(page.locator("#shown")).to_contain_text("page 1 of 2")
+            await page.locator("body").press("n")
+            await expect(rows).to_have_count(100)
+            await expect(rows.first).to_have_attribute("data-device", "dev500")
+            assert "page=2" in page.url
+            await page.locator("body").press("p")
+            await expect(rows).to_have_count(500)
+            await page.locator("body").press("/")
+            await expect(page.locator("#f-q")).to_be_focused()
+            # A filtered, sorted view is in the URL; opening that URL elsewhere shows the same view.
+            await page.get_by_label("Label").fill("site=berlin")
+            await page.locator('th button[data-sort="device"]').click()  # descending
+            await expect(rows.first).to_have_attribute("data-device", "dev599")
+            shared = page.url
+            assert "label=site%3Dberlin" in shared and "sort=-device" in shared
+            other = await browser.new_page(viewport={"width": 1280, "height": 800})
+            try:
+                await other.goto(server.url)
+                await other.evaluate("(t) => sessionStorage.setItem('henge-token', t)", viewer)
+                await other.goto(shared)
+                await other.reload()  # a fresh load of the shared URL, signed in (the token is per tab)
+                await expect(other.locator("#devices tbody tr")).to_have_count(300)
+                await expect(other.locator("#devices tbody tr").first).to_have_attribute("data-device", "dev599")
+                await expect(other.get_by_label("Label")).to_have_value("site=berlin")
+            finally:
+                await other.close()
+            # A summary card is a link to its filter, and the device page's back link returns to the view.
+            await page.locator("#sum-offline a").click()  # the card's filter, alone
+            await expect(page.get_by_label("State")).to_have_value("offline")
+            await expect(page.get_by_label("Label")).to_have_value("")
+            assert page.url.endswith("#/?state=offline")
+            await page.get_by_label("Search").fill("dev59")
+            await page.locator('tr[data-device="dev599"]').get_by_role("link", name="dev599").click()
+            await expect(page.locator("#d-title")).to_have_text("dev599")
+            await page.get_by_role("link", name="All devices").click()
+            await expect(page.get_by_label("State")).to_have_value("offline")
+            await expect(page.get_by_label("Search")).to_have_value("dev59")
+            await expect(rows).to_have_count(10)
+            assert errors == []
+        finally:
+            await page.close()

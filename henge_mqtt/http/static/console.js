@@ -8,7 +8,8 @@ const MAX_ROWS = 500; // rows in the DOM; the filters narrow the rest
 const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem("henge-token") || "", role: "", rows: new Map(), lastId: "",
   sort: { key: "device", dir: 1 }, dirty: false, reloadTimer: 0, stream: null, device: "",
-  where: "", whereMatches: null }; // the --where filter (docs/where.md), answered by the service: a Set of ids
+  where: "", whereMatches: null, // the --where filter (docs/where.md), answered by the service: a Set of ids
+  page: 1, fleetHash: "#/" }; // the table's page (MAX_ROWS each); the fleet view's URL, for "All devices"
 
 class ApiError extends Error {
   constructor(problem) { super(problem.detail || problem.title); this.problem = problem; }
@@ -142,6 +143,47 @@ function filtered() {
   return out;
 }
 
+const CARD_FILTER = { online: "state=online", offline: "state=offline", quarantined: "state=quarantined",
+  in_sync: "sync=in_sync", pending: "sync=pending", rejected: "sync=rejected", invalid: "sync=invalid",
+  drift: "sync=drift", conflicts: "conflict=1" };
+const VIEW_FIELDS = { q: "f-q", state: "f-state", sync: "f-sync", label: "f-label", where: "f-where" };
+
+function viewHash() { // the fleet view as a URL: filters, sort and page
+  const p = new URLSearchParams();
+  for (const [key, id] of Object.entries(VIEW_FIELDS)) if ($(id).value.trim()) p.set(key, $(id).value.trim());
+  if ($("f-conflict").checked) p.set("conflict", "1");
+  if (state.sort.key !== "device" || state.sort.dir !== 1) p.set("sort", (state.sort.dir < 0 ? "-" : "") + state.sort.key);
+  if (state.page > 1) p.set("page", String(state.page));
+  const query = p.toString();
+  return "#/" + (query ? `?${query}` : "");
+}
+
+function saveView() { // in the address bar without a new history entry per keystroke
+  state.fleetHash = viewHash();
+  if (!state.device && location.hash !== state.fleetHash && !(location.hash === "" && state.fleetHash === "#/")) {
+    history.replaceState(null, "", state.fleetHash);
+  }
+}
+
+function loadView(hash) { // a fleet URL's filters into the form
+  const p = new URLSearchParams(hash.replace(/^#\/?\??/, ""));
+  for (const [key, id] of Object.entries(VIEW_FIELDS)) $(id).value = p.get(key) || "";
+  $("f-conflict").checked = p.get("conflict") === "1";
+  const sort = p.get("sort") || "device";
+  state.sort = { key: sort.replace(/^-/, ""), dir: sort.startsWith("-") ? -1 : 1 };
+  state.page = Math.max(1, parseInt(p.get("page") || "1", 10) || 1);
+  if ($("f-where").value.trim() !== state.where) loadWhere().catch(() => {});
+}
+
+function turnPage(by) {
+  const pages = Math.max(1, Math.ceil(filtered().length / MAX_ROWS));
+  const next = Math.min(pages, Math.max(1, state.page + by));
+  if (next === state.page) return;
+  state.page = next;
+  saveView();
+  markDirty();
+}
+
 function renderSummary() {
   const c = { devices: 0, online: 0, offline: 0, quarantined: 0, in_sync: 0, pending: 0, rejected: 0, invalid: 0,
     drift: 0, conflicts: 0 };
@@ -153,7 +195,9 @@ function renderSummary() {
   if (c.quarantined) items.splice(3, 0, ["quarantined", "Quarantined"]);
   if (c.invalid) items.splice(items.length - 1, 0, ["invalid", "Invalid"]);
   if (c.drift) items.splice(items.length - 1, 0, ["drift", "Drift"]);
-  $("summary").replaceChildren(...items.map(([k, label]) => el("li", { id: `sum-${k}` }, el("b", { text: String(c[k]) }), label)));
+  // Each card is a link to its filter: a view to open, reload and share.
+  $("summary").replaceChildren(...items.map(([k, label]) => el("li", { id: `sum-${k}` },
+    el("a", { href: "#/" + (CARD_FILTER[k] ? `?${CARD_FILTER[k]}` : "") }, el("b", { text: String(c[k]) }), label))));
 }
 
 function render() {
@@ -161,9 +205,12 @@ function render() {
   renderSummary();
   if ($("fleet").hidden) return;
   const rows = filtered();
+  const pages = Math.max(1, Math.ceil(rows.length / MAX_ROWS));
+  if (state.page > pages) state.page = pages;
+  const first = (state.page - 1) * MAX_ROWS;
   const body = $("devices").tBodies[0];
   const frag = document.createDocumentFragment();
-  for (const row of rows.slice(0, MAX_ROWS)) {
+  for (const row of rows.slice(first, first + MAX_ROWS)) {
     const labels = Object.entries(row.labels).map(([k, v]) => `${k}=${v}`).join(", ");
     const version = row.desired_version ? `v${row.desired_version}` + (row.applied_version ? ` (applied v${row.applied_version})` : "") : "-";
     const tr = el("tr", { "data-device": row.device, "data-state": row.state, "data-sync": row.sync },
@@ -179,8 +226,12 @@ function render() {
   }
   body.replaceChildren(frag);
   $("shown").textContent = rows.length > MAX_ROWS
-    ? `Showing ${MAX_ROWS} of ${rows.length} matching devices (${state.rows.size} in all): narrow the filters to see the rest.`
+    ? `Devices ${first + 1}-${Math.min(first + MAX_ROWS, rows.length)} of ${rows.length} matching (${state.rows.size} in all), ` +
+      `page ${state.page} of ${pages}: n / p for the next and previous page.`
     : `${rows.length} of ${state.rows.size} devices.`;
+  $("page-prev").disabled = state.page <= 1;
+  $("page-next").disabled = state.page >= pages;
+  $("pager").hidden = pages <= 1;
   for (const b of document.querySelectorAll("th button[data-sort]")) {
     if (b.dataset.sort === state.sort.key) b.setAttribute("aria-sort", state.sort.dir > 0 ? "ascending" : "descending");
     else b.removeAttribute("aria-sort");
@@ -505,20 +556,37 @@ function route() {
     loadDevice(state.device).catch((e) => { $("d-title").textContent = e.message; });
   } else {
     state.device = "";
+    loadView(location.hash);
+    state.fleetHash = viewHash();
     show("fleet");
     markDirty();
   }
+  $("back").href = state.fleetHash; // "All devices" goes back to the view the operator came from
   $("main").focus();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   $("login-form").addEventListener("submit", (e) => { e.preventDefault(); signIn($("token").value.trim()); });
   $("signout").addEventListener("click", () => signOut(""));
-  $("filters").addEventListener("input", (e) => { if (e.target.id === "f-where") scheduleWhere(); else markDirty(); });
+  $("filters").addEventListener("input", (e) => {
+    state.page = 1;
+    saveView();
+    if (e.target.id === "f-where") scheduleWhere(); else markDirty();
+  });
+  $("page-prev").addEventListener("click", () => turnPage(-1));
+  $("page-next").addEventListener("click", () => turnPage(1));
+  document.addEventListener("keydown", (e) => { // / search, n / p pages: not while typing, not with a modifier
+    const typing = e.target instanceof HTMLElement && (e.target.matches("input, textarea, select") || e.target.isContentEditable);
+    if (typing || e.ctrlKey || e.metaKey || e.altKey || $("fleet").hidden) return;
+    if (e.key === "/") { e.preventDefault(); $("f-q").focus(); }
+    else if (e.key === "n") turnPage(1);
+    else if (e.key === "p") turnPage(-1);
+  });
   $("filters").addEventListener("submit", (e) => e.preventDefault());
   for (const b of document.querySelectorAll("th button[data-sort]")) {
     b.addEventListener("click", () => {
       state.sort = { key: b.dataset.sort, dir: state.sort.key === b.dataset.sort ? -state.sort.dir : 1 };
+      saveView();
       markDirty();
     });
   }
