@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from henge_mqtt import codec
 from henge_mqtt.http import HttpServer
 from henge_mqtt.models import config_sha256
 
-from .conftest import ROOT, Running, reporting_device, wait_status
+from .conftest import ROOT, Running, reporting_device, wait_status, wait_until
 
 CHROMIUM = os.environ.get("HENGE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -343,3 +344,69 @@ async def test_a_view_can_be_shared_reloaded_and_paged_from_the_keyboard(running
             assert errors == []
         finally:
             await page.close()
+
+
+async def test_device_actions_from_the_page_with_the_api_s_role_rules(running: Running, browser: Browser) -> None:
+    """Kick, clear conflict, rotate secret (shown once), labels, remove (typed confirmation); a
+    viewer sees every button disabled with the reason, an operator only the admin's."""
+    svc = running.service
+    secret = await svc.add_device("cam1", {"site": "berlin"})
+    await svc.push("cam1", {"v": 1})
+    tasks = [await reporting_device(running, "cam1", secret)]
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        tokens = {role: (await svc.create_token(f"t-{role}", role))["token"]
+                  for role in ("viewer", "operator", "admin")}
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, tokens["viewer"])
+            await page.goto(server.url + "#/device/cam1")
+            await expect(page.locator("#d-title")).to_have_text("cam1")
+            for name in ("Kick (close its connection)", "Rotate secret", "Save labels", "Remove device"):
+                button = page.get_by_role("button", name=name)
+                await expect(button).to_be_disabled()
+                await expect(button).to_have_attribute("title", re.compile("Your role \\(viewer\\) cannot"))
+            await page.get_by_role("button", name="Sign out").click()
+
+            await sign_in(page, server.url, tokens["operator"])
+            await page.goto(server.url + "#/device/cam1")
+            await expect(page.get_by_role("button", name="Rotate secret")).to_be_disabled()
+            await expect(page.get_by_role("button", name="Clear conflict")).to_have_attribute(
+                "title", "It has no identity conflict.")
+            await wait_status(running, "cam1", lambda r: r["online"])
+            await page.goto(server.url + "#/")
+            await page.goto(server.url + "#/device/cam1")
+            await page.get_by_role("button", name="Kick (close its connection)").click()
+            await expect(page.locator("#act-note")).to_contain_text("Its connection was closed")
+            await wait_status(running, "cam1", lambda r: r["reason"] == "kicked" or r["epoch"] > 1)
+            await page.get_by_role("button", name="Sign out").click()
+
+            await sign_in(page, server.url, tokens["admin"])
+            await page.goto(server.url + "#/device/cam1")
+            labels = page.get_by_label("Labels (k=v, comma-separated)")
+            await expect(labels).to_have_value("site=berlin")
+            await labels.fill("site=paris, tier=gold")
+            await page.get_by_role("button", name="Save labels").click()
+            await expect(page.locator("#act-note")).to_contain_text("Labels saved: site=paris, tier=gold.")
+            assert (await svc.get_device("cam1")).labels == {"site": "paris", "tier": "gold"}
+            await page.get_by_role("button", name="Rotate secret").click()
+            shown = page.locator("#secret-value")
+            await expect(shown).not_to_have_text("")
+            new_secret = await shown.text_content()
+            assert new_secret and svc.store.verify_device("cam1", new_secret) and not svc.store.verify_device(
+                "cam1", secret)
+            remove = page.get_by_role("button", name="Remove device")
+            await expect(remove).to_be_disabled()
+            await page.get_by_label("Type the device id to remove it").fill("cam")
+            await expect(remove).to_be_disabled()
+            await page.get_by_label("Type the device id to remove it").fill("cam1")
+            await remove.click()
+            await expect(page.locator("#fleet")).to_be_visible()
+            await wait_until(lambda: not svc.store.has_device("cam1"), what="cam1 removed")
+            assert [e["action"] for e in await svc.audit(limit=20) if e["device"] == "cam1"][-4:] == [
+                "kick", "device.label", "device.rotate_secret", "device.remove"]
+            assert errors == []
+        finally:
+            await page.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -380,6 +380,71 @@ async function loadWhere() { // the ids the service says the filter matches (it 
   markDirty();
 }
 
+const RANK = { viewer: 0, operator: 1, admin: 2 };
+
+function allow(button, needs, why) { // a button the role cannot use says why, and the API refuses it anyway
+  const ok = RANK[state.role] >= RANK[needs];
+  button.disabled = !ok || Boolean(why);
+  button.title = !ok ? `Your role (${state.role}) cannot: this needs ${needs}.` : why || "";
+}
+
+function actionNote(text, bad = false) {
+  $("act-note").className = bad ? "error" : "help";
+  $("act-note").textContent = text;
+}
+
+async function act(run) {
+  try { await run(); } catch (e) { actionNote(e.message, true); }
+}
+
+function wireActions(id, s, labels) {
+  allow($("act-kick"), "operator", s.online ? "" : "It is not connected.");
+  allow($("act-clear"), "operator", s.conflict || s.quarantined_until ? "" : "It has no identity conflict.");
+  allow($("act-rotate"), "admin", "");
+  allow($("labels-save"), "admin", "");
+  allow($("remove-button"), "admin", $("remove-confirm").value === id ? "" : "Type the device id first.");
+  $("labels-edit").readOnly = RANK[state.role] < RANK.admin;
+  if (!$("labels-edit").dataset.touched) {
+    $("labels-edit").value = Object.entries(labels).map(([k, v]) => `${k}=${v}`).join(", ");
+  }
+  const path = `/devices/${encodeURIComponent(id)}`;
+  $("act-kick").onclick = () => act(async () => {
+    const r = await api(`${path}/kick`, { method: "POST" });
+    actionNote(r.kicked ? "Its connection was closed; it may connect again." : r.detail || "It was not connected.");
+  });
+  $("act-clear").onclick = () => act(async () => {
+    const r = await api(`${path}/clear-conflict`, { method: "POST" });
+    actionNote(r.cleared ? "The conflict and any quarantine are cleared." : "There was no conflict to clear.");
+  });
+  $("act-rotate").onclick = () => act(async () => {
+    const r = await api(`${path}/secret`, { method: "POST" });
+    $("secret-value").textContent = r.secret;
+    $("secret-box").hidden = false;
+    actionNote("A new secret is set; its connection was closed. Give the device the secret above.");
+  });
+  $("labels-form").onsubmit = (e) => { e.preventDefault(); act(async () => {
+    const wanted = {};
+    for (const part of $("labels-edit").value.split(",").map((p) => p.trim()).filter(Boolean)) {
+      const at = part.indexOf("=");
+      if (at < 1) throw new Error(`${part}: a label is k=v`);
+      wanted[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+    }
+    const remove = Object.keys(labels).filter((k) => !(k in wanted));
+    const r = await api(`${path}/labels`, { method: "PATCH", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ set: wanted, remove }) });
+    $("labels-edit").dataset.touched = "";
+    actionNote(`Labels saved: ${Object.entries(r.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "none"}.`);
+  }); };
+  $("remove-confirm").oninput = () => allow($("remove-button"), "admin",
+    $("remove-confirm").value === id ? "" : "Type the device id first.");
+  $("remove-form").onsubmit = (e) => { e.preventDefault(); act(async () => {
+    if ($("remove-confirm").value !== id) throw new Error("Type the device id to remove it.");
+    await api(path, { method: "DELETE" });
+    state.rows.delete(id);
+    location.hash = state.fleetHash;
+  }); };
+}
+
 async function reconcile(id) {
   const note = $("reconcile-note");
   try {
@@ -422,6 +487,7 @@ async function loadDevice(id) {
     el("li", {}, when(e.at), ` ${e.type === "connected" ? "online" : "offline"}  epoch ${e.data.epoch}  ${e.data.reason}  ${e.data.remote || ""}`))
     : [el("li", { text: "No connects or disconnects seen in this run of the service yet." })]));
   const canWrite = state.role === "operator" || state.role === "admin";
+  wireActions(id, s, info.labels);
   $("d-reported-when").replaceChildren(...(reported.document === null ? ["This device has not reported its state yet."]
     : ["Reported ", when(reported.at), `, changed `, when(reported.changed_at), ` (#${reported.seq}).`]));
   $("d-reported").textContent = reported.document === null ? "" : JSON.stringify(reported.document, null, 2);
@@ -551,6 +617,8 @@ function route() {
   if (m) {
     state.device = decodeURIComponent(m[1]);
     $("push-config").dataset.touched = ""; $("diff-b").dataset.touched = ""; $("push-note").textContent = "";
+    $("labels-edit").dataset.touched = ""; $("remove-confirm").value = ""; $("secret-box").hidden = true;
+    $("act-note").textContent = "";
     $("diff").replaceChildren();
     show("device");
     loadDevice(state.device).catch((e) => { $("d-title").textContent = e.message; });
@@ -592,6 +660,13 @@ document.addEventListener("DOMContentLoaded", () => {
   }
   $("push-form").addEventListener("submit", push);
   $("push-config").addEventListener("input", () => { $("push-config").dataset.touched = "1"; });
+  $("labels-edit").addEventListener("input", () => { $("labels-edit").dataset.touched = "1"; });
+  $("secret-copy").addEventListener("click", () => {
+    const text = $("secret-value").textContent;
+    if (navigator.clipboard) navigator.clipboard.writeText(text).then(() => actionNote("Copied."), () => select());
+    else select();
+    function select() { getSelection().selectAllChildren($("secret-value")); actionNote("Selected: copy it with Ctrl+C."); }
+  });
   $("diff-b").addEventListener("change", () => { $("diff-b").dataset.touched = "1"; });
   $("diff-form").addEventListener("submit", (e) => showDiff(e).catch((err) => { $("diff").textContent = err.message; }));
   window.addEventListener("hashchange", route);
