@@ -75,9 +75,9 @@ async def test_console_live_presence_push_roles_and_rejections(running: Running,
             await expect(page.locator("#sum-online b")).to_have_text("1", timeout=2000)
 
             # Filters: a label and a state.
-            await page.get_by_label("Label").fill("site=paris")
+            await page.get_by_label("Label", exact=True).fill("site=paris")
             await expect(page.locator("tbody tr")).to_have_count(1)
-            await page.get_by_label("Label").fill("")
+            await page.get_by_label("Label", exact=True).fill("")
             await page.get_by_label("State").select_option("online")
             await expect(page.locator("tbody tr")).to_have_count(1)
             await page.get_by_label("State").select_option("")
@@ -313,7 +313,7 @@ async def test_a_view_can_be_shared_reloaded_and_paged_from_the_keyboard(running
             await page.locator("body").press("/")
             await expect(page.locator("#f-q")).to_be_focused()
             # A filtered, sorted view is in the URL; opening that URL elsewhere shows the same view.
-            await page.get_by_label("Label").fill("site=berlin")
+            await page.get_by_label("Label", exact=True).fill("site=berlin")
             await page.locator('th button[data-sort="device"]').click()  # descending
             await expect(rows.first).to_have_attribute("data-device", "dev599")
             shared = page.url
@@ -326,13 +326,13 @@ async def test_a_view_can_be_shared_reloaded_and_paged_from_the_keyboard(running
                 await other.reload()  # a fresh load of the shared URL, signed in (the token is per tab)
                 await expect(other.locator("#devices tbody tr")).to_have_count(300)
                 await expect(other.locator("#devices tbody tr").first).to_have_attribute("data-device", "dev599")
-                await expect(other.get_by_label("Label")).to_have_value("site=berlin")
+                await expect(other.get_by_label("Label", exact=True)).to_have_value("site=berlin")
             finally:
                 await other.close()
             # A summary card is a link to its filter, and the device page's back link returns to the view.
             await page.locator("#sum-offline a").click()  # the card's filter, alone
             await expect(page.get_by_label("State")).to_have_value("offline")
-            await expect(page.get_by_label("Label")).to_have_value("")
+            await expect(page.get_by_label("Label", exact=True)).to_have_value("")
             assert page.url.endswith("#/?state=offline")
             await page.get_by_label("Search").fill("dev59")
             await page.locator('tr[data-device="dev599"]').get_by_role("link", name="dev599").click()
