@@ -410,3 +410,34 @@ async def test_device_actions_from_the_page_with_the_api_s_role_rules(running: R
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_the_audit_trail_with_filters_in_the_url(running: Running, browser: Browser) -> None:
+    svc = running.service
+    await svc.add_device("cam1")
+    await svc.add_device("cam2")
+    await svc.push("cam1", {"v": 1})
+    await svc.push("cam1", {"v": 2})
+    await svc.push("cam2", {"v": 1})
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        viewer = (await svc.create_token("look", "viewer"))["token"]
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, viewer)
+            await page.get_by_role("link", name="Audit").click()
+            rows = page.locator("#a-table tbody tr")
+            await expect(rows).to_have_count(6)  # 2 adds, 3 pushes, the token
+            await expect(rows.first).to_have_attribute("data-action", "token.create")  # newest first
+            await page.get_by_label("Device", exact=True).fill("cam1")
+            await expect(rows).to_have_count(3)
+            await page.get_by_label("Action or actor").fill("push")
+            await expect(rows).to_have_count(2)
+            assert "device=cam1" in page.url and "q=push" in page.url
+            await page.reload()
+            await expect(page.get_by_label("Device", exact=True)).to_have_value("cam1")
+            await expect(rows).to_have_count(2)
+            await rows.first.get_by_role("link", name="cam1").click()
+            await expect(page.locator("#d-title")).to_have_text("cam1")
+            assert errors == []
+        finally:
+            await page.close()

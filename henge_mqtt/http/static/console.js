@@ -84,7 +84,7 @@ async function signIn(token) {
 }
 
 function show(section) {
-  for (const id of ["login", "fleet", "device"]) $(id).hidden = id !== section;
+  for (const id of ["login", "fleet", "device", "audit"]) $(id).hidden = id !== section;
 }
 
 // ---- fleet table --------------------------------------------------------------------------------------
@@ -445,6 +445,31 @@ function wireActions(id, s, labels) {
   }); };
 }
 
+// ---- the audit trail ------------------------------------------------------------------------------------
+
+let auditTimer = 0;
+function scheduleAudit() {
+  clearTimeout(auditTimer);
+  auditTimer = setTimeout(() => loadAudit().catch((e) => { $("a-shown").textContent = e.message; }), 300);
+}
+
+async function loadAudit() { // the service's trail (device and limit), narrowed here by action or actor
+  const device = $("a-device").value.trim(), text = $("a-text").value.trim().toLowerCase();
+  const p = new URLSearchParams();
+  if (device) p.set("device", device);
+  if (text) p.set("q", $("a-text").value.trim());
+  if ($("a-limit").value !== "100") p.set("limit", $("a-limit").value);
+  history.replaceState(null, "", "#/audit" + (p.toString() ? `?${p}` : ""));
+  const entries = await api(`/audit?limit=${$("a-limit").value}` + (device ? `&device=${encodeURIComponent(device)}` : ""));
+  const shown = entries.filter((e) => !text || e.action.toLowerCase().includes(text) || e.actor.toLowerCase().includes(text))
+    .reverse(); // newest first
+  $("a-table").tBodies[0].replaceChildren(...shown.map((e) => el("tr", { "data-action": e.action },
+    el("td", {}, when(e.at)), el("td", { text: e.actor }), el("td", { text: e.action }),
+    el("td", {}, e.device ? el("a", { href: `#/device/${encodeURIComponent(e.device)}`, text: e.device }) : "-"),
+    el("td", { class: "wrap", text: JSON.stringify(e.summary) }))));
+  $("a-shown").textContent = `${shown.length} of the newest ${entries.length} entries, newest first.`;
+}
+
 async function reconcile(id) {
   const note = $("reconcile-note");
   try {
@@ -614,7 +639,16 @@ async function showDiff(event) {
 function route() {
   if (!state.token) { show("login"); return; }
   const m = location.hash.match(/^#\/device\/(.+)$/);
-  if (m) {
+  const audit = location.hash.match(/^#\/audit(?:\?(.*))?$/);
+  if (audit) {
+    state.device = "";
+    const p = new URLSearchParams(audit[1] || "");
+    $("a-device").value = p.get("device") || "";
+    $("a-text").value = p.get("q") || "";
+    $("a-limit").value = ["1000", "10000"].includes(p.get("limit")) ? p.get("limit") : "100";
+    show("audit");
+    loadAudit().catch((e) => { $("a-shown").textContent = e.message; });
+  } else if (m) {
     state.device = decodeURIComponent(m[1]);
     $("push-config").dataset.touched = ""; $("diff-b").dataset.touched = ""; $("push-note").textContent = "";
     $("labels-edit").dataset.touched = ""; $("remove-confirm").value = ""; $("secret-box").hidden = true;
@@ -641,6 +675,8 @@ document.addEventListener("DOMContentLoaded", () => {
     saveView();
     if (e.target.id === "f-where") scheduleWhere(); else markDirty();
   });
+  $("audit-filters").addEventListener("input", scheduleAudit);
+  $("audit-filters").addEventListener("submit", (e) => e.preventDefault());
   $("page-prev").addEventListener("click", () => turnPage(-1));
   $("page-next").addEventListener("click", () => turnPage(1));
   document.addEventListener("keydown", (e) => { // / search, n / p pages: not while typing, not with a modifier
