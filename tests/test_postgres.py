@@ -402,11 +402,11 @@ def test_scaling_md_high_availability_block_runs_on_a_fresh_data_dir(pg_url: str
         serve = subprocess.Popen([*argv(commands[1]), "--no-http"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out)
     try:
         deadline = time.monotonic() + 30
-        while not _active(base / "data"):
+        said = f"devices connect to the broker at mqtt://127.0.0.1:{device_port} (from broker-config)"
+        # The banner comes just after the service is active (service.json first): wait for both.
+        while not (_active(base / "data") and said in log.read_text()):
             assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
-        banner = log.read_text()
-        assert f"devices connect to the broker at mqtt://127.0.0.1:{device_port} (from broker-config)" in banner
         added = henge_cli("device", "add", "ha1", "--data", str(base / "data"), timeout=30)
         assert added.returncode == 0, added.stderr
     finally:
