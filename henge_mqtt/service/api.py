@@ -56,6 +56,7 @@ from ..results import (
     fleet_summary,
 )
 from ..rollout_plan import Policy, check_waves, parse_max_rejected
+from ..sessions import SessionView
 from ..settings import Settings
 from ..store import DeviceReports, Store, StoreWorker
 from ..topics import Topics
@@ -82,6 +83,11 @@ def parse_where(text: str, *, standing: bool = False) -> Where:
         return where_lang.parse(text, allowed=where_lang.STANDING_ROOTS if standing else None)
     except where_lang.WhereError as exc:
         raise ValidationFailed(f"where: {exc}") from None
+
+
+def _state_of(view: SessionView) -> str:
+    """online, quarantined or offline: what status rows and the summary count."""
+    return "online" if view.online else "quarantined" if view.quarantined_until else "offline"
 
 
 def progress_of(answer: FleetAnswer) -> dict[str, Any]:
@@ -376,12 +382,9 @@ class ServiceAPI:
                 if contains and contains not in d:
                     continue
                 view = self.broker.session(d, now)
-                rep = DeviceReports(applied, applied_at, rejected, error)
-                row_sync = rep.sync(desired, bool(drift))
+                row_sync = self._sync_of(d, desired, applied, rejected, bool(drift))
                 schema_error = self.schemas.invalid.get(d)
-                if schema_error is not None:
-                    row_sync = "invalid"  # its config breaks a schema in force (set with --force)
-                row_state = "online" if view.online else "quarantined" if view.quarantined_until else "offline"
+                row_state = _state_of(view)
                 if (state and row_state != state) or (sync and row_sync != sync) or (
                         conflict is not None and view.conflict != conflict):
                     continue
@@ -414,6 +417,13 @@ class ServiceAPI:
                 return rows
             after = last
 
+    def _sync_of(self, device: str, desired: int, applied: int | None, rejected: int | None, drift: bool) -> str:
+        """A device's sync state (docs/protocol.md#reports), for status rows and the summary alike:
+        ``invalid`` when its config breaks a schema in force (set with --force), else from its reports."""
+        if device in self.schemas.invalid:
+            return "invalid"
+        return DeviceReports(applied_version=applied, rejected_version=rejected).sync(desired, drift)
+
     def _session_of(self, device: str, now: float) -> SessionInfo | None:
         """The device's persistent MQTT session: its expiry, and when it ends (None while connected)."""
         kept = self.broker.persistent_session(device, now)
@@ -428,11 +438,9 @@ class ServiceAPI:
         now = time.time()
 
         def counted() -> Iterator[tuple[str, str, bool]]:
-            for d, _, desired, applied, applied_at, rejected, error, drift, _, _ in source:
+            for d, _, desired, applied, _, rejected, _, drift, _, _ in source:
                 view = self.broker.session(d, now)
-                yield ("online" if view.online else "quarantined" if view.quarantined_until else "offline",
-                       "invalid" if d in self.schemas.invalid else
-                       DeviceReports(applied, applied_at, rejected, error).sync(desired, bool(drift)), view.conflict)
+                yield _state_of(view), self._sync_of(d, desired, applied, rejected, bool(drift)), view.conflict
 
         return fleet_summary(counted())
 
