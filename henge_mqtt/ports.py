@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from .sessions import Action, SessionView
 
@@ -59,13 +59,21 @@ class IdentitySync:
     detail: str = ""
 
 
+Name = tuple[tuple[tuple[str, str], ...], ...]  # a distinguished name: its RDNs, as ``ssl`` decodes them
+
+
+def name_of(decoded: Any) -> Name:
+    """A name as ``ssl`` decodes it (``getpeercert()``, ``get_ca_certs()``), hashable and comparable."""
+    return tuple(tuple((str(k), str(v)) for k, v in rdn) for rdn in decoded)
+
+
 @dataclass(frozen=True, slots=True)
 class PeerCert:
-    """A verified TLS client certificate: its subject's CN and its issuer's name (the RDNs, as
-    ``ssl`` decodes them), which tells a device CA's certificate from a claim CA's."""
+    """A verified TLS client certificate: its subject's CN and its issuer's name, which tells a
+    device CA's certificate from a claim CA's."""
 
     cn: str | None
-    issuer: tuple[tuple[tuple[str, str], ...], ...] = ()
+    issuer: Name = ()
 
 
 class BrokerHooks(Protocol):

@@ -14,7 +14,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from .. import codec
-from ..ports import PeerCert, Principal
+from ..ports import PeerCert, Principal, name_of
 from ..sessions import TokenBucket
 from .limits import Limits
 from .meta import Sent
@@ -527,8 +527,7 @@ class Connection(asyncio.Protocol):
         if not cert:
             return None
         cn = next((str(value) for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"), None)
-        issuer = tuple(tuple((str(k), str(v)) for k, v in rdn) for rdn in cert.get("issuer", ()))
-        return PeerCert(cn, issuer)
+        return PeerCert(cn, name_of(cert.get("issuer", ())))
 
     def __repr__(self) -> str:
         return f"Connection(key={self.key!r}, epoch={self.epoch}, state={self.state})"

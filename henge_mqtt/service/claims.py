@@ -27,7 +27,7 @@ from ..errors import ClaimRefused, HengeError, ValidationFailed
 from ..ids import StrictJSONError, device_id_problem, strict_json
 from ..logs import LogLimiter
 from ..models import ConfigVersion
-from ..ports import BrokerPort, PeerCert, Principal, Refusal
+from ..ports import BrokerPort, Name, PeerCert, Principal, Refusal, name_of
 from ..sessions import TokenBucket
 from ..store import StoreWorker
 from ..topics import Topics
@@ -42,13 +42,6 @@ NOT_AUTHORIZED = 0x87
 PAYLOAD_FORMAT_INVALID = 0x99
 
 
-Name = tuple[tuple[tuple[str, str], ...], ...]  # a distinguished name, as ssl decodes it
-
-
-def _name(decoded: Any) -> Name:
-    return tuple(tuple((str(k), str(v)) for k, v in rdn) for rdn in decoded)
-
-
 def ca_subject(pem: str) -> Name:
     """The subject of the one CA certificate in ``pem``; ValidationFailed otherwise."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -59,7 +52,7 @@ def ca_subject(pem: str) -> Name:
     found = context.get_ca_certs()
     if len(found) != 1:
         raise ValidationFailed(f"--ca: give one CA certificate (CA:TRUE), not {len(found)}")
-    return _name(found[0]["subject"])
+    return name_of(found[0]["subject"])
 
 
 def trust_claim_ca(contexts: list[ssl.SSLContext], pem: str, subject: Name, *, new: bool) -> None:
@@ -68,7 +61,7 @@ def trust_claim_ca(contexts: list[ssl.SSLContext], pem: str, subject: Name, *, n
     not be told apart)."""
     if new:
         for context in contexts:
-            if any(_name(c["subject"]) == subject for c in context.get_ca_certs()):
+            if any(name_of(c["subject"]) == subject for c in context.get_ca_certs()):
                 raise ValidationFailed("--ca: a CA the listeners trust already has this name; a claim CA needs "
                                        "a name of its own")
     for context in contexts:
