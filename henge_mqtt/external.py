@@ -43,6 +43,9 @@ from .tasks import TaskSet
 from .topics import Topics
 
 log = logging.getLogger(__name__)
+# What devices publish that the service reads as a device's own message (reports, reported state):
+# subscribed to on the broker and handed to the service with the device named by the topic.
+DEVICE_WORDS = ("report", "reported")
 
 SESSION_REASONS = frozenset({"client_disconnect"})
 MAX_INFLIGHT = 2000
@@ -241,7 +244,7 @@ class ExternalBroker(TableViews):
 
     async def _main_up(self, client: MqttClient) -> None:
         self._client = client
-        filters = [(f"{self.topics.prefix}/devices/+/{leaf}", 1) for leaf in ("report", "reported")]
+        filters = [(f"{self.topics.prefix}/devices/+/{leaf}", 1) for leaf in DEVICE_WORDS]
         filters.append((self._sync_topic, 1))
         if self._events is None:  # (NATS: on the admin protocol's own connection)
             filters.append((self.topics.admin_requests, 1))
@@ -524,7 +527,7 @@ class ExternalBroker(TableViews):
         if found is None or not is_valid_device_id(found[0]):
             return
         device, leaf = found
-        if leaf in ("report", "reported"):
+        if leaf in DEVICE_WORDS:
             self.hooks.message(Principal("device", device), topic, payload)
         elif leaf == "presence/device":
             self._on_device_presence(device, payload)
