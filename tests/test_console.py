@@ -10,7 +10,6 @@ import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
@@ -236,7 +235,7 @@ async def test_the_console_shows_reported_state_drift_and_filters_where(running:
     drift, and an operator delivers the version again from the page; the Where box filters the
     table by what devices report (the service parses it: a typo shows its error)."""
     from .test_mqtt5 import device5
-    from .test_twins import publish5, reported
+    from .test_twins import publish5, reported, subscribe_to_config
 
     svc = running.service
     clients = {}
@@ -270,7 +269,7 @@ async def test_the_console_shows_reported_state_drift_and_filters_where(running:
             await page.locator('tr[data-device="cam1"]').get_by_role("link", name="cam1").click()
             await expect(page.locator("#d-reported")).to_contain_text('"fw": "2.3.1"')
             await expect(page.locator("#d-reported-when")).to_contain_text("#3")
-            await client_subscribes(clients["cam1"], svc.topics.config("cam1"))
+            await subscribe_to_config(clients["cam1"], svc.topics.config("cam1"))
             await page.get_by_role("button", name="Deliver the current version again").click()
             await expect(page.locator("#reconcile-note")).to_contain_text("v1 delivered again.")
             again = await clients["cam1"].read_until(codec.Publish)
@@ -281,12 +280,6 @@ async def test_the_console_shows_reported_state_drift_and_filters_where(running:
             assert errors == []
         finally:
             await page.close()
-
-
-async def client_subscribes(client: Any, topic: str) -> None:
-    await client.send(codec.Subscribe(11, ((topic, 1),)))
-    await client.read_until(codec.Suback)
-    await client.read_until(codec.Publish)  # the retained snapshot
 
 
 async def test_a_view_can_be_shared_reloaded_and_paged_from_the_keyboard(running: Running, browser: Browser) -> None:

@@ -36,6 +36,13 @@ async def publish5(client: Any, topic: str, payload: bytes, packet_id: int) -> i
     return int(ack.reason)
 
 
+async def subscribe_to_config(client: Any, topic: str) -> None:
+    """A raw 5.0 device subscribes to its config topic and takes the retained snapshot it gets."""
+    await client.send(codec.Subscribe(11, ((topic, 1),)))
+    await client.read_until(codec.Suback)
+    await client.read_until(codec.Publish)
+
+
 async def test_a_device_reports_its_state_and_henge_keeps_the_latest_with_history(running: Running) -> None:
     events: list[Event] = []
     running.service.add_event_listener(lambda e: events.append(e) if e.type == "reported" else None)
@@ -170,9 +177,7 @@ async def test_drift_when_the_reported_config_is_not_the_applied_version(running
     assert [r["device"] for r in await running.service.status(sync="drift")] == ["d1"]
     assert (await running.service.summary())["sync"]["drift"] == 1
     # Reconcile: the current version is delivered again, the device rewrites its file and says so.
-    await client.send(codec.Subscribe(4, ((running.service.topics.config("d1"), 1),)))
-    await client.read_until(codec.Suback)
-    await client.read_until(codec.Publish)  # the retained snapshot
+    await subscribe_to_config(client, running.service.topics.config("d1"))
     answer = await running.service.reconcile("d1")
     assert answer == {"device": "d1", "version": 1, "online": True, "sync": "drift"}
     again = await client.read_until(codec.Publish)

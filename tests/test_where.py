@@ -21,7 +21,7 @@ from .conftest import Running, henge_cli, wait_until
 from .test_http import client as http_client
 from .test_http import web
 from .test_mqtt5 import device5
-from .test_twins import publish5, reported
+from .test_twins import publish5, reported, subscribe_to_config
 
 DEVICE = {"id": "cam-7", "labels": {"site": "berlin", "tier": "gold"}, "state": "online", "sync": "in_sync",
           "online": True, "version": 4, "applied_version": 4,
@@ -237,9 +237,7 @@ async def test_a_layer_with_where_follows_what_devices_report(running: Running) 
     assert (await running.service.get_version("new-one")).config == {"interval": 5}
     assert (await running.service.list_layers())[0]["where"] == 'reported.fw >= "2.4"'
     # d1 upgrades: its next report brings it into the layer (a new version, published to it).
-    await clients["d1"].send(codec.Subscribe(7, ((running.service.topics.config("d1"), 1),)))
-    await clients["d1"].read_until(codec.Suback)
-    await clients["d1"].read_until(codec.Publish)  # its retained v1
+    await subscribe_to_config(clients["d1"], running.service.topics.config("d1"))  # and its retained v1
     assert await publish5(clients["d1"], running.service.topics.reported("d1"), reported(patch={"fw": "2.4.1"}),
                           2) == 0
     delivered = await clients["d1"].read_until(codec.Publish)
