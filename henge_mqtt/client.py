@@ -236,7 +236,7 @@ class AdminClient:
                 return
 
     async def call(
-        self, op: str, *, wait: float | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
+        self, op: str, /, *, wait: float | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
         **args: Any,
     ) -> Any:
         """Run one admin operation; raises :class:`RemoteError` with the service's code and message.

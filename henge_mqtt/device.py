@@ -202,17 +202,16 @@ class Agent:
         secret in ``secret_path`` (mode 0600, written atomically) before anything else: False if
         ``stop`` came first. A refusal is for good (ClaimFailed); the network and a busy service
         (claiming too often) are tried again with the backoff."""
-        # The nonce outlives a lost answer (and a reboot): asked again with it, the service answers again.
+        # The nonce and the secret this device chose outlive a lost answer (and a reboot): asked again
+        # with them, the service answers again.
         nonce_path = secret_path.with_name(secret_path.name + ".claim-nonce")
-        try:
-            nonce = nonce_path.read_text().strip()
-        except FileNotFoundError:
-            nonce = secrets.token_urlsafe(16)
-            write_private(nonce_path, nonce.encode())
+        nonce, chosen = read_claim_nonce(nonce_path)
         while not stop.is_set():
             try:
-                secret = await claim_identity(self.host, self.port, claim, self.device, nonce, serial=serial,
+                secret = await claim_identity(self.host, self.port, claim, self.device, nonce, chosen, serial=serial,
                                               topic_prefix=self.topic_prefix, mqtt5=self.mqtt5)
+            except ClaimBusy as exc:
+                log.warning("agent.claim_busy device=%s: %s; trying again", self.device, exc)
             except MqttConnectError as exc:
                 code = _code(exc)
                 if code in UNSUPPORTED_PROTOCOL and self.mqtt5:
@@ -437,6 +436,31 @@ class Agent:
         await client.publish(self.topics.report(self.device), json.dumps(body), qos=1)
 
 
+def read_claim_nonce(path: Path) -> tuple[str, str]:
+    """``(nonce, secret)`` for this device's claim, made and kept in ``path`` (0600) before the
+    first try, so that a try whose answer was lost is asked again with the same ones."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    try:
+        kept = json.loads(text) if text.startswith("{") else {"nonce": text}
+    except ValueError:
+        kept = {}
+    nonce, secret = kept.get("nonce"), kept.get("secret")
+    if isinstance(nonce, str) and nonce and isinstance(secret, str) and secret:
+        return nonce, secret
+    nonce = nonce if isinstance(nonce, str) and nonce else secrets.token_urlsafe(16)
+    secret = secrets.token_urlsafe(24)
+    write_private(path, json.dumps({"nonce": nonce, "secret": secret}).encode())
+    return nonce, secret
+
+
+class ClaimBusy(Exception):
+    """The service answered "claiming too often" (behind an external broker it says so in the
+    answer, not at CONNECT): try again after the backoff."""
+
+
 class ClaimFailed(Exception):
     """The service refused this device's claim for good (used up, expired, revoked, an id that
     exists, a bad request): ``code`` says which; trying again will not help."""
@@ -449,16 +473,19 @@ class ClaimFailed(Exception):
 CLAIM_TIMEOUT = 30.0  # seconds for the answer to a claim request
 
 
-async def claim_identity(host: str, port: int, claim: dict[str, Any], device: str, nonce: str, *,
+async def claim_identity(host: str, port: int, claim: dict[str, Any], device: str, nonce: str, secret: str, *,
                          serial: str | None = None, topic_prefix: str = "henge", mqtt5: bool = True,
                          timeout: float = CLAIM_TIMEOUT) -> str:
-    """Trade a claim credential (the claim file's ``claim`` and ``secret``) for this device's own
-    secret (docs/onboarding.md), as the connection ``nonce`` (random, 128 bits: only it may read
-    the answer; the same one again gets a new secret if the answer was lost); raises ClaimFailed
-    when the service refuses it, aiomqtt's errors (or TimeoutError) when the network does (then the
-    caller tries again)."""
+    """Trade a claim credential (the claim file's ``claim`` and ``secret``) for an identity of this
+    device's own with the ``secret`` it chose (docs/onboarding.md), as the connection ``nonce``
+    (random, 128 bits; the same nonce and secret again are answered again if the answer was lost).
+    The request carries the claim's credential too, which is how it says whose it is behind an
+    external broker. Returns the secret; raises ClaimFailed when the service refuses it, ClaimBusy
+    when it asks to come back later, aiomqtt's errors (or TimeoutError) when the network fails
+    (then the caller tries again)."""
     topics = Topics(topic_prefix)
-    request: dict[str, Any] = {"device": device}
+    request: dict[str, Any] = {"device": device, "secret": secret, "claim": claim["claim"],
+                               "claim_secret": claim["secret"]}
     if serial is not None:
         request["serial"] = serial
     client = _Client(host, port, identifier=nonce, username=f"claim:{claim['claim']}", password=claim["secret"],
@@ -470,8 +497,10 @@ async def claim_identity(host: str, port: int, claim: dict[str, Any], device: st
             async for message in client.messages:
                 payload = message.payload if isinstance(message.payload, bytes) else b"{}"
                 answer = json.loads(payload)
-                if answer.get("ok") and answer.get("device") == device and isinstance(answer.get("secret"), str):
-                    return str(answer["secret"])
+                if answer.get("ok") and answer.get("device") == device:
+                    return secret
+                if answer.get("code") == "rate_limited":
+                    raise ClaimBusy(str(answer.get("message", "claiming too often")))
                 raise ClaimFailed(str(answer.get("code", "refused")),
                                   str(answer.get("message", "the claim was refused")))
     except MqttConnectError as exc:

@@ -12,6 +12,10 @@ at CONNECT, as ``use_username_as_clientid`` does with password files), with a ro
 Mosquitto 2.0.11 does not expand ``%u`` in dynamic-security ACLs, so one role per device holds that
 device's topics. The admin identity has no bound client id (the service and the CLI connect as it
 at once).
+
+A claim (docs/onboarding.md) is a client ``claim:<id>`` with the one shared role ``henge-claim``:
+publish any claim request, subscribe to a claim response by its exact topic (no filter that reads
+every answer). Its client id is not bound: the nonce is the client id, new on every claim.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .topics import DEVICE_PUBLISHES, DEVICE_READS
 TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSES = "$CONTROL/dynamic-security/v1/response"
 ADMIN_ROLE = "henge-admin"
+CLAIM_ROLE = "henge-claim"
 
 
 def role_of(device: str) -> str:
@@ -41,6 +46,17 @@ def device_acls(prefix: str, device: str) -> list[dict[str, Any]]:
             + [_allow("publishClientSend", f"{base}/{leaf}") for leaf in DEVICE_PUBLISHES])
 
 
+def claim_acls(prefix: str) -> list[dict[str, Any]]:
+    """Publish any claim request; subscribe to one response topic by its exact name. The pattern
+    would also admit the one filter that reads every answer, ``{prefix}/claim/+/response``
+    (the plugin matches a filter against a pattern as if it were a topic): refused first."""
+    wide = f"{prefix}/claim/+/response"
+    return [_allow("publishClientSend", f"{prefix}/claim/+/request"),
+            {"acltype": "subscribeLiteral", "topic": wide, "priority": 1, "allow": False},
+            {"acltype": "subscribeLiteral", "topic": f"$share/+/{wide}", "priority": 1, "allow": False},
+            _allow("subscribePattern", wide)]
+
+
 def admin_acls(prefix: str) -> list[dict[str, Any]]:
     return [_allow(kind, topic) for topic in (f"{prefix}/#", "$CONTROL/dynamic-security/#")
             for kind in ("publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern")]
@@ -54,10 +70,14 @@ def stored_password(mosquitto_hash: str) -> dict[str, Any]:
     return {"password": parts[4], "salt": parts[3], "iterations": int(parts[2])}
 
 
-def document(hashes: dict[str, str], *, admin_name: str, prefix: str) -> dict[str, Any]:
-    """The plugin's config file: the admin identity and every device, each with its role."""
-    clients: list[dict[str, Any]] = []
-    roles: list[dict[str, Any]] = [{"rolename": ADMIN_ROLE, "acls": admin_acls(prefix)}]
+def document(hashes: dict[str, str], *, admin_name: str, prefix: str,
+             claims: dict[str, str] | None = None) -> dict[str, Any]:
+    """The plugin's config file: the admin identity and every device, each with its role, and the
+    claims in ``claims`` (``{user name: hash}``) with theirs."""
+    clients: list[dict[str, Any]] = [{"username": user, "textname": "henge claim", "roles": [{"rolename": CLAIM_ROLE}],
+                                      **stored_password(digest)} for user, digest in sorted((claims or {}).items())]
+    roles: list[dict[str, Any]] = [{"rolename": ADMIN_ROLE, "acls": admin_acls(prefix)},
+                                   {"rolename": CLAIM_ROLE, "acls": claim_acls(prefix)}]
     for user, digest in sorted(hashes.items()):
         if user == admin_name:
             clients.append({"username": user, "textname": "henge service and CLI",
@@ -85,6 +105,20 @@ def create(device: str, secret: str, *, prefix: str) -> list[dict[str, Any]]:
     ]
 
 
+def create_claim(user: str, secret: str, *, prefix: str) -> list[dict[str, Any]]:
+    """A claim's client (the shared claim role made if the broker lacks it: one made already is
+    answered "Role already exists", which :func:`failures` lets pass)."""
+    return [{"command": "deleteClient", "username": user},
+            {"command": "createRole", "rolename": CLAIM_ROLE, "textname": "henge claims", "acls": claim_acls(prefix)},
+            {"command": "createClient", "username": user, "password": secret, "textname": "henge claim",
+             "roles": [{"rolename": CLAIM_ROLE}]}]
+
+
+def delete_claim(user: str) -> list[dict[str, Any]]:
+    """The claim's client: claiming connections with it are closed by the broker."""
+    return [{"command": "deleteClient", "username": user}]
+
+
 def delete(device: str) -> list[dict[str, Any]]:
     """The device's client (its connection is closed by the broker) and its role."""
     return [{"command": "deleteClient", "username": device}, {"command": "deleteRole", "rolename": role_of(device)}]
@@ -96,4 +130,5 @@ NOT_FOUND = ("Client not found", "Role not found")  # what deleting something ab
 def failures(responses: list[dict[str, Any]]) -> list[str]:
     """The errors of a response, except a delete of what was not there (``create`` deletes first)."""
     return [f"{r.get('command')}: {r['error']}" for r in responses
-            if r.get("error") and not (str(r.get("command", "")).startswith("delete") and r["error"] in NOT_FOUND)]
+            if r.get("error") and not (str(r.get("command", "")).startswith("delete") and r["error"] in NOT_FOUND)
+            and not (r.get("command") == "createRole" and r["error"] == "Role already exists")]

@@ -59,6 +59,10 @@ DYNSEC_BATCH = 400  # commands per message (an import of 100,000 devices is many
 PASSWORD_FILE = ("the broker does not run Mosquitto's dynamic security for henge: if it reads a password file, run "
                  "henge broker-config mosquitto --identities password-file again and reload it (SIGHUP); other "
                  "brokers: change the identity with their own tools")
+CLAIMS_PASSWORD_FILE = ("the broker does not run Mosquitto's dynamic security for henge, and a password file cannot "
+                        "hold a claim's user name (claim:ID): devices claim behind Mosquitto with its dynamic security "
+                        "plugin (henge broker-config mosquitto --identities dynamic-security), or behind a NATS "
+                        "cluster (--nats-accounts); other brokers: add the user with their own tools")
 
 
 NATS_ACCOUNT = "HENGE"  # natsconf.ACCOUNT: the account broker-config nats puts every identity in
@@ -245,6 +249,7 @@ class ExternalBroker(TableViews):
     async def _main_up(self, client: MqttClient) -> None:
         self._client = client
         filters = [(f"{self.topics.prefix}/devices/+/{leaf}", 1) for leaf in DEVICE_WORDS]
+        filters.append((self.topics.claim_request("+"), 1))  # new devices claiming (docs/onboarding.md)
         filters.append((self._sync_topic, 1))
         if self._events is None:  # (NATS: on the admin protocol's own connection)
             filters.append((self.topics.admin_requests, 1))
@@ -418,19 +423,23 @@ class ExternalBroker(TableViews):
     # ---- identities: Mosquitto's dynamic security ------------------------------------------------------
 
     async def sync_identities(self, *, created: dict[str, str] | None = None, changed: dict[str, str] | None = None,
-                              removed: list[str] | None = None) -> IdentitySync:
+                              removed: list[str] | None = None, claims: dict[str, str] | None = None,
+                              claims_removed: list[str] | None = None) -> IdentitySync:
         prefix = self.topics.prefix
         commands = [c for d, s in (created or {}).items() for c in dynsec.create(d, s, prefix=prefix)]
         # A new secret re-creates the identity (the broker disconnects the old connection): the same
         # commands whether or not the broker had it, so rotate-secret also repairs a change it missed.
         commands += [c for d, s in (changed or {}).items() for c in dynsec.create(d, s, prefix=prefix)]
         commands += [c for d in removed or [] for c in dynsec.delete(d)]
+        commands += [c for user, s in (claims or {}).items() for c in dynsec.create_claim(user, s, prefix=prefix)]
+        commands += [c for user in claims_removed or [] for c in dynsec.delete_claim(user)]
         detection = self._dynsec
         try:
             if detection is None:
                 raise MqttClientError("not connected to the broker")
             if not await asyncio.wait_for(asyncio.shield(detection), DYNSEC_PROBE + 1):
-                return IdentitySync(applied=False, how="password-file", detail=PASSWORD_FILE)
+                return IdentitySync(applied=False, how="password-file",
+                                    detail=CLAIMS_PASSWORD_FILE if claims or claims_removed else PASSWORD_FILE)
             errors: list[str] = []
             async with self._dynsec_lock:
                 for start in range(0, len(commands), DYNSEC_BATCH):
@@ -522,6 +531,10 @@ class ExternalBroker(TableViews):
         if topic == self.topics.admin_requests:
             # Only the admin identity may write here (the broker's ACL).
             self.hooks.message(Principal("admin", self.username), topic, payload)
+            return
+        nonce = self.topics.nonce_of_request(topic)
+        if nonce is not None:  # a claim's user may write here: whose claim, the request itself says
+            self.hooks.message(Principal("claim", nonce), topic, payload)
             return
         found = self.topics.device_of(topic)
         if found is None or not is_valid_device_id(found[0]):

@@ -167,10 +167,12 @@ class BrokerPort(Protocol):
     def clear_conflict(self, device: str) -> bool: ...
 
     async def sync_identities(self, *, created: dict[str, str] | None = None, changed: dict[str, str] | None = None,
-                              removed: list[str] | None = None) -> IdentitySync:
+                              removed: list[str] | None = None, claims: dict[str, str] | None = None,
+                              claims_removed: list[str] | None = None) -> IdentitySync:
         """Tell the broker about identities the store just changed: ``created`` and ``changed`` map a
         device to its new secret (henge keeps only hashes: this is the one moment it has them),
-        ``removed`` lists devices gone (their connections closed)."""
+        ``removed`` lists devices gone (their connections closed); ``claims`` maps a new claim's
+        user name to its secret, ``claims_removed`` lists claims revoked (docs/onboarding.md)."""
         ...
 
     def stats(self) -> dict[str, int]:

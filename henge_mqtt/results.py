@@ -393,6 +393,7 @@ class ClaimCreated(TypedDict):
     expires_at: str
     secret: str  # shown in this answer only
     credential: dict[str, Any]  # the claim file: {claim, secret, broker, topic_prefix}
+    broker: BrokerNote  # what an external broker did with the claim's user
 
 
 class ClaimInfo(TypedDict):
@@ -414,6 +415,7 @@ class ClaimRevoked(TypedDict):
     name: str
     used: int
     revoked: bool
+    broker: NotRequired[BrokerNote]  # what an external broker did with the claim's user (connections closed)
 
 
 class BackupResult(TypedDict):

@@ -15,6 +15,12 @@ DEVICE_PUBLISHES = ("report", "reported", "presence/device")
 # The user name a claiming device connects with: CLAIM_USER + the claim's id (never a device id:
 # those cannot hold a ':'), its password the claim's secret, its client id a random nonce.
 CLAIM_USER = "claim:"
+
+
+def claim_user(claim: str) -> str:
+    """The user name of a claim (behind an external broker too, where it is a user of its own)."""
+    return CLAIM_USER + claim
+
 # What a device may read under its own root in an external broker's ACL (the embedded broker lets
 # it subscribe to anything under its root: nothing else is ever published there).
 DEVICE_READS = ("config", "presence", "presence/device")
@@ -51,6 +57,14 @@ class Topics:
     def claim_response(self, nonce: str) -> str:
         """Where it gets the answer: only the connection with that nonce may read it."""
         return f"{self.prefix}/claim/{nonce}/response"
+
+    def nonce_of_request(self, topic: str) -> str | None:
+        """The nonce of a claim request topic (None: not one)."""
+        head, tail = f"{self.prefix}/claim/", "/request"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            return None
+        nonce = topic[len(head):-len(tail)]
+        return nonce if nonce and "/" not in nonce else None
 
     @property
     def admin_requests(self) -> str:

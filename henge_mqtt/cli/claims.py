@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from .common import BrokerOpt, DataOpt, JsonOpt, TimeoutOpt, call_op, emit, fail, labels_arg, op_help
-from .render import render_table
+from .render import broker_said, render_table
 from .tree import claim_app
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -56,6 +56,7 @@ def claim_create(
         except (OSError, UnicodeDecodeError) as exc:
             fail(f"cannot read the claim CA {ca}: {getattr(exc, 'strerror', None) or exc}", 2)
     result = call_op(data, broker, timeout, "claim.create", **args)
+    said = broker_said(result)  # behind an external broker: whether it has the claim's user now
     document = json.dumps(result["credential"], indent=2) + "\n"
     if out is not None:
         import os
@@ -65,7 +66,7 @@ def claim_create(
             fh.write(document)
     summary = (f"claim {result['name']} ({result['id']}) created: {result['uses']} devices, until "
                f"{result['expires_at']}" + (f", labels {','.join(f'{k}={v}' for k, v in result['labels'].items())}"
-                                           if result["labels"] else ""))
+                                           if result["labels"] else "") + said)
     if out is not None:
         emit(result, as_json, lambda _: f"{summary}\nclaim file: {out} (give it to the devices: henge agent --claim "
                                          f"{out.name} ...; it is not shown again)")
@@ -89,5 +90,6 @@ def claim_revoke(
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
     result = call_op(data, broker, timeout, "claim.revoke", claim=claim)
+    said = broker_said(result)
     emit(result, as_json, lambda r: f"claim {r['name']} revoked ({r['used']} devices created with it keep "
-                                    "their own identities)")
+                                    f"their own identities){said}")

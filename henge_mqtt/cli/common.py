@@ -100,13 +100,13 @@ def run_async(coro: Coroutine[Any, Any, T], *, until_interrupted: bool = False) 
         fail("interrupted", EXIT_INTERRUPTED)
 
 
-def call_op(data: Path | None, broker: str | None, timeout: float, op: str, **args: Any) -> Any:
+def call_op(data: Path | None, broker: str | None, timeout: float, op: str, /, **args: Any) -> Any:
     """One operation of the op table (henge_mqtt/ops.py) over the admin protocol; its result."""
     return call_then_wait(data, broker, timeout, op, None, **args)[0]
 
 
 def call_then_wait(
-    data: Path | None, broker: str | None, timeout: float, op: str, wait: float | None, **args: Any
+    data: Path | None, broker: str | None, timeout: float, op: str, wait: float | None, /, **args: Any
 ) -> tuple[Any, Any]:
     """Run ``op``; with ``wait``, then wait (that long) for the device to report the new version."""
     from ..ops import ADMIN_OPS

@@ -126,17 +126,21 @@ def broker_config_mosquitto(
             fail(f"no Mosquitto dynamic security plugin at {plugin or 'the usual paths'}: pass --plugin PATH, or "
                  "--identities password-file; nothing was written", 2)
     settings = Settings.load(data_dir=data)
-    hashes, missing = identities(settings.data_dir, settings.admin_name, store, init=init)
+    hashes, missing, claims = identities(settings.data_dir, settings.admin_name, store, init=init)
     written = write_mosquitto_config(out, hashes, device_listener=device_listener, admin_listener=admin_listener,
                                      topic_prefix=topic_prefix, admin_name=settings.admin_name, run_as=run_as,
-                                     plugin=plugin if identities_mode == "dynamic-security" else None)
+                                     plugin=plugin if identities_mode == "dynamic-security" else None, claims=claims)
     from ..paths import BROKER_FILE
     from ..service.auth import write_private
 
     write_private(settings.data_dir / BROKER_FILE, json.dumps(  # for serve's banner: where devices connect
         {"broker": "mosquitto", "device_listener": device_listener, "admin_listener": admin_listener,
          "config": str(out.resolve()), "identities": identities_mode}))
-    typer.echo(f"wrote {', '.join(p.name for p in written)} to {out} ({len(hashes)} identities)")
+    typer.echo(f"wrote {', '.join(p.name for p in written)} to {out} ({len(hashes)} identities"
+               + (f", {len(claims)} claims)" if claims and identities_mode == "dynamic-security" else ")"))
+    if claims and identities_mode == "password-file":
+        typer.echo(f"warning: {len(claims)} claims are not in the password file (it cannot hold their user names, "
+                   "claim:ID): devices claim only with --identities dynamic-security", err=True)
     if missing:
         typer.echo(f"warning: {len(missing)} devices have no broker password yet (created before this feature): "
                    f"rotate their secrets, e.g. henge device rotate-secret {missing[0]}", err=True)
@@ -177,10 +181,10 @@ def broker_config_nats(
     except ValueError as exc:
         fail(f"{exc}; nothing was written", 2)
     settings = Settings.load(data_dir=data)
-    hashes, missing = identities(settings.data_dir, settings.admin_name, store, init=init, kind="bcrypt")
+    hashes, missing, claims = identities(settings.data_dir, settings.admin_name, store, init=init, kind="bcrypt")
     events_secret = admin_secret(settings.data_dir, EVENTS_USER, EVENTS_FILE)
     written = write_nats_config(out, hashes, cluster=cluster, admin_name=settings.admin_name, prefix=topic_prefix,
-                                events_secret=events_secret)
+                                events_secret=events_secret, claims=claims)
     first = cluster[0]
     events = "nats://" + ",".join(f"{n.host}:{n.client_port}" for n in cluster)
     accounts = (out / ACCOUNTS_FILE).resolve()

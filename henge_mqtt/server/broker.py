@@ -786,7 +786,8 @@ class EmbeddedBroker(TableViews):
         return session.expiry, ends
 
     async def sync_identities(self, *, created: dict[str, str] | None = None, changed: dict[str, str] | None = None,
-                              removed: list[str] | None = None) -> IdentitySync:
+                              removed: list[str] | None = None, claims: dict[str, str] | None = None,
+                              claims_removed: list[str] | None = None) -> IdentitySync:
         return IdentitySync(applied=True, how="store")  # CONNECT is checked against the store itself
 
     def clear_conflict(self, device: str) -> bool:

@@ -30,6 +30,7 @@ from ..ports import BrokerPort, IdentitySync, KickResult
 from ..results import (
     AuditEntry,
     BackupResult,
+    BrokerNote,
     ClaimCreated,
     ClaimInfo,
     ClaimRevoked,
@@ -59,7 +60,7 @@ from ..rollout_plan import Policy, check_waves, parse_max_rejected
 from ..sessions import SessionView
 from ..settings import Settings
 from ..store import DeviceReports, Store, StoreWorker
-from ..topics import Topics
+from ..topics import Topics, claim_user
 from ..where import Where
 from .claims import ca_subject, trust_claim_ca
 from .configs import Configs
@@ -95,6 +96,12 @@ def progress_of(answer: FleetAnswer) -> dict[str, Any]:
     return {"targeted": answer["targeted"], "devices": answer["devices"], "online": answer["online"],
             "delivered": answer["delivered"], "applied": answer["applied"], "rejected": answer["rejected"],
             "pending": answer["pending"]}
+
+
+def broker_note(said: list[IdentitySync]) -> BrokerNote:
+    """What the broker did with an identity change, for the answer (the embedded broker: the store)."""
+    sync = said[0] if said else IdentitySync(applied=True, how="store")
+    return {"applied": sync.applied, "how": sync.how, "detail": sync.detail}
 
 
 class ServiceAPI:
@@ -197,23 +204,32 @@ class ServiceAPI:
         return secret
 
     async def _tell_broker(self, out: list[IdentitySync] | None, *, created: dict[str, str] | None = None,
-                           changed: dict[str, str] | None = None, removed: list[str] | None = None) -> None:
-        """The broker learns what the store just committed; when it cannot (an external broker with
-        password files, or one that did not answer) the store keeps the change and this says so:
-        an event, a log line, and ``out`` for the caller to show."""
-        if not (created or changed or removed):
+                           changed: dict[str, str] | None = None, removed: list[str] | None = None,
+                           claims: dict[str, str] | None = None, claims_removed: list[str] | None = None) -> None:
+        """The broker learns what the store just committed (devices, and claims by their user
+        names); when it cannot (an external broker with password files, or one that did not answer)
+        the store keeps the change and this says so: an event, a log line, and ``out`` for the
+        caller to show."""
+        if not (created or changed or removed or claims or claims_removed):
             return
         if self._nats_accounts is not None:
-            hashes, _ = await self.worker.run(self.store.broker_hashes, "bcrypt")
-            sync = await self._nats_accounts.apply(self._nats_accounts.text(hashes))
+            sync = await self._nats_accounts.refresh(self._nats_text)
         else:
-            sync = await self.broker.sync_identities(created=created, changed=changed, removed=removed)
+            sync = await self.broker.sync_identities(created=created, changed=changed, removed=removed,
+                                                     claims=claims, claims_removed=claims_removed)
         if out is not None:
             out.append(sync)
         if not sync.applied:
             log.warning("service.broker_identities_stale how=%s detail=%s", sync.how, sync.detail)
             self.events.emit("broker_identities_stale", None, how=sync.how, detail=sync.detail,
                              devices=len(created or {}) + len(changed or {}) + len(removed or []))
+
+    async def _nats_text(self) -> str:
+        """The NATS accounts file as the store has it now: the admin, every device, every claim."""
+        assert self._nats_accounts is not None
+        hashes, _ = await self.worker.run(self.store.broker_hashes, "bcrypt")
+        claims = await self.worker.run(self.store.claim_hashes, "bcrypt")
+        return self._nats_accounts.text(hashes, {claim_user(c): digest for c, digest in claims.items()})
 
     async def get_device(self, device: str) -> Device:
         return await self.worker.run(self.store.get_device, device)
@@ -701,6 +717,8 @@ class ServiceAPI:
         claim_id, secret = await self.worker.run(self.store.create_claim, name, labels, uses, expires_at,
                                                  actor=current_actor.get(), ca_pem=ca, ca_subject=subject)
         self.events.emit("claim_created", None, claim=claim_id, name=name, uses=uses)
+        said: list[IdentitySync] = []
+        await self._tell_broker(said, claims={claim_user(claim_id): secret})
         if broker is None:  # the first device listener; one on every interface, by this machine's name
             addresses = self.broker.addresses()
             if addresses:
@@ -710,7 +728,7 @@ class ServiceAPI:
         credential = {"claim": claim_id, "secret": secret, "broker": broker,
                       "topic_prefix": self.settings.topic_prefix}
         return {"id": claim_id, "name": name, "labels": labels, "uses": uses, "expires_at": iso(expires_at),
-                "secret": secret, "credential": credential}
+                "secret": secret, "credential": credential, "broker": broker_note(said)}
 
     async def list_claims(self) -> list[ClaimInfo]:
         now = time.time()
@@ -727,7 +745,9 @@ class ServiceAPI:
     async def revoke_claim(self, ref: str) -> ClaimRevoked:
         result = await self.worker.run(self.store.revoke_claim, ref, actor=current_actor.get())
         self.events.emit("claim_revoked", None, claim=result["id"], name=result["name"])
-        return result
+        said: list[IdentitySync] = []  # its claiming connections closed by the broker that knows it
+        await self._tell_broker(said, claims_removed=[claim_user(result["id"])])
+        return result | {"broker": broker_note(said)}
 
     def verify_token(self, token: str) -> tuple[str, str] | None:
         """``(name, role)`` of a live HTTP API token, else None; from memory, on the loop."""

@@ -21,7 +21,8 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from ..errors import ClaimRefused, HengeError, ValidationFailed
 from ..ids import StrictJSONError, device_id_problem, strict_json
@@ -36,6 +37,10 @@ from .events import Events
 log = logging.getLogger("henge_mqtt.service")
 
 NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+# A secret a device chooses for itself: random, as henge's own are (they are hashed fast, and for
+# NATS with bcrypt's least cost: no cost factor protects a guessable one).
+PROPOSED_SECRET = re.compile(r"[A-Za-z0-9._~+/=-]{22,128}")
+REQUEST_FIELDS = {"device", "serial", "secret", "claim", "claim_secret"}
 MAX_REQUEST_BYTES = 4096
 # MQTT 5.0 reason codes in the PUBACK of a claim request.
 NOT_AUTHORIZED = 0x87
@@ -70,17 +75,32 @@ def trust_claim_ca(contexts: list[ssl.SSLContext], pem: str, subject: Name, *, n
             context.verify_mode = ssl.CERT_OPTIONAL
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    device: str
+    extra: dict[str, str]  # labels the device gives of itself: its serial
+    secret: str | None  # the secret the device chose for itself (the answer then carries none)
+    claim: str | None  # the claim and its secret: how a request says whose it is behind an external broker
+    claim_secret: str | None
+
+
 class Onboarding:
     def __init__(self, worker: StoreWorker, broker: BrokerPort, topics: Topics, events: Events, *,
                  rate: float, burst: int, spawn: Callable[[Coroutine[Any, Any, Any]], Any],
                  publish_rows: Callable[[list[ConfigVersion]], Coroutine[Any, Any, Any]],
-                 check_id: Callable[[str], None]) -> None:
+                 check_id: Callable[[str], None], external: bool = False,
+                 tell_broker: Callable[[str, str], Coroutine[Any, Any, Any]] | None = None) -> None:
         self.worker = worker
         self.broker = broker
         self.topics = topics
         self.events = events
         self.rate = rate
         self.burst = burst
+        # Behind an external broker henge sees a request, not who sent it: each request carries its
+        # claim's credential, the device chooses its own secret (any claimer may read an answer
+        # there), and the broker learns the new identity (``tell_broker``) before the answer.
+        self.external = external
+        self._tell_broker = tell_broker
         self._bucket = TokenBucket()
         self._spawn = spawn
         self._publish_rows = publish_rows
@@ -97,6 +117,19 @@ class Onboarding:
                      cert: PeerCert | None = None) -> Principal | Refusal:
         """A claiming CONNECT: the claim's secret, or a certificate its claim CA signed (the TLS
         handshake verified it; its CN is then the only id it may claim)."""
+        refused = self._admit(claim_id, secret, nonce, cert)
+        if refused is None:
+            return Principal("claim", nonce)
+        code, text = refused
+        why: Literal["bad_credentials", "not_authorized", "rate_limited"] = (
+            "bad_credentials" if code == "bad_credentials" else "rate_limited" if code == "rate_limited"
+            else "not_authorized")
+        return Refusal(why, text)
+
+    def _admit(self, claim_id: str, secret: str | None, nonce: str,
+               cert: PeerCert | None = None) -> tuple[str, str] | None:
+        """Whether this credential may claim with this nonce now: None, or ``(code, why)``. Admitted,
+        the nonce is the claim's until it is answered."""
         store = self.worker.store
         record = store.claim_record(claim_id)
         by_cert = (record is not None and record.ca_issuer is not None and cert is not None and bool(cert.cn)
@@ -105,23 +138,23 @@ class Onboarding:
             record = store.check_claim(claim_id, secret or "")
         if record is None:  # a guess costs a hash, like a wrong device secret; it takes no claim's turn
             self._refused("bad_credentials", claim_id, nonce)
-            return Refusal("bad_credentials", "bad claim credential")
+            return "bad_credentials", "bad claim credential"
         if not self._bucket.take(time.monotonic(), self.rate, self.burst):
             self.events.count("claims_rate_limited")
             self._log.log(logging.WARNING, "claim.rate_limited", "claim=%s", claim_id)
-            return Refusal("rate_limited", "claiming too often: retry later")
+            return "rate_limited", "claiming too often: retry later"
         if not NONCE.fullmatch(nonce):
             self._refused("bad_nonce", claim_id, nonce)
-            return Refusal("not_authorized", "the client id must be a random nonce: 16-64 of A-Z a-z 0-9 _ -")
+            return "bad_nonce", "the nonce (the client id) must be random: 16-64 of A-Z a-z 0-9 _ -"
         claimed = store.nonce_used(nonce)
         if claimed is not None and not self._never_connected(claimed):
             self._refused("replay", claim_id, nonce)
-            return Refusal("not_authorized", "this nonce claimed before: use a new one")
+            return "replay", "this nonce claimed before: use a new one"
         refused = record.refusal(time.time())
         if refused is not None and (claimed is None or refused.reason == "revoked"):
             # (A nonce asking again for its lost answer had its use: only a revocation stops it.)
             self._refused(refused.reason, claim_id, nonce)
-            return Refusal("not_authorized", str(refused))
+            return refused.reason, str(refused)
         self._claim_of[nonce] = claim_id
         if by_cert and cert is not None and cert.cn:
             self._cert_cn[nonce] = cert.cn
@@ -129,20 +162,40 @@ class Onboarding:
             self._cert_cn.pop(nonce, None)
         if len(self._claim_of) > 100_000:  # connections that never asked: forget the oldest
             self._cert_cn.pop(self._claim_of.popitem(last=False)[0], None)
-        return Principal("claim", nonce)
+        return None
 
     # ---- the request -----------------------------------------------------------------------------------
 
     def on_request(self, nonce: str, payload: bytes) -> int:
         """The 5.0 reason code for the PUBACK; the answer goes to the response topic either way."""
+        try:
+            request = self._parse(payload)
+        except ValueError as exc:
+            who = self._claim_of.get(nonce, "?")
+            self._refused("invalid", who, nonce)
+            self._answer(nonce, who, ok=False, code="invalid", message=str(exc))
+            return PAYLOAD_FORMAT_INVALID
+        if self.external:  # no connection said whose it is: the request does, every time
+            if request.claim is None or request.claim_secret is None or request.secret is None:
+                self._refused("invalid", request.claim or "?", nonce)
+                self._answer(nonce, request.claim or "?", ok=False, code="invalid", message=(
+                    "behind an external broker a request carries claim, claim_secret and the device's own secret"))
+                return PAYLOAD_FORMAT_INVALID
+            if nonce in self._answering:  # (checked first: admitting again would hand the nonce over)
+                self._answer(nonce, request.claim, ok=False, code="replay", message="this request is being answered")
+                return NOT_AUTHORIZED
+            turned_away = self._admit(request.claim, request.claim_secret, nonce)
+            if turned_away is not None:
+                self._answer(nonce, request.claim, ok=False, code=turned_away[0], message=turned_away[1])
+                return NOT_AUTHORIZED
         claim_id = self._claim_of.get(nonce)
         if claim_id is None:
             return NOT_AUTHORIZED
         if nonce in self._answering:
             self._answer(nonce, claim_id, ok=False, code="replay", message="this request is being answered")
             return NOT_AUTHORIZED
+        device = request.device
         try:
-            device, extra = self._parse(payload)
             cn = self._cert_cn.get(nonce)
             if cn is not None and device != cn:
                 raise ValueError(f"with a claim CA's certificate the device id is its CN ({cn!r}), not {device!r}")
@@ -157,7 +210,7 @@ class Onboarding:
                 if refused is not None and refused.reason == "revoked":
                     raise refused
                 self._answering.add(nonce)
-                self._spawn(self._reclaim(claim_id, nonce, device))
+                self._spawn(self._reclaim(claim_id, nonce, device, request.secret))
                 return 0
             if refused is None and record is not None and record.used + self._in_flight.get(claim_id, 0) >= record.uses:
                 refused = ClaimRefused("used_up", f"claim {record.name} is used up ({record.uses} devices)")
@@ -175,36 +228,42 @@ class Onboarding:
             return PAYLOAD_FORMAT_INVALID
         self._answering.add(nonce)
         self._in_flight[claim_id] = self._in_flight.get(claim_id, 0) + 1
-        self._spawn(self._claim(claim_id, nonce, device, extra))
+        self._spawn(self._claim(claim_id, nonce, device, request.extra, request.secret))
         return 0
 
     @staticmethod
-    def _parse(payload: bytes) -> tuple[str, dict[str, str]]:
+    def _parse(payload: bytes) -> ClaimRequest:
         if len(payload) > MAX_REQUEST_BYTES:
             raise ValueError(f"a claim request is at most {MAX_REQUEST_BYTES} bytes")
         try:
             body = strict_json(payload.decode("utf-8"))
         except (UnicodeDecodeError, StrictJSONError, ValueError) as exc:
             raise ValueError(f"not strict JSON: {exc}") from None
-        if not isinstance(body, dict) or not set(body) <= {"device", "serial"} or not body:
-            raise ValueError('give {"device": ID} or {"serial": SERIAL} (or both), nothing else')
+        if not isinstance(body, dict) or not set(body) <= REQUEST_FIELDS or not {"device", "serial"} & set(body):
+            raise ValueError('give {"device": ID} or {"serial": SERIAL} (or both), and optionally secret, claim '
+                             "and claim_secret; nothing else")
+        if not all(isinstance(value, str) for value in body.values()):
+            raise ValueError(", ".join(sorted(body)) + ": strings")
         device, serial = body.get("device"), body.get("serial")
-        if (device is not None and not isinstance(device, str)) or (serial is not None and not isinstance(serial, str)):
-            raise ValueError("device and serial are strings")
         chosen = device if device is not None else serial
-        assert chosen is not None
+        assert isinstance(chosen, str)
         problem = device_id_problem(chosen)
         if problem:
             raise ValueError(problem + (" (a serial without a device id becomes the id)" if device is None else ""))
         if serial is not None and (not serial or len(serial) > 128):
             raise ValueError("serial: 1-128 characters")
-        return chosen, ({"serial": serial} if serial is not None else {})
+        secret = body.get("secret")
+        if secret is not None and not PROPOSED_SECRET.fullmatch(secret):
+            raise ValueError("secret: 22-128 random characters of A-Z a-z 0-9 . _ ~ + / = - (e.g. 24 random bytes "
+                             "in base64url)")
+        return ClaimRequest(chosen, {"serial": serial} if serial is not None else {}, secret, body.get("claim"),
+                            body.get("claim_secret"))
 
-    async def _claim(self, claim_id: str, nonce: str, device: str, extra: dict[str, str]) -> None:
+    async def _claim(self, claim_id: str, nonce: str, device: str, extra: dict[str, str], chosen: str | None) -> None:
         layered: list[ConfigVersion] = []
         try:
             secret, labels = await self.worker.run(self.worker.store.claim_device, claim_id, nonce, device, extra,
-                                                   layered)
+                                                   layered, chosen)
         except HengeError as exc:  # refused in the transaction (a race the loop's checks lost), or a schema
             reason = exc.reason if isinstance(exc, ClaimRefused) else exc.code
             self._refused(reason, claim_id, nonce)
@@ -224,15 +283,19 @@ class Onboarding:
         self.events.count("claims")
         self.events.emit("device_claimed", device, claim=claim_id, labels=labels)
         log.info("claim.device device=%s claim=%s", device, claim_id)
-        self._answer(nonce, claim_id, ok=True, device=device, secret=secret, labels=labels)
+        if self._tell_broker is not None:  # the broker knows the device before the device hears it may connect
+            await self._tell_broker(device, secret)
+        self._answer(nonce, claim_id, ok=True, device=device, labels=labels,
+                     **({} if chosen else {"secret": secret}))
         await self._publish_rows(layered)
 
     def _never_connected(self, device: str) -> bool:
         return self.broker.session(device, time.time()).epoch == 0
 
-    async def _reclaim(self, claim_id: str, nonce: str, device: str) -> None:
+    async def _reclaim(self, claim_id: str, nonce: str, device: str, chosen: str | None) -> None:
         try:
-            secret = await self.worker.run(self.worker.store.reclaim_device, nonce, device)
+            secret = await self.worker.run(self.worker.store.reclaim_device, nonce, device, chosen,
+                                           keep=self.external)
         except ClaimRefused as exc:
             self._refused(exc.reason, claim_id, nonce)
             self._answer(nonce, claim_id, ok=False, code=exc.reason, message=str(exc))
@@ -240,8 +303,10 @@ class Onboarding:
         finally:
             self._answering.discard(nonce)
         labels = (await self.worker.run(self.worker.store.labels_of, device))
-        log.info("claim.again device=%s claim=%s: its first answer was lost; a new secret", device, claim_id)
-        self._answer(nonce, claim_id, ok=True, device=device, secret=secret, labels=labels)
+        log.info("claim.again device=%s claim=%s: its first answer was lost", device, claim_id)
+        if self._tell_broker is not None:  # (the broker may have missed it the first time)
+            await self._tell_broker(device, secret)
+        self._answer(nonce, claim_id, ok=True, device=device, labels=labels, **({} if chosen else {"secret": secret}))
 
     def _answer(self, nonce: str, claim_id: str, *, ok: bool, **fields: Any) -> None:
         body = {"ok": ok, **fields}

@@ -127,6 +127,7 @@ class HengeService(ServiceAPI):
             self.onboarding = Onboarding(
                 self.worker, broker, self.topics, self.events, rate=s.claim_rate, burst=s.claim_burst,
                 spawn=self._tasks.spawn, check_id=lambda device: self._check_new_id(device, ""),
+                external=bool(s.external_broker), tell_broker=self._tell_broker_claimed,
                 publish_rows=lambda rows: self.configs.publish_rows(rows, event="layer_applied",
                                                                     reason="a claimed device gets its layers"))
             self._auth.onboarding = self.onboarding
@@ -161,6 +162,9 @@ class HengeService(ServiceAPI):
         }))
         self._lock.record(f"mqtt://{host}:{port}")
         log.info("service.started host=%s port=%d data=%s", host, port, s.data_dir)
+
+    async def _tell_broker_claimed(self, device: str, secret: str) -> None:
+        await self._tell_broker(None, created={device: secret})
 
     def _write_standby_file(self) -> None:
         """A standby's data dir still leads the CLI to the service: behind an external broker the

@@ -15,8 +15,8 @@ from ..errors import ValidationFailed
 from ..models import ConfigVersion
 from ..ops import ADMIN_OPS
 from ..ports import IdentitySync
-from ..results import BrokerNote, DeviceRemoved, DeviceSecret, Imported
-from .api import ServiceAPI
+from ..results import DeviceRemoved, DeviceSecret, Imported
+from .api import ServiceAPI, broker_note
 from .fleet import Progress
 
 Handler = Callable[[ServiceAPI, Any, Progress], Awaitable[Any]]
@@ -31,12 +31,6 @@ def handles(op: str) -> Callable[[Handler], Handler]:
         return fn
 
     return register
-
-
-def broker_note(said: list[IdentitySync]) -> BrokerNote:
-    """What the broker did with an identity change, for the answer (the embedded broker: the store)."""
-    sync = said[0] if said else IdentitySync(applied=True, how="store")
-    return {"applied": sync.applied, "how": sync.how, "detail": sync.detail}
 
 
 def _version_dict(row: ConfigVersion, *, with_config: bool = True) -> dict[str, Any]:

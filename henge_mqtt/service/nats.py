@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import shlex
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ..natsconf import EVENTS_USER, Node, accounts, node_config
@@ -34,7 +35,7 @@ def events_hash(secret: str) -> str:
 
 
 def write_nats_config(out: Path, hashes: dict[str, str], *, cluster: list[Node], admin_name: str, prefix: str,
-                      events_secret: str) -> list[Path]:
+                      events_secret: str, claims: dict[str, str] | None = None) -> list[Path]:
     """A node file per node, the accounts file (0600) and ``reload`` (signals every node whose pid
     file is here: the hook for a cluster on this machine; one on several hosts copies the accounts
     file to each and reloads it there)."""
@@ -46,7 +47,8 @@ def write_nats_config(out: Path, hashes: dict[str, str], *, cluster: list[Node],
                                     pid_file=str((out / f"{node.name}.pid").resolve()), accounts_file=ACCOUNTS_FILE))
         written.append(conf)
     acc = out / ACCOUNTS_FILE
-    write_private(acc, accounts(hashes, admin_name=admin_name, prefix=prefix, events_hash=events_hash(events_secret)))
+    write_private(acc, accounts(hashes, admin_name=admin_name, prefix=prefix, events_hash=events_hash(events_secret),
+                                claims=claims))
     reload = out / "reload"
     pids = " ".join(shlex.quote(str((out / f"{n.name}.pid").resolve())) for n in cluster)
     reload.write_text(
@@ -72,34 +74,50 @@ class NatsAccounts:
         self.admin_name, self.prefix = admin_name, prefix
         self._events_hash = events_hash(events_secret)
         self._lock = asyncio.Lock()  # one rewrite and reload at a time, in order
+        self._asked = self._done = 0  # refreshes asked for, and the last one a rewrite has covered
+        self._last = IdentitySync(True, HOW)
 
-    def text(self, hashes: dict[str, str]) -> str:
-        return accounts(hashes, admin_name=self.admin_name, prefix=self.prefix, events_hash=self._events_hash)
+    def text(self, hashes: dict[str, str], claims: dict[str, str]) -> str:
+        return accounts(hashes, admin_name=self.admin_name, prefix=self.prefix, events_hash=self._events_hash,
+                        claims=claims)
 
-    async def apply(self, text: str) -> IdentitySync:
+    async def refresh(self, text: Callable[[], Awaitable[str]]) -> IdentitySync:
+        """Rewrite the file from ``text()`` (read after the caller's change committed) and reload.
+        Callers that ask while a rewrite runs share the next one: a burst of claims or additions
+        costs a few reloads, not one each."""
+        self._asked += 1
+        mine = self._asked
         async with self._lock:
-            try:
-                await asyncio.to_thread(write_private, self.path, text)
-            except OSError as exc:
-                return IdentitySync(False, HOW, f"cannot write {self.path}: {exc}")
-            if not self.hook:
-                return IdentitySync(False, HOW, f"{self.path} rewritten; no --nats-reload hook: reload every "
-                                                "NATS node (nats-server --signal reload)")
-            proc = await asyncio.create_subprocess_shell(
-                self.hook, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=os.environ | {"HENGE_NATS_ACCOUNTS": str(self.path)})
-            try:
-                out, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                return IdentitySync(False, HOW, f"the reload hook took over {HOOK_TIMEOUT:.0f} s and was stopped: "
-                                                "reload every NATS node by hand")
-            if proc.returncode != 0:
-                said = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
-                return IdentitySync(False, HOW, f"the reload hook failed (exit {proc.returncode}) {said[0][:200]}")
-            log.info("nats.accounts_reloaded path=%s", self.path)
-            return IdentitySync(True, HOW)
+            if self._done >= mine:  # a rewrite that began after this call read the store: it has the change
+                return self._last
+            upto = self._asked
+            self._last = await self._apply(await text())
+            self._done = upto
+            return self._last
+
+    async def _apply(self, text: str) -> IdentitySync:
+        try:
+            await asyncio.to_thread(write_private, self.path, text)
+        except OSError as exc:
+            return IdentitySync(False, HOW, f"cannot write {self.path}: {exc}")
+        if not self.hook:
+            return IdentitySync(False, HOW, f"{self.path} rewritten; no --nats-reload hook: reload every "
+                                            "NATS node (nats-server --signal reload)")
+        proc = await asyncio.create_subprocess_shell(
+            self.hook, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=os.environ | {"HENGE_NATS_ACCOUNTS": str(self.path)})
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return IdentitySync(False, HOW, f"the reload hook took over {HOOK_TIMEOUT:.0f} s and was stopped: "
+                                            "reload every NATS node by hand")
+        if proc.returncode != 0:
+            said = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            return IdentitySync(False, HOW, f"the reload hook failed (exit {proc.returncode}) {said[0][:200]}")
+        log.info("nats.accounts_reloaded path=%s", self.path)
+        return IdentitySync(True, HOW)
 
 
 __all__ = ["EVENTS_USER", "NatsAccounts", "write_nats_config"]

@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import ClaimRefused, DuplicateDevice, UnknownClaim, ValidationFailed
 from ..models import ConfigVersion, utc_now
@@ -83,14 +83,15 @@ class Claims(StoreCore):
         claim_id = "c-" + secrets.token_hex(4)
         secret = secrets.token_urlsafe(24)
         digest = hash_secret(secret)
+        broker_hashes = (mosquitto_hash(secret), bcrypt_hash(secret))  # for its user behind an external broker
         with self._tx():
             if self._db.execute("SELECT 1 FROM claims WHERE name = ?", (name,)).fetchone():
                 raise ValidationFailed(f"a claim named {name!r} exists; pick another name")
             self._db.execute(
                 "INSERT INTO claims (id, name, secret_hash, labels, uses, expires_at, created_at, created_by, ca_pem, "
-                "ca_subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "ca_subject, broker_hash, bcrypt_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (claim_id, name, digest, json.dumps(labels, sort_keys=True), uses, expires_at, ts(utc_now()), actor,
-                 ca_pem, json.dumps(ca_subject) if ca_subject else None))
+                 ca_pem, json.dumps(ca_subject) if ca_subject else None, *broker_hashes))
             self._audit(actor, "claim.create", None, {"claim": name, "id": claim_id, "labels": labels, "uses": uses,
                                                       "expires_at": expires_at, "ca": _text(ca_subject)})
         self._claims[claim_id] = ClaimRecord(claim_id, name, bytes.fromhex(digest), labels, uses, 0, expires_at, False,
@@ -103,6 +104,13 @@ class Claims(StoreCore):
                  "ca": _text(_name(r[9]))}
                 for r in self._db.execute("SELECT id, name, labels, uses, used, expires_at, created_at, created_by, "
                                           "revoked_at, ca_subject FROM claims ORDER BY created_at, id")]
+
+    def claim_hashes(self, kind: Literal["mosquitto", "bcrypt"] = "mosquitto") -> dict[str, str]:
+        """``{claim id: hash}`` of every claim not revoked, as an external broker checks its secret
+        (Mosquitto's ``$7$`` or bcrypt); claims made before henge kept those are not there."""
+        column = {"mosquitto": "broker_hash", "bcrypt": "bcrypt_hash"}[kind]
+        return dict(self._db.execute(f"SELECT id, {column} FROM claims WHERE revoked_at IS NULL AND {column} IS NOT "
+                                     "NULL ORDER BY id"))
 
     def claim_devices(self, claim: str) -> list[tuple[str, str]]:
         """``(device, at)`` of each device the claim created, oldest first."""
@@ -141,12 +149,18 @@ class Claims(StoreCore):
         """The device this nonce claimed, if it claimed."""
         return self._claim_nonces.get(nonce)
 
-    def reclaim_device(self, nonce: str, device: str) -> str:
-        """A new secret for the device ``nonce`` claimed, if it never connected as itself: the
-        answer with its first secret may have been lost with the claiming connection, and only
-        the holder of the nonce (128 random bits, kept on the device) can ask."""
-        secret = new_secret()
+    def reclaim_device(self, nonce: str, device: str, secret: str | None = None, *, keep: bool = False) -> str:
+        """A new secret (``secret``, or one made here) for the device ``nonce`` claimed, if it never
+        connected as itself: the answer with its first secret may have been lost with the claiming
+        connection, and only the holder of the nonce (128 random bits, kept on the device) can ask.
+        The secret it has already is answered as is; with ``keep`` (behind an external broker,
+        where the nonce is no secret) no other is taken."""
+        secret = secret or new_secret()
         digest = hash_secret(secret)
+        if hmac.compare_digest(bytes.fromhex(digest), self._hashes.get(device, b"")):
+            return secret
+        if keep:
+            raise ClaimRefused("replay", "this nonce claimed with another secret: use a new nonce")
         with self._tx():
             row = self._db.execute("SELECT u.claim, c.name, d.epoch FROM claim_uses u JOIN claims c ON c.id = u.claim "
                                    "JOIN devices d ON d.id = u.device WHERE u.nonce = ? AND u.device = ?",
@@ -160,12 +174,12 @@ class Claims(StoreCore):
         return secret
 
     def claim_device(self, claim: str, nonce: str, device: str, extra: dict[str, str],
-                     layered: list[ConfigVersion]) -> tuple[str, dict[str, str]]:
-        """``(secret, labels)`` of the device ``claim`` creates for ``nonce``, in one transaction
-        (``layered`` receives its first version from its layers); ClaimRefused otherwise, nothing
-        stored."""
+                     layered: list[ConfigVersion], secret: str | None = None) -> tuple[str, dict[str, str]]:
+        """``(secret, labels)`` of the device ``claim`` creates for ``nonce`` (with ``secret``, the
+        one the device chose, or one made here), in one transaction (``layered`` receives its first
+        version from its layers); ClaimRefused otherwise, nothing stored."""
         now = time.time()
-        secret = new_secret()
+        secret = secret or new_secret()
         digest = hash_secret(secret)
         with self._tx():
             row = self._db.execute("SELECT name, labels, uses, used, expires_at, revoked_at FROM claims WHERE id = ?",

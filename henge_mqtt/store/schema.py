@@ -220,6 +220,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX claim_uses_claim ON claim_uses (claim);
     """,
+    """
+    -- A claim's secret as an external broker checks it (its user claim:ID there): Mosquitto's $7$
+    -- (dynamic security) and bcrypt (NATS). NULL for claims made before: they work embedded only.
+    ALTER TABLE claims ADD COLUMN broker_hash TEXT;
+    ALTER TABLE claims ADD COLUMN bcrypt_hash TEXT;
+    """,
 ]
 
 
