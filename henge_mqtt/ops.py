@@ -232,13 +232,14 @@ TABLE: tuple[Op, ...] = (
         "Create a claim: a credential a batch of devices shares to get identities of their own (shown once).",
         "ClaimCreateArgs", "`name`, `labels`, `uses`, `expires_in` (seconds), `broker?` (the URL devices use), "
         "`ca?` (a claim CA, PEM)",
-        "`{id, name, labels, uses, expires_at, secret, credential}`: `credential` is the claim file a device's "
-        "agent reads (`henge agent --claim FILE`); the secret only here", "POST /claims", returns="ClaimCreated"),
+        "`{id, name, labels, uses, expires_at, secret, credential, broker}`: `credential` is the claim file a "
+        "device's agent reads (`henge agent --claim FILE`); the secret only here; `broker`: what an external "
+        "broker did with the claim's user (as `device.add`'s)", "POST /claims", returns="ClaimCreated"),
     _op("claim.list", "admin", "Claims with their uses, expiry and state (never their secrets).",
         "StatusArgs", "", "`[{id, name, labels, uses, used, left, expires_at, state, ca, created_at, created_by}]`",
         "GET /claims", returns="list[ClaimInfo]"),
     _op("claim.revoke", "admin", "Revoke a claim: it stops working at once (devices it created keep theirs).",
-        "ClaimRefArgs", "`claim` (id or name)", "`{id, name, used, revoked}`", "DELETE /claims/{claim}",
+        "ClaimRefArgs", "`claim` (id or name)", "`{id, name, used, revoked, broker}`", "DELETE /claims/{claim}",
         returns="ClaimRevoked"),
     # ---- HTTP-only views (the console's) ---------------------------------------------------------------
     _op("me", "viewer", "The token's name and role (the console shows what the role allows).",

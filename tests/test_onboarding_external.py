@@ -222,6 +222,8 @@ async def test_devices_claim_through_a_nats_cluster(tmp_path: Path) -> None:
         await svc.set_layer("berlin", {"ntp": "ptb.de"}, labels={"site": "berlin"})
         claim = await svc.create_claim("batch-n", {"site": "berlin"}, 10, 3600)
         assert claim["broker"] == {"applied": True, "how": "nats-accounts", "detail": ""}
+        # Where devices connect: the device listener broker-config wrote (not henge's own connection).
+        assert claim["credential"]["broker"] == f"mqtt://127.0.0.1:{cluster.mqtt_ports[0]}"
         user = f"claim:{claim['id']}"
         chosen = {f"cam-{i}": secrets.token_urlsafe(24) for i in range(6)}
         loop = asyncio.get_running_loop()

@@ -26,6 +26,7 @@ from ..errors import (
     ValidationFailed,
 )
 from ..models import ConfigVersion, Device
+from ..paths import BROKER_FILE
 from ..ports import BrokerPort, IdentitySync, KickResult
 from ..results import (
     AuditEntry,
@@ -719,16 +720,30 @@ class ServiceAPI:
         self.events.emit("claim_created", None, claim=claim_id, name=name, uses=uses)
         said: list[IdentitySync] = []
         await self._tell_broker(said, claims={claim_user(claim_id): secret})
-        if broker is None:  # the first device listener; one on every interface, by this machine's name
-            addresses = self.broker.addresses()
-            if addresses:
-                host, port = addresses[0]
-                host = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
-                broker = f"mqtt://{host}:{port}"
+        if broker is None:
+            broker = self._device_url()
         credential = {"claim": claim_id, "secret": secret, "broker": broker,
                       "topic_prefix": self.settings.topic_prefix}
         return {"id": claim_id, "name": name, "labels": labels, "uses": uses, "expires_at": iso(expires_at),
                 "secret": secret, "credential": credential, "broker": broker_note(said)}
+
+    def _device_url(self) -> str | None:
+        """Where devices connect: the first device listener; behind an external broker, the device
+        listener broker-config wrote (None when it did not: a broker configured by other means);
+        one on every interface by this machine's name."""
+        if self.settings.external_broker:
+            try:
+                listener = json.loads((self.settings.data_dir / BROKER_FILE).read_text())["device_listener"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            host, _, port = str(listener).rpartition(":")
+        else:
+            addresses = self.broker.addresses()
+            if not addresses:
+                return None
+            host, port = addresses[0][0], str(addresses[0][1])
+        host = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+        return f"mqtt://{host}:{port}"
 
     async def list_claims(self) -> list[ClaimInfo]:
         now = time.time()
