@@ -150,26 +150,30 @@ async def test_a_flood_of_claims_is_rate_limited_and_costs_nothing_else(start_se
 async def test_paho_devices_claim_in_both_protocol_versions(running: Running) -> None:
     claim = await running.service.create_claim("paho", {"batch": "p"}, 2, 3600)
     for protocol, device in ((paho.MQTTv5, "paho-5"), (paho.MQTTv311, "paho-311")):
-        answer = await asyncio.to_thread(_paho_claim, running.port, claim, protocol, device)
+        answer = await asyncio.to_thread(plain_claim, running.port, f"claim:{claim['id']}", claim["secret"],
+                                         {"device": device}, protocol=protocol)
         assert answer["ok"] is True and answer["device"] == device and answer["labels"] == {"batch": "p"}
         assert (await running.service.get_device(device)).labels == {"batch": "p"}
 
 
-def _paho_claim(port: int, claim: dict[str, Any], protocol: int, device: str) -> dict[str, Any]:
-    who = nonce()
+def plain_claim(port: int, user: str, password: str, request: dict[str, Any], *, nonce: str | None = None,
+                protocol: int = paho.MQTTv311, timeout: float = 20.0) -> dict[str, Any]:
+    """A plain paho-mqtt device claiming: connect as the claim, subscribe to its response topic,
+    publish its request, return the answer."""
+    who = nonce or secrets.token_urlsafe(16)
     got: list[bytes] = []
     subscribed, answered = threading.Event(), threading.Event()
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=who, protocol=protocol)
-    client.username_pw_set(f"claim:{claim['id']}", claim["secret"])
+    client.username_pw_set(user, password)
     client.on_subscribe = lambda *a: subscribed.set()
     client.on_message = lambda c, u, m: (got.append(m.payload), answered.set())
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
         client.subscribe(f"henge/claim/{who}/response", qos=1)
-        assert subscribed.wait(5)
-        client.publish(f"henge/claim/{who}/request", json.dumps({"device": device}), qos=1)
-        assert answered.wait(5), "no answer"
+        assert subscribed.wait(timeout), "no SUBACK"
+        client.publish(f"henge/claim/{who}/request", json.dumps(request), qos=1)
+        assert answered.wait(timeout), "no answer"
     finally:
         client.loop_stop()
         client.disconnect()

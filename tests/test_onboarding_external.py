@@ -11,41 +11,16 @@ import json
 import secrets
 import signal
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import paho.mqtt.client as paho
 import pytest
 
 from .conftest import ROOT, henge_cli, wait_until
 from .test_external import Fleet, external_fleet, wait_status
-
-
-def plain_claim(port: int, user: str, password: str, request: dict[str, Any], *, nonce: str | None = None,
-                protocol: int = paho.MQTTv311, timeout: float = 20.0) -> dict[str, Any]:
-    """A plain paho-mqtt device claiming: connect as the claim, subscribe to its response topic,
-    publish its request, return the answer."""
-    who = nonce or secrets.token_urlsafe(16)
-    got: list[bytes] = []
-    subscribed, answered = threading.Event(), threading.Event()
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=who, protocol=protocol)
-    client.username_pw_set(user, password)
-    client.on_subscribe = lambda *a: subscribed.set()
-    client.on_message = lambda c, u, m: (got.append(m.payload), answered.set())
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        client.subscribe(f"henge/claim/{who}/response", qos=1)
-        assert subscribed.wait(timeout), "no SUBACK"
-        client.publish(f"henge/claim/{who}/request", json.dumps(request), qos=1)
-        assert answered.wait(timeout), "no answer"
-    finally:
-        client.loop_stop()
-        client.disconnect()
-    return dict(json.loads(got[0]))
+from .test_onboarding import plain_claim
 
 
 def request_for(claim: dict[str, Any], device: str, secret: str, **extra: Any) -> dict[str, Any]:
