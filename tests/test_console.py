@@ -4,6 +4,7 @@ service with real MQTT devices: what an operator sees, live, without reloading."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -11,8 +12,9 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiomqtt
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 
 from henge_mqtt import codec
 from henge_mqtt.http import HttpServer
@@ -375,7 +377,7 @@ async def test_device_actions_from_the_page_with_the_api_s_role_rules(running: R
 
             await sign_in(page, server.url, tokens["admin"])
             await page.goto(server.url + "#/device/cam1")
-            labels = page.get_by_label("Labels (k=v, comma-separated)")
+            labels = page.locator("#device").get_by_label("Labels (k=v, comma-separated)")
             await expect(labels).to_have_value("site=berlin")
             await labels.fill("site=paris, tier=gold")
             await page.get_by_role("button", name="Save labels").click()
@@ -431,6 +433,172 @@ async def test_the_audit_trail_with_filters_in_the_url(running: Running, browser
             await expect(rows).to_have_count(2)
             await rows.first.get_by_role("link", name="cam1").click()
             await expect(page.locator("#d-title")).to_have_text("cam1")
+            assert errors == []
+        finally:
+            await page.close()
+
+
+async def _accept(dialog: Dialog) -> None:
+    await dialog.accept()
+
+
+async def _dismiss(dialog: Dialog) -> None:
+    await dialog.dismiss()
+
+
+async def test_rollouts_are_paused_resumed_and_aborted_from_the_page(running: Running, browser: Browser) -> None:
+    """A running rollout's buttons: a viewer sees them disabled with the reason; an operator pauses,
+    resumes, cancels an abort at the confirmation, then aborts and reverts it."""
+    svc = running.service
+    silent = contextlib.AsyncExitStack()
+    for device in ("r1", "r2", "r3", "r4"):
+        secret = await svc.add_device(device, {"site": "x"})
+        await svc.push(device, {"v": 0})
+        await silent.enter_async_context(aiomqtt.Client("127.0.0.1", running.port, identifier=device,
+                                                        username=device, password=secret, timeout=5))
+        await wait_status(running, device, lambda r: r["online"])
+    # Connected devices that never report: the first wave waits for them (a long timeout) and stays running.
+    started = await svc.start_rollout({"v": 1}, labels={"site": "x"}, waves=[50, 100], min_applied=100,
+                                      wave_timeout=3600)
+    rollout = started["id"]
+    async with silent, HttpServer(svc, "127.0.0.1", 0) as server:
+        tokens = {role: (await svc.create_token(f"t-{role}", role))["token"] for role in ("viewer", "operator")}
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, tokens["viewer"])
+            article = page.locator(f'article[data-rollout="{rollout}"]')
+            await expect(article).to_have_attribute("data-state", "running")
+            for name in ("Pause", "Abort", "Abort and revert"):
+                button = article.get_by_role("button", name=name, exact=True)
+                await expect(button).to_be_disabled()
+                await expect(button).to_have_attribute("title", re.compile(r"Your role \(viewer\) cannot"))
+            await page.get_by_role("button", name="Sign out").click()
+
+            await sign_in(page, server.url, tokens["operator"])
+            await article.get_by_role("button", name="Pause", exact=True).click()
+            await expect(article).to_have_attribute("data-state", "paused")
+            assert (await svc.rollout_status(rollout))["state"] == "paused"
+            await article.get_by_role("button", name="Resume", exact=True).click()
+            await expect(article).to_have_attribute("data-state", "running")
+            page.once("dialog", _dismiss)  # asked to confirm, the operator says no: nothing happens
+            await article.get_by_role("button", name="Abort", exact=True).click()
+            await expect(page.locator("#rollout-note")).not_to_contain_text("Abort")
+            assert (await svc.rollout_status(rollout))["state"] == "running"
+            page.once("dialog", _accept)
+            await article.get_by_role("button", name="Abort and revert", exact=True).click()
+            await expect(page.locator("#rollout-note")).to_contain_text(f"Abort and revert: rollout {rollout} is")
+            await expect(article).to_have_attribute("data-state", "aborted")
+            await expect(article.get_by_role("button")).to_have_count(0)  # nothing left to do with it
+            status = await svc.rollout_status(rollout)
+            assert status["state"] == "aborted"
+            for device in ("r1", "r2", "r3", "r4"):
+                assert (await svc.get_version(device)).config == {"v": 0}  # reverted (or never changed)
+            assert errors == []
+        finally:
+            await page.close()
+
+
+async def test_devices_are_added_and_imported_with_a_preview(running: Running, browser: Browser,
+                                                            tmp_path: Path) -> None:
+    """Add one device (its secret shown once, with a copy button); import many from CSV, pasted or
+    from a file, with a line-by-line preview that lists problems first and stores nothing until
+    they are fixed; the new secrets are a download, once; a viewer's buttons say why not."""
+    svc = running.service
+    await svc.add_device("old1", {"site": "moon"})
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        tokens = {role: (await svc.create_token(f"t-{role}", role))["token"] for role in ("viewer", "admin")}
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, tokens["viewer"])
+            await page.get_by_text("Add devices").click()
+            await expect(page.get_by_role("button", name="Add device")).to_have_attribute(
+                "title", "Your role (viewer) cannot: this needs admin.")
+            await page.get_by_role("button", name="Sign out").click()
+
+            await sign_in(page, server.url, tokens["admin"])
+            await page.get_by_text("Add devices").click()
+            await page.get_by_label("Device id", exact=True).fill("new1")
+            await page.locator("#add-panel").get_by_label("Labels (k=v, comma-separated)").fill("site=lab, tier=gold")
+            await page.get_by_role("button", name="Add device").click()
+            shown = page.locator("#add-secret")
+            await expect(shown).not_to_have_text("")
+            secret = await shown.text_content()
+            assert secret and svc.store.verify_device("new1", secret)
+            assert (await svc.get_device("new1")).labels == {"site": "lab", "tier": "gold"}
+            await expect(page.locator("#devices tbody tr[data-device='new1']")).to_have_count(1)
+
+            csv = page.get_by_label("or paste it")
+            await csv.fill('id,site\ncam-a,berlin\ncam-b,"paris, 11e"\nbad id,x\ncam-a,again\nold1,sun\n')
+            preview = page.locator("#import-preview tbody tr")
+            await expect(preview).to_have_count(5)
+            await expect(preview.nth(0)).to_contain_text("not a device id")  # problems first
+            await expect(preview.nth(1)).to_contain_text("appears twice")
+            await expect(preview.nth(2)).to_contain_text("exists (tick the box")
+            importing = page.locator("#import-button")
+            await expect(importing).to_be_disabled()
+            await expect(importing).to_have_attribute("title", "Fix the lines marked first.")
+            await csv.fill('id,site\ncam-a,berlin\ncam-b,"paris, 11e"\nold1,sun\n')
+            await page.get_by_label("devices that exist get these labels").check()
+            await expect(page.locator("#import-summary")).to_have_text("3 lines: 2 new devices, 1 updated.")
+            await expect(preview.nth(1)).to_contain_text("site=paris, 11e")
+            assert not svc.store.has_device("cam-a")  # a preview stores nothing
+            await page.get_by_role("button", name="Import 3 devices").click()
+            await expect(page.locator("#add-note")).to_have_text("Imported: 2 new devices, 1 updated.")
+            async with page.expect_download() as download_info:
+                await page.get_by_role("link", name=re.compile("Download the 2 new secrets")).click()
+            download = await download_info.value
+            lines = Path(await download.path()).read_text().splitlines()
+            assert lines[0] == "id,secret" and sorted(line.split(",")[0] for line in lines[1:]) == ["cam-a", "cam-b"]
+            for line in lines[1:]:
+                device, device_secret = line.split(",")
+                assert svc.store.verify_device(device, device_secret)
+            assert (await svc.get_device("cam-b")).labels == {"site": "paris, 11e"}
+            assert (await svc.get_device("old1")).labels == {"site": "sun"}
+
+            # From a file: the same preview.
+            path = tmp_path / "more.csv"
+            path.write_text("id,site\ncam-c,rome\n")
+            await page.locator("#import-file").set_input_files(str(path))
+            await expect(page.locator("#import-summary")).to_have_text("1 lines: 1 new devices, 0 updated.")
+            await expect(page.get_by_role("button", name="Import 1 devices")).to_be_enabled()
+            assert errors == []
+        finally:
+            await page.close()
+
+
+async def test_tokens_are_created_and_revoked_from_the_page(running: Running, browser: Browser) -> None:
+    """The tokens view: an admin lists, creates (the token shown once) and revokes (after a
+    confirmation) tokens; a viewer is told it cannot."""
+    svc = running.service
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        tokens = {role: (await svc.create_token(f"t-{role}", role))["token"] for role in ("viewer", "admin")}
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, tokens["viewer"])
+            await page.get_by_role("link", name="Tokens").click()
+            await expect(page.locator("#t-note")).to_have_text(
+                "Your role (viewer) cannot see or make tokens: this needs admin.")
+            await expect(page.get_by_role("button", name="Create token")).to_be_disabled()
+            await page.get_by_role("button", name="Sign out").click()
+
+            await sign_in(page, server.url, tokens["admin"])
+            await page.goto(server.url + "#/tokens")
+            rows = page.locator("#t-table tbody tr")
+            await expect(rows).to_have_count(2)
+            await page.get_by_label("Name").fill("ci-bot")
+            await page.get_by_label("Role").select_option("operator")
+            await page.get_by_role("button", name="Create token").click()
+            shown = page.locator("#t-secret")
+            await expect(shown).not_to_have_text("")
+            token = await shown.text_content()
+            assert token and svc.verify_token(token) == ("ci-bot", "operator")
+            await expect(rows).to_have_count(3)
+            page.once("dialog", _accept)
+            await page.locator("#t-table tr[data-token='ci-bot']").get_by_role("button", name="Revoke").click()
+            await expect(page.locator("#t-note")).to_have_text("Token ci-bot revoked.")
+            await expect(rows).to_have_count(2)
+            assert svc.verify_token(token) is None
+            assert [e["action"] for e in await svc.audit(limit=10)][-2:] == ["token.create", "token.revoke"]
             assert errors == []
         finally:
             await page.close()

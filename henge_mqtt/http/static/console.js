@@ -84,7 +84,7 @@ async function signIn(token) {
 }
 
 function show(section) {
-  for (const id of ["login", "fleet", "device", "audit"]) $(id).hidden = id !== section;
+  for (const id of ["login", "fleet", "device", "audit", "tokens"]) $(id).hidden = id !== section;
 }
 
 // ---- fleet table --------------------------------------------------------------------------------------
@@ -263,8 +263,37 @@ async function loadRollouts() {
     });
     return el("article", { class: "rollout", "data-rollout": r.id, "data-state": r.state },
       el("h4", { text: `${r.id}: ${r.state}` + (r.reason ? ` (${r.reason})` : "") + (r.message ? ` — ${r.message}` : "") }),
-      el("ol", { class: "waves" }, ...waves));
+      el("ol", { class: "waves" }, ...waves), rolloutActions(r));
   }));
+}
+
+// What an operator can do with a rollout that is still going: pause, resume, abort (and revert).
+function rolloutActions(r) {
+  const actions = [];
+  if (r.state === "running") actions.push(["Pause", "pause"]);
+  if (r.state === "paused") actions.push(["Resume", "resume"]);
+  if (r.state === "running" || r.state === "paused") {
+    actions.push(["Abort", "abort"], ["Abort and revert", "abort?revert=true"]);
+  }
+  const buttons = actions.map(([label, path]) => {
+    const b = el("button", { type: "button", text: label, "data-action": path.replace("?revert=true", "-revert") });
+    allow(b, "operator", "");
+    b.onclick = () => rolloutAction(r.id, label, path).catch((e) => {
+      $("rollout-note").className = "error"; $("rollout-note").textContent = e.message;
+    });
+    return b;
+  });
+  return el("p", { class: "filters" }, ...buttons);
+}
+
+async function rolloutAction(id, label, path) {
+  if (path.startsWith("abort") && !confirm(`${label} rollout ${id}? It stops for good` +
+      (path.includes("revert") ? ", and the devices it changed get their versions from before it." : "."))) return;
+  $("rollout-note").className = "help";
+  $("rollout-note").textContent = `${label}: asked…`;
+  const r = await api(`/rollouts/${encodeURIComponent(id)}/${path}`, { method: "POST" });
+  $("rollout-note").textContent = `${label}: rollout ${r.id} is ${r.state}` + (r.reason ? ` (${r.reason}).` : ".");
+  scheduleRollouts();
 }
 
 // ---- live events (fetch, not EventSource: it must send the Authorization header) ------------------------
@@ -423,12 +452,7 @@ function wireActions(id, s, labels) {
     actionNote("A new secret is set; its connection was closed. Give the device the secret above.");
   });
   $("labels-form").onsubmit = (e) => { e.preventDefault(); act(async () => {
-    const wanted = {};
-    for (const part of $("labels-edit").value.split(",").map((p) => p.trim()).filter(Boolean)) {
-      const at = part.indexOf("=");
-      if (at < 1) throw new Error(`${part}: a label is k=v`);
-      wanted[part.slice(0, at).trim()] = part.slice(at + 1).trim();
-    }
+    const wanted = parseLabels($("labels-edit").value);
     const remove = Object.keys(labels).filter((k) => !(k in wanted));
     const r = await api(`${path}/labels`, { method: "PATCH", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ set: wanted, remove }) });
@@ -443,6 +467,199 @@ function wireActions(id, s, labels) {
     state.rows.delete(id);
     location.hash = state.fleetHash;
   }); };
+}
+
+function parseLabels(text) { // "k=v, k2=v2" as the label forms take it
+  const labels = {};
+  for (const part of text.split(",").map((p) => p.trim()).filter(Boolean)) {
+    const at = part.indexOf("=");
+    if (at < 1) throw new Error(`${part}: a label is k=v`);
+    labels[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+  }
+  return labels;
+}
+
+function copyButton(button, code, note) { // copy a secret shown once; select it where the clipboard is refused
+  button.addEventListener("click", () => {
+    const text = code.textContent;
+    const select = () => { getSelection().selectAllChildren(code); note("Selected: copy it with Ctrl+C."); };
+    if (navigator.clipboard) navigator.clipboard.writeText(text).then(() => note("Copied."), select);
+    else select();
+  });
+}
+
+// ---- adding devices: one, or many from CSV with a preview --------------------------------------------------
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/; // a device id, a label key, a token name (henge_mqtt.ids)
+const PREVIEW_ROWS = 1000;
+
+function addNote(text, bad = false) {
+  $("add-note").className = bad ? "error" : "help";
+  $("add-note").textContent = text;
+}
+
+function brokerSaid(result) { // what an external broker did with the identities (never silence)
+  const b = result.broker;
+  return b && !b.applied ? ` The broker does not know yet: ${b.detail}` : "";
+}
+
+function wireAdd() {
+  allow($("add-button"), "admin", "");
+  importPreview();
+}
+
+async function addDevice(event) {
+  event.preventDefault();
+  try {
+    const device = $("add-id").value.trim();
+    if (!NAME_RE.test(device)) throw new Error(`${device || "(empty)"}: a device id is 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit`);
+    const r = await api("/devices", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ device, labels: parseLabels($("add-labels").value) }) });
+    $("add-secret").textContent = r.secret;
+    $("add-secret-box").hidden = false;
+    $("add-id").value = ""; $("add-labels").value = "";
+    addNote(`Device ${r.device} added.${brokerSaid(r)}`, Boolean(brokerSaid(r)));
+    scheduleReload();
+  } catch (e) { addNote(e.message, true); }
+}
+
+function parseCsv(text) { // RFC 4180: quoted fields, "" inside them, CRLF or LF
+  const rows = [];
+  let row = [], field = "", quoted = false, i = 0;
+  while (i < text.length) {
+    const c = text[i];
+    if (quoted) {
+      if (c === '"' && text[i + 1] === '"') { field += '"'; i += 2; continue; }
+      if (c === '"') quoted = false; else field += c;
+      i++; continue;
+    }
+    if (c === '"' && field === "") quoted = true;
+    else if (c === ",") { row.push(field); field = ""; }
+    else if (c === "\n" || c === "\r") {
+      row.push(field); rows.push(row); row = []; field = "";
+      if (c === "\r" && text[i + 1] === "\n") i++;
+    } else field += c;
+    i++;
+  }
+  if (quoted) throw new Error("a quoted field is never closed");
+  if (field !== "" || row.length) { row.push(field); rows.push(row); }
+  return rows.filter((r) => !(r.length === 1 && r[0].trim() === ""));
+}
+
+function importPreview() { // what the import would do, line by line, before anything is stored
+  state.importing = null;
+  const text = $("import-csv").value, body = $("import-preview").tBodies[0];
+  const done = (summary, bad) => {
+    $("import-summary").className = bad ? "error" : "help";
+    $("import-summary").textContent = summary;
+    const n = state.importing ? state.importing.devices.length : 0;
+    $("import-button").textContent = n ? `Import ${n} devices` : "Import";
+    allow($("import-button"), "admin", n ? "" : bad ? "Fix the lines marked first." : "Nothing to import yet.");
+  };
+  body.replaceChildren();
+  $("import-preview").hidden = true;
+  if (!text.trim()) return done("", false);
+  let rows;
+  try { rows = parseCsv(text); } catch (e) { return done(`Not CSV: ${e.message}.`, true); }
+  const [header, ...lines] = rows.map((r) => r.map((c) => c.trim()));
+  const idAt = header.indexOf("id");
+  if (idAt < 0) return done("The first line names the columns, and one of them is id.", true);
+  const badKey = header.find((k, j) => j !== idAt && !NAME_RE.test(k));
+  if (badKey !== undefined) return done(`Column ${JSON.stringify(badKey)} is not a label name (1-64 of A-Z a-z 0-9 . _ -).`, true);
+  const update = $("import-update").checked, seen = new Set(), devices = [], shown = [];
+  let problems = 0, updates = 0;
+  lines.forEach((cells, n) => {
+    const id = cells[idAt] || "", labels = {};
+    header.forEach((k, j) => { if (j !== idAt && cells[j]) labels[k] = cells[j]; });
+    let will = "create";
+    if (cells.length !== header.length) will = `problem: ${cells.length} fields, the first line has ${header.length}`;
+    else if (!NAME_RE.test(id)) will = "problem: not a device id (1-64 of A-Z a-z 0-9 . _ -)";
+    else if (seen.has(id)) will = "problem: appears twice";
+    else if (state.rows.has(id)) will = update ? "update its labels" : "problem: exists (tick the box to update its labels)";
+    seen.add(id);
+    if (will.startsWith("problem")) problems++; else devices.push({ id, labels });
+    if (will === "update its labels") updates++;
+    shown.push([n + 2, id, labels, will]);
+  });
+  shown.sort((a, b) => Number(b[3].startsWith("problem")) - Number(a[3].startsWith("problem"))); // problems first
+  body.replaceChildren(...shown.slice(0, PREVIEW_ROWS).map(([line, id, labels, will]) => el("tr",
+    { class: will.startsWith("problem") ? "bad" : "" },
+    el("td", { text: String(line) }), el("td", { text: id }),
+    el("td", { text: Object.entries(labels).map(([k, v]) => `${k}=${v}`).join(", ") }), el("td", { text: will }))));
+  $("import-preview").hidden = shown.length === 0;
+  if (problems) return done(`${lines.length} lines: ${problems} with a problem (listed first); nothing can be imported until they are fixed.`, true);
+  state.importing = { devices, update };
+  done(`${lines.length} lines: ${devices.length - updates} new devices, ${updates} updated` +
+    (shown.length > PREVIEW_ROWS ? ` (the first ${PREVIEW_ROWS} shown)` : "") + ".", false);
+}
+
+async function importDevices() {
+  const job = state.importing;
+  if (!job) return;
+  try {
+    $("import-button").disabled = true;
+    const r = await api("/devices/import", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(job) });
+    const ids = Object.keys(r.secrets);
+    const csv = "id,secret\n" + ids.map((id) => `${id},${r.secrets[id]}`).join("\n") + "\n";
+    const link = $("import-secrets");
+    if (link.href) URL.revokeObjectURL(link.href);
+    link.href = URL.createObjectURL(new Blob([csv], { type: "text/csv" }));
+    link.textContent = `Download the ${ids.length} new secrets (henge-secrets.csv): shown this once`;
+    link.hidden = ids.length === 0;
+    $("import-csv").value = ""; $("import-file").value = "";
+    importPreview();
+    addNote(`Imported: ${ids.length} new devices, ${r.updated} updated.${brokerSaid(r)}`, Boolean(brokerSaid(r)));
+    scheduleReload();
+  } catch (e) { addNote(e.message, true); importPreview(); }
+}
+
+// ---- API tokens -------------------------------------------------------------------------------------------
+
+function tokenNote(text, bad = false) {
+  $("t-note").className = bad ? "error" : "help";
+  $("t-note").textContent = text;
+}
+
+async function loadTokens() {
+  allow($("t-create"), "admin", "");
+  if (RANK[state.role] < RANK.admin) {
+    $("t-table").tBodies[0].replaceChildren();
+    tokenNote(`Your role (${state.role}) cannot see or make tokens: this needs admin.`);
+    return;
+  }
+  const rows = await api("/tokens");
+  $("t-table").tBodies[0].replaceChildren(...rows.map((t) => {
+    const revoke = el("button", { type: "button", text: "Revoke", "data-token": t.name });
+    allow(revoke, "admin", "");
+    revoke.onclick = () => revokeToken(t).catch((e) => tokenNote(e.message, true));
+    return el("tr", { "data-token": t.name }, el("td", { text: t.name }), el("td", { text: t.role }),
+      el("td", {}, when(t.created_at)), el("td", { text: t.created_by || "-" }), el("td", {}, when(t.last_used_at)),
+      el("td", {}, revoke));
+  }));
+  if (!$("t-note").textContent) tokenNote(rows.length ? "" : "No tokens yet.");
+}
+
+async function revokeToken(t) {
+  if (!confirm(`Revoke token ${t.name} (${t.role})? Whatever uses it stops working at once.`)) return;
+  await api(`/tokens/${encodeURIComponent(t.id)}`, { method: "DELETE" });
+  tokenNote(`Token ${t.name} revoked.`);
+  await loadTokens();
+}
+
+async function createToken(event) {
+  event.preventDefault();
+  try {
+    const name = $("t-name").value.trim();
+    if (!NAME_RE.test(name)) throw new Error(`${name || "(empty)"}: a token name is 1-64 of A-Z a-z 0-9 . _ -`);
+    const r = await api("/tokens", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ name, role: $("t-role").value }) });
+    $("t-secret").textContent = r.token;
+    $("t-secret-box").hidden = false;
+    $("t-name").value = "";
+    tokenNote(`Token ${r.name} (${r.role}) created: copy it now, it is not shown again.`);
+    await loadTokens();
+  } catch (e) { tokenNote(e.message, true); }
 }
 
 // ---- the audit trail ------------------------------------------------------------------------------------
@@ -640,7 +857,12 @@ function route() {
   if (!state.token) { show("login"); return; }
   const m = location.hash.match(/^#\/device\/(.+)$/);
   const audit = location.hash.match(/^#\/audit(?:\?(.*))?$/);
-  if (audit) {
+  if (location.hash === "#/tokens") {
+    state.device = "";
+    $("t-secret-box").hidden = true; $("t-note").textContent = "";
+    show("tokens");
+    loadTokens().catch((e) => tokenNote(e.message, true));
+  } else if (audit) {
     state.device = "";
     const p = new URLSearchParams(audit[1] || "");
     $("a-device").value = p.get("device") || "";
@@ -661,6 +883,7 @@ function route() {
     loadView(location.hash);
     state.fleetHash = viewHash();
     show("fleet");
+    wireAdd();
     markDirty();
   }
   $("back").href = state.fleetHash; // "All devices" goes back to the view the operator came from
@@ -697,12 +920,21 @@ document.addEventListener("DOMContentLoaded", () => {
   $("push-form").addEventListener("submit", push);
   $("push-config").addEventListener("input", () => { $("push-config").dataset.touched = "1"; });
   $("labels-edit").addEventListener("input", () => { $("labels-edit").dataset.touched = "1"; });
-  $("secret-copy").addEventListener("click", () => {
-    const text = $("secret-value").textContent;
-    if (navigator.clipboard) navigator.clipboard.writeText(text).then(() => actionNote("Copied."), () => select());
-    else select();
-    function select() { getSelection().selectAllChildren($("secret-value")); actionNote("Selected: copy it with Ctrl+C."); }
+  copyButton($("secret-copy"), $("secret-value"), actionNote);
+  copyButton($("add-secret-copy"), $("add-secret"), addNote);
+  copyButton($("t-secret-copy"), $("t-secret"), tokenNote);
+  $("add-form").addEventListener("submit", addDevice);
+  $("import-csv").addEventListener("input", importPreview);
+  $("import-update").addEventListener("change", importPreview);
+  $("import-file").addEventListener("change", async () => {
+    const file = $("import-file").files[0];
+    if (!file) return;
+    if (file.size > 20 * 1024 * 1024) { addNote("That file is over 20 MB: import it with henge device import.", true); return; }
+    $("import-csv").value = await file.text();
+    importPreview();
   });
+  $("import-button").addEventListener("click", importDevices);
+  $("t-form").addEventListener("submit", createToken);
   $("diff-b").addEventListener("change", () => { $("diff-b").dataset.touched = "1"; });
   $("diff-form").addEventListener("submit", (e) => showDiff(e).catch((err) => { $("diff").textContent = err.message; }));
   window.addEventListener("hashchange", route);
