@@ -271,6 +271,13 @@ class PushManyArgs(Frozen):
     report_timeout: float | None = Field(default=None, gt=0, le=86400)  # then wait this long for every report
 
 
+class PushPreviewArgs(Frozen):
+    all: bool = False
+    labels: dict[str, str] = Field(default_factory=dict)
+    where: str | None = Field(default=None, max_length=2048)  # docs/where.md
+    config: ConfigObject
+
+
 class SchemaSetArgs(Frozen):
     labels: dict[str, str] = Field(default_factory=dict)
     document: dict[str, Any]

@@ -146,6 +146,13 @@ TABLE: tuple[Op, ...] = (
         "progress messages `{\"id\", \"progress\": {...}}` go to `reply_to`: `{\"stored\", \"of\"}` after each "
         "chunk, then the counts while it waits for acknowledgements (and, with `report_timeout`, for every "
         "device's report)", "POST /push", returns="FleetAnswer"),
+    _op("push_preview", "viewer",
+        "What a fleet push would change, stored nowhere: how many devices, which, and one device's diff.",
+        "PushPreviewArgs", "`all`, `labels` and/or `where`, `config`",
+        "`{targeted, change, unchanged, devices, more, example}`: `devices` names the first 200 that would get a "
+        "new version (`more`: how many besides), `example` is the first one's `{device, from_version, to_version, "
+        "diff}` (a unified diff) or null; schemas are checked when a push stores, not here",
+        "POST /push/preview", returns="PushPreview"),
     # ---- audit, backup ---------------------------------------------------------------------------------
     _op("audit", "viewer", "Who did what, when: every admin action, oldest first (secrets never appear).",
         "AuditArgs", "`device?`, `limit?`", "audit entries, oldest first", "GET /audit", "GET /devices/{device}/audit",

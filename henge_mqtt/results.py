@@ -237,6 +237,24 @@ class Listed(TypedDict):
     silent: list[str]
 
 
+class PushPreviewDiff(TypedDict):
+    device: str
+    from_version: int | None  # None: the device has no config yet
+    to_version: int
+    diff: str  # unified, of the indented key-sorted JSON (as henge diff)
+
+
+class PushPreview(TypedDict):
+    """What a fleet push would store now; nothing is stored."""
+
+    targeted: int
+    change: int  # devices that would get a new version
+    unchanged: int  # already at what they would get
+    devices: list[str]  # the first PREVIEW_DEVICES of those that would change, by id
+    more: int  # how many more would change
+    example: PushPreviewDiff | None  # the first one's change
+
+
 class FleetAnswer(TypedDict):
     """A fleet push, answered in devices (docs/rollouts.md#fleet-answers)."""
 

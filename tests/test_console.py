@@ -377,7 +377,7 @@ async def test_device_actions_from_the_page_with_the_api_s_role_rules(running: R
 
             await sign_in(page, server.url, tokens["admin"])
             await page.goto(server.url + "#/device/cam1")
-            labels = page.locator("#device").get_by_label("Labels (k=v, comma-separated)")
+            labels = page.get_by_label("Labels (k=v, comma-separated)")
             await expect(labels).to_have_value("site=berlin")
             await labels.fill("site=paris, tier=gold")
             await page.get_by_role("button", name="Save labels").click()
@@ -517,8 +517,8 @@ async def test_devices_are_added_and_imported_with_a_preview(running: Running, b
 
             await sign_in(page, server.url, tokens["admin"])
             await page.get_by_text("Add devices").click()
-            await page.get_by_label("Device id", exact=True).fill("new1")
-            await page.locator("#add-panel").get_by_label("Labels (k=v, comma-separated)").fill("site=lab, tier=gold")
+            await page.get_by_label("New device id").fill("new1")
+            await page.get_by_label("With labels k=v, comma-separated").fill("site=lab, tier=gold")
             await page.get_by_role("button", name="Add device").click()
             shown = page.locator("#add-secret")
             await expect(shown).not_to_have_text("")
@@ -599,6 +599,55 @@ async def test_tokens_are_created_and_revoked_from_the_page(running: Running, br
             await expect(rows).to_have_count(2)
             assert svc.verify_token(token) is None
             assert [e["action"] for e in await svc.audit(limit=10)][-2:] == ["token.create", "token.revoke"]
+            assert errors == []
+        finally:
+            await page.close()
+
+
+async def test_a_fleet_push_is_previewed_then_pushed_from_the_page(running: Running, browser: Browser) -> None:
+    """Push to many: the preview names the devices that would change and shows one diff, stores
+    nothing; the push button waits for a preview of exactly what is in the form; a viewer may
+    preview, not push."""
+    svc = running.service
+    for device, site in (("p1", "b"), ("p2", "b"), ("p3", "c")):
+        await svc.add_device(device, {"site": site})
+    await svc.push("p1", {"port": 80})
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        tokens = {role: (await svc.create_token(f"t-{role}", role))["token"] for role in ("viewer", "operator")}
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, tokens["operator"])
+            await page.get_by_text("Push to many devices").click()
+            await page.get_by_label("Target (k=v, or a filter)").fill("site=b")
+            await page.get_by_label("Layer for every device (JSON)").fill('{"port": 81}')
+            push = page.locator("#many-push")
+            await expect(push).to_be_disabled()
+            await expect(push).to_have_attribute("title", "Preview first: see which devices change, and how.")
+            await page.get_by_role("button", name="Preview").click()
+            await expect(page.locator("#many-note")).to_have_text(
+                "Would change 2 of 2 devices (0 already there): p1, p2. The change for p1:")
+            await expect(page.locator("#many-diff .add")).to_contain_text(['+  "port": 81'])
+            await expect(page.locator("#many-diff .del")).to_contain_text(['-  "port": 80'])
+            assert [r.version for r in svc.store.history("p1")] == [1] and not svc.store.history("p2")
+            await page.get_by_label("Layer for every device (JSON)").fill('{"port": 82}')
+            await expect(push).to_be_disabled()  # not what was previewed
+            await page.get_by_role("button", name="Preview").click()
+            await page.get_by_role("button", name="Push to 2 devices").click()
+            await expect(page.locator("#many-note")).to_contain_text("Pushed: 2 devices, 0 unchanged;")
+            assert (await svc.get_version("p1")).config == {"port": 82}
+            assert (await svc.get_version("p2")).config == {"port": 82}
+            assert not svc.store.history("p3")
+            await page.get_by_role("button", name="Sign out").click()
+
+            await sign_in(page, server.url, tokens["viewer"])
+            await page.get_by_text("Push to many devices").click()
+            await page.get_by_label("Devices", exact=True).select_option("where")
+            await page.get_by_label("Target (k=v, or a filter)").fill('labels.site == "c"')
+            await page.get_by_label("Layer for every device (JSON)").fill('{"port": 82}')
+            await page.get_by_role("button", name="Preview").click()
+            await expect(page.locator("#many-note")).to_contain_text("Would change 1 of 1 devices")
+            await expect(push).to_be_disabled()
+            await expect(push).to_have_attribute("title", "Your role (viewer) cannot: this needs operator.")
             assert errors == []
         finally:
             await page.close()

@@ -96,3 +96,43 @@ async def test_without_wait_the_answer_counts_devices_not_subscribers(running: R
     result = json.loads(out)
     assert {k: result[k] for k in ("targeted", "online", "offline", "delivered", "applied", "pending")} == {
         "targeted": 2, "online": 1, "offline": 1, "delivered": 1, "applied": 0, "pending": 2}
+
+
+async def test_a_fleet_push_is_previewed_before_anything_is_stored(running: Running, tmp_path: Path) -> None:
+    """`henge push --label ... --dry-run` (op push_preview, POST /push/preview): which devices would
+    get a new version (with their layers merged, as the push would), which are already there, the
+    first one's diff; nothing stored, nothing published."""
+    from henge_mqtt.http import HttpServer
+
+    svc = running.service
+    await svc.set_layer("base", {"ntp": "a"}, labels={"site": "b"})
+    for device in ("p1", "p2", "p3"):
+        await svc.add_device(device, {"site": "b"})
+    await svc.push("p1", {"port": 80})
+    await svc.push("p2", {"port": 81})  # p3: its layer only
+    before = {d: [r.version for r in svc.store.history(d)] for d in ("p1", "p2", "p3")}
+    code, out, err = await push(running, tmp_path, {"port": 81}, "--label", "site=b", "--dry-run")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "would change 2 of 3 devices (1 unchanged); nothing was stored"
+    assert lines[1] == "  p1, p3"
+    assert '-  "port": 80' in out and '+  "port": 81' in out and "--- p1 v2" in out and "+++ p1 v3" in out
+    code, out, _ = await push(running, tmp_path, {"port": 81}, "--label", "site=b", "--dry-run", "--json")
+    answer = json.loads(out)
+    assert (answer["targeted"], answer["change"], answer["unchanged"], answer["devices"], answer["more"]) == (
+        3, 2, 1, ["p1", "p3"], 0)
+    assert answer["example"]["device"] == "p1" and answer["example"]["to_version"] == 3
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        viewer = (await svc.create_token("look", "viewer"))["token"]
+        import httpx
+
+        async with httpx.AsyncClient(base_url=server.url.rstrip("/"), timeout=10,
+                                     headers={"Authorization": f"Bearer {viewer}"}) as http:
+            reply = await http.post("/api/v1/push/preview", json={"where": 'labels.site == "b"',
+                                                                  "config": {"port": 81}})
+            assert reply.status_code == 200 and reply.json()["devices"] == ["p1", "p3"]
+            refused = await http.post("/api/v1/push", json={"all": True, "config": {"port": 81}})
+            assert refused.status_code == 403  # a viewer previews; it cannot push
+    assert {d: [r.version for r in svc.store.history(d)] for d in ("p1", "p2", "p3")} == before
+    code, _, err = await push(running, tmp_path, {"port": 81}, "p1", "--dry-run")
+    assert code == 2 and err.strip() == "error: --dry-run previews a fleet push: give --all, --label k=v or --where EXPR"

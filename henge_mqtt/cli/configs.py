@@ -58,8 +58,13 @@ def push(
                                             "(a config edited on the device is put back; see sync drift).")]
     = False,
     wait: WaitOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --all, --label or --where: show which devices "
+                                          "would get a new version, and the first one's diff; store nothing.")]
+    = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: WaitTimeoutOpt = 10.0,
 ) -> None:
+    if dry_run and not (all_devices or label or where):
+        fail("--dry-run previews a fleet push: give --all, --label k=v or --where EXPR", 2)
     if reconcile:
         if target is None or source is not None or all_devices or label or patch or force or if_version is not None:
             fail("--reconcile takes one device id and nothing else: henge push --reconcile ID", 2)
@@ -75,6 +80,10 @@ def push(
             fail("with --all, --label or --where give only the FILE, no device id", 2)
         if if_version is not None or patch:
             fail("--if-version and --patch apply to a single device", 2)
+        if dry_run:
+            _preview(read_config(target), all_devices, labels_arg(label), where_arg(where), data, broker, as_json,
+                     timeout)
+            return
         _push_many(read_config(target), all_devices, labels_arg(label), where_arg(where), message, data, broker,
                    as_json, timeout, force, wait)
         return
@@ -92,6 +101,23 @@ def push(
     else:
         line = f"{result['device']}: version {result['version']} ({result['sha256'][:12]})"
     report_outcome(result, outcome, as_json, line)
+
+
+def _preview(config: dict[str, Any], all_devices: bool, labels: dict[str, str], where: str | None,
+             data: Path | None, broker: str | None, as_json: bool, timeout: float) -> None:
+    result = call_op(data, broker, timeout, "push_preview", all=all_devices, labels=labels, where=where,
+                     config=config)
+
+    def text(r: dict[str, Any]) -> str:
+        lines = [f"would change {r['change']} of {r['targeted']} devices ({r['unchanged']} unchanged); "
+                 "nothing was stored"]
+        if r["devices"]:
+            lines.append("  " + ", ".join(r["devices"]) + (f" and {r['more']} more" if r["more"] else ""))
+        if r["example"]:
+            lines.append(r["example"]["diff"])
+        return "\n".join(lines)
+
+    emit(result, as_json, text)
 
 
 def _push_many(config: dict[str, Any], all_devices: bool, labels: dict[str, str], where: str | None, message: str,

@@ -32,6 +32,7 @@ from ..models import (
     DeviceId,
     DeviceRefArgs,
     ImportArgs,
+    PushPreviewArgs,
     RolloutStartArgs,
     SyncState,
     TokenCreateArgs,
@@ -47,6 +48,7 @@ from ..results import (
     LayerChange,
     LayerInForce,
     LayerVersion,
+    PushPreview,
     Reconciled,
     ReportedState,
     ReportOutcome,
@@ -313,6 +315,14 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
                                       delivery_timeout=body.delivery_timeout, wait=body.wait)
         status = 200 if not body.wait or result["pending"] == 0 else 202
         return JSONResponse(result, status_code=status)
+
+    @route("POST", "/push/preview", **body_doc(PushPreviewArgs))
+    async def push_preview(request: Request) -> PushPreview:
+        """What a fleet push would store now: the devices that would change and the first one's diff;
+        nothing is stored."""
+        body = parse_model(PushPreviewArgs, await read_json(request))
+        return await svc.preview_fleet_push(body.config, all_devices=body.all, labels=body.labels or None,
+                                            where=body.where)
 
     @route("GET", "/audit")
     async def audit(device: DeviceId | None = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,

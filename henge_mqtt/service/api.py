@@ -32,6 +32,8 @@ from ..results import (
     AuditEntry,
     BackupResult,
     BrokerNote,
+    PushPreview,
+    PushPreviewDiff,
     ClaimCreated,
     ClaimInfo,
     ClaimRevoked,
@@ -76,6 +78,7 @@ from .rollouts import Rollouts
 from .schemas import Schemas, display, selector_of
 
 log = logging.getLogger("henge_mqtt.service")
+PREVIEW_DEVICES = 200  # the devices a fleet push's preview names (it counts them all)
 
 
 def parse_where(text: str, *, standing: bool = False) -> Where:
@@ -345,6 +348,26 @@ class ServiceAPI:
                                 "all_published": round(published * 1000, 1)}
         result["waited"] = wait
         return result
+
+    async def preview_fleet_push(self, config: dict[str, Any], *, all_devices: bool = False,
+                                 labels: dict[str, str] | None = None, where: str | None = None) -> PushPreview:
+        """What ``fleet_push`` would store now (which devices get a new version, and the diff of the
+        first), stored nowhere: the same selection and layer merge, read without a transaction. A
+        schema is checked when the push stores, not here."""
+        self.configs.check_size(config)
+        devices = await self.select(all_devices=all_devices, labels=labels, where=where)
+        rows = await self.worker.run(self.store.plan_push_many, devices, config)
+        example: PushPreviewDiff | None = None
+        if rows:
+            first = rows[0]
+            old = await self.worker.run(self.store.current_config, first.device)
+            before = first.version - 1
+            example = {"device": first.device, "from_version": before or None, "to_version": first.version,
+                       "diff": unified_diff(old or {}, first.config, f"{first.device} v{before}" if before else "(none)",
+                                            f"{first.device} v{first.version}")}
+        return {"targeted": len(devices), "change": len(rows), "unchanged": len(devices) - len(rows),
+                "devices": [row.device for row in rows[:PREVIEW_DEVICES]], "more": max(0, len(rows) - PREVIEW_DEVICES),
+                "example": example}
 
     async def rollback(self, device: str, version: int, *, message: str = "") -> ConfigVersion:
         return await self.configs.rollback(device, version, actor=current_actor.get(), message=message)

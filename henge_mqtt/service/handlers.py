@@ -144,6 +144,11 @@ async def _push_many(svc: ServiceAPI, a: models.PushManyArgs, progress: Progress
                                 delivery_timeout=a.delivery_timeout, wait=a.report_timeout, progress=progress)
 
 
+@handles("push_preview")
+async def _push_preview(svc: ServiceAPI, a: models.PushPreviewArgs, progress: Progress) -> Any:
+    return await svc.preview_fleet_push(a.config, all_devices=a.all, labels=dict(a.labels), where=a.where)
+
+
 @handles("audit")
 async def _audit(svc: ServiceAPI, a: models.AuditArgs, progress: Progress) -> Any:
     return await svc.audit(a.device, a.limit)

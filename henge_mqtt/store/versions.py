@@ -79,6 +79,17 @@ class Versions(StoreCore):
     def _push_many(self, devices: list[str], config: dict[str, Any], *, actor: str, message: str,
                    skip_unchanged: bool) -> list[ConfigVersion]:
         """Inside the caller's transaction."""
+        rows = self._plan_push_many(devices, config, actor=actor, message=message, skip_unchanged=skip_unchanged)
+        self._insert_rows(rows)
+        return rows
+
+    def plan_push_many(self, devices: list[str], config: dict[str, Any]) -> list[ConfigVersion]:
+        """The versions ``push_many`` would store now (the devices whose config would change), stored
+        nowhere: a fleet push's preview."""
+        return self._plan_push_many(devices, config, actor="", message="", skip_unchanged=True)
+
+    def _plan_push_many(self, devices: list[str], config: dict[str, Any], *, actor: str, message: str,
+                        skip_unchanged: bool) -> list[ConfigVersion]:
         for device in devices:
             self.require_device(device)
         created = utc_now()
@@ -100,7 +111,6 @@ class Versions(StoreCore):
             rows.append(ConfigVersion.model_construct(
                 device=device, version=version + 1, config=effective, sha256=digest, message=message,
                 created_at=created, actor=actor, own=config if used else None, layers=used))
-        self._insert_rows(rows)
         return rows
 
     def _insert_version(

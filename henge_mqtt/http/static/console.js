@@ -488,6 +488,73 @@ function copyButton(button, code, note) { // copy a secret shown once; select it
   });
 }
 
+// ---- a fleet push: previewed (which devices change, one diff) before it is stored ---------------------------
+
+function manyNote(text, bad = false) {
+  $("many-note").className = bad ? "error" : "help";
+  $("many-note").textContent = text;
+}
+
+function manyBody() { // the push's target and config as the form says them now
+  const kind = $("many-target").value, text = $("many-select").value.trim();
+  const body = { config: JSON.parse($("many-config").value || "null") };
+  if (!body.config || typeof body.config !== "object" || Array.isArray(body.config)) throw new Error("The config is a JSON object.");
+  if (kind === "all") body.all = true;
+  else if (kind === "where") { if (!text) throw new Error("Give the filter (docs/where.md)."); body.where = text; }
+  else { body.labels = parseLabels(text); if (!Object.keys(body.labels).length) throw new Error("Give a label, k=v."); }
+  return body;
+}
+
+function wireMany() {
+  allow($("many-preview"), "viewer", "");
+  const previewed = state.previewed && state.previewed.key === manyKey() ? state.previewed : null;
+  allow($("many-push"), "operator", previewed ? (previewed.change ? "" : "No device would change.")
+    : "Preview first: see which devices change, and how.");
+  $("many-push").textContent = previewed && previewed.change ? `Push to ${previewed.change} devices` : "Push";
+}
+
+function manyKey() { // what a preview was of: it stands while these do not change
+  return JSON.stringify([$("many-target").value, $("many-select").value, $("many-config").value]);
+}
+
+async function previewMany(event) {
+  event.preventDefault();
+  state.previewed = null;
+  $("many-diff").hidden = true;
+  try {
+    const key = manyKey();
+    const r = await api("/push/preview", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(manyBody()) });
+    state.previewed = { key, change: r.change };
+    manyNote(`Would change ${r.change} of ${r.targeted} devices (${r.unchanged} already there)` +
+      (r.devices.length ? `: ${r.devices.join(", ")}${r.more ? ` and ${r.more} more` : ""}.` : ".") +
+      (r.example ? ` The change for ${r.example.device}:` : " Nothing was stored."));
+    if (r.example) {
+      $("many-diff").replaceChildren(...r.example.diff.split("\n").map((line) => el("span",
+        { class: line.startsWith("+") && !line.startsWith("+++") ? "add" : line.startsWith("-") && !line.startsWith("---") ? "del" : "",
+          text: line + "\n" })));
+      $("many-diff").hidden = false;
+    }
+  } catch (e) { manyNote(e instanceof SyntaxError ? `The config is not JSON: ${e.message}` : e.message, true); }
+  wireMany();
+}
+
+async function pushMany() {
+  if (!state.previewed || state.previewed.key !== manyKey()) { wireMany(); return; }
+  try {
+    $("many-push").disabled = true;
+    manyNote("Storing and delivering…");
+    const body = Object.assign(manyBody(), { message: $("many-message").value });
+    const r = await api("/push", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    state.previewed = null;
+    $("many-diff").hidden = true;
+    manyNote(`Pushed: ${r.targeted} devices, ${r.unchanged} unchanged; ${r.online} online, ` +
+      (r.delivered == null ? "" : `${r.delivered} delivered, `) + `${r.applied} applied, ${r.rejected} rejected, ` +
+      `${r.pending} pending, ${r.offline} offline.`);
+  } catch (e) { manyNote(e.message, true); }
+  wireMany();
+}
+
 // ---- adding devices: one, or many from CSV with a preview --------------------------------------------------
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/; // a device id, a label key, a token name (henge_mqtt.ids)
@@ -884,6 +951,7 @@ function route() {
     state.fleetHash = viewHash();
     show("fleet");
     wireAdd();
+    wireMany();
     markDirty();
   }
   $("back").href = state.fleetHash; // "All devices" goes back to the view the operator came from
@@ -924,6 +992,13 @@ document.addEventListener("DOMContentLoaded", () => {
   copyButton($("add-secret-copy"), $("add-secret"), addNote);
   copyButton($("t-secret-copy"), $("t-secret"), tokenNote);
   $("add-form").addEventListener("submit", addDevice);
+  $("many-form").addEventListener("submit", previewMany);
+  $("many-form").addEventListener("input", wireMany);
+  $("many-push").addEventListener("click", pushMany);
+  $("many-target").addEventListener("change", () => {
+    $("many-select").placeholder = { label: "site=berlin", where: 'reported.fw < "2.4"', all: "" }[$("many-target").value];
+    $("many-select").disabled = $("many-target").value === "all";
+  });
   $("import-csv").addEventListener("input", importPreview);
   $("import-update").addEventListener("change", importPreview);
   $("import-file").addEventListener("change", async () => {
