@@ -135,4 +135,5 @@ async def test_a_fleet_push_is_previewed_before_anything_is_stored(running: Runn
             assert refused.status_code == 403  # a viewer previews; it cannot push
     assert {d: [r.version for r in svc.store.history(d)] for d in ("p1", "p2", "p3")} == before
     code, _, err = await push(running, tmp_path, {"port": 81}, "p1", "--dry-run")
-    assert code == 2 and err.strip() == "error: --dry-run previews a fleet push: give --all, --label k=v or --where EXPR"
+    assert code == 2
+    assert err.strip() == "error: --dry-run previews a fleet push: give --all, --label k=v or --where EXPR"

@@ -32,8 +32,6 @@ from ..results import (
     AuditEntry,
     BackupResult,
     BrokerNote,
-    PushPreview,
-    PushPreviewDiff,
     ClaimCreated,
     ClaimInfo,
     ClaimRevoked,
@@ -44,6 +42,8 @@ from ..results import (
     LayerChange,
     LayerInForce,
     LayerVersion,
+    PushPreview,
+    PushPreviewDiff,
     Reconciled,
     ReportedState,
     ReportOutcome,
@@ -362,9 +362,9 @@ class ServiceAPI:
             first = rows[0]
             old = await self.worker.run(self.store.current_config, first.device)
             before = first.version - 1
+            old_name = f"{first.device} v{before}" if before else "(none)"
             example = {"device": first.device, "from_version": before or None, "to_version": first.version,
-                       "diff": unified_diff(old or {}, first.config, f"{first.device} v{before}" if before else "(none)",
-                                            f"{first.device} v{first.version}")}
+                       "diff": unified_diff(old or {}, first.config, old_name, f"{first.device} v{first.version}")}
         return {"targeted": len(devices), "change": len(rows), "unchanged": len(devices) - len(rows),
                 "devices": [row.device for row in rows[:PREVIEW_DEVICES]], "more": max(0, len(rows) - PREVIEW_DEVICES),
                 "example": example}
