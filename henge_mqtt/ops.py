@@ -167,6 +167,13 @@ TABLE: tuple[Op, ...] = (
         "priority?}`), `waves?` or `wave_size?`, `max_rejected?` (N or P%), `min_applied?`, `wave_timeout?`, "
         "`pause?`, `message?`",
         "the rollout's status (as `rollout.status`)", "POST /rollouts", returns="RolloutStatus"),
+    _op("rollout.preview", "viewer",
+        "What a rollout would do, started nowhere: its devices, the size of each wave, the configs it changes.",
+        "RolloutStartArgs", "as `rollout.start`",
+        "`{targeted, waves, change, unchanged, example}`: `waves` the devices per wave (which device is in which is "
+        "drawn when it starts), `example` the first changed device's `{device, from_version, to_version, diff}` (a "
+        "config rollout) or null; every schema is checked, as at the start", "POST /rollouts/preview",
+        returns="RolloutPreview"),
     _op("rollout.status", "viewer",
         "Per wave: targeted, online, delivered, applied, rejected, offline, pending, reverted; errors by message.",
         "RolloutRefArgs", "`rollout`", "`{id, state, reason, message, target, policy, actor, created_at, "

@@ -255,6 +255,16 @@ class PushPreview(TypedDict):
     example: PushPreviewDiff | None  # the first one's change
 
 
+class RolloutPreview(TypedDict):
+    """What a rollout would do; nothing is started."""
+
+    targeted: int
+    waves: list[int]  # devices per wave (which ones: drawn when it starts)
+    change: int  # of those, devices whose config it changes
+    unchanged: int
+    example: PushPreviewDiff | None  # the first changed device's diff (a config rollout)
+
+
 class FleetAnswer(TypedDict):
     """A fleet push, answered in devices (docs/rollouts.md#fleet-answers)."""
 

@@ -651,3 +651,40 @@ async def test_a_fleet_push_is_previewed_then_pushed_from_the_page(running: Runn
             assert errors == []
         finally:
             await page.close()
+
+
+async def test_a_rollout_is_planned_previewed_and_started_from_the_page(running: Running, browser: Browser) -> None:
+    """The rollout wizard: target, change, waves and thresholds; the preview shows each wave's size
+    and one device's diff and starts nothing; the start button starts exactly what was previewed,
+    and the rollout shows above with its buttons."""
+    svc = running.service
+    for i in range(10):
+        await svc.add_device(f"w{i}", {"site": "b"})
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        operator = (await svc.create_token("ops", "operator"))["token"]
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, operator)
+            await page.get_by_text("Push to many devices, at once or in waves").click()
+            await page.get_by_label("Target (k=v, or a filter)").fill("site=b")
+            await page.get_by_label("Layer for every device (JSON)").fill('{"v": 1}')
+            await page.get_by_label("How").select_option("rollout")
+            await page.get_by_label("Waves, cumulative %").fill("10,100")
+            await page.get_by_label("A wave passes at % applied").fill("100")
+            await page.get_by_role("button", name="Preview").click()
+            await expect(page.locator("#many-wave-sizes li")).to_have_text(["wave 1: 1 devices", "wave 2: 9 devices"])
+            await expect(page.locator("#many-note")).to_contain_text(
+                "Would roll out to 10 devices in 2 waves, changing the config of 10 (0 already there). A wave goes on "
+                "when 100% of its online devices applied within 300 s")
+            await expect(page.locator("#many-diff .add")).to_contain_text(['+  "v": 1'])
+            assert await svc.list_rollouts() == []
+            await page.get_by_role("button", name="Start rollout of 10 devices").click()
+            await expect(page.locator("#many-note")).to_contain_text("started: 10 devices in 2 waves")
+            started = await svc.list_rollouts()
+            assert len(started) == 1
+            assert [w["targeted"] for w in (await svc.rollout_status(started[0]["id"]))["waves"]] == [1, 9]
+            article = page.locator(f'article[data-rollout="{started[0]["id"]}"]')
+            await expect(article).to_be_visible()
+            assert errors == []
+        finally:
+            await page.close()

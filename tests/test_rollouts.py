@@ -501,3 +501,37 @@ async def test_a_halted_layer_rollout_never_puts_the_layer_in_force(running: Run
     assert (await svc.get_layer("fleet"))["content"] == {"ntp": "a"}  # never came into force
     for device in secrets:
         assert (await svc.get_version(device)).config == {"ntp": "a", "v": 0}
+
+
+async def test_a_rollout_is_previewed_before_it_starts(running: Running, tmp_path: Path) -> None:
+    """`henge rollout start ... --dry-run` (op rollout.preview, POST /rollouts/preview): its devices,
+    how many in each wave (as the start would cut them), the configs it changes with one diff, and
+    the schemas checked, as the start would; nothing started, nothing stored."""
+    svc = running.service
+    for i in range(20):
+        await svc.add_device(f"w{i:02d}", {"site": "a"})
+    await svc.push("w00", {"port": 1})  # already what the rollout gives: unchanged
+    cfg = tmp_path / "port.json"
+    cfg.write_text('{"port": 1}')
+    data = str(running.data_dir)
+    result = await asyncio.to_thread(henge_cli, "rollout", "start", str(cfg), "--label", "site=a", "--waves",
+                                     "5,50,100", "--dry-run", "--data", data)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == ("would roll out to 20 devices in 3 waves (1, 9, 10), changing the config "
+                                             "of 19 (1 unchanged); nothing was started")
+    assert "+++ w01 v1" in result.stdout and '+  "port": 1' in result.stdout
+    assert [len(w) for w in plan("any", [f"w{i:02d}" for i in range(20)], waves=[5, 50, 100])] == [1, 9, 10]
+    sized = await asyncio.to_thread(henge_cli, "rollout", "start", str(cfg), "--all", "--wave-size", "8",
+                                    "--dry-run", "--json", "--data", data)
+    assert json.loads(sized.stdout)["waves"] == [8, 8, 4]
+    await svc.set_schema({"site": "a"}, {"type": "object", "properties": {"port": {"type": "integer", "maximum": 100}}})
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        viewer = (await svc.create_token("look", "viewer"))["token"]
+        async with httpx.AsyncClient(base_url=server.url.rstrip("/"), timeout=10,
+                                     headers={"Authorization": f"Bearer {viewer}"}) as http:
+            bad = await http.post("/api/v1/rollouts/preview", json={"labels": {"site": "a"}, "config": {"port": 999}})
+            assert bad.status_code == 422 and bad.json()["code"] == "schema_violation"  # as the start would say
+            good = await http.post("/api/v1/rollouts/preview", json={"all": True, "config": {"port": 2},
+                                                                     "waves": [50, 100]})
+            assert good.status_code == 200 and good.json()["waves"] == [10, 10] and good.json()["change"] == 20
+    assert await svc.list_rollouts() == [] and [r.version for r in svc.store.history("w01")] == []

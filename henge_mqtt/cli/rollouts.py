@@ -51,6 +51,8 @@ def rollout_start(
     priority: Annotated[int | None, typer.Option("--priority", min=-1000, max=1000, help="With --layer: its "
                                                  "priority (default: unchanged, or 0).")] = None,
     message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what it would do (its devices, how many in each "
+                                          "wave, the configs it changes, one diff); start nothing.")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
 ) -> None:
     if layer is not None and (all_devices or label or where):
@@ -84,6 +86,14 @@ def rollout_start(
             args["waves"] = [float(w) for w in (waves or "1,10,50,100").split(",")]
         except ValueError:
             fail(f"--waves wants percentages like 1,10,50,100, not {waves!r}", 2)
+    if dry_run:
+        preview = call_op(data, broker, timeout, "rollout.preview", **args)
+        emit(preview, as_json, lambda r: (
+            f"would roll out to {r['targeted']} devices in {len(r['waves'])} waves "
+            f"({', '.join(map(str, r['waves']))}), "
+            f"changing the config of {r['change']} ({r['unchanged']} unchanged); nothing was started"
+            + (f"\n{r['example']['diff']}" if r["example"] else "")))
+        return
     result = call_op(data, broker, timeout, "rollout.start", **args)
     emit(result, as_json, lambda r: f"rollout {r['id']} started: {r['devices']} devices in "
           f"{len(r['waves'])} waves ({', '.join(str(w['targeted']) for w in r['waves'])})\n"

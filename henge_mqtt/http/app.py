@@ -52,6 +52,7 @@ from ..results import (
     Reconciled,
     ReportedState,
     ReportOutcome,
+    RolloutPreview,
     RolloutStatus,
     RolloutSummary,
     SchemaChange,
@@ -358,6 +359,13 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     async def rollout(rollout: RolloutId) -> RolloutStatus:
         """Per wave: targeted, online, delivered, applied, rejected, offline, pending, reverted, errors."""
         return await svc.rollout_status(rollout)
+
+    @route("POST", "/rollouts/preview", **body_doc(RolloutStartArgs))
+    async def preview_rollout(request: Request) -> RolloutPreview:
+        """What ``POST /rollouts`` would do with this body (devices, wave sizes, changes), started nowhere."""
+        result: RolloutPreview = await HANDLERS["rollout.preview"](
+            svc, parse_model(RolloutStartArgs, await read_json(request)), no_progress)
+        return result
 
     @route("POST", "/rollouts", status_code=201, **body_doc(RolloutStartArgs))
     async def start_rollout(request: Request) -> JSONResponse:

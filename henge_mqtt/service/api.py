@@ -47,6 +47,7 @@ from ..results import (
     Reconciled,
     ReportedState,
     ReportOutcome,
+    RolloutPreview,
     RolloutStatus,
     RolloutSummary,
     SchemaChange,
@@ -357,17 +358,20 @@ class ServiceAPI:
         self.configs.check_size(config)
         devices = await self.select(all_devices=all_devices, labels=labels, where=where)
         rows = await self.worker.run(self.store.plan_push_many, devices, config)
-        example: PushPreviewDiff | None = None
-        if rows:
-            first = rows[0]
-            old = await self.worker.run(self.store.current_config, first.device)
-            before = first.version - 1
-            old_name = f"{first.device} v{before}" if before else "(none)"
-            example = {"device": first.device, "from_version": before or None, "to_version": first.version,
-                       "diff": unified_diff(old or {}, first.config, old_name, f"{first.device} v{first.version}")}
         return {"targeted": len(devices), "change": len(rows), "unchanged": len(devices) - len(rows),
                 "devices": [row.device for row in rows[:PREVIEW_DEVICES]], "more": max(0, len(rows) - PREVIEW_DEVICES),
-                "example": example}
+                "example": await self.change_example(rows)}
+
+    async def change_example(self, rows: list[ConfigVersion]) -> PushPreviewDiff | None:
+        """The first planned version's change, as a diff from its device's current config."""
+        if not rows:
+            return None
+        first = rows[0]
+        old = await self.worker.run(self.store.current_config, first.device)
+        before = first.version - 1
+        old_name = f"{first.device} v{before}" if before else "(none)"
+        return {"device": first.device, "from_version": before or None, "to_version": first.version,
+                "diff": unified_diff(old or {}, first.config, old_name, f"{first.device} v{first.version}")}
 
     async def rollback(self, device: str, version: int, *, message: str = "") -> ConfigVersion:
         return await self.configs.rollback(device, version, actor=current_actor.get(), message=message)
@@ -493,6 +497,30 @@ class ServiceAPI:
                             layer: dict[str, Any] | None = None, where: str | None = None) -> RolloutStatus:
         """A staged rollout of ``config`` (as each target's own layer), or of a layer change
         (``layer``: name, content, labels, priority); see docs/rollouts.md."""
+        policy = self._rollout_policy(all_devices=all_devices, labels=labels, where=where, layer=layer, waves=waves,
+                                      wave_size=wave_size, max_rejected=max_rejected, min_applied=min_applied,
+                                      wave_timeout=wave_timeout, pause=pause)
+        return await self.rollouts.start(config, all_devices=all_devices, labels=labels, where=where,
+                                         waves=waves if wave_size is None else None, wave_size=wave_size,
+                                         policy=policy, message=message, layer=layer)
+
+    async def preview_rollout(self, config: dict[str, Any], *, all_devices: bool = False,
+                              labels: dict[str, str] | None = None, waves: list[float] | None = None,
+                              wave_size: int | None = None, max_rejected: str = "1", min_applied: float = 90.0,
+                              wave_timeout: float = 300.0, pause: float = 0.0,
+                              layer: dict[str, Any] | None = None, where: str | None = None) -> RolloutPreview:
+        """What ``start_rollout`` would do with these arguments, started nowhere (docs/rollouts.md)."""
+        self._rollout_policy(all_devices=all_devices, labels=labels, where=where, layer=layer, waves=waves,
+                             wave_size=wave_size, max_rejected=max_rejected, min_applied=min_applied,
+                             wave_timeout=wave_timeout, pause=pause)
+        return await self.rollouts.preview(config, all_devices=all_devices, labels=labels, where=where,
+                                           waves=waves if wave_size is None else None, wave_size=wave_size,
+                                           layer=layer)
+
+    def _rollout_policy(self, *, all_devices: bool, labels: dict[str, str] | None, where: str | None,
+                        layer: dict[str, Any] | None, waves: list[float] | None, wave_size: int | None,
+                        max_rejected: str, min_applied: float, wave_timeout: float, pause: float) -> Policy:
+        """A rollout's arguments checked, as one policy (ValidationFailed naming what is wrong)."""
         if not all_devices and not labels and not where and layer is None:
             raise ValidationFailed("select the rollout's devices with --all, --label k=v or --where (or stage a "
                                    "--layer change)")
@@ -513,11 +541,8 @@ class ServiceAPI:
             raise ValidationFailed(str(exc)) from exc
         if not 0 <= min_applied <= 100:
             raise ValidationFailed("--min-applied is a percentage (0-100)")
-        policy = Policy(max_rejected=limit, rejected_percent=percent, min_applied=min_applied,
-                        wave_timeout=wave_timeout, pause=pause)
-        return await self.rollouts.start(config, all_devices=all_devices, labels=labels, where=where,
-                                         waves=waves if wave_size is None else None, wave_size=wave_size,
-                                         policy=policy, message=message, layer=layer)
+        return Policy(max_rejected=limit, rejected_percent=percent, min_applied=min_applied,
+                      wave_timeout=wave_timeout, pause=pause)
 
     async def rollout_status(self, rollout_id: str) -> RolloutStatus:
         return await self.rollouts.status(rollout_id)

@@ -274,6 +274,15 @@ async def _explain(svc: ServiceAPI, a: models.ExplainArgs, progress: Progress) -
     return await svc.explain(a.device, a.version)
 
 
+@handles("rollout.preview")
+async def _rollout_preview(svc: ServiceAPI, a: models.RolloutStartArgs, progress: Progress) -> Any:
+    return await svc.preview_rollout(dict(a.config), all_devices=a.all, labels=dict(a.labels) or None,
+                                     waves=list(a.waves) if a.waves else None, wave_size=a.wave_size,
+                                     max_rejected=a.max_rejected, min_applied=a.min_applied,
+                                     wave_timeout=a.wave_timeout, pause=a.pause,
+                                     layer=a.layer.model_dump() if a.layer else None, where=a.where)
+
+
 @handles("rollout.start")
 async def _rollout_start(svc: ServiceAPI, a: models.RolloutStartArgs, progress: Progress) -> Any:
     return await svc.start_rollout(dict(a.config), all_devices=a.all, labels=dict(a.labels) or None,

@@ -20,11 +20,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import SchemaViolation, ValidationFailed
-from ..results import RolloutStatus, RolloutSummary, WaveStatus
+from ..results import PushPreviewDiff, RolloutPreview, RolloutStatus, RolloutSummary, WaveStatus
 from ..rollout_plan import Policy, WaveCount, decide, plan
 from .context import current_actor, utc_text
 
 if TYPE_CHECKING:
+    from ..models import ConfigVersion
     from ..ports import BrokerPort
     from ..store import Store, StoreWorker
     from .configs import Configs
@@ -52,6 +53,7 @@ class Host(Protocol):
     async def select(self, *, all_devices: bool = False, labels: dict[str, str] | None = None,
                      where: str | None = None) -> list[str]: ...
     def spawn(self, coro: Any) -> asyncio.Task[Any]: ...
+    async def change_example(self, rows: list[ConfigVersion]) -> PushPreviewDiff | None: ...
 
 log = logging.getLogger("henge_mqtt.service")
 COALESCE = 0.05  # after a wake-up, let the rest of a burst of reports land before counting
@@ -95,22 +97,9 @@ class Rollouts:
         """``config`` as every target's own layer; or, with ``layer`` ({name, content, labels,
         priority}), a staged layer change whose targets are the devices it alters."""
         svc = self.svc
-        svc.configs.check_size(config)
         store = svc.store
-        if layer is None:
-            devices = await svc.select(all_devices=all_devices, labels=labels, where=where)
-            await svc.worker.run(svc.schemas.check_many, devices, config)  # every target, before anything
-            target: dict[str, Any] = {"all": True} if all_devices else {"labels": labels}
-            if where:
-                target["where"] = where  # the devices it matched when the rollout started
-        else:
-            devices = await svc.worker.run(store.layer_change_targets, layer["name"], layer["content"],
-                                           selector=layer["labels"], priority=layer["priority"])
-            if not devices:
-                raise ValidationFailed(f"this change of layer {layer['name']!r} alters no device's config; nothing "
-                                       "was started (henge layer set applies it at once)")
-            await svc.worker.run(svc.schemas.check_layer_change, layer, devices)
-            target = {"layer": layer["name"]}
+        devices, target = await self._targets(config, all_devices=all_devices, labels=labels, where=where,
+                                              layer=layer)
         rollout_id = "r-" + secrets.token_hex(4)
         waved = plan(rollout_id, devices, waves=waves, wave_size=wave_size)
         await svc.worker.run(store.create_rollout, rollout_id, waved, actor=current_actor.get(),
@@ -120,6 +109,43 @@ class Rollouts:
                         waves=[len(w) for w in waved])
         self._spawn(rollout_id)
         return await self.status(rollout_id)
+
+    async def _targets(self, config: dict[str, Any], *, all_devices: bool, labels: dict[str, str] | None,
+                       where: str | None, layer: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
+        """The devices a rollout would change and how its target is recorded, every schema checked
+        for every one of them (before anything is stored)."""
+        svc = self.svc
+        svc.configs.check_size(config)
+        if layer is None:
+            devices = await svc.select(all_devices=all_devices, labels=labels, where=where)
+            await svc.worker.run(svc.schemas.check_many, devices, config)  # every target, before anything
+            target: dict[str, Any] = {"all": True} if all_devices else {"labels": labels}
+            if where:
+                target["where"] = where  # the devices it matched when the rollout started
+            return devices, target
+        devices = await svc.worker.run(svc.store.layer_change_targets, layer["name"], layer["content"],
+                                       selector=layer["labels"], priority=layer["priority"])
+        if not devices:
+            raise ValidationFailed(f"this change of layer {layer['name']!r} alters no device's config; nothing "
+                                   "was started (henge layer set applies it at once)")
+        await svc.worker.run(svc.schemas.check_layer_change, layer, devices)
+        return devices, {"layer": layer["name"]}
+
+    async def preview(self, config: dict[str, Any], *, all_devices: bool, labels: dict[str, str] | None,
+                      waves: list[float] | None, wave_size: int | None, layer: dict[str, Any] | None = None,
+                      where: str | None = None) -> RolloutPreview:
+        """What ``start`` would do now, started nowhere: its devices (schemas checked), the size of
+        each wave (which device goes in which is drawn when it starts), and for a config the devices
+        it changes with the first one's diff."""
+        svc = self.svc
+        devices, _ = await self._targets(config, all_devices=all_devices, labels=labels, where=where, layer=layer)
+        sizes = [len(wave) for wave in plan("preview", devices, waves=waves, wave_size=wave_size)]
+        if layer is not None:
+            return {"targeted": len(devices), "waves": sizes, "change": len(devices), "unchanged": 0,
+                    "example": None}
+        rows = await svc.worker.run(svc.store.plan_push_many, devices, config)
+        return {"targeted": len(devices), "waves": sizes, "change": len(rows), "unchanged": len(devices) - len(rows),
+                "example": await svc.change_example(rows)}
 
     async def pause(self, rollout_id: str) -> dict[str, Any]:
         ro = await self.svc.worker.run(self.svc.store.set_rollout_state, rollout_id, "paused",

@@ -506,29 +506,55 @@ function manyBody() { // the push's target and config as the form says them now
 }
 
 function wireMany() {
+  const waves = $("many-how").value === "rollout";
+  $("many-waves").hidden = !waves;
   allow($("many-preview"), "viewer", "");
   const previewed = state.previewed && state.previewed.key === manyKey() ? state.previewed : null;
   allow($("many-push"), "operator", previewed ? (previewed.change ? "" : "No device would change.")
     : "Preview first: see which devices change, and how.");
-  $("many-push").textContent = previewed && previewed.change ? `Push to ${previewed.change} devices` : "Push";
+  $("many-push").textContent = !previewed || !previewed.change ? (waves ? "Start rollout" : "Push")
+    : waves ? `Start rollout of ${previewed.targeted} devices` : `Push to ${previewed.change} devices`;
 }
 
 function manyKey() { // what a preview was of: it stands while these do not change
-  return JSON.stringify([$("many-target").value, $("many-select").value, $("many-config").value]);
+  return JSON.stringify([...document.querySelectorAll("#many-form input, #many-form select, #many-form textarea")]
+    .filter((e) => e.id !== "many-message").map((e) => e.value));
+}
+
+function rolloutArgs() { // the waves and thresholds as POST /rollouts takes them
+  const args = { max_rejected: $("r-max").value.trim() || "1", min_applied: Number($("r-min").value || 90),
+    wave_timeout: Number($("r-timeout").value || 300), pause: Number($("r-pause").value || 0) };
+  if ($("r-size").value) args.wave_size = Number($("r-size").value);
+  else {
+    args.waves = $("r-waves").value.split(",").map((w) => Number(w.trim()));
+    if (args.waves.some((w) => !(w > 0))) throw new Error("Waves are cumulative percentages: 1,10,50,100.");
+  }
+  return args;
 }
 
 async function previewMany(event) {
   event.preventDefault();
   state.previewed = null;
   $("many-diff").hidden = true;
+  $("many-wave-sizes").hidden = true;
   try {
-    const key = manyKey();
-    const r = await api("/push/preview", { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(manyBody()) });
-    state.previewed = { key, change: r.change };
-    manyNote(`Would change ${r.change} of ${r.targeted} devices (${r.unchanged} already there)` +
-      (r.devices.length ? `: ${r.devices.join(", ")}${r.more ? ` and ${r.more} more` : ""}.` : ".") +
-      (r.example ? ` The change for ${r.example.device}:` : " Nothing was stored."));
+    const key = manyKey(), waves = $("many-how").value === "rollout";
+    const body = waves ? Object.assign(manyBody(), rolloutArgs()) : manyBody();
+    const r = await api(waves ? "/rollouts/preview" : "/push/preview", { method: "POST",
+      headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    state.previewed = { key, change: r.change, targeted: r.targeted };
+    if (waves) {
+      $("many-wave-sizes").replaceChildren(...r.waves.map((n, i) => el("li", { text: `wave ${i + 1}: ${n} devices` })));
+      $("many-wave-sizes").hidden = false;
+      manyNote(`Would roll out to ${r.targeted} devices in ${r.waves.length} waves, changing the config of ` +
+        `${r.change} (${r.unchanged} already there). A wave goes on when ${body.min_applied}% of its online devices ` +
+        `applied within ${body.wave_timeout} s, and halts at more than ${body.max_rejected} rejections.` +
+        (r.example ? ` The change for ${r.example.device}:` : " Nothing was started."));
+    } else {
+      manyNote(`Would change ${r.change} of ${r.targeted} devices (${r.unchanged} already there)` +
+        (r.devices.length ? `: ${r.devices.join(", ")}${r.more ? ` and ${r.more} more` : ""}.` : ".") +
+        (r.example ? ` The change for ${r.example.device}:` : " Nothing was stored."));
+    }
     if (r.example) {
       $("many-diff").replaceChildren(...r.example.diff.split("\n").map((line) => el("span",
         { class: line.startsWith("+") && !line.startsWith("+++") ? "add" : line.startsWith("-") && !line.startsWith("---") ? "del" : "",
@@ -543,8 +569,18 @@ async function pushMany() {
   if (!state.previewed || state.previewed.key !== manyKey()) { wireMany(); return; }
   try {
     $("many-push").disabled = true;
-    manyNote("Storing and delivering…");
     const body = Object.assign(manyBody(), { message: $("many-message").value });
+    if ($("many-how").value === "rollout") {
+      const r = await api("/rollouts", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(Object.assign(body, rolloutArgs())) });
+      state.previewed = null;
+      $("many-diff").hidden = true; $("many-wave-sizes").hidden = true;
+      manyNote(`Rollout ${r.id} started: ${r.devices} devices in ${r.waves.length} waves (follow it above).`);
+      scheduleRollouts();
+      wireMany();
+      return;
+    }
+    manyNote("Storing and delivering…");
     const r = await api("/push", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
     state.previewed = null;
     $("many-diff").hidden = true;
@@ -994,6 +1030,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("add-form").addEventListener("submit", addDevice);
   $("many-form").addEventListener("submit", previewMany);
   $("many-form").addEventListener("input", wireMany);
+  $("many-form").addEventListener("change", wireMany);
   $("many-push").addEventListener("click", pushMany);
   $("many-target").addEventListener("change", () => {
     $("many-select").placeholder = { label: "site=berlin", where: 'reported.fw < "2.4"', all: "" }[$("many-target").value];
