@@ -271,6 +271,10 @@ class PushManyArgs(Frozen):
     report_timeout: float | None = Field(default=None, gt=0, le=86400)  # then wait this long for every report
 
 
+class SeriesArgs(Frozen):
+    window: Literal["24h", "7d"] = "24h"
+
+
 class PushPreviewArgs(Frozen):
     all: bool = False
     labels: dict[str, str] = Field(default_factory=dict)

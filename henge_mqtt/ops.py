@@ -261,6 +261,12 @@ TABLE: tuple[Op, ...] = (
     _op("presence", "viewer", "A device's recent connects and disconnects, newest first (this run's events).",
         "DeviceRefArgs", "`device`", "`{device, changes}`", "GET /devices/{device}/presence", admin=False,
             returns="PresenceChanges"),
+    _op("series", "viewer",
+        "The fleet over the last day or week: devices, online, in sync, pending, rejected, drift, conflicts.",
+        "SeriesArgs", "`window` (`24h`: a point a minute; `7d`: a point per 10 minutes, averaged)",
+        "`{window, step_s, points: [{at, devices, online, in_sync, pending, rejected, drift, conflicts}]}`: "
+        "stored once a minute and kept a week (it survives restarts); a minute the service was down has no point",
+        "GET /series", admin=False, returns="FleetSeries"),
     _op("events", "viewer", "Server-Sent Events; Last-Event-ID resumes from the replay buffer.",
         "StatusArgs", "`device?`, `type?`", "an event stream", "GET /events", admin=False, returns="Event"),
 )

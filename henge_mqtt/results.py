@@ -255,6 +255,25 @@ class PushPreview(TypedDict):
     example: PushPreviewDiff | None  # the first one's change
 
 
+class SeriesPoint(TypedDict):
+    at: str  # the minute it starts (RFC 3339)
+    devices: int
+    online: int
+    in_sync: int
+    pending: int
+    rejected: int
+    drift: int
+    conflicts: int
+
+
+class FleetSeries(TypedDict):
+    """The fleet over time (store/series.py)."""
+
+    window: str  # 24h or 7d
+    step_s: int  # seconds per point (a point is the average of its minutes)
+    points: list[SeriesPoint]  # oldest first; a minute with no sample (the service was down) has none
+
+
 class RolloutPreview(TypedDict):
     """What a rollout would do; nothing is started."""
 

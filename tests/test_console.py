@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -44,6 +45,15 @@ async def desktop_page(browser: Browser) -> tuple[Page, list[str]]:
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     return page, errors
+
+
+ARTIFACTS = Path(os.environ.get("HENGE_TEST_ARTIFACTS") or ROOT / ".artifacts" / "console")
+
+
+async def keep_screenshot(page: Page, name: str) -> None:
+    """A picture of the page as the test left it (HENGE_TEST_ARTIFACTS, or .artifacts/console)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
 async def sign_in(page: Page, url: str, token: str) -> None:
@@ -685,6 +695,47 @@ async def test_a_rollout_is_planned_previewed_and_started_from_the_page(running:
             assert [w["targeted"] for w in (await svc.rollout_status(started[0]["id"]))["waves"]] == [1, 9]
             article = page.locator(f'article[data-rollout="{started[0]["id"]}"]')
             await expect(article).to_be_visible()
+            assert errors == []
+        finally:
+            await page.close()
+
+
+async def test_the_fleet_over_time_is_drawn_from_the_stored_series(running: Running, browser: Browser) -> None:
+    """The chart of the fleet over 24 hours and 7 days: every stored point drawn (a gap where the
+    service was down stays a gap), the legend's latest numbers the API's."""
+    svc = running.service
+    await svc.add_device("a")
+    now = int(time.time() // 60)
+    for i in range(30):  # 20 minutes, a 10-minute gap, then the last minutes
+        if not 20 <= i < 25:
+            online = i % 7
+            await svc.worker.run(svc.store.record_point, now - 40 + i, {
+                "devices": 10, "online": online, "in_sync": online, "pending": 0, "rejected": 10 - online,
+                "drift": 0, "conflicts": 0})
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        viewer = (await svc.create_token("look", "viewer"))["token"]
+        page, errors = await desktop_page(browser)
+        try:
+            before = await svc.fleet_series("24h")
+            await sign_in(page, server.url, viewer)
+            chart = page.locator("#chart")
+            await expect(chart).to_have_attribute("data-window", "24h")
+            after = await svc.fleet_series("24h")  # (a minute may have turned meanwhile: a point more)
+            drawn = await chart.get_attribute("data-points")
+            series = before if drawn == str(len(before["points"])) else after
+            assert drawn == str(len(series["points"]))
+            latest = series["points"][-1]
+            for key in ("online", "in_sync", "rejected"):
+                await expect(page.locator(f"#chart-legend li[data-series='{key}'] b")).to_have_text(str(latest[key]))
+            assert await chart.locator("polyline[data-series='online']").count() >= 2  # the gap splits the line
+            await expect(page.locator("#devices tbody tr")).to_have_count(1)
+            await keep_screenshot(page, "fleet")
+            await page.get_by_role("button", name="Last 7 days").click()
+            await expect(chart).to_have_attribute("data-window", "7d")
+            week = await svc.fleet_series("7d")
+            assert await chart.get_attribute("data-points") in {str(len(week["points"])),
+                                                                str(len(week["points"]) - 1)}
+            await expect(page.get_by_role("button", name="Last 7 days")).to_have_attribute("aria-pressed", "true")
             assert errors == []
         finally:
             await page.close()

@@ -45,6 +45,7 @@ from ..results import (
     ClaimRevoked,
     Diff,
     Explained,
+    FleetSeries,
     LayerChange,
     LayerInForce,
     LayerVersion,
@@ -204,6 +205,11 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         """The device, its labels and its status row."""
         found = await svc.get_device(device)
         return found.model_dump(mode="json") | {"status": (await svc.status(device))[0]}
+
+    @route("GET", "/series")
+    async def series(window: Annotated[Literal["24h", "7d"], Query()] = "24h") -> FleetSeries:
+        """The fleet over the last day (a point a minute) or week (a point per 10 minutes), stored."""
+        return await svc.fleet_series(window)
 
     @route("GET", "/devices/{device}/presence")
     async def presence(device: DeviceId) -> dict[str, Any]:

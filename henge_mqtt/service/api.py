@@ -38,6 +38,7 @@ from ..results import (
     Diff,
     Explained,
     FleetAnswer,
+    FleetSeries,
     FleetSummary,
     LayerChange,
     LayerInForce,
@@ -80,6 +81,7 @@ from .schemas import Schemas, display, selector_of
 
 log = logging.getLogger("henge_mqtt.service")
 PREVIEW_DEVICES = 200  # the devices a fleet push's preview names (it counts them all)
+SERIES_WINDOWS = {"24h": (24 * 60, 1), "7d": (7 * 24 * 60, 10)}  # window: (its minutes, minutes per point)
 
 
 def parse_where(text: str, *, standing: bool = False) -> Where:
@@ -487,6 +489,25 @@ class ServiceAPI:
                 yield _state_of(view), self._sync_of(d, desired, applied, rejected, bool(drift)), view.conflict
 
         return fleet_summary(counted())
+
+    async def record_fleet_point(self) -> None:
+        """Keep this minute's fleet counts (the sampler calls it once a minute)."""
+        summary = await self.summary()
+        sync = summary["sync"]
+        counts = {"devices": summary["devices"], "online": summary["online"], "conflicts": summary["conflicts"],
+                  "in_sync": sync["in_sync"], "pending": sync["pending"], "rejected": sync["rejected"],
+                  "drift": sync["drift"]}
+        await self.worker.run(self.store.record_point, int(time.time() // 60), counts)
+
+    async def fleet_series(self, window: str = "24h") -> FleetSeries:
+        """The fleet over the last day (a point a minute) or week (one per 10 minutes: averages)."""
+        span, step = SERIES_WINDOWS[window]
+        now = int(time.time() // 60)
+        rows = await self.worker.run(self.store.series, now - span + 1, step)
+        return {"window": window, "step_s": step * 60, "points": [
+            {"at": iso(minute * 60), "devices": devices, "online": online, "in_sync": in_sync, "pending": pending,
+             "rejected": rejected, "drift": drift, "conflicts": conflicts}
+            for minute, devices, online, in_sync, pending, rejected, drift, conflicts in rows]}
 
     # ---- rollouts --------------------------------------------------------------------------------
 

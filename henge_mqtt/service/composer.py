@@ -145,6 +145,7 @@ class HengeService(ServiceAPI):
             await broker.start()
             self.rollouts = Rollouts(self)
             await self.rollouts.resume_all()  # a rollout goes on where it stood when the service stopped
+            self._tasks.spawn(self._keep_series())
         except BaseException:
             if self._lease is not None:  # a standby stopped while it waited, or a start that failed
                 self._lease.close()
@@ -162,6 +163,15 @@ class HengeService(ServiceAPI):
         }))
         self._lock.record(f"mqtt://{host}:{port}")
         log.info("service.started host=%s port=%d data=%s", host, port, s.data_dir)
+
+    async def _keep_series(self) -> None:
+        """The fleet's counts once a minute, at the minute (the console's charts: store/series.py)."""
+        while True:
+            try:
+                await self.record_fleet_point()
+            except DatabaseError as exc:  # a point missed is a gap in a chart, not a reason to stop
+                log.warning("service.series_point_failed error=%s", exc)
+            await asyncio.sleep(60 - time.time() % 60 + 0.5)
 
     async def _tell_broker_claimed(self, device: str, secret: str) -> None:
         await self._tell_broker(None, created={device: secret})

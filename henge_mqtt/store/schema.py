@@ -226,6 +226,18 @@ MIGRATIONS: list[str] = [
     ALTER TABLE claims ADD COLUMN broker_hash TEXT;
     ALTER TABLE claims ADD COLUMN bcrypt_hash TEXT;
     """,
+    """
+    CREATE TABLE fleet_series (          -- the fleet over time: one point a minute, a week kept (store/series.py)
+        minute INTEGER PRIMARY KEY,      -- unix time // 60
+        devices INTEGER NOT NULL,
+        online INTEGER NOT NULL,
+        in_sync INTEGER NOT NULL,
+        pending INTEGER NOT NULL,
+        rejected INTEGER NOT NULL,
+        drift INTEGER NOT NULL,
+        conflicts INTEGER NOT NULL
+    );
+    """,
 ]
 
 

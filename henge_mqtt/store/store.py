@@ -11,13 +11,14 @@ from .reported import Reported, ReportedMessage, ReportedOutcome
 from .reports import Reports
 from .rollouts import Rollouts
 from .schemas import Schemas
+from .series import Series
 from .sessions import Sessions
 from .tokens import Tokens
 from .versions import Versions
 
 
 class Store(Devices, Versions, Reports, Reported, Sessions, Audit, Admins, Layers, Rollouts, Schemas, Tokens,
-            Claims):
+            Claims, Series):
     """The whole store: every repository over one connection (see the modules of this package)."""
 
     def record_device_words(self, reports: list[tuple[str, int, str, str | None, int | None]],

@@ -296,6 +296,65 @@ async function rolloutAction(id, label, path) {
   scheduleRollouts();
 }
 
+// ---- the fleet over time (GET /series: stored a point a minute, kept a week), drawn as plain SVG -------------
+
+const SERIES = [["online", "Online", "line-online"], ["in_sync", "In sync", "line-sync"], ["rejected", "Rejected", "line-rejected"]];
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+async function loadChart() {
+  const r = await api(`/series?window=${state.chartWindow || "24h"}`);
+  drawChart(r);
+}
+
+function drawChart(r) {
+  const W = 800, H = 160, span = (r.window === "7d" ? 7 * 24 : 24) * 3600e3, end = Date.now(), start = end - span;
+  const top = Math.max(1, ...r.points.map((p) => p.devices));
+  const x = (p) => (((Date.parse(p.at) - start) / span) * W).toFixed(1);
+  const y = (v) => (H - (v / top) * (H - 4)).toFixed(1);
+  const svg = $("chart");
+  const nodes = [0.5, 1].map((f) => { // gridlines at half and full
+    const line = document.createElementNS(SVG_NS, "line");
+    line.setAttribute("x1", "0"); line.setAttribute("x2", String(W));
+    line.setAttribute("y1", y(top * f)); line.setAttribute("y2", y(top * f));
+    line.setAttribute("class", "grid");
+    return line;
+  });
+  for (const [key, , cls] of SERIES) { // a line per run of points: a gap (the service was down) stays a gap
+    let run = [], last = 0;
+    const flush = () => {
+      if (!run.length) return;
+      const line = document.createElementNS(SVG_NS, "polyline");
+      line.setAttribute("points", run.join(" "));
+      line.setAttribute("class", cls);
+      line.setAttribute("data-series", key);
+      nodes.push(line);
+      run = [];
+    };
+    for (const p of r.points) {
+      const at = Date.parse(p.at);
+      if (run.length && at - last > 2 * r.step_s * 1000) flush();
+      run.push(`${x(p)},${y(p[key])}`);
+      last = at;
+    }
+    flush();
+  }
+  svg.replaceChildren(...nodes);
+  svg.dataset.points = String(r.points.length);
+  svg.dataset.window = r.window;
+  const latest = r.points[r.points.length - 1];
+  $("chart-legend").replaceChildren(...SERIES.map(([key, label, cls]) => el("li", { class: cls, "data-series": key },
+    el("span", { class: "swatch", "aria-hidden": "true" }), `${label} `, el("b", { text: latest ? String(latest[key]) : "-" }))));
+  $("chart-max").textContent = String(top);
+  $("chart-from").textContent = r.window === "7d" ? "7 days ago" : "24 hours ago";
+  $("chart-desc").textContent = r.points.length
+    ? `${r.points.length} points (one per ${r.step_s / 60} min), ${latest.devices} devices at the last: ${latest.online} online, ` +
+      `${latest.in_sync} in sync, ${latest.rejected} rejected.`
+    : "No points yet: the service keeps one a minute.";
+  for (const b of document.querySelectorAll("#history button[data-window]")) {
+    b.setAttribute("aria-pressed", String(b.dataset.window === r.window));
+  }
+}
+
 // ---- live events (fetch, not EventSource: it must send the Authorization header) ------------------------
 
 function applyEvent(ev) {
@@ -988,6 +1047,7 @@ function route() {
     show("fleet");
     wireAdd();
     wireMany();
+    loadChart().catch((e) => { $("chart-desc").textContent = e.message; });
     markDirty();
   }
   $("back").href = state.fleetHash; // "All devices" goes back to the view the operator came from
@@ -1051,5 +1111,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("diff-form").addEventListener("submit", (e) => showDiff(e).catch((err) => { $("diff").textContent = err.message; }));
   window.addEventListener("hashchange", route);
   setInterval(markDirty, 15000); // ages ("3m ago") move on
+  setInterval(() => { if (state.token && !$("fleet").hidden) loadChart().catch(() => {}); }, 60000); // a point a minute
+  for (const b of document.querySelectorAll("#history button[data-window]")) {
+    b.addEventListener("click", () => {
+      state.chartWindow = b.dataset.window;
+      loadChart().catch((e) => { $("chart-desc").textContent = e.message; });
+    });
+  }
   if (state.token) signIn(state.token); else show("login");
 });
