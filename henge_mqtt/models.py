@@ -271,6 +271,11 @@ class PushManyArgs(Frozen):
     report_timeout: float | None = Field(default=None, gt=0, le=86400)  # then wait this long for every report
 
 
+class TimelineArgs(Frozen):
+    device: DeviceId
+    window: Literal["24h", "7d"] = "24h"
+
+
 class SeriesArgs(Frozen):
     window: Literal["24h", "7d"] = "24h"
 

@@ -261,6 +261,13 @@ TABLE: tuple[Op, ...] = (
     _op("presence", "viewer", "A device's recent connects and disconnects, newest first (this run's events).",
         "DeviceRefArgs", "`device`", "`{device, changes}`", "GET /devices/{device}/presence", admin=False,
             returns="PresenceChanges"),
+    _op("timeline", "viewer",
+        "A device's presence over the last day or week, from the stored history: segments and marks.",
+        "TimelineArgs", "`device`, `window` (`24h` or `7d`)",
+        "`{device, window, from, to, segments: [{from, to, state}], marks: [{at, state, reason, epoch}]}`: "
+        "`state` online, offline or unknown (before the first change kept) for segments, takeover or conflict for "
+        "marks; kept a week, it survives restarts", "GET /devices/{device}/timeline", admin=False,
+        returns="PresenceTimeline"),
     _op("series", "viewer",
         "The fleet over the last day or week: devices, online, in sync, pending, rejected, drift, conflicts.",
         "SeriesArgs", "`window` (`24h`: a point a minute; `7d`: a point per 10 minutes, averaged)",

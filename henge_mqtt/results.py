@@ -255,6 +255,23 @@ class PushPreview(TypedDict):
     example: PushPreviewDiff | None  # the first one's change
 
 
+TimelineSegment = TypedDict("TimelineSegment", {"from": str, "to": str, "state": str})  # online, offline, unknown
+
+
+class TimelineMark(TypedDict):
+    at: str
+    state: str  # takeover (a newer connection took over), conflict (two devices fighting over the identity)
+    reason: str | None
+    epoch: int | None
+
+
+PresenceTimeline = TypedDict("PresenceTimeline", {
+    "device": str, "window": str, "from": str, "to": str,
+    "segments": list[TimelineSegment],  # the whole window, oldest first
+    "marks": list[TimelineMark],
+})
+
+
 class SeriesPoint(TypedDict):
     at: str  # the minute it starts (RFC 3339)
     devices: int

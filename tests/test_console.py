@@ -739,3 +739,38 @@ async def test_the_fleet_over_time_is_drawn_from_the_stored_series(running: Runn
             assert errors == []
         finally:
             await page.close()
+
+
+async def test_a_devices_presence_is_a_band_over_the_day_and_the_week(running: Running, browser: Browser) -> None:
+    """The device page's presence band: the stored segments and marks of GET /devices/{id}/timeline."""
+    svc = running.service
+    secret = await svc.add_device("cam1")
+    for _ in range(2):  # online, offline, online, offline
+        async with aiomqtt.Client("127.0.0.1", running.port, identifier="cam1", username="cam1", password=secret,
+                                  timeout=5):
+            await wait_status(running, "cam1", lambda r: r["online"])
+        await wait_status(running, "cam1", lambda r: not r["online"])
+
+    async def stored() -> bool:
+        return len((await svc.presence_timeline("cam1"))["segments"]) == 5
+
+    await wait_until(stored, what="four changes in the stored history")
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        viewer = (await svc.create_token("look", "viewer"))["token"]
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, viewer)
+            await page.goto(server.url + "#/device/cam1")
+            band = page.locator("#d-band")
+            await expect(band).to_have_attribute("data-segments", "5")
+            assert await band.locator("rect.seg-online").count() == 2
+            assert await band.locator("rect.seg-offline").count() == 2
+            await expect(page.locator("#d-band-desc")).to_contain_text(
+                "of the last 24 hours; 0 takeovers, 0 conflicts.")
+            await keep_screenshot(page, "device")
+            await page.get_by_role("button", name="Last 7 days").click()
+            await expect(band).to_have_attribute("data-window", "7d")
+            await expect(page.locator("#d-band-desc")).to_contain_text("of the last 7 days")
+            assert errors == []
+        finally:
+            await page.close()

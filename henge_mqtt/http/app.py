@@ -49,6 +49,7 @@ from ..results import (
     LayerChange,
     LayerInForce,
     LayerVersion,
+    PresenceTimeline,
     PushPreview,
     Reconciled,
     ReportedState,
@@ -205,6 +206,12 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         """The device, its labels and its status row."""
         found = await svc.get_device(device)
         return found.model_dump(mode="json") | {"status": (await svc.status(device))[0]}
+
+    @route("GET", "/devices/{device}/timeline")
+    async def timeline(device: DeviceId, window: Annotated[Literal["24h", "7d"], Query()] = "24h"
+                       ) -> PresenceTimeline:
+        """The device's presence over the last day or week (stored), as segments and marks."""
+        return await svc.presence_timeline(device, window)
 
     @route("GET", "/series")
     async def series(window: Annotated[Literal["24h", "7d"], Query()] = "24h") -> FleetSeries:

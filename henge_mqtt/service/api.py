@@ -43,6 +43,7 @@ from ..results import (
     LayerChange,
     LayerInForce,
     LayerVersion,
+    PresenceTimeline,
     PushPreview,
     PushPreviewDiff,
     Reconciled,
@@ -56,6 +57,8 @@ from ..results import (
     SchemaVersion,
     SessionInfo,
     StatusRow,
+    TimelineMark,
+    TimelineSegment,
     TokenCreated,
     TokenInfo,
     TokenRevoked,
@@ -508,6 +511,28 @@ class ServiceAPI:
             {"at": iso(minute * 60), "devices": devices, "online": online, "in_sync": in_sync, "pending": pending,
              "rejected": rejected, "drift": drift, "conflicts": conflicts}
             for minute, devices, online, in_sync, pending, rejected, drift, conflicts in rows]}
+
+    async def presence_timeline(self, device: str, window: str = "24h") -> PresenceTimeline:
+        """A device's presence over the last day or week from the stored history: segments (online,
+        offline: ``unknown`` before the first change kept) and marks (takeover, conflict)."""
+        self.store.require_device(device)
+        end = time.time()
+        start = end - SERIES_WINDOWS[window][0] * 60
+        before, rows = await self.worker.run(self.store.presence_timeline, device, start)
+        segments: list[TimelineSegment] = []
+        marks: list[TimelineMark] = []
+        state = "unknown" if before is None else "offline" if before[1] == "offline" else "online"
+        since = start
+        for at, kind, reason, epoch in rows:
+            if kind == "conflict" or kind == "takeover":
+                marks.append({"at": iso(at), "state": kind, "reason": reason, "epoch": epoch})
+            new = "offline" if kind == "offline" else "online" if kind in ("online", "takeover") else state
+            if new != state:
+                segments.append({"from": iso(since), "to": iso(at), "state": state})
+                state, since = new, at
+        segments.append({"from": iso(since), "to": iso(end), "state": state})
+        return {"device": device, "window": window, "from": iso(start), "to": iso(end), "segments": segments,
+                "marks": marks}
 
     # ---- rollouts --------------------------------------------------------------------------------
 

@@ -51,6 +51,8 @@ log = logging.getLogger("henge_mqtt.service")
 
 LEASE_TTL = 3.0  # seconds: a standby takes over at most this long after the active one stops renewing
 FD_RESERVE = 64  # descriptors kept for the store, logs, the admin socket and the CLI
+HISTORY_KEEP = 7 * 86400.0  # seconds of presence history kept (the console's timeline band: 24 h and 7 days)
+HISTORY_PENDING = 200_000  # presence changes one group commit carries at most (a storm's excess is counted)
 
 
 def default_max_connections() -> int:
@@ -70,6 +72,8 @@ class HengeService(ServiceAPI):
         self._tasks = TaskSet(log, "service.task_failed")
         self._pending_epochs: dict[str, int] = {}
         self._pending_seen: dict[str, tuple[float, str | None, str]] = {}  # last seen, for after a restart
+        # Presence changes for the timeline (device, at, state, reason, epoch), in the same group commit.
+        self._pending_history: list[tuple[str, float, str, str | None, int | None]] = []
         # Persistent MQTT sessions to keep (None: ended), in the same group commit.
         self._pending_mqtt: dict[str, tuple[int, list[tuple[str, int]], float | None] | None] = {}
         self._epochs_saved: asyncio.Future[None] | None = None
@@ -169,6 +173,7 @@ class HengeService(ServiceAPI):
         while True:
             try:
                 await self.record_fleet_point()
+                await self.worker.run(self.store.prune_presence, time.time() - HISTORY_KEEP)
             except DatabaseError as exc:  # a point missed is a gap in a chart, not a reason to stop
                 log.warning("service.series_point_failed error=%s", exc)
             await asyncio.sleep(60 - time.time() % 60 + 0.5)
@@ -276,9 +281,10 @@ class HengeService(ServiceAPI):
         await self.reports.write_arrivals()
         await self._drain_sessions()
         await self._tasks.cancel_all(1.0)
-        if (self._pending_epochs or self._pending_seen or self._pending_mqtt) and not self.fenced.is_set():
+        pending = self._pending_epochs or self._pending_seen or self._pending_mqtt or self._pending_history
+        if pending and not self.fenced.is_set():
             await self.worker.run(self.store.save_sessions, self._pending_epochs, self._pending_seen,
-                                  self._pending_mqtt)
+                                  self._pending_mqtt, self._pending_history)
         fence, lease = self.store.fence, self._lease
         if lease is not None:
             if fence is not None and not self.fenced.is_set():  # a standby need not wait out the TTL
@@ -351,6 +357,8 @@ class HengeService(ServiceAPI):
             if isinstance(action, PresenceChange):
                 self.presence.on_change(action)
                 self._pending_seen[action.device] = (action.since, action.remote, action.reason)
+                state = "offline" if not action.online else "takeover" if action.reason == "takeover" else "online"
+                self._keep_history(action.device, action.since, state, action.reason, action.epoch)
                 self._schedule_flush()
             elif isinstance(action, SaveEpoch):
                 self._pending_epochs[action.device] = max(action.epoch, self._pending_epochs.get(action.device, 0))
@@ -362,10 +370,19 @@ class HengeService(ServiceAPI):
                 self._pending_mqtt[action.device] = None
                 self._schedule_flush()
             elif isinstance(action, Emit):
+                if action.type in ("conflict", "quarantine") and action.device:
+                    self._keep_history(action.device, time.time(), "conflict", action.type, None)
+                    self._schedule_flush()
                 self.events.count(action.type)
                 self.events.emit(action.type, action.device, **dict(action.data))
                 if action.type == "delivery_too_large":  # shown by status until a later config is sent
                     self.configs.undeliverable[action.device] = dict(action.data) | {"at": iso(time.time())}
+
+    def _keep_history(self, device: str, at: float, state: str, reason: str | None, epoch: int | None) -> None:
+        if len(self._pending_history) < HISTORY_PENDING:
+            self._pending_history.append((device, at, state, reason, epoch))
+        else:  # a storm beyond what one commit should carry: the timeline has a hole, the rest goes on
+            self.events.count("presence_history_dropped")
 
     def _schedule_flush(self) -> None:
         if self._epochs_saved is None:
@@ -381,16 +398,18 @@ class HengeService(ServiceAPI):
         pending, self._pending_epochs = self._pending_epochs, {}
         seen, self._pending_seen = self._pending_seen, {}
         mqtt, self._pending_mqtt = self._pending_mqtt, {}
+        history, self._pending_history = self._pending_history, []
         saved, self._epochs_saved = self._epochs_saved, None
         self._flushing = True
         self._inflight = saved
-        self._tasks.spawn(self._save_epochs(pending, seen, mqtt, saved))
+        self._tasks.spawn(self._save_epochs(pending, seen, mqtt, history, saved))
 
     async def _save_epochs(self, pending: dict[str, int], seen: dict[str, tuple[float, str | None, str]],
                            mqtt: dict[str, tuple[int, list[tuple[str, int]], float | None] | None],
+                           history: list[tuple[str, float, str, str | None, int | None]],
                            saved: asyncio.Future[None]) -> None:
         try:
-            await self.worker.run(self.store.save_sessions, pending, seen, mqtt)
+            await self.worker.run(self.store.save_sessions, pending, seen, mqtt, history)
         except Exception as exc:  # the waiting connects are refused; nothing is acknowledged
             log.error("store.epochs_failed error=%s", exc)
             if not saved.done():

@@ -101,6 +101,7 @@ class Devices(StoreCore):
         with self._tx():
             cur = self._db.execute("DELETE FROM devices WHERE id = ?", (device,))
             self._found(cur.rowcount, device)
+            self._db.execute("DELETE FROM presence_history WHERE device = ?", (device,))  # a new one inherits none
             self._audit(actor, "device.remove", device, {})
         self._hashes.pop(device, None)
 

@@ -238,6 +238,17 @@ MIGRATIONS: list[str] = [
         conflicts INTEGER NOT NULL
     );
     """,
+    """
+    CREATE TABLE presence_history (      -- each device's presence changes, kept a week (the console's timeline band)
+        device TEXT NOT NULL,
+        at REAL NOT NULL,                -- time.time()
+        state TEXT NOT NULL,             -- online, offline, takeover (online again on a newer connection), conflict
+        reason TEXT,
+        epoch INTEGER
+    );
+    CREATE INDEX presence_history_device ON presence_history (device, at);
+    CREATE INDEX presence_history_at ON presence_history (at);
+    """,
 ]
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from .core import StoreCore
 
@@ -24,9 +25,10 @@ class Sessions(StoreCore):
 
     def save_sessions(self, epochs: dict[str, int], seen: dict[str, tuple[float, str | None, str]],
                       mqtt: dict[str, tuple[int, list[tuple[str, int]], float | None] | None] | None = None,
-                      ) -> None:
-        """Epochs (the group commit of a reconnect storm), last-seen records and persistent MQTT
-        sessions (None: ended) in one transaction.
+                      history: list[tuple[str, float, str, str | None, int | None]] | None = None) -> None:
+        """Epochs (the group commit of a reconnect storm), last-seen records, persistent MQTT
+        sessions (None: ended) and presence changes ``(device, at, state, reason, epoch)`` in one
+        transaction.
 
         An epoch high-water mark only goes up, even if saved out of order.
         """
@@ -46,3 +48,21 @@ class Sessions(StoreCore):
                 "UPDATE devices SET last_seen = ?, last_remote = ?, last_reason = ? WHERE id = ?",
                 [(at, remote, reason, d) for d, (at, remote, reason) in seen.items()],
             )
+            if history:
+                self._db.executemany("INSERT INTO presence_history (device, at, state, reason, epoch) "
+                                     "VALUES (?, ?, ?, ?, ?)", [h for h in history if h[0] in self._hashes])
+
+    def presence_timeline(self, device: str, since: float) -> tuple[tuple[Any, ...] | None, list[tuple[Any, ...]]]:
+        """The device's last presence change before ``since`` (what it was then: None if none is
+        kept) and its changes from then on, oldest first: ``(at, state, reason, epoch)``."""
+        before = self._db.execute("SELECT at, state, reason, epoch FROM presence_history WHERE device = ? AND at < ? "
+                                  "AND state IN ('online', 'offline', 'takeover') ORDER BY at DESC LIMIT 1",
+                                  (device, since)).fetchone()
+        rows = self._db.execute("SELECT at, state, reason, epoch FROM presence_history WHERE device = ? AND at >= ? "
+                                "ORDER BY at", (device, since)).fetchall()
+        return (tuple(before) if before else None), [tuple(r) for r in rows]
+
+    def prune_presence(self, before: float) -> int:
+        """Forget presence changes older than ``before``; how many."""
+        with self._tx():
+            return int(self._db.execute("DELETE FROM presence_history WHERE at < ?", (before,)).rowcount or 0)

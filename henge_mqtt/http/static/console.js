@@ -863,7 +863,43 @@ function scheduleDevice() {
   deviceTimer = setTimeout(() => loadDevice(state.device).catch(() => {}), 400);
 }
 
+// A device's presence over a window as a band: online, offline, unknown (before the first change kept);
+// takeovers and conflicts as marks. From GET /devices/{id}/timeline (stored a week).
+async function loadBand(id) {
+  const window = state.bandWindow || "24h";
+  const t = await api(`/devices/${encodeURIComponent(id)}/timeline?window=${window}`);
+  if (state.device !== id) return;
+  const W = 800, start = Date.parse(t.from), span = Math.max(1, Date.parse(t.to) - start);
+  const x = (iso) => ((Date.parse(iso) - start) / span) * W;
+  const rect = (from, to, cls, title) => {
+    const r = document.createElementNS(SVG_NS, "rect");
+    const w = Math.max(cls === "seg-unknown" ? 0 : 2, x(to) - x(from)); // a short visit still shows
+    r.setAttribute("x", Math.min(x(from), W - w).toFixed(1)); r.setAttribute("y", "0"); r.setAttribute("height", "24");
+    r.setAttribute("width", w.toFixed(1));
+    r.setAttribute("class", cls);
+    const tip = document.createElementNS(SVG_NS, "title");
+    tip.textContent = title;
+    r.append(tip);
+    return r;
+  };
+  const band = $("d-band");
+  band.replaceChildren(...t.segments.map((s) => rect(s.from, s.to, `seg-${s.state}`,
+    `${s.state} from ${s.from} to ${s.to}`)), ...t.marks.map((m) => rect(m.at, m.at, `mark-${m.state}`,
+    `${m.state} at ${m.at}${m.reason ? ` (${m.reason})` : ""}`)));
+  band.dataset.segments = String(t.segments.length);
+  band.dataset.marks = String(t.marks.length);
+  band.dataset.window = t.window;
+  const online = t.segments.filter((s) => s.state === "online")
+    .reduce((sum, s) => sum + Date.parse(s.to) - Date.parse(s.from), 0);
+  const count = (k) => t.marks.filter((m) => m.state === k).length;
+  $("d-band-from").textContent = window === "7d" ? "7 days ago" : "24 hours ago";
+  $("d-band-desc").textContent = `Online ${Math.round((100 * online) / span)}% of the ${window === "7d" ? "last 7 days" : "last 24 hours"}; ` +
+    `${count("takeover")} takeovers, ${count("conflict")} conflicts.`;
+  for (const b of document.querySelectorAll("button[data-pwindow]")) b.setAttribute("aria-pressed", String(b.dataset.pwindow === window));
+}
+
 async function loadDevice(id) {
+  loadBand(id).catch((e) => { $("d-band-desc").textContent = e.message; });
   const path = `/devices/${encodeURIComponent(id)}`;
   const [info, presence, versions, reported] = await Promise.all([api(path), api(`${path}/presence`),
     api(`${path}/versions`), api(`${path}/reported`)]);
@@ -1112,6 +1148,12 @@ document.addEventListener("DOMContentLoaded", () => {
   window.addEventListener("hashchange", route);
   setInterval(markDirty, 15000); // ages ("3m ago") move on
   setInterval(() => { if (state.token && !$("fleet").hidden) loadChart().catch(() => {}); }, 60000); // a point a minute
+  for (const b of document.querySelectorAll("button[data-pwindow]")) {
+    b.addEventListener("click", () => {
+      state.bandWindow = b.dataset.pwindow;
+      if (state.device) loadBand(state.device).catch((e) => { $("d-band-desc").textContent = e.message; });
+    });
+  }
   for (const b of document.querySelectorAll("#history button[data-window]")) {
     b.addEventListener("click", () => {
       state.chartWindow = b.dataset.window;
