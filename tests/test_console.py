@@ -678,7 +678,9 @@ async def test_a_rollout_is_planned_previewed_and_started_from_the_page(running:
             await page.get_by_text("Push to many devices, at once or in waves").click()
             await page.get_by_label("Target (k=v, or a filter)").fill("site=b")
             await page.get_by_label("Layer for every device (JSON)").fill('{"v": 1}')
+            await expect(page.locator("#many-waves")).to_be_hidden()  # at once: no waves to set
             await page.get_by_label("How").select_option("rollout")
+            await expect(page.locator("#many-waves")).to_be_visible()
             await page.get_by_label("Waves, cumulative %").fill("10,100")
             await page.get_by_label("A wave passes at % applied").fill("100")
             await page.get_by_role("button", name="Preview").click()
@@ -736,6 +738,12 @@ async def test_the_fleet_over_time_is_drawn_from_the_stored_series(running: Runn
             assert await chart.get_attribute("data-points") in {str(len(week["points"])),
                                                                 str(len(week["points"]) - 1)}
             await expect(page.get_by_role("button", name="Last 7 days")).to_have_attribute("aria-pressed", "true")
+            # On a phone the page folds: nothing wider than the screen but inside its own scroller.
+            await page.set_viewport_size({"width": 390, "height": 800})
+            await page.get_by_text("Push to many devices, at once or in waves").click()
+            await page.get_by_text("Add devices").click()
+            assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+            await keep_screenshot(page, "fleet-phone")
             assert errors == []
         finally:
             await page.close()
