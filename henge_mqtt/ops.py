@@ -198,6 +198,13 @@ TABLE: tuple[Op, ...] = (
         "LayerSetArgs", "`name`, `content`, `labels?`, `where?`, `priority?`, `message?`, `force?`",
         "`{layer, version, devices, versions}` (+ `new_devices_invalid` when `force` stored a layer a new device "
         "would break)", "PUT /layers/{name}", returns="LayerChange"),
+    _op("layer.preview", "viewer",
+        "What a layer change would do, stored nowhere: the devices it changes, one diff, what schemas say.",
+        "LayerSetArgs", "as `layer.set` (`message` and `force` unused)",
+        "`{layer, change, devices, more, example, invalid, new_devices_invalid}`: `devices` the first 200 it "
+        "changes, `example` the first one's `{device, from_version, to_version, diff}`, `invalid` and "
+        "`new_devices_invalid` the schema violations `layer.set` would refuse it for (one line each)",
+        "POST /layers/{name}/preview", returns="LayerPreview"),
     _op("layer.get", "viewer", "A layer's content (the current version unless a version is given).",
         "LayerRefArgs", "`name`, `version?`", "the layer's version: `{version, content, labels, priority, message, "
         "created_at, actor, removed}`", "GET /layers/{name}", returns="LayerVersion"),

@@ -291,6 +291,18 @@ class FleetSeries(TypedDict):
     points: list[SeriesPoint]  # oldest first; a minute with no sample (the service was down) has none
 
 
+class LayerPreview(TypedDict):
+    """What a layer change would do; nothing is stored."""
+
+    layer: str
+    change: int  # devices whose config it changes
+    devices: list[str]  # the first 200 of them, by id
+    more: int
+    example: PushPreviewDiff | None  # the first one's change
+    invalid: list[str]  # schema violations it would cause now (``device: /pointer: message (schema S)``)
+    new_devices_invalid: list[str]  # and for a device added later
+
+
 class RolloutPreview(TypedDict):
     """What a rollout would do; nothing is started."""
 

@@ -782,3 +782,60 @@ async def test_a_devices_presence_is_a_band_over_the_day_and_the_week(running: R
             assert errors == []
         finally:
             await page.close()
+
+
+async def test_layers_are_edited_with_a_preview_as_you_type_and_explained(running: Running, browser: Browser) -> None:
+    """The layers view: a layer checked as it is typed (not JSON; a schema it would break, with the
+    device and pointer; which devices it changes and one diff), saved only when it passes, listed,
+    edited again; and a device's config explained value by value."""
+    svc = running.service
+    for device, site in (("d1", "a"), ("d2", "a"), ("d3", "b")):
+        await svc.add_device(device, {"site": site})
+        await svc.push(device, {"name": device})
+    await svc.set_schema({"site": "a"}, {"type": "object", "properties": {"port": {"type": "integer", "maximum": 100}}})
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        tokens = {role: (await svc.create_token(f"t-{role}", role))["token"] for role in ("viewer", "operator")}
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, tokens["operator"])
+            await page.get_by_role("link", name="Layers").click()
+            await page.get_by_label("Layer name").fill("ports")
+            await page.get_by_label("Selector k=v, comma-separated").fill("site=a")
+            content = page.get_by_label("Layer content (JSON, merged over the layers below it)")
+            check, save = page.locator("#l-check"), page.locator("#l-save")
+            await content.fill('{"port": ')
+            await expect(check).to_contain_text("Not JSON")
+            await expect(save).to_be_disabled()
+            await content.fill('{"port": 999}')
+            await expect(check).to_contain_text("Its schemas would refuse it: d1: /port:")
+            await expect(save).to_be_disabled()
+            await content.fill('{"port": 81}')
+            await expect(check).to_have_text("Would change the config of 2 device(s): d1, d2. The change for d1:")
+            await expect(page.locator("#l-diff .add")).to_contain_text(['+  "port": 81'])
+            assert (await svc.get_version("d1")).config == {"name": "d1"}  # a preview stores nothing
+            await expect(save).to_be_enabled()
+            await page.get_by_label("Why this change").fill("ports for site a")
+            await save.click()
+            await expect(page.locator("#l-note")).to_have_text(
+                "Layer ports is at version 1; 2 device(s) got a new version.")
+            assert (await svc.get_version("d1")).config == {"name": "d1", "port": 81}
+            assert (await svc.get_version("d3")).config == {"name": "d3"}
+            row = page.locator("#l-table tr[data-layer='ports']")
+            await expect(row).to_contain_text("site=a")
+            await content.fill("{}")
+            await row.get_by_role("button", name="Edit").click()
+            await expect(content).to_have_value('{\n  "port": 81\n}')
+            await page.get_by_label("Explain device").fill("d1")
+            await page.get_by_role("button", name="Explain").click()
+            explained = page.locator("#x-table tbody tr")
+            await expect(explained).to_have_count(2)
+            await expect(explained.filter(has_text="/port")).to_contain_text("ports@1")
+            await page.get_by_role("button", name="Sign out").click()
+
+            await sign_in(page, server.url, tokens["viewer"])
+            await page.goto(server.url + "#/layers")
+            await row.get_by_role("button", name="Edit").click()
+            await expect(save).to_have_attribute("title", "Your role (viewer) cannot: this needs operator.")
+            assert errors == []
+        finally:
+            await page.close()

@@ -297,3 +297,33 @@ async def test_layer_set_cli_refuses_a_layer_new_devices_would_break(running: Ru
     assert forced.stderr.startswith("warning: a new device (no config of its own): /interval")
     added = await cli("device", "add", "late")
     assert added.returncode == 1 and "/interval" in added.stderr
+
+
+async def test_a_layer_change_is_previewed_with_its_schema_violations(running: Running, tmp_path: Path) -> None:
+    """`henge layer set ... --dry-run` (op layer.preview): the devices it would change, the first
+    one's diff, the schema violations set would refuse it for, now and for a later device; nothing
+    stored."""
+    svc = running.service
+    for device in ("d1", "d2"):
+        await svc.add_device(device, {"site": "a"})
+    await svc.push("d1", {"name": "one"})
+    await svc.set_schema({"site": "a"}, {"type": "object", "properties": {"port": {"type": "integer", "maximum": 100}}})
+    layer = tmp_path / "ports.json"
+    layer.write_text('{"port": 999}')
+    data = str(running.data_dir)
+    result = await asyncio.to_thread(henge_cli, "layer", "set", "ports", str(layer), "--label", "site=a",
+                                     "--dry-run", "--data", data)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "layer ports would change the config of 2 device(s); nothing was stored"
+    assert lines[1] == "  d1, d2"
+    assert any(line.startswith("schema: d1: /port:") for line in lines)
+    assert any(line.startswith("schema (a device added later): a new device with site=a") for line in lines)
+    assert '+  "port": 999' in result.stdout
+    layer.write_text('{"port": 81}')
+    ok = await asyncio.to_thread(henge_cli, "layer", "set", "ports", str(layer), "--label", "site=a", "--dry-run",
+                                 "--json", "--data", data)
+    answer = json.loads(ok.stdout)
+    assert (answer["change"], answer["invalid"], answer["new_devices_invalid"]) == (2, [], [])
+    assert answer["example"]["device"] == "d1" and answer["example"]["to_version"] == 2
+    assert await svc.list_layers() == [] and [r.version for r in svc.store.history("d1")] == [1]

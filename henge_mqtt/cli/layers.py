@@ -45,6 +45,8 @@ def layer_set(
     message: Annotated[str, typer.Option("-m", "--message", help="Why this change.")] = "",
     force: Annotated[bool, typer.Option("--force", help="Store it even if a device added later (no config of "
                                         "its own) would get a config its schemas refuse; says which.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say which devices it would change (one diff) and "
+                                          "what their schemas would say; store nothing.")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
 ) -> None:
     args: dict[str, Any] = {"name": name, "content": read_config(source, what="layer"), "message": message,
@@ -55,6 +57,21 @@ def layer_set(
         args["labels"] = labels_arg(label)
     if priority is not None:
         args["priority"] = priority
+    if dry_run:
+        preview = call_op(data, broker, timeout, "layer.preview", **args)
+
+        def text(r: dict[str, Any]) -> str:
+            lines = [f"layer {r['layer']} would change the config of {r['change']} device(s); nothing was stored"]
+            if r["devices"]:
+                lines.append("  " + ", ".join(r["devices"]) + (f" and {r['more']} more" if r["more"] else ""))
+            lines += [f"schema: {line}" for line in r["invalid"]]
+            lines += [f"schema (a device added later): {line}" for line in r["new_devices_invalid"]]
+            if r["example"]:
+                lines.append(r["example"]["diff"])
+            return "\n".join(lines)
+
+        emit(preview, as_json, text)
+        return
     result = call_op(data, broker, timeout, "layer.set", **args)
     if not as_json:
         result.pop("versions")

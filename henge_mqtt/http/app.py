@@ -48,6 +48,7 @@ from ..results import (
     FleetSeries,
     LayerChange,
     LayerInForce,
+    LayerPreview,
     LayerVersion,
     PresenceTimeline,
     PushPreview,
@@ -427,6 +428,13 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         body = parse_model(LayerBody, await read_json(request))
         return await svc.set_layer(name, body.content, labels=body.labels, priority=body.priority,
                                    message=body.message, force=body.force, where=body.where)
+
+    @route("POST", "/layers/{name}/preview", **body_doc(LayerBody))
+    async def preview_layer(request: Request, name: LayerName) -> LayerPreview:
+        """What ``PUT /layers/{name}`` would do with this body, stored nowhere."""
+        body = parse_model(LayerBody, await read_json(request))
+        return await svc.preview_layer(name, body.content, labels=body.labels, priority=body.priority,
+                                       where=body.where)
 
     @route("POST", "/layers/{name}/rollback", **body_doc(RollbackBody))
     async def rollback_layer(request: Request, name: LayerName) -> LayerChange:

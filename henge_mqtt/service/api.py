@@ -42,6 +42,7 @@ from ..results import (
     FleetSummary,
     LayerChange,
     LayerInForce,
+    LayerPreview,
     LayerVersion,
     PresenceTimeline,
     PushPreview,
@@ -622,6 +623,31 @@ class ServiceAPI:
             parse_where(where, standing=True)
         return await self._change_layer(name, content, labels=labels, priority=priority, message=message, force=force,
                                         where=where)
+
+    async def preview_layer(self, name: str, content: dict[str, Any], *, labels: dict[str, str] | None = None,
+                            priority: int | None = None, where: str | None = None) -> LayerPreview:
+        """What ``set_layer`` would do, stored nowhere: the devices whose config changes (the first's
+        diff), and what their schemas would say of it, now and for a device added later."""
+        self.configs.check_size(content)
+        if where:
+            parse_where(where, standing=True)
+        store = self.store
+        plan = await self.worker.run(lambda: store.layer_change_plan(name, content, selector=labels, priority=priority,
+                                                                     where=where))
+        layer = {"name": name, "content": content, "labels": labels, "priority": priority, "where": where}
+        now = await self.worker.run(self.schemas.layer_change_errors, layer, [device for device, *_ in plan])
+        later = await self.worker.run(self.schemas.new_device_errors, name, content, labels=labels, priority=priority,
+                                      where=where)
+        example: PushPreviewDiff | None = None
+        if plan:
+            device, version, old, new = plan[0]
+            example = {"device": device, "from_version": version or None, "to_version": version + 1,
+                       "diff": unified_diff(old or {}, new, f"{device} v{version}" if version else "(none)",
+                                            f"{device} v{version + 1}")}
+        return {"layer": name, "change": len(plan), "devices": [d for d, *_ in plan[:PREVIEW_DEVICES]],
+                "more": max(0, len(plan) - PREVIEW_DEVICES), "example": example,
+                "invalid": [SchemaViolation.line(e) for e in now],
+                "new_devices_invalid": [SchemaViolation.line(e) for e in later]}
 
     async def remove_layer(self, name: str, *, message: str = "", force: bool = False) -> LayerChange:
         return await self._change_layer(name, None, labels=None, priority=None, message=message, force=force)

@@ -274,6 +274,12 @@ async def _explain(svc: ServiceAPI, a: models.ExplainArgs, progress: Progress) -
     return await svc.explain(a.device, a.version)
 
 
+@handles("layer.preview")
+async def _layer_preview(svc: ServiceAPI, a: models.LayerSetArgs, progress: Progress) -> Any:
+    return await svc.preview_layer(a.name, dict(a.content), labels=dict(a.labels) if a.labels is not None else None,
+                                   priority=a.priority, where=a.where)
+
+
 @handles("rollout.preview")
 async def _rollout_preview(svc: ServiceAPI, a: models.RolloutStartArgs, progress: Progress) -> Any:
     return await svc.preview_rollout(dict(a.config), all_devices=a.all, labels=dict(a.labels) or None,

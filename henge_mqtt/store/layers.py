@@ -202,6 +202,14 @@ class Layers(StoreCore):
     def layer_change_targets(self, name: str, content: dict[str, Any] | None, *, selector: dict[str, str] | None,
                              priority: int | None, where: str | None = None) -> list[str]:
         """The devices whose config a layer change would alter (a staged layer change's targets)."""
+        return [device for device, _, _, _ in self.layer_change_plan(name, content, selector=selector,
+                                                                     priority=priority, where=where)]
+
+    def layer_change_plan(self, name: str, content: dict[str, Any] | None, *, selector: dict[str, str] | None,
+                          priority: int | None, where: str | None = None
+                          ) -> list[tuple[str, int, dict[str, Any] | None, dict[str, Any]]]:
+        """``(device, current version, current config, config after)`` of each device whose config
+        a layer change would alter, by id; stored nowhere."""
         layer, _, _ = self.candidate_layer(name, content, selector=selector, priority=priority, where=where)
         candidate = dict(self._layers)
         if layer is None:
@@ -218,7 +226,7 @@ class Layers(StoreCore):
             own = json.loads(text) if text is not None else {}
             effective, used = self.effective(labels.get(device, {}), own, candidate, device=device)
             if (version or used) and config_sha256(effective) != sha:
-                out.append(device)
+                out.append((device, version, json.loads(config_text) if config_text is not None else None, effective))
         return out
 
     def layer_history(self, name: str) -> list[LayerVersion]:

@@ -84,7 +84,7 @@ async function signIn(token) {
 }
 
 function show(section) {
-  for (const id of ["login", "fleet", "device", "audit", "tokens"]) $(id).hidden = id !== section;
+  for (const id of ["login", "fleet", "device", "audit", "tokens", "layers"]) $(id).hidden = id !== section;
 }
 
 // ---- fleet table --------------------------------------------------------------------------------------
@@ -776,6 +776,112 @@ async function importDevices() {
   } catch (e) { addNote(e.message, true); importPreview(); }
 }
 
+// ---- config layers: edited with a preview as you type, and explained per device -----------------------------
+
+function layerNote(id, text, bad = false) {
+  $(id).className = bad ? "error" : "help";
+  $(id).textContent = text;
+}
+
+async function loadLayers() {
+  const rows = await api("/layers");
+  $("l-table").tBodies[0].replaceChildren(...rows.map((l) => {
+    const edit = el("button", { type: "button", text: "Edit", "data-layer": l.layer });
+    edit.onclick = () => editLayer(l.layer).catch((e) => layerNote("l-note", e.message, true));
+    const to = l.layer === "fleet" ? "every device" : [Object.entries(l.labels).map(([k, v]) => `${k}=${v}`).join(", "),
+      l.where ? `where ${l.where}` : ""].filter(Boolean).join(" ");
+    return el("tr", { "data-layer": l.layer }, el("td", { text: l.layer }), el("td", { text: to }),
+      el("td", { text: String(l.priority) }), el("td", { text: `v${l.version}` }), el("td", {}, edit));
+  }));
+  checkLayerSoon(0);
+}
+
+async function editLayer(name) {
+  const l = await api(`/layers/${encodeURIComponent(name)}`);
+  $("l-editing").textContent = `Layer ${name} (v${l.version})`;
+  $("l-name").value = name;
+  $("l-labels").value = Object.entries(l.labels || {}).map(([k, v]) => `${k}=${v}`).join(", ");
+  $("l-where").value = l.where || "";
+  $("l-priority").value = String(l.priority ?? 0);
+  $("l-content").value = JSON.stringify(l.content, null, 2);
+  $("l-note").textContent = "";
+  checkLayerSoon(0);
+}
+
+function layerBody() { // the form as PUT /layers/{name} takes it; throws on what is not valid yet
+  const name = $("l-name").value.trim();
+  if (!NAME_RE.test(name)) throw new Error("Name the layer (1-64 of A-Z a-z 0-9 . _ -; fleet: every device).");
+  let content;
+  try { content = JSON.parse($("l-content").value); } catch (e) { throw new Error(`Not JSON: ${e.message}`); }
+  if (!content || typeof content !== "object" || Array.isArray(content)) throw new Error("A layer is a JSON object.");
+  const body = { content, priority: Number($("l-priority").value || 0) };
+  if (name !== "fleet") { body.labels = parseLabels($("l-labels").value); body.where = $("l-where").value.trim(); }
+  return [name, body];
+}
+
+let layerTimer = 0;
+function checkLayerSoon(delay = 400) { // as the operator types: the syntax at once, the service's preview after a pause
+  clearTimeout(layerTimer);
+  allow($("l-save"), "operator", "Checking…");
+  layerTimer = setTimeout(() => checkLayer().catch((e) => layerNote("l-check", e.message, true)), delay);
+}
+
+async function checkLayer() {
+  $("l-diff").hidden = true;
+  state.layerChecked = null;
+  let name, body;
+  try { [name, body] = layerBody(); } catch (e) {
+    layerNote("l-check", $("l-content").value.trim() || $("l-name").value.trim() ? e.message : "", Boolean($("l-content").value.trim()));
+    allow($("l-save"), "operator", e.message);
+    return;
+  }
+  const key = JSON.stringify([name, body]);
+  const r = await api(`/layers/${encodeURIComponent(name)}/preview`, { method: "POST",
+    headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  if (key !== JSON.stringify((() => { try { return layerBody(); } catch { return null; } })())) return; // typed on
+  const problems = r.invalid.concat(r.new_devices_invalid.map((line) => `a device added later: ${line}`));
+  layerNote("l-check", (problems.length ? `Its schemas would refuse it: ${problems.join("; ")}. ` : "") +
+    `Would change the config of ${r.change} device(s)` +
+    (r.devices.length ? `: ${r.devices.join(", ")}${r.more ? ` and ${r.more} more` : ""}.` : ".") +
+    (r.example ? ` The change for ${r.example.device}:` : ""), problems.length > 0);
+  if (r.example) {
+    $("l-diff").replaceChildren(...r.example.diff.split("\n").map((line) => el("span",
+      { class: line.startsWith("+") && !line.startsWith("+++") ? "add" : line.startsWith("-") && !line.startsWith("---") ? "del" : "",
+        text: line + "\n" })));
+    $("l-diff").hidden = false;
+  }
+  state.layerChecked = key;
+  allow($("l-save"), "operator", r.invalid.length ? "Its schemas would refuse it (above)." : "");
+}
+
+async function saveLayer(event) {
+  event.preventDefault();
+  try {
+    const [name, body] = layerBody();
+    if (state.layerChecked !== JSON.stringify([name, body])) { checkLayerSoon(0); return; }
+    body.message = $("l-why").value;
+    const r = await api(`/layers/${encodeURIComponent(name)}`, { method: "PUT",
+      headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    layerNote("l-note", `Layer ${r.layer} is at version ${r.version}; ${r.devices} device(s) got a new version.` +
+      (r.new_devices_invalid ? ` Warning: ${r.new_devices_invalid.join("; ")}` : ""));
+    $("l-why").value = "";
+    await loadLayers();
+  } catch (e) { layerNote("l-note", e.message, true); }
+}
+
+async function explainDevice(event) {
+  event.preventDefault();
+  const device = $("x-device").value.trim();
+  try {
+    const rows = await api(`/devices/${encodeURIComponent(device)}/explain`);
+    $("x-table").tBodies[0].replaceChildren(...rows.map((x) => el("tr", {},
+      el("td", {}, el("code", { text: x.pointer })), el("td", {}, el("code", { text: JSON.stringify(x.value) })),
+      el("td", { text: x.layer }))));
+    layerNote("x-note", rows.length ? `${device}'s current config, value by value, and the layer that set each.`
+      : `${device} has no config.`);
+  } catch (e) { $("x-table").tBodies[0].replaceChildren(); layerNote("x-note", e.message, true); }
+}
+
 // ---- API tokens -------------------------------------------------------------------------------------------
 
 function tokenNote(text, bad = false) {
@@ -1055,7 +1161,11 @@ function route() {
   if (!state.token) { show("login"); return; }
   const m = location.hash.match(/^#\/device\/(.+)$/);
   const audit = location.hash.match(/^#\/audit(?:\?(.*))?$/);
-  if (location.hash === "#/tokens") {
+  if (location.hash === "#/layers") {
+    state.device = "";
+    show("layers");
+    loadLayers().catch((e) => layerNote("l-note", e.message, true));
+  } else if (location.hash === "#/tokens") {
     state.device = "";
     $("t-secret-box").hidden = true; $("t-note").textContent = "";
     show("tokens");
@@ -1143,6 +1253,9 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("import-button").addEventListener("click", importDevices);
   $("t-form").addEventListener("submit", createToken);
+  $("l-form").addEventListener("input", (e) => { if (e.target.id !== "l-why") checkLayerSoon(); });
+  $("l-form").addEventListener("submit", saveLayer);
+  $("x-form").addEventListener("submit", explainDevice);
   $("diff-b").addEventListener("change", () => { $("diff-b").dataset.touched = "1"; });
   $("diff-form").addEventListener("submit", (e) => showDiff(e).catch((err) => { $("diff").textContent = err.message; }));
   window.addEventListener("hashchange", route);
