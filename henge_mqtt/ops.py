@@ -228,6 +228,12 @@ TABLE: tuple[Op, ...] = (
         "Set the schema for the fleet or for devices with labels; refused if current configs break it.",
         "SchemaSetArgs", "`labels?`, `document`, `force?`", "`{schema, version, invalid_devices}`",
         "PUT /schemas/{name}", returns="SchemaChange"),
+    _op("schema.preview", "viewer",
+        "What setting a schema would say, stored nowhere: the devices whose current config it refuses.",
+        "SchemaSetArgs", "as `schema.set` (`force` unused)",
+        "`{schema, version, invalid_devices, more, violations}` (the first 200 devices and violations, one line "
+        "each), or `invalid_schema` when the document is not a JSON Schema", "POST /schemas/{name}/preview",
+        returns="SchemaPreview"),
     _op("schema.get", "viewer", "A schema document (the current version unless a version is given).",
         "SchemaRefArgs", "`labels?`, `version?`", "`{schema, version, document, created_at, actor}`",
         "GET /schemas/{name}", returns="SchemaVersion"),

@@ -419,6 +419,16 @@ class SchemaChange(TypedDict):
     removed: NotRequired[bool]
 
 
+class SchemaPreview(TypedDict):
+    """What setting a schema would do; nothing is stored."""
+
+    schema: str
+    version: int  # the version it would be
+    invalid_devices: list[str]  # current devices whose config it refuses (the first 200)
+    more: int
+    violations: list[str]  # one line each (the first 200): ``device: /pointer: message (schema S)``
+
+
 class SchemaInForce(TypedDict):
     schema: str
     labels: dict[str, str]

@@ -839,3 +839,46 @@ async def test_layers_are_edited_with_a_preview_as_you_type_and_explained(runnin
             assert errors == []
         finally:
             await page.close()
+
+
+async def test_schemas_are_checked_against_every_config_as_they_are_typed(running: Running, browser: Browser) -> None:
+    """The schema editor: not JSON, not a JSON Schema, a schema current configs break (which device,
+    which pointer): each said as typed, and saving waits for a schema every config passes."""
+    svc = running.service
+    for device, port in (("d1", 500), ("d2", 50)):
+        await svc.add_device(device, {"site": "a"})
+        await svc.push(device, {"port": port})
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        tokens = {role: (await svc.create_token(f"t-{role}", role))["token"] for role in ("operator", "admin")}
+        page, errors = await desktop_page(browser)
+        try:
+            await sign_in(page, server.url, tokens["admin"])
+            await page.goto(server.url + "#/layers")
+            await page.get_by_label("For devices with").fill("site=a")
+            document = page.get_by_label("Schema document (JSON Schema 2020-12)")
+            check, save = page.locator("#s-check"), page.locator("#s-save")
+            await document.fill('{"type": "object", "properties": {"port": {"maximum": 100}}')
+            await expect(check).to_contain_text("Not JSON")
+            await document.fill('{"type": 5}')
+            await expect(check).to_contain_text("schema")
+            await expect(check).to_have_class("error")
+            await document.fill('{"type": "object", "properties": {"port": {"maximum": 100}}}')
+            await expect(check).to_contain_text("It would refuse the current config of 1 device(s): d1: /port:")
+            await expect(save).to_be_disabled()
+            assert await svc.list_schemas() == []
+            await document.fill('{"type": "object", "properties": {"port": {"maximum": 1000}}}')
+            await expect(check).to_have_text("Every current config passes it; it would be schema site=a version 1.")
+            await save.click()
+            await expect(page.locator("#s-note")).to_have_text("Schema site=a is at version 1.")
+            assert [s["schema"] for s in await svc.list_schemas()] == ["site=a"]
+            await expect(page.locator("#s-table tr[data-schema='site=a']")).to_contain_text("v1")
+            await page.get_by_role("button", name="Sign out").click()
+
+            await sign_in(page, server.url, tokens["operator"])
+            await page.goto(server.url + "#/layers")
+            await page.locator("#s-table tr[data-schema='site=a']").get_by_role("button", name="Edit").click()
+            await expect(check).to_contain_text("Every current config passes it")
+            await expect(save).to_have_attribute("title", "Your role (operator) cannot: this needs admin.")
+            assert errors == []
+        finally:
+            await page.close()

@@ -327,3 +327,25 @@ async def test_a_layer_change_is_previewed_with_its_schema_violations(running: R
     assert (answer["change"], answer["invalid"], answer["new_devices_invalid"]) == (2, [], [])
     assert answer["example"]["device"] == "d1" and answer["example"]["to_version"] == 2
     assert await svc.list_layers() == [] and [r.version for r in svc.store.history("d1")] == [1]
+
+
+async def test_a_schema_is_previewed_against_every_current_config(running: Running, tmp_path: Path) -> None:
+    """`henge schema set ... --dry-run` (op schema.preview): the current configs it would refuse,
+    one violation a line; a document that is not a JSON Schema refused as set would; nothing stored."""
+    svc = running.service
+    for device, port in (("d1", 500), ("d2", 50)):
+        await svc.add_device(device, {"site": "a"})
+        await svc.push(device, {"port": port})
+    schema = tmp_path / "ports.json"
+    schema.write_text('{"type": "object", "properties": {"port": {"maximum": 100}}}')
+    data = str(running.data_dir)
+    result = await asyncio.to_thread(henge_cli, "schema", "set", str(schema), "--label", "site=a", "--dry-run",
+                                     "--data", data)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "schema site=a would be version 1 and refuse the config of 1 device(s); nothing was stored"
+    assert lines[1].startswith("  d1: /port:") and lines[1].endswith("(schema site=a@1)")
+    schema.write_text('{"type": 5}')
+    bad = await asyncio.to_thread(henge_cli, "schema", "set", str(schema), "--dry-run", "--data", data)
+    assert bad.returncode != 0 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
+    assert await svc.list_schemas() == []

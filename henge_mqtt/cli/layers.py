@@ -149,9 +149,17 @@ def schema_set(
     label: SchemaLabels = None,
     force: Annotated[bool, typer.Option("--force", help="Store it even if current configs break it (those "
                                         "devices then show sync invalid).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say which current configs it would refuse (each "
+                                          "violation); store nothing.")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 30.0,
 ) -> None:
     document = read_document(source)
+    if dry_run:
+        preview = call_op(data, broker, timeout, "schema.preview", labels=labels_arg(label), document=document)
+        emit(preview, as_json, lambda r: f"schema {r['schema']} would be version {r['version']} and refuse the "
+             f"config of {len(r['invalid_devices']) + r['more']} device(s); nothing was stored"
+             + "".join(f"\n  {line}" for line in r["violations"]))
+        return
     result = call_op(data, broker, timeout, "schema.set", labels=labels_arg(label), document=document, force=force)
     bad = result["invalid_devices"]
     emit(result, as_json, lambda r: f"schema {r['schema']} is at version {r['version']}" + (

@@ -60,6 +60,7 @@ from ..results import (
     RolloutSummary,
     SchemaChange,
     SchemaInForce,
+    SchemaPreview,
     SchemaVersion,
     TokenInfo,
     TokenRevoked,
@@ -480,6 +481,11 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
         """Set a JSON Schema 2020-12 document; refused (422, one error per violation) if current configs
         break it, unless ``force``."""
         return await svc.set_schema(parse_selector(name), await read_json(request), force=force)
+
+    @route("POST", "/schemas/{name}/preview", **SCHEMA_BODY)
+    async def preview_schema(request: Request, name: SchemaName) -> SchemaPreview:
+        """What ``PUT /schemas/{name}`` would say of this document, stored nowhere."""
+        return await svc.preview_schema(parse_selector(name), await read_json(request))
 
     @route("DELETE", "/schemas/{name}")
     async def remove_schema(name: SchemaName) -> SchemaChange:

@@ -55,6 +55,7 @@ from ..results import (
     RolloutSummary,
     SchemaChange,
     SchemaInForce,
+    SchemaPreview,
     SchemaVersion,
     SessionInfo,
     StatusRow,
@@ -765,6 +766,11 @@ class ServiceAPI:
         self.events.emit("schema_set", None, schema=result["schema"], version=result["version"],
                          invalid_devices=len(result["invalid_devices"]))
         return result
+
+    async def preview_schema(self, labels: dict[str, str], document: Any) -> SchemaPreview:
+        """What ``set_schema`` would say of this document, stored nowhere (InvalidSchema if it is
+        not a JSON Schema 2020-12 document)."""
+        return await self.worker.run(self.schemas.preview, selector_of(labels), document)
 
     async def remove_schema(self, labels: dict[str, str]) -> SchemaChange:
         async with self.configs.schema_lock:

@@ -200,6 +200,11 @@ async def _schema_set(svc: ServiceAPI, a: models.SchemaSetArgs, progress: Progre
     return await svc.set_schema(dict(a.labels), a.document, force=a.force)
 
 
+@handles("schema.preview")
+async def _schema_preview(svc: ServiceAPI, a: models.SchemaSetArgs, progress: Progress) -> Any:
+    return await svc.preview_schema(dict(a.labels), a.document)
+
+
 @handles("schema.get")
 async def _schema_get(svc: ServiceAPI, a: models.SchemaRefArgs, progress: Progress) -> Any:
     return await svc.get_schema(dict(a.labels), a.version)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # imported when the first schema is compiled: 6.5 MB a gatewa
 
 from ..errors import InvalidSchema, SchemaViolation, ValidationFailed
 from ..ids import parse_labels
-from ..results import SchemaChange, SchemaInForce, SchemaVersion
+from ..results import SchemaChange, SchemaInForce, SchemaPreview, SchemaVersion
 from ..store import Store
 
 log = logging.getLogger("henge_mqtt.service")
@@ -287,6 +287,16 @@ class Schemas:
         self.recheck(set(self.invalid) | {v["device"] for v in violations})
         return {"schema": display(selector), "version": version,
                 "invalid_devices": sorted({v["device"] for v in violations})}
+
+    def preview(self, selector: str, document: Any) -> SchemaPreview:
+        """What ``put`` would say, stored nowhere: InvalidSchema for a document that is not a JSON
+        Schema, else the current devices whose configs it would refuse, each violation one line."""
+        current = self._active.get(selector)
+        candidate = compile_schema(selector, (current.version if current else 0) + 1, document)
+        violations = self._violations([candidate])
+        devices = sorted({v["device"] for v in violations})
+        return {"schema": display(selector), "version": candidate.version, "invalid_devices": devices[:200],
+                "more": max(0, len(devices) - 200), "violations": [SchemaViolation.line(v) for v in violations[:200]]}
 
     def remove(self, selector: str, *, actor: str) -> SchemaChange:
         if selector not in self._active:

@@ -869,6 +869,76 @@ async function saveLayer(event) {
   } catch (e) { layerNote("l-note", e.message, true); }
 }
 
+// ---- schemas: checked as typed against every current config, saved only when none breaks it ----------------
+
+function schemaName() { // the path name of the selector in the form: fleet, or k=v,k2=v2 (sorted)
+  const labels = parseLabels($("s-selector").value);
+  const keys = Object.keys(labels).sort();
+  return keys.length ? keys.map((k) => `${k}=${labels[k]}`).join(",") : "fleet";
+}
+
+async function loadSchemas() {
+  const rows = await api("/schemas");
+  $("s-table").tBodies[0].replaceChildren(...rows.map((s) => {
+    const edit = el("button", { type: "button", text: "Edit", "data-schema": s.schema });
+    edit.onclick = () => editSchema(s.schema).catch((e) => layerNote("s-note", e.message, true));
+    return el("tr", { "data-schema": s.schema }, el("td", { text: s.schema }), el("td", { text: `v${s.version}` }),
+      el("td", {}, edit));
+  }));
+  checkSchemaSoon(0);
+}
+
+async function editSchema(name) {
+  const s = await api(`/schemas/${encodeURIComponent(name)}`);
+  $("s-selector").value = name === "fleet" ? "" : name.split(",").join(", ");
+  $("s-document").value = JSON.stringify(s.document, null, 2);
+  $("s-note").textContent = "";
+  checkSchemaSoon(0);
+}
+
+let schemaTimer = 0;
+function checkSchemaSoon(delay = 400) {
+  clearTimeout(schemaTimer);
+  allow($("s-save"), "admin", "Checking…");
+  schemaTimer = setTimeout(() => checkSchema().catch((e) => {
+    layerNote("s-check", e.message, true);
+    allow($("s-save"), "admin", e.message);
+  }), delay);
+}
+
+async function checkSchema() {
+  state.schemaChecked = null;
+  const text = $("s-document").value;
+  if (!text.trim()) { layerNote("s-check", ""); allow($("s-save"), "admin", "Write the schema first."); return; }
+  let document, name;
+  try { document = JSON.parse(text); name = schemaName(); } catch (e) {
+    layerNote("s-check", e instanceof SyntaxError ? `Not JSON: ${e.message}` : e.message, true);
+    allow($("s-save"), "admin", "Fix it first (above).");
+    return;
+  }
+  const key = JSON.stringify([name, text]);
+  const r = await api(`/schemas/${encodeURIComponent(name)}/preview`, { method: "POST",
+    headers: { "Content-Type": "application/json" }, body: text });
+  if (key !== JSON.stringify([(() => { try { return schemaName(); } catch { return ""; } })(), $("s-document").value])) return;
+  const refused = r.invalid_devices.length + r.more;
+  layerNote("s-check", refused ? `It would refuse the current config of ${refused} device(s): ${r.violations.join("; ")}`
+    : `Every current config passes it; it would be schema ${r.schema} version ${r.version}.`, refused > 0);
+  state.schemaChecked = key;
+  allow($("s-save"), "admin", refused ? "Current configs break it (above): fix them or the schema first." : "");
+}
+
+async function saveSchema(event) {
+  event.preventDefault();
+  try {
+    const name = schemaName(), text = $("s-document").value;
+    if (state.schemaChecked !== JSON.stringify([name, text])) { checkSchemaSoon(0); return; }
+    const r = await api(`/schemas/${encodeURIComponent(name)}`, { method: "PUT",
+      headers: { "Content-Type": "application/json" }, body: text });
+    layerNote("s-note", `Schema ${r.schema} is at version ${r.version}.`);
+    await loadSchemas();
+  } catch (e) { layerNote("s-note", e.message, true); }
+}
+
 async function explainDevice(event) {
   event.preventDefault();
   const device = $("x-device").value.trim();
@@ -1165,6 +1235,7 @@ function route() {
     state.device = "";
     show("layers");
     loadLayers().catch((e) => layerNote("l-note", e.message, true));
+    loadSchemas().catch((e) => layerNote("s-note", e.message, true));
   } else if (location.hash === "#/tokens") {
     state.device = "";
     $("t-secret-box").hidden = true; $("t-note").textContent = "";
@@ -1256,6 +1327,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("l-form").addEventListener("input", (e) => { if (e.target.id !== "l-why") checkLayerSoon(); });
   $("l-form").addEventListener("submit", saveLayer);
   $("x-form").addEventListener("submit", explainDevice);
+  $("s-form").addEventListener("input", () => checkSchemaSoon());
+  $("s-form").addEventListener("submit", saveSchema);
   $("diff-b").addEventListener("change", () => { $("diff-b").dataset.touched = "1"; });
   $("diff-form").addEventListener("submit", (e) => showDiff(e).catch((err) => { $("diff").textContent = err.message; }));
   window.addEventListener("hashchange", route);
