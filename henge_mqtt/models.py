@@ -309,6 +309,7 @@ class LayerSetArgs(Frozen):
     message: str = Field(default="", max_length=1024)
     force: bool = False  # store it even if a device added later would break its schemas
     where: str | None = Field(default=None, max_length=2048)  # None: keep; "": none (docs/where.md)
+    if_version: int | None = Field(default=None, ge=0)  # stored only if this is the layer's current version
 
 
 class LayerRefArgs(Frozen):

@@ -825,11 +825,29 @@ async def test_layers_are_edited_with_a_preview_as_you_type_and_explained(runnin
             await content.fill("{}")
             await row.get_by_role("button", name="Edit").click()
             await expect(content).to_have_value('{\n  "port": 81\n}')
+            await expect(page.locator("#l-editing")).to_have_text("Layer ports (v1)")
+            # Someone else changes the layer meanwhile: saving is refused (412), who and what is shown, and
+            # the edit is kept to rebase onto their version.
+            await svc.set_layer("ports", {"port": 82}, message="someone else")
+            await content.fill('{"port": 83}')
+            await expect(check).to_contain_text("Would change the config of 2 device(s)")
+            await save.click()
+            await expect(page.locator("#l-note")).to_contain_text(
+                'Not stored: layer ports changed since you opened it (v1 → v2 by library: "someone else")')
+            await expect(page.locator("#l-conflict pre")).to_contain_text('+  "port": 82')
+            assert (await svc.get_version("d1")).config == {"name": "d1", "port": 82}
+            await page.get_by_role("button", name="Rebase my edit onto v2").click()
+            await expect(content).to_have_value('{"port": 83}')
+            await expect(save).to_be_enabled()
+            await save.click()
+            await expect(page.locator("#l-note")).to_have_text(
+                "Layer ports is at version 3; 2 device(s) got a new version.")
+            assert (await svc.get_version("d1")).config == {"name": "d1", "port": 83}
             await page.get_by_label("Explain device").fill("d1")
             await page.get_by_role("button", name="Explain").click()
             explained = page.locator("#x-table tbody tr")
             await expect(explained).to_have_count(2)
-            await expect(explained.filter(has_text="/port")).to_contain_text("ports@1")
+            await expect(explained.filter(has_text="/port")).to_contain_text("ports@3")
             await page.get_by_role("button", name="Sign out").click()
 
             await sign_in(page, server.url, tokens["viewer"])

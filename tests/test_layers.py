@@ -349,3 +349,33 @@ async def test_a_schema_is_previewed_against_every_current_config(running: Runni
     bad = await asyncio.to_thread(henge_cli, "schema", "set", str(schema), "--dry-run", "--data", data)
     assert bad.returncode != 0 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
     assert await svc.list_schemas() == []
+
+
+async def test_a_layer_edit_from_an_older_version_is_refused_not_overwritten(running: Running, tmp_path: Path) -> None:
+    """`layer set --if-version N` and `PUT /layers/{name}` with `If-Match: "N"`: stored only if N is
+    the layer's current version; otherwise a version conflict (412 over HTTP) and nothing stored."""
+    import httpx
+
+    from henge_mqtt.http import HttpServer
+
+    svc = running.service
+    await svc.add_device("d1", {"site": "a"})
+    layer = tmp_path / "l.json"
+    layer.write_text('{"port": 1}')
+    data = str(running.data_dir)
+    first = await asyncio.to_thread(henge_cli, "layer", "set", "ports", str(layer), "--label", "site=a",
+                                    "--if-version", "0", "--data", data)
+    assert first.returncode == 0, first.stderr
+    stale = await asyncio.to_thread(henge_cli, "layer", "set", "ports", str(layer), "--if-version", "0",
+                                    "--data", data)
+    assert stale.returncode != 0 and "expected current version 0, it is 1; nothing was stored" in stale.stderr
+    async with HttpServer(svc, "127.0.0.1", 0) as server:
+        token = (await svc.create_token("ops", "operator"))["token"]
+        async with httpx.AsyncClient(base_url=server.url.rstrip("/"), timeout=10,
+                                     headers={"Authorization": f"Bearer {token}"}) as http:
+            refused = await http.put("/api/v1/layers/ports", json={"content": {"port": 2}},
+                                     headers={"If-Match": '"0"'})
+            assert refused.status_code == 412 and refused.json()["code"] == "version_conflict"
+            stored = await http.put("/api/v1/layers/ports", json={"content": {"port": 2}}, headers={"If-Match": '"1"'})
+            assert stored.status_code == 200 and stored.json()["version"] == 2
+    assert (await svc.get_version("d1")).config == {"port": 2}

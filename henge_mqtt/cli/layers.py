@@ -47,6 +47,8 @@ def layer_set(
                                         "its own) would get a config its schemas refuse; says which.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say which devices it would change (one diff) and "
                                           "what their schemas would say; store nothing.")] = False,
+    if_version: Annotated[int | None, typer.Option("--if-version", min=0, help="Fail unless the layer's current "
+                                                   "version is N (0: no version yet); nothing stored.")] = None,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 60.0,
 ) -> None:
     args: dict[str, Any] = {"name": name, "content": read_config(source, what="layer"), "message": message,
@@ -57,6 +59,8 @@ def layer_set(
         args["labels"] = labels_arg(label)
     if priority is not None:
         args["priority"] = priority
+    if if_version is not None:
+        args["if_version"] = if_version
     if dry_run:
         preview = call_op(data, broker, timeout, "layer.preview", **args)
 

@@ -425,10 +425,12 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     @route("PUT", "/layers/{name}", **body_doc(LayerBody))
     async def put_layer(request: Request, name: LayerName) -> LayerChange:
         """Set a layer (``fleet``, or a label layer with ``labels``, ``priority`` and ``where``); the
-        devices whose config changes get a new version in the same transaction."""
+        devices whose config changes get a new version in the same transaction. ``If-Match: "N"``
+        stores only if N is the layer's current version (else 412, nothing stored)."""
         body = parse_model(LayerBody, await read_json(request))
         return await svc.set_layer(name, body.content, labels=body.labels, priority=body.priority,
-                                   message=body.message, force=body.force, where=body.where)
+                                   message=body.message, force=body.force, where=body.where,
+                                   if_version=_if_match(request))
 
     @route("POST", "/layers/{name}/preview", **body_doc(LayerBody))
     async def preview_layer(request: Request, name: LayerName) -> LayerPreview:

@@ -614,16 +614,17 @@ class ServiceAPI:
 
     async def set_layer(self, name: str, content: dict[str, Any], *, labels: dict[str, str] | None = None,
                         priority: int | None = None, message: str = "", force: bool = False,
-                        where: str | None = None) -> LayerChange:
+                        where: str | None = None, if_version: int | None = None) -> LayerChange:
         """A new version of a layer (``fleet``, or a label layer with ``labels`` and ``priority``); in
         the same transaction a new version for exactly the devices whose config changes, then published.
         Refused if a device added afterwards would get a config its schemas refuse, unless ``force``
-        (the answer's ``new_devices_invalid`` then says which case breaks)."""
+        (the answer's ``new_devices_invalid`` then says which case breaks). ``if_version``: stored
+        only if that is the layer's current version (a concurrent edit is refused, VersionConflict)."""
         self.configs.check_size(content)
         if where:
             parse_where(where, standing=True)
         return await self._change_layer(name, content, labels=labels, priority=priority, message=message, force=force,
-                                        where=where)
+                                        where=where, if_version=if_version)
 
     async def preview_layer(self, name: str, content: dict[str, Any], *, labels: dict[str, str] | None = None,
                             priority: int | None = None, where: str | None = None) -> LayerPreview:
@@ -654,7 +655,8 @@ class ServiceAPI:
         return await self._change_layer(name, None, labels=None, priority=None, message=message, force=force)
 
     async def _change_layer(self, name: str, content: dict[str, Any] | None, *, labels: dict[str, str] | None,
-                            priority: int | None, message: str, force: bool, where: str | None = None) -> LayerChange:
+                            priority: int | None, message: str, force: bool, where: str | None = None,
+                            if_version: int | None = None) -> LayerChange:
         async with self.configs.schema_lock:
             future = await self.worker.run(self.schemas.new_device_errors, name, content, labels=labels,
                                            priority=priority, where=where)
@@ -667,7 +669,8 @@ class ServiceAPI:
                     "" if now else " (henge layer set --force stores it anyway; every such device add is then "
                                    "refused)"))
             version, rows = await self.worker.run(self.store.set_layer, name, content, actor=current_actor.get(),
-                                                  message=message, selector=labels, priority=priority, where=where)
+                                                  message=message, selector=labels, priority=priority, where=where,
+                                                  if_version=if_version)
         await self.configs.publish_rows(rows, event="layer_applied", layer=name, version=version)
         removed = content is None
         self.events.emit("layer_removed" if removed else "layer_set", None, layer=name, version=version,

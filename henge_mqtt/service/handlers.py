@@ -228,7 +228,8 @@ async def _schema_remove(svc: ServiceAPI, a: models.SchemaRefArgs, progress: Pro
 @handles("layer.set")
 async def _layer_set(svc: ServiceAPI, a: models.LayerSetArgs, progress: Progress) -> Any:
     return await svc.set_layer(a.name, dict(a.content), labels=dict(a.labels) if a.labels is not None else None,
-                               priority=a.priority, message=a.message, force=a.force, where=a.where)
+                               priority=a.priority, message=a.message, force=a.force, where=a.where,
+                               if_version=a.if_version)
 
 
 @handles("layer.get")

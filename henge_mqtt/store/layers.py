@@ -11,6 +11,7 @@ from ..errors import (
     SchemaViolation,
     UnknownLayer,
     ValidationFailed,
+    VersionConflict,
 )
 from ..layering import FLEET_LAYER, Layer, applying, explain, merge
 from ..models import ConfigVersion, config_sha256, utc_now
@@ -104,13 +105,18 @@ class Layers(StoreCore):
 
     def set_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str = "",
                   selector: dict[str, str] | None = None, priority: int | None = None, where: str | None = None,
-                  ) -> tuple[int, list[ConfigVersion]]:
+                  if_version: int | None = None) -> tuple[int, list[ConfigVersion]]:
         """A new version of layer ``name`` (``content`` None: removed) and, in the same transaction, a
-        new device version for exactly the devices whose config it changes."""
+        new device version for exactly the devices whose config it changes; with ``if_version``, only
+        if that is the layer's current version (0: no version yet), else VersionConflict."""
         staged = self._staging(name)
         if staged:
             raise RolloutConflict(f"layer {name!r} is being rolled out by {staged}; wait for it, or abort it")
         with self._tx():
+            if if_version is not None:
+                row = self._db.execute("SELECT MAX(version) FROM layers WHERE name = ?", (name,)).fetchone()
+                if int(row[0] or 0) != if_version:
+                    raise VersionConflict(f"layer {name}", expected=if_version, current=int(row[0] or 0))
             version, rows, candidate = self._set_layer(name, content, actor=actor, message=message,
                                                        selector=selector, priority=priority, where=where)
         self._layers = candidate

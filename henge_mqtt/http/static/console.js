@@ -785,6 +785,7 @@ function layerNote(id, text, bad = false) {
 
 async function loadLayers() {
   const rows = await api("/layers");
+  state.layerVersions = Object.fromEntries(rows.map((l) => [l.layer, l.version])); // what this page has seen
   $("l-table").tBodies[0].replaceChildren(...rows.map((l) => {
     const edit = el("button", { type: "button", text: "Edit", "data-layer": l.layer });
     edit.onclick = () => editLayer(l.layer).catch((e) => layerNote("l-note", e.message, true));
@@ -799,6 +800,8 @@ async function loadLayers() {
 async function editLayer(name) {
   const l = await api(`/layers/${encodeURIComponent(name)}`);
   $("l-editing").textContent = `Layer ${name} (v${l.version})`;
+  state.layerBase = { name, version: l.version };
+  $("l-conflict").replaceChildren();
   $("l-name").value = name;
   $("l-labels").value = Object.entries(l.labels || {}).map(([k, v]) => `${k}=${v}`).join(", ");
   $("l-where").value = l.where || "";
@@ -860,8 +863,19 @@ async function saveLayer(event) {
     const [name, body] = layerBody();
     if (state.layerChecked !== JSON.stringify([name, body])) { checkLayerSoon(0); return; }
     body.message = $("l-why").value;
-    const r = await api(`/layers/${encodeURIComponent(name)}`, { method: "PUT",
-      headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    // If-Match: the version this edit started from (a concurrent change is refused, 412, never overwritten)
+    const base = state.layerBase && state.layerBase.name === name ? state.layerBase.version
+      : (state.layerVersions || {})[name] || 0;
+    $("l-conflict").replaceChildren();
+    let r;
+    try {
+      r = await api(`/layers/${encodeURIComponent(name)}`, { method: "PUT",
+        headers: { "Content-Type": "application/json", "If-Match": `"${base}"` }, body: JSON.stringify(body) });
+    } catch (e) {
+      if (e.problem && e.problem.status === 412) { await showLayerConflict(name, base); return; }
+      throw e;
+    }
+    state.layerBase = { name, version: r.version };
     layerNote("l-note", `Layer ${r.layer} is at version ${r.version}; ${r.devices} device(s) got a new version.` +
       (r.new_devices_invalid ? ` Warning: ${r.new_devices_invalid.join("; ")}` : ""));
     $("l-why").value = "";
@@ -937,6 +951,25 @@ async function saveSchema(event) {
     layerNote("s-note", `Schema ${r.schema} is at version ${r.version}.`);
     await loadSchemas();
   } catch (e) { layerNote("s-note", e.message, true); }
+}
+
+// Someone changed the layer since this edit began: who and what, and the edit kept to rebase.
+async function showLayerConflict(name, base) {
+  const path = `/layers/${encodeURIComponent(name)}`;
+  const current = await api(path);
+  const diff = base ? (await api(`${path}/diff?a=${base}&b=${current.version}`)).diff
+    : "(there was no such layer when you began)";
+  layerNote("l-note", `Not stored: layer ${name} changed since you opened it (v${base} → v${current.version} by ` +
+    `${current.actor}${current.message ? `: "${current.message}"` : ""}). Your edit is kept above; rebase it onto ` +
+    `v${current.version} and save again.`, true);
+  const rebase = el("button", { type: "button", text: `Rebase my edit onto v${current.version}` });
+  rebase.addEventListener("click", () => {
+    state.layerBase = { name, version: current.version };
+    $("l-conflict").replaceChildren();
+    layerNote("l-note", `Your edit now applies to v${current.version}: save when ready.`);
+    checkLayerSoon(0);
+  });
+  $("l-conflict").replaceChildren(el("pre", { class: "diff-note", text: diff }), rebase);
 }
 
 async function explainDevice(event) {
