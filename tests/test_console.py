@@ -595,7 +595,7 @@ async def test_tokens_are_created_and_revoked_from_the_page(running: Running, br
             await page.goto(server.url + "#/tokens")
             rows = page.locator("#t-table tbody tr")
             await expect(rows).to_have_count(2)
-            await page.get_by_label("Name").fill("ci-bot")
+            await page.get_by_label("Token name").fill("ci-bot")
             await page.get_by_label("Role").select_option("operator")
             await page.get_by_role("button", name="Create token").click()
             shown = page.locator("#t-secret")
@@ -799,8 +799,8 @@ async def test_layers_are_edited_with_a_preview_as_you_type_and_explained(runnin
         try:
             await sign_in(page, server.url, tokens["operator"])
             await page.get_by_role("link", name="Layers").click()
-            await page.get_by_label("Layer name").fill("ports")
-            await page.get_by_label("Selector k=v, comma-separated").fill("site=a")
+            await page.get_by_label("Which layer").fill("ports")
+            await page.get_by_label("For devices labelled k=v, comma-separated").fill("site=a")
             content = page.get_by_label("Layer content (JSON, merged over the layers below it)")
             check, save = page.locator("#l-check"), page.locator("#l-save")
             await content.fill('{"port": ')
@@ -900,3 +900,21 @@ async def test_schemas_are_checked_against_every_config_as_they_are_typed(runnin
             assert errors == []
         finally:
             await page.close()
+
+
+# Labels an operator's (or another team's) browser test finds fields by, as Playwright's get_by_label
+# does: a case-insensitive substring. Each must stay one field, whatever views are added.
+UNIQUE_LABELS = ("API token", "Search", "State", "Sync", "Where", "Config (JSON) for the next version", "Message",
+                 "Labels (k=v, comma-separated)", "Type the device id to remove it", "Action or actor", "Newest",
+                 "From", "Token name", "Role", "How", "Which layer")
+
+
+async def test_every_field_an_operator_finds_by_its_label_is_one_field(browser: Browser) -> None:
+    page, errors = await desktop_page(browser)
+    try:
+        await page.set_content((ROOT / "henge_mqtt" / "http" / "static" / "index.html").read_text())
+        for label in UNIQUE_LABELS:
+            assert await page.get_by_label(label).count() == 1, label
+        assert errors == []
+    finally:
+        await page.close()

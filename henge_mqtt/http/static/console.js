@@ -90,14 +90,24 @@ function show(section) {
 // ---- fleet table --------------------------------------------------------------------------------------
 
 async function loadAll() {
-  const rows = new Map();
-  let cursor = "";
-  for (;;) {
-    const page = await api(`/devices?limit=5000${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
-    for (const row of page.items) rows.set(row.device, row);
-    if (!state.lastId) state.lastId = page.last_event_id;
-    if (!page.next_cursor) break;
-    cursor = page.next_cursor;
+  // The first page first (the table is drawn from it at once), then the rest by cursor in large
+  // pages, drawn as they come: a fleet of 100,000 shows its first rows in one small request.
+  // A reload (devices added or removed) keeps showing the complete table it has until the new one is.
+  const rows = new Map(), progressive = state.rows.size === 0;
+  let cursor = "", first = true;
+  state.partial = progressive;
+  try {
+    for (;;) {
+      const page = await api(`/devices?limit=${first ? MAX_ROWS : 5000}${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
+      for (const row of page.items) rows.set(row.device, row);
+      if (!state.lastId) state.lastId = page.last_event_id;
+      if (first && progressive) { state.rows = rows; markDirty(); }
+      first = false;
+      if (!page.next_cursor) break;
+      cursor = page.next_cursor;
+    }
+  } finally {
+    state.partial = false;
   }
   state.rows = rows;
   markDirty();
@@ -185,6 +195,7 @@ function turnPage(by) {
 }
 
 function renderSummary() {
+  if (state.partial) return; // counts of part of the fleet would be wrong: the cards wait for all of it
   const c = { devices: 0, online: 0, offline: 0, quarantined: 0, in_sync: 0, pending: 0, rejected: 0, invalid: 0,
     drift: 0, conflicts: 0 };
   for (const row of state.rows.values()) {
@@ -229,6 +240,7 @@ function render() {
     ? `Devices ${first + 1}-${Math.min(first + MAX_ROWS, rows.length)} of ${rows.length} matching (${state.rows.size} in all), ` +
       `page ${state.page} of ${pages}: n / p for the next and previous page.`
     : `${rows.length} of ${state.rows.size} devices.`;
+  if (state.partial) $("shown").textContent += " Loading the rest…";
   $("page-prev").disabled = state.page <= 1;
   $("page-next").disabled = state.page >= pages;
   $("pager").hidden = pages <= 1;
