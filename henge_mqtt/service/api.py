@@ -11,7 +11,6 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from .. import models
@@ -86,6 +85,7 @@ from .schemas import Schemas, display, selector_of
 
 log = logging.getLogger("henge_mqtt.service")
 PREVIEW_DEVICES = 200  # the devices a fleet push's preview names (it counts them all)
+SUMMARY_BATCH = 5_000  # status rows a summary reads per trip to the store's thread
 SERIES_WINDOWS = {"24h": (24 * 60, 1), "7d": (7 * 24 * 60, 10)}  # window: (its minutes, minutes per point)
 
 
@@ -484,16 +484,19 @@ class ServiceAPI:
         return {"persistent": True, "expiry": expiry, "expires_at": iso(int(ends)) if ends is not None else None}
 
     async def summary(self) -> FleetSummary:
-        """Fleet counts (what ``status`` rows would add up to), without building the rows."""
-        source, _ = await self.worker.run(self.store.status_source)
-        now = time.time()
-
-        def counted() -> Iterator[tuple[str, str, bool]]:
+        """Fleet counts (what ``status`` rows would add up to), without building the rows; read in
+        batches, so a fleet of 100,000 never holds the store's thread for long (the sampler asks it
+        every minute)."""
+        counted: list[tuple[str, str, bool]] = []
+        after: str | None = ""
+        while after is not None:
+            source, after = await self.worker.run(self.store.status_source, after=after, batch=SUMMARY_BATCH)
+            now = time.time()
             for d, _, desired, applied, _, rejected, _, drift, _, _ in source:
                 view = self.broker.session(d, now)
-                yield _state_of(view), self._sync_of(d, desired, applied, rejected, bool(drift)), view.conflict
-
-        return fleet_summary(counted())
+                counted.append((_state_of(view), self._sync_of(d, desired, applied, rejected, bool(drift)),
+                                view.conflict))
+        return fleet_summary(counted)
 
     async def record_fleet_point(self) -> None:
         """Keep this minute's fleet counts (the sampler calls it once a minute)."""

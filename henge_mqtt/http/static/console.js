@@ -73,7 +73,8 @@ async function signIn(token) {
     sessionStorage.setItem("henge-token", token);
     $("who").textContent = `${me.name} (${me.role})`;
     $("signout").hidden = false;
-    await loadAll();
+    // The table is drawn from the first page; the rest loads behind it.
+    await new Promise((resolve, reject) => { loadAll(resolve).then(resolve, reject); });
     loadRollouts().catch(() => {});
     connectStream();
     route();
@@ -89,7 +90,7 @@ function show(section) {
 
 // ---- fleet table --------------------------------------------------------------------------------------
 
-async function loadAll() {
+async function loadAll(firstPage = () => {}) {
   // The first page first (the table is drawn from it at once), then the rest by cursor in large
   // pages, drawn as they come: a fleet of 100,000 shows its first rows in one small request.
   // A reload (devices added or removed) keeps showing the complete table it has until the new one is.
@@ -102,6 +103,7 @@ async function loadAll() {
       for (const row of page.items) rows.set(row.device, row);
       if (!state.lastId) state.lastId = page.last_event_id;
       if (first && progressive) { state.rows = rows; markDirty(); }
+      if (first) firstPage();
       first = false;
       if (!page.next_cursor) break;
       cursor = page.next_cursor;
@@ -113,10 +115,15 @@ async function loadAll() {
   markDirty();
 }
 
-function markDirty() {
+function markDirty() { // events: at most one render per 300 ms, however many arrive
   if (state.dirty) return;
   state.dirty = true;
   setTimeout(() => requestAnimationFrame(render), 300);
+}
+
+function renderNow() { // what the operator typed or clicked: the next frame
+  state.dirty = true;
+  requestAnimationFrame(() => { if (state.dirty) render(); });
 }
 
 function scheduleReload() {
@@ -191,7 +198,7 @@ function turnPage(by) {
   if (next === state.page) return;
   state.page = next;
   saveView();
-  markDirty();
+  renderNow();
 }
 
 function renderSummary() {
@@ -1310,7 +1317,7 @@ function route() {
     wireAdd();
     wireMany();
     loadChart().catch((e) => { $("chart-desc").textContent = e.message; });
-    markDirty();
+    renderNow();
   }
   $("back").href = state.fleetHash; // "All devices" goes back to the view the operator came from
   $("main").focus();
@@ -1322,7 +1329,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("filters").addEventListener("input", (e) => {
     state.page = 1;
     saveView();
-    if (e.target.id === "f-where") scheduleWhere(); else markDirty();
+    if (e.target.id === "f-where") scheduleWhere(); else renderNow();
   });
   $("audit-filters").addEventListener("input", scheduleAudit);
   $("audit-filters").addEventListener("submit", (e) => e.preventDefault());
@@ -1340,7 +1347,7 @@ document.addEventListener("DOMContentLoaded", () => {
     b.addEventListener("click", () => {
       state.sort = { key: b.dataset.sort, dir: state.sort.key === b.dataset.sort ? -state.sort.dir : 1 };
       saveView();
-      markDirty();
+      renderNow();
     });
   }
   $("push-form").addEventListener("submit", push);
