@@ -225,3 +225,20 @@ async def test_identity_sync_is_the_store_with_the_embedded_broker(running: Any)
     """Embedded, a claim needs nothing from a broker: the answer says so (how: store)."""
     claim = await running.service.create_claim("embedded", {}, 1, 60)
     assert claim["broker"] == {"applied": True, "how": "store", "detail": ""}
+
+
+async def test_a_flood_of_requests_behind_a_broker_is_bounded_by_the_claim_rate(tmp_path: Path) -> None:
+    """Any claim holder can publish requests there, with wrong credentials too: each takes its turn
+    of the rate before anything else is done, so a flood costs henge a bounded amount and is told
+    to come back later."""
+    async with external_fleet(tmp_path, {}, identities="dynamic-security") as (fleet, _, _):
+        svc = fleet.service
+        claim = await svc.create_claim("batch-f", {}, 5, 3600)
+        svc.onboarding.rate, svc.onboarding.burst = 0.01, 2  # two turns, then one a hundred seconds
+        user = f"claim:{claim['id']}"
+        answers = [await asyncio.to_thread(plain_claim, fleet.device_port, user, claim["secret"],
+                                           request_for(claim, f"cam-{i}", secrets.token_urlsafe(24))
+                                           | {"claim_secret": "wrong-" * 6})
+                   for i in range(3)]
+        assert [a["code"] for a in answers] == ["bad_credentials", "bad_credentials", "rate_limited"]
+        assert svc.events.counters["claims_rate_limited"] >= 1 and not svc.store.has_device("cam-0")

@@ -127,9 +127,10 @@ class Onboarding:
         return Refusal(why, text)
 
     def _admit(self, claim_id: str, secret: str | None, nonce: str,
-               cert: PeerCert | None = None) -> tuple[str, str] | None:
+               cert: PeerCert | None = None, *, turn_taken: bool = False) -> tuple[str, str] | None:
         """Whether this credential may claim with this nonce now: None, or ``(code, why)``. Admitted,
-        the nonce is the claim's until it is answered."""
+        the nonce is the claim's until it is answered. ``turn_taken``: the caller took its turn of
+        the rate limit already."""
         store = self.worker.store
         record = store.claim_record(claim_id)
         by_cert = (record is not None and record.ca_issuer is not None and cert is not None and bool(cert.cn)
@@ -139,9 +140,7 @@ class Onboarding:
         if record is None:  # a guess costs a hash, like a wrong device secret; it takes no claim's turn
             self._refused("bad_credentials", claim_id, nonce)
             return "bad_credentials", "bad claim credential"
-        if not self._bucket.take(time.monotonic(), self.rate, self.burst):
-            self.events.count("claims_rate_limited")
-            self._log.log(logging.WARNING, "claim.rate_limited", "claim=%s", claim_id)
+        if not turn_taken and not self._take_turn(claim_id):
             return "rate_limited", "claiming too often: retry later"
         if not NONCE.fullmatch(nonce):
             self._refused("bad_nonce", claim_id, nonce)
@@ -164,10 +163,22 @@ class Onboarding:
             self._cert_cn.pop(self._claim_of.popitem(last=False)[0], None)
         return None
 
+    def _take_turn(self, claim_id: str) -> bool:
+        if self._bucket.take(time.monotonic(), self.rate, self.burst):
+            return True
+        self.events.count("claims_rate_limited")
+        self._log.log(logging.WARNING, "claim.rate_limited", "claim=%s", claim_id)
+        return False
+
     # ---- the request -----------------------------------------------------------------------------------
 
     def on_request(self, nonce: str, payload: bytes) -> int:
         """The 5.0 reason code for the PUBACK; the answer goes to the response topic either way."""
+        # Behind a broker any claim holder can publish here, a bad request or a wrong credential too:
+        # every request takes its turn first, so the work henge does for them is bounded by the rate.
+        if self.external and not self._take_turn("?"):
+            self._answer(nonce, "?", ok=False, code="rate_limited", message="claiming too often: retry later")
+            return NOT_AUTHORIZED
         try:
             request = self._parse(payload)
         except ValueError as exc:
@@ -184,7 +195,7 @@ class Onboarding:
             if nonce in self._answering:  # (checked first: admitting again would hand the nonce over)
                 self._answer(nonce, request.claim, ok=False, code="replay", message="this request is being answered")
                 return NOT_AUTHORIZED
-            turned_away = self._admit(request.claim, request.claim_secret, nonce)
+            turned_away = self._admit(request.claim, request.claim_secret, nonce, turn_taken=True)
             if turned_away is not None:
                 self._answer(nonce, request.claim, ok=False, code=turned_away[0], message=turned_away[1])
                 return NOT_AUTHORIZED
