@@ -22,6 +22,7 @@ from .errors import (
     InvalidConfig,
     InvalidDeviceId,
     InvalidSchema,
+    LabelsConflict,
     NotSupported,
     RemoteError,
     RolloutConflict,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AuthenticationFailed", "ClaimRefused", "ConfigTooLarge", "ConfigVersion", "Device", "DuplicateDevice",
     "DuplicateToken", "Event", "Fenced", "Forbidden", "HengeError", "HengeService", "InvalidConfig",
-    "InvalidDeviceId", "InvalidSchema", "NotSupported", "Presence", "RemoteError", "RolloutConflict",
+    "InvalidDeviceId", "InvalidSchema", "LabelsConflict", "NotSupported", "Presence", "RemoteError", "RolloutConflict",
     "SchemaViolation", "ServiceUnavailable", "Settings", "SettingsError", "Snapshot", "StoreError", "UnknownClaim",
     "UnknownDevice", "UnknownLayer", "UnknownRollout", "UnknownToken", "UnknownVersion", "ValidationFailed",
     "VersionConflict", "VersionReport", "WaitTimeout",

@@ -16,6 +16,7 @@ The tree (``code`` in parentheses is what the admin protocol and the CLI's ``--j
     ├── UnknownRollout (unknown_rollout)
     ├── RolloutConflict (rollout_conflict): a device already in an active rollout, or a state change that does not apply
     ├── VersionConflict (version_conflict): .device, .expected, .current
+    ├── LabelsConflict (labels_conflict): .device, .current: an edit began from other labels (If-Match)
     ├── WaitTimeout (timeout)
     ├── StoreError (store_error)
     │   └── Fenced (fenced): this instance lost the PostgreSQL store's lease; another one is active
@@ -123,6 +124,18 @@ class VersionConflict(HengeError):
         )
         self.device = device
         self.expected = expected
+        self.current = current
+
+
+class LabelsConflict(HengeError):
+    """A labels edit that began from labels someone has changed since (HTTP ``If-Match``)."""
+
+    code = "labels_conflict"
+
+    def __init__(self, device: str, *, current: dict[str, str]) -> None:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(current.items())) or "none"
+        super().__init__(f"the labels of {device!r} changed since this edit began (now: {shown}); nothing was stored")
+        self.device = device
         self.current = current
 
 

@@ -27,6 +27,16 @@ def device_id_problem(value: str) -> str | None:
     )
 
 
+def labels_tag(labels: dict[str, str]) -> str:
+    """A short tag of a device's labels as they are (the HTTP API's ETag for them): an edit that
+    began from other labels is refused (If-Match), never written over them."""
+    import hashlib
+    import json
+
+    text = json.dumps(labels, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def parse_labels(pairs: list[str]) -> dict[str, str]:
     """``["k=v", ...]`` to a dict; raises ValueError naming the bad pair."""
     labels: dict[str, str] = {}

@@ -862,3 +862,31 @@ async def test_every_field_an_operator_finds_by_its_label_is_one_field(browser: 
         assert errors == []
     finally:
         await page.close()
+
+
+async def test_a_labels_edit_that_began_from_other_labels_is_refused_and_rebased(running: Running,
+                                                                                  browser: Browser) -> None:
+    """Labels are edited with If-Match (the labels' ETag): changed by someone else meanwhile, the
+    save is refused (412), the page says from what to what and by whom, keeps the edit, and saves
+    it once rebased."""
+    svc = running.service
+    await svc.add_device("cam1", {"site": "berlin"})
+    async with console_as(svc, browser, "admin") as (server, tokens, page):
+        await sign_in(page, server.url, tokens["admin"])
+        await page.goto(server.url + "#/device/cam1")
+        labels = page.get_by_label("Labels (k=v, comma-separated)")
+        await expect(labels).to_have_value("site=berlin")
+        await labels.fill("site=paris")
+        await svc.set_labels("cam1", {"tier": "gold"}, [])  # someone else, meanwhile
+        await page.get_by_role("button", name="Save labels").click()
+        await expect(page.locator("#act-note")).to_have_text(
+            "Not saved: the labels changed since you opened them (site=berlin → site=berlin, tier=gold, by library). "
+            "Your edit is kept; rebase it onto theirs and save again.")
+        assert (await svc.get_device("cam1")).labels == {"site": "berlin", "tier": "gold"}
+        await expect(labels).to_have_value("site=paris")
+        await page.get_by_role("button", name="Rebase my edit onto their labels").click()
+        await expect(page.locator("#act-note")).to_have_text("Your edit now applies to their labels: save when ready.")
+        await labels.fill("site=paris, tier=gold")
+        await page.get_by_role("button", name="Save labels").click()
+        await expect(page.locator("#act-note")).to_have_text("Labels saved: site=paris, tier=gold.")
+        assert (await svc.get_device("cam1")).labels == {"site": "paris", "tier": "gold"}

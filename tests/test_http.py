@@ -485,3 +485,23 @@ async def test_no_request_the_openapi_document_allows_is_a_server_error(tmp_path
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.communicate, timeout=20)
+
+
+async def test_a_labels_edit_with_a_stale_etag_is_refused_412(running: Running) -> None:
+    """`GET /devices/{id}` tags the labels (ETag); `PATCH .../labels` with `If-Match` stores only if
+    they are still those: otherwise 412 `labels_conflict` with the labels as they are, nothing stored."""
+    await running.service.add_device("d1", {"site": "a"})
+    async with web(running) as (server, tokens), client(server, tokens["admin"]) as http:
+        got = await http.get("/api/v1/devices/d1")
+        tag = got.headers["etag"]
+        await running.service.set_labels("d1", {"tier": "gold"}, [])
+        stale = await http.patch("/api/v1/devices/d1/labels", json={"set": {"site": "b"}}, headers={"If-Match": tag})
+        assert stale.status_code == 412
+        assert stale.json()["code"] == "labels_conflict" and stale.json()["current"] == {"site": "a", "tier": "gold"}
+        assert (await running.service.get_device("d1")).labels == {"site": "a", "tier": "gold"}
+        fresh = (await http.get("/api/v1/devices/d1")).headers["etag"]
+        assert fresh != tag
+        ok = await http.patch("/api/v1/devices/d1/labels", json={"set": {"site": "b"}}, headers={"If-Match": fresh})
+        assert ok.status_code == 200 and ok.json()["labels"] == {"site": "b", "tier": "gold"}
+        blind = await http.patch("/api/v1/devices/d1/labels", json={"set": {"x": "1"}})  # no If-Match: as before
+        assert blind.status_code == 200

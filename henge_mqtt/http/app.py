@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from ..errors import AuthenticationFailed, Forbidden, HengeError, InvalidConfig, ValidationFailed, VersionConflict
+from ..ids import labels_tag
 from ..models import (
     ClaimCreateArgs,
     DeviceAddArgs,
@@ -204,10 +205,12 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
                              "last_event_id": hub.last_id()})
 
     @route("GET", "/devices/{device}")
-    async def device(device: DeviceId) -> dict[str, Any]:
-        """The device, its labels and its status row."""
+    async def device(device: DeviceId) -> JSONResponse:
+        """The device, its labels and its status row; ``ETag`` tags its labels (``If-Match`` on a
+        labels edit refuses one that began from other labels)."""
         found = await svc.get_device(device)
-        return found.model_dump(mode="json") | {"status": (await svc.status(device))[0]}
+        body = found.model_dump(mode="json") | {"status": (await svc.status(device))[0]}
+        return JSONResponse(body, headers={"ETag": f'"{labels_tag(found.labels)}"'})
 
     @route("GET", "/devices/{device}/timeline")
     async def timeline(device: DeviceId, window: Annotated[Literal["24h", "7d"], Query()] = "24h"
@@ -522,7 +525,9 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     async def labels(request: Request, device: DeviceId) -> dict[str, Any]:
         body = parse_model(LabelsChange, await read_json(request))
         labels_of([f"{k}={v}" for k, v in body.set.items()])  # the same rules as the CLI
-        return {"device": device, "labels": await svc.set_labels(device, body.set, body.remove)}
+        match = request.headers.get("if-match")
+        tag = match.strip().removeprefix("W/").strip('"') if match else None
+        return {"device": device, "labels": await svc.set_labels(device, body.set, body.remove, if_tag=tag)}
 
     @route("GET", "/tokens")
     async def tokens() -> list[TokenInfo]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from ..errors import Forbidden, HengeError, SchemaViolation, VersionConflict
+from ..errors import Forbidden, HengeError, LabelsConflict, SchemaViolation, VersionConflict
 
 STATUS: dict[str, int] = {
     "invalid": 422,
@@ -30,6 +30,7 @@ STATUS: dict[str, int] = {
     "duplicate_device": 409,
     "duplicate_token": 409,
     "version_conflict": 409,  # 412 when the version came from If-Match
+    "labels_conflict": 412,  # only ever from If-Match
     "timeout": 504,
     "store_error": 500,
     "service_unavailable": 503,
@@ -63,6 +64,8 @@ def from_error(exc: HengeError, *, precondition: bool = False) -> Response:
     if isinstance(exc, VersionConflict):
         extra = {"device": exc.device, "expected": exc.expected, "current": exc.current}
         status = 412 if precondition else 409
+    elif isinstance(exc, LabelsConflict):
+        extra = {"device": exc.device, "current": exc.current}
     elif isinstance(exc, SchemaViolation):
         extra = {"errors": exc.errors[:100]}
     elif isinstance(exc, Forbidden):

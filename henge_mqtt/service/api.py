@@ -169,11 +169,13 @@ class ServiceAPI:
         if device == self.settings.admin_name:
             raise DuplicateDevice(f"{device!r} is the admin identity's name{then or '; choose another id'}")
 
-    async def set_labels(self, device: str, set_: dict[str, str], remove: list[str]) -> dict[str, str]:
-        """Set (``k=v``) and remove (``k``) labels of a device; returns its labels afterwards."""
+    async def set_labels(self, device: str, set_: dict[str, str], remove: list[str], *,
+                         if_tag: str | None = None) -> dict[str, str]:
+        """Set (``k=v``) and remove (``k``) labels of a device; returns its labels afterwards.
+        ``if_tag``: only if its labels are still those (``ids.labels_tag``), else LabelsConflict."""
         layered: list[ConfigVersion] = []
         labels = await self.worker.run(self.store.set_labels, device, set_, remove, actor=current_actor.get(),
-                                       layered=layered)
+                                       layered=layered, if_tag=if_tag)
         await self.worker.run(self.schemas.labels_changed, device)  # other labels, maybe other schemas
         self.events.emit("labels_changed", device, labels=labels)
         await self.configs.publish_rows(layered, event="layer_applied", reason="labels changed")

@@ -10,7 +10,9 @@ from typing import Any
 
 from ..errors import (
     DuplicateDevice,
+    LabelsConflict,
 )
+from ..ids import labels_tag
 from ..models import ConfigVersion, Device, utc_now
 from .core import StoreCore, parse_ts, ts
 from .credentials import bcrypt_hash, hash_secret, mosquitto_hash, new_secret
@@ -80,13 +82,18 @@ class Devices(StoreCore):
         return secrets_by_id
 
     def set_labels(self, device: str, set_: dict[str, str], remove: list[str], *, actor: str,
-                   layered: list[ConfigVersion] | None = None) -> dict[str, str]:
+                   layered: list[ConfigVersion] | None = None, if_tag: str | None = None) -> dict[str, str]:
         """Set and remove labels of one device; returns its labels afterwards. Its layers are
-        re-evaluated in the same transaction (``layered`` receives the new version, if any)."""
+        re-evaluated in the same transaction (``layered`` receives the new version, if any). With
+        ``if_tag`` (``labels_tag`` of the labels the edit began from), LabelsConflict unless they
+        are still those."""
         with self._tx():
             row = self._db.execute("SELECT labels FROM devices WHERE id = ?", (device,)).fetchone()
             self._found(row, device)
-            labels = {k: v for k, v in json.loads(row[0]).items() if k not in remove}
+            current = json.loads(row[0])
+            if if_tag is not None and labels_tag(current) != if_tag:
+                raise LabelsConflict(device, current=current)
+            labels = {k: v for k, v in current.items() if k not in remove}
             labels.update(set_)
             self._db.execute("UPDATE devices SET labels = ? WHERE id = ?", (json.dumps(labels, sort_keys=True),
                                                                             device))

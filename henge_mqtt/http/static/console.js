@@ -16,13 +16,18 @@ class ApiError extends Error {
 }
 
 async function api(path, opts = {}) {
+  return (await apiTagged(path, opts)).body;
+}
+
+async function apiTagged(path, opts = {}) { // the body, and the ETag the answer carries
+
   const headers = Object.assign({ Authorization: `Bearer ${state.token}` }, opts.headers || {});
   const res = await fetch(API + path, Object.assign({}, opts, { headers }));
   if (res.status === 401) { signOut("Your token is unknown or was revoked."); throw new ApiError({ detail: "unauthorized" }); }
   const text = await res.text();
   const body = text ? JSON.parse(text) : null;
   if (!res.ok) throw new ApiError(body || { detail: res.statusText });
-  return body;
+  return { body, tag: res.headers.get("ETag") };
 }
 
 function el(tag, attrs = {}, ...children) {
@@ -531,9 +536,18 @@ function wireActions(id, s, labels) {
   });
   $("labels-form").onsubmit = (e) => { e.preventDefault(); act(async () => {
     const wanted = parseLabels($("labels-edit").value);
-    const remove = Object.keys(labels).filter((k) => !(k in wanted));
-    const r = await api(`${path}/labels`, { method: "PATCH", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ set: wanted, remove }) });
+    const base = state.labelsBase || { labels, tag: null };
+    const remove = Object.keys(base.labels).filter((k) => !(k in wanted));
+    const headers = { "Content-Type": "application/json" };
+    if (base.tag) headers["If-Match"] = base.tag; // labels changed meanwhile: refused (412), never written over
+    let r;
+    try {
+      r = await api(`${path}/labels`, { method: "PATCH", headers, body: JSON.stringify({ set: wanted, remove }) });
+    } catch (e) {
+      if (e.problem && e.problem.status === 412) { await showLabelsConflict(id, base.labels, e.problem.current); return; }
+      throw e;
+    }
+    $("labels-conflict").replaceChildren();
     $("labels-edit").dataset.touched = "";
     actionNote(`Labels saved: ${Object.entries(r.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "none"}.`);
   }); };
@@ -545,6 +559,23 @@ function wireActions(id, s, labels) {
     state.rows.delete(id);
     location.hash = state.fleetHash;
   }); };
+}
+
+// Someone changed the labels since this edit began: who, from what to what; the edit kept to rebase.
+async function showLabelsConflict(id, was, now) {
+  const text = (l) => Object.entries(l).map(([k, v]) => `${k}=${v}`).join(", ") || "none";
+  const trail = await api(`/devices/${encodeURIComponent(id)}/audit?limit=20`).catch(() => []);
+  const last = [...trail].reverse().find((e) => e.action === "device.label");
+  actionNote(`Not saved: the labels changed since you opened them (${text(was)} → ${text(now)}` +
+    (last ? `, by ${last.actor}` : "") + "). Your edit is kept; rebase it onto theirs and save again.", true);
+  const rebase = el("button", { type: "button", text: "Rebase my edit onto their labels" });
+  rebase.addEventListener("click", async () => {
+    const fresh = await apiTagged(`/devices/${encodeURIComponent(id)}`);
+    state.labelsBase = { tag: fresh.tag, labels: fresh.body.labels };
+    $("labels-conflict").replaceChildren();
+    actionNote("Your edit now applies to their labels: save when ready.");
+  });
+  $("labels-conflict").replaceChildren(rebase);
 }
 
 function parseLabels(text) { // "k=v, k2=v2" as the label forms take it
@@ -1129,9 +1160,12 @@ async function loadBand(id) {
 async function loadDevice(id) {
   loadBand(id).catch((e) => { $("d-band-desc").textContent = e.message; });
   const path = `/devices/${encodeURIComponent(id)}`;
-  const [info, presence, versions, reported] = await Promise.all([api(path), api(`${path}/presence`),
+  const [tagged, presence, versions, reported] = await Promise.all([apiTagged(path), api(`${path}/presence`),
     api(`${path}/versions`), api(`${path}/reported`)]);
   if (state.device !== id) return;
+  const info = tagged.body;
+  // The labels an edit starts from (If-Match on save): renewed only while the operator is not editing.
+  if (!$("labels-edit").dataset.touched) state.labelsBase = { tag: tagged.tag, labels: info.labels };
   const s = info.status;
   state.rows.set(id, s);
   $("d-title").textContent = id;
@@ -1305,6 +1339,7 @@ function route() {
     state.device = decodeURIComponent(m[1]);
     $("push-config").dataset.touched = ""; $("diff-b").dataset.touched = ""; $("push-note").textContent = "";
     $("labels-edit").dataset.touched = ""; $("remove-confirm").value = ""; $("secret-box").hidden = true;
+    $("labels-conflict").replaceChildren();
     $("act-note").textContent = "";
     $("diff").replaceChildren();
     show("device");
