@@ -72,6 +72,15 @@ async def console_as(svc: HengeService, browser: Browser, *roles: str
             await page.close()
 
 
+async def fits_a_phone(page: Page, name: str) -> None:
+    """The page as it is, 390 px wide: nothing wider than the screen but inside its own scroller;
+    kept as a picture; then the desktop size again."""
+    await page.set_viewport_size({"width": 390, "height": 800})
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 390, name
+    await keep_screenshot(page, name)
+    await page.set_viewport_size({"width": 1280, "height": 800})
+
+
 async def sign_in(page: Page, url: str, token: str) -> None:
     await page.goto(url)
     await page.get_by_label("API token").fill(token)
@@ -439,6 +448,7 @@ async def test_the_audit_trail_with_filters_in_the_url(running: Running, browser
         await page.get_by_label("Action or actor").fill("push")
         await expect(rows).to_have_count(2)
         assert "device=cam1" in page.url and "q=push" in page.url
+        await keep_screenshot(page, "audit")
         await page.reload()
         await expect(page.get_by_label("Device", exact=True)).to_have_value("cam1")
         await expect(rows).to_have_count(2)
@@ -592,6 +602,7 @@ async def test_tokens_are_created_and_revoked_from_the_page(running: Running, br
         await expect(rows).to_have_count(2)
         assert svc.verify_token(token) is None
         assert [e["action"] for e in await svc.audit(limit=10)][-2:] == ["token.create", "token.revoke"]
+        await keep_screenshot(page, "tokens")
 
 
 async def test_a_fleet_push_is_previewed_then_pushed_from_the_page(running: Running, browser: Browser) -> None:
@@ -735,6 +746,7 @@ async def test_a_devices_presence_is_a_band_over_the_day_and_the_week(running: R
         await expect(page.locator("#d-band-desc")).to_contain_text(
             "of the last 24 hours; 0 takeovers, 0 conflicts.")
         await keep_screenshot(page, "device")
+        await fits_a_phone(page, "device-phone")
         await page.get_by_role("button", name="Last 7 days").click()
         await expect(band).to_have_attribute("data-window", "7d")
         await expect(page.locator("#d-band-desc")).to_contain_text("of the last 7 days")
@@ -795,12 +807,15 @@ async def test_layers_are_edited_with_a_preview_as_you_type_and_explained(runnin
         await save.click()
         await expect(page.locator("#l-note")).to_have_text(
             "Layer ports is at version 3; 2 device(s) got a new version.")
+        await expect(page.locator("#l-editing")).to_have_text("Layer ports (v3)")
         assert (await svc.get_version("d1")).config == {"name": "d1", "port": 83}
         await page.get_by_label("Explain device").fill("d1")
         await page.get_by_role("button", name="Explain").click()
         explained = page.locator("#x-table tbody tr")
         await expect(explained).to_have_count(2)
         await expect(explained.filter(has_text="/port")).to_contain_text("ports@3")
+        await keep_screenshot(page, "layers")
+        await fits_a_phone(page, "layers-phone")
         await page.get_by_role("button", name="Sign out").click()
 
         await sign_in(page, server.url, tokens["viewer"])

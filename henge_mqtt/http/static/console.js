@@ -926,6 +926,7 @@ async function saveLayer(event) {
       throw e;
     }
     state.layerBase = { name, version: r.version };
+    $("l-editing").textContent = `Layer ${name} (v${r.version})`; // what the next save starts from
     layerNote("l-note", `Layer ${r.layer} is at version ${r.version}; ${r.devices} device(s) got a new version.` +
       (r.new_devices_invalid ? ` Warning: ${r.new_devices_invalid.join("; ")}` : ""));
     $("l-why").value = "";
@@ -1015,6 +1016,7 @@ async function showLayerConflict(name, base) {
   const rebase = el("button", { type: "button", text: `Rebase my edit onto v${current.version}` });
   rebase.addEventListener("click", () => {
     state.layerBase = { name, version: current.version };
+    $("l-editing").textContent = `Layer ${name} (v${current.version})`;
     $("l-conflict").replaceChildren();
     layerNote("l-note", `Your edit now applies to v${current.version}: save when ready.`);
     checkLayerSoon(0);
