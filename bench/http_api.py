@@ -102,6 +102,10 @@ async def console(url: str, token: str, n: int, storm: Any, total: int | None = 
             searches.append(time.perf_counter() - t1)
         await page.locator("#f-q").fill("")
         out["console_search_ms"] = statistics.median(searches) * 1000
+        # Chromium's own measure of a frozen page: every task over 50 ms, reported by a PerformanceObserver.
+        await page.evaluate("""() => { window.__long = [];
+            new PerformanceObserver((list) => { for (const e of list.getEntries()) window.__long.push(e.duration); })
+              .observe({ type: "longtask" }); }""")
         worst = 0.0
         storming = asyncio.get_running_loop().run_in_executor(None, storm)
         while not storming.done():
@@ -113,6 +117,9 @@ async def console(url: str, token: str, n: int, storm: Any, total: int | None = 
         await storming
         await expect(page.locator("#sum-online b")).to_have_text(str(n), timeout=30_000)
         out["console_storm_worst_ms"] = worst * 1000
+        long_tasks = await page.evaluate("() => window.__long")
+        out["console_storm_long_tasks"] = len(long_tasks)
+        out["console_storm_longest_task_ms"] = max(long_tasks, default=0.0)
         out["console_online_after_storm_s"] = time.perf_counter() - storm_done
         await browser.close()
         return out
