@@ -110,6 +110,13 @@ def progress_of(answer: FleetAnswer) -> dict[str, Any]:
             "pending": answer["pending"]}
 
 
+def change_diff(device: str, version: int, old: dict[str, Any] | None, new: dict[str, Any]) -> PushPreviewDiff:
+    """A preview's example: the device's config at ``version`` (0: none yet) and the next one."""
+    return {"device": device, "from_version": version or None, "to_version": version + 1,
+            "diff": unified_diff(old or {}, new, f"{device} v{version}" if version else "(none)",
+                                 f"{device} v{version + 1}")}
+
+
 def broker_note(said: list[IdentitySync]) -> BrokerNote:
     """What the broker did with an identity change, for the answer (the embedded broker: the store)."""
     sync = said[0] if said else IdentitySync(applied=True, how="store")
@@ -377,10 +384,7 @@ class ServiceAPI:
             return None
         first = rows[0]
         old = await self.worker.run(self.store.current_config, first.device)
-        before = first.version - 1
-        old_name = f"{first.device} v{before}" if before else "(none)"
-        return {"device": first.device, "from_version": before or None, "to_version": first.version,
-                "diff": unified_diff(old or {}, first.config, old_name, f"{first.device} v{first.version}")}
+        return change_diff(first.device, first.version - 1, old, first.config)
 
     async def rollback(self, device: str, version: int, *, message: str = "") -> ConfigVersion:
         return await self.configs.rollback(device, version, actor=current_actor.get(), message=message)
@@ -645,14 +649,8 @@ class ServiceAPI:
         now = await self.worker.run(self.schemas.layer_change_errors, layer, [device for device, *_ in plan])
         later = await self.worker.run(self.schemas.new_device_errors, name, content, labels=labels, priority=priority,
                                       where=where)
-        example: PushPreviewDiff | None = None
-        if plan:
-            device, version, old, new = plan[0]
-            example = {"device": device, "from_version": version or None, "to_version": version + 1,
-                       "diff": unified_diff(old or {}, new, f"{device} v{version}" if version else "(none)",
-                                            f"{device} v{version + 1}")}
         return {"layer": name, "change": len(plan), "devices": [d for d, *_ in plan[:PREVIEW_DEVICES]],
-                "more": max(0, len(plan) - PREVIEW_DEVICES), "example": example,
+                "more": max(0, len(plan) - PREVIEW_DEVICES), "example": change_diff(*plan[0]) if plan else None,
                 "invalid": [SchemaViolation.line(e) for e in now],
                 "new_devices_invalid": [SchemaViolation.line(e) for e in later]}
 

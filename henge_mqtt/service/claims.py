@@ -177,33 +177,31 @@ class Onboarding:
         # Behind a broker any claim holder can publish here, a bad request or a wrong credential too:
         # every request takes its turn first, so the work henge does for them is bounded by the rate.
         if self.external and not self._take_turn("?"):
-            self._answer(nonce, "?", ok=False, code="rate_limited", message="claiming too often: retry later")
+            self._answer(nonce, ok=False, code="rate_limited", message="claiming too often: retry later")
             return NOT_AUTHORIZED
         try:
             request = self._parse(payload)
         except ValueError as exc:
             who = self._claim_of.get(nonce, "?")
             self._refused("invalid", who, nonce)
-            self._answer(nonce, who, ok=False, code="invalid", message=str(exc))
+            self._answer(nonce, ok=False, code="invalid", message=str(exc))
             return PAYLOAD_FORMAT_INVALID
+        if self.external and (request.claim is None or request.claim_secret is None or request.secret is None):
+            self._refused("invalid", request.claim or "?", nonce)
+            self._answer(nonce, ok=False, code="invalid", message=(
+                "behind an external broker a request carries claim, claim_secret and the device's own secret"))
+            return PAYLOAD_FORMAT_INVALID
+        if nonce in self._answering:  # (before admitting: that would hand a nonce being answered over)
+            self._answer(nonce, ok=False, code="replay", message="this request is being answered")
+            return NOT_AUTHORIZED
         if self.external:  # no connection said whose it is: the request does, every time
-            if request.claim is None or request.claim_secret is None or request.secret is None:
-                self._refused("invalid", request.claim or "?", nonce)
-                self._answer(nonce, request.claim or "?", ok=False, code="invalid", message=(
-                    "behind an external broker a request carries claim, claim_secret and the device's own secret"))
-                return PAYLOAD_FORMAT_INVALID
-            if nonce in self._answering:  # (checked first: admitting again would hand the nonce over)
-                self._answer(nonce, request.claim, ok=False, code="replay", message="this request is being answered")
-                return NOT_AUTHORIZED
+            assert request.claim is not None
             turned_away = self._admit(request.claim, request.claim_secret, nonce, turn_taken=True)
             if turned_away is not None:
-                self._answer(nonce, request.claim, ok=False, code=turned_away[0], message=turned_away[1])
+                self._answer(nonce, ok=False, code=turned_away[0], message=turned_away[1])
                 return NOT_AUTHORIZED
         claim_id = self._claim_of.get(nonce)
         if claim_id is None:
-            return NOT_AUTHORIZED
-        if nonce in self._answering:
-            self._answer(nonce, claim_id, ok=False, code="replay", message="this request is being answered")
             return NOT_AUTHORIZED
         device = request.device
         try:
@@ -231,11 +229,11 @@ class Onboarding:
                 raise refused
         except ClaimRefused as exc:
             self._refused(exc.reason, claim_id, nonce)
-            self._answer(nonce, claim_id, ok=False, code=exc.reason, message=str(exc))
+            self._answer(nonce, ok=False, code=exc.reason, message=str(exc))
             return NOT_AUTHORIZED
         except (HengeError, ValueError) as exc:
             self._refused("invalid", claim_id, nonce)
-            self._answer(nonce, claim_id, ok=False, code="invalid", message=str(exc))
+            self._answer(nonce, ok=False, code="invalid", message=str(exc))
             return PAYLOAD_FORMAT_INVALID
         self._answering.add(nonce)
         self._in_flight[claim_id] = self._in_flight.get(claim_id, 0) + 1
@@ -278,7 +276,7 @@ class Onboarding:
         except HengeError as exc:  # refused in the transaction (a race the loop's checks lost), or a schema
             reason = exc.reason if isinstance(exc, ClaimRefused) else exc.code
             self._refused(reason, claim_id, nonce)
-            self._answer(nonce, claim_id, ok=False, code=reason, message=str(exc))
+            self._answer(nonce, ok=False, code=reason, message=str(exc))
             return
         else:
             record = self.worker.store.claim_record(claim_id)
@@ -296,7 +294,7 @@ class Onboarding:
         log.info("claim.device device=%s claim=%s", device, claim_id)
         if self._tell_broker is not None:  # the broker knows the device before the device hears it may connect
             await self._tell_broker(device, secret)
-        self._answer(nonce, claim_id, ok=True, device=device, labels=labels,
+        self._answer(nonce, ok=True, device=device, labels=labels,
                      **({} if chosen else {"secret": secret}))
         await self._publish_rows(layered)
 
@@ -309,7 +307,7 @@ class Onboarding:
                                            keep=self.external)
         except ClaimRefused as exc:
             self._refused(exc.reason, claim_id, nonce)
-            self._answer(nonce, claim_id, ok=False, code=exc.reason, message=str(exc))
+            self._answer(nonce, ok=False, code=exc.reason, message=str(exc))
             return
         finally:
             self._answering.discard(nonce)
@@ -317,9 +315,9 @@ class Onboarding:
         log.info("claim.again device=%s claim=%s: its first answer was lost", device, claim_id)
         if self._tell_broker is not None:  # (the broker may have missed it the first time)
             await self._tell_broker(device, secret)
-        self._answer(nonce, claim_id, ok=True, device=device, labels=labels, **({} if chosen else {"secret": secret}))
+        self._answer(nonce, ok=True, device=device, labels=labels, **({} if chosen else {"secret": secret}))
 
-    def _answer(self, nonce: str, claim_id: str, *, ok: bool, **fields: Any) -> None:
+    def _answer(self, nonce: str, *, ok: bool, **fields: Any) -> None:
         body = {"ok": ok, **fields}
         self.broker.publish(self.topics.claim_response(nonce), json.dumps(body).encode(), qos=1)
 

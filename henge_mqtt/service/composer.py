@@ -149,7 +149,7 @@ class HengeService(ServiceAPI):
             await broker.start()
             self.rollouts = Rollouts(self)
             await self.rollouts.resume_all()  # a rollout goes on where it stood when the service stopped
-            self._tasks.spawn(self._keep_series())
+            self._tasks.spawn(self._each_minute())
         except BaseException:
             if self._lease is not None:  # a standby stopped while it waited, or a start that failed
                 self._lease.close()
@@ -168,8 +168,9 @@ class HengeService(ServiceAPI):
         self._lock.record(f"mqtt://{host}:{port}")
         log.info("service.started host=%s port=%d data=%s", host, port, s.data_dir)
 
-    async def _keep_series(self) -> None:
-        """The fleet's counts once a minute, at the minute (the console's charts: store/series.py)."""
+    async def _each_minute(self) -> None:
+        """At each minute: the fleet's counts kept (the console's charts: store/series.py), and
+        presence history older than a week dropped."""
         while True:
             try:
                 await self.record_fleet_point()

@@ -11,7 +11,7 @@ from typing import Literal
 
 from ..models import utc_now
 from .core import StoreCore, ts
-from .credentials import bcrypt_hash, hash_secret, mosquitto_hash
+from .credentials import BROKER_HASH_COLUMNS, bcrypt_hash, hash_secret, mosquitto_hash
 
 
 class Admins(StoreCore):
@@ -32,7 +32,7 @@ class Admins(StoreCore):
     def broker_hashes(self, kind: Literal["mosquitto", "bcrypt"] = "mosquitto") -> tuple[dict[str, str], list[str]]:
         """``{username: hash}`` for admins and devices, and devices that have none yet (made before
         henge kept that kind): Mosquitto's ``$7$`` or bcrypt (NATS)."""
-        column = {"mosquitto": "broker_hash", "bcrypt": "bcrypt_hash"}[kind]
+        column = BROKER_HASH_COLUMNS[kind]
         found: dict[str, str] = dict(
             self._db.execute(f"SELECT name, {column} FROM admins WHERE {column} IS NOT NULL")
         )

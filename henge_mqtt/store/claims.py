@@ -20,7 +20,7 @@ from ..errors import ClaimRefused, DuplicateDevice, UnknownClaim, ValidationFail
 from ..models import ConfigVersion, utc_now
 from ..results import ClaimRevoked
 from .core import StoreCore, ts
-from .credentials import bcrypt_hash, hash_secret, mosquitto_hash, new_secret
+from .credentials import BROKER_HASH_COLUMNS, bcrypt_hash, hash_secret, mosquitto_hash, new_secret
 from .db import IntegrityError
 
 
@@ -108,7 +108,7 @@ class Claims(StoreCore):
     def claim_hashes(self, kind: Literal["mosquitto", "bcrypt"] = "mosquitto") -> dict[str, str]:
         """``{claim id: hash}`` of every claim not revoked, as an external broker checks its secret
         (Mosquitto's ``$7$`` or bcrypt); claims made before henge kept those are not there."""
-        column = {"mosquitto": "broker_hash", "bcrypt": "bcrypt_hash"}[kind]
+        column = BROKER_HASH_COLUMNS[kind]
         return dict(self._db.execute(f"SELECT id, {column} FROM claims WHERE revoked_at IS NULL AND {column} IS NOT "
                                      "NULL ORDER BY id"))
 

@@ -8,6 +8,9 @@ import base64
 import hashlib
 import secrets
 
+# The column that keeps each kind of broker hash, for devices, admins and claims alike.
+BROKER_HASH_COLUMNS = {"mosquitto": "broker_hash", "bcrypt": "bcrypt_hash"}
+
 
 def hash_secret(secret: str) -> str:
     """Secrets are >= 128-bit random tokens, so a fast hash is enough and keeps connect storms cheap."""

@@ -503,9 +503,34 @@ function allow(button, needs, why) { // a button the role cannot use says why, a
   button.title = !ok ? `Your role (${state.role}) cannot: this needs ${needs}.` : why || "";
 }
 
-function actionNote(text, bad = false) {
-  $("act-note").className = bad ? "error" : "help";
-  $("act-note").textContent = text;
+function say(id, text, bad = false) { // a note under a form: help, or an error
+  $(id).className = bad ? "error" : "help";
+  $(id).textContent = text;
+}
+
+const actionNote = (text, bad = false) => say("act-note", text, bad);
+
+function diffInto(pre, text) { // a unified diff, its added and removed lines marked
+  pre.replaceChildren(...text.split("\n").map((line) => el("span",
+    { class: line.startsWith("+") && !line.startsWith("+++") ? "add" : line.startsWith("-") && !line.startsWith("---") ? "del" : "",
+      text: line + "\n" })));
+  pre.hidden = false;
+}
+
+// After a 412 the edit is kept: a button makes it apply to what is there now; under the diff of what
+// changed meanwhile, when there is one to show.
+function offerRebase(box, noteId, label, after, rebased, diff) {
+  const rebase = el("button", { type: "button", text: label });
+  rebase.addEventListener("click", async () => {
+    await rebased();
+    box.replaceChildren();
+    say(noteId, after);
+  });
+  box.replaceChildren(...(diff === undefined ? [] : [el("pre", { class: "diff-note", text: diff })]), rebase);
+}
+
+function named(r) { // the devices a preview names: ": a, b and 3 more." or "."
+  return r.devices.length ? `: ${r.devices.join(", ")}${r.more ? ` and ${r.more} more` : ""}.` : ".";
 }
 
 async function act(run) {
@@ -571,14 +596,11 @@ async function showLabelsConflict(id, was, now) {
   const last = [...trail].reverse().find((e) => e.action === "device.label");
   actionNote(`Not saved: the labels changed since you opened them (${text(was)} → ${text(now)}` +
     (last ? `, by ${last.actor}` : "") + "). Your edit is kept; rebase it onto theirs and save again.", true);
-  const rebase = el("button", { type: "button", text: "Rebase my edit onto their labels" });
-  rebase.addEventListener("click", async () => {
-    const fresh = await apiTagged(`/devices/${encodeURIComponent(id)}`);
-    state.labelsBase = { tag: fresh.tag, labels: fresh.body.labels };
-    $("labels-conflict").replaceChildren();
-    actionNote("Your edit now applies to their labels: save when ready.");
-  });
-  $("labels-conflict").replaceChildren(rebase);
+  offerRebase($("labels-conflict"), "act-note", "Rebase my edit onto their labels",
+    "Your edit now applies to their labels: save when ready.", async () => {
+      const fresh = await apiTagged(`/devices/${encodeURIComponent(id)}`);
+      state.labelsBase = { tag: fresh.tag, labels: fresh.body.labels };
+    });
 }
 
 function parseLabels(text) { // "k=v, k2=v2" as the label forms take it
@@ -602,10 +624,7 @@ function copyButton(button, code, note) { // copy a secret shown once; select it
 
 // ---- a fleet push: previewed (which devices change, one diff) before it is stored ---------------------------
 
-function manyNote(text, bad = false) {
-  $("many-note").className = bad ? "error" : "help";
-  $("many-note").textContent = text;
-}
+const manyNote = (text, bad = false) => say("many-note", text, bad);
 
 function manyBody() { // the push's target and config as the form says them now
   const kind = $("many-target").value, text = $("many-select").value.trim();
@@ -663,16 +682,10 @@ async function previewMany(event) {
         `applied within ${body.wave_timeout} s, and halts at more than ${body.max_rejected} rejections.` +
         (r.example ? ` The change for ${r.example.device}:` : " Nothing was started."));
     } else {
-      manyNote(`Would change ${r.change} of ${r.targeted} devices (${r.unchanged} already there)` +
-        (r.devices.length ? `: ${r.devices.join(", ")}${r.more ? ` and ${r.more} more` : ""}.` : ".") +
+      manyNote(`Would change ${r.change} of ${r.targeted} devices (${r.unchanged} already there)` + named(r) +
         (r.example ? ` The change for ${r.example.device}:` : " Nothing was stored."));
     }
-    if (r.example) {
-      $("many-diff").replaceChildren(...r.example.diff.split("\n").map((line) => el("span",
-        { class: line.startsWith("+") && !line.startsWith("+++") ? "add" : line.startsWith("-") && !line.startsWith("---") ? "del" : "",
-          text: line + "\n" })));
-      $("many-diff").hidden = false;
-    }
+    if (r.example) diffInto($("many-diff"), r.example.diff);
   } catch (e) { manyNote(e instanceof SyntaxError ? `The config is not JSON: ${e.message}` : e.message, true); }
   wireMany();
 }
@@ -708,10 +721,7 @@ async function pushMany() {
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/; // a device id, a label key, a token name (henge_mqtt.ids)
 const PREVIEW_ROWS = 1000;
 
-function addNote(text, bad = false) {
-  $("add-note").className = bad ? "error" : "help";
-  $("add-note").textContent = text;
-}
+const addNote = (text, bad = false) => say("add-note", text, bad);
 
 function brokerSaid(result) { // what an external broker did with the identities (never silence)
   const b = result.broker;
@@ -831,17 +841,12 @@ async function importDevices() {
 
 // ---- config layers: edited with a preview as you type, and explained per device -----------------------------
 
-function layerNote(id, text, bad = false) {
-  $(id).className = bad ? "error" : "help";
-  $(id).textContent = text;
-}
-
 async function loadLayers() {
   const rows = await api("/layers");
   state.layerVersions = Object.fromEntries(rows.map((l) => [l.layer, l.version])); // what this page has seen
   $("l-table").tBodies[0].replaceChildren(...rows.map((l) => {
     const edit = el("button", { type: "button", text: "Edit", "data-layer": l.layer });
-    edit.onclick = () => editLayer(l.layer).catch((e) => layerNote("l-note", e.message, true));
+    edit.onclick = () => editLayer(l.layer).catch((e) => say("l-note", e.message, true));
     const to = l.layer === "fleet" ? "every device" : [Object.entries(l.labels).map(([k, v]) => `${k}=${v}`).join(", "),
       l.where ? `where ${l.where}` : ""].filter(Boolean).join(" ");
     return el("tr", { "data-layer": l.layer }, el("td", { text: l.layer }), el("td", { text: to }),
@@ -879,7 +884,7 @@ let layerTimer = 0;
 function checkLayerSoon(delay = 400) { // as the operator types: the syntax at once, the service's preview after a pause
   clearTimeout(layerTimer);
   allow($("l-save"), "operator", "Checking…");
-  layerTimer = setTimeout(() => checkLayer().catch((e) => layerNote("l-check", e.message, true)), delay);
+  layerTimer = setTimeout(() => checkLayer().catch((e) => say("l-check", e.message, true)), delay);
 }
 
 async function checkLayer() {
@@ -887,7 +892,7 @@ async function checkLayer() {
   state.layerChecked = null;
   let name, body;
   try { [name, body] = layerBody(); } catch (e) {
-    layerNote("l-check", $("l-content").value.trim() || $("l-name").value.trim() ? e.message : "", Boolean($("l-content").value.trim()));
+    say("l-check", $("l-content").value.trim() || $("l-name").value.trim() ? e.message : "", Boolean($("l-content").value.trim()));
     allow($("l-save"), "operator", e.message);
     return;
   }
@@ -896,16 +901,10 @@ async function checkLayer() {
     headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
   if (key !== JSON.stringify((() => { try { return layerBody(); } catch { return null; } })())) return; // typed on
   const problems = r.invalid.concat(r.new_devices_invalid.map((line) => `a device added later: ${line}`));
-  layerNote("l-check", (problems.length ? `Its schemas would refuse it: ${problems.join("; ")}. ` : "") +
-    `Would change the config of ${r.change} device(s)` +
-    (r.devices.length ? `: ${r.devices.join(", ")}${r.more ? ` and ${r.more} more` : ""}.` : ".") +
+  say("l-check", (problems.length ? `Its schemas would refuse it: ${problems.join("; ")}. ` : "") +
+    `Would change the config of ${r.change} device(s)` + named(r) +
     (r.example ? ` The change for ${r.example.device}:` : ""), problems.length > 0);
-  if (r.example) {
-    $("l-diff").replaceChildren(...r.example.diff.split("\n").map((line) => el("span",
-      { class: line.startsWith("+") && !line.startsWith("+++") ? "add" : line.startsWith("-") && !line.startsWith("---") ? "del" : "",
-        text: line + "\n" })));
-    $("l-diff").hidden = false;
-  }
+  if (r.example) diffInto($("l-diff"), r.example.diff);
   state.layerChecked = key;
   allow($("l-save"), "operator", r.invalid.length ? "Its schemas would refuse it (above)." : "");
 }
@@ -930,11 +929,11 @@ async function saveLayer(event) {
     }
     state.layerBase = { name, version: r.version };
     $("l-editing").textContent = `Layer ${name} (v${r.version})`; // what the next save starts from
-    layerNote("l-note", `Layer ${r.layer} is at version ${r.version}; ${r.devices} device(s) got a new version.` +
+    say("l-note", `Layer ${r.layer} is at version ${r.version}; ${r.devices} device(s) got a new version.` +
       (r.new_devices_invalid ? ` Warning: ${r.new_devices_invalid.join("; ")}` : ""));
     $("l-why").value = "";
     await loadLayers();
-  } catch (e) { layerNote("l-note", e.message, true); }
+  } catch (e) { say("l-note", e.message, true); }
 }
 
 // ---- schemas: checked as typed against every current config, saved only when none breaks it ----------------
@@ -949,7 +948,7 @@ async function loadSchemas() {
   const rows = await api("/schemas");
   $("s-table").tBodies[0].replaceChildren(...rows.map((s) => {
     const edit = el("button", { type: "button", text: "Edit", "data-schema": s.schema });
-    edit.onclick = () => editSchema(s.schema).catch((e) => layerNote("s-note", e.message, true));
+    edit.onclick = () => editSchema(s.schema).catch((e) => say("s-note", e.message, true));
     return el("tr", { "data-schema": s.schema }, el("td", { text: s.schema }), el("td", { text: `v${s.version}` }),
       el("td", {}, edit));
   }));
@@ -969,7 +968,7 @@ function checkSchemaSoon(delay = 400) {
   clearTimeout(schemaTimer);
   allow($("s-save"), "admin", "Checking…");
   schemaTimer = setTimeout(() => checkSchema().catch((e) => {
-    layerNote("s-check", e.message, true);
+    say("s-check", e.message, true);
     allow($("s-save"), "admin", e.message);
   }), delay);
 }
@@ -977,10 +976,10 @@ function checkSchemaSoon(delay = 400) {
 async function checkSchema() {
   state.schemaChecked = null;
   const text = $("s-document").value;
-  if (!text.trim()) { layerNote("s-check", ""); allow($("s-save"), "admin", "Write the schema first."); return; }
+  if (!text.trim()) { say("s-check", ""); allow($("s-save"), "admin", "Write the schema first."); return; }
   let document, name;
   try { document = JSON.parse(text); name = schemaName(); } catch (e) {
-    layerNote("s-check", e instanceof SyntaxError ? `Not JSON: ${e.message}` : e.message, true);
+    say("s-check", e instanceof SyntaxError ? `Not JSON: ${e.message}` : e.message, true);
     allow($("s-save"), "admin", "Fix it first (above).");
     return;
   }
@@ -989,7 +988,7 @@ async function checkSchema() {
     headers: { "Content-Type": "application/json" }, body: text });
   if (key !== JSON.stringify([(() => { try { return schemaName(); } catch { return ""; } })(), $("s-document").value])) return;
   const refused = r.invalid_devices.length + r.more;
-  layerNote("s-check", refused ? `It would refuse the current config of ${refused} device(s): ${r.violations.join("; ")}`
+  say("s-check", refused ? `It would refuse the current config of ${refused} device(s): ${r.violations.join("; ")}`
     : `Every current config passes it; it would be schema ${r.schema} version ${r.version}.`, refused > 0);
   state.schemaChecked = key;
   allow($("s-save"), "admin", refused ? "Current configs break it (above): fix them or the schema first." : "");
@@ -1002,9 +1001,9 @@ async function saveSchema(event) {
     if (state.schemaChecked !== JSON.stringify([name, text])) { checkSchemaSoon(0); return; }
     const r = await api(`/schemas/${encodeURIComponent(name)}`, { method: "PUT",
       headers: { "Content-Type": "application/json" }, body: text });
-    layerNote("s-note", `Schema ${r.schema} is at version ${r.version}.`);
+    say("s-note", `Schema ${r.schema} is at version ${r.version}.`);
     await loadSchemas();
-  } catch (e) { layerNote("s-note", e.message, true); }
+  } catch (e) { say("s-note", e.message, true); }
 }
 
 // Someone changed the layer since this edit began: who and what, and the edit kept to rebase.
@@ -1013,18 +1012,15 @@ async function showLayerConflict(name, base) {
   const current = await api(path);
   const diff = base ? (await api(`${path}/diff?a=${base}&b=${current.version}`)).diff
     : "(there was no such layer when you began)";
-  layerNote("l-note", `Not stored: layer ${name} changed since you opened it (v${base} → v${current.version} by ` +
+  say("l-note", `Not stored: layer ${name} changed since you opened it (v${base} → v${current.version} by ` +
     `${current.actor}${current.message ? `: "${current.message}"` : ""}). Your edit is kept above; rebase it onto ` +
     `v${current.version} and save again.`, true);
-  const rebase = el("button", { type: "button", text: `Rebase my edit onto v${current.version}` });
-  rebase.addEventListener("click", () => {
-    state.layerBase = { name, version: current.version };
-    $("l-editing").textContent = `Layer ${name} (v${current.version})`;
-    $("l-conflict").replaceChildren();
-    layerNote("l-note", `Your edit now applies to v${current.version}: save when ready.`);
-    checkLayerSoon(0);
-  });
-  $("l-conflict").replaceChildren(el("pre", { class: "diff-note", text: diff }), rebase);
+  offerRebase($("l-conflict"), "l-note", `Rebase my edit onto v${current.version}`,
+    `Your edit now applies to v${current.version}: save when ready.`, () => {
+      state.layerBase = { name, version: current.version };
+      $("l-editing").textContent = `Layer ${name} (v${current.version})`;
+      checkLayerSoon(0);
+    }, diff);
 }
 
 async function explainDevice(event) {
@@ -1035,17 +1031,14 @@ async function explainDevice(event) {
     $("x-table").tBodies[0].replaceChildren(...rows.map((x) => el("tr", {},
       el("td", {}, el("code", { text: x.pointer })), el("td", {}, el("code", { text: JSON.stringify(x.value) })),
       el("td", { text: x.layer }))));
-    layerNote("x-note", rows.length ? `${device}'s current config, value by value, and the layer that set each.`
+    say("x-note", rows.length ? `${device}'s current config, value by value, and the layer that set each.`
       : `${device} has no config.`);
-  } catch (e) { $("x-table").tBodies[0].replaceChildren(); layerNote("x-note", e.message, true); }
+  } catch (e) { $("x-table").tBodies[0].replaceChildren(); say("x-note", e.message, true); }
 }
 
 // ---- API tokens -------------------------------------------------------------------------------------------
 
-function tokenNote(text, bad = false) {
-  $("t-note").className = bad ? "error" : "help";
-  $("t-note").textContent = text;
-}
+const tokenNote = (text, bad = false) => say("t-note", text, bad);
 
 async function loadTokens() {
   allow($("t-create"), "admin", "");
@@ -1278,10 +1271,8 @@ async function showConflict(id, base) {
   const diff = base ? (await api(`${path}/diff?a=${base}&b=${current.version}`)).diff : "(the device had no config when you opened it)";
   $("push-note").textContent = `Not stored: the config changed since you opened it (v${base} → v${current.version} by ${current.actor}` +
     `${current.message ? `: "${current.message}"` : ""}). Your edit is kept below; rebase it onto v${current.version} and push again.`;
-  const rebase = el("button", { type: "button", text: `Rebase my edit onto v${current.version}` });
-  rebase.addEventListener("click", () => { state.baseVersion = current.version; $("push-conflict").replaceChildren();
-    $("push-note").className = "help"; $("push-note").textContent = `Your edit now applies to v${current.version}: push when ready.`; });
-  $("push-conflict").replaceChildren(el("pre", { class: "diff-note", text: diff }), rebase);
+  offerRebase($("push-conflict"), "push-note", `Rebase my edit onto v${current.version}`,
+    `Your edit now applies to v${current.version}: push when ready.`, () => { state.baseVersion = current.version; }, diff);
 }
 
 async function rollback(id, version) {
@@ -1325,8 +1316,8 @@ function route() {
   if (location.hash === "#/layers") {
     state.device = "";
     show("layers");
-    loadLayers().catch((e) => layerNote("l-note", e.message, true));
-    loadSchemas().catch((e) => layerNote("s-note", e.message, true));
+    loadLayers().catch((e) => say("l-note", e.message, true));
+    loadSchemas().catch((e) => say("s-note", e.message, true));
   } else if (location.hash === "#/tokens") {
     state.device = "";
     $("t-secret-box").hidden = true; $("t-note").textContent = "";
