@@ -70,7 +70,8 @@ def sse_clients(url: str, token: str, count: int, ready: Any, stop: Any, counts:
     asyncio.run(main())
 
 
-async def console(url: str, token: str, n: int, storm: Any, total: int | None = None) -> dict[str, float]:
+async def console(url: str, token: str, n: int, storm: Any, total: int | None = None,
+                  trace: str | None = None) -> dict[str, float]:
     """First render with N devices, then the page's responsiveness while ``storm()`` (in a thread)
     reconnects the fleet: the worst delay of a 50 ms heartbeat evaluated in the page, and how long
     after the storm the page shows every device online again."""
@@ -83,10 +84,15 @@ async def console(url: str, token: str, n: int, storm: Any, total: int | None = 
         page = await browser.new_page()
         await page.goto(url)
         await page.evaluate("t => sessionStorage.setItem('henge-token', t)", token)
+        if trace:
+            await browser.start_tracing(page=page, path=trace + ".load.json", categories=[
+                "devtools.timeline", "disabled-by-default-devtools.timeline", "v8.execute", "blink", "loading"])
         t0 = time.perf_counter()
         await page.reload()
         await expect(page.locator("#devices tbody tr").first).to_be_visible(timeout=30_000)
         first_rows = time.perf_counter() - t0
+        if trace:
+            await browser.stop_tracing()
         everyone = total or n
         await expect(page.locator("#shown")).to_contain_text(
             re.compile(f"(of {everyone} devices|{everyone} in all)"), timeout=60_000)
@@ -107,6 +113,9 @@ async def console(url: str, token: str, n: int, storm: Any, total: int | None = 
             new PerformanceObserver((list) => { for (const e of list.getEntries()) window.__long.push(e.duration); })
               .observe({ type: "longtask" }); }""")
         worst = 0.0
+        if trace:  # Chromium's own trace of the storm (chrome://tracing, or Perfetto), to see what a long task was
+            await browser.start_tracing(page=page, path=trace, categories=[
+                "devtools.timeline", "disabled-by-default-devtools.timeline", "v8.execute", "blink", "loading"])
         storming = asyncio.get_running_loop().run_in_executor(None, storm)
         while not storming.done():
             t1 = time.perf_counter()
@@ -115,6 +124,8 @@ async def console(url: str, token: str, n: int, storm: Any, total: int | None = 
             await asyncio.sleep(0.05)
         storm_done = time.perf_counter()
         await storming
+        if trace:
+            await browser.stop_tracing()
         await expect(page.locator("#sum-online b")).to_have_text(str(n), timeout=30_000)
         out["console_storm_worst_ms"] = worst * 1000
         long_tasks = await page.evaluate("() => window.__long")
@@ -145,6 +156,7 @@ def main() -> int:
     parser.add_argument("--sse", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--offline", type=int, default=0, help="more devices in the store, never connected")
+    parser.add_argument("--trace", default=None, help="write Chromium's trace of the storm to this file")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
     target = run.Henge(args.n, tmp)
@@ -192,6 +204,8 @@ def main() -> int:
             delivered.append((sum(counts) - before) / args.sse)
             stop.set()
             sse.join(30)
+        if not args.rounds:
+            plain = streamed = delivered = [float("nan")]
         result.update(push_rounds=plain, push_with_sse_rounds=streamed, push_s=statistics.median(plain),
                       push_with_sse_s=statistics.median(streamed),
                       sse_slowdown=statistics.median(streamed) / statistics.median(plain),
@@ -205,7 +219,8 @@ def main() -> int:
             result["storm_devices"] = sum(args.n // args.workers for _ in commands)
             result["storm_failed"] = sum(r["failed"] for r in replies)
 
-        result.update(asyncio.run(console(url + "/", token, args.n, storm, total=args.n + args.offline)))
+        result.update(asyncio.run(console(url + "/", token, args.n, storm, total=args.n + args.offline,
+                                           trace=args.trace)))
     finally:
         fleet.close()
     run.save_result("http", result)
