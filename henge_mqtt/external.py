@@ -180,6 +180,10 @@ class ExternalBroker(TableViews):
             self._events_runner = asyncio.create_task(self._events.run())
             self._answers_runner = asyncio.create_task(self._run_answers())
 
+    async def nats_load_times(self) -> dict[str, str]:
+        """Each NATS node's configuration load time (``{}`` without the cluster's events)."""
+        return await self._events.load_times() if self._events is not None else {}
+
     def when_presence_known(self, callback: Callable[[set[str]], None]) -> None:
         self._on_synced.append(callback)
 

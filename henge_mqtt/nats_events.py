@@ -3,9 +3,11 @@
 A small client of the NATS protocol (text lines: ``INFO``, ``CONNECT``, ``SUB``, ``PUB``, ``MSG``,
 ``PING``/``PONG``), enough for one job: subscribe to ``$SYS.ACCOUNT.<acc>.CONNECT`` and
 ``.DISCONNECT`` and ask every node for its connections (``$SYS.REQ.ACCOUNT.<acc>.CONNZ``, paged), on
-every (re)connection and every ``resync`` seconds. It hands :class:`BrokerConnection` values to the
-:class:`~henge_mqtt.broker_events.ConnectionTracker` through callbacks; it never logs an event's
-body (NATS puts the client's credentials in its ``jwt`` field).
+every (re)connection and every ``resync`` seconds; and, for the accounts file's reloads, ask every
+node when it last loaded its configuration (``$SYS.REQ.SERVER.PING.VARZ``). It hands
+:class:`BrokerConnection` values to the :class:`~henge_mqtt.broker_events.ConnectionTracker`
+through callbacks; it never logs an event's body (NATS puts the client's credentials in its ``jwt``
+field).
 
 Bounds: a line or a message over ``MAX_MESSAGE`` ends the connection (a CONNZ page of 1,000
 connections is about 400 KB); every network wait has a timeout; the reader is one task.
@@ -116,6 +118,8 @@ class NatsEvents:
         self._snapshot: Snapshot | None = None
         self._servers: frozenset[str] = frozenset()  # the nodes that answered the last snapshot
         self._pong: asyncio.Event = asyncio.Event()
+        self._varz: dict[str, tuple[dict[str, str], asyncio.Event]] = {}  # a VARZ round's token -> its answers
+        self._rounds = 0
 
     async def run(self) -> None:
         turn = 0
@@ -216,6 +220,35 @@ class NatsEvents:
                 self.last_snapshot_s)
         self.listener.snapshot(snap.connections, snap.servers)
 
+    async def load_times(self) -> dict[str, str]:
+        """Each node's ``config_load_time`` (VARZ, asked of every node through the system account):
+        how the accounts' owner learns that a reload hook's signal has been acted on, node by node.
+        The round ends when every node of the last snapshot has answered, after ``ANSWER_QUIET`` of
+        quiet, or at ``ANSWER_MAX``; not connected: no answers (``{}``)."""
+        writer = self._writer
+        if writer is None or not self.connected.is_set():
+            return {}
+        self._rounds += 1
+        token = f"varz{self._rounds}"
+        got: dict[str, str] = {}
+        done = asyncio.Event()
+        self._varz[token] = (got, done)
+        try:
+            writer.write(b"PUB $SYS.REQ.SERVER.PING.VARZ %s.%s 0\r\n\r\n" % (self._inbox.encode(), token.encode()))
+            await writer.drain()
+            deadline = time.monotonic() + ANSWER_MAX
+            count, quiet_since = -1, time.monotonic()
+            while not done.is_set() and time.monotonic() < deadline:
+                if len(got) != count:
+                    count, quiet_since = len(got), time.monotonic()
+                elif got and time.monotonic() - quiet_since >= ANSWER_QUIET:
+                    break
+                with contextlib.suppress(TimeoutError):  # a tick of the quiet clock, not a failure
+                    await asyncio.wait_for(done.wait(), 0.05)
+        finally:
+            del self._varz[token]
+        return dict(got)
+
     async def _read(self, reader: asyncio.StreamReader) -> None:
         writer = self._writer
         while True:
@@ -265,6 +298,14 @@ class NatsEvents:
         snap = self._snapshot
         data = body.get("data")
         server = (body.get("server") or {}).get("id")
+        if page in self._varz:
+            got, done = self._varz[page]
+            loaded = data.get("config_load_time") if isinstance(data, dict) else None
+            if isinstance(server, str) and isinstance(loaded, str):
+                got[server] = loaded
+                if self._servers and self._servers <= got.keys():
+                    done.set()
+            return
         if snap is None or not isinstance(data, dict) or not isinstance(server, str) or page != str(snap.offset):
             return
         snap.last = time.monotonic()

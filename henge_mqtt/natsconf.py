@@ -100,7 +100,7 @@ def admin_permissions(prefix: str) -> dict[str, list[str]]:
 
 
 def events_permissions(account: str = ACCOUNT) -> dict[str, list[str]]:
-    return {"publish": [f"$SYS.REQ.ACCOUNT.{account}.CONNZ"],
+    return {"publish": [f"$SYS.REQ.ACCOUNT.{account}.CONNZ", "$SYS.REQ.SERVER.PING.VARZ"],
             "subscribe": [f"$SYS.ACCOUNT.{account}.CONNECT", f"$SYS.ACCOUNT.{account}.DISCONNECT", "_INBOX.>"]}
 
 

@@ -239,6 +239,20 @@ async def test_a_failing_reload_hook_is_said_and_the_store_keeps_the_device(tmp_
         assert (await service.get_device("new1")).id == "new1"
 
 
+async def test_a_node_that_does_not_reload_is_named_and_applied_is_never_a_hope(tmp_path: Path) -> None:
+    """A hook that signals one node of three: the service asks every node when it last loaded its
+    configuration and says which two did not, instead of "every node reloaded"."""
+    pid = tmp_path / "nats" / "henge-1.pid"
+    async with nats_service(tmp_path, [], nats_reload=f"nats-server --signal reload={pid}") as (service, cluster, _):
+        service._nats_accounts.reload_timeout = 2.0  # type: ignore[union-attr]
+        note: list[Any] = []
+        await service.add_device("new1", broker=note)
+        assert not note[0].applied
+        assert note[0].detail.startswith("the reload hook ran, but 2 of 3 nodes ("), note[0].detail
+        assert note[0].detail.endswith("had not re-read the accounts file 2 s later: a device connecting there "
+                                       "is refused until they do")
+
+
 async def test_node_loss_devices_reconnect_elsewhere_and_presence_stays_true(tmp_path: Path) -> None:
     """kill -9 the node four devices are on: two reconnect to another node (they get their retained
     config there and stay online), two never come back (offline within two snapshot rounds)."""

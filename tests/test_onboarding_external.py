@@ -44,15 +44,20 @@ async def device_config(port: int, device: str, secret: str, timeout: float = 20
     raise AssertionError("unreachable")
 
 
-async def accepted(port: int, user: str, password: str, timeout: float = 30.0) -> None:
-    """Until the broker accepts this user's CONNECT (as a device's backoff would try again)."""
+async def accepted(port: int, user: str, password: str, timeout: float = 30.0, attempts: int = 0) -> None:
+    """Until the broker accepts this user's CONNECT (as a device's backoff would try again), or
+    within ``attempts`` tries."""
     async with asyncio.timeout(timeout):
+        tried = 0
         while True:
             try:
                 async with aiomqtt.Client("127.0.0.1", port, identifier=secrets.token_urlsafe(16), username=user,
                                           password=password, timeout=5):
                     return
             except aiomqtt.MqttError:
+                tried += 1
+                if tried == attempts:
+                    raise
                 await asyncio.sleep(0.2)
 
 
@@ -212,8 +217,8 @@ async def test_devices_claim_through_a_nats_cluster(tmp_path: Path) -> None:
         # Where devices connect: the device listener broker-config wrote (not henge's own connection).
         assert claim["credential"]["broker"] == f"mqtt://127.0.0.1:{cluster.mqtt_ports[0]}"
         user = f"claim:{claim['id']}"
-        for port in cluster.mqtt_ports:  # the reload hook signals every node; each applies it a moment later
-            await accepted(port, user, claim["secret"])
+        for port in cluster.mqtt_ports:  # "applied": every node has re-read the accounts file, none is late
+            await accepted(port, user, claim["secret"], attempts=1)
         chosen = {f"cam-{i}": secrets.token_urlsafe(24) for i in range(6)}
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(len(chosen)) as devices:  # (not the loop's default threads: the service's)

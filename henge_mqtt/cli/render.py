@@ -219,7 +219,8 @@ def broker_said(result: dict[str, Any]) -> str:
     if note.get("applied"):
         how = str(note.get("how"))
         how = {"dynamic-security": "Mosquitto dynamic security",
-               "nats-accounts": "NATS accounts file rewritten, every node reloaded"}.get(how, how)
+               "nats-accounts": "NATS accounts file rewritten, " + (note.get("detail") or "every node reloaded"),
+               }.get(how, how)
         return f"\nbroker: updated at once ({how})"
     typer.echo(f"warning: the broker does not know this yet: {note.get('detail')}", err=True)
     return ""

@@ -243,10 +243,13 @@ class HengeService(ServiceAPI):
                 if s.nats_accounts is not None:
                     self._nats_accounts = NatsAccounts(s.nats_accounts, s.nats_reload, admin_name=s.admin_name,
                                                       prefix=s.topic_prefix, events_secret=events_secret)
-            return ExternalBroker(s.external_broker, hooks=_BrokerHooks(self), topics=self.topics, sessions=sessions,
-                                  username=s.admin_name, password=self.admin_secret,
-                                  tls_context=s.external_tls_context(), events=s.external_events,
-                                  events_password=events_secret, events_resync=s.external_events_resync)
+            external = ExternalBroker(s.external_broker, hooks=_BrokerHooks(self), topics=self.topics,
+                                      sessions=sessions, username=s.admin_name, password=self.admin_secret,
+                                      tls_context=s.external_tls_context(), events=s.external_events,
+                                      events_password=events_secret, events_resync=s.external_events_resync)
+            if self._nats_accounts is not None:  # a reload is confirmed by asking the nodes
+                self._nats_accounts.load_times = external.nats_load_times
+            return external
         from ..server import EmbeddedBroker, Limits, Listener
 
         listeners = []

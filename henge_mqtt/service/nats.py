@@ -6,6 +6,12 @@ device is added, imported, given a new secret or removed, the service rewrites t
 store (atomically: a node reloading meanwhile never reads half of it) and runs the reload hook the
 operator configured (``--nats-reload``: broker-config writes one that signals every local node);
 the nodes re-read it and close connections whose credentials are no longer valid.
+
+A signal is not a reload: ``nats-server --signal reload`` returns before the node has re-read its
+files, so "applied" would be a hope. With the cluster's events (``--broker-events``) the service asks
+every node when it last loaded its configuration before the hook and after it, and answers "applied"
+only when each node that answered before has loaded it again (or gone: a node that restarts reads
+the new file); without them it says the nodes were signalled, not that they reloaded.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ log = logging.getLogger(__name__)
 
 HOW = "nats-accounts"
 HOOK_TIMEOUT = 30.0  # the longest the reload hook may take (it signals every node)
+RELOAD_TIMEOUT = 10.0  # after the hook: the longest every node may take to have re-read its files
+UNCONFIRMED = ("every node signalled by the hook, not confirmed reloaded (henge asks the nodes through "
+               "--broker-events: not configured, or not connected)")
 ACCOUNTS_FILE = "accounts.conf"
 
 
@@ -76,6 +85,9 @@ class NatsAccounts:
         self._lock = asyncio.Lock()  # one rewrite and reload at a time, in order
         self._asked = self._done = 0  # refreshes asked for, and the last one a rewrite has covered
         self._last = IdentitySync(True, HOW)
+        # Each node's configuration load time, asked of the cluster (the events connection sets it):
+        self.load_times: Callable[[], Awaitable[dict[str, str]]] | None = None
+        self.reload_timeout = RELOAD_TIMEOUT
 
     def text(self, hashes: dict[str, str], claims: dict[str, str]) -> str:
         return accounts(hashes, admin_name=self.admin_name, prefix=self.prefix, events_hash=self._events_hash,
@@ -103,6 +115,7 @@ class NatsAccounts:
         if not self.hook:
             return IdentitySync(False, HOW, f"{self.path} rewritten; no --nats-reload hook: reload every "
                                             "NATS node (nats-server --signal reload)")
+        before = await self.load_times() if self.load_times is not None else {}
         proc = await asyncio.create_subprocess_shell(
             self.hook, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=os.environ | {"HENGE_NATS_ACCOUNTS": str(self.path)})
@@ -116,8 +129,29 @@ class NatsAccounts:
         if proc.returncode != 0:
             said = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
             return IdentitySync(False, HOW, f"the reload hook failed (exit {proc.returncode}) {said[0][:200]}")
-        log.info("nats.accounts_reloaded path=%s", self.path)
+        if not before:
+            log.info("nats.accounts_signalled path=%s", self.path)
+            return IdentitySync(True, HOW, UNCONFIRMED)
+        pending = await self._wait_reloaded(before)
+        if pending:
+            return IdentitySync(False, HOW, f"the reload hook ran, but {len(pending)} of {len(before)} nodes "
+                                            f"({', '.join(sorted(pending))}) had not re-read the accounts file "
+                                            f"{self.reload_timeout:g} s later: a device connecting there is refused "
+                                            "until they do")
+        log.info("nats.accounts_reloaded path=%s nodes=%d", self.path, len(before))
         return IdentitySync(True, HOW)
+
+    async def _wait_reloaded(self, before: dict[str, str]) -> set[str]:
+        """The nodes that still show the load time they had before the hook, ``reload_timeout`` on
+        (a node that no longer answers is not waited for: one that restarts reads the new file)."""
+        assert self.load_times is not None
+        deadline = asyncio.get_running_loop().time() + self.reload_timeout
+        while True:
+            now = await self.load_times()
+            pending = {node for node, loaded in before.items() if now.get(node, "") == loaded}
+            if not pending or asyncio.get_running_loop().time() >= deadline:
+                return pending
+            await asyncio.sleep(0.05)
 
 
 __all__ = ["EVENTS_USER", "NatsAccounts", "write_nats_config"]
