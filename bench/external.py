@@ -41,6 +41,14 @@ import run
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def wait_until(condition: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("a condition never held")
+        time.sleep(0.05)
+
+
 class HengeExternal(run.Target):
     name = "henge-external"
 
@@ -50,7 +58,8 @@ class HengeExternal(run.Target):
         from henge_mqtt.store import Store
 
         self.data = self.tmp / "data"
-        store = Store(self.data)
+        self.data.mkdir(mode=0o700, exist_ok=True)  # (a PostgreSQL store makes no file in it)
+        store = Store(self.data, url=self.store_url)
         secrets = store.add_devices([(d, {}) for d, _ in self.devices])
         self.admin_secret = admin_secret(self.data, "henge-admin")
         store.ensure_admin("henge-admin", self.admin_secret)
@@ -62,7 +71,7 @@ class HengeExternal(run.Target):
 
         self.make_store()
         self.admin_port = run.free_port()
-        hashes, _ = identities(self.data, "henge-admin")
+        hashes, *_ = identities(self.data, "henge-admin")
         conf = self.tmp / "mosquitto"
         write_mosquitto_config(conf, hashes, device_listener=f"127.0.0.1:{self.port}",
                                admin_listener=f"127.0.0.1:{self.admin_port}", topic_prefix="henge",
@@ -80,12 +89,30 @@ class HengeExternal(run.Target):
              "--broker", f"mqtt://127.0.0.1:{self.admin_port}", "--log-level", "warning"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def online(self) -> int:
-        out = subprocess.run([sys.executable, "-m", "henge_mqtt", "status", "--summary", "--json", "--data",
-                              str(self.data), "--timeout", "5"], capture_output=True, text=True, cwd=ROOT)
+    def online(self, timeout: float = 5.0) -> int:
+        where = ["--data", str(self.data)]
+        env = None
+        if self.store_url:  # two instances: whichever is active answers through the broker
+            where = ["--broker", f"mqtt://127.0.0.1:{self.admin_port}"]
+            env = {**os.environ, "HENGE_ADMIN_USER": "henge-admin", "HENGE_ADMIN_SECRET": self.admin_secret}
+        out = subprocess.run([sys.executable, "-m", "henge_mqtt", "status", "--summary", "--json", *where,
+                              "--timeout", str(timeout)], capture_output=True, text=True, cwd=ROOT, env=env)
+        self.last_error = out.stderr.strip()[-200:]
         return int(json.loads(out.stdout)["online"]) if out.returncode == 0 else -1
 
     patience = 120.0  # seconds a push or a count may take
+    store_url: str | None = None  # --failover: the store in PostgreSQL, shared by two instances
+
+    def logged(self, event: str, log_name: str = "henge") -> float | None:
+        """When the service's log last said ``event`` (a time.time()), if it logs at that level."""
+        import datetime
+
+        log = self.tmp / f"{log_name}.log"
+        lines = [line for line in log.read_text().splitlines() if f" {event}" in line] if log.exists() else []
+        if not lines:
+            return None
+        stamp = datetime.datetime.strptime(" ".join(lines[-1].split()[:2]), "%Y-%m-%d %H:%M:%S,%f")
+        return stamp.timestamp()
 
     def wait_online(self, n: int, timeout: float | None = None) -> float:
         timeout = timeout or self.patience
@@ -132,7 +159,7 @@ class HengeNats(HengeExternal):
         self.client_ports = [n.client_port for n in cluster]
         self.mqtt_ports = [n.mqtt_port for n in cluster]
         self.port = self.admin_port = self.mqtt_ports[0]
-        hashes, _ = identities(self.data, "henge-admin", kind="bcrypt")
+        hashes, *_ = identities(self.data, "henge-admin", kind="bcrypt", url=self.store_url)
         self.conf = self.tmp / "nats"
         write_nats_config(self.conf, hashes, cluster=cluster, admin_name="henge-admin", prefix="henge",
                           events_secret=admin_secret(self.data, EVENTS_USER, EVENTS_FILE))
@@ -148,16 +175,42 @@ class HengeNats(HengeExternal):
         self.start_service()
 
     def start_service(self) -> None:
+        if not self.store_url:
+            self.proc = self.serve(self.data, "henge")
+            return
+        # --failover: instance a becomes active; b waits as its standby
+        self.proc = self.serve(self.instance("a"), "a", "--store", self.store_url)
+        wait_until(lambda: not json.loads((self.tmp / "a" / "service.json").read_text()).get("standby", False)
+                       if (self.tmp / "a" / "service.json").exists() else False, 60)
+        self.standby = self.serve(self.instance("b"), "b", "--store", self.store_url)
+        wait_until(lambda: b"store.standby" in (self.tmp / "b.log").read_bytes(), 60)
+
+    def instance(self, name: str) -> Path:
+        """A data dir for one of two instances: the same identities on both machines."""
+        from henge_mqtt.paths import EVENTS_FILE
+
+        data = self.tmp / name
+        data.mkdir(mode=0o700)
+        for secret_file in ("admin.json", EVENTS_FILE):
+            shutil.copy(self.data / secret_file, data / secret_file)
+        return data
+
+    def serve(self, data: Path, log_name: str, *extra: str) -> subprocess.Popen[bytes]:
         events = "nats://" + ",".join(f"127.0.0.1:{p}" for p in self.client_ports)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(self.data), "--no-http",
+        return subprocess.Popen(
+            [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--no-http",
              "--broker", f"mqtt://127.0.0.1:{self.admin_port}", "--broker-events", events,
              "--nats-accounts", str(self.conf / "accounts.conf"), "--nats-reload", str(self.conf / "reload"),
-             "--log-level", "info"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(self.tmp / "henge.log").open("ab"))
+             "--log-level", "info", *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+            stderr=(self.tmp / f"{log_name}.log").open("ab"))
 
     def stop_all(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+        standby = getattr(self, "standby", None)
+        if standby is not None and standby.poll() is None:
+            standby.terminate()
+            standby.wait(timeout=30)
         for broker in self.brokers:
             broker.terminate()
         for broker in self.brokers:
@@ -170,9 +223,20 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--broker", choices=["mosquitto", "nats"], default="mosquitto")
     parser.add_argument("--no-push", action="store_true", help="connect, count online, restart: no fleet pushes")
+    parser.add_argument("--failover", action="store_true", help="NATS: two instances on a PostgreSQL store (a "
+                        "throwaway cluster, as the tests start one); kill -9 the active one instead of a restart")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-external-{args.broker}-"))
     target = HengeNats(args.n, tmp) if args.broker == "nats" else HengeExternal(args.n, tmp)
+    postgres = None
+    if args.failover:
+        if not isinstance(target, HengeNats):
+            parser.error("--failover is measured with --broker nats")
+        sys.path.insert(0, str(ROOT))
+        from tests.pg import Cluster
+
+        postgres = Cluster()
+        target.store_url = postgres.new_database()
     target.start()
     if isinstance(target, HengeNats):
         fleet = run.LoadWorkers(target, args.workers, announce=False, ports=target.mqtt_ports)
@@ -205,14 +269,57 @@ def main() -> int:
             result["one_client_s"], result["one_client_missing"] = delivered(target.one_client)
             result["push_s"], result["push_missing"] = delivered(target.push)
             result["push_ratio"] = result["push_s"] / result["one_client_s"]
-        target.stop()
-        started = time.time()
-        target.start_service()
-        result["restart_online_s"] = target.wait_online(args.n) - started
+        if args.failover:
+            assert isinstance(target, HengeNats) and target.proc is not None
+            killed = time.time()
+            spy = None
+            if os.environ.get("BENCH_PYSPY"):  # what the new active spends its first seconds on
+                spy = subprocess.Popen(["py-spy", "record", "-d", "10", "-r", "50", "-p", str(target.standby.pid),
+                                        "--threads", "--format", "raw", "-o", os.environ["BENCH_PYSPY"]],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            target.proc.kill()
+            target.proc.wait()
+            # Polled as an operator would, each `henge status` given 1 s (a request sent while no
+            # instance is active is answered by nobody: its wait, not the service, would be measured).
+            polls: list[tuple[float, float, int]] = []
+            while not polls or polls[-1][2] < args.n:
+                if time.time() - killed > target.patience:
+                    raise TimeoutError(f"never {args.n} online after the failover: {polls[-3:]}")
+                asked = time.time()
+                polls.append((asked, time.time(), target.online(timeout=1.0)))
+                polls[-1] = (asked, time.time(), polls[-1][2])
+                if polls[-1][2] < 0:
+                    print(f"{asked - killed:.2f} s after the kill: {target.last_error}", file=sys.stderr)
+            online = polls[-1][1]
+            if spy is not None:
+                spy.wait()
+            active, known = target.logged("store.active", "b"), target.logged("external.presence_known", "b")
+            assert active is not None and known is not None, "b's log does not say when it took over"
+            result.update(failover_active_s=active - killed, failover_known_after_active_s=known - active,
+                          failover_online_after_active_s=online - active, failover_online_after_kill_s=online - killed,
+                          failover_polls=[(round(a - active, 2), round(b - active, 2), n) for a, b, n in polls[-6:]])
+            target.proc, target.standby = target.standby, None
+        else:
+            target.stop()
+            started = time.time()
+            target.start_service()
+            result["restart_online_s"] = target.wait_online(args.n) - started
+            # From henge's own log (NATS: --log-level info): when the restarted service had started, and
+            # when it knew every connection; the CLI's count above is what a user sees.
+            for key, line in (("restart_started_s", "service.started"),
+                              ("restart_known_s", "external.presence_known")):
+                at = target.logged(line)
+                if at is not None:
+                    result[key] = at - started
+            if "restart_started_s" in result:
+                result["online_after_started_s"] = result["restart_online_s"] - result["restart_started_s"]
     finally:
         fleet.close()
         target.stop_all()
-    run.save_result("external" if args.broker == "mosquitto" else "external-nats", result)
+        if postgres is not None:
+            postgres.stop()
+    run.save_result("external" if args.broker == "mosquitto" else
+                    "external-nats-failover" if args.failover else "external-nats", result)
     return 0
 
 

@@ -126,6 +126,32 @@ async def test_migrate_sqlite_to_postgres_and_back(pg_url: str, tmp_path: Path, 
         store.close()
 
 
+@pytest.mark.parametrize("where", ["sqlite", "postgres"])
+def test_a_storm_of_sessions_is_saved_in_one_transaction_on_either_store(where: str, postgres: Any,
+                                                                         tmp_path: Path) -> None:
+    """The group commit of 1,200 devices (more than one multi-row statement on PostgreSQL): epochs
+    only rise, last-seen records with and without a remote, presence history of known devices."""
+    store = Store(tmp_path, url=postgres.new_database() if where == "postgres" else None)
+    try:
+        ids = [f"d{i:04}" for i in range(1200)]
+        store.add_devices([(d, {}) for d in ids])
+        store.save_sessions({d: 5 for d in ids}, {})
+        store.save_sessions({d: 3 if i % 2 else 7 for i, d in enumerate(ids)},
+                            {d: (1000.0 + i, None if i % 3 else f"10.0.0.{i % 250}:1", "takeover")
+                             for i, d in enumerate(ids)},
+                            history=[(d, 2000.0 + i, "online", None if i % 2 else "connect", i) for i, d in
+                                     enumerate(ids)] + [("gone", 1.0, "online", None, 1)])
+        epochs = store.epochs()
+        assert all(epochs[d] == (5 if i % 2 else 7) for i, d in enumerate(ids))
+        sessions = {d: (seen, remote) for d, _, seen, remote in store.sessions()}
+        assert sessions["d0000"] == (1000.0, "10.0.0.0:1") and sessions["d0001"] == (1001.0, None)
+        before, changes = store.presence_timeline("d0001", 0.0)
+        assert before is None and changes == [(2001.0, "online", None, 1)]
+        assert store.presence_timeline("d1199", 0.0)[1] == [(3199.0, "online", None, 1199)]
+    finally:
+        store.close()
+
+
 def test_a_bad_url_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=re.escape("cannot open the store at postgresql://u:***@127.0.0.1:1/x")):
         Store(tmp_path, url="postgresql://u:pw@127.0.0.1:1/x")

@@ -70,6 +70,10 @@ async def test_import_export_push_all_and_label(running: Running, tmp_path: Path
     assert counts["sync"]["pending"] + counts["sync"]["unknown"] == 5  # the same summary as GET /api/v1/summary
     table = await cli("status", "--data", data)
     assert table.stdout.strip().splitlines()[-1].startswith("devices=10 online=0 offline=10")
+    whole = await cli("status", "--summary", "--data", data, "--json")  # the service's summary op: no rows sent
+    assert json.loads(whole.stdout) == await running.service.summary()
+    line = await cli("status", "--summary", "--data", data)
+    assert line.stdout.strip() == table.stdout.strip().splitlines()[-1]
     usage = await cli("push", "--all", "d001", str(cfg), "--data", data)
     assert usage.returncode == 2 and "only the FILE" in usage.stderr
 

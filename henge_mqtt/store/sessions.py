@@ -41,16 +41,24 @@ class Sessions(StoreCore):
                     "ON CONFLICT (device) DO UPDATE SET expiry = excluded.expiry, subs = excluded.subs, "
                     "ended_at = excluded.ended_at",
                     [(d, s[0], json.dumps(s[1]), s[2]) for d, s in mqtt.items() if s is not None and d in self._hashes])
-            self._db.executemany(
-                "UPDATE devices SET epoch = MAX(epoch, ?) WHERE id = ?", [(e, d) for d, e in epochs.items()]
-            )
-            self._db.executemany(
-                "UPDATE devices SET last_seen = ?, last_remote = ?, last_reason = ? WHERE id = ?",
-                [(at, remote, reason, d) for d, (at, remote, reason) in seen.items()],
-            )
-            if history:
+            kept = [h for h in history or () if h[0] in self._hashes]
+            if self.url is None:  # SQLite, in process: a statement a row is cheap
+                self._db.executemany(
+                    "UPDATE devices SET epoch = MAX(epoch, ?) WHERE id = ?", [(e, d) for d, e in epochs.items()]
+                )
+                self._db.executemany(
+                    "UPDATE devices SET last_seen = ?, last_remote = ?, last_reason = ? WHERE id = ?",
+                    [(at, remote, reason, d) for d, (at, remote, reason) in seen.items()],
+                )
                 self._db.executemany("INSERT INTO presence_history (device, at, state, reason, epoch) "
-                                     "VALUES (?, ?, ?, ?, ?)", [h for h in history if h[0] in self._hashes])
+                                     "VALUES (?, ?, ?, ?, ?)", kept)
+                return
+            self._in_values("UPDATE devices SET epoch = GREATEST(devices.epoch, v.column2::bigint) "
+                            "FROM (VALUES {values}) AS v WHERE devices.id = v.column1", 2, list(epochs.items()))
+            self._in_values("UPDATE devices SET last_seen = v.column2::double precision, last_remote = v.column3, "
+                            "last_reason = v.column4 FROM (VALUES {values}) AS v WHERE devices.id = v.column1", 4,
+                            [(d, at, remote, reason) for d, (at, remote, reason) in seen.items()])
+            self._in_values("INSERT INTO presence_history (device, at, state, reason, epoch) VALUES {values}", 5, kept)
 
     def presence_timeline(self, device: str, since: float) -> tuple[tuple[Any, ...] | None, list[tuple[Any, ...]]]:
         """The device's last presence change before ``since`` (what it was then: None if none is
