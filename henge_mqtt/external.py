@@ -18,6 +18,7 @@ a device can write its own topics and only the admin identity the admin topics.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -52,6 +53,7 @@ MAX_INFLIGHT = 2000
 # NATS stores each retained QoS 1 message in JetStream before it acknowledges (~200 a second on this
 # machine's 3-node cluster): a smaller window keeps an urgent message (an answer) within a second.
 NATS_INFLIGHT = 200
+FORWARD_SLICE = 500  # session actions handled per loop turn when a snapshot brings thousands at once
 SYNC_TIMEOUT = 10.0  # the longest presence waits for the broker's retained announcements
 DYNSEC_PROBE = 3.0  # the longest we wait to learn whether the broker runs Mosquitto's dynamic security
 DYNSEC_TIMEOUT = 10.0  # the longest one batch of identity commands may take
@@ -138,6 +140,7 @@ class ExternalBroker(TableViews):
         self._client: MqttClient | None = None
         self._runner: asyncio.Task[None] | None = None
         self._tasks = TaskSet(log, "external.publish_failed")
+        self._backlog: collections.deque[Any] | None = None  # session actions waiting for their slice
         self.backoff = Backoff(base=0.5, cap=15.0)
         self.will_grace = will_grace
         self.dropped = 0  # messages whose handling failed (logged)
@@ -589,8 +592,30 @@ class ExternalBroker(TableViews):
     def _forward(self, actions: Any) -> None:
         # Takeover and wills are the external broker's job; the rest (presence, events) is ours.
         kept = [a for a in actions if not isinstance(a, Close | PublishWill)]
-        if kept:
+        if not kept:
+            return
+        if self._backlog is not None:  # a large batch is going out in slices: behind it, in order
+            self._backlog.extend(kept)
+        elif len(kept) <= FORWARD_SLICE:
             self.hooks.session_actions(kept)
+        else:
+            # A snapshot of a whole fleet (a failover, a restart) is thousands of presence records and
+            # events: sent a slice per loop turn, so an admin request is answered meanwhile (the
+            # session table already counts every connection); later actions queue behind, in order.
+            self._backlog = collections.deque(kept)
+            self._tasks.spawn(self._drain())
+
+    async def _drain(self) -> None:
+        backlog = self._backlog
+        assert backlog is not None
+        try:
+            while backlog:
+                self.hooks.session_actions([backlog.popleft() for _ in range(min(FORWARD_SLICE, len(backlog)))])
+                await asyncio.sleep(0)
+        finally:
+            if backlog:  # stopped meanwhile: the rest at once (presence and epochs are never dropped)
+                self.hooks.session_actions(list(backlog))
+            self._backlog = None
 
     async def wait_connected(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -360,6 +360,13 @@ async def test_failover_in_front_of_the_cluster_loses_no_push_and_keeps_presence
                                 timeout=30)
         return result.returncode == 0
 
+    def summary() -> dict[str, Any]:
+        result = subprocess.run([sys.executable, "-m", "henge_mqtt", "status", "--summary", "--json", "--broker",
+                                 f"mqtt://127.0.0.1:{cluster.mqtt_ports[0]}", "--timeout", "10"],
+                                capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
     seen: list[tuple[float, str, str]] = []
     clients: list[paho.Client] = []
     try:
@@ -402,6 +409,9 @@ async def test_failover_in_front_of_the_cluster_loses_no_push_and_keeps_presence
                 killed = time.monotonic()
                 await wait_until(lambda: active("b"), 15, "the standby to take over")
                 took_over = time.monotonic()
+                # Asked at once, the new active instance counts every device online: it answers once
+                # the cluster has said who is connected, never "0 online" from the table it just seeded.
+                assert (await asyncio.to_thread(summary))["online"] == len(names)
                 await wait_until(lambda: any(t > killed and what == "online" for t, _, what in seen), 20,
                                  "the new active instance to publish presence")
                 back = max(t for t, _, what in seen if t > killed and what == "online") - took_over

@@ -86,6 +86,7 @@ from .schemas import Schemas, display, selector_of
 log = logging.getLogger("henge_mqtt.service")
 PREVIEW_DEVICES = 200  # the devices a fleet push's preview names (it counts them all)
 SUMMARY_BATCH = 5_000  # status rows a summary reads per trip to the store's thread
+PRESENCE_WAIT = 5.0  # the longest a status or summary waits, after a start, for the broker to say who is online
 SERIES_WINDOWS = {"24h": (24 * 60, 1), "7d": (7 * 24 * 60, 10)}  # window: (its minutes, minutes per point)
 
 
@@ -129,6 +130,7 @@ class ServiceAPI:
     _claim_tls: list[ssl.SSLContext]  # the TLS listeners that ask for client certificates (claim CAs)
     events: Events
     configs: Configs
+    presence_known: asyncio.Event  # the broker has said who is connected (behind one: seconds after a start)
     reports: Reports
     schemas: Schemas
     rollouts: Rollouts
@@ -418,6 +420,7 @@ class ServiceAPI:
         """One row per device, ordered by id (data only: times in RFC 3339 UTC), filtered by labels,
         state, sync, conflict, a part of the id and a ``where`` filter (docs/where.md);
         ``after``/``limit`` read one page without building the rest."""
+        await self._presence_settled()
         store = self.store
         matcher = parse_where(where) if where else None
         with_reported = matcher is not None and "reported" in matcher.roots
@@ -489,10 +492,22 @@ class ServiceAPI:
         expiry, ends = kept
         return {"persistent": True, "expiry": expiry, "expires_at": iso(int(ends)) if ends is not None else None}
 
+    async def _presence_settled(self) -> None:
+        """Counts are true once the broker has said who is connected: behind an external broker a
+        start or a failover learns it from the broker's events or retained announcements, a second
+        or so later, and a count before that would say the fleet is offline. Until then a status or
+        a summary waits (at most ``PRESENCE_WAIT``); the embedded broker knows at once."""
+        if not self.presence_known.is_set():
+            try:
+                await asyncio.wait_for(self.presence_known.wait(), PRESENCE_WAIT)
+            except TimeoutError:
+                log.info("service.presence_not_yet_known: answered with what the table holds")
+
     async def summary(self) -> FleetSummary:
         """Fleet counts (what ``status`` rows would add up to), without building the rows; read in
         batches, so a fleet of 100,000 never holds the store's thread for long (the sampler asks it
         every minute)."""
+        await self._presence_settled()
         counted: list[tuple[str, str, bool]] = []
         after: str | None = ""
         while after is not None:

@@ -65,6 +65,7 @@ class HengeService(ServiceAPI):
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self.events = Events(self.topics)
+        self.presence_known = asyncio.Event()
         self.admin_secret = ""
         self._worker: StoreWorker | None = None
         self._broker: BrokerPort | None = None
@@ -143,8 +144,11 @@ class HengeService(ServiceAPI):
             count = await self.configs.republish_all()
             # Every device not connected now is offline since it was last seen; behind an external broker
             # that is known only once its retained announcements are read (a failover flips nobody).
-            broker.when_presence_known(
-                lambda online: self.presence.server_start(s for s in sessions if s[0] not in online))
+            def known(online: set[str]) -> None:
+                self.presence.server_start(s for s in sessions if s[0] not in online)
+                self.presence_known.set()
+
+            broker.when_presence_known(known)
             log.info("service.republished snapshots=%d", count)
             await broker.start()
             self.rollouts = Rollouts(self)
