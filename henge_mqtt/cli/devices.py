@@ -171,7 +171,7 @@ def status(
     fmt = Output.json if as_json else output
     # The whole fleet's counts are the service's `summary` op: no row leaves it (10,000 rows through
     # a broker were seconds of every `--summary` after a failover); a filtered summary counts rows.
-    whole = summary and device is None and not args["labels"] and state is sync is where is None and not conflict
+    whole = summary and device is None and not args["labels"] and not conflict and (state, sync, where) == (None,) * 3
     op, op_args = ("summary", {}) if whole else ("status", args)
 
     def render(rows: list[dict[str, Any]] | FleetSummary) -> str:

@@ -501,7 +501,7 @@ class ServiceAPI:
             try:
                 await asyncio.wait_for(self.presence_known.wait(), PRESENCE_WAIT)
             except TimeoutError:
-                log.info("service.presence_not_yet_known: answered with what the table holds")
+                log.info("service.presence_unknown waited=%.0fs: answered from the table as it is", PRESENCE_WAIT)
 
     async def summary(self) -> FleetSummary:
         """Fleet counts (what ``status`` rows would add up to), without building the rows; read in
