@@ -291,6 +291,7 @@ class SchemaSetArgs(Frozen):
     labels: dict[str, str] = Field(default_factory=dict)
     document: dict[str, Any]
     force: bool = False
+    if_version: int | None = Field(default=None, ge=0)  # stored only if this is the schema's current version
 
 
 class SchemaRefArgs(Frozen):

@@ -226,7 +226,8 @@ TABLE: tuple[Op, ...] = (
     # ---- schemas ---------------------------------------------------------------------------------------
     _op("schema.set", "admin",
         "Set the schema for the fleet or for devices with labels; refused if current configs break it.",
-        "SchemaSetArgs", "`labels?`, `document`, `force?`", "`{schema, version, invalid_devices}`",
+        "SchemaSetArgs", "`labels?`, `document`, `force?`, `if_version?` (stored only if the schema is at that "
+        "version, 0: none yet; else `version_conflict`)", "`{schema, version, invalid_devices}`",
         "PUT /schemas/{name}", returns="SchemaChange"),
     _op("schema.preview", "viewer",
         "What setting a schema would say, stored nowhere: the devices whose current config it refuses.",

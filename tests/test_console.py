@@ -858,6 +858,23 @@ async def test_schemas_are_checked_against_every_config_as_they_are_typed(runnin
         await expect(page.locator("#s-note")).to_have_text("Schema site=a is at version 1.")
         assert [s["schema"] for s in await svc.list_schemas()] == ["site=a"]
         await expect(page.locator("#s-table tr[data-schema='site=a']")).to_contain_text("v1")
+        # Someone else sets version 2 meanwhile: this page's save (from v1) is refused (If-Match, 412),
+        # the note says who and what, the edit is kept, and it is saved once rebased.
+        await svc.set_schema({"site": "a"}, {"type": "object", "properties": {"port": {"maximum": 2000}}})
+        await document.fill('{"type": "object", "properties": {"port": {"maximum": 600}}}')
+        await expect(check).to_contain_text("Every current config passes it")
+        await save.click()
+        note = page.locator("#s-note")
+        await expect(note).to_have_text("Not stored: schema site=a changed since you opened it (v1 → v2 by library). "
+                                        "Your edit is kept above; rebase it onto v2 and save again.")
+        await expect(page.locator("#s-conflict pre")).to_contain_text('+       "maximum": 2000')
+        assert (await svc.get_schema({"site": "a"}))["version"] == 2
+        await page.get_by_role("button", name="Rebase my schema onto v2").click()
+        await expect(note).to_have_text("Your edit now applies to v2: save when ready.")
+        await expect(check).to_contain_text("Every current config passes it")
+        await save.click()
+        await expect(note).to_have_text("Schema site=a is at version 3.")
+        assert (await svc.get_schema({"site": "a"}))["document"]["properties"]["port"]["maximum"] == 600
         await page.get_by_role("button", name="Sign out").click()
 
         await sign_in(page, server.url, tokens["operator"])

@@ -243,7 +243,7 @@ async def test_a_node_that_does_not_reload_is_named_and_applied_is_never_a_hope(
     """A hook that signals one node of three: the service asks every node when it last loaded its
     configuration and says which two did not, instead of "every node reloaded"."""
     pid = tmp_path / "nats" / "henge-1.pid"
-    async with nats_service(tmp_path, [], nats_reload=f"nats-server --signal reload={pid}") as (service, cluster, _):
+    async with nats_service(tmp_path, [], nats_reload=f"nats-server --signal reload={pid}") as (service, _, _):
         service._nats_accounts.reload_timeout = 2.0  # type: ignore[union-attr]
         note: list[Any] = []
         await service.add_device("new1", broker=note)

@@ -152,19 +152,25 @@ async def test_schema_commands_and_one_error_line_per_violation(running: Running
     data = str(running.data_dir)
     ok = await asyncio.to_thread(henge_cli, "schema", "set", str(schema_file), "--data", data)
     assert ok.returncode == 0 and "schema fleet is at version 1" in ok.stdout
+    stale = await asyncio.to_thread(henge_cli, "schema", "set", str(schema_file), "--if-version", "0", "--data", data)
+    assert stale.returncode == 1 and stale.stderr == (
+        "error: version conflict on 'schema fleet': expected current version 0, it is 1; nothing was stored\n")
+    assert (await running.service.get_schema({}))["version"] == 1
+    again = await asyncio.to_thread(henge_cli, "schema", "set", str(schema_file), "--if-version", "1", "--data", data)
+    assert again.returncode == 0 and "schema fleet is at version 2" in again.stdout
     bad = tmp_path / "bad.json"
     bad.write_text('{"port": 99999, "name": 7}')
     refused = await asyncio.to_thread(henge_cli, "push", "cam1", str(bad), "--data", data)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 1 and all(line.startswith("error: ") for line in lines)
-    assert lines[0] == "error: /name: 7 is not of type 'string' (schema fleet@1)"
-    assert lines[1] == "error: /port: 99999 is greater than the maximum of 65535 (schema fleet@1)"
+    assert lines[0] == "error: /name: 7 is not of type 'string' (schema fleet@2)"
+    assert lines[1] == "error: /port: 99999 is greater than the maximum of 65535 (schema fleet@2)"
     listed = await asyncio.to_thread(henge_cli, "schema", "list", "--data", data)
     assert "fleet" in listed.stdout
     got = await asyncio.to_thread(henge_cli, "schema", "get", "--data", data)
     assert json.loads(got.stdout) == PORTS
     history = await asyncio.to_thread(henge_cli, "schema", "history", "--data", data, "--json")
-    assert [h["version"] for h in json.loads(history.stdout)] == [1]
+    assert [h["version"] for h in json.loads(history.stdout)] == [1, 2]
     removed = await asyncio.to_thread(henge_cli, "schema", "remove", "--data", data)
     assert removed.returncode == 0 and "removed" in removed.stdout
 
@@ -174,8 +180,11 @@ async def test_schemas_over_http(running: Running) -> None:
     async with HttpServer(running.service, "127.0.0.1", 0) as server:
         admin = (await running.service.create_token("a", "admin"))["token"]
         async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {admin}"}) as c:
-            put = await c.put("api/v1/schemas/fleet", json=PORTS)
+            put = await c.put("api/v1/schemas/fleet", json=PORTS, headers={"If-Match": '"0"'})
             assert put.status_code == 200 and put.json()["version"] == 1
+            stale = await c.put("api/v1/schemas/fleet", json=PORTS, headers={"If-Match": '"0"'})
+            assert (stale.status_code, stale.json()["code"]) == (412, "version_conflict")
+            assert (await c.get("api/v1/schemas/fleet/history")).json()[-1]["version"] == 1
             refused = await c.put("api/v1/devices/cam1/config", json={"port": 0})
             assert (refused.status_code, refused.json()["code"]) == (422, "schema_violation")
             assert refused.json()["errors"] == [{"schema": "fleet@1", "pointer": "/port",

@@ -155,6 +155,8 @@ def schema_set(
                                         "devices then show sync invalid).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say which current configs it would refuse (each "
                                           "violation); store nothing.")] = False,
+    if_version: Annotated[int | None, typer.Option("--if-version", min=0, help="Fail unless the schema's current "
+                                                   "version is N (0: none yet); nothing stored.")] = None,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 30.0,
 ) -> None:
     document = read_document(source)
@@ -164,7 +166,9 @@ def schema_set(
              f"config of {len(r['invalid_devices']) + r['more']} device(s); nothing was stored"
              + "".join(f"\n  {line}" for line in r["violations"]))
         return
-    result = call_op(data, broker, timeout, "schema.set", labels=labels_arg(label), document=document, force=force)
+    extra = {"if_version": if_version} if if_version is not None else {}
+    result = call_op(data, broker, timeout, "schema.set", labels=labels_arg(label), document=document, force=force,
+                     **extra)
     bad = result["invalid_devices"]
     emit(result, as_json, lambda r: f"schema {r['schema']} is at version {r['version']}" + (
         f"\n{len(bad)} device(s) now invalid: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}" if bad else ""))

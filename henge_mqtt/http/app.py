@@ -484,8 +484,10 @@ def create_app(svc: ServiceAPI, hub: EventHub, *, body_limit: int) -> FastAPI:
     @route("PUT", "/schemas/{name}", **SCHEMA_BODY)
     async def put_schema(request: Request, name: SchemaName, force: bool = False) -> SchemaChange:
         """Set a JSON Schema 2020-12 document; refused (422, one error per violation) if current configs
-        break it, unless ``force``."""
-        return await svc.set_schema(parse_selector(name), await read_json(request), force=force)
+        break it, unless ``force``. ``If-Match: "N"`` stores it only if N is the schema's current
+        version (``"0"``: none yet; else 412, nothing stored)."""
+        return await svc.set_schema(parse_selector(name), await read_json(request), force=force,
+                                    if_version=_if_match(request))
 
     @route("POST", "/schemas/{name}/preview", **SCHEMA_BODY)
     async def preview_schema(request: Request, name: SchemaName) -> SchemaPreview:

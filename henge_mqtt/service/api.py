@@ -778,12 +778,14 @@ class ServiceAPI:
 
     # ---- schemas ---------------------------------------------------------------------------------
 
-    async def set_schema(self, labels: dict[str, str], document: Any, *, force: bool = False) -> SchemaChange:
+    async def set_schema(self, labels: dict[str, str], document: Any, *, force: bool = False,
+                         if_version: int | None = None) -> SchemaChange:
         """The JSON Schema (2020-12) every config of the devices with ``labels`` ({}: all) must
-        satisfy; refused if current configs break it, unless ``force`` (they show ``invalid``)."""
+        satisfy; refused if current configs break it, unless ``force`` (they show ``invalid``);
+        with ``if_version``, refused (VersionConflict) unless the schema is at that version."""
         async with self.configs.schema_lock:
             result = await self.worker.run(self.schemas.put, selector_of(labels), document, actor=current_actor.get(),
-                                           force=force)
+                                           force=force, if_version=if_version)
         self.events.emit("schema_set", None, schema=result["schema"], version=result["version"],
                          invalid_devices=len(result["invalid_devices"]))
         return result

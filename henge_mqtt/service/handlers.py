@@ -197,7 +197,7 @@ async def _claim_revoke(svc: ServiceAPI, a: models.ClaimRefArgs, progress: Progr
 
 @handles("schema.set")
 async def _schema_set(svc: ServiceAPI, a: models.SchemaSetArgs, progress: Progress) -> Any:
-    return await svc.set_schema(dict(a.labels), a.document, force=a.force)
+    return await svc.set_schema(dict(a.labels), a.document, force=a.force, if_version=a.if_version)
 
 
 @handles("schema.preview")

@@ -269,9 +269,11 @@ class Schemas:
 
     # ---- changes ---------------------------------------------------------------------------------
 
-    def put(self, selector: str, document: Any, *, actor: str, force: bool) -> SchemaChange:
+    def put(self, selector: str, document: Any, *, actor: str, force: bool,
+            if_version: int | None = None) -> SchemaChange:
         """Set the schema for ``selector``; refused if current configs break it, unless ``force``
-        (then those devices are ``invalid`` until a valid version is stored)."""
+        (then those devices are ``invalid`` until a valid version is stored); with ``if_version``,
+        refused unless it is the schema's current version (an edit that began from another)."""
         current = self._active.get(selector)
         candidate = compile_schema(selector, (current.version if current else 0) + 1, document)
         violations = self._violations([candidate])
@@ -279,7 +281,8 @@ class Schemas:
             raise SchemaViolation(
                 violations, what="the schema was not stored (henge schema set --force stores it anyway and marks "
                                  "those devices invalid)")
-        version = self.store.put_schema(selector, document, actor=actor, forced=bool(violations))
+        version = self.store.put_schema(selector, document, actor=actor, forced=bool(violations), if_version=if_version,
+                                        name=f"schema {display(selector)}")
         history = self.store.schema_history(selector)
         self._active[selector] = compile_schema(selector, version, history[-1]["document"])
         # Only these can have changed: the devices invalid before (the old version may have been why)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..errors import VersionConflict
 from ..models import utc_now
 from ..results import SchemaVersion
 from .core import StoreCore, ts
@@ -31,10 +32,14 @@ class Schemas(StoreCore):
                 (selector,))
         ]
 
-    def put_schema(self, selector: str, document: dict[str, Any] | None, *, actor: str, forced: bool = False) -> int:
-        """A new version of the schema for ``selector`` (``None``: removed); audited with it."""
+    def put_schema(self, selector: str, document: dict[str, Any] | None, *, actor: str, forced: bool = False,
+                   if_version: int | None = None, name: str = "") -> int:
+        """A new version of the schema for ``selector`` (``None``: removed); audited with it. With
+        ``if_version``, only if that is its current version (0: none yet): else VersionConflict."""
         with self._tx():
             row = self._db.execute("SELECT MAX(version) FROM schemas WHERE selector = ?", (selector,)).fetchone()
+            if if_version is not None and int(row[0] or 0) != if_version:
+                raise VersionConflict(name or f"schema {selector}", expected=if_version, current=int(row[0] or 0))
             version = int(row[0] or 0) + 1
             self._db.execute(
                 "INSERT INTO schemas (selector, version, document, created_at, actor) VALUES (?, ?, ?, ?, ?)",

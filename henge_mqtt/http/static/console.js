@@ -974,6 +974,7 @@ function schemaName() { // the path name of the selector in the form: fleet, or 
 
 async function loadSchemas() {
   const rows = await api("/schemas");
+  state.schemaVersions = Object.fromEntries(rows.map((s) => [s.schema, s.version])); // what an edit starts from
   $("s-table").tBodies[0].replaceChildren(...rows.map((s) => {
     const edit = el("button", { type: "button", text: "Edit", "data-schema": s.schema });
     edit.onclick = () => editSchema(s.schema).catch((e) => say("s-note", e.message, true));
@@ -985,6 +986,8 @@ async function loadSchemas() {
 
 async function editSchema(name) {
   const s = await api(`/schemas/${encodeURIComponent(name)}`);
+  state.schemaBase = { name, version: s.version }; // sent as If-Match on save
+  $("s-conflict").replaceChildren();
   $("s-selector").value = name === "fleet" ? "" : name.split(",").join(", ");
   $("s-document").value = JSON.stringify(s.document, null, 2);
   $("s-note").textContent = "";
@@ -1027,11 +1030,53 @@ async function saveSchema(event) {
   try {
     const name = schemaName(), text = $("s-document").value;
     if (state.schemaChecked !== JSON.stringify([name, text])) { checkSchemaSoon(0); return; }
-    const r = await api(`/schemas/${encodeURIComponent(name)}`, { method: "PUT",
-      headers: { "Content-Type": "application/json" }, body: text });
+    // If-Match: the version this edit started from (a concurrent change is refused, 412, never overwritten)
+    const base = state.schemaBase && state.schemaBase.name === name ? state.schemaBase.version
+      : (state.schemaVersions || {})[name] || 0;
+    $("s-conflict").replaceChildren();
+    let r;
+    try {
+      r = await api(`/schemas/${encodeURIComponent(name)}`, { method: "PUT",
+        headers: { "Content-Type": "application/json", "If-Match": `"${base}"` }, body: text });
+    } catch (e) {
+      if (e.problem && e.problem.status === 412) { await showSchemaConflict(name, base); return; }
+      throw e;
+    }
+    state.schemaBase = { name, version: r.version };
     say("s-note", `Schema ${r.schema} is at version ${r.version}.`);
     await loadSchemas();
   } catch (e) { say("s-note", e.message, true); }
+}
+
+function lineDiff(a, b) { // the lines of b against a: "- " gone, "+ " new, "  " kept (a schema is small)
+  const x = a.split("\n"), y = b.split("\n");
+  const n = x.length, m = y.length, lcs = Array.from({ length: n + 1 }, () => new Array(m + 1).fill(0));
+  for (let i = n - 1; i >= 0; i--) for (let j = m - 1; j >= 0; j--) {
+    lcs[i][j] = x[i] === y[j] ? lcs[i + 1][j + 1] + 1 : Math.max(lcs[i + 1][j], lcs[i][j + 1]);
+  }
+  const out = [];
+  let i = 0, j = 0;
+  while (i < n || j < m) {
+    if (i < n && j < m && x[i] === y[j]) { out.push(`  ${x[i]}`); i++; j++; }
+    else if (j < m && (i >= n || lcs[i][j + 1] >= lcs[i + 1][j])) out.push(`+ ${y[j++]}`);
+    else out.push(`- ${x[i++]}`);
+  }
+  return out.join("\n");
+}
+
+// Someone changed the schema since this edit began: who and what, and the edit kept to rebase.
+async function showSchemaConflict(name, base) {
+  const history = await api(`/schemas/${encodeURIComponent(name)}/history`);
+  const current = history[history.length - 1], was = history.find((v) => v.version === base);
+  const text = (v) => (v && v.document ? JSON.stringify(v.document, null, 2) : "");
+  say("s-note", `Not stored: schema ${name} changed since you opened it (v${base} → v${current.version} by ` +
+    `${current.actor}${current.removed ? ", removed" : ""}). Your edit is kept above; rebase it onto ` +
+    `v${current.version} and save again.`, true);
+  offerRebase($("s-conflict"), "s-note", `Rebase my schema onto v${current.version}`,
+    `Your edit now applies to v${current.version}: save when ready.`, () => {
+      state.schemaBase = { name, version: current.version };
+      checkSchemaSoon(0);
+    }, lineDiff(text(was), text(current)));
 }
 
 // Someone changed the layer since this edit began: who and what, and the edit kept to rebase.
