@@ -52,13 +52,15 @@ class Sessions(StoreCore):
                 )
                 self._db.executemany("INSERT INTO presence_history (device, at, state, reason, epoch) "
                                      "VALUES (?, ?, ?, ?, ?)", kept)
-                return
-            self._in_values("UPDATE devices SET epoch = GREATEST(devices.epoch, v.column2::bigint) "
-                            "FROM (VALUES {values}) AS v WHERE devices.id = v.column1", 2, list(epochs.items()))
-            self._in_values("UPDATE devices SET last_seen = v.column2::double precision, last_remote = v.column3, "
-                            "last_reason = v.column4 FROM (VALUES {values}) AS v WHERE devices.id = v.column1", 4,
-                            [(d, at, remote, reason) for d, (at, remote, reason) in seen.items()])
-            self._in_values("INSERT INTO presence_history (device, at, state, reason, epoch) VALUES {values}", 5, kept)
+            else:  # PostgreSQL: 500 rows a statement
+                self._in_values("UPDATE devices SET epoch = GREATEST(devices.epoch, v.column2::bigint) "
+                                "FROM (VALUES {values}) AS v WHERE devices.id = v.column1", 2, list(epochs.items()))
+                self._in_values("UPDATE devices SET last_seen = v.column2::double precision, "
+                                "last_remote = v.column3, last_reason = v.column4 "
+                                "FROM (VALUES {values}) AS v WHERE devices.id = v.column1", 4,
+                                [(d, at, remote, reason) for d, (at, remote, reason) in seen.items()])
+                self._in_values("INSERT INTO presence_history (device, at, state, reason, epoch) VALUES {values}", 5,
+                                kept)
 
     def presence_timeline(self, device: str, since: float) -> tuple[tuple[Any, ...] | None, list[tuple[Any, ...]]]:
         """The device's last presence change before ``since`` (what it was then: None if none is

@@ -937,24 +937,33 @@ async function checkLayer() {
   allow($("l-save"), "operator", r.invalid.length ? "Its schemas would refuse it (above)." : "");
 }
 
+function baseOf(saved, versions, name) { // the version an edit of `name` began from (0: none yet)
+  return saved && saved.name === name ? saved.version : (versions || {})[name] || 0;
+}
+
+// PUT with If-Match: the version the edit began from. A concurrent change is refused (412), never
+// overwritten: conflict() shows it, and the answer is null.
+async function putFrom(path, base, body, conflict) {
+  try {
+    return await api(path, { method: "PUT", headers: { "Content-Type": "application/json", "If-Match": `"${base}"` },
+      body });
+  } catch (e) {
+    if (e.problem && e.problem.status === 412) { await conflict(); return null; }
+    throw e;
+  }
+}
+
 async function saveLayer(event) {
   event.preventDefault();
   try {
     const [name, body] = layerBody();
     if (state.layerChecked !== JSON.stringify([name, body])) { checkLayerSoon(0); return; }
     body.message = $("l-why").value;
-    // If-Match: the version this edit started from (a concurrent change is refused, 412, never overwritten)
-    const base = state.layerBase && state.layerBase.name === name ? state.layerBase.version
-      : (state.layerVersions || {})[name] || 0;
+    const base = baseOf(state.layerBase, state.layerVersions, name);
     $("l-conflict").replaceChildren();
-    let r;
-    try {
-      r = await api(`/layers/${encodeURIComponent(name)}`, { method: "PUT",
-        headers: { "Content-Type": "application/json", "If-Match": `"${base}"` }, body: JSON.stringify(body) });
-    } catch (e) {
-      if (e.problem && e.problem.status === 412) { await showLayerConflict(name, base); return; }
-      throw e;
-    }
+    const r = await putFrom(`/layers/${encodeURIComponent(name)}`, base, JSON.stringify(body),
+      () => showLayerConflict(name, base));
+    if (!r) return;
     state.layerBase = { name, version: r.version };
     $("l-editing").textContent = `Layer ${name} (v${r.version})`; // what the next save starts from
     say("l-note", `Layer ${r.layer} is at version ${r.version}; ${r.devices} device(s) got a new version.` +
@@ -1030,18 +1039,10 @@ async function saveSchema(event) {
   try {
     const name = schemaName(), text = $("s-document").value;
     if (state.schemaChecked !== JSON.stringify([name, text])) { checkSchemaSoon(0); return; }
-    // If-Match: the version this edit started from (a concurrent change is refused, 412, never overwritten)
-    const base = state.schemaBase && state.schemaBase.name === name ? state.schemaBase.version
-      : (state.schemaVersions || {})[name] || 0;
+    const base = baseOf(state.schemaBase, state.schemaVersions, name);
     $("s-conflict").replaceChildren();
-    let r;
-    try {
-      r = await api(`/schemas/${encodeURIComponent(name)}`, { method: "PUT",
-        headers: { "Content-Type": "application/json", "If-Match": `"${base}"` }, body: text });
-    } catch (e) {
-      if (e.problem && e.problem.status === 412) { await showSchemaConflict(name, base); return; }
-      throw e;
-    }
+    const r = await putFrom(`/schemas/${encodeURIComponent(name)}`, base, text, () => showSchemaConflict(name, base));
+    if (!r) return;
     state.schemaBase = { name, version: r.version };
     say("s-note", `Schema ${r.schema} is at version ${r.version}.`);
     await loadSchemas();
