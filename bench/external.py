@@ -97,11 +97,11 @@ class HengeExternal(run.Target):
             env = {**os.environ, "HENGE_ADMIN_USER": "henge-admin", "HENGE_ADMIN_SECRET": self.admin_secret}
         out = subprocess.run([sys.executable, "-m", "henge_mqtt", "status", "--summary", "--json", *where,
                               "--timeout", str(timeout)], capture_output=True, text=True, cwd=ROOT, env=env)
-        self.last_error = out.stderr.strip()[-200:]
         return int(json.loads(out.stdout)["online"]) if out.returncode == 0 else -1
 
     patience = 120.0  # seconds a push or a count may take
     store_url: str | None = None  # --failover: the store in PostgreSQL, shared by two instances
+    standby: subprocess.Popen[bytes] | None = None  # --failover: the instance waiting for the lease
 
     def logged(self, event: str, log_name: str = "henge") -> float | None:
         """When the service's log last said ``event`` (a time.time()), if it logs at that level."""
@@ -207,10 +207,9 @@ class HengeNats(HengeExternal):
     def stop_all(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
-        standby = getattr(self, "standby", None)
-        if standby is not None and standby.poll() is None:
-            standby.terminate()
-            standby.wait(timeout=30)
+        if self.standby is not None and self.standby.poll() is None:
+            self.standby.terminate()
+            self.standby.wait(timeout=30)
         for broker in self.brokers:
             broker.terminate()
         for broker in self.brokers:
@@ -295,7 +294,7 @@ def main() -> int:
             with ThreadPoolExecutor(16) as pool:
                 while not any(n >= connected for _, _, n in polls):
                     if time.time() - killed > target.patience:
-                        raise TimeoutError(f"never {args.n} online after the failover: {polls[-3:]}")
+                        raise TimeoutError(f"never {connected} online after the failover: {polls[-3:]}")
                     pool.submit(poll)
                     time.sleep(0.5)
             online = min(at for _, at, n in polls if n >= connected)

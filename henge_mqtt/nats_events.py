@@ -21,6 +21,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -84,6 +85,15 @@ class Snapshot:
     page_done: asyncio.Event = field(default_factory=asyncio.Event)  # every expected node answered it
 
 
+@dataclass
+class LoadTimes:
+    """The answers to one VARZ round: each node's configuration load time."""
+
+    got: dict[str, str] = field(default_factory=dict)
+    last: float = field(default_factory=time.monotonic)  # the request, then the latest answer
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # every node of the last snapshot answered
+
+
 class Listener(Protocol):
     """Who hears the events (the external broker, which feeds its connection tracker)."""
 
@@ -98,6 +108,18 @@ class Listener(Protocol):
     def snapshot(self, connections: list[BrokerConnection], servers: set[str]) -> None:
         """Every MQTT connection of the nodes in ``servers`` (the nodes that answered)."""
         ...
+
+
+async def _answered(done: asyncio.Event, last: Callable[[], float], quiet: Callable[[], float]) -> None:
+    """Until ``done`` (every node expected has answered), ``quiet()`` seconds without an answer since
+    ``last()``, or ``ANSWER_MAX``: each node answers a request to all of them once."""
+    deadline = time.monotonic() + ANSWER_MAX
+    while not done.is_set() and time.monotonic() < deadline:
+        left = quiet() - (time.monotonic() - last())
+        if left <= 0:
+            return
+        with contextlib.suppress(TimeoutError):  # a tick of the quiet clock, not a failure
+            await asyncio.wait_for(done.wait(), min(left, 0.05))
 
 
 class NatsEvents:
@@ -118,7 +140,7 @@ class NatsEvents:
         self._snapshot: Snapshot | None = None
         self._servers: frozenset[str] = frozenset()  # the nodes that answered the last snapshot
         self._pong: asyncio.Event = asyncio.Event()
-        self._varz: dict[str, tuple[dict[str, str], asyncio.Event]] = {}  # a VARZ round's token -> its answers
+        self._varz: dict[str, LoadTimes] = {}  # a VARZ round's token -> its answers
         self._rounds = 0
 
     async def run(self) -> None:
@@ -199,13 +221,7 @@ class NatsEvents:
             writer.write(b"PUB $SYS.REQ.ACCOUNT.%s.CONNZ %s.%d %d\r\n%s\r\n" % (
                 self.account.encode(), self._inbox.encode(), offset, len(body), body))
             await writer.drain()
-            deadline = time.monotonic() + ANSWER_MAX
-            while time.monotonic() < deadline:  # answers come from every node: all known ones, or quiet
-                quiet = ANSWER_QUIET - (time.monotonic() - snap.last)
-                if quiet <= 0 or snap.page_done.is_set():
-                    break
-                with contextlib.suppress(TimeoutError):  # a tick of the quiet clock, not a failure
-                    await asyncio.wait_for(snap.page_done.wait(), min(quiet, 0.05))
+            await _answered(snap.page_done, lambda: snap.last, lambda: ANSWER_QUIET)
             if not snap.more:
                 break
             if not snap.expected:  # the first snapshot: the nodes that answered its first page
@@ -230,24 +246,15 @@ class NatsEvents:
             return {}
         self._rounds += 1
         token = f"varz{self._rounds}"
-        got: dict[str, str] = {}
-        done = asyncio.Event()
-        self._varz[token] = (got, done)
+        round_ = self._varz[token] = LoadTimes()
         try:
             writer.write(b"PUB $SYS.REQ.SERVER.PING.VARZ %s.%s 0\r\n\r\n" % (self._inbox.encode(), token.encode()))
             await writer.drain()
-            deadline = time.monotonic() + ANSWER_MAX
-            count, quiet_since = -1, time.monotonic()
-            while not done.is_set() and time.monotonic() < deadline:
-                if len(got) != count:
-                    count, quiet_since = len(got), time.monotonic()
-                elif time.monotonic() - quiet_since >= (ANSWER_QUIET if got else 2 * ANSWER_QUIET):
-                    break  # (no answer at all: an accounts file from before henge asked VARZ refuses it)
-                with contextlib.suppress(TimeoutError):  # a tick of the quiet clock, not a failure
-                    await asyncio.wait_for(done.wait(), 0.05)
+            # (no answer at all waits twice as long: an accounts file from before henge asked VARZ refuses it)
+            await _answered(round_.done, lambda: round_.last, lambda: ANSWER_QUIET if round_.got else 2 * ANSWER_QUIET)
         finally:
             del self._varz[token]
-        return dict(got)
+        return dict(round_.got)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         writer = self._writer
@@ -299,12 +306,13 @@ class NatsEvents:
         data = body.get("data")
         server = (body.get("server") or {}).get("id")
         if page in self._varz:
-            got, done = self._varz[page]
+            round_ = self._varz[page]
             loaded = data.get("config_load_time") if isinstance(data, dict) else None
             if isinstance(server, str) and isinstance(loaded, str):
-                got[server] = loaded
-                if self._servers and self._servers <= got.keys():
-                    done.set()
+                round_.got[server] = loaded
+                round_.last = time.monotonic()
+                if self._servers and self._servers <= round_.got.keys():
+                    round_.done.set()
             return
         if snap is None or not isinstance(data, dict) or not isinstance(server, str) or page != str(snap.offset):
             return
