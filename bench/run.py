@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "henge/devices/{device}/config"
 FILTERS = {"exact": "", "wildcard": "henge/devices/{device}/#"}
 PHASE_TIMEOUT = 120.0
+IDLE_WINDOW = 5.0
 
 
 def free_port() -> int:
@@ -51,6 +52,12 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
@@ -120,8 +127,9 @@ class Henge(Target):
     def push(self, marker: str) -> None:
         cfg = self.tmp / "fleet.json"
         cfg.write_text(json.dumps({"m": marker}))
-        subprocess.run([sys.executable, "-m", "henge_mqtt", "push", "--all", str(cfg), "--data", str(self.data),
-                        "--timeout", str(PHASE_TIMEOUT)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, "-m", "henge_mqtt", "push", "--all", str(cfg), "--data", str(self.data),
+                               "--timeout", str(PHASE_TIMEOUT), "--json"], check=True, cwd=ROOT, capture_output=True)
+        self.timings = json.loads(done.stdout).get("timings_ms")  # inside the service, from the request
 
 
 class StockAmqtt(Target):
@@ -228,6 +236,23 @@ class LoadWorkers:
                 p.kill()
 
 
+def spy_on(pid: int, phase: str) -> subprocess.Popen[bytes] | None:
+    """``BENCH_PYSPY=FILE`` and ``BENCH_PYSPY_PHASE`` (``push`` or ``stop``): py-spy's raw stacks of
+    the broker during that phase, 200 a second, every thread."""
+    if not os.environ.get("BENCH_PYSPY") or os.environ.get("BENCH_PYSPY_PHASE", "push") != phase:
+        return None
+    spy = subprocess.Popen(["py-spy", "record", "-r", "200", "-p", str(pid), "--threads", "--format", "raw",
+                            "-o", os.environ["BENCH_PYSPY"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches
+    return spy
+
+
+def spy_stop(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=30)
+
+
 def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filter: str = "exact",
             mqtt: str = "3.1.1", session: str = "clean") -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{target_cls.name}-"))
@@ -263,18 +288,27 @@ def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filt
         time.sleep(0.5)
         result["rss_mb"] = rss_mb(target.proc.pid)
         result["kb_per_device"] = (result["rss_mb"] - result["rss_idle_mb"]) * 1024 / n
+        # What N idle devices cost the gateway's CPU (keep-alive bookkeeping; the load generator
+        # sends nothing in these seconds).
+        cpu0, idle0 = cpu_seconds(target.proc.pid), time.monotonic()
+        time.sleep(IDLE_WINDOW)
+        result["idle_cpu_pct"] = 100 * (cpu_seconds(target.proc.pid) - cpu0) / (time.monotonic() - idle0)
 
         marker = uuid.uuid4().hex
         for i, q in enumerate(commands):
             q.put({"cmd": "await_push", "marker": marker, "timeout": PHASE_TIMEOUT, "ping": i == 0})
+        spy = spy_on(target.proc.pid, "push")
         t0 = time.time()
         target.push(marker)
         replies = [results.get(timeout=PHASE_TIMEOUT + 30) for _ in commands]
         result["push_s"] = max(r["last"] for r in replies) - t0
         result["push_first_s"] = min(r["first"] for r in replies if r["first"]) - t0
+        if getattr(target, "timings", None):
+            result["push_service_ms"] = target.timings
         result["ping_max_ms"] = max(r["ping_max"] for r in replies if r["ping_max"] is not None) * 1000
         result["push_missing"] = sum(r["missing"] for r in replies)
         result["wrong_deliveries"] = sum(r["wrong"] for r in replies)
+        spy_stop(spy)
 
         k = min(storm, n)
         start_at = time.time() + 0.5
@@ -294,7 +328,9 @@ def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filt
         result["wrong_deliveries"] += sum(r["wrong"] for r in replies)
         result["rss_after_mb"] = rss_mb(target.proc.pid)
 
+        spy = spy_on(target.proc.pid, "stop")
         result["shutdown_s"] = target.stop()
+        spy_stop(spy)
         wall = time.monotonic() - wall_started
         for q in commands:
             q.put({"cmd": "stop"})
@@ -320,6 +356,7 @@ METRICS = [
     ("connect_s", "connect + subscribe all (s)"),
     ("rss_mb", "broker RSS after connect (MB)"),
     ("kb_per_device", "RSS per connected device (KB)"),
+    ("idle_cpu_pct", "CPU with all connected and idle (% of a core)"),
     ("push_s", "fleet push, all acked (s)"),
     ("push_first_s", "fleet push, first delivery (s)"),
     ("ping_max_ms", "worst PINGRESP during the push (ms)"),

@@ -297,6 +297,8 @@ class Framer:
 def encode_length(n: int) -> bytes:
     if n < 128:
         return bytes((n,))
+    if n < 16384:  # every config of a usual size: two bytes, no loop
+        return bytes((n & 0x7F | 0x80, n >> 7))
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -634,6 +636,14 @@ def encode_props(props: Props | None) -> bytes:
     """A 5.0 property section (its length first); ``b"\\x00"`` for none."""
     if not props:
         return b"\x00"
+    body = props_body(props)
+    return encode_length(len(body)) + body
+
+
+def props_body(props: Props) -> bytes:
+    """The properties of :func:`encode_props` without their length (sections built from parts)."""
+    if len(props) == 1 and USER_PROPERTY in props:  # a snapshot's own: its version and digest, per message
+        return b"".join(b"\x26" + _text(name) + _text(text) for name, text in props[USER_PROPERTY])  # type: ignore[attr-defined]
     out = bytearray()
     for ident, value in props.items():
         kind = PROPERTIES[ident][1]
@@ -656,7 +666,7 @@ def encode_props(props: Props | None) -> bytes:
             else:
                 name, text = item
                 out += _text(name) + _text(text)
-    return encode_length(len(out)) + bytes(out)
+    return bytes(out)
 
 
 def publish_bytes(topic: str, payload: bytes, qos: int, retain: bool, packet_id: int | None = None,

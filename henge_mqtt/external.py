@@ -201,7 +201,7 @@ class ExternalBroker(TableViews):
             for callback in callbacks:
                 callback(online)
 
-    async def stop(self) -> None:
+    async def stop(self, *, exiting: bool = False) -> None:
         if self._sync_timer is not None:
             self._sync_timer.cancel()
         for handle in self._wills.values():

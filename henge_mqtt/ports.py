@@ -111,7 +111,9 @@ class BrokerPort(Protocol):
 
     async def start(self) -> None: ...
 
-    async def stop(self) -> None: ...
+    async def stop(self, *, exiting: bool = False) -> None:
+        """``exiting``: the process ends right after; sockets may be left for the kernel to close."""
+        ...
 
     def addresses(self) -> list[tuple[str, int]]:
         """(host, port) of each TCP listener devices use, port 0 resolved."""

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -493,3 +496,46 @@ async def test_random_packet_sequences_keep_the_server_consistent(start_service)
             assert isinstance(await good.read_until(codec.Pingresp, timeout=1), codec.Pingresp)
         await wait_until(lambda: running.broker.conns.get("seq") is None, 5, "the last sequence's close")
         assert running.broker.conns.get("good") is not None
+
+
+async def test_henge_serve_stopping_tells_5_0_clients_and_leaves_no_socket_open(tmp_path: Path) -> None:
+    """``henge serve`` on SIGTERM leaves the devices' sockets for the kernel to close at exit (instead
+    of one by one): a 5.0 device is still told why (DISCONNECT 0x8B), every socket is closed, the
+    process exits 0, and each device's last sighting is stored (a restart says offline since then,
+    from that address)."""
+    from henge_mqtt.store import Store
+
+    data = tmp_path / "data"
+    store = Store(data)
+    secrets = store.add_devices([("v5dev", {}), ("v4dev", {})])
+    store.close()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", "0", "--no-http",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
+    try:
+        await wait_until(lambda: (data / "service.json").exists(), 20, "henge serve started")
+        port = json.loads((data / "service.json").read_text())["port"]
+        v5, connack = await Client5.connect(port, "v5dev", "v5dev", secrets["v5dev"])
+        assert connack.code == 0
+        v4 = await raw.RawClient.open(port)
+        await v4.send(raw.connect("v4dev", "v4dev", secrets["v4dev"]))
+        assert await v4.connack() == 0
+        host, local_port = v4.writer.get_extra_info("sockname")[:2]
+        v4_address = f"{host}:{local_port}"
+        proc.send_signal(signal.SIGTERM)
+        assert (await v5.read_until(codec.Disconnect)).reason == codec.SERVER_SHUTTING_DOWN
+        assert await v5.raw.closed_within(5) and await v4.closed_within(5)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.stderr is not None
+    assert "Traceback" not in (await proc.stderr.read()).decode()
+    store = Store(data)
+    try:
+        seen = {device: (last_seen, remote) for device, _, last_seen, remote in store.sessions()}
+    finally:
+        store.close()
+    assert seen["v4dev"][1] == v4_address and seen["v4dev"][0] is not None
+    assert seen["v5dev"][0] is not None

@@ -130,6 +130,8 @@ class ServeRunner:
     standby's wait for the store's lease (a signal ends that too), the HTTP API and metrics servers,
     the process's collector and switch-interval settings, and what ended the run (:attr:`fenced`:
     another instance took the PostgreSQL store's lease). ``echo`` gets the banner lines.
+    ``tune_process``: the runner owns the process, which exits after the run (so the broker leaves
+    the devices' sockets for the kernel to close at exit).
     """
 
     def __init__(self, settings: Settings, *, http_address: tuple[str, int] | None = None,
@@ -221,7 +223,7 @@ class ServeRunner:
                 metrics.close()
             # The HTTP server's own shutdown waits on timers; it runs while the broker closes its
             # connections, not after (the later exits then have nothing left to do).
-            await asyncio.gather(*([web.stop()] if web is not None else []), service.stop())
+            await asyncio.gather(*([web.stop()] if web is not None else []), service.stop(exiting=self.tune_process))
             if self.tune_process:
                 gc.enable()
 

@@ -436,11 +436,12 @@ class Connection(asyncio.Protocol):
 
     # ---- ending -------------------------------------------------------------------------------
 
-    def close(self, reason: str, *, abort: bool = False, code: int | None = None) -> None:
+    def close(self, reason: str, *, abort: bool = False, code: int | None = None, leave: bool = False) -> None:
         """End the connection now: the server forgets it at once; the socket follows (bounded).
 
         A 5.0 client that got its CONNACK is told why first (a DISCONNECT with a reason code and a
-        reason string); ``code`` overrides the reason code the close reason maps to.
+        reason string); ``code`` overrides the reason code the close reason maps to. ``leave``: the
+        process is about to exit, and the kernel closes the socket then.
         """
         if self.state == CLOSED:
             return
@@ -469,7 +470,7 @@ class Connection(asyncio.Protocol):
             if future is not None and not future.done():
                 future.set_exception(ConnectionError(f"connection closed: {self.close_reason}"))
         transport = self.transport
-        if transport is not None:
+        if transport is not None and not leave:
             if abort:
                 transport.abort()
             else:

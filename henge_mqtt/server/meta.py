@@ -49,15 +49,16 @@ def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
         return Meta(kept or None, now + expiry)
     if not kept:
         return None
-    if codec.USER_PROPERTY in kept:
-        return codec.encode_props(kept)
+    users = kept.pop(codec.USER_PROPERTY, None)
     key = tuple(sorted(kept.items()))
     shared = _SHARED_PROPS.get(key)  # e.g. every presence record's: one bytes object for the fleet
     if shared is None:
-        shared = codec.encode_props(kept)
+        shared = codec.props_body(kept)
         if len(_SHARED_PROPS) < 64:
             _SHARED_PROPS[key] = shared
-    return shared
+    # A snapshot's own user properties (its version and digest) after the shared part.
+    body = shared + codec.props_body({codec.USER_PROPERTY: users}) if users else shared
+    return codec.encode_length(len(body)) + body
 
 
 # (topic, payload, retain, encoded 5.0 properties): a delivery as it was sent

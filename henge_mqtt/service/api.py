@@ -350,8 +350,7 @@ class ServiceAPI:
             rows, deliveries = await self.push_many(devices, config, message=message, progress=stored, force=force)
             published = loop.time() - started
             watch.stored(rows)
-            now = time.time()
-            online = {row.device for row in rows if self.broker.session(row.device, now).online}
+            online = set(self.broker.online_devices()).intersection(row.device for row in rows)
             observable = self.broker.observes_deliveries
 
             def current() -> FleetAnswer:

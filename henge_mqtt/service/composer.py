@@ -281,11 +281,13 @@ class HengeService(ServiceAPI):
         return EmbeddedBroker(listeners, hooks=_BrokerHooks(self), sessions=sessions, limits=limits,
                               admin_socket=socket_path.resolve() if socket_path else None)
 
-    async def stop(self) -> None:
+    async def stop(self, *, exiting: bool = False) -> None:
+        """Stop serving, everything flushed. ``exiting``: the process ends right after (as
+        ``henge serve`` does), so the broker leaves the devices' sockets for the kernel to close."""
         if self._broker is None or self._worker is None:
             return
         self.rollouts.close()
-        await self._broker.stop()
+        await self._broker.stop(exiting=exiting)
         await self.reports.write_arrivals()
         await self._drain_sessions()
         await self._tasks.cancel_all(1.0)

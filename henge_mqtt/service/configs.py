@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from ..errors import ConfigTooLarge, InvalidConfig
@@ -27,6 +28,19 @@ log = logging.getLogger("henge_mqtt.service")
 FIRST_CHUNK = 100
 MAX_CHUNK = 2000
 PUBLISH_SLICE = 250
+
+
+def _chunks(devices: list[str]) -> list[list[str]]:
+    """A fleet push's transactions: a small first one (the first devices have their config at
+    once), then each four times larger, up to MAX_CHUNK."""
+    out, size, start = [], FIRST_CHUNK, 0
+    while start < len(devices):
+        out.append(devices[start:start + size])
+        start += size
+        size = min(size * 4, MAX_CHUNK)
+    return out
+
+
 def no_progress(_: dict[str, Any]) -> None:
     """A progress callback for callers that do not show progress."""
     return None
@@ -52,6 +66,7 @@ def _fleet_payloads(rows: list[ConfigVersion]) -> list[tuple[ConfigVersion, byte
         return []
     texts: dict[str, str] = {}
     layer_texts: dict[tuple[str, ...], str] = {}
+    stamps: dict[datetime, str] = {}  # one time for the whole chunk
     out = []
     for row in rows:
         text = texts.get(row.sha256)
@@ -61,8 +76,10 @@ def _fleet_payloads(rows: list[ConfigVersion]) -> list[tuple[ConfigVersion, byte
         layers = layer_texts.get(key)
         if layers is None:
             layers = layer_texts[key] = json.dumps(row.layers, separators=(",", ":"))
-        out.append((row, Snapshot.fast_payload(row.device, row.version, row.sha256, rfc3339(row.created_at), text,
-                                               layers)))
+        stamp = stamps.get(row.created_at)
+        if stamp is None:
+            stamp = stamps[row.created_at] = rfc3339(row.created_at)
+        out.append((row, Snapshot.fast_payload(row.device, row.version, row.sha256, stamp, text, layers)))
     return out
 
 
@@ -159,27 +176,41 @@ class Configs:
         await self.worker.run(self.schemas.check_many, devices, config)
         rows: list[ConfigVersion] = []
         futures: dict[str, asyncio.Future[None]] = {}
-        size, start = FIRST_CHUNK, 0
-        while start < len(devices):
-            chunk = devices[start:start + size]
-            start += len(chunk)
-            stored = await self.worker.run(
-                lambda c=chunk: _fleet_payloads(store.push_many(c, config, actor=actor, message=message,  # type: ignore[misc]
-                                                                skip_unchanged=not force))
-            )
-            self.schemas.stored(chunk)
-            for i, (row, payload) in enumerate(stored, 1):
-                rows.append(row)
-                for future in self.publish(row, payload):
-                    futures[row.device] = future
-                if i % PUBLISH_SLICE == 0:
-                    await asyncio.sleep(0)  # let other connections' packets in between slices
-            size = min(size * 4, MAX_CHUNK)
-            if progress is not None:
-                progress({"stored": len(rows), "of": len(devices)})
+
+        def store_chunk(chunk: list[str]) -> list[tuple[ConfigVersion, bytes]]:
+            return _fleet_payloads(store.push_many(chunk, config, actor=actor, message=message,
+                                                   skip_unchanged=not force))
+
+        chunks = _chunks(devices)
+        # Pipelined: the store's thread writes chunk k+1 while the loop publishes chunk k (each is
+        # still published only once its own transaction has committed).
+        job = self.worker.submit(store_chunk, chunks[0]) if chunks else None
+        try:
+            for k, chunk in enumerate(chunks):
+                assert job is not None
+                stored = await job
+                job = self.worker.submit(store_chunk, chunks[k + 1]) if k + 1 < len(chunks) else None
+                self.schemas.stored(chunk)
+                for i, (row, payload) in enumerate(stored, 1):
+                    rows.append(row)
+                    for future in self.publish(row, payload):
+                        futures[row.device] = future
+                    if i % PUBLISH_SLICE == 0:
+                        await asyncio.sleep(0)  # let other connections' packets in between slices
+                if progress is not None:
+                    progress({"stored": len(rows), "of": len(devices)})
+        finally:
+            if job is not None:  # stopped between chunks: what the store keeps, its devices get
+                job.add_done_callback(self._publish_late)
         self.events.count("pushes", len(rows))
         self.events.emit("fleet_push", None, devices=len(rows), sha256=rows[0].sha256 if rows else None)
         return rows, futures
+
+    def _publish_late(self, job: asyncio.Future[list[tuple[ConfigVersion, bytes]]]) -> None:
+        if job.cancelled() or job.exception() is not None:
+            return  # nothing was stored (the transaction rolled back), or the loop is gone
+        for row, payload in job.result():
+            self.publish(row, payload)
 
     async def publish_rows(self, rows: list[ConfigVersion], *, event: str,
                            **data: Any) -> dict[str, asyncio.Future[None]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from ..errors import (
@@ -149,6 +150,7 @@ class Versions(StoreCore):
         texts: dict[str, str] = {}
         layer_texts: dict[tuple[str, ...], str] = {}
         own_cache: dict[int, str] = {}
+        stamps: dict[datetime, str] = {}  # a fleet push's rows share one time
         values = []
         for r in rows:
             text = texts.get(r.sha256)
@@ -163,7 +165,10 @@ class Versions(StoreCore):
                 own = (own_texts or {}).get(r.device) or own_cache.get(id(r.own))
                 if own is None:
                     own = own_cache[id(r.own)] = json.dumps(r.own, ensure_ascii=False)
-            values.append((r.device, r.version, text, r.sha256, r.message, ts(r.created_at), r.actor, own, layers))
+            stamp = stamps.get(r.created_at)
+            if stamp is None:
+                stamp = stamps[r.created_at] = ts(r.created_at)
+            values.append((r.device, r.version, text, r.sha256, r.message, stamp, r.actor, own, layers))
         self._db.executemany(
             "INSERT INTO config_versions (device, version, config, sha256, message, created_at, actor, own, layers) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
