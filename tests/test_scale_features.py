@@ -255,3 +255,36 @@ async def test_backup_during_pushes_restores_and_converges(start_service, tmp_pa
         async with back.device_client("b1", secret) as device:  # the device converges on the restored state
             await device.subscribe("henge/devices/b1/config", qos=1)
             assert payload_json(await next_message(device))["version"] == latest.version
+
+
+async def test_a_fleet_push_stopped_between_chunks_publishes_every_version_it_stored(running: Running) -> None:
+    """The store writes a fleet push's next chunk while the loop publishes the last one: a push
+    cancelled between them (its caller gone, the service stopping) still publishes the chunk
+    whose transaction committed, so no device misses a version the store keeps."""
+    from henge_mqtt.service.configs import FIRST_CHUNK
+
+    devices = [f"cut{i:04}" for i in range(FIRST_CHUNK * 6)]
+    await running.service.import_devices([(d, {}) for d in devices])
+    push: asyncio.Task[object] | None = None
+
+    def progress(state: dict[str, object]) -> None:
+        if state["stored"] == FIRST_CHUNK and push is not None:
+            push.cancel()  # the second chunk is being stored now
+
+    push = asyncio.create_task(running.service.push_many(devices, {"cut": 1}, progress=progress))
+    try:
+        await push
+    except asyncio.CancelledError:
+        pass
+    else:
+        raise AssertionError("the push was not cancelled between chunks")
+    broker = running.service.broker
+
+    def retained() -> dict[str, int]:
+        return {topic.split("/")[2]: json.loads(data)["version"]
+                for topic, data, _, _ in broker.retained.matching("henge/devices/+/config")}  # type: ignore[attr-defined]
+
+    stored = {d for d in devices if await running.service.history(d)}
+    assert FIRST_CHUNK < len(stored) < len(devices)  # the second chunk committed, the rest never began
+    await wait_until(lambda: set(retained()) >= stored, 10, "every stored version published")
+    assert all(retained()[d] == 1 for d in stored) and not set(retained()) - stored

@@ -185,22 +185,30 @@ class Configs:
         # Pipelined: the store's thread writes chunk k+1 while the loop publishes chunk k (each is
         # still published only once its own transaction has committed).
         job = self.worker.submit(store_chunk, chunks[0]) if chunks else None
+        left: list[tuple[ConfigVersion, bytes]] = []  # stored, not yet published
         try:
             for k, chunk in enumerate(chunks):
                 assert job is not None
-                stored = await job
+                stored = await asyncio.shield(job)  # a cancelled push does not undo a chunk in flight
                 job = self.worker.submit(store_chunk, chunks[k + 1]) if k + 1 < len(chunks) else None
                 self.schemas.stored(chunk)
+                left = stored
                 for i, (row, payload) in enumerate(stored, 1):
                     rows.append(row)
                     for future in self.publish(row, payload):
                         futures[row.device] = future
                     if i % PUBLISH_SLICE == 0:
+                        left = stored[i:]
                         await asyncio.sleep(0)  # let other connections' packets in between slices
+                left = []
                 if progress is not None:
                     progress({"stored": len(rows), "of": len(devices)})
         finally:
-            if job is not None:  # stopped between chunks: what the store keeps, its devices get
+            # Stopped part-way (the caller cancelled, the service stops): whatever the store keeps,
+            # its devices get, now or as soon as the chunk in flight commits.
+            for row, payload in left:
+                self.publish(row, payload)
+            if job is not None:
                 job.add_done_callback(self._publish_late)
         self.events.count("pushes", len(rows))
         self.events.emit("fleet_push", None, devices=len(rows), sha256=rows[0].sha256 if rows else None)
@@ -209,7 +217,9 @@ class Configs:
     def _publish_late(self, job: asyncio.Future[list[tuple[ConfigVersion, bytes]]]) -> None:
         if job.cancelled() or job.exception() is not None:
             return  # nothing was stored (the transaction rolled back), or the loop is gone
-        for row, payload in job.result():
+        stored = job.result()
+        self.schemas.stored(row.device for row, _ in stored)
+        for row, payload in stored:
             self.publish(row, payload)
 
     async def publish_rows(self, rows: list[ConfigVersion], *, event: str,
