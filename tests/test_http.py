@@ -505,3 +505,24 @@ async def test_a_labels_edit_with_a_stale_etag_is_refused_412(running: Running) 
         assert ok.status_code == 200 and ok.json()["labels"] == {"site": "b", "tier": "gold"}
         blind = await http.patch("/api/v1/devices/d1/labels", json={"set": {"x": "1"}})  # no If-Match: as before
         assert blind.status_code == 200
+
+
+async def test_an_exiting_stop_still_answers_a_request_in_flight(running: Running) -> None:
+    """``henge serve`` stops the HTTP server with ``exiting=True`` (uvicorn's graceful shutdown is
+    skipped when nothing is in flight): a request in flight is still answered, not cut off."""
+    await running.add("waiting", {"v": 0})
+    server = HttpServer(running.service, "127.0.0.1", 0)
+    await server.start()
+    try:
+        token = (await running.service.create_token("t-exit", "operator"))["token"]
+        async with client(server, token) as c:
+            put = asyncio.create_task(c.put("/api/v1/devices/waiting/config", json={"v": 1}, params={"wait": 1}))
+            assert server._server is not None
+            state = server._server.server_state  # uvicorn's: its connections and requests in flight
+            await wait_until(lambda: state.tasks, 5, "the request in flight")
+            await server.stop(exiting=True)
+            assert not state.tasks  # answered before stop returned (the process may exit right after)
+            answer = await put
+        assert answer.status_code == 202 and answer.json()["version"] == 2  # stored; the device never said
+    finally:
+        await server.stop()

@@ -223,7 +223,9 @@ class ServeRunner:
                 metrics.close()
             # The HTTP server's own shutdown waits on timers; it runs while the broker closes its
             # connections, not after (the later exits then have nothing left to do).
-            await asyncio.gather(*([web.stop()] if web is not None else []), service.stop(exiting=self.tune_process))
+            exiting = self.tune_process
+            await asyncio.gather(*([web.stop(exiting=exiting)] if web is not None else []),
+                                 service.stop(exiting=exiting))
             if self.tune_process:
                 gc.enable()
 
