@@ -263,35 +263,41 @@ class Framer:
         self.limit = limit
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        buf = self.buf + data if self.buf else data
-        frames: list[tuple[int, bytes]] = []
-        pos, end = 0, len(buf)
-        while end - pos >= 2:
-            length, shift, i = 0, 0, pos + 1
-            while True:
-                if i >= end:
-                    self.buf = buf[pos:]
-                    return frames
-                byte = buf[i]
-                length |= (byte & 0x7F) << shift
-                i += 1
-                if not byte & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    raise CodecError("remaining length longer than four bytes")
-            if length > self.limit:
-                raise PacketTooLarge(length, self.limit)
-            if end - i < length:
-                break
-            frames.append((buf[pos], buf[i:i + length]))
-            pos = i + length
-        self.buf = buf[pos:] if pos < end else b""
+        frames, self.buf = cut_frames(self.buf, data, self.limit)
         return frames
 
     @property
     def pending(self) -> int:
         return len(self.buf)
+
+
+def cut_frames(buf: bytes, data: bytes, limit: int) -> tuple[list[tuple[int, bytes]], bytes]:
+    """:meth:`Framer.feed` as a function: ``(frames, the bytes left over)`` of what was held
+    (``buf``) and what arrived (``data``). A server connection keeps ``buf`` in its own slots: one
+    object less for each of 10,000 connections."""
+    buf = buf + data if buf else data
+    frames: list[tuple[int, bytes]] = []
+    pos, end = 0, len(buf)
+    while end - pos >= 2:
+        length, shift, i = 0, 0, pos + 1
+        while True:
+            if i >= end:
+                return frames, buf[pos:]
+            byte = buf[i]
+            length |= (byte & 0x7F) << shift
+            i += 1
+            if not byte & 0x80:
+                break
+            shift += 7
+            if shift > 21:
+                raise CodecError("remaining length longer than four bytes")
+        if length > limit:
+            raise PacketTooLarge(length, limit)
+        if end - i < length:
+            break
+        frames.append((buf[pos], buf[i:i + length]))
+        pos = i + length
+    return frames, buf[pos:] if pos < end else b""
 
 
 def encode_length(n: int) -> bytes:

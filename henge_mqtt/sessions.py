@@ -116,22 +116,19 @@ class ConnectResult:
     refusal: str | None = None
 
 
-@dataclass(slots=True)
-class TokenBucket:
-    """Starts full; refills at ``rate`` per second up to ``burst``; time never runs backwards."""
-
-    tokens: float = -1.0
-    at: float = 0.0
-
-    def take(self, now: float, rate: float, burst: float) -> bool:
-        if self.tokens < 0:
-            self.tokens, self.at = burst, now
-        self.tokens = min(burst, self.tokens + max(0.0, now - self.at) * rate)
-        self.at = max(self.at, now)
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
+def take_token(full_at: float, now: float, rate: float, burst: float) -> tuple[bool, float]:
+    """A token bucket (it starts full with ``burst`` tokens and refills at ``rate`` a second) kept
+    as one number, the time it will be full again (GCRA): a float in a slot instead of an object
+    per device and per connection. ``full_at`` is 0.0 for a new bucket. Returns whether a token was
+    taken and the number to keep. A clock that steps back leaves the bucket at worst empty, never
+    in debt."""
+    if full_at < now:
+        full_at = now
+    elif full_at - now > burst / rate:  # the clock stepped back
+        full_at = now + burst / rate
+    if (full_at - now) * rate > burst - 1:  # fewer than one token left
+        return False, full_at
+    return True, full_at + 1 / rate
 
 
 # ---- per-device state ---------------------------------------------------------------------------
@@ -161,7 +158,7 @@ class DeviceSession:
     conflict_remotes: tuple[str, ...] = ()
     quarantine_until: float = 0.0
     quarantine_count: int = 0
-    connects: TokenBucket | None = None  # made on the first connect: most stored devices are idle
+    connects_full_at: float = 0.0  # its connect rate's bucket (``take_token``)
 
     @property
     def online(self) -> bool:
@@ -378,9 +375,9 @@ class SessionTable:
         actions.append(PresenceChange(entry.device, online, entry.epoch, now, reason, remote))
 
     def _take_token(self, entry: DeviceSession, now: float) -> bool:
-        if entry.connects is None:
-            entry.connects = TokenBucket()
-        return entry.connects.take(now, self.settings.connect_rate, self.settings.connect_burst)
+        taken, entry.connects_full_at = take_token(entry.connects_full_at, now, self.settings.connect_rate,
+                                                   self.settings.connect_burst)
+        return taken
 
     def _expire_takeovers(self, entry: DeviceSession, now: float) -> None:
         window = self.settings.conflict_window

@@ -99,6 +99,10 @@ async def test_memory_per_connected_device_is_bounded(tmp_path: Path) -> None:
             connected_fleet(service, "m", 0xC2) as (before, _):
         gc.collect()
         after = tracemalloc.take_snapshot()
+        # Every presence record keeps the same 5.0 properties (content type): one object for them all.
+        broker: Any = service.broker
+        kept = [extra for _, _, _, extra in broker.retained.matching("henge/devices/+/presence")]
+        assert len(kept) == DEVICES and len({id(extra) for extra in kept}) == 1
     assert_per_device("clean sessions, connected", after, before)
 
 

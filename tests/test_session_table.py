@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, rule
 
@@ -14,6 +14,7 @@ from henge_mqtt.sessions import (
     SaveEpoch,
     SessionSettings,
     SessionTable,
+    take_token,
 )
 
 
@@ -227,3 +228,33 @@ class SessionMachine(RuleBasedStateMachine):
 TestSessionMachine = SessionMachine.TestCase
 TestSessionMachine.settings = settings(max_examples=300, stateful_step_count=60, deadline=None,
                                        suppress_health_check=[HealthCheck.too_slow])
+
+
+@given(rate=st.floats(0.01, 1000), burst=st.floats(1, 100),
+       gaps=st.lists(st.floats(0, 5), min_size=1, max_size=60))
+def test_take_token_is_the_token_bucket_it_replaced(rate: float, burst: float, gaps: list[float]) -> None:
+    """``take_token`` keeps a token bucket as one number (the time it is full again): it allows
+    exactly what a bucket of ``burst`` tokens refilled at ``rate`` a second allows, packet by packet
+    (the reference below is the TokenBucket object it replaced), up to rounding at the boundary."""
+    tokens, at, full_at, now = burst, 0.0, 0.0, 1000.0
+    for gap in gaps:
+        now += gap
+        tokens, at = min(burst, tokens + max(0.0, now - at) * rate), max(at, now)
+        left = tokens - 1.0
+        taken, full_at = take_token(full_at, now, rate, burst)
+        if abs(left) > 1e-6:  # not at the very edge of a token, where rounding may go either way
+            assert taken == (left >= 0), (tokens, full_at, now)
+        tokens = max(0.0, tokens - 1.0) if taken else max(tokens, 0.0)
+
+
+def test_take_token_survives_a_clock_stepping_back() -> None:
+    """The connect rate runs on the wall clock: a step back leaves the bucket empty, not in debt."""
+    full_at = 0.0
+    for _ in range(3):
+        taken, full_at = take_token(full_at, 1000.0, 1.0, 3.0)
+        assert taken
+    taken, full_at = take_token(full_at, 1000.0, 1.0, 3.0)
+    assert not taken  # empty
+    taken, full_at = take_token(full_at, 400.0, 1.0, 3.0)
+    assert not taken  # ten minutes back: still empty, no worse
+    assert take_token(full_at, 401.0, 1.0, 3.0)[0]  # a second later one token is back

@@ -43,7 +43,7 @@ from ..sessions import (
     SessionSettings,
     SessionTable,
     TableViews,
-    TokenBucket,
+    take_token,
 )
 from .connection import CLOSED, OPEN, PENDING, V5, Connection
 from .limits import Limits
@@ -301,7 +301,7 @@ class EmbeddedBroker(TableViews):
         requested = float(connect.keepalive)
         keepalive = self.limits.max_keepalive if requested <= 0 else min(requested, self.limits.max_keepalive)
         conn.principal, conn.keepalive, conn.will = principal, keepalive, connect.will
-        conn.framer.limit = self.limits.max_packet
+        conn.limit = self.limits.max_packet
         if conn.v5 is not None:
             conn.v5.keepalive_capped = requested != keepalive  # told in CONNACK (Server Keep Alive)
         if principal.kind == "claim":
@@ -317,7 +317,7 @@ class EmbeddedBroker(TableViews):
             return
         if principal.kind == "admin":
             conn.key, conn.epoch = f"admin:{connect.client_id}", 0
-            conn.framer.limit = self.limits.admin_max_packet
+            conn.limit = self.limits.admin_max_packet
             conn.max_inflight = 65_000
             conn.max_write = max(self.limits.max_write_buffer, 4 * self.limits.admin_max_packet)
             old = self.conns.get(conn.key)
@@ -417,7 +417,7 @@ class EmbeddedBroker(TableViews):
             props = {
                 codec.SESSION_EXPIRY_INTERVAL: expiry,  # as granted: bounded by session_expiry_max
                 codec.RECEIVE_MAXIMUM: limits.receive_maximum,
-                codec.MAXIMUM_PACKET_SIZE: conn.framer.limit + 5,
+                codec.MAXIMUM_PACKET_SIZE: conn.limit + 5,
                 codec.RETAIN_AVAILABLE: 1,
                 codec.WILDCARD_SUBSCRIPTION_AVAILABLE: 1,
                 codec.SUBSCRIPTION_IDENTIFIER_AVAILABLE: 0,
@@ -513,10 +513,9 @@ class EmbeddedBroker(TableViews):
         acknowledgements of nothing); False, and the connection closed, when over it."""
         if conn.principal is None or conn.principal.kind == "admin":
             return True
-        bucket = conn.bucket
-        if bucket is None:
-            bucket = conn.bucket = TokenBucket()
-        if bucket.take(time.monotonic(), self.limits.publish_rate, self.limits.publish_burst):
+        taken, conn.rate_full_at = take_token(conn.rate_full_at, time.monotonic(), self.limits.publish_rate,
+                                              self.limits.publish_burst)
+        if taken:
             return True
         self.warn("broker.publish_rate_exceeded", "key=%s: closing the connection", conn.key)
         conn.close("publish_rate_exceeded", abort=True)

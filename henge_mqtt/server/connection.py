@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 from .. import codec
 from ..ports import PeerCert, Principal, name_of
-from ..sessions import TokenBucket
 from .limits import Limits
 from .meta import Sent
 
@@ -104,15 +103,15 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "admin_only",
         "broker",
-        "bucket",
         "close_reason",
         "deadline",
         "epoch",
-        "framer",
+        "held",
         "in_qos2",
         "keepalive",
         "key",
         "last_heard",
+        "limit",
         "max_inflight",
         "max_write",
         "next_id",
@@ -120,6 +119,7 @@ class Connection(asyncio.Protocol):
         "paused",
         "pending",
         "principal",
+        "rate_full_at",
         "remote",
         "sent",
         "session",
@@ -136,7 +136,8 @@ class Connection(asyncio.Protocol):
         self.broker = broker
         self.transport: asyncio.Transport | None = None
         # Before authentication a peer may make us buffer little; raised to max_packet once authenticated.
-        self.framer = codec.Framer(min(MAX_CONNECT_BYTES, broker.limits.max_packet))
+        self.limit = min(MAX_CONNECT_BYTES, broker.limits.max_packet)  # the largest packet it may send us
+        self.held = b""  # the start of a packet not yet whole
         self.state = HANDSHAKE
         self.principal: Principal | None = None
         self.key = ""
@@ -147,7 +148,7 @@ class Connection(asyncio.Protocol):
         self.deadline = 0.0  # CONNECT deadline (monotonic) until OPEN
         self.subs: dict[str, int] | None = None
         self.wild = 0
-        self.bucket: TokenBucket | None = None
+        self.rate_full_at = 0.0  # its packet rate's bucket (``sessions.take_token``)
         self.out: dict[int, tuple[float, asyncio.Future[None] | None]] | None = None
         self.next_id = 0
         self.in_qos2: dict[int, float] | None = None
@@ -185,7 +186,7 @@ class Connection(asyncio.Protocol):
             return
         self.last_heard = time.time()
         try:
-            frames = self.framer.feed(data)
+            frames, self.held = codec.cut_frames(self.held, data, self.limit)
         except codec.PacketTooLarge as exc:
             self.broker.warn("broker.packet_too_large", "key=%s remote=%s size=%d", self.key, self.remote, exc.size)
             if self.state == HANDSHAKE and _announces_v5(data):

@@ -35,7 +35,8 @@ class Meta:
         return codec.encode_props(props)
 
 
-_SHARED_PROPS: dict[tuple[tuple[int, object], ...], bytes] = {}
+_SHARED_PROPS: dict[tuple[tuple[int, object], ...], bytes] = {}  # property bodies, without their length
+_SHARED_SECTIONS: dict[tuple[tuple[int, object], ...], bytes] = {}  # whole sections, length first
 
 
 def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
@@ -56,8 +57,15 @@ def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
         shared = codec.props_body(kept)
         if len(_SHARED_PROPS) < 64:
             _SHARED_PROPS[key] = shared
+    if not users:
+        whole = _SHARED_SECTIONS.get(key)
+        if whole is None:
+            whole = codec.encode_length(len(shared)) + shared
+            if len(_SHARED_SECTIONS) < 64:
+                _SHARED_SECTIONS[key] = whole
+        return whole
     # A snapshot's own user properties (its version and digest) after the shared part.
-    body = shared + codec.props_body({codec.USER_PROPERTY: users}) if users else shared
+    body = shared + codec.props_body({codec.USER_PROPERTY: users})
     return codec.encode_length(len(body)) + body
 
 

@@ -29,7 +29,7 @@ from ..ids import StrictJSONError, device_id_problem, strict_json
 from ..logs import LogLimiter
 from ..models import ConfigVersion
 from ..ports import BrokerPort, Name, PeerCert, Principal, Refusal, name_of
-from ..sessions import TokenBucket
+from ..sessions import take_token
 from ..store import StoreWorker
 from ..topics import Topics
 from .events import Events
@@ -101,7 +101,7 @@ class Onboarding:
         # there), and the broker learns the new identity (``tell_broker``) before the answer.
         self.external = external
         self._tell_broker = tell_broker
-        self._bucket = TokenBucket()
+        self._full_at = 0.0  # the claims' rate (``take_token``)
         self._spawn = spawn
         self._publish_rows = publish_rows
         self._check_id = check_id
@@ -164,7 +164,8 @@ class Onboarding:
         return None
 
     def _take_turn(self, claim_id: str) -> bool:
-        if self._bucket.take(time.monotonic(), self.rate, self.burst):
+        taken, self._full_at = take_token(self._full_at, time.monotonic(), self.rate, self.burst)
+        if taken:
             return True
         self.events.count("claims_rate_limited")
         self._log.log(logging.WARNING, "claim.rate_limited", "claim=%s", claim_id)
