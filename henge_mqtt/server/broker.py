@@ -173,7 +173,7 @@ class EmbeddedBroker(TableViews):
 
         ``exiting`` (``henge serve``, whose process ends next): the devices' sockets are left for the
         kernel to close at exit, every one at once, instead of one by one through the loop (at 10,000
-        devices a third of a shutdown went on unregistering and closing them); they are closed for
+        devices that was most of the loop's work in a shutdown); they are closed for
         the server all the same (nothing more is read or sent), and a 5.0 client is still told why.
         """
         self._stopping, self._exiting = True, exiting
