@@ -298,8 +298,8 @@ class EmbeddedBroker(TableViews):
             self.info("broker.not_admin", "client_id=%s: the admin socket is for admins only", connect.client_id)
             conn.refuse(codec.NOT_AUTHORIZED, codec.NOT_AUTHORIZED_5, "the admin socket is for the admin identity")
             return
-        requested = float(connect.keepalive)
-        keepalive = self.limits.max_keepalive if requested <= 0 else min(requested, self.limits.max_keepalive)
+        requested = connect.keepalive  # an int: the usual values (30, 60, 120) are objects Python shares
+        keepalive: float = self.limits.max_keepalive if requested <= 0 else min(requested, self.limits.max_keepalive)
         conn.principal, conn.keepalive, conn.will = principal, keepalive, connect.will
         conn.limit = self.limits.max_packet
         if conn.v5 is not None:

@@ -246,6 +246,7 @@ class Connection(asyncio.Protocol):
         """The server accepted the CONNECT and its epoch is durable: CONNACK, then (a resumed
         session's messages, then) the packets the client sent behind its CONNECT."""
         self.state = OPEN
+        self.deadline = 0.0  # the CONNECT deadline is met (a shared constant: a float less per connection)
         self.send(codec.connack(codec.ACCEPTED, session_present, props=props, version=self.version))
         if self.session is not None:
             self.session.resume(self)
