@@ -35,8 +35,8 @@ class Meta:
         return codec.encode_props(props)
 
 
-_SHARED_PROPS: dict[tuple[tuple[int, object], ...], bytes] = {}  # property bodies, without their length
-_SHARED_SECTIONS: dict[tuple[tuple[int, object], ...], bytes] = {}  # whole sections, length first
+# Properties many messages share -> (their body, the whole section: its length, then the body).
+_SHARED_PROPS: dict[tuple[tuple[int, object], ...], tuple[bytes, bytes]] = {}
 
 
 def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
@@ -54,18 +54,14 @@ def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
     key = tuple(sorted(kept.items()))
     shared = _SHARED_PROPS.get(key)  # e.g. every presence record's: one bytes object for the fleet
     if shared is None:
-        shared = codec.props_body(kept)
+        body = codec.props_body(kept)
+        shared = (body, codec.encode_length(len(body)) + body)
         if len(_SHARED_PROPS) < 64:
             _SHARED_PROPS[key] = shared
     if not users:
-        whole = _SHARED_SECTIONS.get(key)
-        if whole is None:
-            whole = codec.encode_length(len(shared)) + shared
-            if len(_SHARED_SECTIONS) < 64:
-                _SHARED_SECTIONS[key] = whole
-        return whole
+        return shared[1]
     # A snapshot's own user properties (its version and digest) after the shared part.
-    body = shared + codec.props_body({codec.USER_PROPERTY: users})
+    body = shared[0] + codec.props_body({codec.USER_PROPERTY: users})
     return codec.encode_length(len(body)) + body
 
 
