@@ -60,6 +60,10 @@ def serve(
     no_http: Annotated[bool, typer.Option("--no-http", help="No HTTP API or console.")] = False,
     store: Annotated[str | None, typer.Option("--store", metavar="URL", help="postgresql://user@host/db: keep the "
                                               "store in PostgreSQL (default: SQLite in the data dir).")] = None,
+    listener_processes: Annotated[int | None, typer.Option(
+        "--listener-processes", min=0, max=64, metavar="N", help="Hold device sockets in N listener processes "
+        "sharing the port (beyond one process's open-file limit; 0: in the service itself; plain TCP only; "
+        "see docs/scaling.md).")] = None,
 ) -> None:
     """Run the service (with its embedded broker, or against --broker) until SIGINT/SIGTERM."""
     from ..settings import Settings
@@ -91,6 +95,10 @@ def serve(
             fail("--nats-reload needs --nats-accounts (the file it reloads)", 2)
     elif broker_events or nats_accounts or nats_reload:
         fail("--broker-events, --nats-accounts and --nats-reload need --broker (the cluster's MQTT address)", 2)
+    if listener_processes is not None:
+        if external:
+            fail("--listener-processes serves the embedded broker's devices; with --broker there is none", 2)
+        settings = settings.model_copy(update={"listener_processes": listener_processes})
     if store is not None:
         if not store.startswith(("postgresql://", "postgres://")):
             fail(f"--store wants a postgresql:// URL, not {store.split('://')[0]!r}", 2)

@@ -49,6 +49,7 @@ from .connection import CLOSED, OPEN, PENDING, V5, Connection
 from .limits import Limits
 from .listener import Acceptor, tcp_sockets, unix_socket
 from .meta import Meta, meta_of
+from .relay import Relays
 from .router import RetainedStore, SubscriptionIndex, is_wildcard, valid_filter, valid_topic_name
 from .session import Session, session_of
 
@@ -91,8 +92,15 @@ class EmbeddedBroker(TableViews):
         sessions: SessionSettings | None = None,
         limits: Limits | None = None,
         admin_socket: Path | None = None,
+        listener_processes: int = 0,
+        process_max_connections: int = 0,
     ) -> None:
         self.listeners = list(listeners)
+        # listener_processes > 0: device sockets live in that many processes (.relay), each holding at
+        # most process_max_connections; the core holds the admin socket and one link per process.
+        self.listener_processes = listener_processes
+        self.process_max_connections = process_max_connections
+        self._relays: Relays | None = None
         self.hooks = hooks
         self.limits = limits or Limits()
         self.table = SessionTable(sessions)
@@ -130,7 +138,7 @@ class EmbeddedBroker(TableViews):
     async def start(self) -> None:
         acceptors: list[Acceptor] = []
         try:
-            for spec in self.listeners:
+            for spec in self.listeners if not self.listener_processes else ():
                 tls = spec.ssl is not None
                 if spec.ssl is not None and self.limits.tls_client_auth == "required":
                     spec.ssl.verify_mode = ssl.CERT_REQUIRED
@@ -154,13 +162,28 @@ class EmbeddedBroker(TableViews):
             for acceptor in acceptors:
                 acceptor.sock.close()
             raise
+        if self.listener_processes:
+            relays = Relays(self, [(spec.host, spec.port) for spec in self.listeners], self.listener_processes,
+                            max_connections=self.process_max_connections, max_write=self.limits.max_write_buffer)
+            try:
+                await relays.start()
+            except BaseException:
+                for acceptor in acceptors:
+                    acceptor.sock.close()
+                raise
+            self._relays = relays
         self._acceptors = acceptors
         for acceptor in acceptors:
             acceptor.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="henge-sweep")
 
     def addresses(self) -> list[tuple[str, int]]:
-        return [address for acceptor in self._acceptors for address in acceptor.addresses()]
+        relayed = self._relays.addresses() if self._relays is not None else []
+        return relayed + [address for acceptor in self._acceptors for address in acceptor.addresses()]
+
+    def new_connection(self) -> Connection:
+        """A device connection whose socket a listener process holds."""
+        return Connection(self)
 
     @property
     def admin_socket(self) -> str | None:
@@ -195,6 +218,9 @@ class EmbeddedBroker(TableViews):
         for conn in list(self._closing):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self._relays is not None:
+            await self._relays.stop()
+            self._relays = None
         if self._admin_socket_path is not None:
             with contextlib.suppress(OSError):
                 self._admin_socket_path.unlink()
@@ -811,6 +837,7 @@ class EmbeddedBroker(TableViews):
             "subscriptions": len(self.index),
             "retained": len(self.retained),
             "refused_at_limit": self.refused_at_limit,
+            **(self._relays.stats() if self._relays is not None else {}),
         }
 
     # ---- deadlines --------------------------------------------------------------------------

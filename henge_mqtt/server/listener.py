@@ -38,8 +38,12 @@ class Admission(Protocol):
     def adopt_failed(self, admin_only: bool, error: BaseException) -> None: ...
 
 
-def tcp_sockets(host: str, port: int) -> list[socket.socket]:
-    """Bound, listening, non-blocking sockets for ``host:port`` (every address family it resolves to)."""
+def tcp_sockets(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for ``host:port`` (every address family it resolves to).
+
+    ``reuse_port``: ``SO_REUSEPORT``, for several listener processes on one port (the kernel spreads
+    new connections over their sockets).
+    """
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
@@ -51,6 +55,8 @@ def tcp_sockets(host: str, port: int) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             bind_to: tuple[Any, ...] = tuple(address)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..datadir import DataDirLock
-from ..errors import ServiceUnavailable
+from ..errors import ServiceUnavailable, SettingsError
 from ..models import Event
 from ..paths import ADMIN_SOCKET, SERVICE_FILE
 from ..ports import BrokerPort, PeerCert, Principal, Refusal
@@ -55,9 +56,12 @@ HISTORY_KEEP = 7 * 86400.0  # seconds of presence history kept (the console's ti
 HISTORY_PENDING = 200_000  # presence changes one group commit carries at most (a storm's excess is counted)
 
 
-def default_max_connections() -> int:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, soft - max(FD_RESERVE, soft // 20))
+def default_max_connections(limit: int | None = None) -> int:
+    """Device sockets one process may hold: its open-file limit (``limit``, or this process's) minus a
+    reserve."""
+    if limit is None:
+        limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, limit - max(FD_RESERVE, limit // 20))
 
 
 class HengeService(ServiceAPI):
@@ -259,6 +263,10 @@ class HengeService(ServiceAPI):
         listeners = []
         for name, spec in s.listeners.items():
             host, port = spec.host_port()
+            if spec.ssl and s.listener_processes:
+                raise SettingsError(f"listener {name}: listener_processes relays plain TCP listeners only (TLS "
+                                    "is terminated in the service: set listener_processes to 0, or put a TLS "
+                                    "proxy in front)")
             context = spec.ssl_context(s.tls_client_auth)
             if context is not None and s.tls_client_auth != "off":
                 self._claim_tls.append(context)
@@ -273,13 +281,20 @@ class HengeService(ServiceAPI):
             max_wildcard_subscriptions=s.max_wildcard_subscriptions,
             max_connections=s.max_connections or default_max_connections(), tls_client_auth=s.tls_client_auth,
         )
+        per_process = 0
+        if s.listener_processes:
+            # Each listener process raises its own limit to the hard one; the core holds only links.
+            per_process = default_max_connections(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+            if s.max_connections is None:
+                limits = dataclasses.replace(limits, max_connections=per_process * s.listener_processes)
         socket_path = s.data_dir / ADMIN_SOCKET if s.admin_socket else None
         if socket_path is not None and len(str(socket_path.resolve())) > 100:
             log.warning("service.admin_socket_path_too_long path=%s: no admin socket", socket_path)
             socket_path = None
         log.info("service.limits max_connections=%d", limits.max_connections)
         return EmbeddedBroker(listeners, hooks=_BrokerHooks(self), sessions=sessions, limits=limits,
-                              admin_socket=socket_path.resolve() if socket_path else None)
+                              admin_socket=socket_path.resolve() if socket_path else None,
+                              listener_processes=s.listener_processes, process_max_connections=per_process)
 
     async def stop(self, *, exiting: bool = False) -> None:
         """Stop serving, everything flushed. ``exiting``: the process ends right after (as

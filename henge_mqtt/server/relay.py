@@ -1,0 +1,337 @@
+"""Listener processes, the core's side: beyond the open-file limit of one process.
+
+One process holds at most its open-file limit of sockets (20,000 here: about 18,000 devices). With
+``listener_processes: N`` the device sockets live in N small processes (:mod:`.relay_process`) and
+the core holds one link to each: the core binds every device port N times with ``SO_REUSEPORT``
+(so the kernel spreads new connections over the processes), hands one socket of each port to each
+process, and keeps its own copies, so a listener process that dies is started again on the same
+sockets without the port ever closing.
+
+Every device connection is still a :class:`~.connection.Connection` of the core, on a
+:class:`RelayedTransport` instead of a socket: parsing, authentication, the session table,
+takeovers across processes, keep-alive and every other limit are the core's, unchanged. What a
+listener process decides alone is in its module docstring. A process that dies ends its devices'
+connections at once (as a reset would; their epochs fence anything late), and is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ..errors import ServiceUnavailable
+from .connection import CLOSED, Connection
+from .listener import tcp_sockets
+from .relay_wire import ABORT, CLOSE, DATA, EOF, HELLO, LOST, OPEN, LinkError, cut, frame
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 15.0  # a listener process says HELLO within this (an interpreter starting on a busy machine)
+STOP_TIMEOUT = 2.0  # a listener process ends this long after its link closed, or is killed
+RESTART_AFTER = (0.1, 5.0)  # first and longest wait before starting a listener process again
+
+
+class Owner(Protocol):
+    """The broker's side of a relayed connection: admission and a connection for each new socket."""
+
+    def admit(self, admin_only: bool) -> bool: ...
+
+    def refused(self, admin_only: bool, reason: str) -> None: ...
+
+    def warn(self, event: str, fmt: str, *args: object) -> None: ...
+
+    def new_connection(self) -> Connection: ...
+
+
+class RelayedTransport(asyncio.Transport):
+    """A device socket held by a listener process, as the core's connection sees it.
+
+    No ``_extra`` dict and a few slots: this object replaces the socket, selector key and
+    asyncio transport the core would otherwise hold per device. Writes are never buffered here
+    (``get_write_buffer_size`` is 0): the listener process bounds what a device leaves unread.
+    """
+
+    __slots__ = ("closing", "link", "number", "peer", "protocol")
+
+    def __init__(self, link: RelayLink, number: int, peer: tuple[str, int], protocol: Connection) -> None:
+        self.link = link
+        self.number = number
+        self.peer = peer
+        self.protocol: Connection | None = protocol
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.closing:
+            self.link.send(DATA, self.number, bytes(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.link.send(EOF, self.number)
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.link.send(CLOSE, self.number)
+
+    def abort(self) -> None:
+        """Gone now for the core (as asyncio's abort: ``connection_lost`` on the next loop turn)."""
+        if self.protocol is None or self.link.conns.get(self.number) is not self:
+            return
+        self.closing = True
+        del self.link.conns[self.number]
+        self.link.send(ABORT, self.number)
+        asyncio.get_running_loop().call_soon(self.lost, "")
+
+    def lost(self, why: str) -> None:
+        protocol, self.protocol = self.protocol, None
+        self.closing = True
+        if protocol is not None:
+            if why:
+                self.link.relays.owner.warn(f"broker.{why}", "remote=%s:%d: cut off by listener process %d",
+                                            self.peer[0], self.peer[1], self.link.index)
+                if protocol.state != CLOSED and protocol.close_reason is None:
+                    protocol.close_reason = why
+            protocol.connection_lost(None)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return 0, 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def is_reading(self) -> bool:
+        return not self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        assert isinstance(protocol, Connection)
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+
+class RelayLink(asyncio.Protocol):
+    """The core's end of one listener process's link."""
+
+    def __init__(self, relays: Relays, index: int) -> None:
+        self.relays = relays
+        self.index = index
+        self.conns: dict[int, RelayedTransport] = {}
+        self.transport: asyncio.Transport | None = None
+        self.held = b""
+        self.out: list[bytes] = []
+        self.hello: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def send(self, kind: int, number: int, payload: bytes = b"") -> None:
+        """Frames of one loop turn leave in one write (a fleet push: one system call, not one per device)."""
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.out.append(frame(kind, number, payload))
+
+    def flush(self) -> None:
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames, self.held = cut(self.held, data)
+        except LinkError as exc:
+            log.error("broker.relay_bad_link process=%d error=%s", self.index, exc)
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        conns = self.conns
+        for kind, number, payload in frames:
+            if kind == DATA:
+                conn = conns.get(number)
+                if conn is not None and conn.protocol is not None:
+                    conn.protocol.data_received(payload)
+            elif kind == OPEN:
+                self._open(number, payload)
+            elif kind == LOST:
+                conn = conns.pop(number, None)
+                if conn is not None:
+                    conn.lost(payload.decode("ascii", "replace"))
+            elif kind == HELLO and not self.hello.done():
+                self.hello.set_result(int(payload or b"0"))
+
+    def _open(self, number: int, payload: bytes) -> None:
+        owner = self.relays.owner
+        if not owner.admit(False):  # the core's own bound over every listener process
+            self.send(ABORT, number)
+            owner.refused(False, "max_connections")
+            return
+        host, _, port = payload.decode("utf-8", "replace").rpartition(" ")
+        protocol = owner.new_connection()
+        transport = self.conns[number] = RelayedTransport(self, number, (host, int(port or 0)), protocol)
+        protocol.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The process ended (or the link broke, which ends it): all its devices are gone."""
+        self.transport = None
+        self.out.clear()
+        conns, self.conns = self.conns, {}
+        for conn in conns.values():
+            conn.lost("")
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class Relays:
+    """The listener processes: started, watched, started again, stopped."""
+
+    def __init__(self, owner: Owner, binds: Sequence[tuple[str, int]], count: int, *, max_connections: int,
+                 max_write: int) -> None:
+        self.owner = owner
+        self.binds = list(binds)
+        self.count = count
+        self.max_connections = max_connections  # per process: its own file limit minus a reserve
+        self.max_write = max_write
+        self.sockets: list[list[socket.socket]] = []  # per process: one reuse-port socket per address
+        self.links: list[RelayLink | None] = [None] * count
+        self.procs: list[asyncio.subprocess.Process | None] = [None] * count
+        self.restarts = 0
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in self.sockets[0]] if self.sockets else []
+
+    async def start(self) -> None:
+        try:
+            for index in range(self.count):
+                group: list[socket.socket] = []
+                self.sockets.append(group)
+                for b, (host, port) in enumerate(self.binds):
+                    # The first process's sockets fix a port asked as 0; the others share it.
+                    if index:
+                        port = self.sockets[0][b].getsockname()[1] if port == 0 else port
+                    try:
+                        group.extend(tcp_sockets(host, port, reuse_port=True))
+                    except OSError as exc:
+                        raise ServiceUnavailable(f"cannot listen on {host or '*'}:{port} (listener processes): "
+                                                 f"{exc.strerror or exc}") from exc
+            await asyncio.gather(*(self._spawn(index) for index in range(self.count)))
+        except BaseException:
+            await self.stop()
+            raise
+        self._watchers = [asyncio.create_task(self._watch(index), name=f"henge-listener-process-{index}")
+                          for index in range(self.count)]
+
+    async def _spawn(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        fds = [s.fileno() for s in self.sockets[index]]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "henge_mqtt.server.relay_process", "--index", str(index),
+                "--link", str(theirs.fileno()), "--listen", ",".join(map(str, fds)),
+                "--max-connections", str(self.max_connections), "--max-write", str(self.max_write),
+                pass_fds=(theirs.fileno(), *fds), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, start_new_session=True,  # a terminal's ^C is the core's
+            )
+        finally:
+            theirs.close()
+        self.procs[index] = proc
+        link = RelayLink(self, index)
+        ours.setblocking(False)
+        await loop.connect_accepted_socket(lambda: link, ours)
+        self.links[index] = link
+        try:
+            await asyncio.wait_for(asyncio.shield(link.hello), START_TIMEOUT)
+        except TimeoutError:
+            raise ServiceUnavailable(f"listener process {index} did not start within {START_TIMEOUT:.0f} s "
+                                     f"(exit code {proc.returncode})") from None
+        log.info("broker.listener_process index=%d pid=%d", index, proc.pid)
+
+    async def _watch(self, index: int) -> None:
+        """Start a listener process again when it ends on its own (its devices reconnect to any)."""
+        wait = 0.0
+        while True:
+            proc, link = self.procs[index], self.links[index]
+            assert proc is not None and link is not None
+            started = time.monotonic()
+            code = await proc.wait()
+            if link.transport is not None:
+                link.transport.abort()  # its devices are gone with it
+            await link.closed
+            if self._stopping:
+                return
+            # At once the first time; a process that keeps dying young is started less and less often.
+            quick = time.monotonic() - started < 10 * RESTART_AFTER[1]
+            wait = min(max(wait * 2, RESTART_AFTER[0]), RESTART_AFTER[1]) if quick else RESTART_AFTER[0]
+            self.restarts += 1
+            log.error("broker.listener_process_exited index=%d pid=%d code=%s: starting it again in %.1f s",
+                      index, proc.pid, code, wait)
+            await asyncio.sleep(wait)
+            while True:
+                try:
+                    await self._spawn(index)
+                    break
+                except (OSError, ServiceUnavailable) as exc:
+                    log.error("broker.listener_process_start_failed index=%d error=%s", index, exc)
+                    await asyncio.sleep(RESTART_AFTER[1])
+
+    async def stop(self) -> None:
+        """Close every link: each process ends, and the kernel closes its devices' sockets."""
+        self._stopping = True
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        self._watchers = []
+        for link in self.links:
+            if link is not None and link.transport is not None:
+                link.flush()  # the last words (a 5.0 DISCONNECT) go first
+                link.transport.close()
+        for index, proc in enumerate(self.procs):
+            if proc is None:
+                continue
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("broker.listener_process_killed index=%d pid=%d: it did not end", index, proc.pid)
+                proc.kill()
+                await proc.wait()
+        for group in self.sockets:
+            for sock in group:
+                sock.close()
+        self.sockets = []
+
+    def stats(self) -> dict[str, int]:
+        return {"listener_processes": sum(1 for p in self.procs if p is not None and p.returncode is None),
+                "listener_process_restarts": self.restarts}
+

@@ -1,0 +1,230 @@
+"""A listener process: it holds device sockets for the core, which holds everything else.
+
+One process may hold no more sockets than its open-file limit (20,000 here: about 18,000 devices).
+With ``listener_processes: N`` the core (:mod:`.relay`) binds every device port N times with
+``SO_REUSEPORT`` and starts N of these, each with one of the sockets: the kernel spreads new
+connections over them, and each process relays its devices' bytes, unchanged, over one link to
+the core (:mod:`.relay_wire`). The core parses, authenticates, keeps the session table and
+every deadline, exactly as for a socket of its own, so an MQTT client sees one broker.
+
+What this process decides alone: whether it has room for one more socket (its own file limit,
+``--max-connections``), and cutting off a device that does not read what is sent to it
+(``--max-write``: the core cannot see this socket's buffer). Its link is its life: when the core
+closes it or dies, this process ends and the kernel closes its devices' sockets. It imports only
+the standard library and the server's listener, so it stays small.
+
+Run by the core only: ``python -m henge_mqtt.server.relay_process --link FD --listen FD[,FD...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import resource
+import socket
+import sys
+
+from .listener import Acceptor
+from .relay_wire import ABORT, CLOSE, DATA, EOF, HELLO, LOST, OPEN, LinkError, cut, frame
+
+log = logging.getLogger("henge_mqtt.server.relay_process")
+
+
+class Device(asyncio.Protocol):
+    """One device's socket: its bytes go up the link as they come."""
+
+    __slots__ = ("number", "paused", "transport", "up")
+
+    def __init__(self, up: Uplink) -> None:
+        self.up = up
+        self.number = 0
+        self.paused = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.up.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.up.send(DATA, self.number, data)
+
+    def eof_received(self) -> bool | None:
+        return None  # the socket closes; the core hears LOST
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.up.lost(self, "")
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+
+class Uplink(asyncio.Protocol):
+    """This process's end of the link: device bytes up, the core's bytes and orders down."""
+
+    def __init__(self, max_connections: int, max_write: int, done: asyncio.Future[None]) -> None:
+        self.max_connections = max_connections
+        self.max_write = max_write
+        self.done = done
+        self.devices: dict[int, Device] = {}
+        self.sockets = 0  # admitted, from accept to connection_lost
+        self.refused_at_limit = 0
+        self.next_number = 0
+        self.transport: asyncio.Transport | None = None
+        self.held = b""
+        self.out: list[bytes] = []
+        self.reading = True  # False while the core reads slower than the devices send
+
+    # ---- the link -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.send(HELLO, 0, str(os.getpid()).encode())
+
+    def send(self, kind: int, number: int, payload: bytes = b"") -> None:
+        """Frames of one loop turn leave in one write."""
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.out.append(frame(kind, number, payload))
+
+    def flush(self) -> None:
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames, self.held = cut(self.held, data)
+        except LinkError as exc:
+            log.error("relay.bad_link error=%s", exc)
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        devices = self.devices
+        for kind, number, payload in frames:
+            device = devices.get(number)
+            if device is None or device.transport is None:
+                continue  # gone already: its LOST is on the way to the core
+            transport = device.transport
+            if kind == DATA:
+                transport.write(payload)
+                if device.paused and transport.get_write_buffer_size() > self.max_write:
+                    log.warning("relay.slow_consumer peer=%s: %d bytes unsent", transport.get_extra_info("peername"),
+                                transport.get_write_buffer_size())
+                    self.lost(device, "slow_consumer")
+                    transport.abort()
+            elif kind == CLOSE:
+                transport.close()
+            elif kind == EOF:
+                if transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
+            elif kind == ABORT:
+                del devices[number]  # the core has forgotten it: no LOST
+                transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.reading = False
+        for device in self.devices.values():
+            if device.transport is not None:
+                device.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.reading = True
+        for device in self.devices.values():
+            if device.transport is not None and not device.transport.is_closing():
+                device.transport.resume_reading()
+
+    # ---- devices ----------------------------------------------------------------------------------
+
+    def opened(self, device: Device) -> None:
+        self.next_number = self.next_number % 0xFFFFFFFF + 1
+        while self.next_number in self.devices:
+            self.next_number = self.next_number % 0xFFFFFFFF + 1
+        device.number = self.next_number
+        self.devices[device.number] = device
+        assert device.transport is not None
+        peer = device.transport.get_extra_info("peername")
+        host, port = (peer[0], peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else ("unknown", 0)
+        self.send(OPEN, device.number, f"{host} {port}".encode())
+        if not self.reading:
+            device.transport.pause_reading()
+
+    def lost(self, device: Device, why: str) -> None:
+        if self.devices.get(device.number) is device:
+            del self.devices[device.number]
+            self.send(LOST, device.number, why.encode())
+        if device.transport is not None:
+            device.transport = None
+            self.sockets -= 1
+
+    # ---- admission (the Acceptor's): this process's own file budget -------------------------------
+
+    def admit(self, admin_only: bool) -> bool:
+        if self.sockets >= self.max_connections:
+            return False
+        self.sockets += 1
+        return True
+
+    def refused(self, admin_only: bool, reason: str) -> None:
+        self.refused_at_limit += 1
+        if self.refused_at_limit in (1, 10, 100) or self.refused_at_limit % 1000 == 0:
+            log.warning("relay.max_connections limit=%d refused=%d (%s)", self.max_connections,
+                        self.refused_at_limit, reason)
+
+    def adopt_failed(self, admin_only: bool, error: BaseException) -> None:
+        self.sockets -= 1
+
+
+async def serve(link_fd: int, listen_fds: list[int], max_connections: int, max_write: int) -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    up = Uplink(max_connections, max_write, done)
+    link = socket.socket(fileno=link_fd)
+    link.setblocking(False)
+    await loop.connect_accepted_socket(lambda: up, link)
+    acceptors = []
+    for fd in listen_fds:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        acceptor = Acceptor(sock, lambda: Device(up), up)
+        acceptor.start()
+        acceptors.append(acceptor)
+    await done
+    # The core closed the link, or died: the kernel closes every device socket as this process ends,
+    # all at once, which is quicker than closing them one by one here.
+    logging.shutdown()
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="henge-relay", description="henge's listener process (run by the core)")
+    parser.add_argument("--link", type=int, required=True)
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--max-connections", type=int, required=True)
+    parser.add_argument("--max-write", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s listener-process-{args.index}: %(message)s")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # Its own session (the core starts it so): a terminal's ^C reaches the core, which ends the link.
+    asyncio.run(serve(args.link, [int(fd) for fd in args.listen.split(",")], args.max_connections, args.max_write))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

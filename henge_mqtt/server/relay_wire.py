@@ -1,0 +1,56 @@
+"""The link between the core and a listener process: one stream socket, frames of 9 header bytes.
+
+A listener process (:mod:`.relay_process`) holds device sockets so that the core need not: each
+frame names one device connection by the listener's number for it. Both sides use this module
+only; it imports nothing but the standard library, so a listener process stays small.
+
+Frames (kind, connection number, payload length, payload):
+
+========  ================  ===================================================================
+kind      direction         payload
+========  ================  ===================================================================
+HELLO     listener -> core  its process id (ASCII): it is listening
+OPEN      listener -> core  ``host port`` of the new peer
+DATA      both              bytes from (or to) the device, unchanged
+LOST      listener -> core  why the socket ended (empty: the peer closed or reset it)
+CLOSE     core -> listener  close after what was sent is flushed
+EOF       core -> listener  half-close (FIN after what was sent); the socket ends when the peer
+                            closes it or the core aborts it
+ABORT     core -> listener  drop the socket now (the core has already forgotten it)
+========  ================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import struct
+
+HEADER = struct.Struct("!BII")
+HELLO, OPEN, DATA, LOST, CLOSE, EOF, ABORT = 1, 2, 3, 4, 5, 6, 7
+MAX_FRAME = 64 * 1024 * 1024  # far above any read asyncio hands over (256 KiB): a corrupt length ends the link
+
+Frame = tuple[int, int, bytes]
+
+
+class LinkError(Exception):
+    """The link's bytes are not frames: the other side is not a henge process of this version."""
+
+
+def frame(kind: int, number: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, number, len(payload)) + payload
+
+
+def cut(held: bytes, data: bytes) -> tuple[list[Frame], bytes]:
+    """The whole frames in ``held + data`` and the start of the next one."""
+    buffer = held + data if held else data
+    frames: list[Frame] = []
+    offset, size, unpack, head = 0, len(buffer), HEADER.unpack_from, HEADER.size
+    while size - offset >= head:
+        kind, number, length = unpack(buffer, offset)
+        if length > MAX_FRAME or not HELLO <= kind <= ABORT:
+            raise LinkError(f"frame kind {kind} of {length} bytes")
+        end = offset + head + length
+        if end > size:
+            break
+        frames.append((kind, number, buffer[offset + head:end]))
+        offset = end
+    return frames, buffer[offset:]

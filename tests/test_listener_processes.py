@@ -1,0 +1,186 @@
+"""Listener processes (``listener_processes: N``): device sockets held beyond one process's
+open-file limit, the core unchanged for every client (docs/scaling.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiomqtt
+import paho.mqtt.client as paho
+import pytest
+
+from henge_mqtt import HengeService, SettingsError
+from henge_mqtt.settings import ListenerConfig
+from henge_mqtt.store import Store
+
+from . import mqtt_raw as raw
+from .conftest import ROOT, henge_cli, make_settings, next_message, payload_json, wait_until
+
+FD_LIMIT = 200  # per process: 136 device sockets after the reserve
+# More than one process could hold, with room for the kernel's spread, which ignores load: a
+# process whose devices reconnect elsewhere leaves the others with a third more each.
+DEVICES = 240
+
+
+def _limit_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def _connect_all(port: int, secrets: dict[str, str], devices: list[str]) -> dict[str, raw.RawClient]:
+    async def one(device: str) -> tuple[str, raw.RawClient]:
+        client = await raw.RawClient.open(port)
+        await client.send(raw.connect(device, device, secrets[device]))
+        assert await client.connack(10) == 0, device
+        await client.send(raw.subscribe(1, f"henge/devices/{device}/config"))
+        kind, _ = await client.read_packet(10)
+        assert kind == 9  # SUBACK
+        return device, client
+
+    return dict(await asyncio.gather(*(one(d) for d in devices)))
+
+
+async def _config_version(client: raw.RawClient) -> int:
+    while True:
+        kind, body = await client.read_packet(10)
+        if kind == 3:
+            start = 2 + int.from_bytes(body[:2], "big")
+            await client.send(bytes([0x40, 2]) + body[start:start + 2])  # PUBACK
+            return int(json.loads(body[start + 2:])["version"])
+
+
+async def _summary(data: Path) -> dict[str, int]:
+    result = await asyncio.to_thread(henge_cli, "status", "--summary", "--json", "--data", str(data))
+    assert result.returncode == 0, result.stderr
+    summary: dict[str, int] = json.loads(result.stdout)
+    return summary
+
+
+async def _wait_online(data: Path, count: int) -> None:
+    deadline = time.monotonic() + 15
+    while (summary := await _summary(data))["online"] != count:
+        assert time.monotonic() < deadline, summary
+        await asyncio.sleep(0.1)
+
+
+async def test_devices_beyond_one_process_file_limit_and_a_listener_process_killed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = Store(data)
+    devices = [f"dev{i:03d}" for i in range(DEVICES)]
+    secrets = store.add_devices([(d, {}) for d in devices])
+    store.close()
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", "0",
+                             "--listener-processes", "3"], cwd=ROOT, stdout=log, stderr=log,
+                            preexec_fn=_limit_files)
+    try:
+        deadline = time.monotonic() + 30
+        while not (data / "service.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+            await asyncio.sleep(0.05)
+        port = int(json.loads((data / "service.json").read_text())["port"])
+        listeners = _children(proc.pid)
+        assert len(listeners) == 3
+
+        clients = await _connect_all(port, secrets, devices)  # 240 sockets: one process holds at most 136
+        await _wait_online(data, DEVICES)
+        config = tmp_path / "c.json"
+        config.write_text('{"v": 1}')
+        pushed = await asyncio.to_thread(henge_cli, "push", "--all", str(config), "--data", str(data))
+        assert pushed.returncode == 0, pushed.stderr
+        versions = await asyncio.gather(*(_config_version(c) for c in clients.values()))
+        assert versions == [1] * DEVICES
+
+        # A listener process killed: its devices lose their sockets (and only they), it is started
+        # again, and they reconnect through the same port and get their config back.
+        victim = listeners[0]
+        os.kill(victim, signal.SIGKILL)
+        await wait_until(lambda: not _alive(victim), 5, "the listener process killed")
+        closed = await asyncio.gather(*(c.closed_within(1.0) for c in clients.values()))
+        cut = [d for d, gone in zip(clients, closed, strict=True) if gone]
+        assert 0 < len(cut) < DEVICES
+        await wait_until(lambda: len([p for p in _children(proc.pid) if _alive(p)]) == 3, 10,
+                         "the listener process started again")
+        assert victim not in _children(proc.pid)
+        for device in cut:
+            clients[device].close()
+        clients.update(await _connect_all(port, secrets, cut))
+        assert await asyncio.gather(*(_config_version(clients[d]) for d in cut)) == [1] * len(cut)
+        await _wait_online(data, DEVICES)
+
+        # The service stops: every listener process ends with it, and every device is cut.
+        listeners = _children(proc.pid)
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+        assert not any(_alive(p) for p in listeners)
+        closed = await asyncio.gather(*(c.closed_within(5) for c in clients.values()))
+        assert all(closed)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "broker.listener_process_exited index=0" in text and "Traceback" not in text
+
+
+async def test_takeover_across_listener_processes_and_a_library_stop(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", listener_processes=2)
+    async with HengeService(settings) as service:
+        port = service.address[1]
+        secret = await service.add_device("dev1")
+        await service.push("dev1", {"v": 1})
+        stats = service.broker.stats()
+        assert stats["listener_processes"] == 2
+        # Many connections of one device: the kernel spreads them over both processes, and each new
+        # one replaces the last wherever it lives (a 5.0 client is told why: 0x8E).
+        olds: list[paho.Client] = []
+        gone: list[int] = []
+        for i in range(8):
+            client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="dev1", protocol=paho.MQTTv5)
+            client.username_pw_set("dev1", secret)
+            client.on_disconnect = lambda c, u, flags, rc, props: gone.append(rc.value)
+            client.connect("127.0.0.1", port)
+            client.loop_start()
+            olds.append(client)
+            await wait_until(client.is_connected, 5, f"connection {i}")
+        await wait_until(lambda: len(gone) == 7, 5, "seven takeovers")
+        assert set(gone) == {0x8E}
+        status = (await service.status("dev1"))[0]
+        assert status["online"] is True
+        async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", username="dev1", password=secret,
+                                  timeout=5) as device:
+            await device.subscribe("henge/devices/dev1/config", qos=1)
+            assert payload_json(await next_message(device))["config"] == {"v": 1}
+        for client in olds:
+            client.loop_stop()
+        pids = _children(os.getpid())
+        listener_pids = [p for p in pids if "relay_process" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(listener_pids) == 2
+    assert not any(_alive(p) for p in listener_pids)  # a library stop ends them too
+
+
+async def test_listener_processes_relay_plain_tcp_only(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", listener_processes=2).model_copy(update={"listeners": {
+        "tls": ListenerConfig(bind="127.0.0.1:0", ssl=True, certfile=tmp_path / "c.pem", keyfile=tmp_path / "k.pem")}})
+    with pytest.raises(SettingsError, match="listener tls: listener_processes relays plain TCP listeners only"):
+        async with HengeService(settings):
+            pass
