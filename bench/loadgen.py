@@ -109,7 +109,8 @@ class Client:
             await self._open(host, port)
 
     async def _open(self, host: str, port: int) -> None:
-        self.reader, self.writer = await asyncio.open_connection(host, port)
+        local = (SOURCE_HOST, 0) if SOURCE_HOST else None  # past 28,000 ephemeral ports per source address
+        self.reader, self.writer = await asyncio.open_connection(host, port, local_addr=local)
         self.writer.write(connect_packet(self.device, self.device if self.secret else None, self.secret,
                                          mqtt5=self.mqtt5, persistent=self.persistent))
         kind, _, body = await read_packet(self.reader)
@@ -189,8 +190,13 @@ async def _bounded(coros: list[Any], limit: int) -> list[Any]:
     return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
 
 
+SOURCE_HOST: str | None = None  # this worker's own loopback address (127.0.0.x), when the fleet needs it
+
+
 async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
     """Follow the orchestrator's commands: connect, await_push, storm, hold, stop."""
+    global SOURCE_HOST
+    SOURCE_HOST = spec.get("source_host")
     host, port = spec["host"], spec["port"]
     sub_filter = spec.get("filter", "")
     mqtt5 = bool(spec.get("mqtt5"))

@@ -47,17 +47,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tree(pid: int) -> list[int]:
+    """The process and its descendants (henge's listener processes count as the broker's)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        try:
+            pids += [int(c) for c in Path(f"/proc/{pids[i]}/task/{pids[i]}/children").read_text().split()]
+        except FileNotFoundError:
+            pass
+        i += 1
+    return pids
+
+
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    total = 0.0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time the process (and its children alive) has used so far."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
@@ -103,6 +126,7 @@ class Target:
 
 class Henge(Target):
     name = "henge"
+    listener_processes = 0
 
     def start(self) -> None:
         from henge_mqtt.store import Store
@@ -117,7 +141,7 @@ class Henge(Target):
         http = ["--no-http"] if os.environ.get("BENCH_HENGE_NO_HTTP") else ["--http", f"127.0.0.1:{self.http_port}"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", str(self.port),
-             "--log-level", "warning", *http],
+             "--log-level", "warning", *http, "--listener-processes", str(self.listener_processes)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_port(self.port)
@@ -130,6 +154,13 @@ class Henge(Target):
         done = subprocess.run([sys.executable, "-m", "henge_mqtt", "push", "--all", str(cfg), "--data", str(self.data),
                                "--timeout", str(PHASE_TIMEOUT), "--json"], check=True, cwd=ROOT, capture_output=True)
         self.timings = json.loads(done.stdout).get("timings_ms")  # inside the service, from the request
+
+
+class HengeListenerProcesses(Henge):
+    """henge with its device sockets in listener processes (``BENCH_LISTENER_PROCESSES``, default 4)."""
+
+    name = "henge-lp"
+    listener_processes = int(os.environ.get("BENCH_LISTENER_PROCESSES", "4"))
 
 
 class StockAmqtt(Target):
@@ -186,7 +217,7 @@ class MosquittoAuth(Target):
         asyncio.run(loadgen.publish_all("127.0.0.1", self.port, topics, self.publisher, self.publisher_secret))
 
 
-TARGETS = {"henge": Henge, "mosquitto-auth": MosquittoAuth, "mosquitto": Mosquitto, "amqtt": StockAmqtt}
+TARGETS = {"henge": Henge, "henge-lp": HengeListenerProcesses, "mosquitto-auth": MosquittoAuth, "mosquitto": Mosquitto, "amqtt": StockAmqtt}
 
 
 def save_result(name: str, result: dict[str, Any]) -> None:
@@ -269,7 +300,9 @@ def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filt
         for share in shares:
             q = ctx.Queue()
             spec = {"host": "127.0.0.1", "port": target.port, "devices": share, "topic": TOPIC,
-                    "filter": FILTERS[sub_filter], "mqtt5": mqtt == "5", "persistent": session == "persistent"}
+                    "filter": FILTERS[sub_filter], "mqtt5": mqtt == "5", "persistent": session == "persistent",
+                    # Each worker from its own loopback address: 28,000 ephemeral ports are per address.
+                    "source_host": f"127.0.0.{2 + len(procs)}" if n > 20_000 else None}
             p = ctx.Process(target=loadgen.worker_main, args=(spec, q, results))
             p.start()
             procs.append(p)
@@ -363,7 +396,7 @@ METRICS = [
     ("storm_s", "takeover storm, all current (s)"),
     ("shutdown_s", "clean shutdown (s)"),
 ]
-COLUMNS = ("henge", "mosquitto-auth", "mosquitto", "amqtt")
+COLUMNS = ("henge", "henge-lp", "mosquitto-auth", "mosquitto", "amqtt")
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -374,8 +407,9 @@ def table(results: list[dict[str, Any]]) -> str:
 
     by = {(r["target"], r["n"], sub(r)): r for r in results}
     keys = sorted({(r["n"], sub(r)) for r in results})
-    lines = ["| N | subscription | metric | henge | mosquitto + auth/ACL | mosquitto anonymous | amqtt 0.12.1 "
-             "| henge / mosquitto+auth |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | subscription | metric | henge | henge, listener processes | mosquitto + auth/ACL "
+             "| mosquitto anonymous | amqtt 0.12.1 | henge / mosquitto+auth | henge-lp / mosquitto+auth |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v: Any) -> str:
         return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
@@ -383,10 +417,10 @@ def table(results: list[dict[str, Any]]) -> str:
     for n, subscription in keys:
         for key, label in METRICS:
             values = [by.get((t, n, subscription), {}).get(key) for t in COLUMNS]
-            h, ref = values[0], values[1]
-            ratio = f"{h / ref:.2f}x" if h is not None and ref else "-"
+            ref = values[2]
+            ratios = [f"{h / ref:.2f}x" if h is not None and ref else "-" for h in values[:2]]
             lines.append(f"| {n} | {subscription} | {label} | " + " | ".join(fmt(v) for v in values)
-                         + f" | {ratio} |")
+                         + f" | {' | '.join(ratios)} |")
     return "\n".join(lines)
 
 
