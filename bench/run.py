@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -51,10 +52,8 @@ def tree(pid: int) -> list[int]:
     """The process and its descendants (henge's listener processes count as the broker's)."""
     pids, i = [pid], 0
     while i < len(pids):
-        try:
+        with contextlib.suppress(FileNotFoundError):  # it ended meanwhile
             pids += [int(c) for c in Path(f"/proc/{pids[i]}/task/{pids[i]}/children").read_text().split()]
-        except FileNotFoundError:
-            pass
         i += 1
     return pids
 
@@ -217,7 +216,8 @@ class MosquittoAuth(Target):
         asyncio.run(loadgen.publish_all("127.0.0.1", self.port, topics, self.publisher, self.publisher_secret))
 
 
-TARGETS = {"henge": Henge, "henge-lp": HengeListenerProcesses, "mosquitto-auth": MosquittoAuth, "mosquitto": Mosquitto, "amqtt": StockAmqtt}
+TARGETS = {"henge": Henge, "henge-lp": HengeListenerProcesses, "mosquitto-auth": MosquittoAuth,
+           "mosquitto": Mosquitto, "amqtt": StockAmqtt}
 
 
 def save_result(name: str, result: dict[str, Any]) -> None:

@@ -100,6 +100,7 @@ class _ServiceCollector:
         for name, count in snapshot["sync"].items():
             sync.add_metric([name], count)
         yield sync
-        for name in ("sockets", "subscriptions", "retained", "refused_at_limit"):
+        for name in ("sockets", "subscriptions", "retained", "refused_at_limit", "listener_processes",
+                     "listener_process_restarts"):
             if name in snapshot:
                 yield GaugeMetricFamily(f"henge_{name}", f"Broker {name.replace('_', ' ')} now.", value=snapshot[name])

@@ -184,3 +184,33 @@ async def test_listener_processes_relay_plain_tcp_only(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="listener tls: listener_processes relays plain TCP listeners only"):
         async with HengeService(settings):
             pass
+
+
+async def test_a_device_that_does_not_read_is_cut_by_its_listener_process(tmp_path: Path) -> None:
+    """The core cannot see a relayed socket's buffer: the listener process bounds it (4 MiB), and the
+    device goes offline as a slow consumer while another device keeps every push."""
+    settings = make_settings(tmp_path / "data", listener_processes=1, max_inflight=1000)
+    async with HengeService(settings) as service:
+        port = service.address[1]
+        slow_secret = await service.add_device("slow")
+        fast_secret = await service.add_device("fast")
+        slow = await raw.RawClient.open(port)
+        await slow.send(raw.connect("slow", "slow", slow_secret))
+        assert await slow.connack() == 0
+        await slow.send(raw.subscribe(1, "henge/devices/slow/config"))
+        # ... and from now on never reads its socket, never acknowledges
+        async with aiomqtt.Client("127.0.0.1", port, identifier="fast", username="fast", password=fast_secret,
+                                  timeout=5) as fast:
+            await fast.subscribe("henge/devices/fast/config", qos=1)
+            blob = {"pad": "x" * 200_000}
+            n = 0
+            while (await service.status("slow"))[0]["online"]:
+                n += 1
+                assert n <= 100, "40 MB unread and still connected"
+                await service.push("slow", blob | {"n": n})
+                await service.push("fast", {"n": n})
+                assert payload_json(await next_message(fast, 5))["config"] == {"n": n}
+        status = (await service.status("slow"))[0]
+        assert status["reason"] == "slow_consumer"
+        assert n > 20  # what the kernel's and the process's buffers hold first: 4 MiB and more
+        slow.close()
