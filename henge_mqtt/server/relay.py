@@ -291,7 +291,8 @@ class Relays:
             await link.closed
             if self._stopping:
                 return
-            # At once the first time; a process that keeps dying young is started less and less often.
+            # After 0.1 s; a process that keeps dying young (within 50 s) waits twice as long each time, up
+            # to 5 s.
             quick = time.monotonic() - started < 10 * RESTART_AFTER[1]
             wait = min(max(wait * 2, RESTART_AFTER[0]), RESTART_AFTER[1]) if quick else RESTART_AFTER[0]
             self.restarts += 1
