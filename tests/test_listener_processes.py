@@ -16,8 +16,11 @@ from pathlib import Path
 import aiomqtt
 import paho.mqtt.client as paho
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from henge_mqtt import HengeService, SettingsError
+from henge_mqtt.server.relay_wire import ABORT, DATA, HEADER, HELLO, MAX_FRAME, LinkError, cut, frame
 from henge_mqtt.settings import ListenerConfig
 from henge_mqtt.store import Store
 
@@ -214,3 +217,23 @@ async def test_a_device_that_does_not_read_is_cut_by_its_listener_process(tmp_pa
         assert status["reason"] == "slow_consumer"
         assert n > 20  # what the kernel's and the process's buffers hold first: 4 MiB and more
         slow.close()
+
+
+@given(st.lists(st.tuples(st.integers(HELLO, ABORT), st.integers(0, 2**32 - 1), st.binary(max_size=300)),
+                max_size=20), st.lists(st.integers(1, 64), max_size=40))
+def test_link_frames_survive_any_split(frames: list[tuple[int, int, bytes]], cuts: list[int]) -> None:
+    stream = b"".join(frame(*f) for f in frames)
+    got: list[tuple[int, int, bytes]] = []
+    held, offset = b"", 0
+    for size in [*cuts, len(stream)]:
+        some, held = cut(held, stream[offset:offset + size])
+        got += some
+        offset += size
+    assert got == frames and held == b""
+
+
+def test_a_corrupt_link_is_an_error_not_a_huge_buffer() -> None:
+    with pytest.raises(LinkError):
+        cut(b"", HEADER.pack(DATA, 1, MAX_FRAME + 1))
+    with pytest.raises(LinkError):
+        cut(b"", HEADER.pack(99, 1, 0))

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from ..errors import ServiceUnavailable
 from .connection import CLOSED, Connection
 from .listener import tcp_sockets
-from .relay_wire import ABORT, CLOSE, DATA, EOF, HELLO, LOST, OPEN, LinkError, cut, frame
+from .relay_wire import ABORT, CLOSE, DATA, EOF, HEADER, HELLO, LOST, OPEN, LinkError, cut
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,9 @@ class RelayLink(asyncio.Protocol):
         """Frames of one loop turn leave in one write (a fleet push: one system call, not one per device)."""
         if not self.out:
             asyncio.get_running_loop().call_soon(self.flush)
-        self.out.append(frame(kind, number, payload))
+        self.out.append(HEADER.pack(kind, number, len(payload)))
+        if payload:
+            self.out.append(payload)  # joined once with the rest of the turn's frames: one copy
 
     def flush(self) -> None:
         if self.out and self.transport is not None and not self.transport.is_closing():

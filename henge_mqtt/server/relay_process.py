@@ -27,7 +27,7 @@ import socket
 import sys
 
 from .listener import Acceptor
-from .relay_wire import ABORT, CLOSE, DATA, EOF, HELLO, LOST, OPEN, LinkError, cut, frame
+from .relay_wire import ABORT, CLOSE, DATA, EOF, HEADER, HELLO, LOST, OPEN, LinkError, cut
 
 log = logging.getLogger("henge_mqtt.server.relay_process")
 
@@ -91,7 +91,9 @@ class Uplink(asyncio.Protocol):
         """Frames of one loop turn leave in one write."""
         if not self.out:
             asyncio.get_running_loop().call_soon(self.flush)
-        self.out.append(frame(kind, number, payload))
+        self.out.append(HEADER.pack(kind, number, len(payload)))
+        if payload:
+            self.out.append(payload)  # joined once with the rest of the turn's frames: one copy
 
     def flush(self) -> None:
         if self.out and self.transport is not None and not self.transport.is_closing():
