@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import resource
 import signal
 import subprocess
@@ -237,3 +238,54 @@ def test_a_corrupt_link_is_an_error_not_a_huge_buffer() -> None:
         cut(b"", HEADER.pack(DATA, 1, MAX_FRAME + 1))
     with pytest.raises(LinkError):
         cut(b"", HEADER.pack(99, 1, 0))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_chaos_across_listener_processes_ends_with_presence_equal_to_the_truth(tmp_path: Path,
+                                                                                     seed: int) -> None:
+    """Random connects, clones (a second connection of a device: a takeover, wherever the kernel put
+    each), abrupt drops, clean disconnects and pushes over 2 listener processes; then presence must
+    equal which devices' last connection is open, and each of those has its latest config."""
+    rng = random.Random(seed)
+    settings = make_settings(tmp_path / "data", listener_processes=2, sessions={"connect_burst": 100})
+    async with HengeService(settings) as service:
+        port = service.address[1]
+        devices = [f"d{i:02d}" for i in range(20)]
+        secrets = {d: await service.add_device(d) for d in devices}
+        current: dict[str, raw.RawClient | None] = dict.fromkeys(devices)
+        latest: dict[str, int] = {}
+        for _ in range(150):
+            device = rng.choice(devices)
+            op = rng.choice(["connect", "connect", "drop", "disconnect", "push"])
+            client = current[device]
+            if op == "connect":  # with a connection open already: a clone, which takes over
+                new = await raw.RawClient.open(port)
+                await new.send(raw.connect(device, device, secrets[device]))
+                assert await new.connack() == 0
+                await new.send(raw.subscribe(1, f"henge/devices/{device}/config"))
+                current[device] = new
+            elif op == "drop" and client is not None:
+                client.writer.transport.abort()  # a reset: no DISCONNECT
+                current[device] = None
+            elif op == "disconnect" and client is not None:
+                await client.send(raw.DISCONNECT)
+                client.close()
+                current[device] = None
+            elif op == "push":
+                latest[device] = (await service.push(device, {"n": rng.randrange(1000)})).version
+        truth = {d for d, c in current.items() if c is not None}
+
+        async def online() -> set[str]:
+            return {s["device"] for s in await service.status() if s["online"]}
+
+        deadline = time.monotonic() + 10
+        while (seen := await online()) != truth:
+            assert time.monotonic() < deadline, f"online {sorted(seen)} but connected {sorted(truth)}"
+            await asyncio.sleep(0.05)
+        for device in truth:
+            client = current[device]
+            assert client is not None
+            if device in latest:
+                version = 0
+                while version != latest[device]:
+                    version = await _config_version(client)

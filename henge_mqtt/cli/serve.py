@@ -220,8 +220,10 @@ class ServeRunner:
                 self.echo(f"henge: serving through the broker at {settings.external_broker} (its admin listener; "
                           f"data: {settings.data_dir}); {_device_listener(settings.data_dir)}")
             else:
+                held = (f"; device sockets in {settings.listener_processes} listener processes"
+                        if settings.listener_processes else "")
                 self.echo(f"henge: serving on mqtt://{bound_host}:{bound_port} (devices and admin; data: "
-                          f"{settings.data_dir})")
+                          f"{settings.data_dir}{held})")
             self.started.set()
             await stop.wait()
             self.echo("henge: shutting down")
