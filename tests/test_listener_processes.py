@@ -9,6 +9,7 @@ import os
 import random
 import resource
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from henge_mqtt import HengeService, SettingsError
+from henge_mqtt.certs import make_dev_certs
 from henge_mqtt.server.relay_wire import ABORT, DATA, HEADER, HELLO, MAX_FRAME, LinkError, cut, frame
 from henge_mqtt.settings import ListenerConfig
 from henge_mqtt.store import Store
@@ -182,10 +184,45 @@ async def test_takeover_across_listener_processes_and_a_library_stop(tmp_path: P
     assert not any(_alive(p) for p in listener_pids)  # a library stop ends them too
 
 
-async def test_listener_processes_relay_plain_tcp_only(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path / "data", listener_processes=2).model_copy(update={"listeners": {
-        "tls": ListenerConfig(bind="127.0.0.1:0", ssl=True, certfile=tmp_path / "c.pem", keyfile=tmp_path / "k.pem")}})
-    with pytest.raises(SettingsError, match="listener tls: listener_processes relays plain TCP listeners only"):
+async def test_tls_ends_in_the_listener_processes(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["dev1"])
+    tls = ListenerConfig(bind="127.0.0.1:0", ssl=True, certfile=certs / "server.pem", keyfile=certs / "server.key")
+    settings = make_settings(tmp_path / "data", listener_processes=2)
+    settings = settings.model_copy(update={"listeners": {**settings.listeners, "tls": tls}})
+    async with HengeService(settings) as service:
+        plain_port, tls_port = (address[1] for address in service.broker.addresses())
+        secret = await service.add_device("dev1")
+        await service.push("dev1", {"tls": True})
+        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        async with aiomqtt.Client("127.0.0.1", tls_port, identifier="dev1", username="dev1", password=secret,
+                                  tls_context=context, timeout=5) as client:
+            await client.subscribe("henge/devices/dev1/config", qos=1)
+            assert payload_json(await next_message(client))["config"] == {"tls": True}
+        result = await asyncio.to_thread(subprocess.run, [
+            "mosquitto_sub", "-h", "localhost", "-p", str(tls_port), "--cafile", str(certs / "ca.pem"),
+            "-i", "dev1", "-u", "dev1", "-P", secret, "-t", "henge/devices/dev1/config", "-C", "1", "-W", "10",
+        ], capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0 and '"tls":true' in result.stdout, result.stderr
+        # Plaintext on the TLS port is no MQTT session; the plain port still serves.
+        plain_on_tls = await raw.RawClient.open(tls_port)
+        await plain_on_tls.send(raw.connect("dev1", "dev1", secret))
+        with pytest.raises(EOFError):
+            await plain_on_tls.connack()
+        device = await raw.RawClient.open(plain_port)
+        await device.send(raw.connect("dev1", "dev1", secret))
+        assert await device.connack() == 0
+
+
+async def test_client_certificates_need_the_service_to_end_tls(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost"], ["dev1"])
+    tls = ListenerConfig(bind="127.0.0.1:0", ssl=True, certfile=certs / "server.pem", keyfile=certs / "server.key",
+                         cafile=certs / "ca.pem")
+    settings = make_settings(tmp_path / "data", listener_processes=2, tls_client_auth="optional")
+    settings = settings.model_copy(update={"listeners": {"tls": tls}})
+    with pytest.raises(SettingsError, match="listener tls: listener processes end TLS with the server's "
+                                            "certificate only"):
         async with HengeService(settings):
             pass
 

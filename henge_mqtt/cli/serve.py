@@ -62,8 +62,8 @@ def serve(
                                               "store in PostgreSQL (default: SQLite in the data dir).")] = None,
     listener_processes: Annotated[int | None, typer.Option(
         "--listener-processes", min=0, max=64, metavar="N", help="Hold device sockets in N listener processes "
-        "sharing the port (beyond one process's open-file limit; 0: in the service itself; plain TCP only; "
-        "see docs/scaling.md).")] = None,
+        "sharing the port (beyond one process's open-file limit; 0: in the service itself; TLS without client "
+        "certificates; see docs/scaling.md).")] = None,
 ) -> None:
     """Run the service (with its embedded broker, or against --broker) until SIGINT/SIGTERM."""
     from ..settings import Settings

@@ -77,6 +77,8 @@ class Listener:
     host: str
     port: int
     ssl: ssl.SSLContext | None = None
+    # (certificate file, key file) of a TLS listener: what a listener process loads to terminate TLS
+    cert_files: tuple[str, str] | None = None
 
 
 class EmbeddedBroker(TableViews):
@@ -163,8 +165,9 @@ class EmbeddedBroker(TableViews):
                 acceptor.sock.close()
             raise
         if self.listener_processes:
-            relays = Relays(self, [(spec.host, spec.port) for spec in self.listeners], self.listener_processes,
-                            max_connections=self.process_max_connections, max_write=self.limits.max_write_buffer)
+            relays = Relays(self, [(spec.host, spec.port, spec.cert_files) for spec in self.listeners],
+                            self.listener_processes, max_connections=self.process_max_connections,
+                            max_write=self.limits.max_write_buffer, handshake_timeout=self.limits.connect_timeout)
             try:
                 await relays.start()
             except BaseException:
@@ -181,9 +184,9 @@ class EmbeddedBroker(TableViews):
         relayed = self._relays.addresses() if self._relays is not None else []
         return relayed + [address for acceptor in self._acceptors for address in acceptor.addresses()]
 
-    def new_connection(self) -> Connection:
+    def new_connection(self, *, tls: bool) -> Connection:
         """A device connection whose socket a listener process holds."""
-        return Connection(self)
+        return Connection(self, tls=tls)
 
     @property
     def admin_socket(self) -> str | None:

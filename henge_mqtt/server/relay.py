@@ -17,6 +17,7 @@ connections at once (as a reset would; their epochs fence anything late), and is
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import sys
@@ -45,7 +46,7 @@ class Owner(Protocol):
 
     def warn(self, event: str, fmt: str, *args: object) -> None: ...
 
-    def new_connection(self) -> Connection: ...
+    def new_connection(self, *, tls: bool) -> Connection: ...
 
 
 class RelayedTransport(asyncio.Transport):
@@ -197,8 +198,9 @@ class RelayLink(asyncio.Protocol):
             self.send(ABORT, number)
             owner.refused(False, "max_connections")
             return
-        host, _, port = payload.decode("utf-8", "replace").rpartition(" ")
-        protocol = owner.new_connection()
+        tls = payload.endswith(b" tls")  # "host port", and " tls" when the listener process ended TLS
+        host, _, port = payload[:-4 if tls else None].decode("utf-8", "replace").rpartition(" ")
+        protocol = owner.new_connection(tls=tls)
         transport = self.conns[number] = RelayedTransport(self, number, (host, int(port or 0)), protocol)
         protocol.connection_made(transport)
 
@@ -216,14 +218,16 @@ class RelayLink(asyncio.Protocol):
 class Relays:
     """The listener processes: started, watched, started again, stopped."""
 
-    def __init__(self, owner: Owner, binds: Sequence[tuple[str, int]], count: int, *, max_connections: int,
-                 max_write: int) -> None:
+    def __init__(self, owner: Owner, binds: Sequence[tuple[str, int, tuple[str, str] | None]], count: int, *,
+                 max_connections: int, max_write: int, handshake_timeout: float) -> None:
         self.owner = owner
-        self.binds = list(binds)
+        self.binds = list(binds)  # host, port, and (certificate, key) files for TLS
+        self.handshake_timeout = handshake_timeout
         self.count = count
         self.max_connections = max_connections  # per process: its own file limit minus a reserve
         self.max_write = max_write
         self.sockets: list[list[socket.socket]] = []  # per process: one reuse-port socket per address
+        self.tls: list[tuple[str, str] | None] = []  # per socket of a process: its listener's TLS files
         self.links: list[RelayLink | None] = [None] * count
         self.procs: list[asyncio.subprocess.Process | None] = [None] * count
         self.restarts = 0
@@ -235,18 +239,20 @@ class Relays:
 
     async def start(self) -> None:
         try:
-            for index in range(self.count):
+            ports = [port for _, port, _ in self.binds]
+            for _ in range(self.count):
                 group: list[socket.socket] = []
                 self.sockets.append(group)
-                for b, (host, port) in enumerate(self.binds):
-                    # The first process's sockets fix a port asked as 0; the others share it.
-                    if index:
-                        port = self.sockets[0][b].getsockname()[1] if port == 0 else port
+                self.tls = []
+                for b, (host, _, tls) in enumerate(self.binds):
                     try:
-                        group.extend(tcp_sockets(host, port, reuse_port=True))
+                        made = tcp_sockets(host, ports[b], reuse_port=True)
                     except OSError as exc:
-                        raise ServiceUnavailable(f"cannot listen on {host or '*'}:{port} (listener processes): "
+                        raise ServiceUnavailable(f"cannot listen on {host or '*'}:{ports[b]} (listener processes): "
                                                  f"{exc.strerror or exc}") from exc
+                    ports[b] = made[0].getsockname()[1]  # a port asked as 0: the first process's, for all
+                    group.extend(made)
+                    self.tls.extend([tls] * len(made))
             await asyncio.gather(*(self._spawn(index) for index in range(self.count)))
         except BaseException:
             await self.stop()
@@ -258,11 +264,13 @@ class Relays:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         fds = [s.fileno() for s in self.sockets[index]]
+        listen = [{"fd": fd, "tls": tls} for fd, tls in zip(fds, self.tls, strict=True)]
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "henge_mqtt.server.relay_process", "--index", str(index),
-                "--link", str(theirs.fileno()), "--listen", ",".join(map(str, fds)),
+                "--link", str(theirs.fileno()), "--listen", json.dumps(listen),
                 "--max-connections", str(self.max_connections), "--max-write", str(self.max_write),
+                "--handshake-timeout", str(self.handshake_timeout),
                 pass_fds=(theirs.fileno(), *fds), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, start_new_session=True,  # a terminal's ^C is the core's
             )

@@ -13,18 +13,22 @@ What this process decides alone: whether it has room for one more socket (its ow
 closes it or dies, this process ends and the kernel closes its devices' sockets. It imports only
 the standard library and the server's listener, so it stays small.
 
-Run by the core only: ``python -m henge_mqtt.server.relay_process --link FD --listen FD[,FD...]``.
+Run by the core only: ``python -m henge_mqtt.server.relay_process --link FD --listen JSON``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import json
 import logging
 import os
 import resource
 import socket
+import ssl
 import sys
+from typing import Any
 
 from .listener import Acceptor
 from .relay_wire import ABORT, CLOSE, DATA, EOF, HEADER, HELLO, LOST, OPEN, LinkError, cut
@@ -35,10 +39,11 @@ log = logging.getLogger("henge_mqtt.server.relay_process")
 class Device(asyncio.Protocol):
     """One device's socket: its bytes go up the link as they come."""
 
-    __slots__ = ("number", "paused", "transport", "up")
+    __slots__ = ("number", "paused", "tls", "transport", "up")
 
-    def __init__(self, up: Uplink) -> None:
+    def __init__(self, up: Uplink, tls: bool = False) -> None:
         self.up = up
+        self.tls = tls
         self.number = 0
         self.paused = False
         self.transport: asyncio.Transport | None = None
@@ -159,7 +164,7 @@ class Uplink(asyncio.Protocol):
         assert device.transport is not None
         peer = device.transport.get_extra_info("peername")
         host, port = (peer[0], peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else ("unknown", 0)
-        self.send(OPEN, device.number, f"{host} {port}".encode())
+        self.send(OPEN, device.number, f"{host} {port}{' tls' if device.tls else ''}".encode())
         if not self.reading:
             device.transport.pause_reading()
 
@@ -189,7 +194,8 @@ class Uplink(asyncio.Protocol):
         self.sockets -= 1
 
 
-async def serve(link_fd: int, listen_fds: list[int], max_connections: int, max_write: int) -> None:
+async def serve(link_fd: int, listen: list[dict[str, Any]], max_connections: int, max_write: int,
+                handshake_timeout: float) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     up = Uplink(max_connections, max_write, done)
@@ -197,10 +203,15 @@ async def serve(link_fd: int, listen_fds: list[int], max_connections: int, max_w
     link.setblocking(False)
     await loop.connect_accepted_socket(lambda: up, link)
     acceptors = []
-    for fd in listen_fds:
-        sock = socket.socket(fileno=fd)
+    for spec in listen:
+        sock = socket.socket(fileno=spec["fd"])
         sock.setblocking(False)
-        acceptor = Acceptor(sock, lambda: Device(up), up)
+        context = None
+        if spec["tls"]:  # TLS ends here: the core gets the plaintext
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*spec["tls"])
+        acceptor = Acceptor(sock, functools.partial(Device, up, context is not None), up, ssl_context=context,
+                            handshake_timeout=handshake_timeout)
         acceptor.start()
         acceptors.append(acceptor)
     await done
@@ -213,7 +224,8 @@ async def serve(link_fd: int, listen_fds: list[int], max_connections: int, max_w
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="henge-relay", description="henge's listener process (run by the core)")
     parser.add_argument("--link", type=int, required=True)
-    parser.add_argument("--listen", required=True)
+    parser.add_argument("--listen", required=True, help="JSON: [{fd, tls: [certfile, keyfile] | null}]")
+    parser.add_argument("--handshake-timeout", type=float, default=10.0)
     parser.add_argument("--max-connections", type=int, required=True)
     parser.add_argument("--max-write", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
@@ -224,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # Its own session (the core starts it so): a terminal's ^C reaches the core, which ends the link.
-    asyncio.run(serve(args.link, [int(fd) for fd in args.listen.split(",")], args.max_connections, args.max_write))
+    asyncio.run(serve(args.link, json.loads(args.listen), args.max_connections, args.max_write,
+                      args.handshake_timeout))
     return 0
 
 

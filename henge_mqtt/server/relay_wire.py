@@ -10,7 +10,7 @@ Frames (kind, connection number, payload length, payload):
 kind      direction         payload
 ========  ================  ===================================================================
 HELLO     listener -> core  its process id (ASCII): it is listening
-OPEN      listener -> core  ``host port`` of the new peer
+OPEN      listener -> core  ``host port`` of the new peer, `` tls`` added when TLS ended there
 DATA      both              bytes from (or to) the device, unchanged
 LOST      listener -> core  why the socket ended (empty: the peer closed or reset it)
 CLOSE     core -> listener  close after what was sent is flushed

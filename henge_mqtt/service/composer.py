@@ -263,14 +263,14 @@ class HengeService(ServiceAPI):
         listeners = []
         for name, spec in s.listeners.items():
             host, port = spec.host_port()
-            if spec.ssl and s.listener_processes:
-                raise SettingsError(f"listener {name}: listener_processes relays plain TCP listeners only (TLS "
-                                    "is terminated in the service: set listener_processes to 0, or put a TLS "
-                                    "proxy in front)")
-            context = spec.ssl_context(s.tls_client_auth)
+            if spec.ssl and s.listener_processes and s.tls_client_auth != "off":
+                raise SettingsError(f"listener {name}: listener processes end TLS with the server's certificate "
+                                    "only: client certificates (tls_client_auth) need listener_processes 0")
+            context = spec.ssl_context(s.tls_client_auth)  # (loaded here too: a bad file fails the start)
             if context is not None and s.tls_client_auth != "off":
                 self._claim_tls.append(context)
-            listeners.append(Listener(name, host, port, context))
+            files = (str(spec.certfile), str(spec.keyfile)) if context is not None else None
+            listeners.append(Listener(name, host, port, context, files))
         limits = Limits(
             max_keepalive=s.max_keepalive, connect_timeout=s.connect_timeout, max_packet=s.max_packet_bytes,
             max_device_publish=s.max_publish_bytes, max_inflight=s.max_inflight,
