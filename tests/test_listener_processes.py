@@ -326,3 +326,32 @@ async def test_chaos_across_listener_processes_ends_with_presence_equal_to_the_t
                 version = 0
                 while version != latest[device]:
                     version = await _config_version(client)
+
+
+async def test_listener_processes_end_when_the_core_is_killed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = Store(data)
+    secret = store.add_devices([("dev1", {})])["dev1"]
+    store.close()
+    proc = subprocess.Popen([sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", "0",
+                             "--no-http", "--listener-processes", "2"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (data / "service.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+            await asyncio.sleep(0.05)
+        port = int(json.loads((data / "service.json").read_text())["port"])
+        device = await raw.RawClient.open(port)
+        await device.send(raw.connect("dev1", "dev1", secret))
+        assert await device.connack() == 0
+        listeners = _children(proc.pid)
+        assert len(listeners) == 2
+        proc.kill()  # no goodbye: the links close with the process
+        proc.wait()
+        await wait_until(lambda: not any(_alive(p) for p in listeners), 5, "the listener processes ended")
+        assert await device.closed_within(5)  # and the kernel closed the device's socket with them
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
