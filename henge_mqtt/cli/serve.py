@@ -96,7 +96,7 @@ def serve(
     elif broker_events or nats_accounts or nats_reload:
         fail("--broker-events, --nats-accounts and --nats-reload need --broker (the cluster's MQTT address)", 2)
     if listener_processes is not None:
-        if external:
+        if external and listener_processes:
             fail("--listener-processes serves the embedded broker's devices; with --broker there is none", 2)
         settings = settings.model_copy(update={"listener_processes": listener_processes})
     if store is not None:

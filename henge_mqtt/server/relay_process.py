@@ -122,9 +122,7 @@ class Uplink(asyncio.Protocol):
             if kind == DATA:
                 transport.write(payload)
                 if device.paused and transport.get_write_buffer_size() > self.max_write:
-                    log.warning("relay.slow_consumer peer=%s: %d bytes unsent", transport.get_extra_info("peername"),
-                                transport.get_write_buffer_size())
-                    self.lost(device, "slow_consumer")
+                    self.lost(device, "slow_consumer")  # the core logs it (rate-limited), as its own
                     transport.abort()
             elif kind == CLOSE:
                 transport.close()
