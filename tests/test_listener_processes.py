@@ -80,6 +80,15 @@ async def _summary(data: Path) -> dict[str, int]:
     return summary
 
 
+async def _started(proc: subprocess.Popen[bytes], data: Path) -> int:
+    """The MQTT port of ``henge serve`` once it has started."""
+    deadline = time.monotonic() + 30
+    while not (data / "service.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+        await asyncio.sleep(0.05)
+    return int(json.loads((data / "service.json").read_text())["port"])
+
+
 async def _wait_online(data: Path, count: int) -> None:
     deadline = time.monotonic() + 15
     while (summary := await _summary(data))["online"] != count:
@@ -98,11 +107,7 @@ async def test_devices_beyond_one_process_file_limit_and_a_listener_process_kill
                              "--listener-processes", "3"], cwd=ROOT, stdout=log, stderr=log,
                             preexec_fn=_limit_files)
     try:
-        deadline = time.monotonic() + 30
-        while not (data / "service.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
-            await asyncio.sleep(0.05)
-        port = int(json.loads((data / "service.json").read_text())["port"])
+        port = await _started(proc, data)
         listeners = _children(proc.pid)
         assert len(listeners) == 3
 
@@ -337,11 +342,7 @@ async def test_listener_processes_end_when_the_core_is_killed(tmp_path: Path) ->
                              "--no-http", "--listener-processes", "2"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while not (data / "service.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
-            await asyncio.sleep(0.05)
-        port = int(json.loads((data / "service.json").read_text())["port"])
+        port = await _started(proc, data)
         device = await raw.RawClient.open(port)
         await device.send(raw.connect("dev1", "dev1", secret))
         assert await device.connack() == 0

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from ..errors import ServiceUnavailable
 from .connection import CLOSED, Connection
 from .listener import tcp_sockets
-from .relay_wire import ABORT, CLOSE, DATA, EOF, HEADER, HELLO, LOST, OPEN, LinkError, cut
+from .relay_wire import ABORT, CLOSE, DATA, EOF, HELLO, LOST, OPEN, LinkEnd
 
 log = logging.getLogger(__name__)
 
@@ -139,46 +139,20 @@ class RelayedTransport(asyncio.Transport):
         return self.protocol
 
 
-class RelayLink(asyncio.Protocol):
+class RelayLink(LinkEnd):
     """The core's end of one listener process's link."""
 
     def __init__(self, relays: Relays, index: int) -> None:
+        super().__init__(log, f"broker.listener_process_{index}")
         self.relays = relays
         self.index = index
         self.conns: dict[int, RelayedTransport] = {}
-        self.transport: asyncio.Transport | None = None
-        self.held = b""
-        self.out: list[bytes] = []
         self.hello: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def send(self, kind: int, number: int, payload: bytes = b"") -> None:
-        """Frames of one loop turn leave in one write (a fleet push: one system call, not one per device)."""
-        if not self.out:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.out.append(HEADER.pack(kind, number, len(payload)))
-        if payload:
-            self.out.append(payload)  # joined once with the rest of the turn's frames: one copy
-
-    def flush(self) -> None:
-        if self.out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self.out))
-        self.out.clear()
-
     def data_received(self, data: bytes) -> None:
-        try:
-            frames, self.held = cut(self.held, data)
-        except LinkError as exc:
-            log.error("broker.relay_bad_link process=%d error=%s", self.index, exc)
-            assert self.transport is not None
-            self.transport.abort()
-            return
         conns = self.conns
-        for kind, number, payload in frames:
+        for kind, number, payload in self.frames(data):
             if kind == DATA:
                 conn = conns.get(number)
                 if conn is not None and conn.protocol is not None:

@@ -31,7 +31,7 @@ import sys
 from typing import Any
 
 from .listener import Acceptor
-from .relay_wire import ABORT, CLOSE, DATA, EOF, HEADER, HELLO, LOST, OPEN, LinkError, cut
+from .relay_wire import ABORT, CLOSE, DATA, EOF, HELLO, LOST, OPEN, LinkEnd
 
 log = logging.getLogger("henge_mqtt.server.relay_process")
 
@@ -69,10 +69,11 @@ class Device(asyncio.Protocol):
         self.paused = False
 
 
-class Uplink(asyncio.Protocol):
+class Uplink(LinkEnd):
     """This process's end of the link: device bytes up, the core's bytes and orders down."""
 
     def __init__(self, max_connections: int, max_write: int, done: asyncio.Future[None]) -> None:
+        super().__init__(log, "relay")
         self.max_connections = max_connections
         self.max_write = max_write
         self.done = done
@@ -80,41 +81,17 @@ class Uplink(asyncio.Protocol):
         self.sockets = 0  # admitted, from accept to connection_lost
         self.refused_at_limit = 0
         self.next_number = 0
-        self.transport: asyncio.Transport | None = None
-        self.held = b""
-        self.out: list[bytes] = []
         self.reading = True  # False while the core reads slower than the devices send
 
     # ---- the link -------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        super().connection_made(transport)
         self.send(HELLO, 0, str(os.getpid()).encode())
 
-    def send(self, kind: int, number: int, payload: bytes = b"") -> None:
-        """Frames of one loop turn leave in one write."""
-        if not self.out:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.out.append(HEADER.pack(kind, number, len(payload)))
-        if payload:
-            self.out.append(payload)  # joined once with the rest of the turn's frames: one copy
-
-    def flush(self) -> None:
-        if self.out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self.out))
-        self.out.clear()
-
     def data_received(self, data: bytes) -> None:
-        try:
-            frames, self.held = cut(self.held, data)
-        except LinkError as exc:
-            log.error("relay.bad_link error=%s", exc)
-            assert self.transport is not None
-            self.transport.abort()
-            return
         devices = self.devices
-        for kind, number, payload in frames:
+        for kind, number, payload in self.frames(data):
             device = devices.get(number)
             if device is None or device.transport is None:
                 continue  # gone already: its LOST is on the way to the core

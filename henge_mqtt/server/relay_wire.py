@@ -22,6 +22,8 @@ ABORT     core -> listener  drop the socket now (the core has already forgotten 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import struct
 
 HEADER = struct.Struct("!BII")
@@ -33,6 +35,43 @@ Frame = tuple[int, int, bytes]
 
 class LinkError(Exception):
     """The link's bytes are not frames: the other side is not a henge process of this version."""
+
+
+class LinkEnd(asyncio.Protocol):
+    """Either end of a link: frames out (those of one loop turn in one write: a fleet push is one
+    system call, not one per device) and frames in (a corrupt stream ends the link)."""
+
+    def __init__(self, log: logging.Logger, name: str) -> None:
+        self.log, self.name = log, name
+        self.transport: asyncio.Transport | None = None
+        self.held = b""
+        self.out: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def send(self, kind: int, number: int, payload: bytes = b"") -> None:
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.out.append(HEADER.pack(kind, number, len(payload)))
+        if payload:
+            self.out.append(payload)  # joined once with the rest of the turn's frames: one copy
+
+    def flush(self) -> None:
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+    def frames(self, data: bytes) -> list[Frame]:
+        try:
+            frames, self.held = cut(self.held, data)
+        except LinkError as exc:
+            self.log.error("%s.bad_link error=%s", self.name, exc)
+            assert self.transport is not None
+            self.transport.abort()
+            return []
+        return frames
 
 
 def frame(kind: int, number: int, payload: bytes = b"") -> bytes:
