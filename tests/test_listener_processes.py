@@ -9,7 +9,6 @@ import os
 import random
 import resource
 import signal
-import ssl
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from henge_mqtt.store import Store
 
 from . import mqtt_raw as raw
 from .conftest import ROOT, henge_cli, make_settings, next_message, payload_json, wait_until
+from .test_tls import assert_config_over_tls
 
 FD_LIMIT = 200  # per process: 136 device sockets after the reserve
 # More than one process could hold, with room for the kernel's spread, which ignores load: a
@@ -199,16 +199,7 @@ async def test_tls_ends_in_the_listener_processes(tmp_path: Path) -> None:
         plain_port, tls_port = (address[1] for address in service.broker.addresses())
         secret = await service.add_device("dev1")
         await service.push("dev1", {"tls": True})
-        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
-        async with aiomqtt.Client("127.0.0.1", tls_port, identifier="dev1", username="dev1", password=secret,
-                                  tls_context=context, timeout=5) as client:
-            await client.subscribe("henge/devices/dev1/config", qos=1)
-            assert payload_json(await next_message(client))["config"] == {"tls": True}
-        result = await asyncio.to_thread(subprocess.run, [
-            "mosquitto_sub", "-h", "localhost", "-p", str(tls_port), "--cafile", str(certs / "ca.pem"),
-            "-i", "dev1", "-u", "dev1", "-P", secret, "-t", "henge/devices/dev1/config", "-C", "1", "-W", "10",
-        ], capture_output=True, text=True, timeout=20)
-        assert result.returncode == 0 and '"tls":true' in result.stdout, result.stderr
+        await assert_config_over_tls(tls_port, certs, secret)
         # Plaintext on the TLS port is no MQTT session; the plain port still serves.
         plain_on_tls = await raw.RawClient.open(tls_port)
         await plain_on_tls.send(raw.connect("dev1", "dev1", secret))

@@ -45,20 +45,26 @@ def context(certs: Path, device: str | None = None) -> ssl.SSLContext:
     return ctx
 
 
+async def assert_config_over_tls(port: int, certs: Path, secret: str) -> None:
+    """dev1 (whose config is ``{"tls": true}``) gets it over TLS with its password, through aiomqtt
+    and through ``mosquitto_sub``."""
+    async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", username="dev1", password=secret,
+                              tls_context=context(certs), timeout=5) as client:
+        await client.subscribe("henge/devices/dev1/config", qos=1)
+        assert payload_json(await next_message(client))["config"] == {"tls": True}
+    result = await asyncio.to_thread(subprocess.run, [
+        "mosquitto_sub", "-h", "localhost", "-p", str(port), "--cafile", str(certs / "ca.pem"),
+        "-i", "dev1", "-u", "dev1", "-P", secret, "-t", "henge/devices/dev1/config", "-C", "1", "-W", "10",
+    ], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert '"tls":true' in result.stdout
+
+
 async def test_tls_with_password_aiomqtt_and_mosquitto_sub(tmp_path: Path) -> None:
     async with tls_service(tmp_path) as (service, port, certs):
         secret = await service.add_device("dev1")
         await service.push("dev1", {"tls": True})
-        async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", username="dev1", password=secret,
-                                  tls_context=context(certs), timeout=5) as client:
-            await client.subscribe("henge/devices/dev1/config", qos=1)
-            assert payload_json(await next_message(client))["config"] == {"tls": True}
-        result = await asyncio.to_thread(subprocess.run, [
-            "mosquitto_sub", "-h", "localhost", "-p", str(port), "--cafile", str(certs / "ca.pem"),
-            "-i", "dev1", "-u", "dev1", "-P", secret, "-t", "henge/devices/dev1/config", "-C", "1", "-W", "10",
-        ], capture_output=True, text=True, timeout=20)
-        assert result.returncode == 0, result.stderr
-        assert '"tls":true' in result.stdout
+        await assert_config_over_tls(port, certs, secret)
 
 
 async def test_plaintext_to_tls_port_fails(tmp_path: Path) -> None:

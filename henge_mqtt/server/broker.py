@@ -45,7 +45,7 @@ from ..sessions import (
     TableViews,
     take_token,
 )
-from .connection import CLOSED, OPEN, PENDING, V5, Connection
+from .connection import CLOSED, KEEPALIVE_GRACE, OPEN, PENDING, V5, Connection
 from .limits import Limits
 from .listener import Acceptor, tcp_sockets, unix_socket
 from .meta import Meta, meta_of
@@ -861,7 +861,7 @@ class EmbeddedBroker(TableViews):
             if conn.state != OPEN:
                 continue
             out = conn.out
-            due = conn.last_heard + conn.keepalive * 1.5
+            due = conn.last_heard + conn.keepalive * KEEPALIVE_GRACE
             if due < now or conn.in_qos2 or (out and mono - next(iter(out.values()))[0] >= puback):
                 conn.expire(mono, now, puback, pubrel)
                 if conn.state != OPEN:
@@ -890,7 +890,7 @@ class EmbeddedBroker(TableViews):
                 soon = self._full_pass(mono, now)
             else:
                 for conn in soon:
-                    if conn.state == OPEN and now - conn.last_heard > conn.keepalive * 1.5:
+                    if conn.state == OPEN and now - conn.last_heard > conn.keepalive * KEEPALIVE_GRACE:
                         conn.close("keepalive_timeout", abort=True)
             for device, (due, principal, will) in list(self._delayed_wills.items()):
                 if due <= mono:

@@ -99,6 +99,9 @@ def _delivery() -> asyncio.Future[None]:
     return future
 
 
+KEEPALIVE_GRACE = 1.5  # the spec's 1.5 x keep-alive: silent for longer, a connection is dead
+
+
 class Connection(asyncio.Protocol):
     __slots__ = (
         "admin_only",
@@ -494,7 +497,7 @@ class Connection(asyncio.Protocol):
                 self.broker.info("broker.connect_timeout", "remote=%s", self.remote)
                 self.close("connect_timeout", abort=True)
             return
-        if now - self.last_heard > self.keepalive * 1.5:  # the spec's 1.5 x keep-alive
+        if now - self.last_heard > self.keepalive * KEEPALIVE_GRACE:
             self.close("keepalive_timeout", abort=True)
             return
         out = self.out

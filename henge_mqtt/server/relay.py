@@ -216,8 +216,8 @@ class Relays:
             ports = [port for _, port, _ in self.binds]
             for _ in range(self.count):
                 group: list[socket.socket] = []
+                first = not self.sockets
                 self.sockets.append(group)
-                self.tls = []
                 for b, (host, _, tls) in enumerate(self.binds):
                     try:
                         made = tcp_sockets(host, ports[b], reuse_port=True)
@@ -226,7 +226,8 @@ class Relays:
                                                  f"{exc.strerror or exc}") from exc
                     ports[b] = made[0].getsockname()[1]  # a port asked as 0: the first process's, for all
                     group.extend(made)
-                    self.tls.extend([tls] * len(made))
+                    if first:  # every process has the same sockets, in the same order
+                        self.tls.extend([tls] * len(made))
             await asyncio.gather(*(self._spawn(index) for index in range(self.count)))
         except BaseException:
             await self.stop()
