@@ -113,6 +113,9 @@ class Target:
     def stop(self) -> float | None:
         assert self.proc is not None
         started = time.monotonic()
+        if os.environ.get("BENCH_HENGE_LOG"):
+            with open(os.environ["BENCH_HENGE_LOG"], "a") as log:
+                log.write(f"bench: SIGTERM at {time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d}\n")
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=30)
@@ -138,10 +141,12 @@ class Henge(Target):
         self.data = data
         self.http_port = free_port()  # as deployed: the HTTP API and console on (on a free port here)
         http = ["--no-http"] if os.environ.get("BENCH_HENGE_NO_HTTP") else ["--http", f"127.0.0.1:{self.http_port}"]
+        # BENCH_HENGE_LOG=FILE: the service's log at info level (timestamps of each step), appended.
+        log_file = os.environ.get("BENCH_HENGE_LOG")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", str(self.port),
-             "--log-level", "warning", *http, "--listener-processes", str(self.listener_processes)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             "--log-level", "info" if log_file else "warning", *http, "--listener-processes", str(self.listener_processes)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log_file, "a") if log_file else subprocess.DEVNULL,  # noqa: SIM115
         )
         wait_port(self.port)
         if "--no-http" not in http:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 ConflictPolicy = Literal["flag", "quarantine"]
 TakeoverWill = Literal["suppress", "publish"]
@@ -44,10 +44,12 @@ class SessionSettings:
 
 
 # ---- actions the broker layer carries out ---------------------------------------------------
+# Named tuples: made for every connect, disconnect and (10,000 at once) shutdown, at a third of a
+# frozen dataclass's cost. Equality is a tuple's: PublishWill("d", 1) == SaveEpoch("d", 1), so
+# compare types too where two kinds could hold the same fields.
 
 
-@dataclass(frozen=True, slots=True)
-class Close:
+class Close(NamedTuple):
     """Close this connection now; publish its will only if ``publish_will``."""
 
     device: str
@@ -56,14 +58,12 @@ class Close:
     publish_will: bool
 
 
-@dataclass(frozen=True, slots=True)
-class PublishWill:
+class PublishWill(NamedTuple):
     device: str
     epoch: int
 
 
-@dataclass(frozen=True, slots=True)
-class PresenceChange:
+class PresenceChange(NamedTuple):
     device: str
     online: bool
     epoch: int
@@ -72,14 +72,12 @@ class PresenceChange:
     remote: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class SaveEpoch:
+class SaveEpoch(NamedTuple):
     device: str
     epoch: int
 
 
-@dataclass(frozen=True, slots=True)
-class Emit:
+class Emit(NamedTuple):
     """A service event: ``takeover``, ``conflict``, ``quarantine``, ``conflict_cleared``, ..."""
 
     type: str
@@ -87,8 +85,7 @@ class Emit:
     data: tuple[tuple[str, object], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class SaveSession:
+class SaveSession(NamedTuple):
     """A persistent MQTT session to keep in the store: its expiry, subscriptions, and when its last
     connection ended (wall clock; None while one is attached). Sessions survive a restart."""
 
@@ -98,8 +95,7 @@ class SaveSession:
     ended_at: float | None
 
 
-@dataclass(frozen=True, slots=True)
-class EndSession:
+class EndSession(NamedTuple):
     """The device's persistent session ended (expired, replaced by a clean one, kicked, removed)."""
 
     device: str

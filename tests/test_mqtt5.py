@@ -500,21 +500,33 @@ async def test_random_packet_sequences_keep_the_server_consistent(start_service)
 
 async def test_henge_serve_stopping_tells_5_0_clients_and_leaves_no_socket_open(tmp_path: Path) -> None:
     """``henge serve`` on SIGTERM leaves the devices' sockets for the kernel to close at exit (instead
-    of one by one): a 5.0 device is still told why (DISCONNECT 0x8B), every socket is closed, the
-    process exits 0, and each device's last sighting is stored (a restart says offline since then,
-    from that address)."""
+    of one by one): a 5.0 device is still told why (DISCONNECT 0x8B), a watcher of presence hears
+    each device go offline and why, every socket is closed, the process exits 0, and each device's
+    last sighting is stored (a restart says offline since then, from that address) with one
+    presence-history row of the shutdown, on its epoch; a device already gone gets none."""
+    import sqlite3
+
     from henge_mqtt.store import Store
 
     data = tmp_path / "data"
     store = Store(data)
-    secrets = store.add_devices([("v5dev", {}), ("v4dev", {})])
+    secrets = store.add_devices([("v5dev", {}), ("v4dev", {}), ("gone", {})])
     store.close()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", "0", "--no-http",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
     try:
         await wait_until(lambda: (data / "service.json").exists(), 20, "henge serve started")
-        port = json.loads((data / "service.json").read_text())["port"]
+        service = json.loads((data / "service.json").read_text())
+        port = service["port"]
+        gone = await raw.RawClient.open(port)
+        for _ in range(2):  # epoch 2, then offline before the shutdown
+            await gone.send(raw.connect("gone", "gone", secrets["gone"]))
+            assert await gone.connack() == 0
+            await gone.send(raw.DISCONNECT)
+            assert await gone.closed_within(5)
+            gone = await raw.RawClient.open(port)
+        gone.close()
         v5, connack = await Client5.connect(port, "v5dev", "v5dev", secrets["v5dev"])
         assert connack.code == 0
         v4 = await raw.RawClient.open(port)
@@ -522,7 +534,17 @@ async def test_henge_serve_stopping_tells_5_0_clients_and_leaves_no_socket_open(
         assert await v4.connack() == 0
         host, local_port = v4.writer.get_extra_info("sockname")[:2]
         v4_address = f"{host}:{local_port}"
+        watcher = await raw.RawClient.open(port)
+        admin = json.loads((data / "admin.json").read_text())
+        await watcher.send(raw.connect("watcher", admin["name"], admin["secret"]))
+        assert await watcher.connack() == 0
+        await watcher.send(raw.subscribe(1, "henge/devices/v4dev/presence"))
+        assert (await watcher.read_packet())[0] == 9
+        kind, body = await watcher.read_packet()
+        assert kind == 3 and b'"state":"online"' in body  # retained: v4dev is online
         proc.send_signal(signal.SIGTERM)
+        kind, body = await watcher.read_packet()
+        assert kind == 3 and b'"state":"offline"' in body and b'"reason":"server_shutdown"' in body
         assert (await v5.read_until(codec.Disconnect)).reason == codec.SERVER_SHUTTING_DOWN
         assert await v5.raw.closed_within(5) and await v4.closed_within(5)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
@@ -539,3 +561,16 @@ async def test_henge_serve_stopping_tells_5_0_clients_and_leaves_no_socket_open(
         store.close()
     assert seen["v4dev"][1] == v4_address and seen["v4dev"][0] is not None
     assert seen["v5dev"][0] is not None
+    db = sqlite3.connect(data / "henge.db")
+    try:
+        last = dict(db.execute("SELECT id, last_reason FROM devices"))
+        shutdown = db.execute("SELECT device, state, epoch, at FROM presence_history WHERE reason = 'server_shutdown' "
+                              "ORDER BY device").fetchall()
+        gone_rows = db.execute("SELECT state, reason, epoch FROM presence_history WHERE device = 'gone' "
+                               "ORDER BY at").fetchall()
+    finally:
+        db.close()
+    assert (last["v4dev"], last["v5dev"], last["gone"]) == ("server_shutdown", "server_shutdown", "client_disconnect")
+    assert shutdown == [("v4dev", "offline", 1, seen["v4dev"][0]), ("v5dev", "offline", 1, seen["v5dev"][0])]
+    assert gone_rows == [("online", "connected", 1), ("offline", "client_disconnect", 1), ("online", "connected", 2),
+                         ("offline", "client_disconnect", 2)]

@@ -130,7 +130,8 @@ async def test_migrate_sqlite_to_postgres_and_back(pg_url: str, tmp_path: Path, 
 def test_a_storm_of_sessions_is_saved_in_one_transaction_on_either_store(where: str, postgres: Any,
                                                                          tmp_path: Path) -> None:
     """The group commit of 1,200 devices (more than one multi-row statement on PostgreSQL): epochs
-    only rise, last-seen records with and without a remote, presence history of known devices."""
+    only rise, last-seen records with and without a remote, presence history of known devices, and
+    a shutdown's devices written set-wise."""
     store = Store(tmp_path, url=postgres.new_database() if where == "postgres" else None)
     try:
         ids = [f"d{i:04}" for i in range(1200)]
@@ -148,6 +149,16 @@ def test_a_storm_of_sessions_is_saved_in_one_transaction_on_either_store(where: 
         before, changes = store.presence_timeline("d0001", 0.0)
         assert before is None and changes == [(2001.0, "online", None, 1)]
         assert store.presence_timeline("d1199", 0.0)[1] == [(3199.0, "online", None, 1199)]
+        # A shutdown: every device offline at once, one statement for all, on each one's epoch; the
+        # address it was last seen at kept; a device removed meanwhile (or never known) is no row.
+        store.save_sessions({"d0002": 9}, {}, shutdown={5000.0: [*ids[:1000], "gone"]})
+        sessions = {d: (seen, remote) for d, _, seen, remote in store.sessions()}
+        assert sessions["d0000"] == (5000.0, "10.0.0.0:1") and sessions["d0999"][0] == 5000.0
+        assert sessions["d1000"] == (1000.0 + 1000, None if 1000 % 3 else "10.0.0.0:1")
+        assert store.presence_timeline("d0002", 0.0)[1][-1] == (5000.0, "offline", "server_shutdown", 9)
+        assert store.presence_timeline("d0999", 0.0)[1][-1] == (5000.0, "offline", "server_shutdown", 5)
+        assert store.presence_timeline("d1000", 0.0)[1][-1] == (3000.0, "online", "connect", 1000)
+        assert store.presence_timeline("gone", 0.0) == (None, [])
     finally:
         store.close()
 

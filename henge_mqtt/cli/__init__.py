@@ -7,11 +7,12 @@ act on (``devices``, ``configs``, ``events``, ``rollouts``, ``layers``, ``tokens
 ``offline``, ``agent``), ``serve`` (the service's lifecycle as a runner object) and ``runner`` (the one exit).
 Importing a command module registers its commands on the tree.
 
-A command loads only the module that defines it (``HOME``): typer builds a click command per
-function it is given, from its signature, and importing and building all of them cost more than
-the whole of ``henge push`` does otherwise. ``henge --version`` loads no command at all. Anything
-the table does not name (``henge``, ``henge --help``, a typo) gets the whole tree, so help and
-"no such command" read as they always did; ``app`` (the whole tree) is what tests and docs walk.
+A command loads only the module that defines it (``HOME``), and only it is built (``runner.command``):
+typer builds a click command per function it is given, from its signature, and importing and
+building all of them cost more than the whole of ``henge push`` does otherwise. ``henge --version``
+loads no command at all. Anything the table does not name (``henge``, ``henge --help``, a typo)
+gets the whole tree, so help and "no such command" read as they always did; ``app`` (the whole
+tree) is what tests and docs walk.
 """
 
 from __future__ import annotations
@@ -67,4 +68,4 @@ def main() -> None:
     name = next((arg for arg in args if not arg.startswith("-")), None)
     from .runner import run
 
-    run(load(name))
+    run(load(name), only=name if name in HOME else None)

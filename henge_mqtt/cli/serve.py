@@ -116,10 +116,16 @@ def serve(
 
     runner = ServeRunner(settings, http_address=http_address,
                          metrics=(metrics_host, metrics_port) if metrics_port is not None else None)
+    loop = asyncio.Runner()
     try:
-        asyncio.run(runner.run())
-    except OSError as exc:
-        fail(f"cannot start the service: {exc.strerror or exc}")
+        loop.run(runner.run())
+    except BaseException as exc:
+        loop.close()
+        if isinstance(exc, OSError):
+            fail(f"cannot start the service: {exc.strerror or exc}")
+        raise
+    # The loop is not closed: its teardown (10,000 sockets taken out of epoll one at a time) is
+    # the kernel's at exit, right below, as is the sockets' closing.
     if runner.fenced:
         typer.echo("error: another instance took the store's lease; this one stopped (see the log)", err=True)
         logging.shutdown()

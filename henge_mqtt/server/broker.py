@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import ssl
@@ -210,7 +209,18 @@ class EmbeddedBroker(TableViews):
         for acceptor in self._acceptors:
             await acceptor.close()
         self._acceptors.clear()
-        self._apply(self.table.shutdown(time.time()))
+        actions = self.table.shutdown(time.time())
+        if exiting:
+            # The service hears every device go offline before the connections close (a watcher of
+            # presence still hears why), so its group commit of the shutdown runs on the store's
+            # thread while this loop closes them, not after (two loop turns: its flush, its task).
+            # The index keeps the closed connections (delivering to one sends nothing): nothing
+            # is taken out of it one filter per connection when the process ends next.
+            self._apply([action for action in actions if not isinstance(action, Close)])
+            for _ in range(2):
+                await asyncio.sleep(0)
+            actions = tuple(action for action in actions if isinstance(action, Close))
+        self._apply(actions)
         for conn in list(self.conns.values()) + list(self._handshakes) + list(self._closing):
             conn.close("server_shutdown", abort=True, leave=exiting)
         # Sockets closing politely (a 5.0 DISCONNECT just written) go within a few loop turns.
@@ -302,7 +312,7 @@ class EmbeddedBroker(TableViews):
                             "an empty client identifier needs a user name (and, in 3.1.1, CleanSession 1)")
                 return
             assigned = connect.username
-            connect = dataclasses.replace(connect, client_id=assigned)
+            connect = connect._replace(client_id=assigned)
         try:
             password = connect.password.decode("utf-8") if connect.password is not None else None
         except UnicodeDecodeError:
@@ -465,7 +475,7 @@ class EmbeddedBroker(TableViews):
         self._handshakes.discard(conn)
         self._granted.pop(conn, None)
         session = session_of(conn)
-        if conn.subs and session is None:
+        if conn.subs and session is None and not self._exiting:  # (exiting: see stop)
             for topic_filter in conn.subs:
                 self.index.remove(conn, topic_filter)
         conn.subs = None

@@ -79,6 +79,10 @@ class HengeService(ServiceAPI):
         self._pending_seen: dict[str, tuple[float, str | None, str]] = {}  # last seen, for after a restart
         # Presence changes for the timeline (device, at, state, reason, epoch), in the same group commit.
         self._pending_history: list[tuple[str, float, str, str | None, int | None]] = []
+        # Devices that went offline as this service stopped, by the time they did: written as one
+        # statement per time, not a row per device (store.save_sessions), in the same group commit.
+        self._pending_shutdown: dict[float, list[str]] = {}
+        self._stopping = False
         # Persistent MQTT sessions to keep (None: ended), in the same group commit.
         self._pending_mqtt: dict[str, tuple[int, list[tuple[str, int]], float | None] | None] = {}
         self._epochs_saved: asyncio.Future[None] | None = None
@@ -101,6 +105,7 @@ class HengeService(ServiceAPI):
 
     async def start(self) -> None:
         s = self.settings
+        self._stopping = False
         self._lock = DataDirLock(s.data_dir)
         self._lock.acquire()  # before the store: a second service on this data dir touches nothing
         try:
@@ -302,14 +307,16 @@ class HengeService(ServiceAPI):
         if self._broker is None or self._worker is None:
             return
         self.rollouts.close()
+        self._stopping = True
         await self._broker.stop(exiting=exiting)
         await self.reports.write_arrivals()
         await self._drain_sessions()
         await self._tasks.cancel_all(1.0)
-        pending = self._pending_epochs or self._pending_seen or self._pending_mqtt or self._pending_history
+        pending = (self._pending_epochs or self._pending_seen or self._pending_mqtt or self._pending_history
+                   or self._pending_shutdown)
         if pending and not self.fenced.is_set():
             await self.worker.run(self.store.save_sessions, self._pending_epochs, self._pending_seen,
-                                  self._pending_mqtt, self._pending_history)
+                                  self._pending_mqtt, self._pending_history, self._pending_shutdown)
         fence, lease = self.store.fence, self._lease
         if lease is not None:
             if fence is not None and not self.fenced.is_set():  # a standby need not wait out the TTL
@@ -381,9 +388,12 @@ class HengeService(ServiceAPI):
         for action in actions:
             if isinstance(action, PresenceChange):
                 self.presence.on_change(action)
-                self._pending_seen[action.device] = (action.since, action.remote, action.reason)
-                state = "offline" if not action.online else "takeover" if action.reason == "takeover" else "online"
-                self._keep_history(action.device, action.since, state, action.reason, action.epoch)
+                if self._stopping and action.reason == "server_shutdown":  # (the session table's shutdown)
+                    self._pending_shutdown.setdefault(action.since, []).append(action.device)
+                else:
+                    self._pending_seen[action.device] = (action.since, action.remote, action.reason)
+                    state = "offline" if not action.online else "takeover" if action.reason == "takeover" else "online"
+                    self._keep_history(action.device, action.since, state, action.reason, action.epoch)
                 self._schedule_flush()
             elif isinstance(action, SaveEpoch):
                 self._pending_epochs[action.device] = max(action.epoch, self._pending_epochs.get(action.device, 0))
@@ -424,17 +434,18 @@ class HengeService(ServiceAPI):
         seen, self._pending_seen = self._pending_seen, {}
         mqtt, self._pending_mqtt = self._pending_mqtt, {}
         history, self._pending_history = self._pending_history, []
+        shutdown, self._pending_shutdown = self._pending_shutdown, {}
         saved, self._epochs_saved = self._epochs_saved, None
         self._flushing = True
         self._inflight = saved
-        self._tasks.spawn(self._save_epochs(pending, seen, mqtt, history, saved))
+        self._tasks.spawn(self._save_epochs(pending, seen, mqtt, history, shutdown, saved))
 
     async def _save_epochs(self, pending: dict[str, int], seen: dict[str, tuple[float, str | None, str]],
                            mqtt: dict[str, tuple[int, list[tuple[str, int]], float | None] | None],
                            history: list[tuple[str, float, str, str | None, int | None]],
-                           saved: asyncio.Future[None]) -> None:
+                           shutdown: dict[float, list[str]], saved: asyncio.Future[None]) -> None:
         try:
-            await self.worker.run(self.store.save_sessions, pending, seen, mqtt, history)
+            await self.worker.run(self.store.save_sessions, pending, seen, mqtt, history, shutdown)
         except Exception as exc:  # the waiting connects are refused; nothing is acknowledged
             log.error("store.epochs_failed error=%s", exc)
             if not saved.done():
