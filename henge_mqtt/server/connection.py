@@ -450,6 +450,12 @@ class Connection(asyncio.Protocol):
         """
         if self.state == CLOSED:
             return
+        if leave and self.v5 is None and not self.out and self.session is None:
+            # The process ends next: a 3.1.1 client is told nothing, nothing waits on it, no session
+            # keeps it, and the server is forgotten whole; the kernel closes the socket at exit.
+            self.state = CLOSED
+            self.close_reason = self.close_reason or reason
+            return
         told = self.state == OPEN and self.v5 is not None
         self.state = CLOSED
         if self.close_reason is None:

@@ -385,16 +385,24 @@ class HengeService(ServiceAPI):
         await handle_admin(self, payload)
 
     def _on_session_actions(self, actions: Sequence[Action]) -> None:
+        stopping = self._stopping
+        if stopping:
+            # The session table's shutdown: every device offline at once, stored set-wise, and the
+            # store's thread starts writing it now, while each change is published below.
+            for action in actions:
+                if action.__class__ is PresenceChange and action.reason == "server_shutdown":
+                    self._pending_shutdown.setdefault(action.since, []).append(action.device)
+            if self._pending_shutdown:
+                self._schedule_flush()
+                self._flush_epochs()
         for action in actions:
             if isinstance(action, PresenceChange):
                 self.presence.on_change(action)
-                if self._stopping and action.reason == "server_shutdown":  # (the session table's shutdown)
-                    self._pending_shutdown.setdefault(action.since, []).append(action.device)
-                else:
+                if not (stopping and action.reason == "server_shutdown"):
                     self._pending_seen[action.device] = (action.since, action.remote, action.reason)
                     state = "offline" if not action.online else "takeover" if action.reason == "takeover" else "online"
                     self._keep_history(action.device, action.since, state, action.reason, action.epoch)
-                self._schedule_flush()
+                    self._schedule_flush()
             elif isinstance(action, SaveEpoch):
                 self._pending_epochs[action.device] = max(action.epoch, self._pending_epochs.get(action.device, 0))
                 self._schedule_flush()
@@ -438,14 +446,13 @@ class HengeService(ServiceAPI):
         saved, self._epochs_saved = self._epochs_saved, None
         self._flushing = True
         self._inflight = saved
-        self._tasks.spawn(self._save_epochs(pending, seen, mqtt, history, shutdown, saved))
+        # Queued on the store's thread now, not on the task's first turn.
+        job = self.worker.submit(self.store.save_sessions, pending, seen, mqtt, history, shutdown)
+        self._tasks.spawn(self._save_epochs(job, saved))
 
-    async def _save_epochs(self, pending: dict[str, int], seen: dict[str, tuple[float, str | None, str]],
-                           mqtt: dict[str, tuple[int, list[tuple[str, int]], float | None] | None],
-                           history: list[tuple[str, float, str, str | None, int | None]],
-                           shutdown: dict[float, list[str]], saved: asyncio.Future[None]) -> None:
+    async def _save_epochs(self, job: asyncio.Future[None], saved: asyncio.Future[None]) -> None:
         try:
-            await self.worker.run(self.store.save_sessions, pending, seen, mqtt, history, shutdown)
+            await job
         except Exception as exc:  # the waiting connects are refused; nothing is acknowledged
             log.error("store.epochs_failed error=%s", exc)
             if not saved.done():
