@@ -213,12 +213,10 @@ class EmbeddedBroker(TableViews):
         if exiting:
             # The service hears every device go offline before the connections close (a watcher of
             # presence still hears why), so its group commit of the shutdown runs on the store's
-            # thread while this loop closes them, not after (two loop turns: its flush, its task).
-            # The index keeps the closed connections (delivering to one sends nothing): nothing
-            # is taken out of it one filter per connection when the process ends next.
+            # thread while this loop closes them, not after. The index keeps the closed connections
+            # (delivering to one sends nothing): nothing is taken out of it one filter per
+            # connection when the process ends next.
             self._apply([action for action in actions if not isinstance(action, Close)])
-            for _ in range(2):
-                await asyncio.sleep(0)
             actions = tuple(action for action in actions if isinstance(action, Close))
         self._apply(actions)
         for conn in list(self.conns.values()) + list(self._handshakes) + list(self._closing):
