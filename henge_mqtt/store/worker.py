@@ -40,6 +40,6 @@ class StoreWorker:
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
-    def close(self) -> None:
+    def close(self, *, exiting: bool = False) -> None:
         self._executor.shutdown(wait=True)
-        self.store.close()
+        self.store.close(exiting=exiting)
