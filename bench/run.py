@@ -145,7 +145,8 @@ class Henge(Target):
         log_file = os.environ.get("BENCH_HENGE_LOG")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", str(self.port),
-             "--log-level", "info" if log_file else "warning", *http, "--listener-processes", str(self.listener_processes)],
+             "--log-level", "info" if log_file else "warning", *http,
+             "--listener-processes", str(self.listener_processes)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log_file, "a") if log_file else subprocess.DEVNULL,  # noqa: SIM115
         )
         wait_port(self.port)
