@@ -308,8 +308,6 @@ class HengeService(ServiceAPI):
             return
         self.rollouts.close()
         self._stopping = True
-        if exiting:
-            await self.worker.run(self.store.prepare_exit)  # before the shutdown's own write
         await self._broker.stop(exiting=exiting)
         await self.reports.write_arrivals()
         await self._drain_sessions()
@@ -325,7 +323,7 @@ class HengeService(ServiceAPI):
                 await asyncio.to_thread(lease.release, *fence)
             await asyncio.to_thread(lease.close)
             self._lease = None
-        self._worker.close(exiting=exiting)
+        self._worker.close()
         with contextlib.suppress(OSError):
             (self.settings.data_dir / SERVICE_FILE).unlink()
         self._lock.release()

@@ -200,19 +200,8 @@ class StoreCore:
             self._db.execute("SELECT id, name, role, secret_hash FROM api_tokens")
         }
 
-    def close(self, *, exiting: bool = False) -> None:
-        """``exiting`` (after :meth:`prepare_exit`): SQLite's connection is left to the process's
-        exit, since closing it would first copy the write-ahead log into the database file (about
-        35 ms after an 18,000-device shutdown); PostgreSQL's is closed."""
-        if not (exiting and self.url is None):
-            self._db.close()
-
-    def prepare_exit(self) -> None:
-        """The process ends after the writes queued next (``henge serve`` stopping): SQLite checkpoints
-        nothing in their commits. What they commit is in the write-ahead log, synced as every commit
-        is, and SQLite reads it back on the next open; nothing is lost by leaving it there."""
-        if self.url is None:
-            self._db.execute("PRAGMA wal_autocheckpoint=0")
+    def close(self) -> None:
+        self._db.close()
 
     @property
     def schema_version(self) -> int:

@@ -40,6 +40,6 @@ class StoreWorker:
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
-    def close(self, *, exiting: bool = False) -> None:
+    def close(self) -> None:
         self._executor.shutdown(wait=True)
-        self.store.close(exiting=exiting)
+        self.store.close()
