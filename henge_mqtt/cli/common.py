@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -91,13 +92,39 @@ def run_async(coro: Coroutine[Any, Any, T], *, until_interrupted: bool = False) 
     """``until_interrupted``: a command that runs until Ctrl-C (a watch, a stream), for which the
     interrupt is how it ends: no error line, still exit 130 (a script can tell it from a normal end)."""
     try:
-        return asyncio.run(coro)
+        return asyncio.run(_until_interrupted(coro) if until_interrupted else coro)
     except HengeError as exc:
         fail(str(exc), EXIT_TIMEOUT if exc.code == "timeout" else 1)
     except KeyboardInterrupt:
         if until_interrupted:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         fail("interrupted", EXIT_INTERRUPTED)
+
+
+async def _until_interrupted(coro: Coroutine[Any, Any, T]) -> T:
+    """``coro`` until Ctrl-C, which cancels it, and again every 0.1 s until it has ended: in Python
+    3.11 one cancellation can be lost (``asyncio.wait_for`` returns a result that arrives with it,
+    gh-86296), and a watch whose cancellation was lost went on drawing (seen under load in tests)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    interrupted: list[asyncio.TimerHandle] = []
+
+    def cancel() -> None:
+        task.cancel()
+        interrupted.append(loop.call_later(0.1, cancel))
+
+    loop.add_signal_handler(signal.SIGINT, cancel)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        for handle in interrupted:
+            handle.cancel()
 
 
 def call_op(data: Path | None, broker: str | None, timeout: float, op: str, /, **args: Any) -> Any:
