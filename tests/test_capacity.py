@@ -65,7 +65,7 @@ async def test_file_limit_is_a_bound_not_a_cliff(tmp_path: Path) -> None:
             sockets.append(s)
         await asyncio.sleep(0.5)  # the burst is accepted (or refused) by now; from here on, measure idleness
         before = _cpu_seconds(proc.pid)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # what is measured: the CPU the server uses over this time
         assert _cpu_seconds(proc.pid) - before < 0.3, "the server spins after the burst"
 
         # The CLI reaches the service over its admin socket although the device listener is full.

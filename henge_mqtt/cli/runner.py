@@ -25,7 +25,9 @@ def command(app: typer.Typer, only: str | None = None) -> Any:
     other commands of the module that defines ``henge push`` cost a fifth of its start."""
     if only is not None:
         app = copy.copy(app)
-        app.registered_commands = [c for c in app.registered_commands if _name(c) == only]
+        named = typer.main.get_command_name  # typer's own naming: the function's, "_" as "-"
+        app.registered_commands = [c for c in app.registered_commands
+                                   if (c.name or named(getattr(c.callback, "__name__", ""))) == only]
         app.registered_groups = [g for g in app.registered_groups if g.name == only]
     root = typer.main.get_command(app)
 
@@ -41,11 +43,6 @@ def command(app: typer.Typer, only: str | None = None) -> Any:
 
     plain(root)
     return root
-
-
-def _name(info: Any) -> str:
-    """A registered command's name, as typer names it (the function's, ``_`` as ``-``)."""
-    return str(info.name or info.callback.__name__.lower().replace("_", "-"))
 
 
 def run(app: typer.Typer, only: str | None = None) -> None:

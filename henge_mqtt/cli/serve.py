@@ -116,11 +116,11 @@ def serve(
 
     runner = ServeRunner(settings, http_address=http_address,
                          metrics=(metrics_host, metrics_port) if metrics_port is not None else None)
-    loop = asyncio.Runner()
+    asyncio_runner = asyncio.Runner()
     try:
-        loop.run(runner.run())
+        asyncio_runner.run(runner.run())
     except BaseException as exc:
-        loop.close()
+        asyncio_runner.close()
         if isinstance(exc, OSError):
             fail(f"cannot start the service: {exc.strerror or exc}")
         raise
