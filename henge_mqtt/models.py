@@ -119,6 +119,17 @@ class ConfigVersion(Frozen):
         )
 
 
+def new_version(device: str, version: int, config: dict[str, Any], sha256: str, *, message: str,
+                created_at: datetime, actor: str, own: dict[str, Any] | None,
+                layers: list[str]) -> ConfigVersion:
+    """A row the store worked out itself (its fields already valid), built without validation and
+    with every field given: pydantic then resolves no default, 10 us a row instead of 16. A fleet
+    push builds one per layer set and copies it per device (``model_copy``, 6 us)."""
+    return ConfigVersion.model_construct(device=device, version=version, config=config, sha256=sha256,
+                                         message=message, created_at=created_at, actor=actor, own=own,
+                                         layers=layers, report=None)
+
+
 class Device(Frozen):
     id: DeviceId
     labels: dict[str, str] = Field(default_factory=dict)

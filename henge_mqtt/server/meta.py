@@ -37,6 +37,10 @@ class Meta:
 
 # Properties many messages share -> (their body, the whole section: its length, then the body).
 _SHARED_PROPS: dict[tuple[tuple[int, object], ...], tuple[bytes, bytes]] = {}
+# Whole sections with user properties, by their content: a fleet push's snapshots mostly share their
+# version and digest too, so 10,000 deliveries encode one section (and keep one). Emptied when full.
+_WITH_USERS: dict[tuple[bytes, tuple[tuple[str, str], ...]], bytes] = {}
+_MAX_WITH_USERS = 256
 
 
 def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
@@ -61,8 +65,15 @@ def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
     if not users:
         return shared[1]
     # A snapshot's own user properties (its version and digest) after the shared part.
-    body = shared[0] + codec.props_body({codec.USER_PROPERTY: users})
-    return codec.encode_length(len(body)) + body
+    pairs = tuple((str(name), str(text)) for name, text in users)  # type: ignore[attr-defined]
+    section = _WITH_USERS.get((shared[0], pairs))
+    if section is None:
+        body = shared[0] + codec.props_body({codec.USER_PROPERTY: list(pairs)})
+        section = codec.encode_length(len(body)) + body
+        if len(_WITH_USERS) >= _MAX_WITH_USERS:
+            _WITH_USERS.clear()
+        _WITH_USERS[(shared[0], pairs)] = section
+    return section
 
 
 # (topic, payload, retain, encoded 5.0 properties): a delivery as it was sent

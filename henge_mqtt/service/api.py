@@ -77,6 +77,7 @@ from .context import current_actor, unified_diff, utc_text
 from .events import Events
 from .fleet import FleetWatch, Progress
 from .fleet import answer as fleet_answer
+from .fleet import counts as fleet_counts
 from .nats import NatsAccounts
 from .presence import iso
 from .reports import Reports
@@ -102,13 +103,6 @@ def parse_where(text: str, *, standing: bool = False) -> Where:
 def _state_of(view: SessionView) -> str:
     """online, quarantined or offline: what status rows and the summary count."""
     return "online" if view.online else "quarantined" if view.quarantined_until else "offline"
-
-
-def progress_of(answer: FleetAnswer) -> dict[str, Any]:
-    """What a fleet push's progress messages carry: the counts so far."""
-    return {"targeted": answer["targeted"], "devices": answer["devices"], "online": answer["online"],
-            "delivered": answer["delivered"], "applied": answer["applied"], "rejected": answer["rejected"],
-            "pending": answer["pending"]}
 
 
 def change_diff(device: str, version: int, old: dict[str, Any] | None, new: dict[str, Any]) -> PushPreviewDiff:
@@ -353,13 +347,12 @@ class ServiceAPI:
             online = set(self.broker.online_devices()).intersection(row.device for row in rows)
             observable = self.broker.observes_deliveries
 
-            def current() -> FleetAnswer:
-                return fleet_answer(watch, devices, rows, deliveries, observable=observable, online_at_publish=online)
-
             await watch.wait(deliveries, delivery_timeout=delivery_timeout, report_timeout=wait,
-                             progress=(lambda a: progress(progress_of(a))) if progress else None,
-                             answer=current)
-            result = current()
+                             progress=(lambda: progress(fleet_counts(watch, devices, rows, deliveries,
+                                                                     observable=observable,
+                                                                     online_at_publish=online)))
+                             if progress else None)
+            result = fleet_answer(watch, devices, rows, deliveries, observable=observable, online_at_publish=online)
         finally:
             watch.close()
         result["timings_ms"] = {"first_published": round((first or [published])[0] * 1000, 1),

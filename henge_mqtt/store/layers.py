@@ -14,7 +14,7 @@ from ..errors import (
     VersionConflict,
 )
 from ..layering import FLEET_LAYER, Layer, applying, explain, merge
-from ..models import ConfigVersion, config_sha256, utc_now
+from ..models import ConfigVersion, config_sha256, new_version, utc_now
 from ..results import Explained, LayerVersion
 from ..where import STANDING_ROOTS, WhereError
 from ..where import parse as parse_where
@@ -47,6 +47,27 @@ class Layers(StoreCore):
             reported = self._reported_doc(device)
         return applying(chosen.values(), labels, device or "", reported)
 
+    def layers_by_device(self, devices: list[str], labels: dict[str, dict[str, str]],
+                         layers: dict[str, Layer] | None = None) -> dict[str, list[Layer]]:
+        """:meth:`layers_for` of many devices. Unless a layer reads what a device is beyond its labels
+        (a ``where``), devices with the same labels share one answer: a fleet push or a layer change
+        works out the layers once per label set, not once per device."""
+        chosen = self._layers if layers is None else layers
+        if not chosen:
+            return {device: [] for device in devices}
+        if any(layer.where for layer in chosen.values()):
+            return {device: self.layers_for(labels.get(device, {}), chosen, device=device) for device in devices}
+        by_labels: dict[frozenset[tuple[str, str]], list[Layer]] = {}
+        out = {}
+        for device in devices:
+            own = labels.get(device, {})
+            key = frozenset(own.items())
+            applied = by_labels.get(key)
+            if applied is None:
+                applied = by_labels[key] = applying(chosen.values(), own, device)
+            out[device] = applied
+        return out
+
     @staticmethod
     def merge_layers(applied: list[Layer], own: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         return merge(applied, own)  # pure: henge_mqtt/layering.py
@@ -55,6 +76,21 @@ class Layers(StoreCore):
                   device: str | None = None) -> tuple[dict[str, Any], list[str]]:
         """``(config, layers used)``: the layers for ``device`` with ``labels`` merged in order, then ``own``."""
         return self.merge_layers(self.layers_for(labels, layers, device=device), own)
+
+    def _current_heads(self, devices: list[str]) -> dict[str, tuple[int, str]]:
+        """``{device: (version, sha256)}`` of the current versions (not their configs: a fleet push
+        needs only these to number the next version and skip the unchanged)."""
+        out: dict[str, tuple[int, str]] = {}
+        for start in range(0, len(devices), 500):
+            part = devices[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for device, version, sha in self._db.execute(
+                    "SELECT v.device, v.version, v.sha256 FROM config_versions v JOIN "
+                    f"(SELECT device, MAX(version) AS m FROM config_versions WHERE device IN ({marks}) "
+                    "GROUP BY device) x "
+                    "ON x.device = v.device AND x.m = v.version", part):
+                out[device] = (version, sha)
+        return out
 
     def _current_rows(self, devices: list[str]) -> dict[str, tuple[int, str | None, str, str]]:
         """``{device: (version, own json, config json, sha256)}`` of the current versions."""
@@ -77,27 +113,29 @@ class Layers(StoreCore):
         new config is checked against the schemas first, all or none."""
         current = self._current_rows(devices)
         labels = self.labels_by_device(devices)
+        by_device = self.layers_by_device(devices, labels, layers)
         created = utc_now()
         rows: list[ConfigVersion] = []
         texts: dict[str, str] = {}  # device -> its own layer's JSON, reused as is
-        merged: dict[tuple[tuple[str, ...], str], tuple[dict[str, Any], list[str], str, Any]] = {}
+        # devices with the same own layer under the same layers: one merge, one row to copy
+        merged: dict[tuple[tuple[str, ...], str], tuple[ConfigVersion, bool]] = {}
         for device in devices:
             version, own_text, config_text, sha = current.get(device, (0, None, None, None))
             text = (own_text if own_text is not None else config_text) if version else None
-            applied = self.layers_for(labels.get(device, {}), layers, device=device)
+            applied = by_device[device]
             key = (tuple(layer.ref for layer in applied), text or "{}")
-            if key not in merged:  # devices with the same own layer under the same layers: one merge
+            if key not in merged:
                 own = json.loads(text) if text is not None else {}
                 effective, used = self.merge_layers(applied, own)
-                merged[key] = (effective, used, config_sha256(effective), own)
-            effective, used, digest, own = merged[key]
-            if (not version and not used) or digest == sha:
+                merged[key] = (new_version(device, 0, effective, config_sha256(effective), message=message,
+                                           created_at=created, actor=actor, own=own if used else None,
+                                           layers=used), bool(used))
+            template, layered = merged[key]
+            if (not version and not layered) or template.sha256 == sha:
                 continue
-            if used:
+            if layered:
                 texts[device] = text or "{}"
-            rows.append(ConfigVersion.model_construct(
-                device=device, version=version + 1, config=effective, sha256=digest, message=message,
-                created_at=created, actor=actor, own=own if used else None, layers=used))
+            rows.append(template.model_copy(update={"device": device, "version": version + 1}))
         if rows and self.validate_many is not None:
             self.validate_many([(r.device, labels.get(r.device, {}), r.config) for r in rows])
         self._insert_rows(rows, own_texts=texts)

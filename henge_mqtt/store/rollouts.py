@@ -119,7 +119,7 @@ class Rollouts(StoreCore):
         devices = [d for d in devices if d in self._hashes]  # a device removed meanwhile is skipped
         note = ro["message"] or f"rollout {rollout_id} wave {wave + 1}"
         with self._tx():
-            current = self._current_rows(devices)
+            current = self._current_heads(devices)
             if ro["layer"] is not None:  # a staged layer change: these devices get it now, the layer at the end
                 spec = ro["layer"]
                 layer, _, _ = self.candidate_layer(spec["name"], spec["content"], selector=spec["labels"],

@@ -13,7 +13,7 @@ from ..errors import (
     ValidationFailed,
 )
 from ..layering import merge_patch
-from ..models import ConfigVersion, config_sha256, utc_now
+from ..models import ConfigVersion, config_sha256, new_version, utc_now
 from .core import StoreCore, parse_ts, ts
 from .schema import VERSION_COLUMNS
 
@@ -95,23 +95,23 @@ class Versions(StoreCore):
             self.require_device(device)
         created = utc_now()
         plain = config_sha256(config)
-        merged: dict[tuple[str, ...], tuple[dict[str, Any], list[str], str]] = {}  # one merge per layer set
-        current = self._current_rows(devices)
-        labels = self.labels_by_device(devices)
+        merged: dict[tuple[str, ...], ConfigVersion] = {}  # one merge per layer set, one row to copy
+        current = self._current_heads(devices)
+        by_device = self.layers_by_device(devices, self.labels_by_device(devices) if self._layers else {})
         rows = []
         for device in devices:
-            applied = self.layers_for(labels.get(device, {}), device=device)
+            applied = by_device[device]
             key = tuple(layer.ref for layer in applied)
-            if key not in merged:
+            template = merged.get(key)
+            if template is None:
                 effective, used = self.merge_layers(applied, config)
-                merged[key] = (effective, used, config_sha256(effective) if used else plain)
-            effective, used, digest = merged[key]
-            version, _, _, sha = current.get(device, (0, None, None, None))
-            if skip_unchanged and sha == digest:
+                template = merged[key] = new_version(
+                    device, 0, effective, config_sha256(effective) if used else plain, message=message,
+                    created_at=created, actor=actor, own=config if used else None, layers=used)
+            version, sha = current.get(device, (0, None))
+            if skip_unchanged and sha == template.sha256:
                 continue
-            rows.append(ConfigVersion.model_construct(
-                device=device, version=version + 1, config=effective, sha256=digest, message=message,
-                created_at=created, actor=actor, own=config if used else None, layers=used))
+            rows.append(template.model_copy(update={"device": device, "version": version + 1}))
         return rows
 
     def _insert_version(
