@@ -19,6 +19,7 @@ from ..results import Explained, LayerVersion
 from ..where import STANDING_ROOTS, WhereError
 from ..where import parse as parse_where
 from .core import StoreCore, ts
+from .db import Rows
 
 
 class Layers(StoreCore):
@@ -80,31 +81,19 @@ class Layers(StoreCore):
     def _current_heads(self, devices: list[str]) -> dict[str, tuple[int, str]]:
         """``{device: (version, sha256)}`` of the current versions (not their configs: a fleet push
         needs only these to number the next version and skip the unchanged)."""
-        out: dict[str, tuple[int, str]] = {}
-        for start in range(0, len(devices), 500):
-            part = devices[start:start + 500]
-            marks = ",".join("?" * len(part))
-            for device, version, sha in self._db.execute(
-                    "SELECT v.device, v.version, v.sha256 FROM config_versions v JOIN "
-                    f"(SELECT device, MAX(version) AS m FROM config_versions WHERE device IN ({marks}) "
-                    "GROUP BY device) x "
-                    "ON x.device = v.device AND x.m = v.version", part):
-                out[device] = (version, sha)
-        return out
+        return {device: (version, sha) for device, version, sha in self._current(devices, "v.version, v.sha256")}
+
+    def _current(self, devices: list[str], columns: str) -> Rows:
+        """``device, columns`` of each device's current version (``v``), in one statement."""
+        table, ids = self._among(devices)
+        return self._db.execute(
+            f"SELECT j.value, {columns} FROM {table} JOIN config_versions v ON v.device = j.value "
+            "AND v.version = (SELECT MAX(w.version) FROM config_versions w WHERE w.device = j.value)", (ids,))
 
     def _current_rows(self, devices: list[str]) -> dict[str, tuple[int, str | None, str, str]]:
         """``{device: (version, own json, config json, sha256)}`` of the current versions."""
-        out: dict[str, tuple[int, str | None, str, str]] = {}
-        for start in range(0, len(devices), 500):
-            part = devices[start:start + 500]
-            marks = ",".join("?" * len(part))
-            for device, version, own, config, sha in self._db.execute(
-                    "SELECT v.device, v.version, v.own, v.config, v.sha256 FROM config_versions v JOIN "
-                    f"(SELECT device, MAX(version) AS m FROM config_versions WHERE device IN ({marks}) "
-                    "GROUP BY device) x "
-                    "ON x.device = v.device AND x.m = v.version", part):
-                out[device] = (version, own, config, sha)
-        return out
+        return {device: (version, own, config, sha) for device, version, own, config, sha
+                in self._current(devices, "v.version, v.own, v.config, v.sha256")}
 
     def _refresh(self, devices: list[str], layers: dict[str, Layer], *, actor: str,
                  message: str) -> list[ConfigVersion]:

@@ -68,8 +68,8 @@ class Sessions(StoreCore):
                 self._in_values("INSERT INTO presence_history (device, at, state, reason, epoch) VALUES {values}", 5,
                                 kept)
             for at, devices in (shutdown or {}).items():
-                ids: str | list[str] = json.dumps(devices) if self.url is None else devices  # (a PostgreSQL array)
-                among = "IN (SELECT value FROM json_each(?))" if self.url is None else "= ANY(?)"
+                table, ids = self._among(devices)
+                among = f"IN (SELECT j.value FROM {table})"
                 self._db.execute(f"UPDATE devices SET last_seen = ?, last_reason = 'server_shutdown' WHERE id {among}",
                                  (at, ids))
                 self._db.execute("INSERT INTO presence_history (device, at, state, reason, epoch) SELECT id, ?, "
