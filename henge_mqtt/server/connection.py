@@ -87,16 +87,18 @@ class V5:
         self.queue: deque[tuple[str, bytes, bytes, bool, asyncio.Future[None] | None]] | None = None
 
 
-def _retrieved(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 def _delivery() -> asyncio.Future[None]:
-    """A future done when the client acknowledges; one nobody waits for fails silently."""
-    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    future.add_done_callback(_retrieved)
-    return future
+    """A future done when the client acknowledges (or failed by :func:`_fail`)."""
+    return asyncio.get_running_loop().create_future()
+
+
+def _fail(future: asyncio.Future[None] | None, exc: Exception) -> None:
+    """A delivery that will not be acknowledged. Its exception is marked retrieved at once, so one
+    nobody waits for fails silently (a waiter still gets it); not a done-callback on every
+    delivery, which would cost a callback per acknowledgement in a fleet push."""
+    if future is not None and not future.done():
+        future.set_exception(exc)
+        future.exception()
 
 
 KEEPALIVE_GRACE = 1.5  # the spec's 1.5 x keep-alive: silent for longer, a connection is dead
@@ -276,12 +278,18 @@ class Connection(asyncio.Protocol):
             if kind == codec.PUBLISH:
                 self.broker.on_publish(self, codec.decode_publish(first, body, version))
             elif kind == codec.PUBACK:
-                ack = codec.decode(first, body, version)
-                assert isinstance(ack, codec.Puback)
+                if first == 0x40 and len(body) == 2:  # the common one (either version): its packet id only
+                    packet_id = (body[0] << 8) | body[1]
+                    if not packet_id:
+                        raise codec.CodecError("packet id 0")
+                else:
+                    ack = codec.decode(first, body, version)
+                    assert isinstance(ack, codec.Puback)
+                    packet_id = ack.packet_id
                 out = self.out
-                entry = out.pop(ack.packet_id, None) if out else None
+                entry = out.pop(packet_id, None) if out else None
                 if self.sent is not None:
-                    self.sent.pop(ack.packet_id, None)
+                    self.sent.pop(packet_id, None)
                 if entry is None and not self.broker.charge(self):  # unsolicited: charged
                     return
                 if entry is not None and entry[1] is not None and not entry[1].done():
@@ -478,8 +486,7 @@ class Connection(asyncio.Protocol):
         self.broker.finish(self)  # (a persistent session keeps what was not acknowledged)
         self.out = None
         for future in failed:
-            if future is not None and not future.done():
-                future.set_exception(ConnectionError(f"connection closed: {self.close_reason}"))
+            _fail(future, ConnectionError(f"connection closed: {self.close_reason}"))
         transport = self.transport
         if transport is not None and not leave:
             if abort:
@@ -513,16 +520,14 @@ class Connection(asyncio.Protocol):
             for sent, future in out.values():
                 if mono - sent < puback_timeout:
                     break
-                if future is not None and not future.done():
-                    future.set_exception(TimeoutError("no PUBACK"))
+                _fail(future, TimeoutError("no PUBACK"))
             out = None
         while out:
             packet_id, (sent, future) = next(iter(out.items()))
             if mono - sent < puback_timeout:
                 break
             del out[packet_id]
-            if future is not None and not future.done():
-                future.set_exception(TimeoutError("no PUBACK"))
+            _fail(future, TimeoutError("no PUBACK"))
         in_qos2 = self.in_qos2
         if in_qos2:
             oldest = next(iter(in_qos2.values()))

@@ -41,13 +41,26 @@ _SHARED_PROPS: dict[tuple[tuple[int, object], ...], tuple[bytes, bytes]] = {}
 # version and digest too, so 10,000 deliveries encode one section (and keep one). Emptied when full.
 _WITH_USERS: dict[tuple[bytes, tuple[tuple[str, str], ...]], bytes] = {}
 _MAX_WITH_USERS = 256
+# The last properties seen and their section: the service passes one props object per version and
+# digest (props are never changed once published), so a fleet push's 10,000 snapshots look it up once.
+_last: tuple[object, bytes | None] = (None, None)
 
 
 def meta_of(props: codec.Props | None, now: float) -> bytes | Meta | None:
     """What a message keeps of its 5.0 properties: encoded bytes when it never expires (the common
     case: a snapshot's content type and version), a :class:`Meta` when its expiry must count down."""
+    global _last
     if not props:
         return None
+    if props is _last[0]:
+        return _last[1]
+    meta = _meta_of(props, now)
+    if not isinstance(meta, Meta):
+        _last = (props, meta)
+    return meta
+
+
+def _meta_of(props: codec.Props, now: float) -> bytes | Meta | None:
     kept = {k: v for k, v in props.items() if k in FORWARDED}
     expiry = props.get(codec.MESSAGE_EXPIRY_INTERVAL)
     if isinstance(expiry, int):  # a stored message stops at 0 [MQTT-3.3.2-5]

@@ -49,9 +49,21 @@ def no_progress(_: dict[str, Any]) -> None:
 JSON_PROPS: dict[int, object] = {0x01: 1, 0x03: "application/json"}  # Payload Format Indicator, Content Type
 
 
+_SNAPSHOT_PROPS: dict[tuple[int, str], dict[int, object]] = {}
+
+
 def snapshot_props(row: ConfigVersion) -> dict[int, object]:
-    """What a 5.0 subscriber learns of a snapshot without parsing it; the envelope stays the truth."""
-    return {**JSON_PROPS, 0x26: [("version", str(row.version)), ("sha256", row.sha256)]}  # User Properties
+    """What a 5.0 subscriber learns of a snapshot without parsing it; the envelope stays the truth.
+
+    One object per version and digest (a fleet push's snapshots mostly share both), never changed:
+    the broker encodes it once for all of them."""
+    key = (row.version, row.sha256)
+    props = _SNAPSHOT_PROPS.get(key)
+    if props is None:
+        if len(_SNAPSHOT_PROPS) >= 256:
+            _SNAPSHOT_PROPS.clear()
+        props = _SNAPSHOT_PROPS[key] = {**JSON_PROPS, 0x26: [("version", str(row.version)), ("sha256", row.sha256)]}
+    return props
 
 
 def _payloads(rows: list[ConfigVersion]) -> list[tuple[ConfigVersion, bytes]]:
