@@ -190,6 +190,11 @@ async def _bounded(coros: list[Any], limit: int) -> list[Any]:
     return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
 
 
+# The push's probe pings at most this often: 20 a second stays within henge's packet rate for a
+# device (10 a second, a burst of 50) for a 5 s push; at 100 a second henge cut the probe off as a
+# flood once its answers came back fast (2026-12-04), and the probe's device then missed the push.
+PING_EVERY = 0.05
+
 SOURCE_HOST: str | None = None  # this worker's own loopback address (127.0.0.x), when the fleet needs it
 
 
@@ -222,9 +227,11 @@ async def run_worker(spec: dict[str, Any], commands: Any, results: Any) -> None:
             marker = command["marker"].encode()
             deadline = time.time() + command["timeout"]
             probe = clients[0] if command.get("ping") and clients else None
+            last_ping = 0.0
             while time.time() < deadline and not all(any(marker in m for _, m in c.messages) for c in clients):
-                if probe is not None and not probe.ping_sent and probe.writer is not None:
-                    probe.ping_sent = time.time()  # one ping in flight at a time: its RTT is the stall
+                if (probe is not None and not probe.ping_sent and probe.writer is not None
+                        and time.time() - last_ping >= PING_EVERY):
+                    probe.ping_sent = last_ping = time.time()  # one ping in flight at a time: its RTT is the stall
                     probe.writer.write(b"\xc0\x00")
                 await asyncio.sleep(0.01)
             arrivals = [next((t for t, m in c.messages if marker in m), None) for c in clients]
