@@ -4,7 +4,7 @@ Exact filters (almost every device subscribes to its own config topic) live in o
 publish finds them with one lookup. Wildcard filters live in a topic tree, so a publish walks
 only the branches its own levels name, plus the ``+`` and ``#`` branches on the way: its cost is
 the filters that could match it, not the number of filters in the fleet. Retained messages are
-kept in a dict plus a sorted list of their topics, so a wildcard subscription reads only the
+kept in a dict plus their topics in order (in blocks), so a wildcard subscription reads only the
 topics under its literal prefix (``henge/devices/d1/#`` reads d1's topics, not the fleet's).
 """
 
@@ -191,6 +191,52 @@ def _merge(found: dict[S, int], subs: dict[S, int]) -> None:
         found[sub] = options if old is None else max(old & 3, options & 3) | ((old | options) & ~3)
 
 
+class _SortedTopics:
+    """Topics in order, as blocks of at most ``2 * block`` (the layout of ``sortedcontainers``):
+    a new topic moves the pointers of one block, not of half the fleet's topics (a flat list did:
+    4 us a topic at 20,000, 40 ms of a 10,000-device fleet's first push)."""
+
+    __slots__ = ("_block", "_blocks", "_lasts")
+
+    def __init__(self, block: int = 1000) -> None:
+        self._block = block
+        self._blocks: list[list[str]] = []
+        self._lasts: list[str] = []  # each block's last topic
+
+    def add(self, topic: str) -> None:
+        if not self._blocks:
+            self._blocks.append([topic])
+            self._lasts.append(topic)
+            return
+        i = min(bisect.bisect_left(self._lasts, topic), len(self._lasts) - 1)
+        block = self._blocks[i]
+        bisect.insort(block, topic)
+        self._lasts[i] = block[-1]
+        if len(block) > 2 * self._block:
+            half = len(block) // 2
+            self._blocks[i:i + 1] = [block[:half], block[half:]]
+            self._lasts[i:i + 1] = [block[half - 1], block[-1]]
+
+    def remove(self, topic: str) -> None:
+        i = bisect.bisect_left(self._lasts, topic)
+        block = self._blocks[i]
+        del block[bisect.bisect_left(block, topic)]
+        if block:
+            self._lasts[i] = block[-1]
+        else:
+            del self._blocks[i], self._lasts[i]
+
+    def starting_with(self, prefix: str) -> Iterator[str]:
+        """Every topic that starts with ``prefix``, in order."""
+        i = bisect.bisect_left(self._lasts, prefix)
+        for k in range(i, len(self._blocks)):
+            block = self._blocks[k]
+            for j in range(bisect.bisect_left(block, prefix) if k == i else 0, len(block)):
+                if not block[j].startswith(prefix):
+                    return
+                yield block[j]
+
+
 class RetainedStore:
     """The last retained message of each topic; an empty payload clears it [MQTT-3.3.1-10, -11].
 
@@ -198,22 +244,21 @@ class RetainedStore:
     None for nearly all of them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, block: int = 1000) -> None:
         self._messages: dict[str, tuple[bytes, int, object]] = {}
-        self._sorted: list[str] = []
+        self._sorted = _SortedTopics(block)
 
     def set(self, topic: str, data: bytes, qos: int, extra: object = None) -> None:
         if not data:
             self.clear(topic)
             return
         if topic not in self._messages:
-            bisect.insort(self._sorted, topic)
+            self._sorted.add(topic)
         self._messages[topic] = (data, qos, extra)
 
     def clear(self, topic: str) -> None:
         if self._messages.pop(topic, None) is not None:
-            i = bisect.bisect_left(self._sorted, topic)
-            del self._sorted[i]
+            self._sorted.remove(topic)
 
     def get(self, topic: str) -> tuple[bytes, int, object] | None:
         return self._messages.get(topic)
@@ -230,11 +275,7 @@ class RetainedStore:
         if parent is not None and parent in self._messages:  # 'a/#' matches 'a' itself
             data, qos, extra = self._messages[parent]
             yield parent, data, qos, extra
-        i = bisect.bisect_left(self._sorted, prefix)
-        topics = self._sorted
-        while i < len(topics) and topics[i].startswith(prefix):
-            topic = topics[i]
-            i += 1
+        for topic in self._sorted.starting_with(prefix):
             if filter_matches(topic_filter, topic):
                 data, qos, extra = self._messages[topic]
                 yield topic, data, qos, extra
