@@ -137,3 +137,16 @@ async def test_a_fleet_push_is_previewed_before_anything_is_stored(running: Runn
     code, _, err = await push(running, tmp_path, {"port": 81}, "p1", "--dry-run")
     assert code == 2
     assert err.strip() == "error: --dry-run previews a fleet push: give --all, --label k=v or --where EXPR"
+
+
+async def test_progress_counts_agree_with_the_answer(running: Running, agents: dict[str, str]) -> None:
+    """The progress ticks count without an entry per device (a 10,000-device push ticks every
+    0.25 s): the last one says what the answer says."""
+    ticks: list[dict[str, Any]] = []
+    result = await running.service.fleet_push({"mode": "fast", "tick": 1}, all_devices=True, wait=1.5,
+                                              progress=ticks.append)
+    counted = [t for t in ticks if "pending" in t]
+    assert counted, ticks  # "away" never reports: the wait ticks until its end
+    keys = ("targeted", "devices", "online", "delivered", "applied", "rejected", "pending")
+    assert {k: counted[-1][k] for k in keys} == {k: result[k] for k in keys} == {
+        "targeted": 4, "devices": 4, "online": 3, "delivered": 3, "applied": 2, "rejected": 1, "pending": 1}

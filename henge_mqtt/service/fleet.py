@@ -115,16 +115,16 @@ def _outcomes(watch: FleetWatch, deliveries: dict[str, asyncio.Future[None]], *,
 def counts(watch: FleetWatch, targeted: list[str], rows: list[ConfigVersion],
            deliveries: dict[str, asyncio.Future[None]], *, observable: bool,
            online_at_publish: set[str]) -> dict[str, Any]:
-    """A fleet push's progress: the counts of :func:`answer` without its lists (a tick every 0.25 s
-    of a 10,000-device push need not name and sort 10,000 devices)."""
-    tally: Counter[str] = Counter()
-    for _, v in _outcomes(watch, deliveries, observable=observable, online_at_publish=online_at_publish):
-        tally["online"] += v["online"]
-        tally["delivered"] += bool(v["delivered"])
-        tally[v["report"] or "pending"] += 1
-    return {"targeted": len(targeted), "devices": len(rows), "online": tally["online"],
-            "delivered": tally["delivered"] if observable else None, "applied": tally["applied"],
-            "rejected": tally["rejected"], "pending": tally["pending"]}
+    """A fleet push's progress: the counts of :func:`answer`, worked out without an entry per
+    device (a tick every 0.25 s of a 10,000-device push): deliveries are counted from their
+    futures, outcomes from the devices that reported."""
+    delivered = sum(1 for future in deliveries.values()
+                    if future.done() and not future.cancelled() and future.exception() is None)
+    settled: Counter[str | None] = Counter(watch.outcome(device)[0] for device in watch.reports
+                                           if device in watch.versions)
+    return {"targeted": len(targeted), "devices": len(rows), "online": len(online_at_publish),
+            "delivered": delivered if observable else None, "applied": settled["applied"],
+            "rejected": settled["rejected"], "pending": len(watch.versions) - settled["applied"] - settled["rejected"]}
 
 
 def answer(watch: FleetWatch, targeted: list[str], rows: list[ConfigVersion],
