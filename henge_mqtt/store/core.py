@@ -144,6 +144,12 @@ class StoreCore:
             return "json_each(?) AS j", json.dumps(devices)
         return "unnest(?::text[]) AS j(value)", devices
 
+    def _keyed(self, values: dict[str, int]) -> tuple[str, str]:
+        """``{device: n}`` as a table ``j`` of ``key`` (text) and ``value`` (``CAST(j.value AS
+        INTEGER)`` in both) and the one parameter it takes, a JSON object: one statement for
+        thousands of rows (``json_each`` on SQLite, ``json_each_text`` on PostgreSQL)."""
+        return ("json_each(?) AS j" if self.url is None else "json_each_text(?::json) AS j"), json.dumps(values)
+
     def _expect_version(self, device: str, expected: int | None) -> int:
         """The device's current version; :class:`VersionConflict` if the caller expected another."""
         current = self._current_version(device)

@@ -80,41 +80,42 @@ class Versions(StoreCore):
     def _push_many(self, devices: list[str], config: dict[str, Any], *, actor: str, message: str,
                    skip_unchanged: bool) -> list[ConfigVersion]:
         """Inside the caller's transaction: the devices under the same layers get their versions in
-        one statement, numbered (and, with ``skip_unchanged``, compared) by the database, which
-        returns who got which: 10,000 rows are not read, numbered and bound one by one in Python."""
+        one ``INSERT ... SELECT`` over a JSON object of device -> version (10,000 rows are not bound
+        one by one through ``executemany``)."""
         templates = self._templates(devices, config, actor=actor, message=message)
-        groups: dict[int, list[str]] = {}
-        for device in devices:
-            groups.setdefault(id(templates[device]), []).append(device)
-        versions: dict[str, int] = {}
+        versions = self._next_versions(devices, templates, skip_unchanged=skip_unchanged)
+        groups: dict[int, dict[str, int]] = {}
+        for device, version in versions.items():
+            groups.setdefault(id(templates[device]), {})[device] = version
         for members in groups.values():
-            r = templates[members[0]]
-            table, ids = self._among(members)
-            sql = ("INSERT INTO config_versions (device, version, config, sha256, message, created_at, actor, own, "
-                   "layers) SELECT j.value, COALESCE(h.version, 0) + 1, ?, ?, ?, ?, ?, ?, ? "
-                   f"FROM {table} LEFT JOIN config_versions h ON h.device = j.value AND h.version = "
-                   "(SELECT MAX(w.version) FROM config_versions w WHERE w.device = j.value)")
-            values: list[Any] = [json.dumps(r.config, ensure_ascii=False), r.sha256, message, ts(r.created_at),
-                                 actor, None if r.own is None else json.dumps(r.own, ensure_ascii=False),
-                                 json.dumps(r.layers), ids]
-            if skip_unchanged:
-                sql += " WHERE h.sha256 IS NULL OR h.sha256 <> ?"
-                values.append(r.sha256)
-            versions.update(self._db.execute(sql + " RETURNING device, version", values).fetchall())
-        return [templates[device].model_copy(update={"device": device, "version": versions[device]})
-                for device in devices if device in versions]
+            r = templates[next(iter(members))]
+            table, pairs = self._keyed(members)
+            self._db.execute(
+                "INSERT INTO config_versions (device, version, config, sha256, message, created_at, actor, own, "
+                f"layers) SELECT j.key, CAST(j.value AS INTEGER), ?, ?, ?, ?, ?, ?, ? FROM {table}",
+                (json.dumps(r.config, ensure_ascii=False), r.sha256, message, ts(r.created_at), actor,
+                 None if r.own is None else json.dumps(r.own, ensure_ascii=False), json.dumps(r.layers), pairs))
+        return [templates[device].model_copy(update={"device": device, "version": version})
+                for device, version in versions.items()]
 
     def plan_push_many(self, devices: list[str], config: dict[str, Any]) -> list[ConfigVersion]:
         """The versions ``push_many`` would store now (the devices whose config would change), stored
         nowhere: a fleet push's preview."""
         templates = self._templates(devices, config, actor="", message="")
+        return [templates[device].model_copy(update={"device": device, "version": version})
+                for device, version in self._next_versions(devices, templates, skip_unchanged=True).items()]
+
+    def _next_versions(self, devices: list[str], templates: dict[str, ConfigVersion], *,
+                       skip_unchanged: bool) -> dict[str, int]:
+        """Each device's next version number, in ``devices``' order; with ``skip_unchanged``, none
+        for a device whose current version is its template's content."""
         current = self._current_heads(devices)
-        rows = []
+        out = {}
         for device in devices:
             version, sha = current.get(device, (0, None))
-            if sha != templates[device].sha256:
-                rows.append(templates[device].model_copy(update={"device": device, "version": version + 1}))
-        return rows
+            if not (skip_unchanged and sha == templates[device].sha256):
+                out[device] = version + 1
+        return out
 
     def _templates(self, devices: list[str], config: dict[str, Any], *, actor: str,
                    message: str) -> dict[str, ConfigVersion]:
