@@ -15,7 +15,10 @@ from ..errors import ValidationFailed
 from ..store import Store
 
 TABLES = ("meta", "devices", "admins", "config_versions", "device_reports", "audit", "api_tokens", "schemas", "layers",
-          "rollouts", "rollout_devices", "version_reports", "mqtt_sessions")
+          "rollouts", "rollout_devices", "version_reports", "mqtt_sessions", "reported", "reported_history", "claims",
+          "claim_uses", "fleet_series", "presence_history")
+# Not copied: who holds the write lease of a PostgreSQL store (the running instances', not the data's).
+NOT_COPIED = ("lease",)
 
 
 def _open(where: str, scratch: Path) -> tuple[Store, DataDirLock | None]:
