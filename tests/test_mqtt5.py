@@ -563,7 +563,7 @@ async def test_henge_serve_stopping_tells_5_0_clients_and_leaves_no_socket_open(
     assert seen["v5dev"][0] is not None
     db = sqlite3.connect(data / "henge.db")
     try:
-        last = dict(db.execute("SELECT id, last_reason FROM devices"))
+        last = dict(db.execute("SELECT device, last_reason FROM device_sessions"))
         shutdown = db.execute("SELECT device, state, epoch, at FROM presence_history WHERE reason = 'server_shutdown' "
                               "ORDER BY device").fetchall()
         gone_rows = db.execute("SELECT state, reason, epoch FROM presence_history WHERE device = 'gone' "

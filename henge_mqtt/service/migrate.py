@@ -16,7 +16,7 @@ from ..store import Store
 
 TABLES = ("meta", "devices", "admins", "config_versions", "device_reports", "audit", "api_tokens", "schemas", "layers",
           "rollouts", "rollout_devices", "version_reports", "mqtt_sessions", "reported", "reported_history", "claims",
-          "claim_uses", "fleet_series", "presence_history")
+          "claim_uses", "fleet_series", "presence_history", "device_sessions")
 # Not copied: who holds the write lease of a PostgreSQL store (the running instances', not the data's).
 NOT_COPIED = ("lease",)
 

@@ -163,7 +163,7 @@ class Claims(StoreCore):
             raise ClaimRefused("replay", "this nonce claimed with another secret: use a new nonce")
         with self._tx():
             row = self._db.execute("SELECT u.claim, c.name, d.epoch FROM claim_uses u JOIN claims c ON c.id = u.claim "
-                                   "JOIN devices d ON d.id = u.device WHERE u.nonce = ? AND u.device = ?",
+                                   "JOIN device_sessions d ON d.device = u.device WHERE u.nonce = ? AND u.device = ?",
                                    (nonce, device)).fetchone()
             if row is None or row[2]:
                 raise ClaimRefused("replay", "this nonce claimed before: use a new one")
@@ -201,6 +201,7 @@ class Claims(StoreCore):
                      bcrypt_hash(secret)))
             except IntegrityError as exc:
                 raise ClaimRefused("duplicate_device", f"device {device!r} already exists") from exc
+            self._new_device_sessions([device])
             self._db.execute("UPDATE claims SET used = used + 1 WHERE id = ?", (claim,))
             self._db.execute("INSERT INTO claim_uses (nonce, claim, device, at) VALUES (?, ?, ?, ?)",
                              (nonce, claim, device, ts(utc_now())))

@@ -144,6 +144,10 @@ class StoreCore:
             return "json_each(?) AS j", json.dumps(devices)
         return "unnest(?::text[]) AS j(value)", devices
 
+    def _new_device_sessions(self, devices: list[str]) -> None:
+        """The session records of devices just inserted (epoch 0, never seen), in their transaction."""
+        self._db.executemany("INSERT INTO device_sessions (device) VALUES (?)", [(d,) for d in devices])
+
     def _keyed(self, values: dict[str, int]) -> tuple[str, str]:
         """``{device: n}`` as a table ``j`` of ``key`` (text) and ``value`` (``CAST(j.value AS
         INTEGER)`` in both) and the one parameter it takes, a JSON object: one statement for

@@ -34,6 +34,7 @@ class Devices(StoreCore):
                     (device, digest, json.dumps(labels or {}, sort_keys=True), ts(utc_now()), mosquitto_hash(secret),
                      bcrypt_hash(secret)),
                 )
+                self._new_device_sessions([device])
                 self._audit(actor, "device.add", device, {"labels": labels or {}})
                 if self._layers:
                     rows = self._refresh([device], self._layers, actor=actor, message="a new device gets its layers")
@@ -71,6 +72,7 @@ class Devices(StoreCore):
                 [(d, digests[d], json.dumps(labels, sort_keys=True), now, mosquitto_hash(secrets_by_id[d]),
                   bcrypt_hash(secrets_by_id[d])) for d, labels in new],
             )
+            self._new_device_sessions([d for d, _ in new])
             self._db.executemany("UPDATE devices SET labels = ? WHERE id = ?",
                                  [(json.dumps(labels, sort_keys=True), d) for d, labels in existing])
             self._audit(actor, "device.import", None, {"devices": len(new), "updated": len(existing)})

@@ -249,6 +249,21 @@ MIGRATIONS: list[str] = [
     CREATE INDEX presence_history_device ON presence_history (device, at);
     CREATE INDEX presence_history_at ON presence_history (at);
     """,
+    """
+    -- Each device's session record out of its wide row: the epoch high-water mark (saved before
+    -- every CONNACK) and the last sighting (at every disconnect, and the whole fleet's at shutdown)
+    -- change far more often than its secret hashes and labels, and an UPDATE rewrites the whole
+    -- row. devices keeps its old columns, unused (SQLite before 3.35 cannot drop a column).
+    CREATE TABLE device_sessions (
+        device TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+        epoch INTEGER NOT NULL DEFAULT 0,
+        last_seen REAL,
+        last_remote TEXT,
+        last_reason TEXT
+    );
+    INSERT INTO device_sessions (device, epoch, last_seen, last_remote, last_reason)
+        SELECT id, epoch, last_seen, last_remote, last_reason FROM devices;
+    """,
 ]
 
 

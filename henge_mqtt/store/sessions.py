@@ -11,11 +11,11 @@ from .core import StoreCore
 
 class Sessions(StoreCore):
     def epochs(self) -> dict[str, int]:
-        return dict(self._db.execute("SELECT id, epoch FROM devices"))
+        return dict(self._db.execute("SELECT device, epoch FROM device_sessions"))
 
     def sessions(self) -> list[tuple[str, int, float | None, str | None]]:
         """``(device, epoch high-water mark, last seen, last remote)`` for every device."""
-        return list(self._db.execute("SELECT id, epoch, last_seen, last_remote FROM devices"))
+        return list(self._db.execute("SELECT device, epoch, last_seen, last_remote FROM device_sessions"))
 
     def mqtt_sessions(self) -> list[tuple[str, int, list[tuple[str, int]], float | None]]:
         """``(device, expiry, [(filter, options)], ended at)`` of every persistent MQTT session."""
@@ -50,30 +50,34 @@ class Sessions(StoreCore):
                 # In key order: a row's index page is then most likely the one the last row used
                 # (10,000 last-seen records in the order devices connected: 80 ms; sorted: 50).
                 self._db.executemany(
-                    "UPDATE devices SET epoch = MAX(epoch, ?) WHERE id = ?", [(e, d) for d, e in sorted(epochs.items())]
+                    "UPDATE device_sessions SET epoch = MAX(epoch, ?) WHERE device = ?",
+                    [(e, d) for d, e in sorted(epochs.items())],
                 )
                 self._db.executemany(
-                    "UPDATE devices SET last_seen = ?, last_remote = ?, last_reason = ? WHERE id = ?",
+                    "UPDATE device_sessions SET last_seen = ?, last_remote = ?, last_reason = ? WHERE device = ?",
                     [(at, remote, reason, d) for d, (at, remote, reason) in sorted(seen.items())],
                 )
                 self._db.executemany("INSERT INTO presence_history (device, at, state, reason, epoch) "
                                      "VALUES (?, ?, ?, ?, ?)", kept)
             else:  # PostgreSQL: 500 rows a statement
-                self._in_values("UPDATE devices SET epoch = GREATEST(devices.epoch, v.column2::bigint) "
-                                "FROM (VALUES {values}) AS v WHERE devices.id = v.column1", 2, list(epochs.items()))
-                self._in_values("UPDATE devices SET last_seen = v.column2::double precision, "
+                self._in_values("UPDATE device_sessions SET epoch = GREATEST(device_sessions.epoch, v.column2::bigint) "
+                                "FROM (VALUES {values}) AS v WHERE device_sessions.device = v.column1", 2,
+                                list(epochs.items()))
+                self._in_values("UPDATE device_sessions SET last_seen = v.column2::double precision, "
                                 "last_remote = v.column3, last_reason = v.column4 "
-                                "FROM (VALUES {values}) AS v WHERE devices.id = v.column1", 4,
+                                "FROM (VALUES {values}) AS v WHERE device_sessions.device = v.column1", 4,
                                 [(d, at, remote, reason) for d, (at, remote, reason) in seen.items()])
                 self._in_values("INSERT INTO presence_history (device, at, state, reason, epoch) VALUES {values}", 5,
                                 kept)
             for at, devices in (shutdown or {}).items():
                 table, ids = self._among(devices)
                 among = f"IN (SELECT j.value FROM {table})"
-                self._db.execute(f"UPDATE devices SET last_seen = ?, last_reason = 'server_shutdown' WHERE id {among}",
+                self._db.execute(f"UPDATE device_sessions SET last_seen = ?, last_reason = 'server_shutdown' "
+                                 f"WHERE device {among}",
                                  (at, ids))
-                self._db.execute("INSERT INTO presence_history (device, at, state, reason, epoch) SELECT id, ?, "
-                                 f"'offline', 'server_shutdown', epoch FROM devices WHERE id {among}", (at, ids))
+                self._db.execute("INSERT INTO presence_history (device, at, state, reason, epoch) SELECT device, ?, "
+                                 f"'offline', 'server_shutdown', epoch FROM device_sessions WHERE device {among}",
+                                 (at, ids))
 
     def presence_timeline(self, device: str, since: float) -> tuple[tuple[Any, ...] | None, list[tuple[Any, ...]]]:
         """The device's last presence change before ``since`` (what it was then: None if none is
