@@ -64,7 +64,7 @@ class FleetWatch:
                    report_timeout: float | None, progress: Callable[[], None] | None) -> None:
         """Until every delivery is acknowledged (at most ``delivery_timeout``), then, with
         ``report_timeout``, until every device reported its version (or that long); ``progress``
-        is called every 0.25-0.5 s meanwhile.
+        is called every 0.25 s meanwhile (every 0.5 s while it waits for reports).
 
         Acknowledgements are counted by one callback per delivery, added once: waiting with
         ``asyncio.wait`` every 0.25 s would add and remove 10,000 callbacks each time."""
@@ -84,19 +84,19 @@ class FleetWatch:
             future.add_done_callback(one_done)
         if not pending:
             acknowledged.set()
-        await self._until(acknowledged, deadline, progress)
+        await self._until(acknowledged, deadline, 0.25, progress)
         for future in pending:  # nobody will look at these again (a done one ignores it)
             future.cancel()
         if report_timeout is None:
             return
-        await self._until(self.settled, loop.time() + report_timeout, progress)
+        await self._until(self.settled, loop.time() + report_timeout, 0.5, progress)
 
     @staticmethod
-    async def _until(event: asyncio.Event, deadline: float, progress: Callable[[], None] | None) -> None:
+    async def _until(event: asyncio.Event, deadline: float, tick: float, progress: Callable[[], None] | None) -> None:
         loop = asyncio.get_running_loop()
         while not event.is_set() and loop.time() < deadline:
             with contextlib.suppress(TimeoutError):  # a progress tick, not a failure
-                await asyncio.wait_for(event.wait(), min(0.25, max(0.0, deadline - loop.time())))
+                await asyncio.wait_for(event.wait(), min(tick, max(0.0, deadline - loop.time())))
             if progress is not None:
                 progress()
 
