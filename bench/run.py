@@ -274,7 +274,7 @@ class LoadWorkers:
 
 
 def spy_on(pid: int, phase: str) -> subprocess.Popen[bytes] | None:
-    """``BENCH_PYSPY=FILE`` and ``BENCH_PYSPY_PHASE`` (``push`` or ``stop``): py-spy's raw stacks of
+    """``BENCH_PYSPY=FILE`` and ``BENCH_PYSPY_PHASE`` (``push``, ``storm`` or ``stop``): py-spy's raw stacks of
     the broker during that phase, 200 a second, every thread."""
     if not os.environ.get("BENCH_PYSPY") or os.environ.get("BENCH_PYSPY_PHASE", "push") != phase:
         return None
@@ -353,9 +353,11 @@ def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filt
         start_at = time.time() + 0.5
         per = [len(s) for s in shares]
         counts = [k // workers + (1 if i < k % workers else 0) for i in range(workers)]
+        spy = spy_on(target.proc.pid, "storm")
         for q, c, size in zip(commands, counts, per, strict=True):
             q.put({"cmd": "storm", "count": min(c, size), "start_at": start_at, "timeout": PHASE_TIMEOUT})
         replies = [results.get(timeout=PHASE_TIMEOUT + 30) for _ in commands]
+        spy_stop(spy)
         result["storm_n"] = k
         current = [r["current_at"] for r in replies]
         # Not all current again (some never got their config): the storm has no finishing time.
