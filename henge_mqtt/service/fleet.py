@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from ..models import ConfigVersion, Report
@@ -101,15 +101,9 @@ class FleetWatch:
                 progress()
 
 
-def _outcomes(watch: FleetWatch, deliveries: dict[str, asyncio.Future[None]], *, observable: bool,
-              online_at_publish: set[str]) -> Iterator[tuple[str, DeviceOutcome]]:
-    for device, version in watch.versions.items():
-        future = deliveries.get(device)
-        delivered = (future is not None and future.done() and not future.cancelled()
-                     and future.exception() is None) if observable else None
-        report, error = watch.outcome(device)
-        yield device, {"version": version, "online": device in online_at_publish, "delivered": delivered,
-                       "report": report, "error": error}
+def _acknowledged(future: asyncio.Future[None] | None) -> bool:
+    """The device's own PUBACK came (not failed, not given up on)."""
+    return future is not None and future.done() and not future.cancelled() and future.exception() is None
 
 
 def counts(watch: FleetWatch, targeted: list[str], rows: list[ConfigVersion],
@@ -118,8 +112,7 @@ def counts(watch: FleetWatch, targeted: list[str], rows: list[ConfigVersion],
     """A fleet push's progress: the counts of :func:`answer`, worked out without an entry per
     device (a tick every 0.25 s of a 10,000-device push): deliveries are counted from their
     futures, outcomes from the devices that reported."""
-    delivered = sum(1 for future in deliveries.values()
-                    if future.done() and not future.cancelled() and future.exception() is None)
+    delivered = sum(1 for future in deliveries.values() if _acknowledged(future))
     settled: Counter[str | None] = Counter(watch.outcome(device)[0] for device in watch.reports
                                            if device in watch.versions)
     return {"targeted": len(targeted), "devices": len(rows), "online": len(online_at_publish),
@@ -135,13 +128,17 @@ def answer(watch: FleetWatch, targeted: list[str], rows: list[ConfigVersion],
     per_device: dict[str, DeviceOutcome] = {}
     counted: Counter[str] = Counter()
     errors: Counter[str] = Counter()
-    for device, v in _outcomes(watch, deliveries, observable=observable, online_at_publish=online_at_publish):
-        per_device[device] = v
-        counted["online" if v["online"] else "offline"] += 1
-        counted["delivered"] += bool(v["delivered"])
-        counted[v["report"] or "pending"] += 1
-        if v["error"] is not None:
-            errors[v["error"]] += 1
+    for device, version in watch.versions.items():
+        delivered = _acknowledged(deliveries.get(device)) if observable else None
+        report, error = watch.outcome(device)
+        online = device in online_at_publish
+        per_device[device] = {"version": version, "online": online, "delivered": delivered, "report": report,
+                              "error": error}
+        counted["online" if online else "offline"] += 1
+        counted["delivered"] += bool(delivered)
+        counted[report or "pending"] += 1
+        if error is not None:
+            errors[error] += 1
     named: dict[str, list[str]] = {"rejected": [], "offline": [], "silent": []}
     for device in sorted(per_device):
         v = per_device[device]

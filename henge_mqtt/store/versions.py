@@ -18,6 +18,12 @@ from .core import StoreCore, parse_ts, ts
 from .schema import VERSION_COLUMNS
 
 
+def _rows(templates: dict[str, ConfigVersion], versions: dict[str, int]) -> list[ConfigVersion]:
+    """Each device's new version: a copy of its template with its id and number filled in."""
+    return [templates[device].model_copy(update={"device": device, "version": version})
+            for device, version in versions.items()]
+
+
 class Versions(StoreCore):
     def push(
         self,
@@ -95,15 +101,13 @@ class Versions(StoreCore):
                 f"layers) SELECT j.key, CAST(j.value AS INTEGER), ?, ?, ?, ?, ?, ?, ? FROM {table}",
                 (json.dumps(r.config, ensure_ascii=False), r.sha256, message, ts(r.created_at), actor,
                  None if r.own is None else json.dumps(r.own, ensure_ascii=False), json.dumps(r.layers), pairs))
-        return [templates[device].model_copy(update={"device": device, "version": version})
-                for device, version in versions.items()]
+        return _rows(templates, versions)
 
     def plan_push_many(self, devices: list[str], config: dict[str, Any]) -> list[ConfigVersion]:
         """The versions ``push_many`` would store now (the devices whose config would change), stored
         nowhere: a fleet push's preview."""
         templates = self._templates(devices, config, actor="", message="")
-        return [templates[device].model_copy(update={"device": device, "version": version})
-                for device, version in self._next_versions(devices, templates, skip_unchanged=True).items()]
+        return _rows(templates, self._next_versions(devices, templates, skip_unchanged=True))
 
     def _next_versions(self, devices: list[str], templates: dict[str, ConfigVersion], *,
                        skip_unchanged: bool) -> dict[str, int]:
