@@ -15,7 +15,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
+from playwright.async_api import Browser, Dialog, Page, Route, async_playwright, expect
 
 from henge_mqtt import codec
 from henge_mqtt.http import HttpServer
@@ -928,3 +928,41 @@ async def test_a_labels_edit_that_began_from_other_labels_is_refused_and_rebased
         await page.get_by_role("button", name="Save labels").click()
         await expect(page.locator("#act-note")).to_have_text("Labels saved: site=paris, tier=gold.")
         assert (await svc.get_device("cam1")).labels == {"site": "paris", "tier": "gold"}
+
+
+async def test_an_edit_typed_while_the_page_refreshes_is_what_gets_pushed(running: Running, browser: Browser) -> None:
+    """The device page refreshes itself on every event; when the operator types into the push form
+    while that refresh's config is still on its way, their edit stays and is what the Push stores
+    (the refresh had overwritten it with the current config: "Unchanged: v3 already holds this
+    config", seen once in CI). The refresh's config request is held in the browser until the
+    operator has typed."""
+    svc = running.service
+    await svc.add_device("cam1")
+    await svc.push("cam1", {"port": 80})
+    async with console_as(svc, browser, "operator") as (server, tokens, page):
+        await sign_in(page, server.url, tokens["operator"])
+        await page.goto(f"{server.url}#/device/cam1")
+        config = page.get_by_label("Config (JSON) for the next version")
+        await expect(config).to_have_value(json.dumps({"port": 80}, indent=2))
+        held: asyncio.Queue[Route] = asyncio.Queue()
+
+        async def hold_the_first(route: Route) -> None:
+            if held.empty() and not release.is_set():
+                await held.put(route)
+            else:
+                await route.continue_()
+
+        release = asyncio.Event()
+        await page.route(re.compile(r".*/devices/cam1/config$"), hold_the_first)
+        await svc.push("cam1", {"port": 81}, message="from the CLI")  # an event: the page refreshes
+        route = await asyncio.wait_for(held.get(), 10)  # the refresh asks for the config (v2's)
+        release.set()
+        await config.fill('{"port": 8443}')
+        await route.continue_()
+        await expect(page.locator('dd[data-fact="Desired version"]')).to_have_text("2")
+        await expect(config).to_have_value('{"port": 8443}')
+        await page.get_by_role("button", name="Push").click()
+        # The edit began from v1 (the page had not shown v2): refused, never stored over v2 or lost.
+        await expect(page.locator("#push-note")).to_contain_text("changed since you opened it (v1 → v2")
+        await expect(config).to_have_value('{"port": 8443}')
+        assert (await svc.get_version("cam1")).config == {"port": 81}

@@ -1305,8 +1305,12 @@ async function loadDevice(id) {
   }
   const config = $("push-config");
   if (!config.dataset.touched) {
-    config.value = s.desired_version ? JSON.stringify((await api(`${path}/config`)).config, null, 2) : "{\n}";
-    state.baseVersion = s.desired_version || 0; // the version this edit starts from: sent as If-Match
+    const text = s.desired_version ? JSON.stringify((await api(`${path}/config`)).config, null, 2) : "{\n}";
+    // The operator may have started typing while the config was on its way: their edit wins.
+    if (!config.dataset.touched && state.device === id) {
+      config.value = text;
+      state.baseVersion = s.desired_version || 0; // the version this edit starts from: sent as If-Match
+    }
   }
   $("push-button").disabled = !canWrite;
   config.readOnly = !canWrite;
