@@ -57,7 +57,12 @@ FORWARD_SLICE = 500  # session actions handled per loop turn when a snapshot bri
 SYNC_TIMEOUT = 10.0  # the longest presence waits for the broker's retained announcements
 DYNSEC_PROBE = 3.0  # the longest we wait to learn whether the broker runs Mosquitto's dynamic security
 DYNSEC_TIMEOUT = 10.0  # the longest one batch of identity commands may take
-DYNSEC_BATCH = 400  # commands per message (an import of 100,000 devices is many messages, in order)
+DYNSEC_BATCH = 400  # the most commands in one message (an import of 100,000 devices is many messages, in order)
+# Mosquitto 2.0's plugin rewrites its whole state file after every command, so a command costs more the
+# more identities the broker holds (measured: 22 ms each at 2,600 devices; docs/scaling.md): a message's
+# commands are as many as its broker answers in about this long, learnt from the last answer, so no
+# one answer nears DYNSEC_TIMEOUT however large the fleet.
+DYNSEC_PACE = 2.0
 PASSWORD_FILE = ("the broker does not run Mosquitto's dynamic security for henge: if it reads a password file, run "
                  "henge broker-config mosquitto --identities password-file again and reload it (SIGHUP); other "
                  "brokers: change the identity with their own tools")
@@ -156,6 +161,7 @@ class ExternalBroker(TableViews):
         self._dynsec_pending: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
         self._dynsec_ids = itertools.count()
         self._dynsec_lock = asyncio.Lock()  # one batch in flight: the commands apply in order
+        self._dynsec_size = DYNSEC_BATCH  # commands in the next message (DYNSEC_PACE)
         # The broker's connection events (NATS), when it has them: presence for plain clients.
         self.tracker: ConnectionTracker | None = None
         self._events: NatsEvents | None = None
@@ -449,13 +455,20 @@ class ExternalBroker(TableViews):
                                     detail=CLAIMS_PASSWORD_FILE if claims or claims_removed else PASSWORD_FILE)
             errors: list[str] = []
             async with self._dynsec_lock:
-                for start in range(0, len(commands), DYNSEC_BATCH):
-                    errors += dynsec.failures(await self._dynsec_command(commands[start:start + DYNSEC_BATCH]))
+                start = 0
+                while start < len(commands):
+                    batch = commands[start:start + self._dynsec_size]
+                    began = time.monotonic()
+                    errors += dynsec.failures(await self._dynsec_command(batch))
+                    start += len(batch)
+                    took = max(time.monotonic() - began, 0.001)
+                    self._dynsec_size = max(2, min(DYNSEC_BATCH, int(len(batch) * DYNSEC_PACE / took)))
         except (MqttClientError, TimeoutError) as exc:
+            why = str(exc) or f"no answer within {DYNSEC_TIMEOUT:g} s"
             return IdentitySync(applied=False, how="dynamic-security", detail=(
-                f"the broker did not take the change ({exc or 'no answer'}): the store has it; once the broker is "
-                "back, henge device rotate-secret ID puts a device in it again (and henge broker-config mosquitto, "
-                "with the broker stopped, writes every identity)"))
+                f"the broker did not take the change ({why}): the store has it; henge device rotate-secret ID puts "
+                "a device in the broker again (and henge broker-config mosquitto, with the broker stopped, writes "
+                "every identity)"))
         if errors:
             return IdentitySync(applied=False, how="dynamic-security",
                                 detail="the broker refused: " + "; ".join(errors[:3]))

@@ -69,6 +69,7 @@ from ..rollout_plan import Policy, check_waves, parse_max_rejected
 from ..sessions import SessionView
 from ..settings import Settings
 from ..store import DeviceReports, Store, StoreWorker
+from ..tasks import TaskSet
 from ..topics import Topics, claim_user
 from ..where import Where
 from .claims import ca_subject, trust_claim_ca
@@ -78,6 +79,7 @@ from .events import Events
 from .fleet import FleetWatch, Progress
 from .fleet import answer as fleet_answer
 from .fleet import counts as fleet_counts
+from .nats import HOW as NATS_HOW
 from .nats import NatsAccounts
 from .presence import iso
 from .reports import Reports
@@ -88,6 +90,10 @@ log = logging.getLogger("henge_mqtt.service")
 PREVIEW_DEVICES = 200  # the devices a fleet push's preview names (it counts them all)
 SUMMARY_BATCH = 5_000  # status rows a summary reads per trip to the store's thread
 PRESENCE_WAIT = 5.0  # the longest a status or summary waits, after a start, for the broker to say who is online
+# The longest an answer waits for an external broker to take identity changes (devices added, removed,
+# given a new secret); what is left goes on in the background (a big import behind Mosquitto's dynamic
+# security takes minutes: docs/scaling.md), so the answer, with the new secrets, is never lost to a timeout.
+IDENTITY_WAIT = 5.0
 SERIES_WINDOWS = {"24h": (24 * 60, 1), "7d": (7 * 24 * 60, 10)}  # window: (its minutes, minutes per point)
 
 
@@ -131,6 +137,7 @@ class ServiceAPI:
     _worker: StoreWorker | None
     _broker: BrokerPort | None
     _nats_accounts: NatsAccounts | None = None  # identities reach a NATS cluster through its accounts file
+    _tasks: TaskSet  # the service's background tasks (cancelled when it stops)
 
     @property
     def worker(self) -> StoreWorker:
@@ -229,17 +236,50 @@ class ServiceAPI:
         caller to show."""
         if not (created or changed or removed or claims or claims_removed):
             return
-        if self._nats_accounts is not None:
-            sync = await self._nats_accounts.refresh(self._nats_text)
+        devices = len(created or {}) + len(changed or {}) + len(removed or [])
+        how = "dynamic-security" if self._nats_accounts is None else NATS_HOW
+        late = asyncio.Event()  # set when the answer went out before the broker had taken everything
+        sending = self._tasks.spawn(self._send_identities(late, how, devices, created=created, changed=changed,
+                                                          removed=removed, claims=claims,
+                                                          claims_removed=claims_removed))
+        done, _ = await asyncio.wait({sending}, timeout=IDENTITY_WAIT)
+        if done:
+            sync = sending.result()
         else:
-            sync = await self.broker.sync_identities(created=created, changed=changed, removed=removed,
-                                                     claims=claims, claims_removed=claims_removed)
+            late.set()
+            why = " (Mosquitto's dynamic security rewrites its file for each)" if how == "dynamic-security" else ""
+            sync = IdentitySync(applied=False, how=how, detail=(
+                f"the broker is still taking the changes after {IDENTITY_WAIT:g} s{why}: they go on in the "
+                "background; the event broker_identities_synced (henge events) says when they are all in, "
+                "broker_identities_stale if they fail"))
         if out is not None:
             out.append(sync)
+
+    async def _send_identities(self, late: asyncio.Event, how: str, devices: int, **changes: Any) -> IdentitySync:
+        """The broker told, in the background once the answer has gone (``late``): what happens is
+        said the same way either way (an event and a log line), also when the service stops first."""
+        try:
+            if self._nats_accounts is not None:
+                sync = await self._nats_accounts.refresh(self._nats_text)
+            else:
+                sync = await self.broker.sync_identities(**changes)
+        except asyncio.CancelledError:
+            sync = IdentitySync(applied=False, how=how, detail=(
+                "the service stopped before the broker had taken every change: the store has them; henge device "
+                "rotate-secret ID puts a device in the broker again (and henge broker-config mosquitto, with the "
+                "broker stopped, writes every identity)"))
+            self._identities_said(sync, devices)
+            raise
+        self._identities_said(sync, devices, late=late.is_set())
+        return sync
+
+    def _identities_said(self, sync: IdentitySync, devices: int, *, late: bool = False) -> None:
         if not sync.applied:
             log.warning("service.broker_identities_stale how=%s detail=%s", sync.how, sync.detail)
-            self.events.emit("broker_identities_stale", None, how=sync.how, detail=sync.detail,
-                             devices=len(created or {}) + len(changed or {}) + len(removed or []))
+            self.events.emit("broker_identities_stale", None, how=sync.how, detail=sync.detail, devices=devices)
+        elif late:
+            log.info("service.broker_identities_synced how=%s devices=%d", sync.how, devices)
+            self.events.emit("broker_identities_synced", None, how=sync.how, devices=devices)
 
     async def _nats_text(self) -> str:
         """The NATS accounts file as the store has it now: the admin, every device, every claim."""
