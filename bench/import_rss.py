@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import importlib
 
+# Everything up to henge_mqtt.http is what `henge serve` holds idle with the HTTP API on; the engine
+# (FastAPI, uvicorn, the app's routes) is loaded when the first HTTP client connects, jsonschema when
+# a config schema is first checked.
 STEPS = ("asyncio", "pydantic", "henge_mqtt.models", "henge_mqtt.service", "typer", "henge_mqtt.cli.serve",
-         "fastapi", "uvicorn", "henge_mqtt.http", "jsonschema")
+         "henge_mqtt.http", "fastapi", "uvicorn", "henge_mqtt.http.engine", "jsonschema")
 
 
 def rss_mb() -> float:

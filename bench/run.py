@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -149,9 +150,19 @@ class Henge(Target):
              "--listener-processes", str(self.listener_processes)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log_file, "a") if log_file else subprocess.DEVNULL,  # noqa: SIM115
         )
+        # The MQTT port only: a connection to the HTTP port would load its stack (FastAPI, uvicorn), which
+        # henge loads for its first HTTP client; RSS is measured as deployed with nobody on the console,
+        # then again after one page of it (``open_console``).
         wait_port(self.port)
-        if "--no-http" not in http:
-            wait_port(self.http_port)
+        self.http = "--no-http" not in http
+
+    def open_console(self) -> bool:
+        """One GET of the console's page, as an operator opening it once; False with --no-http."""
+        if not self.http:
+            return False
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/", timeout=30) as answer:
+            answer.read()
+        return True
 
     def push(self, marker: str) -> None:
         cfg = self.tmp / "fleet.json"
@@ -332,6 +343,9 @@ def run_one(target_cls: type[Target], n: int, workers: int, storm: int, sub_filt
         cpu0, idle0 = cpu_seconds(target.proc.pid), time.monotonic()
         time.sleep(IDLE_WINDOW)
         result["idle_cpu_pct"] = 100 * (cpu_seconds(target.proc.pid) - cpu0) / (time.monotonic() - idle0)
+        if isinstance(target, Henge) and target.open_console():
+            time.sleep(0.5)
+            result["rss_console_mb"] = rss_mb(target.proc.pid)
 
         marker = uuid.uuid4().hex
         for i, q in enumerate(commands):
@@ -397,6 +411,7 @@ METRICS = [
     ("connect_s", "connect + subscribe all (s)"),
     ("rss_mb", "broker RSS after connect (MB)"),
     ("kb_per_device", "RSS per connected device (KB)"),
+    ("rss_console_mb", "broker RSS after connect, console opened once (MB)"),
     ("idle_cpu_pct", "CPU with all connected and idle (% of a core)"),
     ("push_s", "fleet push, all acked (s)"),
     ("push_first_s", "fleet push, first delivery (s)"),

@@ -374,10 +374,10 @@ def test_docs_name_every_route() -> None:
 async def test_idle_and_excess_http_connections_are_closed(running: Running, monkeypatch: Any) -> None:
     """A peer cannot hold HTTP sockets: one that sends nothing is closed, one too many is closed at
     once, and a real client is served all along."""
-    from henge_mqtt.http import server as http_server
+    from henge_mqtt.http import engine
 
-    monkeypatch.setattr(http_server._BoundedH11, "max_connections", 4)
-    monkeypatch.setattr(http_server._BoundedH11, "first_request_timeout", 0.5)
+    monkeypatch.setattr(engine._BoundedH11, "max_connections", 4)
+    monkeypatch.setattr(engine._BoundedH11, "first_request_timeout", 0.5)
     async with web(running) as (server, tokens):
         idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(4)]
         extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -407,8 +407,8 @@ async def test_a_keep_alive_answer_is_not_held_back_by_nagle(running: Running) -
                 length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
                                   if line.lower().startswith(b"content-length")))
                 await asyncio.wait_for(reader.readexactly(length), 5)
-            assert server._server is not None
-            accepted = [c.transport.get_extra_info("socket") for c in server._server.server_state.connections]
+            assert server._engine is not None
+            accepted = [c.transport.get_extra_info("socket") for c in server._engine.server_state.connections]
             assert accepted, "no accepted HTTP connection to look at"
             assert all(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for sock in accepted)
         finally:
@@ -517,12 +517,49 @@ async def test_an_exiting_stop_still_answers_a_request_in_flight(running: Runnin
         token = (await running.service.create_token("t-exit", "operator"))["token"]
         async with client(server, token) as c:
             put = asyncio.create_task(c.put("/api/v1/devices/waiting/config", json={"v": 1}, params={"wait": 1}))
-            assert server._server is not None
-            state = server._server.server_state  # uvicorn's: its connections and requests in flight
-            await wait_until(lambda: state.tasks, 5, "the request in flight")
+            await wait_until(lambda: server._engine and server._engine.server_state.tasks, 5, "the request in flight")
+            assert server._engine is not None
+            state = server._engine.server_state  # uvicorn's: its connections and requests in flight
             await server.stop(exiting=True)
             assert not state.tasks  # answered before stop returned (the process may exit right after)
             answer = await put
         assert answer.status_code == 202 and answer.json()["version"] == 2  # stored; the device never said
     finally:
         await server.stop()
+
+
+LAZY_PROBE = """
+import asyncio, json, sys
+from pathlib import Path
+from henge_mqtt.http import HttpServer
+from henge_mqtt.service import HengeService
+from henge_mqtt.settings import Settings
+
+STACK = ("fastapi", "starlette", "uvicorn", "henge_mqtt.http.app")
+
+async def main() -> None:
+    settings = Settings(data_dir=Path(sys.argv[1])).with_listener("127.0.0.1", 0)
+    async with HengeService(settings) as svc, HttpServer(svc, "127.0.0.1", 0) as web:
+        before = [m for m in STACK if m in sys.modules]
+        answers = []
+        for _ in range(2):  # the first client waits while the stack loads; the second is served as usual
+            reader, writer = await asyncio.open_connection("127.0.0.1", web.port)
+            writer.write(b"GET / HTTP/1.1\\r\\nHost: henge\\r\\nConnection: close\\r\\n\\r\\n")
+            answers.append((await asyncio.wait_for(reader.read(), 30)).split(b"\\r\\n")[0].decode())
+            writer.close()
+        print(json.dumps({"before": before, "after": [m for m in STACK if m in sys.modules], "answers": answers}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_http_stack_loads_when_the_first_client_connects(tmp_path: Path) -> None:
+    """With the HTTP API on (the default) a service holds no FastAPI, Starlette or uvicorn (about
+    15 MB of the idle process) until a client connects: the port is bound and answered from the
+    start, the first client waits in the backlog while the stack loads, and is served."""
+    run = subprocess.run([sys.executable, "-c", LAZY_PROBE, str(tmp_path / "data")], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = json.loads(run.stdout.splitlines()[-1])
+    assert said == {"before": [], "after": ["fastapi", "starlette", "uvicorn", "henge_mqtt.http.app"],
+                    "answers": ["HTTP/1.1 200 OK", "HTTP/1.1 200 OK"]}

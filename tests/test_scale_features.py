@@ -130,6 +130,7 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
         assert (r["storm_failed"], r["storm_without_config"], r["storm_old_still_open"]) == (0, 0, 0), r
         assert r["ping_max_ms"] is not None and r["push_first_s"] is not None
     assert runs[("henge", "exact")]["shutdown_s"] is not None
+    assert runs[("henge", "exact")]["rss_console_mb"] > runs[("henge", "exact")]["rss_mb"]  # the HTTP stack, loaded
 
 
 async def test_big_import_and_fleet_push_do_not_stall_connected_devices(start_service) -> None:  # type: ignore[no-untyped-def]

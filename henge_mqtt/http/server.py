@@ -1,55 +1,33 @@
 """The HTTP API's server: uvicorn in the service's own event loop, on a socket we bind.
 
-Binding the socket ourselves gives a clear error before anything is served (a busy port is a
-``SettingsError``, not a log line) and the real port when 0 was asked for. uvicorn must not
-install signal handlers: ``henge serve`` owns SIGINT/SIGTERM and stops the HTTP server first.
+Binding the socket ourselves gives a clear error before anything is served (a busy port, or
+certificate files that do not load, are a ``SettingsError``, not a log line) and the real port when
+0 was asked for. uvicorn, FastAPI and the app are loaded when the first client connects (``engine``:
+about 15 MB a service whose console nobody opens never holds); until then the socket is watched,
+not accepted from, and the first client waits in its backlog while they load (about 0.5 s, once).
+The event hub listens from the start, so streams and presence changes miss nothing before then.
+uvicorn must not install signal handlers: ``henge serve`` owns SIGINT/SIGTERM and stops the HTTP
+server first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import importlib
 import logging
 import socket
-from collections.abc import Iterator
+import ssl
 from pathlib import Path
-
-import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from typing import TYPE_CHECKING
 
 from ..errors import SettingsError
 from ..service.api import ServiceAPI
-from .app import create_app
 from .stream import EventHub
 
+if TYPE_CHECKING:
+    from .engine import Engine
+
 log = logging.getLogger("henge_mqtt.http")
-
-
-class _BoundedH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with two bounds it lacks: connections at once (beyond that a new
-    one is closed on arrival, before it can hold anything) and the time from accept to a first
-    request (a peer that connects and says nothing is closed). Idle keep-alive connections are
-    uvicorn's own ``timeout_keep_alive``."""
-
-    max_connections = 256
-    first_request_timeout = 10.0
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
-            transport.abort()
-            return
-        asyncio.get_running_loop().call_later(self.first_request_timeout, self._first_request_due)
-
-    def _first_request_due(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():
-            self.transport.abort()
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # the service's own handlers stay in charge
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -69,13 +47,14 @@ class HttpServer:
         self.service = service
         self.host = host
         self.hub = EventHub()
-        limit = body_limit if body_limit is not None else service.settings.max_config_bytes + 16 * 1024
-        self.app = create_app(service, self.hub, body_limit=limit)
+        self._limit = body_limit if body_limit is not None else service.settings.max_config_bytes + 16 * 1024
         if (certfile is None) != (keyfile is None):
             raise SettingsError("https needs both http_certfile and http_keyfile")
-        self._tls = (certfile, keyfile) if certfile is not None else None
+        self._tls = (certfile, keyfile) if certfile is not None and keyfile is not None else None
         self._want = (host, port)
-        self._server: _Server | None = None
+        self._sock: socket.socket | None = None
+        self._engine: Engine | None = None
+        self._loading: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._unlisten: object = None
         self.port = 0
@@ -86,6 +65,11 @@ class HttpServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}/"
 
+    @property
+    def loaded(self) -> bool:
+        """Whether a client has connected yet (and uvicorn and the app are loaded)."""
+        return self._engine is not None
+
     async def __aenter__(self) -> HttpServer:
         await self.start()
         return self
@@ -95,6 +79,11 @@ class HttpServer:
 
     async def start(self) -> None:
         host, port = self._want
+        if self._tls is not None:  # a bad certificate file is a clear error now, not at the first client
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*self._tls)
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                raise SettingsError(f"cannot serve https: {exc}") from exc
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
         # without it a keep-alive answer (headers, then body) waited 40 ms for the client's delayed ACK.
@@ -108,26 +97,29 @@ class HttpServer:
             raise SettingsError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from exc
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, ws="none", http=_BoundedH11,
-                                server_header=False, timeout_keep_alive=30,
-                                ssl_certfile=str(self._tls[0]) if self._tls else None,
-                                ssl_keyfile=str(self._tls[1]) if self._tls else None)
-        try:
-            config.load()  # loads the certificates: a bad file is a clear error now, not a log line later
-        except (OSError, ValueError) as exc:
-            sock.close()
-            raise SettingsError(f"cannot serve https: {exc}") from exc
-        self._server = _Server(config)
+        self._sock = sock
         self._unlisten = self.service.events.add_listener(self.hub.on_event)
-        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
-        for _ in range(200):  # started within 2 s, or the task says why not
-            if self._server.started or self._task.done():
-                break
-            await asyncio.sleep(0.01)
-        if self._task.done():
-            self._task.result()
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._knock)
         log.info("http.started url=%s", self.url)
+
+    def _knock(self) -> None:
+        """A client waits in the backlog: load uvicorn and the app (once), then serve."""
+        if self._sock is None or self._loading is not None:
+            return
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._loading = asyncio.get_running_loop().create_task(self._load(self._sock))
+
+    async def _load(self, sock: socket.socket) -> None:
+        try:
+            # The imports (most of the time) off the loop; the app and its routes are built on it.
+            module = await asyncio.to_thread(importlib.import_module, "henge_mqtt.http.engine")
+            engine: Engine = module.Engine(self.service, self.hub, body_limit=self._limit, tls=self._tls)
+        except Exception:
+            log.exception("http.load_failed url=%s", self.url)  # the socket stays open: clients wait, then time out
+            raise
+        self._engine = engine
+        self._task = asyncio.get_running_loop().create_task(engine.serve(sockets=[sock]))
+        log.info("http.loaded url=%s", self.url)
 
     async def stop(self, *, exiting: bool = False) -> None:
         """Streams end, the last minute of API use goes to the audit trail (first: the store may
@@ -137,19 +129,29 @@ class HttpServer:
         graceful shutdown (two fixed 100 ms sleeps: 0.2 s of every stop) is skipped, and its idle
         keep-alive connections close with the process; a request in flight is still answered.
         """
-        if self._server is None or self._task is None:
+        sock, self._sock = self._sock, None
+        if sock is None:
             return
         self.hub.close()  # event streams end; uvicorn's graceful shutdown then has nothing to wait for
-        self._server.should_exit = True
         if callable(self._unlisten):
             self._unlisten()
-        await self.app.state.uses.flush()
-        if exiting and not self._server.server_state.tasks:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._loading is None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+        else:
+            await asyncio.gather(self._loading, return_exceptions=True)  # a load under way ends first
+        engine, task = self._engine, self._task
+        if engine is None or task is None:
+            sock.close()
+            return
+        engine.should_exit = True
+        await engine.app.state.uses.flush()
+        if exiting and not engine.in_flight:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         else:
             try:
-                await asyncio.wait_for(self._task, 5.0)
+                await asyncio.wait_for(task, 5.0)
             except TimeoutError:
                 log.warning("http.stop_timeout")
-        self._server = self._task = None
+        sock.close()
+        self._engine = self._task = self._loading = None
