@@ -38,7 +38,7 @@ from .errors import SettingsError
 from .models import is_valid_device_id
 from .mqtt_client import MqttClient, MqttClientError
 from .nats_events import NatsEvents
-from .ports import BrokerHooks, IdentitySync, KickResult, Principal
+from .ports import IDENTITY_REPAIR, BrokerHooks, IdentitySync, KickResult, Principal
 from .sessions import Close, PublishWill, SessionSettings, SessionTable, TableViews
 from .tasks import TaskSet
 from .topics import Topics
@@ -466,9 +466,7 @@ class ExternalBroker(TableViews):
         except (MqttClientError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {DYNSEC_TIMEOUT:g} s"
             return IdentitySync(applied=False, how="dynamic-security", detail=(
-                f"the broker did not take the change ({why}): the store has it; henge device rotate-secret ID puts "
-                "a device in the broker again (and henge broker-config mosquitto, with the broker stopped, writes "
-                "every identity)"))
+                f"the broker did not take the change ({why}): the store has it; {IDENTITY_REPAIR}"))
         if errors:
             return IdentitySync(applied=False, how="dynamic-security",
                                 detail="the broker refused: " + "; ".join(errors[:3]))

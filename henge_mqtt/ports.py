@@ -59,6 +59,11 @@ class IdentitySync:
     detail: str = ""
 
 
+# What an operator does when the broker missed identity changes the store has (said in IdentitySync.detail).
+IDENTITY_REPAIR = ("henge device rotate-secret ID puts a device in the broker again (behind Mosquitto, henge "
+                   "broker-config mosquitto, with the broker stopped, writes every identity)")
+
+
 Name = tuple[tuple[tuple[str, str], ...], ...]  # a distinguished name: its RDNs, as ``ssl`` decodes them
 
 

@@ -429,6 +429,22 @@ async def test_an_import_the_broker_takes_slowly_answers_at_once_and_goes_on(
                 await client.subscribe(f"henge/devices/{device}/config", qos=1)
 
 
+async def test_identities_still_going_when_the_service_stops_are_said_to_be_stale(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service stops while the broker is still taking an import's identities: never silence, a
+    broker_identities_stale event (and a warning in the log) says the store has them and what to run."""
+    import henge_mqtt.service.api as service_api
+
+    monkeypatch.setattr(service_api, "IDENTITY_WAIT", 0.0)
+    said: list[tuple[str, str]] = []
+    async with external_fleet(tmp_path, {}, identities="dynamic-security") as (fleet, _, _):
+        fleet.service.events.add_listener(
+            lambda e: said.append((e.type, e.data.get("detail", ""))) if e.type.startswith("broker_ident") else None)
+        await fleet.service.import_devices([(f"bulk{i:04d}", {}) for i in range(300)])
+    assert len(said) == 1 and said[0][0] == "broker_identities_stale", said
+    assert "the store has" in said[0][1] and "henge device rotate-secret ID" in said[0][1]
+
+
 async def test_the_cli_says_what_the_broker_did_with_a_new_device(tmp_path: Path) -> None:
     """`henge device add` behind a broker: with dynamic security a line says the broker has it; with
     password files a warning says what to run (never silence)."""

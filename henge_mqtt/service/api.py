@@ -26,7 +26,7 @@ from ..errors import (
 )
 from ..models import ConfigVersion, Device
 from ..paths import BROKER_FILE
-from ..ports import BrokerPort, IdentitySync, KickResult
+from ..ports import IDENTITY_REPAIR, BrokerPort, IdentitySync, KickResult
 from ..results import (
     AuditEntry,
     BackupResult,
@@ -265,9 +265,7 @@ class ServiceAPI:
                 sync = await self.broker.sync_identities(**changes)
         except asyncio.CancelledError:
             sync = IdentitySync(applied=False, how=how, detail=(
-                "the service stopped before the broker had taken every change: the store has them; henge device "
-                "rotate-secret ID puts a device in the broker again (and henge broker-config mosquitto, with the "
-                "broker stopped, writes every identity)"))
+                f"the service stopped before the broker had taken every change: the store has them; {IDENTITY_REPAIR}"))
             self._identities_said(sync, devices)
             raise
         self._identities_said(sync, devices, late=late.is_set())
