@@ -233,7 +233,8 @@ class ServiceAPI:
         """The broker learns what the store just committed (devices, and claims by their user
         names); when it cannot (an external broker with password files, or one that did not answer)
         the store keeps the change and this says so: an event, a log line, and ``out`` for the
-        caller to show."""
+        caller to show. The caller waits at most IDENTITY_WAIT: a broker still busy then (a big
+        import behind Mosquitto's dynamic security) finishes in the background, and says so when done."""
         if not (created or changed or removed or claims or claims_removed):
             return
         devices = len(created or {}) + len(changed or {}) + len(removed or [])
