@@ -241,19 +241,30 @@ class AdminClient:
     ) -> Any:
         """Run one admin operation; raises :class:`RemoteError` with the service's code and message.
 
-        ``wait`` is how long the reply may take when the operation itself waits (``wait`` op).
+        ``wait`` is how long the reply may take when the operation itself waits (``wait`` op). An
+        operation that says how far it is (progress ticks: a fleet push, an import making its
+        devices' secrets) may take longer: each tick gives it that long again.
         """
         client = self._open()
         request_id = secrets.token_hex(8)
         request = {"id": request_id, "op": op, "args": args, "reply_to": self._reply_topic}
-        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._replies[request_id] = waiter
-        if progress is not None:
-            self._progress[request_id] = progress
         limit = self.timeout + (wait or 0.0)
+        ticked = False
         sending = client.publish(self.topics.admin_requests, json.dumps(request).encode(), qos=1)
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as deadline:
+
+                def tick(state: dict[str, Any]) -> None:
+                    nonlocal ticked
+                    ticked = True
+                    deadline.reschedule(loop.time() + limit)
+                    if progress is not None:
+                        progress(state)
+
+                self._progress[request_id] = tick
                 # A lost connection fails the waiter at once: do not sit out the publish's own timeout.
                 either: list[asyncio.Future[Any]] = [sending, waiter]
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -261,7 +272,8 @@ class AdminClient:
                     sending.result()  # the publish failed: MqttClientError
                 reply = await waiter
         except TimeoutError as exc:
-            raise ServiceUnavailable(f"the service did not answer {op!r} within {limit:g} s") from exc
+            silent = " of its last progress" if ticked else ""
+            raise ServiceUnavailable(f"the service did not answer {op!r} within {limit:g} s{silent}") from exc
         except MqttClientError as exc:
             raise ServiceUnavailable(f"lost the connection to the service: {exc}") from exc
         finally:

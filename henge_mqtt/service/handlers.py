@@ -115,7 +115,8 @@ async def _wait(svc: ServiceAPI, a: models.WaitArgs, progress: Progress) -> Any:
 @handles("device.import")
 async def _device_import(svc: ServiceAPI, a: models.ImportArgs, progress: Progress) -> Any:
     said: list[IdentitySync] = []
-    secrets = await svc.import_devices([(d.id, d.labels) for d in a.devices], update=a.update, broker=said)
+    secrets = await svc.import_devices([(d.id, d.labels) for d in a.devices], update=a.update, broker=said,
+                                       progress=progress)
     answer: Imported = {"secrets": secrets, "updated": len(a.devices) - len(secrets)}
     if said:
         answer["broker"] = broker_note(said)

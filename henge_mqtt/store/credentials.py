@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from dataclasses import dataclass
 
 # The column that keeps each kind of broker hash, for devices, admins and claims alike.
 BROKER_HASH_COLUMNS = {"mosquitto": "broker_hash", "bcrypt": "bcrypt_hash"}
@@ -52,3 +53,23 @@ def digest_of(text: str) -> bytes:
 
 def new_secret() -> str:
     return secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A new secret and every hash henge keeps of it."""
+
+    secret: str
+    digest: str  # ours (SHA-256, hex)
+    mosquitto: str  # ``$7$``
+    bcrypt: str
+
+
+def make_credentials(devices: list[str]) -> dict[str, Credential]:
+    """A new secret and its hashes for each device: about 2 ms each here, mostly bcrypt and PBKDF2,
+    which let go of the GIL (an import makes them off the store's thread, in chunks)."""
+    made = {}
+    for device in devices:
+        secret = new_secret()
+        made[device] = Credential(secret, hash_secret(secret), mosquitto_hash(secret), bcrypt_hash(secret))
+    return made

@@ -15,7 +15,7 @@ from ..errors import (
 from ..ids import labels_tag
 from ..models import ConfigVersion, Device, utc_now
 from .core import StoreCore, parse_ts, ts
-from .credentials import bcrypt_hash, hash_secret, mosquitto_hash, new_secret
+from .credentials import Credential, bcrypt_hash, hash_secret, make_credentials, mosquitto_hash, new_secret
 from .db import IntegrityError
 
 
@@ -45,13 +45,9 @@ class Devices(StoreCore):
         self._hashes[device] = bytes.fromhex(digest)
         return secret
 
-    def add_devices(self, devices: list[tuple[str, dict[str, str]]], *, actor: str = "library",
-                    update: bool = False, layered: list[ConfigVersion] | None = None) -> dict[str, str]:
-        """Create many devices in one transaction: all or nothing. Returns the new devices' secrets.
-
-        With ``update``, devices that exist get the labels given (their secrets are kept); without
-        it, one existing id refuses the whole import.
-        """
+    def check_import(self, devices: list[tuple[str, dict[str, str]]], *, update: bool = False) -> list[str]:
+        """The ids an import would create; DuplicateDevice (nothing imported) for an id given twice,
+        or one that exists without ``update``."""
         seen: set[str] = set()
         for device, _ in devices:
             if device in seen:
@@ -60,17 +56,29 @@ class Devices(StoreCore):
                 raise DuplicateDevice(f"device {device!r} already exists; nothing was imported "
                                       "(--update changes the labels of existing devices)")
             seen.add(device)
+        return [d for d, _ in devices if d not in self._hashes]
+
+    def add_devices(self, devices: list[tuple[str, dict[str, str]]], *, actor: str = "library",
+                    update: bool = False, layered: list[ConfigVersion] | None = None,
+                    made: dict[str, Credential] | None = None) -> dict[str, str]:
+        """Create many devices in one transaction: all or nothing. Returns the new devices' secrets.
+
+        With ``update``, devices that exist get the labels given (their secrets are kept); without
+        it, one existing id refuses the whole import. ``made``: credentials made beforehand (off
+        this thread: ``make_credentials``); a new device without one gets it here.
+        """
+        self.check_import(devices, update=update)
         new = [(d, labels) for d, labels in devices if d not in self._hashes]
         existing = [(d, labels) for d, labels in devices if d in self._hashes]
-        secrets_by_id = {device: new_secret() for device, _ in new}
-        digests = {device: hash_secret(secret) for device, secret in secrets_by_id.items()}
+        made = made or {}
+        credentials = {d: made.get(d) or make_credentials([d])[d] for d, _ in new}
         now = ts(utc_now())
         with self._tx():
             self._db.executemany(
                 "INSERT INTO devices (id, secret_hash, labels, created_at, broker_hash, bcrypt_hash) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                [(d, digests[d], json.dumps(labels, sort_keys=True), now, mosquitto_hash(secrets_by_id[d]),
-                  bcrypt_hash(secrets_by_id[d])) for d, labels in new],
+                [(d, credentials[d].digest, json.dumps(labels, sort_keys=True), now, credentials[d].mosquitto,
+                  credentials[d].bcrypt) for d, labels in new],
             )
             self._new_device_sessions([d for d, _ in new])
             self._db.executemany("UPDATE devices SET labels = ? WHERE id = ?",
@@ -80,8 +88,8 @@ class Devices(StoreCore):
                 rows = self._refresh([d for d, _ in devices], self._layers, actor=actor, message="devices imported")
                 if layered is not None:
                     layered.extend(rows)
-        self._hashes.update({d: bytes.fromhex(h) for d, h in digests.items()})
-        return secrets_by_id
+        self._hashes.update({d: bytes.fromhex(c.digest) for d, c in credentials.items()})
+        return {d: c.secret for d, c in credentials.items()}
 
     def set_labels(self, device: str, set_: dict[str, str], remove: list[str], *, actor: str,
                    layered: list[ConfigVersion] | None = None, if_tag: str | None = None) -> dict[str, str]:
