@@ -15,7 +15,7 @@ from ..errors import (
 from ..ids import labels_tag
 from ..models import ConfigVersion, Device, utc_now
 from .core import StoreCore, parse_ts, ts
-from .credentials import Credential, bcrypt_hash, hash_secret, make_credentials, mosquitto_hash, new_secret
+from .credentials import Credential
 from .db import IntegrityError
 
 
@@ -24,15 +24,14 @@ class Devices(StoreCore):
                    layered: list[ConfigVersion] | None = None) -> str:
         """A new device and its secret; ``layered`` receives the version its layers give it (stored in
         the same transaction: a layer config a schema refuses refuses the device too)."""
-        secret = new_secret()
-        digest = hash_secret(secret)
+        made = Credential.new()
         try:
             with self._tx():
                 self._db.execute(
                     "INSERT INTO devices (id, secret_hash, labels, created_at, broker_hash, bcrypt_hash) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
-                    (device, digest, json.dumps(labels or {}, sort_keys=True), ts(utc_now()), mosquitto_hash(secret),
-                     bcrypt_hash(secret)),
+                    (device, made.digest, json.dumps(labels or {}, sort_keys=True), ts(utc_now()), made.mosquitto,
+                     made.bcrypt),
                 )
                 self._new_device_sessions([device])
                 self._audit(actor, "device.add", device, {"labels": labels or {}})
@@ -42,8 +41,8 @@ class Devices(StoreCore):
                         layered.extend(rows)
         except IntegrityError as exc:
             raise DuplicateDevice(f"device {device!r} already exists") from exc
-        self._hashes[device] = bytes.fromhex(digest)
-        return secret
+        self._hashes[device] = bytes.fromhex(made.digest)
+        return made.secret
 
     def check_import(self, devices: list[tuple[str, dict[str, str]]], *, update: bool = False) -> list[str]:
         """The ids an import would create; DuplicateDevice (nothing imported) for an id given twice,
@@ -71,7 +70,7 @@ class Devices(StoreCore):
         new = [(d, labels) for d, labels in devices if d not in self._hashes]
         existing = [(d, labels) for d, labels in devices if d in self._hashes]
         made = made or {}
-        credentials = {d: made.get(d) or make_credentials([d])[d] for d, _ in new}
+        credentials = {d: made.get(d) or Credential.new() for d, _ in new}
         now = ts(utc_now())
         with self._tx():
             self._db.executemany(
@@ -123,17 +122,16 @@ class Devices(StoreCore):
         self._hashes.pop(device, None)
 
     def rotate_secret(self, device: str, *, actor: str = "library") -> str:
-        secret = new_secret()
-        digest = hash_secret(secret)
+        made = Credential.new()
         with self._tx():
             cur = self._db.execute(
                 "UPDATE devices SET secret_hash = ?, broker_hash = ?, bcrypt_hash = ? WHERE id = ?",
-                (digest, mosquitto_hash(secret), bcrypt_hash(secret), device),
+                (made.digest, made.mosquitto, made.bcrypt, device),
             )
             self._found(cur.rowcount, device)
             self._audit(actor, "device.rotate_secret", device, {})
-        self._hashes[device] = bytes.fromhex(digest)
-        return secret
+        self._hashes[device] = bytes.fromhex(made.digest)
+        return made.secret
 
     def verify_device(self, device: str, secret: str) -> bool:
         expected = self._hashes.get(device)
