@@ -4,7 +4,7 @@ Binding the socket ourselves gives a clear error before anything is served (a bu
 certificate files that do not load, are a ``SettingsError``, not a log line) and the real port when
 0 was asked for. uvicorn, FastAPI and the app are loaded when the first client connects (``engine``:
 about 15 MB a service whose console nobody opens never holds); until then the socket is watched,
-not accepted from, and the first client waits in its backlog while they load (about 0.5 s, once).
+not accepted from, and the first client waits in its backlog while they load (about a second on a small gateway, once).
 The event hub listens from the start, so streams and presence changes miss nothing before then.
 uvicorn must not install signal handlers: ``henge serve`` owns SIGINT/SIGTERM and stops the HTTP
 server first.
