@@ -61,7 +61,7 @@ DYNSEC_BATCH = 400  # the most commands in one message (an import of 100,000 dev
 # Mosquitto 2.0's plugin rewrites its whole state file after every command, so a command costs more the
 # more identities the broker holds (measured: 22 ms each at 2,600 devices; docs/scaling.md): a message's
 # commands are as many as its broker answers in about this long, learnt from the last answer, so no
-# one answer nears DYNSEC_TIMEOUT however large the fleet.
+# one answer nears DYNSEC_TIMEOUT until one command alone takes seconds (hundreds of thousands of them).
 DYNSEC_PACE = 2.0
 PASSWORD_FILE = ("the broker does not run Mosquitto's dynamic security for henge: if it reads a password file, run "
                  "henge broker-config mosquitto --identities password-file again and reload it (SIGHUP); other "
