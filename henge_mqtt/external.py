@@ -272,7 +272,10 @@ class ExternalBroker(TableViews):
             filters += [(EMQX_CONNECTED, 0), (EMQX_DISCONNECTED, 0)]
         await client.subscribe(filters)
         self._dynsec = asyncio.get_running_loop().create_future()
-        self._tasks.spawn(self._probe_dynsec(client, self._dynsec))
+        if self._events is None:
+            self._tasks.spawn(self._probe_dynsec(client, self._dynsec))
+        else:  # NATS has no such plugin: the probe's subscription was a "Subscription Violation" in its log
+            self._dynsec.set_result(False)
         if self._on_synced and self._events is None:  # after the retained announcements the subscription brings
             client.publish(self._sync_topic, b"sync", qos=1)
             if self._sync_timer is None:

@@ -228,6 +228,10 @@ async def test_identities_reach_the_cluster_at_once_and_a_removed_device_is_cut_
         result = await asyncio.to_thread(henge_cli, "device", "add", "cli1", "--data", str(tmp_path / "data"))
         assert result.returncode == 0, result.stderr
         assert "broker: updated at once (NATS accounts file rewritten, every node reloaded)" in result.stdout
+    # henge asked the cluster nothing it may not: it probed for Mosquitto's dynamic security plugin on
+    # NATS too, and every node logged the service's subscription as a violation at each connect
+    for i in range(3):
+        assert "Subscription Violation" not in (cluster.conf / f"henge-{i + 1}.log").read_text()
 
 
 async def test_a_failing_reload_hook_is_said_and_the_store_keeps_the_device(tmp_path: Path) -> None:
