@@ -194,9 +194,11 @@ class Devices(StoreCore):
         return out, last
 
     def device_ids(self, labels: dict[str, str] | None = None) -> list[str]:
-        """Ids only (a fleet push's selection): no version join and no model per device."""
+        """Ids only (a fleet push's selection), sorted: no version join and no model per device.
+        Every device from memory (the index the loop checks credentials against): reading 18,000
+        ids from SQLite was most of the time before a fleet push's first delivery (15-30 ms)."""
         if not labels:
-            return [row[0] for row in self._db.execute("SELECT id FROM devices ORDER BY id")]
+            return sorted(self._hashes)
         ids = []
         for device, text in self._db.execute("SELECT id, labels FROM devices ORDER BY id"):
             have = json.loads(text)
