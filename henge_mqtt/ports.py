@@ -156,6 +156,10 @@ class BrokerPort(Protocol):
 
     def session(self, device: str, now: float) -> SessionView: ...
 
+    def presence(self, device: str, now: float) -> tuple[str, bool]:
+        """``(online|quarantined|offline, in conflict)``: a session's counts without its view."""
+        ...
+
     def online_devices(self) -> list[str]: ...
 
     def restore_sessions(self, sessions: list[tuple[str, int, list[tuple[str, int]], float | None]]) -> None:

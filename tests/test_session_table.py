@@ -217,6 +217,8 @@ class SessionMachine(RuleBasedStateMachine):
             current = self.table.current_epoch(device)
             assert current == self.live[device]
             view = self.table.view(device, self.now)
+            # the fleet's counts read presence without a view: the same answer, always
+            assert self.table.presence(device, self.now) == (view.state, view.conflict)
             if device in self.presence:
                 p = self.presence[device]
                 assert p.online == view.online
