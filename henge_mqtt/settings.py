@@ -11,7 +11,6 @@ import ssl as _ssl
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import SettingsError
@@ -141,6 +140,8 @@ class Settings(BaseModel):
         values: dict[str, Any] = {}
         origin = "built-in defaults"
         if config_file is not None:
+            import yaml  # only with a file: 0.9 MB the process would hold for nothing otherwise
+
             origin = f"config file {config_file}"
             try:
                 raw = yaml.safe_load(config_file.read_text()) or {}

@@ -88,7 +88,9 @@ from .schemas import Schemas, display, selector_of
 
 log = logging.getLogger("henge_mqtt.service")
 PREVIEW_DEVICES = 200  # the devices a fleet push's preview names (it counts them all)
-SUMMARY_BATCH = 2_000  # status rows a summary reads per trip to the store's thread (the loop's share of a batch: 20-30 ms at 18,000 here, was 60-80 with 5,000 views)
+# Status rows a summary reads per trip to the store's thread; the loop's share of a batch holds it
+# (bench/summary_lag.py: 20-30 ms at 18,000 here, 60-80 with batches of 5,000 and a view per device).
+SUMMARY_BATCH = 2_000
 PRESENCE_WAIT = 5.0  # the longest a status or summary waits, after a start, for the broker to say who is online
 # The longest an answer waits for an external broker to take identity changes (devices added, removed,
 # given a new secret); what is left goes on in the background (a big import behind Mosquitto's dynamic
