@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -187,10 +188,73 @@ async def test_layers_survive_a_restart(start_service: Any, tmp_path: Path) -> N
         assert (await second.service.get_version("d1")).config == {"ntp": "a", "own": 2}
 
 
+async def test_a_layer_change_reaches_its_first_devices_before_the_rest_is_stored(running: Running) -> None:
+    """Streamed as a fleet push is (issue "At wire speed"): the layer and its first chunk of devices in
+    one transaction, published at once, the other devices chunk by chunk. The test holds the second
+    chunk's transaction until the first device has its config: before, all waited for one transaction
+    (0.8-0.9 s at 18,000 devices)."""
+    svc = running.service
+    secrets = {f"s{i:03d}": await svc.add_device(f"s{i:03d}") for i in range(150)}
+    store = svc.store
+    gate = threading.Event()
+    real = store.continue_layer_change
+
+    def held(devices: list[str], *, last: bool) -> list[Any]:
+        assert gate.wait(30)
+        return real(devices, last=last)
+
+    store.continue_layer_change = held  # type: ignore[method-assign]
+    try:
+        async with running.device_client("s000", secrets["s000"]) as client:
+            await client.subscribe("henge/devices/s000/config", qos=1)
+            change = asyncio.create_task(svc.set_layer("fleet", {"ntp": "a"}))
+            assert payload_json(await next_message(client, 10))["config"] == {"ntp": "a"}
+            assert not change.done()
+            assert running.retained("henge/devices/s149/config") is None  # not stored yet, so not published
+    finally:
+        gate.set()
+    done = await change
+    assert done["devices"] == 150 and set(done["versions"].values()) == {1}
+    assert payload_json_bytes(running.retained("henge/devices/s149/config"))["config"] == {"ntp": "a"}
+    entries = [e for e in await svc.audit() if e["action"] == "layer.set"]
+    assert len(entries) == 1 and entries[0]["summary"]["devices"] == 150
+
+
+async def test_a_layer_change_stopped_part_way_is_finished_when_the_service_starts(start_service: Any,
+                                                                                 tmp_path: Path) -> None:
+    """A service killed between two chunks of a layer change: the store holds the layer's new version
+    and its first chunk only. The next start finishes it, so no device keeps a config its layers in
+    force no longer give; the audit says the change once, with every device it changed."""
+    data = tmp_path / "kept"
+    devices = [f"s{i:03d}" for i in range(150)]
+    async with start_service(data_dir=data) as first:
+        for device in devices:
+            await first.service.add_device(device)
+        store = first.service.store
+        # exactly what the store holds when the process dies after the first chunk's commit
+        await first.service.worker.run(lambda: store.begin_layer_change(
+            "fleet", {"ntp": "a"}, actor="admin", devices=devices[:100], last=False))
+    async with start_service(data_dir=data) as second:
+        svc = second.service
+        for device in (devices[0], devices[100], devices[-1]):
+            assert (await svc.get_version(device)).config == {"ntp": "a"}
+        assert payload_json_bytes(second.retained("henge/devices/s149/config"))["config"] == {"ntp": "a"}
+        entries = [e for e in await svc.audit() if e["action"] == "layer.set"]
+        assert len(entries) == 1 and entries[0]["summary"]["devices"] == 150
+        # nothing left under way: a restart changes nothing more
+    async with start_service(data_dir=data) as third:
+        assert await versions(third, devices[-1]) == [1]
+
+
 json_values = st.recursive(st.integers(0, 3) | st.none() | st.sampled_from(["x", "y"]),
                            lambda children: st.dictionaries(st.sampled_from("abc"), children, max_size=3),
                            max_leaves=8)
 layers = st.lists(st.dictionaries(st.sampled_from("abc"), json_values, max_size=3), min_size=1, max_size=4)
+
+
+def payload_json_bytes(data: bytes | None) -> Any:
+    assert data is not None
+    return json.loads(data)
 
 
 def _at(document: Any, pointer: str) -> Any:

@@ -715,21 +715,31 @@ class ServiceAPI:
     async def _change_layer(self, name: str, content: dict[str, Any] | None, *, labels: dict[str, str] | None,
                             priority: int | None, message: str, force: bool, where: str | None = None,
                             if_version: int | None = None) -> LayerChange:
+        # The service's own task: a caller that goes away (a CLI interrupted, an HTTP client gone)
+        # does not leave the change half-way through the fleet.
+        return await asyncio.shield(self._tasks.spawn(self._change_layer_now(
+            name, content, labels=labels, priority=priority, message=message, force=force, where=where,
+            if_version=if_version)))
+
+    async def _change_layer_now(self, name: str, content: dict[str, Any] | None, *, labels: dict[str, str] | None,
+                                priority: int | None, message: str, force: bool, where: str | None,
+                                if_version: int | None) -> LayerChange:
         async with self.configs.schema_lock:
+            store = self.store
             future = await self.worker.run(self.schemas.new_device_errors, name, content, labels=labels,
                                            priority=priority, where=where)
-            if future and not force:  # said with the current devices it breaks too, if any (those --force keeps)
+            now: list[dict[str, str]] = []
+            if self.schemas.active:  # every device checked before the first chunk: all or nothing is stored
                 layer = {"name": name, "content": content, "labels": labels, "priority": priority, "where": where}
-                store = self.store
                 now = await self.worker.run(lambda: self.schemas.layer_change_errors(layer, store.layer_change_targets(
                     name, content, selector=labels, priority=priority, where=where)))
-                raise SchemaViolation(now + future, what="the layer was not stored" + (
+            if now or (future and not force):  # said with the current devices it breaks too, if any
+                raise SchemaViolation(now + ([] if force else future), what="the layer was not stored" + (
                     "" if now else " (henge layer set --force stores it anyway; every such device add is then "
                                    "refused)"))
-            version, rows = await self.worker.run(self.store.set_layer, name, content, actor=current_actor.get(),
-                                                  message=message, selector=labels, priority=priority, where=where,
-                                                  if_version=if_version)
-        await self.configs.publish_rows(rows, event="layer_applied", layer=name, version=version)
+            version, rows = await self.configs.change_layer(name, content, actor=current_actor.get(), message=message,
+                                                            labels=labels, priority=priority, where=where,
+                                                            if_version=if_version)
         removed = content is None
         self.events.emit("layer_removed" if removed else "layer_set", None, layer=name, version=version,
                          devices=len(rows))

@@ -136,6 +136,9 @@ class HengeService(ServiceAPI):
             await self.worker.run(self.schemas.load)
             store.validate = self.schemas.check  # inside every transaction that stores a version
             store.validate_many = self.schemas.check_each
+            finished, refused = await self.worker.run(store.finish_layer_change)  # one stopped part-way
+            if finished or refused:
+                log.warning("service.layer_change_finished devices=%d refused=%s", len(finished), refused or "")
             self.configs = Configs(self.worker, broker, self.topics, self.events, s.max_config_bytes, self.schemas)
             self.reports.on_reported_changed = self.configs.refresh_for_reported
             self.onboarding = Onboarding(

@@ -8,6 +8,7 @@ first device has its config within milliseconds however large the fleet (docs/op
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -186,24 +187,41 @@ class Configs:
                          force: bool) -> tuple[list[ConfigVersion], dict[str, asyncio.Future[None]]]:
         store = self.worker.store
         await self.worker.run(self.schemas.check_many, devices, config)
-        rows: list[ConfigVersion] = []
-        futures: dict[str, asyncio.Future[None]] = {}
 
         def store_chunk(chunk: list[str]) -> list[tuple[ConfigVersion, bytes]]:
-            return _fleet_payloads(store.push_many(chunk, config, actor=actor, message=message,
-                                                   skip_unchanged=not force))
+            stored = _fleet_payloads(store.push_many(chunk, config, actor=actor, message=message,
+                                                     skip_unchanged=not force))
+            self.schemas.stored(chunk)  # (checked by check_many, unchanged ones too)
+            return stored
 
-        chunks = _chunks(devices)
-        # Pipelined: the store's thread writes chunk k+1 while the loop publishes chunk k (each is
-        # still published only once its own transaction has committed).
-        job = self.worker.submit(store_chunk, chunks[0]) if chunks else None
+        def stored(count: int) -> None:
+            if progress is not None:
+                progress({"stored": count, "of": len(devices)})
+
+        rows, futures = await self.stream([functools.partial(store_chunk, chunk) for chunk in _chunks(devices)],
+                                          after=stored)
+        self.events.count("pushes", len(rows))
+        self.events.emit("fleet_push", None, devices=len(rows), sha256=rows[0].sha256 if rows else None)
+        return rows, futures
+
+    async def stream(self, steps: list[Callable[[], list[tuple[ConfigVersion, bytes]]]], *,
+                     after: Callable[[int], None] | None = None,
+                     ) -> tuple[list[ConfigVersion], dict[str, asyncio.Future[None]]]:
+        """Transactions run one after another on the store's thread, each one's versions published
+        as soon as it commits, while the store writes the next (pipelined: still nothing is published
+        before its own transaction committed). ``after``: the count of versions so far, after each.
+
+        Stopped part-way (the caller cancelled, the service stops): whatever the store keeps, its
+        devices get, now or as soon as the transaction in flight commits; no further step runs."""
+        rows: list[ConfigVersion] = []
+        futures: dict[str, asyncio.Future[None]] = {}
+        job = self.worker.submit(steps[0]) if steps else None
         left: list[tuple[ConfigVersion, bytes]] = []  # stored, not yet published
         try:
-            for k, chunk in enumerate(chunks):
+            for k in range(len(steps)):
                 assert job is not None
-                stored = await asyncio.shield(job)  # a cancelled push does not undo a chunk in flight
-                job = self.worker.submit(store_chunk, chunks[k + 1]) if k + 1 < len(chunks) else None
-                self.schemas.stored(chunk)
+                stored = await asyncio.shield(job)  # a cancelled stream does not undo a step in flight
+                job = self.worker.submit(steps[k + 1]) if k + 1 < len(steps) else None
                 left = stored
                 for i, (row, payload) in enumerate(stored, 1):
                     rows.append(row)
@@ -213,18 +231,45 @@ class Configs:
                         left = stored[i:]
                         await asyncio.sleep(0)  # let other connections' packets in between slices
                 left = []
-                if progress is not None:
-                    progress({"stored": len(rows), "of": len(devices)})
+                if after is not None:
+                    after(len(rows))
         finally:
-            # Stopped part-way (the caller cancelled, the service stops): whatever the store keeps,
-            # its devices get, now or as soon as the chunk in flight commits.
             for row, payload in left:
                 self.publish(row, payload)
             if job is not None:
                 job.add_done_callback(self._publish_late)
-        self.events.count("pushes", len(rows))
-        self.events.emit("fleet_push", None, devices=len(rows), sha256=rows[0].sha256 if rows else None)
         return rows, futures
+
+    async def change_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str,
+                           labels: dict[str, str] | None, priority: int | None, where: str | None,
+                           if_version: int | None) -> tuple[int, list[ConfigVersion]]:
+        """A layer change streamed as a fleet push is: the layer's new version and the first chunk of
+        devices in one transaction, then the other chunks, each published as soon as it commits (the
+        first devices have their config at once, however large the fleet). The caller holds the
+        schema lock and has checked the schemas for every device; a service that stops part-way
+        finishes the change when it starts (``Store.finish_layer_change``)."""
+        store = self.worker.store
+        chunks = _chunks(await self.worker.run(store.device_ids)) or [[]]
+        version = 0
+
+        def first() -> list[tuple[ConfigVersion, bytes]]:
+            nonlocal version
+            version, rows = store.begin_layer_change(name, content, actor=actor, devices=chunks[0],
+                                                     last=len(chunks) == 1, message=message, selector=labels,
+                                                     priority=priority, where=where, if_version=if_version)
+            self.schemas.stored(row.device for row in rows)
+            return _fleet_payloads(rows)
+
+        def then(chunk: list[str], last: bool) -> list[tuple[ConfigVersion, bytes]]:
+            rows = store.continue_layer_change(chunk, last=last)
+            self.schemas.stored(row.device for row in rows)
+            return _fleet_payloads(rows)
+
+        rest = [functools.partial(then, chunk, k == len(chunks) - 1) for k, chunk in enumerate(chunks) if k]
+        rows, _ = await self.stream([first, *rest])
+        self.events.count("pushes", len(rows))
+        self.events.emit("layer_applied", None, devices=len(rows), layer=name, version=version)
+        return version, rows
 
     def _publish_late(self, job: asyncio.Future[list[tuple[ConfigVersion, bytes]]]) -> None:
         if job.cancelled() or job.exception() is not None:

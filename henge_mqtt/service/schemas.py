@@ -191,6 +191,11 @@ class Schemas:
         if errors:
             raise SchemaViolation(errors, what="the rollout was not started")
 
+    @property
+    def active(self) -> bool:
+        """Whether any schema is in force (without one, nothing needs checking)."""
+        return bool(self._active)
+
     def layer_change_errors(self, layer: dict[str, Any], devices: list[str]) -> list[dict[str, str]]:
         """Each of ``devices``' config under the changed layer ({name, content, labels, priority}),
         checked against its schemas."""

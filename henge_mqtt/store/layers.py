@@ -21,6 +21,9 @@ from ..where import parse as parse_where
 from .core import StoreCore, ts
 from .db import Rows
 
+# The meta row of a layer change whose devices are still being refreshed, chunk by chunk.
+LAYER_CHANGE = "layer_change"
+
 
 class Layers(StoreCore):
     def _load_layers(self) -> dict[str, Layer]:
@@ -130,12 +133,18 @@ class Layers(StoreCore):
         self._insert_rows(rows, own_texts=texts)
         return rows
 
-    def set_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str = "",
-                  selector: dict[str, str] | None = None, priority: int | None = None, where: str | None = None,
-                  if_version: int | None = None) -> tuple[int, list[ConfigVersion]]:
+    def begin_layer_change(self, name: str, content: dict[str, Any] | None, *, actor: str, devices: list[str],
+                           last: bool = True, message: str = "", selector: dict[str, str] | None = None,
+                           priority: int | None = None, where: str | None = None,
+                           if_version: int | None = None) -> tuple[int, list[ConfigVersion]]:
         """A new version of layer ``name`` (``content`` None: removed) and, in the same transaction, a
-        new device version for exactly the devices whose config it changes; with ``if_version``, only
-        if that is the layer's current version (0: no version yet), else VersionConflict."""
+        new version for those of ``devices`` (the first chunk) whose config it changes; unless
+        ``last``, the other devices follow in :meth:`continue_layer_change`. With ``if_version``, only
+        if that is the layer's current version (0: no version yet), else VersionConflict.
+
+        Until the last chunk commits, the ``meta`` row ``layer_change`` says a change is under way:
+        a service that stops (or dies) part-way finishes it when it starts (:meth:`finish_layer_change`),
+        so no device keeps a config its layers in force no longer give."""
         staged = self._staging(name)
         if staged:
             raise RolloutConflict(f"layer {name!r} is being rolled out by {staged}; wait for it, or abort it")
@@ -144,10 +153,54 @@ class Layers(StoreCore):
                 row = self._db.execute("SELECT MAX(version) FROM layers WHERE name = ?", (name,)).fetchone()
                 if int(row[0] or 0) != if_version:
                     raise VersionConflict(f"layer {name}", expected=if_version, current=int(row[0] or 0))
+            earlier = self._layer_change()
+            if earlier is not None:  # one that failed part-way: this change refreshes every device too
+                self._audit(earlier["actor"], earlier["action"], None, earlier["summary"] | {
+                    "devices": earlier["devices"], "finished_by": f"layer {name}"})
             version, rows, candidate = self._set_layer(name, content, actor=actor, message=message,
-                                                       selector=selector, priority=priority, where=where)
+                                                       selector=selector, priority=priority, where=where,
+                                                       devices=devices, last=last)
         self._layers = candidate
         return version, rows
+
+    def continue_layer_change(self, devices: list[str], *, last: bool) -> list[ConfigVersion]:
+        """The next chunk of the layer change under way: a new version for those of ``devices`` whose
+        config the layers in force change (a device removed meanwhile is skipped, one pushed to
+        meanwhile already has it), in one transaction; ``last``: the change is complete (audited)."""
+        with self._tx():
+            change = self._layer_change()
+            if change is None:
+                return []
+            rows = self._refresh([d for d in devices if d in self._hashes], self._layers, actor=change["actor"],
+                                 message=change["message"])
+            change["devices"] += len(rows)
+            self._db.execute("DELETE FROM meta WHERE key = ?", (LAYER_CHANGE,))
+            if last:
+                self._audit(change["actor"], change["action"], None, change["summary"] | {"devices": change["devices"]})
+            else:
+                self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (LAYER_CHANGE, json.dumps(change)))
+        return rows
+
+    def finish_layer_change(self) -> tuple[list[ConfigVersion], SchemaViolation | None]:
+        """At start: the devices a layer change had not reached when the service stopped part-way,
+        refreshed under the layers in force (nothing, without such a change). Its devices were
+        checked against the schemas before it began; if a config is refused all the same, nothing
+        more is stored, the change is ended (audited with the refusal) and the refusal returned."""
+        change = self._layer_change()
+        if change is None:
+            return [], None
+        try:
+            return self.continue_layer_change(sorted(self._hashes), last=True), None
+        except SchemaViolation as exc:
+            with self._tx():
+                self._db.execute("DELETE FROM meta WHERE key = ?", (LAYER_CHANGE,))
+                self._audit(change["actor"], change["action"], None, change["summary"] | {
+                    "devices": change["devices"], "refused": str(exc)})
+            return [], exc
+
+    def _layer_change(self) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (LAYER_CHANGE,)).fetchone()
+        return json.loads(row[0]) if row is not None else None
 
     def candidate_layer(self, name: str, content: dict[str, Any] | None, *, selector: dict[str, str] | None,
                         priority: int | None, where: str | None = None) -> tuple[Layer | None, dict[str, str], int]:
@@ -176,8 +229,11 @@ class Layers(StoreCore):
 
     def _set_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str,
                    selector: dict[str, str] | None, priority: int | None, where: str | None = None,
+                   devices: list[str] | None = None, last: bool = True,
                    ) -> tuple[int, list[ConfigVersion], dict[str, Layer]]:
-        """Inside the caller's transaction; the caller installs the returned layers once it commits."""
+        """Inside the caller's transaction; the caller installs the returned layers once it commits.
+        ``devices`` None: every device (a rollout completing a staged change); unless ``last``, the
+        rest follow (:meth:`begin_layer_change`)."""
         layer, sel, prio = self.candidate_layer(name, content, selector=selector, priority=priority, where=where)
         chosen = layer.where if layer is not None else None
         row = self._db.execute("SELECT MAX(version) FROM layers WHERE name = ?", (name,)).fetchone()
@@ -193,12 +249,19 @@ class Layers(StoreCore):
             candidate.pop(name, None)
         else:
             candidate[name] = Layer(name, version, sel, prio, layer.content, message, where=layer.where)
-        rows = self._refresh(sorted(self._hashes), candidate, actor=actor, message=message or f"layer {name}@{version}")
-        summary: dict[str, Any] = {"layer": name, "version": version, "labels": sel, "priority": prio,
-                                   "devices": len(rows)}
+        note = message or f"layer {name}@{version}"
+        rows = self._refresh(sorted(self._hashes) if devices is None else [d for d in devices if d in self._hashes],
+                             candidate, actor=actor, message=note)
+        summary: dict[str, Any] = {"layer": name, "version": version, "labels": sel, "priority": prio}
         if chosen:
             summary["where"] = chosen
-        self._audit(actor, "layer.remove" if content is None else "layer.set", None, summary)
+        action = "layer.remove" if content is None else "layer.set"
+        if last:
+            self._audit(actor, action, None, summary | {"devices": len(rows)})
+        else:
+            self._db.execute("DELETE FROM meta WHERE key = ?", (LAYER_CHANGE,))
+            self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (LAYER_CHANGE, json.dumps(
+                {"actor": actor, "message": note, "action": action, "summary": summary, "devices": len(rows)})))
         return version, rows, candidate
 
     def layers_read_reported(self) -> bool:
