@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from henge_mqtt.http import HttpServer
 from henge_mqtt.rollout_plan import plan
 from henge_mqtt.store import Store
 
-from .conftest import ROOT, Running, henge_cli, wait_status, wait_until
+from .conftest import ROOT, Running, henge_cli, next_message, wait_status, wait_until
 from .ports import free_port as _free_port
 
 pytestmark = pytest.mark.both_stores  # each service test runs on SQLite and on PostgreSQL
@@ -259,6 +260,37 @@ async def test_an_offline_device_gets_its_version_when_it_connects(running: Runn
     # The rollout's record is what it was when it ended (issue 19): the late apply is the device's, not the wave's.
     wave = (await running.service.rollout_status(status["id"]))["waves"][0]
     assert (wave["applied"], wave["pending"], wave["offline"]) == (2, 1, 1)
+
+
+async def test_a_wave_reaches_its_first_devices_before_the_rest_is_stored(running: Running) -> None:
+    """A wave is streamed as a fleet push is (issue "At wire speed"): its devices in chunks, each
+    published as soon as it commits. The test holds the wave's last transaction until the first
+    device has its version; the wave is then complete and audited once, with every device."""
+    svc = running.service
+    secrets = {f"w{i:03d}": await svc.add_device(f"w{i:03d}") for i in range(150)}
+    store = svc.store
+    gate = threading.Event()
+    real = store.publish_wave
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("last"):
+            assert gate.wait(30)
+        return real(*args, **kwargs)
+
+    store.publish_wave = held  # type: ignore[method-assign]
+    try:
+        async with running.device_client("w000", secrets["w000"]) as client:
+            await client.subscribe("henge/devices/w000/config", qos=1)
+            status = await svc.start_rollout({"v": 1}, all_devices=True, waves=[100], min_applied=0)
+            assert json.loads((await next_message(client, 10)).payload)["config"] == {"v": 1}  # type: ignore[arg-type]
+            assert running.retained("henge/devices/w149/config") is None  # not stored yet, so not published
+    finally:
+        gate.set()
+    done = await finished(running, status["id"])
+    assert done["state"] == "completed" and done["waves"][0]["targeted"] == 150
+    assert json.loads(running.retained("henge/devices/w149/config") or b"{}")["config"] == {"v": 1}
+    waves = [e["summary"] for e in await svc.audit() if e["action"] == "rollout.wave"]
+    assert waves == [{"rollout": status["id"], "wave": 1, "devices": 150}]
 
 
 async def test_a_rollout_that_breaks_a_schema_never_starts(running: Running) -> None:

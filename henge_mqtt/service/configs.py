@@ -11,7 +11,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -31,15 +31,16 @@ MAX_CHUNK = 2000
 PUBLISH_SLICE = 250
 
 
-def _chunks(devices: list[str]) -> list[list[str]]:
-    """A fleet push's transactions: a small first one (the first devices have their config at
-    once), then each four times larger, up to MAX_CHUNK."""
+def chunked(devices: list[str]) -> list[list[str]]:
+    """A fleet change's transactions (a push, a layer change, a rollout's wave): a small first one
+    (the first devices have their config at once), then each four times larger, up to MAX_CHUNK;
+    one empty chunk for no devices (a layer change still stores the layer)."""
     out, size, start = [], FIRST_CHUNK, 0
     while start < len(devices):
         out.append(devices[start:start + size])
         start += size
         size = min(size * 4, MAX_CHUNK)
-    return out
+    return out or [[]]
 
 
 def no_progress(_: dict[str, Any]) -> None:
@@ -198,13 +199,13 @@ class Configs:
             if progress is not None:
                 progress({"stored": count, "of": len(devices)})
 
-        rows, futures = await self.stream([functools.partial(store_chunk, chunk) for chunk in _chunks(devices)],
-                                          after=stored)
+        steps = [functools.partial(store_chunk, chunk) for chunk in chunked(devices) if chunk]
+        rows, futures = await self.stream(steps, after=stored)
         self.events.count("pushes", len(rows))
         self.events.emit("fleet_push", None, devices=len(rows), sha256=rows[0].sha256 if rows else None)
         return rows, futures
 
-    async def stream(self, steps: list[Callable[[], list[tuple[ConfigVersion, bytes]]]], *,
+    async def stream(self, steps: Sequence[Callable[[], list[tuple[ConfigVersion, bytes]]]], *,
                      after: Callable[[int], None] | None = None,
                      ) -> tuple[list[ConfigVersion], dict[str, asyncio.Future[None]]]:
         """Transactions run one after another on the store's thread, each one's versions published
@@ -240,6 +241,20 @@ class Configs:
                 job.add_done_callback(self._publish_late)
         return rows, futures
 
+    async def stream_changes(self, steps: Sequence[Callable[[], list[ConfigVersion]]],
+                             ) -> tuple[list[ConfigVersion], dict[str, asyncio.Future[None]]]:
+        """Store steps (the transactions of a layer change, of a rollout's wave) streamed by
+        :meth:`stream`: each step's versions published as soon as it commits."""
+
+        def step(store_it: Callable[[], list[ConfigVersion]]) -> list[tuple[ConfigVersion, bytes]]:
+            rows = store_it()
+            self.schemas.stored(row.device for row in rows)  # (they passed the schemas, in the transaction)
+            return _fleet_payloads(rows)
+
+        rows, futures = await self.stream([functools.partial(step, s) for s in steps])
+        self.events.count("pushes", len(rows))
+        return rows, futures
+
     async def change_layer(self, name: str, content: dict[str, Any] | None, *, actor: str, message: str,
                            labels: dict[str, str] | None, priority: int | None, where: str | None,
                            if_version: int | None) -> tuple[int, list[ConfigVersion]]:
@@ -249,25 +264,20 @@ class Configs:
         schema lock and has checked the schemas for every device; a service that stops part-way
         finishes the change when it starts (``Store.finish_layer_change``)."""
         store = self.worker.store
-        chunks = _chunks(await self.worker.run(store.device_ids)) or [[]]
+        chunks = chunked(await self.worker.run(store.device_ids))
         version = 0
 
-        def first() -> list[tuple[ConfigVersion, bytes]]:
+        def first() -> list[ConfigVersion]:
             nonlocal version
             version, rows = store.begin_layer_change(name, content, actor=actor, devices=chunks[0],
                                                      last=len(chunks) == 1, message=message, selector=labels,
                                                      priority=priority, where=where, if_version=if_version)
-            self.schemas.stored(row.device for row in rows)
-            return _fleet_payloads(rows)
+            return rows
 
-        def then(chunk: list[str], last: bool) -> list[tuple[ConfigVersion, bytes]]:
-            rows = store.continue_layer_change(chunk, last=last)
-            self.schemas.stored(row.device for row in rows)
-            return _fleet_payloads(rows)
-
-        rest = [functools.partial(then, chunk, k == len(chunks) - 1) for k, chunk in enumerate(chunks) if k]
-        rows, _ = await self.stream([first, *rest])
-        self.events.count("pushes", len(rows))
+        rest = [functools.partial(store.continue_layer_change, chunk, last=k == len(chunks) - 1)
+                for k, chunk in enumerate(chunks) if k]
+        steps: list[Callable[[], list[ConfigVersion]]] = [first, *rest]
+        rows, _ = await self.stream_changes(steps)
         self.events.emit("layer_applied", None, devices=len(rows), layer=name, version=version)
         return version, rows
 

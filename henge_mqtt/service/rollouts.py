@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import SchemaViolation, ValidationFailed
 from ..results import PushPreviewDiff, RolloutPreview, RolloutStatus, RolloutSummary, WaveStatus
 from ..rollout_plan import Policy, WaveCount, decide, plan
+from .configs import chunked
 from .context import current_actor, utc_text
 
 if TYPE_CHECKING:
@@ -259,13 +261,16 @@ class Rollouts:
                     continue
                 members = [d["device"] for d in await svc.worker.run(store.rollout_devices, rollout_id, wave)]
                 online = {d for d in members if svc.broker.session(d, now).online}
+                # Streamed as a fleet push is: the wave's devices in chunks, each published as it commits.
+                chunks = chunked(await svc.worker.run(store.wave_pending, rollout_id, wave))
                 try:
-                    rows = await svc.worker.run(store.publish_wave, rollout_id, wave, online, now=now)
-                except SchemaViolation as exc:
+                    rows, futures = await svc.configs.stream_changes([functools.partial(
+                        store.publish_wave, rollout_id, wave, online, now=now, devices=chunk,
+                        last=k == len(chunks) - 1) for k, chunk in enumerate(chunks)])
+                except SchemaViolation as exc:  # (a schema set since the rollout started)
                     await self._halt(rollout_id, f"wave {wave + 1} breaks a schema: {exc.args[0].splitlines()[0]}")
                     continue
-                futures = await svc.configs.publish_rows(rows, event="rollout_wave", rollout=rollout_id,
-                                                          wave=wave + 1)
+                svc.events.emit("rollout_wave", None, devices=len(rows), rollout=rollout_id, wave=wave + 1)
                 delivered = self._delivered.setdefault(rollout_id, set())
                 for device, future in futures.items():
                     future.add_done_callback(_mark(delivered, device))

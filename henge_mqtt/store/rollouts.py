@@ -107,16 +107,29 @@ class Rollouts(StoreCore):
             f"vr.status = 'rejected') WHERE rollout = ? AND new_version IS NOT NULL AND outcome IS NULL{where}",
             args)
 
-    def publish_wave(self, rollout_id: str, wave: int, online: set[str], *, now: float) -> list[ConfigVersion]:
-        """The wave's versions and the mark that it went out, in one transaction: a wave is stored
-        once, whatever crashes when (a restart republishes every current version anyway)."""
+    def wave_pending(self, rollout_id: str, wave: int) -> list[str]:
+        """The wave's devices that have no version of it yet (all of them, unless a service stopped
+        part-way through publishing it), by id; none once the wave went out."""
         ro = self.rollout(rollout_id)
         if ro["state"] != "running" or ro["wave"] != wave or ro["wave_published"]:
             return []
         devices = [r[0] for r in self._db.execute(
             "SELECT device FROM rollout_devices WHERE rollout = ? AND wave = ? AND new_version IS NULL ORDER BY device",
             (rollout_id, wave))]
-        devices = [d for d in devices if d in self._hashes]  # a device removed meanwhile is skipped
+        return [d for d in devices if d in self._hashes]  # a device removed meanwhile is skipped
+
+    def publish_wave(self, rollout_id: str, wave: int, online: set[str], *, now: float,
+                     devices: list[str] | None = None, last: bool = True) -> list[ConfigVersion]:
+        """The versions of ``devices`` of the wave (None: every one still without one) in one
+        transaction; with ``last``, the mark that the wave went out (and its audit) too. A wave is
+        streamed in chunks, each its own transaction; a device stores its version of the wave once,
+        whatever crashes when: a service that stops part-way publishes the rest when it resumes
+        the rollout (a restart republishes every current version anyway)."""
+        ro = self.rollout(rollout_id)
+        if ro["state"] != "running" or ro["wave"] != wave or ro["wave_published"]:
+            return []
+        pending = set(self.wave_pending(rollout_id, wave))
+        devices = sorted(pending) if devices is None else [d for d in devices if d in pending]
         note = ro["message"] or f"rollout {rollout_id} wave {wave + 1}"
         with self._tx():
             current = self._current_heads(devices)
@@ -136,15 +149,19 @@ class Rollouts(StoreCore):
                 if rows and self.validate_many is not None:  # a schema set since the start: the wave halts
                     labels = self.labels_by_device(devices)
                     self.validate_many([(r.device, labels.get(r.device, {}), r.config) for r in rows])
-            self._audit(ro["actor"], "rollout.wave", None, {"rollout": rollout_id, "wave": wave + 1,
-                                                            "devices": len(rows)})
             self._db.executemany(
                 "UPDATE rollout_devices SET prev_version = ?, new_version = ?, online_at_start = ? "
                 "WHERE rollout = ? AND device = ?",
                 [(current.get(r.device, (0,))[0], r.version, int(r.device in online), rollout_id, r.device)
                  for r in rows])
-            self._db.execute("UPDATE rollouts SET wave_published = 1, wave_started = ? WHERE id = ?",
-                             (now, rollout_id))
+            if last:
+                published = self._db.execute(
+                    "SELECT COUNT(*) FROM rollout_devices WHERE rollout = ? AND wave = ? AND new_version IS NOT NULL",
+                    (rollout_id, wave)).fetchone()[0]
+                self._audit(ro["actor"], "rollout.wave", None, {"rollout": rollout_id, "wave": wave + 1,
+                                                                "devices": int(published)})
+                self._db.execute("UPDATE rollouts SET wave_published = 1, wave_started = ? WHERE id = ?",
+                                 (now, rollout_id))
         return rows
 
     def advance_rollout(self, rollout_id: str, *, next_wave_at: float) -> tuple[str, list[ConfigVersion]]:
