@@ -194,7 +194,7 @@ TABLE: tuple[Op, ...] = (
         "POST /rollouts/{rollout}/abort", returns="RolloutStatus"),
     # ---- layers ----------------------------------------------------------------------------------------
     _op("layer.set", "operator",
-        "Set a layer; every device whose config changes gets a new version, in one transaction.",
+        "Set a layer; every device whose config changes gets a new version (streamed in chunks, as a fleet push).",
         "LayerSetArgs", "`name`, `content`, `labels?`, `where?`, `priority?`, `message?`, `force?`",
         "`{layer, version, devices, versions}` (+ `new_devices_invalid` when `force` stored a layer a new device "
         "would break)", "PUT /layers/{name}", returns="LayerChange"),
