@@ -82,7 +82,7 @@ async def subscribed(client: aiomqtt.Client, topic: str, timeout: float = 20.0) 
         await asyncio.sleep(0.2)
 
 
-async def config_of(port: int, name: str, secret: str, timeout: float = 10.0) -> dict[str, Any]:
+async def config_of(port: int, name: str, secret: str, timeout: float = PATIENCE) -> dict[str, Any]:
     """The config a device reads on connecting: retained, or the live copy of a push that reached the
     cluster just after it subscribed (seen once in CI: either is the config it runs). Like a real
     device, it connects again while the node refuses the subscription (JetStream not back yet after
@@ -279,7 +279,7 @@ async def test_node_loss_devices_reconnect_elsewhere_and_presence_stays_true(tmp
         for c in clients:
             c.loop_stop()
         for name in names[:2]:  # these come back on node 3 and read their config there
-            got = await config_of(cluster.mqtt_ports[2], name, secrets[name], timeout=30)
+            got = await config_of(cluster.mqtt_ports[2], name, secrets[name])
             assert got["config"] == {"v": name}
         async with device(cluster.mqtt_ports[2], names[0], secrets[names[0]]):
             await wait_status(running, names[0], lambda r: r["online"])
@@ -301,7 +301,7 @@ async def test_the_whole_cluster_restarts_and_configs_and_presence_come_back(tmp
         cluster.start()
         await cluster.ready("henge-admin", ADMIN_SECRET, timeout=90)
         await service.broker.wait_connected(30)  # type: ignore[attr-defined]
-        assert (await config_of(cluster.mqtt_ports[1], "dev2", secrets["dev2"], timeout=30))["config"] == {"v": 2}
+        assert (await config_of(cluster.mqtt_ports[1], "dev2", secrets["dev2"]))["config"] == {"v": 2}
         async with device(cluster.mqtt_ports[0], "dev1", secrets["dev1"]):
             await wait_status(running, "dev1", lambda r: r["online"], timeout=30)
         await wait_status(running, "dev1", lambda r: not r["online"], timeout=30)
