@@ -725,14 +725,11 @@ class ServiceAPI:
                                 priority: int | None, message: str, force: bool, where: str | None,
                                 if_version: int | None) -> LayerChange:
         async with self.configs.schema_lock:
-            store = self.store
             future = await self.worker.run(self.schemas.new_device_errors, name, content, labels=labels,
                                            priority=priority, where=where)
-            now: list[dict[str, str]] = []
-            if self.schemas.active:  # every device checked before the first chunk: all or nothing is stored
-                layer = {"name": name, "content": content, "labels": labels, "priority": priority, "where": where}
-                now = await self.worker.run(lambda: self.schemas.layer_change_errors(layer, store.layer_change_targets(
-                    name, content, selector=labels, priority=priority, where=where)))
+            # every device checked before the first chunk is stored: all or nothing
+            now = await self.worker.run(self.schemas.layer_change_plan_errors, name, content, labels=labels,
+                                        priority=priority, where=where)
             if now or (future and not force):  # said with the current devices it breaks too, if any
                 raise SchemaViolation(now + ([] if force else future), what="the layer was not stored" + (
                     "" if now else " (henge layer set --force stores it anyway; every such device add is then "

@@ -278,7 +278,8 @@ class Configs:
                 for k, chunk in enumerate(chunks) if k]
         steps: list[Callable[[], list[ConfigVersion]]] = [first, *rest]
         rows, _ = await self.stream_changes(steps)
-        self.events.emit("layer_applied", None, devices=len(rows), layer=name, version=version)
+        if rows:
+            self.events.emit("layer_applied", None, devices=len(rows), layer=name, version=version)
         return version, rows
 
     def _publish_late(self, job: asyncio.Future[list[tuple[ConfigVersion, bytes]]]) -> None:

@@ -270,7 +270,8 @@ class Rollouts:
                 except SchemaViolation as exc:  # (a schema set since the rollout started)
                     await self._halt(rollout_id, f"wave {wave + 1} breaks a schema: {exc.args[0].splitlines()[0]}")
                     continue
-                svc.events.emit("rollout_wave", None, devices=len(rows), rollout=rollout_id, wave=wave + 1)
+                if rows:
+                    svc.events.emit("rollout_wave", None, devices=len(rows), rollout=rollout_id, wave=wave + 1)
                 delivered = self._delivered.setdefault(rollout_id, set())
                 for device, future in futures.items():
                     future.add_done_callback(_mark(delivered, device))

@@ -191,11 +191,6 @@ class Schemas:
         if errors:
             raise SchemaViolation(errors, what="the rollout was not started")
 
-    @property
-    def active(self) -> bool:
-        """Whether any schema is in force (without one, nothing needs checking)."""
-        return bool(self._active)
-
     def layer_change_errors(self, layer: dict[str, Any], devices: list[str]) -> list[dict[str, str]]:
         """Each of ``devices``' config under the changed layer ({name, content, labels, priority}),
         checked against its schemas."""
@@ -243,13 +238,29 @@ class Schemas:
             layers[name] = candidate
         return layers, selector
 
+    def layer_change_plan_errors(self, name: str, content: dict[str, Any] | None, *, labels: dict[str, str] | None,
+                                 priority: int | None, where: str | None) -> list[dict[str, str]]:
+        """Every device a layer change would give a new config, that config checked against its
+        schemas, stored nowhere (before a change streamed in chunks stores its first): the store's
+        plan, read in bulk, as the change itself will work it out."""
+        if not self._active:
+            return []
+        plan = self.store.layer_change_plan(name, content, selector=labels, priority=priority, where=where)
+        have = self.store.labels_by_device([device for device, *_ in plan])
+        return self.errors_of([(device, have.get(device, {}), after) for device, _, _, after in plan])
+
+    def errors_of(self, items: list[tuple[str, dict[str, str], dict[str, Any]]]) -> list[dict[str, str]]:
+        """The schema errors of ``(device, labels, config)`` each, all of them."""
+        errors: list[dict[str, str]] = []
+        for device, labels, config in items:
+            errors += self._errors(self.applicable(labels), config, device)
+        return errors
+
     def check_each(self, items: list[tuple[str, dict[str, str], dict[str, Any]]]) -> None:
         """The store's hook for many new versions at once (a layer change): all pass or none is stored."""
         if not self._active:
             return
-        errors: list[dict[str, str]] = []
-        for device, labels, config in items:
-            errors += self._errors(self.applicable(labels), config, device)
+        errors = self.errors_of(items)
         if errors:
             raise SchemaViolation(errors, what="nothing was stored for any device")
         self.stored(device for device, _, _ in items)

@@ -157,6 +157,7 @@ class Layers(StoreCore):
             if earlier is not None:  # one that failed part-way: this change refreshes every device too
                 self._audit(earlier["actor"], earlier["action"], None, earlier["summary"] | {
                     "devices": earlier["devices"], "finished_by": f"layer {name}"})
+                self._mark_layer_change(None)
             version, rows, candidate = self._set_layer(name, content, actor=actor, message=message,
                                                        selector=selector, priority=priority, where=where,
                                                        devices=devices, last=last)
@@ -174,11 +175,9 @@ class Layers(StoreCore):
             rows = self._refresh([d for d in devices if d in self._hashes], self._layers, actor=change["actor"],
                                  message=change["message"])
             change["devices"] += len(rows)
-            self._db.execute("DELETE FROM meta WHERE key = ?", (LAYER_CHANGE,))
             if last:
                 self._audit(change["actor"], change["action"], None, change["summary"] | {"devices": change["devices"]})
-            else:
-                self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (LAYER_CHANGE, json.dumps(change)))
+            self._mark_layer_change(None if last else change)
         return rows
 
     def finish_layer_change(self) -> tuple[list[ConfigVersion], SchemaViolation | None]:
@@ -193,14 +192,20 @@ class Layers(StoreCore):
             return self.continue_layer_change(sorted(self._hashes), last=True), None
         except SchemaViolation as exc:
             with self._tx():
-                self._db.execute("DELETE FROM meta WHERE key = ?", (LAYER_CHANGE,))
                 self._audit(change["actor"], change["action"], None, change["summary"] | {
                     "devices": change["devices"], "refused": str(exc)})
+                self._mark_layer_change(None)
             return [], exc
 
     def _layer_change(self) -> dict[str, Any] | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (LAYER_CHANGE,)).fetchone()
         return json.loads(row[0]) if row is not None else None
+
+    def _mark_layer_change(self, change: dict[str, Any] | None) -> None:
+        """Inside the caller's transaction: the change under way, as it now stands (None: none)."""
+        self._db.execute("DELETE FROM meta WHERE key = ?", (LAYER_CHANGE,))
+        if change is not None:
+            self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (LAYER_CHANGE, json.dumps(change)))
 
     def candidate_layer(self, name: str, content: dict[str, Any] | None, *, selector: dict[str, str] | None,
                         priority: int | None, where: str | None = None) -> tuple[Layer | None, dict[str, str], int]:
@@ -259,9 +264,8 @@ class Layers(StoreCore):
         if last:
             self._audit(actor, action, None, summary | {"devices": len(rows)})
         else:
-            self._db.execute("DELETE FROM meta WHERE key = ?", (LAYER_CHANGE,))
-            self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (LAYER_CHANGE, json.dumps(
-                {"actor": actor, "message": note, "action": action, "summary": summary, "devices": len(rows)})))
+            self._mark_layer_change({"actor": actor, "message": note, "action": action, "summary": summary,
+                                     "devices": len(rows)})
         return version, rows, candidate
 
     def layers_read_reported(self) -> bool:

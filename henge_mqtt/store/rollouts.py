@@ -128,8 +128,8 @@ class Rollouts(StoreCore):
         ro = self.rollout(rollout_id)
         if ro["state"] != "running" or ro["wave"] != wave or ro["wave_published"]:
             return []
-        pending = set(self.wave_pending(rollout_id, wave))
-        devices = sorted(pending) if devices is None else [d for d in devices if d in pending]
+        # (the caller's chunk comes from wave_pending, and nothing else gives a wave's devices a version)
+        devices = self.wave_pending(rollout_id, wave) if devices is None else [d for d in devices if d in self._hashes]
         note = ro["message"] or f"rollout {rollout_id} wave {wave + 1}"
         with self._tx():
             current = self._current_heads(devices)
