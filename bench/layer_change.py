@@ -13,20 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from inprocess import service_on, stored_fleet
+
 
 async def measure(data: Path, rounds: int) -> list[tuple[float, float, int]]:
-    from henge_mqtt.service import HengeService
-    from henge_mqtt.settings import Settings
-
-    settings = Settings(data_dir=data, listeners={"default": {"bind": "127.0.0.1:0"}}, http=None)
     out: list[tuple[float, float, int]] = []
-    async with HengeService(settings) as service:
-        await service.summary()  # the start's own fleet point, out of the way
+    async with service_on(data) as service:
         configs = service.configs
         publish = configs.publish
         first: list[float] = []
@@ -51,13 +47,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=18_000)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    from henge_mqtt.store import Store
-
-    with tempfile.TemporaryDirectory(prefix="bench-layer-") as tmp:
-        data = Path(tmp) / "data"
-        store = Store(data)
-        store.add_devices([(f"dev{i:05}", {}) for i in range(args.n)])
-        store.close()
+    with stored_fleet(args.n) as data:
         results = asyncio.run(measure(data, args.rounds))
     first = [f * 1000 for f, _, _ in results]
     whole = [w * 1000 for _, w, _ in results]

@@ -13,19 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from inprocess import service_on, stored_fleet
+
 
 async def measure(data: Path, rounds: int) -> list[tuple[float, float]]:
-    from henge_mqtt.service import HengeService
-    from henge_mqtt.settings import Settings
-
-    settings = Settings(data_dir=data, listeners={"default": {"bind": "127.0.0.1:0"}}, http=None)
     out: list[tuple[float, float]] = []
-    async with HengeService(settings) as service:
-        await service.summary()  # the start's own point is taken meanwhile: one round to settle
+    async with service_on(data) as service:
         lags: list[float] = []
 
         async def ticker() -> None:
@@ -52,13 +48,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=18_000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    from henge_mqtt.store import Store
-
-    with tempfile.TemporaryDirectory(prefix="bench-summary-") as tmp:
-        data = Path(tmp) / "data"
-        store = Store(data)
-        store.add_devices([(f"dev{i:05}", {}) for i in range(args.n)])
-        store.close()
+    with stored_fleet(args.n) as data:
         results = asyncio.run(measure(data, args.rounds))
     took = [t * 1000 for t, _ in results]
     worst = [lag * 1000 for _, lag in results]

@@ -388,7 +388,8 @@ def wait_online(data: Path, count: int) -> None:
 
 def _check(data: Path, rollout: str, devices: list[str], value: int) -> dict[str, Any]:
     """What must hold after any kill: versions contiguous, no device given the rollout's config twice,
-    waves published in order and whole."""
+    waves published in order and whole (these waves have at most 100 devices, one transaction; a
+    larger wave is published in chunks and may stand in part until its rollout resumes)."""
     store = Store(data)
     try:
         ro = store.rollout(rollout)
