@@ -293,6 +293,42 @@ async def test_a_wave_reaches_its_first_devices_before_the_rest_is_stored(runnin
     assert waves == [{"rollout": status["id"], "wave": 1, "devices": 150}]
 
 
+async def test_a_wave_stopped_part_way_is_published_in_full_when_the_rollout_resumes(start_service: Any,
+                                                                                      tmp_path: Path) -> None:
+    """The process dies between two of a wave's transactions (here: its last one fails as a kill
+    there would leave it): the store holds the first chunk's versions, the wave is not marked as
+    gone out. The next start resumes the rollout and publishes the rest of the wave, each device
+    once, and the wave's audit entry counts all of them."""
+    data = tmp_path / "kept"
+    devices = [f"w{i:03d}" for i in range(150)]
+    async with start_service(data_dir=data) as first:
+        svc = first.service
+        for device in devices:
+            await svc.add_device(device)
+        store = svc.store
+        real = store.publish_wave
+        reached = threading.Event()
+
+        def dies(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("last"):
+                reached.set()
+                raise RuntimeError("the process died before the wave's last transaction")
+            return real(*args, **kwargs)
+
+        store.publish_wave = dies  # type: ignore[method-assign]
+        status = await svc.start_rollout({"v": 1}, all_devices=True, waves=[100], min_applied=0)
+        await wait_until(reached.is_set, 10, "the wave's last transaction")
+        assert await configs(first, devices[0]) == [{"v": 1}]
+        assert await configs(first, devices[-1]) == []  # the wave stands in part
+    async with start_service(data_dir=data) as second:
+        done = await finished(second, status["id"])
+        assert done["state"] == "completed" and done["waves"][0]["targeted"] == 150
+        for device in (devices[0], devices[99], devices[100], devices[-1]):
+            assert await configs(second, device) == [{"v": 1}]
+        waves = [e["summary"] for e in await second.service.audit() if e["action"] == "rollout.wave"]
+        assert waves == [{"rollout": status["id"], "wave": 1, "devices": 150}]
+
+
 async def test_a_rollout_that_breaks_a_schema_never_starts(running: Running) -> None:
     await add(running, 2)
     await running.service.set_schema({}, {"properties": {"v": {"type": "integer"}}})
