@@ -700,8 +700,7 @@ class ServiceAPI:
         store = self.store
         plan = await self.worker.run(lambda: store.layer_change_plan(name, content, selector=labels, priority=priority,
                                                                      where=where))
-        layer = {"name": name, "content": content, "labels": labels, "priority": priority, "where": where}
-        now = await self.worker.run(self.schemas.layer_change_errors, layer, [device for device, *_ in plan])
+        now = await self.worker.run(self.schemas.plan_errors, plan)  # as set_layer checks it
         later = await self.worker.run(self.schemas.new_device_errors, name, content, labels=labels, priority=priority,
                                       where=where)
         return {"layer": name, "change": len(plan), "devices": [d for d, *_ in plan[:PREVIEW_DEVICES]],

@@ -245,7 +245,13 @@ class Schemas:
         plan, read in bulk, as the change itself will work it out."""
         if not self._active:
             return []
-        plan = self.store.layer_change_plan(name, content, selector=labels, priority=priority, where=where)
+        return self.plan_errors(self.store.layer_change_plan(name, content, selector=labels, priority=priority,
+                                                             where=where))
+
+    def plan_errors(self, plan: list[tuple[str, int, dict[str, Any] | None, dict[str, Any]]]) -> list[dict[str, str]]:
+        """The schema errors of each config a layer change's plan (``Store.layer_change_plan``) gives."""
+        if not self._active:
+            return []
         have = self.store.labels_by_device([device for device, *_ in plan])
         return self.errors_of([(device, have.get(device, {}), after) for device, _, _, after in plan])
 
