@@ -1,142 +1,27 @@
-"""The admin client: how the CLI (or any script) talks to a running service over MQTT."""
+"""The admin client on asyncio: how a script, the CLI's event streams and watches, talk to a running
+service over MQTT. The CLI's one-shot commands use the blocking one (``admin_call``); both speak
+``admin_protocol``. ``Endpoint`` (where the service is) lives in ``endpoint``, and is here too.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import secrets
-import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from .errors import AuthenticationFailed, RemoteError, ServiceUnavailable
+from . import admin_protocol as protocol
+from .endpoint import CONFIG_FILE, Endpoint, load_context
+from .errors import ServiceUnavailable
 from .mqtt_client import MqttClient, MqttClientError
-from .paths import ADMIN_FILE, SERVICE_FILE
 from .topics import Topics
 
 if TYPE_CHECKING:
     from .models import Event
 
+__all__ = ["CONFIG_FILE", "AdminClient", "Endpoint", "load_context"]
+
 # Requests and replies are plain JSON here (docs/protocol.md): the CLI starts without loading pydantic.
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    host: str
-    port: int
-    username: str
-    secret: str
-    topic_prefix: str = "henge"
-    socket: str | None = None  # the service's admin Unix socket: used instead of host:port when set
-    tls: bool = False  # mqtts://
-    ca: str | None = None  # CA file for mqtts:// (else the system's)
-    cert: str | None = None  # client certificate and key, for a listener that asks for one
-    key: str | None = None
-
-    @property
-    def where(self) -> str:
-        return self.socket if self.socket else f"{self.host}:{self.port}"
-
-    @classmethod
-    def from_data_dir(cls, data_dir: Path) -> Endpoint:
-        """Find a local service through the files ``henge serve`` writes into its data dir."""
-        try:
-            service = json.loads((data_dir / SERVICE_FILE).read_text())
-        except FileNotFoundError as exc:
-            raise ServiceUnavailable(
-                f"no running service found in {data_dir.resolve()} (no {SERVICE_FILE}): point --data (or "
-                f"HENGE_DATA) at the data dir of a running service, start one with "
-                f"`henge serve --data {data_dir}`, or pass --broker"
-            ) from exc
-        except (OSError, ValueError) as exc:
-            raise ServiceUnavailable(f"cannot read {data_dir / SERVICE_FILE}: {exc}") from exc
-        try:
-            admin = json.loads((data_dir / ADMIN_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            raise AuthenticationFailed(f"cannot read admin credentials in {data_dir}: {exc}") from exc
-        host = str(service["host"])
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        socket = service.get("admin_socket")
-        # The admin socket is never crowded out by devices; a path too long for AF_UNIX cannot be used.
-        usable = isinstance(socket, str) and os.path.exists(socket) and len(socket.encode()) < 104
-        return cls(host, int(service["port"]), str(admin["name"]), str(admin["secret"]),
-                   str(service.get("topic_prefix", "henge")), socket if usable else None)
-
-    @classmethod
-    def from_url(cls, url: str, context: dict[str, Any] | None = None) -> Endpoint:
-        """``mqtt[s]://host:port``; credentials and TLS files from the environment (HENGE_ADMIN_USER,
-        HENGE_ADMIN_SECRET, HENGE_TOPIC_PREFIX, HENGE_CA, HENGE_CERT, HENGE_KEY), else the context."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ServiceUnavailable(f"invalid broker URL {url!r}: expected mqtt://host:port or mqtts://host:port")
-        ctx = context or {}
-
-        def setting(env: str, key: str, default: str | None = None) -> str | None:
-            value = os.environ.get(env) or ctx.get(key)
-            return str(value) if value is not None else default
-
-        secret = setting("HENGE_ADMIN_SECRET", "secret")
-        if not secret:
-            raise AuthenticationFailed("set HENGE_ADMIN_SECRET (and HENGE_ADMIN_USER), or a secret in the "
-                                       "context, to use --broker")
-        tls = parts.scheme == "mqtts"
-        return cls(parts.hostname, parts.port or (8883 if tls else 1883), setting("HENGE_ADMIN_USER", "user",
-                   "henge-admin") or "henge-admin", secret, setting("HENGE_TOPIC_PREFIX", "topic_prefix", "henge")
-                   or "henge", tls=tls, ca=setting("HENGE_CA", "ca"), cert=setting("HENGE_CERT", "cert"),
-                   key=setting("HENGE_KEY", "key"))
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        if not self.tls:
-            return None
-        try:
-            context = ssl.create_default_context(cafile=self.ca)
-            if self.cert:
-                context.load_cert_chain(self.cert, self.key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ServiceUnavailable(f"cannot load the TLS files for the service: {exc}") from exc
-        return context
-
-
-CONFIG_FILE = Path("~/.config/henge/config.yaml")
-
-
-def load_context(name: str | None) -> dict[str, Any] | None:
-    """A named context of the client config file (kubeconfig-like), or its ``current`` one.
-
-    ``~/.config/henge/config.yaml`` (or ``$HENGE_CONFIG``)::
-
-        current: gateway-1
-        contexts:
-          gateway-1: {broker: "mqtts://gw1:8883", user: henge-admin, secret: "...", ca: /etc/henge/ca.pem}
-          lab: {data: /var/lib/henge}
-    """
-    path = Path(os.environ.get("HENGE_CONFIG") or CONFIG_FILE).expanduser()
-    if not path.exists():
-        if name:
-            raise ServiceUnavailable(f"no context {name!r}: {path} does not exist")
-        return None
-    import yaml
-
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ServiceUnavailable(f"cannot read {path}: {exc}") from exc
-    contexts = config.get("contexts") if isinstance(config, dict) else None
-    if not isinstance(contexts, dict):
-        raise ServiceUnavailable(f"{path}: expected a contexts: mapping")
-    chosen = name or config.get("current")
-    if chosen is None:
-        return None
-    context = contexts.get(chosen)
-    if not isinstance(context, dict):
-        raise ServiceUnavailable(f"no context {chosen!r} in {path} (it has: {', '.join(sorted(contexts)) or 'none'})")
-    return context
 
 
 class AdminClient:
@@ -149,7 +34,7 @@ class AdminClient:
         self.endpoint = endpoint
         self.timeout = timeout
         self.topics = Topics(endpoint.topic_prefix)
-        self.client_id = f"henge-cli-{secrets.token_hex(6)}"
+        self.client_id = protocol.client_id()
         self._reply_topic = self.topics.admin_reply(self.client_id)
         self._client: MqttClient | None = None
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -162,27 +47,18 @@ class AdminClient:
         try:
             self._client = await MqttClient.connect(
                 e.host, e.port, client_id=self.client_id, username=e.username, password=e.secret,
-                on_message=self._on_message, keepalive=30, tls=e.tls_context(), timeout=self.timeout,
-                unix=e.socket)
+                on_message=self._on_message, keepalive=protocol.KEEPALIVE, tls=e.tls_context(),
+                timeout=self.timeout, unix=e.socket)
         except MqttClientError as exc:
-            if exc.code in (4, 5):
-                raise AuthenticationFailed(
-                    f"the service at {e.where} refused the admin credentials for {e.username!r}"
-                ) from exc
-            if exc.code is not None:
-                raise ServiceUnavailable(f"cannot connect to the service at {e.where}: {exc}") from exc
-            raise ServiceUnavailable(
-                f"cannot reach the service at {e.where} (is `henge serve` running?): {exc}") from exc
+            raise (protocol.refused(e, exc.code) if exc.code is not None else
+                   protocol.unreachable(e, str(exc))) from exc
         except (OSError, TimeoutError) as exc:
-            why = str(exc) or f"no answer within {self.timeout:g} s"
-            raise ServiceUnavailable(
-                f"cannot reach the service at {e.where} (is `henge serve` running?): {why}"
-            ) from exc
+            raise protocol.unreachable(e, str(exc) or f"no answer within {self.timeout:g} s") from exc
         try:
             await self._client.subscribe([(self._reply_topic, 1)], timeout=self.timeout)
         except (MqttClientError, TimeoutError) as exc:  # the service went away right after CONNACK
             self._client.close()
-            raise ServiceUnavailable(f"lost the connection to the service at {e.where}: {exc}") from exc
+            raise ServiceUnavailable(f"{protocol.LOST} at {e.where}: {exc}") from exc
         self._watch = asyncio.create_task(self._watch_connection(self._client))
         return self
 
@@ -198,7 +74,7 @@ class AdminClient:
     async def _watch_connection(self, client: MqttClient) -> None:
         """A lost connection fails every waiting call at once (and ends an event stream)."""
         await client.closed
-        failure = ServiceUnavailable("lost the connection to the service")
+        failure = ServiceUnavailable(protocol.LOST)
         for waiter in self._replies.values():
             if not waiter.done():
                 waiter.set_exception(failure)
@@ -208,16 +84,13 @@ class AdminClient:
     def _open(self) -> MqttClient:
         """The connection, or the one error a call on a lost one gets."""
         if self._client is None or not self._client.is_open:
-            raise ServiceUnavailable("lost the connection to the service")
+            raise ServiceUnavailable(protocol.LOST)
         return self._client
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self._reply_topic:
-            try:
-                body = json.loads(payload)
-            except ValueError:
-                return
-            if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+            body = protocol.body_of(payload)
+            if body is None:
                 return
             if "progress" in body:
                 listener = self._progress.get(body["id"])
@@ -246,14 +119,13 @@ class AdminClient:
         devices' secrets) may take longer: each tick gives it that long again.
         """
         client = self._open()
-        request_id = secrets.token_hex(8)
-        request = {"id": request_id, "op": op, "args": args, "reply_to": self._reply_topic}
+        request_id, request = protocol.request(op, args, self._reply_topic)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._replies[request_id] = waiter
         limit = self.timeout + (wait or 0.0)
         ticked = False
-        sending = client.publish(self.topics.admin_requests, json.dumps(request).encode(), qos=1)
+        sending = client.publish(self.topics.admin_requests, request, qos=1)
         try:
             async with asyncio.timeout(limit) as deadline:
 
@@ -272,10 +144,9 @@ class AdminClient:
                     sending.result()  # the publish failed: MqttClientError
                 reply = await waiter
         except TimeoutError as exc:
-            silent = " of its last progress" if ticked else ""
-            raise ServiceUnavailable(f"the service did not answer {op!r} within {limit:g} s{silent}") from exc
+            raise protocol.no_answer(op, limit, ticked) from exc
         except MqttClientError as exc:
-            raise ServiceUnavailable(f"lost the connection to the service: {exc}") from exc
+            raise ServiceUnavailable(f"{protocol.LOST}: {exc}") from exc
         finally:
             self._replies.pop(request_id, None)
             self._progress.pop(request_id, None)
@@ -283,10 +154,7 @@ class AdminClient:
                 sending.cancel()
             if waiter.done() and not waiter.cancelled():
                 waiter.exception()  # a failure set by the watcher and superseded by another: retrieved
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise RemoteError(str(error.get("code", "error")), str(error.get("message", "request failed")))
-        return reply.get("result")
+        return protocol.result_of(reply)
 
     async def events(self) -> AsyncIterator[Event]:
         """Every service event from now on, until the connection ends."""
@@ -295,9 +163,9 @@ class AdminClient:
         try:
             await client.subscribe([(self.topics.events, 0)], timeout=self.timeout)
         except (MqttClientError, TimeoutError) as exc:
-            raise ServiceUnavailable(f"lost the connection to the service: {exc}") from exc
+            raise ServiceUnavailable(f"{protocol.LOST}: {exc}") from exc
         while True:
             event = await self._events.get()
             if event is None:
-                raise ServiceUnavailable("lost the connection to the service")
+                raise ServiceUnavailable(protocol.LOST)
             yield event

@@ -25,6 +25,8 @@ IDENTIFIER_REJECTED = 2
 SERVER_UNAVAILABLE = 3
 BAD_USERNAME_PASSWORD = 4
 NOT_AUTHORIZED = 5
+CONNACK_REASONS = {1: "unacceptable protocol version", 2: "identifier rejected", 3: "server unavailable",
+                   4: "bad user name or password", 5: "not authorized"}
 
 
 # MQTT 5.0 reason codes henge sends [MQTT-2.4].

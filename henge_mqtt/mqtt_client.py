@@ -20,9 +20,6 @@ from typing import Any
 
 from . import codec
 
-CONNACK_REASONS = {1: "unacceptable protocol version", 2: "identifier rejected", 3: "server unavailable",
-                   4: "bad user name or password", 5: "not authorized"}
-
 
 class MqttClientError(ConnectionError):
     """The broker refused us (``code``: the CONNACK return code), or the connection broke."""
@@ -76,7 +73,7 @@ class MqttClient(asyncio.Protocol):
             ack = await asyncio.shield(client.connack)
         if ack.code != 0:
             client.close()
-            raise MqttClientError(f"the broker refused the connection: {CONNACK_REASONS.get(ack.code, ack.code)}",
+            raise MqttClientError(f"the broker refused the connection: {codec.CONNACK_REASONS.get(ack.code, ack.code)}",
                                   ack.code)
         client._schedule_ping()
         return client

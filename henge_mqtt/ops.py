@@ -22,22 +22,19 @@ Adding an operation is one entry here, one handler, and the service method it ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from .roles import Role
 
 Method = Literal["GET", "PUT", "PATCH", "POST", "DELETE"]
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     method: Method
     path: str  # under /api/v1
 
 
-@dataclass(frozen=True, slots=True)
-class Op:
+class Op(NamedTuple):  # NamedTuples, not dataclasses: the CLI starts without loading ``dataclasses``
     name: str
     role: Role
     doc: str  # one line: the CLI's help, the route's summary, the docs' table

@@ -437,7 +437,7 @@ try:
     runpy.run_module("henge_mqtt", run_name="__main__")
 except SystemExit:
     pass
-heavy = ("henge_mqtt", "typer", "aiomqtt", "paho", "pydantic")
+heavy = ("henge_mqtt", "typer", "aiomqtt", "paho", "pydantic", "asyncio", "dataclasses", "ssl")
 print("LOADED " + " ".join(sorted(m for m in sys.modules if m.startswith(heavy))))
 """
 
@@ -452,8 +452,9 @@ def loaded_by(*args: str) -> set[str]:
 
 def test_a_command_imports_only_what_it_needs(tmp_path: Path) -> None:
     """The CLI's start is most of a one-device push (issue 23): ``--version`` loads no command and no
-    typer; ``push`` loads its own module and neither the other commands, nor pydantic, nor aiomqtt
-    (the admin client runs on henge's own MQTT client); ``--help`` still shows the whole tree."""
+    typer; a plain ``push`` line is parsed without typer (``quick``) and runs on the blocking admin
+    client: no typer, no asyncio, no ssl, no dataclasses, no pydantic, and no other command; a push
+    line only click reads (``-mtext``) and ``--help`` go through typer, which shows the whole tree."""
     version = loaded_by("--version")
     assert not any(m.startswith("typer") for m in version) and "henge_mqtt.cli.configs" not in version
     from henge_mqtt.paths import ADMIN_FILE, SERVICE_FILE
@@ -461,11 +462,99 @@ def test_a_command_imports_only_what_it_needs(tmp_path: Path) -> None:
     (tmp_path / SERVICE_FILE).write_text(json.dumps({"host": "127.0.0.1", "port": free_port()}))  # nobody there
     (tmp_path / ADMIN_FILE).write_text(json.dumps({"name": "henge-admin", "secret": "s"}))
     (tmp_path / "c.json").write_text("{}")
-    push = loaded_by("push", "d1", str(tmp_path / "c.json"), "--data", str(tmp_path), "--timeout", "1")
-    assert "henge_mqtt.cli.configs" in push and "henge_mqtt.client" in push
-    assert not push & {"henge_mqtt.cli.devices", "henge_mqtt.cli.serve", "henge_mqtt.cli.offline"}
-    assert not any(m.startswith(("pydantic", "aiomqtt", "paho")) for m in push), sorted(push)
+    line = ("push", "d1", str(tmp_path / "c.json"), "--data", str(tmp_path), "--timeout", "1")
+    push = loaded_by(*line)
+    assert {"henge_mqtt.cli.quick", "henge_mqtt.cli.push", "henge_mqtt.admin_call"} <= push
+    assert not push & {"henge_mqtt.cli.configs", "henge_mqtt.client", "henge_mqtt.cli.devices", "henge_mqtt.cli.serve",
+                       "henge_mqtt.cli.offline", "henge_mqtt.cli.render"}
+    assert not any(m.startswith(("typer", "asyncio", "ssl", "dataclasses", "pydantic", "aiomqtt", "paho"))
+                   for m in push), sorted(push)
+    clicky = loaded_by(*line, "-mwhy")
+    assert "henge_mqtt.cli.configs" in clicky and "typer" in clicky and "asyncio" not in clicky
     assert {"henge_mqtt.cli.devices", "henge_mqtt.cli.serve"} <= loaded_by("--help")
+
+
+def _kind(param: Any) -> str:
+    """A click option's kind as ``quick`` writes it."""
+    if param.is_flag:
+        return "flag"
+    if param.multiple:
+        return "many"
+    if param.type.name == "path":
+        return "path"
+    if getattr(param.type, "min", None) is not None:
+        return f"{'int' if param.type.name.startswith('int') else 'float'}>={param.type.min:g}"
+    return "text"
+
+
+def test_the_quick_push_table_is_typers() -> None:
+    """``quick.PUSH`` is typer's ``push`` written down: every option with its kind, the arguments in
+    order, the environment variables. An option added to the command and not to the table fails here
+    (and, until then, a line with it goes to typer: nothing is misread)."""
+    import typer.main
+
+    from henge_mqtt.cli import quick
+
+    command = typer.main.get_command(app).commands["push"]  # type: ignore[attr-defined]
+    options = {flag: (p.name, _kind(p)) for p in command.params if p.param_type_name == "option"
+               for flag in p.opts}
+    assert quick.PUSH.options == options
+    assert quick.PUSH.arguments == tuple(p.name for p in command.params if p.param_type_name == "argument")
+    assert quick.PUSH.env == {p.name: p.envvar for p in command.params if getattr(p, "envvar", None)}
+
+
+PLAIN_PUSH_LINES: list[tuple[list[str], dict[str, str]]] = [
+    (["d1", "f.json"], {}),
+    (["d1", "-", "--json"], {}),
+    ([], {}),
+    (["--all", "f.json", "--label", "a=b", "--label", "c=d", "-m", "why", "--force", "--timeout", "2.5"], {}),
+    (["d1", "f.json", "--if-version", "3", "--patch", "--wait", "--data", "/x/y"], {}),
+    (["--where", "state == 'online'", "f.json", "--dry-run", "--broker", "mqtt://h:1"], {}),
+    (["--reconcile", "d1"], {}),
+    (["d1", "f.json", "--message=hello", "--timeout=7", "--if-version=0"], {}),
+    (["d1", "f.json"], {"HENGE_DATA": "/env/data", "HENGE_BROKER": "mqtt://env:1"}),
+    (["d1", "f.json", "--data", "/given"], {"HENGE_DATA": "/env/data"}),
+    (["", "f.json", "-m", ""], {"HENGE_DATA": ""}),
+]
+TYPERS_PUSH_LINES = [  # lines quick leaves to typer: its help, its usage errors, click's own spellings
+    ["--help"], ["d1", "f.json", "-mwhy"], ["d1", "f.json", "--timeout", "0"], ["d1", "f.json", "--timeout", "nan"],
+    ["d1", "f.json", "--bogus"], ["d1", "f.json", "extra"], ["--", "d1", "f.json"], ["-m", "-x", "d1", "f.json"],
+    ["d1", "f.json", "--if-version", "-1"], ["d1", "f.json", "--json=yes"], ["d1", "f.json", "--timeout"],
+]
+
+
+def test_a_plain_push_line_means_the_same_with_and_without_typer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each plain line calls ``push.push`` with the same arguments through ``quick`` as through the
+    typer command (defaults, repeated options, ``--opt=value``, environment variables, given options
+    over them); each line typer should read, ``quick`` leaves to it."""
+    import inspect
+
+    from henge_mqtt.cli import push as push_module
+    from henge_mqtt.cli import quick
+
+    signature = inspect.signature(push_module.push)
+    calls: list[dict[str, Any]] = []
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+
+    monkeypatch.setattr(push_module, "push", record)
+    for argv, env in PLAIN_PUSH_LINES:
+        for name in ("HENGE_DATA", "HENGE_BROKER"):
+            monkeypatch.delenv(name, raising=False)
+        calls.clear()
+        result = CliRunner().invoke(app, ["push", *argv], env=env)
+        assert result.exit_code == 0, (argv, result.output)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as ended:
+            quick.run(argv)
+        assert ended.value.code == 0
+        assert len(calls) == 2 and calls[0] == calls[1], (argv, calls)
+    for argv in TYPERS_PUSH_LINES:
+        assert quick.parse(quick.PUSH, argv) is None, argv
 
 
 def test_systemd_unit_and_dockerfile_use_real_flags() -> None:

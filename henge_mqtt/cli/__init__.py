@@ -10,9 +10,9 @@ Importing a command module registers its commands on the tree.
 A command loads only the module that defines it (``HOME``), and only it is built (``runner.command``):
 typer builds a click command per function it is given, from its signature, and importing and
 building all of them cost more than the whole of ``henge push`` does otherwise. ``henge --version``
-loads no command at all. Anything the table does not name (``henge``, ``henge --help``, a typo)
-gets the whole tree, so help and "no such command" read as they always did; ``app`` (the whole
-tree) is what tests and docs walk.
+loads no command at all, and a plain ``henge push`` line not even typer (``quick``). Anything the
+table does not name (``henge``, ``henge --help``, a typo) gets the whole tree, so help and "no such
+command" read as they always did; ``app`` (the whole tree) is what tests and docs walk.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ def main() -> None:
 
         print(f"henge {__version__}")
         sys.exit(0)
+    if args[:1] == ["push"]:  # a plain push line runs without typer (quick); any other returns here
+        from .quick import run as quick
+
+        quick(args[1:])
     # The root takes no option with a value, so the first word that is not an option is the command.
     name = next((arg for arg in args if not arg.startswith("-")), None)
     from .runner import run

@@ -166,7 +166,7 @@ def schema_set(
              f"config of {len(r['invalid_devices']) + r['more']} device(s); nothing was stored"
              + "".join(f"\n  {line}" for line in r["violations"]))
         return
-    extra = {"if_version": if_version} if if_version is not None else {}
+    extra: dict[str, Any] = {"if_version": if_version} if if_version is not None else {}
     result = call_op(data, broker, timeout, "schema.set", labels=labels_arg(label), document=document, force=force,
                      **extra)
     bad = result["invalid_devices"]

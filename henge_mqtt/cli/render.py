@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-import typer
+from .plain import echo
 
 
 def render_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -164,6 +164,8 @@ def status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str:
             })
         table.append(cells)
     columns = ["DEVICE", "STATE", "AGE", "VERSION", "SYNC", "LABELS"]
+    if color:
+        from typer import style
     if wide:
         columns += ["SINCE", "REMOTE", "REASON", "EPOCH", "TAKEOVERS", "CONFLICT", "SESSION", "ERROR"]
     widths = {c: max([len(c)] + [len(t[c]) for t in table]) for c in columns}
@@ -177,9 +179,9 @@ def status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str:
             text = t[c] if len(t[c]) <= widths[c] else t[c][: widths[c] - 1] + "~"
             padded = text.ljust(widths[c])
             if color and c == "STATE":
-                padded = typer.style(padded, fg=STATE_COLOR.get(t[c].split()[0]))
+                padded = style(padded, fg=STATE_COLOR.get(t[c].split()[0]))
             elif color and c == "SYNC":
-                padded = typer.style(padded, fg=SYNC_COLOR.get(t[c]))
+                padded = style(padded, fg=SYNC_COLOR.get(t[c]))
             line.append(padded)
         lines.append("  ".join(line).rstrip())
     if any(r["conflict"] for r in rows):
@@ -207,7 +209,7 @@ def rollout_lines(r: dict[str, Any]) -> str:
 def warn_new_devices(result: dict[str, Any], as_json: bool) -> None:
     """After ``--force``: which devices added from now on would be refused, said once on stderr."""
     for line in result.get("new_devices_invalid", []) if not as_json else []:
-        typer.echo(f"warning: {line} (stored with --force: such a device add is refused)", err=True)
+        echo(f"warning: {line} (stored with --force: such a device add is refused)", err=True)
 
 
 def broker_said(result: dict[str, Any]) -> str:
@@ -222,5 +224,5 @@ def broker_said(result: dict[str, Any]) -> str:
                "nats-accounts": "NATS accounts file rewritten, " + (note.get("detail") or "every node reloaded"),
                }.get(how, how)
         return f"\nbroker: updated at once ({how})"
-    typer.echo(f"warning: the broker does not know this yet: {note.get('detail')}", err=True)
+    echo(f"warning: the broker does not know this yet: {note.get('detail')}", err=True)
     return ""

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from typing import Any
 
 import typer
 
-from ..errors import HengeError
-from .common import EXIT_INTERRUPTED, EXIT_TIMEOUT, fail
+from .plain import EXIT_INTERRUPTED, fail, guarded
 
 
 def command(app: typer.Typer, only: str | None = None) -> Any:
@@ -49,31 +47,24 @@ def run(app: typer.Typer, only: str | None = None) -> None:
     """The CLI's one exit: every failure is one ``error:`` line and a documented exit code, never a
     traceback (usage errors 2, failures 1; ``HENGE_DEBUG=1`` shows the traceback of an unexpected one).
     ``only``: see :func:`command`."""
-    try:
-        code = _run_tree(app, only)
-    except typer.Exit as exc:  # every failure, said by `fail`
-        sys.exit(exc.exit_code)
+    code = _run_tree(app, only)  # a failure, said by `fail`, exits from inside
     sys.exit(code if isinstance(code, int) else 0)
 
 
 def _run_tree(app: typer.Typer, only: str | None) -> Any:
-    """The command tree, with whatever escapes a command said by the CLI's one ``fail``."""
+    """The command tree, with whatever escapes a command said by the CLI's one ``fail`` (``guarded``;
+    typer's own usage errors and aborts here)."""
     from typer.exceptions import TyperException
 
-    try:
-        return command(app, only)(standalone_mode=False)
-    except (typer.Exit, SystemExit):
-        raise
-    except typer.Abort:
-        fail("interrupted", EXIT_INTERRUPTED)
-    except TyperException as exc:  # a usage error: one line, not a box
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        fail(message, int(getattr(exc, "exit_code", 2)))
-    except HengeError as exc:
-        fail(str(exc), EXIT_TIMEOUT if exc.code == "timeout" else 1)
-    except KeyboardInterrupt:
-        fail("interrupted", EXIT_INTERRUPTED)
-    except Exception as exc:  # the last guard: a bug must still not print a traceback at an operator
-        if os.environ.get("HENGE_DEBUG"):
-            raise
-        fail(f"unexpected failure: {exc!r} (run with HENGE_DEBUG=1 for the traceback)", 1)
+    def invoke() -> Any:
+        try:
+            return command(app, only)(standalone_mode=False)
+        except typer.Exit as exc:  # click returns it as the code, but one raised outside a command
+            raise SystemExit(exc.exit_code) from None
+        except typer.Abort:
+            fail("interrupted", EXIT_INTERRUPTED)
+        except TyperException as exc:  # a usage error: one line, not a box
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            fail(message, int(getattr(exc, "exit_code", 2)))
+
+    return guarded(invoke)

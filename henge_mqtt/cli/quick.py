@@ -1,0 +1,115 @@
+"""``henge push`` from a plain command line, without typer.
+
+A script that pushes to its devices one by one runs ``henge push ID FILE`` thousands of times, and
+typer (building click commands from signatures) was most of each start. So a plain ``push`` line
+(options it knows, each with a value of the right type, nothing after ``--``) is parsed here, by the
+table below, and handed to the same function the typer command calls (``push.push``). Anything
+else, ``--help``, a typo, a value out of range, an option written the way only click understands
+(``-mtext``), goes to typer as before, so help and usage errors read as they always did.
+
+The table is typer's, written down: ``tests/test_cli.py`` checks it against the typer command
+(every option, its kind, its environment variable) and that both paths call ``push.push`` with the
+same arguments for the same lines.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+__all__ = ["PUSH", "Spec", "parse", "run"]
+
+
+class Spec(NamedTuple):
+    arguments: tuple[str, ...]  # the positional parameters, in order
+    options: dict[str, tuple[str, str]]  # "--flag" -> (parameter, kind): flag, text, many, path, int>=N, float>=X
+    env: dict[str, str]  # parameter -> environment variable read when the option is not given
+
+
+PUSH = Spec(
+    arguments=("target", "source"),
+    options={
+        "--all": ("all_devices", "flag"), "--label": ("label", "many"), "--where": ("where", "text"),
+        "--if-version": ("if_version", "int>=0"), "-m": ("message", "text"), "--message": ("message", "text"),
+        "--force": ("force", "flag"), "--patch": ("patch", "flag"), "--reconcile": ("reconcile", "flag"),
+        "--wait": ("wait", "flag"), "--dry-run": ("dry_run", "flag"), "--data": ("data", "path"),
+        "--broker": ("broker", "text"), "--json": ("as_json", "flag"), "--timeout": ("timeout", "float>=0.1"),
+    },
+    env={"data": "HENGE_DATA", "broker": "HENGE_BROKER"},
+)
+
+_MISSING = object()
+_INF = float("inf")
+
+
+def _value(kind: str, raw: str) -> Any:
+    """``raw`` as the option's type, or ``_MISSING`` where typer should have the say."""
+    if kind in ("text", "many"):
+        return raw
+    if kind == "path":
+        return Path(raw) if raw else _MISSING
+    number, _, least = kind.partition(">=")
+    try:
+        value: float = int(raw) if number == "int" else float(raw)
+    except ValueError:
+        return _MISSING
+    if not -_INF < value < _INF or value < (int(least) if number == "int" else float(least)):  # no nan
+        return _MISSING
+    return value
+
+
+def parse(spec: Spec, argv: list[str]) -> dict[str, Any] | None:
+    """The parameters ``argv`` gives (the function's defaults fill the rest); None for a line typer
+    should read."""
+    given: dict[str, Any] = {}
+    positional: list[str] = []
+    kinds = {name: kind for name, kind in spec.options.values()}
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "-" or not token.startswith("-"):
+            positional.append(token)
+            continue
+        flag, eq, attached = token.partition("=") if token.startswith("--") else (token, "", "")
+        if flag not in spec.options:
+            return None
+        name, kind = spec.options[flag]
+        if kind == "flag":
+            if eq:
+                return None
+            given[name] = True
+            continue
+        raw = attached if eq else next(tokens, None)
+        if raw is None or (not eq and raw.startswith("-") and raw != "-"):
+            return None  # click would take "-x" as the value; such a line is left to it
+        value = _value(kind, raw)
+        if value is _MISSING:
+            return None
+        if kind == "many":
+            given.setdefault(name, []).append(value)
+        else:
+            given[name] = value
+    if len(positional) > len(spec.arguments):
+        return None
+    given.update(zip(spec.arguments, positional, strict=False))
+    for name, variable in spec.env.items():
+        raw = os.environ.get(variable)
+        if name not in given and raw:
+            value = _value(kinds[name], raw)
+            if value is _MISSING:
+                return None
+            given[name] = value
+    return given
+
+
+def run(argv: list[str]) -> None:
+    """``henge push ARGV`` without typer when the line is plain (then exits); returns otherwise."""
+    given = parse(PUSH, argv)
+    if given is None:
+        return
+    from .plain import guarded
+    from .push import push
+
+    target, source = given.pop("target", None), given.pop("source", None)
+    guarded(lambda: push(target, source, **given))
+    raise SystemExit(0)
