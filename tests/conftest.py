@@ -215,3 +215,11 @@ def postgres() -> Iterator[Any]:
 @pytest.fixture
 def pg_url(postgres: Any) -> str:
     return str(postgres.new_database())
+
+
+if os.environ.get("HENGE_TEST_LOOP") == "uvloop":  # the whole suite on uvloop, as `henge serve` runs by default
+
+    def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}

@@ -812,3 +812,35 @@ async def test_serve_runner_runs_the_service_in_process_and_stops_on_request(tmp
     assert lines[0] == f"henge: serving on mqtt://127.0.0.1:{port} (devices and admin; data: {tmp_path / 'data'})"
     assert lines[-1] == "henge: shutting down"
     assert runner.fenced is False
+
+
+def test_serve_runs_on_the_loop_it_is_given(tmp_path: Path) -> None:
+    """``--loop`` (``$HENGE_LOOP``): ``auto`` and ``uvloop`` serve on uvloop (a dependency on Linux),
+    ``asyncio`` on asyncio's own loop; each pushes a config a device receives, and stops on SIGTERM
+    with exit 0. A loop that does not exist is a usage error, one line, exit 2."""
+    for choice, running_on in (("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")):
+        data = tmp_path / choice
+        log = data.parent / f"{data.name}-serve.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port",
+                                     "0", "--no-http", "--log-level", "info"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=out, env={**os.environ, "HENGE_LOOP": choice})
+        try:
+            deadline = time.monotonic() + 20
+            while not (data / "service.json").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            assert f"serve.loop {running_on}" in log.read_text()
+            added = henge_cli("device", "add", "d1", "--data", str(data), "--json")
+            secret = json.loads(added.stdout)["secret"]
+            assert henge_cli("push", "d1", "-", "--data", str(data), input='{"on": "' + choice + '"}').returncode == 0
+            port = json.loads((data / "service.json").read_text())["port"]
+            got = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-i", "d1", "-u", "d1", "-P",
+                                  secret, "-t", "henge/devices/d1/config", "-q", "1", "-C", "1", "-W", "10"],
+                                 capture_output=True, text=True, timeout=20)
+            assert json.loads(got.stdout)["config"] == {"on": choice}, got.stderr
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+    wrong = henge_cli("serve", "--data", str(tmp_path / "x"), "--port", "0", "--no-http", "--loop", "trio")
+    assert wrong.returncode == 2 and wrong.stderr == "error: --loop must be auto, uvloop or asyncio, not 'trio'\n"

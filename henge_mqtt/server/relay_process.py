@@ -49,8 +49,7 @@ class Device(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is not an asyncio.Transport subclass)
         self.up.opened(self)
 
     def data_received(self, data: bytes) -> None:

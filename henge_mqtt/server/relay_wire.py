@@ -48,8 +48,7 @@ class LinkEnd(asyncio.Protocol):
         self.out: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is not an asyncio.Transport subclass)
 
     def send(self, kind: int, number: int, payload: bytes = b"") -> None:
         if not self.out:
