@@ -131,6 +131,7 @@ class Target:
 class Henge(Target):
     name = "henge"
     listener_processes = 0
+    loop = "auto"  # henge serve's default: uvloop where it is installed
 
     def start(self) -> None:
         from henge_mqtt.store import Store
@@ -148,7 +149,7 @@ class Henge(Target):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", str(self.port),
              "--log-level", "info" if log_file else "warning", *http,
-             "--listener-processes", str(self.listener_processes)],
+             "--listener-processes", str(self.listener_processes), "--loop", self.loop],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log_file, "a") if log_file else subprocess.DEVNULL,  # noqa: SIM115
         )
         # The MQTT port only: a connection to the HTTP port would load its stack (FastAPI, uvicorn), which
@@ -178,6 +179,13 @@ class HengeListenerProcesses(Henge):
 
     name = "henge-lp"
     listener_processes = int(os.environ.get("BENCH_LISTENER_PROCESSES", "4"))
+
+
+class HengeAsyncio(Henge):
+    """henge on asyncio's own event loop (``--loop asyncio``): what uvloop changes, in the same run."""
+
+    name = "henge-asyncio"
+    loop = "asyncio"
 
 
 class StockAmqtt(Target):
@@ -234,8 +242,8 @@ class MosquittoAuth(Target):
         asyncio.run(loadgen.publish_all("127.0.0.1", self.port, topics, self.publisher, self.publisher_secret))
 
 
-TARGETS = {"henge": Henge, "henge-lp": HengeListenerProcesses, "mosquitto-auth": MosquittoAuth,
-           "mosquitto": Mosquitto, "amqtt": StockAmqtt}
+TARGETS = {"henge": Henge, "henge-asyncio": HengeAsyncio, "henge-lp": HengeListenerProcesses,
+           "mosquitto-auth": MosquittoAuth, "mosquitto": Mosquitto, "amqtt": StockAmqtt}
 
 
 def save_result(name: str, result: dict[str, Any]) -> None:
@@ -420,7 +428,7 @@ METRICS = [
     ("storm_s", "takeover storm, all current (s)"),
     ("shutdown_s", "clean shutdown (s)"),
 ]
-COLUMNS = ("henge", "henge-lp", "mosquitto-auth", "mosquitto", "amqtt")
+COLUMNS = ("henge", "henge-asyncio", "henge-lp", "mosquitto-auth", "mosquitto", "amqtt")
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -431,9 +439,10 @@ def table(results: list[dict[str, Any]]) -> str:
 
     by = {(r["target"], r["n"], sub(r)): r for r in results}
     keys = sorted({(r["n"], sub(r)) for r in results})
-    lines = ["| N | subscription | metric | henge | henge, listener processes | mosquitto + auth/ACL "
-             "| mosquitto anonymous | amqtt 0.12.1 | henge / mosquitto+auth | henge-lp / mosquitto+auth |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | subscription | metric | henge | henge, asyncio loop | henge, listener processes "
+             "| mosquitto + auth/ACL | mosquitto anonymous | amqtt 0.12.1 | henge / mosquitto+auth "
+             "| henge-asyncio / mosquitto+auth | henge-lp / mosquitto+auth |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v: Any) -> str:
         return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
@@ -441,8 +450,8 @@ def table(results: list[dict[str, Any]]) -> str:
     for n, subscription in keys:
         for key, label in METRICS:
             values = [by.get((t, n, subscription), {}).get(key) for t in COLUMNS]
-            ref = values[2]
-            ratios = [f"{h / ref:.2f}x" if h is not None and ref else "-" for h in values[:2]]
+            ref = values[COLUMNS.index("mosquitto-auth")]
+            ratios = [f"{h / ref:.2f}x" if h is not None and ref else "-" for h in values[:3]]
             lines.append(f"| {n} | {subscription} | {label} | " + " | ".join(fmt(v) for v in values)
                          + f" | {' | '.join(ratios)} |")
     return "\n".join(lines)
