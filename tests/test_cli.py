@@ -844,3 +844,19 @@ def test_serve_runs_on_the_loop_it_is_given(tmp_path: Path) -> None:
             assert proc.wait(timeout=30) == 0
     wrong = henge_cli("serve", "--data", str(tmp_path / "x"), "--port", "0", "--no-http", "--loop", "trio")
     assert wrong.returncode == 2 and wrong.stderr == "error: --loop must be auto, uvloop or asyncio, not 'trio'\n"
+
+
+async def test_output_to_a_reader_that_left_ends_quietly(running: Running, tmp_path: Path) -> None:
+    """``henge push ... | head -0``: the reader is gone before the answer is written; as click does
+    for the other commands, exit 1 with nothing on stderr (no "unexpected failure", no traceback),
+    and the push itself is done."""
+    await running.add("p1")
+    (tmp_path / "c.json").write_text('{"a": 1}')
+    proc = subprocess.Popen([sys.executable, "-m", "henge_mqtt", "push", "p1", str(tmp_path / "c.json"), "--data",
+                             str(running.data_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the interpreter has started
+    code = await asyncio.to_thread(proc.wait, 30)
+    with proc.stderr:
+        assert (code, proc.stderr.read()) == (1, b"")
+    assert [r.version for r in await running.service.history("p1")] == [1]

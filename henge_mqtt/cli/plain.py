@@ -51,6 +51,9 @@ def guarded(run: Callable[[], T]) -> T:
         fail_with(exc)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:  # whoever read the output left (`henge status | head -1`): exit 1, quietly, as click
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing left to flush at exit)
+        raise SystemExit(1) from None
     except Exception as exc:  # the last guard: a bug must still not print a traceback at an operator
         if os.environ.get("HENGE_DEBUG"):
             raise
