@@ -635,13 +635,14 @@ async def test_no_empty_versions_and_merge_patches(running: Running) -> None:
 # ---- issue 19: one error line, said once; usage that reads right; offline commands and the lock ----
 
 
-def _serve(data: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """A real ``henge serve`` (free ports, no HTTP) once it wrote service.json."""
+def _serve(data: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A real ``henge serve`` (free ports, no HTTP) once it wrote service.json; its log in
+    ``DATA-serve.log`` beside the data dir."""
     log = data.parent / f"{data.name}-serve.log"
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port", "0",
                                  "--no-http", "--log-level", "warning", *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=out)
+                                stderr=out, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 20
     while not (data / "service.json").exists():
         assert proc.poll() is None, log.read_text()
@@ -821,15 +822,8 @@ def test_serve_runs_on_the_loop_it_is_given(tmp_path: Path) -> None:
     for choice, running_on in (("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")):
         data = tmp_path / choice
         log = data.parent / f"{data.name}-serve.log"
-        with log.open("ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "henge_mqtt", "serve", "--data", str(data), "--port",
-                                     "0", "--no-http", "--log-level", "info"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                    stderr=out, env={**os.environ, "HENGE_LOOP": choice})
+        proc = _serve(data, "--log-level", "info", env={"HENGE_LOOP": choice})
         try:
-            deadline = time.monotonic() + 20
-            while not (data / "service.json").exists():
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
             assert f"serve.loop {running_on}" in log.read_text()
             added = henge_cli("device", "add", "d1", "--data", str(data), "--json")
             secret = json.loads(added.stdout)["secret"]
