@@ -75,8 +75,9 @@ class Snapshot(Frozen):
     def fast_payload(device: str, version: int, sha256: str, issued_at: str, config_json: str,
                      layers_json: str = "[]") -> bytes:
         """The same document as :meth:`to_payload`, for a fleet push: the config is serialized once
-        (``config_json``), not validated and dumped again for each of 10,000 devices."""
-        return (f'{{"device":{json.dumps(device)},"version":{version},"sha256":"{sha256}",'
+        (``config_json``), not validated and dumped again for each of 10,000 devices. ``device`` is
+        a stored id (letters, digits, ``. _ -``: nothing JSON escapes) and goes in as it is."""
+        return (f'{{"device":"{device}","version":{version},"sha256":"{sha256}",'
                 f'"issued_at":"{issued_at}","config":{config_json},"layers":{layers_json}}}').encode()
 
 
@@ -108,6 +109,22 @@ class ConfigVersion(Frozen):
     def device_layer(self) -> dict[str, Any]:
         return self.own if self.own is not None else self.config
 
+    def renumbered(self, device: str, version: int) -> ConfigVersion:
+        """This row as another device's version ``version``, every other field the same object: what
+        a fleet push makes of one template per device. Unvalidated (the template is valid, and so
+        are the id and number the store chose), and without ``model_copy``'s generic copies: 2.4 us
+        a row against 6.4, on the store's thread, which holds the GIL the delivering loop waits for."""
+        row = ConfigVersion.__new__(ConfigVersion)
+        fields = self.__dict__.copy()
+        fields["device"] = device
+        fields["version"] = version
+        _set = object.__setattr__
+        _set(row, "__dict__", fields)
+        _set(row, "__pydantic_fields_set__", set(self.__pydantic_fields_set__))
+        _set(row, "__pydantic_extra__", None)
+        _set(row, "__pydantic_private__", None)
+        return row
+
     def snapshot(self) -> Snapshot:
         return Snapshot(
             device=self.device,
@@ -124,7 +141,7 @@ def new_version(device: str, version: int, config: dict[str, Any], sha256: str, 
                 layers: list[str]) -> ConfigVersion:
     """A row the store worked out itself (its fields already valid), built without validation and
     with every field given: pydantic then resolves no default, 10 us a row instead of 16. A fleet
-    push builds one per layer set and copies it per device (``model_copy``, 6 us)."""
+    push builds one per layer set and copies it per device (:meth:`ConfigVersion.renumbered`)."""
     return ConfigVersion.model_construct(device=device, version=version, config=config, sha256=sha256,
                                          message=message, created_at=created_at, actor=actor, own=own,
                                          layers=layers, report=None)

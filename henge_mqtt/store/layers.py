@@ -127,7 +127,7 @@ class Layers(StoreCore):
                 continue
             if layered:
                 texts[device] = text or "{}"
-            rows.append(template.model_copy(update={"device": device, "version": version + 1}))
+            rows.append(template.renumbered(device, version + 1))
         if rows and self.validate_many is not None:
             self.validate_many([(r.device, labels.get(r.device, {}), r.config) for r in rows])
         self._insert_rows(rows, own_texts=texts)

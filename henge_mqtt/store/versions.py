@@ -20,8 +20,7 @@ from .schema import VERSION_COLUMNS
 
 def _rows(templates: dict[str, ConfigVersion], versions: dict[str, int]) -> list[ConfigVersion]:
     """Each device's new version: a copy of its template with its id and number filled in."""
-    return [templates[device].model_copy(update={"device": device, "version": version})
-            for device, version in versions.items()]
+    return [templates[device].renumbered(device, version) for device, version in versions.items()]
 
 
 class Versions(StoreCore):
