@@ -452,8 +452,9 @@ def loaded_by(*args: str) -> set[str]:
 
 def test_a_command_imports_only_what_it_needs(tmp_path: Path) -> None:
     """The CLI's start is most of a one-device push (issue 23): ``--version`` loads no command and no
-    typer; a plain ``push`` line is parsed without typer (``quick``) and runs on the blocking admin
-    client: no typer, no asyncio, no ssl, no dataclasses, no pydantic, and no other command; a push
+    typer; a plain ``push`` or ``get`` line is parsed without typer (``quick``) and runs on the
+    blocking admin client: no typer, no asyncio, no ssl, no dataclasses, no pydantic, and no other
+    command; a push
     line only click reads (``-mtext``) and ``--help`` go through typer, which shows the whole tree."""
     version = loaded_by("--version")
     assert not any(m.startswith("typer") for m in version) and "henge_mqtt.cli.configs" not in version
@@ -469,6 +470,11 @@ def test_a_command_imports_only_what_it_needs(tmp_path: Path) -> None:
                        "henge_mqtt.cli.offline", "henge_mqtt.cli.render"}
     assert not any(m.startswith(("typer", "asyncio", "ssl", "dataclasses", "pydantic", "aiomqtt", "paho"))
                    for m in push), sorted(push)
+    get = loaded_by("get", "d1", "--data", str(tmp_path), "--timeout", "1")
+    assert {"henge_mqtt.cli.quick", "henge_mqtt.cli.get", "henge_mqtt.admin_call"} <= get
+    assert not get & {"henge_mqtt.cli.configs", "henge_mqtt.cli.push", "henge_mqtt.client", "henge_mqtt.cli.render"}
+    assert not any(m.startswith(("typer", "asyncio", "ssl", "dataclasses", "pydantic", "aiomqtt", "paho"))
+                   for m in get), sorted(get)
     clicky = loaded_by(*line, "-mwhy")
     assert "henge_mqtt.cli.configs" in clicky and "typer" in clicky and "asyncio" not in clicky
     assert {"henge_mqtt.cli.devices", "henge_mqtt.cli.serve"} <= loaded_by("--help")
@@ -487,20 +493,26 @@ def _kind(param: Any) -> str:
     return "text"
 
 
-def test_the_quick_push_table_is_typers() -> None:
-    """``quick.PUSH`` is typer's ``push`` written down: every option with its kind, the arguments in
-    order, the environment variables. An option added to the command and not to the table fails here
-    (and, until then, a line with it goes to typer: nothing is misread)."""
+@pytest.mark.parametrize("name", ["push", "get"])
+def test_the_quick_tables_are_typers(name: str) -> None:
+    """``quick.QUICK``'s table of a command is typer's written down: every option with its kind, the
+    arguments in order and how many are required, the environment variables. An option added to the
+    command and not to the table fails here (and, until then, a line with it goes to typer: nothing
+    is misread)."""
     import typer.main
 
     from henge_mqtt.cli import quick
 
-    command = typer.main.get_command(app).commands["push"]  # type: ignore[attr-defined]
+    assert set(quick.QUICK) == {"push", "get"}
+    spec = quick.QUICK[name][0]
+    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
     options = {flag: (p.name, _kind(p)) for p in command.params if p.param_type_name == "option"
                for flag in p.opts}
-    assert quick.PUSH.options == options
-    assert quick.PUSH.arguments == tuple(p.name for p in command.params if p.param_type_name == "argument")
-    assert quick.PUSH.env == {p.name: p.envvar for p in command.params if getattr(p, "envvar", None)}
+    assert spec.options == options
+    arguments = [p for p in command.params if p.param_type_name == "argument"]
+    assert spec.arguments == tuple(p.name for p in arguments)
+    assert spec.required == sum(1 for p in arguments if p.required)
+    assert spec.env == {p.name: p.envvar for p in command.params if getattr(p, "envvar", None)}
 
 
 PLAIN_PUSH_LINES: list[tuple[list[str], dict[str, str]]] = [
@@ -550,11 +562,59 @@ def test_a_plain_push_line_means_the_same_with_and_without_typer(monkeypatch: py
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         with pytest.raises(SystemExit) as ended:
-            quick.run(argv)
+            quick.run("push", argv)
         assert ended.value.code == 0
         assert len(calls) == 2 and calls[0] == calls[1], (argv, calls)
     for argv in TYPERS_PUSH_LINES:
         assert quick.parse(quick.PUSH, argv) is None, argv
+
+
+PLAIN_GET_LINES: list[tuple[list[str], dict[str, str]]] = [
+    (["d1"], {}),
+    (["d1", "--json", "--version", "3"], {}),
+    (["d1", "--explain", "--timeout=2.5", "--data", "/x/y"], {}),
+    (["--reported", "d1", "--history", "--broker", "mqtt://h:1"], {}),
+    (["d1", "--history"], {}),  # refused by get itself (exit 2), the same way on both paths
+    (["d1", "--version=1"], {"HENGE_DATA": "/env/data", "HENGE_BROKER": "mqtt://env:1"}),
+    (["d1", "--data", "/given"], {"HENGE_DATA": "/env/data"}),
+]
+TYPERS_GET_LINES = [
+    [], ["--help"], ["d1", "d2"], ["d1", "--version", "0"], ["d1", "--version", "x"], ["d1", "--bogus"],
+    ["--", "d1"], ["d1", "--timeout"], ["d1", "--json=yes"], ["--json"],
+]
+
+
+def test_a_plain_get_line_means_the_same_with_and_without_typer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for push: each plain ``get`` line calls ``get.get`` with the same arguments through ``quick``
+    as through typer, and the lines typer should read (a missing device among them) are left to it."""
+    import inspect
+
+    from henge_mqtt.cli import get as get_module
+    from henge_mqtt.cli import quick
+
+    signature = inspect.signature(get_module.get)
+    calls: list[dict[str, Any]] = []
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+
+    monkeypatch.setattr(get_module, "get", record)
+    for argv, env in PLAIN_GET_LINES:
+        for name in ("HENGE_DATA", "HENGE_BROKER"):
+            monkeypatch.delenv(name, raising=False)
+        calls.clear()
+        result = CliRunner().invoke(app, ["get", *argv], env=env)
+        assert result.exit_code == 0, (argv, result.output)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as ended:
+            quick.run("get", argv)
+        assert ended.value.code == 0
+        assert len(calls) == 2 and calls[0] == calls[1], (argv, calls)
+    for argv in TYPERS_GET_LINES:
+        assert quick.parse(quick.GET, argv) is None, argv
 
 
 def test_systemd_unit_and_dockerfile_use_real_flags() -> None:

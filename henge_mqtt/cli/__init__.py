@@ -64,10 +64,10 @@ def main() -> None:
 
         print(f"henge {__version__}")
         sys.exit(0)
-    if args[:1] == ["push"]:  # a plain push line runs without typer (quick); any other returns here
+    if args[:1] in (["push"], ["get"]):  # a plain line of these runs without typer (quick); any other returns
         from .quick import run as quick
 
-        quick(args[1:])
+        quick(args[0], args[1:])
     # The root takes no option with a value, so the first word that is not an option is the command.
     name = next((arg for arg in args if not arg.startswith("-")), None)
     from .runner import run

@@ -4,8 +4,7 @@ rollback.
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -20,7 +19,6 @@ from .common import (
     call_op,
     call_then_wait,
     emit,
-    fail,
     op_help,
     report_outcome,
 )
@@ -71,35 +69,11 @@ def get(
                                                    "reported before, newest first.")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
-    if reported_history and not reported:
-        fail("--history goes with --reported", code=2)
-    if reported:
-        if version is not None or explain:
-            fail("--reported shows the device's own document: no --version or --explain with it", code=2)
-        state = call_op(data, broker, timeout, "reported", device=device, history=reported_history)
-        emit(state, as_json, _reported_text)
-        return
-    args: dict[str, Any] = {"device": device}
-    if version is not None:
-        args["version"] = version
-    if explain:
-        leaves = call_op(data, broker, timeout, "explain", **args)
-        people = [{"key": leaf["pointer"] or "/", "value": json.dumps(leaf["value"]), "layer": leaf["layer"]}
-                  for leaf in leaves]
-        emit(leaves, as_json, lambda _: render_table(people, ["key", "value", "layer"]) if people else "(empty config)")
-        return
-    result = call_op(data, broker, timeout, "get", **args)
-    emit(result, as_json, lambda r: json.dumps(r["config"], indent=2, sort_keys=True))
+    """The options, declared for typer; the work is ``get.get`` (which ``quick`` runs without typer)."""
+    from .get import get as run
 
-
-def _reported_text(state: dict[str, Any]) -> str:
-    if state["document"] is None:
-        return f"{state['device']} has not reported its state yet"
-    lines = [f"# {state['device']}: reported at {state['at']}, changed at {state['changed_at']} (#{state['seq']})",
-             json.dumps(state["document"], indent=2, sort_keys=True)]
-    for earlier in state.get("history", [])[1:]:
-        lines += [f"# #{earlier['seq']} at {earlier['at']}", json.dumps(earlier["document"], indent=2, sort_keys=True)]
-    return "\n".join(lines)
+    run(device, version=version, explain=explain, reported=reported, reported_history=reported_history,
+        data=data, broker=broker, as_json=as_json, timeout=timeout)
 
 
 @app.command(help=op_help("history"))

@@ -1,15 +1,16 @@
-"""``henge push`` from a plain command line, without typer.
+"""``henge push`` and ``henge get`` from a plain command line, without typer.
 
-A script that pushes to its devices one by one runs ``henge push ID FILE`` thousands of times, and
-typer (building click commands from signatures) was most of each start. So a plain ``push`` line
-(options it knows, each with a value of the right type, nothing after ``--``) is parsed here, by the
-table below, and handed to the same function the typer command calls (``push.push``). Anything
+A script that pushes to its devices one by one runs ``henge push ID FILE`` thousands of times (and
+one that reads them, ``henge get ID``), and typer (building click commands from signatures) was most
+of each start. So a plain line of these commands (options it knows, each with a value of the right
+type, the arguments the command requires, nothing after ``--``) is parsed here, by the tables below,
+and handed to the same function the typer command calls (``push.push``, ``get.get``). Anything
 else, ``--help``, a typo, a value out of range, an option written the way only click understands
 (``-mtext``), goes to typer as before, so help and usage errors read as they always did.
 
-The table is typer's, written down: ``tests/test_cli.py`` checks it against the typer command
-(every option, its kind, its environment variable) and that both paths call ``push.push`` with the
-same arguments for the same lines.
+Each table is typer's, written down: ``tests/test_cli.py`` checks it against the typer command
+(every option, its kind, its environment variable, the arguments and how many are required) and
+that both paths call the function with the same arguments for the same lines.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["PUSH", "Spec", "parse", "run"]
+__all__ = ["GET", "PUSH", "QUICK", "Spec", "parse", "run"]
 
 
 class Spec(NamedTuple):
     arguments: tuple[str, ...]  # the positional parameters, in order
     options: dict[str, tuple[str, str]]  # "--flag" -> (parameter, kind): flag, text, many, path, int>=N, float>=X
     env: dict[str, str]  # parameter -> environment variable read when the option is not given
+    required: int = 0  # how many of the arguments a line must give
 
 
 PUSH = Spec(
@@ -38,6 +40,20 @@ PUSH = Spec(
     },
     env={"data": "HENGE_DATA", "broker": "HENGE_BROKER"},
 )
+
+GET = Spec(
+    arguments=("device",),
+    options={
+        "--version": ("version", "int>=1"), "--explain": ("explain", "flag"), "--reported": ("reported", "flag"),
+        "--history": ("reported_history", "flag"), "--data": ("data", "path"), "--broker": ("broker", "text"),
+        "--json": ("as_json", "flag"), "--timeout": ("timeout", "float>=0.1"),
+    },
+    env={"data": "HENGE_DATA", "broker": "HENGE_BROKER"},
+    required=1,
+)
+
+# command -> (its table, the module of its typer-free function, the function)
+QUICK = {"push": (PUSH, "push", "push"), "get": (GET, "get", "get")}
 
 _MISSING = object()
 _INF = float("inf")
@@ -89,7 +105,7 @@ def parse(spec: Spec, argv: list[str]) -> dict[str, Any] | None:
             given.setdefault(name, []).append(value)
         else:
             given[name] = value
-    if len(positional) > len(spec.arguments):
+    if not spec.required <= len(positional) <= len(spec.arguments):
         return None
     given.update(zip(spec.arguments, positional, strict=False))
     for name, variable in spec.env.items():
@@ -102,14 +118,20 @@ def parse(spec: Spec, argv: list[str]) -> dict[str, Any] | None:
     return given
 
 
-def run(argv: list[str]) -> None:
-    """``henge push ARGV`` without typer when the line is plain (then exits); returns otherwise."""
-    given = parse(PUSH, argv)
+def run(command: str, argv: list[str]) -> None:
+    """``henge COMMAND ARGV`` without typer when ``command`` has a table here and the line is plain
+    (then exits); returns otherwise."""
+    if command not in QUICK:
+        return
+    spec, module, function = QUICK[command]
+    given = parse(spec, argv)
     if given is None:
         return
-    from .plain import guarded
-    from .push import push
+    import importlib
 
-    target, source = given.pop("target", None), given.pop("source", None)
-    guarded(lambda: push(target, source, **given))
+    from .plain import guarded
+
+    work = getattr(importlib.import_module(f".{module}", __package__), function)
+    positional = [given.pop(name, None) for name in spec.arguments]
+    guarded(lambda: work(*positional, **given))
     raise SystemExit(0)
