@@ -45,16 +45,45 @@ def test_removing_every_filter_prunes_the_tree() -> None:
     assert len(index) == 0 and index._root.children is None
 
 
-@given(st.lists(st.tuples(topics, st.binary(max_size=3)), max_size=30), filters, st.sampled_from([1, 2, 1000]))
-def test_retained_matching_is_exact(writes: list[tuple[str, bytes]], topic_filter: str, block: int) -> None:
-    store = RetainedStore(block=block)  # small blocks: the topics' order kept across splits and emptied blocks
+@given(st.lists(st.tuples(topics, st.binary(max_size=3), st.booleans()), max_size=90), filters,
+       st.sampled_from([1, 2, 1000]), st.sampled_from([1, 5, 40, 4096]))
+def test_retained_matching_is_exact(writes: list[tuple[str, bytes, bool]], topic_filter: str, block: int,
+                                    pending: int) -> None:
+    """Small blocks: the topics' order kept across splits and emptied blocks; new topics settled into
+    the order one by one (a few) or all blocks rebuilt (more than half of ``pending``, at most 32,
+    waiting), when ``pending`` of
+    them wait or a wildcard asks, which it does after any write here."""
+    store = RetainedStore(block=block, pending=pending)
     model: dict[str, bytes] = {}
-    for topic, data in writes:
+
+    def check() -> None:
+        found = {t: d for t, d, _, _ in store.matching(topic_filter)}
+        assert found == {t: d for t, d in model.items() if filter_matches(topic_filter, t)}
+
+    for topic, data, ask in writes:
         store.set(topic, data, 1)
         if data:
             model[topic] = data
         else:
             model.pop(topic, None)
-    found = {t: d for t, d, _, _ in store.matching(topic_filter)}
-    assert found == {t: d for t, d in model.items() if filter_matches(topic_filter, t)}
+        if ask:
+            check()
+    check()
     assert len(store) == len(model)
+
+
+def test_a_fleets_new_topics_settle_in_order() -> None:
+    """20,000 new topics (a fleet's first push beside its presence topics), then a wildcard: every
+    one found, in order, in blocks of at most twice the block size."""
+    store = RetainedStore(block=1000)
+    for i in range(10_000):
+        store.set(f"henge/devices/dev{i:05}/presence", b"p", 1)
+    for i in reversed(range(10_000)):
+        store.set(f"henge/devices/dev{i:05}/config", b"c", 1)
+    store.clear("henge/devices/dev00007/config")
+    found = [t for t, _, _, _ in store.matching("henge/devices/+/config")]
+    assert found == [f"henge/devices/dev{i:05}/config" for i in range(10_000) if i != 7]
+    assert [t for t, _, _, _ in store.matching("henge/devices/dev00042/#")] == [
+        "henge/devices/dev00042/config", "henge/devices/dev00042/presence"]
+    blocks = store._sorted._blocks
+    assert all(0 < len(b) <= 2000 for b in blocks) and sum(map(len, blocks)) == 19_999

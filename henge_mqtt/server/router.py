@@ -194,16 +194,43 @@ def _merge(found: dict[S, int], subs: dict[S, int]) -> None:
 class _SortedTopics:
     """Topics in order, as blocks of at most ``2 * block`` (the layout of ``sortedcontainers``):
     a new topic moves the pointers of one block, not of half the fleet's topics (a flat list did:
-    4 us a topic at 20,000, 40 ms of a 10,000-device fleet's first push)."""
+    4 us a topic at 20,000, 40 ms of a 10,000-device fleet's first push).
 
-    __slots__ = ("_block", "_blocks", "_lasts")
+    New topics wait in a set until a prefix is asked for or ``pending`` of them are waiting, then go
+    in together: one sort of the whole (two sorted runs, which the sort merges) instead of a
+    bisection and a block's pointers moved per topic. A fleet's first push makes a topic per device,
+    and the order is needed only by a wildcard subscription's retained messages."""
 
-    def __init__(self, block: int = 1000) -> None:
+    __slots__ = ("_block", "_blocks", "_few", "_lasts", "_new", "_pending")
+
+    def __init__(self, block: int = 1000, pending: int = 4096) -> None:
         self._block = block
         self._blocks: list[list[str]] = []
         self._lasts: list[str] = []  # each block's last topic
+        self._new: set[str] = set()  # added, not yet in the blocks
+        self._pending = pending
+        self._few = min(32, pending // 2)  # up to this many go in one by one
 
     def add(self, topic: str) -> None:
+        self._new.add(topic)
+        if len(self._new) >= self._pending:
+            self._settle()
+
+    def _settle(self) -> None:
+        """The waiting topics into the blocks: one by one if they are few, else all blocks rebuilt."""
+        new, self._new = self._new, set()
+        if len(new) <= self._few:
+            for topic in new:
+                self._insert(topic)
+            return
+        topics = [topic for block in self._blocks for topic in block]
+        topics += new
+        topics.sort()
+        size = self._block
+        self._blocks = [topics[i:i + size] for i in range(0, len(topics), size)]
+        self._lasts = [block[-1] for block in self._blocks]
+
+    def _insert(self, topic: str) -> None:
         if not self._blocks:
             self._blocks.append([topic])
             self._lasts.append(topic)
@@ -218,6 +245,9 @@ class _SortedTopics:
             self._lasts[i:i + 1] = [block[half - 1], block[-1]]
 
     def remove(self, topic: str) -> None:
+        if topic in self._new:
+            self._new.discard(topic)
+            return
         i = bisect.bisect_left(self._lasts, topic)
         block = self._blocks[i]
         del block[bisect.bisect_left(block, topic)]
@@ -227,7 +257,9 @@ class _SortedTopics:
             del self._blocks[i], self._lasts[i]
 
     def starting_with(self, prefix: str) -> Iterator[str]:
-        """Every topic that starts with ``prefix``, in order."""
+        """Every topic that starts with ``prefix``, in order (of those added before the call)."""
+        if self._new:
+            self._settle()
         i = bisect.bisect_left(self._lasts, prefix)
         for k in range(i, len(self._blocks)):
             block = self._blocks[k]
@@ -244,9 +276,9 @@ class RetainedStore:
     None for nearly all of them.
     """
 
-    def __init__(self, *, block: int = 1000) -> None:
+    def __init__(self, *, block: int = 1000, pending: int = 4096) -> None:
         self._messages: dict[str, tuple[bytes, int, object]] = {}
-        self._sorted = _SortedTopics(block)
+        self._sorted = _SortedTopics(block, pending)
 
     def set(self, topic: str, data: bytes, qos: int, extra: object = None) -> None:
         if not data:
