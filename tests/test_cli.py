@@ -535,40 +535,6 @@ TYPERS_PUSH_LINES = [  # lines quick leaves to typer: its help, its usage errors
 ]
 
 
-def test_a_plain_push_line_means_the_same_with_and_without_typer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each plain line calls ``push.push`` with the same arguments through ``quick`` as through the
-    typer command (defaults, repeated options, ``--opt=value``, environment variables, given options
-    over them); each line typer should read, ``quick`` leaves to it."""
-    import inspect
-
-    from henge_mqtt.cli import push as push_module
-    from henge_mqtt.cli import quick
-
-    signature = inspect.signature(push_module.push)
-    calls: list[dict[str, Any]] = []
-
-    def record(*args: Any, **kwargs: Any) -> None:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        calls.append(dict(bound.arguments))
-
-    monkeypatch.setattr(push_module, "push", record)
-    for argv, env in PLAIN_PUSH_LINES:
-        for name in ("HENGE_DATA", "HENGE_BROKER"):
-            monkeypatch.delenv(name, raising=False)
-        calls.clear()
-        result = CliRunner().invoke(app, ["push", *argv], env=env)
-        assert result.exit_code == 0, (argv, result.output)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        with pytest.raises(SystemExit) as ended:
-            quick.run("push", argv)
-        assert ended.value.code == 0
-        assert len(calls) == 2 and calls[0] == calls[1], (argv, calls)
-    for argv in TYPERS_PUSH_LINES:
-        assert quick.parse(quick.PUSH, argv) is None, argv
-
-
 PLAIN_GET_LINES: list[tuple[list[str], dict[str, str]]] = [
     (["d1"], {}),
     (["d1", "--json", "--version", "3"], {}),
@@ -584,15 +550,20 @@ TYPERS_GET_LINES = [
 ]
 
 
-def test_a_plain_get_line_means_the_same_with_and_without_typer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As for push: each plain ``get`` line calls ``get.get`` with the same arguments through ``quick``
-    as through typer, and the lines typer should read (a missing device among them) are left to it."""
+@pytest.mark.parametrize("name", ["push", "get"])
+def test_a_plain_line_means_the_same_with_and_without_typer(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Each plain line of the command calls its function (``push.push``, ``get.get``) with the same
+    arguments through ``quick`` as through the typer command (defaults, repeated options,
+    ``--opt=value``, environment variables, given options over them); each line typer should read
+    (its help, its usage errors, click's own spellings, a missing argument), ``quick`` leaves to it."""
+    import importlib
     import inspect
 
-    from henge_mqtt.cli import get as get_module
     from henge_mqtt.cli import quick
 
-    signature = inspect.signature(get_module.get)
+    spec, module_name, function = quick.QUICK[name]
+    module = importlib.import_module(f"henge_mqtt.cli.{module_name}")
+    signature = inspect.signature(getattr(module, function))
     calls: list[dict[str, Any]] = []
 
     def record(*args: Any, **kwargs: Any) -> None:
@@ -600,21 +571,22 @@ def test_a_plain_get_line_means_the_same_with_and_without_typer(monkeypatch: pyt
         bound.apply_defaults()
         calls.append(dict(bound.arguments))
 
-    monkeypatch.setattr(get_module, "get", record)
-    for argv, env in PLAIN_GET_LINES:
-        for name in ("HENGE_DATA", "HENGE_BROKER"):
-            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(module, function, record)
+    plain, typers = {"push": (PLAIN_PUSH_LINES, TYPERS_PUSH_LINES), "get": (PLAIN_GET_LINES, TYPERS_GET_LINES)}[name]
+    for argv, env in plain:
+        for variable in ("HENGE_DATA", "HENGE_BROKER"):
+            monkeypatch.delenv(variable, raising=False)
         calls.clear()
-        result = CliRunner().invoke(app, ["get", *argv], env=env)
+        result = CliRunner().invoke(app, [name, *argv], env=env)
         assert result.exit_code == 0, (argv, result.output)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
+        for variable, value in env.items():
+            monkeypatch.setenv(variable, value)
         with pytest.raises(SystemExit) as ended:
-            quick.run("get", argv)
+            quick.run(name, argv)
         assert ended.value.code == 0
         assert len(calls) == 2 and calls[0] == calls[1], (argv, calls)
-    for argv in TYPERS_GET_LINES:
-        assert quick.parse(quick.GET, argv) is None, argv
+    for argv in typers:
+        assert quick.parse(spec, argv) is None, argv
 
 
 def test_systemd_unit_and_dockerfile_use_real_flags() -> None:
