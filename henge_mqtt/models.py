@@ -75,9 +75,8 @@ class Snapshot(Frozen):
     def fast_payload(device: str, version: int, sha256: str, issued_at: str, config_json: str,
                      layers_json: str = "[]") -> bytes:
         """The same document as :meth:`to_payload`, for a fleet push: the config is serialized once
-        (``config_json``), not validated and dumped again for each of 10,000 devices. ``device`` is
-        a stored id (letters, digits, ``. _ -``: nothing JSON escapes) and goes in as it is."""
-        return (f'{{"device":"{device}","version":{version},"sha256":"{sha256}",'
+        (``config_json``), not validated and dumped again for each of 10,000 devices."""
+        return (f'{{"device":{json.dumps(device)},"version":{version},"sha256":"{sha256}",'
                 f'"issued_at":"{issued_at}","config":{config_json},"layers":{layers_json}}}').encode()
 
 
