@@ -452,10 +452,10 @@ def loaded_by(*args: str) -> set[str]:
 
 def test_a_command_imports_only_what_it_needs(tmp_path: Path) -> None:
     """The CLI's start is most of a one-device push (issue 23): ``--version`` loads no command and no
-    typer; a plain ``push`` or ``get`` line is parsed without typer (``quick``) and runs on the
-    blocking admin client: no typer, no asyncio, no ssl, no dataclasses, no pydantic, and no other
-    command; a push
-    line only click reads (``-mtext``) and ``--help`` go through typer, which shows the whole tree."""
+    typer; a plain ``push``, ``get`` or ``history`` line is parsed without typer (``quick``) and runs
+    on the blocking admin client: no typer, no asyncio, no ssl, no dataclasses, no pydantic, and no
+    other command; a push line only click reads (``-mtext``) and ``--help`` go through typer, which
+    shows the whole tree."""
     version = loaded_by("--version")
     assert not any(m.startswith("typer") for m in version) and "henge_mqtt.cli.configs" not in version
     from henge_mqtt.paths import ADMIN_FILE, SERVICE_FILE
@@ -471,10 +471,13 @@ def test_a_command_imports_only_what_it_needs(tmp_path: Path) -> None:
     assert not any(m.startswith(("typer", "asyncio", "ssl", "dataclasses", "pydantic", "aiomqtt", "paho"))
                    for m in push), sorted(push)
     get = loaded_by("get", "d1", "--data", str(tmp_path), "--timeout", "1")
-    assert {"henge_mqtt.cli.quick", "henge_mqtt.cli.get", "henge_mqtt.admin_call"} <= get
-    assert not get & {"henge_mqtt.cli.configs", "henge_mqtt.cli.push", "henge_mqtt.client", "henge_mqtt.cli.render"}
-    assert not any(m.startswith(("typer", "asyncio", "ssl", "dataclasses", "pydantic", "aiomqtt", "paho"))
-                   for m in get), sorted(get)
+    history = loaded_by("history", "d1", "--data", str(tmp_path), "--timeout", "1")
+    for loaded in (get, history):
+        assert {"henge_mqtt.cli.quick", "henge_mqtt.cli.read", "henge_mqtt.admin_call"} <= loaded
+        assert not loaded & {"henge_mqtt.cli.configs", "henge_mqtt.cli.push", "henge_mqtt.client",
+                             "henge_mqtt.cli.render"}
+        assert not any(m.startswith(("typer", "asyncio", "ssl", "dataclasses", "pydantic", "aiomqtt", "paho"))
+                       for m in loaded), sorted(loaded)
     clicky = loaded_by(*line, "-mwhy")
     assert "henge_mqtt.cli.configs" in clicky and "typer" in clicky and "asyncio" not in clicky
     assert {"henge_mqtt.cli.devices", "henge_mqtt.cli.serve"} <= loaded_by("--help")
@@ -493,7 +496,7 @@ def _kind(param: Any) -> str:
     return "text"
 
 
-@pytest.mark.parametrize("name", ["push", "get"])
+@pytest.mark.parametrize("name", ["push", "get", "history"])
 def test_the_quick_tables_are_typers(name: str) -> None:
     """``quick.QUICK``'s table of a command is typer's written down: every option with its kind, the
     arguments in order and how many are required, the environment variables. An option added to the
@@ -503,7 +506,7 @@ def test_the_quick_tables_are_typers(name: str) -> None:
 
     from henge_mqtt.cli import quick
 
-    assert set(quick.QUICK) == {"push", "get"}
+    assert set(quick.QUICK) == {"push", "get", "history"}
     spec = quick.QUICK[name][0]
     command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
     options = {flag: (p.name, _kind(p)) for p in command.params if p.param_type_name == "option"
@@ -548,11 +551,18 @@ TYPERS_GET_LINES = [
     [], ["--help"], ["d1", "d2"], ["d1", "--version", "0"], ["d1", "--version", "x"], ["d1", "--bogus"],
     ["--", "d1"], ["d1", "--timeout"], ["d1", "--json=yes"], ["--json"],
 ]
+PLAIN_HISTORY_LINES: list[tuple[list[str], dict[str, str]]] = [
+    (["d1"], {}),
+    (["d1", "--json", "--timeout=3"], {}),
+    (["--data", "/x/y", "d1", "--broker", "mqtt://h:1"], {}),
+    (["d1"], {"HENGE_DATA": "/env/data", "HENGE_BROKER": "mqtt://env:1"}),
+]
+TYPERS_HISTORY_LINES = [[], ["--help"], ["d1", "d2"], ["d1", "--bogus"], ["d1", "--timeout", "0"], ["--", "d1"]]
 
 
-@pytest.mark.parametrize("name", ["push", "get"])
+@pytest.mark.parametrize("name", ["push", "get", "history"])
 def test_a_plain_line_means_the_same_with_and_without_typer(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """Each plain line of the command calls its function (``push.push``, ``get.get``) with the same
+    """Each plain line of the command calls its function (``push.push``, ``read.get``, ...) with the same
     arguments through ``quick`` as through the typer command (defaults, repeated options,
     ``--opt=value``, environment variables, given options over them); each line typer should read
     (its help, its usage errors, click's own spellings, a missing argument), ``quick`` leaves to it."""
@@ -572,7 +582,8 @@ def test_a_plain_line_means_the_same_with_and_without_typer(monkeypatch: pytest.
         calls.append(dict(bound.arguments))
 
     monkeypatch.setattr(module, function, record)
-    plain, typers = {"push": (PLAIN_PUSH_LINES, TYPERS_PUSH_LINES), "get": (PLAIN_GET_LINES, TYPERS_GET_LINES)}[name]
+    plain, typers = {"push": (PLAIN_PUSH_LINES, TYPERS_PUSH_LINES), "get": (PLAIN_GET_LINES, TYPERS_GET_LINES),
+                     "history": (PLAIN_HISTORY_LINES, TYPERS_HISTORY_LINES)}[name]
     for argv, env in plain:
         for variable in ("HENGE_DATA", "HENGE_BROKER"):
             monkeypatch.delenv(variable, raising=False)

@@ -22,7 +22,7 @@ from .common import (
     op_help,
     report_outcome,
 )
-from .render import render_table, use_color
+from .render import use_color
 from .tree import app
 
 
@@ -69,8 +69,8 @@ def get(
                                                    "reported before, newest first.")] = False,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
-    """The options, declared for typer; the work is ``get.get`` (which ``quick`` runs without typer)."""
-    from .get import get as run
+    """The options, declared for typer; the work is ``read.get`` (which ``quick`` runs without typer)."""
+    from .read import get as run
 
     run(device, version=version, explain=explain, reported=reported, reported_history=reported_history,
         data=data, broker=broker, as_json=as_json, timeout=timeout)
@@ -79,14 +79,10 @@ def get(
 @app.command(help=op_help("history"))
 def history(device: str, data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
             timeout: TimeoutOpt = 10.0) -> None:
-    rows = call_op(data, broker, timeout, "history", device=device)
-    people = []
-    for row in rows:
-        report = row.get("report")
-        said = None if not report else "applied" if report["status"] == "applied" else (
-            "rejected: " + (" ".join((report["error"] or "").split()) or "no reason given"))
-        people.append(row | {"sha": row["sha256"][:12], "report": said})
-    emit(rows, as_json, lambda _: render_table(people, ["version", "created_at", "actor", "sha", "report", "message"]))
+    """The options, declared for typer; the work is ``read.history`` (which ``quick`` runs without typer)."""
+    from .read import history as run
+
+    run(device, data=data, broker=broker, as_json=as_json, timeout=timeout)
 
 
 @app.command(help=op_help("diff", 'Exit 1 when they differ, like diff(1).'))

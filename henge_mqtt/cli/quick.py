@@ -1,10 +1,10 @@
-"""``henge push`` and ``henge get`` from a plain command line, without typer.
+"""``henge push``, ``get`` and ``history`` from a plain command line, without typer.
 
 A script that pushes to its devices one by one runs ``henge push ID FILE`` thousands of times (and
 one that reads them, ``henge get ID``), and typer (building click commands from signatures) was most
 of each start. So a plain line of these commands (options it knows, each with a value of the right
 type, the arguments the command requires, nothing after ``--``) is parsed here, by the tables below,
-and handed to the same function the typer command calls (``push.push``, ``get.get``). Anything
+and handed to the same function the typer command calls (``push.push``, ``read.get``, ...). Anything
 else, ``--help``, a typo, a value out of range, an option written the way only click understands
 (``-mtext``), goes to typer as before, so help and usage errors read as they always did.
 
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["GET", "PUSH", "QUICK", "Spec", "parse", "run"]
+__all__ = ["GET", "HISTORY", "PUSH", "QUICK", "Spec", "parse", "run"]
 
 
 class Spec(NamedTuple):
@@ -52,8 +52,16 @@ GET = Spec(
     required=1,
 )
 
+HISTORY = Spec(
+    arguments=("device",),
+    options={"--data": ("data", "path"), "--broker": ("broker", "text"), "--json": ("as_json", "flag"),
+             "--timeout": ("timeout", "float>=0.1")},
+    env={"data": "HENGE_DATA", "broker": "HENGE_BROKER"},
+    required=1,
+)
+
 # command -> (its table, the module of its typer-free function, the function)
-QUICK = {"push": (PUSH, "push", "push"), "get": (GET, "get", "get")}
+QUICK = {"push": (PUSH, "push", "push"), "get": (GET, "read", "get"), "history": (HISTORY, "read", "history")}
 
 _MISSING = object()
 _INF = float("inf")

@@ -1,7 +1,7 @@
-"""``henge get``'s work, without typer: what the command does once its line is parsed.
+"""``henge get`` and ``henge history``: their work, without typer, once their line is parsed.
 
-The typer command (:mod:`henge_mqtt.cli.configs`) declares the options and calls :func:`get`;
-:mod:`henge_mqtt.cli.quick` calls it for a plain line without loading typer at all (a script that
+The typer commands (:mod:`henge_mqtt.cli.configs`) declare the options and call these functions;
+:mod:`henge_mqtt.cli.quick` calls them for a plain line without loading typer at all (a script that
 reads its devices' configs one by one starts ``henge get`` thousands of times).
 """
 
@@ -48,3 +48,21 @@ def reported_text(state: dict[str, Any]) -> str:
     for earlier in state.get("history", [])[1:]:
         lines += [f"# #{earlier['seq']} at {earlier['at']}", json.dumps(earlier["document"], indent=2, sort_keys=True)]
     return "\n".join(lines)
+
+
+def history(device: str, *, data: Path | None = None, broker: str | None = None, as_json: bool = False,
+            timeout: float = 10.0) -> None:
+    rows = call_op(data, broker, timeout, "history", device=device)
+    people = []
+    for row in rows:
+        report = row.get("report")
+        said = None if not report else "applied" if report["status"] == "applied" else (
+            "rejected: " + (" ".join((report["error"] or "").split()) or "no reason given"))
+        people.append(row | {"sha": row["sha256"][:12], "report": said})
+
+    def table(_: Any) -> str:
+        from .render import render_table
+
+        return render_table(people, ["version", "created_at", "actor", "sha", "report", "message"])
+
+    emit(rows, as_json, table)
