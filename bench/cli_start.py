@@ -1,5 +1,6 @@
 """How long the ``henge`` command takes, from exec to exit: ``--version``, and a one-device ``push``
-(and ``get``) against a running service, beside the interpreter's own start as the floor.
+(and ``get``, ``history``, ``status``) against a running service, beside the interpreter's own
+start as the floor.
 
 Runs the ``henge`` found on PATH (or ``--henge PATH``): measure an installed copy (``pip install .``
 in a fresh venv), not an editable one, whose import hook costs ~15 ms of its own. The service is
@@ -71,6 +72,8 @@ def main() -> None:
             line("`henge --version`", timed([henge, "--version"], args.runs, env)),
             line("`henge push d1 c.json`", timed([henge, "push", "d1", str(config)], args.runs, env, fresh)),
             line("`henge get d1`", timed([henge, "get", "d1"], args.runs, env)),
+            line("`henge history d1`", timed([henge, "history", "d1"], args.runs, env)),
+            line("`henge status d1` (through typer)", timed([henge, "status", "d1"], args.runs, env)),
         ]
     finally:
         serve.terminate()
