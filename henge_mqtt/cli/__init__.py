@@ -64,10 +64,10 @@ def main() -> None:
 
         print(f"henge {__version__}")
         sys.exit(0)
-    if args[:1] in (["push"], ["get"], ["history"]):  # a plain line of these runs without typer (quick)
+    if args:  # a plain line of a command quick has a table for runs without typer (then exits)
         from .quick import run as quick
 
-        quick(args[0], args[1:])  # (returns for any other line)
+        quick(args[0], args[1:])  # returns for any other line
     # The root takes no option with a value, so the first word that is not an option is the command.
     name = next((arg for arg in args if not arg.startswith("-")), None)
     from .runner import run
