@@ -49,10 +49,10 @@ def test_removing_every_filter_prunes_the_tree() -> None:
        st.sampled_from([1, 2, 1000]), st.sampled_from([1, 5, 40, 4096]))
 def test_retained_matching_is_exact(writes: list[tuple[str, bytes, bool]], topic_filter: str, block: int,
                                     pending: int) -> None:
-    """Small blocks: the topics' order kept across splits and emptied blocks; new topics settled into
-    the order one by one (a few) or all blocks rebuilt (more than half of ``pending``, at most 32,
-    waiting), when ``pending`` of
-    them wait or a wildcard asks, which it does after any write here."""
+    """Small blocks: the topics' order kept across splits and emptied blocks. New topics go into the
+    order when ``pending`` of them wait or a wildcard asks (here after any write drawn with ``ask``,
+    and at the end): one by one if few wait (at most half of ``pending``, and 32), else all blocks
+    rebuilt."""
     store = RetainedStore(block=block, pending=pending)
     model: dict[str, bytes] = {}
 
