@@ -27,19 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench
 
 
-def cpu(pid: int) -> tuple[float, float]:
-    """User and system seconds of the process and its children."""
-    user = system = 0.0
-    for p in bench.tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-        except FileNotFoundError:
-            continue
-        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
-        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
-    return user, system
-
-
 def threads(pid: int) -> dict[str, float]:
     """CPU seconds of the process's main thread (``loop``: the event loop) and of all its others
     (``threads``: henge's store thread, nearly all of it; Python does not name threads for /proc)."""
@@ -68,18 +55,17 @@ def measure(target_cls: type[bench.Target], n: int, pushes: int, workers: int) -
             marker = uuid.uuid4().hex
             for q in load.commands:
                 q.put({"cmd": "await_push", "marker": marker, "timeout": bench.PHASE_TIMEOUT, "ping": False})
-            (user0, sys0), threads0, started = cpu(pid), threads(pid), time.time()
+            (user0, sys0), threads0, started = bench.cpu_times(pid), threads(pid), time.time()
             target.push(marker)
             replies = [load.results.get(timeout=bench.PHASE_TIMEOUT + 30) for _ in load.commands]
             if sum(r["missing"] for r in replies) or sum(r["wrong"] for r in replies):
                 raise SystemExit("a device missed the push")
             wall = max(r["last"] for r in replies) - started
             time.sleep(0.3)  # the broker's last acknowledgements and the push's answer
-            (user1, sys1), threads1 = cpu(pid), threads(pid)
+            (user1, sys1), threads1 = bench.cpu_times(pid), threads(pid)
             row = {"wall_s": wall, "user_us": (user1 - user0) * 1e6 / n, "system_us": (sys1 - sys0) * 1e6 / n}
-            for name, seconds in threads1.items():
-                if name in ("loop", "threads"):
-                    row[f"{name}_us"] = (seconds - threads0.get(name, 0.0)) * 1e6 / n
+            for name, seconds in threads1.items():  # "loop" and "threads"
+                row[f"{name}_us"] = (seconds - threads0.get(name, 0.0)) * 1e6 / n
             rows.append(row)
             said = " ".join(f"{k}={v:.3f}" for k, v in row.items())
             print(f"bench: push_cpu {target.name} N={n} {said}", flush=True)

@@ -72,16 +72,22 @@ def rss_mb(pid: int) -> float:
     return total
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process (and its children alive) has used so far."""
-    total = 0.0
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds the process (and its children alive) has used so far."""
+    user = system = 0.0
     for p in tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
         except FileNotFoundError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
+        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    return user, system
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process (and its children alive) has used so far."""
+    return sum(cpu_times(pid))
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
