@@ -96,8 +96,8 @@ class Settings(BaseModel):
     max_wildcard_subscriptions: int = Field(default=8, ge=0)
     max_connections: int | None = Field(default=None, ge=1)  # None: the open-file limit minus a reserve
     # Device sockets held by this many listener processes on the same ports (SO_REUSEPORT), beyond
-    # the open-file limit of one process; 0: the service holds them itself. TLS ends in them (server
-    # certificate only: tls_client_auth must be off).
+    # the open-file limit of one process; 0: the service holds them itself. TLS ends in them (client
+    # certificates verified there, against the CAs the listener trusts, reach the core with the connection).
     listener_processes: int = Field(default=0, ge=0, le=64)
     admin_socket: bool = True  # a Unix socket in the data dir for the CLI, never crowded out by devices
     store_synchronous: Literal["full", "normal"] = "full"

@@ -20,15 +20,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from henge_mqtt import HengeService, SettingsError
+from henge_mqtt import HengeService
 from henge_mqtt.certs import make_dev_certs
-from henge_mqtt.server.relay_wire import ABORT, DATA, HEADER, HELLO, MAX_FRAME, LinkError, cut, frame
+from henge_mqtt.server.relay_wire import DATA, HEADER, HELLO, MAX_FRAME, TRUST, LinkError, cut, frame
 from henge_mqtt.settings import ListenerConfig
 from henge_mqtt.store import Store
 
 from . import mqtt_raw as raw
 from .conftest import ROOT, henge_cli, make_settings, next_message, payload_json, wait_until
-from .test_tls import assert_config_over_tls
+from .test_tls import assert_config_over_tls, claim_over_tls, factory_context
+from .test_tls import context as tls_context
 
 FD_LIMIT = 200  # per process: 136 device sockets after the reserve
 # More than one process could hold, with room for the kernel's spread, which ignores load: a
@@ -210,17 +211,45 @@ async def test_tls_ends_in_the_listener_processes(tmp_path: Path) -> None:
         assert await device.connack() == 0
 
 
-async def test_client_certificates_need_the_service_to_end_tls(tmp_path: Path) -> None:
-    certs = tmp_path / "certs"
-    make_dev_certs(certs, ["localhost"], ["dev1"])
+async def test_a_listener_process_started_again_keeps_client_certificates_and_claim_cas(tmp_path: Path) -> None:
+    """Client certificates end in the listener process: a device logs in with its certificate alone
+    (``tls_cert_replaces_password``), a claim CA made while the service runs reaches the process, and
+    a process started again after a kill -9 trusts both, as the core's own listener would."""
+    certs, factory = tmp_path / "certs", tmp_path / "factory"
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["dev1", "dev2"])
+    make_dev_certs(factory, ["localhost"], ["SN-1", "SN-2"], ca_name="factory claim CA")
     tls = ListenerConfig(bind="127.0.0.1:0", ssl=True, certfile=certs / "server.pem", keyfile=certs / "server.key",
                          cafile=certs / "ca.pem")
-    settings = make_settings(tmp_path / "data", listener_processes=2, tls_client_auth="optional")
+    settings = make_settings(tmp_path / "data", listener_processes=1, tls_client_auth="optional",
+                             tls_cert_replaces_password=True)
     settings = settings.model_copy(update={"listeners": {"tls": tls}})
-    with pytest.raises(SettingsError, match="listener tls: listener processes end TLS with the server's "
-                                            "certificate only"):
-        async with HengeService(settings):
-            pass
+    async with HengeService(settings) as service:
+        port = service.address[1]
+        await service.add_device("dev1")
+        await service.push("dev1", {"mtls": 1})
+        claim = await service.create_claim("factory", {}, 10, 3600, ca=(factory / "ca.pem").read_text())
+
+        async def log_in_and_claim(serial: str) -> None:
+            async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", tls_context=tls_context(certs, "dev1"),
+                                      timeout=5) as device:
+                await device.subscribe("henge/devices/dev1/config", qos=1)
+                assert payload_json(await next_message(device))["config"] == {"mtls": 1}
+            # another device's certificate for dev1: refused by the core, which saw the certificate's CN
+            with pytest.raises(aiomqtt.MqttCodeError):
+                async with aiomqtt.Client("127.0.0.1", port, identifier="dev1",
+                                          tls_context=tls_context(certs, "dev2"), timeout=5):
+                    pass
+            answer = await claim_over_tls(port, claim["id"], factory_context(certs, factory, serial), serial,
+                                          nonce=f"nonce-{serial}-0123456789")
+            assert answer["ok"] is True and answer["device"] == serial
+
+        await log_in_and_claim("SN-1")
+        [listener] = _children(os.getpid())
+        os.kill(listener, signal.SIGKILL)
+        await wait_until(lambda: service.broker.stats()["listener_process_restarts"] == 1
+                         and service.broker.stats()["listener_processes"] == 1, 10, "the listener process again")
+        # (a connection before the new process accepts waits in the port's backlog: the core holds the port)
+        await log_in_and_claim("SN-2")
 
 
 async def test_a_device_that_does_not_read_is_cut_by_its_listener_process(tmp_path: Path) -> None:
@@ -253,7 +282,7 @@ async def test_a_device_that_does_not_read_is_cut_by_its_listener_process(tmp_pa
         slow.close()
 
 
-@given(st.lists(st.tuples(st.integers(HELLO, ABORT), st.integers(0, 2**32 - 1), st.binary(max_size=300)),
+@given(st.lists(st.tuples(st.integers(HELLO, TRUST), st.integers(0, 2**32 - 1), st.binary(max_size=300)),
                 max_size=20), st.lists(st.integers(1, 64), max_size=40))
 def test_link_frames_survive_any_split(frames: list[tuple[int, int, bytes]], cuts: list[int]) -> None:
     stream = b"".join(frame(*f) for f in frames)

@@ -45,6 +45,28 @@ def context(certs: Path, device: str | None = None) -> ssl.SSLContext:
     return ctx
 
 
+async def claim_over_tls(port: int, claim_id: str, ctx: ssl.SSLContext, asked: str,
+                         password: str | None = None, nonce: str = "nonce-0123456789abcdef") -> dict[str, Any]:
+    """Claim ``asked`` with claim ``claim_id`` over TLS with the certificate in ``ctx``: the answer."""
+    async with aiomqtt.Client("127.0.0.1", port, identifier=nonce, username=f"claim:{claim_id}",
+                              password=password, tls_context=ctx, timeout=5) as client:
+        await client.subscribe(f"henge/claim/{nonce}/response", qos=1)
+        await client.publish(f"henge/claim/{nonce}/request", json.dumps({"device": asked}), qos=1)
+        return dict(payload_json(await next_message(client)))
+
+
+def factory_context(certs: Path, factory: Path, device: str) -> ssl.SSLContext:
+    """Trusting the server's certificate (``certs``), with a certificate a claim CA signed."""
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    ctx.load_cert_chain(str(factory / f"{device}.pem"), str(factory / f"{device}.key"))
+    return ctx
+
+
+# Client certificates end in the service itself (0) and in listener processes (docs/scaling.md),
+# which hand each verified certificate to the core with its connection.
+PROCESSES = pytest.mark.parametrize("processes", [0, 2], ids=["in-process", "listener-processes"])
+
+
 async def assert_config_over_tls(port: int, certs: Path, secret: str) -> None:
     """dev1 (whose config is ``{"tls": true}``) gets it over TLS with its password, through aiomqtt
     and through ``mosquitto_sub``."""
@@ -77,10 +99,10 @@ async def test_plaintext_to_tls_port_fails(tmp_path: Path) -> None:
         client.close()
 
 
-async def test_mutual_tls_cn_must_equal_device_id(tmp_path: Path) -> None:
-    async with tls_service(tmp_path, tls_client_auth="optional", tls_cert_replaces_password=True) as (
-        service, port, certs,
-    ):
+@PROCESSES
+async def test_mutual_tls_cn_must_equal_device_id(tmp_path: Path, processes: int) -> None:
+    async with tls_service(tmp_path, tls_client_auth="optional", tls_cert_replaces_password=True,
+                           listener_processes=processes) as (service, port, certs):
         await service.add_device("dev1", {"v": "1"})
         await service.add_device("dev2")
         await service.push("dev1", {"mtls": 1})
@@ -100,8 +122,10 @@ async def test_mutual_tls_cn_must_equal_device_id(tmp_path: Path) -> None:
                 pass
 
 
-async def test_required_client_certificates(tmp_path: Path) -> None:
-    async with tls_service(tmp_path, tls_client_auth="required") as (service, port, certs):
+@PROCESSES
+async def test_required_client_certificates(tmp_path: Path, processes: int) -> None:
+    async with tls_service(tmp_path, tls_client_auth="required", listener_processes=processes) as (
+            service, port, certs):
         secret = await service.add_device("dev1")
         with pytest.raises(aiomqtt.MqttError):
             async with aiomqtt.Client("127.0.0.1", port, identifier="dev1", username="dev1", password=secret,
@@ -166,31 +190,27 @@ async def test_remote_admin_over_mqtts_with_contexts(tmp_path: Path) -> None:
         assert missing.returncode == 1 and "no context 'nope'" in missing.stderr
 
 
-async def test_a_certificate_from_a_claim_ca_claims_its_cn_and_nothing_else(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [0, 1], ids=["in-process", "listener-process"])
+async def test_a_certificate_from_a_claim_ca_claims_its_cn_and_nothing_else(tmp_path: Path, processes: int) -> None:
     """The mTLS claim (docs/onboarding.md): a factory puts a certificate signed by a claim CA on each
     device; over TLS it claims the id its certificate names, without the claim secret; the
-    certificate is good for claiming only, never as a device's own."""
+    certificate is good for claiming only, never as a device's own. With a listener process, the
+    claim CA made while it runs reaches it (a TRUST frame on its link)."""
     factory = tmp_path / "factory"
     make_dev_certs(factory, ["localhost"], ["SN-1", "SN-2", "dev1"], ca_name="factory claim CA")
-    async with tls_service(tmp_path, tls_client_auth="optional", tls_cert_replaces_password=True) as (
-            service, port, certs):
+    async with tls_service(tmp_path, tls_client_auth="optional", tls_cert_replaces_password=True,
+                           listener_processes=processes) as (service, port, certs):
         await service.set_layer("factory", {"from": "factory"}, labels={"batch": "f1"})
         pem = (factory / "ca.pem").read_text()
         claim = await service.create_claim("factory", {"batch": "f1"}, 10, 3600, ca=pem)
         assert (await service.list_claims())[0]["ca"] == "CN=factory claim CA, O=henge-mqtt dev"
 
         def device_context(device: str) -> ssl.SSLContext:
-            ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))  # the server's certificate
-            ctx.load_cert_chain(str(factory / f"{device}.pem"), str(factory / f"{device}.key"))
-            return ctx
+            return factory_context(certs, factory, device)
 
         async def claim_as(device: str, asked: str, password: str | None = None) -> dict[str, Any]:
-            nonce = "n" + device.replace("-", "") + "0123456789abcdef"
-            async with aiomqtt.Client("127.0.0.1", port, identifier=nonce, username=f"claim:{claim['id']}",
-                                      password=password, tls_context=device_context(device), timeout=5) as client:
-                await client.subscribe(f"henge/claim/{nonce}/response", qos=1)
-                await client.publish(f"henge/claim/{nonce}/request", json.dumps({"device": asked}), qos=1)
-                return dict(payload_json(await next_message(client)))
+            return await claim_over_tls(port, claim["id"], device_context(device), asked, password,
+                                        nonce="n" + device.replace("-", "") + "0123456789abcdef")
 
         answer = await claim_as("SN-1", "SN-1")
         assert answer["ok"] is True and answer["device"] == "SN-1" and answer["labels"] == {"batch": "f1"}
@@ -229,7 +249,9 @@ async def test_a_claim_ca_needs_a_listener_that_asks_for_certificates(tmp_path: 
             await service.create_claim("x", {}, 1, 3600, ca=(certs / "ca.pem").read_text())
 
 
-async def test_claim_cas_are_trusted_again_after_a_restart_and_set_from_the_cli(tmp_path: Path) -> None:
+@PROCESSES
+async def test_claim_cas_are_trusted_again_after_a_restart_and_set_from_the_cli(tmp_path: Path,
+                                                                               processes: int) -> None:
     factory = tmp_path / "factory"
     make_dev_certs(factory, ["localhost"], ["SN-7"], ca_name="factory 2 claim CA")
     async with tls_service(tmp_path, tls_client_auth="optional") as (service, _, _):
@@ -237,13 +259,9 @@ async def test_claim_cas_are_trusted_again_after_a_restart_and_set_from_the_cli(
                                        str(factory / "ca.pem"), "--json", "--data", str(tmp_path / "data"))
         assert made.returncode == 0, made.stderr
         claim_id = json.loads(made.stdout)["id"]
-    async with tls_service(tmp_path, tls_client_auth="optional") as (service, port, certs):
-        ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
-        ctx.load_cert_chain(str(factory / "SN-7.pem"), str(factory / "SN-7.key"))
-        nonce = "restart-nonce-0123456789"
-        async with aiomqtt.Client("127.0.0.1", port, identifier=nonce, username=f"claim:{claim_id}",
-                                  tls_context=ctx, timeout=5) as client:
-            await client.subscribe(f"henge/claim/{nonce}/response", qos=1)
-            await client.publish(f"henge/claim/{nonce}/request", json.dumps({"device": "SN-7"}), qos=1)
-            assert payload_json(await next_message(client))["ok"] is True
+    # Started again (with listener processes: they start trusting what the core's listeners trust).
+    async with tls_service(tmp_path, tls_client_auth="optional", listener_processes=processes) as (
+            service, port, certs):
+        answer = await claim_over_tls(port, claim_id, factory_context(certs, factory, "SN-7"), "SN-7")
+        assert answer["ok"] is True
         assert service.store.has_device("SN-7")

@@ -138,11 +138,12 @@ class EmbeddedBroker(TableViews):
 
     async def start(self) -> None:
         acceptors: list[Acceptor] = []
+        for spec in self.listeners:
+            if spec.ssl is not None and self.limits.tls_client_auth == "required":
+                spec.ssl.verify_mode = ssl.CERT_REQUIRED
         try:
             for spec in self.listeners if not self.listener_processes else ():
                 tls = spec.ssl is not None
-                if spec.ssl is not None and self.limits.tls_client_auth == "required":
-                    spec.ssl.verify_mode = ssl.CERT_REQUIRED
                 try:
                     sockets = tcp_sockets(spec.host, spec.port)
                 except OSError as exc:
@@ -164,9 +165,12 @@ class EmbeddedBroker(TableViews):
                 acceptor.sock.close()
             raise
         if self.listener_processes:
-            relays = Relays(self, [(spec.host, spec.port, spec.cert_files) for spec in self.listeners],
+            relays = Relays(self, [(spec.host, spec.port, (spec.ssl, spec.cert_files)
+                                    if spec.ssl is not None and spec.cert_files is not None else None)
+                                   for spec in self.listeners],
                             self.listener_processes, max_connections=self.process_max_connections,
-                            max_write=self.limits.max_write_buffer, handshake_timeout=self.limits.connect_timeout)
+                            max_write=self.limits.max_write_buffer, handshake_timeout=self.limits.connect_timeout,
+                            client_auth=self.limits.tls_client_auth != "off")
             try:
                 await relays.start()
             except BaseException:
@@ -182,6 +186,12 @@ class EmbeddedBroker(TableViews):
     def addresses(self) -> list[tuple[str, int]]:
         relayed = self._relays.addresses() if self._relays is not None else []
         return relayed + [address for acceptor in self._acceptors for address in acceptor.addresses()]
+
+    def trust_client_ca(self, pem: str) -> None:
+        """A CA (PEM) the listeners' TLS contexts were told to trust (a claim CA): the listener
+        processes, which hold contexts of their own, trust it too."""
+        if self._relays is not None:
+            self._relays.trust(pem)
 
     def new_connection(self, *, tls: bool) -> Connection:
         """A device connection whose socket a listener process holds."""

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -28,9 +29,11 @@ from typing import Any, Protocol
 from ..errors import ServiceUnavailable
 from .connection import CLOSED, Connection
 from .listener import tcp_sockets
-from .relay_wire import ABORT, CLOSE, DATA, EOF, HELLO, LOST, OPEN, LinkEnd
+from .relay_wire import ABORT, CLOSE, DATA, EOF, HELLO, LOST, OPEN, TRUST, LinkEnd
 
 log = logging.getLogger(__name__)
+
+TLS = tuple[ssl.SSLContext, tuple[str, str]]  # a TLS listener's context and its (certificate, key) files
 
 START_TIMEOUT = 15.0  # a listener process says HELLO within this (an interpreter starting on a busy machine)
 STOP_TIMEOUT = 2.0  # a listener process ends this long after its link closed, or is killed
@@ -57,17 +60,21 @@ class RelayedTransport(asyncio.Transport):
     (``get_write_buffer_size`` is 0): the listener process bounds what a device leaves unread.
     """
 
-    __slots__ = ("closing", "link", "number", "peer", "protocol")
+    __slots__ = ("cert", "closing", "link", "number", "peer", "protocol")
 
-    def __init__(self, link: RelayLink, number: int, peer: tuple[str, int], protocol: Connection) -> None:
+    def __init__(self, link: RelayLink, number: int, peer: tuple[str, int], protocol: Connection,
+                 cert: dict[str, Any] | None = None) -> None:
         self.link = link
         self.number = number
         self.peer = peer
         self.protocol: Connection | None = protocol
         self.closing = False
+        self.cert = cert  # the client certificate the listener process's handshake verified
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
+        if name == "peername":
+            return self.peer
+        return self.cert if name == "peercert" and self.cert is not None else default
 
     def is_closing(self) -> bool:
         return self.closing
@@ -172,10 +179,13 @@ class RelayLink(LinkEnd):
             self.send(ABORT, number)
             owner.refused(False, "max_connections")
             return
-        tls = payload.endswith(b" tls")  # "host port", and " tls" when the listener process ended TLS
-        host, _, port = payload[:-4 if tls else None].decode("utf-8", "replace").rpartition(" ")
+        # "host port", " tls" when the listener process ended TLS, and a verified certificate's names
+        opened, _, cert = payload.partition(b"\n")
+        tls = opened.endswith(b" tls")
+        host, _, port = opened[:-4 if tls else None].decode("utf-8", "replace").rpartition(" ")
         protocol = owner.new_connection(tls=tls)
-        transport = self.conns[number] = RelayedTransport(self, number, (host, int(port or 0)), protocol)
+        transport = self.conns[number] = RelayedTransport(self, number, (host, int(port or 0)), protocol,
+                                                          json.loads(cert) if cert else None)
         protocol.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -192,16 +202,18 @@ class RelayLink(LinkEnd):
 class Relays:
     """The listener processes: started, watched, started again, stopped."""
 
-    def __init__(self, owner: Owner, binds: Sequence[tuple[str, int, tuple[str, str] | None]], count: int, *,
-                 max_connections: int, max_write: int, handshake_timeout: float) -> None:
+    def __init__(self, owner: Owner, binds: Sequence[tuple[str, int, TLS | None]], count: int, *,
+                 max_connections: int, max_write: int, handshake_timeout: float, client_auth: bool = False) -> None:
         self.owner = owner
-        self.binds = list(binds)  # host, port, and (certificate, key) files for TLS
+        self.binds = list(binds)  # host, port, and for TLS the core's context and its (certificate, key) files
+        self.client_auth = client_auth  # the TLS listeners ask for client certificates: claim CAs join them
+        self.trusted: list[str] = []  # claim CAs trusted since start (PEM), in order
         self.handshake_timeout = handshake_timeout
         self.count = count
         self.max_connections = max_connections  # per process: its own file limit minus a reserve
         self.max_write = max_write
         self.sockets: list[list[socket.socket]] = []  # per process: one reuse-port socket per address
-        self.tls: list[tuple[str, str] | None] = []  # per socket of a process: its listener's TLS files
+        self.tls: list[TLS | None] = []  # per socket of a process: its listener's TLS
         self.links: list[RelayLink | None] = [None] * count
         self.procs: list[asyncio.subprocess.Process | None] = [None] * count
         self.restarts = 0
@@ -239,29 +251,53 @@ class Relays:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         fds = [s.fileno() for s in self.sockets[index]]
-        listen = [{"fd": fd, "tls": tls} for fd, tls in zip(fds, self.tls, strict=True)]
+        # What the core's contexts trust now; a claim CA trusted from here on follows as a TRUST frame.
+        trusted = len(self.trusted)
+        listen = [{"fd": fd, "tls": self._tls_spec(tls)} for fd, tls in zip(fds, self.tls, strict=True)]
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "henge_mqtt.server.relay_process", "--index", str(index),
-                "--link", str(theirs.fileno()), "--listen", json.dumps(listen),
+                "--link", str(theirs.fileno()),
                 "--max-connections", str(self.max_connections), "--max-write", str(self.max_write),
                 "--handshake-timeout", str(self.handshake_timeout),
-                pass_fds=(theirs.fileno(), *fds), stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(), *fds), stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.DEVNULL, start_new_session=True,  # a terminal's ^C is the core's
             )
         finally:
             theirs.close()
         self.procs[index] = proc
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(listen).encode())  # read at once, before it listens
+        proc.stdin.close()
         link = RelayLink(self, index)
         ours.setblocking(False)
         await loop.connect_accepted_socket(lambda: link, ours)
         self.links[index] = link
+        for pem in self.trusted[trusted:]:
+            link.send(TRUST, 0, pem.encode("ascii"))
         try:
             await asyncio.wait_for(asyncio.shield(link.hello), START_TIMEOUT)
         except TimeoutError:
             raise ServiceUnavailable(f"listener process {index} did not start within {START_TIMEOUT:.0f} s "
                                      f"(exit code {proc.returncode})") from None
         log.info("broker.listener_process index=%d pid=%d", index, proc.pid)
+
+    def _tls_spec(self, tls: TLS | None) -> dict[str, Any] | None:
+        """A TLS listener's context as a listener process builds it again (:func:`.relay_process.tls_context`)."""
+        if tls is None:
+            return None
+        context, files = tls
+        cas = "".join(ssl.DER_cert_to_PEM_cert(der) for der in context.get_ca_certs(binary_form=True))
+        return {"cert": files, "cas": cas, "verify": int(context.verify_mode), "asks": self.client_auth}
+
+    def trust(self, pem: str) -> None:
+        """A claim CA (PEM) the core's contexts trust from now on: every listener process's too."""
+        if not self.client_auth:
+            return
+        self.trusted.append(pem)
+        for link in self.links:
+            if link is not None and link.transport is not None:
+                link.send(TRUST, 0, pem.encode("ascii"))
 
     async def _watch(self, index: int) -> None:
         """Start a listener process again when it ends on its own (its devices reconnect to any)."""

@@ -13,7 +13,13 @@ What this process decides alone: whether it has room for one more socket (its ow
 closes it or dies, this process ends and the kernel closes its devices' sockets. It imports only
 the standard library and the server's listener, so it stays small.
 
-Run by the core only: ``python -m henge_mqtt.server.relay_process --link FD --listen JSON``.
+TLS ends here, as in the core: the server's certificate, and when the listeners ask for client
+certificates, the CAs the core's listener trusts (its ``cafile`` and every claim CA, then each new
+claim CA as a TRUST frame) and its verify mode. The certificate a handshake verified goes up with
+the connection's OPEN; the core authenticates with it as with one of its own sockets.
+
+Run by the core only: ``python -m henge_mqtt.server.relay_process --link FD`` with the sockets to
+listen on as JSON on standard input (a CA bundle may be longer than a command line may be).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import sys
 from typing import Any
 
 from .listener import Acceptor
-from .relay_wire import ABORT, CLOSE, DATA, EOF, HELLO, LOST, OPEN, LinkEnd
+from .relay_wire import ABORT, CLOSE, DATA, EOF, HELLO, LOST, OPEN, TRUST, LinkEnd
 
 log = logging.getLogger("henge_mqtt.server.relay_process")
 
@@ -71,8 +77,10 @@ class Device(asyncio.Protocol):
 class Uplink(LinkEnd):
     """This process's end of the link: device bytes up, the core's bytes and orders down."""
 
-    def __init__(self, max_connections: int, max_write: int, done: asyncio.Future[None]) -> None:
+    def __init__(self, max_connections: int, max_write: int, done: asyncio.Future[None],
+                 contexts: list[ssl.SSLContext]) -> None:
         super().__init__(log, "relay")
+        self.contexts = contexts  # of the TLS listeners that ask for client certificates: TRUST adds to them
         self.max_connections = max_connections
         self.max_write = max_write
         self.done = done
@@ -91,6 +99,9 @@ class Uplink(LinkEnd):
     def data_received(self, data: bytes) -> None:
         devices = self.devices
         for kind, number, payload in self.frames(data):
+            if kind == TRUST:
+                self.trust(payload.decode("ascii"))
+                continue
             device = devices.get(number)
             if device is None or device.transport is None:
                 continue  # gone already: its LOST is on the way to the core
@@ -127,6 +138,13 @@ class Uplink(LinkEnd):
             if device.transport is not None and not device.transport.is_closing():
                 device.transport.resume_reading()
 
+    def trust(self, pem: str) -> None:
+        """A claim CA the core's listeners now trust (as :func:`~henge_mqtt.service.claims.trust_claim_ca`)."""
+        for context in self.contexts:
+            context.load_verify_locations(cadata=pem)
+            if context.verify_mode == ssl.CERT_NONE:
+                context.verify_mode = ssl.CERT_OPTIONAL
+
     # ---- devices ----------------------------------------------------------------------------------
 
     def opened(self, device: Device) -> None:
@@ -138,7 +156,12 @@ class Uplink(LinkEnd):
         assert device.transport is not None
         peer = device.transport.get_extra_info("peername")
         host, port = (peer[0], peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else ("unknown", 0)
-        self.send(OPEN, device.number, f"{host} {port}{' tls' if device.tls else ''}".encode())
+        opened = f"{host} {port}{' tls' if device.tls else ''}".encode()
+        cert = device.transport.get_extra_info("peercert") if device.tls else None
+        if cert:  # verified in the handshake: what the core authenticates with
+            opened += b"\n" + json.dumps({"subject": cert.get("subject", ()),
+                                          "issuer": cert.get("issuer", ())}).encode()
+        self.send(OPEN, device.number, opened)
         if not self.reading:
             device.transport.pause_reading()
 
@@ -168,22 +191,31 @@ class Uplink(LinkEnd):
         self.sockets -= 1
 
 
+def tls_context(tls: dict[str, Any]) -> ssl.SSLContext:
+    """The core's listener's context, again: ``{"cert": [certfile, keyfile], "cas": PEM, "verify": mode}``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*tls["cert"])
+    if tls["cas"]:
+        context.load_verify_locations(cadata=tls["cas"])
+    context.verify_mode = ssl.VerifyMode(tls["verify"])
+    return context
+
+
 async def serve(link_fd: int, listen: list[dict[str, Any]], max_connections: int, max_write: int,
                 handshake_timeout: float) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
-    up = Uplink(max_connections, max_write, done)
+    # TLS ends here: the core gets the plaintext, and the client certificate the handshake verified.
+    contexts = [tls_context(spec["tls"]) if spec["tls"] else None for spec in listen]
+    up = Uplink(max_connections, max_write, done,
+                [c for c, spec in zip(contexts, listen, strict=True) if c is not None and spec["tls"]["asks"]])
     link = socket.socket(fileno=link_fd)
     link.setblocking(False)
     await loop.connect_accepted_socket(lambda: up, link)
     acceptors = []
-    for spec in listen:
+    for spec, context in zip(listen, contexts, strict=True):
         sock = socket.socket(fileno=spec["fd"])
         sock.setblocking(False)
-        context = None
-        if spec["tls"]:  # TLS ends here: the core gets the plaintext
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(*spec["tls"])
         acceptor = Acceptor(sock, functools.partial(Device, up, context is not None), up, ssl_context=context,
                             handshake_timeout=handshake_timeout)
         acceptor.start()
@@ -198,7 +230,6 @@ async def serve(link_fd: int, listen: list[dict[str, Any]], max_connections: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="henge-relay", description="henge's listener process (run by the core)")
     parser.add_argument("--link", type=int, required=True)
-    parser.add_argument("--listen", required=True, help="JSON: [{fd, tls: [certfile, keyfile] | null}]")
     parser.add_argument("--handshake-timeout", type=float, default=10.0)
     parser.add_argument("--max-connections", type=int, required=True)
     parser.add_argument("--max-write", type=int, required=True)
@@ -210,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # Its own session (the core starts it so): a terminal's ^C reaches the core, which ends the link.
-    asyncio.run(serve(args.link, json.loads(args.listen), args.max_connections, args.max_write,
+    # Standard input: [{fd, tls: null | {cert: [certfile, keyfile], cas: PEM, verify: mode, asks: bool}}]
+    listen = json.loads(sys.stdin.read())
+    asyncio.run(serve(args.link, listen, args.max_connections, args.max_write,
                       args.handshake_timeout))
     return 0
 

@@ -10,13 +10,17 @@ Frames (kind, connection number, payload length, payload):
 kind      direction         payload
 ========  ================  ===================================================================
 HELLO     listener -> core  its process id (ASCII): it is listening
-OPEN      listener -> core  ``host port`` of the new peer, `` tls`` added when TLS ended there
+OPEN      listener -> core  ``host port`` of the new peer, `` tls`` added when TLS ended there, and
+                            then, when the handshake verified a client certificate, a newline
+                            and its subject and issuer as JSON (``getpeercert()``'s two keys)
 DATA      both              bytes from (or to) the device, unchanged
 LOST      listener -> core  why the socket ended (empty: the peer closed or reset it)
 CLOSE     core -> listener  close after what was sent is flushed
 EOF       core -> listener  half-close (FIN after what was sent); the socket ends when the peer
                             closes it or the core aborts it
 ABORT     core -> listener  drop the socket now (the core has already forgotten it)
+TRUST     core -> listener  a CA certificate (PEM) that TLS listeners asking for client
+                            certificates trust from now on (a claim CA: docs/onboarding.md)
 ========  ================  ===================================================================
 """
 
@@ -27,7 +31,7 @@ import logging
 import struct
 
 HEADER = struct.Struct("!BII")
-HELLO, OPEN, DATA, LOST, CLOSE, EOF, ABORT = 1, 2, 3, 4, 5, 6, 7
+HELLO, OPEN, DATA, LOST, CLOSE, EOF, ABORT, TRUST = 1, 2, 3, 4, 5, 6, 7, 8
 MAX_FRAME = 64 * 1024 * 1024  # far above any read asyncio hands over (256 KiB): a corrupt length ends the link
 
 Frame = tuple[int, int, bytes]
@@ -84,7 +88,7 @@ def cut(held: bytes, data: bytes) -> tuple[list[Frame], bytes]:
     offset, size, unpack, head = 0, len(buffer), HEADER.unpack_from, HEADER.size
     while size - offset >= head:
         kind, number, length = unpack(buffer, offset)
-        if length > MAX_FRAME or not HELLO <= kind <= ABORT:
+        if length > MAX_FRAME or not HELLO <= kind <= TRUST:
             raise LinkError(f"frame kind {kind} of {length} bytes")
         end = offset + head + length
         if end > size:

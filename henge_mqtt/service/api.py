@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import models
@@ -126,6 +127,7 @@ class ServiceAPI:
     settings: Settings
     topics: Topics
     _claim_tls: list[ssl.SSLContext]  # the TLS listeners that ask for client certificates (claim CAs)
+    _listener_trust: Callable[[str], None] | None  # the listener processes' copies of those (the embedded broker)
     events: Events
     configs: Configs
     presence_known: asyncio.Event  # the broker has said who is connected (behind one: seconds after a start)
@@ -910,6 +912,8 @@ class ServiceAPI:
                                        "(tls_client_auth: optional or required)")
             subject = ca_subject(ca)
             trust_claim_ca(self._claim_tls, ca, subject, new=True)
+            if self._listener_trust is not None:
+                self._listener_trust(ca)
         claim_id, secret = await self.worker.run(self.store.create_claim, name, labels, uses, expires_at,
                                                  actor=current_actor.get(), ca_pem=ca, ca_subject=subject)
         self.events.emit("claim_created", None, claim=claim_id, name=name, uses=uses)

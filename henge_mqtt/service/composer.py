@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..datadir import DataDirLock
-from ..errors import ServiceUnavailable, SettingsError
+from ..errors import ServiceUnavailable
 from ..models import Event
 from ..paths import ADMIN_SOCKET, SERVICE_FILE
 from ..ports import BrokerPort, PeerCert, Principal, Refusal
@@ -92,6 +92,7 @@ class HengeService(ServiceAPI):
         self.fenced = asyncio.Event()  # set when another instance took the PostgreSQL store's lease
         self._lease: Lease | None = None
         self._claim_tls: list[ssl.SSLContext] = []  # TLS listeners asking for client certificates: claim CAs join
+        self._listener_trust: Callable[[str], None] | None = None  # ... and the listener processes' copies of them
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -271,9 +272,6 @@ class HengeService(ServiceAPI):
         listeners = []
         for name, spec in s.listeners.items():
             host, port = spec.host_port()
-            if spec.ssl and s.listener_processes and s.tls_client_auth != "off":
-                raise SettingsError(f"listener {name}: listener processes end TLS with the server's certificate "
-                                    "only: client certificates (tls_client_auth) need listener_processes 0")
             context = spec.ssl_context(s.tls_client_auth)  # (loaded here too: a bad file fails the start)
             if context is not None and s.tls_client_auth != "off":
                 self._claim_tls.append(context)
@@ -300,9 +298,11 @@ class HengeService(ServiceAPI):
             log.warning("service.admin_socket_path_too_long path=%s: no admin socket", socket_path)
             socket_path = None
         log.info("service.limits max_connections=%d", limits.max_connections)
-        return EmbeddedBroker(listeners, hooks=_BrokerHooks(self), sessions=sessions, limits=limits,
-                              admin_socket=socket_path.resolve() if socket_path else None,
-                              listener_processes=s.listener_processes, process_max_connections=per_process)
+        broker = EmbeddedBroker(listeners, hooks=_BrokerHooks(self), sessions=sessions, limits=limits,
+                                admin_socket=socket_path.resolve() if socket_path else None,
+                                listener_processes=s.listener_processes, process_max_connections=per_process)
+        self._listener_trust = broker.trust_client_ca
+        return broker
 
     async def stop(self, *, exiting: bool = False) -> None:
         """Stop serving, everything flushed. ``exiting``: the process ends right after (as
