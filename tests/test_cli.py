@@ -452,7 +452,7 @@ def loaded_by(*args: str) -> set[str]:
 
 def test_a_command_imports_only_what_it_needs(tmp_path: Path) -> None:
     """The CLI's start is most of a one-device push (issue 23): ``--version`` loads no command and no
-    typer; a plain ``push``, ``get`` or ``history`` line is parsed without typer (``quick``) and runs
+    typer; a plain ``push``, ``get``, ``history`` or ``status`` line is parsed without typer (``quick``) and runs
     on the blocking admin client: no typer, no asyncio, no ssl, no dataclasses, no pydantic, and no
     other command; a push line only click reads (``-mtext``) and ``--help`` go through typer, which
     shows the whole tree."""
@@ -472,10 +472,12 @@ def test_a_command_imports_only_what_it_needs(tmp_path: Path) -> None:
                    for m in push), sorted(push)
     get = loaded_by("get", "d1", "--data", str(tmp_path), "--timeout", "1")
     history = loaded_by("history", "d1", "--data", str(tmp_path), "--timeout", "1")
-    for loaded in (get, history):
+    status = loaded_by("status", "-o", "wide", "--data", str(tmp_path), "--timeout", "1")
+    for loaded in (get, history, status):
         assert {"henge_mqtt.cli.quick", "henge_mqtt.cli.read", "henge_mqtt.admin_call"} <= loaded
         assert not loaded & {"henge_mqtt.cli.configs", "henge_mqtt.cli.push", "henge_mqtt.client",
-                             "henge_mqtt.cli.render"}
+                             "henge_mqtt.cli.devices"}
+        assert ("henge_mqtt.cli.render" in loaded) == (loaded is status)  # status draws its table
         assert not any(m.startswith(("typer", "asyncio", "ssl", "dataclasses", "pydantic", "aiomqtt", "paho"))
                        for m in loaded), sorted(loaded)
     clicky = loaded_by(*line, "-mwhy")
@@ -491,12 +493,15 @@ def _kind(param: Any) -> str:
         return "many"
     if param.type.name == "path":
         return "path"
+    if param.type.name == "choice":
+        assert param.type.case_sensitive
+        return "choice:" + ",".join(str(choice) for choice in param.type.choices)
     if getattr(param.type, "min", None) is not None:
         return f"{'int' if param.type.name.startswith('int') else 'float'}>={param.type.min:g}"
     return "text"
 
 
-@pytest.mark.parametrize("name", ["push", "get", "history"])
+@pytest.mark.parametrize("name", ["push", "get", "history", "status"])
 def test_the_quick_tables_are_typers(name: str) -> None:
     """``quick.QUICK``'s table of a command is typer's written down: every option with its kind, the
     arguments in order and how many are required, the environment variables. An option added to the
@@ -506,7 +511,7 @@ def test_the_quick_tables_are_typers(name: str) -> None:
 
     from henge_mqtt.cli import quick
 
-    assert set(quick.QUICK) == {"push", "get", "history"}
+    assert set(quick.QUICK) == {"push", "get", "history", "status"}
     spec = quick.QUICK[name][0]
     command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
     options = {flag: (p.name, _kind(p)) for p in command.params if p.param_type_name == "option"
@@ -558,9 +563,23 @@ PLAIN_HISTORY_LINES: list[tuple[list[str], dict[str, str]]] = [
     (["d1"], {"HENGE_DATA": "/env/data", "HENGE_BROKER": "mqtt://env:1"}),
 ]
 TYPERS_HISTORY_LINES = [[], ["--help"], ["d1", "d2"], ["d1", "--bogus"], ["d1", "--timeout", "0"], ["--", "d1"]]
+PLAIN_STATUS_LINES: list[tuple[list[str], dict[str, str]]] = [
+    ([], {}),
+    (["d1"], {}),
+    (["--summary", "--json"], {}),
+    (["-o", "wide", "--label", "site=a", "--label", "hw=2", "--state", "online", "--sync", "drift"], {}),
+    (["--output=yaml", "--conflict", "--where", "state == 'online'", "--timeout=2.5"], {}),
+    (["d1", "--watch", "0.5", "--data", "/x/y", "--broker", "mqtt://h:1"], {}),
+    (["--state", "sideways"], {}),  # the function's own check says it (exit 2), as through typer
+    ([], {"HENGE_DATA": "/env/data", "HENGE_BROKER": "mqtt://env:1"}),
+]
+TYPERS_STATUS_LINES = [
+    ["--help"], ["d1", "d2"], ["-o", "JSON"], ["-o", "csv"], ["-ojson"], ["--watch", "0.1"], ["--bogus"],
+    ["--output"], ["--", "d1"],
+]
 
 
-@pytest.mark.parametrize("name", ["push", "get", "history"])
+@pytest.mark.parametrize("name", ["push", "get", "history", "status"])
 def test_a_plain_line_means_the_same_with_and_without_typer(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Each plain line of the command calls its function (``push.push``, ``read.get``, ...) with the same
     arguments through ``quick`` as through the typer command (defaults, repeated options,
@@ -583,7 +602,8 @@ def test_a_plain_line_means_the_same_with_and_without_typer(monkeypatch: pytest.
 
     monkeypatch.setattr(module, function, record)
     plain, typers = {"push": (PLAIN_PUSH_LINES, TYPERS_PUSH_LINES), "get": (PLAIN_GET_LINES, TYPERS_GET_LINES),
-                     "history": (PLAIN_HISTORY_LINES, TYPERS_HISTORY_LINES)}[name]
+                     "history": (PLAIN_HISTORY_LINES, TYPERS_HISTORY_LINES),
+                     "status": (PLAIN_STATUS_LINES, TYPERS_STATUS_LINES)}[name]
     for argv, env in plain:
         for variable in ("HENGE_DATA", "HENGE_BROKER"):
             monkeypatch.delenv(variable, raising=False)

@@ -4,16 +4,13 @@ status, kick, clear a conflict.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from ..results import SYNC_STATES, FleetSummary, fleet_summary, summary_line
 from .common import (
     BrokerOpt,
     DataOpt,
@@ -21,16 +18,12 @@ from .common import (
     TimeoutOpt,
     WhereOpt,
     call_op,
-    device_arg,
     emit,
-    endpoint,
     fail,
     labels_arg,
     op_help,
-    run_async,
-    where_arg,
 )
-from .render import Output, age, broker_said, device_block, dump, render_table, session_text, status_table, use_color
+from .render import Output, age, broker_said, device_block, render_table
 from .tree import app, device_app
 
 
@@ -157,54 +150,10 @@ def status(
     = None,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
-    if state not in (None, "online", "offline", "quarantined"):
-        fail(f"--state must be online, offline or quarantined, not {state!r}", 2)
-    if sync is not None and sync not in SYNC_STATES:
-        fail(f"--sync must be {', '.join(SYNC_STATES[:-1])} or {SYNC_STATES[-1]}, not {sync!r}", 2)
-    args: dict[str, Any] = {"labels": labels_arg(label), "state": state, "sync": sync}
-    if where is not None:
-        args["where"] = where_arg(where)
-    if conflict:
-        args["conflict"] = True
-    if device is not None:
-        args["device"] = device_arg(device)
-    fmt = Output.json if as_json else output
-    # The whole fleet's counts are the service's `summary` op: no row leaves it (10,000 rows through
-    # a broker were seconds of every `--summary` after a failover); a filtered summary counts rows.
-    whole = summary and device is None and not args["labels"] and not conflict and (state, sync, where) == (None,) * 3
-    op, op_args = ("summary", {}) if whole else ("status", args)
+    from . import read
 
-    def render(rows: list[dict[str, Any]] | FleetSummary) -> str:
-        if isinstance(rows, dict):
-            return dump(rows, fmt) if fmt in (Output.json, Output.yaml) else summary_line(rows)
-        counts = fleet_summary((row["state"], row["sync"], row["conflict"]) for row in rows)
-        if summary:
-            return dump(counts, fmt) if fmt in (Output.json, Output.yaml) else summary_line(counts)
-        if fmt in (Output.json, Output.yaml):
-            return dump(rows, fmt)
-        text = (status_table(rows, wide=fmt == Output.wide, color=use_color())
-                + "\n" + summary_line(counts))
-        if device is not None and rows and rows[0].get("session"):  # one device: its MQTT session too
-            text += "\nsession: " + session_text(rows[0]["session"])
-        return text
-
-    if watch is None:
-        typer.echo(render(call_op(data, broker, timeout, op, **op_args)))
-        return
-
-    async def follow() -> None:
-        from ..client import AdminClient
-
-        async with AdminClient(endpoint(data, broker), timeout=timeout) as client:
-            while True:
-                text = render(await client.call(op, **op_args))
-                if sys.stdout.isatty():
-                    sys.stdout.write("\x1b[H\x1b[2J")  # redraw in place, like watch(1)
-                stamp = datetime.now(UTC).strftime("%H:%M:%S")
-                typer.echo(f"every {watch:g} s, {stamp} UTC (Ctrl-C to stop)\n{text}")
-                await asyncio.sleep(watch)
-
-    run_async(follow(), until_interrupted=True)
+    read.status(device, label=label, state=state, sync=sync, conflict=conflict, where=where, summary=summary,
+                output=output, watch=watch, data=data, broker=broker, as_json=as_json, timeout=timeout)
 
 
 @app.command(help=op_help("kick"))

@@ -1,4 +1,4 @@
-"""``henge push``, ``get`` and ``history`` from a plain command line, without typer.
+"""``henge push``, ``get``, ``history`` and ``status`` from a plain command line, without typer.
 
 A script that pushes to its devices one by one runs ``henge push ID FILE`` thousands of times (and
 one that reads them, ``henge get ID``), and typer (building click commands from signatures) was most
@@ -19,12 +19,13 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["GET", "HISTORY", "PUSH", "QUICK", "Spec", "parse", "run"]
+__all__ = ["GET", "HISTORY", "PUSH", "QUICK", "STATUS", "Spec", "parse", "run"]
 
 
 class Spec(NamedTuple):
     arguments: tuple[str, ...]  # the positional parameters, in order
-    options: dict[str, tuple[str, str]]  # "--flag" -> (parameter, kind): flag, text, many, path, int>=N, float>=X
+    # "--flag" -> (parameter, kind): flag, text, many, path, int>=N, float>=X, choice:A,B,...
+    options: dict[str, tuple[str, str]]
     env: dict[str, str]  # parameter -> environment variable read when the option is not given
     required: int = 0  # how many of the arguments a line must give
 
@@ -60,8 +61,21 @@ HISTORY = Spec(
     required=1,
 )
 
+STATUS = Spec(
+    arguments=("device",),
+    options={
+        "--label": ("label", "many"), "--state": ("state", "text"), "--sync": ("sync", "text"),
+        "--conflict": ("conflict", "flag"), "--where": ("where", "text"), "--summary": ("summary", "flag"),
+        "-o": ("output", "choice:table,wide,json,yaml"), "--output": ("output", "choice:table,wide,json,yaml"),
+        "--watch": ("watch", "float>=0.5"), "--data": ("data", "path"), "--broker": ("broker", "text"),
+        "--json": ("as_json", "flag"), "--timeout": ("timeout", "float>=0.1"),
+    },
+    env={"data": "HENGE_DATA", "broker": "HENGE_BROKER"},
+)
+
 # command -> (its table, the module of its typer-free function, the function)
-QUICK = {"push": (PUSH, "push", "push"), "get": (GET, "read", "get"), "history": (HISTORY, "read", "history")}
+QUICK = {"push": (PUSH, "push", "push"), "get": (GET, "read", "get"), "history": (HISTORY, "read", "history"),
+         "status": (STATUS, "read", "status")}
 
 _MISSING = object()
 _INF = float("inf")
@@ -71,6 +85,8 @@ def _value(kind: str, raw: str) -> Any:
     """``raw`` as the option's type, or ``_MISSING`` where typer should have the say."""
     if kind in ("text", "many"):
         return raw
+    if kind.startswith("choice:"):  # one of these, exactly (typer's enum choices are case-sensitive)
+        return raw if raw in kind[7:].split(",") else _MISSING
     if kind == "path":
         return Path(raw) if raw else _MISSING
     number, _, least = kind.partition(">=")

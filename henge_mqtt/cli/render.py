@@ -139,6 +139,12 @@ def span(seconds: float) -> str:
 STATE_COLOR = {"online": "green", "offline": "bright_black", "quarantined": "red"}
 SYNC_COLOR = {"in_sync": "green", "drift": "magenta", "pending": "yellow", "rejected": "red", "unknown": "bright_black",
                "invalid": "red"}
+ANSI = {"green": 32, "red": 31, "yellow": 33, "magenta": 35, "bright_black": 90}  # click.style's codes
+
+
+def style(text: str, fg: str | None) -> str:
+    """``text`` in colour ``fg`` as ``click.style`` writes it (without loading click for a status line)."""
+    return f"\x1b[{ANSI[fg]}m{text}\x1b[0m" if fg in ANSI else text
 
 
 def status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str:
@@ -164,8 +170,6 @@ def status_table(rows: list[dict[str, Any]], *, wide: bool, color: bool) -> str:
             })
         table.append(cells)
     columns = ["DEVICE", "STATE", "AGE", "VERSION", "SYNC", "LABELS"]
-    if color:
-        from typer import style
     if wide:
         columns += ["SINCE", "REMOTE", "REASON", "EPOCH", "TAKEOVERS", "CONFLICT", "SESSION", "ERROR"]
     widths = {c: max([len(c)] + [len(t[c]) for t in table]) for c in columns}
