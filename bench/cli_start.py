@@ -73,7 +73,7 @@ def main() -> None:
             line("`henge push d1 c.json`", timed([henge, "push", "d1", str(config)], args.runs, env, fresh)),
             line("`henge get d1`", timed([henge, "get", "d1"], args.runs, env)),
             line("`henge history d1`", timed([henge, "history", "d1"], args.runs, env)),
-            line("`henge status d1` (through typer)", timed([henge, "status", "d1"], args.runs, env)),
+            line("`henge status d1`", timed([henge, "status", "d1"], args.runs, env)),
         ]
     finally:
         serve.terminate()

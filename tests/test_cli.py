@@ -452,10 +452,10 @@ def loaded_by(*args: str) -> set[str]:
 
 def test_a_command_imports_only_what_it_needs(tmp_path: Path) -> None:
     """The CLI's start is most of a one-device push (issue 23): ``--version`` loads no command and no
-    typer; a plain ``push``, ``get``, ``history`` or ``status`` line is parsed without typer (``quick``) and runs
-    on the blocking admin client: no typer, no asyncio, no ssl, no dataclasses, no pydantic, and no
-    other command; a push line only click reads (``-mtext``) and ``--help`` go through typer, which
-    shows the whole tree."""
+    typer; a plain ``push``, ``get``, ``history``, ``status`` or ``device add`` line is parsed without
+    typer (``quick``) and runs on the blocking admin client: no typer, no asyncio, no ssl, no
+    dataclasses, no pydantic, and no other command; a push line only click reads (``-mtext``) and
+    ``--help`` go through typer, which shows the whole tree."""
     version = loaded_by("--version")
     assert not any(m.startswith("typer") for m in version) and "henge_mqtt.cli.configs" not in version
     from henge_mqtt.paths import ADMIN_FILE, SERVICE_FILE
@@ -473,11 +473,14 @@ def test_a_command_imports_only_what_it_needs(tmp_path: Path) -> None:
     get = loaded_by("get", "d1", "--data", str(tmp_path), "--timeout", "1")
     history = loaded_by("history", "d1", "--data", str(tmp_path), "--timeout", "1")
     status = loaded_by("status", "-o", "wide", "--data", str(tmp_path), "--timeout", "1")
-    for loaded in (get, history, status):
-        assert {"henge_mqtt.cli.quick", "henge_mqtt.cli.read", "henge_mqtt.admin_call"} <= loaded
+    add = loaded_by("device", "add", "d1", "--label", "a=b", "--data", str(tmp_path), "--timeout", "1")
+    for loaded in (get, history, status, add):
+        assert {"henge_mqtt.cli.quick", "henge_mqtt.admin_call"} <= loaded
+        assert ("henge_mqtt.cli.read" in loaded) == (loaded is not add)
+        assert ("henge_mqtt.cli.provision" in loaded) == (loaded is add)
         assert not loaded & {"henge_mqtt.cli.configs", "henge_mqtt.cli.push", "henge_mqtt.client",
                              "henge_mqtt.cli.devices"}
-        assert ("henge_mqtt.cli.render" in loaded) == (loaded is status)  # status draws its table
+        assert ("henge_mqtt.cli.render" in loaded) == (loaded in (status, add))  # a table, a broker's note
         assert not any(m.startswith(("typer", "asyncio", "ssl", "dataclasses", "pydantic", "aiomqtt", "paho"))
                        for m in loaded), sorted(loaded)
     clicky = loaded_by(*line, "-mwhy")
@@ -501,7 +504,10 @@ def _kind(param: Any) -> str:
     return "text"
 
 
-@pytest.mark.parametrize("name", ["push", "get", "history", "status"])
+QUICK_COMMANDS = ["push", "get", "history", "status", "device add"]
+
+
+@pytest.mark.parametrize("name", QUICK_COMMANDS)
 def test_the_quick_tables_are_typers(name: str) -> None:
     """``quick.QUICK``'s table of a command is typer's written down: every option with its kind, the
     arguments in order and how many are required, the environment variables. An option added to the
@@ -511,9 +517,11 @@ def test_the_quick_tables_are_typers(name: str) -> None:
 
     from henge_mqtt.cli import quick
 
-    assert set(quick.QUICK) == {"push", "get", "history", "status"}
+    assert set(quick.QUICK) == set(QUICK_COMMANDS)
     spec = quick.QUICK[name][0]
-    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+    command: Any = typer.main.get_command(app)
+    for word in name.split():  # a group's command: "device add"
+        command = command.commands[word]
     options = {flag: (p.name, _kind(p)) for p in command.params if p.param_type_name == "option"
                for flag in p.opts}
     assert spec.options == options
@@ -573,13 +581,19 @@ PLAIN_STATUS_LINES: list[tuple[list[str], dict[str, str]]] = [
     (["--state", "sideways"], {}),  # the function's own check says it (exit 2), as through typer
     ([], {"HENGE_DATA": "/env/data", "HENGE_BROKER": "mqtt://env:1"}),
 ]
+PLAIN_DEVICE_ADD_LINES: list[tuple[list[str], dict[str, str]]] = [
+    (["d1"], {}),
+    (["d1", "--label", "site=a", "--label", "hw=2", "--json", "--timeout=3"], {}),
+    (["--label=site=b", "d1", "--data", "/x/y"], {"HENGE_BROKER": "mqtt://env:1"}),
+]
+TYPERS_DEVICE_ADD_LINES = [[], ["--help"], ["d1", "d2"], ["d1", "--bogus"], ["d1", "--label"], ["--", "d1"]]
 TYPERS_STATUS_LINES = [
     ["--help"], ["d1", "d2"], ["-o", "JSON"], ["-o", "csv"], ["-ojson"], ["--watch", "0.1"], ["--bogus"],
     ["--output"], ["--", "d1"],
 ]
 
 
-@pytest.mark.parametrize("name", ["push", "get", "history", "status"])
+@pytest.mark.parametrize("name", QUICK_COMMANDS)
 def test_a_plain_line_means_the_same_with_and_without_typer(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Each plain line of the command calls its function (``push.push``, ``read.get``, ...) with the same
     arguments through ``quick`` as through the typer command (defaults, repeated options,
@@ -603,17 +617,18 @@ def test_a_plain_line_means_the_same_with_and_without_typer(monkeypatch: pytest.
     monkeypatch.setattr(module, function, record)
     plain, typers = {"push": (PLAIN_PUSH_LINES, TYPERS_PUSH_LINES), "get": (PLAIN_GET_LINES, TYPERS_GET_LINES),
                      "history": (PLAIN_HISTORY_LINES, TYPERS_HISTORY_LINES),
-                     "status": (PLAIN_STATUS_LINES, TYPERS_STATUS_LINES)}[name]
+                     "status": (PLAIN_STATUS_LINES, TYPERS_STATUS_LINES),
+                     "device add": (PLAIN_DEVICE_ADD_LINES, TYPERS_DEVICE_ADD_LINES)}[name]
     for argv, env in plain:
         for variable in ("HENGE_DATA", "HENGE_BROKER"):
             monkeypatch.delenv(variable, raising=False)
         calls.clear()
-        result = CliRunner().invoke(app, [name, *argv], env=env)
+        result = CliRunner().invoke(app, [*name.split(), *argv], env=env)
         assert result.exit_code == 0, (argv, result.output)
         for variable, value in env.items():
             monkeypatch.setenv(variable, value)
         with pytest.raises(SystemExit) as ended:
-            quick.run(name, argv)
+            quick.run(name.split()[0], [*name.split()[1:], *argv])  # as main hands a line over
         assert ended.value.code == 0
         assert len(calls) == 2 and calls[0] == calls[1], (argv, calls)
     for argv in typers:

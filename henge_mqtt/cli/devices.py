@@ -33,10 +33,9 @@ def device_add(
     label: Annotated[list[str] | None, typer.Option("--label", help="k=v, repeatable.")] = None,
     data: DataOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = 10.0,
 ) -> None:
-    result = call_op(data, broker, timeout, "device.add", device=device, labels=labels_arg(label))
-    said = broker_said(result)
-    emit(result, as_json, lambda r: f"device {r['device']} added\nsecret: {r['secret']}\n"
-          "(store it now: it is not shown again)" + said)
+    from . import provision
+
+    provision.device_add(device, label=label, data=data, broker=broker, as_json=as_json, timeout=timeout)
 
 
 @device_app.command("list", help=op_help("device.list"))

@@ -1,12 +1,14 @@
-"""``henge push``, ``get``, ``history`` and ``status`` from a plain command line, without typer.
+"""``henge push``, ``get``, ``history``, ``status`` and ``device add`` from a plain command line,
+without typer.
 
-A script that pushes to its devices one by one runs ``henge push ID FILE`` thousands of times (and
-one that reads them, ``henge get ID``), and typer (building click commands from signatures) was most
-of each start. So a plain line of these commands (options it knows, each with a value of the right
-type, the arguments the command requires, nothing after ``--``) is parsed here, by the tables below,
-and handed to the same function the typer command calls (``push.push``, ``read.get``, ...). Anything
-else, ``--help``, a typo, a value out of range, an option written the way only click understands
-(``-mtext``), goes to typer as before, so help and usage errors read as they always did.
+A script that pushes to its devices one by one runs ``henge push ID FILE`` thousands of times (one
+that reads them, ``henge get ID``; one that registers them, ``henge device add ID``), and typer
+(building click commands from signatures) was most of each start. So a plain line of these commands
+(options it knows, each with a value of the right type, the arguments the command requires, nothing
+after ``--``) is parsed here, by the tables below, and handed to the same function the typer command
+calls (``push.push``, ``read.get``, ...). Anything else, ``--help``, a typo, a value out of range,
+an option written the way only click understands (``-mtext``), goes to typer as before, so help and
+usage errors read as they always did.
 
 Each table is typer's, written down: ``tests/test_cli.py`` checks it against the typer command
 (every option, its kind, its environment variable, the arguments and how many are required) and
@@ -19,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["GET", "HISTORY", "PUSH", "QUICK", "STATUS", "Spec", "parse", "run"]
+__all__ = ["DEVICE_ADD", "GET", "HISTORY", "PUSH", "QUICK", "STATUS", "Spec", "parse", "run"]
 
 
 class Spec(NamedTuple):
@@ -73,9 +75,17 @@ STATUS = Spec(
     env={"data": "HENGE_DATA", "broker": "HENGE_BROKER"},
 )
 
-# command -> (its table, the module of its typer-free function, the function)
+DEVICE_ADD = Spec(
+    arguments=("device",),
+    options={"--label": ("label", "many"), "--data": ("data", "path"), "--broker": ("broker", "text"),
+             "--json": ("as_json", "flag"), "--timeout": ("timeout", "float>=0.1")},
+    env={"data": "HENGE_DATA", "broker": "HENGE_BROKER"},
+    required=1,
+)
+
+# command ("group command" for a group's) -> (its table, the module of its typer-free function, the function)
 QUICK = {"push": (PUSH, "push", "push"), "get": (GET, "read", "get"), "history": (HISTORY, "read", "history"),
-         "status": (STATUS, "read", "status")}
+         "status": (STATUS, "read", "status"), "device add": (DEVICE_ADD, "provision", "device_add")}
 
 _MISSING = object()
 _INF = float("inf")
@@ -145,6 +155,8 @@ def parse(spec: Spec, argv: list[str]) -> dict[str, Any] | None:
 def run(command: str, argv: list[str]) -> None:
     """``henge COMMAND ARGV`` without typer when ``command`` has a table here and the line is plain
     (then exits); returns otherwise."""
+    if command not in QUICK and argv and f"{command} {argv[0]}" in QUICK:  # a group's command
+        command, argv = f"{command} {argv[0]}", argv[1:]
     if command not in QUICK:
         return
     spec, module, function = QUICK[command]
