@@ -1,6 +1,6 @@
 """How long the ``henge`` command takes, from exec to exit: ``--version``, and a one-device ``push``
-(and ``get``, ``history``, ``status``) against a running service, beside the interpreter's own
-start as the floor.
+(and ``get``, ``history``, ``status``, ``device add``) against a running service, beside the
+interpreter's own start as the floor.
 
 Runs the ``henge`` found on PATH (or ``--henge PATH``): measure an installed copy (``pip install .``
 in a fresh venv), not an editable one, whose import hook costs ~15 ms of its own. The service is
@@ -20,20 +20,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
-def timed(cmd: list[str], runs: int, env: dict[str, str], before: object = None) -> list[float]:
-    """Wall time of ``cmd``, ``runs`` times (milliseconds); every run must succeed."""
+def timed(cmd: list[str] | Callable[[int], list[str]], runs: int, env: dict[str, str],
+          before: object = None) -> list[float]:
+    """Wall time of ``cmd`` (or of ``cmd(i)``, run i's line), ``runs`` times (milliseconds); every
+    run must succeed."""
     out = []
     for i in range(runs):
         if callable(before):
             before(i)
+        line = cmd(i) if callable(cmd) else cmd
         started = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, env=env)
+        done = subprocess.run(line, capture_output=True, env=env)
         out.append((time.perf_counter() - started) * 1000)
         if done.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr.decode().strip()}")
+            raise SystemExit(f"{' '.join(line)} failed: {done.stderr.decode().strip()}")
     return sorted(out)
 
 
@@ -74,6 +78,8 @@ def main() -> None:
             line("`henge get d1`", timed([henge, "get", "d1"], args.runs, env)),
             line("`henge history d1`", timed([henge, "history", "d1"], args.runs, env)),
             line("`henge status d1`", timed([henge, "status", "d1"], args.runs, env)),
+            line("`henge device add dN --label site=a`",
+                 timed(lambda i: [henge, "device", "add", f"d{i + 2}", "--label", "site=a"], args.runs, env)),
         ]
     finally:
         serve.terminate()
