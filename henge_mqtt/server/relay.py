@@ -274,7 +274,7 @@ class Relays:
         await loop.connect_accepted_socket(lambda: link, ours)
         self.links[index] = link
         for pem in self.trusted[trusted:]:
-            link.send(TRUST, 0, pem.encode("ascii"))
+            link.send(TRUST, 0, pem.encode())
         try:
             await asyncio.wait_for(asyncio.shield(link.hello), START_TIMEOUT)
         except TimeoutError:
@@ -297,7 +297,7 @@ class Relays:
         self.trusted.append(pem)
         for link in self.links:
             if link is not None and link.transport is not None:
-                link.send(TRUST, 0, pem.encode("ascii"))
+                link.send(TRUST, 0, pem.encode())
 
     async def _watch(self, index: int) -> None:
         """Start a listener process again when it ends on its own (its devices reconnect to any)."""

@@ -100,7 +100,7 @@ class Uplink(LinkEnd):
         devices = self.devices
         for kind, number, payload in self.frames(data):
             if kind == TRUST:
-                self.trust(payload.decode("ascii"))
+                self.trust(payload.decode("utf-8", "replace"))
                 continue
             device = devices.get(number)
             if device is None or device.transport is None:
@@ -141,7 +141,11 @@ class Uplink(LinkEnd):
     def trust(self, pem: str) -> None:
         """A claim CA the core's listeners now trust (as :func:`~henge_mqtt.service.claims.trust_claim_ca`)."""
         for context in self.contexts:
-            context.load_verify_locations(cadata=pem)
+            try:
+                context.load_verify_locations(cadata=pem)
+            except ssl.SSLError as exc:  # the core loaded it first: not expected; said, not fatal
+                log.error("relay.trust_failed error=%s", exc)
+                return
             if context.verify_mode == ssl.CERT_NONE:
                 context.verify_mode = ssl.CERT_OPTIONAL
 
