@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
@@ -24,6 +23,7 @@ from .common import (
     read_document,
     where_arg,
 )
+from .jsontext import dumps as json_text
 from .render import render_table, warn_new_devices
 from .tree import layer_app, schema_app
 
@@ -92,7 +92,7 @@ def layer_get(name: LayerArg, version: Annotated[int | None, typer.Option("--ver
     result = call_op(data, broker, timeout, "layer.get", **args)
     if result["content"] is None and not as_json:
         fail(f"layer {name} was removed at version {result['version']}")
-    emit(result, as_json, lambda r: json.dumps(r["content"], indent=2, sort_keys=True))
+    emit(result, as_json, lambda r: json_text(r["content"]))
 
 
 @layer_app.command("list", help=op_help("layer.list"))
@@ -184,7 +184,7 @@ def schema_get(
     result = call_op(data, broker, timeout, "schema.get", **args)
     if result["document"] is None:
         fail(f"schema {result['schema']} was removed at version {result['version']}")
-    emit(result, as_json, lambda r: json.dumps(r["document"], indent=2, sort_keys=True))
+    emit(result, as_json, lambda r: json_text(r["document"]))
 
 
 @schema_app.command("list", help=op_help("schema.list"))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from ..errors import HengeError, InvalidConfig
 from ..ids import parse_labels
+from .jsontext import dumps as json_text
 
 if TYPE_CHECKING:
     from ..endpoint import Endpoint
@@ -72,7 +73,7 @@ def echo(text: str, *, err: bool = False) -> None:
 
 
 def emit(value: Any, as_json: bool, human: Callable[[Any], str]) -> None:
-    echo(json.dumps(value, indent=2, sort_keys=True) if as_json else human(value))
+    echo(json_text(value) if as_json else human(value))
 
 
 def endpoint(data: Path | None, broker: str | None) -> Endpoint:
@@ -123,7 +124,7 @@ def report_outcome(result: dict[str, Any], outcome: dict[str, Any] | None, as_js
         emit(result, as_json, lambda _: line)
         return
     if as_json:
-        echo(json.dumps(result | {"report": outcome}, indent=2, sort_keys=True))
+        echo(json_text(result | {"report": outcome}))
     if outcome["status"] == "rejected":
         fail(f"{result['device']} rejected version {result['version']}: {outcome['error'] or 'no reason given'}",
              EXIT_REJECTED)

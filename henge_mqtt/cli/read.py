@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .jsontext import dumps as json_text
 from .plain import call_op, device_arg, echo, emit, fail, labels_arg, where_arg
 
 
@@ -40,16 +41,16 @@ def get(device: str, *, version: int | None = None, explain: bool = False, repor
         emit(leaves, as_json, lambda _: render_table(people, ["key", "value", "layer"]) if people else "(empty config)")
         return
     result = call_op(data, broker, timeout, "get", **args)
-    emit(result, as_json, lambda r: json.dumps(r["config"], indent=2, sort_keys=True))
+    emit(result, as_json, lambda r: json_text(r["config"]))
 
 
 def reported_text(state: dict[str, Any]) -> str:
     if state["document"] is None:
         return f"{state['device']} has not reported its state yet"
     lines = [f"# {state['device']}: reported at {state['at']}, changed at {state['changed_at']} (#{state['seq']})",
-             json.dumps(state["document"], indent=2, sort_keys=True)]
+             json_text(state["document"])]
     for earlier in state.get("history", [])[1:]:
-        lines += [f"# #{earlier['seq']} at {earlier['at']}", json.dumps(earlier["document"], indent=2, sort_keys=True)]
+        lines += [f"# #{earlier['seq']} at {earlier['at']}", json_text(earlier["document"])]
     return "\n".join(lines)
 
 

@@ -4,13 +4,13 @@ fleet and rollout answers, YAML and JSON dumps. Pure functions of the service's 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from .jsontext import dumps as json_text
 from .plain import echo
 
 
@@ -117,7 +117,7 @@ def dump(value: Any, fmt: Output) -> str:
         import yaml
 
         return str(yaml.safe_dump(value, sort_keys=False, allow_unicode=True)).rstrip()
-    return json.dumps(value, indent=2, sort_keys=True)
+    return json_text(value)
 
 
 def age(stamp: str | None, now: datetime | None = None) -> str:
