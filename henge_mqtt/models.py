@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from .ids import DEVICE_ID_PATTERN, device_id_problem, is_valid_device_id, parse_labels
 from .roles import Role
+
+_quote: Callable[[str], str] = encode_basestring_ascii  # json.dumps of a str is this call
 
 
 def _check_device_id(value: str) -> str:
@@ -72,12 +76,16 @@ class Snapshot(Frozen):
         return self.model_dump_json().encode()
 
     @staticmethod
-    def fast_payload(device: str, version: int, sha256: str, issued_at: str, config_json: str,
-                     layers_json: str = "[]") -> bytes:
-        """The same document as :meth:`to_payload`, for a fleet push: the config is serialized once
-        (``config_json``), not validated and dumped again for each of 10,000 devices."""
-        return (f'{{"device":{json.dumps(device)},"version":{version},"sha256":"{sha256}",'
-                f'"issued_at":"{issued_at}","config":{config_json},"layers":{layers_json}}}').encode()
+    def payload_tail(sha256: str, issued_at: str, config_json: str, layers_json: str = "[]") -> str:
+        """The document after its device and version: what a fleet push's devices under the same
+        layers share (the config serialized once, not validated and dumped for each of 10,000)."""
+        return f',"sha256":"{sha256}","issued_at":"{issued_at}","config":{config_json},"layers":{layers_json}}}'
+
+    @staticmethod
+    def fast_payload(device: str, version: int, tail: str) -> bytes:
+        """The same document as :meth:`to_payload`, from a :meth:`payload_tail` (the id quoted as
+        ``json.dumps`` quotes a string, by the escaper it calls)."""
+        return f'{{"device":{_quote(device)},"version":{version}{tail}'.encode()
 
 
 class VersionReport(Frozen):

@@ -178,7 +178,11 @@ def test_fleet_snapshot_payload_is_the_snapshot_document() -> None:
     config = {"ünï": [1, 2.5, None, True], "nested": {"a": "\"quoted\"", "b": {}}, "big": 10**20}
     sha = config_sha256(config)
     slow = Snapshot(device="d-1", version=7, sha256=sha, issued_at="2026-01-01T00:00:00.000000Z", config=config)
-    fast = Snapshot.fast_payload("d-1", 7, sha, "2026-01-01T00:00:00.000000Z",
+    tail = Snapshot.payload_tail(sha, "2026-01-01T00:00:00.000000Z",
                                  json.dumps(config, ensure_ascii=False, separators=(",", ":")))
+    fast = Snapshot.fast_payload("d-1", 7, tail)
     assert json.loads(fast) == json.loads(slow.to_payload())
     assert Snapshot.model_validate_json(fast) == slow
+    # An id the store does not check is still quoted as JSON quotes it (a library caller's odd id).
+    odd = Snapshot.fast_payload('d"1\\\né', 7, tail)
+    assert json.loads(odd)["device"] == 'd"1\\\né'

@@ -74,26 +74,24 @@ def _payloads(rows: list[ConfigVersion]) -> list[tuple[ConfigVersion, bytes]]:
 
 
 def _fleet_payloads(rows: list[ConfigVersion]) -> list[tuple[ConfigVersion, bytes]]:
-    """Many versions that mostly share a config (a fleet push, a layer change): each distinct config
-    serialized once, and the snapshot wrapped around it per device."""
-    if not rows:
-        return []
+    """Many versions that mostly share a config (a fleet push, a layer change): the part of the
+    snapshot after the device and version written once per template (the rows of one template
+    share its config, layers and time: ``ConfigVersion.renumbered``), only the id and number per
+    device."""
     texts: dict[str, str] = {}
-    layer_texts: dict[tuple[str, ...], str] = {}
-    stamps: dict[datetime, str] = {}  # one time for the whole chunk
+    tails: dict[tuple[str, int, datetime], str] = {}
+    fast = Snapshot.fast_payload
     out = []
     for row in rows:
-        text = texts.get(row.sha256)
-        if text is None:
-            text = texts[row.sha256] = json.dumps(row.config, ensure_ascii=False, separators=(",", ":"))
-        key = tuple(row.layers)
-        layers = layer_texts.get(key)
-        if layers is None:
-            layers = layer_texts[key] = json.dumps(row.layers, separators=(",", ":"))
-        stamp = stamps.get(row.created_at)
-        if stamp is None:
-            stamp = stamps[row.created_at] = rfc3339(row.created_at)
-        out.append((row, Snapshot.fast_payload(row.device, row.version, row.sha256, stamp, text, layers)))
+        key = (row.sha256, id(row.layers), row.created_at)  # (the rows keep their lists alive: ids stay theirs)
+        tail = tails.get(key)
+        if tail is None:
+            text = texts.get(row.sha256)
+            if text is None:
+                text = texts[row.sha256] = json.dumps(row.config, ensure_ascii=False, separators=(",", ":"))
+            tail = tails[key] = Snapshot.payload_tail(row.sha256, rfc3339(row.created_at), text,
+                                                      json.dumps(row.layers, separators=(",", ":")))
+        out.append((row, fast(row.device, row.version, tail)))
     return out
 
 
