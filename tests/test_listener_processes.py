@@ -252,6 +252,38 @@ async def test_a_listener_process_started_again_keeps_client_certificates_and_cl
         await log_in_and_claim("SN-2")
 
 
+async def test_a_listener_process_that_cannot_load_its_tls_files_says_so_in_one_line(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key file gone (rotated badly) when a listener process starts again: it ends at once with
+    one line (no traceback), the core says so without waiting out the start timeout and tries again,
+    and the process starts as soon as the file is back."""
+    from henge_mqtt.server import relay
+
+    monkeypatch.setattr(relay, "RESTART_AFTER", (0.1, 0.3))
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["dev1"])
+    tls = ListenerConfig(bind="127.0.0.1:0", ssl=True, certfile=certs / "server.pem", keyfile=certs / "server.key")
+    settings = make_settings(tmp_path / "data", listener_processes=1)
+    settings = settings.model_copy(update={"listeners": {"tls": tls}})
+    async with HengeService(settings) as service:
+        port = service.address[1]
+        secret = await service.add_device("dev1")
+        await service.push("dev1", {"tls": True})
+        key = (certs / "server.key").read_bytes()
+        (certs / "server.key").unlink()
+        [listener] = _children(os.getpid())
+        os.kill(listener, signal.SIGKILL)
+        await wait_until(lambda: "broker.listener_process_start_failed" in caplog.text, 10, "a failed start, said")
+        assert "ended as it started" in caplog.text
+        (certs / "server.key").write_bytes(key)
+        await wait_until(lambda: service.broker.stats()["listener_processes"] == 1
+                         and _children(os.getpid()) not in ([], [listener]), 10, "started again")
+        await assert_config_over_tls(port, certs, secret)
+    err = capfd.readouterr().err
+    assert "relay.tls_failed" in err and "Traceback" not in err
+
+
 async def test_a_device_that_does_not_read_is_cut_by_its_listener_process(tmp_path: Path) -> None:
     """The core cannot see a relayed socket's buffer: the listener process bounds it (4 MiB), and the
     device goes offline as a slow consumer while another device keeps every push."""

@@ -275,11 +275,12 @@ class Relays:
         self.links[index] = link
         for pem in self.trusted[trusted:]:
             link.send(TRUST, 0, pem.encode())
-        try:
-            await asyncio.wait_for(asyncio.shield(link.hello), START_TIMEOUT)
-        except TimeoutError:
-            raise ServiceUnavailable(f"listener process {index} did not start within {START_TIMEOUT:.0f} s "
-                                     f"(exit code {proc.returncode})") from None
+        # HELLO, or the process's end (its link closes): one that cannot start is not waited for.
+        await asyncio.wait((link.hello, link.closed), timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        if not link.hello.done():
+            if link.closed.done():
+                raise ServiceUnavailable(f"listener process {index} ended as it started (its log says why)")
+            raise ServiceUnavailable(f"listener process {index} did not start within {START_TIMEOUT:.0f} s")
         log.info("broker.listener_process index=%d pid=%d", index, proc.pid)
 
     def _tls_spec(self, tls: TLS | None) -> dict[str, Any] | None:

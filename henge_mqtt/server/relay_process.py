@@ -205,12 +205,11 @@ def tls_context(tls: dict[str, Any]) -> ssl.SSLContext:
     return context
 
 
-async def serve(link_fd: int, listen: list[dict[str, Any]], max_connections: int, max_write: int,
-                handshake_timeout: float) -> None:
+async def serve(link_fd: int, listen: list[dict[str, Any]], contexts: list[ssl.SSLContext | None],
+                max_connections: int, max_write: int, handshake_timeout: float) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     # TLS ends here: the core gets the plaintext, and the client certificate the handshake verified.
-    contexts = [tls_context(spec["tls"]) if spec["tls"] else None for spec in listen]
     up = Uplink(max_connections, max_write, done,
                 [c for c, spec in zip(contexts, listen, strict=True) if c is not None and spec["tls"]["asks"]])
     link = socket.socket(fileno=link_fd)
@@ -247,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     # Its own session (the core starts it so): a terminal's ^C reaches the core, which ends the link.
     # Standard input: [{fd, tls: null | {cert: [certfile, keyfile], cas: PEM, verify: mode, asks: bool}}]
     listen = json.loads(sys.stdin.read())
-    asyncio.run(serve(args.link, listen, args.max_connections, args.max_write,
-                      args.handshake_timeout))
+    try:
+        contexts = [tls_context(spec["tls"]) if spec["tls"] else None for spec in listen]
+    except (OSError, ssl.SSLError) as exc:  # files changed since the core loaded them: one line, no traceback
+        log.error("relay.tls_failed error=%s: the TLS listener's certificate, key or CAs cannot be loaded", exc)
+        return 1
+    asyncio.run(serve(args.link, listen, contexts, args.max_connections, args.max_write, args.handshake_timeout))
     return 0
 
 
