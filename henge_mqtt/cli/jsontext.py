@@ -1,9 +1,10 @@
 """``--json`` output as people and ``jq`` read it: ``json.dumps(value, indent=2, sort_keys=True)``,
-byte for byte, in about 55-60% of its time on a large answer.
+byte for byte, in 52-62% of its time on a large answer (``python bench/json_output.py``).
 
 With ``indent`` the standard library leaves its C encoder for its pure-Python one, a generator per
-container: ``henge push --all --json`` on 10,000 devices (an entry per device) spent 110 ms
-printing its answer, ``henge status -o json`` of 10,000 devices 260 ms. Here one recursive function
+container: the answer of ``henge push --all --json`` on 10,000 devices (an entry per device) took
+46-49 ms to write on a fast hour of this machine (113 on a slow one), ``henge status -o json`` of
+10,000 devices 110-115 ms (262); here 24-30 and 69 (67 and 161). One recursive function
 writes the containers, each scalar is written in place (its type looked up once, strings through
 the C escaper the standard encoder uses itself), and pieces are joined once. A value of a type
 other than JSON's own (dict, list, tuple, str, int, float, bool, None; subclasses included) or a
@@ -85,6 +86,8 @@ def dumps(value: Any) -> str:
                     write(element, inner)
             append(newline + "}")
         elif kind is list or kind is tuple:
+            # The element loop again, as for a dict's: one loop over (label, value) pairs for both
+            # made the answer of a 10,000-device push 1.5x slower to write (bench/json_output.py).
             if not item:
                 append("[]")
                 return
