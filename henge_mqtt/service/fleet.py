@@ -129,17 +129,13 @@ def answer(watch: FleetWatch, targeted: list[str], rows: list[ConfigVersion],
     every fleet push's answer (10,000 entries)."""
     per_device: dict[str, DeviceOutcome] = {}
     errors: Counter[str] = Counter()
-    reports, outcome = watch.reports, watch.outcome
+    outcome = watch.outcome
     online_count = delivered_count = applied = rejected = 0
     named: dict[str, list[str]] = {"rejected": [], "offline": [], "silent": []}
     for device, version in watch.versions.items():
-        delivered: bool | None = None
-        if observable:
-            future = deliveries.get(device)
-            delivered = (future is not None and future.done() and not future.cancelled()
-                         and future.exception() is None)
-            delivered_count += delivered
-        report, error = outcome(device) if device in reports else (None, None)
+        delivered = _acknowledged(deliveries.get(device)) if observable else None
+        delivered_count += bool(delivered)
+        report, error = outcome(device)
         online = device in online_at_publish
         per_device[device] = {"version": version, "online": online, "delivered": delivered, "report": report,
                               "error": error}
