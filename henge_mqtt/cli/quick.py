@@ -63,12 +63,14 @@ HISTORY = Spec(
     required=1,
 )
 
+OUTPUT = "choice:table,wide,json,yaml"  # render.Output's values (quick loads no renderer)
+
 STATUS = Spec(
     arguments=("device",),
     options={
         "--label": ("label", "many"), "--state": ("state", "text"), "--sync": ("sync", "text"),
         "--conflict": ("conflict", "flag"), "--where": ("where", "text"), "--summary": ("summary", "flag"),
-        "-o": ("output", "choice:table,wide,json,yaml"), "--output": ("output", "choice:table,wide,json,yaml"),
+        "-o": ("output", OUTPUT), "--output": ("output", OUTPUT),
         "--watch": ("watch", "float>=0.5"), "--data": ("data", "path"), "--broker": ("broker", "text"),
         "--json": ("as_json", "flag"), "--timeout": ("timeout", "float>=0.1"),
     },

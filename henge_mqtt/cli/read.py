@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .jsontext import dumps as json_text
-from .plain import call_op, device_arg, echo, emit, fail, labels_arg, where_arg
+from .plain import call_op, device_arg, echo, emit, endpoint, fail, labels_arg, where_arg
 
 
 def get(device: str, *, version: int | None = None, explain: bool = False, reported: bool = False,
@@ -125,7 +125,6 @@ def _watch(render: Callable[[Any], str], op: str, op_args: dict[str, Any], every
 
     from ..client import AdminClient
     from .common import run_async
-    from .plain import endpoint
 
     async def follow() -> None:
         async with AdminClient(endpoint(data, broker), timeout=timeout) as client:
